@@ -1,0 +1,136 @@
+// Argument checks shared by every device's implementation of an op, so the CPU and
+// CUDA kernels refuse exactly the same inputs with the same messages. Each message
+// names the op and the argument (CONVENTIONS.md).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+
+namespace sparsekern {
+
+// Runtime CPU feature test (csrc/cpu/cpu_features.cpp). The AVX2 kernels are compiled
+// with function target attributes and picked at run time, so one binary runs anywhere.
+bool cpu_has_avx2();
+
+// Bits used per in-group index in the N:M format: 2 for M=4, 4 for M=8 and M=16.
+inline int nm_index_bits(int64_t m) { return m == 4 ? 2 : 4; }
+// Bytes per row of packed indices for `kept` kept values per row.
+inline int64_t nm_index_row_bytes(int64_t kept, int64_t m) {
+  return (kept * nm_index_bits(m) + 7) / 8;
+}
+// Columns covered by one bitmask tile offset (8 words of 64 bits).
+constexpr int64_t kBitmaskTileCols = 512;
+constexpr int64_t kBitmaskTileWords = kBitmaskTileCols / 64;
+
+inline bool is_float_dtype(c10::ScalarType t) {
+  return t == c10::kFloat || t == c10::kBFloat16 || t == c10::kHalf;
+}
+
+inline void check_nm_params(const char* op, int64_t n, int64_t m) {
+  TORCH_CHECK_VALUE(m == 4 || m == 8 || m == 16, op, ": m must be 4, 8 or 16, got ", m);
+  TORCH_CHECK_VALUE(n >= 1 && n < m, op, ": n must satisfy 1 <= n < m, got n=", n, " m=", m);
+}
+
+inline void check_x(const char* op, const at::Tensor& x, int64_t in_features) {
+  TORCH_CHECK_TYPE(is_float_dtype(x.scalar_type()), op,
+                   ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension");
+  TORCH_CHECK_VALUE(x.size(-1) == in_features, op, ": x.shape[-1] (", x.size(-1),
+                    ") must equal in_features (", in_features, ")");
+}
+
+inline void check_same(const char* op, const at::Tensor& x, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " dtype (", t.scalar_type(),
+                   ") must match x dtype (", x.scalar_type(), ")");
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+}
+
+inline void check_index_tensor(const char* op, const at::Tensor& x, const at::Tensor& t, const char* name,
+                               c10::ScalarType dtype) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+}
+
+inline void check_bias(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& bias,
+                       int64_t out_features) {
+  if (!bias.has_value()) return;
+  check_same(op, x, *bias, "bias");
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out_features, op, ": bias must have shape [",
+                    out_features, "], got ", bias->sizes());
+}
+
+inline void check_nm_linear_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
+                                 int64_t n, int64_t m, int64_t in_features,
+                                 const c10::optional<at::Tensor>& bias) {
+  const char* op = "nm_linear";
+  check_nm_params(op, n, m);
+  TORCH_CHECK_VALUE(in_features > 0 && in_features % m == 0, op, ": in_features (", in_features,
+                    ") must be a positive multiple of m (", m, ")");
+  check_x(op, x, in_features);
+  check_same(op, x, values, "values");
+  check_index_tensor(op, x, indices, "indices", c10::kByte);
+  const int64_t kept = in_features / m * n;
+  TORCH_CHECK_VALUE(values.dim() == 2 && values.size(1) == kept, op, ": values must have shape [out, ", kept,
+                    "] for in_features=", in_features, " and ", n, ":", m, ", got ", values.sizes());
+  TORCH_CHECK_VALUE(indices.dim() == 2 && indices.size(0) == values.size(0) &&
+                        indices.size(1) == nm_index_row_bytes(kept, m),
+                    op, ": indices must have shape [", values.size(0), ", ", nm_index_row_bytes(kept, m),
+                    "], got ", indices.sizes());
+  check_bias(op, x, bias, values.size(0));
+}
+
+inline void check_bitmask_linear_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
+                                      const at::Tensor& offsets, int64_t in_features,
+                                      const c10::optional<at::Tensor>& bias) {
+  const char* op = "bitmask_linear";
+  TORCH_CHECK_VALUE(in_features > 0, op, ": in_features must be positive, got ", in_features);
+  check_x(op, x, in_features);
+  check_same(op, x, values, "values");
+  check_index_tensor(op, x, bitmask, "bitmask", c10::kLong);
+  check_index_tensor(op, x, offsets, "offsets", c10::kInt);
+  TORCH_CHECK_VALUE(values.dim() == 1, op, ": values must be 1-D, got ", values.sizes());
+  const int64_t words = (in_features + 63) / 64;
+  const int64_t tiles = (in_features + kBitmaskTileCols - 1) / kBitmaskTileCols;
+  TORCH_CHECK_VALUE(bitmask.dim() == 2 && bitmask.size(1) == words, op, ": bitmask must have shape [out, ", words,
+                    "], got ", bitmask.sizes());
+  TORCH_CHECK_VALUE(offsets.dim() == 2 && offsets.size(0) == bitmask.size(0) && offsets.size(1) == tiles, op,
+                    ": offsets must have shape [", bitmask.size(0), ", ", tiles, "], got ", offsets.sizes());
+  check_bias(op, x, bias, bitmask.size(0));
+}
+
+inline void check_block_linear_args(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                                    const at::Tensor& values, int64_t in_features,
+                                    const c10::optional<at::Tensor>& bias) {
+  const char* op = "block_linear";
+  check_x(op, x, in_features);
+  check_same(op, x, values, "values");
+  check_index_tensor(op, x, crow, "crow_indices", c10::kLong);
+  check_index_tensor(op, x, col, "col_indices", c10::kLong);
+  TORCH_CHECK_VALUE(values.dim() == 3, op, ": values must have shape [nnz_blocks, block_rows, block_cols], got ",
+                    values.sizes());
+  TORCH_CHECK_VALUE(crow.dim() == 1 && crow.size(0) >= 1, op, ": crow_indices must be 1-D and non-empty");
+  TORCH_CHECK_VALUE(col.dim() == 1 && col.size(0) == values.size(0), op, ": col_indices must have ",
+                    values.size(0), " entries (one per block), got ", col.sizes());
+  TORCH_CHECK_VALUE(values.size(1) > 0 && values.size(2) > 0 && in_features % values.size(2) == 0, op,
+                    ": in_features (", in_features, ") must be a multiple of the block width (", values.size(2), ")");
+  check_bias(op, x, bias, (crow.size(0) - 1) * values.size(1));
+}
+
+// x_features: which weight dimension x's last dimension must match (1 for the forward
+// x @ W^T, 0 for the input gradient grad_out @ W).
+inline void check_masked_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                     const at::Tensor& bitmask, int x_features) {
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D [out, in], got ", weight.sizes());
+  check_x(op, x, weight.size(x_features));
+  check_same(op, x, weight, "weight");
+  check_index_tensor(op, x, bitmask, "bitmask", c10::kLong);
+  TORCH_CHECK_VALUE(bitmask.dim() == 2 && bitmask.size(0) == weight.size(0) &&
+                        bitmask.size(1) == (weight.size(1) + 63) / 64,
+                    op, ": bitmask must have shape [", weight.size(0), ", ", (weight.size(1) + 63) / 64,
+                    "] (one bit per weight element), got ", bitmask.sizes());
+}
+
+}  // namespace sparsekern

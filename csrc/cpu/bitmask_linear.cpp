@@ -1,0 +1,190 @@
+// CPU kernels of the bitmask (unstructured) family: bitmask_linear, bitmask_compress,
+// bitmask_decompress. Layout: sparsekern/formats.py (BitmaskWeight).
+#include <torch/library.h>
+
+#include <atomic>
+#include <limits>
+
+#include "cpu_common.h"
+
+namespace sparsekern {
+namespace cpu {
+namespace {
+
+template <typename VT, typename OutT>
+void bitmask_decompress_row(const VT* vals, const int64_t* words, int64_t nwords, int64_t k, int64_t K, OutT* dst) {
+  std::fill(dst, dst + K, OutT(0));
+  for (int64_t wi = 0; wi < nwords; ++wi) {
+    uint64_t bits = static_cast<uint64_t>(words[wi]);
+    while (bits) {
+      const int64_t c = wi * 64 + __builtin_ctzll(bits);
+      if (c < K) dst[c] = static_cast<OutT>(static_cast<float>(vals[k]));
+      ++k;
+      bits &= bits - 1;
+    }
+  }
+}
+
+void check_bitmask_words(const char* op, const at::Tensor& bitmask, int64_t in_features) {
+  // Bits past in_features would index outside the row: refuse them rather than read there.
+  const int64_t tail = in_features % 64;
+  if (tail == 0 || bitmask.numel() == 0) return;
+  auto last = bitmask.select(1, bitmask.size(1) - 1);
+  const int64_t high = static_cast<int64_t>(~((uint64_t(1) << tail) - 1));
+  TORCH_CHECK_VALUE(at::bitwise_and(last, high).ne(0).sum().item<int64_t>() == 0, op,
+                    ": bitmask has bits set beyond in_features (", in_features, ")");
+}
+
+at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
+                              const at::Tensor& offsets, int64_t in_features, const c10::optional<at::Tensor>& bias) {
+  check_bitmask_linear_args(x, values, bitmask, offsets, in_features, bias);
+  const int64_t K = in_features, O = bitmask.size(0);
+  auto vals = values.contiguous();
+  auto bm = bitmask.contiguous();
+  auto off = offsets.contiguous();
+  auto x2 = x_float_2d(x);
+  const int64_t B = x2.size(0);
+  at::Tensor out;
+  if (B == 0 || O == 0) {
+    out = at::zeros({B, O}, x2.options());
+  } else if (B > kDirectMaxBatch) {
+    SPARSEKERN_DISPATCH_FLOATS(vals.scalar_type(), "bitmask_linear", [&] {
+      const scalar_t* v = vals.data_ptr<scalar_t>();
+      const int64_t* w = bm.data_ptr<int64_t>();
+      const int32_t* o = off.data_ptr<int32_t>();
+      const int64_t nw = bm.size(1), nt = off.size(1);
+      out = tiled_gemm(x2, O, [&](int64_t r0, int64_t, float* buf) {
+        bitmask_decompress_row(v, w + r0 * nw, nw, o[r0 * nt], K, buf);
+      });
+    });
+  } else {
+    out = at::empty({B, O}, x2.options());
+    const int64_t BP = lanes_for_batch(B);
+    auto xin = BP ? x_lanes(x2, BP) : x2;
+    BitmaskRowsArgs a{vals.data_ptr(), bm.data_ptr<int64_t>(), off.data_ptr<int32_t>(), vals.scalar_type(),
+                      bm.size(1), off.size(1), K, O, xin.data_ptr<float>(), B, BP, out.data_ptr<float>()};
+    const bool avx2 = cpu_has_avx2();
+    parallel_rows(O, 16, [&](int64_t r0, int64_t r1) {
+      if (avx2) avx2::bitmask_rows(a, r0, r1);
+      else generic::bitmask_rows(a, r0, r1);
+    });
+  }
+  return finish_linear(out, x, bias);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bitmask_compress_cpu(const at::Tensor& weight,
+                                                                    const c10::optional<at::Tensor>& mask) {
+  const char* op = "bitmask_compress";
+  TORCH_CHECK_TYPE(is_float_dtype(weight.scalar_type()), op, ": weight must be float32, bfloat16 or float16, got ",
+                   weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D [out, in], got ", weight.sizes());
+  const int64_t O = weight.size(0), K = weight.size(1);
+  TORCH_CHECK_VALUE(K > 0, op, ": weight must have at least one column");
+  at::Tensor keep;
+  if (mask.has_value()) {
+    TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, op, ": mask must be bool, got ", mask->scalar_type());
+    TORCH_CHECK_VALUE(mask->sizes() == weight.sizes(), op, ": mask shape ", mask->sizes(),
+                      " must equal weight shape ", weight.sizes());
+    TORCH_CHECK(mask->device() == weight.device(), op, ": mask is on ", mask->device(), " but weight is on ",
+                weight.device());
+    keep = mask->contiguous();
+  } else {
+    keep = weight.ne(0).contiguous();
+  }
+  TORCH_CHECK_VALUE(at::isfinite(weight).all().item<bool>(), op,
+                    ": weight has NaN or inf; sparse formats need finite weights");
+  auto w = weight.contiguous();
+  const int64_t nw = (K + 63) / 64, nt = (K + kBitmaskTileCols - 1) / kBitmaskTileCols;
+  auto bitmask = at::zeros({O, nw}, w.options().dtype(at::kLong));
+  auto offsets = at::empty({O, nt}, w.options().dtype(at::kInt));
+  const bool* kp = keep.data_ptr<bool>();
+  int64_t* bp = bitmask.data_ptr<int64_t>();
+  // Pass 1: bits and per-tile counts.
+  std::vector<int64_t> counts(O * nt, 0);
+  parallel_rows(O, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t c = 0; c < K; ++c)
+        if (kp[r * K + c]) {
+          bp[r * nw + c / 64] |= static_cast<int64_t>(uint64_t(1) << (c % 64));
+          ++counts[r * nt + c / kBitmaskTileCols];
+        }
+  });
+  // Exclusive prefix sum over (row, tile) in row-major order: the tile's first value.
+  int64_t total = 0;
+  int32_t* op_ = offsets.data_ptr<int32_t>();
+  for (int64_t i = 0; i < O * nt; ++i) {
+    TORCH_CHECK_VALUE(total <= std::numeric_limits<int32_t>::max(), op,
+                      ": more than 2^31-1 kept elements; split the weight");
+    op_[i] = static_cast<int32_t>(total);
+    total += counts[i];
+  }
+  TORCH_CHECK_VALUE(total <= std::numeric_limits<int32_t>::max(), op,
+                    ": more than 2^31-1 kept elements; split the weight");
+  auto values = at::empty({total}, w.options());
+  SPARSEKERN_DISPATCH_FLOATS(w.scalar_type(), "bitmask_compress", [&] {
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* vp = values.data_ptr<scalar_t>();
+    parallel_rows(O, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        int64_t k = op_[r * nt];
+        for (int64_t c = 0; c < K; ++c)
+          if (kp[r * K + c]) vp[k++] = wp[r * K + c];
+      }
+    });
+  });
+  return {values, bitmask, offsets};
+}
+
+at::Tensor bitmask_decompress_cpu(const at::Tensor& values, const at::Tensor& bitmask, const at::Tensor& offsets,
+                                  int64_t in_features) {
+  const char* op = "bitmask_decompress";
+  TORCH_CHECK_TYPE(is_float_dtype(values.scalar_type()), op, ": values must be a float tensor");
+  TORCH_CHECK_TYPE(bitmask.scalar_type() == at::kLong, op, ": bitmask must be int64");
+  TORCH_CHECK_TYPE(offsets.scalar_type() == at::kInt, op, ": offsets must be int32");
+  const int64_t nw = (in_features + 63) / 64, nt = (in_features + kBitmaskTileCols - 1) / kBitmaskTileCols;
+  TORCH_CHECK_VALUE(in_features > 0 && bitmask.dim() == 2 && bitmask.size(1) == nw, op,
+                    ": bitmask must have shape [out, ", nw, "] for in_features=", in_features);
+  TORCH_CHECK_VALUE(offsets.dim() == 2 && offsets.size(0) == bitmask.size(0) && offsets.size(1) == nt, op,
+                    ": offsets must have shape [", bitmask.size(0), ", ", nt, "]");
+  check_bitmask_words(op, bitmask, in_features);
+  const int64_t O = bitmask.size(0);
+  auto bm = bitmask.contiguous();
+  auto off = offsets.contiguous();
+  auto v = values.contiguous();
+  // Offsets must be the running popcount, or the loops below would read past values.
+  {
+    const int64_t* wp = bm.data_ptr<int64_t>();
+    const int32_t* o = off.data_ptr<int32_t>();
+    int64_t run = 0;
+    for (int64_t i = 0; i < O * nt; ++i) {
+      TORCH_CHECK_VALUE(o[i] == run, op, ": offsets do not match the bitmask's popcounts (tile ", i, ")");
+      const int64_t r = i / nt, t = i % nt;
+      for (int64_t wi = t * kBitmaskTileWords; wi < std::min(nw, (t + 1) * kBitmaskTileWords); ++wi)
+        run += __builtin_popcountll(static_cast<uint64_t>(wp[r * nw + wi]));
+    }
+    TORCH_CHECK_VALUE(run == v.numel(), op, ": bitmask keeps ", run, " elements but values has ", v.numel());
+  }
+  auto out = at::empty({O, in_features}, v.options());
+  SPARSEKERN_DISPATCH_FLOATS(v.scalar_type(), "bitmask_decompress", [&] {
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    const int64_t* wp = bm.data_ptr<int64_t>();
+    const int32_t* o = off.data_ptr<int32_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    parallel_rows(O, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        bitmask_decompress_row(vp, wp + r * nw, nw, o[r * nt], in_features, dst + r * in_features);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("bitmask_linear", &bitmask_linear_cpu);
+  m.impl("bitmask_compress", &bitmask_compress_cpu);
+  m.impl("bitmask_decompress", &bitmask_decompress_cpu);
+}
+
+}  // namespace cpu
+}  // namespace sparsekern

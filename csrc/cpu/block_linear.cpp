@@ -1,0 +1,132 @@
+// CPU kernels of the block (BSR) family: block_linear, block_compress, block_decompress.
+// Layout: sparsekern/formats.py (BlockWeight).
+#include <torch/library.h>
+
+#include "cpu_common.h"
+
+namespace sparsekern {
+namespace cpu {
+namespace {
+
+// crow must start at 0, never decrease and end at nnzb; col must stay inside the row.
+void check_bsr_structure(const char* op, const at::Tensor& crow, const at::Tensor& col, int64_t nnzb,
+                         int64_t block_cols_total) {
+  auto c = crow.contiguous();
+  const int64_t* cp = c.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(cp[0] == 0 && cp[c.numel() - 1] == nnzb, op, ": crow_indices must start at 0 and end at ",
+                    nnzb, " (the number of blocks)");
+  for (int64_t i = 0; i + 1 < c.numel(); ++i)
+    TORCH_CHECK_VALUE(cp[i] <= cp[i + 1], op, ": crow_indices must not decrease");
+  if (nnzb > 0) {
+    TORCH_CHECK_VALUE(col.min().item<int64_t>() >= 0 && col.max().item<int64_t>() < block_cols_total, op,
+                      ": col_indices must lie in [0, ", block_cols_total, ")");
+  }
+}
+
+at::Tensor block_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                            const at::Tensor& values, int64_t in_features, const c10::optional<at::Tensor>& bias) {
+  check_block_linear_args(x, crow, col, values, in_features, bias);
+  const int64_t bh = values.size(1), bw = values.size(2), K = in_features;
+  const int64_t nbr = crow.size(0) - 1, O = nbr * bh;
+  check_bsr_structure("block_linear", crow, col, values.size(0), K / bw);
+  auto vals = values.contiguous();
+  auto cr = crow.contiguous();
+  auto cl = col.contiguous();
+  auto x2 = x_float_2d(x);
+  const int64_t B = x2.size(0);
+  at::Tensor out;
+  if (B == 0 || O == 0) {
+    out = at::zeros({B, O}, x2.options());
+  } else if (B > kDirectMaxBatch) {
+    SPARSEKERN_DISPATCH_FLOATS(vals.scalar_type(), "block_linear", [&] {
+      const scalar_t* v = vals.data_ptr<scalar_t>();
+      const int64_t* c = cr.data_ptr<int64_t>();
+      const int64_t* ci = cl.data_ptr<int64_t>();
+      out = tiled_gemm(x2, O, [&](int64_t r, int64_t, float* buf) {
+        std::fill(buf, buf + K, 0.f);
+        const int64_t br = r / bh, i = r % bh;
+        for (int64_t blk = c[br]; blk < c[br + 1]; ++blk)
+          for (int64_t j = 0; j < bw; ++j) buf[ci[blk] * bw + j] = static_cast<float>(v[(blk * bh + i) * bw + j]);
+      });
+    });
+  } else {
+    out = at::empty({B, O}, x2.options());
+    BlockRowsArgs a{vals.data_ptr(), cr.data_ptr<int64_t>(), cl.data_ptr<int64_t>(), vals.scalar_type(),
+                    bh, bw, K, O, x2.data_ptr<float>(), B, out.data_ptr<float>()};
+    const bool avx2 = cpu_has_avx2();
+    parallel_rows(nbr, 1, [&](int64_t b0, int64_t b1) {
+      if (avx2) avx2::block_rows(a, b0, b1);
+      else generic::block_rows(a, b0, b1);
+    });
+  }
+  return finish_linear(out, x, bias);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_compress_cpu(const at::Tensor& weight,
+                                                                  const c10::optional<at::Tensor>& mask,
+                                                                  int64_t block_rows, int64_t block_cols) {
+  const char* op = "block_compress";
+  TORCH_CHECK_TYPE(is_float_dtype(weight.scalar_type()), op, ": weight must be float32, bfloat16 or float16, got ",
+                   weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D [out, in], got ", weight.sizes());
+  TORCH_CHECK_VALUE(block_rows > 0 && block_cols > 0, op, ": block shape must be positive, got (", block_rows, ", ",
+                    block_cols, ")");
+  const int64_t O = weight.size(0), K = weight.size(1);
+  TORCH_CHECK_VALUE(O % block_rows == 0 && K % block_cols == 0, op, ": weight shape [", O, ", ", K,
+                    "] must be divisible by the block shape (", block_rows, ", ", block_cols, ")");
+  TORCH_CHECK_VALUE(at::isfinite(weight).all().item<bool>(), op,
+                    ": weight has NaN or inf; sparse formats need finite weights");
+  at::Tensor w = weight;
+  at::Tensor keep;
+  if (mask.has_value()) {
+    TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, op, ": mask must be bool, got ", mask->scalar_type());
+    TORCH_CHECK_VALUE(mask->sizes() == weight.sizes(), op, ": mask shape ", mask->sizes(),
+                      " must equal weight shape ", weight.sizes());
+    keep = *mask;
+    w = weight.masked_fill(mask->logical_not(), 0);
+  } else {
+    keep = weight.ne(0);
+  }
+  const int64_t nbr = O / block_rows, nbc = K / block_cols;
+  // [nbr, bh, nbc, bw] -> which blocks hold anything.
+  auto block_keep = keep.reshape({nbr, block_rows, nbc, block_cols}).any(3).any(1);  // [nbr, nbc]
+  auto crow = at::zeros({nbr + 1}, weight.options().dtype(at::kLong));
+  crow.narrow(0, 1, nbr).copy_(block_keep.sum(1).cumsum(0));
+  auto nz = block_keep.nonzero();  // row-major order: (block row, block col)
+  auto col = nz.select(1, 1).contiguous();
+  auto blocks = w.reshape({nbr, block_rows, nbc, block_cols}).permute({0, 2, 1, 3});  // [nbr, nbc, bh, bw]
+  auto values = blocks.index({nz.select(1, 0), nz.select(1, 1)}).contiguous();
+  return {crow, col, values};
+}
+
+at::Tensor block_decompress_cpu(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                                int64_t in_features) {
+  const char* op = "block_decompress";
+  TORCH_CHECK_TYPE(is_float_dtype(values.scalar_type()), op, ": values must be a float tensor");
+  TORCH_CHECK_TYPE(crow.scalar_type() == at::kLong && col.scalar_type() == at::kLong, op,
+                   ": crow_indices and col_indices must be int64");
+  TORCH_CHECK_VALUE(values.dim() == 3 && crow.dim() == 1 && crow.numel() >= 1 && col.dim() == 1 &&
+                        col.numel() == values.size(0),
+                    op, ": expected crow_indices [nbr+1], col_indices [nnzb], values [nnzb, bh, bw]");
+  const int64_t bh = values.size(1), bw = values.size(2);
+  TORCH_CHECK_VALUE(bw > 0 && in_features % bw == 0, op, ": in_features (", in_features,
+                    ") must be a multiple of the block width (", bw, ")");
+  check_bsr_structure(op, crow, col, values.size(0), in_features / bw);
+  const int64_t nbr = crow.numel() - 1;
+  auto out = at::zeros({nbr, bh, in_features / bw, bw}, values.options());
+  auto counts = crow.diff();
+  auto rows = at::repeat_interleave(at::arange(nbr, crow.options()), counts);
+  out.permute({0, 2, 1, 3}).index_put_({rows, col}, values);
+  return out.reshape({nbr * bh, in_features});
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("block_linear", &block_linear_cpu);
+  m.impl("block_compress", &block_compress_cpu);
+  m.impl("block_decompress", &block_decompress_cpu);
+}
+
+}  // namespace cpu
+}  // namespace sparsekern

@@ -1,0 +1,55 @@
+#include "cpu_common.h"
+
+namespace sparsekern {
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
+  return has;
+#else
+  return false;
+#endif
+}
+
+namespace cpu {
+
+at::Tensor x_float_2d(const at::Tensor& x) {
+  const int64_t K = x.size(-1);
+  return x.reshape({-1, K}).to(at::kFloat).contiguous();
+}
+
+at::Tensor x_lanes(const at::Tensor& x2, int64_t BP) {
+  auto xT = at::zeros({x2.size(1), BP}, x2.options());
+  xT.narrow(1, 0, x2.size(0)).copy_(x2.t());
+  return xT;
+}
+
+at::Tensor tiled_gemm(const at::Tensor& x2, int64_t O, const FillRows& fill) {
+  const int64_t B = x2.size(0), K = x2.size(1);
+  auto out = at::empty({B, O}, x2.options());
+  // 128 rows keeps the GEMM efficient and the tile (2 MiB at K=4096) in cache.
+  const int64_t tile = 128;
+  auto buf = at::empty({std::min(tile, O), K}, x2.options());
+  for (int64_t r0 = 0; r0 < O; r0 += tile) {
+    const int64_t r1 = std::min(O, r0 + tile);
+    auto part = buf.narrow(0, 0, r1 - r0);
+    float* p = part.data_ptr<float>();
+    at::parallel_for(r0, r1, 1, [&](int64_t a, int64_t b) {
+      for (int64_t r = a; r < b; ++r) fill(r, r + 1, p + (r - r0) * K);
+    });
+    out.narrow(1, r0, r1 - r0).copy_(at::mm(x2, part.t()));
+  }
+  return out;
+}
+
+at::Tensor finish_linear(const at::Tensor& out, const at::Tensor& x, const c10::optional<at::Tensor>& bias) {
+  at::Tensor y = out;
+  if (bias.has_value()) y.add_(bias->to(at::kFloat));
+  auto sizes = x.sizes().vec();
+  sizes.back() = out.size(1);
+  return y.to(x.scalar_type()).reshape(sizes);
+}
+
+}  // namespace cpu
+}  // namespace sparsekern

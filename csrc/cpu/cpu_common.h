@@ -1,0 +1,48 @@
+// Helpers shared by the CPU op files: activation layout, the large-batch path and the
+// epilogue (bias, dtype, leading shape).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <functional>
+
+#include "../common.h"
+#include "sparse_rows.h"
+
+namespace sparsekern {
+namespace cpu {
+
+// x [..., K] as contiguous fp32 [B, K].
+at::Tensor x_float_2d(const at::Tensor& x);
+
+// fp32 [B, K] -> [K, BP] with BP = 8 or 16 lanes (zero padded), the layout of the
+// broadcast kernels.
+at::Tensor x_lanes(const at::Tensor& x2, int64_t BP);
+
+// Lanes for the broadcast kernels, or 0 when the row-major kernels take this batch.
+inline int64_t lanes_for_batch(int64_t B) { return B <= kRowMajorMaxBatch ? 0 : (B <= 8 ? 8 : 16); }
+
+// Large batches: decompress `tile` output rows at a time into an fp32 buffer
+// (fill(r0, r1, buf) writes rows [r0, r1) as dense [r1-r0, K]) and multiply with the
+// BLAS GEMM: "load as sparse, compute as dense". Never holds more than one tile.
+using FillRows = std::function<void(int64_t r0, int64_t r1, float* buf)>;
+at::Tensor tiled_gemm(const at::Tensor& x2, int64_t O, const FillRows& fill);
+
+// out fp32 [B, O] -> + bias, x's dtype, shape [..., O].
+at::Tensor finish_linear(const at::Tensor& out, const at::Tensor& x, const c10::optional<at::Tensor>& bias);
+
+// Runs fn over [0, n) on the intra-op thread pool.
+inline void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  at::parallel_for(0, n, grain, fn);
+}
+
+// Values of any supported dtype as fp32.
+template <typename T>
+inline float as_float(T v) { return static_cast<float>(v); }
+
+#define SPARSEKERN_DISPATCH_FLOATS(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+}  // namespace cpu
+}  // namespace sparsekern

@@ -1,0 +1,188 @@
+// CPU kernels of the N:M family: nm_linear, nm_compress, nm_decompress.
+// Layout: sparsekern/formats.py (NMWeight). Inner loops: sparse_rows_impl.h.
+#include <torch/library.h>
+
+#include <atomic>
+
+#include "cpu_common.h"
+
+namespace sparsekern {
+namespace cpu {
+namespace {
+
+template <typename VT>
+void nm_decompress_row(const VT* v, const uint8_t* ix, int64_t kept, int64_t n, int64_t m, int64_t K, float* dst) {
+  const int bits = nm_index_bits(m);
+  std::fill(dst, dst + K, 0.f);
+  for (int64_t s = 0; s < kept; ++s) {
+    const int idx = bits == 2 ? (ix[s >> 2] >> ((s & 3) * 2)) & 3 : (ix[s >> 1] >> ((s & 1) * 4)) & 15;
+    dst[(s / n) * m + idx] = static_cast<float>(v[s]);
+  }
+}
+
+at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, int64_t n,
+                         int64_t m, int64_t in_features, const c10::optional<at::Tensor>& bias) {
+  check_nm_linear_args(x, values, indices, n, m, in_features, bias);
+  const int64_t K = in_features, O = values.size(0), kept = values.size(1);
+  auto vals = values.contiguous();
+  auto idx = indices.contiguous();
+  auto x2 = x_float_2d(x);
+  const int64_t B = x2.size(0);
+  at::Tensor out;
+  if (B == 0 || O == 0) {
+    out = at::zeros({B, O}, x2.options());
+  } else if (B > kDirectMaxBatch) {
+    SPARSEKERN_DISPATCH_FLOATS(vals.scalar_type(), "nm_linear", [&] {
+      const scalar_t* v = vals.data_ptr<scalar_t>();
+      const uint8_t* ix = idx.data_ptr<uint8_t>();
+      const int64_t rb = idx.size(1);
+      out = tiled_gemm(x2, O, [&](int64_t r0, int64_t, float* buf) {
+        nm_decompress_row(v + r0 * kept, ix + r0 * rb, kept, n, m, K, buf);
+      });
+    });
+  } else {
+    out = at::empty({B, O}, x2.options());
+    const int64_t BP = lanes_for_batch(B);
+    auto xin = BP ? x_lanes(x2, BP) : x2;
+    NmRowsArgs a{vals.data_ptr(), idx.data_ptr<uint8_t>(), vals.scalar_type(), kept, idx.size(1), n, m, K, O,
+                 xin.data_ptr<float>(), B, BP, out.data_ptr<float>()};
+    const bool avx2 = cpu_has_avx2();
+    parallel_rows(O, 16, [&](int64_t r0, int64_t r1) {
+      if (avx2) avx2::nm_rows(a, r0, r1);
+      else generic::nm_rows(a, r0, r1);
+    });
+  }
+  return finish_linear(out, x, bias);
+}
+
+std::tuple<at::Tensor, at::Tensor> nm_compress_cpu(const at::Tensor& weight, const c10::optional<at::Tensor>& mask,
+                                                   int64_t n, int64_t m) {
+  const char* op = "nm_compress";
+  check_nm_params(op, n, m);
+  TORCH_CHECK_TYPE(is_float_dtype(weight.scalar_type()), op, ": weight must be float32, bfloat16 or float16, got ",
+                   weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D [out, in], got ", weight.sizes());
+  const int64_t O = weight.size(0), K = weight.size(1);
+  TORCH_CHECK_VALUE(K % m == 0, op, ": in_features (weight.shape[1] = ", K, ") must be divisible by m = ", m);
+  at::Tensor mk;
+  if (mask.has_value()) {
+    TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, op, ": mask must be bool, got ", mask->scalar_type());
+    TORCH_CHECK_VALUE(mask->sizes() == weight.sizes(), op, ": mask shape ", mask->sizes(),
+                      " must equal weight shape ", weight.sizes());
+    TORCH_CHECK(mask->device() == weight.device(), op, ": mask is on ", mask->device(), " but weight is on ",
+                weight.device());
+    mk = mask->contiguous();
+  }
+  auto w = weight.contiguous();
+  const int64_t kept = K / m * n, rb = nm_index_row_bytes(kept, m);
+  auto values = at::empty({O, kept}, w.options());
+  auto indices = at::zeros({O, rb}, w.options().dtype(at::kByte));
+  std::atomic<int64_t> bad_mask_row{-1}, nonfinite_row{-1};
+  const int bits = nm_index_bits(m);
+  SPARSEKERN_DISPATCH_FLOATS(w.scalar_type(), "nm_compress", [&] {
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    const bool* mp = mk.defined() ? mk.data_ptr<bool>() : nullptr;
+    scalar_t* vp = values.data_ptr<scalar_t>();
+    uint8_t* ip = indices.data_ptr<uint8_t>();
+    parallel_rows(O, 8, [&](int64_t r0, int64_t r1) {
+      int sel[16];
+      bool taken[16];
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* wr = wp + r * K;
+        for (int64_t g = 0; g < K / m; ++g) {
+          const int64_t c0 = g * m;
+          int cnt = 0;
+          for (int j = 0; j < m; ++j) {
+            taken[j] = false;
+            if (!std::isfinite(static_cast<float>(wr[c0 + j]))) nonfinite_row.store(r);
+          }
+          if (mp) {
+            for (int j = 0; j < m; ++j) {
+              if (!mp[r * K + c0 + j]) continue;
+              if (cnt == n) { bad_mask_row.store(r); break; }
+              sel[cnt++] = j;
+              taken[j] = true;
+            }
+            // Fewer than n kept: pad with the first unused positions, stored as zeros.
+            for (int j = 0; j < m && cnt < n; ++j)
+              if (!taken[j]) { sel[cnt++] = j; taken[j] = true; }
+          } else {
+            // n largest |w|; ties go to the lower column, so the choice is deterministic.
+            for (; cnt < n; ++cnt) {
+              int best = -1;
+              float bv = -1.f;
+              for (int j = 0; j < m; ++j) {
+                const float a = std::fabs(static_cast<float>(wr[c0 + j]));
+                if (!taken[j] && a > bv) { bv = a; best = j; }
+              }
+              if (best < 0) best = 0;  // only reached with NaN weights, refused below
+              taken[best] = true;
+              sel[cnt] = best;
+            }
+            std::sort(sel, sel + n);
+          }
+          for (int t = 0; t < n; ++t) {
+            const int64_t s = g * n + t;
+            const int j = sel[t];
+            const bool keep = mp ? static_cast<bool>(mp[r * K + c0 + j]) : true;
+            vp[r * kept + s] = keep ? wr[c0 + j] : scalar_t(0);
+            ip[r * rb + (s * bits >> 3)] |= static_cast<uint8_t>(j << ((s * bits) & 7));
+          }
+        }
+      }
+    });
+  });
+  TORCH_CHECK_VALUE(nonfinite_row.load() < 0, op, ": weight has NaN or inf (row ", nonfinite_row.load(),
+                    "); sparse formats need finite weights");
+  TORCH_CHECK_VALUE(bad_mask_row.load() < 0, op, ": mask is not ", n, ":", m, " (row ", bad_mask_row.load(),
+                    " keeps more than ", n, " of ", m, " in a group)");
+  return {values, indices};
+}
+
+at::Tensor nm_decompress_cpu(const at::Tensor& values, const at::Tensor& indices, int64_t n, int64_t m,
+                             int64_t in_features) {
+  const char* op = "nm_decompress";
+  check_nm_params(op, n, m);
+  TORCH_CHECK_VALUE(in_features > 0 && in_features % m == 0, op, ": in_features (", in_features,
+                    ") must be a positive multiple of m (", m, ")");
+  TORCH_CHECK_TYPE(is_float_dtype(values.scalar_type()), op, ": values must be a float tensor");
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kByte, op, ": indices must be uint8");
+  const int64_t kept = in_features / m * n, O = values.size(0);
+  TORCH_CHECK_VALUE(values.dim() == 2 && values.size(1) == kept, op, ": values must have shape [out, ", kept, "]");
+  TORCH_CHECK_VALUE(indices.dim() == 2 && indices.size(0) == O && indices.size(1) == nm_index_row_bytes(kept, m), op,
+                    ": indices must have shape [", O, ", ", nm_index_row_bytes(kept, m), "]");
+  auto v = values.contiguous();
+  auto ix = indices.contiguous();
+  auto out = at::empty({O, in_features}, v.options());
+  SPARSEKERN_DISPATCH_FLOATS(v.scalar_type(), "nm_decompress", [&] {
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    const uint8_t* ip = ix.data_ptr<uint8_t>();
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    const int bits = nm_index_bits(m);
+    const int64_t rb = ix.size(1);
+    parallel_rows(O, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        scalar_t* dst = op_ + r * in_features;
+        std::fill(dst, dst + in_features, scalar_t(0));
+        for (int64_t s = 0; s < kept; ++s) {
+          const uint8_t byte = ip[r * rb + (s * bits >> 3)];
+          const int j = (byte >> ((s * bits) & 7)) & ((1 << bits) - 1);
+          TORCH_CHECK_VALUE(j < m, op, ": indices hold an in-group index >= m (corrupt indices)");
+          dst[(s / n) * m + j] = vp[r * kept + s];
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("nm_linear", &nm_linear_cpu);
+  m.impl("nm_compress", &nm_compress_cpu);
+  m.impl("nm_decompress", &nm_decompress_cpu);
+}
+
+}  // namespace cpu
+}  // namespace sparsekern

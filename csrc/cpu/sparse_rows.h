@@ -1,0 +1,69 @@
+// Inner loops of the CPU sparse-linear kernels, compiled twice: once for AVX2+FMA+F16C
+// (sparse_rows_avx2.cpp) and once for the portable baseline (sparse_rows_generic.cpp).
+// The op files (nm_linear.cpp, bitmask_linear.cpp, block_linear.cpp) pick one at run
+// time with cpu_has_avx2(), so a single build runs on any x86-64 (and non-x86) CPU.
+//
+// Everything here works on raw pointers: the op files validate arguments, convert the
+// activations to fp32 and own the threading (at::parallel_for over output rows).
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+namespace sparsekern {
+namespace cpu {
+
+// Small-batch kernels read activations in one of two fp32 layouts:
+//   x  : row-major [B, K]  (kernels for B <= kRowMajorMaxBatch)
+//   xT : [K, BP], BP = 8 or 16 lanes holding batch rows, unused lanes zero
+//        (the "broadcast" kernels: one weight value times a whole batch vector).
+constexpr int64_t kRowMajorMaxBatch = 4;
+constexpr int64_t kDirectMaxBatch = 16;  // above this the op files decompress tiles + GEMM
+
+struct NmRowsArgs {
+  const void* values;       // [O, kept] in `dtype`
+  const uint8_t* indices;   // [O, idx_row_bytes], packed in-group indices
+  c10::ScalarType dtype;
+  int64_t kept, idx_row_bytes, n, m, K, O;
+  const float* x;           // row-major [B, K] or xT [K, BP]
+  int64_t B, BP;            // BP == 0: x is row-major
+  float* out;               // [B, O] fp32
+};
+
+struct BitmaskRowsArgs {
+  const void* values;       // [nnz] in `dtype`
+  const int64_t* bitmask;   // [O, words]
+  const int32_t* offsets;   // [O, tiles]
+  c10::ScalarType dtype;
+  int64_t words, tiles, K, O;
+  const float* x;
+  int64_t B, BP;
+  float* out;
+};
+
+struct BlockRowsArgs {
+  const void* values;       // [nnzb, bh, bw]
+  const int64_t* crow;      // [O/bh + 1]
+  const int64_t* col;       // [nnzb]
+  c10::ScalarType dtype;
+  int64_t bh, bw, K, O;
+  const float* x;           // row-major [B, K]
+  int64_t B;
+  float* out;
+};
+
+#define SPARSEKERN_DECLARE_ROWS(NS)                                                           \
+  namespace NS {                                                                             \
+  /* rows [r0, r1) of out; n:m 2:4 with B <= kRowMajorMaxBatch may take a vector fast path */ \
+  void nm_rows(const NmRowsArgs& a, int64_t r0, int64_t r1);                                 \
+  void bitmask_rows(const BitmaskRowsArgs& a, int64_t r0, int64_t r1);                       \
+  /* block rows [br0, br1) */                                                                \
+  void block_rows(const BlockRowsArgs& a, int64_t br0, int64_t br1);                         \
+  }
+
+SPARSEKERN_DECLARE_ROWS(avx2)
+SPARSEKERN_DECLARE_ROWS(generic)
+
+}  // namespace cpu
+}  // namespace sparsekern

@@ -1,0 +1,73 @@
+// The one place where sparsekern's operator schemas are declared.
+// Device folders (csrc/cpu, csrc/cuda) only add TORCH_LIBRARY_IMPL blocks.
+// Formats (layouts of the compressed tensors) are documented in sparsekern/formats.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "common.h"
+
+#ifndef SPARSEKERN_VERSION
+#define SPARSEKERN_VERSION "unknown"
+#endif
+#ifndef SPARSEKERN_TORCH_VERSION
+#define SPARSEKERN_TORCH_VERSION "unknown"
+#endif
+#ifndef SPARSEKERN_CUDA_ARCHS
+#define SPARSEKERN_CUDA_ARCHS ""
+#endif
+#ifndef SPARSEKERN_CUDA_VERSION
+#define SPARSEKERN_CUDA_VERSION ""
+#endif
+
+extern "C" {
+// Importing sparsekern._C loads this library, whose static initialisers register
+// the operators. The module itself has no Python functions (pytorch/extension-cpp).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace sparsekern {
+
+// JSON text describing what this binary holds; sparsekern/_extension.py compares it
+// with the running torch and GPU.
+static std::string build_info() {
+  std::string s = "{";
+  s += "\"sparsekern_version\": \"" SPARSEKERN_VERSION "\", ";
+  s += "\"torch_version\": \"" SPARSEKERN_TORCH_VERSION "\", ";
+#ifdef SPARSEKERN_WITH_CUDA
+  s += "\"with_cuda\": true, ";
+#else
+  s += "\"with_cuda\": false, ";
+#endif
+  s += "\"cuda_version\": \"" SPARSEKERN_CUDA_VERSION "\", ";
+  s += "\"cuda_archs\": \"" SPARSEKERN_CUDA_ARCHS "\", ";
+  s += std::string("\"cpu_avx2_runtime\": ") + (cpu_has_avx2() ? "true" : "false");
+  s += "}";
+  return s;
+}
+
+TORCH_LIBRARY(sparsekern, m) {
+  // ---- N:M (values [out, in*N/M] + packed in-group indices, see formats.py) ----
+  m.def("nm_linear(Tensor x, Tensor values, Tensor indices, int n, int m, int in_features, Tensor? bias) -> Tensor");
+  m.def("nm_compress(Tensor weight, Tensor? mask, int n, int m) -> (Tensor, Tensor)");
+  m.def("nm_decompress(Tensor values, Tensor indices, int n, int m, int in_features) -> Tensor");
+  // ---- Bitmask (unstructured): packed values + 64-bit mask words + per-tile offsets ----
+  m.def("bitmask_linear(Tensor x, Tensor values, Tensor bitmask, Tensor offsets, int in_features, Tensor? bias) -> Tensor");
+  m.def("bitmask_compress(Tensor weight, Tensor? mask) -> (Tensor, Tensor, Tensor)");
+  m.def("bitmask_decompress(Tensor values, Tensor bitmask, Tensor offsets, int in_features) -> Tensor");
+  // ---- Block (BSR): crow_indices, col_indices, values [nnzb, bh, bw] ----
+  m.def("block_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, int in_features, Tensor? bias) -> Tensor");
+  m.def("block_compress(Tensor weight, Tensor? mask, int block_rows, int block_cols) -> (Tensor, Tensor, Tensor)");
+  m.def("block_decompress(Tensor crow_indices, Tensor col_indices, Tensor values, int in_features) -> Tensor");
+  // ---- Masked dense weight (training): x @ (W*M)^T without materialising W*M ----
+  m.def("masked_linear(Tensor x, Tensor weight, Tensor bitmask, Tensor? bias) -> Tensor");
+  m.def("masked_linear_grad_input(Tensor grad_out, Tensor weight, Tensor bitmask) -> Tensor");
+  // ---- Build information ----
+  m.def("build_info() -> str", &build_info);
+}
+
+}  // namespace sparsekern

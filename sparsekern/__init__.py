@@ -1,0 +1,12 @@
+"""sparsekern: kernels and tools that turn neural-network pruning into real speed.
+
+Formats (sparsekern.formats), ops (sparsekern.ops, the only caller of the compiled
+torch.ops.sparsekern.*), pure-torch references (sparsekern.reference) and the build
+report (`python -m sparsekern info`).
+"""
+__version__ = "0.1.0"
+
+from . import _extension, formats, ops, reference  # noqa: E402
+from .formats import BitmaskWeight, BlockWeight, NMWeight  # noqa: E402
+
+__all__ = ["formats", "ops", "reference", "NMWeight", "BitmaskWeight", "BlockWeight", "__version__"]

@@ -1,0 +1,394 @@
+"""Compressed weight formats for a linear weight of shape [out, in].
+
+Each format is a small class holding plain tensors (what goes into a state_dict) and
+a few ints; `from_dense` compresses (through the compiled op when it can run, else the
+pure-torch reference), `to_dense` restores the weight with zeros in place, `nbytes`
+counts the compressed bytes and `density` the kept fraction. Tensors loaded from a
+file go through `validate()`, so a corrupt checkpoint fails with a clear error instead
+of letting a kernel read out of bounds.
+
+Memory layouts (the kernels in csrc/ and sparsekern/triton/ read exactly these):
+
+N:M -- NMWeight (n < m, m in {4, 8, 16}), groups of m consecutive input columns:
+  values  [out, in*n/m], weight dtype. Row r, slot s = g*n + t is the t-th kept element
+          (in column order) of group g, i.e. of columns [g*m, g*m + m).
+  indices uint8 [out, ceil(in*n/m * bits / 8)], bits = 2 for m=4, 4 for m=8/16. Slot
+          s's in-group column j (0 <= j < m) sits at bit (s*bits) % 8 of byte
+          (s*bits) // 8 of its row (little-endian within the byte). The weight element
+          is W[r, g*m + j]. Groups with fewer than n kept elements pad with zero values.
+  2:4 bf16: values 50% of the dense bytes + indices 6.25% = 56.25%.
+
+Bitmask (unstructured) -- BitmaskWeight:
+  bitmask int64 [out, ceil(in/64)]: bit j (LSB first) of word w of row r says whether
+          W[r, 64*w + j] is kept; bits past `in` are zero.
+  values  [nnz], weight dtype: the kept elements in row-major order (row, then column).
+  offsets int32 [out, ceil(in/512)]: index in `values` of the first kept element of
+          row r in columns [512*t, 512*t + 512), so a kernel (a GPU lane, a split-K
+          slice) finds any 512-column tile's values without scanning the row.
+  bf16 at 50% density: 50% + 6.25% = 56.25% of dense; at 10%: 10% + 6.25% = 16.25%;
+  offsets add 4 bytes per 512 elements (0.4% of dense bf16).
+
+Block (BSR) -- BlockWeight, block shape (bh, bw) dividing (out, in):
+  crow_indices int64 [out/bh + 1]: blocks of block row i are crow[i]:crow[i+1].
+  col_indices  int64 [nnz_blocks]: block column of each kept block (ascending per row).
+  values       [nnz_blocks, bh, bw], weight dtype, each block row-major.
+  This is torch's sparse BSR layout (torch.sparse_bsr_tensor(crow, col, values)).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_weight(name: str, weight, mask) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name}: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"{name}: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}: weight must be a floating tensor (float32/bfloat16/float16), got {weight.dtype}")
+    if weight.numel() and not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{name}: weight has NaN or inf; sparse formats need finite weights")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"{name}: mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if mask.shape != weight.shape:
+            raise ValueError(f"{name}: mask shape {tuple(mask.shape)} must equal weight shape {tuple(weight.shape)}")
+        if mask.device != weight.device:
+            raise ValueError(f"{name}: mask is on {mask.device} but weight is on {weight.device}")
+
+
+def _use_kernel(t: torch.Tensor) -> bool:
+    from . import ops
+
+    return ops.backend_for(t) in ("cpp",) and t.dtype != torch.float64
+
+
+def _meta(*ints: int) -> torch.Tensor:
+    return torch.tensor(list(ints), dtype=torch.int64)
+
+
+class _Format:
+    """Shared behaviour: tensors(), nbytes, density, to(), dtype/device."""
+
+    _tensor_names: tuple[str, ...] = ()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Plain tensors (and an int64 `meta` tensor) that fully describe the weight."""
+        d = {k: getattr(self, k) for k in self._tensor_names}
+        d["meta"] = self.meta()
+        return d
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (getattr(self, k) for k in self._tensor_names))
+
+    @property
+    def dense_nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * self.values.element_size()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def to(self, device=None, dtype=None):
+        """A copy on another device and/or with values in another float dtype."""
+        if dtype is not None and dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{type(self).__name__}.to: dtype must be floating, got {dtype}")
+        kw = {k: getattr(self, k).to(device) for k in self._tensor_names}
+        if dtype is not None:
+            kw["values"] = kw["values"].to(dtype)
+        return self._replace(**kw)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(shape={tuple(self.shape)}, {self.pattern}, density={self.density:.4f}, "
+                f"dtype={self.dtype}, nbytes={self.nbytes})")
+
+
+# ------------------------------------------------------------------------------- N:M
+@dataclass(repr=False, eq=False)
+class NMWeight(_Format):
+    values: torch.Tensor
+    indices: torch.Tensor
+    n: int
+    m: int
+    in_features: int
+
+    _tensor_names = ("values", "indices")
+
+    @staticmethod
+    def check_nm(n: int, m: int, where: str = "NMWeight") -> None:
+        if m not in (4, 8, 16):
+            raise ValueError(f"{where}: m must be 4, 8 or 16, got {m}")
+        if not (isinstance(n, int) and 1 <= n < m):
+            raise ValueError(f"{where}: n must satisfy 1 <= n < m, got n={n}, m={m}")
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, n: int = 2, m: int = 4, mask: torch.Tensor | None = None) -> "NMWeight":
+        """Compress `weight` [out, in] to N:M along `in`. Without a mask keep the n
+        largest |w| of each group of m (ties: lower column); a mask must keep at most
+        n of every m (fewer is padded with zeros)."""
+        cls.check_nm(n, m, "NMWeight.from_dense")
+        _check_weight("NMWeight.from_dense", weight, mask)
+        if weight.shape[1] % m:
+            raise ValueError(f"NMWeight.from_dense: in_features (weight.shape[1] = {weight.shape[1]}) must be "
+                             f"divisible by m = {m}")
+        weight = weight.detach()
+        if _use_kernel(weight):
+            from . import ops
+
+            values, indices = ops.nm_compress(weight, mask, n, m)
+        else:
+            values, indices = reference.nm_compress(weight, mask, n, m)
+        return cls(values, indices, n, m, weight.shape[1])
+
+    def to_dense(self) -> torch.Tensor:
+        from . import ops
+
+        return ops.nm_decompress(self.values, self.indices, self.n, self.m, self.in_features)
+
+    def mask(self) -> torch.Tensor:
+        """bool [out, in]: the N:M positions (including zero-valued padding slots)."""
+        out, kept = self.values.shape
+        idx = reference.unpack_bits(self.indices, reference.nm_index_bits(self.m), kept).reshape(out, -1, self.n)
+        mask = torch.zeros(out, self.in_features // self.m, self.m, dtype=torch.bool, device=self.device)
+        return mask.scatter_(-1, idx, True).reshape(out, self.in_features)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.values.shape[0], self.in_features)
+
+    @property
+    def density(self) -> float:
+        return self.n / self.m
+
+    @property
+    def pattern(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    def meta(self) -> torch.Tensor:
+        return _meta(self.n, self.m, self.in_features)
+
+    def _replace(self, **kw) -> "NMWeight":
+        return NMWeight(kw["values"], kw["indices"], self.n, self.m, self.in_features)
+
+    @classmethod
+    def from_tensors(cls, d: dict[str, torch.Tensor]) -> "NMWeight":
+        n, m, k = (int(v) for v in d["meta"].tolist())
+        w = cls(d["values"], d["indices"], n, m, k)
+        w.validate()
+        return w
+
+    def validate(self) -> "NMWeight":
+        where = "NMWeight"
+        self.check_nm(self.n, self.m, where)
+        if self.in_features <= 0 or self.in_features % self.m:
+            raise ValueError(f"{where}: in_features ({self.in_features}) must be a positive multiple of m ({self.m})")
+        kept = self.in_features // self.m * self.n
+        v, ix = self.values, self.indices
+        if v.dim() != 2 or v.shape[1] != kept or v.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{where}: values must be a float tensor of shape [out, {kept}], got "
+                             f"{tuple(v.shape)} {v.dtype}")
+        bits = reference.nm_index_bits(self.m)
+        if ix.dtype != torch.uint8 or tuple(ix.shape) != (v.shape[0], math.ceil(kept * bits / 8)):
+            raise ValueError(f"{where}: indices must be uint8 of shape [{v.shape[0]}, {math.ceil(kept * bits / 8)}], "
+                             f"got {tuple(ix.shape)} {ix.dtype}")
+        if ix.device != v.device:
+            raise ValueError(f"{where}: indices are on {ix.device} but values on {v.device}")
+        if ix.numel() and int(reference.unpack_bits(ix, bits, kept).max()) >= self.m:
+            raise ValueError(f"{where}: indices hold an in-group index >= m={self.m} (corrupt)")
+        return self
+
+
+# --------------------------------------------------------------------------- bitmask
+@dataclass(repr=False, eq=False)
+class BitmaskWeight(_Format):
+    values: torch.Tensor
+    bitmask: torch.Tensor
+    offsets: torch.Tensor
+    in_features: int
+
+    _tensor_names = ("values", "bitmask", "offsets")
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> "BitmaskWeight":
+        """Compress `weight` [out, in], keeping `mask` (default: the nonzeros)."""
+        _check_weight("BitmaskWeight.from_dense", weight, mask)
+        if weight.shape[1] == 0:
+            raise ValueError("BitmaskWeight.from_dense: weight must have at least one column")
+        weight = weight.detach()
+        if weight.numel() >= 2**31:
+            raise ValueError("BitmaskWeight.from_dense: more than 2^31-1 elements; split the weight")
+        if _use_kernel(weight):
+            from . import ops
+
+            values, bitmask, offsets = ops.bitmask_compress(weight, mask)
+        else:
+            values, bitmask, offsets = reference.bitmask_compress(weight, mask)
+        return cls(values, bitmask, offsets, weight.shape[1])
+
+    def to_dense(self) -> torch.Tensor:
+        from . import ops
+
+        return ops.bitmask_decompress(self.values, self.bitmask, self.offsets, self.in_features)
+
+    def mask(self) -> torch.Tensor:
+        return reference.unpack_bitmask(self.bitmask, self.in_features)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.bitmask.shape[0], self.in_features)
+
+    @property
+    def density(self) -> float:
+        total = self.shape[0] * self.shape[1]
+        return self.values.numel() / total if total else 0.0
+
+    @property
+    def pattern(self) -> str:
+        return "unstructured"
+
+    def meta(self) -> torch.Tensor:
+        return _meta(self.in_features)
+
+    def _replace(self, **kw) -> "BitmaskWeight":
+        return BitmaskWeight(kw["values"], kw["bitmask"], kw["offsets"], self.in_features)
+
+    @classmethod
+    def from_tensors(cls, d: dict[str, torch.Tensor]) -> "BitmaskWeight":
+        (k,) = (int(v) for v in d["meta"].tolist())
+        w = cls(d["values"], d["bitmask"], d["offsets"], k)
+        w.validate()
+        return w
+
+    def validate(self) -> "BitmaskWeight":
+        where = "BitmaskWeight"
+        k = self.in_features
+        words, tiles = math.ceil(k / 64), math.ceil(k / reference.BITMASK_TILE_COLS)
+        v, bm, off = self.values, self.bitmask, self.offsets
+        if k <= 0 or bm.dtype != torch.int64 or bm.dim() != 2 or bm.shape[1] != words:
+            raise ValueError(f"{where}: bitmask must be int64 [out, {words}] for in_features={k}, got "
+                             f"{tuple(bm.shape)} {bm.dtype}")
+        if off.dtype != torch.int32 or tuple(off.shape) != (bm.shape[0], tiles):
+            raise ValueError(f"{where}: offsets must be int32 [{bm.shape[0]}, {tiles}], got {tuple(off.shape)} {off.dtype}")
+        if v.dim() != 1 or v.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{where}: values must be a 1-D float tensor, got {tuple(v.shape)} {v.dtype}")
+        if not (bm.device == off.device == v.device):
+            raise ValueError(f"{where}: values, bitmask and offsets must be on one device")
+        keep = reference.unpack_bitmask(bm, words * 64)
+        if bool(keep[:, k:].any()):
+            raise ValueError(f"{where}: bitmask has bits set beyond in_features ({k})")
+        _, _, expected = reference.bitmask_compress(torch.zeros(keep.shape[0], k, device=bm.device), keep[:, :k])
+        if int(keep.sum()) != v.numel():
+            raise ValueError(f"{where}: bitmask keeps {int(keep.sum())} elements but values has {v.numel()}")
+        if not torch.equal(expected, off):
+            raise ValueError(f"{where}: offsets do not match the bitmask's popcounts (corrupt)")
+        return self
+
+
+# ----------------------------------------------------------------------------- block
+@dataclass(repr=False, eq=False)
+class BlockWeight(_Format):
+    crow_indices: torch.Tensor
+    col_indices: torch.Tensor
+    values: torch.Tensor
+    in_features: int
+
+    _tensor_names = ("crow_indices", "col_indices", "values")
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, block: tuple[int, int] = (32, 32),
+                   mask: torch.Tensor | None = None) -> "BlockWeight":
+        """Compress `weight` [out, in] to blocks of `block` = (rows, cols). A block is
+        kept when `mask` (default: weight != 0) keeps anything in it; elements of a kept
+        block that the mask drops are stored as zeros."""
+        _check_weight("BlockWeight.from_dense", weight, mask)
+        bh, bw = cls.check_block(block, "BlockWeight.from_dense")
+        if weight.shape[0] % bh or weight.shape[1] % bw:
+            raise ValueError(f"BlockWeight.from_dense: weight shape {tuple(weight.shape)} must be divisible by "
+                             f"block {block}")
+        weight = weight.detach()
+        if _use_kernel(weight):
+            from . import ops
+
+            crow, col, values = ops.block_compress(weight, mask, bh, bw)
+        else:
+            crow, col, values = reference.block_compress(weight, mask, bh, bw)
+        return cls(crow, col, values, weight.shape[1])
+
+    @staticmethod
+    def check_block(block, where: str) -> tuple[int, int]:
+        if (not isinstance(block, (tuple, list)) or len(block) != 2
+                or not all(isinstance(b, int) and b > 0 for b in block)):
+            raise ValueError(f"{where}: block must be two positive ints (rows, cols), got {block!r}")
+        return int(block[0]), int(block[1])
+
+    def to_dense(self) -> torch.Tensor:
+        from . import ops
+
+        return ops.block_decompress(self.crow_indices, self.col_indices, self.values, self.in_features)
+
+    def mask(self) -> torch.Tensor:
+        """bool [out, in]: the kept blocks."""
+        return reference.block_decompress(self.crow_indices, self.col_indices,
+                                          torch.ones_like(self.values, dtype=torch.bool), self.in_features)
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return (self.values.shape[1], self.values.shape[2])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return ((self.crow_indices.numel() - 1) * self.values.shape[1], self.in_features)
+
+    @property
+    def density(self) -> float:
+        total = self.shape[0] * self.shape[1]
+        return self.values.numel() / total if total else 0.0
+
+    @property
+    def pattern(self) -> str:
+        return f"block{self.block[0]}x{self.block[1]}"
+
+    def meta(self) -> torch.Tensor:
+        return _meta(self.in_features)
+
+    def _replace(self, **kw) -> "BlockWeight":
+        return BlockWeight(kw["crow_indices"], kw["col_indices"], kw["values"], self.in_features)
+
+    @classmethod
+    def from_tensors(cls, d: dict[str, torch.Tensor]) -> "BlockWeight":
+        (k,) = (int(v) for v in d["meta"].tolist())
+        w = cls(d["crow_indices"], d["col_indices"], d["values"], k)
+        w.validate()
+        return w
+
+    def validate(self) -> "BlockWeight":
+        where = "BlockWeight"
+        crow, col, v = self.crow_indices, self.col_indices, self.values
+        if v.dim() != 3 or v.dtype not in _FLOAT_DTYPES or v.shape[1] <= 0 or v.shape[2] <= 0:
+            raise ValueError(f"{where}: values must be float [nnz_blocks, bh, bw], got {tuple(v.shape)} {v.dtype}")
+        if self.in_features <= 0 or self.in_features % v.shape[2]:
+            raise ValueError(f"{where}: in_features ({self.in_features}) must be a multiple of the block width")
+        if crow.dtype != torch.int64 or col.dtype != torch.int64 or crow.dim() != 1 or col.dim() != 1:
+            raise ValueError(f"{where}: crow_indices and col_indices must be 1-D int64")
+        if crow.numel() < 1 or int(crow[0]) != 0 or int(crow[-1]) != v.shape[0] or bool((crow.diff() < 0).any()):
+            raise ValueError(f"{where}: crow_indices must start at 0, not decrease and end at {v.shape[0]}")
+        if col.numel() != v.shape[0]:
+            raise ValueError(f"{where}: col_indices must have one entry per block ({v.shape[0]})")
+        if col.numel() and (int(col.min()) < 0 or int(col.max()) >= self.in_features // v.shape[2]):
+            raise ValueError(f"{where}: col_indices out of range [0, {self.in_features // v.shape[2]})")
+        return self
+
+
+FORMATS = {"nm": NMWeight, "bitmask": BitmaskWeight, "block": BlockWeight}

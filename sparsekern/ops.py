@@ -1,0 +1,356 @@
+"""The one module that calls torch.ops.sparsekern.*.
+
+Each public function validates its arguments (clear exceptions naming the argument,
+the same whatever backend runs), picks a backend, and calls the compiled op or the
+pure-torch reference (sparsekern/reference.py). Backends, in order:
+
+  GPU: "cuda" (compiled CUDA kernel, built for this GPU's architecture), else
+       "triton" (sparsekern.triton, where an op has one), else "reference";
+  CPU: "cpp" (compiled C++ kernel), else "reference".
+  float64 always runs the reference (it is the oracle's precision).
+
+`backend_for(op, tensor)` returns the choice and `explain_backend(op, tensor)` says
+why; `use_backend("reference")` forces one inside a `with` block.
+
+Every compiled op has a fake kernel (torch.library.register_fake), so it traces under
+torch.compile(fullgraph=True), and autograd registered on the op itself.
+Tensor layouts: sparsekern/formats.py. Schemas: csrc/sparsekern.cpp.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from . import _extension, reference
+from .formats import BitmaskWeight, BlockWeight, NMWeight
+
+# Ops with a compiled CUDA kernel (csrc/cuda/*.cu); the rest run the reference on GPU.
+CUDA_OPS = frozenset({"nm_linear", "bitmask_linear", "masked_linear", "masked_linear_grad_input"})
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_override: str | None = None
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Force a backend ("reference", "cpp", "cuda") inside the block (None: automatic)."""
+    global _override
+    if name not in (None, "reference", "cpp", "cuda"):
+        raise ValueError(f"use_backend: unknown backend {name!r}")
+    old, _override = _override, name
+    try:
+        yield
+    finally:
+        _override = old
+
+
+def explain_backend(op: str, t: torch.Tensor) -> tuple[str, str]:
+    """(backend, reason) for running `op` on tensors like `t`."""
+    if _override is not None:
+        return _override, "forced by use_backend()"
+    if t.dtype not in KERNEL_DTYPES:
+        return "reference", f"{t.dtype} has no compiled kernel"
+    if t.device.type == "cpu":
+        if _extension.cpu_kernels_available():
+            return "cpp", "compiled C++ kernel"
+        return "reference", _extension.LOAD_ERROR or "extension not loaded"
+    if t.device.type == "cuda":
+        if op in CUDA_OPS and _extension.cuda_kernels_available(t.device):
+            return "cuda", "compiled CUDA kernel for this GPU"
+        if op not in CUDA_OPS:
+            return "reference", f"{op} has no CUDA kernel yet"
+        if not _extension.LOADED:
+            return "reference", _extension.LOAD_ERROR or "extension not loaded"
+        if not _extension.BUILD_INFO.get("with_cuda"):
+            return "reference", "extension built without CUDA"
+        return "reference", (f"CUDA kernels built for sm_{_extension.cuda_archs()} do not run on compute "
+                             f"capability {torch.cuda.get_device_capability(t.device)}")
+    return "reference", f"no kernels for device type {t.device.type}"
+
+
+def backend_for(op_or_tensor, t: torch.Tensor | None = None) -> str:
+    if t is None:  # backend_for(tensor): any op
+        return explain_backend("nm_linear", op_or_tensor)[0]
+    return explain_backend(op_or_tensor, t)[0]
+
+
+def _compiled(op: str, t: torch.Tensor) -> bool:
+    return backend_for(op, t) in ("cpp", "cuda")
+
+
+# ------------------------------------------------------------------ argument checks
+def _check_x(op: str, x, in_features: int, dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: x must be a floating tensor, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"{op}: x.shape[-1] ({x.shape[-1] if x.dim() else 'scalar'}) must equal in_features "
+                         f"({in_features})")
+    if x.dtype != dtype:
+        raise TypeError(f"{op}: x dtype ({x.dtype}) must match the weight dtype ({dtype}); convert one of them")
+    if x.device != device:
+        raise ValueError(f"{op}: x is on {x.device} but the weight is on {device}")
+
+
+def _check_bias(op: str, bias, out_features: int, x: torch.Tensor) -> None:
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor) or bias.shape != (out_features,):
+        raise ValueError(f"{op}: bias must have shape ({out_features},), got "
+                         f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    if bias.dtype != x.dtype:
+        raise TypeError(f"{op}: bias dtype ({bias.dtype}) must match x dtype ({x.dtype})")
+    if bias.device != x.device:
+        raise ValueError(f"{op}: bias is on {bias.device} but x is on {x.device}")
+
+
+def _check_format(op: str, weight, cls) -> None:
+    if not isinstance(weight, cls):
+        raise TypeError(f"{op}: weight must be a sparsekern.formats.{cls.__name__}, got {type(weight).__name__}")
+
+
+# --------------------------------------------------------------------- linear ops
+def nm_linear(x: torch.Tensor, weight: NMWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias with W in N:M format.
+
+    x [..., in] (float32/bfloat16/float16, the weight's dtype), weight NMWeight of shape
+    [out, in], bias [out] or None -> y [..., out] in x's dtype, fp32 accumulation.
+    """
+    _check_format("nm_linear", weight, NMWeight)
+    _check_x("nm_linear", x, weight.in_features, weight.dtype, weight.device)
+    _check_bias("nm_linear", bias, weight.shape[0], x)
+    args = (x, weight.values, weight.indices, weight.n, weight.m, weight.in_features, bias)
+    if _compiled("nm_linear", x):
+        return torch.ops.sparsekern.nm_linear(*args)
+    return reference.nm_linear(*args)
+
+
+def bitmask_linear(x: torch.Tensor, weight: BitmaskWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias with W in the tiled bitmask format (unstructured sparsity).
+    Shapes and dtypes as nm_linear."""
+    _check_format("bitmask_linear", weight, BitmaskWeight)
+    _check_x("bitmask_linear", x, weight.in_features, weight.dtype, weight.device)
+    _check_bias("bitmask_linear", bias, weight.shape[0], x)
+    args = (x, weight.values, weight.bitmask, weight.offsets, weight.in_features, bias)
+    if _compiled("bitmask_linear", x):
+        return torch.ops.sparsekern.bitmask_linear(*args)
+    return reference.bitmask_linear(*args)
+
+
+def block_linear(x: torch.Tensor, weight: BlockWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias with W in block (BSR) format. Shapes and dtypes as nm_linear."""
+    _check_format("block_linear", weight, BlockWeight)
+    _check_x("block_linear", x, weight.in_features, weight.dtype, weight.device)
+    _check_bias("block_linear", bias, weight.shape[0], x)
+    args = (x, weight.crow_indices, weight.col_indices, weight.values, weight.in_features, bias)
+    if _compiled("block_linear", x):
+        return torch.ops.sparsekern.block_linear(*args)
+    return reference.block_linear(*args)
+
+
+_LINEAR_BY_FORMAT = {NMWeight: nm_linear, BitmaskWeight: bitmask_linear, BlockWeight: block_linear}
+
+
+def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T + bias for any sparsekern format: picks nm/bitmask/block_linear by type."""
+    fn = _LINEAR_BY_FORMAT.get(type(weight))
+    if fn is None:
+        raise TypeError(f"sparse_linear: weight must be NMWeight, BitmaskWeight or BlockWeight, got "
+                        f"{type(weight).__name__}")
+    return fn(x, weight, bias)
+
+
+def masked_linear(x: torch.Tensor, weight: torch.Tensor, bitmask: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ (W*M)^T + bias without materialising W*M (the training-time op).
+
+    weight [out, in] dense, bitmask int64 [out, ceil(in/64)] (reference.pack_bitmask of
+    a bool mask). Differentiable in x, weight (gradient masked) and bias.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError("masked_linear: weight must be a 2-D tensor [out, in]")
+    _check_x("masked_linear", x, weight.shape[1], weight.dtype, weight.device)
+    _check_bitmask("masked_linear", bitmask, weight)
+    _check_bias("masked_linear", bias, weight.shape[0], x)
+    if _compiled("masked_linear", x):
+        return torch.ops.sparsekern.masked_linear(x, weight, bitmask, bias)
+    return reference.masked_linear(x, weight, bitmask, bias)
+
+
+def masked_linear_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """grad_out [..., out] @ (W*M) -> [..., in]: masked_linear's input gradient."""
+    _check_x("masked_linear_grad_input", grad_out, weight.shape[0], weight.dtype, weight.device)
+    _check_bitmask("masked_linear_grad_input", bitmask, weight)
+    if _compiled("masked_linear_grad_input", grad_out):
+        return torch.ops.sparsekern.masked_linear_grad_input(grad_out, weight, bitmask)
+    return reference.masked_linear_grad_input(grad_out, weight, bitmask)
+
+
+def _check_bitmask(op: str, bitmask, weight: torch.Tensor) -> None:
+    words = math.ceil(weight.shape[1] / 64)
+    if not isinstance(bitmask, torch.Tensor) or bitmask.dtype != torch.int64:
+        raise TypeError(f"{op}: bitmask must be an int64 tensor (sparsekern.reference.pack_bitmask(mask))")
+    if tuple(bitmask.shape) != (weight.shape[0], words):
+        raise ValueError(f"{op}: bitmask must have shape ({weight.shape[0]}, {words}), got {tuple(bitmask.shape)}")
+    if bitmask.device != weight.device:
+        raise ValueError(f"{op}: bitmask is on {bitmask.device} but weight is on {weight.device}")
+
+
+# ------------------------------------------------------- compress / decompress ops
+def nm_compress(weight: torch.Tensor, mask: torch.Tensor | None, n: int, m: int):
+    """weight [out, in] -> (values [out, in*n/m], indices uint8); see formats.NMWeight."""
+    if _compiled("nm_compress", weight):
+        return torch.ops.sparsekern.nm_compress(weight, mask, n, m)
+    return reference.nm_compress(weight, mask, n, m)
+
+
+def nm_decompress(values, indices, n: int, m: int, in_features: int) -> torch.Tensor:
+    if _compiled("nm_decompress", values):
+        return torch.ops.sparsekern.nm_decompress(values, indices, n, m, in_features)
+    return reference.nm_decompress(values, indices, n, m, in_features)
+
+
+def bitmask_compress(weight: torch.Tensor, mask: torch.Tensor | None):
+    """weight [out, in] -> (values [nnz], bitmask int64, offsets int32); see formats."""
+    if _compiled("bitmask_compress", weight):
+        return torch.ops.sparsekern.bitmask_compress(weight, mask)
+    return reference.bitmask_compress(weight, mask)
+
+
+def bitmask_decompress(values, bitmask, offsets, in_features: int) -> torch.Tensor:
+    if _compiled("bitmask_decompress", values):
+        return torch.ops.sparsekern.bitmask_decompress(values, bitmask, offsets, in_features)
+    return reference.bitmask_decompress(values, bitmask, offsets, in_features)
+
+
+def block_compress(weight: torch.Tensor, mask: torch.Tensor | None, block_rows: int, block_cols: int):
+    """weight [out, in] -> (crow_indices, col_indices, values [nnzb, bh, bw]) (BSR)."""
+    if _compiled("block_compress", weight):
+        return torch.ops.sparsekern.block_compress(weight, mask, block_rows, block_cols)
+    return reference.block_compress(weight, mask, block_rows, block_cols)
+
+
+def block_decompress(crow_indices, col_indices, values, in_features: int) -> torch.Tensor:
+    if _compiled("block_decompress", values):
+        return torch.ops.sparsekern.block_decompress(crow_indices, col_indices, values, in_features)
+    return reference.block_decompress(crow_indices, col_indices, values, in_features)
+
+
+# ------------------------------------------------ fake kernels and autograd (compiled)
+def _out_shape(x: torch.Tensor, out_features) -> list:
+    return list(x.shape[:-1]) + [out_features]
+
+
+def _register() -> None:
+    lib = "sparsekern::"
+    rf = torch.library.register_fake
+
+    @rf(lib + "nm_linear")
+    def _(x, values, indices, n, m, in_features, bias):
+        torch._check(x.shape[-1] == in_features, lambda: "nm_linear: x.shape[-1] must equal in_features")
+        torch._check(values.dtype == x.dtype, lambda: "nm_linear: values dtype must match x dtype")
+        return x.new_empty(_out_shape(x, values.shape[0]))
+
+    @rf(lib + "nm_compress")
+    def _(weight, mask, n, m):
+        out, k = weight.shape
+        kept = k // m * n
+        return (weight.new_empty((out, kept)),
+                weight.new_empty((out, math.ceil(kept * reference.nm_index_bits(m) / 8)), dtype=torch.uint8))
+
+    @rf(lib + "nm_decompress")
+    def _(values, indices, n, m, in_features):
+        return values.new_empty((values.shape[0], in_features))
+
+    @rf(lib + "bitmask_linear")
+    def _(x, values, bitmask, offsets, in_features, bias):
+        torch._check(x.shape[-1] == in_features, lambda: "bitmask_linear: x.shape[-1] must equal in_features")
+        return x.new_empty(_out_shape(x, bitmask.shape[0]))
+
+    @rf(lib + "bitmask_compress")
+    def _(weight, mask):
+        out, k = weight.shape
+        nnz = torch.library.get_ctx().new_dynamic_size()
+        return (weight.new_empty((nnz,)), weight.new_empty((out, math.ceil(k / 64)), dtype=torch.int64),
+                weight.new_empty((out, math.ceil(k / reference.BITMASK_TILE_COLS)), dtype=torch.int32))
+
+    @rf(lib + "bitmask_decompress")
+    def _(values, bitmask, offsets, in_features):
+        return values.new_empty((bitmask.shape[0], in_features))
+
+    @rf(lib + "block_linear")
+    def _(x, crow_indices, col_indices, values, in_features, bias):
+        torch._check(x.shape[-1] == in_features, lambda: "block_linear: x.shape[-1] must equal in_features")
+        return x.new_empty(_out_shape(x, (crow_indices.shape[0] - 1) * values.shape[1]))
+
+    @rf(lib + "block_compress")
+    def _(weight, mask, block_rows, block_cols):
+        out, k = weight.shape
+        nnzb = torch.library.get_ctx().new_dynamic_size()
+        return (weight.new_empty((out // block_rows + 1,), dtype=torch.int64),
+                weight.new_empty((nnzb,), dtype=torch.int64), weight.new_empty((nnzb, block_rows, block_cols)))
+
+    @rf(lib + "block_decompress")
+    def _(crow_indices, col_indices, values, in_features):
+        return values.new_empty(((crow_indices.shape[0] - 1) * values.shape[1], in_features))
+
+    @rf(lib + "masked_linear")
+    def _(x, weight, bitmask, bias):
+        torch._check(x.shape[-1] == weight.shape[1], lambda: "masked_linear: x.shape[-1] must equal in_features")
+        return x.new_empty(_out_shape(x, weight.shape[0]))
+
+    @rf(lib + "masked_linear_grad_input")
+    def _(grad_out, weight, bitmask):
+        return grad_out.new_empty(_out_shape(grad_out, weight.shape[1]))
+
+    # ---- autograd: gradients for x and bias through the dense view of the weight;
+    # compressed values are not trainable (masked_linear is the training op).
+    def _grad_bias(ctx, grad):
+        return grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[-1] else None
+
+    def _no_value_grad(op, ctx, value_slots):
+        if any(ctx.needs_input_grad[i] for i in value_slots):
+            raise RuntimeError(f"{op}: gradients for the compressed weight are not supported; train with the dense "
+                               "weight and a mask (ops.masked_linear, or a sparse module in training mode)")
+
+    def _sparse_setup(ctx, inputs, output):
+        ctx.inputs = inputs[1:-1]  # the format tensors and ints (no activations needed)
+
+    def _make_backward(op, decompress, value_slots):
+        def backward(ctx, grad):
+            _no_value_grad(op, ctx, value_slots)
+            gx = grad @ decompress(*ctx.inputs).to(grad.dtype) if ctx.needs_input_grad[0] else None
+            return (gx,) + (None,) * (len(ctx.needs_input_grad) - 2) + (_grad_bias(ctx, grad),)
+        return backward
+
+    torch.library.register_autograd(
+        lib + "nm_linear", _make_backward("nm_linear", nm_decompress, (1,)), setup_context=_sparse_setup)
+    torch.library.register_autograd(
+        lib + "bitmask_linear", _make_backward("bitmask_linear", bitmask_decompress, (1,)),
+        setup_context=_sparse_setup)
+    torch.library.register_autograd(
+        lib + "block_linear",
+        _make_backward("block_linear", lambda crow, col, vals, k: block_decompress(crow, col, vals, k), (3,)),
+        setup_context=_sparse_setup)
+
+    def _masked_setup(ctx, inputs, output):
+        x, weight, bitmask, _ = inputs
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, bitmask)
+
+    def _masked_backward(ctx, grad):
+        x, weight, bitmask = ctx.saved_tensors
+        gx = masked_linear_grad_input(grad, weight, bitmask) if ctx.needs_input_grad[0] else None
+        gw = None
+        if ctx.needs_input_grad[1]:
+            g2 = grad.reshape(-1, grad.shape[-1])
+            x2 = x.reshape(-1, x.shape[-1])
+            gw = (g2.t() @ x2) * reference.unpack_bitmask(bitmask, weight.shape[1]).to(grad.dtype)
+        return gx, gw, None, _grad_bias(ctx, grad)
+
+    torch.library.register_autograd(lib + "masked_linear", _masked_backward, setup_context=_masked_setup)
+
+
+if _extension.LOADED:
+    _register()

@@ -1,0 +1,160 @@
+"""Pure-torch references for every sparsekern op.
+
+One module serves three roles: the fallback when a compiled kernel cannot run, the
+oracle the tests compare against (call with float64 tensors for an fp64 reference),
+and the baseline the benchmarks time. Each function has the same name, arguments and
+results as its op in `torch.ops.sparsekern` (schemas in csrc/sparsekern.cpp), and the
+same tensor layouts, documented in sparsekern/formats.py.
+
+Everything here is plain differentiable torch and runs on any device and dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+BITMASK_TILE_COLS = 512  # columns per bitmask offset (csrc/common.h: kBitmaskTileCols)
+
+
+# ---------------------------------------------------------------------------- helpers
+def nm_index_bits(m: int) -> int:
+    """Bits per packed in-group index: 2 for M=4, 4 for M=8 and M=16."""
+    return 2 if m == 4 else 4
+
+
+def pack_bits(fields: torch.Tensor, bits: int) -> torch.Tensor:
+    """[rows, k] small ints (< 2**bits) -> uint8 [rows, ceil(k*bits/8)], little-endian
+    within each byte: field s sits at bit (s*bits) % 8 of byte (s*bits) // 8."""
+    rows, k = fields.shape
+    per = 8 // bits
+    pad = (-k) % per
+    f = torch.nn.functional.pad(fields.to(torch.int32), (0, pad)).view(rows, -1, per)
+    shifts = torch.arange(per, device=fields.device, dtype=torch.int32) * bits
+    return (f << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of pack_bits: uint8 [rows, bytes] -> int64 [rows, k]."""
+    per = 8 // bits
+    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
+    f = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return f.reshape(packed.shape[0], -1)[:, :k].to(torch.int64)
+
+
+def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
+    """bool [out, in] -> int64 [out, ceil(in/64)]; bit j of word w is column 64*w + j."""
+    rows, k = mask.shape
+    pad = (-k) % 64
+    bits = torch.nn.functional.pad(mask.to(torch.int64), (0, pad)).view(rows, -1, 64)
+    shifts = torch.arange(64, device=mask.device, dtype=torch.int64)
+    # Two's complement wrap-around makes bit 63 come out as the sign bit, as intended.
+    return (bits << shifts).sum(-1)
+
+
+def unpack_bitmask(words: torch.Tensor, in_features: int) -> torch.Tensor:
+    """int64 [out, ceil(in/64)] -> bool [out, in]."""
+    shifts = torch.arange(64, device=words.device, dtype=torch.int64)
+    bits = (words.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(words.shape[0], -1)[:, :in_features].bool()
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+# ----------------------------------------------------------------------------- N:M
+def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The N:M mask keeping the n largest |w| of each group of m along the input
+    dimension; ties go to the lower column."""
+    out, k = weight.shape
+    g = weight.abs().reshape(out, k // m, m)
+    order = torch.sort(g, dim=-1, descending=True, stable=True).indices[..., :n]
+    mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, order, True)
+    return mask.reshape(out, k)
+
+
+def nm_compress(weight: torch.Tensor, mask: torch.Tensor | None, n: int, m: int):
+    out, k = weight.shape
+    if mask is None:
+        mask = nm_mask(weight, n, m)
+    g = mask.reshape(out, k // m, m)
+    if bool((g.sum(-1) > n).any()):
+        raise ValueError(f"nm_compress: mask is not {n}:{m} (some group keeps more than {n} of {m})")
+    # Kept positions first, in column order, then unused ones (padding, stored as 0).
+    first = torch.sort((~g).to(torch.uint8), dim=-1, stable=True).indices[..., :n]
+    order = torch.sort(first, dim=-1).values
+    vals = weight.reshape(out, k // m, m).gather(-1, order) * g.gather(-1, order)
+    values = vals.reshape(out, -1).to(weight.dtype)
+    indices = pack_bits(order.reshape(out, -1), nm_index_bits(m))
+    return values, indices
+
+
+def nm_decompress(values: torch.Tensor, indices: torch.Tensor, n: int, m: int, in_features: int) -> torch.Tensor:
+    out, kept = values.shape
+    idx = unpack_bits(indices, nm_index_bits(m), kept).reshape(out, -1, n)
+    dense = torch.zeros(out, in_features // m, m, dtype=values.dtype, device=values.device)
+    dense.scatter_(-1, idx, values.reshape(out, -1, n))
+    return dense.reshape(out, in_features)
+
+
+def nm_linear(x, values, indices, n: int, m: int, in_features: int, bias=None):
+    return _linear(x, nm_decompress(values, indices, n, m, in_features), bias)
+
+
+# ------------------------------------------------------------------------- bitmask
+def bitmask_compress(weight: torch.Tensor, mask: torch.Tensor | None):
+    out, k = weight.shape
+    keep = weight != 0 if mask is None else mask
+    values = weight[keep]  # row-major order: row, then column
+    tiles = -(-k // BITMASK_TILE_COLS)
+    pad = tiles * BITMASK_TILE_COLS - k
+    counts = torch.nn.functional.pad(keep.to(torch.int64), (0, pad)).view(out, tiles, -1).sum(-1).reshape(-1)
+    offsets = (torch.cumsum(counts, 0) - counts).view(out, tiles).to(torch.int32)
+    return values, pack_bitmask(keep), offsets
+
+
+def bitmask_decompress(values, bitmask, offsets, in_features: int) -> torch.Tensor:
+    keep = unpack_bitmask(bitmask, in_features)
+    dense = torch.zeros(keep.shape, dtype=values.dtype, device=values.device)
+    dense[keep] = values
+    return dense
+
+
+def bitmask_linear(x, values, bitmask, offsets, in_features: int, bias=None):
+    return _linear(x, bitmask_decompress(values, bitmask, offsets, in_features), bias)
+
+
+# --------------------------------------------------------------------------- block
+def block_compress(weight: torch.Tensor, mask: torch.Tensor | None, block_rows: int, block_cols: int):
+    out, k = weight.shape
+    nbr, nbc = out // block_rows, k // block_cols
+    keep = weight != 0 if mask is None else mask
+    w = weight if mask is None else weight.masked_fill(~mask, 0)
+    block_keep = keep.reshape(nbr, block_rows, nbc, block_cols).any(3).any(1)
+    crow = torch.zeros(nbr + 1, dtype=torch.int64, device=weight.device)
+    crow[1:] = block_keep.sum(1).cumsum(0)
+    nz = block_keep.nonzero()
+    blocks = w.reshape(nbr, block_rows, nbc, block_cols).permute(0, 2, 1, 3)
+    return crow, nz[:, 1].contiguous(), blocks[nz[:, 0], nz[:, 1]].contiguous()
+
+
+def block_decompress(crow_indices, col_indices, values, in_features: int) -> torch.Tensor:
+    nbr = crow_indices.numel() - 1
+    _, bh, bw = values.shape
+    rows = torch.repeat_interleave(torch.arange(nbr, device=values.device), crow_indices.diff())
+    dense = torch.zeros(nbr, in_features // bw, bh, bw, dtype=values.dtype, device=values.device)
+    dense[rows, col_indices] = values
+    return dense.permute(0, 2, 1, 3).reshape(nbr * bh, in_features)
+
+
+def block_linear(x, crow_indices, col_indices, values, in_features: int, bias=None):
+    return _linear(x, block_decompress(crow_indices, col_indices, values, in_features), bias)
+
+
+# -------------------------------------------------------------------------- masked
+def masked_linear(x, weight, bitmask, bias=None):
+    return _linear(x, weight * unpack_bitmask(bitmask, weight.shape[1]).to(weight.dtype), bias)
+
+
+def masked_linear_grad_input(grad_out, weight, bitmask):
+    wm = weight * unpack_bitmask(bitmask, weight.shape[1]).to(weight.dtype)
+    return grad_out @ wm.to(grad_out.dtype)
