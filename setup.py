@@ -5,6 +5,7 @@ needed to compile), otherwise a C++-only one. Environment:
 
   SPARSEKERN_CUDA_ARCHS  targets, ';'-separated (default "80;90a": sm_80 and sm_90a)
   SPARSEKERN_FORCE_CPU=1 skip CUDA even when it is available
+  SPARSEKERN_REQUIRE_CUDA=1 fail unless the CUDA code is compiled (CI)
   CUDA_HOME / CUDA_PATH  the toolkit root (found from nvcc when unset, wrapper scripts too)
   MAX_JOBS               parallel compile jobs (ninja)
 
@@ -80,6 +81,9 @@ import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 WITH_CUDA = CUDA_HOME is not None and torch.version.cuda is not None
+if os.environ.get("SPARSEKERN_REQUIRE_CUDA", "0") not in ("", "0") and not WITH_CUDA:
+    sys.exit(f"setup.py: SPARSEKERN_REQUIRE_CUDA=1 but CUDA cannot be built (toolkit: {CUDA_HOME}, "
+             f"torch CUDA: {torch.version.cuda}, SPARSEKERN_FORCE_CPU={int(FORCE_CPU)})")
 ARCHS = os.environ.get("SPARSEKERN_CUDA_ARCHS", "80;90a")
 
 cpu_sources = ["csrc/sparsekern.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))

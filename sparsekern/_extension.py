@@ -19,10 +19,9 @@ BUILD_INFO: dict = {}
 
 def _load() -> None:
     global LOADED, LOAD_ERROR, BUILD_INFO
-    if os.environ.get("SPARSEKERN_DISABLE_EXTENSION", "0") not in ("", "0"):
-        LOAD_ERROR = "disabled by SPARSEKERN_DISABLE_EXTENSION"
-        return
     try:
+        if os.environ.get("SPARSEKERN_DISABLE_EXTENSION", "0") not in ("", "0"):
+            raise ImportError("disabled by SPARSEKERN_DISABLE_EXTENSION=1")
         from sparsekern import _C  # noqa: F401  (registers torch.ops.sparsekern.*)
 
         info = json.loads(torch.ops.sparsekern.build_info())

@@ -93,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_compress_cpu(const at::Tens
   auto crow = at::zeros({nbr + 1}, weight.options().dtype(at::kLong));
   crow.narrow(0, 1, nbr).copy_(block_keep.sum(1).cumsum(0));
   auto nz = block_keep.nonzero();  // row-major order: (block row, block col)
-  auto col = nz.select(1, 1).contiguous();
+  auto col = nz.select(1, 1).clone(at::MemoryFormat::Contiguous);  // own storage, offset 0
   auto blocks = w.reshape({nbr, block_rows, nbc, block_cols}).permute({0, 2, 1, 3});  // [nbr, nbc, bh, bw]
   auto values = blocks.index({nz.select(1, 0), nz.select(1, 1)}).contiguous();
   return {crow, col, values};

@@ -106,6 +106,7 @@ std::tuple<at::Tensor, at::Tensor> nm_compress_cpu(const at::Tensor& weight, con
             // Fewer than n kept: pad with the first unused positions, stored as zeros.
             for (int j = 0; j < m && cnt < n; ++j)
               if (!taken[j]) { sel[cnt++] = j; taken[j] = true; }
+            std::sort(sel, sel + n);  // slots hold a group's elements in column order
           } else {
             // n largest |w|; ties go to the lower column, so the choice is deterministic.
             for (; cnt < n; ++cnt) {

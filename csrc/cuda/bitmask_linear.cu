@@ -55,7 +55,7 @@ at::Tensor bitmask_linear_cuda(const at::Tensor& x, const at::Tensor& values, co
   if (B > 0 && O > 0) {
     SPARSEKERN_CUDA_DISPATCH(x2.scalar_type(), "bitmask_linear", [&] {
       bitmask_linear_kernel<scalar_t><<<warp_per_output_grid(O, B), kWarpsPerBlock * 32, 0,
-                                        at::cuda::getCurrentCUDAStream()>>>(
+                                        c10::cuda::getCurrentCUDAStream()>>>(
           x2.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), bm.data_ptr<int64_t>(), off.data_ptr<int32_t>(),
           bc.defined() ? bc.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), B, O, K, bm.size(1),
           off.size(1));

@@ -64,7 +64,7 @@ at::Tensor masked_linear_cuda(const at::Tensor& x, const at::Tensor& weight, con
   if (B > 0 && O > 0) {
     SPARSEKERN_CUDA_DISPATCH(x2.scalar_type(), "masked_linear", [&] {
       masked_linear_kernel<scalar_t><<<warp_per_output_grid(O, B), kWarpsPerBlock * 32, 0,
-                                       at::cuda::getCurrentCUDAStream()>>>(
+                                       c10::cuda::getCurrentCUDAStream()>>>(
           x2.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), bm.data_ptr<int64_t>(),
           bc.defined() ? bc.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), B, O, K, bm.size(1));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -88,7 +88,7 @@ at::Tensor masked_linear_grad_input_cuda(const at::Tensor& grad_out, const at::T
     const int64_t blocks = (B * K + threads - 1) / threads;
     SPARSEKERN_CUDA_DISPATCH(g2.scalar_type(), "masked_linear_grad_input", [&] {
       masked_linear_grad_input_kernel<scalar_t><<<static_cast<unsigned>(blocks), threads, 0,
-                                                  at::cuda::getCurrentCUDAStream()>>>(
+                                                  c10::cuda::getCurrentCUDAStream()>>>(
           g2.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), bm.data_ptr<int64_t>(), gx.data_ptr<scalar_t>(), B, O,
           K, bm.size(1));
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -49,7 +49,7 @@ at::Tensor nm_linear_cuda(const at::Tensor& x, const at::Tensor& values, const a
   if (B > 0 && O > 0) {
     SPARSEKERN_CUDA_DISPATCH(x2.scalar_type(), "nm_linear", [&] {
       nm_linear_kernel<scalar_t><<<warp_per_output_grid(O, B), kWarpsPerBlock * 32, 0,
-                                   at::cuda::getCurrentCUDAStream()>>>(
+                                   c10::cuda::getCurrentCUDAStream()>>>(
           x2.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), ix.data_ptr<uint8_t>(),
           bc.defined() ? bc.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), B, O, K, kept, ix.size(1),
           static_cast<int>(n), static_cast<int>(m), nm_index_bits(m));
