@@ -42,11 +42,15 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
     });
   } else {
     out = at::empty({B, O}, x2.options());
-    const int64_t BP = lanes_for_batch(B);
-    auto xin = BP ? x_lanes(x2, BP) : x2;
-    NmRowsArgs a{vals.data_ptr(), idx.data_ptr<uint8_t>(), vals.scalar_type(), kept, idx.size(1), n, m, K, O,
-                 xin.data_ptr<float>(), B, BP, out.data_ptr<float>()};
     const bool avx2 = cpu_has_avx2();
+    // The AVX2 2:4 kernel reads row-major x for batches up to kNm24MaxBatch.
+    const int64_t BP = (avx2 && n == 2 && m == 4 && B <= kNm24MaxBatch) ? 0 : lanes_for_batch(B);
+    auto xin = BP ? x_lanes(x2, BP) : x2;
+    // Slot s of every row belongs to the group starting at column (s / n) * m; 8 spare
+    // entries let the vector loops read a full register at the end of a row.
+    auto slot_base = at::div(at::arange(kept + 8, idx.options().dtype(at::kInt)), n, "floor").mul_(m);
+    NmRowsArgs a{vals.data_ptr(), idx.data_ptr<uint8_t>(), slot_base.data_ptr<int32_t>(), vals.scalar_type(), kept, idx.size(1), n, m, K, O,
+                 xin.data_ptr<float>(), B, BP, out.data_ptr<float>()};
     parallel_rows(O, 16, [&](int64_t r0, int64_t r1) {
       if (avx2) avx2::nm_rows(a, r0, r1);
       else generic::nm_rows(a, r0, r1);

@@ -19,11 +19,13 @@ namespace cpu {
 //   xT : [K, BP], BP = 8 or 16 lanes holding batch rows, unused lanes zero
 //        (the "broadcast" kernels: one weight value times a whole batch vector).
 constexpr int64_t kRowMajorMaxBatch = 4;
-constexpr int64_t kDirectMaxBatch = 16;  // above this the op files decompress tiles + GEMM
+constexpr int64_t kDirectMaxBatch = 16;
+constexpr int64_t kNm24MaxBatch = 16;    // the AVX2 2:4 kernels read row-major x up to here  // above this the op files decompress tiles + GEMM
 
 struct NmRowsArgs {
   const void* values;       // [O, kept] in `dtype`
   const uint8_t* indices;   // [O, idx_row_bytes], packed in-group indices
+  const int32_t* slot_base; // [kept + 8]: (s / n) * m, slot s's group start column (same for all rows)
   c10::ScalarType dtype;
   int64_t kept, idx_row_bytes, n, m, K, O;
   const float* x;           // row-major [B, K] or xT [K, BP]

@@ -149,8 +149,73 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// 2:4 with several batch rows: expand each 8-slot chunk once into the dense weights of
+// its 16 columns (two registers, zeros in the pruned lanes), then every batch row costs
+// two loads and two FMAs with no shuffles; the shuffle port is what limits the permute
+// kernel above once B > 1. Twice the multiply-adds, but FMAs have two ports to spare.
+struct Expand24 {
+  alignas(32) int32_t lo[256][8];    // lane of the compressed 8 (0..3) feeding column j of the first 8
+  alignas(32) int32_t hi[256][8];    // same for the second 8 columns (lanes 4..7)
+  alignas(32) int32_t keep[256][8];  // -1 where column j holds a kept value, else 0
+  Expand24() {
+    for (int byte = 0; byte < 256; ++byte) {
+      for (int j = 0; j < 8; ++j) { lo[byte][j] = 0; hi[byte][j] = 4; keep[byte][j] = 0; }
+      for (int t = 0; t < 4; ++t) {
+        const int col = (t / 2) * 4 + ((byte >> (2 * t)) & 3);
+        lo[byte][col] = t;
+        hi[byte][col] = t + 4;
+        keep[byte][col] = -1;
+      }
+    }
+  }
+};
+const Expand24& expand24() {
+  static const Expand24 lut;
+  return lut;
+}
+
+template <typename VT, int B>
+void nm24_rows_expand_avx2(const NmRowsArgs& a, int64_t r0, int64_t r1) {
+  const Expand24& e = expand24();
+  const int64_t chunks = a.kept / 8;
+  alignas(64) int32_t cols[8];
+  alignas(64) float w[8];
+  for (int64_t r = r0; r < r1; ++r) {
+    const VT* v = static_cast<const VT*>(a.values) + r * a.kept;
+    const uint8_t* ix = a.indices + r * a.idx_row_bytes;
+    __m256 acc[B];
+    for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const uint8_t b0 = ix[2 * c], b1 = ix[2 * c + 1];
+      const __m256 w8 = load8(v + 8 * c);
+      const __m256 wlo = _mm256_and_ps(
+          _mm256_permutevar8x32_ps(w8, _mm256_load_si256(reinterpret_cast<const __m256i*>(e.lo[b0]))),
+          _mm256_load_ps(reinterpret_cast<const float*>(e.keep[b0])));
+      const __m256 whi = _mm256_and_ps(
+          _mm256_permutevar8x32_ps(w8, _mm256_load_si256(reinterpret_cast<const __m256i*>(e.hi[b1]))),
+          _mm256_load_ps(reinterpret_cast<const float*>(e.keep[b1])));
+      for (int b = 0; b < B; ++b) {
+        const float* xb = a.x + b * a.K + 16 * c;
+        acc[b] = _mm256_fmadd_ps(wlo, _mm256_loadu_ps(xb), acc[b]);
+        acc[b] = _mm256_fmadd_ps(whi, _mm256_loadu_ps(xb + 8), acc[b]);
+      }
+    }
+    float tail[B] = {};
+    for (int64_t s0 = 8 * chunks; s0 < a.kept; s0 += 8) {
+      const int cnt = static_cast<int>(a.kept - s0 < 8 ? a.kept - s0 : 8);
+      nm_decode(v, ix, s0, cnt, 2, 4, 2, cols, w);
+      for (int j = 0; j < cnt; ++j)
+        for (int b = 0; b < B; ++b) tail[b] += w[j] * a.x[b * a.K + cols[j]];
+    }
+    for (int b = 0; b < B; ++b) a.out[b * a.O + r] = hsum8(acc[b]) + tail[b];
+  }
+}
+
 template <typename VT, int B>
 void nm24_rows_avx2(const NmRowsArgs& a, int64_t r0, int64_t r1) {
+  // Two accumulator chains per batch row up to B = 4; above that the B rows' chains are
+  // independent enough on their own and 16 accumulators would not fit the registers.
+  constexpr int kChains = B <= 4 ? 2 : 1;
   const Lut24& lut = lut24();
   const int64_t chunks = a.kept / 8;  // full 8-slot chunks; the rest goes the scalar way
   alignas(64) int32_t cols[8];
@@ -158,8 +223,9 @@ void nm24_rows_avx2(const NmRowsArgs& a, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const VT* v = static_cast<const VT*>(a.values) + r * a.kept;
     const uint8_t* ix = a.indices + r * a.idx_row_bytes;
-    __m256 acc0[B], acc1[B];
-    for (int b = 0; b < B; ++b) acc0[b] = acc1[b] = _mm256_setzero_ps();
+    __m256 acc[kChains][B];
+    for (int u = 0; u < kChains; ++u)
+      for (int b = 0; b < B; ++b) acc[u][b] = _mm256_setzero_ps();
     int64_t c = 0;
     for (; c + 2 <= chunks; c += 2) {
       const __m256i p0 = _mm256_set_m128i(_mm_load_si128(reinterpret_cast<const __m128i*>(lut.lanes[ix[2 * c + 1]])),
@@ -173,36 +239,220 @@ void nm24_rows_avx2(const NmRowsArgs& a, int64_t r0, int64_t r1) {
                                           _mm256_permutevar8x32_ps(_mm256_loadu_ps(xb + 8), p0), 0xF0);
         const __m256 s1 = _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xb + 16), p1),
                                           _mm256_permutevar8x32_ps(_mm256_loadu_ps(xb + 24), p1), 0xF0);
-        acc0[b] = _mm256_fmadd_ps(w0, s0, acc0[b]);
-        acc1[b] = _mm256_fmadd_ps(w1, s1, acc1[b]);
+        acc[0][b] = _mm256_fmadd_ps(w0, s0, acc[0][b]);
+        acc[kChains - 1][b] = _mm256_fmadd_ps(w1, s1, acc[kChains - 1][b]);
       }
     }
     float tail[B] = {};
     for (int64_t s0 = 8 * c; s0 < a.kept; s0 += 8) {
-      const int cnt = static_cast<int>((a.kept - s0 < 8 ? a.kept - s0 : 8));
+      const int cnt = static_cast<int>(a.kept - s0 < 8 ? a.kept - s0 : 8);
       nm_decode(v, ix, s0, cnt, 2, 4, 2, cols, w);
       for (int j = 0; j < cnt; ++j)
         for (int b = 0; b < B; ++b) tail[b] += w[j] * a.x[b * a.K + cols[j]];
     }
-    for (int b = 0; b < B; ++b) a.out[b * a.O + r] = hsum8(_mm256_add_ps(acc0[b], acc1[b])) + tail[b];
+    for (int b = 0; b < B; ++b) {
+      const __m256 t = kChains == 2 ? _mm256_add_ps(acc[0][b], acc[kChains - 1][b]) : acc[0][b];
+      a.out[b * a.O + r] = hsum8(t) + tail[b];
+    }
+  }
+}
+#endif
+
+#ifdef SK_AVX2
+// ---- AVX2 kernels for every pattern ------------------------------------------------
+// Broadcast kernel (B = 5..16): one weight times a BP-lane column of xT, with four
+// independent accumulator chains (FMA latency is 4-5 cycles, throughput 2 per cycle).
+template <int BP, typename VT>
+inline void bcast_chunk_avx2(const int32_t* cols, const VT* w, int cnt, const float* xT, __m256 (&acc)[4][BP / 8]) {
+  int j = 0;
+  for (; j + 4 <= cnt; j += 4) {
+    for (int u = 0; u < 4; ++u) {
+      const __m256 wv = _mm256_set1_ps(to_f32(w[j + u]));
+      const float* xr = xT + static_cast<int64_t>(cols[j + u]) * BP;
+      for (int h = 0; h < BP / 8; ++h) acc[u][h] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xr + 8 * h), acc[u][h]);
+    }
+  }
+  for (; j < cnt; ++j) {
+    const __m256 wv = _mm256_set1_ps(to_f32(w[j]));
+    const float* xr = xT + static_cast<int64_t>(cols[j]) * BP;
+    for (int h = 0; h < BP / 8; ++h) acc[0][h] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xr + 8 * h), acc[0][h]);
+  }
+}
+
+template <int BP>
+inline void bcast_store(__m256 (&acc)[4][BP / 8], int64_t B, float* out, int64_t O, int64_t r) {
+  alignas(32) float tmp[BP];
+  for (int h = 0; h < BP / 8; ++h)
+    _mm256_store_ps(tmp + 8 * h, _mm256_add_ps(_mm256_add_ps(acc[0][h], acc[1][h]), _mm256_add_ps(acc[2][h], acc[3][h])));
+  for (int64_t b = 0; b < B; ++b) out[b * O + r] = tmp[b];
+}
+
+// Gather kernel (B <= 4): eight kept values at once, their columns gathered from x.
+template <int B, typename VT>
+inline void gather_chunk_avx2(const int32_t* cols, const VT* w, int cnt, const float* x, int64_t K,
+                              __m256 (&acc)[B], float (&tail)[B]) {
+  int j = 0;
+  for (; j + 8 <= cnt; j += 8) {
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + j));
+    const __m256 wv = load8(w + j);
+    for (int b = 0; b < B; ++b) acc[b] = _mm256_fmadd_ps(wv, _mm256_i32gather_ps(x + b * K, c, 4), acc[b]);
+  }
+  for (; j < cnt; ++j)
+    for (int b = 0; b < B; ++b) tail[b] += to_f32(w[j]) * x[b * K + cols[j]];
+}
+
+template <typename VT, int BP>
+void nm_rows_bcast_avx2(const NmRowsArgs& a, int64_t r0, int64_t r1) {
+  const int bits = a.m == 4 ? 2 : 4;
+  alignas(64) int32_t cols[kChunk];
+  for (int64_t r = r0; r < r1; ++r) {
+    const VT* v = static_cast<const VT*>(a.values) + r * a.kept;
+    const uint8_t* ix = a.indices + r * a.idx_row_bytes;
+    __m256 acc[4][BP / 8];
+    for (auto& u : acc)
+      for (auto& h : u) h = _mm256_setzero_ps();
+    for (int64_t s0 = 0; s0 < a.kept; s0 += kChunk) {
+      const int cnt = static_cast<int>(a.kept - s0 < kChunk ? a.kept - s0 : kChunk);
+      for (int j = 0; j < cnt; ++j) cols[j] = a.slot_base[s0 + j] + nm_index_at(ix, s0 + j, bits);
+      bcast_chunk_avx2<BP>(cols, v + s0, cnt, a.x, acc);
+    }
+    bcast_store<BP>(acc, a.B, a.out, a.O, r);
+  }
+}
+
+// Any N:M with B <= 4: eight slots' in-group indices unpacked with one variable shift,
+// plus the shared slot -> group-start table, then gathers.
+template <typename VT, int B>
+void nm_rows_gather_avx2(const NmRowsArgs& a, int64_t r0, int64_t r1) {
+  const int bits = a.m == 4 ? 2 : 4;
+  const __m256i shifts = bits == 2 ? _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)
+                                   : _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i fmask = _mm256_set1_epi32((1 << bits) - 1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const VT* v = static_cast<const VT*>(a.values) + r * a.kept;
+    const uint8_t* ix = a.indices + r * a.idx_row_bytes;
+    __m256 acc[B];
+    float tail[B] = {};
+    for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
+    int64_t s = 0;
+    for (; s + 8 <= a.kept; s += 8) {
+      uint32_t packed = 0;
+      std::memcpy(&packed, ix + s * bits / 8, bits);  // 8 slots = 2 bytes (2-bit) or 4 bytes (4-bit)
+      const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(packed)), shifts), fmask);
+      const __m256i c = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.slot_base + s)), idx);
+      const __m256 wv = load8(v + s);
+      for (int b = 0; b < B; ++b) acc[b] = _mm256_fmadd_ps(wv, _mm256_i32gather_ps(a.x + b * a.K, c, 4), acc[b]);
+    }
+    for (; s < a.kept; ++s) {
+      const int64_t c = a.slot_base[s] + nm_index_at(ix, s, bits);
+      for (int b = 0; b < B; ++b) tail[b] += to_f32(v[s]) * a.x[b * a.K + c];
+    }
+    for (int b = 0; b < B; ++b) a.out[b * a.O + r] = hsum8(acc[b]) + tail[b];
+  }
+}
+
+// Bitmask: each mask byte becomes up to 8 column numbers through a 256-entry table
+// (no data-dependent branches), in chunks; the chunk's values are contiguous in
+// `values`, so the multiply loops read them in place.
+struct ByteLut {
+  alignas(16) uint8_t pos[256][8];
+  uint8_t cnt[256];
+  ByteLut() {
+    for (int b = 0; b < 256; ++b) {
+      int c = 0;
+      for (int i = 0; i < 8; ++i) {
+        pos[b][i] = 0;
+        if (b >> i & 1) pos[b][c++] = static_cast<uint8_t>(i);
+      }
+      cnt[b] = static_cast<uint8_t>(c);
+    }
+  }
+};
+const ByteLut& byte_lut() {
+  static const ByteLut lut;
+  return lut;
+}
+
+template <typename VT, int BP, int B>
+void bitmask_rows_avx2(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
+  const ByteLut& lut = byte_lut();
+  alignas(64) int32_t cols[kChunk + 64 + 8];
+  const VT* vals = static_cast<const VT*>(a.values);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t* words = a.bitmask + r * a.words;
+    int64_t k = a.offsets[r * a.tiles];
+    __m256 accb[4][BP > 0 ? BP / 8 : 1];
+    __m256 accr[B > 0 ? B : 1];
+    float tail[B > 0 ? B : 1] = {};
+    for (auto& u : accb)
+      for (auto& h : u) h = _mm256_setzero_ps();
+    for (auto& h : accr) h = _mm256_setzero_ps();
+    int cnt = 0;
+    for (int64_t wi = 0; wi < a.words; ++wi) {
+      const uint64_t bits = static_cast<uint64_t>(words[wi]);
+      if (!bits) continue;
+      for (int t = 0; t < 8; ++t) {
+        const unsigned byte = (bits >> (8 * t)) & 0xFF;
+        const __m256i c = _mm256_add_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(lut.pos[byte]))),
+                                           _mm256_set1_epi32(static_cast<int>(wi * 64 + 8 * t)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(cols + cnt), c);
+        cnt += lut.cnt[byte];
+      }
+      if (cnt >= kChunk) {
+        if constexpr (BP > 0) bcast_chunk_avx2<BP>(cols, vals + k, cnt, a.x, accb);
+        else gather_chunk_avx2<B>(cols, vals + k, cnt, a.x, a.K, accr, tail);
+        k += cnt;
+        cnt = 0;
+      }
+    }
+    if constexpr (BP > 0) {
+      bcast_chunk_avx2<BP>(cols, vals + k, cnt, a.x, accb);
+      bcast_store<BP>(accb, a.B, a.out, a.O, r);
+    } else {
+      gather_chunk_avx2<B>(cols, vals + k, cnt, a.x, a.K, accr, tail);
+      for (int b = 0; b < B; ++b) a.out[b * a.O + r] = hsum8(accr[b]) + tail[b];
+    }
   }
 }
 #endif
 
 template <typename VT>
 void nm_rows_dispatch(const NmRowsArgs& a, int64_t r0, int64_t r1) {
-  if (a.BP == 8) return nm_rows_t<VT, 8, 0>(a, r0, r1);
-  if (a.BP == 16) return nm_rows_t<VT, 16, 0>(a, r0, r1);
 #ifdef SK_AVX2
-  if (a.n == 2 && a.m == 4) {
+  if (a.n == 2 && a.m == 4 && a.B > 8 && a.B <= kNm24MaxBatch) {
+    // Batch tiles of at most 8 rows (the accumulators must stay in registers).
+    for (int64_t b0 = 0; b0 < a.B; b0 += 8) {
+      NmRowsArgs t = a;
+      t.x = a.x + b0 * a.K;
+      t.out = a.out + b0 * a.O;
+      t.B = a.B - b0 < 8 ? a.B - b0 : 8;
+      nm_rows_dispatch<VT>(t, r0, r1);
+    }
+    return;
+  }
+  if (a.n == 2 && a.m == 4 && a.B <= kNm24MaxBatch) {  // row-major x (see nm_linear.cpp)
     switch (a.B) {
       case 1: return nm24_rows_avx2<VT, 1>(a, r0, r1);
-      case 2: return nm24_rows_avx2<VT, 2>(a, r0, r1);
-      case 3: return nm24_rows_avx2<VT, 3>(a, r0, r1);
-      case 4: return nm24_rows_avx2<VT, 4>(a, r0, r1);
+      case 2: return nm24_rows_expand_avx2<VT, 2>(a, r0, r1);
+      case 3: return nm24_rows_expand_avx2<VT, 3>(a, r0, r1);
+      case 4: return nm24_rows_expand_avx2<VT, 4>(a, r0, r1);
+      case 5: return nm24_rows_expand_avx2<VT, 5>(a, r0, r1);
+      case 6: return nm24_rows_expand_avx2<VT, 6>(a, r0, r1);
+      case 7: return nm24_rows_expand_avx2<VT, 7>(a, r0, r1);
+      default: return nm24_rows_expand_avx2<VT, 8>(a, r0, r1);
     }
   }
+  if (a.BP == 8) return nm_rows_bcast_avx2<VT, 8>(a, r0, r1);
+  if (a.BP == 16) return nm_rows_bcast_avx2<VT, 16>(a, r0, r1);
+  switch (a.B) {
+    case 1: return nm_rows_gather_avx2<VT, 1>(a, r0, r1);
+    case 2: return nm_rows_gather_avx2<VT, 2>(a, r0, r1);
+    case 3: return nm_rows_gather_avx2<VT, 3>(a, r0, r1);
+    default: return nm_rows_gather_avx2<VT, 4>(a, r0, r1);
+  }
 #endif
+  if (a.BP == 8) return nm_rows_t<VT, 8, 0>(a, r0, r1);
+  if (a.BP == 16) return nm_rows_t<VT, 16, 0>(a, r0, r1);
   switch (a.B) {
     case 1: return nm_rows_t<VT, 0, 1>(a, r0, r1);
     case 2: return nm_rows_t<VT, 0, 2>(a, r0, r1);
@@ -252,6 +502,16 @@ void bitmask_rows_t(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
 
 template <typename VT>
 void bitmask_rows_dispatch(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
+#ifdef SK_AVX2
+  if (a.BP == 8) return bitmask_rows_avx2<VT, 8, 0>(a, r0, r1);
+  if (a.BP == 16) return bitmask_rows_avx2<VT, 16, 0>(a, r0, r1);
+  switch (a.B) {
+    case 1: return bitmask_rows_avx2<VT, 0, 1>(a, r0, r1);
+    case 2: return bitmask_rows_avx2<VT, 0, 2>(a, r0, r1);
+    case 3: return bitmask_rows_avx2<VT, 0, 3>(a, r0, r1);
+    default: return bitmask_rows_avx2<VT, 0, 4>(a, r0, r1);
+  }
+#endif
   if (a.BP == 8) return bitmask_rows_t<VT, 8, 0>(a, r0, r1);
   if (a.BP == 16) return bitmask_rows_t<VT, 16, 0>(a, r0, r1);
   switch (a.B) {
