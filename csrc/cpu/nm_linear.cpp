@@ -43,8 +43,8 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   } else {
     out = at::empty({B, O}, x2.options());
     const bool avx2 = cpu_has_avx2();
-    // The AVX2 2:4 kernel reads row-major x for batches up to kNm24MaxBatch.
-    const int64_t BP = (avx2 && n == 2 && m == 4 && B <= kNm24MaxBatch) ? 0 : lanes_for_batch(B);
+    // The AVX2 N:M kernels read row-major x for batches up to kNmRowMajorMaxBatch.
+    const int64_t BP = (avx2 && B <= kNmRowMajorMaxBatch) ? 0 : lanes_for_batch(B);
     auto xin = BP ? x_lanes(x2, BP) : x2;
     // Slot s of every row belongs to the group starting at column (s / n) * m; 8 spare
     // entries let the vector loops read a full register at the end of a row.

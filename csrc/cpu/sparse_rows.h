@@ -20,7 +20,7 @@ namespace cpu {
 //        (the "broadcast" kernels: one weight value times a whole batch vector).
 constexpr int64_t kRowMajorMaxBatch = 4;
 constexpr int64_t kDirectMaxBatch = 16;
-constexpr int64_t kNm24MaxBatch = 16;    // the AVX2 2:4 kernels read row-major x up to here  // above this the op files decompress tiles + GEMM
+constexpr int64_t kNmRowMajorMaxBatch = 16;  // the AVX2 N:M kernels read row-major x up to here  // above this the op files decompress tiles + GEMM
 
 struct NmRowsArgs {
   const void* values;       // [O, kept] in `dtype`

@@ -320,35 +320,47 @@ void nm_rows_bcast_avx2(const NmRowsArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
-// Any N:M with B <= 4: eight slots' in-group indices unpacked with one variable shift,
-// plus the shared slot -> group-start table, then gathers.
+// Any N:M with up to 8 batch rows: scatter the row's kept values into a dense fp32 row
+// held in L1 (indices decoded eight at a time), then a dense dot product per batch row
+// with contiguous loads. Gathers are slow on many x86 cores; scalar stores are not.
 template <typename VT, int B>
-void nm_rows_gather_avx2(const NmRowsArgs& a, int64_t r0, int64_t r1) {
+void nm_rows_densify_avx2(const NmRowsArgs& a, int64_t r0, int64_t r1) {
   const int bits = a.m == 4 ? 2 : 4;
-  const __m256i shifts = bits == 2 ? _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)
-                                   : _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-  const __m256i fmask = _mm256_set1_epi32((1 << bits) - 1);
+  const int64_t K8 = (a.K + 7) / 8 * 8;
+  float* row = static_cast<float*>(std::aligned_alloc(32, K8 * sizeof(float)));
   for (int64_t r = r0; r < r1; ++r) {
     const VT* v = static_cast<const VT*>(a.values) + r * a.kept;
     const uint8_t* ix = a.indices + r * a.idx_row_bytes;
-    __m256 acc[B];
-    float tail[B] = {};
-    for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < K8; c += 8) _mm256_store_ps(row + c, _mm256_setzero_ps());
     int64_t s = 0;
     for (; s + 8 <= a.kept; s += 8) {
       uint32_t packed = 0;
-      std::memcpy(&packed, ix + s * bits / 8, bits);  // 8 slots = 2 bytes (2-bit) or 4 bytes (4-bit)
-      const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(packed)), shifts), fmask);
-      const __m256i c = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.slot_base + s)), idx);
-      const __m256 wv = load8(v + s);
-      for (int b = 0; b < B; ++b) acc[b] = _mm256_fmadd_ps(wv, _mm256_i32gather_ps(a.x + b * a.K, c, 4), acc[b]);
+      if (bits == 2) {  // constant sizes: a run-time memcpy length would become a library call
+        uint16_t p16;
+        std::memcpy(&p16, ix + s / 4, 2);
+        packed = p16;
+      } else {
+        std::memcpy(&packed, ix + s / 2, 4);
+      }
+      // Scalar decode from one packed word: a vector decode stored and reloaded lane by
+      // lane stalls on store-to-load forwarding.
+      const int32_t* base = a.slot_base + s;
+      for (int j = 0; j < 8; ++j) row[base[j] + ((packed >> (j * bits)) & ((1u << bits) - 1))] = to_f32(v[s + j]);
     }
-    for (; s < a.kept; ++s) {
-      const int64_t c = a.slot_base[s] + nm_index_at(ix, s, bits);
-      for (int b = 0; b < B; ++b) tail[b] += to_f32(v[s]) * a.x[b * a.K + c];
+    for (; s < a.kept; ++s) row[a.slot_base[s] + nm_index_at(ix, s, bits)] = to_f32(v[s]);
+    __m256 acc[B];
+    float tail[B] = {};
+    for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 8 <= a.K; c += 8) {
+      const __m256 wv = _mm256_load_ps(row + c);
+      for (int b = 0; b < B; ++b) acc[b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(a.x + b * a.K + c), acc[b]);
     }
+    for (; c < a.K; ++c)
+      for (int b = 0; b < B; ++b) tail[b] += row[c] * a.x[b * a.K + c];
     for (int b = 0; b < B; ++b) a.out[b * a.O + r] = hsum8(acc[b]) + tail[b];
   }
+  std::free(row);
 }
 
 // Bitmask: each mask byte becomes up to 8 column numbers through a 256-entry table
@@ -419,7 +431,7 @@ void bitmask_rows_avx2(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
 template <typename VT>
 void nm_rows_dispatch(const NmRowsArgs& a, int64_t r0, int64_t r1) {
 #ifdef SK_AVX2
-  if (a.n == 2 && a.m == 4 && a.B > 8 && a.B <= kNm24MaxBatch) {
+  if (a.B > 8 && a.B <= kNmRowMajorMaxBatch) {
     // Batch tiles of at most 8 rows (the accumulators must stay in registers).
     for (int64_t b0 = 0; b0 < a.B; b0 += 8) {
       NmRowsArgs t = a;
@@ -430,7 +442,7 @@ void nm_rows_dispatch(const NmRowsArgs& a, int64_t r0, int64_t r1) {
     }
     return;
   }
-  if (a.n == 2 && a.m == 4 && a.B <= kNm24MaxBatch) {  // row-major x (see nm_linear.cpp)
+  if (a.n == 2 && a.m == 4) {  // row-major x up to kNmRowMajorMaxBatch (see nm_linear.cpp)
     switch (a.B) {
       case 1: return nm24_rows_avx2<VT, 1>(a, r0, r1);
       case 2: return nm24_rows_expand_avx2<VT, 2>(a, r0, r1);
@@ -445,10 +457,14 @@ void nm_rows_dispatch(const NmRowsArgs& a, int64_t r0, int64_t r1) {
   if (a.BP == 8) return nm_rows_bcast_avx2<VT, 8>(a, r0, r1);
   if (a.BP == 16) return nm_rows_bcast_avx2<VT, 16>(a, r0, r1);
   switch (a.B) {
-    case 1: return nm_rows_gather_avx2<VT, 1>(a, r0, r1);
-    case 2: return nm_rows_gather_avx2<VT, 2>(a, r0, r1);
-    case 3: return nm_rows_gather_avx2<VT, 3>(a, r0, r1);
-    default: return nm_rows_gather_avx2<VT, 4>(a, r0, r1);
+    case 1: return nm_rows_densify_avx2<VT, 1>(a, r0, r1);
+    case 2: return nm_rows_densify_avx2<VT, 2>(a, r0, r1);
+    case 3: return nm_rows_densify_avx2<VT, 3>(a, r0, r1);
+    case 4: return nm_rows_densify_avx2<VT, 4>(a, r0, r1);
+    case 5: return nm_rows_densify_avx2<VT, 5>(a, r0, r1);
+    case 6: return nm_rows_densify_avx2<VT, 6>(a, r0, r1);
+    case 7: return nm_rows_densify_avx2<VT, 7>(a, r0, r1);
+    default: return nm_rows_densify_avx2<VT, 8>(a, r0, r1);
   }
 #endif
   if (a.BP == 8) return nm_rows_t<VT, 8, 0>(a, r0, r1);
