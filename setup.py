@@ -8,6 +8,7 @@ needed to compile), otherwise a C++-only one. Environment:
   SPARSEKERN_REQUIRE_CUDA=1 fail unless the CUDA code is compiled (CI)
   CUDA_HOME / CUDA_PATH  the toolkit root (found from nvcc when unset, wrapper scripts too)
   MAX_JOBS               parallel compile jobs (ninja)
+  SPARSEKERN_NVCC_EXTRA  extra nvcc flags, e.g. "-Xptxas=-v" for the resource report
 
 Install with `pip install --no-build-isolation -e .` (or without -e) once torch is installed.
 """
@@ -106,7 +107,8 @@ if WITH_CUDA:
         cpu_sources + cuda_sources,
         extra_compile_args={
             "cxx": cxx_flags + define,
-            "nvcc": ["-O3", "-Xptxas=-warn-spills", "--expt-relaxed-constexpr"] + cuda_arch_flags(ARCHS),
+            "nvcc": ["-O3", "-Xptxas=-warn-spills", "--expt-relaxed-constexpr"] + cuda_arch_flags(ARCHS)
+            + os.environ.get("SPARSEKERN_NVCC_EXTRA", "").split(),
         },
         extra_link_args=["-fopenmp"],
     )
