@@ -55,6 +55,8 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def("nm_linear(Tensor x, Tensor values, Tensor indices, int n, int m, int in_features, Tensor? bias) -> Tensor");
   m.def("nm_compress(Tensor weight, Tensor? mask, int n, int m) -> (Tensor, Tensor)");
   m.def("nm_decompress(Tensor values, Tensor indices, int n, int m, int in_features) -> Tensor");
+  // Score |w| * |grad| * act_norm[col] -> N:M mask -> compressed weight, in one pass.
+  m.def("nm_score_compress(Tensor weight, Tensor? grad, Tensor? act_norm, int n, int m) -> (Tensor, Tensor)");
   // ---- Bitmask (unstructured): packed values + 64-bit mask words + per-tile offsets ----
   m.def("bitmask_linear(Tensor x, Tensor values, Tensor bitmask, Tensor offsets, int in_features, Tensor? bias) -> Tensor");
   m.def("bitmask_compress(Tensor weight, Tensor? mask) -> (Tensor, Tensor, Tensor)");
@@ -66,6 +68,12 @@ TORCH_LIBRARY(sparsekern, m) {
   // ---- Masked dense weight (training): x @ (W*M)^T without materialising W*M ----
   m.def("masked_linear(Tensor x, Tensor weight, Tensor bitmask, Tensor? bias) -> Tensor");
   m.def("masked_linear_grad_input(Tensor grad_out, Tensor weight, Tensor bitmask) -> Tensor");
+  // ---- Fused scoring reductions (pruning toolkit) ----
+  // Per (block_rows x block_cols) group of the score e = |w| * |grad| * act_norm[col]:
+  // p=1 sum(e), p=2 sqrt(sum(e^2)); float32 [rows/block_rows, cols/block_cols].
+  m.def("group_norm(Tensor weight, Tensor? grad, Tensor? act_norm, int block_rows, int block_cols, int p) -> Tensor");
+  // sumsq[j] += sum over all leading positions of x[..., j]^2 (activation norms for wanda).
+  m.def("act_norm_accumulate(Tensor(a!) sumsq, Tensor x) -> ()");
   // ---- Build information ----
   m.def("build_info() -> str", &build_info);
 }

@@ -238,6 +238,64 @@ def block_decompress(crow_indices, col_indices, values, in_features: int) -> tor
     return reference.block_decompress(crow_indices, col_indices, values, in_features)
 
 
+# ------------------------------------------------------------- fused scoring ops
+def _check_score_inputs(op: str, weight, grad, act_norm) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"{op}: weight must be a 2-D floating tensor")
+    if grad is not None and (not isinstance(grad, torch.Tensor) or grad.shape != weight.shape):
+        raise ValueError(f"{op}: grad must have the weight's shape {tuple(weight.shape)}")
+    if act_norm is not None and (not isinstance(act_norm, torch.Tensor) or act_norm.shape != (weight.shape[1],)):
+        raise ValueError(f"{op}: act_norm must have shape ({weight.shape[1]},) (one norm per input feature)")
+    for name, t in (("grad", grad), ("act_norm", act_norm)):
+        if t is not None and t.device != weight.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but weight is on {weight.device}")
+
+
+def group_norm(weight: torch.Tensor, block_rows: int, block_cols: int, p: int = 1, *,
+               grad: torch.Tensor | None = None, act_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Group reduction of the score e = |w| * |grad| * act_norm[col] in one pass.
+
+    weight [rows, cols]; groups of (block_rows, block_cols) tiling it; p=1: sum(e),
+    p=2: sqrt(sum(e^2)). Returns float32 [rows/block_rows, cols/block_cols]. Rows:
+    (1, cols); columns: (rows, 1); N:M groups: (1, m); the layer: (rows, cols).
+    """
+    _check_score_inputs("group_norm", weight, grad, act_norm)
+    if p not in (1, 2):
+        raise ValueError(f"group_norm: p must be 1 (L1) or 2 (L2), got {p}")
+    rows, cols = weight.shape
+    if not (block_rows > 0 and block_cols > 0 and rows % block_rows == 0 and cols % block_cols == 0):
+        raise ValueError(f"group_norm: group shape ({block_rows}, {block_cols}) must divide weight shape {(rows, cols)}")
+    if _compiled("group_norm", weight):
+        return torch.ops.sparsekern.group_norm(weight, grad, act_norm, block_rows, block_cols, p)
+    return reference.group_norm(weight, grad, act_norm, block_rows, block_cols, p)
+
+
+def act_norm_accumulate(sumsq: torch.Tensor, x: torch.Tensor) -> None:
+    """In place: sumsq[j] += sum of x[..., j]^2 over every leading position (one pass)."""
+    if not isinstance(sumsq, torch.Tensor) or sumsq.dim() != 1 or sumsq.dtype not in (torch.float32, torch.float64):
+        raise ValueError("act_norm_accumulate: sumsq must be a 1-D float32/float64 tensor")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[-1] != sumsq.shape[0]:
+        raise ValueError(f"act_norm_accumulate: x must be floating with x.shape[-1] == {sumsq.shape[0]}")
+    if x.device != sumsq.device:
+        raise ValueError(f"act_norm_accumulate: x is on {x.device} but sumsq is on {sumsq.device}")
+    if _compiled("act_norm_accumulate", x) and sumsq.is_contiguous():
+        torch.ops.sparsekern.act_norm_accumulate(sumsq, x)
+    else:
+        reference.act_norm_accumulate(sumsq, x)
+
+
+def nm_score_compress(weight: torch.Tensor, n: int, m: int, *, grad: torch.Tensor | None = None,
+                      act_norm: torch.Tensor | None = None):
+    """Score (|w| * |grad| * act_norm[col]) -> N:M mask -> (values, indices) in one pass."""
+    _check_score_inputs("nm_score_compress", weight, grad, act_norm)
+    NMWeight.check_nm(n, m, "nm_score_compress")
+    if weight.shape[1] % m:
+        raise ValueError(f"nm_score_compress: in_features ({weight.shape[1]}) must be divisible by m = {m}")
+    if _compiled("nm_score_compress", weight):
+        return torch.ops.sparsekern.nm_score_compress(weight, grad, act_norm, n, m)
+    return reference.nm_score_compress(weight, grad, act_norm, n, m)
+
+
 # ------------------------------------------------ fake kernels and autograd (compiled)
 def _out_shape(x: torch.Tensor, out_features) -> list:
     return list(x.shape[:-1]) + [out_features]
@@ -259,6 +317,21 @@ def _register() -> None:
         kept = k // m * n
         return (weight.new_empty((out, kept)),
                 weight.new_empty((out, math.ceil(kept * reference.nm_index_bits(m) / 8)), dtype=torch.uint8))
+
+    @rf(lib + "nm_score_compress")
+    def _(weight, grad, act_norm, n, m):
+        out, k = weight.shape
+        kept = k // m * n
+        return (weight.new_empty((out, kept)),
+                weight.new_empty((out, math.ceil(kept * reference.nm_index_bits(m) / 8)), dtype=torch.uint8))
+
+    @rf(lib + "group_norm")
+    def _(weight, grad, act_norm, block_rows, block_cols, p):
+        return weight.new_empty((weight.shape[0] // block_rows, weight.shape[1] // block_cols), dtype=torch.float32)
+
+    @rf(lib + "act_norm_accumulate")
+    def _(sumsq, x):
+        return None
 
     @rf(lib + "nm_decompress")
     def _(values, indices, n, m, in_features):

@@ -158,3 +158,31 @@ def masked_linear(x, weight, bitmask, bias=None):
 def masked_linear_grad_input(grad_out, weight, bitmask):
     wm = weight * unpack_bitmask(bitmask, weight.shape[1]).to(weight.dtype)
     return grad_out @ wm.to(grad_out.dtype)
+
+
+# ------------------------------------------------------------ scoring (pruning toolkit)
+def element_score(weight, grad=None, act_norm=None) -> torch.Tensor:
+    """e = |w| * |grad| * act_norm[col] in float32 (float64 for float64 weights), the
+    precision the compiled scoring ops use, so both pick the same elements."""
+    dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    e = weight.to(dt).abs()
+    if grad is not None:
+        e = e * grad.to(dt).abs()
+    if act_norm is not None:
+        e = e * act_norm.to(dt)
+    return e
+
+
+def group_norm(weight, grad, act_norm, block_rows: int, block_cols: int, p: int) -> torch.Tensor:
+    out, k = weight.shape
+    e = element_score(weight, grad, act_norm).double().reshape(out // block_rows, block_rows, k // block_cols, block_cols)
+    r = e.sum((1, 3)) if p == 1 else e.square().sum((1, 3)).sqrt()
+    return r.float()
+
+
+def act_norm_accumulate(sumsq: torch.Tensor, x: torch.Tensor) -> None:
+    sumsq += x.reshape(-1, x.shape[-1]).double().square().sum(0).to(sumsq.dtype)
+
+
+def nm_score_compress(weight, grad, act_norm, n: int, m: int):
+    return nm_compress(weight, nm_mask(element_score(weight, grad, act_norm), n, m), n, m)

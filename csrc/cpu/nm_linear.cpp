@@ -59,9 +59,12 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   return finish_linear(out, x, bias);
 }
 
-std::tuple<at::Tensor, at::Tensor> nm_compress_cpu(const at::Tensor& weight, const c10::optional<at::Tensor>& mask,
-                                                   int64_t n, int64_t m) {
-  const char* op = "nm_compress";
+// Shared by nm_compress (mask or |w|) and nm_score_compress (score |w| * |grad| *
+// act_norm[col], chosen, masked and compressed in one pass: no topk + scatter chain).
+std::tuple<at::Tensor, at::Tensor> nm_compress_impl(const char* op, const at::Tensor& weight,
+                                                    const c10::optional<at::Tensor>& mask,
+                                                    const c10::optional<at::Tensor>& grad,
+                                                    const c10::optional<at::Tensor>& act_norm, int64_t n, int64_t m) {
   check_nm_params(op, n, m);
   TORCH_CHECK_TYPE(is_float_dtype(weight.scalar_type()), op, ": weight must be float32, bfloat16 or float16, got ",
                    weight.scalar_type());
@@ -77,6 +80,19 @@ std::tuple<at::Tensor, at::Tensor> nm_compress_cpu(const at::Tensor& weight, con
                 weight.device());
     mk = mask->contiguous();
   }
+  at::Tensor g, an;
+  if (grad.has_value()) {
+    TORCH_CHECK_VALUE(grad->sizes() == weight.sizes(), op, ": grad shape ", grad->sizes(), " must equal weight shape ",
+                      weight.sizes());
+    TORCH_CHECK(grad->device() == weight.device(), op, ": grad must be on the weight's device");
+    g = grad->to(at::kFloat).contiguous();
+  }
+  if (act_norm.has_value()) {
+    TORCH_CHECK_VALUE(act_norm->dim() == 1 && act_norm->size(0) == K, op, ": act_norm must have shape [", K,
+                      "] (one norm per input feature), got ", act_norm->sizes());
+    TORCH_CHECK(act_norm->device() == weight.device(), op, ": act_norm must be on the weight's device");
+    an = act_norm->to(at::kFloat).contiguous();
+  }
   auto w = weight.contiguous();
   const int64_t kept = K / m * n, rb = nm_index_row_bytes(kept, m);
   auto values = at::empty({O, kept}, w.options());
@@ -86,6 +102,8 @@ std::tuple<at::Tensor, at::Tensor> nm_compress_cpu(const at::Tensor& weight, con
   SPARSEKERN_DISPATCH_FLOATS(w.scalar_type(), "nm_compress", [&] {
     const scalar_t* wp = w.data_ptr<scalar_t>();
     const bool* mp = mk.defined() ? mk.data_ptr<bool>() : nullptr;
+    const float* gp = g.defined() ? g.data_ptr<float>() : nullptr;
+    const float* ap = an.defined() ? an.data_ptr<float>() : nullptr;
     scalar_t* vp = values.data_ptr<scalar_t>();
     uint8_t* ip = indices.data_ptr<uint8_t>();
     parallel_rows(O, 8, [&](int64_t r0, int64_t r1) {
@@ -117,7 +135,9 @@ std::tuple<at::Tensor, at::Tensor> nm_compress_cpu(const at::Tensor& weight, con
               int best = -1;
               float bv = -1.f;
               for (int j = 0; j < m; ++j) {
-                const float a = std::fabs(static_cast<float>(wr[c0 + j]));
+                float a = std::fabs(static_cast<float>(wr[c0 + j]));
+                if (gp) a *= std::fabs(gp[r * K + c0 + j]);
+                if (ap) a *= ap[c0 + j];
                 if (!taken[j] && a > bv) { bv = a; best = j; }
               }
               if (best < 0) best = 0;  // only reached with NaN weights, refused below
@@ -142,6 +162,17 @@ std::tuple<at::Tensor, at::Tensor> nm_compress_cpu(const at::Tensor& weight, con
   TORCH_CHECK_VALUE(bad_mask_row.load() < 0, op, ": mask is not ", n, ":", m, " (row ", bad_mask_row.load(),
                     " keeps more than ", n, " of ", m, " in a group)");
   return {values, indices};
+}
+
+std::tuple<at::Tensor, at::Tensor> nm_compress_cpu(const at::Tensor& weight, const c10::optional<at::Tensor>& mask,
+                                                   int64_t n, int64_t m) {
+  return nm_compress_impl("nm_compress", weight, mask, c10::nullopt, c10::nullopt, n, m);
+}
+
+std::tuple<at::Tensor, at::Tensor> nm_score_compress_cpu(const at::Tensor& weight, const c10::optional<at::Tensor>& grad,
+                                                         const c10::optional<at::Tensor>& act_norm, int64_t n,
+                                                         int64_t m) {
+  return nm_compress_impl("nm_score_compress", weight, c10::nullopt, grad, act_norm, n, m);
 }
 
 at::Tensor nm_decompress_cpu(const at::Tensor& values, const at::Tensor& indices, int64_t n, int64_t m,
@@ -186,6 +217,7 @@ at::Tensor nm_decompress_cpu(const at::Tensor& values, const at::Tensor& indices
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("nm_linear", &nm_linear_cpu);
   m.impl("nm_compress", &nm_compress_cpu);
+  m.impl("nm_score_compress", &nm_score_compress_cpu);
   m.impl("nm_decompress", &nm_decompress_cpu);
 }
 
