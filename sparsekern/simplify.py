@@ -73,7 +73,12 @@ def remove_layers(model: nn.Module, names: list[str], example_input) -> nn.Modul
         if n not in mods or n == "":
             raise ValueError(f"remove_layers: no submodule named {n!r}")
     seen: dict[str, tuple] = {}
-    hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: seen.setdefault(n, (i, o))) for n in names]
+    def record(name):
+        def hook(module, inputs, output):
+            seen.setdefault(name, (inputs, output))  # returns None: the output is not replaced
+        return hook
+
+    hooks = [mods[n].register_forward_hook(record(n)) for n in names]
     try:
         with torch.no_grad():
             prune._run_batch(model, example_input)
@@ -418,6 +423,40 @@ def plot_sweep(rows: list[dict], path: str) -> bool:
     ax.plot([r["sparsity"] for r in rows], [r["metric"] for r in rows], "o-")
     ax.set_xlabel("sparsity (fraction of weights removed)")
     ax.set_ylabel("metric")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def format_sensitivity(sens: dict) -> str:
+    """Markdown table: one row per layer, one column per sparsity (metric drop from baseline)."""
+    sps = sens["sparsities"]
+    head = "| layer | params | " + " | ".join(f"drop @ {s:.0%}" for s in sps) + " |"
+    lines = [head, "|" + "---|" * (len(sps) + 2)]
+    for name, v in sens["layers"].items():
+        drops = " | ".join(f"{sens['baseline'] - v['metric'][s]:.4f}" for s in sps)
+        lines.append(f"| {name} | {v['params']} | {drops} |")
+    return "\n".join(lines)
+
+
+def plot_sensitivity(sens: dict, path: str) -> bool:
+    """One line per layer: metric against that layer's sparsity; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, v in sens["layers"].items():
+        xs = [0.0] + sens["sparsities"]
+        ax.plot(xs, [sens["baseline"]] + [v["metric"][s] for s in sens["sparsities"]], "o-", label=name)
+    ax.set_xlabel("sparsity of the layer alone")
+    ax.set_ylabel("metric")
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

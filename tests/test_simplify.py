@@ -1,0 +1,147 @@
+"""Structure simplification: layer importance, layer removal, channel pruning, BN folding,
+sensitivity / allocation / sweep."""
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekern.prune as prune
+from sparsekern import simplify
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 24, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(24)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc1 = nn.Linear(24 * 4, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.pool(torch.relu(self.bn2(self.conv2(x))))
+        x = torch.flatten(x, 1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class ResNetish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.block(x)
+        return self.head(x.mean((2, 3)))
+
+
+def _randomize_bn(model):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+
+
+def test_fold_batchnorm_identical_outputs():
+    net = ConvNet()
+    _randomize_bn(net)
+    net.eval()
+    x = torch.randn(2, 3, 8, 8)
+    ref = net(x)
+    pairs = simplify.fold_batchnorm(net)
+    assert sorted(pairs) == [("conv1", "bn1"), ("conv2", "bn2")]
+    assert isinstance(net.bn1, nn.Identity)
+    torch.testing.assert_close(net(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_batchnorm_refuses_training_mode():
+    with pytest.raises(ValueError, match="model.eval"):
+        simplify.fold_batchnorm(ConvNet().train())
+
+
+def test_prune_channels_shrinks_and_matches_cut_reference():
+    net = ConvNet()
+    _randomize_bn(net)
+    net.eval()
+    x = torch.randn(2, 3, 8, 8)
+    original = __import__("copy").deepcopy(net)
+    res = simplify.prune_channels(net, 0.5, x, round_to=8)
+    assert net.conv1.out_channels == 8 and net.bn1.num_features == 8 and net.conv2.in_channels == 8
+    assert net.conv2.out_channels == 16 and net.fc1.in_features == 16 * 4  # 12 kept -> rounded up to 16
+    assert net.fc1.out_features == 16 and net.fc2.in_features == 16
+    assert "fc2" in res["skipped"]  # its output is the model output
+    ref = simplify.channel_cut_reference(original, res["kept"], x)
+    torch.testing.assert_close(net(x), ref(x), rtol=1e-4, atol=1e-5)
+    params_before = sum(p.numel() for p in original.parameters())
+    assert sum(p.numel() for p in net.parameters()) < 0.5 * params_before
+
+
+def test_prune_channels_leaves_residual_tied_layers_alone():
+    net = ResNetish()
+    x = torch.randn(1, 3, 6, 6)
+    res = simplify.prune_channels(net, 0.5, x, round_to=1)
+    assert "stem" in res["skipped"] and "block.2" in res["skipped"]
+    assert net.block[0].out_channels == 8 and net.block[2].in_channels == 8
+    assert net(x).shape == (1, 4)
+
+
+def test_remove_layers():
+    net = ResNetish()
+    x = torch.randn(1, 3, 6, 6)
+    simplify.remove_layers(net, ["block"], x)
+    assert isinstance(net.block, nn.Identity) and net(x).shape == (1, 4)
+    with pytest.raises(ValueError, match="changes the shape"):
+        simplify.remove_layers(ResNetish(), ["stem"], x)
+    with pytest.raises(ValueError, match="no submodule named"):
+        simplify.remove_layers(ResNetish(), ["nope"], x)
+
+
+def test_layer_importance_sums_abs_gradients():
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    data = [torch.randn(5, 4) for _ in range(2)]
+    imp = simplify.layer_importance(net, lambda m, b: m(b).sum(), data, show_progress=False)
+    expected = 0.0
+    for b in data:
+        net.zero_grad()
+        net(b).sum().backward()
+        expected += float(net[2].weight.grad.abs().sum() + net[2].bias.grad.abs().sum())
+    assert imp["2"] == pytest.approx(expected, rel=1e-5)
+    assert imp["<model>"] == pytest.approx(imp["0"] + imp["2"], rel=1e-6)
+
+
+def test_sensitivity_allocate_and_sweep(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    x = torch.randn(64, 16)
+    y = net(x).detach()
+
+    def fidelity(m):
+        with torch.no_grad():
+            return -float((m(x) - y).square().mean())
+
+    sens = simplify.sensitivity(net, fidelity, (0.5, 0.9), show_progress=False)
+    assert set(sens["layers"]) == {"0", "2"} and sens["layers"]["0"]["metric"][0.9] < sens["baseline"]
+    assert torch.equal(net(x), y)  # restored
+    alloc = simplify.allocate(sens, 0.5)
+    total = sum(v["params"] for v in sens["layers"].values())
+    assert sum(alloc[n] * sens["layers"][n]["params"] for n in alloc) / total >= 0.5
+    rows = simplify.sweep(net, fidelity, (0.0, 0.5, 0.9), out_dir=str(tmp_path), show_progress=False)
+    assert [r["amount"] for r in rows] == [0.0, 0.5, 0.9]
+    assert rows[0]["metric"] == 0.0 and rows[2]["metric"] < rows[1]["metric"]
+    assert rows[2]["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert json.load(open(tmp_path / "sweep.json"))["rows"][1]["amount"] == 0.5
+    assert os.path.exists(tmp_path / "sweep.md")
+    table = simplify.format_sensitivity(sens)
+    assert table.count("\n") == 3 and "drop @ 90%" in table
+    assert simplify.plot_sensitivity(sens, str(tmp_path / "sens.png")) == os.path.exists(tmp_path / "sens.png")
+    with pytest.raises(ValueError, match="exceeds the largest"):
+        simplify.allocate(sens, 0.95)
