@@ -1,0 +1,206 @@
+"""Model-level swap: sparsify(model), from_torch_prune(model), explain(model), and loading a
+sparse state dict into a dense model."""
+from __future__ import annotations
+
+import fnmatch
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from . import prune
+from .nn import SPARSE_MODULES, Policy, SparseConv2d, SparseLinear, parse_pattern
+
+
+def _matches(name: str, patterns) -> bool:
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsity: float | None = None,
+             calibration: Iterable | None = None, loss_fn: Callable | None = None, include=None, exclude=None,
+             min_features: int = 128, block: tuple[int, int] = (32, 32), trainable: bool = False,
+             policy: Policy | None = None, show_progress: bool = True):
+    """Score, mask and swap every eligible nn.Linear / nn.Conv2d for a sparse module, in place.
+
+    pattern: "2:4" / "N:M", "unstructured" (with sparsity), "block" (with sparsity, block).
+    method: l1, l2, random, taylor (calibration + loss_fn(model, batch)), wanda (calibration).
+    include / exclude: fnmatch patterns on module names. Layers with fewer than
+    `min_features` inputs or outputs, and Conv settings the kernels do not cover, stay
+    dense and are listed. Layers already carrying a torch.nn.utils.prune mask keep it.
+    Returns (model, report): one row per layer (pattern, density, bytes before/after,
+    backend and why, or why it was left dense).
+    """
+    kind, _ = parse_pattern(pattern, "sparsify")
+    prune._check_method("sparsify", method)
+    if kind in ("bitmask", "block") and sparsity is None:
+        raise ValueError(f"sparsify: pattern {pattern!r} needs sparsity= (fraction to remove)")
+    if sparsity is not None:
+        prune._n_prune(float(sparsity), 1, "sparsify")
+    if method in ("wanda", "taylor") and calibration is None:
+        raise ValueError(f"sparsify: method {method!r} needs calibration= (an iterable of batches)")
+    if method == "taylor" and loss_fn is None:
+        raise ValueError("sparsify: method 'taylor' needs loss_fn=(model, batch) -> loss")
+    candidates, report = [], []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, prune.PRUNABLE) or isinstance(mod, SPARSE_MODULES):
+            continue
+        if include is not None and not _matches(name, include):
+            continue
+        row = {"layer": name, "type": type(mod).__name__}
+        if _matches(name, exclude):
+            report.append({**row, "status": "dense", "reason": "excluded"})
+            continue
+        w = mod.weight
+        if min(w.shape[0], w[0].numel()) < min_features:
+            report.append({**row, "status": "dense", "reason": f"smaller than min_features={min_features}"})
+            continue
+        try:
+            if isinstance(mod, nn.Conv2d):
+                SparseConv2d.check_supported(mod, pattern)
+            elif kind == "nm" and w.shape[1] % parse_pattern(pattern)[1]["m"]:
+                raise ValueError(f"in_features={w.shape[1]} is not divisible by m")
+            if kind == "block":
+                bh, bw = parse_pattern(pattern)[1].get("block", block)
+                rows, cols = prune._as_2d(w).shape
+                if rows % bh or cols % bw:
+                    raise ValueError(f"weight 2-D shape {(rows, cols)} is not divisible by block {(bh, bw)}")
+        except (ValueError, TypeError) as e:
+            report.append({**row, "status": "dense", "reason": str(e)})
+            continue
+        candidates.append((name, mod))
+    grads = norms = None
+    if method == "wanda":
+        norms = prune.collect_activation_norms(model, calibration, show_progress=show_progress)
+    if method == "taylor":
+        grads = prune.collect_gradients(model, loss_fn, calibration, show_progress=show_progress)
+    from ._progress import progress
+
+    for name, mod in progress(candidates, "sparsify", enabled=show_progress):
+        cls = SparseConv2d if isinstance(mod, nn.Conv2d) else SparseLinear
+        dense_bytes = mod.weight.numel() * mod.weight.element_size()
+        new = cls.from_dense(mod, pattern, method=method, sparsity=sparsity, block=block, trainable=trainable,
+                             policy=policy, grad=None if grads is None else grads[name],
+                             act_norm=None if norms is None else norms[name])
+        new.train(mod.training)
+        if hasattr(mod, "weight_orig"):
+            new.bias = mod.bias if mod.bias is None else nn.Parameter(mod.bias.detach().clone())
+        _set_module(model, name, new)
+        f = new.weight_format() if not new.trainable else None
+        after = (f.numel() * f.element_size() if isinstance(f, torch.Tensor) else f.nbytes) if f is not None \
+            else dense_bytes + new.weight_mask_bits.numel() * 8
+        report.append({"layer": name, "type": type(mod).__name__, "status": "sparse", "pattern": pattern,
+                       "density": float(new.mask().float().mean()), "bytes_before": dense_bytes,
+                       "bytes_after": after, "backend": new.backend, "reason": new.reason})
+    return model, report
+
+
+def _detect_pattern(mask2d: torch.Tensor) -> str:
+    for n, m in ((2, 4), (1, 4), (4, 8), (2, 8), (1, 8), (8, 16)):
+        if mask2d.shape[1] % m == 0 and bool((mask2d.reshape(mask2d.shape[0], -1, m).sum(-1) <= n).all()):
+            return f"{n}:{m}"
+    for b in (64, 32, 16):
+        rows, cols = mask2d.shape
+        if rows % b == 0 and cols % b == 0:
+            blocks = mask2d.reshape(rows // b, b, cols // b, b)
+            if bool((blocks.all(3).all(1) == blocks.any(3).any(1)).all()):
+                return f"block{b}"
+    return "unstructured"
+
+
+def from_torch_prune(model: nn.Module, policy: Policy | None = None, trainable: bool = False):
+    """Swap every Linear/Conv2d carrying a torch.nn.utils.prune mask (weight_mask, also
+    set by sparsekern.prune) for a sparse module: N:M when the mask is N:M, block when it
+    is block-structured, bitmask otherwise. Returns (model, report)."""
+    report = []
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, prune.PRUNABLE) or not hasattr(mod, "weight_mask"):
+            continue
+        mask = mod.weight_mask.bool()
+        m2d = prune._as_2d(mask)
+        pattern = _detect_pattern(m2d)
+        if isinstance(mod, nn.Conv2d):
+            try:
+                SparseConv2d.check_supported(mod, pattern)
+            except ValueError as e:
+                try:
+                    SparseConv2d.check_supported(mod, "unstructured")
+                    pattern = "unstructured"
+                except ValueError:
+                    report.append({"layer": name, "status": "dense", "reason": str(e)})
+                    continue
+        cls = SparseConv2d if isinstance(mod, nn.Conv2d) else SparseLinear
+        kind, params = parse_pattern(pattern)
+        sparsity = 1.0 - float(mask.float().mean())
+        new = cls.from_dense(mod, pattern, mask=mask, sparsity=sparsity, block=params.get("block", (32, 32)),
+                             trainable=trainable, policy=policy)
+        new.train(mod.training)
+        _set_module(model, name, new)
+        report.append({"layer": name, "status": "sparse", "pattern": pattern, "density": 1 - sparsity,
+                       "backend": new.backend, "reason": new.reason})
+    return model, report
+
+
+def explain(model: nn.Module) -> str:
+    """One line per sparse layer: pattern, density, backend and why it was chosen."""
+    lines = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, SPARSE_MODULES):
+            lines.append(f"{name}: {type(mod).__name__} {mod._repr_sparse()} -- {mod.reason}")
+    return "\n".join(lines) if lines else "no sparse layers"
+
+
+def dense_state_dict(sparse_model_or_state: nn.Module | dict, template: nn.Module | None = None) -> dict:
+    """A state dict a dense model of the same architecture loads: every sparse layer's
+    weight decompressed (zeros in place, Conv weights back to [out, in, kh, kw]).
+
+    Give the sparse model, or a sparse state dict plus a dense `template` model (whose
+    layer shapes say how to lay out each weight)."""
+    if isinstance(sparse_model_or_state, nn.Module):
+        out = {}
+        for name, mod in sparse_model_or_state.named_modules():
+            if isinstance(mod, SPARSE_MODULES):
+                prefix = name + "." if name else ""
+                dense = mod.to_dense()
+                out[prefix + "weight"] = dense.weight.detach()
+                if dense.bias is not None:
+                    out[prefix + "bias"] = dense.bias.detach()
+        for k, v in sparse_model_or_state.state_dict().items():
+            if not k.split(".")[-1].startswith("weight_"):
+                out.setdefault(k, v)
+        return out
+    if template is None:
+        raise ValueError("dense_state_dict: a state dict needs template= (a dense model of the same architecture)")
+    sd = sparse_model_or_state
+    out = {k: v for k, v in sd.items() if not k.split(".")[-1].startswith("weight_")}
+    mods = dict(template.named_modules())
+    for k, meta in sd.items():
+        if not k.endswith("weight_meta"):
+            continue
+        prefix = k[: -len("weight_meta")]
+        layer = mods[prefix[:-1]]
+        probe = (SparseConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                              layer.dilation, layer.bias is not None, "dense")
+                 if isinstance(layer, nn.Conv2d) else
+                 SparseLinear(layer.in_features, layer.out_features, layer.bias is not None, "dense"))
+        sub = {kk[len(prefix):]: v for kk, v in sd.items() if kk.startswith(prefix) and "." not in kk[len(prefix):]}
+        probe.pattern = _pattern_of_meta(meta, probe)
+        probe.load_state_dict(sub)
+        dense = probe.to_dense()
+        out[prefix + "weight"] = dense.weight.detach()
+    return out
+
+
+def _pattern_of_meta(meta: torch.Tensor, mod) -> str:
+    kind = int(meta[0])
+    if kind == 1:
+        return f"{int(meta[1])}:{int(meta[2])}"
+    return {2: "unstructured", 3: "block", 4: "dense"}[kind]

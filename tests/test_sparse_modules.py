@@ -1,0 +1,248 @@
+"""Sparse modules and model swap: SparseLinear, SparseConv2d, sparsify, from_torch_prune,
+masked fine-tuning, saving/loading, torch.compile, bad input."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekern
+import sparsekern.prune as prune
+from sparsekern.nn import Policy, SparseConv2d, SparseLinear
+
+SPARSE = Policy("sparse")  # always run the sparse kernel (the tests check its numbers)
+PATTERNS = [("2:4", {}), ("4:8", {}), ("unstructured", {"sparsity": 0.7}), ("block16", {"sparsity": 0.5})]
+
+
+def masked_reference(dense: nn.Module, sparse) -> nn.Module:
+    return sparse.to_dense()
+
+
+@pytest.mark.parametrize("pattern,kw", PATTERNS)
+@pytest.mark.parametrize("lead", [(1,), (5,), (2, 3)])
+def test_sparse_linear_matches_masked_dense(pattern, kw, lead):
+    lin = nn.Linear(64, 48)
+    s = SparseLinear.from_dense(lin, pattern, policy=SPARSE, **kw)
+    x = torch.randn(*lead, 64)
+    ref = nn.functional.linear(x.double(), (lin.weight * s.mask()).double(), lin.bias.double())
+    torch.testing.assert_close(s(x).double(), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s.to_dense()(x), s(x), rtol=1e-5, atol=1e-5)
+    assert f"pattern={pattern}" in repr(s) and "compressed_bytes" in repr(s)
+
+
+@pytest.mark.parametrize("pattern,kw", PATTERNS)
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 0, 1), (1, 2, 2)])
+def test_sparse_conv_matches_masked_dense(pattern, kw, stride, padding, dilation):
+    conv = nn.Conv2d(16, 32, 3, stride=stride, padding=padding, dilation=dilation)
+    s = SparseConv2d.from_dense(conv, pattern, policy=SPARSE, **kw)
+    x = torch.randn(2, 16, 11, 9)
+    dense = s.to_dense()
+    mask = dense.weight != 0
+    assert float(mask.float().mean()) <= 0.55
+    ref = nn.functional.conv2d(x.double(), (conv.weight * mask).double(), conv.bias.double(), stride, padding,
+                               dilation)
+    torch.testing.assert_close(s(x).double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_nm_groups_run_along_input_channels():
+    s = SparseConv2d.from_dense(nn.Conv2d(8, 4, 3), "2:4", policy=SPARSE)
+    w = s.to_dense().weight  # [4, 8, 3, 3]
+    per = (w != 0).permute(0, 2, 3, 1).reshape(4, 3, 3, 2, 4).sum(-1)
+    assert (per <= 2).all()
+
+
+def test_unsupported_conv_settings_are_refused():
+    with pytest.raises(ValueError, match="groups=8"):
+        SparseConv2d.from_dense(nn.Conv2d(8, 8, 3, groups=8), "2:4")
+    with pytest.raises(ValueError, match="not divisible by m=4"):
+        SparseConv2d.from_dense(nn.Conv2d(3, 8, 3), "2:4")
+    with pytest.raises(ValueError, match="padding_mode"):
+        SparseConv2d.from_dense(nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), "2:4")
+
+
+def test_backend_auto_never_slower_choice_is_recorded():
+    s = SparseLinear.from_dense(nn.Linear(256, 256), "unstructured", sparsity=0.5)
+    assert s.backend in ("cpp", "dense") and "measured" in s.reason
+    assert "measured" in sparsekern.explain(nn.Sequential(s))
+
+
+# -------------------------------------------------------------------- fine-tuning
+def test_masked_finetuning_keeps_zeros_and_gradients_match():
+    lin = nn.Linear(32, 16)
+    s = SparseLinear.from_dense(lin, "2:4", trainable=True)
+    mask = s.mask()
+    x = torch.randn(6, 32, requires_grad=True)
+    g = torch.randn(6, 16)
+    (s(x) * g).sum().backward()
+    w_ref = (lin.weight.detach() * mask).double().requires_grad_()
+    x_ref = x.detach().double().requires_grad_()
+    (nn.functional.linear(x_ref, w_ref, lin.bias.detach().double()) * g.double()).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.weight.grad.double(), w_ref.grad * mask, rtol=1e-5, atol=1e-6)
+    opt = torch.optim.SGD(s.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        opt.zero_grad()
+        s(torch.randn(4, 32)).square().sum().backward()
+        opt.step()
+    s.eval()
+    y_eval = s(x.detach())
+    torch.testing.assert_close(y_eval, nn.functional.linear(x.detach(), s.weight * mask, s.bias), rtol=1e-5,
+                               atol=1e-5)
+    s.freeze(SPARSE)
+    assert not s.trainable and "weight" not in dict(s.named_parameters())
+    torch.testing.assert_close(s(x.detach()), y_eval, rtol=1e-5, atol=1e-5)
+
+
+def test_trainable_conv():
+    s = SparseConv2d.from_dense(nn.Conv2d(8, 8, 3, padding=1), "2:4", trainable=True)
+    x = torch.randn(2, 8, 5, 5)
+    s(x).sum().backward()
+    assert (s.weight.grad[~s.mask()] == 0).all()
+
+
+# ------------------------------------------------------------------ save and load
+def _model():
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3) if False else nn.Identity())
+
+
+@pytest.mark.parametrize("pattern,kw", PATTERNS)
+def test_state_dict_torch_save_and_safetensors_round_trip(pattern, kw, tmp_path):
+    model, _ = sparsekern.sparsify(_model(), pattern, min_features=8, policy=SPARSE, show_progress=False, **kw)
+    x = torch.randn(3, 64)
+    y = model(x)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    fresh, _ = sparsekern.sparsify(_model(), pattern, min_features=8, policy=SPARSE, show_progress=False, **kw)
+    fresh.load_state_dict(sd)
+    torch.testing.assert_close(fresh(x), y)
+    safetensors = pytest.importorskip("safetensors.torch")
+    safetensors.save_file(model.state_dict(), str(tmp_path / "m.safetensors"))
+    fresh2, _ = sparsekern.sparsify(_model(), pattern, min_features=8, policy=SPARSE, show_progress=False, **kw)
+    fresh2.load_state_dict(safetensors.load_file(str(tmp_path / "m.safetensors")))
+    torch.testing.assert_close(fresh2(x), y)
+    dense = _model()
+    dense.load_state_dict(sparsekern.dense_state_dict(model))
+    torch.testing.assert_close(dense(x), y, rtol=1e-5, atol=1e-5)
+    dense2 = _model()
+    dense2.load_state_dict(sparsekern.dense_state_dict(sd, template=_model()))
+    torch.testing.assert_close(dense2(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_loading_a_state_dict_of_another_pattern_is_refused():
+    a, _ = sparsekern.sparsify(_model(), "2:4", min_features=8, policy=SPARSE, show_progress=False)
+    b, _ = sparsekern.sparsify(_model(), "unstructured", sparsity=0.5, min_features=8, policy=SPARSE,
+                               show_progress=False)
+    with pytest.raises(RuntimeError, match="'bitmask' weight but this layer's pattern is '2:4'"):
+        a.load_state_dict(b.state_dict())
+
+
+def test_dtype_and_device_changes():
+    s = SparseLinear.from_dense(nn.Linear(64, 32), "2:4", policy=SPARSE)
+    x = torch.randn(2, 64)
+    y = s(x)
+    h = copy.deepcopy(s).to(torch.bfloat16)
+    assert h.weight_format().dtype == torch.bfloat16 and h.weight_indices.dtype == torch.uint8
+    torch.testing.assert_close(h(x.bfloat16()).float(), y, rtol=3e-2, atol=3e-2)
+    with pytest.raises(TypeError, match="x dtype"):
+        h(x)
+    if not torch.cuda.is_available():
+        with pytest.raises((RuntimeError, AssertionError), match="CUDA|cuda|NVIDIA"):
+            copy.deepcopy(s).cuda()
+
+
+# ----------------------------------------------------------------- model swap
+def test_sparsify_report_and_small_layers_left_dense():
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 8))
+    model, report = sparsekern.sparsify(model, "2:4", min_features=64, show_progress=False)
+    by = {r["layer"]: r for r in report}
+    assert by["0"]["status"] == "sparse" and by["0"]["bytes_after"] < by["0"]["bytes_before"] or \
+        by["0"]["backend"] == "dense"
+    assert by["2"]["status"] == "dense" and "min_features" in by["2"]["reason"]
+    assert isinstance(model[0], SparseLinear) and isinstance(model[2], nn.Linear)
+
+
+def test_sparsify_wanda_with_calibration_and_include_exclude():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    ref = copy.deepcopy(model)
+    calib = [torch.randn(8, 64) for _ in range(2)]
+    model, report = sparsekern.sparsify(model, "2:4", method="wanda", calibration=calib, min_features=8,
+                                        exclude=["2"], policy=SPARSE, show_progress=False)
+    assert isinstance(model[0], SparseLinear) and isinstance(model[2], nn.Linear)
+    norms = prune.collect_activation_norms(ref, calib, show_progress=False)
+    expected = prune.nm_mask(prune.score(ref[0].weight, "wanda", act_norm=norms["0"]), 2, 4)
+    assert torch.equal(model[0].mask(), expected)
+
+
+def test_from_torch_prune_picks_the_format():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    prune.nm_prune(model, 2, 4, name="0")
+    prune.block_prune(model, (16, 16), 0.5, name="2")
+    prune.l1_prune(model, name="4", amount=0.6)
+    x = torch.randn(3, 64)
+    y = model(x)
+    model, report = sparsekern.from_torch_prune(model, policy=SPARSE)
+    assert [r["pattern"] for r in report] == ["2:4", "block16", "unstructured"]
+    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_fullgraph_on_swapped_model():
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    model, _ = sparsekern.sparsify(model, "2:4", min_features=8, policy=SPARSE, show_progress=False)
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_torchvision_resnet():
+    tv = pytest.importorskip("torchvision")
+    model = tv.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    sparse, report = sparsekern.sparsify(copy.deepcopy(model), "2:4", min_features=64, policy=SPARSE,
+                                         show_progress=False)
+    n_sparse = sum(r["status"] == "sparse" for r in report)
+    assert n_sparse >= 10 and any("not divisible" in r.get("reason", "") for r in report)  # conv1 (3 channels)
+    masked = copy.deepcopy(model)
+    masked.load_state_dict(sparsekern.dense_state_dict(sparse))
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), masked(x), rtol=1e-4, atol=1e-4)
+
+
+def test_huggingface_model_from_config():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=128, max_position_embeddings=32)
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 12))
+    sparse, report = sparsekern.sparsify(copy.deepcopy(model), "unstructured", sparsity=0.5, min_features=32,
+                                         policy=SPARSE, show_progress=False)
+    assert sum(r["status"] == "sparse" for r in report) == 2 * 6 + 1  # q, k, v, out, ffn in/out per layer; pooler
+    masked = copy.deepcopy(model)
+    masked.load_state_dict(sparsekern.dense_state_dict(sparse))
+    with torch.no_grad():
+        a = sparse(input_ids=ids).last_hidden_state
+        b = masked(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------ bad input
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="unknown pattern '3:3:3'"):
+        SparseLinear.from_dense(nn.Linear(8, 8), "3:3:3")
+    with pytest.raises(ValueError, match="n must satisfy"):
+        SparseLinear.from_dense(nn.Linear(8, 8), "4:4")
+    with pytest.raises(ValueError, match="needs sparsity"):
+        SparseLinear.from_dense(nn.Linear(8, 8), "unstructured")
+    with pytest.raises(ValueError, match="mask does not fit pattern '2:4'"):
+        SparseLinear.from_dense(nn.Linear(8, 8), "2:4", mask=torch.ones(8, 8, dtype=torch.bool), trainable=True)
+    with pytest.raises(TypeError, match="expected nn.Linear"):
+        SparseLinear.from_dense(nn.Conv2d(8, 8, 1), "2:4")
+    with pytest.raises(ValueError, match="needs calibration"):
+        sparsekern.sparsify(nn.Linear(8, 8), "2:4", method="wanda")
+    with pytest.raises(ValueError, match=r"expected input \[N, 8, H, W\]"):
+        SparseConv2d.from_dense(nn.Conv2d(8, 8, 1), "2:4", policy=SPARSE)(torch.randn(1, 4, 3, 3))
+    with pytest.raises(ValueError, match="backend must be"):
+        Policy("fastest")
