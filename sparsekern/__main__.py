@@ -29,6 +29,7 @@ def info_dict() -> dict:
             "cuda_kernels": ext.cuda_kernels_available(),
             "gpu": gpu,
             "triton": ext.triton_available(),
+            "triton_ops": sorted(__import__("sparsekern.ops", fromlist=["TRITON_OPS"]).TRITON_OPS),
             "triton_mode": ("gpu" if torch.cuda.is_available() else
                             "interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else None),
         },
@@ -56,6 +57,8 @@ def print_info(as_json: bool = False) -> None:
     gpu_s = f"{gpu['name']} (sm_{gpu['capability'][0]}{gpu['capability'][1]})" if gpu else "no GPU"
     print(f"  CUDA kernels  {yes(u['cuda_kernels'])}  ({gpu_s})")
     print(f"  Triton        {yes(u['triton'])}" + (f"  ({u['triton_mode']})" if u["triton_mode"] else ""))
+    if u["triton"]:
+        print(f"                ops: {', '.join(u['triton_ops'])}")
 
 
 def main(argv=None) -> int:

@@ -72,6 +72,7 @@ def cuda_kernels_available(device: torch.device | None = None) -> bool:
 
 
 def triton_available() -> bool:
+    """Triton is installed and has somewhere to run: a CUDA GPU, or the interpreter."""
     try:
         import triton  # noqa: F401
     except ImportError:

@@ -28,15 +28,18 @@ from .formats import BitmaskWeight, BlockWeight, NMWeight
 
 # Ops with a compiled CUDA kernel (csrc/cuda/*.cu); the rest run the reference on GPU.
 CUDA_OPS = frozenset({"nm_linear", "bitmask_linear", "masked_linear", "masked_linear_grad_input"})
+# Ops with a Triton kernel (sparsekern/triton/), used on GPUs where the CUDA one cannot run.
+TRITON_OPS = frozenset({"nm_linear", "bitmask_linear", "block_linear", "masked_linear", "masked_linear_grad_input",
+                        "group_norm", "act_norm_accumulate", "nm_score_compress"})
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _override: str | None = None
 
 
 @contextlib.contextmanager
 def use_backend(name: str | None):
-    """Force a backend ("reference", "cpp", "cuda") inside the block (None: automatic)."""
+    """Force a backend ("reference", "cpp", "cuda", "triton") inside the block (None: automatic)."""
     global _override
-    if name not in (None, "reference", "cpp", "cuda"):
+    if name not in (None, "reference", "cpp", "cuda", "triton"):
         raise ValueError(f"use_backend: unknown backend {name!r}")
     old, _override = _override, name
     try:
@@ -58,8 +61,11 @@ def explain_backend(op: str, t: torch.Tensor) -> tuple[str, str]:
     if t.device.type == "cuda":
         if op in CUDA_OPS and _extension.cuda_kernels_available(t.device):
             return "cuda", "compiled CUDA kernel for this GPU"
+        if op in TRITON_OPS and _extension.triton_available():
+            why = "no CUDA kernel for this op" if op not in CUDA_OPS else "CUDA kernel not built for this GPU"
+            return "triton", f"Triton kernel ({why})"
         if op not in CUDA_OPS:
-            return "reference", f"{op} has no CUDA kernel yet"
+            return "reference", f"{op} has no CUDA kernel and Triton is not installed"
         if not _extension.LOADED:
             return "reference", _extension.LOAD_ERROR or "extension not loaded"
         if not _extension.BUILD_INFO.get("with_cuda"):
@@ -77,6 +83,15 @@ def backend_for(op_or_tensor, t: torch.Tensor | None = None) -> str:
 
 def _compiled(op: str, t: torch.Tensor) -> bool:
     return backend_for(op, t) in ("cpp", "cuda")
+
+
+def _triton(op: str, t: torch.Tensor):
+    """The Triton kernels' namespace when `op` should run there, else None."""
+    if backend_for(op, t) != "triton":
+        return None
+    from . import triton as sktriton
+
+    return sktriton.kernels()
 
 
 # ------------------------------------------------------------------ argument checks
@@ -121,6 +136,9 @@ def nm_linear(x: torch.Tensor, weight: NMWeight, bias: torch.Tensor | None = Non
     _check_format("nm_linear", weight, NMWeight)
     _check_x("nm_linear", x, weight.in_features, weight.dtype, weight.device)
     _check_bias("nm_linear", bias, weight.shape[0], x)
+    tk = _triton("nm_linear", x)
+    if tk is not None:
+        return tk.nm_linear(x, weight, bias)
     args = (x, weight.values, weight.indices, weight.n, weight.m, weight.in_features, bias)
     if _compiled("nm_linear", x):
         return torch.ops.sparsekern.nm_linear(*args)
@@ -133,6 +151,9 @@ def bitmask_linear(x: torch.Tensor, weight: BitmaskWeight, bias: torch.Tensor | 
     _check_format("bitmask_linear", weight, BitmaskWeight)
     _check_x("bitmask_linear", x, weight.in_features, weight.dtype, weight.device)
     _check_bias("bitmask_linear", bias, weight.shape[0], x)
+    tk = _triton("bitmask_linear", x)
+    if tk is not None:
+        return tk.bitmask_linear(x, weight, bias)
     args = (x, weight.values, weight.bitmask, weight.offsets, weight.in_features, bias)
     if _compiled("bitmask_linear", x):
         return torch.ops.sparsekern.bitmask_linear(*args)
@@ -144,6 +165,9 @@ def block_linear(x: torch.Tensor, weight: BlockWeight, bias: torch.Tensor | None
     _check_format("block_linear", weight, BlockWeight)
     _check_x("block_linear", x, weight.in_features, weight.dtype, weight.device)
     _check_bias("block_linear", bias, weight.shape[0], x)
+    tk = _triton("block_linear", x)
+    if tk is not None and weight.block[0] == weight.block[1] and weight.block[0] in (16, 32, 64):
+        return tk.block_linear(x, weight, bias)
     args = (x, weight.crow_indices, weight.col_indices, weight.values, weight.in_features, bias)
     if _compiled("block_linear", x):
         return torch.ops.sparsekern.block_linear(*args)
@@ -174,6 +198,9 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bitmask: torch.Tensor,
     _check_x("masked_linear", x, weight.shape[1], weight.dtype, weight.device)
     _check_bitmask("masked_linear", bitmask, weight)
     _check_bias("masked_linear", bias, weight.shape[0], x)
+    tk = _triton("masked_linear", x)
+    if tk is not None:
+        return tk.masked_linear(x, weight, bitmask, bias)
     if _compiled("masked_linear", x):
         return torch.ops.sparsekern.masked_linear(x, weight, bitmask, bias)
     return reference.masked_linear(x, weight, bitmask, bias)
@@ -183,6 +210,9 @@ def masked_linear_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, bitma
     """grad_out [..., out] @ (W*M) -> [..., in]: masked_linear's input gradient."""
     _check_x("masked_linear_grad_input", grad_out, weight.shape[0], weight.dtype, weight.device)
     _check_bitmask("masked_linear_grad_input", bitmask, weight)
+    tk = _triton("masked_linear_grad_input", grad_out)
+    if tk is not None:
+        return tk.masked_linear_grad_input(grad_out, weight, bitmask)
     if _compiled("masked_linear_grad_input", grad_out):
         return torch.ops.sparsekern.masked_linear_grad_input(grad_out, weight, bitmask)
     return reference.masked_linear_grad_input(grad_out, weight, bitmask)
@@ -265,6 +295,9 @@ def group_norm(weight: torch.Tensor, block_rows: int, block_cols: int, p: int = 
     rows, cols = weight.shape
     if not (block_rows > 0 and block_cols > 0 and rows % block_rows == 0 and cols % block_cols == 0):
         raise ValueError(f"group_norm: group shape ({block_rows}, {block_cols}) must divide weight shape {(rows, cols)}")
+    tk = _triton("group_norm", weight)
+    if tk is not None:
+        return tk.group_norm(weight, block_rows, block_cols, p, grad=grad, act_norm=act_norm)
     if _compiled("group_norm", weight):
         return torch.ops.sparsekern.group_norm(weight, grad, act_norm, block_rows, block_cols, p)
     return reference.group_norm(weight, grad, act_norm, block_rows, block_cols, p)
@@ -278,6 +311,9 @@ def act_norm_accumulate(sumsq: torch.Tensor, x: torch.Tensor) -> None:
         raise ValueError(f"act_norm_accumulate: x must be floating with x.shape[-1] == {sumsq.shape[0]}")
     if x.device != sumsq.device:
         raise ValueError(f"act_norm_accumulate: x is on {x.device} but sumsq is on {sumsq.device}")
+    tk = _triton("act_norm_accumulate", x)
+    if tk is not None and sumsq.is_contiguous():
+        return tk.act_norm_accumulate(sumsq, x)
     if _compiled("act_norm_accumulate", x) and sumsq.is_contiguous():
         torch.ops.sparsekern.act_norm_accumulate(sumsq, x)
     else:
@@ -291,6 +327,9 @@ def nm_score_compress(weight: torch.Tensor, n: int, m: int, *, grad: torch.Tenso
     NMWeight.check_nm(n, m, "nm_score_compress")
     if weight.shape[1] % m:
         raise ValueError(f"nm_score_compress: in_features ({weight.shape[1]}) must be divisible by m = {m}")
+    tk = _triton("nm_score_compress", weight)
+    if tk is not None:
+        return tk.nm_score_compress(weight, n, m, grad=grad, act_norm=act_norm)
     if _compiled("nm_score_compress", weight):
         return torch.ops.sparsekern.nm_score_compress(weight, grad, act_norm, n, m)
     return reference.nm_score_compress(weight, grad, act_norm, n, m)

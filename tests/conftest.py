@@ -3,6 +3,11 @@ import os
 import pytest
 import torch
 
+# Triton kernels run on the CPU through the interpreter; it must be chosen before any
+# kernel is defined (sparsekern.triton is imported lazily, by the tests that use it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import sparsekern
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]

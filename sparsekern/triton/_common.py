@@ -1,0 +1,62 @@
+"""Shared launch helpers for the Triton kernels."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+
+TL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def block_m(batch: int) -> int:
+    """Rows of x per program: tl.dot needs at least 16; decode batches pad to 16."""
+    return 16 if batch <= 16 else (32 if batch <= 32 else 64)
+
+
+def linear_configs():
+    """Autotune space covering H100/H200 (ignored by the interpreter, which runs one)."""
+    if interpreting():
+        return [triton.Config({"BLOCK_N": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+
+
+def batch_bucket(m: int) -> int:
+    return 1 << max(0, (max(m, 1) - 1).bit_length())
+
+
+def flatten_x(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def out_like(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Output buffer in x's dtype; fp32 for bf16 under the interpreter, whose fp32 -> bf16
+    conversion truncates instead of rounding to nearest (doubling the error): `unflatten`
+    then rounds with torch."""
+    dtype = torch.float32 if (x.dtype == torch.bfloat16 and interpreting()) else x.dtype
+    return torch.empty(rows, cols, device=x.device, dtype=dtype)
+
+
+def unflatten(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+
+def dot_f32(dtype: torch.dtype) -> bool:
+    """Multiply in fp32: always for fp32 inputs, and for bf16 under the interpreter, whose
+    tl.dot on bf16 operands returns garbage (seen with Triton 3.8 on the CPU)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 keeps IEEE products (1e-5 accuracy); tf32 would give ~3e-4.
+    return "ieee" if dot_f32(dtype) else "tf32"
+
+
+@triton.jit
+def mma(a, b, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    """a @ b with fp32 accumulation; DOT_F32 multiplies in fp32 (see dot_f32)."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+    return tl.dot(a, b.to(a.dtype), input_precision=PRECISION)

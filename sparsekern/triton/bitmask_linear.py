@@ -1,0 +1,84 @@
+"""Triton bitmask_linear: y = x @ W^T + b with W in the tiled bitmask format.
+
+"Load as sparse, compute as dense": per K step of 64 columns each weight row's 64-bit mask
+word is expanded on chip into a [BLOCK_N, 64] tile; a kept element's value sits at the
+row's running count plus its rank among the word's set bits (an exclusive prefix sum of
+the bits), so only kept values are read from memory. The tile then goes to tl.dot.
+Values of a row are contiguous and in column order, so the running count starts at the
+row's first offset and grows by each word's popcount.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import dot_f32, mma, batch_bucket, block_m, dot_precision, flatten_x, linear_configs, out_like, unflatten
+
+
+@triton.autotune(configs=linear_configs(), key=["N", "K", "M_BUCKET"])
+@triton.jit
+def _bitmask_linear_kernel(
+    x_ptr, values_ptr, bitmask_ptr, offsets_ptr, bias_ptr, y_ptr,  # bitmask [N, WORDS] int64, offsets [N, TILES]
+    M, N, K, WORDS, TILES, M_BUCKET,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    lane = tl.arange(0, 64)
+    run = tl.load(offsets_ptr + rn * TILES, mask=n_ok, other=0).to(tl.int64)  # first value of each row
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for wi in range(0, WORDS):
+        word = tl.load(bitmask_ptr + rn * WORDS + wi, mask=n_ok, other=0)
+        bits = ((word[:, None] >> lane[None, :].to(tl.int64)) & 1).to(tl.int32)
+        rank = tl.cumsum(bits, axis=1) - bits
+        keep = (bits != 0) & n_ok[:, None]
+        w = tl.load(values_ptr + run[:, None] + rank.to(tl.int64), mask=keep, other=0.0)
+        rk = wi * 64 + lane
+        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=m_ok[:, None] & (rk[None, :] < K), other=0.0)
+        acc += mma(x, tl.trans(w), PRECISION, DOT_F32)
+        run += tl.sum(bits, axis=1).to(tl.int64)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton_op("sparsekern_triton::bitmask_linear", mutates_args=())
+def _bitmask_linear_op(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, offsets: torch.Tensor,
+                       in_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    x2 = flatten_x(x)
+    M, K = x2.shape
+    N = bitmask.shape[0]
+    y = out_like(x2, M, N)
+    if M > 0 and N > 0:
+        bm = block_m(M)
+
+        def grid(meta):
+            return (triton.cdiv(M, bm), triton.cdiv(N, meta["BLOCK_N"]))
+
+        wrap_triton(_bitmask_linear_kernel)[grid](
+            x2, values if values.numel() else x2, bitmask.contiguous(), offsets.contiguous(),
+            bias if bias is not None else x2, y, M, N, K, bitmask.shape[1], offsets.shape[1], batch_bucket(M),
+            HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), DOT_F32=dot_f32(x.dtype), BLOCK_M=bm)
+    return unflatten(y, x)
+
+
+@_bitmask_linear_op.register_fake
+def _(x, values, bitmask, offsets, in_features, bias):
+    return x.new_empty(*x.shape[:-1], bitmask.shape[0])
+
+
+def bitmask_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton bitmask_linear for a BitmaskWeight (arguments checked as sparsekern.ops)."""
+    from sparsekern import ops
+    from sparsekern.formats import BitmaskWeight
+
+    ops._check_format("bitmask_linear", weight, BitmaskWeight)
+    ops._check_x("bitmask_linear", x, weight.in_features, weight.dtype, weight.device)
+    ops._check_bias("bitmask_linear", bias, weight.shape[0], x)
+    return _bitmask_linear_op(x, weight.values, weight.bitmask, weight.offsets, weight.in_features, bias)

@@ -1,0 +1,192 @@
+"""Triton masked_linear for masked fine-tuning, without materialising W*M:
+
+  forward      y  = x @ (W*M)^T + b     tiles of W expanded with their mask word, tl.dot
+  grad_input   gx = g @ (W*M)           same expansion, K tiles as outputs
+  grad_weight  gw = (g^T @ x) * M       the mask applied as the tile is stored
+
+The mask is the packed bitmask [out, ceil(in/64)] (bit j of word w is column 64w+j); K
+steps are one 64-bit word wide. Autograd: forward saves x, W and the bitmask.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import dot_f32, mma, block_m, dot_precision, flatten_x, out_like, unflatten
+
+
+@triton.jit
+def _masked_tile(w_ptr, bitmask_ptr, rn, n_ok, wi, K, WORDS):
+    """[BLOCK_N, 64] tile of W*M at columns [64*wi, 64*wi + 64)."""
+    lane = tl.arange(0, 64)
+    rk = wi * 64 + lane
+    word = tl.load(bitmask_ptr + rn * WORDS + wi, mask=n_ok, other=0)
+    keep = ((word[:, None] >> lane[None, :].to(tl.int64)) & 1) != 0
+    return tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=keep & n_ok[:, None] & (rk[None, :] < K), other=0.0)
+
+
+@triton.jit
+def _masked_linear_fwd_kernel(x_ptr, w_ptr, bitmask_ptr, bias_ptr, y_ptr, M, N, K, WORDS,
+                              HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = rm < M, rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for wi in range(0, WORDS):
+        w = _masked_tile(w_ptr, bitmask_ptr, rn, n_ok, wi, K, WORDS)
+        rk = wi * 64 + tl.arange(0, 64)
+        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=m_ok[:, None] & (rk[None, :] < K), other=0.0)
+        acc += mma(x, tl.trans(w), PRECISION, DOT_F32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _masked_linear_grad_input_kernel(g_ptr, w_ptr, bitmask_ptr, gx_ptr, M, N, K, WORDS, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    wi = tl.program_id(1)
+    rk = wi * 64 + tl.arange(0, 64)
+    m_ok = rm < M
+    acc = tl.zeros((BLOCK_M, 64), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        w = _masked_tile(w_ptr, bitmask_ptr, rn, n_ok, wi, K, WORDS)
+        g = tl.load(g_ptr + rm[:, None] * N + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += mma(g, w, PRECISION, DOT_F32)
+    tl.store(gx_ptr + rm[:, None] * K + rk[None, :], acc.to(gx_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & (rk[None, :] < K))
+
+
+@triton.jit
+def _masked_linear_grad_weight_kernel(g_ptr, x_ptr, bitmask_ptr, gw_ptr, M, N, K, WORDS, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+                                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    wi = tl.program_id(1)
+    lane = tl.arange(0, 64)
+    rk = wi * 64 + lane
+    n_ok, k_ok = rn < N, rk < K
+    acc = tl.zeros((BLOCK_N, 64), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+        g = tl.load(g_ptr + rm[:, None] * N + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += mma(tl.trans(g), x, PRECISION, DOT_F32)
+    word = tl.load(bitmask_ptr + rn * WORDS + wi, mask=n_ok, other=0)
+    keep = ((word[:, None] >> lane[None, :].to(tl.int64)) & 1) != 0
+    acc = tl.where(keep, acc, 0.0)
+    tl.store(gw_ptr + rn[:, None] * K + rk[None, :], acc.to(gw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+
+@triton_op("sparsekern_triton::masked_linear", mutates_args=())
+def _masked_linear_op(x: torch.Tensor, weight: torch.Tensor, bitmask: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    x2 = flatten_x(x)
+    M, K = x2.shape
+    N = weight.shape[0]
+    y = out_like(x2, M, N)
+    if M > 0 and N > 0:
+        bm = block_m(M)
+        wrap_triton(_masked_linear_fwd_kernel)[(triton.cdiv(M, bm), triton.cdiv(N, 32))](
+            x2, weight.contiguous(), bitmask.contiguous(), bias if bias is not None else x2, y, M, N, K,
+            bitmask.shape[1], HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), DOT_F32=dot_f32(x.dtype), BLOCK_M=bm, BLOCK_N=32)
+    return unflatten(y, x)
+
+
+@_masked_linear_op.register_fake
+def _(x, weight, bitmask, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@triton_op("sparsekern_triton::masked_linear_grad_input", mutates_args=())
+def _masked_linear_grad_input_op(grad_out: torch.Tensor, weight: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    g2 = flatten_x(grad_out)
+    M, N = g2.shape
+    K = weight.shape[1]
+    gx = out_like(g2, M, K)
+    if M > 0 and K > 0:
+        bm = block_m(M)
+        wrap_triton(_masked_linear_grad_input_kernel)[(triton.cdiv(M, bm), bitmask.shape[1])](
+            g2, weight.contiguous(), bitmask.contiguous(), gx, M, N, K, bitmask.shape[1],
+            PRECISION=dot_precision(grad_out.dtype), DOT_F32=dot_f32(grad_out.dtype), BLOCK_M=bm, BLOCK_N=32)
+    return unflatten(gx, grad_out)
+
+
+@_masked_linear_grad_input_op.register_fake
+def _(grad_out, weight, bitmask):
+    return grad_out.new_empty(*grad_out.shape[:-1], weight.shape[1])
+
+
+@triton_op("sparsekern_triton::masked_linear_grad_weight", mutates_args=())
+def _masked_linear_grad_weight_op(grad_out: torch.Tensor, x: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    g2, x2 = flatten_x(grad_out), flatten_x(x)
+    M, N = g2.shape
+    K = x2.shape[1]
+    gw = out_like(x2, N, K)
+    if N > 0 and K > 0:
+        wrap_triton(_masked_linear_grad_weight_kernel)[(triton.cdiv(N, 32), bitmask.shape[1])](
+            g2, x2, bitmask.contiguous(), gw, M, N, K, bitmask.shape[1], PRECISION=dot_precision(x.dtype), DOT_F32=dot_f32(x.dtype),
+            BLOCK_M=32, BLOCK_N=32)
+    return gw.to(x.dtype)
+
+
+@_masked_linear_grad_weight_op.register_fake
+def _(grad_out, x, bitmask):
+    return x.new_empty(grad_out.shape[-1], x.shape[-1])
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bitmask, _ = inputs
+    ctx.save_for_backward(x, weight, bitmask)
+
+
+def _backward(ctx, grad):
+    x, weight, bitmask = ctx.saved_tensors
+    gx = _masked_linear_grad_input_op(grad, weight, bitmask) if ctx.needs_input_grad[0] else None
+    gw = _masked_linear_grad_weight_op(grad, x, bitmask) if ctx.needs_input_grad[1] else None
+    gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
+    return gx, gw, None, gb
+
+
+_masked_linear_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _check(op, x, weight, bitmask, bias=None):
+    from sparsekern import ops
+
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be a 2-D tensor [out, in]")
+    ops._check_bitmask(op, bitmask, weight)
+    ops._check_bias(op, bias, weight.shape[0], x)
+
+
+def masked_linear(x, weight, bitmask, bias=None):
+    from sparsekern import ops
+
+    _check("masked_linear", x, weight, bitmask, bias)
+    ops._check_x("masked_linear", x, weight.shape[1], weight.dtype, weight.device)
+    return _masked_linear_op(x, weight, bitmask, bias)
+
+
+def masked_linear_grad_input(grad_out, weight, bitmask):
+    from sparsekern import ops
+
+    _check("masked_linear_grad_input", grad_out, weight, bitmask)
+    ops._check_x("masked_linear_grad_input", grad_out, weight.shape[0], weight.dtype, weight.device)
+    return _masked_linear_grad_input_op(grad_out, weight, bitmask)
+
+
+def masked_linear_grad_weight(grad_out, x, bitmask):
+    """(grad_out^T @ x) * M for a weight of shape [grad_out.shape[-1], x.shape[-1]]."""
+    if grad_out.shape[:-1] != x.shape[:-1]:
+        raise ValueError("masked_linear_grad_weight: grad_out and x must share their leading shape")
+    if bitmask.shape != (grad_out.shape[-1], -(-x.shape[-1] // 64)):
+        raise ValueError(f"masked_linear_grad_weight: bitmask must have shape "
+                         f"({grad_out.shape[-1]}, {-(-x.shape[-1] // 64)})")
+    return _masked_linear_grad_weight_op(grad_out, x, bitmask)

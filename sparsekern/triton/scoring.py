@@ -1,0 +1,194 @@
+"""Triton fused scoring ops for the pruning toolkit (references: sparsekern/reference.py).
+
+  group_norm           score e = |w| * |grad| * act_norm[col], reduced per (br, bc) group with
+                       L1 (sum) or L2 (sqrt of the sum of squares) in one pass over the weight
+  act_norm_accumulate  sumsq[j] += sum x[..., j]^2, one pass over the activations
+  nm_score_compress    score -> N:M selection -> compressed values + packed indices in one pass
+                       over the weight (plus a pass over the 1-byte-per-slot indices to pack them)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+TILE_R, TILE_C = 32, 64
+
+
+@triton.jit
+def _score(w_ptr, g_ptr, an_ptr, rr, cc, ok, K, HAS_GRAD: tl.constexpr, HAS_ACT: tl.constexpr):
+    e = tl.abs(tl.load(w_ptr + rr * K + cc, mask=ok, other=0.0).to(tl.float32))
+    if HAS_GRAD:
+        e = e * tl.abs(tl.load(g_ptr + rr * K + cc, mask=ok, other=0.0).to(tl.float32))
+    if HAS_ACT:
+        e = e * tl.load(an_ptr + cc, mask=ok, other=0.0).to(tl.float32)
+    return e
+
+
+@triton.jit
+def _group_norm_kernel(w_ptr, g_ptr, an_ptr, out_ptr, R, K, BR, BC, NBC,
+                       P: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_ACT: tl.constexpr, TILE_IN_GROUP: tl.constexpr,
+                       TR: tl.constexpr, TC: tl.constexpr):
+    r = tl.program_id(0) * TR + tl.arange(0, TR)
+    c = tl.program_id(1) * TC + tl.arange(0, TC)
+    ok = (r[:, None] < R) & (c[None, :] < K)
+    e = _score(w_ptr, g_ptr, an_ptr, r[:, None], c[None, :], ok, K, HAS_GRAD, HAS_ACT)
+    if P == 2:
+        e = e * e
+    if TILE_IN_GROUP:  # the whole tile lies in one group: reduce on chip, one atomic
+        gid = (tl.program_id(0) * TR // BR) * NBC + tl.program_id(1) * TC // BC
+        tl.atomic_add(out_ptr + gid, tl.sum(tl.sum(e, axis=1), axis=0))
+    else:
+        gid = (r[:, None] // BR) * NBC + c[None, :] // BC
+        tl.atomic_add(out_ptr + gid, e, mask=ok)
+
+
+@triton_op("sparsekern_triton::group_norm", mutates_args=())
+def _group_norm_op(weight: torch.Tensor, grad: torch.Tensor | None, act_norm: torch.Tensor | None, block_rows: int,
+                   block_cols: int, p: int) -> torch.Tensor:
+    R, K = weight.shape
+    out = torch.zeros(R // block_rows, K // block_cols, device=weight.device, dtype=torch.float32)
+    if weight.numel():
+        in_group = block_rows % TILE_R == 0 and block_cols % TILE_C == 0
+        w = weight.contiguous()
+        wrap_triton(_group_norm_kernel)[(triton.cdiv(R, TILE_R), triton.cdiv(K, TILE_C))](
+            w, grad.contiguous() if grad is not None else w, act_norm.contiguous() if act_norm is not None else w, out,
+            R, K, block_rows, block_cols, K // block_cols, P=p, HAS_GRAD=grad is not None,
+            HAS_ACT=act_norm is not None, TILE_IN_GROUP=in_group, TR=TILE_R, TC=TILE_C)
+    return out.sqrt() if p == 2 else out
+
+
+@_group_norm_op.register_fake
+def _(weight, grad, act_norm, block_rows, block_cols, p):
+    return weight.new_empty(weight.shape[0] // block_rows, weight.shape[1] // block_cols, dtype=torch.float32)
+
+
+@triton.jit
+def _act_norm_kernel(sumsq_ptr, x_ptr, R, K, TR: tl.constexpr, TC: tl.constexpr):
+    c = tl.program_id(0) * TC + tl.arange(0, TC)
+    acc = tl.zeros((TC,), dtype=tl.float32)
+    for r0 in range(0, R, TR):
+        r = r0 + tl.arange(0, TR)
+        x = tl.load(x_ptr + r[:, None] * K + c[None, :], mask=(r[:, None] < R) & (c[None, :] < K), other=0.0)
+        x = x.to(tl.float32)
+        acc += tl.sum(x * x, axis=0)
+    old = tl.load(sumsq_ptr + c, mask=c < K, other=0.0)
+    tl.store(sumsq_ptr + c, old + acc.to(old.dtype), mask=c < K)
+
+
+@triton_op("sparsekern_triton::act_norm_accumulate", mutates_args=("sumsq",))
+def _act_norm_op(sumsq: torch.Tensor, x: torch.Tensor) -> None:
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    if x2.shape[0]:
+        wrap_triton(_act_norm_kernel)[(triton.cdiv(x2.shape[1], 128),)](sumsq, x2, x2.shape[0], x2.shape[1],
+                                                                       TR=32, TC=128)
+
+
+@_act_norm_op.register_fake
+def _(sumsq, x):
+    return None
+
+
+@triton.jit
+def _nm_select_kernel(w_ptr, g_ptr, an_ptr, values_ptr, slots_ptr, R, K, KEPT,
+                      NN: tl.constexpr, MM: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_ACT: tl.constexpr,
+                      BR: tl.constexpr, BG: tl.constexpr):
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.program_id(1) * BG * MM + tl.arange(0, BG * MM)
+    ok = (r[:, None] < R) & (c[None, :] < K)
+    w = tl.load(w_ptr + r[:, None] * K + c[None, :], mask=ok, other=0.0)
+    e = _score(w_ptr, g_ptr, an_ptr, r[:, None], c[None, :], ok, K, HAS_GRAD, HAS_ACT)
+    s = tl.reshape(e, (BR, BG, MM))
+    j = tl.arange(0, MM)[None, None, :]
+    sel = tl.zeros((BR, BG, MM), dtype=tl.int32)
+    for t in tl.static_range(NN):  # n rounds of "largest remaining, lowest column on ties"
+        mx = tl.max(s, axis=2)
+        first = tl.min(tl.where(s == mx[:, :, None], j, MM), axis=2)
+        pick = j == first[:, :, None]
+        sel = tl.where(pick, 1, sel)
+        s = tl.where(pick, -1.0, s)
+    rank = tl.cumsum(sel, axis=2) - sel  # slot within the group, in column order
+    g = tl.program_id(1) * BG + tl.arange(0, BG)[None, :, None]
+    slot = g * NN + rank
+    keep = (sel != 0) & tl.reshape(ok, (BR, BG, MM))
+    rr = r[:, None, None]
+    tl.store(values_ptr + rr * KEPT + slot, tl.reshape(w, (BR, BG, MM)), mask=keep)
+    tl.store(slots_ptr + rr * KEPT + slot, (j + 0 * slot).to(tl.uint8), mask=keep)
+
+
+@triton.jit
+def _pack_kernel(slots_ptr, idx_ptr, R, KEPT, NBYTES, BITS: tl.constexpr, TB: tl.constexpr):
+    r = tl.program_id(0)
+    b = tl.program_id(1) * TB + tl.arange(0, TB)
+    acc = tl.zeros((TB,), dtype=tl.int32)
+    for s in tl.static_range(8 // BITS):
+        slot = b * (8 // BITS) + s
+        v = tl.load(slots_ptr + r * KEPT + slot, mask=(slot < KEPT) & (b < NBYTES), other=0).to(tl.int32)
+        acc = acc | (v << (s * BITS))
+    tl.store(idx_ptr + r * NBYTES + b, acc.to(tl.uint8), mask=b < NBYTES)
+
+
+@triton_op("sparsekern_triton::nm_score_compress", mutates_args=())
+def _nm_score_compress_op(weight: torch.Tensor, grad: torch.Tensor | None, act_norm: torch.Tensor | None, n: int,
+                          m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    R, K = weight.shape
+    kept = K // m * n
+    bits = 2 if m == 4 else 4
+    nbytes = (kept * bits + 7) // 8
+    values = torch.empty(R, kept, device=weight.device, dtype=weight.dtype)
+    slots = torch.empty(R, kept, device=weight.device, dtype=torch.uint8)
+    indices = torch.empty(R, nbytes, device=weight.device, dtype=torch.uint8)
+    if R and K:
+        w = weight.contiguous()
+        bg = 16
+        wrap_triton(_nm_select_kernel)[(triton.cdiv(R, 16), triton.cdiv(K // m, bg))](
+            w, grad.contiguous() if grad is not None else w, act_norm.contiguous() if act_norm is not None else w,
+            values, slots, R, K, kept, NN=n, MM=m, HAS_GRAD=grad is not None, HAS_ACT=act_norm is not None,
+            BR=16, BG=bg)
+        wrap_triton(_pack_kernel)[(R, triton.cdiv(nbytes, 128))](slots, indices, R, kept, nbytes, BITS=bits, TB=128)
+    return values, indices
+
+
+@_nm_score_compress_op.register_fake
+def _(weight, grad, act_norm, n, m):
+    R, K = weight.shape
+    kept = K // m * n
+    return (weight.new_empty(R, kept), weight.new_empty(R, (kept * (2 if m == 4 else 4) + 7) // 8, dtype=torch.uint8))
+
+
+# ------------------------------------------------------------------ checked wrappers
+def group_norm(weight, block_rows: int, block_cols: int, p: int = 1, *, grad=None, act_norm=None):
+    from sparsekern import ops
+
+    ops._check_score_inputs("group_norm", weight, grad, act_norm)
+    if p not in (1, 2):
+        raise ValueError(f"group_norm: p must be 1 (L1) or 2 (L2), got {p}")
+    R, K = weight.shape
+    if not (block_rows > 0 and block_cols > 0 and R % block_rows == 0 and K % block_cols == 0):
+        raise ValueError(f"group_norm: group shape ({block_rows}, {block_cols}) must divide weight shape {(R, K)}")
+    return _group_norm_op(weight, grad, act_norm, block_rows, block_cols, p)
+
+
+def act_norm_accumulate(sumsq, x) -> None:
+    if not isinstance(sumsq, torch.Tensor) or sumsq.dim() != 1 or not sumsq.is_contiguous() or \
+            sumsq.dtype not in (torch.float32, torch.float64):
+        raise ValueError("act_norm_accumulate: sumsq must be a contiguous 1-D float32/float64 tensor")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[-1] != sumsq.shape[0]:
+        raise ValueError(f"act_norm_accumulate: x must be floating with x.shape[-1] == {sumsq.shape[0]}")
+    if x.device != sumsq.device:
+        raise ValueError(f"act_norm_accumulate: x is on {x.device} but sumsq is on {sumsq.device}")
+    _act_norm_op(sumsq, x)
+
+
+def nm_score_compress(weight, n: int, m: int, *, grad=None, act_norm=None):
+    from sparsekern import ops
+    from sparsekern.formats import NMWeight
+
+    ops._check_score_inputs("nm_score_compress", weight, grad, act_norm)
+    NMWeight.check_nm(n, m, "nm_score_compress")
+    if weight.shape[1] % m:
+        raise ValueError(f"nm_score_compress: in_features ({weight.shape[1]}) must be divisible by m = {m}")
+    if weight.numel() and not bool(torch.isfinite(weight).all()):
+        raise ValueError("nm_score_compress: weight has NaN or inf; sparse formats need finite weights")
+    return _nm_score_compress_op(weight, grad, act_norm, n, m)
