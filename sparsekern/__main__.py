@@ -1,4 +1,4 @@
-"""Command line: `python -m sparsekern info` (more commands come with the demo)."""
+"""Command line: `python -m sparsekern info | demo | bench | prune` (`--help` on each)."""
 from __future__ import annotations
 
 import argparse
@@ -61,14 +61,126 @@ def print_info(as_json: bool = False) -> None:
         print(f"                ops: {', '.join(u['triton_ops'])}")
 
 
+def cmd_prune(a) -> int:
+    import torch
+
+    from . import prune as P
+    from .nn import parse_pattern
+    from .sparsify import sparsify
+
+    if not os.path.isfile(a.model):
+        raise SystemExit(f"prune: no such file: {a.model}")
+    parse_pattern(a.pattern, "prune --pattern")
+    P._check_method("prune --method", a.method)
+    try:
+        obj = torch.load(a.model, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a pickled module: loading it runs its pickle code
+        print(f"prune: {a.model} is not a plain state dict; loading it as a pickled module (weights_only=False)",
+              file=sys.stderr)
+        obj = torch.load(a.model, map_location="cpu", weights_only=False)
+    calib = None
+    if a.calibration:
+        if not os.path.isfile(a.calibration):
+            raise SystemExit(f"prune: no such calibration file: {a.calibration}")
+        data = torch.load(a.calibration, map_location="cpu", weights_only=True)
+        if not isinstance(data, torch.Tensor):
+            raise SystemExit("prune: --calibration must be a .pt file holding one tensor (batches along dim 0)")
+        calib = list(data.split(a.calibration_batch))
+    out = a.out or os.path.splitext(a.model)[0] + f".{a.pattern.replace(':', 'of')}.pt"
+    if isinstance(obj, torch.nn.Module):
+        if a.method == "taylor":
+            raise SystemExit("prune: method 'taylor' needs a loss; use the Python API (sparsekern.sparsify)")
+        model, report = sparsify(obj.eval(), a.pattern, a.method, sparsity=a.sparsity, calibration=calib,
+                                 min_features=a.min_features, show_progress=True)
+        torch.save(model, out)
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if a.method in ("wanda", "taylor"):
+            raise SystemExit(f"prune: method {a.method!r} needs the model (activations or gradients), "
+                             "not a bare state dict; save the module with torch.save(model, path)")
+        kind, params = parse_pattern(a.pattern)
+        report, sd = [], dict(obj)
+        for k, w in obj.items():
+            if not (k.endswith("weight") and w.dim() in (2, 4) and w.is_floating_point()):
+                continue
+            if min(w.shape[0], w[0].numel()) < a.min_features:
+                report.append({"tensor": k, "status": "dense", "reason": f"smaller than min_features={a.min_features}"})
+                continue
+            s = P.score(w, a.method)
+            try:
+                if kind == "nm":
+                    mask = P.nm_mask(s, params["n"], params["m"])
+                elif kind == "bitmask":
+                    mask = P.unstructured_mask(s, a.sparsity if a.sparsity is not None else 0.5)
+                elif kind == "block":
+                    mask = P.block_mask(s, params.get("block", (32, 32)), a.sparsity if a.sparsity is not None else 0.5)
+                else:
+                    continue
+            except ValueError as e:
+                report.append({"tensor": k, "status": "dense", "reason": str(e)})
+                continue
+            sd[k] = w * mask
+            report.append({"tensor": k, "status": "pruned", "pattern": a.pattern, "density": float(mask.float().mean())})
+        if not any(r["status"] == "pruned" for r in report):
+            raise SystemExit("prune: no weight in this state dict could be pruned with that pattern")
+        torch.save(sd, out)
+    else:
+        raise SystemExit(f"prune: {a.model} holds a {type(obj).__name__}; expected an nn.Module or a state dict")
+    rep = a.report or os.path.splitext(out)[0] + ".report.json"
+    with open(rep, "w") as f:
+        json.dump(report, f, indent=1)
+    n = sum(r.get("status") in ("sparse", "pruned") for r in report)
+    print(f"prune: {n} layers pruned with {a.pattern} ({a.method}); wrote {out} and {rep}")
+    return 0
+
+
+def cmd_bench(rest) -> int:
+    import runpy
+
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "run.py")
+    if not os.path.isfile(here):
+        raise SystemExit("bench: bench/run.py not found; run from a checkout of the sparsekern repository")
+    sys.argv = [here] + rest
+    runpy.run_path(here, run_name="__main__")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sparsekern", description="sparsekern command line")
     sub = p.add_subparsers(dest="command", required=True)
     pi = sub.add_parser("info", help="what was built and what can run here")
     pi.add_argument("--json", action="store_true", help="print as JSON")
+    pd = sub.add_parser("demo", help="train, prune, swap and measure small models on real digits data")
+    pd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    pd.add_argument("--quick", action="store_true", help="fewer epochs and repetitions (a few minutes on a CPU)")
+    pd.add_argument("--out", default="sparsekern-demo", help="output folder (table, JSON, plot)")
+    sub.add_parser("bench", help="the benchmark suite (bench/run.py; its options follow, e.g. --quick)",
+                   add_help=False)
+    pp = sub.add_parser("prune", help="prune a saved model or state dict and write it with a report")
+    pp.add_argument("model", help="torch.save of an nn.Module, or of a state dict")
+    pp.add_argument("--pattern", default="2:4", help="'N:M', 'unstructured' or 'block[S]' (default 2:4)")
+    pp.add_argument("--method", default="l1", help="l1, l2, random, wanda (modules only)")
+    pp.add_argument("--sparsity", type=float, default=None, help="fraction to remove (unstructured, block)")
+    pp.add_argument("--calibration", default=None, help=".pt file with one input tensor, batches along dim 0")
+    pp.add_argument("--calibration-batch", type=int, default=32)
+    pp.add_argument("--min-features", type=int, default=128)
+    pp.add_argument("--out", default=None)
+    pp.add_argument("--report", default=None)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        return cmd_bench(argv[1:])
     a = p.parse_args(argv)
-    if a.command == "info":
-        print_info(a.json)
+    try:
+        if a.command == "info":
+            print_info(a.json)
+        elif a.command == "demo":
+            from . import demo
+
+            demo.run(a.device, a.quick, a.out)
+        elif a.command == "prune":
+            return cmd_prune(a)
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -114,15 +114,18 @@ class Policy:
     """How sparse modules choose a backend.
 
     backend: "auto" (measure; dense when sparse does not win), "sparse" (always the sparse
-    kernel), "dense" (always dense). batch: the batch (rows of x) to measure at.
+    kernel), "dense" (always dense). batch: the batch (rows of x, images for convolutions)
+    to measure at; image: the input height and width convolutions are measured at.
     """
 
-    def __init__(self, backend: str = "auto", batch: int = 8):
+    def __init__(self, backend: str = "auto", batch: int = 8, image: int = 16):
         if backend not in ("auto", "sparse", "dense"):
             raise ValueError(f"Policy: backend must be 'auto', 'sparse' or 'dense', got {backend!r}")
         if batch < 1:
             raise ValueError(f"Policy: batch must be >= 1, got {batch}")
-        self.backend, self.batch = backend, batch
+        if image < 1:
+            raise ValueError(f"Policy: image must be >= 1, got {image}")
+        self.backend, self.batch, self.image = backend, batch, image
 
 
 DEFAULT_POLICY = Policy()
@@ -179,13 +182,13 @@ class _SparseMixin:
             return reference.unpack_bitmask(self.weight_mask_bits, self.weight_mask_bits.shape[1] * 64)[
                 :, : self._in2d]
         f = self.weight_format()
-        return f != 0 if isinstance(f, torch.Tensor) else f.mask()
+        return prune._as_2d(f != 0) if isinstance(f, torch.Tensor) else f.mask()
 
     def dense_weight_2d(self) -> torch.Tensor:
         if self.trainable:
             return self._weight2d(self.weight) * self.mask().to(self.weight.dtype)
         f = self.weight_format()
-        return f if isinstance(f, torch.Tensor) else f.to_dense()
+        return prune._as_2d(f) if isinstance(f, torch.Tensor) else f.to_dense()
 
     def _compress(self, w2d: torch.Tensor, mask: torch.Tensor, policy: Policy, example_batch: int | None = None):
         kind, params = parse_pattern(self.pattern)
@@ -204,10 +207,10 @@ class _SparseMixin:
         backend = ops.backend_for(type(fmt).__name__.replace("Weight", "").lower() + "_linear", w2d)
         if policy.backend == "sparse":
             return fmt, backend, "forced by policy"
-        x = torch.randn(policy.batch, w2d.shape[1], device=w2d.device, dtype=w2d.dtype)
         dense = fmt.to_dense()
-        key = (str(w2d.device), str(w2d.dtype), fmt.pattern, tuple(w2d.shape), round(fmt.density, 2), policy.batch)
-        use, why = autotune(lambda: torch.nn.functional.linear(x, dense), lambda: ops.sparse_linear(x, fmt), key)
+        dense_fn, sparse_fn, key = self._timing_pair(fmt, dense, policy)
+        use, why = autotune(dense_fn, sparse_fn, (str(w2d.device), str(w2d.dtype), fmt.pattern, round(fmt.density, 2))
+                            + key)
         return (fmt, backend, why) if use else (dense, "dense", why)
 
     def freeze(self, policy: Policy | None = None):
@@ -323,6 +326,12 @@ class SparseLinear(_SparseMixin, nn.Module):
     def _weight2d(self, w):
         return w
 
+    def _timing_pair(self, fmt, dense, policy):
+        """(dense forward, sparse forward, key) at the policy's batch, for autotune."""
+        x = torch.randn(policy.batch, self.in_features, device=dense.device, dtype=dense.dtype)
+        return (lambda: torch.nn.functional.linear(x, dense), lambda: ops.sparse_linear(x, fmt),
+                ("linear", tuple(dense.shape), policy.batch))
+
     @classmethod
     def from_dense(cls, linear: nn.Linear, pattern: str = "2:4", mask: torch.Tensor | None = None,
                    method: str = "l1", sparsity: float | None = None, block: tuple[int, int] = (32, 32),
@@ -431,12 +440,45 @@ class SparseConv2d(_SparseMixin, nn.Module):
     def _weight_shape(self):
         return (self.out_channels, self._in2d)
 
+    def _timing_pair(self, fmt, dense, policy):
+        """The real comparison for a convolution: the dense original (cuDNN / oneDNN) against
+        im2col + the sparse kernel, on policy.batch images of policy.image x policy.image."""
+        x = torch.randn(policy.batch, self.in_channels, policy.image, policy.image, device=dense.device,
+                        dtype=dense.dtype)
+        w4 = prune._from_2d(dense, (self.out_channels, self.in_channels, *self.kernel_size))
+        return (lambda: torch.nn.functional.conv2d(x, w4, None, self.stride, self.padding, self.dilation),
+                lambda: self._conv(x, lambda c: ops.sparse_linear(c, fmt)),
+                ("conv", tuple(w4.shape), self.stride, self.padding, self.dilation, policy.batch, policy.image))
+
     def _weight2d(self, w):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"SparseConv2d: expected input [N, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        if self.trainable and self.training:
+            # Masked fine-tuning: the dense convolution of W*M (autograd masks the weight's
+            # gradient through the product), which is what oneDNN/cuDNN run fastest.
+            w4 = self._to4d(self._weight2d(self.weight) * self.mask().to(self.weight.dtype))
+            return self._dense_conv(x, w4)
+        f = None if self.trainable else self.weight_format()
+        if isinstance(f, torch.Tensor):  # backend "dense": the original convolution
+            return self._dense_conv(x, f)
+        return self._conv(x, lambda cols: self._linear2d(cols, self.bias))
+
+    def _to4d(self, w2d: torch.Tensor) -> torch.Tensor:
+        return prune._from_2d(w2d, (self.out_channels, self.in_channels, *self.kernel_size))
+
+    def _dense_conv(self, x, w4):
+        return torch.nn.functional.conv2d(x, w4, self.bias, self.stride, self.padding, self.dilation)
+
+    def _set_format(self, fmt) -> None:
+        # A dense weight is kept in nn.Conv2d's own layout so the dense path is the plain conv.
+        if isinstance(fmt, torch.Tensor) and fmt.dim() == 2:
+            fmt = self._to4d(fmt)
+        super()._set_format(fmt)
+
+    def _conv(self, x: torch.Tensor, linear2d) -> torch.Tensor:
         n, _, h, w = x.shape
         kh, kw = self.kernel_size
         oh = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
@@ -444,7 +486,7 @@ class SparseConv2d(_SparseMixin, nn.Module):
         cols = torch.nn.functional.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
         # [N, C*kh*kw, L] (C slowest) -> [N*L, kh*kw*C] (C fastest), the weight's 2-D layout
         cols = cols.reshape(n, self.in_channels, kh * kw, -1).permute(0, 3, 2, 1).reshape(-1, self._in2d)
-        y = self._linear2d(cols, self.bias)
+        y = linear2d(cols)
         return y.reshape(n, oh, ow, self.out_channels).permute(0, 3, 1, 2)
 
     def to_dense(self) -> nn.Conv2d:

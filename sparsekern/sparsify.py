@@ -50,6 +50,9 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
     if method == "taylor" and loss_fn is None:
         raise ValueError("sparsify: method 'taylor' needs loss_fn=(model, batch) -> loss")
     candidates, report = [], []
+    # nn.MultiheadAttention reads out_proj.weight directly, so its projection must stay nn.Linear.
+    mha_children = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+                    for c, _ in m.named_children()}
     for name, mod in model.named_modules():
         if not isinstance(mod, prune.PRUNABLE) or isinstance(mod, SPARSE_MODULES):
             continue
@@ -58,6 +61,9 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
         row = {"layer": name, "type": type(mod).__name__}
         if _matches(name, exclude):
             report.append({**row, "status": "dense", "reason": "excluded"})
+            continue
+        if name in mha_children:
+            report.append({**row, "status": "dense", "reason": "nn.MultiheadAttention reads its weight directly"})
             continue
         w = mod.weight
         if min(w.shape[0], w[0].numel()) < min_features:
@@ -104,10 +110,15 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
 
 
 def _detect_pattern(mask2d: torch.Tensor) -> str:
+    """The most compact format that holds the mask exactly: N:M when (nearly) every group
+    keeps its n (a 90%-sparse mask also "fits" 4:8, but would store 50% of the values),
+    else block when the mask is made of whole blocks, else the bitmask."""
+    density = float(mask2d.float().mean())
     for n, m in ((2, 4), (1, 4), (4, 8), (2, 8), (1, 8), (8, 16)):
-        if mask2d.shape[1] % m == 0 and bool((mask2d.reshape(mask2d.shape[0], -1, m).sum(-1) <= n).all()):
+        if mask2d.shape[1] % m == 0 and n / m <= density * 1.1 + 1e-9 and \
+                bool((mask2d.reshape(mask2d.shape[0], -1, m).sum(-1) <= n).all()):
             return f"{n}:{m}"
-    for b in (64, 32, 16):
+    for b in (64, 32, 16, 8):
         rows, cols = mask2d.shape
         if rows % b == 0 and cols % b == 0:
             blocks = mask2d.reshape(rows // b, b, cols // b, b)

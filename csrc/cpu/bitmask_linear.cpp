@@ -47,7 +47,8 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, con
   at::Tensor out;
   if (B == 0 || O == 0) {
     out = at::zeros({B, O}, x2.options());
-  } else if (B > kDirectMaxBatch) {
+  } else if (B > kDirectMaxBatch && vals.numel() > kGemmMinDensity * O * K) {
+    // Dense enough that a dense GEMM over decompressed tiles beats B/16 sparse passes.
     SPARSEKERN_DISPATCH_FLOATS(vals.scalar_type(), "bitmask_linear", [&] {
       const scalar_t* v = vals.data_ptr<scalar_t>();
       const int64_t* w = bm.data_ptr<int64_t>();
@@ -58,16 +59,24 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, con
       });
     });
   } else {
+    // Direct sparse kernel, in batch tiles of at most kDirectMaxBatch rows: its cost grows
+    // with the kept elements, so at low density it wins at any batch.
     out = at::empty({B, O}, x2.options());
-    const int64_t BP = lanes_for_batch(B);
-    auto xin = BP ? x_lanes(x2, BP) : x2;
-    BitmaskRowsArgs a{vals.data_ptr(), bm.data_ptr<int64_t>(), off.data_ptr<int32_t>(), vals.scalar_type(),
-                      bm.size(1), off.size(1), K, O, xin.data_ptr<float>(), B, BP, out.data_ptr<float>()};
     const bool avx2 = cpu_has_avx2();
-    parallel_rows(O, 16, [&](int64_t r0, int64_t r1) {
-      if (avx2) avx2::bitmask_rows(a, r0, r1);
-      else generic::bitmask_rows(a, r0, r1);
-    });
+    for (int64_t b0 = 0; b0 < B; b0 += kDirectMaxBatch) {
+      const int64_t bt = std::min(kDirectMaxBatch, B - b0);
+      auto xt = x2.narrow(0, b0, bt);
+      auto ot = bt == B ? out : at::empty({bt, O}, x2.options());
+      const int64_t BP = lanes_for_batch(bt);
+      auto xin = BP ? x_lanes(xt, BP) : xt.contiguous();
+      BitmaskRowsArgs a{vals.data_ptr(), bm.data_ptr<int64_t>(), off.data_ptr<int32_t>(), vals.scalar_type(),
+                        bm.size(1), off.size(1), K, O, xin.data_ptr<float>(), bt, BP, ot.data_ptr<float>()};
+      parallel_rows(O, 16, [&](int64_t r0, int64_t r1) {
+        if (avx2) avx2::bitmask_rows(a, r0, r1);
+        else generic::bitmask_rows(a, r0, r1);
+      });
+      if (bt != B) out.narrow(0, b0, bt).copy_(ot);
+    }
   }
   return finish_linear(out, x, bias);
 }

@@ -20,6 +20,7 @@ namespace cpu {
 //        (the "broadcast" kernels: one weight value times a whole batch vector).
 constexpr int64_t kRowMajorMaxBatch = 4;
 constexpr int64_t kDirectMaxBatch = 16;
+constexpr double kGemmMinDensity = 0.25;  // bitmask: below this density the direct kernel runs at any batch
 constexpr int64_t kNmRowMajorMaxBatch = 16;  // the AVX2 N:M kernels read row-major x up to here  // above this the op files decompress tiles + GEMM
 
 struct NmRowsArgs {

@@ -1,0 +1,182 @@
+"""Benchmark cases shared by bench/run.py, bench/bench_cpu_linear.py, bench/bench_gpu_linear.py
+and the pytest-benchmark file: providers, correctness checks and timing loops."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import benchlib
+from sparsekern import ops
+from sparsekern.formats import BitmaskWeight, BlockWeight, NMWeight
+
+F = torch.nn.functional
+
+# Real model shapes (out, in): Llama-7B attention and MLP, Llama-70B MLP, ViT-B/L MLPs.
+SHAPES = {
+    "llama7b.qkvo": (4096, 4096), "llama7b.up": (11008, 4096), "llama7b.down": (4096, 11008),
+    "llama70b.up": (28672, 8192), "vit_b.fc1": (3072, 768), "vit_b.fc2": (768, 3072), "vit_l.fc1": (4096, 1024),
+}
+PATTERNS = [("2:4", 0.5), ("4:8", 0.5), ("unstructured", 0.5), ("unstructured", 0.3), ("unstructured", 0.1),
+            ("block16", 0.1), ("block32", 0.1), ("block64", 0.1)]
+
+
+@dataclass
+class Built:
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    nbytes: int
+    dense_ref: torch.Tensor  # the weight the provider computes with, for the correctness check
+
+
+def _mask(w, pattern, density, gen):
+    if pattern.startswith("block"):
+        b = int(pattern[5:])
+        keep = torch.rand(w.shape[0] // b, w.shape[1] // b, generator=gen, device=gen.device) < density
+        return keep.repeat_interleave(b, 0).repeat_interleave(b, 1)
+    return torch.rand(w.shape, generator=gen, device=gen.device) < density
+
+
+def sparse_format(w, pattern, density, gen):
+    if ":" in pattern:
+        n, m = map(int, pattern.split(":"))
+        return NMWeight.from_dense(w, n, m)
+    if pattern == "unstructured":
+        return BitmaskWeight.from_dense(w, _mask(w, pattern, density, gen))
+    b = int(pattern[5:])
+    return BlockWeight.from_dense(w, (b, b), _mask(w, pattern, density, gen))
+
+
+def providers(device: str, pattern: str):
+    """name -> builder(w, density, gen) -> Built, for the providers that run this pattern here."""
+    out = {}
+
+    def sk(w, d, g):
+        W = sparse_format(w, pattern, d, g)
+        return Built(lambda x: ops.sparse_linear(x, W), W.nbytes, W.to_dense())
+
+    out["sparsekern"] = sk
+    if device == "cuda":
+        try:
+            from sparsekern import triton as skt
+
+            T = skt.kernels()
+
+            def tri(w, d, g):
+                W = sparse_format(w, pattern, d, g)
+                fn = {NMWeight: T.nm_linear, BitmaskWeight: T.bitmask_linear, BlockWeight: T.block_linear}[type(W)]
+                return Built(lambda x: fn(x, W), W.nbytes, W.to_dense())
+
+            out["sparsekern.triton"] = tri
+        except ImportError:
+            pass
+        if pattern == "2:4":
+            def semi(w, d, g):
+                from torch.sparse import to_sparse_semi_structured
+
+                wd = NMWeight.from_dense(w, 2, 4).to_dense()
+                S = to_sparse_semi_structured(wd)
+                return Built(lambda x: F.linear(x, S), int(wd.numel() * wd.element_size() * 0.5625), wd)
+
+            out["torch.semi_structured"] = semi
+    if pattern == "unstructured":
+        def csr(w, d, g):
+            wd = w * _mask(w, pattern, d, g)
+            S = wd.to_sparse_csr()
+            nb = sum(t.numel() * t.element_size() for t in (S.values(), S.col_indices(), S.crow_indices()))
+            return Built(lambda x: torch.sparse.mm(S, x.t()).t(), nb, wd)
+
+        out["torch.csr"] = csr
+    if pattern.startswith("block"):
+        def bsr(w, d, g):
+            b = int(pattern[5:])
+            wd = w * _mask(w, pattern, d, g)
+            S = wd.to_sparse_bsr((b, b))
+            nb = sum(t.numel() * t.element_size() for t in (S.values(), S.col_indices(), S.crow_indices()))
+            return Built(lambda x: torch.sparse.mm(S, x.t()).t(), nb, wd)
+
+        out["torch.bsr"] = bsr
+    return out
+
+
+def check(built: Built, x: torch.Tensor, what: str) -> float:
+    y = built.fn(x).double()
+    ref = x.double() @ built.dense_ref.double().t()
+    err = ((y - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    tol = 1e-4 if x.dtype == torch.float32 else 3e-2
+    if not err < tol:
+        raise RuntimeError(f"{what}: relative error {err:.2e} exceeds {tol:.0e}; not timing it")
+    return err
+
+
+def time_calls(calls: list[Callable[[], object]], device: str, reps: int) -> list[float]:
+    """Seconds per call, one sample per pass over the rotated calls (CPU) or per call
+    with CUDA events (GPU)."""
+    if device == "cuda":
+        for c in calls[:3]:
+            c()
+        torch.cuda.synchronize()
+        out = []
+        for i in range(reps):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            calls[i % len(calls)]()
+            e.record()
+            torch.cuda.synchronize()
+            out.append(s.elapsed_time(e) * 1e-3)
+        return out
+    calls[0]()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for c in calls:
+            c()
+        out.append((time.perf_counter() - t0) / len(calls))
+    return out
+
+
+def linear_sweep(device: str, dtype: torch.dtype, shapes: dict, batches: list[int], patterns: list, reps: int,
+                 rotate_mib: int, env: dict, show_progress: bool = True) -> list[dict]:
+    """Every (shape, pattern, provider, batch) against dense F.linear in the same run."""
+    rows = []
+    gen = torch.Generator(device=device).manual_seed(0)
+    work = [(sn, s, p, d) for sn, s in shapes.items() for p, d in patterns]
+    for i, (sname, (N, K), pattern, density) in enumerate(work):
+        if show_progress:
+            benchlib.progress(i + 1, len(work), f"{sname} {pattern} {density:.0%}")
+        copies = max(2, math.ceil(rotate_mib * 2**20 / (N * K * torch.finfo(dtype).bits / 8)))
+        weights = [torch.randn(N, K, device=device, dtype=dtype, generator=gen) for _ in range(copies)]
+        built = {"torch.dense": [Built((lambda x, w=w: F.linear(x, w)), w.numel() * w.element_size(), w)
+                                 for w in weights]}
+        for name, make in providers(device, pattern).items():
+            try:
+                built[name] = [make(w, density, gen) for w in weights]
+            except Exception as e:  # noqa: BLE001 - a peer that does not run here is reported, not fatal
+                rows.append({"op": "linear", "provider": name, "pattern": pattern, "density": density,
+                             "shape": f"{N}x{K}", "error": f"{type(e).__name__}: {e}"[:200]})
+        for B in batches:
+            x = torch.randn(B, K, device=device, dtype=dtype, generator=gen)
+            samples, errs = {}, {}
+            for name, items in built.items():
+                try:
+                    errs[name] = check(items[0], x, f"{name} {pattern} {N}x{K} B={B}")
+                    samples[name] = time_calls([lambda f=b.fn: f(x) for b in items], device, reps)
+                except Exception as e:  # noqa: BLE001
+                    rows.append({"op": "linear", "provider": name, "pattern": pattern, "density": density,
+                                 "shape": f"{N}x{K}", "batch": B, "error": f"{type(e).__name__}: {e}"[:200]})
+            dense_ms = benchlib.quantiles(samples["torch.dense"])["median_ms"]
+            for name, s in samples.items():
+                q = benchlib.quantiles(s)
+                nbytes = built[name][0].nbytes
+                flops = 2 * B * N * K * (1.0 if name == "torch.dense" else density)
+                rows.append({"op": "linear", "provider": name, "pattern": "dense" if name == "torch.dense" else pattern,
+                             "density": 1.0 if name == "torch.dense" else density, "dtype": str(dtype).split(".")[-1],
+                             "shape": f"{N}x{K}", "model_shape": sname, "batch": B, "device": env["device_name"],
+                             **q, "speedup_vs_dense": dense_ms / q["median_ms"],
+                             "gb_per_s": nbytes / (q["median_ms"] * 1e-3) / 1e9,
+                             "tflop_per_s": flops / (q["median_ms"] * 1e-3) / 1e12, "rel_err": errs[name],
+                             "weight_bytes": nbytes})
+        del weights, built
+    return rows

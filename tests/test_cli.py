@@ -1,0 +1,79 @@
+"""The command line: demo (quick, on real digits data), prune, bench, errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, **env):
+    e = dict(os.environ, SPARSEKERN_CACHE=env.pop("cache", os.environ.get("SPARSEKERN_CACHE", "")) or
+             os.path.join(ROOT, ".pytest_demo_cache"), **env)
+    return subprocess.run([sys.executable, "-m", "sparsekern", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=e, timeout=900)
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_table_json_and_plot(tmp_path):
+    pytest.importorskip("sklearn")
+    r = run("demo", "--quick", "--device", "cpu", "--out", str(tmp_path), cache=str(tmp_path / "cache"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.load(open(tmp_path / "demo.json"))
+    methods = {(x["model"], x["method"]) for x in d["rows"]}
+    assert ("mlp", "2:4 wanda") in methods and ("cnn", "channels 50%") in methods and ("mlp", "layer removed") in methods
+    by = {(x["model"], x["method"]): x for x in d["rows"]}
+    assert by[("mlp", "dense")]["accuracy"] > 90 and by[("cnn", "2:4 l1")]["accuracy"] > by[("cnn", "dense")]["accuracy"] - 3
+    assert by[("cnn", "channels 50%")]["param_bytes"] < 0.6 * by[("cnn", "dense")]["param_bytes"]
+    assert "| model | method |" in open(tmp_path / "demo.md").read()
+    if __import__("importlib").util.find_spec("matplotlib"):
+        assert os.path.getsize(tmp_path / "demo.png") > 1000
+    again = run("demo", "--quick", "--device", "cpu", "--out", str(tmp_path / "2"), cache=str(tmp_path / "cache"))
+    assert again.returncode == 0 and json.load(open(tmp_path / "2" / "demo.json"))["rows"][0]["note"].endswith("(cache)")
+
+
+def test_prune_module_and_state_dict(tmp_path):
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 8))
+    torch.save(model, tmp_path / "m.pt")
+    torch.save(torch.randn(64, 256), tmp_path / "calib.pt")
+    r = run("prune", str(tmp_path / "m.pt"), "--pattern", "2:4", "--method", "wanda", "--calibration",
+            str(tmp_path / "calib.pt"), "--out", str(tmp_path / "out.pt"))
+    assert r.returncode == 0, r.stderr
+    out = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert type(out[0]).__name__ == "SparseLinear"
+    report = json.load(open(tmp_path / "out.report.json"))
+    by = {x["layer"]: x for x in report}
+    assert by["0"]["status"] == "sparse" and by["2"]["status"] == "dense"
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    r = run("prune", str(tmp_path / "sd.pt"), "--pattern", "unstructured", "--sparsity", "0.7")
+    assert r.returncode == 0, r.stderr
+    sd = torch.load(tmp_path / "sd.unstructured.pt", weights_only=True)
+    assert float((sd["0.weight"] == 0).float().mean()) == pytest.approx(0.7, abs=0.01)
+
+
+def test_cli_errors(tmp_path):
+    r = run("prune", str(tmp_path / "missing.pt"))
+    assert r.returncode != 0 and "no such file" in r.stderr
+    torch.save(nn.Linear(256, 256).state_dict(), tmp_path / "sd.pt")
+    r = run("prune", str(tmp_path / "sd.pt"), "--pattern", "4:4")
+    assert r.returncode == 2 and "n must satisfy" in r.stderr
+    r = run("prune", str(tmp_path / "sd.pt"), "--pattern", "zigzag")
+    assert r.returncode == 2 and "unknown pattern" in r.stderr
+    r = run("prune", str(tmp_path / "sd.pt"), "--method", "wanda")
+    assert r.returncode != 0 and "needs the model" in r.stderr
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    r = run("prune", str(tmp_path / "list.pt"))
+    assert r.returncode != 0 and "expected an nn.Module or a state dict" in r.stderr
+    for cmd in ("info", "demo", "prune"):
+        assert run(cmd, "--help").returncode == 0
+
+
+def test_bench_command_runs_the_suite(tmp_path):
+    r = run("bench", "--suite", "masks", "--quick", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.load(open(tmp_path / "results.json"))["rows"]
+    assert {x["provider"] for x in rows if x["op"] == "nm_mask_compress"} >= {"sparsekern.nm_score_compress", "torch.eager"}
