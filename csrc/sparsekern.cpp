@@ -74,6 +74,9 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def("group_norm(Tensor weight, Tensor? grad, Tensor? act_norm, int block_rows, int block_cols, int p) -> Tensor");
   // sumsq[j] += sum over all leading positions of x[..., j]^2 (activation norms for wanda).
   m.def("act_norm_accumulate(Tensor(a!) sumsq, Tensor x) -> ()");
+  // hessian += x^T x over all leading positions of x [..., K] (SparseGPT's X^T X), in the
+  // hessian's precision (float64 keeps long accumulations exact enough for the Cholesky).
+  m.def("hessian_accumulate(Tensor(a!) hessian, Tensor x) -> ()");
   // ---- Build information ----
   m.def("build_info() -> str", &build_info);
 }

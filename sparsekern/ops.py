@@ -335,6 +335,21 @@ def nm_score_compress(weight: torch.Tensor, n: int, m: int, *, grad: torch.Tenso
     return reference.nm_score_compress(weight, grad, act_norm, n, m)
 
 
+def hessian_accumulate(hessian: torch.Tensor, x: torch.Tensor) -> None:
+    """In place: hessian += X^T X with X = x reshaped to [rows, K] (SparseGPT's Hessian)."""
+    if not isinstance(hessian, torch.Tensor) or hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1] or \
+            hessian.dtype not in (torch.float32, torch.float64):
+        raise ValueError("hessian_accumulate: hessian must be a square float32/float64 tensor")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[-1] != hessian.shape[0]:
+        raise ValueError(f"hessian_accumulate: x must be floating with x.shape[-1] == {hessian.shape[0]}")
+    if x.device != hessian.device:
+        raise ValueError(f"hessian_accumulate: x is on {x.device} but hessian is on {hessian.device}")
+    if _compiled("hessian_accumulate", x):
+        torch.ops.sparsekern.hessian_accumulate(hessian, x)
+    else:
+        reference.hessian_accumulate(hessian, x)
+
+
 # ------------------------------------------------ fake kernels and autograd (compiled)
 def _out_shape(x: torch.Tensor, out_features) -> list:
     return list(x.shape[:-1]) + [out_features]
@@ -370,6 +385,10 @@ def _register() -> None:
 
     @rf(lib + "act_norm_accumulate")
     def _(sumsq, x):
+        return None
+
+    @rf(lib + "hessian_accumulate")
+    def _(hessian, x):
         return None
 
     @rf(lib + "nm_decompress")

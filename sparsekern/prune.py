@@ -408,14 +408,22 @@ def global_prune(model: nn.Module, amount=0.5, method: str = "l1", *, grads=None
 
 
 def nm_prune(model: nn.Module, n: int = 2, m: int = 4, method: str = "l1", name: str | None = None, *,
-             grads=None, act_norms=None, generator=None):
-    """N:M pruning along the input dimension (Conv: input channels per kernel position)."""
+             grads=None, act_norms=None, generator=None, calibration=None):
+    """N:M pruning along the input dimension (Conv: input channels per kernel position).
+    method="sparsegpt" (with calibration=) also updates the kept weights to compensate."""
+    if method == "sparsegpt":
+        return sparsegpt_prune(model, calibration, f"{n}:{m}", layers=None if name is None else [name])
     return _prune_layers("nm_prune", model, name, method, lambda s, mod: nm_mask(s, n, m), grads, act_norms, generator)
 
 
 def block_prune(model: nn.Module, block: tuple[int, int] = (32, 32), amount=0.5, method: str = "l1",
-                name: str | None = None, norm: str = "l1", *, grads=None, act_norms=None, generator=None):
-    """Remove the (bh x bw) blocks with the smallest group norm of the score."""
+                name: str | None = None, norm: str = "l1", *, grads=None, act_norms=None, generator=None,
+                calibration=None):
+    """Remove the (bh x bw) blocks with the smallest group norm of the score
+    (method="sparsegpt" with calibration=: chosen and compensated by SparseGPT)."""
+    if method == "sparsegpt":
+        return sparsegpt_prune(model, calibration, f"block{block[0]}x{block[1]}", amount,
+                               layers=None if name is None else [name])
     return _prune_layers("block_prune", model, name, method, lambda s, mod: block_mask(s, block, amount, norm),
                          grads, act_norms, generator)
 
@@ -427,6 +435,18 @@ def channel_prune(model: nn.Module, amount=0.5, method: str = "l2", name: str | 
     score_method = "l1" if method == "l2" else method  # the L2 group norm of |w| is the l2 channel score
     return _prune_layers("channel_prune", model, name, score_method, lambda s, mod: channel_mask(s, amount, norm),
                          grads, act_norms, generator)
+
+
+def sparsegpt_prune(model: nn.Module, calibration, pattern: str = "unstructured", amount: float = 0.5,
+                    layers: list[str] | None = None, show_progress: bool = True) -> nn.Module:
+    """SparseGPT one-shot pruning with sequential calibration (sparsekern.sparsegpt): masks
+    recorded like torch.nn.utils.prune, kept weights updated to compensate."""
+    from .sparsegpt import sparsegpt_prune_model
+
+    if calibration is None:
+        raise ValueError("sparsegpt_prune: calibration= (batches of inputs) is required")
+    sparsegpt_prune_model(model, calibration, pattern, amount, layers=layers, show_progress=show_progress)
+    return model
 
 
 def remove(model: nn.Module) -> nn.Module:

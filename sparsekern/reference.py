@@ -186,3 +186,8 @@ def act_norm_accumulate(sumsq: torch.Tensor, x: torch.Tensor) -> None:
 
 def nm_score_compress(weight, grad, act_norm, n: int, m: int):
     return nm_compress(weight, nm_mask(element_score(weight, grad, act_norm), n, m), n, m)
+
+
+def hessian_accumulate(hessian: torch.Tensor, x: torch.Tensor) -> None:
+    x2 = x.reshape(-1, x.shape[-1]).to(hessian.dtype)
+    hessian += x2.t() @ x2

@@ -32,7 +32,8 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
     """Score, mask and swap every eligible nn.Linear / nn.Conv2d for a sparse module, in place.
 
     pattern: "2:4" / "N:M", "unstructured" (with sparsity), "block" (with sparsity, block).
-    method: l1, l2, random, taylor (calibration + loss_fn(model, batch)), wanda (calibration).
+    method: l1, l2, random, taylor (calibration + loss_fn(model, batch)), wanda (calibration),
+    sparsegpt (calibration; prunes with reconstruction, layer by layer, see sparsekern.sparsegpt).
     include / exclude: fnmatch patterns on module names. Layers with fewer than
     `min_features` inputs or outputs, and Conv settings the kernels do not cover, stay
     dense and are listed. Layers already carrying a torch.nn.utils.prune mask keep it.
@@ -40,12 +41,13 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
     backend and why, or why it was left dense).
     """
     kind, _ = parse_pattern(pattern, "sparsify")
-    prune._check_method("sparsify", method)
+    if method != "sparsegpt":
+        prune._check_method("sparsify", method)
     if kind in ("bitmask", "block") and sparsity is None:
         raise ValueError(f"sparsify: pattern {pattern!r} needs sparsity= (fraction to remove)")
     if sparsity is not None:
         prune._n_prune(float(sparsity), 1, "sparsify")
-    if method in ("wanda", "taylor") and calibration is None:
+    if method in ("wanda", "taylor", "sparsegpt") and calibration is None:
         raise ValueError(f"sparsify: method {method!r} needs calibration= (an iterable of batches)")
     if method == "taylor" and loss_fn is None:
         raise ValueError("sparsify: method 'taylor' needs loss_fn=(model, batch) -> loss")
@@ -88,6 +90,11 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
         norms = prune.collect_activation_norms(model, calibration, show_progress=show_progress)
     if method == "taylor":
         grads = prune.collect_gradients(model, loss_fn, calibration, show_progress=show_progress)
+    if method == "sparsegpt":
+        from .sparsegpt import sparsegpt_prune_model
+
+        sparsegpt_prune_model(model, calibration, pattern, 0.5 if sparsity is None else sparsity,
+                              layers=[n for n, _ in candidates], block=block, show_progress=show_progress)
     from ._progress import progress
 
     for name, mod in progress(candidates, "sparsify", enabled=show_progress):

@@ -38,6 +38,8 @@ def _samples(device):
         "nm_score_compress": [(w, torch.randn_like(w), torch.rand(64, device=device), 2, 4), (w, None, None, 4, 8)],
         "group_norm": [(w, None, None, 1, 64, 1), (w, torch.randn_like(w), torch.rand(64, device=device), 4, 8, 2)],
         "act_norm_accumulate": [(torch.rand(64, device=device), torch.randn(2, 5, 64, device=device))],
+        "hessian_accumulate": [(torch.rand(64, 64, device=device, dtype=torch.float64),
+                                torch.randn(2, 5, 64, device=device))],
     }
 
 

@@ -1,0 +1,188 @@
+"""SparseGPT: one-shot pruning with reconstruction (Frantar & Alistarh, 2023).
+
+Per layer, with H = X^T X over the layer's calibration inputs X (accumulated by the
+compiled `hessian_accumulate` op, in float64): dampen H's diagonal, take the upper
+Cholesky factor of H^-1, and walk the input columns in blocks; each column's pruned
+weights are zeroed and the error they leave, divided by the factor's diagonal, is pushed
+onto the columns not yet visited (the optimal-brain-surgeon update), so the layer's output
+on the calibration data changes as little as possible. Masks are chosen on the way:
+unstructured (a fraction per column block, by w^2 / [H^-1]_jj^2), N:M (the m-n smallest of
+each group as the group is reached) or whole blocks (bh x bw).
+
+Sequential calibration (`sparsegpt_prune_model`): layers are pruned in forward order and
+each one's Hessian comes from a fresh forward pass over the calibration batches through
+the already-pruned earlier layers, stopped right after the layer's input is seen. Only one
+layer's Hessian (and the activations of one batch) is held at a time.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from . import ops, prune
+from ._progress import progress
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _iter_batches(calibration):
+    batches = calibration() if callable(calibration) else calibration
+    if batches is None:
+        raise ValueError("sparsegpt: calibration data is required")
+    return batches
+
+
+def layer_inputs_hessian(model: nn.Module, layer: nn.Module, calibration, cols2d: Callable | None = None,
+                         dtype=torch.float64) -> tuple[torch.Tensor, int]:
+    """H = X^T X of `layer`'s inputs over the calibration batches (one forward each,
+    stopped after the layer's input is seen). cols2d maps the input to [rows, K]."""
+    H = None
+    count = 0
+
+    def hook(mod, inputs):
+        nonlocal H, count
+        x = inputs[0].detach()
+        x2 = cols2d(x) if cols2d is not None else x.reshape(-1, x.shape[-1])
+        if H is None:
+            H = torch.zeros(x2.shape[1], x2.shape[1], dtype=dtype, device=x2.device)
+        ops.hessian_accumulate(H, x2)
+        count += x2.shape[0]
+        raise _StopForward
+
+    h = layer.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for batch in _iter_batches(calibration):
+                try:
+                    prune._run_batch(model, batch)
+                except _StopForward:
+                    pass
+    finally:
+        h.remove()
+    if H is None:
+        raise ValueError("sparsegpt: the calibration batches never reached this layer")
+    return H, count
+
+
+def sparsegpt_weight(weight2d: torch.Tensor, hessian: torch.Tensor, pattern: str = "unstructured",
+                     sparsity: float = 0.5, blocksize: int = 128, percdamp: float = 0.01,
+                     block: tuple[int, int] = (32, 32)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune and compensate one weight [out, in] given H [in, in]. Returns (new weight in
+    the weight's dtype with zeros in place, bool mask)."""
+    from .nn import parse_pattern
+
+    kind, params = parse_pattern(pattern, "sparsegpt")
+    if kind not in ("nm", "bitmask", "block"):
+        raise ValueError(f"sparsegpt: pattern {pattern!r} is not prunable")
+    rows, cols = weight2d.shape
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"sparsegpt: hessian must be [{cols}, {cols}], got {tuple(hessian.shape)}")
+    if kind == "nm" and cols % params["m"]:
+        raise ValueError(f"sparsegpt: in_features ({cols}) is not divisible by m = {params['m']}")
+    if kind != "nm":
+        prune._n_prune(float(sparsity), 1, "sparsegpt")
+    bh, bw = params.get("block", block) if kind == "block" else (1, 1)
+    if kind == "block" and (rows % bh or cols % bw):
+        raise ValueError(f"sparsegpt: weight {tuple(weight2d.shape)} is not divisible by block {(bh, bw)}")
+    W = weight2d.detach().to(torch.float64).clone()
+    H = hessian.to(torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += torch.eye(cols, dtype=H.dtype, device=H.device) * (percdamp * torch.mean(torch.diag(H)))
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    if kind == "nm":
+        n, m = params["n"], params["m"]
+        blocksize = max(m, blocksize // m * m)
+    elif kind == "block":
+        blocksize = max(bw, blocksize // bw * bw)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d1 = torch.diag(Hinv1)
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        if kind == "bitmask":
+            tmp = W1.square() / d1.square()[None, :]
+            k = int(round(tmp.numel() * float(sparsity)))
+            if k:
+                mask1.view(-1)[torch.topk(tmp.reshape(-1), k, largest=False).indices] = True
+        for i in range(i2 - i1):
+            if kind == "nm" and i % m == 0:
+                tmp = W1[:, i:i + m].square() / d1[i:i + m].square()[None, :]
+                idx = torch.sort(tmp, dim=1, stable=True).indices[:, : m - n]  # ties: lower column pruned
+                mask1[:, i:i + m].scatter_(1, idx, True)
+            if kind == "block" and i % bw == 0:
+                tmp = (W1[:, i:i + bw].square() / d1[i:i + bw].square()[None, :]).reshape(rows // bh, bh, bw).sum((1, 2))
+                k = int(round(tmp.numel() * float(sparsity)))
+                if k:
+                    drop = torch.zeros(rows // bh, dtype=torch.bool, device=W.device)
+                    drop[torch.topk(tmp, k, largest=False).indices] = True
+                    mask1[:, i:i + bw] = drop.repeat_interleave(bh)[:, None]
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err = (w - q) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        pruned[:, i1:i2] = mask1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    mask = ~pruned
+    return (W * mask).to(weight2d.dtype), mask
+
+
+def sparsegpt_prune_model(model: nn.Module, calibration, pattern: str = "unstructured", sparsity: float = 0.5,
+                          layers: list[str] | None = None, blocksize: int = 128, percdamp: float = 0.01,
+                          block: tuple[int, int] = (32, 32), show_progress: bool = True) -> dict[str, torch.Tensor]:
+    """Prune the model's Linear/Conv2d layers (or `layers`) in forward order with SparseGPT,
+    updating their weights in place and recording the masks like torch.nn.utils.prune.
+    calibration: iterable of batches as the model's forward takes them (tensors, tuples,
+    dicts such as tokenizer output) or a callable returning one. Returns {layer: mask}."""
+    targets = dict(prune.prunable_layers(model)) if layers is None else {n: model.get_submodule(n) for n in layers}
+    order: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: order.append(n) if n not in order else None)
+             for n, m in targets.items()]
+    try:
+        with torch.no_grad():
+            for batch in _iter_batches(calibration):
+                prune._run_batch(model, batch)
+                break
+    finally:
+        for h in hooks:
+            h.remove()
+    masks = {}
+    for name in progress(order, "sparsegpt (layers)", enabled=show_progress):
+        mod = targets[name]
+        if isinstance(mod, nn.Conv2d):
+            if mod.groups != 1:
+                continue
+            def cols2d(x, mod=mod):  # im2col in the N:M layout (input channels fastest)
+                c = nn.functional.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+                n_, _, l_ = c.shape
+                kk = mod.kernel_size[0] * mod.kernel_size[1]
+                return c.reshape(n_, mod.in_channels, kk, l_).permute(0, 3, 2, 1).reshape(n_ * l_, -1)
+        else:
+            cols2d = None
+        H, _ = layer_inputs_hessian(model, mod, calibration, cols2d)
+        w2d = prune._as_2d(mod.weight.detach())
+        new2d, mask2d = sparsegpt_weight(w2d, H, pattern, sparsity, blocksize, percdamp, block)
+        with torch.no_grad():
+            target = mod.weight_orig if hasattr(mod, "weight_orig") else mod.weight
+            target.copy_(prune._from_2d(new2d, mod.weight.shape))
+        mask = prune._from_2d(mask2d, mod.weight.shape)
+        prune.apply_mask(mod, mask)
+        masks[name] = mask
+        del H
+    return masks

@@ -1,0 +1,123 @@
+"""SparseGPT: the Hessian op, reconstruction quality against magnitude pruning, mask
+structure, sequential calibration through a model, determinism, sparsify integration."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekern
+import sparsekern.prune as prune
+from sparsekern import ops, reference
+from sparsekern.sparsegpt import sparsegpt_prune_model, sparsegpt_weight
+
+
+def test_hessian_accumulate_matches_reference():
+    H = torch.rand(24, 24, dtype=torch.float64)
+    start = H.clone()
+    xs = [torch.randn(5, 3, 24), torch.randn(7, 24)]
+    for x in xs:
+        ops.hessian_accumulate(H, x)
+    ref = start + sum(x.reshape(-1, 24).double().t() @ x.reshape(-1, 24).double() for x in xs)
+    torch.testing.assert_close(H, ref)
+    with pytest.raises(ValueError, match="square"):
+        ops.hessian_accumulate(torch.zeros(3, 4, dtype=torch.float64), torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"x.shape\[-1\] == 24"):
+        ops.hessian_accumulate(torch.zeros(24, 24, dtype=torch.float64), torch.randn(2, 23))
+
+
+def _correlated_inputs(n, k, gen):
+    base = torch.randn(n, k // 4, generator=gen)
+    mix = torch.randn(k // 4, k, generator=gen)
+    return base @ mix + 0.1 * torch.randn(n, k, generator=gen)
+
+
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("2:4", None), ("4:8", None),
+                                              ("block8", 0.5)])
+def test_reconstruction_beats_magnitude(pattern, sparsity):
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 128, generator=gen)
+    X = _correlated_inputs(512, 128, gen)
+    H = torch.zeros(128, 128, dtype=torch.float64)
+    ops.hessian_accumulate(H, X)
+    Wn, mask = sparsegpt_weight(W, H, pattern, sparsity or 0.5, blocksize=32)
+    assert torch.equal(Wn != 0, mask & (Wn != 0)) and (Wn[~mask] == 0).all()
+    if ":" in pattern:
+        n, m = map(int, pattern.split(":"))
+        assert (mask.reshape(64, -1, m).sum(-1) == n).all()
+        mag = prune.nm_mask(W.abs(), n, m)
+    elif pattern == "unstructured":
+        assert float(mask.float().mean()) == pytest.approx(0.5, abs=0.01)
+        mag = prune.unstructured_mask(W.abs(), 0.5)
+    else:
+        blocks = mask.reshape(8, 8, 16, 8)
+        assert torch.equal(blocks.all(3).all(1), blocks.any(3).any(1))
+        mag = prune.block_mask(W, (8, 8), 0.5)
+    err_sgpt = (X @ (Wn - W).t()).norm()
+    err_mag = (X @ (W * mag - W).t()).norm()
+    # whole blocks leave less room to compensate than single weights
+    factor = 0.85 if pattern.startswith("block") else 0.7
+    assert err_sgpt < factor * err_mag, f"{pattern}: sparsegpt {err_sgpt:.3f} vs magnitude {err_mag:.3f}"
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 16))
+
+
+def test_sequential_model_pruning_and_determinism():
+    gen = torch.Generator().manual_seed(1)
+    mix = torch.randn(8, 32, generator=gen)  # one input distribution for calibration and test
+
+    def inputs(n):
+        return torch.randn(n, 8, generator=gen) @ mix + 0.1 * torch.randn(n, 32, generator=gen)
+
+    calib = [inputs(64) for _ in range(4)]
+    test = inputs(256)
+    dense = _mlp()
+    y = dense(test).detach()
+    a = copy.deepcopy(dense)
+    masks = sparsegpt_prune_model(a, calib, "2:4", show_progress=False)
+    assert list(masks) == ["0", "2", "4"]
+    assert all(hasattr(a[i], "weight_mask") for i in (0, 2, 4))
+    b = copy.deepcopy(dense)
+    sparsegpt_prune_model(b, calib, "2:4", show_progress=False)
+    for i in (0, 2, 4):
+        assert torch.equal(a[i].weight, b[i].weight), "not deterministic"
+    mag = copy.deepcopy(dense)
+    prune.nm_prune(mag, 2, 4)
+    err = (a(test) - y).norm() / y.norm()
+    err_mag = (mag(test) - y).norm() / y.norm()
+    assert err < 0.8 * err_mag, f"model: sparsegpt {err:.3f} vs magnitude {err_mag:.3f}"
+
+
+def test_sparsify_with_sparsegpt_and_dict_batches():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=128, max_position_embeddings=32)
+    model = transformers.BertModel(cfg).eval()
+    calib = [{"input_ids": torch.randint(0, 100, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+             for _ in range(3)]
+    sparse, report = sparsekern.sparsify(copy.deepcopy(model), "2:4", method="sparsegpt", calibration=calib,
+                                         min_features=32, policy=sparsekern.nn.Policy("sparse"), show_progress=False)
+    assert sum(r["status"] == "sparse" for r in report) == 13
+    with torch.no_grad():
+        out = sparse(**calib[0]).last_hidden_state
+        ref = model(**calib[0]).last_hidden_state
+    cos = torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).mean()
+    assert cos > 0.5
+
+
+def test_bad_inputs():
+    W = torch.randn(8, 16)
+    H = torch.eye(16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="hessian must be"):
+        sparsegpt_weight(W, torch.eye(8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="divisible by m"):
+        sparsegpt_weight(torch.randn(8, 18), torch.eye(18, dtype=torch.float64), "2:4")
+    with pytest.raises(ValueError, match="unknown pattern"):
+        sparsegpt_weight(W, H, "diagonal")
+    with pytest.raises(ValueError, match="needs calibration"):
+        sparsekern.sparsify(nn.Linear(8, 8), "2:4", method="sparsegpt")
+    with pytest.raises(ValueError, match="calibration"):
+        prune.sparsegpt_prune(nn.Linear(8, 8), None)
