@@ -50,6 +50,12 @@ def summary_markdown(env: dict, rows: list[dict]) -> str:
             out.append(f"| {r['op']} | {r['provider']} | {r['shape']} | {r['median_ms']:.3f} | {r['gb_per_s']:.1f} | "
                        f"{_fmt(r.get('speedup_vs_eager'), '.2f')} |")
         out.append("")
+    qual = [r for r in rows if r.get("op") == "quality" and "value" in r]
+    if qual:
+        out += ["## Pruning quality (one-shot)", "", "| model | metric | method | pattern | value |", "|---|---|---|---|---|"]
+        for r in qual:
+            out.append(f"| {r['model']} | {r['metric']} | {r['method']} | {r['pattern']} | {r['value']:.4f} |")
+        out.append("")
     errs = [r for r in rows if "error" in r]
     if errs:
         out += ["## Did not run", ""] + [f"- {r.get('provider', r.get('model'))} {r.get('pattern', r.get('variant', ''))}"

