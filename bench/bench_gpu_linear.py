@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
+import cases  # noqa: E402
 
 from sparsekern import ops  # noqa: E402
 from sparsekern.formats import BitmaskWeight, NMWeight  # noqa: E402
@@ -38,22 +39,6 @@ def copy_bandwidth_gbs() -> float:
     end.record()
     torch.cuda.synchronize()
     return 2 * a.numel() * 10 / (start.elapsed_time(end) * 1e-3) / 1e9
-
-
-def time_rotating_cuda(calls, reps=50, warmup=5):
-    """Seconds per call, one sample per call (each on the next rotated weight)."""
-    for i in range(warmup):
-        calls[i % len(calls)]()
-    torch.cuda.synchronize()
-    samples = []
-    for i in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        calls[i % len(calls)]()
-        e.record()
-        torch.cuda.synchronize()
-        samples.append(s.elapsed_time(e) * 1e-3)
-    return samples
 
 
 def main(argv=None):
@@ -83,6 +68,12 @@ def main(argv=None):
         for d in (0.3, 0.1):
             bm = [BitmaskWeight.from_dense(w, torch.rand(w.shape, device="cuda", generator=gen) < d) for w in dense]
             providers[f"bitmask_linear@{d}"] = ("unstructured", d, [(W, W.to_dense()) for W in bm])
+            providers[f"triton.bitmask_linear@{d}"] = ("unstructured", d, [(W, W.to_dense()) for W in bm])
+        providers["triton.nm_linear"] = ("2:4", 0.5, providers["nm_linear"][2])
+        if N % 64 == 0 and K % 64 == 0:
+            blk = [cases.sparse_format(w, "block64", 0.1, gen) for w in dense]
+            providers["block_linear"] = ("block64", 0.1, [(W, W.to_dense()) for W in blk])
+            providers["triton.block_linear"] = ("block64", 0.1, [(W, W.to_dense()) for W in blk])
         try:
             from torch.sparse import to_sparse_semi_structured
 
@@ -98,6 +89,11 @@ def main(argv=None):
                     fn = lambda w, x=x: F.linear(x, w)  # noqa: E731
                 elif name == "torch.semi_structured":
                     fn = lambda w, x=x: F.linear(x, w)  # noqa: E731
+                elif name.startswith("triton."):
+                    from sparsekern import triton as skt
+
+                    op = getattr(skt.kernels(), name.split("@")[0].split(".")[1])
+                    fn = lambda w, x=x, op=op: op(x, w)  # noqa: E731
                 else:
                     fn = lambda w, x=x: ops.sparse_linear(x, w)  # noqa: E731
                 w0, ref_w = items[0]
@@ -110,7 +106,7 @@ def main(argv=None):
                 err = ((y.double() - ref).norm() / ref.norm()).item()
                 if not err < 2e-2:
                     raise SystemExit(f"{name} {N}x{K} B={B}: relative error {err:.2e}; not timing")
-                q = benchlib.quantiles(time_rotating_cuda([lambda w=w: fn(w) for w, _ in items]))
+                q = benchlib.quantiles(cases.time_calls([lambda w=w: fn(w) for w, _ in items], "cuda", 50))
                 nbytes = (w0.nbytes if hasattr(w0, "nbytes") and not isinstance(w0, torch.Tensor)
                           else ref_w.numel() * ref_w.element_size() * (0.5625 if name == "torch.semi_structured" else 1))
                 if name == "torch.dense":

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import sys
+import time
 
 import torch
 
@@ -124,10 +125,13 @@ def quality_minilm(quick: bool) -> list[dict]:
     work = [(m, p) for p in PATTERNS for m in METHODS]
     for i, (method, (pname, pattern, sparsity)) in enumerate(work):
         benchlib.progress(i + 1, len(work), f"MiniLM {method} {pname}")
+        t0 = time.perf_counter()
         m = prune_one_shot(copy.deepcopy(model), method, pattern, sparsity, cal_b, layers)
+        prune_s = time.perf_counter() - t0
         cos = float((embed(m, ev_b) * ref).sum(-1).mean())
         rows.append({"model": "all-MiniLM-L6-v2", "metric": "cosine_to_dense", "method": method, "pattern": pname,
-                     "value": cos, "sparsity": prune.sparsity(m)["total"], "calibration": n_cal, "eval": n_eval})
+                     "value": cos, "sparsity": prune.sparsity(m)["total"], "calibration": n_cal, "eval": n_eval,
+                     "prune_seconds": prune_s, "threads": torch.get_num_threads()})
     return rows
 
 
@@ -163,6 +167,10 @@ def markdown(rows, env) -> str:
             vals = {r["pattern"]: r["value"] for r in rs if r["method"] == method}
             out.append(f"| {method} | " + " | ".join(f"{vals[p]:.4f}" if metric.startswith("cos") else f"{vals[p]:.1f}"
                                                      for p in pats) + " |")
+        secs = {r["pattern"]: r["prune_seconds"] for r in rs if r.get("method") == "sparsegpt" and "prune_seconds" in r}
+        if secs:
+            out.append("sparsegpt pruning time (all encoder layers, sequential calibration): " +
+                       ", ".join(f"{p} {v:.0f} s" for p, v in secs.items()))
         out.append("")
     return "\n".join(out)
 

@@ -5,10 +5,15 @@
 #
 #   bench/gpu_check.sh OUT_DIR            (e.g. bench/gpu_check.sh "$OUT" on the device)
 #
-# Then copy OUT_DIR's JSON and logs to bench/results/ (they name card, torch, commit, date).
+# Everything is written to a work folder and packed into OUT_DIR/gpu_check.tgz (the device
+# tool returns at most 8 files), with the summary log beside it. Unpack it under
+# bench/results/<card>-<date>/ and commit (the files name card, torch, commit, date).
 set -uo pipefail
-OUT=${1:?usage: bench/gpu_check.sh OUT_DIR}
-mkdir -p "$OUT"
+FINAL=${1:?usage: bench/gpu_check.sh OUT_DIR}
+mkdir -p "$FINAL"
+OUT=$(mktemp -d)
+trap 'tar -czf "$FINAL/gpu_check.tgz" -C "$OUT" . ; cp "$OUT/summary.log" "$FINAL/" 2>/dev/null' EXIT
+exec > >(tee "$OUT/summary.log") 2>&1
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export MAX_JOBS=${MAX_JOBS:-16} SPARSEKERN_CUDA_ARCHS=${SPARSEKERN_CUDA_ARCHS:-90a} SPARSEKERN_REQUIRE_CUDA=1
@@ -43,7 +48,12 @@ else
 fi
 
 step "benchmarks"
+# decode sweep (CUDA C++, Triton, cuBLAS, torch 2:4), then fused mask generation and a short
+# kernel sweep through the suite (CSV/JSON/plots in $OUT/suite)
 $PY bench/bench_gpu_linear.py --out "$OUT/gpu_linear.json" > "$OUT/bench_gpu_linear.log" 2>&1 || status=1
-tail -45 "$OUT/bench_gpu_linear.log"
+$PY bench/run.py --device cuda --suite masks --out "$OUT/suite_masks" > "$OUT/bench_masks.log" 2>&1 || status=1
+$PY bench/run.py --device cuda --suite kernels --quick --out "$OUT/suite_kernels" > "$OUT/bench_kernels.log" 2>&1 || status=1
+tail -60 "$OUT/bench_gpu_linear.log"
+grep -A8 "Mask generation" "$OUT/bench_masks.log" || true
 echo "gpu_check: exit $status"
 exit $status

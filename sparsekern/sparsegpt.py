@@ -55,15 +55,22 @@ def layer_inputs_hessian(model: nn.Module, layer: nn.Module, calibration, cols2d
         raise _StopForward
 
     h = layer.register_forward_pre_hook(hook)
+    seen = 0
     try:
         with torch.no_grad():
-            for batch in _iter_batches(calibration):
+            for i, batch in enumerate(_iter_batches(calibration)):
+                seen += 1
                 try:
                     prune._run_batch(model, batch)
                 except _StopForward:
                     pass
+                except Exception as e:  # noqa: BLE001 - say which batch and layer, keep the cause
+                    raise ValueError(f"sparsegpt: the model cannot take calibration batch {i} "
+                                     f"({type(e).__name__}: {e})") from e
     finally:
         h.remove()
+    if seen == 0:
+        raise ValueError("sparsegpt: the calibration set is empty")
     if H is None:
         raise ValueError("sparsegpt: the calibration batches never reached this layer")
     return H, count
@@ -94,8 +101,17 @@ def sparsegpt_weight(weight2d: torch.Tensor, hessian: torch.Tensor, pattern: str
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    H += torch.eye(cols, dtype=H.dtype, device=H.device) * (percdamp * torch.mean(torch.diag(H)))
-    L = torch.linalg.cholesky(H)
+    # Dead inputs (never nonzero in the calibration data) get a unit diagonal and their weights
+    # are dropped (they never contributed); a Hessian that is still not positive definite
+    # after dampening is retried with 10x and 100x the dampening (documented fallback).
+    mean_diag = torch.mean(torch.diag(H))
+    for damp in (percdamp, percdamp * 10, percdamp * 100):
+        L, info = torch.linalg.cholesky_ex(H + torch.eye(cols, dtype=H.dtype, device=H.device) * (damp * mean_diag))
+        if int(info) == 0:
+            break
+    else:
+        raise ValueError("sparsegpt: the Hessian is not positive definite even with 100x dampening "
+                         "(calibration data too small or degenerate for this layer)")
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     pruned = torch.zeros_like(W, dtype=torch.bool)
     if kind == "nm":
@@ -143,22 +159,34 @@ def sparsegpt_weight(weight2d: torch.Tensor, hessian: torch.Tensor, pattern: str
     return (W * mask).to(weight2d.dtype), mask
 
 
-def sparsegpt_prune_model(model: nn.Module, calibration, pattern: str = "unstructured", sparsity: float = 0.5,
+def sparsegpt_prune_model(model: nn.Module, calibration, pattern: str = "unstructured", sparsity=0.5,
                           layers: list[str] | None = None, blocksize: int = 128, percdamp: float = 0.01,
                           block: tuple[int, int] = (32, 32), show_progress: bool = True) -> dict[str, torch.Tensor]:
     """Prune the model's Linear/Conv2d layers (or `layers`) in forward order with SparseGPT,
     updating their weights in place and recording the masks like torch.nn.utils.prune.
     calibration: iterable of batches as the model's forward takes them (tensors, tuples,
-    dicts such as tokenizer output) or a callable returning one. Returns {layer: mask}."""
+    dicts such as tokenizer output) or a callable returning one. sparsity: a fraction, or
+    {layer: fraction} (e.g. simplify.allocate's per-layer amounts; layers not named are
+    left alone). Returns {layer: mask}."""
+    if isinstance(sparsity, dict):
+        layers = [n for n in (layers or sparsity) if n in sparsity and sparsity[n] > 0]
     targets = dict(prune.prunable_layers(model)) if layers is None else {n: model.get_submodule(n) for n in layers}
     order: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: order.append(n) if n not in order else None)
              for n, m in targets.items()]
     try:
         with torch.no_grad():
+            got = False
             for batch in _iter_batches(calibration):
-                prune._run_batch(model, batch)
+                got = True
+                try:
+                    prune._run_batch(model, batch)
+                except Exception as e:  # noqa: BLE001
+                    raise ValueError(f"sparsegpt: the model cannot take the calibration batches "
+                                     f"({type(e).__name__}: {e})") from e
                 break
+            if not got:
+                raise ValueError("sparsegpt: the calibration set is empty")
     finally:
         for h in hooks:
             h.remove()
@@ -175,9 +203,13 @@ def sparsegpt_prune_model(model: nn.Module, calibration, pattern: str = "unstruc
                 return c.reshape(n_, mod.in_channels, kk, l_).permute(0, 3, 2, 1).reshape(n_ * l_, -1)
         else:
             cols2d = None
-        H, _ = layer_inputs_hessian(model, mod, calibration, cols2d)
-        w2d = prune._as_2d(mod.weight.detach())
-        new2d, mask2d = sparsegpt_weight(w2d, H, pattern, sparsity, blocksize, percdamp, block)
+        amount = sparsity[name] if isinstance(sparsity, dict) else sparsity
+        try:
+            H, _ = layer_inputs_hessian(model, mod, calibration, cols2d)
+            w2d = prune._as_2d(mod.weight.detach())
+            new2d, mask2d = sparsegpt_weight(w2d, H, pattern, amount, blocksize, percdamp, block)
+        except ValueError as e:
+            raise ValueError(f"sparsegpt: layer {name!r}: {e}") from e
         with torch.no_grad():
             target = mod.weight_orig if hasattr(mod, "weight_orig") else mod.weight
             target.copy_(prune._from_2d(new2d, mod.weight.shape))

@@ -121,3 +121,33 @@ def test_bad_inputs():
         sparsekern.sparsify(nn.Linear(8, 8), "2:4", method="sparsegpt")
     with pytest.raises(ValueError, match="calibration"):
         prune.sparsegpt_prune(nn.Linear(8, 8), None)
+
+
+def test_bad_calibration_and_layers_name_the_problem():
+    model = _mlp()
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        sparsegpt_prune_model(model, [], "2:4", show_progress=False)
+    with pytest.raises(ValueError, match="cannot take the calibration batches"):
+        sparsegpt_prune_model(model, [torch.randn(4, 31)], "2:4", show_progress=False)
+    odd = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10), nn.ReLU(), nn.Linear(10, 8))
+    with pytest.raises(ValueError, match="layer '4'.*divisible by m"):
+        sparsegpt_prune_model(odd, [torch.randn(16, 32)], "2:4", show_progress=False)
+
+
+def test_dead_inputs_and_tiny_calibration_fall_back():
+    model = _mlp()
+    x = torch.randn(3, 32)
+    x[:, :8] = 0  # dead inputs and fewer rows than features: singular X^T X
+    masks = sparsegpt_prune_model(model, [x], "unstructured", 0.5, show_progress=False)
+    assert (model[0].weight[:, :8] == 0).all()  # weights of dead inputs dropped
+    assert all(torch.isfinite(model[i].weight).all() for i in (0, 2, 4))
+    assert float(masks["2"].float().mean()) == pytest.approx(0.5, abs=0.02)
+
+
+def test_per_layer_sparsity_from_allocation():
+    model = _mlp()
+    calib = [torch.randn(64, 32)]
+    masks = sparsegpt_prune_model(model, calib, "unstructured", {"0": 0.3, "4": 0.7}, show_progress=False)
+    assert set(masks) == {"0", "4"} and not hasattr(model[2], "weight_mask")
+    assert float(1 - masks["0"].float().mean()) == pytest.approx(0.3, abs=0.02)
+    assert float(1 - masks["4"].float().mean()) == pytest.approx(0.7, abs=0.02)
