@@ -61,75 +61,84 @@ def _variants(quick):
     return v + [("channels50", "channels")]
 
 
-def _time_fn(fn, device, reps):
-    fn()  # warm-up beyond time_calls' own: first calls pay for allocator and library set-up
-    return benchlib.quantiles(cases.time_calls([fn], device, reps))
-
-
 # The batch each model's layers see, for the per-layer backend choice (Policy): decode
 # rows for the decoder, tokens of one image for the ViT, one small image for the ResNet.
 POLICIES = {"llama": Policy("auto", batch=8), "vit": Policy("auto", batch=65), "resnet18": Policy("auto", batch=1, image=16)}
 
 
+def _workloads(name, m, dev, quick):
+    """(metric, batch, fn, units per call) for one model."""
+    if name == "llama":
+        out = []
+        for B in (1, 8):
+            ids = torch.randint(0, 1024, (B, 16), device=dev)
+            out.append(("decode_tokens_per_s", B, lambda ids=ids: m.generate(ids, 8), B * 8))
+        ids = torch.randint(0, 1024, (1, 128), device=dev)
+        return out + [("prefill_tokens_per_s", 1, lambda ids=ids: m(ids), 128)]
+    out = []
+    for B in ((1, 16) if quick else (1, 64)):
+        x = torch.randn(B, 3, 64, 64, device=dev)
+        out.append(("images_per_s", B, lambda x=x: m(x), B))
+    return out
+
+
 def suite_models(a, env):
-    dev, reps = a.device, (3 if a.quick else 10)
+    """Each model dense and in every variant, checked against its masked dense reference;
+    then all variants of a model timed round-robin (one call of each per round), so machine
+    noise and warm-up land on all of them alike."""
+    dev, rounds = a.device, (7 if a.quick else 20)
     rows = []
     torch.manual_seed(0)
     llama_cfg = dict(dim=512, layers=4, hidden=1408) if a.quick or dev == "cpu" else dict(dim=2048, layers=8, hidden=5632)
     specs = [("llama", lambda: models.LlamaStyle(**llama_cfg)), ("vit", lambda: models.ViT()),
              ("resnet18", lambda: models.resnet(18))]
-    work = [(n, mk, v) for n, mk in specs for v in _variants(a.quick)]
-    bases = {}
-    for i, (name, make, (vname, kw)) in enumerate(work):
-        benchlib.progress(i + 1, len(work), f"{name} {vname}")
-        if name not in bases:
-            bases[name] = make().to(dev).eval()
-        base = bases[name]
-        m = copy.deepcopy(base)
+    for si, (name, make) in enumerate(specs):
+        base = make().to(dev).eval()
         example = (torch.randint(0, 1024, (1, 16), device=dev) if name == "llama"
                    else torch.randn(1, 3, 64, 64, device=dev))
-        n_sparse = 0
-        try:
-            if kw == "channels":
-                res = simplify.prune_channels(m, 0.5, example)
-                n_sparse = sum("skipped" not in r for r in res["report"])
-                ref_model = simplify.channel_cut_reference(base, res["kept"], example)
-            elif kw is not None:
-                m, report = sparsekern.sparsify(m, min_features=64, policy=POLICIES[name],
-                                                show_progress=False, **kw)
-                n_sparse = sum(r["status"] == "sparse" and r["backend"] != "dense" for r in report)
-                ref_model = copy.deepcopy(base)
-                ref_model.load_state_dict(sparsekern.dense_state_dict(m))
-            else:
-                ref_model = base
-            with torch.no_grad():
-                y, yr = m(example).double(), ref_model(example).double()
-            err = ((y - yr).norm() / yr.norm()).item()
-            if not err < 1e-3:
-                raise RuntimeError(f"{name} {vname}: output differs from its masked dense reference ({err:.1e})")
-        except Exception as e:  # noqa: BLE001
-            rows.append({"op": "model", "model": name, "variant": vname, "error": f"{type(e).__name__}: {e}"[:300]})
-            continue
-        common = {"op": "model", "model": name, "variant": vname, "device": env["device_name"],
-                  "sparse_layers": n_sparse, "param_bytes": models.param_bytes(m),
-                  "checkpoint_bytes": models.checkpoint_bytes(m), "rel_err": err}
+        built = []
+        for vi, (vname, kw) in enumerate(_variants(a.quick)):
+            benchlib.progress(si * 5 + vi + 1, len(specs) * 5, f"{name} {vname}")
+            m = copy.deepcopy(base)
+            n_sparse = 0
+            try:
+                if kw == "channels":
+                    res = simplify.prune_channels(m, 0.5, example)
+                    n_sparse = sum("skipped" not in r for r in res["report"])
+                    ref_model = simplify.channel_cut_reference(base, res["kept"], example)
+                elif kw is not None:
+                    m, report = sparsekern.sparsify(m, min_features=64, policy=POLICIES[name],
+                                                    show_progress=False, **kw)
+                    n_sparse = sum(r["status"] == "sparse" and r["backend"] != "dense" for r in report)
+                    ref_model = copy.deepcopy(base)
+                    ref_model.load_state_dict(sparsekern.dense_state_dict(m))
+                else:
+                    ref_model = base
+                with torch.no_grad():
+                    y, yr = m(example).double(), ref_model(example).double()
+                err = ((y - yr).norm() / yr.norm()).item()
+                if not err < 1e-3:
+                    raise RuntimeError(f"{name} {vname}: output differs from its masked dense reference ({err:.1e})")
+            except Exception as e:  # noqa: BLE001
+                rows.append({"op": "model", "model": name, "variant": vname, "error": f"{type(e).__name__}: {e}"[:300]})
+                continue
+            built.append((vname, m, {"op": "model", "model": name, "variant": vname, "device": env["device_name"],
+                                     "sparse_layers": n_sparse, "param_bytes": models.param_bytes(m),
+                                     "checkpoint_bytes": models.checkpoint_bytes(m), "rel_err": err}))
+        loads = {v: _workloads(name, m, dev, a.quick) for v, m, _ in built}
+        samples = {(v, i): [] for v, _, _ in built for i in range(len(loads[v]))}
         with torch.no_grad():
-            if name == "llama":
-                for B in (1, 8):
-                    ids = torch.randint(0, 1024, (B, 16), device=dev)
-                    q = _time_fn(lambda: m.generate(ids, 8), dev, reps)
-                    rows.append({**common, "metric": "decode_tokens_per_s", "batch": B, **q,
-                                 "value": B * 8 / (q["median_ms"] * 1e-3)})
-                ids = torch.randint(0, 1024, (1, 128), device=dev)
-                q = _time_fn(lambda: m(ids), dev, reps)
-                rows.append({**common, "metric": "prefill_tokens_per_s", "batch": 1, **q,
-                             "value": 128 / (q["median_ms"] * 1e-3)})
-            else:
-                for B in ((1, 16) if a.quick else (1, 64)):
-                    x = torch.randn(B, 3, 64, 64, device=dev)
-                    q = _time_fn(lambda: m(x), dev, reps)
-                    rows.append({**common, "metric": "images_per_s", "batch": B, **q,
-                                 "value": B / (q["median_ms"] * 1e-3)})
+            for v, _, _ in built:
+                for _, _, fn, _ in loads[v]:
+                    fn()
+            for _ in range(rounds):
+                for v, _, _ in built:
+                    for i, (_, _, fn, _) in enumerate(loads[v]):
+                        samples[(v, i)] += cases.time_calls([fn], dev, 1)
+        for v, _, common in built:
+            for i, (metric, batch, _, units) in enumerate(loads[v]):
+                q = benchlib.quantiles(samples[(v, i)])
+                rows.append({**common, "metric": metric, "batch": batch, **q, "value": units / (q["median_ms"] * 1e-3)})
     dense_val = {(r["model"], r["metric"], r["batch"]): r["value"] for r in rows
                  if r.get("variant") == "dense" and "value" in r}
     for r in rows:

@@ -28,8 +28,9 @@ at::Tensor x_lanes(const at::Tensor& x2, int64_t BP) {
 at::Tensor tiled_gemm(const at::Tensor& x2, int64_t O, const FillRows& fill) {
   const int64_t B = x2.size(0), K = x2.size(1);
   auto out = at::empty({B, O}, x2.options());
-  // 128 rows keeps the GEMM efficient and the tile (2 MiB at K=4096) in cache.
-  const int64_t tile = 128;
+  // Tiles of about 4 MiB (at least 128 rows): large enough for an efficient GEMM, small
+  // enough to stay in cache and never hold the whole dense weight.
+  const int64_t tile = std::max<int64_t>(128, (int64_t(4) << 20) / (K * int64_t(sizeof(float))));
   auto buf = at::empty({std::min(tile, O), K}, x2.options());
   for (int64_t r0 = 0; r0 < O; r0 += tile) {
     const int64_t r1 = std::min(O, r0 + tile);
