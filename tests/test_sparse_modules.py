@@ -103,8 +103,7 @@ def test_trainable_conv():
 
 # ------------------------------------------------------------------ save and load
 def _model():
-    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
-                         nn.Conv2d(8, 16, 3) if False else nn.Identity())
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
 
 
 @pytest.mark.parametrize("pattern,kw", PATTERNS)
@@ -130,6 +129,25 @@ def test_state_dict_torch_save_and_safetensors_round_trip(pattern, kw, tmp_path)
     dense2 = _model()
     dense2.load_state_dict(sparsekern.dense_state_dict(sd, template=_model()))
     torch.testing.assert_close(dense2(x), y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", [SPARSE, Policy("dense")])
+def test_conv_round_trip_through_safetensors(policy, tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 1))
+
+    model, _ = sparsekern.sparsify(net(), "2:4", min_features=4, policy=policy, show_progress=False)
+    x = torch.randn(2, 8, 6, 6)
+    safetensors.save_file(model.state_dict(), str(tmp_path / "c.safetensors"))
+    fresh, _ = sparsekern.sparsify(net(), "2:4", min_features=4, policy=policy, show_progress=False)
+    fresh.load_state_dict(safetensors.load_file(str(tmp_path / "c.safetensors")))
+    torch.testing.assert_close(fresh(x), model(x))
+    dense = net()
+    dense.load_state_dict(sparsekern.dense_state_dict(model))
+    torch.testing.assert_close(dense(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_loading_a_state_dict_of_another_pattern_is_refused():
