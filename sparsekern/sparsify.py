@@ -210,15 +210,18 @@ def dense_state_dict(sparse_model_or_state: nn.Module | dict, template: nn.Modul
                  if isinstance(layer, nn.Conv2d) else
                  SparseLinear(layer.in_features, layer.out_features, layer.bias is not None, "dense"))
         sub = {kk[len(prefix):]: v for kk, v in sd.items() if kk.startswith(prefix) and "." not in kk[len(prefix):]}
-        probe.pattern = _pattern_of_meta(meta, probe)
+        probe.pattern = _pattern_of_meta(meta)
         probe.load_state_dict(sub)
         dense = probe.to_dense()
         out[prefix + "weight"] = dense.weight.detach()
     return out
 
 
-def _pattern_of_meta(meta: torch.Tensor, mod) -> str:
-    kind = int(meta[0])
-    if kind == 1:
+def _pattern_of_meta(meta: torch.Tensor) -> str:
+    """The pattern string of a saved `weight_meta` buffer (kinds: sparsekern.nn._KIND)."""
+    from .nn import _KIND_NAME
+
+    kind = _KIND_NAME[int(meta[0])]
+    if kind == "nm":
         return f"{int(meta[1])}:{int(meta[2])}"
-    return {2: "unstructured", 3: "block", 4: "dense"}[kind]
+    return {"bitmask": "unstructured", "block": "block", "dense": "dense"}[kind]
