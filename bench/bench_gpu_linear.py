@@ -27,20 +27,6 @@ F = torch.nn.functional
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192)]
 
 
-def copy_bandwidth_gbs() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        b.copy_(a)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * a.numel() * 10 / (start.elapsed_time(end) * 1e-3) / 1e9
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,4,16,32")
@@ -53,7 +39,7 @@ def main(argv=None):
         raise SystemExit("bench_gpu_linear: no CUDA GPU")
     dtype = getattr(torch, a.dtype)
     env = benchlib.environment("cuda")
-    env["copy_gbs"] = copy_bandwidth_gbs()
+    env["copy_gbs"] = cases.copy_bandwidth_gbs("cuda")
     print(f"{env['gpu']}, torch {env['torch']}, commit {env['commit']}; copy bandwidth {env['copy_gbs']:.0f} GB/s")
     batches = [int(b) for b in a.batches.split(",")]
     shapes = SHAPES if a.shapes == "all" else SHAPES[:2]

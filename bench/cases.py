@@ -180,3 +180,12 @@ def linear_sweep(device: str, dtype: torch.dtype, shapes: dict, batches: list[in
                              "weight_bytes": nbytes})
         del weights, built
     return rows
+
+
+def copy_bandwidth_gbs(device: str) -> float:
+    """Measured copy bandwidth (bytes read + written per second), the memory roofline."""
+    n = (256 if device == "cpu" else 1024) * 2**20 // 4
+    a = torch.randn(n, device=device)
+    b = torch.empty_like(a)
+    samples = time_calls([lambda: b.copy_(a)], device, 5)
+    return 2 * a.numel() * 4 / benchlib.quantiles(samples)["median_ms"] / 1e6

@@ -2,8 +2,6 @@
 a Llama-style decoder with a KV cache, a small ViT, and torchvision's ResNet."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -140,13 +138,5 @@ def resnet(depth=18, classes=100):
     return getattr(torchvision.models, f"resnet{depth}")(num_classes=classes)
 
 
-def checkpoint_bytes(model: nn.Module) -> int:
-    import io
-
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.tell()
-
-
-def param_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+# Shared with the demo, so both report the same quantities.
+from sparsekern.demo import checkpoint_bytes, param_bytes  # noqa: E402,F401

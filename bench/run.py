@@ -14,7 +14,6 @@ import argparse
 import copy
 import csv
 import datetime
-import json
 import os
 import sys
 import time
@@ -29,14 +28,6 @@ import models  # noqa: E402
 import sparsekern  # noqa: E402
 from sparsekern import ops, reference, simplify  # noqa: E402
 from sparsekern.nn import Policy  # noqa: E402
-
-
-def copy_bandwidth_gbs(device: str) -> float:
-    n = (256 if device == "cpu" else 1024) * 2**20 // 4
-    a = torch.randn(n, device=device)
-    b = torch.empty_like(a)
-    samples = cases.time_calls([lambda: b.copy_(a)], device, 5)
-    return 2 * a.numel() * 4 / benchlib.quantiles(samples)["median_ms"] / 1e6
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -238,7 +229,7 @@ def main(argv=None):
         raise SystemExit("bench/run.py: --device cuda but no CUDA GPU")
     env = benchlib.environment(a.device)
     env["device_name"] = env.get("gpu") or env["cpu"]
-    env["copy_gbs"] = copy_bandwidth_gbs(a.device)
+    env["copy_gbs"] = cases.copy_bandwidth_gbs(a.device)
     try:
         import triton
 

@@ -96,23 +96,6 @@ def trained(kind, data, epochs, device, show):
     return model, "trained"
 
 
-def latency_ms(model, x, device, reps):
-    with torch.no_grad():
-        for _ in range(2):
-            model(x)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            model(x)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2] * 1e3
-
-
 def interleaved_latency_ms(models, x, device, rounds):
     samples = [[] for _ in models]
     with torch.no_grad():

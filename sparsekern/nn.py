@@ -17,7 +17,6 @@ Layouts of the compressed tensors: sparsekern/formats.py.
 """
 from __future__ import annotations
 
-import math
 import re
 import time
 
@@ -186,21 +185,14 @@ class _SparseMixin:
 
     def dense_weight_2d(self) -> torch.Tensor:
         if self.trainable:
-            return self._weight2d(self.weight) * self.mask().to(self.weight.dtype)
+            return self.weight * self.mask().to(self.weight.dtype)
         f = self.weight_format()
         return prune._as_2d(f) if isinstance(f, torch.Tensor) else f.to_dense()
 
-    def _compress(self, w2d: torch.Tensor, mask: torch.Tensor, policy: Policy, example_batch: int | None = None):
-        kind, params = parse_pattern(self.pattern)
+    def _compress(self, w2d: torch.Tensor, mask: torch.Tensor, policy: Policy):
+        kind, _ = parse_pattern(self.pattern)
         w2d = w2d.detach()
-        if kind == "nm":
-            fmt = NMWeight.from_dense(w2d, params["n"], params["m"], mask=mask)
-        elif kind == "bitmask":
-            fmt = BitmaskWeight.from_dense(w2d, mask)
-        elif kind == "block":
-            fmt = BlockWeight.from_dense(w2d, params.get("block", self._block), mask)
-        else:
-            fmt = w2d * mask
+        fmt = self._build_format(w2d, mask)
         if isinstance(fmt, torch.Tensor) or policy.backend == "dense":
             dense = fmt if isinstance(fmt, torch.Tensor) else fmt.to_dense()
             return dense, "dense", "pattern 'dense'" if kind == "dense" else "forced by policy"
@@ -216,39 +208,38 @@ class _SparseMixin:
     def freeze(self, policy: Policy | None = None):
         """Drop the dense training weight; keep only the compressed (or chosen) weight."""
         if self.trainable:
-            fmt, self.backend, self.reason = self._compress(self._weight2d(self.weight), self.mask(),
+            fmt, self.backend, self.reason = self._compress(self.weight, self.mask(),
                                                             policy or DEFAULT_POLICY)
             del self._parameters["weight"]
             del self._buffers["weight_mask_bits"]
             self._set_format(fmt)
         return self
 
+    def _build_format(self, w2d: torch.Tensor, mask: torch.Tensor):
+        """The pattern's format object for a 2-D weight and mask (a masked dense tensor for
+        pattern 'dense')."""
+        kind, params = parse_pattern(self.pattern)
+        if kind == "nm":
+            return NMWeight.from_dense(w2d, params["n"], params["m"], mask=mask)
+        if kind == "bitmask":
+            return BitmaskWeight.from_dense(w2d, mask)
+        if kind == "block":
+            return BlockWeight.from_dense(w2d, params.get("block", self._block), mask)
+        return w2d * mask
+
     def _packed(self):
         """Compressed copy for eval mode of a trainable module, rebuilt when the weight changed."""
         version = (self.weight._version, self.weight.data_ptr(), self.weight.dtype, self.weight.device)
         if getattr(self, "_packed_version", None) != version:
-            kind, params = parse_pattern(self.pattern)
-            w2d = self._weight2d(self.weight.detach())
-            m = self.mask()
-            if kind == "nm":
-                self._packed_fmt = NMWeight.from_dense(w2d, params["n"], params["m"], mask=m)
-            elif kind == "bitmask":
-                self._packed_fmt = BitmaskWeight.from_dense(w2d, m)
-            elif kind == "block":
-                self._packed_fmt = BlockWeight.from_dense(w2d, params.get("block", self._block), m)
-            else:
-                self._packed_fmt = w2d * m
+            self._packed_fmt = self._build_format(self.weight.detach(), self.mask())
             self._packed_version = version
         return self._packed_fmt
 
     def _linear2d(self, x2: torch.Tensor, bias):
         """x2 [..., in2d] through the weight, whatever the mode."""
-        if self.trainable:
-            if self.training:
-                return ops.masked_linear(x2, self._weight2d(self.weight), self.weight_mask_bits, bias)
-            f = self._packed()
-            return torch.nn.functional.linear(x2, f, bias) if isinstance(f, torch.Tensor) else ops.sparse_linear(x2, f, bias)
-        f = self.weight_format()
+        if self.trainable and self.training:
+            return ops.masked_linear(x2, self.weight, self.weight_mask_bits, bias)
+        f = self._packed() if self.trainable else self.weight_format()
         if isinstance(f, torch.Tensor):
             return torch.nn.functional.linear(x2, f, bias)
         return ops.sparse_linear(x2, f, bias)
@@ -322,9 +313,6 @@ class SparseLinear(_SparseMixin, nn.Module):
         # An empty placeholder of the right pattern; from_dense or load_state_dict fills it.
         self._set_format(torch.zeros(out_features, in_features, device=device, dtype=dtype))
         self.backend, self.reason = "dense", "not built from a weight yet"
-
-    def _weight2d(self, w):
-        return w
 
     def _timing_pair(self, fmt, dense, policy):
         """(dense forward, sparse forward, key) at the policy's batch, for autotune."""
@@ -450,16 +438,13 @@ class SparseConv2d(_SparseMixin, nn.Module):
                 lambda: self._conv(x, lambda c: ops.sparse_linear(c, fmt)),
                 ("conv", tuple(w4.shape), self.stride, self.padding, self.dilation, policy.batch, policy.image))
 
-    def _weight2d(self, w):
-        return w
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"SparseConv2d: expected input [N, {self.in_channels}, H, W], got {tuple(x.shape)}")
         if self.trainable and self.training:
             # Masked fine-tuning: the dense convolution of W*M (autograd masks the weight's
             # gradient through the product), which is what oneDNN/cuDNN run fastest.
-            w4 = self._to4d(self._weight2d(self.weight) * self.mask().to(self.weight.dtype))
+            w4 = self._to4d(self.weight * self.mask().to(self.weight.dtype))
             return self._dense_conv(x, w4)
         f = None if self.trainable else self.weight_format()
         if isinstance(f, torch.Tensor):  # backend "dense": the original convolution

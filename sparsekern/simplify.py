@@ -134,7 +134,7 @@ def _channel_plan(model: nn.Module, example_input):
         if calls[node.target] != 1:
             tied[node.target] = "module called more than once"
             continue
-        bns, consumers, reason, spatial = [], [], None, 1
+        bns, consumers, reason = [], [], None
         stack = [(u, 1) for u in node.users]
         while stack and reason is None:
             u, sp = stack.pop()
@@ -308,7 +308,7 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
 
 
 # --------------------------------------------------------------- per-layer sparsity
-def _layer_mask(weight, method, s, n_m=None):
+def _layer_mask(weight, method, s):
     sc = prune.score(weight, "l1" if method in ("l1", "l2") else method)
     return prune.unstructured_mask(sc, s)
 

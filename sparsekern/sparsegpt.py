@@ -16,8 +16,7 @@ layer's Hessian (and the activations of one batch) is held at a time.
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn

@@ -10,6 +10,7 @@ from torch import nn
 
 from . import prune
 from .nn import SPARSE_MODULES, Policy, SparseConv2d, SparseLinear, parse_pattern
+from .simplify import _set_module
 
 
 def _matches(name: str, patterns) -> bool:
@@ -18,11 +19,6 @@ def _matches(name: str, patterns) -> bool:
     if isinstance(patterns, str):
         patterns = [patterns]
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsity: float | None = None,
@@ -104,8 +100,6 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
                              policy=policy, grad=None if grads is None else grads[name],
                              act_norm=None if norms is None else norms[name])
         new.train(mod.training)
-        if hasattr(mod, "weight_orig"):
-            new.bias = mod.bias if mod.bias is None else nn.Parameter(mod.bias.detach().clone())
         _set_module(model, name, new)
         f = new.weight_format() if not new.trainable else None
         after = (f.numel() * f.element_size() if isinstance(f, torch.Tensor) else f.nbytes) if f is not None \

@@ -5,7 +5,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 import sparsekern.prune as prune
-from sparsekern.formats import BitmaskWeight, BlockWeight, NMWeight
+from sparsekern.formats import BlockWeight, NMWeight
 
 
 def mlp():

@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-import sparsekern.prune as prune
 from sparsekern import simplify
 
 

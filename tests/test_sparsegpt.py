@@ -8,7 +8,7 @@ from torch import nn
 
 import sparsekern
 import sparsekern.prune as prune
-from sparsekern import ops, reference
+from sparsekern import ops
 from sparsekern.sparsegpt import sparsegpt_prune_model, sparsegpt_weight
 
 

@@ -49,6 +49,22 @@ def dot_f32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
 
 
+def dot_meta(dtype: torch.dtype) -> dict:
+    """The PRECISION and DOT_F32 kernel arguments for inputs of `dtype` (see mma)."""
+    return {"PRECISION": dot_precision(dtype), "DOT_F32": dot_f32(dtype)}
+
+
+def run_linear(x: torch.Tensor, n_out: int, launch) -> torch.Tensor:
+    """Shared shell of the linear-type ops: x [..., K] -> x2 [M, K], an output y [M, n_out],
+    launch(x2, y, M, K, block_m) when there is work, then y back to [..., n_out] in x's dtype."""
+    x2 = flatten_x(x)
+    M, K = x2.shape
+    y = out_like(x2, M, n_out)
+    if M > 0 and n_out > 0:
+        launch(x2, y, M, K, block_m(M))
+    return unflatten(y, x)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 keeps IEEE products (1e-5 accuracy); tf32 would give ~3e-4.
     return "ieee" if dot_f32(dtype) else "tf32"

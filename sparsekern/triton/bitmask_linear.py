@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import dot_f32, mma, batch_bucket, block_m, dot_precision, flatten_x, linear_configs, out_like, unflatten
+from ._common import batch_bucket, dot_meta, linear_configs, mma, run_linear
 
 
 @triton.autotune(configs=linear_configs(), key=["N", "K", "M_BUCKET"])
@@ -51,21 +51,18 @@ def _bitmask_linear_kernel(
 @triton_op("sparsekern_triton::bitmask_linear", mutates_args=())
 def _bitmask_linear_op(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, offsets: torch.Tensor,
                        in_features: int, bias: torch.Tensor | None) -> torch.Tensor:
-    x2 = flatten_x(x)
-    M, K = x2.shape
     N = bitmask.shape[0]
-    y = out_like(x2, M, N)
-    if M > 0 and N > 0:
-        bm = block_m(M)
 
+    def launch(x2, y, M, K, bm):
         def grid(meta):
             return (triton.cdiv(M, bm), triton.cdiv(N, meta["BLOCK_N"]))
 
         wrap_triton(_bitmask_linear_kernel)[grid](
             x2, values if values.numel() else x2, bitmask.contiguous(), offsets.contiguous(),
             bias if bias is not None else x2, y, M, N, K, bitmask.shape[1], offsets.shape[1], batch_bucket(M),
-            HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), DOT_F32=dot_f32(x.dtype), BLOCK_M=bm)
-    return unflatten(y, x)
+            HAS_BIAS=bias is not None, **dot_meta(x.dtype), BLOCK_M=bm)
+
+    return run_linear(x, N, launch)
 
 
 @_bitmask_linear_op.register_fake

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import dot_f32, mma, block_m, dot_precision, flatten_x, out_like, unflatten
+from ._common import dot_meta, mma, run_linear
 
 SUPPORTED_BLOCKS = (16, 32, 64)
 
@@ -45,19 +45,16 @@ def _block_linear_kernel(
 @triton_op("sparsekern_triton::block_linear", mutates_args=())
 def _block_linear_op(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
                      in_features: int, bias: torch.Tensor | None) -> torch.Tensor:
-    x2 = flatten_x(x)
-    M, K = x2.shape
     nbr, bh, bw = crow_indices.shape[0] - 1, values.shape[1], values.shape[2]
-    N = nbr * bh
-    y = out_like(x2, M, N)
-    if M > 0 and N > 0:
-        bm = block_m(M)
+
+    def launch(x2, y, M, K, bm):
         wrap_triton(_block_linear_kernel)[(triton.cdiv(M, bm), nbr)](
             x2, crow_indices.contiguous(), col_indices.contiguous(), values.contiguous() if values.numel() else x2,
-            bias if bias is not None else x2, y, M, N, K,
-            HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), DOT_F32=dot_f32(x.dtype), BLOCK_M=bm, BH=bh, BW=bw,
+            bias if bias is not None else x2, y, M, nbr * bh, K,
+            HAS_BIAS=bias is not None, **dot_meta(x.dtype), BLOCK_M=bm, BH=bh, BW=bw,
             num_warps=4 if bh * bw <= 1024 else 8)
-    return unflatten(y, x)
+
+    return run_linear(x, nbr * bh, launch)
 
 
 @_block_linear_op.register_fake

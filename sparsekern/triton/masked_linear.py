@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import dot_f32, mma, block_m, dot_precision, flatten_x, out_like, unflatten
+from ._common import dot_meta, flatten_x, mma, out_like, run_linear
 
 
 @triton.jit
@@ -87,16 +87,14 @@ def _masked_linear_grad_weight_kernel(g_ptr, x_ptr, bitmask_ptr, gw_ptr, M, N, K
 @triton_op("sparsekern_triton::masked_linear", mutates_args=())
 def _masked_linear_op(x: torch.Tensor, weight: torch.Tensor, bitmask: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
-    x2 = flatten_x(x)
-    M, K = x2.shape
     N = weight.shape[0]
-    y = out_like(x2, M, N)
-    if M > 0 and N > 0:
-        bm = block_m(M)
+
+    def launch(x2, y, M, K, bm):
         wrap_triton(_masked_linear_fwd_kernel)[(triton.cdiv(M, bm), triton.cdiv(N, 32))](
             x2, weight.contiguous(), bitmask.contiguous(), bias if bias is not None else x2, y, M, N, K,
-            bitmask.shape[1], HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), DOT_F32=dot_f32(x.dtype), BLOCK_M=bm, BLOCK_N=32)
-    return unflatten(y, x)
+            bitmask.shape[1], HAS_BIAS=bias is not None, **dot_meta(x.dtype), BLOCK_M=bm, BLOCK_N=32)
+
+    return run_linear(x, N, launch)
 
 
 @_masked_linear_op.register_fake
@@ -106,16 +104,14 @@ def _(x, weight, bitmask, bias):
 
 @triton_op("sparsekern_triton::masked_linear_grad_input", mutates_args=())
 def _masked_linear_grad_input_op(grad_out: torch.Tensor, weight: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    g2 = flatten_x(grad_out)
-    M, N = g2.shape
     K = weight.shape[1]
-    gx = out_like(g2, M, K)
-    if M > 0 and K > 0:
-        bm = block_m(M)
+
+    def launch(g2, gx, M, N, bm):  # here the "input" is grad_out [M, N] and the output gx [M, K]
         wrap_triton(_masked_linear_grad_input_kernel)[(triton.cdiv(M, bm), bitmask.shape[1])](
             g2, weight.contiguous(), bitmask.contiguous(), gx, M, N, K, bitmask.shape[1],
-            PRECISION=dot_precision(grad_out.dtype), DOT_F32=dot_f32(grad_out.dtype), BLOCK_M=bm, BLOCK_N=32)
-    return unflatten(gx, grad_out)
+            **dot_meta(grad_out.dtype), BLOCK_M=bm, BLOCK_N=32)
+
+    return run_linear(grad_out, K, launch)
 
 
 @_masked_linear_grad_input_op.register_fake
@@ -131,7 +127,7 @@ def _masked_linear_grad_weight_op(grad_out: torch.Tensor, x: torch.Tensor, bitma
     gw = out_like(x2, N, K)
     if N > 0 and K > 0:
         wrap_triton(_masked_linear_grad_weight_kernel)[(triton.cdiv(N, 32), bitmask.shape[1])](
-            g2, x2, bitmask.contiguous(), gw, M, N, K, bitmask.shape[1], PRECISION=dot_precision(x.dtype), DOT_F32=dot_f32(x.dtype),
+            g2, x2, bitmask.contiguous(), gw, M, N, K, bitmask.shape[1], **dot_meta(x.dtype),
             BLOCK_M=32, BLOCK_N=32)
     return gw.to(x.dtype)
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import dot_f32, mma, batch_bucket, block_m, dot_precision, flatten_x, linear_configs, out_like, unflatten
+from ._common import batch_bucket, dot_meta, linear_configs, mma, run_linear
 
 
 @triton.autotune(configs=linear_configs(), key=["N", "K", "M_BUCKET"])
@@ -56,22 +56,19 @@ def _nm_linear_kernel(
 @triton_op("sparsekern_triton::nm_linear", mutates_args=())
 def _nm_linear_op(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int, in_features: int,
                   bias: torch.Tensor | None) -> torch.Tensor:
-    x2 = flatten_x(x)
-    M, K = x2.shape
     N = values.shape[0]
-    y = out_like(x2, M, N)
-    if M > 0 and N > 0:
-        bm = block_m(M)
 
+    def launch(x2, y, M, K, bm):
         def grid(meta):
             return (triton.cdiv(M, bm), triton.cdiv(N, meta["BLOCK_N"]))
 
         wrap_triton(_nm_linear_kernel)[grid](
             x2, values.contiguous(), indices.contiguous(), bias if bias is not None else x2, y,
             M, N, K, values.shape[1], indices.shape[1], batch_bucket(M),
-            NN=n, MM=m, BITS=2 if m == 4 else 4, HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), DOT_F32=dot_f32(x.dtype),
+            NN=n, MM=m, BITS=2 if m == 4 else 4, HAS_BIAS=bias is not None, **dot_meta(x.dtype),
             BLOCK_M=bm, BLOCK_K=64)
-    return unflatten(y, x)
+
+    return run_linear(x, N, launch)
 
 
 @_nm_linear_op.register_fake
