@@ -71,7 +71,7 @@ TORCH_LIBRARY(sparsekern, m) {
   // ---- Fused scoring reductions (pruning toolkit) ----
   // Per (block_rows x block_cols) group of the score e = |w| * |grad| * act_norm[col]:
   // p=1 sum(e), p=2 sqrt(sum(e^2)); float32 [rows/block_rows, cols/block_cols].
-  m.def("group_norm(Tensor weight, Tensor? grad, Tensor? act_norm, int block_rows, int block_cols, int p) -> Tensor");
+  m.def("group_score(Tensor weight, Tensor? grad, Tensor? act_norm, int block_rows, int block_cols, int p) -> Tensor");
   // sumsq[j] += sum over all leading positions of x[..., j]^2 (activation norms for wanda).
   m.def("act_norm_accumulate(Tensor(a!) sumsq, Tensor x) -> ()");
   // hessian += x^T x over all leading positions of x [..., K] (SparseGPT's X^T X), in the

@@ -71,13 +71,21 @@ def cuda_kernels_available(device: torch.device | None = None) -> bool:
     return any(arch_runs_on(a, cap) for a in cuda_archs())
 
 
+_TRITON_INSTALLED: bool | None = None
+
+
+def triton_installed() -> bool:
+    global _TRITON_INSTALLED
+    if _TRITON_INSTALLED is None:
+        import importlib.util
+
+        _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
+
+
 def triton_available() -> bool:
     """Triton is installed and has somewhere to run: a CUDA GPU, or the interpreter."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    return triton_installed() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 _load()

@@ -1,9 +1,9 @@
 """Compressed weight formats for a linear weight of shape [out, in].
 
 Each format is a small class holding plain tensors (what goes into a state_dict) and
-a few ints; `from_dense` compresses (through the compiled op when it can run, else the
-pure-torch reference), `to_dense` restores the weight with zeros in place, `nbytes`
-counts the compressed bytes and `density` the kept fraction. Tensors loaded from a
+a few ints; `from_dense` compresses (through sparsekern.ops), `to_dense` restores the
+weight with zeros in place, `nbytes` counts the compressed bytes and `density` the kept
+fraction. Tensors loaded from a
 file go through `validate()`, so a corrupt checkpoint fails with a clear error instead
 of letting a kernel read out of bounds.
 
@@ -41,7 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import reference
+from . import ops
+from .patterns import BITMASK_TILE_COLS, KIND_CODES, check_nm, nm_index_bits, parse_pattern, unpack_bitmask, unpack_bits
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -64,21 +65,36 @@ def _check_weight(name: str, weight, mask) -> None:
             raise ValueError(f"{name}: mask is on {mask.device} but weight is on {weight.device}")
 
 
-def _use_kernel(t: torch.Tensor) -> bool:
-    """Compress with the compiled CPU op (the CUDA side has none yet: GPUs use the reference)."""
-    from . import ops
-
-    return ops.backend_for(t) == "cpp"
-
-
 def _meta(*ints: int) -> torch.Tensor:
     return torch.tensor(list(ints), dtype=torch.int64)
 
 
-class _Format:
-    """Shared behaviour: tensors(), nbytes, density, to(), dtype/device."""
+def _meta_ints(d: dict, count: int, where: str) -> list[int]:
+    meta = d.get("meta")
+    if not isinstance(meta, torch.Tensor) or meta.dtype != torch.int64 or meta.numel() != count:
+        raise ValueError(f"{where}: meta must be an int64 tensor of {count} ints, got "
+                         f"{getattr(meta, 'shape', type(meta).__name__)} {getattr(meta, 'dtype', '')}")
+    return [int(v) for v in meta.tolist()]
 
+
+class _Format:
+    """Shared behaviour: tensors(), nbytes, density, to(), dtype/device.
+
+    `from_tensors(d)` rebuilds a format from `tensors()` (validated unless validate=False,
+    for tensors the caller validated already); `meta_ints` stands in for d["meta"] when
+    the caller holds the ints (a module's forward never reads a tensor for them).
+
+    Each format declares its vocabulary once, and every other module reads it from here:
+    KIND (the pattern kind, sparsekern.patterns.KINDS), OP (the sparse linear op that runs
+    it, in sparsekern.ops) and `pattern` (the pattern spelling users write)."""
+
+    KIND: str = ""
+    OP: str = ""
     _tensor_names: tuple[str, ...] = ()
+
+    def kernel_args(self) -> tuple:
+        """The format's tensors and ints in the order its op's schema takes them."""
+        raise NotImplementedError
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Plain tensors (and an int64 `meta` tensor) that fully describe the weight."""
@@ -125,43 +141,32 @@ class NMWeight(_Format):
     m: int
     in_features: int
 
+    KIND, OP = "nm", "nm_linear"
     _tensor_names = ("values", "indices")
 
-    @staticmethod
-    def check_nm(n: int, m: int, where: str = "NMWeight") -> None:
-        if m not in (4, 8, 16):
-            raise ValueError(f"{where}: m must be 4, 8 or 16, got {m}")
-        if not (isinstance(n, int) and 1 <= n < m):
-            raise ValueError(f"{where}: n must satisfy 1 <= n < m, got n={n}, m={m}")
+    def kernel_args(self) -> tuple:
+        return (self.values, self.indices, self.n, self.m, self.in_features)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, n: int = 2, m: int = 4, mask: torch.Tensor | None = None) -> "NMWeight":
         """Compress `weight` [out, in] to N:M along `in`. Without a mask keep the n
         largest |w| of each group of m (ties: lower column); a mask must keep at most
         n of every m (fewer is padded with zeros)."""
-        cls.check_nm(n, m, "NMWeight.from_dense")
+        check_nm(n, m, "NMWeight.from_dense")
         _check_weight("NMWeight.from_dense", weight, mask)
         if weight.shape[1] % m:
             raise ValueError(f"NMWeight.from_dense: in_features (weight.shape[1] = {weight.shape[1]}) must be "
                              f"divisible by m = {m}")
-        weight = weight.detach()
-        if _use_kernel(weight):
-            from . import ops
-
-            values, indices = ops.nm_compress(weight, mask, n, m)
-        else:
-            values, indices = reference.nm_compress(weight, mask, n, m)
+        values, indices = ops.nm_compress(weight.detach(), mask, n, m)
         return cls(values, indices, n, m, weight.shape[1])
 
     def to_dense(self) -> torch.Tensor:
-        from . import ops
-
         return ops.nm_decompress(self.values, self.indices, self.n, self.m, self.in_features)
 
     def mask(self) -> torch.Tensor:
         """bool [out, in]: the N:M positions (including zero-valued padding slots)."""
         out, kept = self.values.shape
-        idx = reference.unpack_bits(self.indices, reference.nm_index_bits(self.m), kept).reshape(out, -1, self.n)
+        idx = unpack_bits(self.indices, nm_index_bits(self.m), kept).reshape(out, -1, self.n)
         mask = torch.zeros(out, self.in_features // self.m, self.m, dtype=torch.bool, device=self.device)
         return mask.scatter_(-1, idx, True).reshape(out, self.in_features)
 
@@ -184,15 +189,15 @@ class NMWeight(_Format):
         return NMWeight(kw["values"], kw["indices"], self.n, self.m, self.in_features)
 
     @classmethod
-    def from_tensors(cls, d: dict[str, torch.Tensor]) -> "NMWeight":
-        n, m, k = (int(v) for v in d["meta"].tolist())
+    def from_tensors(cls, d: dict[str, torch.Tensor], validate: bool = True,
+                     meta_ints: list[int] | None = None) -> "NMWeight":
+        n, m, k = meta_ints or _meta_ints(d, 3, "NMWeight")
         w = cls(d["values"], d["indices"], n, m, k)
-        w.validate()
-        return w
+        return w.validate() if validate else w
 
     def validate(self) -> "NMWeight":
         where = "NMWeight"
-        self.check_nm(self.n, self.m, where)
+        check_nm(self.n, self.m, where)
         if self.in_features <= 0 or self.in_features % self.m:
             raise ValueError(f"{where}: in_features ({self.in_features}) must be a positive multiple of m ({self.m})")
         kept = self.in_features // self.m * self.n
@@ -200,13 +205,13 @@ class NMWeight(_Format):
         if v.dim() != 2 or v.shape[1] != kept or v.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"{where}: values must be a float tensor of shape [out, {kept}], got "
                              f"{tuple(v.shape)} {v.dtype}")
-        bits = reference.nm_index_bits(self.m)
+        bits = nm_index_bits(self.m)
         if ix.dtype != torch.uint8 or tuple(ix.shape) != (v.shape[0], math.ceil(kept * bits / 8)):
             raise ValueError(f"{where}: indices must be uint8 of shape [{v.shape[0]}, {math.ceil(kept * bits / 8)}], "
                              f"got {tuple(ix.shape)} {ix.dtype}")
         if ix.device != v.device:
             raise ValueError(f"{where}: indices are on {ix.device} but values on {v.device}")
-        if ix.numel() and int(reference.unpack_bits(ix, bits, kept).max()) >= self.m:
+        if ix.numel() and int(unpack_bits(ix, bits, kept).max()) >= self.m:
             raise ValueError(f"{where}: indices hold an in-group index >= m={self.m} (corrupt)")
         return self
 
@@ -219,7 +224,11 @@ class BitmaskWeight(_Format):
     offsets: torch.Tensor
     in_features: int
 
+    KIND, OP = "unstructured", "bitmask_linear"
     _tensor_names = ("values", "bitmask", "offsets")
+
+    def kernel_args(self) -> tuple:
+        return (self.values, self.bitmask, self.offsets, self.in_features)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> "BitmaskWeight":
@@ -227,24 +236,16 @@ class BitmaskWeight(_Format):
         _check_weight("BitmaskWeight.from_dense", weight, mask)
         if weight.shape[1] == 0:
             raise ValueError("BitmaskWeight.from_dense: weight must have at least one column")
-        weight = weight.detach()
         if weight.numel() >= 2**31:
             raise ValueError("BitmaskWeight.from_dense: more than 2^31-1 elements; split the weight")
-        if _use_kernel(weight):
-            from . import ops
-
-            values, bitmask, offsets = ops.bitmask_compress(weight, mask)
-        else:
-            values, bitmask, offsets = reference.bitmask_compress(weight, mask)
+        values, bitmask, offsets = ops.bitmask_compress(weight.detach(), mask)
         return cls(values, bitmask, offsets, weight.shape[1])
 
     def to_dense(self) -> torch.Tensor:
-        from . import ops
-
         return ops.bitmask_decompress(self.values, self.bitmask, self.offsets, self.in_features)
 
     def mask(self) -> torch.Tensor:
-        return reference.unpack_bitmask(self.bitmask, self.in_features)
+        return unpack_bitmask(self.bitmask, self.in_features)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -266,16 +267,16 @@ class BitmaskWeight(_Format):
         return BitmaskWeight(kw["values"], kw["bitmask"], kw["offsets"], self.in_features)
 
     @classmethod
-    def from_tensors(cls, d: dict[str, torch.Tensor]) -> "BitmaskWeight":
-        (k,) = (int(v) for v in d["meta"].tolist())
+    def from_tensors(cls, d: dict[str, torch.Tensor], validate: bool = True,
+                     meta_ints: list[int] | None = None) -> "BitmaskWeight":
+        (k,) = meta_ints or _meta_ints(d, 1, "BitmaskWeight")
         w = cls(d["values"], d["bitmask"], d["offsets"], k)
-        w.validate()
-        return w
+        return w.validate() if validate else w
 
     def validate(self) -> "BitmaskWeight":
         where = "BitmaskWeight"
         k = self.in_features
-        words, tiles = math.ceil(k / 64), math.ceil(k / reference.BITMASK_TILE_COLS)
+        words, tiles = math.ceil(k / 64), math.ceil(k / BITMASK_TILE_COLS)
         v, bm, off = self.values, self.bitmask, self.offsets
         if k <= 0 or bm.dtype != torch.int64 or bm.dim() != 2 or bm.shape[1] != words:
             raise ValueError(f"{where}: bitmask must be int64 [out, {words}] for in_features={k}, got "
@@ -286,10 +287,10 @@ class BitmaskWeight(_Format):
             raise ValueError(f"{where}: values must be a 1-D float tensor, got {tuple(v.shape)} {v.dtype}")
         if not (bm.device == off.device == v.device):
             raise ValueError(f"{where}: values, bitmask and offsets must be on one device")
-        keep = reference.unpack_bitmask(bm, words * 64)
+        keep = unpack_bitmask(bm, words * 64)
         if bool(keep[:, k:].any()):
             raise ValueError(f"{where}: bitmask has bits set beyond in_features ({k})")
-        _, _, expected = reference.bitmask_compress(torch.zeros(keep.shape[0], k, device=bm.device), keep[:, :k])
+        _, _, expected = ops.bitmask_compress(torch.zeros(keep.shape[0], k, device=bm.device), keep[:, :k])
         if int(keep.sum()) != v.numel():
             raise ValueError(f"{where}: bitmask keeps {int(keep.sum())} elements but values has {v.numel()}")
         if not torch.equal(expected, off):
@@ -305,7 +306,11 @@ class BlockWeight(_Format):
     values: torch.Tensor
     in_features: int
 
+    KIND, OP = "block", "block_linear"
     _tensor_names = ("crow_indices", "col_indices", "values")
+
+    def kernel_args(self) -> tuple:
+        return (self.crow_indices, self.col_indices, self.values, self.in_features)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, block: tuple[int, int] = (32, 32),
@@ -318,13 +323,7 @@ class BlockWeight(_Format):
         if weight.shape[0] % bh or weight.shape[1] % bw:
             raise ValueError(f"BlockWeight.from_dense: weight shape {tuple(weight.shape)} must be divisible by "
                              f"block {block}")
-        weight = weight.detach()
-        if _use_kernel(weight):
-            from . import ops
-
-            crow, col, values = ops.block_compress(weight, mask, bh, bw)
-        else:
-            crow, col, values = reference.block_compress(weight, mask, bh, bw)
+        crow, col, values = ops.block_compress(weight.detach(), mask, bh, bw)
         return cls(crow, col, values, weight.shape[1])
 
     @staticmethod
@@ -335,14 +334,12 @@ class BlockWeight(_Format):
         return int(block[0]), int(block[1])
 
     def to_dense(self) -> torch.Tensor:
-        from . import ops
-
         return ops.block_decompress(self.crow_indices, self.col_indices, self.values, self.in_features)
 
     def mask(self) -> torch.Tensor:
         """bool [out, in]: the kept blocks."""
-        return reference.block_decompress(self.crow_indices, self.col_indices,
-                                          torch.ones_like(self.values, dtype=torch.bool), self.in_features)
+        return ops.block_decompress(self.crow_indices, self.col_indices,
+                                    torch.ones_like(self.values, dtype=torch.bool), self.in_features)
 
     @property
     def block(self) -> tuple[int, int]:
@@ -368,11 +365,11 @@ class BlockWeight(_Format):
         return BlockWeight(kw["crow_indices"], kw["col_indices"], kw["values"], self.in_features)
 
     @classmethod
-    def from_tensors(cls, d: dict[str, torch.Tensor]) -> "BlockWeight":
-        (k,) = (int(v) for v in d["meta"].tolist())
+    def from_tensors(cls, d: dict[str, torch.Tensor], validate: bool = True,
+                     meta_ints: list[int] | None = None) -> "BlockWeight":
+        (k,) = meta_ints or _meta_ints(d, 1, "BlockWeight")
         w = cls(d["crow_indices"], d["col_indices"], d["values"], k)
-        w.validate()
-        return w
+        return w.validate() if validate else w
 
     def validate(self) -> "BlockWeight":
         where = "BlockWeight"
@@ -392,4 +389,19 @@ class BlockWeight(_Format):
         return self
 
 
-FORMATS = {"nm": NMWeight, "bitmask": BitmaskWeight, "block": BlockWeight}
+FORMATS = (NMWeight, BitmaskWeight, BlockWeight)
+FORMAT_OF_KIND = {cls.KIND: cls for cls in FORMATS}
+FORMAT_OF_CODE = {KIND_CODES[cls.KIND]: cls for cls in FORMATS}
+
+
+def compress(weight2d: torch.Tensor, pattern: str, mask: torch.Tensor, block: tuple[int, int] = (32, 32)):
+    """The format object of `pattern` for a 2-D weight and its bool mask; pattern "dense"
+    gives the masked dense tensor. `block` is the block shape when the pattern names none."""
+    kind, params = parse_pattern(pattern, "formats.compress")
+    if kind == "nm":
+        return NMWeight.from_dense(weight2d, params["n"], params["m"], mask=mask)
+    if kind == "unstructured":
+        return BitmaskWeight.from_dense(weight2d, mask)
+    if kind == "block":
+        return BlockWeight.from_dense(weight2d, params.get("block", block), mask)
+    return weight2d * mask

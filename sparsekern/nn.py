@@ -17,50 +17,20 @@ Layouts of the compressed tensors: sparsekern/formats.py.
 """
 from __future__ import annotations
 
-import re
 import time
 
 import torch
 from torch import nn
 
-from . import ops, prune, reference
-from .formats import BitmaskWeight, BlockWeight, NMWeight
-
-_KIND = {"nm": 1, "bitmask": 2, "block": 3, "dense": 4}
-_KIND_NAME = {v: k for k, v in _KIND.items()}
-_FORMAT_OF_KIND = {"nm": NMWeight, "bitmask": BitmaskWeight, "block": BlockWeight}
+from . import formats, ops, prune
+from .patterns import KIND_CODES, KIND_OF_CODE, as_2d, from_2d, pack_bitmask, parse_pattern, unpack_bitmask
 
 
 # ---------------------------------------------------------------------------- patterns
-def parse_pattern(pattern: str, where: str = "pattern") -> tuple[str, dict]:
-    """'2:4' / 'N:M' -> ('nm', {n, m}); 'unstructured' -> ('bitmask', {}); 'block' or
-    'block32' or 'block16x32' -> ('block', {block}); 'dense' -> ('dense', {})."""
-    if not isinstance(pattern, str):
-        raise TypeError(f"{where}: pattern must be a string such as '2:4', 'unstructured' or 'block', got {pattern!r}")
-    p = pattern.strip().lower()
-    m = re.fullmatch(r"(\d+):(\d+)", p)
-    if m:
-        n, mm = int(m.group(1)), int(m.group(2))
-        NMWeight.check_nm(n, mm, where)
-        return "nm", {"n": n, "m": mm}
-    if p == "unstructured":
-        return "bitmask", {}
-    m = re.fullmatch(r"block(?:(\d+)(?:x(\d+))?)?", p)
-    if m:
-        if m.group(1) is None:
-            return "block", {}
-        bh = int(m.group(1))
-        return "block", {"block": (bh, int(m.group(2) or bh))}
-    if p == "dense":
-        return "dense", {}
-    raise ValueError(f"{where}: unknown pattern {pattern!r}; use 'N:M' (e.g. '2:4'), 'unstructured', "
-                     "'block' / 'block32' / 'block16x32' or 'dense'")
-
-
 def _pattern_mask(weight: torch.Tensor, kind: str, params: dict, scores: torch.Tensor, sparsity, block):
     if kind == "nm":
         return prune.nm_mask(scores, params["n"], params["m"])
-    if kind == "bitmask":
+    if kind == "unstructured":
         if sparsity is None:
             raise ValueError("pattern 'unstructured' needs sparsity= (fraction of weights to remove)")
         return prune.unstructured_mask(scores, sparsity)
@@ -144,32 +114,26 @@ class _SparseMixin:
                 del self._buffers[name]
         if isinstance(fmt, torch.Tensor):  # dense with zeros in place
             self.register_buffer("weight_dense", fmt)
-            self.register_buffer("weight_meta", torch.tensor([_KIND["dense"]], dtype=torch.int64))
-            self._meta_ints = [_KIND["dense"]]
+            self.register_buffer("weight_meta", torch.tensor([KIND_CODES["dense"]], dtype=torch.int64))
+            self._meta_ints = [KIND_CODES["dense"]]
             return
-        kind = {NMWeight: "nm", BitmaskWeight: "bitmask", BlockWeight: "block"}[type(fmt)]
         for k, t in fmt.tensors().items():
             if k != "meta":
                 self.register_buffer("weight_" + k, t)
-        self.register_buffer("weight_meta", torch.cat([torch.tensor([_KIND[kind]]), fmt.meta()]))
+        self.register_buffer("weight_meta", torch.cat([torch.tensor([KIND_CODES[fmt.KIND]]), fmt.meta()]))
         # Python ints mirror the meta buffer so forward never reads a tensor (torch.compile).
         self._meta_ints = self.weight_meta.tolist()
 
     def weight_format(self):
         """The compressed weight (format object over this module's buffers), or the dense
         weight tensor when the backend is dense."""
-        kind = _KIND_NAME[self._meta_ints[0]]
-        if kind == "dense":
+        code = self._meta_ints[0]
+        if code == KIND_CODES["dense"]:
             return self.weight_dense
-        cls = _FORMAT_OF_KIND[kind]
-        d = {k[len("weight_"):]: v for k, v in self._buffers.items()
-             if k.startswith("weight_") and k not in ("weight_meta", "weight_mask_bits")}
-        meta = self._meta_ints[1:]
-        if cls is NMWeight:
-            return NMWeight(d["values"], d["indices"], int(meta[0]), int(meta[1]), int(meta[2]))
-        if cls is BitmaskWeight:
-            return BitmaskWeight(d["values"], d["bitmask"], d["offsets"], int(meta[0]))
-        return BlockWeight(d["crow_indices"], d["col_indices"], d["values"], int(meta[0]))
+        cls = formats.FORMAT_OF_CODE[code]
+        # Validated when built or loaded (_load_from_state_dict), so not again per call.
+        return cls.from_tensors({k: self._buffers["weight_" + k] for k in cls._tensor_names}, validate=False,
+                                meta_ints=self._meta_ints[1:])
 
     @property
     def trainable(self) -> bool:
@@ -178,16 +142,16 @@ class _SparseMixin:
     def mask(self) -> torch.Tensor:
         """bool mask of the weight's 2-D view (True = kept)."""
         if self.trainable:
-            return reference.unpack_bitmask(self.weight_mask_bits, self.weight_mask_bits.shape[1] * 64)[
+            return unpack_bitmask(self.weight_mask_bits, self.weight_mask_bits.shape[1] * 64)[
                 :, : self._in2d]
         f = self.weight_format()
-        return prune._as_2d(f != 0) if isinstance(f, torch.Tensor) else f.mask()
+        return as_2d(f != 0) if isinstance(f, torch.Tensor) else f.mask()
 
     def dense_weight_2d(self) -> torch.Tensor:
         if self.trainable:
             return self.weight * self.mask().to(self.weight.dtype)
         f = self.weight_format()
-        return prune._as_2d(f) if isinstance(f, torch.Tensor) else f.to_dense()
+        return as_2d(f) if isinstance(f, torch.Tensor) else f.to_dense()
 
     def _compress(self, w2d: torch.Tensor, mask: torch.Tensor, policy: Policy):
         kind, _ = parse_pattern(self.pattern)
@@ -196,7 +160,7 @@ class _SparseMixin:
         if isinstance(fmt, torch.Tensor) or policy.backend == "dense":
             dense = fmt if isinstance(fmt, torch.Tensor) else fmt.to_dense()
             return dense, "dense", "pattern 'dense'" if kind == "dense" else "forced by policy"
-        backend = ops.backend_for(type(fmt).__name__.replace("Weight", "").lower() + "_linear", w2d)
+        backend = self._sparse_backend(fmt, policy.batch)
         if policy.backend == "sparse":
             return fmt, backend, "forced by policy"
         dense = fmt.to_dense()
@@ -218,14 +182,12 @@ class _SparseMixin:
     def _build_format(self, w2d: torch.Tensor, mask: torch.Tensor):
         """The pattern's format object for a 2-D weight and mask (a masked dense tensor for
         pattern 'dense')."""
-        kind, params = parse_pattern(self.pattern)
-        if kind == "nm":
-            return NMWeight.from_dense(w2d, params["n"], params["m"], mask=mask)
-        if kind == "bitmask":
-            return BitmaskWeight.from_dense(w2d, mask)
-        if kind == "block":
-            return BlockWeight.from_dense(w2d, params.get("block", self._block), mask)
-        return w2d * mask
+        return formats.compress(w2d, self.pattern, mask, self._block)
+
+    def _sparse_backend(self, fmt, batch: int) -> str:
+        """The backend the format's op runs for `batch` rows of input on this layer."""
+        x = torch.empty(batch, self._in2d, device=fmt.device, dtype=fmt.dtype)
+        return ops.backend_for(fmt.OP, x, fmt)
 
     def _packed(self):
         """Compressed copy for eval mode of a trainable module, rebuilt when the weight changed."""
@@ -249,12 +211,12 @@ class _SparseMixin:
         meta_key = prefix + "weight_meta"
         if meta_key in state_dict and not self.trainable:
             saved = state_dict[meta_key]
-            kind = _KIND_NAME.get(int(saved[0]))
-            mine = _KIND_NAME[self._meta_ints[0]]
+            kind = KIND_OF_CODE.get(int(saved[0]))
+            mine = KIND_OF_CODE[self._meta_ints[0]]
             expect, _ = parse_pattern(self.pattern)
             if kind is None or (kind != mine and kind != "dense" and mine != "dense") or \
                     (kind not in ("dense", expect)):
-                errors.append(f"{type(self).__name__} {prefix[:-1] or '<root>'}: state dict holds a '{kind}' weight "
+                errors.append(f"{type(self).__name__} {prefix[:-1] or '<root>'}: state dict holds a weight of kind '{kind}' "
                               f"but this layer's pattern is {self.pattern!r}")
                 return
             names = [k for k in state_dict if k.startswith(prefix + "weight_") and k != prefix + "weight_mask_bits"]
@@ -271,7 +233,7 @@ class _SparseMixin:
                     f.validate()
                 except ValueError as e:
                     errors.append(f"{prefix[:-1]}: {e}")
-            self.backend = "dense" if kind == "dense" else ops.backend_for(f.values)
+            self.backend = "dense" if kind == "dense" else self._sparse_backend(f, DEFAULT_POLICY.batch)
             self.reason = "loaded from a state dict"
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
@@ -282,7 +244,7 @@ class _SparseMixin:
                 if name.startswith("weight_"):
                     del self._buffers[name]
             self.weight = nn.Parameter((w2d * mask).clone().reshape(self._weight_shape()))
-            self.register_buffer("weight_mask_bits", reference.pack_bitmask(mask))
+            self.register_buffer("weight_mask_bits", pack_bitmask(mask))
             self.backend, self.reason = "masked", "trainable: masked_linear in training mode"
         else:
             fmt, self.backend, self.reason = self._compress(w2d, mask, policy or DEFAULT_POLICY)
@@ -421,7 +383,7 @@ class SparseConv2d(_SparseMixin, nn.Module):
                   conv.bias is not None, pattern, block, device=w.device, dtype=w.dtype)
         if conv.bias is not None:
             mod.bias.data.copy_(conv.bias.detach())
-        w2d, m2d = prune._as_2d(w), prune._as_2d(mask)
+        w2d, m2d = as_2d(w), as_2d(mask)
         mod._init_weight(w2d, m2d, trainable, policy)
         return mod
 
@@ -433,7 +395,7 @@ class SparseConv2d(_SparseMixin, nn.Module):
         im2col + the sparse kernel, on policy.batch images of policy.image x policy.image."""
         x = torch.randn(policy.batch, self.in_channels, policy.image, policy.image, device=dense.device,
                         dtype=dense.dtype)
-        w4 = prune._from_2d(dense, (self.out_channels, self.in_channels, *self.kernel_size))
+        w4 = from_2d(dense, (self.out_channels, self.in_channels, *self.kernel_size))
         return (lambda: torch.nn.functional.conv2d(x, w4, None, self.stride, self.padding, self.dilation),
                 lambda: self._conv(x, lambda c: ops.sparse_linear(c, fmt)),
                 ("conv", tuple(w4.shape), self.stride, self.padding, self.dilation, policy.batch, policy.image))
@@ -452,7 +414,7 @@ class SparseConv2d(_SparseMixin, nn.Module):
         return self._conv(x, lambda cols: self._linear2d(cols, self.bias))
 
     def _to4d(self, w2d: torch.Tensor) -> torch.Tensor:
-        return prune._from_2d(w2d, (self.out_channels, self.in_channels, *self.kernel_size))
+        return from_2d(w2d, (self.out_channels, self.in_channels, *self.kernel_size))
 
     def _dense_conv(self, x, w4):
         return torch.nn.functional.conv2d(x, w4, self.bias, self.stride, self.padding, self.dilation)
@@ -475,7 +437,7 @@ class SparseConv2d(_SparseMixin, nn.Module):
         return y.reshape(n, oh, ow, self.out_channels).permute(0, 3, 1, 2)
 
     def to_dense(self) -> nn.Conv2d:
-        w = prune._from_2d(self.dense_weight_2d(), (self.out_channels, self.in_channels, *self.kernel_size))
+        w = from_2d(self.dense_weight_2d(), (self.out_channels, self.in_channels, *self.kernel_size))
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                          self.dilation, bias=self.bias is not None, device=w.device, dtype=w.dtype)
         with torch.no_grad():

@@ -1,46 +1,144 @@
-"""The one module that calls torch.ops.sparsekern.*.
+"""The one door to the kernels: every op's checks, backend choice, fake kernel and autograd.
 
-Each public function validates its arguments (clear exceptions naming the argument,
-the same whatever backend runs), picks a backend, and calls the compiled op or the
-pure-torch reference (sparsekern/reference.py). Backends, in order:
+Each public function here checks its arguments once (clear exceptions that name the op
+and the argument, whatever backend then runs), asks the dispatch table which backend
+runs these tensors, and calls it. Backends of an op, in the order they are tried:
 
-  GPU: "cuda" (compiled CUDA kernel, built for this GPU's architecture), else
-       "triton" (sparsekern.triton, where an op has one), else "reference";
-  CPU: "cpp" (compiled C++ kernel), else "reference".
-  float64 always runs the reference (it is the oracle's precision).
+  CPU tensors:  "cpp"       compiled C++ kernel (sparsekern._C, csrc/cpu/)
+                "reference" pure torch (sparsekern/reference.py)
+  CUDA tensors: "cuda"      compiled CUDA kernel, when built for this GPU's architecture
+                "triton"    Triton kernel (sparsekern/triton/)
+                "reference"
+  float64 always runs the reference (the oracle's precision).
 
-`backend_for(op, tensor)` returns the choice and `explain_backend(op, tensor)` says
-why; `use_backend("reference")` forces one inside a `with` block.
+`OPS` is the table: one `OpSpec` per op says which backends implement it. A decision is
+made once per (op, device, dtype, key) and cached; the key holds the batch bucket of
+batched ops (`batch_bucket`) and any argument a backend depends on (a Triton block
+shape). `explain_backend(op, *args)` reads the very same decision the call uses, so the
+explanation is, by construction, what runs. `use_backend(name)` forces a backend inside
+a `with` block: ops that have that backend must run it (or raise, saying why it cannot
+run here); ops without it choose as usual.
 
-Every compiled op has a fake kernel (torch.library.register_fake), so it traces under
-torch.compile(fullgraph=True), and autograd registered on the op itself.
-Tensor layouts: sparsekern/formats.py. Schemas: csrc/sparsekern.cpp.
+Every backend is the same op: fake kernels (torch.compile, opcheck) and autograd are
+defined once below and registered on each custom-op namespace that implements the op
+(`sparsekern::` for C++/CUDA, `sparsekern_triton::` for Triton); the reference is plain
+differentiable torch with the same gradients. Sparse linear ops give gradients to x, to
+the kept values and to the bias.
+
+This module reads format objects (sparsekern/formats.py) only through what they declare
+(`OP`, `kernel_args()`), so it does not import them: formats sit above ops and compress
+through it. Tensor layouts: sparsekern/formats.py. Schemas: csrc/sparsekern.cpp.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 
 from . import _extension, reference
-from .formats import BitmaskWeight, BlockWeight, NMWeight
+from .patterns import BITMASK_TILE_COLS, check_nm, nm_index_bits, unpack_bitmask, unpack_bits
 
-# Ops with a compiled CUDA kernel (csrc/cuda/*.cu); the rest run the reference on GPU.
-CUDA_OPS = frozenset({"nm_linear", "bitmask_linear", "masked_linear", "masked_linear_grad_input"})
-# Ops with a Triton kernel (sparsekern/triton/), used on GPUs where the CUDA one cannot run.
-TRITON_OPS = frozenset({"nm_linear", "bitmask_linear", "block_linear", "masked_linear", "masked_linear_grad_input",
-                        "group_norm", "act_norm_accumulate", "nm_score_compress"})
+BACKENDS = ("cpp", "cuda", "triton", "reference")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Upper edges of the batch buckets (rows of x); rows above the last share one bucket.
+BATCH_BUCKETS = (1, 4, 16, 64, 256)
+_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """What implements an op. `key` maps the op's public arguments to (the tensor whose
+    device and dtype decide, extra key); `triton_limit(extra)` returns why the Triton
+    kernel cannot take arguments with that key, or None."""
+
+    name: str
+    reference: Callable
+    key: Callable
+    cpp: bool = True
+    cuda: bool = False
+    triton: str | None = None  # family module in sparsekern.triton
+    triton_limit: Callable | None = None
+
+
+class Decision(NamedTuple):
+    backend: str
+    reason: str
+    run: Callable
+
+
+def batch_bucket(rows: int) -> int:
+    """The upper edge of the bucket `rows` falls in (BATCH_BUCKETS), or -1 above the last."""
+    for edge in BATCH_BUCKETS:
+        if rows <= edge:
+            return edge
+    return -1
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+
+
+def _linear_key(x, weight=None, bias=None):
+    return x, (batch_bucket(_rows(x)),)
+
+
+def _block_key(x, weight=None, bias=None):
+    return x, (batch_bucket(_rows(x)), None if weight is None else tuple(weight.block))
+
+
+def _first(t, *rest):
+    return t, ()
+
+
+def _second(a, t, *rest):
+    return t, ()
+
+
+def _triton_block_limit(extra) -> str | None:
+    from .triton.block_linear import SUPPORTED_BLOCKS
+
+    block = extra[1]
+    if block is None or (block[0] == block[1] and block[0] in SUPPORTED_BLOCKS):
+        return None
+    return f"Triton block_linear takes square blocks of {SUPPORTED_BLOCKS}, not {block}"
+
+
+OPS: dict[str, OpSpec] = {s.name: s for s in (
+    OpSpec("nm_linear", reference.nm_linear, _linear_key, cuda=True, triton="nm_linear"),
+    OpSpec("bitmask_linear", reference.bitmask_linear, _linear_key, cuda=True, triton="bitmask_linear"),
+    OpSpec("block_linear", reference.block_linear, _block_key, triton="block_linear",
+           triton_limit=_triton_block_limit),
+    OpSpec("masked_linear", reference.masked_linear, _linear_key, cuda=True, triton="masked_linear"),
+    OpSpec("masked_linear_grad_input", reference.masked_linear_grad_input, _linear_key, cuda=True,
+           triton="masked_linear"),
+    # On CPU the reference (one BLAS GEMM and a mask) is the implementation.
+    OpSpec("masked_linear_grad_weight", reference.masked_linear_grad_weight, _second, cpp=False,
+           triton="masked_linear"),
+    OpSpec("nm_compress", reference.nm_compress, _first),
+    OpSpec("nm_decompress", reference.nm_decompress, _first),
+    OpSpec("bitmask_compress", reference.bitmask_compress, _first),
+    OpSpec("bitmask_decompress", reference.bitmask_decompress, _first),
+    OpSpec("block_compress", reference.block_compress, _first),
+    OpSpec("block_decompress", reference.block_decompress, _second),
+    OpSpec("group_score", reference.group_score, _first, triton="scoring"),
+    OpSpec("act_norm_accumulate", reference.act_norm_accumulate, _second, triton="scoring"),
+    OpSpec("nm_score_compress", reference.nm_score_compress, _first, triton="scoring"),
+    OpSpec("hessian_accumulate", reference.hessian_accumulate, _second),
+)}
+
 _override: str | None = None
+_decisions: dict[tuple, Decision] = {}
 
 
 @contextlib.contextmanager
 def use_backend(name: str | None):
-    """Force a backend ("reference", "cpp", "cuda", "triton") inside the block (None: automatic)."""
+    """Force a backend ("cpp", "cuda", "triton", "reference") inside the block (None: automatic)."""
     global _override
-    if name not in (None, "reference", "cpp", "cuda", "triton"):
-        raise ValueError(f"use_backend: unknown backend {name!r}")
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"use_backend: unknown backend {name!r}; one of {BACKENDS} or None")
     old, _override = _override, name
     try:
         yield
@@ -48,65 +146,146 @@ def use_backend(name: str | None):
         _override = old
 
 
-def explain_backend(op: str, t: torch.Tensor) -> tuple[str, str]:
-    """(backend, reason) for running `op` on tensors like `t`."""
-    if _override is not None:
-        return _override, "forced by use_backend()"
-    if t.dtype not in KERNEL_DTYPES:
-        return "reference", f"{t.dtype} has no compiled kernel"
-    if t.device.type == "cpu":
-        if _extension.cpu_kernels_available():
-            return "cpp", "compiled C++ kernel"
-        return "reference", _extension.LOAD_ERROR or "extension not loaded"
-    if t.device.type == "cuda":
-        if op in CUDA_OPS and _extension.cuda_kernels_available(t.device):
-            return "cuda", "compiled CUDA kernel for this GPU"
-        if op in TRITON_OPS and _extension.triton_available():
-            why = "no CUDA kernel for this op" if op not in CUDA_OPS else "CUDA kernel not built for this GPU"
-            return "triton", f"Triton kernel ({why})"
-        if op not in CUDA_OPS:
-            return "reference", f"{op} has no CUDA kernel and Triton is not installed"
-        if not _extension.LOADED:
-            return "reference", _extension.LOAD_ERROR or "extension not loaded"
-        if not _extension.BUILD_INFO.get("with_cuda"):
-            return "reference", "extension built without CUDA"
-        return "reference", (f"CUDA kernels built for sm_{_extension.cuda_archs()} do not run on compute "
-                             f"capability {torch.cuda.get_device_capability(t.device)}")
-    return "reference", f"no kernels for device type {t.device.type}"
+def clear_decisions() -> None:
+    """Forget cached backend decisions (after the extension or the environment changed)."""
+    _decisions.clear()
 
 
-def backend_for(op_or_tensor, t: torch.Tensor | None = None) -> str:
-    if t is None:  # backend_for(tensor): any op
-        return explain_backend("nm_linear", op_or_tensor)[0]
-    return explain_backend(op_or_tensor, t)[0]
+def _implements(spec: OpSpec, backend: str) -> bool:
+    return backend == "reference" or (backend == "cpp" and spec.cpp) or (backend == "cuda" and spec.cuda) or \
+        (backend == "triton" and spec.triton is not None)
 
 
-def _compiled(op: str, t: torch.Tensor) -> bool:
-    return backend_for(op, t) in ("cpp", "cuda")
-
-
-def _triton(op: str, t: torch.Tensor):
-    """The Triton kernels' namespace when `op` should run there, else None."""
-    if backend_for(op, t) != "triton":
+def _why_not(spec: OpSpec, backend: str, device: torch.device, dtype: torch.dtype, extra) -> str | None:
+    """None when `backend` can run `spec` on these tensors, else the reason it cannot."""
+    if backend == "reference":
         return None
-    from . import triton as sktriton
+    if not _implements(spec, backend):
+        return f"{spec.name} has no {backend} kernel"
+    if dtype not in KERNEL_DTYPES:
+        return f"{dtype} has no compiled kernel (the reference is the float64 oracle)"
+    if backend == "cpp":
+        if device.type != "cpu":
+            return f"C++ kernels run on CPU tensors, not {device.type}"
+        return None if _extension.cpu_kernels_available() else (_extension.LOAD_ERROR or "extension not loaded")
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"CUDA kernels run on CUDA tensors, not {device.type}"
+        if not _extension.LOADED:
+            return _extension.LOAD_ERROR or "extension not loaded"
+        if not _extension.BUILD_INFO.get("with_cuda"):
+            return "extension built without CUDA"
+        if not _extension.cuda_kernels_available(device):
+            return (f"CUDA kernels built for sm_{_extension.cuda_archs()} do not run on compute capability "
+                    f"{torch.cuda.get_device_capability(device)}")
+        return None
+    # triton
+    if not _extension.triton_installed():
+        return "Triton is not installed"
+    from .triton import interpreting
 
-    return sktriton.kernels()
+    if device.type == "cpu" and not interpreting():
+        return "Triton runs on CPU tensors only in its interpreter (TRITON_INTERPRET=1)"
+    if device.type not in ("cpu", "cuda"):
+        return f"no Triton kernels for device type {device.type}"
+    if spec.triton_limit is not None:
+        return spec.triton_limit(extra)
+    return None
+
+
+def _below_autograd_unless_needed(op: Callable) -> Callable:
+    """Calls `op`, entering its (Python) autograd kernel only when a gradient can flow.
+
+    The autograd kernel registered by torch.library costs ~6 us per call even when it
+    just redispatches; skipping it when grad mode is off or no input requires grad does
+    what it would do, for a third of a decode kernel's time. Under torch.compile the op
+    is called as is (the compiler handles autograd)."""
+    def call(*args):
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+            return op(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    return call
+
+
+def _runner(spec: OpSpec, backend: str) -> Callable:
+    if backend == "reference":
+        return spec.reference
+    if backend == "triton":
+        _load_triton(spec.triton)
+        op = getattr(torch.ops.sparsekern_triton, spec.name).default
+    else:
+        op = getattr(torch.ops.sparsekern, spec.name).default
+    return _below_autograd_unless_needed(op) if spec.name in _AUTOGRAD else op
+
+
+def _select(spec: OpSpec, device: torch.device, dtype: torch.dtype, extra) -> Decision:
+    forced, note = _override, ""
+    if forced is not None and not _implements(spec, forced):
+        forced, note = None, f"use_backend({_override!r}) does not apply: {spec.name} has no {_override} kernel; "
+    if forced is not None:
+        why = _why_not(spec, forced, device, dtype, extra)
+        if why is not None:
+            raise RuntimeError(f"{spec.name}: use_backend({forced!r}) cannot run here: {why}")
+        return Decision(forced, "forced by use_backend()", _runner(spec, forced))
+    skipped = []
+    for backend in _ORDER.get(device.type, ("reference",)):
+        why = _why_not(spec, backend, device, dtype, extra)
+        if why is None:
+            reason = {"cpp": "compiled C++ kernel", "cuda": "compiled CUDA kernel for this GPU",
+                      "triton": "Triton kernel", "reference": "pure-torch reference"}[backend]
+            if skipped:
+                reason += " (" + "; ".join(skipped) + ")"
+            return Decision(backend, note + reason, _runner(spec, backend))
+        if _implements(spec, backend):
+            skipped.append(f"{backend}: {why}")
+    raise AssertionError("unreachable: the reference always runs")
+
+
+def _decide(spec: OpSpec, t: torch.Tensor, extra) -> Decision:
+    key = (spec.name, t.device, t.dtype, extra, _override)
+    d = _decisions.get(key)
+    if d is None:
+        d = _decisions[key] = _select(spec, t.device, t.dtype, extra)
+    return d
+
+
+def explain_backend(op: str, *args) -> tuple[str, str]:
+    """(backend, reason) for `op` called with `args` (its public arguments; the leading ones
+    are enough, e.g. explain_backend("nm_linear", x)). It is the decision the call uses."""
+    spec = OPS.get(op)
+    if spec is None:
+        raise ValueError(f"explain_backend: unknown op {op!r}; one of {sorted(OPS)}")
+    t, extra = spec.key(*args)
+    d = _decide(spec, t, extra)
+    return d.backend, d.reason
+
+
+def backend_for(op: str, *args) -> str:
+    """The backend that runs `op` on `args` (explain_backend without the reason)."""
+    return explain_backend(op, *args)[0]
+
+
+def _run(op: str, key_args: tuple, *args):
+    spec = OPS[op]
+    t, extra = spec.key(*key_args)
+    return _decide(spec, t, extra).run(*args)
 
 
 # ------------------------------------------------------------------ argument checks
-def _check_x(op: str, x, in_features: int, dtype: torch.dtype, device: torch.device) -> None:
+def _check_x(op: str, x, in_features: int, dtype: torch.dtype, device: torch.device, name: str = "x",
+             size_name: str = "in_features") -> None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"{op}: x must be a floating tensor, got {x.dtype}")
+        raise TypeError(f"{op}: {name} must be a floating tensor, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != in_features:
-        raise ValueError(f"{op}: x.shape[-1] ({x.shape[-1] if x.dim() else 'scalar'}) must equal in_features "
-                         f"({in_features})")
+        raise ValueError(f"{op}: {name}.shape[-1] ({x.shape[-1] if x.dim() else 'scalar'}) must equal "
+                         f"{size_name} ({in_features})")
     if x.dtype != dtype:
-        raise TypeError(f"{op}: x dtype ({x.dtype}) must match the weight dtype ({dtype}); convert one of them")
+        raise TypeError(f"{op}: {name} dtype ({x.dtype}) must match the weight dtype ({dtype}); convert one of them")
     if x.device != device:
-        raise ValueError(f"{op}: x is on {x.device} but the weight is on {device}")
+        raise ValueError(f"{op}: {name} is on {x.device} but the weight is on {device}")
 
 
 def _check_bias(op: str, bias, out_features: int, x: torch.Tensor) -> None:
@@ -121,157 +300,41 @@ def _check_bias(op: str, bias, out_features: int, x: torch.Tensor) -> None:
         raise ValueError(f"{op}: bias is on {bias.device} but x is on {x.device}")
 
 
-def _check_format(op: str, weight, cls) -> None:
-    if not isinstance(weight, cls):
-        raise TypeError(f"{op}: weight must be a sparsekern.formats.{cls.__name__}, got {type(weight).__name__}")
+def _check_format(op: str, weight, cls_name: str) -> None:
+    if getattr(weight, "OP", None) != op:
+        raise TypeError(f"{op}: weight must be a sparsekern.formats.{cls_name}, got {type(weight).__name__}")
 
 
-# --------------------------------------------------------------------- linear ops
-def nm_linear(x: torch.Tensor, weight: NMWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W^T + bias with W in N:M format.
-
-    x [..., in] (float32/bfloat16/float16, the weight's dtype), weight NMWeight of shape
-    [out, in], bias [out] or None -> y [..., out] in x's dtype, fp32 accumulation.
-    """
-    _check_format("nm_linear", weight, NMWeight)
-    _check_x("nm_linear", x, weight.in_features, weight.dtype, weight.device)
-    _check_bias("nm_linear", bias, weight.shape[0], x)
-    tk = _triton("nm_linear", x)
-    if tk is not None:
-        return tk.nm_linear(x, weight, bias)
-    args = (x, weight.values, weight.indices, weight.n, weight.m, weight.in_features, bias)
-    if _compiled("nm_linear", x):
-        return torch.ops.sparsekern.nm_linear(*args)
-    return reference.nm_linear(*args)
-
-
-def bitmask_linear(x: torch.Tensor, weight: BitmaskWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W^T + bias with W in the tiled bitmask format (unstructured sparsity).
-    Shapes and dtypes as nm_linear."""
-    _check_format("bitmask_linear", weight, BitmaskWeight)
-    _check_x("bitmask_linear", x, weight.in_features, weight.dtype, weight.device)
-    _check_bias("bitmask_linear", bias, weight.shape[0], x)
-    tk = _triton("bitmask_linear", x)
-    if tk is not None:
-        return tk.bitmask_linear(x, weight, bias)
-    args = (x, weight.values, weight.bitmask, weight.offsets, weight.in_features, bias)
-    if _compiled("bitmask_linear", x):
-        return torch.ops.sparsekern.bitmask_linear(*args)
-    return reference.bitmask_linear(*args)
-
-
-def block_linear(x: torch.Tensor, weight: BlockWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W^T + bias with W in block (BSR) format. Shapes and dtypes as nm_linear."""
-    _check_format("block_linear", weight, BlockWeight)
-    _check_x("block_linear", x, weight.in_features, weight.dtype, weight.device)
-    _check_bias("block_linear", bias, weight.shape[0], x)
-    tk = _triton("block_linear", x)
-    if tk is not None and weight.block[0] == weight.block[1] and weight.block[0] in (16, 32, 64):
-        return tk.block_linear(x, weight, bias)
-    args = (x, weight.crow_indices, weight.col_indices, weight.values, weight.in_features, bias)
-    if _compiled("block_linear", x):
-        return torch.ops.sparsekern.block_linear(*args)
-    return reference.block_linear(*args)
-
-
-_LINEAR_BY_FORMAT = {NMWeight: nm_linear, BitmaskWeight: bitmask_linear, BlockWeight: block_linear}
-
-
-def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T + bias for any sparsekern format: picks nm/bitmask/block_linear by type."""
-    fn = _LINEAR_BY_FORMAT.get(type(weight))
-    if fn is None:
-        raise TypeError(f"sparse_linear: weight must be NMWeight, BitmaskWeight or BlockWeight, got "
-                        f"{type(weight).__name__}")
-    return fn(x, weight, bias)
-
-
-def masked_linear(x: torch.Tensor, weight: torch.Tensor, bitmask: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ (W*M)^T + bias without materialising W*M (the training-time op).
-
-    weight [out, in] dense, bitmask int64 [out, ceil(in/64)] (reference.pack_bitmask of
-    a bool mask). Differentiable in x, weight (gradient masked) and bias.
-    """
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError("masked_linear: weight must be a 2-D tensor [out, in]")
-    _check_x("masked_linear", x, weight.shape[1], weight.dtype, weight.device)
-    _check_bitmask("masked_linear", bitmask, weight)
-    _check_bias("masked_linear", bias, weight.shape[0], x)
-    tk = _triton("masked_linear", x)
-    if tk is not None:
-        return tk.masked_linear(x, weight, bitmask, bias)
-    if _compiled("masked_linear", x):
-        return torch.ops.sparsekern.masked_linear(x, weight, bitmask, bias)
-    return reference.masked_linear(x, weight, bitmask, bias)
-
-
-def masked_linear_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """grad_out [..., out] @ (W*M) -> [..., in]: masked_linear's input gradient."""
-    _check_x("masked_linear_grad_input", grad_out, weight.shape[0], weight.dtype, weight.device)
-    _check_bitmask("masked_linear_grad_input", bitmask, weight)
-    tk = _triton("masked_linear_grad_input", grad_out)
-    if tk is not None:
-        return tk.masked_linear_grad_input(grad_out, weight, bitmask)
-    if _compiled("masked_linear_grad_input", grad_out):
-        return torch.ops.sparsekern.masked_linear_grad_input(grad_out, weight, bitmask)
-    return reference.masked_linear_grad_input(grad_out, weight, bitmask)
-
-
-def _check_bitmask(op: str, bitmask, weight: torch.Tensor) -> None:
-    words = math.ceil(weight.shape[1] / 64)
+def _check_bitmask(op: str, bitmask, rows: int, cols: int, device) -> None:
+    words = math.ceil(cols / 64)
     if not isinstance(bitmask, torch.Tensor) or bitmask.dtype != torch.int64:
-        raise TypeError(f"{op}: bitmask must be an int64 tensor (sparsekern.reference.pack_bitmask(mask))")
-    if tuple(bitmask.shape) != (weight.shape[0], words):
-        raise ValueError(f"{op}: bitmask must have shape ({weight.shape[0]}, {words}), got {tuple(bitmask.shape)}")
-    if bitmask.device != weight.device:
-        raise ValueError(f"{op}: bitmask is on {bitmask.device} but weight is on {weight.device}")
+        raise TypeError(f"{op}: bitmask must be an int64 tensor (sparsekern.patterns.pack_bitmask(mask))")
+    if tuple(bitmask.shape) != (rows, words):
+        raise ValueError(f"{op}: bitmask must have shape ({rows}, {words}), got {tuple(bitmask.shape)}")
+    if bitmask.device != device:
+        raise ValueError(f"{op}: bitmask is on {bitmask.device} but the weight is on {device}")
 
 
-# ------------------------------------------------------- compress / decompress ops
-def nm_compress(weight: torch.Tensor, mask: torch.Tensor | None, n: int, m: int):
-    """weight [out, in] -> (values [out, in*n/m], indices uint8); see formats.NMWeight."""
-    if _compiled("nm_compress", weight):
-        return torch.ops.sparsekern.nm_compress(weight, mask, n, m)
-    return reference.nm_compress(weight, mask, n, m)
-
-
-def nm_decompress(values, indices, n: int, m: int, in_features: int) -> torch.Tensor:
-    if _compiled("nm_decompress", values):
-        return torch.ops.sparsekern.nm_decompress(values, indices, n, m, in_features)
-    return reference.nm_decompress(values, indices, n, m, in_features)
-
-
-def bitmask_compress(weight: torch.Tensor, mask: torch.Tensor | None):
-    """weight [out, in] -> (values [nnz], bitmask int64, offsets int32); see formats."""
-    if _compiled("bitmask_compress", weight):
-        return torch.ops.sparsekern.bitmask_compress(weight, mask)
-    return reference.bitmask_compress(weight, mask)
-
-
-def bitmask_decompress(values, bitmask, offsets, in_features: int) -> torch.Tensor:
-    if _compiled("bitmask_decompress", values):
-        return torch.ops.sparsekern.bitmask_decompress(values, bitmask, offsets, in_features)
-    return reference.bitmask_decompress(values, bitmask, offsets, in_features)
-
-
-def block_compress(weight: torch.Tensor, mask: torch.Tensor | None, block_rows: int, block_cols: int):
-    """weight [out, in] -> (crow_indices, col_indices, values [nnzb, bh, bw]) (BSR)."""
-    if _compiled("block_compress", weight):
-        return torch.ops.sparsekern.block_compress(weight, mask, block_rows, block_cols)
-    return reference.block_compress(weight, mask, block_rows, block_cols)
-
-
-def block_decompress(crow_indices, col_indices, values, in_features: int) -> torch.Tensor:
-    if _compiled("block_decompress", values):
-        return torch.ops.sparsekern.block_decompress(crow_indices, col_indices, values, in_features)
-    return reference.block_decompress(crow_indices, col_indices, values, in_features)
-
-
-# ------------------------------------------------------------- fused scoring ops
-def _check_score_inputs(op: str, weight, grad, act_norm) -> None:
+def _check_dense_weight(op: str, weight) -> None:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError(f"{op}: weight must be a 2-D floating tensor")
+        raise ValueError(f"{op}: weight must be a 2-D floating tensor [out, in], got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+
+
+def _check_mask(op: str, mask, weight: torch.Tensor) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"{op}: mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if mask.shape != weight.shape:
+        raise ValueError(f"{op}: mask shape {tuple(mask.shape)} must equal weight shape {tuple(weight.shape)}")
+    if mask.device != weight.device:
+        raise ValueError(f"{op}: mask is on {mask.device} but weight is on {weight.device}")
+
+
+def _check_score_inputs(op: str, weight, grad, act_norm) -> None:
+    """One NaN policy for every backend: scores must be finite, or the selection is undefined."""
+    _check_dense_weight(op, weight)
     if grad is not None and (not isinstance(grad, torch.Tensor) or grad.shape != weight.shape):
         raise ValueError(f"{op}: grad must have the weight's shape {tuple(weight.shape)}")
     if act_norm is not None and (not isinstance(act_norm, torch.Tensor) or act_norm.shape != (weight.shape[1],)):
@@ -281,26 +344,172 @@ def _check_score_inputs(op: str, weight, grad, act_norm) -> None:
             raise ValueError(f"{op}: {name} is on {t.device} but weight is on {weight.device}")
 
 
-def group_norm(weight: torch.Tensor, block_rows: int, block_cols: int, p: int = 1, *,
-               grad: torch.Tensor | None = None, act_norm: torch.Tensor | None = None) -> torch.Tensor:
+def _check_finite(op: str, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{op}: {name} has NaN or inf; scores must be finite")
+
+
+# --------------------------------------------------------------------- linear ops
+def nm_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias with W an NMWeight.
+
+    x [..., in] (float32/bfloat16/float16/float64, the weight's dtype), weight NMWeight of
+    shape [out, in], bias [out] or None -> y [..., out] in x's dtype, fp32 accumulation.
+    Differentiable in x, weight.values and bias.
+    """
+    _check_format("nm_linear", weight, "NMWeight")
+    _check_x("nm_linear", x, weight.in_features, weight.dtype, weight.device)
+    _check_bias("nm_linear", bias, weight.shape[0], x)
+    return _run("nm_linear", (x,), x, *weight.kernel_args(), bias)
+
+
+def bitmask_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias with W a BitmaskWeight (unstructured). Shapes, dtypes and
+    gradients as nm_linear."""
+    _check_format("bitmask_linear", weight, "BitmaskWeight")
+    _check_x("bitmask_linear", x, weight.in_features, weight.dtype, weight.device)
+    _check_bias("bitmask_linear", bias, weight.shape[0], x)
+    return _run("bitmask_linear", (x,), x, *weight.kernel_args(), bias)
+
+
+def block_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias with W a BlockWeight (BSR). Shapes, dtypes and gradients as nm_linear."""
+    _check_format("block_linear", weight, "BlockWeight")
+    _check_x("block_linear", x, weight.in_features, weight.dtype, weight.device)
+    _check_bias("block_linear", bias, weight.shape[0], x)
+    return _run("block_linear", (x, weight), x, *weight.kernel_args(), bias)
+
+
+_LINEAR = {"nm_linear": nm_linear, "bitmask_linear": bitmask_linear, "block_linear": block_linear}
+
+
+def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T + bias for any sparsekern format: the op the format declares (weight.OP)."""
+    fn = _LINEAR.get(getattr(weight, "OP", None))
+    if fn is None:
+        raise TypeError(f"sparse_linear: weight must be an NMWeight, BitmaskWeight or BlockWeight, got "
+                        f"{type(weight).__name__}")
+    return fn(x, weight, bias)
+
+
+def _check_masked_weight(op: str, weight) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"{op}: weight must be a 2-D floating tensor [out, in]")
+
+
+def masked_linear(x: torch.Tensor, weight: torch.Tensor, bitmask: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ (W*M)^T + bias without materialising W*M (the training-time op).
+
+    weight [out, in] dense, bitmask int64 [out, ceil(in/64)] (patterns.pack_bitmask of a
+    bool mask). Differentiable in x, weight (gradient masked) and bias.
+    """
+    _check_masked_weight("masked_linear", weight)
+    _check_x("masked_linear", x, weight.shape[1], weight.dtype, weight.device)
+    _check_bitmask("masked_linear", bitmask, weight.shape[0], weight.shape[1], weight.device)
+    _check_bias("masked_linear", bias, weight.shape[0], x)
+    return _run("masked_linear", (x,), x, weight, bitmask, bias)
+
+
+def masked_linear_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """grad_out [..., out] @ (W*M) -> [..., in]: masked_linear's input gradient."""
+    _check_masked_weight("masked_linear_grad_input", weight)
+    _check_x("masked_linear_grad_input", grad_out, weight.shape[0], weight.dtype, weight.device, "grad_out",
+             "out_features")
+    _check_bitmask("masked_linear_grad_input", bitmask, weight.shape[0], weight.shape[1], weight.device)
+    return _run("masked_linear_grad_input", (grad_out,), grad_out, weight, bitmask)
+
+
+def masked_linear_grad_weight(grad_out: torch.Tensor, x: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """(grad_out^T @ x) * M -> [out, in]: masked_linear's weight gradient (x [..., in],
+    grad_out [..., out] with the same leading shape)."""
+    op = "masked_linear_grad_weight"
+    for name, t in (("grad_out", grad_out), ("x", x)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() < 1:
+            raise TypeError(f"{op}: {name} must be a floating tensor with at least one dimension")
+    if grad_out.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"{op}: grad_out {tuple(grad_out.shape)} and x {tuple(x.shape)} must share their leading "
+                         "shape")
+    if grad_out.dtype != x.dtype or grad_out.device != x.device:
+        raise TypeError(f"{op}: grad_out and x must share dtype and device")
+    _check_bitmask(op, bitmask, grad_out.shape[-1], x.shape[-1], x.device)
+    return _run(op, (grad_out, x), grad_out, x, bitmask)
+
+
+# ------------------------------------------------------- compress / decompress ops
+def nm_compress(weight: torch.Tensor, mask: torch.Tensor | None, n: int, m: int):
+    """weight [out, in] (+ bool mask keeping at most n of every m) -> (values [out, in*n/m],
+    indices uint8); without a mask keeps the n largest |w| per group. See formats.NMWeight."""
+    _check_dense_weight("nm_compress", weight)
+    _check_mask("nm_compress", mask, weight)
+    check_nm(n, m, "nm_compress")
+    if weight.shape[1] % m:
+        raise ValueError(f"nm_compress: in_features ({weight.shape[1]}) must be divisible by m = {m}")
+    return _run("nm_compress", (weight,), weight, mask, n, m)
+
+
+def nm_decompress(values: torch.Tensor, indices: torch.Tensor, n: int, m: int, in_features: int) -> torch.Tensor:
+    """(values, indices) of an N:M weight -> the dense [out, in_features] weight."""
+    return _run("nm_decompress", (values,), values, indices, n, m, in_features)
+
+
+def bitmask_compress(weight: torch.Tensor, mask: torch.Tensor | None):
+    """weight [out, in] (+ bool mask, default weight != 0) -> (values [nnz], bitmask int64,
+    offsets int32); see formats.BitmaskWeight."""
+    _check_dense_weight("bitmask_compress", weight)
+    _check_mask("bitmask_compress", mask, weight)
+    return _run("bitmask_compress", (weight,), weight, mask)
+
+
+def bitmask_decompress(values, bitmask, offsets, in_features: int) -> torch.Tensor:
+    """(values, bitmask, offsets) of a bitmask weight -> the dense [out, in_features] weight."""
+    return _run("bitmask_decompress", (values,), values, bitmask, offsets, in_features)
+
+
+def block_compress(weight: torch.Tensor, mask: torch.Tensor | None, block_rows: int, block_cols: int):
+    """weight [out, in] -> (crow_indices, col_indices, values [nnzb, bh, bw]) (BSR)."""
+    _check_dense_weight("block_compress", weight)
+    _check_mask("block_compress", mask, weight)
+    if not (block_rows > 0 and block_cols > 0 and weight.shape[0] % block_rows == 0
+            and weight.shape[1] % block_cols == 0):
+        raise ValueError(f"block_compress: block ({block_rows}, {block_cols}) must divide weight shape "
+                         f"{tuple(weight.shape)}")
+    return _run("block_compress", (weight,), weight, mask, block_rows, block_cols)
+
+
+def block_decompress(crow_indices, col_indices, values, in_features: int) -> torch.Tensor:
+    """BSR (crow_indices, col_indices, values) -> the dense [out, in_features] weight."""
+    return _run("block_decompress", (crow_indices, values), crow_indices, col_indices, values, in_features)
+
+
+# ------------------------------------------------------------- fused scoring ops
+def group_score(weight: torch.Tensor, block_rows: int, block_cols: int, p: int = 1, *,
+                grad: torch.Tensor | None = None, act_norm: torch.Tensor | None = None) -> torch.Tensor:
     """Group reduction of the score e = |w| * |grad| * act_norm[col] in one pass.
 
     weight [rows, cols]; groups of (block_rows, block_cols) tiling it; p=1: sum(e),
     p=2: sqrt(sum(e^2)). Returns float32 [rows/block_rows, cols/block_cols]. Rows:
     (1, cols); columns: (rows, 1); N:M groups: (1, m); the layer: (rows, cols).
     """
-    _check_score_inputs("group_norm", weight, grad, act_norm)
+    _check_score_inputs("group_score", weight, grad, act_norm)
     if p not in (1, 2):
-        raise ValueError(f"group_norm: p must be 1 (L1) or 2 (L2), got {p}")
+        raise ValueError(f"group_score: p must be 1 (L1) or 2 (L2), got {p}")
     rows, cols = weight.shape
     if not (block_rows > 0 and block_cols > 0 and rows % block_rows == 0 and cols % block_cols == 0):
-        raise ValueError(f"group_norm: group shape ({block_rows}, {block_cols}) must divide weight shape {(rows, cols)}")
-    tk = _triton("group_norm", weight)
-    if tk is not None:
-        return tk.group_norm(weight, block_rows, block_cols, p, grad=grad, act_norm=act_norm)
-    if _compiled("group_norm", weight):
-        return torch.ops.sparsekern.group_norm(weight, grad, act_norm, block_rows, block_cols, p)
-    return reference.group_norm(weight, grad, act_norm, block_rows, block_cols, p)
+        raise ValueError(f"group_score: group shape ({block_rows}, {block_cols}) must divide weight shape "
+                         f"{(rows, cols)}")
+    return _run("group_score", (weight,), weight, grad, act_norm, block_rows, block_cols, p)
+
+
+def _in_place(op: str, target: torch.Tensor, x: torch.Tensor) -> None:
+    """Kernels accumulate into contiguous memory: a strided target gets a contiguous copy."""
+    if target.is_contiguous():
+        _run(op, (target, x), target, x)
+    else:
+        tmp = target.contiguous()
+        _run(op, (tmp, x), tmp, x)
+        target.copy_(tmp)
 
 
 def act_norm_accumulate(sumsq: torch.Tensor, x: torch.Tensor) -> None:
@@ -311,28 +520,19 @@ def act_norm_accumulate(sumsq: torch.Tensor, x: torch.Tensor) -> None:
         raise ValueError(f"act_norm_accumulate: x must be floating with x.shape[-1] == {sumsq.shape[0]}")
     if x.device != sumsq.device:
         raise ValueError(f"act_norm_accumulate: x is on {x.device} but sumsq is on {sumsq.device}")
-    tk = _triton("act_norm_accumulate", x)
-    if tk is not None and sumsq.is_contiguous():
-        return tk.act_norm_accumulate(sumsq, x)
-    if _compiled("act_norm_accumulate", x) and sumsq.is_contiguous():
-        torch.ops.sparsekern.act_norm_accumulate(sumsq, x)
-    else:
-        reference.act_norm_accumulate(sumsq, x)
+    _in_place("act_norm_accumulate", sumsq, x)
 
 
 def nm_score_compress(weight: torch.Tensor, n: int, m: int, *, grad: torch.Tensor | None = None,
                       act_norm: torch.Tensor | None = None):
-    """Score (|w| * |grad| * act_norm[col]) -> N:M mask -> (values, indices) in one pass."""
+    """Score (|w| * |grad| * act_norm[col]) -> N:M mask -> (values, indices) in one pass.
+    weight, grad and act_norm must be finite (ValueError naming the argument otherwise)."""
     _check_score_inputs("nm_score_compress", weight, grad, act_norm)
-    NMWeight.check_nm(n, m, "nm_score_compress")
+    check_nm(n, m, "nm_score_compress")
     if weight.shape[1] % m:
         raise ValueError(f"nm_score_compress: in_features ({weight.shape[1]}) must be divisible by m = {m}")
-    tk = _triton("nm_score_compress", weight)
-    if tk is not None:
-        return tk.nm_score_compress(weight, n, m, grad=grad, act_norm=act_norm)
-    if _compiled("nm_score_compress", weight):
-        return torch.ops.sparsekern.nm_score_compress(weight, grad, act_norm, n, m)
-    return reference.nm_score_compress(weight, grad, act_norm, n, m)
+    _check_finite("nm_score_compress", weight=weight, grad=grad, act_norm=act_norm)
+    return _run("nm_score_compress", (weight,), weight, grad, act_norm, n, m)
 
 
 def hessian_accumulate(hessian: torch.Tensor, x: torch.Tensor) -> None:
@@ -344,144 +544,174 @@ def hessian_accumulate(hessian: torch.Tensor, x: torch.Tensor) -> None:
         raise ValueError(f"hessian_accumulate: x must be floating with x.shape[-1] == {hessian.shape[0]}")
     if x.device != hessian.device:
         raise ValueError(f"hessian_accumulate: x is on {x.device} but hessian is on {hessian.device}")
-    if _compiled("hessian_accumulate", x):
-        torch.ops.sparsekern.hessian_accumulate(hessian, x)
-    else:
-        reference.hessian_accumulate(hessian, x)
+    _in_place("hessian_accumulate", hessian, x)
 
 
-# ------------------------------------------------ fake kernels and autograd (compiled)
+# ---------------------------------------------- fake kernels (one per op, all backends)
 def _out_shape(x: torch.Tensor, out_features) -> list:
     return list(x.shape[:-1]) + [out_features]
 
 
-def _register() -> None:
-    lib = "sparsekern::"
-    rf = torch.library.register_fake
+def _nm_packed(weight, n, m):
+    out, k = weight.shape
+    kept = k // m * n
+    return (weight.new_empty((out, kept)),
+            weight.new_empty((out, math.ceil(kept * nm_index_bits(m) / 8)), dtype=torch.uint8))
 
-    @rf(lib + "nm_linear")
-    def _(x, values, indices, n, m, in_features, bias):
-        torch._check(x.shape[-1] == in_features, lambda: "nm_linear: x.shape[-1] must equal in_features")
-        torch._check(values.dtype == x.dtype, lambda: "nm_linear: values dtype must match x dtype")
-        return x.new_empty(_out_shape(x, values.shape[0]))
 
-    @rf(lib + "nm_compress")
-    def _(weight, mask, n, m):
-        out, k = weight.shape
-        kept = k // m * n
-        return (weight.new_empty((out, kept)),
-                weight.new_empty((out, math.ceil(kept * reference.nm_index_bits(m) / 8)), dtype=torch.uint8))
+def _fake_nm_linear(x, values, indices, n, m, in_features, bias):
+    torch._check(x.shape[-1] == in_features, lambda: "nm_linear: x.shape[-1] must equal in_features")
+    torch._check(values.dtype == x.dtype, lambda: "nm_linear: values dtype must match x dtype")
+    return x.new_empty(_out_shape(x, values.shape[0]))
 
-    @rf(lib + "nm_score_compress")
-    def _(weight, grad, act_norm, n, m):
-        out, k = weight.shape
-        kept = k // m * n
-        return (weight.new_empty((out, kept)),
-                weight.new_empty((out, math.ceil(kept * reference.nm_index_bits(m) / 8)), dtype=torch.uint8))
 
-    @rf(lib + "group_norm")
-    def _(weight, grad, act_norm, block_rows, block_cols, p):
-        return weight.new_empty((weight.shape[0] // block_rows, weight.shape[1] // block_cols), dtype=torch.float32)
+def _fake_bitmask_linear(x, values, bitmask, offsets, in_features, bias):
+    torch._check(x.shape[-1] == in_features, lambda: "bitmask_linear: x.shape[-1] must equal in_features")
+    return x.new_empty(_out_shape(x, bitmask.shape[0]))
 
-    @rf(lib + "act_norm_accumulate")
-    def _(sumsq, x):
-        return None
 
-    @rf(lib + "hessian_accumulate")
-    def _(hessian, x):
-        return None
+def _fake_block_linear(x, crow_indices, col_indices, values, in_features, bias):
+    torch._check(x.shape[-1] == in_features, lambda: "block_linear: x.shape[-1] must equal in_features")
+    return x.new_empty(_out_shape(x, (crow_indices.shape[0] - 1) * values.shape[1]))
 
-    @rf(lib + "nm_decompress")
-    def _(values, indices, n, m, in_features):
-        return values.new_empty((values.shape[0], in_features))
 
-    @rf(lib + "bitmask_linear")
-    def _(x, values, bitmask, offsets, in_features, bias):
-        torch._check(x.shape[-1] == in_features, lambda: "bitmask_linear: x.shape[-1] must equal in_features")
-        return x.new_empty(_out_shape(x, bitmask.shape[0]))
+def _fake_masked_linear(x, weight, bitmask, bias):
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "masked_linear: x.shape[-1] must equal in_features")
+    return x.new_empty(_out_shape(x, weight.shape[0]))
 
-    @rf(lib + "bitmask_compress")
-    def _(weight, mask):
-        out, k = weight.shape
-        nnz = torch.library.get_ctx().new_dynamic_size()
-        return (weight.new_empty((nnz,)), weight.new_empty((out, math.ceil(k / 64)), dtype=torch.int64),
-                weight.new_empty((out, math.ceil(k / reference.BITMASK_TILE_COLS)), dtype=torch.int32))
 
-    @rf(lib + "bitmask_decompress")
-    def _(values, bitmask, offsets, in_features):
-        return values.new_empty((bitmask.shape[0], in_features))
+def _fake_bitmask_compress(weight, mask):
+    out, k = weight.shape
+    nnz = torch.library.get_ctx().new_dynamic_size()
+    return (weight.new_empty((nnz,)), weight.new_empty((out, math.ceil(k / 64)), dtype=torch.int64),
+            weight.new_empty((out, math.ceil(k / BITMASK_TILE_COLS)), dtype=torch.int32))
 
-    @rf(lib + "block_linear")
-    def _(x, crow_indices, col_indices, values, in_features, bias):
-        torch._check(x.shape[-1] == in_features, lambda: "block_linear: x.shape[-1] must equal in_features")
-        return x.new_empty(_out_shape(x, (crow_indices.shape[0] - 1) * values.shape[1]))
 
-    @rf(lib + "block_compress")
-    def _(weight, mask, block_rows, block_cols):
-        out, k = weight.shape
-        nnzb = torch.library.get_ctx().new_dynamic_size()
-        return (weight.new_empty((out // block_rows + 1,), dtype=torch.int64),
-                weight.new_empty((nnzb,), dtype=torch.int64), weight.new_empty((nnzb, block_rows, block_cols)))
+def _fake_block_compress(weight, mask, block_rows, block_cols):
+    out, k = weight.shape
+    nnzb = torch.library.get_ctx().new_dynamic_size()
+    return (weight.new_empty((out // block_rows + 1,), dtype=torch.int64),
+            weight.new_empty((nnzb,), dtype=torch.int64), weight.new_empty((nnzb, block_rows, block_cols)))
 
-    @rf(lib + "block_decompress")
-    def _(crow_indices, col_indices, values, in_features):
-        return values.new_empty(((crow_indices.shape[0] - 1) * values.shape[1], in_features))
 
-    @rf(lib + "masked_linear")
-    def _(x, weight, bitmask, bias):
-        torch._check(x.shape[-1] == weight.shape[1], lambda: "masked_linear: x.shape[-1] must equal in_features")
-        return x.new_empty(_out_shape(x, weight.shape[0]))
+_FAKES: dict[str, Callable] = {
+    "nm_linear": _fake_nm_linear,
+    "bitmask_linear": _fake_bitmask_linear,
+    "block_linear": _fake_block_linear,
+    "masked_linear": _fake_masked_linear,
+    "masked_linear_grad_input": lambda grad_out, weight, bitmask: grad_out.new_empty(
+        _out_shape(grad_out, weight.shape[1])),
+    "masked_linear_grad_weight": lambda grad_out, x, bitmask: x.new_empty((grad_out.shape[-1], x.shape[-1])),
+    "nm_compress": lambda weight, mask, n, m: _nm_packed(weight, n, m),
+    "nm_score_compress": lambda weight, grad, act_norm, n, m: _nm_packed(weight, n, m),
+    "nm_decompress": lambda values, indices, n, m, in_features: values.new_empty((values.shape[0], in_features)),
+    "bitmask_compress": _fake_bitmask_compress,
+    "bitmask_decompress": lambda values, bitmask, offsets, in_features: values.new_empty(
+        (bitmask.shape[0], in_features)),
+    "block_compress": _fake_block_compress,
+    "block_decompress": lambda crow_indices, col_indices, values, in_features: values.new_empty(
+        ((crow_indices.shape[0] - 1) * values.shape[1], in_features)),
+    "group_score": lambda weight, grad, act_norm, block_rows, block_cols, p: weight.new_empty(
+        (weight.shape[0] // block_rows, weight.shape[1] // block_cols), dtype=torch.float32),
+    "act_norm_accumulate": lambda sumsq, x: None,
+    "hessian_accumulate": lambda hessian, x: None,
+}
 
-    @rf(lib + "masked_linear_grad_input")
-    def _(grad_out, weight, bitmask):
-        return grad_out.new_empty(_out_shape(grad_out, weight.shape[1]))
 
-    # ---- autograd: gradients for x and bias through the dense view of the weight;
-    # compressed values are not trainable (masked_linear is the training op).
-    def _grad_bias(ctx, grad):
-        return grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[-1] else None
+# ------------------------------------------------- autograd (one per op, all backends)
+def _grad_bias(ctx, grad, slot):
+    return grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[slot] else None
 
-    def _no_value_grad(op, ctx, value_slots):
-        if any(ctx.needs_input_grad[i] for i in value_slots):
-            raise RuntimeError(f"{op}: gradients for the compressed weight are not supported; train with the dense "
-                               "weight and a mask (ops.masked_linear, or a sparse module in training mode)")
 
-    def _sparse_setup(ctx, inputs, output):
-        ctx.inputs = inputs[1:-1]  # the format tensors and ints (no activations needed)
+def _weight_grad(grad, x) -> torch.Tensor:
+    """grad^T @ x over all leading positions: the dense [out, in] weight gradient."""
+    return grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype)
 
-    def _make_backward(op, decompress, value_slots):
-        def backward(ctx, grad):
-            _no_value_grad(op, ctx, value_slots)
-            gx = grad @ decompress(*ctx.inputs).to(grad.dtype) if ctx.needs_input_grad[0] else None
-            return (gx,) + (None,) * (len(ctx.needs_input_grad) - 2) + (_grad_bias(ctx, grad),)
-        return backward
 
-    torch.library.register_autograd(
-        lib + "nm_linear", _make_backward("nm_linear", nm_decompress, (1,)), setup_context=_sparse_setup)
-    torch.library.register_autograd(
-        lib + "bitmask_linear", _make_backward("bitmask_linear", bitmask_decompress, (1,)),
-        setup_context=_sparse_setup)
-    torch.library.register_autograd(
-        lib + "block_linear",
-        _make_backward("block_linear", lambda crow, col, vals, k: block_decompress(crow, col, vals, k), (3,)),
-        setup_context=_sparse_setup)
+def _sparse_setup(values_slot: int):
+    def setup(ctx, inputs, output):
+        x = inputs[0]
+        ctx.fmt = inputs[1:-1]  # the format's tensors and ints
+        ctx.x = x if ctx.needs_input_grad[values_slot] else None
+    return setup
 
-    def _masked_setup(ctx, inputs, output):
-        x, weight, bitmask, _ = inputs
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, bitmask)
 
-    def _masked_backward(ctx, grad):
-        x, weight, bitmask = ctx.saved_tensors
-        gx = masked_linear_grad_input(grad, weight, bitmask) if ctx.needs_input_grad[0] else None
-        gw = None
-        if ctx.needs_input_grad[1]:
-            g2 = grad.reshape(-1, grad.shape[-1])
-            x2 = x.reshape(-1, x.shape[-1])
-            gw = (g2.t() @ x2) * reference.unpack_bitmask(bitmask, weight.shape[1]).to(grad.dtype)
-        return gx, gw, None, _grad_bias(ctx, grad)
+def _nm_backward(ctx, grad):
+    values, indices, n, m, k = ctx.fmt
+    gx = grad @ nm_decompress(values, indices, n, m, k).to(grad.dtype) if ctx.needs_input_grad[0] else None
+    gv = None
+    if ctx.needs_input_grad[1]:
+        kept = values.shape[1]
+        cols = (torch.arange(kept, device=values.device) // n * m) + unpack_bits(indices, nm_index_bits(m), kept)
+        gv = _weight_grad(grad, ctx.x).gather(1, cols).to(values.dtype)
+    return gx, gv, None, None, None, None, _grad_bias(ctx, grad, 6)
 
-    torch.library.register_autograd(lib + "masked_linear", _masked_backward, setup_context=_masked_setup)
+
+def _bitmask_backward(ctx, grad):
+    values, bitmask, offsets, k = ctx.fmt
+    gx = grad @ bitmask_decompress(values, bitmask, offsets, k).to(grad.dtype) if ctx.needs_input_grad[0] else None
+    gv = None
+    if ctx.needs_input_grad[1]:  # values are the kept elements in row-major order
+        gv = _weight_grad(grad, ctx.x).masked_select(unpack_bitmask(bitmask, k)).to(values.dtype)
+    return gx, gv, None, None, None, _grad_bias(ctx, grad, 5)
+
+
+def _block_backward(ctx, grad):
+    crow, col, values, k = ctx.fmt
+    gx = grad @ block_decompress(crow, col, values, k).to(grad.dtype) if ctx.needs_input_grad[0] else None
+    gv = None
+    if ctx.needs_input_grad[3]:
+        nbr, (_, bh, bw) = crow.numel() - 1, values.shape
+        rows = torch.repeat_interleave(torch.arange(nbr, device=crow.device), crow.diff())
+        blocks = _weight_grad(grad, ctx.x).reshape(nbr, bh, k // bw, bw).permute(0, 2, 1, 3)
+        gv = blocks[rows, col].to(values.dtype)
+    return gx, None, None, gv, None, _grad_bias(ctx, grad, 5)
+
+
+def _masked_setup(ctx, inputs, output):
+    x, weight, bitmask, _ = inputs
+    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None,
+                          weight if ctx.needs_input_grad[0] else None, bitmask)
+
+
+def _masked_backward(ctx, grad):
+    x, weight, bitmask = ctx.saved_tensors
+    gx = masked_linear_grad_input(grad, weight, bitmask) if ctx.needs_input_grad[0] else None
+    gw = masked_linear_grad_weight(grad, x, bitmask) if ctx.needs_input_grad[1] else None
+    return gx, gw, None, _grad_bias(ctx, grad, 3)
+
+
+_AUTOGRAD: dict[str, tuple[Callable, Callable]] = {
+    "nm_linear": (_nm_backward, _sparse_setup(1)),
+    "bitmask_linear": (_bitmask_backward, _sparse_setup(1)),
+    "block_linear": (_block_backward, _sparse_setup(3)),
+    "masked_linear": (_masked_backward, _masked_setup),
+}
+
+
+def _register(namespace: str, names) -> None:
+    """Registers the fake kernel and autograd of each op in `names` on `namespace::op`."""
+    for name in names:
+        qualname = f"{namespace}::{name}"
+        if name in _FAKES:
+            torch.library.register_fake(qualname)(_FAKES[name])
+        if name in _AUTOGRAD:
+            backward, setup = _AUTOGRAD[name]
+            torch.library.register_autograd(qualname, backward, setup_context=setup)
+
+
+_triton_loaded: set[str] = set()
+
+
+def _load_triton(family: str) -> None:
+    if family in _triton_loaded:
+        return
+    from . import triton as sktriton
+
+    sktriton.load(family)
+    _register("sparsekern_triton", [s.name for s in OPS.values() if s.triton == family])
+    _triton_loaded.add(family)
 
 
 if _extension.LOADED:
-    _register()
+    _register("sparsekern", [s.name for s in OPS.values() if s.cpp or s.cuda])

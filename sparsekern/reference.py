@@ -12,51 +12,10 @@ from __future__ import annotations
 
 import torch
 
-BITMASK_TILE_COLS = 512  # columns per bitmask offset (csrc/common.h: kBitmaskTileCols)
+from .patterns import BITMASK_TILE_COLS, nm_index_bits, pack_bitmask, pack_bits, unpack_bitmask, unpack_bits
 
 
 # ---------------------------------------------------------------------------- helpers
-def nm_index_bits(m: int) -> int:
-    """Bits per packed in-group index: 2 for M=4, 4 for M=8 and M=16."""
-    return 2 if m == 4 else 4
-
-
-def pack_bits(fields: torch.Tensor, bits: int) -> torch.Tensor:
-    """[rows, k] small ints (< 2**bits) -> uint8 [rows, ceil(k*bits/8)], little-endian
-    within each byte: field s sits at bit (s*bits) % 8 of byte (s*bits) // 8."""
-    rows, k = fields.shape
-    per = 8 // bits
-    pad = (-k) % per
-    f = torch.nn.functional.pad(fields.to(torch.int32), (0, pad)).view(rows, -1, per)
-    shifts = torch.arange(per, device=fields.device, dtype=torch.int32) * bits
-    return (f << shifts).sum(-1).to(torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """Inverse of pack_bits: uint8 [rows, bytes] -> int64 [rows, k]."""
-    per = 8 // bits
-    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
-    f = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return f.reshape(packed.shape[0], -1)[:, :k].to(torch.int64)
-
-
-def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
-    """bool [out, in] -> int64 [out, ceil(in/64)]; bit j of word w is column 64*w + j."""
-    rows, k = mask.shape
-    pad = (-k) % 64
-    bits = torch.nn.functional.pad(mask.to(torch.int64), (0, pad)).view(rows, -1, 64)
-    shifts = torch.arange(64, device=mask.device, dtype=torch.int64)
-    # Two's complement wrap-around makes bit 63 come out as the sign bit, as intended.
-    return (bits << shifts).sum(-1)
-
-
-def unpack_bitmask(words: torch.Tensor, in_features: int) -> torch.Tensor:
-    """int64 [out, ceil(in/64)] -> bool [out, in]."""
-    shifts = torch.arange(64, device=words.device, dtype=torch.int64)
-    bits = (words.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(words.shape[0], -1)[:, :in_features].bool()
-
-
 def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
@@ -173,7 +132,7 @@ def element_score(weight, grad=None, act_norm=None) -> torch.Tensor:
     return e
 
 
-def group_norm(weight, grad, act_norm, block_rows: int, block_cols: int, p: int) -> torch.Tensor:
+def group_score(weight, grad, act_norm, block_rows: int, block_cols: int, p: int) -> torch.Tensor:
     out, k = weight.shape
     e = element_score(weight, grad, act_norm).double().reshape(out // block_rows, block_rows, k // block_cols, block_cols)
     r = e.sum((1, 3)) if p == 1 else e.square().sum((1, 3)).sqrt()
@@ -191,3 +150,10 @@ def nm_score_compress(weight, grad, act_norm, n: int, m: int):
 def hessian_accumulate(hessian: torch.Tensor, x: torch.Tensor) -> None:
     x2 = x.reshape(-1, x.shape[-1]).to(hessian.dtype)
     hessian += x2.t() @ x2
+
+
+def masked_linear_grad_weight(grad_out, x, bitmask):
+    """(grad_out^T @ x) * M: masked_linear's weight gradient, [out, in] in x's dtype."""
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    return (g2.t() @ x2.to(g2.dtype)) * unpack_bitmask(bitmask, x.shape[-1]).to(g2.dtype)

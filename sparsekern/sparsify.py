@@ -9,8 +9,15 @@ import torch
 from torch import nn
 
 from . import prune
-from .nn import SPARSE_MODULES, Policy, SparseConv2d, SparseLinear, parse_pattern
-from .simplify import _set_module
+from .nn import SPARSE_MODULES, Policy, SparseConv2d, SparseLinear
+from .patterns import KIND_OF_CODE, as_2d, parse_pattern, pattern_string
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted `name` (as in named_modules()) with `new`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
 
 
 def _matches(name: str, patterns) -> bool:
@@ -39,7 +46,7 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
     kind, _ = parse_pattern(pattern, "sparsify")
     if method != "sparsegpt":
         prune._check_method("sparsify", method)
-    if kind in ("bitmask", "block") and sparsity is None:
+    if kind in ("unstructured", "block") and sparsity is None:
         raise ValueError(f"sparsify: pattern {pattern!r} needs sparsity= (fraction to remove)")
     if sparsity is not None:
         prune._n_prune(float(sparsity), 1, "sparsify")
@@ -74,7 +81,7 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
                 raise ValueError(f"in_features={w.shape[1]} is not divisible by m")
             if kind == "block":
                 bh, bw = parse_pattern(pattern)[1].get("block", block)
-                rows, cols = prune._as_2d(w).shape
+                rows, cols = as_2d(w).shape
                 if rows % bh or cols % bw:
                     raise ValueError(f"weight 2-D shape {(rows, cols)} is not divisible by block {(bh, bw)}")
         except (ValueError, TypeError) as e:
@@ -100,7 +107,7 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
                              policy=policy, grad=None if grads is None else grads[name],
                              act_norm=None if norms is None else norms[name])
         new.train(mod.training)
-        _set_module(model, name, new)
+        set_module(model, name, new)
         f = new.weight_format() if not new.trainable else None
         after = (f.numel() * f.element_size() if isinstance(f, torch.Tensor) else f.nbytes) if f is not None \
             else dense_bytes + new.weight_mask_bits.numel() * 8
@@ -137,7 +144,7 @@ def from_torch_prune(model: nn.Module, policy: Policy | None = None, trainable: 
         if not isinstance(mod, prune.PRUNABLE) or not hasattr(mod, "weight_mask"):
             continue
         mask = mod.weight_mask.bool()
-        m2d = prune._as_2d(mask)
+        m2d = as_2d(mask)
         pattern = _detect_pattern(m2d)
         if isinstance(mod, nn.Conv2d):
             try:
@@ -155,7 +162,7 @@ def from_torch_prune(model: nn.Module, policy: Policy | None = None, trainable: 
         new = cls.from_dense(mod, pattern, mask=mask, sparsity=sparsity, block=params.get("block", (32, 32)),
                              trainable=trainable, policy=policy)
         new.train(mod.training)
-        _set_module(model, name, new)
+        set_module(model, name, new)
         report.append({"layer": name, "status": "sparse", "pattern": pattern, "density": 1 - sparsity,
                        "backend": new.backend, "reason": new.reason})
     return model, report
@@ -212,10 +219,8 @@ def dense_state_dict(sparse_model_or_state: nn.Module | dict, template: nn.Modul
 
 
 def _pattern_of_meta(meta: torch.Tensor) -> str:
-    """The pattern string of a saved `weight_meta` buffer (kinds: sparsekern.nn._KIND)."""
-    from .nn import _KIND_NAME
-
-    kind = _KIND_NAME[int(meta[0])]
-    if kind == "nm":
-        return f"{int(meta[1])}:{int(meta[2])}"
-    return {"bitmask": "unstructured", "block": "block", "dense": "dense"}[kind]
+    """The pattern string of a saved `weight_meta` buffer (kind codes: patterns.KIND_CODES)."""
+    kind = KIND_OF_CODE.get(int(meta[0]))
+    if kind is None:
+        raise ValueError(f"dense_state_dict: weight_meta holds an unknown kind code {int(meta[0])}")
+    return pattern_string(kind, *(int(v) for v in meta[1:3])) if kind == "nm" else kind

@@ -2,6 +2,7 @@
 import torch
 
 import sparsekern.reference as reference
+from sparsekern import ops
 
 # (leading shape of x, in_features, out_features): batch 1, odd batches, the direct
 # kernels' batch limits (4, 8, 16) and beyond (GEMM path), K not a multiple of 64,
@@ -31,3 +32,27 @@ def ref64(x, dense_w, bias):
 
 def random_nm_mask(shape, n, m):
     return reference.nm_mask(torch.rand(shape), n, m)
+
+
+def assert_linear_grads_match_fp64(op_fn, W, x, bias, what=""):
+    """Gradients of op_fn(x, W, bias) to x, the kept values and bias equal those of the
+    same computation on the fp64 dense weight (W.to_dense() is a scatter of the values,
+    so torch's autograd gives the reference value gradient)."""
+    g = torch.randn(*x.shape[:-1], W.shape[0], dtype=torch.float64, device=x.device)
+    x1 = x.detach().clone().requires_grad_()
+    b1 = bias.detach().clone().requires_grad_()
+    W.values.requires_grad_(True)
+    try:
+        (op_fn(x1, W, b1).double() * g).sum().backward()
+        gv = W.values.grad
+        W.values.grad = None
+        values64 = W.values.detach().double().requires_grad_()
+        W64 = type(W).from_tensors({**W.tensors(), "values": values64}, validate=False)
+        x64, b64 = (t.detach().double().requires_grad_() for t in (x, bias))
+        with ops.use_backend(None):  # the fp64 oracle, whatever backend the caller forced
+            (torch.nn.functional.linear(x64, W64.to_dense(), b64) * g).sum().backward()
+    finally:
+        W.values.requires_grad_(False)
+    for ours, ref, name in ((x1.grad, x64.grad, "x"), (gv, values64.grad, "values"), (b1.grad, b64.grad, "bias")):
+        assert ours is not None, f"{what}: no gradient reached {name}"
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-4, msg=f"{what}: gradient of {name}")

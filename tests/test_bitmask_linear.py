@@ -2,23 +2,25 @@
 import pytest
 import torch
 
-from conftest import DEVICES, assert_linear_close
+from backends import pairs, running
+from conftest import assert_linear_close
 from linear_cases import DTYPES, SHAPES, lowp_torch_linear, ref64
 from sparsekern import ops
 from sparsekern.formats import BitmaskWeight
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,backend", pairs("bitmask_linear"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead,k,o", SHAPES + [((4,), 1100, 9), ((9,), 513, 5)])
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 0.9])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_bitmask_linear_matches_fp64(device, dtype, lead, k, o, density, with_bias, poison):
+def test_bitmask_linear_matches_fp64(device, backend, dtype, lead, k, o, density, with_bias, poison):
     w = torch.randn(o, k, device=device, dtype=dtype)
     W = BitmaskWeight.from_dense(w, torch.rand(o, k, device=device) < density)
     x = torch.randn(*lead, k, device=device, dtype=dtype)
     bias = torch.randn(o, device=device, dtype=dtype) if with_bias else None
-    y = ops.bitmask_linear(x, W, bias)
+    with running(backend, "bitmask_linear", x, W):
+        y = ops.bitmask_linear(x, W, bias)
     dense = W.to_dense()
     ref = ref64(x, dense, bias)
     what = f"bitmask_linear {density} {device} {dtype} x{tuple(x.shape)} w{tuple(w.shape)}"

@@ -2,19 +2,20 @@
 import pytest
 import torch
 
-from conftest import DEVICES, assert_linear_close
+from backends import pairs, running
+from conftest import assert_linear_close
 from linear_cases import DTYPES, lowp_torch_linear, ref64
 from sparsekern import ops
 from sparsekern.formats import BlockWeight
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,backend", pairs("block_linear"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead", [(1,), (3,), (8,), (17,), (2, 5), (0,)])
 @pytest.mark.parametrize("block,shape", [((16, 16), (48, 96)), ((32, 32), (64, 160)), ((64, 64), (64, 192)),
                                          ((4, 8), (12, 40))])
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
-def test_block_linear_matches_fp64(device, dtype, lead, block, shape, density, poison):
+def test_block_linear_matches_fp64(device, backend, dtype, lead, block, shape, density, poison):
     o, k = shape
     w = torch.randn(o, k, device=device, dtype=dtype)
     keep = torch.rand(o // block[0], k // block[1], device=device) < density
@@ -22,7 +23,8 @@ def test_block_linear_matches_fp64(device, dtype, lead, block, shape, density, p
     W = BlockWeight.from_dense(w, block, mask)
     x = torch.randn(*lead, k, device=device, dtype=dtype)
     bias = torch.randn(o, device=device, dtype=dtype)
-    y = ops.block_linear(x, W, bias)
+    with running(backend, "block_linear", x, W):
+        y = ops.block_linear(x, W, bias)
     dense = W.to_dense()
     assert_linear_close(y, ref64(x, dense, bias), dtype, lowp_torch_linear(x, dense, bias),
                         f"block_linear {block} {density} {device} {dtype} x{tuple(x.shape)}")

@@ -2,35 +2,39 @@
 import pytest
 import torch
 
-from conftest import DEVICES, assert_linear_close
+from backends import pairs, running
+from conftest import assert_linear_close
 from linear_cases import DTYPES, SHAPES, lowp_torch_linear, ref64
-from sparsekern import ops, reference
+from sparsekern import ops
+from sparsekern.patterns import pack_bitmask
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,backend", pairs("masked_linear"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead,k,o", SHAPES)
-def test_masked_linear_matches_fp64(device, dtype, lead, k, o, poison):
+def test_masked_linear_matches_fp64(device, backend, dtype, lead, k, o, poison):
     w = torch.randn(o, k, device=device, dtype=dtype)
     mask = torch.rand(o, k, device=device) < 0.5
     x = torch.randn(*lead, k, device=device, dtype=dtype)
     bias = torch.randn(o, device=device, dtype=dtype)
-    y = ops.masked_linear(x, w, reference.pack_bitmask(mask), bias)
+    with running(backend, "masked_linear", x):
+        y = ops.masked_linear(x, w, pack_bitmask(mask), bias)
     wm = w * mask
     assert_linear_close(y, ref64(x, wm, bias), dtype, lowp_torch_linear(x, wm, bias),
                         f"masked_linear {device} {dtype} x{tuple(x.shape)}")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,backend", pairs("masked_linear"))
 @pytest.mark.parametrize("lead", [(1,), (6,), (2, 3)])
-def test_gradients_match_autograd_on_dense_masked_reference(device, lead):
+def test_gradients_match_autograd_on_dense_masked_reference(device, backend, lead):
     o, k = 20, 70
     w = torch.randn(o, k, device=device, requires_grad=True)
     b = torch.randn(o, device=device, requires_grad=True)
     x = torch.randn(*lead, k, device=device, requires_grad=True)
     mask = torch.rand(o, k, device=device) < 0.5
     g = torch.randn(*lead, o, device=device)
-    (ops.masked_linear(x, w, reference.pack_bitmask(mask), b) * g).sum().backward()
+    with running(backend, "masked_linear", x), running(backend, "masked_linear_grad_input", g):
+        (ops.masked_linear(x, w, pack_bitmask(mask), b) * g).sum().backward()
     w64, b64, x64 = (t.detach().double().requires_grad_() for t in (w, b, x))
     (torch.nn.functional.linear(x64, w64 * mask, b64) * g.double()).sum().backward()
     for ours, ref, name in ((x.grad, x64.grad, "x"), (w.grad, w64.grad, "weight"), (b.grad, b64.grad, "bias")):
@@ -41,21 +45,23 @@ def test_gradients_match_autograd_on_dense_masked_reference(device, lead):
 def test_gradcheck_fp64_reference_path():
     w = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
     x = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
-    bm = reference.pack_bitmask(torch.rand(5, 9) < 0.5)
+    bm = pack_bitmask(torch.rand(5, 9) < 0.5)
     assert torch.autograd.gradcheck(lambda x, w: ops.masked_linear(x, w, bm), (x, w))
 
 
-def test_grad_input_op():
-    w = torch.randn(16, 40)
-    mask = torch.rand(16, 40) < 0.3
-    g = torch.randn(3, 16)
-    gx = ops.masked_linear_grad_input(g, w, reference.pack_bitmask(mask))
+@pytest.mark.parametrize("device,backend", pairs("masked_linear_grad_input"))
+def test_grad_input_op(device, backend):
+    w = torch.randn(16, 40, device=device)
+    mask = torch.rand(16, 40, device=device) < 0.3
+    g = torch.randn(3, 16, device=device)
+    with running(backend, "masked_linear_grad_input", g):
+        gx = ops.masked_linear_grad_input(g, w, pack_bitmask(mask))
     torch.testing.assert_close(gx.double(), g.double() @ (w * mask).double(), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_inputs():
     w = torch.randn(8, 70)
-    bm = reference.pack_bitmask(torch.rand(8, 70) < 0.5)
+    bm = pack_bitmask(torch.rand(8, 70) < 0.5)
     with pytest.raises(ValueError, match="bitmask must have shape"):
         ops.masked_linear(torch.randn(2, 70), w, bm[:, :1])
     with pytest.raises(TypeError, match="bitmask must be an int64"):

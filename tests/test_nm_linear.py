@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from backends import pairs, running
 from conftest import DEVICES, assert_linear_close
 from linear_cases import DTYPES, SHAPES, lowp_torch_linear, ref64
 from sparsekern import ops
@@ -10,19 +11,20 @@ from sparsekern.formats import NMWeight
 NM = [(2, 4), (1, 4), (3, 4), (4, 8), (2, 8), (8, 16)]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,backend", pairs("nm_linear"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead,k,o", SHAPES)
 @pytest.mark.parametrize("n,m", NM)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_nm_linear_matches_fp64(device, dtype, lead, k, o, n, m, with_bias, poison):
+def test_nm_linear_matches_fp64(device, backend, dtype, lead, k, o, n, m, with_bias, poison):
     if k % m:
         k = k // m * m + m
     w = torch.randn(o, k, device=device, dtype=dtype)
     W = NMWeight.from_dense(w, n, m)
     x = torch.randn(*lead, k, device=device, dtype=dtype)
     bias = torch.randn(o, device=device, dtype=dtype) if with_bias else None
-    y = ops.nm_linear(x, W, bias)
+    with running(backend, "nm_linear", x, W):
+        y = ops.nm_linear(x, W, bias)
     dense = W.to_dense()
     assert_linear_close(y, ref64(x, dense, bias), dtype, lowp_torch_linear(x, dense, bias),
                         f"nm_linear {n}:{m} {device} {dtype} x{tuple(x.shape)} w{tuple(w.shape)}")
@@ -35,7 +37,8 @@ def test_nm24_fast_paths_and_tails(batch):
         w = torch.randn(19, k)
         W = NMWeight.from_dense(w, 2, 4)
         x = torch.randn(batch, k)
-        y = ops.nm_linear(x, W)
+        with running("cpp", "nm_linear", x, W):
+            y = ops.nm_linear(x, W)
         assert_linear_close(y, ref64(x, W.to_dense(), None), torch.float32, what=f"2:4 B={batch} K={k}")
 
 

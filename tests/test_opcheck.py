@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import DEVICES, needs_extension
-from sparsekern import ops, reference
+from sparsekern import ops
+from sparsekern.patterns import pack_bitmask
 from sparsekern.formats import BitmaskWeight, BlockWeight, NMWeight
 
 pytestmark = needs_extension
@@ -18,7 +19,7 @@ def _samples(device):
     x = torch.randn(3, 64, device=device)
     b = torch.randn(16, device=device)
     mask = torch.rand(16, 64, device=device) < 0.5
-    bits = reference.pack_bitmask(mask)
+    bits = pack_bitmask(mask)
     xg = x.clone().requires_grad_()
     wg = w.clone().requires_grad_()
     return {
@@ -36,7 +37,7 @@ def _samples(device):
         "masked_linear": [(x, w, bits, b), (xg, wg, bits, b.clone().requires_grad_())],
         "masked_linear_grad_input": [(x[:, :16].contiguous(), w, bits)],
         "nm_score_compress": [(w, torch.randn_like(w), torch.rand(64, device=device), 2, 4), (w, None, None, 4, 8)],
-        "group_norm": [(w, None, None, 1, 64, 1), (w, torch.randn_like(w), torch.rand(64, device=device), 4, 8, 2)],
+        "group_score": [(w, None, None, 1, 64, 1), (w, torch.randn_like(w), torch.rand(64, device=device), 4, 8, 2)],
         "act_norm_accumulate": [(torch.rand(64, device=device), torch.randn(2, 5, 64, device=device))],
         "hessian_accumulate": [(torch.rand(64, 64, device=device, dtype=torch.float64),
                                 torch.randn(2, 5, 64, device=device))],
@@ -48,7 +49,7 @@ def _cases():
         dev = device.values[0] if hasattr(device, "values") else device
         marks = device.marks if hasattr(device, "marks") else ()
         for op in _samples("cpu"):
-            if dev == "cuda" and op not in ops.CUDA_OPS:
+            if dev == "cuda" and not ops.OPS[op].cuda:
                 continue
             yield pytest.param(op, dev, marks=marks, id=f"{op}-{dev}")
 
@@ -83,7 +84,7 @@ def test_torch_compile_fullgraph(device, fmt):
         W = BlockWeight.from_dense(w, (16, 16), torch.rand_like(w) < 0.02)
         fn = lambda x: torch.relu(ops.block_linear(x, W, b)) * 2  # noqa: E731
     else:
-        bits = reference.pack_bitmask(torch.rand_like(w) < 0.5)
+        bits = pack_bitmask(torch.rand_like(w) < 0.5)
         fn = lambda x: torch.relu(ops.masked_linear(x, w, bits, b)) * 2  # noqa: E731
     compiled = torch.compile(fn, fullgraph=True)
     for batch in (1, 5):
@@ -94,7 +95,7 @@ def test_torch_compile_fullgraph(device, fmt):
 def test_torch_compile_masked_linear_backward():
     torch._dynamo.reset()
     w = torch.randn(32, 64, requires_grad=True)
-    bits = reference.pack_bitmask(torch.rand(32, 64) < 0.5)
+    bits = pack_bitmask(torch.rand(32, 64) < 0.5)
 
     def loss(x):
         return ops.masked_linear(x, w, bits).square().sum()

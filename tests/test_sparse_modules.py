@@ -154,7 +154,7 @@ def test_loading_a_state_dict_of_another_pattern_is_refused():
     a, _ = sparsekern.sparsify(_model(), "2:4", min_features=8, policy=SPARSE, show_progress=False)
     b, _ = sparsekern.sparsify(_model(), "unstructured", sparsity=0.5, min_features=8, policy=SPARSE,
                                show_progress=False)
-    with pytest.raises(RuntimeError, match="'bitmask' weight but this layer's pattern is '2:4'"):
+    with pytest.raises(RuntimeError, match="weight of kind 'unstructured' but this layer's pattern is '2:4'"):
         a.load_state_dict(b.state_dict())
 
 

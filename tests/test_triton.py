@@ -1,20 +1,27 @@
-"""Triton kernels against fp64 references: on the CPU through the interpreter
-(TRITON_INTERPRET=1, set in conftest.py), on the GPU when there is one."""
+"""Triton backends through sparsekern.ops (use_backend("triton")) against fp64: on CUDA
+tensors when there is a GPU, else on CPU tensors through the interpreter
+(TRITON_INTERPRET=1, set in conftest.py), never on CPU tensors with the interpreter off.
+Each test asserts the dispatch table runs Triton; checks, fakes and autograd are the
+ones every backend shares (sparsekern/ops.py)."""
 import pytest
 import torch
 
-from conftest import DEVICES, assert_linear_close
-from linear_cases import lowp_torch_linear, ref64
-from sparsekern import reference
+from backends import running
+from conftest import assert_linear_close
+from linear_cases import assert_linear_grads_match_fp64, lowp_torch_linear, ref64
+from sparsekern import ops, reference
 from sparsekern.formats import BitmaskWeight, BlockWeight, NMWeight
+from sparsekern.patterns import pack_bitmask
+from sparsekern.triton import interpreting
 
 triton = pytest.importorskip("triton")
-if not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1":
+if torch.cuda.is_available():
+    DEVICES = ["cuda"]
+elif interpreting():
+    DEVICES = ["cpu"]
+else:
     pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 
-import sparsekern.triton as sktriton  # noqa: E402
-
-T = sktriton.kernels()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BATCHES = [1, 3, 17]
 
@@ -29,7 +36,9 @@ def test_triton_nm_linear(device, dtype, batch, n, m, k, poison):
     x = torch.randn(batch, k, device=device, dtype=dtype)
     b = torch.randn(37, device=device, dtype=dtype)
     dense = W.to_dense()
-    assert_linear_close(T.nm_linear(x, W, b), ref64(x, dense, b), dtype, lowp_torch_linear(x, dense, b),
+    with running("triton", "nm_linear", x, W):
+        y = ops.nm_linear(x, W, b)
+    assert_linear_close(y, ref64(x, dense, b), dtype, lowp_torch_linear(x, dense, b),
                         f"triton nm_linear {n}:{m} B={batch} {dtype}")
 
 
@@ -42,7 +51,9 @@ def test_triton_bitmask_linear(device, dtype, batch, k, density, poison):
     W = BitmaskWeight.from_dense(w, torch.rand(33, k, device=device) < density)
     x = torch.randn(batch, k, device=device, dtype=dtype)
     dense = W.to_dense()
-    assert_linear_close(T.bitmask_linear(x, W), ref64(x, dense, None), dtype, lowp_torch_linear(x, dense, None),
+    with running("triton", "bitmask_linear", x, W):
+        y = ops.bitmask_linear(x, W)
+    assert_linear_close(y, ref64(x, dense, None), dtype, lowp_torch_linear(x, dense, None),
                         f"triton bitmask_linear {density} B={batch} {dtype}")
 
 
@@ -60,7 +71,9 @@ def test_triton_block_linear(device, dtype, batch, block, poison):
     x = torch.randn(batch, k, device=device, dtype=dtype)
     b = torch.randn(o, device=device, dtype=dtype)
     dense = W.to_dense()
-    assert_linear_close(T.block_linear(x, W, b), ref64(x, dense, b), dtype, lowp_torch_linear(x, dense, b),
+    with running("triton", "block_linear", x, W):
+        y = ops.block_linear(x, W, b)
+    assert_linear_close(y, ref64(x, dense, b), dtype, lowp_torch_linear(x, dense, b),
                         f"triton block_linear {block} B={batch} {dtype}")
 
 
@@ -72,10 +85,12 @@ def test_triton_masked_linear_forward_and_backward(device, batch):
     b = torch.randn(o, device=device, requires_grad=True)
     x = torch.randn(batch, k, device=device, requires_grad=True)
     mask = torch.rand(o, k, device=device) < 0.5
-    bits = reference.pack_bitmask(mask)
+    bits = pack_bitmask(mask)
     g = torch.randn(batch, o, device=device)
-    y = T.masked_linear(x, w, bits, b)
-    (y * g).sum().backward()
+    with running("triton", "masked_linear", x), running("triton", "masked_linear_grad_input", g), \
+            running("triton", "masked_linear_grad_weight", g, x):
+        y = ops.masked_linear(x, w, bits, b)
+        (y * g).sum().backward()
     w64, b64, x64 = (t.detach().double().requires_grad_() for t in (w, b, x))
     y64 = torch.nn.functional.linear(x64, w64 * mask, b64)
     (y64 * g.double()).sum().backward()
@@ -88,12 +103,13 @@ def test_triton_masked_linear_forward_and_backward(device, batch):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("group,p", [((1, 96), 1), ((40, 1), 2), ((40, 96), 1), ((1, 4), 2), ((4, 8), 1),
                                      ((32, 64), 2)])
-def test_triton_group_norm(device, group, p):
+def test_triton_group_score(device, group, p):
     w = torch.randn(64 if group == (32, 64) else 40, 128 if group == (32, 64) else 96, device=device)
     g = torch.randn_like(w)
     a = torch.rand(w.shape[1], device=device)
-    out = T.group_norm(w, *group, p, grad=g, act_norm=a)
-    torch.testing.assert_close(out.double(), reference.group_norm(w.double(), g.double(), a.double(), *group, p).double(),
+    with running("triton", "group_score", w):
+        out = ops.group_score(w, *group, p, grad=g, act_norm=a)
+    torch.testing.assert_close(out.double(), reference.group_score(w.double(), g.double(), a.double(), *group, p).double(),
                                rtol=1e-4, atol=1e-5)
 
 
@@ -103,7 +119,8 @@ def test_triton_act_norm_accumulate(device):
     start = s.clone()
     xs = [torch.randn(3, 7, 150, device=device), torch.randn(40, 150, device=device)]
     for x in xs:
-        T.act_norm_accumulate(s, x)
+        with running("triton", "act_norm_accumulate", s, x):
+            ops.act_norm_accumulate(s, x)
     ref = start.double() + sum(x.reshape(-1, 150).double().square().sum(0) for x in xs)
     torch.testing.assert_close(s.double(), ref, rtol=1e-5, atol=1e-5)
 
@@ -115,22 +132,62 @@ def test_triton_nm_score_compress(device, n, m, dtype):
     w = torch.randn(37, 5 * 16, device=device, dtype=dtype)
     g = torch.randn_like(w)
     a = torch.rand(80, device=device)
-    v, ix = T.nm_score_compress(w, n, m, grad=g, act_norm=a)
-    rv, rix = reference.nm_score_compress(w, g, a, n, m)
-    assert torch.equal(v, rv) and torch.equal(ix, rix)
-    v, ix = T.nm_score_compress(w, n, m)
+    with running("triton", "nm_score_compress", w):
+        v, ix = ops.nm_score_compress(w, n, m, grad=g, act_norm=a)
+        rv, rix = reference.nm_score_compress(w, g, a, n, m)
+        assert torch.equal(v, rv) and torch.equal(ix, rix)
+        v, ix = ops.nm_score_compress(w, n, m)
     assert torch.equal(reference.nm_decompress(v, ix, n, m, 80), w * reference.nm_mask(w, n, m))
+
+
+@pytest.mark.parametrize("op", ["nm_linear", "bitmask_linear", "block_linear"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_gradients_reach_x_values_and_bias(op, dtype):
+    device = DEVICES[0]
+    w = torch.randn(32, 64, device=device, dtype=dtype)
+    if op == "nm_linear":
+        W = NMWeight.from_dense(w, 2, 4)
+    elif op == "bitmask_linear":
+        W = BitmaskWeight.from_dense(w, torch.rand(32, 64, device=device) < 0.3)
+    else:
+        W = BlockWeight.from_dense(w, (16, 16), torch.rand(32, 64, device=device) < 0.02)
+    x = torch.randn(5, 64, device=device, dtype=dtype)
+    with running("triton", op, x, W):
+        if dtype == torch.float32:
+            assert_linear_grads_match_fp64(getattr(ops, op), W, x, torch.randn(32, device=device), f"triton {op}")
+        else:  # low precision: the same gradients as the reference backend in that dtype
+            xg = x.clone().requires_grad_()
+            getattr(ops, op)(xg, W).float().square().sum().backward()
+            with ops.use_backend("reference"):
+                xr = x.clone().requires_grad_()
+                getattr(ops, op)(xr, W).float().square().sum().backward()
+            torch.testing.assert_close(xg.grad.float(), xr.grad.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_triton_runs_only_what_it_supports():
+    """A block shape the Triton kernel cannot take is refused when Triton is forced, with
+    the reason; automatic dispatch on a GPU then runs the next backend and says so."""
+    W = BlockWeight.from_dense(torch.randn(8, 16, device=DEVICES[0]), (4, 4))
+    x = torch.randn(2, 16, device=DEVICES[0])
+    with ops.use_backend("triton"), pytest.raises(RuntimeError, match="square blocks"):
+        ops.block_linear(x, W)
+    if DEVICES[0] == "cuda":
+        backend, why = ops.explain_backend("block_linear", x, W)
+        assert backend != "triton" and "square blocks" in why
 
 
 def test_triton_ops_fake_tensor_check():
     # opcheck's aot-dispatch and torch.compile need a GPU for triton_op (see CONVENTIONS.md);
-    # the fake kernels are checked here.
+    # the fake kernels (the ones every backend shares) are checked here.
     w = torch.randn(16, 64)
     W = NMWeight.from_dense(w, 2, 4)
     x = torch.randn(3, 64)
+    with ops.use_backend("triton"):  # loads the Triton families, registering their fakes
+        ops.nm_linear(x, W)
+        ops.group_score(w, 1, 64, 2)
     torch.library.opcheck(torch.ops.sparsekern_triton.nm_linear.default,
                           (x, W.values, W.indices, 2, 4, 64, None), test_utils=["test_schema", "test_faketensor"])
-    torch.library.opcheck(torch.ops.sparsekern_triton.group_norm.default, (w, None, None, 1, 64, 2),
+    torch.library.opcheck(torch.ops.sparsekern_triton.group_score.default, (w, None, None, 1, 64, 2),
                           test_utils=["test_schema", "test_faketensor"])
 
 
@@ -139,22 +196,24 @@ def test_triton_ops_full_opcheck_and_compile_on_gpu():
     w = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
     W = NMWeight.from_dense(w, 2, 4)
     x = torch.randn(4, 128, device="cuda", dtype=torch.bfloat16)
-    torch.library.opcheck(torch.ops.sparsekern_triton.nm_linear.default, (x, W.values, W.indices, 2, 4, 128, None))
-    f = torch.compile(lambda x: T.nm_linear(x, W), fullgraph=True)
-    torch.testing.assert_close(f(x), T.nm_linear(x, W))
+    with ops.use_backend("triton"):
+        ops.nm_linear(x, W)
+        torch.library.opcheck(torch.ops.sparsekern_triton.nm_linear.default, (x, W.values, W.indices, 2, 4, 128, None))
+        f = torch.compile(lambda x: ops.nm_linear(x, W), fullgraph=True)
+        torch.testing.assert_close(f(x), ops.nm_linear(x, W))
 
 
-def test_triton_bad_inputs():
-    W = NMWeight.from_dense(torch.randn(8, 16), 2, 4)
-    with pytest.raises(ValueError, match=r"x.shape\[-1\]"):
-        T.nm_linear(torch.randn(2, 12), W)
-    with pytest.raises(TypeError, match="x dtype"):
-        T.nm_linear(torch.randn(2, 16, dtype=torch.float16), W)
-    with pytest.raises(ValueError, match="block shape"):
-        T.block_linear(torch.randn(2, 16), BlockWeight.from_dense(torch.randn(8, 16), (4, 4)))
-    with pytest.raises(ValueError, match="bitmask must have shape"):
-        T.masked_linear(torch.randn(2, 16), torch.randn(8, 16), torch.zeros(8, 2, dtype=torch.int64))
-    with pytest.raises(ValueError, match="NaN or inf"):
-        T.nm_score_compress(torch.full((4, 8), float("nan")), 2, 4)
-    with pytest.raises(ValueError, match="group shape"):
-        T.group_norm(torch.randn(8, 16), 3, 16)
+def test_triton_bad_inputs_get_the_same_errors_as_every_backend():
+    W = NMWeight.from_dense(torch.randn(8, 16, device=DEVICES[0]), 2, 4)
+    with ops.use_backend("triton"):
+        with pytest.raises(ValueError, match=r"x.shape\[-1\]"):
+            ops.nm_linear(torch.randn(2, 12, device=DEVICES[0]), W)
+        with pytest.raises(TypeError, match="x dtype"):
+            ops.nm_linear(torch.randn(2, 16, dtype=torch.float16, device=DEVICES[0]), W)
+        with pytest.raises(ValueError, match="bitmask must have shape"):
+            ops.masked_linear(torch.randn(2, 16, device=DEVICES[0]), torch.randn(8, 16, device=DEVICES[0]),
+                              torch.zeros(8, 2, dtype=torch.int64, device=DEVICES[0]))
+        with pytest.raises(ValueError, match="NaN or inf"):
+            ops.nm_score_compress(torch.full((4, 8), float("nan"), device=DEVICES[0]), 2, 4)
+        with pytest.raises(ValueError, match="group shape"):
+            ops.group_score(torch.randn(8, 16, device=DEVICES[0]), 3, 16)

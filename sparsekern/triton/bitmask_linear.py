@@ -65,17 +65,3 @@ def _bitmask_linear_op(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Ten
     return run_linear(x, N, launch)
 
 
-@_bitmask_linear_op.register_fake
-def _(x, values, bitmask, offsets, in_features, bias):
-    return x.new_empty(*x.shape[:-1], bitmask.shape[0])
-
-
-def bitmask_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton bitmask_linear for a BitmaskWeight (arguments checked as sparsekern.ops)."""
-    from sparsekern import ops
-    from sparsekern.formats import BitmaskWeight
-
-    ops._check_format("bitmask_linear", weight, BitmaskWeight)
-    ops._check_x("bitmask_linear", x, weight.in_features, weight.dtype, weight.device)
-    ops._check_bias("bitmask_linear", bias, weight.shape[0], x)
-    return _bitmask_linear_op(x, weight.values, weight.bitmask, weight.offsets, weight.in_features, bias)

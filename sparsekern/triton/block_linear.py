@@ -57,21 +57,3 @@ def _block_linear_op(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: t
     return run_linear(x, nbr * bh, launch)
 
 
-@_block_linear_op.register_fake
-def _(x, crow_indices, col_indices, values, in_features, bias):
-    return x.new_empty(*x.shape[:-1], (crow_indices.shape[0] - 1) * values.shape[1])
-
-
-def block_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton block_linear for a BlockWeight with square blocks of 16, 32 or 64."""
-    from sparsekern import ops
-    from sparsekern.formats import BlockWeight
-
-    ops._check_format("block_linear", weight, BlockWeight)
-    ops._check_x("block_linear", x, weight.in_features, weight.dtype, weight.device)
-    ops._check_bias("block_linear", bias, weight.shape[0], x)
-    bh, bw = weight.block
-    if bh != bw or bh not in SUPPORTED_BLOCKS:
-        raise ValueError(f"block_linear (Triton): block shape {weight.block} is not supported; use square blocks of "
-                         f"{', '.join(map(str, SUPPORTED_BLOCKS))}")
-    return _block_linear_op(x, weight.crow_indices, weight.col_indices, weight.values, weight.in_features, bias)

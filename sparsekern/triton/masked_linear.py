@@ -97,11 +97,6 @@ def _masked_linear_op(x: torch.Tensor, weight: torch.Tensor, bitmask: torch.Tens
     return run_linear(x, N, launch)
 
 
-@_masked_linear_op.register_fake
-def _(x, weight, bitmask, bias):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
 @triton_op("sparsekern_triton::masked_linear_grad_input", mutates_args=())
 def _masked_linear_grad_input_op(grad_out: torch.Tensor, weight: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     K = weight.shape[1]
@@ -112,11 +107,6 @@ def _masked_linear_grad_input_op(grad_out: torch.Tensor, weight: torch.Tensor, b
             **dot_meta(grad_out.dtype), BLOCK_M=bm, BLOCK_N=32)
 
     return run_linear(grad_out, K, launch)
-
-
-@_masked_linear_grad_input_op.register_fake
-def _(grad_out, weight, bitmask):
-    return grad_out.new_empty(*grad_out.shape[:-1], weight.shape[1])
 
 
 @triton_op("sparsekern_triton::masked_linear_grad_weight", mutates_args=())
@@ -132,57 +122,3 @@ def _masked_linear_grad_weight_op(grad_out: torch.Tensor, x: torch.Tensor, bitma
     return gw.to(x.dtype)
 
 
-@_masked_linear_grad_weight_op.register_fake
-def _(grad_out, x, bitmask):
-    return x.new_empty(grad_out.shape[-1], x.shape[-1])
-
-
-def _setup(ctx, inputs, output):
-    x, weight, bitmask, _ = inputs
-    ctx.save_for_backward(x, weight, bitmask)
-
-
-def _backward(ctx, grad):
-    x, weight, bitmask = ctx.saved_tensors
-    gx = _masked_linear_grad_input_op(grad, weight, bitmask) if ctx.needs_input_grad[0] else None
-    gw = _masked_linear_grad_weight_op(grad, x, bitmask) if ctx.needs_input_grad[1] else None
-    gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
-    return gx, gw, None, gb
-
-
-_masked_linear_op.register_autograd(_backward, setup_context=_setup)
-
-
-def _check(op, x, weight, bitmask, bias=None):
-    from sparsekern import ops
-
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"{op}: weight must be a 2-D tensor [out, in]")
-    ops._check_bitmask(op, bitmask, weight)
-    ops._check_bias(op, bias, weight.shape[0], x)
-
-
-def masked_linear(x, weight, bitmask, bias=None):
-    from sparsekern import ops
-
-    _check("masked_linear", x, weight, bitmask, bias)
-    ops._check_x("masked_linear", x, weight.shape[1], weight.dtype, weight.device)
-    return _masked_linear_op(x, weight, bitmask, bias)
-
-
-def masked_linear_grad_input(grad_out, weight, bitmask):
-    from sparsekern import ops
-
-    _check("masked_linear_grad_input", grad_out, weight, bitmask)
-    ops._check_x("masked_linear_grad_input", grad_out, weight.shape[0], weight.dtype, weight.device)
-    return _masked_linear_grad_input_op(grad_out, weight, bitmask)
-
-
-def masked_linear_grad_weight(grad_out, x, bitmask):
-    """(grad_out^T @ x) * M for a weight of shape [grad_out.shape[-1], x.shape[-1]]."""
-    if grad_out.shape[:-1] != x.shape[:-1]:
-        raise ValueError("masked_linear_grad_weight: grad_out and x must share their leading shape")
-    if bitmask.shape != (grad_out.shape[-1], -(-x.shape[-1] // 64)):
-        raise ValueError(f"masked_linear_grad_weight: bitmask must have shape "
-                         f"({grad_out.shape[-1]}, {-(-x.shape[-1] // 64)})")
-    return _masked_linear_grad_weight_op(grad_out, x, bitmask)

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..patterns import nm_index_bits
 from ._common import batch_bucket, dot_meta, linear_configs, mma, run_linear
 
 
@@ -65,23 +66,9 @@ def _nm_linear_op(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
         wrap_triton(_nm_linear_kernel)[grid](
             x2, values.contiguous(), indices.contiguous(), bias if bias is not None else x2, y,
             M, N, K, values.shape[1], indices.shape[1], batch_bucket(M),
-            NN=n, MM=m, BITS=2 if m == 4 else 4, HAS_BIAS=bias is not None, **dot_meta(x.dtype),
+            NN=n, MM=m, BITS=nm_index_bits(m), HAS_BIAS=bias is not None, **dot_meta(x.dtype),
             BLOCK_M=bm, BLOCK_K=64)
 
     return run_linear(x, N, launch)
 
 
-@_nm_linear_op.register_fake
-def _(x, values, indices, n, m, in_features, bias):
-    return x.new_empty(*x.shape[:-1], values.shape[0])
-
-
-def nm_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton nm_linear for an NMWeight (arguments checked as sparsekern.ops.nm_linear)."""
-    from sparsekern import ops
-    from sparsekern.formats import NMWeight
-
-    ops._check_format("nm_linear", weight, NMWeight)
-    ops._check_x("nm_linear", x, weight.in_features, weight.dtype, weight.device)
-    ops._check_bias("nm_linear", bias, weight.shape[0], x)
-    return _nm_linear_op(x, weight.values, weight.indices, weight.n, weight.m, weight.in_features, bias)

@@ -1,6 +1,6 @@
 """Triton fused scoring ops for the pruning toolkit (references: sparsekern/reference.py).
 
-  group_norm           score e = |w| * |grad| * act_norm[col], reduced per (br, bc) group with
+  group_score           score e = |w| * |grad| * act_norm[col], reduced per (br, bc) group with
                        L1 (sum) or L2 (sqrt of the sum of squares) in one pass over the weight
   act_norm_accumulate  sumsq[j] += sum x[..., j]^2, one pass over the activations
   nm_score_compress    score -> N:M selection -> compressed values + packed indices in one pass
@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from ..patterns import nm_index_bits
 
 TILE_R, TILE_C = 32, 64
 
@@ -27,7 +29,7 @@ def _score(w_ptr, g_ptr, an_ptr, rr, cc, ok, K, HAS_GRAD: tl.constexpr, HAS_ACT:
 
 
 @triton.jit
-def _group_norm_kernel(w_ptr, g_ptr, an_ptr, out_ptr, R, K, BR, BC, NBC,
+def _group_score_kernel(w_ptr, g_ptr, an_ptr, out_ptr, R, K, BR, BC, NBC,
                        P: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_ACT: tl.constexpr, TILE_IN_GROUP: tl.constexpr,
                        TR: tl.constexpr, TC: tl.constexpr):
     r = tl.program_id(0) * TR + tl.arange(0, TR)
@@ -44,24 +46,19 @@ def _group_norm_kernel(w_ptr, g_ptr, an_ptr, out_ptr, R, K, BR, BC, NBC,
         tl.atomic_add(out_ptr + gid, e, mask=ok)
 
 
-@triton_op("sparsekern_triton::group_norm", mutates_args=())
-def _group_norm_op(weight: torch.Tensor, grad: torch.Tensor | None, act_norm: torch.Tensor | None, block_rows: int,
+@triton_op("sparsekern_triton::group_score", mutates_args=())
+def _group_score_op(weight: torch.Tensor, grad: torch.Tensor | None, act_norm: torch.Tensor | None, block_rows: int,
                    block_cols: int, p: int) -> torch.Tensor:
     R, K = weight.shape
     out = torch.zeros(R // block_rows, K // block_cols, device=weight.device, dtype=torch.float32)
     if weight.numel():
         in_group = block_rows % TILE_R == 0 and block_cols % TILE_C == 0
         w = weight.contiguous()
-        wrap_triton(_group_norm_kernel)[(triton.cdiv(R, TILE_R), triton.cdiv(K, TILE_C))](
+        wrap_triton(_group_score_kernel)[(triton.cdiv(R, TILE_R), triton.cdiv(K, TILE_C))](
             w, grad.contiguous() if grad is not None else w, act_norm.contiguous() if act_norm is not None else w, out,
             R, K, block_rows, block_cols, K // block_cols, P=p, HAS_GRAD=grad is not None,
             HAS_ACT=act_norm is not None, TILE_IN_GROUP=in_group, TR=TILE_R, TC=TILE_C)
     return out.sqrt() if p == 2 else out
-
-
-@_group_norm_op.register_fake
-def _(weight, grad, act_norm, block_rows, block_cols, p):
-    return weight.new_empty(weight.shape[0] // block_rows, weight.shape[1] // block_cols, dtype=torch.float32)
 
 
 @triton.jit
@@ -83,11 +80,6 @@ def _act_norm_op(sumsq: torch.Tensor, x: torch.Tensor) -> None:
     if x2.shape[0]:
         wrap_triton(_act_norm_kernel)[(triton.cdiv(x2.shape[1], 128),)](sumsq, x2, x2.shape[0], x2.shape[1],
                                                                        TR=32, TC=128)
-
-
-@_act_norm_op.register_fake
-def _(sumsq, x):
-    return None
 
 
 @triton.jit
@@ -134,7 +126,7 @@ def _nm_score_compress_op(weight: torch.Tensor, grad: torch.Tensor | None, act_n
                           m: int) -> tuple[torch.Tensor, torch.Tensor]:
     R, K = weight.shape
     kept = K // m * n
-    bits = 2 if m == 4 else 4
+    bits = nm_index_bits(m)
     nbytes = (kept * bits + 7) // 8
     values = torch.empty(R, kept, device=weight.device, dtype=weight.dtype)
     slots = torch.empty(R, kept, device=weight.device, dtype=torch.uint8)
@@ -150,45 +142,3 @@ def _nm_score_compress_op(weight: torch.Tensor, grad: torch.Tensor | None, act_n
     return values, indices
 
 
-@_nm_score_compress_op.register_fake
-def _(weight, grad, act_norm, n, m):
-    R, K = weight.shape
-    kept = K // m * n
-    return (weight.new_empty(R, kept), weight.new_empty(R, (kept * (2 if m == 4 else 4) + 7) // 8, dtype=torch.uint8))
-
-
-# ------------------------------------------------------------------ checked wrappers
-def group_norm(weight, block_rows: int, block_cols: int, p: int = 1, *, grad=None, act_norm=None):
-    from sparsekern import ops
-
-    ops._check_score_inputs("group_norm", weight, grad, act_norm)
-    if p not in (1, 2):
-        raise ValueError(f"group_norm: p must be 1 (L1) or 2 (L2), got {p}")
-    R, K = weight.shape
-    if not (block_rows > 0 and block_cols > 0 and R % block_rows == 0 and K % block_cols == 0):
-        raise ValueError(f"group_norm: group shape ({block_rows}, {block_cols}) must divide weight shape {(R, K)}")
-    return _group_norm_op(weight, grad, act_norm, block_rows, block_cols, p)
-
-
-def act_norm_accumulate(sumsq, x) -> None:
-    if not isinstance(sumsq, torch.Tensor) or sumsq.dim() != 1 or not sumsq.is_contiguous() or \
-            sumsq.dtype not in (torch.float32, torch.float64):
-        raise ValueError("act_norm_accumulate: sumsq must be a contiguous 1-D float32/float64 tensor")
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[-1] != sumsq.shape[0]:
-        raise ValueError(f"act_norm_accumulate: x must be floating with x.shape[-1] == {sumsq.shape[0]}")
-    if x.device != sumsq.device:
-        raise ValueError(f"act_norm_accumulate: x is on {x.device} but sumsq is on {sumsq.device}")
-    _act_norm_op(sumsq, x)
-
-
-def nm_score_compress(weight, n: int, m: int, *, grad=None, act_norm=None):
-    from sparsekern import ops
-    from sparsekern.formats import NMWeight
-
-    ops._check_score_inputs("nm_score_compress", weight, grad, act_norm)
-    NMWeight.check_nm(n, m, "nm_score_compress")
-    if weight.shape[1] % m:
-        raise ValueError(f"nm_score_compress: in_features ({weight.shape[1]}) must be divisible by m = {m}")
-    if weight.numel() and not bool(torch.isfinite(weight).all()):
-        raise ValueError("nm_score_compress: weight has NaN or inf; sparse formats need finite weights")
-    return _nm_score_compress_op(weight, grad, act_norm, n, m)

@@ -1,5 +1,5 @@
-// CPU kernels of the fused scoring ops used by the pruning toolkit (sparsekern/prune.py):
-// group_norm (score + group L1/L2 reduction in one pass) and act_norm_accumulate.
+// CPU kernels of the fused scoring ops of the pruning toolkit (sparsekern/prune/scores.py):
+// group_score (element score + group L1/L2 reduction in one pass) and act_norm_accumulate.
 // nm_score_compress lives with the N:M family in nm_linear.cpp.
 #include <torch/library.h>
 
@@ -19,10 +19,10 @@ inline double elem_score(const T* w, const float* g, const float* an, int64_t r,
   return e;
 }
 
-at::Tensor group_norm_cpu(const at::Tensor& weight, const c10::optional<at::Tensor>& grad,
+at::Tensor group_score_cpu(const at::Tensor& weight, const c10::optional<at::Tensor>& grad,
                           const c10::optional<at::Tensor>& act_norm, int64_t block_rows, int64_t block_cols,
                           int64_t p) {
-  const char* op = "group_norm";
+  const char* op = "group_score";
   TORCH_CHECK_TYPE(is_float_dtype(weight.scalar_type()) || weight.scalar_type() == at::kDouble, op,
                    ": weight must be a floating tensor, got ", weight.scalar_type());
   TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D [rows, cols], got ", weight.sizes());
@@ -50,7 +50,7 @@ at::Tensor group_norm_cpu(const at::Tensor& weight, const c10::optional<at::Tens
   double* ap = acc.data_ptr<double>();
   const float* gp = g.defined() ? g.data_ptr<float>() : nullptr;
   const float* anp = an.defined() ? an.data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "group_norm", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "group_score", [&] {
     const scalar_t* wp = w.data_ptr<scalar_t>();
     // Threads own disjoint outputs: block rows when there are enough, else block columns.
     if (nbr >= 2 * at::get_num_threads()) {
@@ -103,27 +103,11 @@ void act_norm_accumulate_cpu(at::Tensor& sumsq, const at::Tensor& x) {
   sumsq.add_(part.to(sumsq.scalar_type()));
 }
 
-void hessian_accumulate_cpu(at::Tensor& hessian, const at::Tensor& x) {
-  const char* op = "hessian_accumulate";
-  TORCH_CHECK_TYPE(hessian.scalar_type() == at::kFloat || hessian.scalar_type() == at::kDouble, op,
-                   ": hessian must be float32 or float64, got ", hessian.scalar_type());
-  TORCH_CHECK_VALUE(hessian.dim() == 2 && hessian.size(0) == hessian.size(1), op,
-                    ": hessian must be square [K, K], got ", hessian.sizes());
-  TORCH_CHECK_TYPE(x.is_floating_point(), op, ": x must be a floating tensor, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == hessian.size(0), op, ": x.shape[-1] (", x.size(-1),
-                    ") must equal the hessian's size (", hessian.size(0), ")");
-  TORCH_CHECK(x.device() == hessian.device(), op, ": x is on ", x.device(), " but hessian is on ", hessian.device());
-  auto x2 = x.reshape({-1, x.size(-1)}).to(hessian.scalar_type());
-  if (x2.size(0) == 0) return;
-  hessian.addmm_(x2.t(), x2);  // one BLAS call: H += X^T X
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
-  m.impl("group_norm", &group_norm_cpu);
+  m.impl("group_score", &group_score_cpu);
   m.impl("act_norm_accumulate", &act_norm_accumulate_cpu);
-  m.impl("hessian_accumulate", &hessian_accumulate_cpu);
 }
 
 }  // namespace cpu

@@ -1,0 +1,134 @@
+"""Sparsity patterns: the words users write, the bit-level layout helpers every format
+shares, and the 2-D view a convolution weight is pruned and compressed in.
+
+The lowest layer of the package: it imports nothing from sparsekern.
+
+Pattern grammar (`parse_pattern`), one kind per format (sparsekern/formats.py):
+
+  "2:4", "N:M"                      -> Pattern("nm", {"n": N, "m": M})
+  "unstructured"                    -> Pattern("unstructured", {})
+  "block", "block32", "block16x32"  -> Pattern("block", {} or {"block": (rows, cols)})
+  "dense"                           -> Pattern("dense", {})
+
+`KIND_CODES` are the integers a sparse module stores in its `weight_meta` buffer; they
+never change, so old checkpoints keep loading.
+"""
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+import torch
+
+KINDS = ("nm", "unstructured", "block", "dense")
+KIND_CODES = {"nm": 1, "unstructured": 2, "block": 3, "dense": 4}
+KIND_OF_CODE = {v: k for k, v in KIND_CODES.items()}
+NM_GROUP_SIZES = (4, 8, 16)
+BITMASK_TILE_COLS = 512  # columns per bitmask offset (csrc/common.h: kBitmaskTileCols)
+
+
+class Pattern(NamedTuple):
+    kind: str     # one of KINDS
+    params: dict  # nm: {"n", "m"}; block: {"block": (rows, cols)} when given; else {}
+
+
+def check_nm(n: int, m: int, where: str = "N:M") -> None:
+    """n:m must keep 1 <= n < m of every m in {4, 8, 16} (what the kernels index)."""
+    if m not in NM_GROUP_SIZES:
+        raise ValueError(f"{where}: m must be 4, 8 or 16, got {m}")
+    if not (isinstance(n, int) and 1 <= n < m):
+        raise ValueError(f"{where}: n must satisfy 1 <= n < m, got n={n}, m={m}")
+
+
+def parse_pattern(pattern: str, where: str = "pattern") -> Pattern:
+    """The kind and parameters of a pattern string (grammar in the module docstring)."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"{where}: pattern must be a string such as '2:4', 'unstructured' or 'block', got {pattern!r}")
+    p = pattern.strip().lower()
+    m = re.fullmatch(r"(\d+):(\d+)", p)
+    if m:
+        n, mm = int(m.group(1)), int(m.group(2))
+        check_nm(n, mm, where)
+        return Pattern("nm", {"n": n, "m": mm})
+    if p == "unstructured":
+        return Pattern("unstructured", {})
+    m = re.fullmatch(r"block(?:(\d+)(?:x(\d+))?)?", p)
+    if m:
+        if m.group(1) is None:
+            return Pattern("block", {})
+        bh = int(m.group(1))
+        return Pattern("block", {"block": (bh, int(m.group(2) or bh))})
+    if p == "dense":
+        return Pattern("dense", {})
+    raise ValueError(f"{where}: unknown pattern {pattern!r}; use 'N:M' (e.g. '2:4'), 'unstructured', "
+                     "'block' / 'block32' / 'block16x32' or 'dense'")
+
+
+def pattern_string(kind: str, n: int | None = None, m: int | None = None, block=None) -> str:
+    """The canonical spelling of a pattern (inverse of parse_pattern)."""
+    if kind == "nm":
+        return f"{n}:{m}"
+    if kind == "block" and block is not None:
+        return f"block{block[0]}x{block[1]}"
+    if kind not in KINDS:
+        raise ValueError(f"pattern_string: unknown kind {kind!r}; one of {KINDS}")
+    return kind
+
+
+# ------------------------------------------------------------------ 2-D weight views
+def as_2d(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in, kh, kw] -> [out, kh*kw*in] with input channels fastest, so N:M groups run
+    along input channels at each kernel position; a 2-D weight is returned as is."""
+    if weight.dim() == 2:
+        return weight
+    return weight.permute(0, *range(2, weight.dim()), 1).reshape(weight.shape[0], -1)
+
+
+def from_2d(t2: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of as_2d: a [out, kh*kw*in] tensor back to `shape` ([out, in, kh, kw])."""
+    if len(shape) == 2:
+        return t2
+    out, cin, *k = shape
+    return t2.reshape(out, *k, cin).permute(0, len(shape) - 1, *range(1, len(shape) - 1)).contiguous()
+
+
+# -------------------------------------------------------------- bit-level layouts
+def nm_index_bits(m: int) -> int:
+    """Bits per packed in-group index: 2 for M=4, 4 for M=8 and M=16."""
+    return 2 if m == 4 else 4
+
+
+def pack_bits(fields: torch.Tensor, bits: int) -> torch.Tensor:
+    """[rows, k] small ints (< 2**bits) -> uint8 [rows, ceil(k*bits/8)], little-endian
+    within each byte: field s sits at bit (s*bits) % 8 of byte (s*bits) // 8."""
+    rows, k = fields.shape
+    per = 8 // bits
+    pad = (-k) % per
+    f = torch.nn.functional.pad(fields.to(torch.int32), (0, pad)).view(rows, -1, per)
+    shifts = torch.arange(per, device=fields.device, dtype=torch.int32) * bits
+    return (f << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of pack_bits: uint8 [rows, bytes] -> int64 [rows, k]."""
+    per = 8 // bits
+    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
+    f = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return f.reshape(packed.shape[0], -1)[:, :k].to(torch.int64)
+
+
+def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
+    """bool [out, in] -> int64 [out, ceil(in/64)]; bit j of word w is column 64*w + j."""
+    rows, k = mask.shape
+    pad = (-k) % 64
+    bits = torch.nn.functional.pad(mask.to(torch.int64), (0, pad)).view(rows, -1, 64)
+    shifts = torch.arange(64, device=mask.device, dtype=torch.int64)
+    # Two's complement wrap-around makes bit 63 come out as the sign bit, as intended.
+    return (bits << shifts).sum(-1)
+
+
+def unpack_bitmask(words: torch.Tensor, in_features: int) -> torch.Tensor:
+    """int64 [out, ceil(in/64)] -> bool [out, in]."""
+    shifts = torch.arange(64, device=words.device, dtype=torch.int64)
+    bits = (words.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(words.shape[0], -1)[:, :in_features].bool()
