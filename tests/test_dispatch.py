@@ -1,0 +1,123 @@
+"""The dispatch table: explain_backend is what runs (checked independently, with the
+profiler's record of which custom op executed), forcing a backend, batch buckets, and
+reasons that say why a backend was passed over."""
+import pytest
+import torch
+
+from backends import pairs
+from sparsekern import ops
+from sparsekern.formats import BitmaskWeight, BlockWeight, NMWeight
+from sparsekern.patterns import pack_bitmask
+
+
+def _calls(device):
+    """(op, key args for explain_backend, thunk) for every op, on fresh random data."""
+    w = torch.randn(32, 64, device=device)
+    x = torch.randn(5, 64, device=device)
+    nm = NMWeight.from_dense(w, 2, 4)
+    bm = BitmaskWeight.from_dense(w, torch.rand(32, 64, device=device) < 0.3)
+    blk = BlockWeight.from_dense(w, (16, 16), torch.rand(32, 64, device=device) < 0.05)
+    bits = pack_bitmask(torch.rand(32, 64, device=device) < 0.5)
+    g = torch.randn(5, 32, device=device)
+    s = torch.zeros(64, device=device)
+    h = torch.zeros(64, 64, device=device)
+    return [
+        ("nm_linear", (x, nm), lambda: ops.nm_linear(x, nm)),
+        ("bitmask_linear", (x, bm), lambda: ops.bitmask_linear(x, bm)),
+        ("block_linear", (x, blk), lambda: ops.block_linear(x, blk)),
+        ("masked_linear", (x,), lambda: ops.masked_linear(x, w, bits)),
+        ("masked_linear_grad_input", (g,), lambda: ops.masked_linear_grad_input(g, w, bits)),
+        ("masked_linear_grad_weight", (g, x), lambda: ops.masked_linear_grad_weight(g, x, bits)),
+        ("nm_compress", (w,), lambda: ops.nm_compress(w, None, 2, 4)),
+        ("nm_decompress", (nm.values,), lambda: ops.nm_decompress(*nm.kernel_args())),
+        ("bitmask_compress", (w,), lambda: ops.bitmask_compress(w, None)),
+        ("bitmask_decompress", (bm.values,), lambda: ops.bitmask_decompress(*bm.kernel_args())),
+        ("block_compress", (w,), lambda: ops.block_compress(w, None, 16, 16)),
+        ("block_decompress", (blk.crow_indices, blk.values), lambda: ops.block_decompress(*blk.kernel_args())),
+        ("group_score", (w,), lambda: ops.group_score(w, 1, 4)),
+        ("act_norm_accumulate", (s, x), lambda: ops.act_norm_accumulate(s, x)),
+        ("nm_score_compress", (w,), lambda: ops.nm_score_compress(w, 2, 4)),
+        ("hessian_accumulate", (h, x), lambda: ops.hessian_accumulate(h, x)),
+    ]
+
+
+def _custom_ops_run(thunk) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        thunk()
+    return {e.name for e in prof.events() if e.name.startswith(("sparsekern::", "sparsekern_triton::"))}
+
+
+def test_every_op_is_in_the_table_and_every_backend_it_names_exists():
+    assert set(ops.OPS) == {op for op, _, _ in _calls("cpu")}
+    for spec in ops.OPS.values():
+        assert callable(spec.reference)
+
+
+@pytest.mark.parametrize("op_index", range(16))
+@pytest.mark.parametrize("backend", [None, "cpp", "reference"])
+def test_explain_backend_is_what_runs(op_index, backend):
+    """Independent of the table: the profiler records which compiled op executed, if any."""
+    op, key, thunk = _calls("cpu")[op_index]
+    with ops.use_backend(backend):
+        chosen, why = ops.explain_backend(op, *key)
+        ran = _custom_ops_run(thunk)
+    assert why
+    if chosen == "cpp":
+        assert f"sparsekern::{op}" in ran, f"{op}: explain says cpp ({why}) but {ran or 'no compiled op'} ran"
+    else:
+        assert not any(name.endswith("::" + op) for name in ran), f"{op}: explain says {chosen} but {ran} ran"
+    if backend is not None and ops.OPS[op].cpp:
+        assert chosen == backend
+
+
+def test_automatic_choice_on_cpu_is_the_compiled_kernel_when_built():
+    from sparsekern import _extension
+
+    if not _extension.LOADED:
+        pytest.skip(f"extension not loaded: {_extension.LOAD_ERROR}")
+    for op, key, _ in _calls("cpu"):
+        expect = "cpp" if ops.OPS[op].cpp else "reference"
+        assert ops.backend_for(op, *key) == expect, op
+
+
+def test_float64_runs_the_reference_and_says_why():
+    x = torch.randn(2, 64, dtype=torch.float64)
+    backend, why = ops.explain_backend("nm_linear", x)
+    assert backend == "reference" and "float64" in why
+
+
+def test_forcing_a_backend_the_op_has_not_falls_back_and_says_so():
+    w = torch.randn(8, 64)
+    with ops.use_backend("cuda"):
+        backend, why = ops.explain_backend("hessian_accumulate", torch.zeros(64, 64), w)
+    assert backend != "cuda" and "has no cuda kernel" in why
+
+
+def test_forcing_a_backend_that_cannot_run_here_raises_with_the_reason():
+    W = NMWeight.from_dense(torch.randn(8, 64), 2, 4)
+    with ops.use_backend("cuda"), pytest.raises(RuntimeError, match="nm_linear: use_backend\\('cuda'\\) cannot run"):
+        ops.nm_linear(torch.randn(2, 64), W)
+    with pytest.raises(ValueError, match="unknown backend"):
+        with ops.use_backend("fast"):
+            pass
+    with pytest.raises(ValueError, match="unknown op"):
+        ops.explain_backend("nm_lineaar", torch.randn(2, 64))
+
+
+def test_batch_buckets():
+    assert [ops.batch_bucket(r) for r in (0, 1, 2, 4, 5, 16, 17, 64, 65, 256, 257, 10**6)] == \
+        [1, 1, 4, 4, 16, 16, 64, 64, 256, 256, -1, -1]
+    x1, x3, x300 = torch.randn(1, 64), torch.randn(3, 64), torch.randn(2, 150, 64)
+    key = ops.OPS["nm_linear"].key
+    assert key(x1)[1] != key(x3)[1] != key(x300)[1]
+    assert key(x300)[1] == (ops.batch_bucket(300),)
+
+
+@pytest.mark.parametrize("device,backend", pairs("nm_linear"))
+def test_explanation_follows_the_block_shape_and_device(device, backend):
+    """block_linear's decision depends on the block shape (the Triton kernel takes square
+    blocks of 16/32/64): the key holds it, so two layers never share a wrong decision."""
+    x = torch.randn(3, 64, device=device)
+    a = BlockWeight.from_dense(torch.randn(32, 64, device=device), (16, 16))
+    b = BlockWeight.from_dense(torch.randn(32, 64, device=device), (4, 8))
+    assert ops.OPS["block_linear"].key(x, a)[1] != ops.OPS["block_linear"].key(x, b)[1]
