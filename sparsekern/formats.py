@@ -90,7 +90,7 @@ class _Format:
 
     KIND: str = ""
     OP: str = ""
-    _tensor_names: tuple[str, ...] = ()
+    TENSOR_NAMES: tuple[str, ...] = ()
 
     def kernel_args(self) -> tuple:
         """The format's tensors and ints in the order its op's schema takes them."""
@@ -98,13 +98,13 @@ class _Format:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Plain tensors (and an int64 `meta` tensor) that fully describe the weight."""
-        d = {k: getattr(self, k) for k in self._tensor_names}
+        d = {k: getattr(self, k) for k in self.TENSOR_NAMES}
         d["meta"] = self.meta()
         return d
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (getattr(self, k) for k in self._tensor_names))
+        return sum(t.numel() * t.element_size() for t in (getattr(self, k) for k in self.TENSOR_NAMES))
 
     @property
     def dense_nbytes(self) -> int:
@@ -122,7 +122,7 @@ class _Format:
         """A copy on another device and/or with values in another float dtype."""
         if dtype is not None and dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{type(self).__name__}.to: dtype must be floating, got {dtype}")
-        kw = {k: getattr(self, k).to(device) for k in self._tensor_names}
+        kw = {k: getattr(self, k).to(device) for k in self.TENSOR_NAMES}
         if dtype is not None:
             kw["values"] = kw["values"].to(dtype)
         return self._replace(**kw)
@@ -142,7 +142,7 @@ class NMWeight(_Format):
     in_features: int
 
     KIND, OP = "nm", "nm_linear"
-    _tensor_names = ("values", "indices")
+    TENSOR_NAMES = ("values", "indices")
 
     def kernel_args(self) -> tuple:
         return (self.values, self.indices, self.n, self.m, self.in_features)
@@ -225,7 +225,7 @@ class BitmaskWeight(_Format):
     in_features: int
 
     KIND, OP = "unstructured", "bitmask_linear"
-    _tensor_names = ("values", "bitmask", "offsets")
+    TENSOR_NAMES = ("values", "bitmask", "offsets")
 
     def kernel_args(self) -> tuple:
         return (self.values, self.bitmask, self.offsets, self.in_features)
@@ -307,7 +307,7 @@ class BlockWeight(_Format):
     in_features: int
 
     KIND, OP = "block", "block_linear"
-    _tensor_names = ("crow_indices", "col_indices", "values")
+    TENSOR_NAMES = ("crow_indices", "col_indices", "values")
 
     def kernel_args(self) -> tuple:
         return (self.crow_indices, self.col_indices, self.values, self.in_features)

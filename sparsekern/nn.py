@@ -131,9 +131,18 @@ class _SparseMixin:
         if code == KIND_CODES["dense"]:
             return self.weight_dense
         cls = formats.FORMAT_OF_CODE[code]
-        # Validated when built or loaded (_load_from_state_dict), so not again per call.
-        return cls.from_tensors({k: self._buffers["weight_" + k] for k in cls._tensor_names}, validate=False,
-                                meta_ints=self._meta_ints[1:])
+        tensors = {k: self._buffers["weight_" + k] for k in cls.TENSOR_NAMES}
+        if torch.compiler.is_compiling():
+            return cls.from_tensors(tensors, validate=False, meta_ints=self._meta_ints[1:])
+        # One format object per set of buffers (they are replaced, never mutated, by .to(),
+        # load_state_dict and freeze), so a decode step does not rebuild it. Validated when
+        # built or loaded (_load_from_state_dict), so not again here.
+        key = tuple(map(id, tensors.values()))
+        cached = self.__dict__.get("_format_cache")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_format_cache"] = (
+                key, cls.from_tensors(tensors, validate=False, meta_ints=self._meta_ints[1:]))
+        return cached[1]
 
     @property
     def trainable(self) -> bool:
@@ -153,30 +162,34 @@ class _SparseMixin:
         f = self.weight_format()
         return as_2d(f) if isinstance(f, torch.Tensor) else f.to_dense()
 
-    def _compress(self, w2d: torch.Tensor, mask: torch.Tensor, policy: Policy):
-        kind, _ = parse_pattern(self.pattern)
-        w2d = w2d.detach()
-        fmt = self._build_format(w2d, mask)
+    def _adopt_format(self, fmt, policy: Policy) -> None:
+        """Stores `fmt` (a format object, or a masked dense tensor for pattern 'dense') or
+        the dense weight when the policy picks dense, and records the backend and why."""
+        kind = parse_pattern(self.pattern).kind
         if isinstance(fmt, torch.Tensor) or policy.backend == "dense":
             dense = fmt if isinstance(fmt, torch.Tensor) else fmt.to_dense()
-            return dense, "dense", "pattern 'dense'" if kind == "dense" else "forced by policy"
+            self._set_format(dense)
+            self.backend, self.reason = "dense", "pattern 'dense'" if kind == "dense" else "forced by policy"
+            return
         backend = self._sparse_backend(fmt, policy.batch)
         if policy.backend == "sparse":
-            return fmt, backend, "forced by policy"
+            self._set_format(fmt)
+            self.backend, self.reason = backend, "forced by policy"
+            return
         dense = fmt.to_dense()
         dense_fn, sparse_fn, key = self._timing_pair(fmt, dense, policy)
-        use, why = autotune(dense_fn, sparse_fn, (str(w2d.device), str(w2d.dtype), fmt.pattern, round(fmt.density, 2))
-                            + key)
-        return (fmt, backend, why) if use else (dense, "dense", why)
+        use, why = autotune(dense_fn, sparse_fn, (str(dense.device), str(dense.dtype), fmt.pattern,
+                                                  round(fmt.density, 2)) + key)
+        self._set_format(fmt if use else dense)
+        self.backend, self.reason = (backend if use else "dense"), why
 
     def freeze(self, policy: Policy | None = None):
         """Drop the dense training weight; keep only the compressed (or chosen) weight."""
         if self.trainable:
-            fmt, self.backend, self.reason = self._compress(self.weight, self.mask(),
-                                                            policy or DEFAULT_POLICY)
+            w2d, mask = self.weight.detach(), self.mask()
             del self._parameters["weight"]
             del self._buffers["weight_mask_bits"]
-            self._set_format(fmt)
+            self._adopt_format(self._build_format(w2d, mask), policy or DEFAULT_POLICY)
         return self
 
     def _build_format(self, w2d: torch.Tensor, mask: torch.Tensor):
@@ -247,8 +260,7 @@ class _SparseMixin:
             self.register_buffer("weight_mask_bits", pack_bitmask(mask))
             self.backend, self.reason = "masked", "trainable: masked_linear in training mode"
         else:
-            fmt, self.backend, self.reason = self._compress(w2d, mask, policy or DEFAULT_POLICY)
-            self._set_format(fmt)
+            self._adopt_format(self._build_format(w2d.detach(), mask), policy or DEFAULT_POLICY)
 
     def _repr_sparse(self) -> str:
         if self.trainable:
@@ -281,6 +293,23 @@ class SparseLinear(_SparseMixin, nn.Module):
         x = torch.randn(policy.batch, self.in_features, device=dense.device, dtype=dense.dtype)
         return (lambda: torch.nn.functional.linear(x, dense), lambda: ops.sparse_linear(x, fmt),
                 ("linear", tuple(dense.shape), policy.batch))
+
+    @classmethod
+    def from_format(cls, weight, bias: torch.Tensor | None = None, policy: Policy | None = None) -> "SparseLinear":
+        """A SparseLinear over an already compressed weight (NMWeight, BitmaskWeight or
+        BlockWeight of shape [out, in]), e.g. one shard of a larger layer."""
+        if getattr(weight, "OP", None) not in ("nm_linear", "bitmask_linear", "block_linear"):
+            raise TypeError(f"SparseLinear.from_format: weight must be a sparsekern format, got {type(weight).__name__}")
+        weight.validate()
+        out, k = weight.shape
+        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (out,)):
+            raise ValueError(f"SparseLinear.from_format: bias must have shape ({out},)")
+        block = tuple(weight.block) if weight.KIND == "block" else (32, 32)
+        mod = cls(k, out, bias is not None, weight.pattern, block, device=weight.device, dtype=weight.dtype)
+        if bias is not None:
+            mod.bias.data.copy_(bias.detach())
+        mod._adopt_format(weight, policy or DEFAULT_POLICY)
+        return mod
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, pattern: str = "2:4", mask: torch.Tensor | None = None,

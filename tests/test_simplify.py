@@ -1,5 +1,5 @@
-"""Structure simplification: layer importance, layer removal, channel pruning, BN folding,
-sensitivity / allocation / sweep."""
+"""Structure simplification (layer importance, layer removal, channel pruning, BN folding)
+and selection (sensitivity, allocation, sweep) with its reports."""
 import json
 import os
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparsekern import simplify
+from sparsekern import reporting, selection, simplify
 
 
 class ConvNet(nn.Module):
@@ -127,20 +127,22 @@ def test_sensitivity_allocate_and_sweep(tmp_path):
         with torch.no_grad():
             return -float((m(x) - y).square().mean())
 
-    sens = simplify.sensitivity(net, fidelity, (0.5, 0.9), show_progress=False)
+    sens = selection.sensitivity(net, fidelity, (0.5, 0.9), show_progress=False)
     assert set(sens["layers"]) == {"0", "2"} and sens["layers"]["0"]["metric"][0.9] < sens["baseline"]
     assert torch.equal(net(x), y)  # restored
-    alloc = simplify.allocate(sens, 0.5)
+    alloc = selection.allocate(sens, 0.5)
     total = sum(v["params"] for v in sens["layers"].values())
     assert sum(alloc[n] * sens["layers"][n]["params"] for n in alloc) / total >= 0.5
-    rows = simplify.sweep(net, fidelity, (0.0, 0.5, 0.9), out_dir=str(tmp_path), show_progress=False)
+    rows = selection.sweep(net, fidelity, (0.0, 0.5, 0.9), show_progress=False)
+    written = reporting.write_sweep(rows, str(tmp_path), "l1")
     assert [r["amount"] for r in rows] == [0.0, 0.5, 0.9]
     assert rows[0]["metric"] == 0.0 and rows[2]["metric"] < rows[1]["metric"]
     assert rows[2]["sparsity"] == pytest.approx(0.9, abs=1e-3)
     assert json.load(open(tmp_path / "sweep.json"))["rows"][1]["amount"] == 0.5
-    assert os.path.exists(tmp_path / "sweep.md")
-    table = simplify.format_sensitivity(sens)
+    assert "| 0.50 | " in open(tmp_path / "sweep.md").read()
+    assert all(os.path.exists(p) for p in written) and len(written) >= 2
+    table = reporting.format_sensitivity(sens)
     assert table.count("\n") == 3 and "drop @ 90%" in table
-    assert simplify.plot_sensitivity(sens, str(tmp_path / "sens.png")) == os.path.exists(tmp_path / "sens.png")
+    assert reporting.plot_sensitivity(sens, str(tmp_path / "sens.png")) == os.path.exists(tmp_path / "sens.png")
     with pytest.raises(ValueError, match="exceeds the largest"):
-        simplify.allocate(sens, 0.95)
+        selection.allocate(sens, 0.95)

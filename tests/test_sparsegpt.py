@@ -119,8 +119,8 @@ def test_bad_inputs():
         sparsegpt_weight(W, H, "diagonal")
     with pytest.raises(ValueError, match="needs calibration"):
         sparsekern.sparsify(nn.Linear(8, 8), "2:4", method="sparsegpt")
-    with pytest.raises(ValueError, match="calibration"):
-        prune.sparsegpt_prune(nn.Linear(8, 8), None)
+    with pytest.raises(ValueError, match="calibration data is required"):
+        sparsegpt_prune_model(nn.Linear(8, 8), None)
 
 
 def test_bad_calibration_and_layers_name_the_problem():
