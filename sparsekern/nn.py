@@ -17,7 +17,10 @@ Layouts of the compressed tensors: sparsekern/formats.py.
 """
 from __future__ import annotations
 
+import math
+import statistics
 import time
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -50,54 +53,111 @@ def _check_mask_fits(pattern: str, mask: torch.Tensor) -> None:
             raise ValueError(f"mask does not fit pattern {pattern!r}: some group of {m} inputs keeps more than {n}")
 
 
-# -------------------------------------------------------------------------- autotune
-_TIMINGS: dict[tuple, float] = {}
+# ---------------------------------------------------------- per-batch-bucket paths
+# How a sparse module can run an input (the kernel backend of "sparse" is ops' choice):
+#   "sparse"      the compressed weight through its op (direct kernel at small batch; the
+#                 C++ op decompresses tiles into a GEMM at large batch)
+#   "decompress"  the whole weight decompressed, then the dense op (dense work, no extra memory
+#                 kept; pays one decompression per call)
+#   "dense_copy"  a dense copy kept next to the compressed weight (Policy(dense_copy=True):
+#                 memory traded for speed; explain says so)
+PATHS = ("sparse", "decompress", "dense_copy")
 
 
-def _time(fn, reps: int) -> float:
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t) / reps)
-    return best
-
-
-def autotune(dense_fn, sparse_fn, key: tuple, reps: int = 5) -> tuple[bool, str]:
-    """Time the dense and sparse forward of a layer once per key (device, dtype, pattern,
-    shape, batch) and cache it. Returns (use_sparse, reason)."""
-    if key not in _TIMINGS:
-        _TIMINGS[key] = (_time(dense_fn, reps), _time(sparse_fn, reps))
-    td, ts = _TIMINGS[key]
-    win = td / ts
-    return win > 1.0, f"measured {win:.2f}x vs dense ({ts * 1e3:.3f} ms vs {td * 1e3:.3f} ms at batch {key[-1]})"
+class PathChoice(NamedTuple):
+    path: str
+    reason: str
+    medians_ms: dict
 
 
 class Policy:
-    """How sparse modules choose a backend.
+    """How sparse modules choose how to run.
 
-    backend: "auto" (measure; dense when sparse does not win), "sparse" (always the sparse
-    kernel), "dense" (always dense). batch: the batch (rows of x, images for convolutions)
-    to measure at; image: the input height and width convolutions are measured at.
+    backend: "auto" (per batch bucket, measure the paths the first time a bucket is seen
+    and run the fastest), "sparse" (always the compressed weight's op), "dense" (store and
+    run a plain dense weight). dense_copy: also keep a dense copy of each weight (more
+    memory) so "auto" may run it where it is faster. reps: timed calls per path. cold:
+    flush the last-level cache (GPU: L2) before each timed call, so a layer is measured as
+    it runs inside a model whose weights stream from memory, not hot in cache.
     """
 
-    def __init__(self, backend: str = "auto", batch: int = 8, image: int = 16):
+    def __init__(self, backend: str = "auto", dense_copy: bool = False, reps: int = 5, cold: bool = True):
         if backend not in ("auto", "sparse", "dense"):
             raise ValueError(f"Policy: backend must be 'auto', 'sparse' or 'dense', got {backend!r}")
-        if batch < 1:
-            raise ValueError(f"Policy: batch must be >= 1, got {batch}")
-        if image < 1:
-            raise ValueError(f"Policy: image must be >= 1, got {image}")
-        self.backend, self.batch, self.image = backend, batch, image
+        if not isinstance(reps, int) or reps < 1:
+            raise ValueError(f"Policy: reps must be a positive int, got {reps!r}")
+        self.backend, self.dense_copy, self.reps, self.cold = backend, bool(dense_copy), reps, bool(cold)
+
+    def __repr__(self) -> str:
+        return f"Policy({self.backend!r}, dense_copy={self.dense_copy}, reps={self.reps}, cold={self.cold})"
 
 
 DEFAULT_POLICY = Policy()
+
+
+def choose_path(medians_ms: dict[str, float], rows: int, noise: float = 0.02) -> PathChoice:
+    """The fastest path by median time; "sparse" when it is within `noise` (relative) of the
+    fastest, since it keeps only the compressed bytes (a pure function of the measurements,
+    tested with injected timings). The reason gives sparse's speed against the best dense path."""
+    if not medians_ms:
+        raise ValueError("choose_path: no timings")
+    best = min(medians_ms, key=medians_ms.get)
+    if "sparse" in medians_ms and medians_ms["sparse"] <= medians_ms[best] * (1 + noise):
+        best = "sparse"
+    dense = [medians_ms[p] for p in medians_ms if p != "sparse"]
+    parts = ", ".join(f"{p} {t:.3f} ms" for p, t in sorted(medians_ms.items(), key=lambda kv: kv[1]))
+    ratio = f"sparse {min(dense) / medians_ms['sparse']:.2f}x dense; " if dense and "sparse" in medians_ms else ""
+    return PathChoice(best, f"{rows} rows: {ratio}{parts}", dict(medians_ms))
+
+
+def _last_level_cache_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
+    for index in (3, 2):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size") as f:
+                text = f.read().strip()
+            return int(text[:-1]) << (20 if text.endswith("M") else 10) if text[-1] in "KM" else int(text)
+        except (OSError, ValueError):
+            continue
+    return 32 << 20
+
+
+_FLUSH: dict = {}
+
+
+def _flush_cache(device: torch.device) -> None:
+    """Evicts weights from the last-level cache by writing a buffer twice its size."""
+    buf = _FLUSH.get(device)
+    if buf is None:
+        buf = _FLUSH[device] = torch.zeros(2 * _last_level_cache_bytes(device) // 4, device=device)
+    buf.add_(1.0)
+
+
+def measure_paths(runners: dict, device: torch.device, reps: int, cold: bool) -> dict[str, float]:
+    """Median milliseconds of each runner, called round-robin (interleaved) after a warm-up,
+    each timed call preceded by a cache flush when `cold`."""
+    times = {p: [] for p in runners}
+    cuda = device.type == "cuda"
+    with torch.no_grad():
+        for fn in runners.values():
+            fn()
+        for _ in range(reps):
+            for p, fn in runners.items():
+                if cold:
+                    _flush_cache(device)
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    end.record()
+                    end.synchronize()
+                    times[p].append(start.elapsed_time(end))
+                else:
+                    t = time.perf_counter()
+                    fn()
+                    times[p].append((time.perf_counter() - t) * 1e3)
+    return {p: statistics.median(ts) for p, ts in times.items()}
 
 
 # ---------------------------------------------------------------------------- modules
@@ -109,6 +169,8 @@ class _SparseMixin:
     reason: str
 
     def _set_format(self, fmt) -> None:
+        self.bucket_choices: dict[int, PathChoice] = {}
+        self.__dict__.pop("_dense_copy", None)
         for name in list(self._buffers):
             if name.startswith("weight_") and name != "weight_mask_bits":
                 del self._buffers[name]
@@ -163,25 +225,18 @@ class _SparseMixin:
         return as_2d(f) if isinstance(f, torch.Tensor) else f.to_dense()
 
     def _adopt_format(self, fmt, policy: Policy) -> None:
-        """Stores `fmt` (a format object, or a masked dense tensor for pattern 'dense') or
-        the dense weight when the policy picks dense, and records the backend and why."""
+        """Stores `fmt` (a format object, or a masked dense tensor for pattern 'dense'), or a
+        plain dense weight under Policy("dense"); forgets per-bucket choices."""
         kind = parse_pattern(self.pattern).kind
+        self._policy = policy
         if isinstance(fmt, torch.Tensor) or policy.backend == "dense":
-            dense = fmt if isinstance(fmt, torch.Tensor) else fmt.to_dense()
-            self._set_format(dense)
-            self.backend, self.reason = "dense", "pattern 'dense'" if kind == "dense" else "forced by policy"
+            self._set_format(fmt if isinstance(fmt, torch.Tensor) else fmt.to_dense())
+            self.backend, self.reason = "dense", "pattern 'dense'" if kind == "dense" else "forced by Policy('dense')"
             return
-        backend = self._sparse_backend(fmt, policy.batch)
-        if policy.backend == "sparse":
-            self._set_format(fmt)
-            self.backend, self.reason = backend, "forced by policy"
-            return
-        dense = fmt.to_dense()
-        dense_fn, sparse_fn, key = self._timing_pair(fmt, dense, policy)
-        use, why = autotune(dense_fn, sparse_fn, (str(dense.device), str(dense.dtype), fmt.pattern,
-                                                  round(fmt.density, 2)) + key)
-        self._set_format(fmt if use else dense)
-        self.backend, self.reason = (backend if use else "dense"), why
+        self._set_format(fmt)
+        self.backend = self._sparse_backend(fmt, 1)
+        self.reason = ("forced by Policy('sparse')" if policy.backend == "sparse" else
+                       "per batch bucket: the fastest path, measured the first time a bucket is seen")
 
     def freeze(self, policy: Policy | None = None):
         """Drop the dense training weight; keep only the compressed (or chosen) weight."""
@@ -211,13 +266,44 @@ class _SparseMixin:
         return self._packed_fmt
 
     def _linear2d(self, x2: torch.Tensor, bias):
-        """x2 [..., in2d] through the weight, whatever the mode."""
+        """x2 [..., in2d] through the weight on its sparse op, whatever the mode (the
+        training op for a trainable module in training mode)."""
         if self.trainable and self.training:
             return ops.masked_linear(x2, self.weight, self.weight_mask_bits, bias)
         f = self._packed() if self.trainable else self.weight_format()
         if isinstance(f, torch.Tensor):
             return torch.nn.functional.linear(x2, f, bias)
         return ops.sparse_linear(x2, f, bias)
+
+    def _dense_weight(self, path: str, f) -> torch.Tensor:
+        """The dense [out, in2d] weight for path "decompress" (made now) or "dense_copy"
+        (made once and kept)."""
+        if path == "decompress":
+            return f.to_dense()
+        copy = self.__dict__.get("_dense_copy")
+        if copy is None or copy[0] is not f:
+            copy = self.__dict__["_dense_copy"] = (f, f.to_dense())
+        return copy[1]
+
+    def _path_for(self, rows: int, runners) -> str:
+        """How to run an input of `rows` rows in eval mode: "sparse" unless Policy("auto")
+        measured another path faster for this batch bucket. `runners()` gives the candidate
+        forwards on this very input; they are timed once per bucket (see measure_paths)."""
+        policy = getattr(self, "_policy", DEFAULT_POLICY)
+        if policy.backend != "auto" or self.trainable:
+            return "sparse"
+        bucket = ops.batch_bucket(rows)
+        choice = self.bucket_choices.get(bucket)
+        if choice is None:
+            if torch.compiler.is_compiling():
+                return "sparse"  # measured eagerly only; a compiled graph keeps the kernel
+            candidates = runners()
+            if not policy.dense_copy:
+                candidates.pop("dense_copy")
+            f = self.weight_format()
+            choice = self.bucket_choices[bucket] = choose_path(
+                measure_paths(candidates, f.device, policy.reps, policy.cold), rows)
+        return choice.path
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         # Compressed buffers change size with the data: adopt the saved tensors, check them.
@@ -233,20 +319,36 @@ class _SparseMixin:
                               f"but this layer's pattern is {self.pattern!r}")
                 return
             names = [k for k in state_dict if k.startswith(prefix + "weight_") and k != prefix + "weight_mask_bits"]
+            dev = saved.device if self.bias is None else self.bias.device
+            new = {k[len(prefix):]: state_dict[k].detach().clone().to(dev) for k in names}
+            # Validate before adopting anything: a corrupt or hostile file leaves the layer as it was.
+            try:
+                meta_ints = [int(v) for v in new["weight_meta"].reshape(-1).tolist()]
+                if kind == "dense":
+                    dense = new["weight_dense"]
+                    if tuple(dense.shape) != self._dense_shape() or not dense.is_floating_point():
+                        raise ValueError(f"weight_dense is {tuple(dense.shape)} {dense.dtype}, this layer needs a "
+                                         f"floating {self._dense_shape()}")
+                    f = dense
+                else:
+                    cls = formats.FORMAT_OF_CODE[meta_ints[0]]
+                    f = cls.from_tensors({n: new["weight_" + n] for n in cls.TENSOR_NAMES}, meta_ints=meta_ints[1:])
+                    if tuple(f.shape) != (self._dense_shape()[0], self._in2d):
+                        raise ValueError(f"the weight has shape {tuple(f.shape)}, this layer needs "
+                                         f"{(self._dense_shape()[0], self._in2d)}")
+            except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+                errors.append(f"{type(self).__name__} {prefix[:-1] or '<root>'}: corrupt or mismatched compressed "
+                              f"weight: {type(e).__name__}: {e}")
+                return
             for k in list(self._buffers):
                 if k.startswith("weight_") and k != "weight_mask_bits":
                     del self._buffers[k]
-            dev = saved.device if self.bias is None else self.bias.device
-            for k in names:
-                self.register_buffer(k[len(prefix):], state_dict[k].detach().clone().to(dev))
-            self._meta_ints = self.weight_meta.tolist()
-            f = self.weight_format()
-            if not isinstance(f, torch.Tensor):
-                try:
-                    f.validate()
-                except ValueError as e:
-                    errors.append(f"{prefix[:-1]}: {e}")
-            self.backend = "dense" if kind == "dense" else self._sparse_backend(f, DEFAULT_POLICY.batch)
+            for k, t in new.items():
+                self.register_buffer(k, t)
+            self._meta_ints = meta_ints
+            self.bucket_choices = {}
+            self.__dict__.pop("_dense_copy", None)
+            self.backend = "dense" if kind == "dense" else self._sparse_backend(f, 1)
             self.reason = "loaded from a state dict"
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
@@ -262,7 +364,8 @@ class _SparseMixin:
         else:
             self._adopt_format(self._build_format(w2d.detach(), mask), policy or DEFAULT_POLICY)
 
-    def _repr_sparse(self) -> str:
+    def describe(self) -> str:
+        """Pattern, density, bytes, the kernel backend and the path chosen per batch bucket."""
         if self.trainable:
             bits = self.weight_mask_bits
             density = float(self.mask().float().mean())
@@ -271,7 +374,15 @@ class _SparseMixin:
         f = self.weight_format()
         nbytes = f.numel() * f.element_size() if isinstance(f, torch.Tensor) else f.nbytes
         density = float((f != 0).float().mean()) if isinstance(f, torch.Tensor) else f.density
-        return f"pattern={self.pattern}, density={density:.3f}, backend={self.backend}, compressed_bytes={nbytes}"
+        text = f"pattern={self.pattern}, density={density:.3f}, backend={self.backend}, compressed_bytes={nbytes}"
+        if "_dense_copy" in self.__dict__:
+            dense = self.__dict__["_dense_copy"][1]
+            text += f", dense_copy_bytes={dense.numel() * dense.element_size()}"
+        if self.bucket_choices:
+            text += ", paths={" + "; ".join(
+                f"rows<={b if b > 0 else 'inf'}: {c.path} ({c.reason})" for b, c in sorted(
+                    self.bucket_choices.items(), key=lambda kv: kv[0] if kv[0] > 0 else float("inf"))) + "}"
+        return text
 
 
 class SparseLinear(_SparseMixin, nn.Module):
@@ -287,12 +398,6 @@ class SparseLinear(_SparseMixin, nn.Module):
         # An empty placeholder of the right pattern; from_dense or load_state_dict fills it.
         self._set_format(torch.zeros(out_features, in_features, device=device, dtype=dtype))
         self.backend, self.reason = "dense", "not built from a weight yet"
-
-    def _timing_pair(self, fmt, dense, policy):
-        """(dense forward, sparse forward, key) at the policy's batch, for autotune."""
-        x = torch.randn(policy.batch, self.in_features, device=dense.device, dtype=dense.dtype)
-        return (lambda: torch.nn.functional.linear(x, dense), lambda: ops.sparse_linear(x, fmt),
-                ("linear", tuple(dense.shape), policy.batch))
 
     @classmethod
     def from_format(cls, weight, bias: torch.Tensor | None = None, policy: Policy | None = None) -> "SparseLinear":
@@ -338,8 +443,21 @@ class SparseLinear(_SparseMixin, nn.Module):
     def _weight_shape(self):
         return (self.out_features, self.in_features)
 
+    def _dense_shape(self) -> tuple:
+        return (self.out_features, self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._linear2d(x, self.bias)
+        if self.trainable or self.backend == "dense":
+            return self._linear2d(x, self.bias)
+        f = self.weight_format()
+        rows = x.numel() // self.in_features if self.in_features else 0
+        path = self._path_for(rows, lambda: {p: (lambda p=p: self._linear_path(p, x, f)) for p in PATHS})
+        return self._linear_path(path, x, f)
+
+    def _linear_path(self, path: str, x: torch.Tensor, f) -> torch.Tensor:
+        if path == "sparse":
+            return ops.sparse_linear(x, f, self.bias)
+        return torch.nn.functional.linear(x, self._dense_weight(path, f), self.bias)
 
     def to_dense(self) -> nn.Linear:
         """A plain nn.Linear with the zeros in place."""
@@ -352,7 +470,7 @@ class SparseLinear(_SparseMixin, nn.Module):
         return lin
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self._repr_sparse()}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.describe()}"
 
 
 class SparseConv2d(_SparseMixin, nn.Module):
@@ -419,15 +537,8 @@ class SparseConv2d(_SparseMixin, nn.Module):
     def _weight_shape(self):
         return (self.out_channels, self._in2d)
 
-    def _timing_pair(self, fmt, dense, policy):
-        """The real comparison for a convolution: the dense original (cuDNN / oneDNN) against
-        im2col + the sparse kernel, on policy.batch images of policy.image x policy.image."""
-        x = torch.randn(policy.batch, self.in_channels, policy.image, policy.image, device=dense.device,
-                        dtype=dense.dtype)
-        w4 = from_2d(dense, (self.out_channels, self.in_channels, *self.kernel_size))
-        return (lambda: torch.nn.functional.conv2d(x, w4, None, self.stride, self.padding, self.dilation),
-                lambda: self._conv(x, lambda c: ops.sparse_linear(c, fmt)),
-                ("conv", tuple(w4.shape), self.stride, self.padding, self.dilation, policy.batch, policy.image))
+    def _dense_shape(self) -> tuple:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -440,7 +551,21 @@ class SparseConv2d(_SparseMixin, nn.Module):
         f = None if self.trainable else self.weight_format()
         if isinstance(f, torch.Tensor):  # backend "dense": the original convolution
             return self._dense_conv(x, f)
-        return self._conv(x, lambda cols: self._linear2d(cols, self.bias))
+        if self.trainable:  # eval mode of a trainable module: its compressed copy
+            return self._conv(x, lambda cols: self._linear2d(cols, self.bias))
+        # The bucket counts rows of the im2col matrix: images x output pixels.
+        rows = x.shape[0] * math.prod(self._out_hw(x.shape[2], x.shape[3]))
+        path = self._path_for(rows, lambda: {p: (lambda p=p: self._conv_path(p, x, f)) for p in PATHS})
+        return self._conv_path(path, x, f)
+
+    def _conv_path(self, path: str, x: torch.Tensor, f) -> torch.Tensor:
+        if path == "sparse":
+            return self._conv(x, lambda cols: ops.sparse_linear(cols, f, self.bias))
+        return self._dense_conv(x, self._to4d(self._dense_weight(path, f)))
+
+    def _out_hw(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
     def _to4d(self, w2d: torch.Tensor) -> torch.Tensor:
         return from_2d(w2d, (self.out_channels, self.in_channels, *self.kernel_size))
@@ -457,8 +582,7 @@ class SparseConv2d(_SparseMixin, nn.Module):
     def _conv(self, x: torch.Tensor, linear2d) -> torch.Tensor:
         n, _, h, w = x.shape
         kh, kw = self.kernel_size
-        oh = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        ow = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        oh, ow = self._out_hw(h, w)
         cols = torch.nn.functional.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
         # [N, C*kh*kw, L] (C slowest) -> [N*L, kh*kw*C] (C fastest), the weight's 2-D layout
         cols = cols.reshape(n, self.in_channels, kh * kw, -1).permute(0, 3, 2, 1).reshape(-1, self._in2d)
@@ -477,7 +601,7 @@ class SparseConv2d(_SparseMixin, nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, {self._repr_sparse()}")
+                f"padding={self.padding}, dilation={self.dilation}, {self.describe()}")
 
 
 SPARSE_MODULES = (SparseLinear, SparseConv2d)

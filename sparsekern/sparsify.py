@@ -173,7 +173,7 @@ def explain(model: nn.Module) -> str:
     lines = []
     for name, mod in model.named_modules():
         if isinstance(mod, SPARSE_MODULES):
-            lines.append(f"{name}: {type(mod).__name__} {mod._repr_sparse()} -- {mod.reason}")
+            lines.append(f"{name}: {type(mod).__name__} {mod.describe()} -- {mod.reason}")
     return "\n".join(lines) if lines else "no sparse layers"
 
 

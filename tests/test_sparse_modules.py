@@ -61,10 +61,74 @@ def test_unsupported_conv_settings_are_refused():
         SparseConv2d.from_dense(nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), "2:4")
 
 
-def test_backend_auto_never_slower_choice_is_recorded():
-    s = SparseLinear.from_dense(nn.Linear(256, 256), "unstructured", sparsity=0.5)
-    assert s.backend in ("cpp", "dense") and "measured" in s.reason
-    assert "measured" in sparsekern.explain(nn.Sequential(s))
+# ---------------------------------------------------- per-batch-bucket path choice
+@pytest.mark.parametrize("timings,expect", [
+    ({"sparse": 1.0, "decompress": 2.0}, "sparse"),                       # sparse faster
+    ({"sparse": 2.0, "decompress": 1.0}, "decompress"),                   # dense faster
+    ({"sparse": 1.01, "decompress": 1.0}, "sparse"),                      # equal within noise
+    ({"sparse": 1.1, "decompress": 1.0, "dense_copy": 0.5}, "dense_copy"),  # the kept copy wins
+    ({"sparse": 1.0, "decompress": 0.97}, "decompress"),                  # beyond noise
+])
+def test_choose_path_with_injected_timings(timings, expect):
+    choice = sparsekern.nn.choose_path(timings, rows=8)
+    assert choice.path == expect
+    assert "8 rows" in choice.reason and f"{min(timings.values()):.3f} ms" in choice.reason
+
+
+def _ops_run(thunk):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = thunk()
+    return out, {e.name for e in prof.events() if e.name.startswith("sparsekern::")}
+
+
+def test_module_measures_each_bucket_once_and_runs_the_choice(monkeypatch):
+    """Injected timings: sparse wins up to 4 rows, dense (decompress) above. The module
+    must measure once per bucket, run what it chose, and explain it."""
+    calls = []
+
+    def fake_measure(runners, device, reps, cold):
+        assert set(runners) == {"sparse", "decompress"}  # no dense copy unless the policy asks
+        calls.append(sorted(runners))
+        rows = fake_measure.rows
+        return {"sparse": 1.0, "decompress": 2.0} if rows <= 4 else {"sparse": 2.0, "decompress": 1.0}
+
+    monkeypatch.setattr(sparsekern.nn, "measure_paths", fake_measure)
+    s = SparseLinear.from_dense(nn.Linear(64, 32), "unstructured", sparsity=0.5).eval()
+    W = s.weight_format()
+    for rows, path in ((1, "sparse"), (3, "sparse"), (100, "decompress"), (90, "decompress"), (1, "sparse")):
+        fake_measure.rows = rows
+        x = torch.randn(rows, 64)
+        with torch.no_grad():
+            y, ran = _ops_run(lambda: s(x))
+        assert ("sparsekern::bitmask_linear" in ran) == (path == "sparse"), (rows, ran)
+        torch.testing.assert_close(y, x @ W.to_dense().T + s.bias, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 3  # buckets <=1, <=4, <=256, each measured once
+    assert {b: c.path for b, c in s.bucket_choices.items()} == {1: "sparse", 4: "sparse", 256: "decompress"}
+    text = sparsekern.explain(nn.Sequential(s))
+    assert "rows<=1: sparse" in text and "rows<=256: decompress" in text
+
+
+def test_dense_copy_is_a_candidate_only_when_the_policy_trades_memory(monkeypatch):
+    monkeypatch.setattr(sparsekern.nn, "measure_paths",
+                        lambda runners, *a: {p: {"sparse": 3.0, "decompress": 2.0, "dense_copy": 1.0}[p]
+                                             for p in runners})
+    s = SparseLinear.from_dense(nn.Linear(64, 32), "2:4", policy=Policy("auto", dense_copy=True)).eval()
+    x = torch.randn(20, 64)
+    with torch.no_grad():
+        y = s(x)
+    assert s.bucket_choices[64].path == "dense_copy" and "dense_copy_bytes=8192" in s.describe()
+    torch.testing.assert_close(y, x @ s.weight_format().to_dense().T + s.bias)
+
+
+def test_real_measurement_runs_every_path_on_the_input():
+    """measure_paths on real runners: each candidate gives the same answer and a time."""
+    s = SparseLinear.from_dense(nn.Linear(128, 64), "2:4", policy=Policy("auto", reps=2)).eval()
+    x = torch.randn(7, 128)
+    with torch.no_grad():
+        y = s(x)
+    choice = s.bucket_choices[16]
+    assert set(choice.medians_ms) == {"sparse", "decompress"} and all(t > 0 for t in choice.medians_ms.values())
+    torch.testing.assert_close(y, x @ s.weight_format().to_dense().T + s.bias, rtol=1e-5, atol=1e-5)
 
 
 # -------------------------------------------------------------------- fine-tuning
@@ -264,3 +328,23 @@ def test_bad_inputs():
         SparseConv2d.from_dense(nn.Conv2d(8, 8, 1), "2:4", policy=SPARSE)(torch.randn(1, 4, 3, 3))
     with pytest.raises(ValueError, match="backend must be"):
         Policy("fastest")
+
+
+@pytest.mark.parametrize("pattern,kw,name,bad", [
+    ("unstructured", {"sparsity": 0.5}, "weight_offsets", lambda t: torch.full_like(t, 2**31 - 1)),
+    ("unstructured", {"sparsity": 0.5}, "weight_bitmask", lambda t: t[:16]),
+    ("2:4", {}, "weight_indices", lambda t: t.float()),
+    ("2:4", {}, "weight_meta", lambda t: torch.tensor([1, 2, 4], dtype=torch.int64)),
+    ("block", {"sparsity": 0.5, "block": (16, 16)}, "weight_col_indices", lambda t: t + 1000),
+])
+def test_a_corrupt_state_dict_is_refused_and_leaves_the_layer_as_it_was(pattern, kw, name, bad):
+    s = SparseLinear.from_dense(nn.Linear(64, 32), pattern, policy=SPARSE, **kw)
+    before = {k: v.clone() for k, v in s.state_dict().items()}
+    sd = dict(s.state_dict())
+    sd[name] = bad(sd[name])
+    with pytest.raises(RuntimeError, match="corrupt or mismatched"):
+        s.load_state_dict(sd)
+    after = s.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(s(x), x @ s.weight_format().to_dense().T + s.bias)
