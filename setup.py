@@ -129,6 +129,6 @@ setup(
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "tqdm"],
     entry_points={"console_scripts": ["sparsekern=sparsekern.__main__:main"]},
 )

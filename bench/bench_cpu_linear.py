@@ -7,22 +7,19 @@
 Weights are rotated (several copies, more bytes than the last-level cache) so every call
 reads its weight from memory, as in a real model. Each provider's output is checked
 against the fp64 reference before it is timed. "x dense" is dense time over the
-provider's time from the same run (higher is better). The cases are bench/cases.py's,
-shared with bench/run.py.
+provider's time from the same run (higher is better). The cases are
+sparsekern.bench.cases', shared with the suite (`python -m sparsekern bench`).
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
-import cases  # noqa: E402
-
-import sparsekern  # noqa: E402
+from sparsekern import _extension
+from sparsekern.bench import cases
+from sparsekern.bench.common import environment, write_json
+from sparsekern.reporting import markdown_table
 
 PATTERNS = [("2:4", 0.5), ("4:8", 0.5), ("unstructured", 0.5), ("unstructured", 0.3), ("unstructured", 0.1),
             ("block32", 0.1)]
@@ -40,12 +37,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         a.features, a.reps, a.rotate_mib = 2048, 5, 256
-    env = benchlib.environment("cpu")
-    env["device_name"] = env["cpu"]
+    env = environment("cpu")
     print(f"sparsekern {env['sparsekern']} ({env['commit']}), torch {env['torch']}, {env['cpu']}, "
           f"{env['threads']} threads; {a.dtype}, K=N={a.features}, weights rotated over {a.rotate_mib} MiB")
-    if not sparsekern._extension.LOADED:
-        print(f"warning: compiled kernels not loaded ({sparsekern._extension.LOAD_ERROR}); timing the references")
+    if not _extension.LOADED:
+        print(f"warning: compiled kernels not loaded ({_extension.LOAD_ERROR}); timing the references")
     rows = cases.linear_sweep("cpu", getattr(torch, a.dtype), {"square": (a.features, a.features)},
                               [int(b) for b in a.batches.split(",")], PATTERNS, a.reps, a.rotate_mib, env)
     ok = [r for r in rows if "median_ms" in r]
@@ -58,12 +54,12 @@ def main(argv=None):
     cols = [("provider", "provider", ""), ("pattern", "pattern", ""), ("density", "density", ".0%"),
             ("batch", "batch", "d"), ("median ms", "median_ms", ".3f"), ("p20", "p20_ms", ".3f"),
             ("p80", "p80_ms", ".3f"), ("GB/s", "gb_per_s", ".1f"), ("x dense", "speedup_vs_dense", ".2f")]
-    print(benchlib.table(table_rows, cols))
+    print(markdown_table(table_rows, cols))
     for r in rows:
         if "error" in r:
             print(f"did not run: {r['provider']} {r['pattern']}: {r['error']}")
     if a.out:
-        benchlib.write_json(a.out, env, rows)
+        write_json(a.out, env, rows)
         print(f"wrote {a.out}")
     return rows
 

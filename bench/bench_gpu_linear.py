@@ -11,20 +11,24 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 
 import torch
+from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
-import cases  # noqa: E402
-
-from sparsekern import ops  # noqa: E402
-from sparsekern.formats import BitmaskWeight, NMWeight  # noqa: E402
+from sparsekern import ops
+from sparsekern.bench import cases
+from sparsekern.bench.common import environment, quantiles, write_json
+from sparsekern.formats import BitmaskWeight, NMWeight
+from sparsekern.reporting import markdown_table
 
 F = torch.nn.functional
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192)]
+
+
+def forced(backend: str, x, w):
+    """ops.sparse_linear on one backend ("cuda" or "triton"); raises when it cannot run here."""
+    with ops.use_backend(backend):
+        return ops.sparse_linear(x, w)
 
 
 def main(argv=None):
@@ -38,12 +42,13 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu_linear: no CUDA GPU")
     dtype = getattr(torch, a.dtype)
-    env = benchlib.environment("cuda")
+    env = environment("cuda")
     env["copy_gbs"] = cases.copy_bandwidth_gbs("cuda")
     print(f"{env['gpu']}, torch {env['torch']}, commit {env['commit']}; copy bandwidth {env['copy_gbs']:.0f} GB/s")
     batches = [int(b) for b in a.batches.split(",")]
     shapes = SHAPES if a.shapes == "all" else SHAPES[:2]
     rows = []
+    bar = tqdm(total=len(shapes) * len(batches), desc="gpu linear", mininterval=1.0)
     for si, (N, K) in enumerate(shapes):
         copies = max(2, math.ceil(a.rotate_mib * 2**20 / (N * K * 2)))
         gen = torch.Generator(device="cuda").manual_seed(si)
@@ -56,9 +61,8 @@ def main(argv=None):
             providers[f"bitmask_linear@{d}"] = ("unstructured", d, [(W, W.to_dense()) for W in bm])
             providers[f"triton.bitmask_linear@{d}"] = ("unstructured", d, [(W, W.to_dense()) for W in bm])
         providers["triton.nm_linear"] = ("2:4", 0.5, providers["nm_linear"][2])
-        if N % 64 == 0 and K % 64 == 0:
+        if N % 64 == 0 and K % 64 == 0:  # block_linear has no CUDA C++ kernel: Triton only
             blk = [cases.sparse_format(w, "block64", 0.1, gen) for w in dense]
-            providers["block_linear"] = ("block64", 0.1, [(W, W.to_dense()) for W in blk])
             providers["triton.block_linear"] = ("block64", 0.1, [(W, W.to_dense()) for W in blk])
         try:
             from torch.sparse import to_sparse_semi_structured
@@ -75,13 +79,9 @@ def main(argv=None):
                     fn = lambda w, x=x: F.linear(x, w)  # noqa: E731
                 elif name == "torch.semi_structured":
                     fn = lambda w, x=x: F.linear(x, w)  # noqa: E731
-                elif name.startswith("triton."):
-                    from sparsekern import triton as skt
-
-                    op = getattr(skt.kernels(), name.split("@")[0].split(".")[1])
-                    fn = lambda w, x=x, op=op: op(x, w)  # noqa: E731
-                else:
-                    fn = lambda w, x=x: ops.sparse_linear(x, w)  # noqa: E731
+                else:  # the CUDA C++ kernel, or the Triton one, forced (an error if it cannot run)
+                    backend = "triton" if name.startswith("triton.") else "cuda"
+                    fn = lambda w, x=x, backend=backend: forced(backend, x, w)  # noqa: E731
                 w0, ref_w = items[0]
                 try:
                     y = fn(w0)
@@ -92,7 +92,7 @@ def main(argv=None):
                 err = ((y.double() - ref).norm() / ref.norm()).item()
                 if not err < 2e-2:
                     raise SystemExit(f"{name} {N}x{K} B={B}: relative error {err:.2e}; not timing")
-                q = benchlib.quantiles(cases.time_calls([lambda w=w: fn(w) for w, _ in items], "cuda", 50))
+                q = quantiles(cases.time_calls([lambda w=w: fn(w) for w, _ in items], "cuda", 50))
                 nbytes = (w0.nbytes if hasattr(w0, "nbytes") and not isinstance(w0, torch.Tensor)
                           else ref_w.numel() * ref_w.element_size() * (0.5625 if name == "torch.semi_structured" else 1))
                 if name == "torch.dense":
@@ -102,18 +102,19 @@ def main(argv=None):
                              "dtype": a.dtype, "shape": [N, K], "batch": B, "device": env["gpu"], **q,
                              "weight_bytes": int(nbytes), "gb_per_s": gbs, "pct_copy_bw": 100 * gbs / env["copy_gbs"],
                              "speedup_vs_dense": (dense_ms / q["median_ms"]) if dense_ms else None, "rel_err": err})
-            benchlib.progress(si * len(batches) + batches.index(B) + 1, len(shapes) * len(batches), f"{N}x{K} B={B}")
+            bar.update()
         del dense, nm, providers
         torch.cuda.empty_cache()
+    bar.close()
     cols = [("provider", "provider", ""), ("pattern", "pattern", ""), ("density", "density", ".0%"),
             ("shape", "shape", ""), ("batch", "batch", "d"), ("median ms", "median_ms", ".4f"),
             ("p20", "p20_ms", ".4f"), ("p80", "p80_ms", ".4f"), ("GB/s", "gb_per_s", ".0f"),
             ("% copy", "pct_copy_bw", ".0f"), ("x dense", "speedup_vs_dense", ".2f")]
     for r in rows:
         r["shape"] = f"{r['shape'][0]}x{r['shape'][1]}" if isinstance(r["shape"], list) else r["shape"]
-    print(benchlib.table(rows, cols))
+    print(markdown_table(rows, cols))
     if a.out:
-        benchlib.write_json(a.out, env, rows)
+        write_json(a.out, env, rows)
     return rows
 
 

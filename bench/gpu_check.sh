@@ -51,8 +51,8 @@ step "benchmarks"
 # decode sweep (CUDA C++, Triton, cuBLAS, torch 2:4), then fused mask generation and a short
 # kernel sweep through the suite (CSV/JSON/plots in $OUT/suite)
 $PY bench/bench_gpu_linear.py --out "$OUT/gpu_linear.json" > "$OUT/bench_gpu_linear.log" 2>&1 || status=1
-$PY bench/run.py --device cuda --suite masks --out "$OUT/suite_masks" > "$OUT/bench_masks.log" 2>&1 || status=1
-$PY bench/run.py --device cuda --suite kernels --quick --out "$OUT/suite_kernels" > "$OUT/bench_kernels.log" 2>&1 || status=1
+$PY -m sparsekern bench --device cuda --suite masks --no-progress --out "$OUT/suite_masks" > "$OUT/bench_masks.log" 2>&1 || status=1
+$PY -m sparsekern bench --device cuda --suite kernels --quick --no-progress --out "$OUT/suite_kernels" > "$OUT/bench_kernels.log" 2>&1 || status=1
 tail -60 "$OUT/bench_gpu_linear.log"
 grep -A8 "Mask generation" "$OUT/bench_masks.log" || true
 echo "gpu_check: exit $status"

@@ -1,16 +1,12 @@
-"""The kernel cases of bench/cases.py through pytest-benchmark, for people who use it:
+"""The kernel cases of sparsekern.bench.cases through pytest-benchmark, for people who use it:
 
     pytest bench/ --benchmark-only
 
 (Never part of the test suite: tests/ holds the tests, and no test is timed.)"""
-import os
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import cases  # noqa: E402
+from sparsekern.bench import cases
 
 pytest.importorskip("pytest_benchmark")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -65,13 +65,13 @@ def cmd_prune(a) -> int:
     import torch
 
     from . import prune as P
-    from .nn import parse_pattern
+    from .patterns import parse_pattern
     from .sparsify import sparsify
 
     if not os.path.isfile(a.model):
         raise SystemExit(f"prune: no such file: {a.model}")
     parse_pattern(a.pattern, "prune --pattern")
-    P._check_method("prune --method", a.method)
+    P.check_method(a.method, "prune --method")
     try:
         obj = torch.load(a.model, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - a pickled module: loading it runs its pickle code
@@ -109,7 +109,7 @@ def cmd_prune(a) -> int:
             try:
                 if kind == "nm":
                     mask = P.nm_mask(s, params["n"], params["m"])
-                elif kind == "bitmask":
+                elif kind == "unstructured":
                     mask = P.unstructured_mask(s, a.sparsity if a.sparsity is not None else 0.5)
                 elif kind == "block":
                     mask = P.block_mask(s, params.get("block", (32, 32)), a.sparsity if a.sparsity is not None else 0.5)
@@ -133,18 +133,9 @@ def cmd_prune(a) -> int:
     return 0
 
 
-def cmd_bench(rest) -> int:
-    import runpy
-
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "run.py")
-    if not os.path.isfile(here):
-        raise SystemExit("bench: bench/run.py not found; run from a checkout of the sparsekern repository")
-    sys.argv = [here] + rest
-    runpy.run_path(here, run_name="__main__")
-    return 0
-
-
 def main(argv=None) -> int:
+    from .demo import DEFAULT_OUT, METHOD_NAMES
+
     p = argparse.ArgumentParser(prog="python -m sparsekern", description="sparsekern command line")
     sub = p.add_subparsers(dest="command", required=True)
     pi = sub.add_parser("info", help="what was built and what can run here")
@@ -152,8 +143,12 @@ def main(argv=None) -> int:
     pd = sub.add_parser("demo", help="train, prune, swap and measure small models on real digits data")
     pd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     pd.add_argument("--quick", action="store_true", help="fewer epochs and repetitions (a few minutes on a CPU)")
-    pd.add_argument("--out", default="sparsekern-demo", help="output folder (table, JSON, plot)")
-    sub.add_parser("bench", help="the benchmark suite (bench/run.py; its options follow, e.g. --quick)",
+    pd.add_argument("--out", default=DEFAULT_OUT, help=f"output folder for the table, JSON and plot (default {DEFAULT_OUT})")
+    pd.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn (default both)")
+    pd.add_argument("--methods", default=None,
+                    help="comma-separated pruning methods to run (default all: " + ", ".join(METHOD_NAMES).replace("%", "%%") + ")")
+    pd.add_argument("--no-progress", dest="show_progress", action="store_false", help="no progress bars")
+    sub.add_parser("bench", help="the benchmark suite (sparsekern.bench.run; its options follow, e.g. --quick)",
                    add_help=False)
     pp = sub.add_parser("prune", help="prune a saved model or state dict and write it with a report")
     pp.add_argument("model", help="torch.save of an nn.Module, or of a state dict")
@@ -166,8 +161,11 @@ def main(argv=None) -> int:
     pp.add_argument("--out", default=None)
     pp.add_argument("--report", default=None)
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "bench":
-        return cmd_bench(argv[1:])
+    if argv and argv[0] == "bench":  # its own parser, so `bench --help` lists the suite's options
+        from .bench.run import main as bench_main
+
+        bench_main(argv[1:])
+        return 0
     a = p.parse_args(argv)
     try:
         if a.command == "info":
@@ -175,7 +173,8 @@ def main(argv=None) -> int:
         elif a.command == "demo":
             from . import demo
 
-            demo.run(a.device, a.quick, a.out)
+            demo.run(a.device, a.quick, a.out, show=a.show_progress, models=a.models.split(","),
+                     methods=None if a.methods is None else [m.strip() for m in a.methods.split(",")])
         elif a.command == "prune":
             return cmd_prune(a)
     except (ValueError, TypeError) as e:

@@ -1,102 +1,42 @@
 """`python -m sparsekern demo`: the main job end to end on real data, no downloads.
 
-1. trains a small MLP and CNN on scikit-learn's handwritten digits (or loads them from
-   the cache folder);
+1. trains a small MLP and CNN on scikit-learn's handwritten digits (sparsekern.models;
+   or loads them from the cache folder, $SPARSEKERN_CACHE or ~/.cache/sparsekern);
 2. prunes each several ways (l1 unstructured 50/70/90%, 2:4 by l1 and by activation-aware
    wanda, block, channel pruning that really shrinks the network, a removed layer) and
    fine-tunes briefly with the masks kept;
 3. swaps in sparse modules (sparsekern.from_torch_prune) and measures accuracy, latency
    (against the dense model, same run), parameter bytes and checkpoint size;
 4. prints one table and writes it (demo.json, demo.md) with a plot of accuracy against
-   latency (demo.png) to the output folder.
-On a GPU it also runs the Llama-style decoder from the benchmark suite, dense vs 2:4 and
-unstructured, in tokens/s.
+   latency (demo.png) to the output folder (default sparsekern-out/demo), and says where.
+On a GPU it also runs the Llama-style decoder (sparsekern.models.LlamaStyle), dense vs 2:4
+and unstructured, in tokens/s. `models=` and `methods=` pick a subset (a short run).
 """
 from __future__ import annotations
 
 import copy
-import io
 import json
 import os
+import platform
 import time
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from . import prune, simplify
-from ._progress import progress
-from .nn import Policy
-from .sparsify import from_torch_prune
+from .models import (DIGITS_MODELS, DIGITS_REMOVABLE, LlamaStyle, accuracy, checkpoint_bytes, digits, param_bytes,
+                     train, trained)
+from .reporting import label_points, markdown_table, save_plot
+from .sparsify import from_torch_prune, sparsify
 
-
-def cache_dir() -> str:
-    return os.environ.get("SPARSEKERN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "sparsekern"))
-
-
-def digits(device):
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:
-        raise SystemExit("demo: scikit-learn is needed for the digits data (pip install scikit-learn)") from e
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    tr, te = perm[:1400], perm[1400:]
-    return x[tr].to(device), y[tr].to(device), x[te].to(device), y[te].to(device)
-
-
-def make_mlp():
-    # The middle block keeps its width, so it can be removed whole.
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(),
-                         nn.Sequential(nn.Linear(256, 256), nn.ReLU()), nn.Linear(256, 10))
-
-
-def make_cnn():
-    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU()),
-                         nn.Flatten(), nn.Linear(64 * 16, 128), nn.ReLU(), nn.Linear(128, 10))
-
-
-REMOVABLE = {"mlp": "3", "cnn": "5"}
-
-
-def train(model, x, y, epochs, lr=3e-3, seed=0, desc=None, show=True):
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in progress(range(epochs), desc or "training", enabled=show):
-        perm = torch.randperm(len(y), generator=gen).to(y.device)
-        for i in range(0, len(y), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
-
-
-@torch.no_grad()
-def accuracy(model, x, y):
-    return float((model(x).argmax(1) == y).float().mean()) * 100
-
-
-def trained(kind, data, epochs, device, show):
-    path = os.path.join(cache_dir(), f"demo_{kind}_e{epochs}.pt")
-    model = (make_mlp() if kind == "mlp" else make_cnn()).to(device)
-    if os.path.exists(path):
-        try:
-            model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
-            return model.eval(), "cache"
-        except (RuntimeError, OSError):
-            pass  # stale or broken cache entry: train again
-    torch.manual_seed(0)
-    train(model, data[0], data[1], epochs, desc=f"training {kind}", show=show)
-    os.makedirs(cache_dir(), exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return model, "trained"
+DEFAULT_OUT = os.path.join("sparsekern-out", "demo")
+METHOD_NAMES = ("l1 50%", "l1 70%", "l1 90%", "2:4 l1", "2:4 wanda", "block8 50%", "channels 50%", "layer removed")
 
 
 def interleaved_latency_ms(models, x, device, rounds):
+    """Median ms per forward of each model, all timed round-robin in the same loop so
+    machine noise and warm-up hit them alike."""
     samples = [[] for _ in models]
     with torch.no_grad():
         for m in models:
@@ -115,18 +55,9 @@ def interleaved_latency_ms(models, x, device, rounds):
     return [sorted(s)[len(s) // 2] * 1e3 for s in samples]
 
 
-def param_bytes(model):
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-
-
-def checkpoint_bytes(model):
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.tell()
-
-
-def methods(kind):
-    """name -> function(model, calib, example) that prunes in place (masks via torch prune)."""
+def pruning_methods(kind):
+    """name (METHOD_NAMES) -> function(model, calib, example) that prunes in place
+    (masks recorded like torch.nn.utils.prune, or the structure changed)."""
     def l1(a):
         return lambda m, c, e: prune.l1_prune(m, amount=a)
 
@@ -134,38 +65,46 @@ def methods(kind):
         def f(m, c, e):
             norms = prune.collect_activation_norms(m, c, show_progress=False) if method == "wanda" else None
             for name, layer in prune.prunable_layers(m):
-                if prune._as_2d(layer.weight).shape[1] % 4 == 0 and layer.weight.shape[1] % 4 == 0:
+                if layer.weight.shape[1] % 4 == 0:  # the first conv has one input channel: left dense
                     prune.nm_prune(m, 2, 4, method, name=name, act_norms=norms)
         return f
 
     def block(m, c, e):
         for name, layer in prune.prunable_layers(m):
-            rows, cols = prune._as_2d(layer.weight).shape
-            if rows % 8 == 0 and cols % 8 == 0:
+            if layer.weight.shape[0] % 8 == 0 and layer.weight[0].numel() % 8 == 0:
                 prune.block_prune(m, (8, 8), 0.5, name=name)
 
     def channels(m, c, e):
         simplify.prune_channels(m, 0.5, e)
 
     def remove(m, c, e):
-        simplify.remove_layers(m, [REMOVABLE[kind]], e)
+        simplify.remove_layers(m, [DIGITS_REMOVABLE[kind]], e)
 
-    return {"l1 50%": l1(0.5), "l1 70%": l1(0.7), "l1 90%": l1(0.9), "2:4 l1": nm("l1"), "2:4 wanda": nm("wanda"),
-            "block8 50%": block, "channels 50%": channels, "layer removed": remove}
+    fns = [l1(0.5), l1(0.7), l1(0.9), nm("l1"), nm("wanda"), block, channels, remove]
+    return dict(zip(METHOD_NAMES, fns))
 
 
-def run(device="auto", quick=False, out="sparsekern-demo", show=True) -> list[dict]:
+def run(device="auto", quick=False, out=DEFAULT_OUT, show=True, models=("mlp", "cnn"), methods=None) -> list[dict]:
+    """The whole demo; returns the rows it wrote. models: any of "mlp", "cnn"; methods:
+    a subset of METHOD_NAMES (default all)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("demo: --device cuda but no CUDA GPU is available")
+    unknown = [k for k in models if k not in DIGITS_MODELS]
+    if unknown or not models:
+        raise ValueError(f"demo: unknown model(s) {unknown}; choose from {', '.join(DIGITS_MODELS)}")
+    chosen = list(METHOD_NAMES) if methods is None else list(methods)
+    bad = [m for m in chosen if m not in METHOD_NAMES]
+    if bad:
+        raise ValueError(f"demo: unknown method(s) {bad}; choose from {', '.join(METHOD_NAMES)}")
     t0 = time.time()
     data = digits(device)
     xtr, ytr, xte, yte = data
     epochs, ft_epochs, reps = (15, 2, 20) if quick else (30, 5, 50)
     rows = []
     xb = xte[:64]
-    for kind in ("mlp", "cnn"):
+    for kind in models:
         base, source = trained(kind, data, epochs, device, show)
         example = xte[:8]
         calib = [xtr[i:i + 128] for i in range(0, 512, 128)]
@@ -173,12 +112,13 @@ def run(device="auto", quick=False, out="sparsekern-demo", show=True) -> list[di
         rows.append({"model": kind, "method": "dense", "accuracy": accuracy(base, xte, yte),
                      "param_bytes": param_bytes(base), "checkpoint_bytes": checkpoint_bytes(base),
                      "sparse_layers": 0, "note": f"dense model ({source})"})
-        for name, fn in progress(list(methods(kind).items()), f"pruning {kind}", enabled=show):
+        fns = pruning_methods(kind)
+        for name in tqdm(chosen, f"pruning {kind}", disable=not show, mininterval=1.0):
             m = copy.deepcopy(base)
-            fn(m, calib, example)
+            fns[name](m, calib, example)
             train(m, xtr, ytr, ft_epochs, lr=1e-3, seed=1, show=False)  # masks kept by the pre-hooks
             acc_masked = accuracy(m, xte, yte)
-            m, report = from_torch_prune(m, policy=Policy("auto", batch=64, image=8))
+            m, report = from_torch_prune(m)
             m.eval()
             acc = accuracy(m, xte, yte)
             if abs(acc - acc_masked) > 0.5:
@@ -190,8 +130,6 @@ def run(device="auto", quick=False, out="sparsekern-demo", show=True) -> list[di
                          "param_bytes": param_bytes(m), "checkpoint_bytes": checkpoint_bytes(m),
                          "sparse_layers": sum(r["backend"] != "dense" for r in sparse),
                          "note": ", ".join(sorted({f"{r['pattern']}->{r['backend']}" for r in sparse}))})
-        # Latency: every model of this kind timed round-robin in the same loop, so machine
-        # noise and warm-up hit all alike; the median over rounds.
         times = interleaved_latency_ms(finals, xb, device, reps)
         for r, ms in zip(rows[-len(finals):], times):
             r["latency_ms"], r["speedup"] = ms, times[0] / ms
@@ -201,33 +139,23 @@ def run(device="auto", quick=False, out="sparsekern-demo", show=True) -> list[di
 
 
 def decoder_rows(device, quick, show):
-    import importlib.util
-    import sys
-
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "models.py")
-    if not os.path.exists(here):
-        return [{"model": "llama-style", "method": "-", "note": "bench/models.py not found (run from a checkout)"}]
-    spec = importlib.util.spec_from_file_location("sk_bench_models", here)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    from .sparsify import sparsify
-
+    """tokens/s of the Llama-style decoder (bf16), dense, 2:4 and 70% unstructured."""
     rows = []
-    base = mod.LlamaStyle(dim=2048, layers=8, hidden=5632).to(device, torch.bfloat16).eval()
+    base = LlamaStyle(dim=2048, layers=8, hidden=5632).to(device, torch.bfloat16).eval()
     ids = torch.randint(0, 1024, (1, 16), device=device)
-    for name, kw in progress([("dense", None), ("2:4", dict(pattern="2:4")),
-                              ("unstructured 70%", dict(pattern="unstructured", sparsity=0.7))], "decoder",
-                             enabled=show):
+    variants = [("dense", None), ("2:4", dict(pattern="2:4")),
+                ("unstructured 70%", dict(pattern="unstructured", sparsity=0.7))]
+    for name, kw in tqdm(variants, "decoder", disable=not show, mininterval=1.0):
         m = copy.deepcopy(base)
         if kw:
-            m, _ = sparsify(m, min_features=256, policy=Policy("auto", batch=1), show_progress=False, **kw)
-        ms = _gen_ms(m, ids, device, 3 if quick else 10)
+            m, _ = sparsify(m, min_features=256, show_progress=False, **kw)
+        ms = generate_ms(m, ids, 3 if quick else 10)
         rows.append({"model": "llama-style decoder", "method": name, "tokens_per_s": 32 / (ms * 1e-3)})
     return rows
 
 
-def _gen_ms(m, ids, device, reps):
+def generate_ms(m, ids, reps) -> float:
+    """Milliseconds to generate 32 tokens on CUDA (after a warm-up)."""
     m.generate(ids, 4)
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -237,54 +165,49 @@ def _gen_ms(m, ids, device, reps):
     return (time.perf_counter() - t) / reps * 1e3
 
 
+TABLE_COLUMNS = [("model", "model", ""), ("method", "method", ""), ("accuracy %", "accuracy", ".1f"),
+                 ("latency ms (64 images)", "latency_ms", ".3f"), ("x dense", "speedup", ".2f"),
+                 ("params KiB", lambda r: r["param_bytes"] / 1024, ".0f"),
+                 ("checkpoint KiB", lambda r: r["checkpoint_bytes"] / 1024, ".0f"),
+                 ("sparse layers", "sparse_layers", "d"), ("backends", "note", "")]
+
+
 def table(rows) -> str:
-    head = ("| model | method | accuracy % | latency ms (64 images) | x dense | params KiB | checkpoint KiB | "
-            "sparse layers | backends |")
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "accuracy" not in r:
-            continue
-        lines.append(f"| {r['model']} | {r['method']} | {r['accuracy']:.1f} | {r['latency_ms']:.3f} | "
-                     f"{r['speedup']:.2f} | {r['param_bytes'] / 1024:.0f} | {r['checkpoint_bytes'] / 1024:.0f} | "
-                     f"{r['sparse_layers']} | {r['note']} |")
-    return "\n".join(lines)
+    return markdown_table(rows, TABLE_COLUMNS)
 
 
-def write(out, rows, extra, device, elapsed):
-    os.makedirs(out, exist_ok=True)
-    import platform
+def plot(rows, path, device_name) -> bool:
+    """Accuracy against latency, one panel per model, each point labelled by its method."""
+    kinds = list(dict.fromkeys(r["model"] for r in rows))
 
-    env = {"device": torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu"),
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "elapsed_s": round(elapsed, 1)}
-    with open(os.path.join(out, "demo.json"), "w") as f:
-        json.dump({"environment": env, "rows": rows, "decoder": extra}, f, indent=1)
-    text = table(rows)
-    if extra:
-        text += "\n\n| decoder | tokens/s |\n|---|---|\n" + "\n".join(
-            f"| {r['method']} | {r.get('tokens_per_s', 0):.1f} |" for r in extra)
-    with open(os.path.join(out, "demo.md"), "w") as f:
-        f.write(f"sparsekern demo on {env['device']} (torch {env['torch']}, {env['threads']} threads)\n\n" + text + "\n")
-    print(text)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, kind in zip(axes, ("mlp", "cnn")):
-            for r in rows:
-                if r["model"] == kind:
-                    ax.scatter(r["latency_ms"], r["accuracy"])
-                    ax.annotate(r["method"], (r["latency_ms"], r["accuracy"]), fontsize=7)
-            ax.set_title(f"{kind} on digits ({env['device']})", fontsize=9)
+    def draw(axes):
+        for ax, kind in zip(axes, kinds):
+            rs = [r for r in rows if r["model"] == kind]
+            label_points(ax, [r["latency_ms"] for r in rs], [r["accuracy"] for r in rs], [r["method"] for r in rs])
+            ax.set_title(f"{kind} on digits ({device_name})", fontsize=9)
             ax.set_xlabel("latency, 64 images (ms)")
             ax.set_ylabel("test accuracy (%)")
             ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "demo.png"), dpi=120)
-        plt.close(fig)
-    except ImportError:
+
+    return save_plot(path, draw, ncols=len(kinds), figsize=(5 * len(kinds), 4))
+
+
+def write(out, rows, extra, device, elapsed) -> list[str]:
+    """demo.json, demo.md and demo.png in `out`; prints the table and where it went."""
+    os.makedirs(out, exist_ok=True)
+    env = {"device": torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu"),
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "elapsed_s": round(elapsed, 1)}
+    paths = [os.path.join(out, f) for f in ("demo.json", "demo.md", "demo.png")]
+    with open(paths[0], "w") as f:
+        json.dump({"environment": env, "rows": rows, "decoder": extra}, f, indent=1)
+    text = table(rows)
+    if extra:
+        text += "\n\n" + markdown_table(extra, [("decoder", "method", ""), ("tokens/s", "tokens_per_s", ".1f")])
+    with open(paths[1], "w") as f:
+        f.write(f"sparsekern demo on {env['device']} (torch {env['torch']}, {env['threads']} threads)\n\n" + text + "\n")
+    print(text)
+    if not plot(rows, paths[2], env["device"]):
         print("(matplotlib not installed: no plot)")
-    print(f"wrote {out}/demo.json, demo.md" + (", demo.png" if os.path.exists(os.path.join(out, "demo.png")) else "")
-          + f" in {elapsed:.0f} s")
+        paths.pop()
+    print(f"wrote {', '.join(os.path.abspath(p) for p in paths)} in {elapsed:.0f} s")
+    return paths

@@ -1,5 +1,5 @@
-"""Simplify structure for real: drop whole layers and channels, fold BatchNorm, and
-choose per-layer sparsity.
+"""Simplify structure for real (model surgery): drop whole layers and channels, fold
+BatchNorm.
 
 - `layer_importance(model, loss_fn, data)`: sum of |g| per layer and per block.
 - `remove_layers(model, names, example_input)`: shape-preserving blocks become Identity.
@@ -9,21 +9,23 @@ choose per-layer sparsity.
   inputs (`channel_cut_reference`). Channels tied by residual additions or concatenation
   are left alone and reported.
 - `fold_batchnorm(model)`: Conv/Linear followed by BatchNorm (eval) becomes one layer.
-- `sensitivity`, `allocate`, `sweep`: per-layer sparsity from measured accuracy drops.
+
+Per-layer sparsity from measured metric drops (sensitivity, allocate, sweep) is in
+sparsekern.selection; tables and plots in sparsekern.reporting. This module uses prune
+(layers, scores, amounts) and sparsify.set_module from sparsekern.
 """
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 from typing import Callable, Iterable
 
 import torch
 from torch import fx, nn
+from tqdm import tqdm
 
-from . import prune
-from ._progress import progress
+from .prune import PRUNABLE, group_score, prune_count, run_batch
+from .sparsify import set_module
 
 
 # ------------------------------------------------------------------ layer importance
@@ -36,7 +38,7 @@ def layer_importance(model: nn.Module, loss_fn: Callable, data: Iterable, show_p
     acc = {n: 0.0 for n in params}
     count = 0
     try:
-        for batch in progress(data, "layer importance", enabled=show_progress):
+        for batch in tqdm(data, "layer importance", disable=not show_progress, mininterval=1.0):
             for p in params.values():
                 p.grad = None
             loss_fn(model, batch).backward()
@@ -59,12 +61,6 @@ def layer_importance(model: nn.Module, loss_fn: Callable, data: Iterable, show_p
 
 
 # ---------------------------------------------------------------------- remove layers
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def remove_layers(model: nn.Module, names: list[str], example_input) -> nn.Module:
     """Replace each named block with nn.Identity; a block whose output shape differs from
     its input shape (or that takes several inputs) is refused with a clear error."""
@@ -81,7 +77,7 @@ def remove_layers(model: nn.Module, names: list[str], example_input) -> nn.Modul
     hooks = [mods[n].register_forward_hook(record(n)) for n in names]
     try:
         with torch.no_grad():
-            prune._run_batch(model, example_input)
+            run_batch(model, example_input)
     finally:
         for h in hooks:
             h.remove()
@@ -95,7 +91,7 @@ def remove_layers(model: nn.Module, names: list[str], example_input) -> nn.Modul
             raise ValueError(f"remove_layers: layer {n!r} changes the shape {tuple(inputs[0].shape)} -> "
                              f"{tuple(out.shape)}; only shape-preserving blocks can be removed")
     for n in names:
-        _set_module(model, n, nn.Identity())
+        set_module(model, n, nn.Identity())
     return model
 
 
@@ -125,7 +121,7 @@ def _channel_plan(model: nn.Module, example_input):
             calls[node.target] = calls.get(node.target, 0) + 1
     plans, tied = {}, {}
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(mods[node.target], prune.PRUNABLE):
+        if node.op != "call_module" or not isinstance(mods[node.target], PRUNABLE):
             continue
         prod = mods[node.target]
         if isinstance(prod, nn.Conv2d) and prod.groups != 1:
@@ -144,7 +140,7 @@ def _channel_plan(model: nn.Module, example_input):
                     reason = "shared BatchNorm"
                 bns.append(u.target)
                 stack += [(v, sp) for v in u.users]
-            elif u.op == "call_module" and isinstance(tgt, prune.PRUNABLE):
+            elif u.op == "call_module" and isinstance(tgt, PRUNABLE):
                 if isinstance(tgt, nn.Conv2d) and tgt.groups != 1:
                     reason = f"consumer {u.target} is a grouped convolution"
                 elif calls[u.target] != 1:
@@ -176,11 +172,11 @@ def _channel_plan(model: nn.Module, example_input):
 
 def _keep_channels(weight: torch.Tensor, amount, norm: str, round_to: int) -> torch.Tensor:
     out = weight.shape[0]
-    n_prune = prune._n_prune(amount, out, "prune_channels")
+    n_prune = prune_count(amount, out, "prune_channels")
     keep = max(1, out - n_prune)
     if round_to > 1:
         keep = min(out, math.ceil(keep / round_to) * round_to)
-    g = prune.group_score(weight, "row", norm=norm).reshape(-1)
+    g = group_score(weight, "row", norm=norm).reshape(-1)
     return torch.sort(torch.topk(g, keep).indices).values
 
 
@@ -212,7 +208,7 @@ def prune_channels(model: nn.Module, amount, example_input, method: str = "l2", 
     "report": rows}."""
     if method not in ("l1", "l2"):
         raise ValueError(f"prune_channels: method must be 'l1' or 'l2', got {method!r}")
-    prune._n_prune(amount, 1 if isinstance(amount, float) else max(1, amount), "prune_channels")
+    prune_count(amount, 1 if isinstance(amount, float) else max(1, amount), "prune_channels")
     plans, tied = _channel_plan(model, example_input)
     mods = dict(model.named_modules())
     kept, report = {}, []
@@ -289,7 +285,7 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
         for node in gm.graph.nodes:
             if node.op == "call_module" and isinstance(mods[node.target], (nn.BatchNorm1d, nn.BatchNorm2d)):
                 src = node.args[0]
-                if (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(mods[src.target], prune.PRUNABLE)
+                if (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(mods[src.target], PRUNABLE)
                         and len(src.users) == 1):
                     pairs.append((src.target, node.target))
     except Exception:  # noqa: BLE001 - not traceable: look at Sequential neighbours only
@@ -297,168 +293,11 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
             if isinstance(parent, nn.Sequential):
                 kids = list(parent.named_children())
                 for (a, ma), (b, mb) in zip(kids, kids[1:]):
-                    if isinstance(ma, prune.PRUNABLE) and isinstance(mb, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                    if isinstance(ma, PRUNABLE) and isinstance(mb, (nn.BatchNorm1d, nn.BatchNorm2d)):
                         pre = pname + "." if pname else ""
                         pairs.append((pre + a, pre + b))
     mods = dict(model.named_modules())
     for lname, bname in pairs:
         _fold(mods[lname], mods[bname])
-        _set_module(model, bname, nn.Identity())
+        set_module(model, bname, nn.Identity())
     return pairs
-
-
-# --------------------------------------------------------------- per-layer sparsity
-def _layer_mask(weight, method, s):
-    sc = prune.score(weight, "l1" if method in ("l1", "l2") else method)
-    return prune.unstructured_mask(sc, s)
-
-
-def sensitivity(model: nn.Module, eval_fn: Callable[[nn.Module], float], sparsities=(0.3, 0.5, 0.7, 0.9),
-                method: str = "l1", layers: list[str] | None = None, show_progress: bool = True) -> dict:
-    """Metric (eval_fn(model), higher is better) when each layer alone is pruned to each
-    sparsity; every layer is restored afterwards. Returns {"baseline", "sparsities",
-    "layers": {name: {"params", "metric": {sparsity: value}}}}."""
-    if method not in ("l1", "l2", "random"):
-        raise ValueError(f"sensitivity: method must be l1, l2 or random, got {method!r}")
-    for s in sparsities:
-        prune._n_prune(float(s), 1, "sensitivity")
-    targets = prune.prunable_layers(model) if layers is None else [(n, model.get_submodule(n)) for n in layers]
-    result = {"baseline": float(eval_fn(model)), "sparsities": [float(s) for s in sparsities], "method": method,
-              "layers": {}}
-    work = [(n, m, s) for n, m in targets for s in sparsities]
-    for name, mod, s in progress(work, "sensitivity", enabled=show_progress):
-        w = mod.weight
-        saved = w.detach().clone()
-        with torch.no_grad():
-            w.mul_(_layer_mask(saved, method, float(s)).to(w.dtype))
-        try:
-            val = float(eval_fn(model))
-        finally:
-            with torch.no_grad():
-                w.copy_(saved)
-        entry = result["layers"].setdefault(name, {"params": w.numel(), "metric": {}})
-        entry["metric"][float(s)] = val
-    return result
-
-
-def allocate(sens: dict, target_sparsity: float) -> dict[str, float]:
-    """Per-layer sparsities (from the measured grid) whose parameter-weighted mean reaches
-    `target_sparsity`, greedily taking the step with the smallest metric drop per pruned
-    parameter."""
-    if not 0.0 <= target_sparsity <= 1.0:
-        raise ValueError(f"allocate: target_sparsity must be in [0, 1], got {target_sparsity}")
-    layers = sens["layers"]
-    grid = [0.0] + sorted(sens["sparsities"])
-    total = sum(v["params"] for v in layers.values())
-    if max(grid) < target_sparsity:
-        raise ValueError(f"allocate: target {target_sparsity} exceeds the largest measured sparsity {max(grid)}")
-    level = {n: 0 for n in layers}
-
-    def metric(n, i):
-        return sens["baseline"] if i == 0 else layers[n]["metric"][grid[i]]
-
-    def reached():
-        return sum(grid[level[n]] * layers[n]["params"] for n in layers) / total >= target_sparsity - 1e-12
-
-    while not reached():
-        best, best_cost = None, None
-        for n in layers:
-            i = level[n]
-            if i + 1 >= len(grid):
-                continue
-            cost = (metric(n, i) - metric(n, i + 1)) / ((grid[i + 1] - grid[i]) * layers[n]["params"])
-            if best_cost is None or cost < best_cost:
-                best, best_cost = n, cost
-        if best is None:
-            break
-        level[best] += 1
-    return {n: grid[i] for n, i in level.items()}
-
-
-def sweep(model: nn.Module, eval_fn: Callable[[nn.Module], float], amounts=(0.0, 0.3, 0.5, 0.7, 0.9),
-          method: str = "l1", out_dir: str | None = None, show_progress: bool = True) -> list[dict]:
-    """Prune copies of the model to each amount and measure: the "which pruning rate"
-    answer as rows (amount, metric, sparsity, nonzero params, dense and bitmask bytes);
-    with out_dir, also sweep.json, sweep.md (table) and sweep.png (plot, if matplotlib)."""
-    rows = []
-    for amount in progress(list(amounts), "sweep", enabled=show_progress):
-        m = copy.deepcopy(model)
-        if amount > 0:
-            prune.global_prune(m, float(amount), method)
-            prune.remove(m)
-        layers = prune.prunable_layers(m)
-        nnz = sum(int((l.weight != 0).sum()) for _, l in layers)
-        total = sum(l.weight.numel() for _, l in layers)
-        elt = layers[0][1].weight.element_size() if layers else 4
-        rows.append({"amount": float(amount), "metric": float(eval_fn(m)), "sparsity": 1 - nnz / max(total, 1),
-                     "nonzero_params": nnz, "dense_bytes": total * elt,
-                     "bitmask_bytes": nnz * elt + math.ceil(total / 8)})
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "sweep.json"), "w") as f:
-            json.dump({"method": method, "rows": rows}, f, indent=1)
-        with open(os.path.join(out_dir, "sweep.md"), "w") as f:
-            f.write(format_table(rows) + "\n")
-        plot_sweep(rows, os.path.join(out_dir, "sweep.png"))
-    return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    head = "| amount | metric | sparsity | nonzero params | dense bytes | bitmask bytes |\n|---|---|---|---|---|---|"
-    body = [f"| {r['amount']:.2f} | {r['metric']:.4f} | {r['sparsity']:.3f} | {r['nonzero_params']} | "
-            f"{r['dense_bytes']} | {r['bitmask_bytes']} |" for r in rows]
-    return "\n".join([head] + body)
-
-
-def plot_sweep(rows: list[dict], path: str) -> bool:
-    """Metric against sparsity; returns False (and writes nothing) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["sparsity"] for r in rows], [r["metric"] for r in rows], "o-")
-    ax.set_xlabel("sparsity (fraction of weights removed)")
-    ax.set_ylabel("metric")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def format_sensitivity(sens: dict) -> str:
-    """Markdown table: one row per layer, one column per sparsity (metric drop from baseline)."""
-    sps = sens["sparsities"]
-    head = "| layer | params | " + " | ".join(f"drop @ {s:.0%}" for s in sps) + " |"
-    lines = [head, "|" + "---|" * (len(sps) + 2)]
-    for name, v in sens["layers"].items():
-        drops = " | ".join(f"{sens['baseline'] - v['metric'][s]:.4f}" for s in sps)
-        lines.append(f"| {name} | {v['params']} | {drops} |")
-    return "\n".join(lines)
-
-
-def plot_sensitivity(sens: dict, path: str) -> bool:
-    """One line per layer: metric against that layer's sparsity; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, v in sens["layers"].items():
-        xs = [0.0] + sens["sparsities"]
-        ax.plot(xs, [sens["baseline"]] + [v["metric"][s] for s in sens["sparsities"]], "o-", label=name)
-    ax.set_xlabel("sparsity of the layer alone")
-    ax.set_ylabel("metric")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True

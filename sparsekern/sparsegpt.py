@@ -12,7 +12,12 @@ each group as the group is reached) or whole blocks (bh x bw).
 Sequential calibration (`sparsegpt_prune_model`): layers are pruned in forward order and
 each one's Hessian comes from a fresh forward pass over the calibration batches through
 the already-pruned earlier layers, stopped right after the layer's input is seen. Only one
-layer's Hessian (and the activations of one batch) is held at a time.
+layer's Hessian (and the activations of one batch) is held at a time. The masks are
+recorded like torch.nn.utils.prune's (`prune.apply_mask`), so `sparsekern.from_torch_prune`
+or `prune.remove` take it from there.
+
+Reconstruction sits above pruning: this module uses ops, patterns and prune, never the
+sparse modules (`sparsekern.sparsify(method="sparsegpt")` calls it).
 """
 from __future__ import annotations
 
@@ -20,9 +25,11 @@ from typing import Callable
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from . import ops, prune
-from ._progress import progress
+from . import ops
+from .patterns import as_2d, from_2d, parse_pattern
+from .prune import apply_mask, prunable_layers, prune_count, run_batch
 
 
 class _StopForward(Exception):
@@ -60,7 +67,7 @@ def layer_inputs_hessian(model: nn.Module, layer: nn.Module, calibration, cols2d
             for i, batch in enumerate(_iter_batches(calibration)):
                 seen += 1
                 try:
-                    prune._run_batch(model, batch)
+                    run_batch(model, batch)
                 except _StopForward:
                     pass
                 except Exception as e:  # noqa: BLE001 - say which batch and layer, keep the cause
@@ -80,10 +87,8 @@ def sparsegpt_weight(weight2d: torch.Tensor, hessian: torch.Tensor, pattern: str
                      block: tuple[int, int] = (32, 32)) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune and compensate one weight [out, in] given H [in, in]. Returns (new weight in
     the weight's dtype with zeros in place, bool mask)."""
-    from .nn import parse_pattern
-
     kind, params = parse_pattern(pattern, "sparsegpt")
-    if kind not in ("nm", "bitmask", "block"):
+    if kind not in ("nm", "unstructured", "block"):
         raise ValueError(f"sparsegpt: pattern {pattern!r} is not prunable")
     rows, cols = weight2d.shape
     if hessian.shape != (cols, cols):
@@ -91,7 +96,7 @@ def sparsegpt_weight(weight2d: torch.Tensor, hessian: torch.Tensor, pattern: str
     if kind == "nm" and cols % params["m"]:
         raise ValueError(f"sparsegpt: in_features ({cols}) is not divisible by m = {params['m']}")
     if kind != "nm":
-        prune._n_prune(float(sparsity), 1, "sparsegpt")
+        prune_count(float(sparsity), 1, "sparsegpt")
     bh, bw = params.get("block", block) if kind == "block" else (1, 1)
     if kind == "block" and (rows % bh or cols % bw):
         raise ValueError(f"sparsegpt: weight {tuple(weight2d.shape)} is not divisible by block {(bh, bw)}")
@@ -126,7 +131,7 @@ def sparsegpt_weight(weight2d: torch.Tensor, hessian: torch.Tensor, pattern: str
         Hinv1 = Hinv[i1:i2, i1:i2]
         d1 = torch.diag(Hinv1)
         mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        if kind == "bitmask":
+        if kind == "unstructured":
             tmp = W1.square() / d1.square()[None, :]
             k = int(round(tmp.numel() * float(sparsity)))
             if k:
@@ -165,11 +170,11 @@ def sparsegpt_prune_model(model: nn.Module, calibration, pattern: str = "unstruc
     updating their weights in place and recording the masks like torch.nn.utils.prune.
     calibration: iterable of batches as the model's forward takes them (tensors, tuples,
     dicts such as tokenizer output) or a callable returning one. sparsity: a fraction, or
-    {layer: fraction} (e.g. simplify.allocate's per-layer amounts; layers not named are
+    {layer: fraction} (e.g. selection.allocate's per-layer amounts; layers not named are
     left alone). Returns {layer: mask}."""
     if isinstance(sparsity, dict):
         layers = [n for n in (layers or sparsity) if n in sparsity and sparsity[n] > 0]
-    targets = dict(prune.prunable_layers(model)) if layers is None else {n: model.get_submodule(n) for n in layers}
+    targets = dict(prunable_layers(model)) if layers is None else {n: model.get_submodule(n) for n in layers}
     order: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: order.append(n) if n not in order else None)
              for n, m in targets.items()]
@@ -179,7 +184,7 @@ def sparsegpt_prune_model(model: nn.Module, calibration, pattern: str = "unstruc
             for batch in _iter_batches(calibration):
                 got = True
                 try:
-                    prune._run_batch(model, batch)
+                    run_batch(model, batch)
                 except Exception as e:  # noqa: BLE001
                     raise ValueError(f"sparsegpt: the model cannot take the calibration batches "
                                      f"({type(e).__name__}: {e})") from e
@@ -190,7 +195,7 @@ def sparsegpt_prune_model(model: nn.Module, calibration, pattern: str = "unstruc
         for h in hooks:
             h.remove()
     masks = {}
-    for name in progress(order, "sparsegpt (layers)", enabled=show_progress):
+    for name in tqdm(order, "sparsegpt (layers)", disable=not show_progress, mininterval=1.0):
         mod = targets[name]
         if isinstance(mod, nn.Conv2d):
             if mod.groups != 1:
@@ -205,15 +210,15 @@ def sparsegpt_prune_model(model: nn.Module, calibration, pattern: str = "unstruc
         amount = sparsity[name] if isinstance(sparsity, dict) else sparsity
         try:
             H, _ = layer_inputs_hessian(model, mod, calibration, cols2d)
-            w2d = prune._as_2d(mod.weight.detach())
+            w2d = as_2d(mod.weight.detach())
             new2d, mask2d = sparsegpt_weight(w2d, H, pattern, amount, blocksize, percdamp, block)
         except ValueError as e:
             raise ValueError(f"sparsegpt: layer {name!r}: {e}") from e
         with torch.no_grad():
             target = mod.weight_orig if hasattr(mod, "weight_orig") else mod.weight
-            target.copy_(prune._from_2d(new2d, mod.weight.shape))
-        mask = prune._from_2d(mask2d, mod.weight.shape)
-        prune.apply_mask(mod, mask)
+            target.copy_(from_2d(new2d, mod.weight.shape))
+        mask = from_2d(mask2d, mod.weight.shape)
+        apply_mask(mod, mask)
         masks[name] = mask
         del H
     return masks

