@@ -43,6 +43,7 @@ import torch
 
 from . import ops
 from .patterns import BITMASK_TILE_COLS, KIND_CODES, check_nm, nm_index_bits, parse_pattern, unpack_bitmask, unpack_bits
+from .patterns import pack_bits
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -131,6 +132,26 @@ class _Format:
         return (f"{type(self).__name__}(shape={tuple(self.shape)}, {self.pattern}, density={self.density:.4f}, "
                 f"dtype={self.dtype}, nbytes={self.nbytes})")
 
+    def _check_cut(self, start: int, stop: int, axis: int, step: int, what: str, where: str) -> None:
+        """[start, stop) must be a non-empty range of rows (axis 0) or columns (axis 1) whose
+        ends fall on multiples of `step` (the end of the weight is always a legal cut)."""
+        size = self.shape[axis]
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= size):
+            raise ValueError(f"{where}: [{start}, {stop}) is not a non-empty range inside [0, {size})")
+        bad = [c for c in (start, stop) if c % step and c != size]
+        if bad:
+            raise ValueError(f"{where}: cutting at {bad[0]} would split {what}; cuts must fall on multiples of "
+                             f"{step}")
+
+    @staticmethod
+    def _check_parts(parts, cls, where: str) -> list:
+        parts = list(parts)
+        if not parts or not all(isinstance(p, cls) for p in parts):
+            raise TypeError(f"{where}: expected a non-empty sequence of {cls.__name__}")
+        if len({p.dtype for p in parts}) != 1 or len({str(p.device) for p in parts}) != 1:
+            raise ValueError(f"{where}: parts must share one dtype and one device")
+        return parts
+
 
 # ------------------------------------------------------------------------------- N:M
 @dataclass(repr=False, eq=False)
@@ -215,6 +236,44 @@ class NMWeight(_Format):
             raise ValueError(f"{where}: indices hold an in-group index >= m={self.m} (corrupt)")
         return self
 
+    def slice_rows(self, start: int, stop: int) -> "NMWeight":
+        """Output rows [start, stop) of the weight (any row boundary is legal)."""
+        self._check_cut(start, stop, 0, 1, "rows", "NMWeight.slice_rows")
+        return NMWeight(self.values[start:stop].contiguous(), self.indices[start:stop].contiguous(), self.n, self.m,
+                        self.in_features).validate()
+
+    def slice_cols(self, start: int, stop: int) -> "NMWeight":
+        """Input columns [start, stop) of the weight; both ends on multiples of m, so no
+        N:M group is cut. Indices are repacked when the cut is not on a byte."""
+        self._check_cut(start, stop, 1, self.m, f"an N:M group of {self.m} columns", "NMWeight.slice_cols")
+        s0, s1 = start // self.m * self.n, stop // self.m * self.n
+        bits = nm_index_bits(self.m)
+        slots = unpack_bits(self.indices, bits, self.values.shape[1])[:, s0:s1]
+        return NMWeight(self.values[:, s0:s1].contiguous(), pack_bits(slots, bits), self.n, self.m,
+                        stop - start).validate()
+
+    @classmethod
+    def cat_rows(cls, parts) -> "NMWeight":
+        """The weight whose rows are the parts' rows in order (inverse of slice_rows)."""
+        parts = cls._check_parts(parts, cls, "NMWeight.cat_rows")
+        if len({(p.n, p.m, p.in_features) for p in parts}) != 1:
+            raise ValueError("NMWeight.cat_rows: parts must share n, m and in_features")
+        p0 = parts[0]
+        return cls(torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts]), p0.n, p0.m,
+                   p0.in_features).validate()
+
+    @classmethod
+    def cat_cols(cls, parts) -> "NMWeight":
+        """The weight whose columns are the parts' columns in order (inverse of slice_cols)."""
+        parts = cls._check_parts(parts, cls, "NMWeight.cat_cols")
+        if len({(p.n, p.m, p.shape[0]) for p in parts}) != 1:
+            raise ValueError("NMWeight.cat_cols: parts must share n, m and the number of rows")
+        p0 = parts[0]
+        bits = nm_index_bits(p0.m)
+        slots = torch.cat([unpack_bits(p.indices, bits, p.values.shape[1]) for p in parts], 1)
+        return cls(torch.cat([p.values for p in parts], 1), pack_bits(slots, bits), p0.n, p0.m,
+                   sum(p.in_features for p in parts)).validate()
+
 
 # --------------------------------------------------------------------------- bitmask
 @dataclass(repr=False, eq=False)
@@ -296,6 +355,75 @@ class BitmaskWeight(_Format):
         if not torch.equal(expected, off):
             raise ValueError(f"{where}: offsets do not match the bitmask's popcounts (corrupt)")
         return self
+
+    @staticmethod
+    def _offsets_of(keep: torch.Tensor) -> torch.Tensor:
+        """int32 offsets of a bool keep mask [out, in] (layout in the module docstring)."""
+        out, k = keep.shape
+        tiles = math.ceil(k / BITMASK_TILE_COLS)
+        counts = torch.nn.functional.pad(keep.to(torch.int64), (0, tiles * BITMASK_TILE_COLS - k))
+        counts = counts.view(out, tiles, BITMASK_TILE_COLS).sum(-1).flatten()
+        return (counts.cumsum(0) - counts).view(out, tiles).to(torch.int32)
+
+    def _row_starts(self) -> torch.Tensor:
+        """int64 [out + 1]: index in `values` of each row's first kept element, then nnz."""
+        starts = self.offsets[:, 0].to(torch.int64) if self.offsets.numel() else \
+            torch.zeros(self.shape[0], dtype=torch.int64, device=self.device)
+        return torch.cat([starts, torch.tensor([self.values.numel()], device=self.device)])
+
+    def slice_rows(self, start: int, stop: int) -> "BitmaskWeight":
+        """Output rows [start, stop) of the weight (any row boundary is legal)."""
+        self._check_cut(start, stop, 0, 1, "rows", "BitmaskWeight.slice_rows")
+        rows = self._row_starts()
+        v0, v1 = int(rows[start]), int(rows[stop])
+        offsets = (self.offsets[start:stop].to(torch.int64) - v0).to(torch.int32)
+        return BitmaskWeight(self.values[v0:v1].clone(), self.bitmask[start:stop].contiguous(), offsets,
+                             self.in_features).validate()
+
+    def slice_cols(self, start: int, stop: int) -> "BitmaskWeight":
+        """Input columns [start, stop) of the weight; both ends on multiples of 64, so no
+        bitmask word is cut. Offsets are recomputed for the slice's 512-column tiles."""
+        self._check_cut(start, stop, 1, 64, "a 64-column bitmask word", "BitmaskWeight.slice_cols")
+        keep = unpack_bitmask(self.bitmask, self.in_features)
+        before, sub = keep[:, :start].sum(1), keep[:, start:stop]
+        counts = sub.sum(1)
+        first = self._row_starts()[:-1] + before  # index in values of each row's first kept column >= start
+        base = torch.repeat_interleave(first - (counts.cumsum(0) - counts), counts)
+        index = base + torch.arange(int(counts.sum()), device=self.device)
+        return BitmaskWeight(self.values[index], self.bitmask[:, start // 64: math.ceil(stop / 64)].contiguous(),
+                             self._offsets_of(sub), stop - start).validate()
+
+    @classmethod
+    def cat_rows(cls, parts) -> "BitmaskWeight":
+        """The weight whose rows are the parts' rows in order (inverse of slice_rows)."""
+        parts = cls._check_parts(parts, cls, "BitmaskWeight.cat_rows")
+        if len({p.in_features for p in parts}) != 1:
+            raise ValueError("BitmaskWeight.cat_rows: parts must share in_features")
+        bases = [0]
+        for p in parts[:-1]:
+            bases.append(bases[-1] + p.values.numel())
+        offsets = torch.cat([(p.offsets.to(torch.int64) + b).to(torch.int32) for p, b in zip(parts, bases)])
+        return cls(torch.cat([p.values for p in parts]), torch.cat([p.bitmask for p in parts]), offsets,
+                   parts[0].in_features).validate()
+
+    @classmethod
+    def cat_cols(cls, parts) -> "BitmaskWeight":
+        """The weight whose columns are the parts' columns in order (inverse of slice_cols);
+        every part but the last must have a multiple of 64 columns (whole bitmask words)."""
+        parts = cls._check_parts(parts, cls, "BitmaskWeight.cat_cols")
+        if len({p.shape[0] for p in parts}) != 1:
+            raise ValueError("BitmaskWeight.cat_cols: parts must share the number of rows")
+        if any(p.in_features % 64 for p in parts[:-1]):
+            raise ValueError("BitmaskWeight.cat_cols: every part but the last needs a multiple of 64 columns")
+        out = parts[0].shape[0]
+        keep = torch.cat([unpack_bitmask(p.bitmask, p.in_features) for p in parts], 1)
+        # Row-major order of the whole: sort the parts' values by (row, part), stably.
+        rows = torch.arange(out, device=parts[0].device)
+        key = torch.cat([torch.repeat_interleave(rows * len(parts) + i, p._row_starts().diff())
+                         for i, p in enumerate(parts)])
+        order = torch.sort(key, stable=True).indices
+        return cls(torch.cat([p.values for p in parts])[order], torch.cat([p.bitmask for p in parts], 1),
+                   cls._offsets_of(keep), sum(p.in_features for p in parts)).validate()
 
 
 # ----------------------------------------------------------------------------- block
@@ -387,6 +515,62 @@ class BlockWeight(_Format):
         if col.numel() and (int(col.min()) < 0 or int(col.max()) >= self.in_features // v.shape[2]):
             raise ValueError(f"{where}: col_indices out of range [0, {self.in_features // v.shape[2]})")
         return self
+
+    def slice_rows(self, start: int, stop: int) -> "BlockWeight":
+        """Output rows [start, stop) of the weight; both ends on multiples of the block
+        height, so no block is cut."""
+        bh, bw = self.block
+        self._check_cut(start, stop, 0, bh, f"a {bh}x{bw} block", "BlockWeight.slice_rows")
+        crow = self.crow_indices[start // bh: stop // bh + 1]
+        c0, c1 = int(crow[0]), int(crow[-1])
+        return BlockWeight((crow - c0).contiguous(), self.col_indices[c0:c1].clone(), self.values[c0:c1].clone(),
+                           self.in_features).validate()
+
+    def slice_cols(self, start: int, stop: int) -> "BlockWeight":
+        """Input columns [start, stop) of the weight; both ends on multiples of the block
+        width, so no block is cut."""
+        bh, bw = self.block
+        self._check_cut(start, stop, 1, bw, f"a {bh}x{bw} block", "BlockWeight.slice_cols")
+        col, crow = self.col_indices, self.crow_indices
+        keep = (col >= start // bw) & (col < stop // bw)
+        block_rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=col.device), crow.diff())
+        counts = torch.bincount(block_rows[keep], minlength=crow.numel() - 1)
+        new_crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return BlockWeight(new_crow, col[keep] - start // bw, self.values[keep], stop - start).validate()
+
+    @classmethod
+    def cat_rows(cls, parts) -> "BlockWeight":
+        """The weight whose rows are the parts' rows in order (inverse of slice_rows)."""
+        parts = cls._check_parts(parts, cls, "BlockWeight.cat_rows")
+        if len({(p.in_features, p.block) for p in parts}) != 1:
+            raise ValueError("BlockWeight.cat_rows: parts must share in_features and the block shape")
+        crows, base = [parts[0].crow_indices[:1]], 0
+        for p in parts:
+            crows.append(p.crow_indices[1:] + base)
+            base += p.values.shape[0]
+        return cls(torch.cat(crows), torch.cat([p.col_indices for p in parts]),
+                   torch.cat([p.values for p in parts]), parts[0].in_features).validate()
+
+    @classmethod
+    def cat_cols(cls, parts) -> "BlockWeight":
+        """The weight whose columns are the parts' columns in order (inverse of slice_cols)."""
+        parts = cls._check_parts(parts, cls, "BlockWeight.cat_cols")
+        if len({(p.shape[0], p.block) for p in parts}) != 1:
+            raise ValueError("BlockWeight.cat_cols: parts must share the number of rows and the block shape")
+        bh, bw = parts[0].block
+        nrows = parts[0].crow_indices.numel() - 1
+        total_cols = sum(p.in_features for p in parts) // bw
+        rows, cols, shift = [], [], 0
+        for p in parts:
+            rows.append(torch.repeat_interleave(torch.arange(nrows, device=p.device), p.crow_indices.diff()))
+            cols.append(p.col_indices + shift)
+            shift += p.in_features // bw
+        row, col = torch.cat(rows), torch.cat(cols)
+        order = torch.sort(row * total_cols + col).indices
+        counts = torch.bincount(row, minlength=nrows)
+        crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return cls(crow, col[order], torch.cat([p.values for p in parts])[order],
+                   sum(p.in_features for p in parts)).validate()
 
 
 FORMATS = (NMWeight, BitmaskWeight, BlockWeight)
