@@ -1,0 +1,96 @@
+"""Per-call overhead of the one door (sparsekern.ops) and of a sparse module, on shapes so
+small that the kernel's own work is a few microseconds.
+
+For each sparse linear op, timed interleaved (round-robin, `rounds` rounds of `calls` calls
+each; median and p20/p80 of the per-call time):
+
+  ops           ops.<op>(x, W): checks, the cached dispatch decision, the kernel
+  kernel        the compiled op alone, called below autograd (what ops ends up running)
+  kernel again  the same call a second time in the loop: the noise floor
+  module        SparseLinear(Policy("sparse")) forward, no grad
+  F.linear      torch's dense linear on the same shape (for scale)
+
+The overhead row is ops minus kernel (median): what the Python door costs per call.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from .. import ops
+from ..formats import BitmaskWeight, BlockWeight, NMWeight
+from ..nn import Policy, SparseLinear
+from .common import quantiles
+
+IN, OUT = 256, 64
+
+
+def _weights(device):
+    w = torch.randn(OUT, IN, device=device)
+    return {"nm_linear": NMWeight.from_dense(w, 2, 4),
+            "bitmask_linear": BitmaskWeight.from_dense(w, torch.rand(OUT, IN, device=device) < 0.3),
+            "block_linear": BlockWeight.from_dense(w, (16, 16), torch.rand(OUT, IN, device=device) < 0.02)}
+
+
+def _per_call(fn, calls: int, sync) -> float:
+    sync()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / calls
+
+
+def measure(device: str = "cpu", rounds: int = 15, calls: int = 2000) -> list[dict]:
+    """Rows of per-call times (see the module docstring); one row per (op, provider)."""
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda":
+        calls = min(calls, 500)
+    x = torch.randn(1, IN, device=dev)
+    rows = []
+    for op, W in _weights(dev).items():
+        backend, _ = ops.explain_backend(op, x, W)
+        raw = getattr(getattr(torch.ops, "sparsekern"), op).default
+        args = (x, *W.kernel_args(), None)
+
+        def kernel():
+            with torch._C._AutoDispatchBelowAutograd():
+                return raw(*args)
+
+        dense = W.to_dense()
+        module = SparseLinear.from_format(W, policy=Policy("sparse")).eval()
+        fns = {"ops": lambda: getattr(ops, op)(x, W), "kernel": kernel, "kernel again": kernel,
+               "module": lambda: module(x), "F.linear": lambda: torch.nn.functional.linear(x, dense)}
+        samples = {p: [] for p in fns}
+        with torch.no_grad():
+            for fn in fns.values():
+                _per_call(fn, 50, sync)
+            for _ in range(rounds):
+                for p, fn in fns.items():
+                    samples[p].append(_per_call(fn, calls, sync))
+        common = {"suite": "overhead", "op": op, "pattern": W.pattern, "device": device, "dtype": "float32",
+                  "shape": [OUT, IN], "batch": 1, "backend": backend}
+        for p, ts in samples.items():
+            rows.append({**common, "provider": p, **quantiles(ts)})
+        over = [a - b for a, b in zip(samples["ops"], samples["kernel"])]
+        floor = [abs(a - b) for a, b in zip(samples["kernel"], samples["kernel again"])]
+        rows.append({**common, "provider": "ops overhead (ops - kernel)", **quantiles(over),
+                     "noise_floor_ms": statistics.median(floor) * 1e3})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: per op, every provider's median and p20-p80 in microseconds."""
+    lines = ["| op | provider | median µs | p20–p80 µs |", "|---|---|---|---|"]
+    for r in rows:
+        extra = f" (noise floor {r['noise_floor_ms'] * 1e3:.2f})" if "noise_floor_ms" in r else ""
+        lines.append(f"| {r['op']} ({r['backend']}) | {r['provider']} | {r['median_ms'] * 1e3:.2f}{extra} | "
+                     f"{r['p20_ms'] * 1e3:.2f}–{r['p80_ms'] * 1e3:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table(measure()))
