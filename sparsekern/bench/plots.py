@@ -56,8 +56,9 @@ def summary_markdown(env: dict, rows: list[dict]) -> str:
             ("value", "value", ".4f")]), ""]
     errs = [r for r in rows if "error" in r]
     if errs:
-        out += ["## Did not run", ""] + [f"- {r.get('provider', r.get('model'))} {r.get('pattern', r.get('variant', ''))}"
-                                         f" {r.get('shape', '')}: {r['error']}" for r in errs] + [""]
+        what = [(r.get("provider", r.get("model")), r.get("pattern", r.get("variant")), r.get("shape")) for r in errs]
+        out += ["## Did not run", ""] + [f"- {' '.join(str(w) for w in ws if w)}: {r['error']}"
+                                         for ws, r in zip(what, errs)] + [""]
     return "\n".join(out)
 
 
