@@ -42,7 +42,8 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
-from .patterns import BITMASK_TILE_COLS, KIND_CODES, check_nm, nm_index_bits, parse_pattern, unpack_bitmask, unpack_bits
+from .patterns import (BITMASK_TILE_COLS, KIND_CODES, check_nm, nm_index_bits, parse_pattern, popcount64,
+                       unpack_bitmask, unpack_bits)
 from .patterns import pack_bits
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -81,9 +82,16 @@ def _meta_ints(d: dict, count: int, where: str) -> list[int]:
 class _Format:
     """Shared behaviour: tensors(), nbytes, density, to(), dtype/device.
 
-    `from_tensors(d)` rebuilds a format from `tensors()` (validated unless validate=False,
-    for tensors the caller validated already); `meta_ints` stands in for d["meta"] when
-    the caller holds the ints (a module's forward never reads a tensor for them).
+    `from_tensors(d)` rebuilds a format from `tensors()`, validated; validate=False means
+    the caller vouches for tensors it validated already (a sparse module validates its
+    buffers when it builds or loads them), and the result counts as validated. `meta_ints`
+    stands in for d["meta"] when the caller holds the ints (a module's forward never reads
+    a tensor for them).
+
+    Memory safety: the kernels read formats without bounds checks, so sparsekern.ops runs
+    validated formats only (`is_validated`): from_dense's output, from_tensors' output, or
+    any format after validate(), which checks every index and offset once. Reassigning a
+    field clears the flag; editing a tensor in place after validation is not tracked.
 
     Each format declares its vocabulary once, and every other module reads it from here:
     KIND (the pattern kind, sparsekern.patterns.KINDS), OP (the sparse linear op that runs
@@ -92,6 +100,23 @@ class _Format:
     KIND: str = ""
     OP: str = ""
     TENSOR_NAMES: tuple[str, ...] = ()
+
+    def __setattr__(self, name, value):
+        # Any new tensor or int invalidates the check; only validate() (or a format built by
+        # sparsekern's own compress kernels) sets it. The ops run validated formats only.
+        object.__setattr__(self, name, value)
+        if name != "_validated":
+            object.__setattr__(self, "_validated", False)
+
+    @property
+    def is_validated(self) -> bool:
+        """True once validate() passed (or the format came from from_dense), and no field
+        was reassigned since. In-place edits of the tensors are not tracked."""
+        return self.__dict__.get("_validated", False)
+
+    def _valid(self):
+        object.__setattr__(self, "_validated", True)
+        return self
 
     def kernel_args(self) -> tuple:
         """The format's tensors and ints in the order its op's schema takes them."""
@@ -126,7 +151,8 @@ class _Format:
         kw = {k: getattr(self, k).to(device) for k in self.TENSOR_NAMES}
         if dtype is not None:
             kw["values"] = kw["values"].to(dtype)
-        return self._replace(**kw)
+        out = self._replace(**kw)
+        return out._valid() if self.is_validated else out
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(shape={tuple(self.shape)}, {self.pattern}, density={self.density:.4f}, "
@@ -179,7 +205,7 @@ class NMWeight(_Format):
             raise ValueError(f"NMWeight.from_dense: in_features (weight.shape[1] = {weight.shape[1]}) must be "
                              f"divisible by m = {m}")
         values, indices = ops.nm_compress(weight.detach(), mask, n, m)
-        return cls(values, indices, n, m, weight.shape[1])
+        return cls(values, indices, n, m, weight.shape[1])._valid()
 
     def to_dense(self) -> torch.Tensor:
         return ops.nm_decompress(self.values, self.indices, self.n, self.m, self.in_features)
@@ -214,7 +240,7 @@ class NMWeight(_Format):
                      meta_ints: list[int] | None = None) -> "NMWeight":
         n, m, k = meta_ints or _meta_ints(d, 3, "NMWeight")
         w = cls(d["values"], d["indices"], n, m, k)
-        return w.validate() if validate else w
+        return w.validate() if validate else w._valid()
 
     def validate(self) -> "NMWeight":
         where = "NMWeight"
@@ -232,9 +258,16 @@ class NMWeight(_Format):
                              f"got {tuple(ix.shape)} {ix.dtype}")
         if ix.device != v.device:
             raise ValueError(f"{where}: indices are on {ix.device} but values on {v.device}")
-        if ix.numel() and int(unpack_bits(ix, bits, kept).max()) >= self.m:
-            raise ValueError(f"{where}: indices hold an in-group index >= m={self.m} (corrupt)")
-        return self
+        if ix.numel() and kept:
+            idx = unpack_bits(ix, bits, kept)
+            if int(idx.max()) >= self.m:
+                raise ValueError(f"{where}: indices hold an in-group index >= m={self.m} (corrupt)")
+            if self.n > 1 and bool((idx.view(idx.shape[0], -1, self.n).diff(dim=-1) <= 0).any()):
+                raise ValueError(f"{where}: the indices of a group must increase (slot t is the t-th kept column; "
+                                 "corrupt)")
+            if ix.shape[1] * 8 > kept * bits and bool((ix[:, -1].to(torch.int32) >> ((kept * bits) % 8)).ne(0).any()):
+                raise ValueError(f"{where}: indices have bits set past the last slot (corrupt)")
+        return self._valid()
 
     def slice_rows(self, start: int, stop: int) -> "NMWeight":
         """Output rows [start, stop) of the weight (any row boundary is legal)."""
@@ -298,7 +331,7 @@ class BitmaskWeight(_Format):
         if weight.numel() >= 2**31:
             raise ValueError("BitmaskWeight.from_dense: more than 2^31-1 elements; split the weight")
         values, bitmask, offsets = ops.bitmask_compress(weight.detach(), mask)
-        return cls(values, bitmask, offsets, weight.shape[1])
+        return cls(values, bitmask, offsets, weight.shape[1])._valid()
 
     def to_dense(self) -> torch.Tensor:
         return ops.bitmask_decompress(self.values, self.bitmask, self.offsets, self.in_features)
@@ -330,7 +363,7 @@ class BitmaskWeight(_Format):
                      meta_ints: list[int] | None = None) -> "BitmaskWeight":
         (k,) = meta_ints or _meta_ints(d, 1, "BitmaskWeight")
         w = cls(d["values"], d["bitmask"], d["offsets"], k)
-        return w.validate() if validate else w
+        return w.validate() if validate else w._valid()
 
     def validate(self) -> "BitmaskWeight":
         where = "BitmaskWeight"
@@ -346,15 +379,18 @@ class BitmaskWeight(_Format):
             raise ValueError(f"{where}: values must be a 1-D float tensor, got {tuple(v.shape)} {v.dtype}")
         if not (bm.device == off.device == v.device):
             raise ValueError(f"{where}: values, bitmask and offsets must be on one device")
-        keep = unpack_bitmask(bm, words * 64)
-        if bool(keep[:, k:].any()):
+        if k % 64 and bm.numel() and bool((bm[:, -1] >> (k % 64)).ne(0).any()):
             raise ValueError(f"{where}: bitmask has bits set beyond in_features ({k})")
-        _, _, expected = ops.bitmask_compress(torch.zeros(keep.shape[0], k, device=bm.device), keep[:, :k])
-        if int(keep.sum()) != v.numel():
-            raise ValueError(f"{where}: bitmask keeps {int(keep.sum())} elements but values has {v.numel()}")
-        if not torch.equal(expected, off):
+        counts = popcount64(bm)  # kept elements per word, [out, words]
+        total = int(counts.sum())
+        if total != v.numel():
+            raise ValueError(f"{where}: bitmask keeps {total} elements but values has {v.numel()}")
+        per_tile = BITMASK_TILE_COLS // 64
+        tile_counts = torch.nn.functional.pad(counts, (0, tiles * per_tile - words)).view(-1, per_tile).sum(-1)
+        expected = (torch.cumsum(tile_counts, 0) - tile_counts).view(bm.shape[0], tiles)
+        if not torch.equal(expected, off.to(torch.int64)):
             raise ValueError(f"{where}: offsets do not match the bitmask's popcounts (corrupt)")
-        return self
+        return self._valid()
 
     @staticmethod
     def _offsets_of(keep: torch.Tensor) -> torch.Tensor:
@@ -452,7 +488,7 @@ class BlockWeight(_Format):
             raise ValueError(f"BlockWeight.from_dense: weight shape {tuple(weight.shape)} must be divisible by "
                              f"block {block}")
         crow, col, values = ops.block_compress(weight.detach(), mask, bh, bw)
-        return cls(crow, col, values, weight.shape[1])
+        return cls(crow, col, values, weight.shape[1])._valid()
 
     @staticmethod
     def check_block(block, where: str) -> tuple[int, int]:
@@ -497,7 +533,7 @@ class BlockWeight(_Format):
                      meta_ints: list[int] | None = None) -> "BlockWeight":
         (k,) = meta_ints or _meta_ints(d, 1, "BlockWeight")
         w = cls(d["crow_indices"], d["col_indices"], d["values"], k)
-        return w.validate() if validate else w
+        return w.validate() if validate else w._valid()
 
     def validate(self) -> "BlockWeight":
         where = "BlockWeight"
@@ -514,7 +550,7 @@ class BlockWeight(_Format):
             raise ValueError(f"{where}: col_indices must have one entry per block ({v.shape[0]})")
         if col.numel() and (int(col.min()) < 0 or int(col.max()) >= self.in_features // v.shape[2]):
             raise ValueError(f"{where}: col_indices out of range [0, {self.in_features // v.shape[2]})")
-        return self
+        return self._valid()
 
     def slice_rows(self, start: int, stop: int) -> "BlockWeight":
         """Output rows [start, stop) of the weight; both ends on multiples of the block

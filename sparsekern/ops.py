@@ -301,8 +301,15 @@ def _check_bias(op: str, bias, out_features: int, x: torch.Tensor) -> None:
 
 
 def _check_format(op: str, weight, cls_name: str) -> None:
+    """The kernels read formats without bounds checks: only validated ones get through
+    (formats from from_dense are; others are validated here once, then flagged)."""
     if getattr(weight, "OP", None) != op:
         raise TypeError(f"{op}: weight must be a sparsekern.formats.{cls_name}, got {type(weight).__name__}")
+    if not weight.is_validated:
+        try:
+            weight.validate()
+        except ValueError as e:
+            raise ValueError(f"{op}: weight is not a valid {cls_name}: {e}") from e
 
 
 def _check_bitmask(op: str, bitmask, rows: int, cols: int, device) -> None:

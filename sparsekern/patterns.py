@@ -132,3 +132,13 @@ def unpack_bitmask(words: torch.Tensor, in_features: int) -> torch.Tensor:
     shifts = torch.arange(64, device=words.device, dtype=torch.int64)
     bits = (words.unsqueeze(-1) >> shifts) & 1
     return bits.reshape(words.shape[0], -1)[:, :in_features].bool()
+
+
+def popcount64(words: torch.Tensor) -> torch.Tensor:
+    """Set bits of each int64 word (SWAR bit counting in int64 arithmetic), same shape."""
+    w = words.to(torch.int64)
+    w = w - ((w >> 1) & 0x5555555555555555)
+    w = (w & 0x3333333333333333) + ((w >> 2) & 0x3333333333333333)
+    w = (w + (w >> 4)) & 0x0F0F0F0F0F0F0F0F
+    # The byte sums fit in the top byte; >> is arithmetic in torch, so mask it after the shift.
+    return ((w * 0x0101010101010101) >> 56) & 0xFF
