@@ -10,14 +10,14 @@ import sys
 def info_dict() -> dict:
     import torch
 
-    import sparsekern
-    from sparsekern import _extension as ext
+    from . import __version__, ops
+    from . import _extension as ext
 
     gpu = None
     if torch.cuda.is_available():
         gpu = {"name": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability())}
     return {
-        "sparsekern": sparsekern.__version__,
+        "sparsekern": __version__,
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "extension_loaded": ext.LOADED,
@@ -29,7 +29,7 @@ def info_dict() -> dict:
             "cuda_kernels": ext.cuda_kernels_available(),
             "gpu": gpu,
             "triton": ext.triton_available(),
-            "triton_ops": sorted(__import__("sparsekern.ops", fromlist=["TRITON_OPS"]).TRITON_OPS),
+            "triton_ops": sorted(name for name, spec in ops.OPS.items() if spec.triton),
             "triton_mode": ("gpu" if torch.cuda.is_available() else
                             "interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else None),
         },

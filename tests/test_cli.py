@@ -76,6 +76,8 @@ def test_cli_errors(tmp_path):
     assert r.returncode != 0 and "expected an nn.Module or a state dict" in r.stderr
     for cmd in ("info", "demo", "prune", "bench"):
         assert run(cmd, "--help").returncode == 0
+    r = run("info")
+    assert r.returncode == 0 and "usable now:" in r.stdout
 
 
 def test_bench_command_runs_the_suite(tmp_path):
