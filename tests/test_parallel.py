@@ -162,6 +162,30 @@ def mlp_section(rank, mesh):
     return result
 
 
+def policies_section(rank, mesh):
+    """Shards on the dense backend (Policy("dense")) and on autotune's choice (every rank
+    follows rank 0's measurement); state dicts of a sharded model load back into it, and
+    a single-device state dict loads into it (each rank keeps its shard)."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from sparsekern.parallel import ColwiseParallel, RowwiseParallel
+
+    x = inputs()
+    model = sparse_mlp("unstructured")
+    single_state, ref = model.state_dict(), model(x)
+    parallelize_module(model, mesh, {"gate_proj": ColwiseParallel(policy=Policy("dense")),
+                                     "up_proj": ColwiseParallel(), "down_proj": RowwiseParallel(policy=Policy("dense"))})
+    assert model.gate_proj.backend == model.down_proj.backend == "dense"
+    close(model(x), ref, "dense and autotuned shards")
+    model.load_state_dict(model.state_dict())
+    close(model(x), ref, "own state dict loaded back")
+    other = sparse_mlp("unstructured", seed=5)
+    parallelize_module(other, mesh, sparse_plan())
+    other.load_state_dict(single_state)
+    close(other(x), ref, "single-device state dict into a sharded model")
+    return {"backends": [m.backend for m in model.children()]}
+
+
 def bad_plans_section(rank, mesh):
     from torch.distributed.tensor.parallel import parallelize_module
 
@@ -285,6 +309,16 @@ def test_tp_mlp_matches_single_process_and_halves_bytes(tp_results, pattern):
 
 
 @pytest.mark.slow
+def test_tp_dense_and_autotuned_shards_and_state_dict_round_trips(tp_results):
+    """Shards on the dense backend and on autotune's choice compute the single-process
+    output; both ranks run the same backends; state dicts (the sharded model's own, and a
+    single-device one) load into the sharded model with outputs unchanged."""
+    res = section(tp_results, "policies")
+    assert res[0]["backends"] == res[1]["backends"]
+    assert res[0]["backends"][0] == res[0]["backends"][2] == "dense"
+
+
+@pytest.mark.slow
 def test_tp_llama_decoder_matches_single_process(tp_results):
     """A Hugging Face Llama decoder built from a config: q/k/v column-wise, o row-wise,
     gate/up column-wise, down row-wise; 2:4, unstructured 70% and block."""
@@ -370,7 +404,18 @@ def fsdp_scenario(rank, mesh, out_dir):
         warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
         fsdp_train(model, shard)
     moved = apply_masks_(model)  # nothing to fix: the masked gradients kept the zeros
-    return {"state": get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)), "moved": moved}
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    # An update that moves pruned weights (here: +1 everywhere): apply_masks_ puts the zeros back.
+    pruned = 0
+    for m in model:
+        if isinstance(m, SparseLinear):
+            with torch.no_grad():
+                m.weight.to_local().add_(1.0)
+            rows = m.weight.to_local().shape[0]
+            pruned += int((~m.mask()[rank * rows:(rank + 1) * rows]).sum())
+    fixed = apply_masks_(model)
+    perturbed = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {"state": state, "moved": moved, "fixed": fixed, "pruned": pruned, "perturbed": perturbed}
 
 
 @pytest.mark.slow
@@ -397,6 +442,30 @@ def test_fsdp2_masked_finetune_matches_single_process(tmp_path):
             w, bits = state[f"{name}.weight"], state[f"{name}.weight_mask_bits"]
             assert (w[~ref.unpack_bitmask(bits, w.shape[1])] == 0).all(), f"pruned weights of {name} moved"
             assert (w[ref.unpack_bitmask(bits, w.shape[1])] != 0).any()
+        assert res[r]["fixed"] == res[r]["pruned"] > 0
+        for name in ("0", "2", "4"):
+            w, bits = res[r]["perturbed"][f"{name}.weight"], state[f"{name}.weight_mask_bits"]
+            assert (w[~ref.unpack_bitmask(bits, w.shape[1])] == 0).all(), f"apply_masks_ left {name} unmasked"
+
+
+def test_apply_masks_on_plain_weights():
+    """apply_masks_ without FSDP: linear and convolution weights, only the trainable ones."""
+    from sparsekern.parallel import apply_masks_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Flatten(), nn.Linear(16 * 4, 32), nn.Linear(32, 32))
+    sparsekern.sparsify(model, "2:4", include=["0", "2"], min_features=8, trainable=True, show_progress=False)
+    sparsekern.sparsify(model, "2:4", include="3", min_features=8, policy=SPARSE, show_progress=False)
+    assert apply_masks_(model) == 0
+    pruned = 0
+    for m in (model[0], model[2]):
+        with torch.no_grad():
+            m.weight.add_(1.0)
+        pruned += int((~m.mask()).sum())
+    assert apply_masks_(model) == pruned
+    for m in (model[0], model[2]):
+        w2d = sparsekern.patterns.as_2d(m.weight)
+        assert (w2d[~m.mask()] == 0).all() and (w2d[m.mask()] != 0).all()
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -531,6 +600,6 @@ def test_example_tp_sparse_decoder_under_torchrun():
     assert sum("rank" in line and "compressed bytes" in line for line in lines) == 2, r.stdout
 
 
-TP_SECTIONS = {"mlp": mlp_section, "bad_plans": bad_plans_section, "llama": llama_section,
-               "sparsify": sparsify_section}
+TP_SECTIONS = {"mlp": mlp_section, "policies": policies_section, "bad_plans": bad_plans_section,
+               "llama": llama_section, "sparsify": sparsify_section}
 SCENARIOS = {"tp": tp_scenario, "fsdp": fsdp_scenario, "dcp": dcp_scenario}

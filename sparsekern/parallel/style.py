@@ -346,8 +346,9 @@ def check_plan(model: nn.Module, plan: dict, world_size: int) -> list[str]:
     for key, style in plan.items():
         tokens = key.split(".") if key else []
         for name, mod in names.items():
-            if name.split(".") != tokens and not (len(name.split(".")) == len(tokens) and all(
-                    fnmatch.fnmatch(a, b) for a, b in zip(name.split("."), tokens))):
+            parts = name.split(".") if name else []
+            # parallelize_module's matching: one fnmatch pattern per dotted component
+            if len(parts) != len(tokens) or not all(fnmatch.fnmatch(a, b) for a, b in zip(parts, tokens)):
                 continue
             if not isinstance(mod, (SparseLinear, SparseConv2d)):
                 continue
