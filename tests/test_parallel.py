@@ -23,7 +23,7 @@ import sparsekern
 from sparsekern.nn import Policy, SparseLinear
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPARSE = Policy("sparse")  # the sparse kernels, whatever autotune would measure
+SPARSE = Policy("sparse")  # the sparse op on every batch, whatever a measurement would pick
 PATTERNS = {"2:4": {}, "unstructured": {"sparsity": 0.7}, "block16": {"sparsity": 0.5}}
 HIDDEN, INTER = 128, 256
 
@@ -163,9 +163,9 @@ def mlp_section(rank, mesh):
 
 
 def policies_section(rank, mesh):
-    """Shards on the dense backend (Policy("dense")) and on autotune's choice (every rank
-    follows rank 0's measurement); state dicts of a sharded model load back into it, and
-    a single-device state dict loads into it (each rank keeps its shard)."""
+    """Dense shards (Policy("dense")) next to a compressed one under the default policy;
+    state dicts of a sharded model load back into it, and a single-device state dict loads
+    into it (each rank keeps its shard)."""
     from torch.distributed.tensor.parallel import parallelize_module
 
     from sparsekern.parallel import ColwiseParallel, RowwiseParallel
@@ -176,7 +176,7 @@ def policies_section(rank, mesh):
     parallelize_module(model, mesh, {"gate_proj": ColwiseParallel(policy=Policy("dense")),
                                      "up_proj": ColwiseParallel(), "down_proj": RowwiseParallel(policy=Policy("dense"))})
     assert model.gate_proj.backend == model.down_proj.backend == "dense"
-    close(model(x), ref, "dense and autotuned shards")
+    close(model(x), ref, "dense and compressed shards")
     model.load_state_dict(model.state_dict())
     close(model(x), ref, "own state dict loaded back")
     other = sparse_mlp("unstructured", seed=5)
@@ -309,10 +309,11 @@ def test_tp_mlp_matches_single_process_and_halves_bytes(tp_results, pattern):
 
 
 @pytest.mark.slow
-def test_tp_dense_and_autotuned_shards_and_state_dict_round_trips(tp_results):
-    """Shards on the dense backend and on autotune's choice compute the single-process
-    output; both ranks run the same backends; state dicts (the sharded model's own, and a
-    single-device one) load into the sharded model with outputs unchanged."""
+def test_tp_dense_shards_and_state_dict_round_trips(tp_results):
+    """Dense shards (Policy("dense")) next to a compressed one under the default policy
+    compute the single-process output; both ranks run the same backends; state dicts (the
+    sharded model's own, and a single-device one) load into the sharded model with outputs
+    unchanged."""
     res = section(tp_results, "policies")
     assert res[0]["backends"] == res[1]["backends"]
     assert res[0]["backends"][0] == res[0]["backends"][2] == "dense"
@@ -485,6 +486,7 @@ def dcp_scenario(rank, mesh, out_dir):
     from torch.distributed.tensor.parallel import parallelize_module
 
     from sparsekern.parallel import load_checkpoint, unshard_state_dict
+    from sparsekern.sparsify import set_module
 
     class Recording(dcp.FileSystemReader):
         """Records which stored chunk of which tensor each read asks for."""
@@ -514,6 +516,21 @@ def dcp_scenario(rank, mesh, out_dir):
     stacks = [(k, off) for k, off in reader.reads if k.split(".")[-1] not in ("weight_meta", "weight_tp", "bias")]
     assert stacks and all(off[0] == rank for k, off in stacks), f"rank {rank} read other ranks' shards: {stacks}"
 
+    # A model that never exists whole: placeholders on the meta device, sharded, given
+    # memory (each rank: its dense placeholder shard), filled from the checkpoint.
+    with torch.device("meta"):
+        skeleton = MLP()
+    for name, pattern in (("gate_proj", "unstructured"), ("up_proj", "2:4"), ("down_proj", "block16")):
+        lin = getattr(skeleton, name)
+        set_module(skeleton, name, SparseLinear(lin.in_features, lin.out_features, pattern=pattern, block=(16, 16),
+                                                device="meta"))
+    parallelize_module(skeleton, mesh, sparse_plan())
+    skeleton.to_empty(device="cpu")
+    load_checkpoint(skeleton, ckpt)
+    assert torch.equal(skeleton(x), y)
+    assert all(m.weight_format().nbytes == getattr(model, n).weight_format().nbytes
+               for n, m in skeleton.named_children())
+
     # A gathered state dict, turned into a single-device one.
     gathered = unshard_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
     return {"x": x, "y": y.detach(), "single_state": gathered}
@@ -522,8 +539,9 @@ def dcp_scenario(rank, mesh, out_dir):
 @pytest.mark.slow
 def test_dcp_save_load_and_reshard(tmp_path):
     """dcp.save from 2 ranks; load_checkpoint into 2 ranks (each reads only its rows) and
-    into a single process (resharding) of a model pruned from other weights: outputs
-    unchanged. A gathered state dict loads into a single process too."""
+    into a single process (resharding) of a model pruned from other weights, and into a
+    sharded model built on the meta device: outputs unchanged. A gathered state dict
+    loads into a single process too."""
     from sparsekern.parallel import load_checkpoint
 
     res = run_2_ranks("dcp", tmp_path)

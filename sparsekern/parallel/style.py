@@ -34,7 +34,7 @@ from torch.distributed.tensor import parallel as tp
 
 from .. import ops
 from ..nn import DEFAULT_POLICY, Policy, SparseConv2d, SparseLinear
-from ..patterns import parse_pattern
+from ..patterns import KIND_CODES, parse_pattern
 from . import layout
 
 _STYLE_DIM = {"ColwiseParallel": 0, "RowwiseParallel": 1}
@@ -95,6 +95,15 @@ class TPSparseLinear(SparseLinear):
         f = self.weight_format()
         return torch.zeros(0, dtype=torch.int64) if isinstance(f, torch.Tensor) else layout.shape_row(f)
 
+    def global_meta(self) -> torch.Tensor:
+        """The whole layer's weight_meta (kind code, the format's ints with the layer's
+        in_features), as a single-device module of this layer stores it."""
+        f = self.weight_format()
+        if isinstance(f, torch.Tensor):
+            return self.weight_meta.detach().clone()
+        ints = [KIND_CODES[f.KIND]] + f.meta().tolist()
+        return torch.tensor(ints[:-1] + [self.global_in_features], dtype=torch.int64)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         mesh, world = self.tp_mesh, self.tp_world
         if self.bias is not None:
@@ -115,7 +124,7 @@ class TPSparseLinear(SparseLinear):
         destination[prefix + "weight_tp_shapes"] = DTensor.from_local(
             shapes, mesh, [Shard(0)], run_check=False, shape=(world, shapes.shape[1]), stride=(shapes.shape[1], 1))
         destination[prefix + "weight_tp"] = self.weight_tp
-        destination[prefix + "weight_meta"] = self.tp_global_meta.clone()
+        destination[prefix + "weight_meta"] = self.global_meta()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -130,16 +139,18 @@ class TPSparseLinear(SparseLinear):
         except (ValueError, TypeError, KeyError) as e:
             error_msgs.append(f"TPSparseLinear {prefix[:-1] or '<root>'}: {e}")
             return
-        used = {"weight_meta", "bias", "weight_tp", "weight_tp_shapes", "weight_dense"} | {
-            "weight_" + n for n in getattr(shard, "TENSOR_NAMES", ())}
+        used = {"weight_meta", "weight_tp", "weight_tp_shapes", "weight_dense"} | {
+            "weight_" + n for n in getattr(shard, "TENSOR_NAMES", ())} | ({"bias"} if self.bias is not None else set())
         if strict:
             unexpected_keys.extend(prefix + k for k in own if k not in used)
-        _install_shard(self, shard, bias, Policy("sparse"), self.pattern)
+        device = self.weight_meta.device if self.bias is None else self.bias.device
+        _install_shard(self, shard.to(device), None if bias is None else bias.to(device), Policy("sparse"),
+                       self.pattern)
 
     def _shard_from_state(self, sd: dict):
         """(this rank's shard, its bias) from a state dict in any layout we write or read."""
         dim, rank, world = self.tp_dim, self.tp_rank, self.tp_world
-        bias = sd.get("bias")
+        bias = sd.get("bias") if self.bias is not None else None
         if bias is not None:
             bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
             if bias.shape != (self.global_out_features,):
@@ -223,15 +234,12 @@ def _comm_device(module) -> torch.device:
 
 
 def _install_shard(module: TPSparseLinear, shard, bias, policy: Policy, pattern: str) -> None:
-    local = _local_module(shard, bias, policy, pattern)
-    if policy.backend == "auto":  # every rank runs the backend rank 0 measured
-        dense = torch.tensor([int(local.backend == "dense")], device=_comm_device(module))
-        dist.broadcast(dense, src=dist.get_global_rank(module.tp_mesh.get_group(), 0),
-                       group=module.tp_mesh.get_group())
-        if bool(dense) != (local.backend == "dense"):
-            local = _local_module(shard, bias, Policy("dense" if bool(dense) else "sparse", policy.batch), pattern)
-    _adopt_state(module, local)
+    """Make `module` hold `shard` (and `bias`) in place of whatever it held."""
+    _adopt_state(module, _local_module(shard, bias, policy, pattern))
     module.tp_lengths = _lengths(module)
+    if module.backend != "dense":
+        # Every rank runs the shard's sparse op on every batch (no per-rank path choice).
+        module.reason = f"tensor-parallel shard {module.tp_rank}/{module.tp_world}: its sparse op on every batch"
 
 
 def shard_sparse_linear(module: SparseLinear, mesh, dim: int, *, src_data_rank: int | None = 0,
@@ -245,8 +253,7 @@ def shard_sparse_linear(module: SparseLinear, mesh, dim: int, *, src_data_rank: 
     group, rank, world = mesh.get_group(), mesh.get_local_rank(), mesh.size()
     full = source.weight_format()
     bias = None if source.bias is None else source.bias.detach()
-    global_meta = source.weight_meta.detach().clone()
-    if src_data_rank is None:
+    if src_data_rank is None or full.device.type == "meta":  # meta: placeholders, nothing to send
         shard, shard_bias = layout.cut(full, dim, rank, world), layout.cut_bias(bias, dim, rank, world)
     else:
         device = full.device
@@ -263,7 +270,6 @@ def shard_sparse_linear(module: SparseLinear, mesh, dim: int, *, src_data_rank: 
     module.__class__ = TPSparseLinear
     module.tp_mesh, module.tp_dim, module.tp_rank, module.tp_world = mesh, dim, rank, world
     module.global_out_features, module.global_in_features = out_g, in_g
-    module.tp_global_meta = global_meta.cpu()
     _install_shard(module, shard, shard_bias, policy or DEFAULT_POLICY, pattern)
     module.train(training)
     return module
@@ -372,8 +378,9 @@ def _register_hooks(module: nn.Module, mesh, input_fn, output_fn) -> None:
 class ColwiseParallel(tp.ColwiseParallel):
     """torch's ColwiseParallel, extended to SparseLinear: each rank keeps the compressed
     shard of output rows [r*out/W, (r+1)*out/W) and its bias. Input replicated (by default),
-    output sharded on the last dimension. `policy` chooses each shard's backend
-    (sparsekern.nn.Policy; "auto" measures on rank 0 and every rank follows)."""
+    output sharded on the last dimension. `policy` (sparsekern.nn.Policy): a shard keeps
+    its compressed weight and runs its sparse op on every batch, or, under
+    Policy("dense"), a dense weight (torch's layout)."""
 
     def __init__(self, *, input_layouts=None, output_layouts=None, use_local_output: bool = True,
                  policy: Policy | None = None):
