@@ -2,6 +2,8 @@
 
     torchrun --nproc_per_node 2 examples/tp_sparse_decoder.py [--tiny] [--pattern 2:4]
 
+(`python examples/tp_sparse_decoder.py ...` starts torchrun itself, with 2 processes.)
+
 On the CPU the ranks talk over gloo. On GPUs the same script runs with NCCL, one GPU per
 process (`--device cuda`, e.g. torchrun --nproc_per_node 8 ... --device cuda): nothing
 else changes, since the activations move through DTensor and the sparse kernels run on
@@ -16,6 +18,7 @@ single-process model, and prints how many compressed bytes each rank holds.
 """
 import argparse
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -55,6 +58,10 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu (gloo) or cuda (NCCL)")
     p.add_argument("--tokens", type=int, default=4, help="tokens to decode")
     a = p.parse_args(argv)
+    if "LOCAL_RANK" not in os.environ:  # not started by torchrun: start it, 2 processes
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv)]
+        os.execv(sys.executable, cmd)
 
     dist.init_process_group("nccl" if a.device == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -560,6 +560,28 @@ def test_dcp_save_load_and_reshard(tmp_path):
             assert torch.equal(getattr(a, t), getattr(b, t)), f"{name}.{t} differs from the saved model's"
 
 
+def test_load_checkpoint_single_process(tmp_path):
+    """A checkpoint written by one process (dcp.save of a plain sparse model) loads into
+    a plain model pruned from other weights: load_checkpoint sizes the compressed buffers
+    from the checkpoint, where a bare dcp.load would refuse their sizes."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from sparsekern.parallel import load_checkpoint
+
+    x = inputs()
+    model = dcp_model(seed=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
+        dcp.save(model.state_dict(), checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
+    other = dcp_model(seed=3)
+    assert other.gate_proj.weight_format().values.numel() != model.gate_proj.weight_format().values.numel() or \
+        not torch.equal(other(x), model(x))
+    load_checkpoint(other, str(tmp_path / "ckpt"))
+    assert torch.equal(other(x), model(x))
+
+
 # ------------------------------------------------------------ sparsify, sharded
 def sparsify_section(rank, mesh):
     from torch.distributed.tensor import parallel as tp
