@@ -25,6 +25,12 @@ at::Tensor masked_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&
 at::Tensor masked_linear_grad_input(const at::Tensor&, const at::Tensor&, const at::Tensor&) {
   not_built("masked_linear_grad_input");
 }
+at::Tensor nm_decompress(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t) {
+  not_built("nm_decompress");
+}
+at::Tensor bitmask_decompress(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t) {
+  not_built("bitmask_decompress");
+}
 
 }  // namespace
 
@@ -33,6 +39,8 @@ TORCH_LIBRARY_IMPL(sparsekern, CUDA, m) {
   m.impl("bitmask_linear", &bitmask_linear);
   m.impl("masked_linear", &masked_linear);
   m.impl("masked_linear_grad_input", &masked_linear_grad_input);
+  m.impl("nm_decompress", &nm_decompress);
+  m.impl("bitmask_decompress", &bitmask_decompress);
 }
 
 }  // namespace sparsekern
