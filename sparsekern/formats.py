@@ -42,9 +42,8 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
-from .patterns import (BITMASK_TILE_COLS, KIND_CODES, check_nm, nm_index_bits, parse_pattern, popcount64,
+from .patterns import (BITMASK_TILE_COLS, KIND_CODES, check_nm, nm_index_bits, pack_bits, parse_pattern, popcount64,
                        unpack_bitmask, unpack_bits)
-from .patterns import pack_bits
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 

@@ -373,7 +373,10 @@ class _SparseMixin:
                    f"bytes={self.weight.numel() * self.weight.element_size() + bits.numel() * 8}"
         f = self.weight_format()
         nbytes = f.numel() * f.element_size() if isinstance(f, torch.Tensor) else f.nbytes
-        density = float((f != 0).float().mean()) if isinstance(f, torch.Tensor) else f.density
+        if isinstance(f, torch.Tensor):  # a meta tensor has no values to count
+            density = float("nan") if f.is_meta else float((f != 0).float().mean())
+        else:
+            density = f.density
         text = f"pattern={self.pattern}, density={density:.3f}, backend={self.backend}, compressed_bytes={nbytes}"
         if "_dense_copy" in self.__dict__:
             dense = self.__dict__["_dense_copy"][1]

@@ -45,11 +45,11 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
     """
     kind, _ = parse_pattern(pattern, "sparsify")
     if method != "sparsegpt":
-        prune._check_method("sparsify", method)
+        prune.check_method(method, "sparsify")
     if kind in ("unstructured", "block") and sparsity is None:
         raise ValueError(f"sparsify: pattern {pattern!r} needs sparsity= (fraction to remove)")
     if sparsity is not None:
-        prune._n_prune(float(sparsity), 1, "sparsify")
+        prune.prune_count(float(sparsity), 1, "sparsify")
     if method in ("wanda", "taylor", "sparsegpt") and calibration is None:
         raise ValueError(f"sparsify: method {method!r} needs calibration= (an iterable of batches)")
     if method == "taylor" and loss_fn is None:

@@ -21,6 +21,7 @@ LAYERS = [
     {"prune"},                                      # scores, masks, calibration, torch-prune-style functions
     {"sparsegpt"},                                  # reconstruction
     {"nn", "sparsify"},                             # modules and swap
+    {"parallel"},                                   # tensor parallelism, DCP, FSDP2 helpers
     {"simplify", "selection"},                      # surgery; sensitivity, allocation, sweeps
     {"reporting"},                                  # tables and plots
     {"models", "bench"},                            # benchmark models and the measurement suite
