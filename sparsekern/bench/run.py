@@ -84,6 +84,8 @@ def suite_models(a, env):
         for vname, kw in VARIANTS:
             bar.set_postfix_str(f"{name} {vname}", refresh=False)
             bar.update()
+            if kw == "channels" and name == "llama":
+                continue  # its forward (KV cache, per-layer loop) is not traceable by torch.fx
             m = copy.deepcopy(base)
             n_sparse = 0
             try:
