@@ -6,7 +6,10 @@ runs these tensors, and calls it. Backends of an op, in the order they are tried
 
   CPU tensors:  "cpp"       compiled C++ kernel (sparsekern._C, csrc/cpu/)
                 "reference" pure torch (sparsekern/reference.py)
-  CUDA tensors: "cuda"      compiled CUDA kernel, when built for this GPU's architecture
+  CUDA tensors: "cusparselt" 2:4 bf16/fp16 nm_linear at large batch: cuSPARSELt's sparse
+                            tensor-core GEMM on a cached converted weight
+                "cutlass"   the same through torch's CUTLASS 2:4 GEMM (sparsekern/semi_structured.py)
+                "cuda"      compiled CUDA kernel, when built for this GPU's architecture
                 "triton"    Triton kernel (sparsekern/triton/)
                 "reference"
   float64 always runs the reference (the oracle's precision).
@@ -17,7 +20,8 @@ batched ops (`batch_bucket`) and any argument a backend depends on (a Triton blo
 shape). `explain_backend(op, *args)` reads the very same decision the call uses, so the
 explanation is, by construction, what runs. `use_backend(name)` forces a backend inside
 a `with` block: ops that have that backend must run it (or raise, saying why it cannot
-run here); ops without it choose as usual.
+run here); ops without it choose as usual. On a GPU, median times measured per batch bucket
+(sparsekern/tuning.py) pass over a backend that measured slower than another for the key.
 
 Every backend is the same op: fake kernels (torch.compile, opcheck) and autograd are
 defined once below and registered on each custom-op namespace that implements the op
@@ -41,11 +45,11 @@ import torch
 from . import _extension, reference
 from .patterns import BITMASK_TILE_COLS, check_nm, nm_index_bits, unpack_bitmask, unpack_bits
 
-BACKENDS = ("cpp", "cuda", "triton", "reference")
+BACKENDS = ("cpp", "cusparselt", "cutlass", "cuda", "triton", "reference")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Upper edges of the batch buckets (rows of x); rows above the last share one bucket.
 BATCH_BUCKETS = (1, 4, 16, 64, 256)
-_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cusparselt", "cutlass", "cuda", "triton", "reference")}
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class OpSpec:
     cuda: bool = False
     triton: str | None = None  # family module in sparsekern.triton
     triton_limit: Callable | None = None
+    semi_structured: bool = False  # the 2:4 GEMM backends "cusparselt" and "cutlass"
 
 
 class Decision(NamedTuple):
@@ -85,6 +90,14 @@ def _linear_key(x, weight=None, bias=None):
     return x, (batch_bucket(_rows(x)),)
 
 
+def _nm_key(x, weight=None, bias=None):
+    """nm_linear: the batch bucket and, given the weight, (n, m, out, in), which the 2:4 GEMM
+    backends depend on (without the weight they say so and pass)."""
+    if weight is None:
+        return x, (batch_bucket(_rows(x)),)
+    return x, (batch_bucket(_rows(x)), (weight.n, weight.m, weight.shape[0], weight.in_features))
+
+
 def _block_key(x, weight=None, bias=None):
     return x, (batch_bucket(_rows(x)), None if weight is None else tuple(weight.block))
 
@@ -107,7 +120,7 @@ def _triton_block_limit(extra) -> str | None:
 
 
 OPS: dict[str, OpSpec] = {s.name: s for s in (
-    OpSpec("nm_linear", reference.nm_linear, _linear_key, cuda=True, triton="nm_linear"),
+    OpSpec("nm_linear", reference.nm_linear, _nm_key, cuda=True, triton="nm_linear", semi_structured=True),
     OpSpec("bitmask_linear", reference.bitmask_linear, _linear_key, cuda=True, triton="bitmask_linear"),
     OpSpec("block_linear", reference.block_linear, _block_key, triton="block_linear",
            triton_limit=_triton_block_limit),
@@ -118,9 +131,9 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
     OpSpec("masked_linear_grad_weight", reference.masked_linear_grad_weight, _second, cpp=False,
            triton="masked_linear"),
     OpSpec("nm_compress", reference.nm_compress, _first),
-    OpSpec("nm_decompress", reference.nm_decompress, _first),
+    OpSpec("nm_decompress", reference.nm_decompress, _first, cuda=True),
     OpSpec("bitmask_compress", reference.bitmask_compress, _first),
-    OpSpec("bitmask_decompress", reference.bitmask_decompress, _first),
+    OpSpec("bitmask_decompress", reference.bitmask_decompress, _first, cuda=True),
     OpSpec("block_compress", reference.block_compress, _first),
     OpSpec("block_decompress", reference.block_decompress, _second),
     OpSpec("group_score", reference.group_score, _first, triton="scoring"),
@@ -153,7 +166,28 @@ def clear_decisions() -> None:
 
 def _implements(spec: OpSpec, backend: str) -> bool:
     return backend == "reference" or (backend == "cpp" and spec.cpp) or (backend == "cuda" and spec.cuda) or \
-        (backend == "triton" and spec.triton is not None)
+        (backend == "triton" and spec.triton is not None) or \
+        (backend in ("cusparselt", "cutlass") and spec.semi_structured)
+
+
+def _tuning_key(extra) -> tuple:
+    """(batch bucket, (out, in) or None) of a dispatch key, for the measured-timings table;
+    bucket None for ops whose key holds no batch bucket."""
+    bucket = extra[0] if extra and isinstance(extra[0], int) else None
+    shape = extra[1] if len(extra) > 1 else None
+    return bucket, (tuple(shape[2:]) if isinstance(shape, tuple) and len(shape) == 4 else None)
+
+
+def _measured_against(spec: OpSpec, backend: str, device: torch.device, dtype: torch.dtype, extra) -> str | None:
+    """Why the measured timings (sparsekern.tuning) pass over `backend` for this key, or None.
+    A preference, not a capability: a backend forced with use_backend() is never passed over."""
+    bucket, shape = _tuning_key(extra)
+    if bucket is None or _override == backend:
+        return None
+    from . import tuning
+
+    return tuning.verdict(spec.name, backend, torch.cuda.get_device_name(device), dtype, bucket, shape,
+                          _ORDER["cuda"])
 
 
 def _why_not(spec: OpSpec, backend: str, device: torch.device, dtype: torch.dtype, extra) -> str | None:
@@ -164,6 +198,12 @@ def _why_not(spec: OpSpec, backend: str, device: torch.device, dtype: torch.dtyp
         return f"{spec.name} has no {backend} kernel"
     if dtype not in KERNEL_DTYPES:
         return f"{dtype} has no compiled kernel (the reference is the float64 oracle)"
+    if backend in ("cusparselt", "cutlass"):
+        if device.type != "cuda":
+            return f"{backend} runs on CUDA tensors, not {device.type}"
+        from . import semi_structured
+
+        return semi_structured.why_not(backend, device, dtype, extra, _ORDER["cuda"], prefer=_override != backend)
     if backend == "cpp":
         if device.type != "cpu":
             return f"C++ kernels run on CPU tensors, not {device.type}"
@@ -178,7 +218,7 @@ def _why_not(spec: OpSpec, backend: str, device: torch.device, dtype: torch.dtyp
         if not _extension.cuda_kernels_available(device):
             return (f"CUDA kernels built for sm_{_extension.cuda_archs()} do not run on compute capability "
                     f"{torch.cuda.get_device_capability(device)}")
-        return None
+        return _measured_against(spec, backend, device, dtype, extra)
     # triton
     if not _extension.triton_installed():
         return "Triton is not installed"
@@ -188,9 +228,9 @@ def _why_not(spec: OpSpec, backend: str, device: torch.device, dtype: torch.dtyp
         return "Triton runs on CPU tensors only in its interpreter (TRITON_INTERPRET=1)"
     if device.type not in ("cpu", "cuda"):
         return f"no Triton kernels for device type {device.type}"
-    if spec.triton_limit is not None:
-        return spec.triton_limit(extra)
-    return None
+    if spec.triton_limit is not None and (why := spec.triton_limit(extra)) is not None:
+        return why
+    return _measured_against(spec, backend, device, dtype, extra) if device.type == "cuda" else None
 
 
 def _below_autograd_unless_needed(op: Callable) -> Callable:
@@ -214,6 +254,9 @@ def _runner(spec: OpSpec, backend: str) -> Callable:
     if backend == "triton":
         _load_triton(spec.triton)
         op = getattr(torch.ops.sparsekern_triton, spec.name).default
+    elif backend in ("cusparselt", "cutlass"):
+        _load_semi_structured()
+        op = getattr(getattr(torch.ops, f"sparsekern_{backend}"), spec.name).default
     else:
         op = getattr(torch.ops.sparsekern, spec.name).default
     return _below_autograd_unless_needed(op) if spec.name in _AUTOGRAD else op
@@ -233,6 +276,8 @@ def _select(spec: OpSpec, device: torch.device, dtype: torch.dtype, extra) -> De
         why = _why_not(spec, backend, device, dtype, extra)
         if why is None:
             reason = {"cpp": "compiled C++ kernel", "cuda": "compiled CUDA kernel for this GPU",
+                      "cusparselt": "cuSPARSELt 2:4 GEMM on the sparse tensor cores (large batch)",
+                      "cutlass": "CUTLASS 2:4 GEMM on the sparse tensor cores (large batch)",
                       "triton": "Triton kernel", "reference": "pure-torch reference"}[backend]
             if skipped:
                 reason += " (" + "; ".join(skipped) + ")"
@@ -368,7 +413,7 @@ def nm_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torc
     _check_format("nm_linear", weight, "NMWeight")
     _check_x("nm_linear", x, weight.in_features, weight.dtype, weight.device)
     _check_bias("nm_linear", bias, weight.shape[0], x)
-    return _run("nm_linear", (x,), x, *weight.kernel_args(), bias)
+    return _run("nm_linear", (x, weight), x, *weight.kernel_args(), bias)
 
 
 def bitmask_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -708,6 +753,18 @@ def _register(namespace: str, names) -> None:
 
 
 _triton_loaded: set[str] = set()
+_semi_structured_loaded = False
+
+
+def _load_semi_structured() -> None:
+    global _semi_structured_loaded
+    if not _semi_structured_loaded:
+        from . import semi_structured
+
+        semi_structured.load()
+        _register("sparsekern_cusparselt", ["nm_linear"])
+        _register("sparsekern_cutlass", ["nm_linear"])
+        _semi_structured_loaded = True
 
 
 def _load_triton(family: str) -> None:

@@ -15,7 +15,7 @@ PKG = pathlib.Path(__file__).resolve().parents[1] / "sparsekern"
 LAYERS = [
     {"patterns"},                                   # grammar, kinds, 2-D views, bit layouts
     {"reference", "_extension"},                    # pure-torch references; loading the extension
-    {"triton"},                                     # Triton backends (kernels only)
+    {"triton", "semi_structured", "tuning"},        # backends: Triton kernels, 2:4 GEMMs; measured timings
     {"ops"},                                        # the one door: checks, dispatch, fakes, autograd
     {"formats"},                                    # typed compressed weights over ops
     {"prune"},                                      # scores, masks, calibration, torch-prune-style functions
