@@ -32,13 +32,3 @@ __all__ = [
     "apply_mask", "l1_prune", "l2_prune", "random_prune", "taylor_prune", "wanda_prune", "global_prune",
     "nm_prune", "block_prune", "channel_prune", "remove", "sparsity",
 ]
-
-
-# Transition aliases for sparsekern/sparsify.py (to be removed with its next change): the
-# old private names of check_method and prune_count.
-def _check_method(where, method):
-    return check_method(method, where)
-
-
-def _n_prune(amount, total, where):
-    return prune_count(amount, total, where)
