@@ -3,6 +3,7 @@
 A program owns BLOCK_M rows of x and one block row of W (bh outputs) and walks only that
 block row's kept blocks (crow_indices[i]:crow_indices[i+1]): each is one tl.dot of the x
 tile [BLOCK_M, bw] at the block's columns with the [bh, bw] block. Zero blocks cost nothing.
+Offsets are int64 (M*K, M*N and nnz_blocks*bh*bw may pass 2^31).
 """
 from __future__ import annotations
 
@@ -33,13 +34,14 @@ def _block_linear_kernel(
     acc = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
     for blk in range(start, end):
         c = tl.load(col_ptr + blk)
-        w = tl.load(values_ptr + blk * BH * BW + ri[:, None] * BW + rj[None, :])
-        x = tl.load(x_ptr + rm[:, None] * K + (c * BW + rj)[None, :], mask=m_ok[:, None], other=0.0)
+        # blk counts in int64 (it runs over crow_indices, an int64 tensor)
+        w = tl.load(values_ptr + blk * (BH * BW) + ri[:, None] * BW + rj[None, :])
+        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * K + (c * BW + rj)[None, :], mask=m_ok[:, None], other=0.0)
         acc += mma(x, tl.trans(w), PRECISION, DOT_F32)
     rn = br * BH + ri
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None])
+    tl.store(y_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None])
 
 
 @triton_op("sparsekern_triton::block_linear", mutates_args=())
