@@ -1,5 +1,6 @@
 // CPU kernels of the bitmask (unstructured) family: bitmask_linear, bitmask_compress,
-// bitmask_decompress. Layout: sparsekern/formats.py (BitmaskWeight).
+// bitmask_decompress. Layout: sparsekern/formats.py (BitmaskWeight). Inner loops:
+// bitmask_rows_impl.h.
 #include <torch/library.h>
 
 #include <atomic>

@@ -1,5 +1,5 @@
 // CPU kernels of the block (BSR) family: block_linear, block_compress, block_decompress.
-// Layout: sparsekern/formats.py (BlockWeight).
+// Layout: sparsekern/formats.py (BlockWeight). Inner loops: block_rows_impl.h.
 #include <torch/library.h>
 
 #include "cpu_common.h"

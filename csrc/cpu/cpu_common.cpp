@@ -2,10 +2,13 @@
 
 namespace sparsekern {
 
+// True when sparse_rows_avx2.cpp holds AVX2 kernels and this CPU has every extension it
+// was compiled for (its `#pragma GCC target` list).
 bool cpu_has_avx2() {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if SPARSEKERN_AVX2_KERNELS
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
+                          __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi") &&
+                          __builtin_cpu_supports("bmi2");
   return has;
 #else
   return false;

@@ -23,9 +23,10 @@ at::Tensor x_lanes(const at::Tensor& x2, int64_t BP);
 // Lanes for the broadcast kernels, or 0 when the row-major kernels take this batch.
 inline int64_t lanes_for_batch(int64_t B) { return B <= kRowMajorMaxBatch ? 0 : (B <= 8 ? 8 : 16); }
 
-// Large batches: decompress `tile` output rows at a time into an fp32 buffer
-// (fill(r0, r1, buf) writes rows [r0, r1) as dense [r1-r0, K]) and multiply with the
-// BLAS GEMM: "load as sparse, compute as dense". Never holds more than one tile.
+// Large batches: decompress a tile of output rows at a time into an fp32 buffer and
+// multiply it with the BLAS GEMM: "load as sparse, compute as dense". Never holds more
+// than one tile. fill(r0, r1, buf) writes rows [r0, r1) as dense [r1-r0, K]; tiled_gemm
+// calls it one row at a time (r1 = r0 + 1) from the intra-op thread pool.
 using FillRows = std::function<void(int64_t r0, int64_t r1, float* buf)>;
 at::Tensor tiled_gemm(const at::Tensor& x2, int64_t O, const FillRows& fill);
 
@@ -36,10 +37,6 @@ at::Tensor finish_linear(const at::Tensor& out, const at::Tensor& x, const c10::
 inline void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
   at::parallel_for(0, n, grain, fn);
 }
-
-// Values of any supported dtype as fp32.
-template <typename T>
-inline float as_float(T v) { return static_cast<float>(v); }
 
 #define SPARSEKERN_DISPATCH_FLOATS(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)

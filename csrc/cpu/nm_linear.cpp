@@ -1,5 +1,5 @@
 // CPU kernels of the N:M family: nm_linear, nm_compress, nm_decompress.
-// Layout: sparsekern/formats.py (NMWeight). Inner loops: sparse_rows_impl.h.
+// Layout: sparsekern/formats.py (NMWeight). Inner loops: nm_rows_impl.h.
 #include <torch/library.h>
 
 #include <atomic>
@@ -43,12 +43,12 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   } else {
     out = at::empty({B, O}, x2.options());
     const bool avx2 = cpu_has_avx2();
-    // The AVX2 N:M kernels read row-major x for batches up to kNmRowMajorMaxBatch.
-    const int64_t BP = (avx2 && B <= kNmRowMajorMaxBatch) ? 0 : lanes_for_batch(B);
+    // The AVX2 N:M kernels read row-major x at every batch (in tiles of 8 rows).
+    const int64_t BP = avx2 ? 0 : lanes_for_batch(B);
     auto xin = BP ? x_lanes(x2, BP) : x2;
-    // Slot s of every row belongs to the group starting at column (s / n) * m; 8 spare
-    // entries let the vector loops read a full register at the end of a row.
-    auto slot_base = at::div(at::arange(kept + 8, idx.options().dtype(at::kInt)), n, "floor").mul_(m);
+    // Slot s of every row belongs to the group starting at column (s / n) * m (read by
+    // the AVX2 kernel for N:M other than 2:4).
+    auto slot_base = at::div(at::arange(kept, idx.options().dtype(at::kInt)), n, "floor").mul_(m);
     NmRowsArgs a{vals.data_ptr(), idx.data_ptr<uint8_t>(), slot_base.data_ptr<int32_t>(), vals.scalar_type(), kept, idx.size(1), n, m, K, O,
                  xin.data_ptr<float>(), B, BP, out.data_ptr<float>()};
     parallel_rows(O, 16, [&](int64_t r0, int64_t r1) {
@@ -130,7 +130,8 @@ std::tuple<at::Tensor, at::Tensor> nm_compress_impl(const char* op, const at::Te
               if (!taken[j]) { sel[cnt++] = j; taken[j] = true; }
             std::sort(sel, sel + n);  // slots hold a group's elements in column order
           } else {
-            // n largest |w|; ties go to the lower column, so the choice is deterministic.
+            // n largest scores (|w|, times |grad| and act_norm[col] when given); ties go to
+            // the lower column, so the choice is deterministic.
             for (; cnt < n; ++cnt) {
               int best = -1;
               float bv = -1.f;
@@ -140,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> nm_compress_impl(const char* op, const at::Te
                 if (ap) a *= ap[c0 + j];
                 if (!taken[j] && a > bv) { bv = a; best = j; }
               }
-              if (best < 0) best = 0;  // only reached with NaN weights, refused below
+              if (best < 0) best = 0;  // only reached when every score left is NaN
               taken[best] = true;
               sel[cnt] = best;
             }

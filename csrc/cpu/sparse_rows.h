@@ -1,7 +1,8 @@
 // Inner loops of the CPU sparse-linear kernels, compiled twice: once for AVX2+FMA+F16C
-// (sparse_rows_avx2.cpp) and once for the portable baseline (sparse_rows_generic.cpp).
-// The op files (nm_linear.cpp, bitmask_linear.cpp, block_linear.cpp) pick one at run
-// time with cpu_has_avx2(), so a single build runs on any x86-64 (and non-x86) CPU.
+// (sparse_rows_avx2.cpp) and once for the portable baseline (sparse_rows_generic.cpp),
+// one header per family (nm_rows_impl.h, bitmask_rows_impl.h, block_rows_impl.h). The op
+// files (nm_linear.cpp, bitmask_linear.cpp, block_linear.cpp) pick one at run time with
+// cpu_has_avx2(), so a single build runs on any x86-64 (and non-x86) CPU.
 //
 // Everything here works on raw pointers: the op files validate arguments, convert the
 // activations to fp32 and own the threading (at::parallel_for over output rows).
@@ -11,22 +12,32 @@
 
 #include <cstdint>
 
+// 1 where sparse_rows_avx2.cpp compiles the AVX2 kernels (GCC's target pragma on x86-64);
+// elsewhere its entry points forward to the portable ones and cpu_has_avx2() is false.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPARSEKERN_AVX2_KERNELS 1
+#else
+#define SPARSEKERN_AVX2_KERNELS 0
+#endif
+
 namespace sparsekern {
 namespace cpu {
 
-// Small-batch kernels read activations in one of two fp32 layouts:
-//   x  : row-major [B, K]  (kernels for B <= kRowMajorMaxBatch)
+// The direct kernels read activations in one of two fp32 layouts:
+//   x  : row-major [B, K]: block kernels always, AVX2 N:M kernels always (tiles of 8
+//        batch rows), portable N:M and all bitmask kernels for B <= kRowMajorMaxBatch;
 //   xT : [K, BP], BP = 8 or 16 lanes holding batch rows, unused lanes zero
 //        (the "broadcast" kernels: one weight value times a whole batch vector).
 constexpr int64_t kRowMajorMaxBatch = 4;
+// Above this batch the op files decompress tiles of rows and call the BLAS GEMM; bitmask
+// does so only above kGemmMinDensity, below it the direct kernel runs in batch tiles.
 constexpr int64_t kDirectMaxBatch = 16;
-constexpr double kGemmMinDensity = 0.25;  // bitmask: below this density the direct kernel runs at any batch
-constexpr int64_t kNmRowMajorMaxBatch = 16;  // the AVX2 N:M kernels read row-major x up to here  // above this the op files decompress tiles + GEMM
+constexpr double kGemmMinDensity = 0.25;
 
 struct NmRowsArgs {
   const void* values;       // [O, kept] in `dtype`
   const uint8_t* indices;   // [O, idx_row_bytes], packed in-group indices
-  const int32_t* slot_base; // [kept + 8]: (s / n) * m, slot s's group start column (same for all rows)
+  const int32_t* slot_base; // [kept]: (s / n) * m, slot s's group start column (same for all rows)
   c10::ScalarType dtype;
   int64_t kept, idx_row_bytes, n, m, K, O;
   const float* x;           // row-major [B, K] or xT [K, BP]
@@ -40,28 +51,28 @@ struct BitmaskRowsArgs {
   const int32_t* offsets;   // [O, tiles]
   c10::ScalarType dtype;
   int64_t words, tiles, K, O;
-  const float* x;
-  int64_t B, BP;
-  float* out;
+  const float* x;           // row-major [B, K] or xT [K, BP]
+  int64_t B, BP;            // BP == 0: x is row-major
+  float* out;               // [B, O] fp32
 };
 
 struct BlockRowsArgs {
-  const void* values;       // [nnzb, bh, bw]
+  const void* values;       // [nnzb, bh, bw] in `dtype`
   const int64_t* crow;      // [O/bh + 1]
   const int64_t* col;       // [nnzb]
   c10::ScalarType dtype;
   int64_t bh, bw, K, O;
   const float* x;           // row-major [B, K]
   int64_t B;
-  float* out;
+  float* out;               // [B, O] fp32, O = (crow entries - 1) * bh
 };
 
 #define SPARSEKERN_DECLARE_ROWS(NS)                                                           \
   namespace NS {                                                                             \
-  /* rows [r0, r1) of out; n:m 2:4 with B <= kRowMajorMaxBatch may take a vector fast path */ \
+  /* output rows [r0, r1) of out */                                                          \
   void nm_rows(const NmRowsArgs& a, int64_t r0, int64_t r1);                                 \
   void bitmask_rows(const BitmaskRowsArgs& a, int64_t r0, int64_t r1);                       \
-  /* block rows [br0, br1) */                                                                \
+  /* block rows [br0, br1), i.e. output rows [br0 * bh, br1 * bh) */                         \
   void block_rows(const BlockRowsArgs& a, int64_t br0, int64_t br1);                         \
   }
 

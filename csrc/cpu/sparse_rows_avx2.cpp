@@ -1,5 +1,6 @@
-// AVX2 + FMA + F16C build of the sparse-row inner loops (see sparse_rows_impl.h).
-// Only called when cpu_has_avx2() says the CPU runs these instructions.
+// AVX2 + FMA + F16C build of the sparse-row inner loops (nm_rows_impl.h,
+// bitmask_rows_impl.h, block_rows_impl.h; the rules in rows_common_impl.h). Only called
+// when cpu_has_avx2() says the CPU runs these instructions.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -8,17 +9,26 @@
 
 #include "sparse_rows.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if SPARSEKERN_AVX2_KERNELS
 #include <immintrin.h>
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2")
 #define SK_AVX2 1
 #define SK_ISA_NS avx2
-#include "sparse_rows_impl.h"
+#include "nm_rows_impl.h"
+#include "bitmask_rows_impl.h"
+#include "block_rows_impl.h"
 #pragma GCC pop_options
 #else
-// Without GCC's target pragma (clang, non-x86) the "avx2" entry points are the
-// portable loops under another name; cpu_has_avx2() is false there anyway.
-#define SK_ISA_NS avx2
-#include "sparse_rows_impl.h"
+// Without GCC's target pragma (clang, non-x86) there are no AVX2 kernels and
+// cpu_has_avx2() is false; the entry points exist for the linker only.
+namespace sparsekern {
+namespace cpu {
+namespace avx2 {
+void nm_rows(const NmRowsArgs& a, int64_t r0, int64_t r1) { generic::nm_rows(a, r0, r1); }
+void bitmask_rows(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) { generic::bitmask_rows(a, r0, r1); }
+void block_rows(const BlockRowsArgs& a, int64_t br0, int64_t br1) { generic::block_rows(a, br0, br1); }
+}  // namespace avx2
+}  // namespace cpu
+}  // namespace sparsekern
 #endif
