@@ -126,11 +126,18 @@ def _last_level_cache_bytes(device: torch.device) -> int:
 _FLUSH: dict = {}
 
 
+FLUSH_CAP_BYTES = 128 << 20
+
+
 def _flush_cache(device: torch.device) -> None:
-    """Evicts weights from the last-level cache by writing a buffer twice its size."""
+    """Evicts weights from the last-level cache by writing a buffer twice its size, capped at
+    FLUSH_CAP_BYTES: some hosts report a socket-wide L3 of hundreds of MiB shared by many
+    guests, and writing that much before every timed call would make a measurement take
+    seconds per layer."""
     buf = _FLUSH.get(device)
     if buf is None:
-        buf = _FLUSH[device] = torch.zeros(2 * _last_level_cache_bytes(device) // 4, device=device)
+        size = min(2 * _last_level_cache_bytes(device), FLUSH_CAP_BYTES)
+        buf = _FLUSH[device] = torch.zeros(size // 4, device=device)
     buf.add_(1.0)
 
 
