@@ -191,6 +191,6 @@ def plot(rows, path) -> bool:
             ax.set_xticks(range(len(pats)), pats, fontsize=8)
             ax.set_title(f"{model}: {rs[0]['metric']}", fontsize=9)
             ax.set_ylim(min(r["value"] for r in rs) * 0.95, max(r["value"] for r in rs) * 1.01)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, ncols=len(METHODS), loc="upper center", bbox_to_anchor=(0.5, -0.1))  # below the bars
 
     return save_plot(path, draw, ncols=len(models), figsize=(4.2 * len(models), 3.6))
