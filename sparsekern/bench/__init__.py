@@ -7,6 +7,7 @@ stored results).
   common.py   environment record (versions, commit, device), quantiles, JSON rows
   plots.py    summary tables and plots from stored rows (`python -m sparsekern.bench.plots`)
   quality.py  one-shot pruning quality (MiniLM embeddings, digits accuracy)
+  overhead.py per-call cost of the ops door and a sparse module (`python -m sparsekern.bench.overhead`)
 
 The app layer: it uses the whole library, and nothing in the library imports it.
 """
