@@ -81,7 +81,7 @@ class Policy:
     it runs inside a model whose weights stream from memory, not hot in cache.
     """
 
-    def __init__(self, backend: str = "auto", dense_copy: bool = False, reps: int = 5, cold: bool = True):
+    def __init__(self, backend: str = "auto", dense_copy: bool = False, reps: int = 3, cold: bool = True):
         if backend not in ("auto", "sparse", "dense"):
             raise ValueError(f"Policy: backend must be 'auto', 'sparse' or 'dense', got {backend!r}")
         if not isinstance(reps, int) or reps < 1:
@@ -126,7 +126,7 @@ def _last_level_cache_bytes(device: torch.device) -> int:
 _FLUSH: dict = {}
 
 
-FLUSH_CAP_BYTES = 128 << 20
+FLUSH_CAP_BYTES = 64 << 20
 
 
 def _flush_cache(device: torch.device) -> None:

@@ -7,6 +7,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from . import prune
 from .nn import SPARSE_MODULES, Policy, SparseConv2d, SparseLinear
@@ -98,9 +99,8 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
 
         sparsegpt_prune_model(model, calibration, pattern, 0.5 if sparsity is None else sparsity,
                               layers=[n for n, _ in candidates], block=block, show_progress=show_progress)
-    from ._progress import progress
 
-    for name, mod in progress(candidates, "sparsify", enabled=show_progress):
+    for name, mod in tqdm(candidates, "sparsify", disable=not show_progress, mininterval=1.0):
         cls = SparseConv2d if isinstance(mod, nn.Conv2d) else SparseLinear
         dense_bytes = mod.weight.numel() * mod.weight.element_size()
         new = cls.from_dense(mod, pattern, method=method, sparsity=sparsity, block=block, trainable=trainable,
