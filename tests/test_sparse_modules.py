@@ -241,8 +241,10 @@ def test_sparsify_report_and_small_layers_left_dense():
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 8))
     model, report = sparsekern.sparsify(model, "2:4", min_features=64, show_progress=False)
     by = {r["layer"]: r for r in report}
-    assert by["0"]["status"] == "sparse" and by["0"]["bytes_after"] < by["0"]["bytes_before"] or \
-        by["0"]["backend"] == "dense"
+    # The default policy keeps the compressed weight whatever path each batch bucket picks.
+    assert by["0"]["status"] == "sparse"
+    assert by["0"]["bytes_after"] == model[0].weight_format().nbytes < by["0"]["bytes_before"]
+    assert by["0"]["backend"] == ("cpp" if sparsekern._extension.LOADED else "reference")
     assert by["2"]["status"] == "dense" and "min_features" in by["2"]["reason"]
     assert isinstance(model[0], SparseLinear) and isinstance(model[2], nn.Linear)
 
