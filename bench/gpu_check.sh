@@ -1,59 +1,225 @@
 #!/usr/bin/env bash
-# One script for a lent GPU machine: build for the local GPU, run the CUDA tests, run
-# compute-sanitizer on a small case, run the GPU benchmarks. Everything goes to OUT_DIR
-# (logs, JSON, the compiler's resource report); the last lines printed are a summary.
+# The GPU check for a short lease (one H100/H200, 16 cores): build, test, smoke, sanitize and
+# measure in at most 8 minutes, every step under its own `timeout`, every result written into
+# OUT_DIR as the step runs (a kill loses nothing), at most 8 files, no sub-folders.
 #
-#   bench/gpu_check.sh OUT_DIR            (e.g. bench/gpu_check.sh "$OUT" on the device)
+#   bench/gpu_check.sh OUT_DIR             on the lent machine (e.g. bench/gpu_check.sh "$OUT")
+#   bench/gpu_check.sh --dry-run OUT_DIR   here, no GPU: every step with a CPU stand-in (< 2 min; CI)
 #
-# Everything is written to a work folder and packed into OUT_DIR/gpu_check.tgz (the device
-# tool returns at most 8 files), with the summary log beside it. Unpack it under
-# bench/results/<card>-<date>/ and commit (the files name card, torch, commit, date).
+# Steps (timeout in seconds; each is cut to what is left of the whole-run budget):
+#   env        10  nvidia-smi (read only), versions, tools                  -> summary.log
+#   build     120  sm_90a only, 16 jobs, -Xptxas=-v resource report,       -> build.log
+#                  parsed into a table (bench/ptxas_report.py; spills fail)
+#                  A failed build skips the CUDA C++ parts; Triton still runs.
+#   tests      90  pytest -k "cuda or gpu or cusparselt", no -x, 8 workers  -> tests.log
+#   smoke      70  edge shapes against fp64 (bench/gpu_smoke.py)            -> smoke.log
+#   sanitizer  60  compute-sanitizer memcheck, PYTORCH_NO_CUDA_MEMORY_CACHING=1, every CUDA
+#                  and Triton kernel (bench/sanitize_case.py)               -> sanitizer.log
+#   bench     115  decode + large batch + masked + Llama e2e (bench/bench_gpu_linear.py)
+#                                                  -> bench.log, bench.json, tuning.json
+#   ncu       (optional, only with >= 45 s left) Nsight Compute on the two decode kernels at
+#                  batch 1                                                  -> bench.log
+# The last lines printed are the summary (also summary.log). Exit status: 0 when every step
+# that ran passed. Unpack OUT_DIR under bench/results/<card>-<date>/ and commit it.
 set -uo pipefail
-FINAL=${1:?usage: bench/gpu_check.sh OUT_DIR}
-mkdir -p "$FINAL"
-OUT=$(mktemp -d)
-trap 'tar -czf "$FINAL/gpu_check.tgz" -C "$OUT" . ; cp "$OUT/summary.log" "$FINAL/" 2>/dev/null' EXIT
-exec > >(tee "$OUT/summary.log") 2>&1
+
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
+OUT=${1:?usage: bench/gpu_check.sh [--dry-run] OUT_DIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-export MAX_JOBS=${MAX_JOBS:-16} SPARSEKERN_CUDA_ARCHS=${SPARSEKERN_CUDA_ARCHS:-90a} SPARSEKERN_REQUIRE_CUDA=1
+command -v "$PY" > /dev/null || PY=python
+BUDGET=${GPU_CHECK_BUDGET_S:-470}     # the whole run; 8 minutes is 480
+DRY_LIMIT=120                         # the dry run must finish within this (CI)
+START=$(date +%s)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-status=0
-step() { echo "::: $1"; }
+export PY DRY OUT
+SUMMARY="$OUT/summary.log"
+: > "$SUMMARY"
 
-step "environment"
-{ date -u; git rev-parse HEAD 2>/dev/null; nvidia-smi; $PY -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } > "$OUT/env.log" 2>&1
+# name:timeout, in order. The sum must fit the budget (checked below, and by the dry run).
+PLAN="env:10 build:120 tests:90 smoke:70 sanitizer:60 bench:115"
+NCU_MIN=45
+planned=0
+for s in $PLAN; do planned=$(( planned + ${s#*:} )); done
 
-step "build (archs $SPARSEKERN_CUDA_ARCHS, $MAX_JOBS jobs)"
-start=$(date +%s)
-# -Xptxas=-v: the compiler's resource report (registers, spills, shared memory) lands in the log.
-if ! SPARSEKERN_NVCC_EXTRA="-Xptxas=-v" $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+log() { echo "$*" | tee -a "$SUMMARY"; }
+budget_of() { for s in $PLAN; do [ "${s%%:*}" = "$1" ] && echo "${s#*:}"; done; }
+elapsed() { echo $(( $(date +%s) - START )); }
+
+declare -A RESULT
+FAILED=0
+# step NAME LOGFILE CMD... : runs CMD under `timeout`, appending to LOGFILE; records the result.
+step() {
+  local name=$1 logf=$2; shift 2
+  local budget left t0 rc res
+  budget=${STEP_BUDGET:-$(budget_of "$name")}
+  left=$(( BUDGET - $(elapsed) ))
+  if (( left < 5 )); then
+    log "::: $name: SKIPPED, the ${BUDGET} s budget is used"; RESULT[$name]="skipped (no time)"; return 0
+  fi
+  (( budget > left )) && budget=$left
+  log "::: $name (timeout ${budget} s, at $(elapsed) s)"
+  echo "\$ $*" >> "$logf"
+  # a shell function runs in a child bash (timeout runs programs only)
+  if declare -F "$1" > /dev/null; then set -- bash -c "$(declare -f "$1"); $1"; fi
+  t0=$(date +%s)
+  timeout --signal=TERM --kill-after=5 "$budget" "$@" >> "$logf" 2>&1
+  rc=$?
+  if (( rc == 124 || rc == 137 )); then res="TIMEOUT after ${budget} s"; FAILED=1
+  elif (( rc == 0 )); then res="ok"
+  else res="FAILED (exit $rc)"; FAILED=1; fi
+  RESULT[$name]="$res in $(( $(date +%s) - t0 )) s"
+  log "::: $name: ${RESULT[$name]}"
+  return $rc
+}
+
+log "gpu_check $( ((DRY)) && echo '--dry-run ')-> $OUT; budget ${BUDGET} s, steps planned ${planned} s: $PLAN"
+if (( planned > BUDGET )); then
+  log "PLAN TOO LONG: the steps' timeouts add up to ${planned} s > budget ${BUDGET} s"; exit 2
 fi
-echo "build: $(( $(date +%s) - start )) s"
-grep -E "registers|spill" "$OUT/build.log" | sort | uniq -c | sort -rn | head -20 > "$OUT/resource_usage.txt" || true
-$PY -m sparsekern info | tee "$OUT/info.log"
 
-step "tests (CUDA parameters enabled)"
-$PY -m pytest tests -q -x -p no:cacheprovider > "$OUT/tests.log" 2>&1 || status=1
-tail -3 "$OUT/tests.log"
+# ------------------------------------------------------------------------------ env
+env_info() {
+  date -u
+  git rev-parse HEAD 2>/dev/null || true
+  if ((DRY)); then echo "dry run: no nvidia-smi"; else nvidia-smi || true; fi
+  $PY -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, \
+'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+  $PY -c "import triton; print('triton', triton.__version__)" || echo "triton: not installed"
+  local san
+  san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  echo "nvcc: $(command -v nvcc || echo none); compute-sanitizer: ${san:-none}; ncu: $(command -v ncu || echo none)"
+  nproc
+}
+step env "$SUMMARY" env_info
 
-step "compute-sanitizer on a small case"
-SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-if [ -n "$SAN" ]; then
-  "$SAN" --tool memcheck --error-exitcode 9 $PY bench/sanitize_case.py > "$OUT/sanitizer.log" 2>&1 || status=1
-  tail -3 "$OUT/sanitizer.log"
+# ---------------------------------------------------------------------------- build
+BUILT=0
+if ((DRY)); then
+  # stand-in: setup.py's arch handling for 90a, and the resource-report parser on a sample
+  dry_build() {
+    SPARSEKERN_CUDA_ARCHS=90a $PY - <<'EOF'
+import re, sys
+src = open("setup.py").read()
+ns = {"__file__": "setup.py"}
+exec(src.split("FORCE_CPU =")[0], ns)
+print("setup.py arch flags for 90a:", ns["cuda_arch_flags"]("90a"))
+assert ns["cuda_arch_flags"]("90a") == ["-gencode=arch=compute_90a,code=sm_90a"]
+EOF
+    cat > "$OUT/.ptxas_sample" <<'EOF'
+ptxas info    : Compiling entry function '_ZN10sparsekern4cuda12_GLOBAL__N_115nm24_mma_kernelIN3c108BFloat16ELi1EEEvPKT_' for 'sm_90a'
+ptxas info    : Function properties for _ZN10sparsekern4cuda12_GLOBAL__N_115nm24_mma_kernelIN3c108BFloat16ELi1EEEvPKT_
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 168 registers, used 1 barriers
+EOF
+    $PY bench/ptxas_report.py "$OUT/.ptxas_sample" --fail-on-spill
+    rc=$?
+    rm -f "$OUT/.ptxas_sample"
+    echo "would run: SPARSEKERN_CUDA_ARCHS=90a MAX_JOBS=16 SPARSEKERN_REQUIRE_CUDA=1 SPARSEKERN_NVCC_EXTRA='-Xptxas=-v -lineinfo' $PY setup.py build_ext --inplace"
+    return $rc
+  }
+  step build "$OUT/build.log" dry_build
 else
-  echo "compute-sanitizer not found" | tee "$OUT/sanitizer.log"; status=1
+  build() {
+    SPARSEKERN_CUDA_ARCHS=90a MAX_JOBS=${MAX_JOBS:-16} SPARSEKERN_REQUIRE_CUDA=1 \
+      SPARSEKERN_NVCC_EXTRA="-Xptxas=-v -lineinfo" $PY setup.py build_ext --inplace
+  }
+  if step build "$OUT/build.log" build; then
+    BUILT=1
+    { echo "--- resource report (ptxas -v, sm_90a)"; $PY bench/ptxas_report.py "$OUT/build.log" --fail-on-spill; } \
+      > "$OUT/.resources" 2>&1 || { RESULT[build]="${RESULT[build]}, SPILLS"; FAILED=1; }
+    cat "$OUT/.resources" >> "$OUT/build.log"
+    grep -E "nm24_mma|nm_fma|bitmask_warp|SPILL" "$OUT/.resources" | tee -a "$SUMMARY"
+    rm -f "$OUT/.resources"
+    $PY -m sparsekern info >> "$SUMMARY" 2>&1 || true
+  else
+    log "BUILD FAILED: the CUDA C++ kernels are not tested; Triton and the 2:4 library paths still are"
+    tail -30 "$OUT/build.log" | tee -a "$SUMMARY"
+  fi
 fi
 
-step "benchmarks"
-# decode sweep (CUDA C++, Triton, cuBLAS, torch 2:4), then fused mask generation and a short
-# kernel sweep through the suite (CSV/JSON/plots in $OUT/suite)
-$PY bench/bench_gpu_linear.py --out "$OUT/gpu_linear.json" > "$OUT/bench_gpu_linear.log" 2>&1 || status=1
-$PY -m sparsekern bench --device cuda --suite masks --no-progress --out "$OUT/suite_masks" > "$OUT/bench_masks.log" 2>&1 || status=1
-$PY -m sparsekern bench --device cuda --suite kernels --quick --no-progress --out "$OUT/suite_kernels" > "$OUT/bench_kernels.log" 2>&1 || status=1
-tail -60 "$OUT/bench_gpu_linear.log"
-grep -A8 "Mask generation" "$OUT/bench_masks.log" || true
-echo "gpu_check: exit $status"
-exit $status
+# ---------------------------------------------------------------------------- tests
+SELECT="(cuda or gpu or cusparselt) and not gpu_check"
+XDIST=""
+$PY -c "import xdist" 2> /dev/null && XDIST="-n 8"
+if ((DRY)); then
+  step tests "$OUT/tests.log" $PY -m pytest tests -q -p no:cacheprovider --collect-only -k "$SELECT"
+elif ((BUILT)); then
+  step tests "$OUT/tests.log" $PY -m pytest tests -q -p no:cacheprovider -rfE $XDIST -k "$SELECT"
+else
+  step tests "$OUT/tests.log" $PY -m pytest tests/test_triton.py tests/test_cusparselt.py tests/test_gpu_dispatch.py \
+    -q -p no:cacheprovider -rfE $XDIST
+fi
+grep -E "tests collected|passed|failed|[0-9]+ error" "$OUT/tests.log" | tail -3 | tee -a "$SUMMARY"
+
+# ---------------------------------------------------------------------------- smoke
+NOCUDA=""
+(( BUILT || DRY )) || NOCUDA="--no-cuda"
+if ((DRY)); then
+  step smoke "$OUT/smoke.log" $PY bench/gpu_smoke.py --dry-run
+else
+  step smoke "$OUT/smoke.log" $PY bench/gpu_smoke.py $NOCUDA
+fi
+grep -E "^FAIL|^gpu_smoke:" "$OUT/smoke.log" | tail -12 | tee -a "$SUMMARY"
+
+# ------------------------------------------------------------------------ sanitizer
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+if ((DRY)); then
+  echo "would run: PYTORCH_NO_CUDA_MEMORY_CACHING=1 ${SAN:-compute-sanitizer} --tool memcheck --error-exitcode 9 $PY bench/sanitize_case.py" \
+    >> "$OUT/sanitizer.log"
+  step sanitizer "$OUT/sanitizer.log" $PY bench/sanitize_case.py --dry-run
+elif [ -n "$SAN" ]; then
+  step sanitizer "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck \
+    --error-exitcode 9 --print-limit 30 $PY bench/sanitize_case.py $NOCUDA
+else
+  log "compute-sanitizer not found"; RESULT[sanitizer]="not found"; FAILED=1
+fi
+grep -E "ERROR SUMMARY|sanitize_case:|Invalid|out of bounds" "$OUT/sanitizer.log" | tail -5 | tee -a "$SUMMARY"
+
+# ---------------------------------------------------------------------------- bench
+bench_budget=$(budget_of bench)
+if ((DRY)); then
+  step bench "$OUT/bench.log" $PY bench/bench_gpu_linear.py --dry-run --out "$OUT/bench.json" \
+    --tuning-out "$OUT/tuning.json"
+  bench_planned=$(grep -o '"planned_s": [0-9]*' "$OUT/bench.log" | tail -1 | grep -o '[0-9]*$')
+  if [ -z "$bench_planned" ] || (( bench_planned > bench_budget )); then
+    log "BENCH PLAN: ${bench_planned:-?} s planned, over its ${bench_budget} s step"; FAILED=1
+  else
+    log "bench plan: ${bench_planned} s of its ${bench_budget} s step"
+  fi
+else
+  # stop starting new shapes 25 s before the step's end (masked + e2e still run)
+  step bench "$OUT/bench.log" $PY bench/bench_gpu_linear.py --out "$OUT/bench.json" --tuning-out "$OUT/tuning.json" \
+    --budget-s $(( bench_budget - 40 ))
+fi
+grep -E "^(linear|masked|e2e) " "$OUT/bench.log" | grep -E "cuda|cusparselt|e2e|dispatched|error" | head -40 \
+  | tee -a "$SUMMARY"
+
+# ------------------------------------------------------------------------------ ncu
+NCU=$(command -v ncu || true)
+NCU_ARGS="--target-processes all --kernel-name regex:nm24_mma|bitmask_warp --launch-count 4 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats"
+if ((DRY)); then
+  echo "would run (with >= ${NCU_MIN} s left): ncu $NCU_ARGS $PY bench/bench_gpu_linear.py --suite ncu" >> "$OUT/bench.log"
+  STEP_BUDGET=20 step ncu "$OUT/bench.log" $PY bench/bench_gpu_linear.py --dry-run --suite ncu
+elif (( BUILT )) && [ -n "$NCU" ] && (( BUDGET - $(elapsed) >= NCU_MIN )); then
+  STEP_BUDGET=$NCU_MIN step ncu "$OUT/bench.log" "$NCU" $NCU_ARGS $PY bench/bench_gpu_linear.py --suite ncu
+else
+  log "::: ncu: skipped (built=$BUILT, ncu=${NCU:-none}, $(( BUDGET - $(elapsed) )) s left)"
+fi
+
+# --------------------------------------------------------------------------- summary
+total=$(elapsed)
+log ""
+log "=== gpu_check summary ($total s of ${BUDGET} s budget)"
+for s in env build tests smoke sanitizer bench ncu; do log "  $s: ${RESULT[$s]:-not run}"; done
+files=$(find "$OUT" -type f | wc -l)
+log "  files in $OUT: $files (limit 8): $(cd "$OUT" && ls | tr '\n' ' ')"
+(( files <= 8 )) || { log "TOO MANY FILES for the device tool (8)"; FAILED=1; }
+if ((DRY)) && (( total > DRY_LIMIT )); then
+  log "DRY RUN TOO SLOW: ${total} s > ${DRY_LIMIT} s"; FAILED=1
+fi
+log "gpu_check: exit $FAILED"
+exit $FAILED
