@@ -8,8 +8,9 @@
 // enables the intrinsics paths. They include nothing else: an inline function of a
 // shared header (c10, the standard library) first seen under the target pragma would be
 // compiled with AVX2 instructions, and the linker keeps one copy of an inline function
-// for the whole library, so the portable build could end up running it. Helpers live in an unnamed
-// namespace; only the entry points (nm_rows, bitmask_rows, block_rows) leave the file.
+// for the whole library, so the portable build could end up running it. Helpers live in
+// an unnamed namespace; only the entry points (nm_rows, bitmask_rows, block_rows) leave
+// the file.
 #pragma once
 
 #ifndef SK_ISA_NS
