@@ -11,9 +11,14 @@ each; median and p20/p80 of the per-call time):
   F.linear      torch's dense linear on the same shape (for scale)
 
 The overhead row is ops minus kernel (median): what the Python door costs per call.
+
+    python -m sparsekern.bench.overhead [--device cpu|cuda] [--rounds 15] [--calls 2000] [--out FILE.json]
+
+prints the table and, with --out, writes {"environment": ..., "rows": [...]} (common.write_json).
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -22,7 +27,7 @@ import torch
 from .. import ops
 from ..formats import BitmaskWeight, BlockWeight, NMWeight
 from ..nn import Policy, SparseLinear
-from .common import quantiles
+from .common import environment, quantiles, write_json
 
 IN, OUT = 256, 64
 
@@ -92,5 +97,28 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python -m sparsekern.bench.overhead", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (samples per row)")
+    p.add_argument("--calls", type=int, default=2000, help="calls per sample (at most 500 on CUDA)")
+    p.add_argument("--out", default=None, help="JSON file for the rows (folders made as needed)")
+    a = p.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("overhead: --device cuda but no CUDA GPU")
+    env = environment(a.device)
+    rows = measure(a.device, a.rounds, a.calls)
+    for r in rows:
+        r["device"] = env["device_name"]
+    print(f"sparsekern {env['sparsekern']} ({env['commit']}), torch {env['torch']}, {env['device_name']}, "
+          f"{env['threads']} threads")
+    print(table(rows))
+    if a.out:
+        write_json(a.out, env, rows)
+        print(f"wrote {a.out}")
+    return rows
+
+
 if __name__ == "__main__":
-    print(table(measure()))
+    main()

@@ -1,0 +1,642 @@
+"""Writes the measured tables in README.md and docs/*.md from the committed results.
+
+    python bench/make_tables.py            # rewrite every table between markers
+    python bench/make_tables.py --check    # exit 1, with a diff, when a file differs from the JSON
+    python bench/make_tables.py --list     # each table, and the results file it is drawn from
+
+A table lives between two marker comments, and everything between them is generated:
+
+    <!-- table:NAME -->
+    ...
+    <!-- /table -->
+
+NAME is one of TABLES below. The sources are the JSON files under bench/results/ (any depth)
+that hold {"environment": {...}, "rows": [...]} (sparsekern.bench.common.write_json, also
+bench/bench_gpu_linear.py and bench/bench_quality.py); other files there (logs, tuning
+tables, CSV, plots) are skipped. Rows are recognised by their fields, not by the file that
+wrote them, so a folder added later shows up without a change here:
+
+  kernel rows    op linear|nm_linear|bitmask_linear|block_linear, provider, batch, median_ms
+                 (or us) with p20/p80; the dense row (provider torch.dense or cublas) of the
+                 same shape, batch and dtype is the reference
+  model rows     op "model": model, variant, metric, batch, median_ms, p20_ms, p80_ms,
+                 speedup_vs_dense; optional value, noise_floor_rel or noise_floor_ms,
+                 sparse_layers, param_bytes; the variant "dense" is the reference
+  overhead rows  suite "overhead" (python -m sparsekern.bench.overhead --out)
+  quality rows   op "quality" or model/metric/method/pattern/value
+  mask rows, masked-training rows (suite masked), end-to-end rows (suite e2e), note rows
+  (suite ncu); anything else is shown as a plain table of its fields; rows with "error"
+  are listed as "did not run".
+
+Which run a README table shows: the newest (environment date) results file that has rows of
+its kind on its device; a folder whose name contains "quick" (or whose environment says
+quick) is used only when no full run has such rows. docs/RESULTS.md shows every file, every
+row.
+
+Speed-ups: dense median / this median from the same run, with the range the p20-p80 spreads
+allow (dense p20 / this p80 to dense p80 / this p20). When that range contains 1, or the
+difference is within a noise floor the row carries (two identical runs in the same loop),
+the row reads "no difference" instead of a ratio.
+
+This script imports the package (for the dispatch table ops.OPS); the package never imports
+from bench/.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import glob
+import json
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")
+MARKER = re.compile(r"<!-- table:([a-z0-9-]+) -->\n(.*?)<!-- /table -->", re.S)
+KERNEL_OPS = ("linear", "nm_linear", "bitmask_linear", "block_linear")
+DENSE_PROVIDERS = ("torch.dense", "cublas", "dense")
+MASK_OPS = ("nm_mask_compress", "group_score_nm_l2", "group_norm_nm_l2")
+# Keys shown in the caption or not at all (the run's own metadata).
+META_KEYS = ("commit", "timestamp", "device", "suite")
+
+
+# ----------------------------------------------------------------------------- loading
+class Run:
+    """One results file: its path (relative to the repository), environment and rows."""
+
+    def __init__(self, path: str, env: dict, rows: list, root: str = ROOT):
+        self.path = os.path.relpath(path, root).replace(os.sep, "/")
+        self.env = env
+        self.rows = [_normalise(r) for r in rows if isinstance(r, dict)]
+        folder = os.path.basename(os.path.dirname(path))
+        self.quick = "quick" in folder or bool(env.get("quick"))
+        self.gpu = env.get("device") == "cuda" or bool(env.get("gpu"))
+        self.date = str(env.get("date") or env.get("timestamp") or "")
+        if not self.date:
+            m = re.search(r"(\d{8})", folder)
+            self.date = m.group(1) if m else ""
+
+    def of(self, kind: str) -> list[dict]:
+        return [r for r in self.rows if row_kind(r) == kind]
+
+    def caption(self) -> str:
+        e = self.env
+        machine = e.get("gpu") or e.get("device_name") or e.get("cpu") or "unknown machine"
+        parts = [f"`{self.path}`", f"commit `{e.get('commit', 'unknown')}`"]
+        if self.gpu:
+            parts.append(f"{machine} (CUDA {e.get('cuda', '?')}; host CPU {e.get('cpu', '?')})")
+        else:
+            parts.append(f"{machine}, {e.get('threads', '?')} threads")
+        parts.append(f"torch {e.get('torch', '?')}")
+        parts.append(self.date[:10] if len(self.date) >= 10 else self.date or "undated")
+        if self.quick:
+            parts.append("quick run (`--quick` sizes)")
+        return "Run: " + ", ".join(parts) + "."
+
+
+def _normalise(r: dict) -> dict:
+    """Microsecond timings (the GPU script) become the common millisecond keys."""
+    r = dict(r)
+    if "median_ms" not in r and isinstance(r.get("us"), (int, float)):
+        r["median_ms"] = r["us"] / 1e3
+        for q in ("p20", "p80"):
+            if isinstance(r.get(f"{q}_us"), (int, float)):
+                r[f"{q}_ms"] = r[f"{q}_us"] / 1e3
+    if "speedup_vs_dense" not in r and isinstance(r.get("x_cublas"), (int, float)):
+        r["speedup_vs_dense"] = r["x_cublas"]
+    return r
+
+
+def load_runs(results_dir: str = RESULTS, root: str | None = None) -> list[Run]:
+    """Every results file under results_dir, newest first (paths shown relative to root,
+    by default the folder above bench/results)."""
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(results_dir)))
+    runs = []
+    for path in sorted(glob.glob(os.path.join(results_dir, "**", "*.json"), recursive=True)):
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict) and isinstance(d.get("environment"), dict) and isinstance(d.get("rows"), list):
+            runs.append(Run(path, d["environment"], d["rows"], root))
+    runs.sort(key=lambda r: (r.date, r.path), reverse=True)  # newest first
+    return runs
+
+
+def row_kind(r: dict) -> str:
+    if "error" in r:
+        return "error"
+    op, suite = r.get("op"), r.get("suite")
+    if suite == "overhead":
+        return "overhead"
+    if suite == "ncu" or ("note" in r and "median_ms" not in r):
+        return "note"
+    if suite == "e2e":
+        return "e2e"
+    if suite == "masked":
+        return "masked"
+    if op == "model":
+        return "model"
+    if op == "quality" or (op is None and {"model", "metric", "method", "value"} <= set(r)):
+        return "quality"
+    if op in MASK_OPS:
+        return "mask"
+    if op in KERNEL_OPS and "median_ms" in r and "provider" in r:
+        return "kernel"
+    return "other"
+
+
+def newest(runs: list[Run], kind: str, gpu: bool | None) -> Run | None:
+    """The newest run with rows of `kind` (on a GPU, on the CPU, or either for None),
+    preferring full runs to quick ones."""
+    have = [r for r in runs if (gpu is None or r.gpu == gpu) and r.of(kind)]
+    full = [r for r in have if not r.quick]
+    return (full or have or [None])[0]
+
+
+# -------------------------------------------------------------------------- formatting
+def ratio(x: float) -> str:
+    """Two significant digits at most: 0.067, 0.67, 1.8, 7.5, 12."""
+    if x < 0.1:
+        return f"{x:.2g}"
+    if x >= 10:
+        return f"{x:.0f}"
+    if x >= 1:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def num(v: float, digits: int = 3) -> str:
+    """`digits` significant digits, plain notation."""
+    if v == 0:
+        return "0"
+    s = f"{v:#.{digits}g}"
+    if "e" in s:  # large values: all integer digits, no exponent
+        s = f"{v:.0f}"
+    return s.rstrip(".")
+
+
+def spread(r: dict, scale: float = 1.0) -> str:
+    """'median (p20–p80)' of a row's timing, times `scale`."""
+    med = num(r["median_ms"] * scale)
+    if isinstance(r.get("p20_ms"), (int, float)) and isinstance(r.get("p80_ms"), (int, float)):
+        return f"{med} ({num(r['p20_ms'] * scale)}–{num(r['p80_ms'] * scale)})"
+    return med
+
+
+def speedup_cell(r: dict, ref: dict | None) -> str:
+    """'1.8x (1.6–2.0)', or 'no difference (0.90–1.3)' when the spreads or the row's
+    noise floor cannot tell the two apart; the reference row itself reads 'reference'."""
+    if ref is None:
+        x = r.get("speedup_vs_dense")
+        return f"{ratio(x)}x (no spread: reference row not found)" if isinstance(x, (int, float)) else ""
+    if ref is r:
+        return "reference"
+    x = ref["median_ms"] / r["median_ms"]
+    lo = hi = None
+    if all(isinstance(d.get(k), (int, float)) and d.get(k) > 0 for d in (r, ref) for k in ("p20_ms", "p80_ms")):
+        lo, hi = ref["p20_ms"] / r["p80_ms"], ref["p80_ms"] / r["p20_ms"]
+    inside = lo is not None and lo <= 1 <= hi
+    floor_rel = r.get("noise_floor_rel")
+    if isinstance(floor_rel, (int, float)) and abs(x - 1) <= floor_rel:
+        inside = True
+    floor_ms = r.get("noise_floor_ms")
+    if isinstance(floor_ms, (int, float)) and abs(ref["median_ms"] - r["median_ms"]) <= floor_ms:
+        inside = True
+    rng = f" ({ratio(lo)}–{ratio(hi)})" if lo is not None else ""
+    if inside:
+        return f"no difference{rng}"
+    return f"{ratio(x)}x{rng}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pattern_text(r: dict) -> str:
+    p, d = r.get("pattern"), r.get("density")
+    if not p:
+        return ""
+    if isinstance(d, (int, float)) and d < 1:
+        return f"{p}, {d:.0%} kept"
+    return str(p)
+
+
+def op_of(r: dict) -> str:
+    """The sparsekern op a kernel row ran (the suite writes op 'linear' and the pattern)."""
+    if r.get("op") != "linear":
+        return str(r.get("op"))
+    p = str(r.get("pattern", ""))
+    return "nm_linear" if ":" in p else "bitmask_linear" if p == "unstructured" else \
+        "block_linear" if p.startswith("block") else "linear"
+
+
+LABELS = {"shape": "weight (out x in)", "model_shape": "case", "dtype": "dtype"}
+
+
+def common_fields(rows: list[dict], keys: list[str]) -> tuple[list[str], str]:
+    """The keys whose value differs between rows, and a caption naming those that do not."""
+    varying, same = [], []
+    for k in keys:
+        vals = {json.dumps(r.get(k), sort_keys=True) for r in rows}
+        if len(vals) > 1:
+            varying.append(k)
+        elif rows and rows[0].get(k) is not None:
+            same.append(f"{LABELS.get(k, k)} {rows[0][k]}")
+    return varying, ("All rows: " + ", ".join(same) + ".") if same else ""
+
+
+# ------------------------------------------------------------------------------ kinds
+def _dense_ref(rows: list[dict], i: int) -> dict | None:
+    """The dense row timed with rows[i]: same shape, batch and dtype, nearest before it
+    (dense is timed first beside each pattern), else the one its speed-up points to."""
+    r = rows[i]
+    key = (r.get("shape"), r.get("batch"), r.get("dtype"))
+    cands = [(j, d) for j, d in enumerate(rows) if row_kind(d) == "kernel" and d.get("provider") in DENSE_PROVIDERS
+             and (d.get("shape"), d.get("batch"), d.get("dtype")) == key]
+    if not cands:
+        return None
+    x = r.get("speedup_vs_dense")
+    if isinstance(x, (int, float)) and x > 0:
+        want = x * r["median_ms"]
+        best = min(cands, key=lambda c: abs(c[1]["median_ms"] - want))[1]
+        if abs(best["median_ms"] - want) <= 1e-6 * max(1.0, want):
+            return best
+    before = [d for j, d in cands if j < i]
+    return before[-1] if before else cands[0][1]
+
+
+def render_kernels(run: Run) -> str:
+    rows = run.rows
+    idx = [i for i, r in enumerate(rows) if row_kind(r) == "kernel"]
+    pairs, used = [], set()
+    for i in idx:
+        r = rows[i]
+        if r.get("provider") in DENSE_PROVIDERS:
+            continue
+        ref = _dense_ref(rows, i)
+        if ref is not None:
+            used.add(id(ref))
+        pairs.append((r, ref))
+    for i in idx:  # dense rows nobody was compared with still get their line
+        if rows[i].get("provider") in DENSE_PROVIDERS and id(rows[i]) not in used:
+            pairs.append((rows[i], rows[i]))
+    ks = ["shape", "model_shape", "dtype"]
+    varying, caption = common_fields([r for r, _ in pairs], ks)
+    dense = "cuBLAS" if any(ref is not None and ref.get("provider") == "cublas" for _, ref in pairs) else "dense"
+    header = [LABELS.get(k, k) for k in varying] + ["pattern", "batch", "provider", "ms, median (p20–p80)",
+                                                    f"{dense} ms, same run", f"x {dense}"]
+    eager = any("eager_us" in r for r, _ in pairs)  # GPU: graph-replay time above, per-call time here
+    if eager:
+        header.append("eager ms (with launch)")
+    out = []
+    for r, ref in pairs:
+        prov = r.get("provider", "")
+        if prov == "sparsekern":
+            prov = f"sparsekern `{op_of(r)}`"
+        elif prov in ("cuda", "triton", "cusparselt", "cutlass"):
+            prov = f"sparsekern `{op_of(r)}` ({prov})"
+        out.append([str(r.get(k, "")) for k in varying] +
+                   [pattern_text(r), str(r.get("batch", "")), prov, spread(r),
+                    spread(ref) if ref is not None else "", speedup_cell(r, ref)] +
+                   ([num(r["eager_us"] / 1e3) if isinstance(r.get("eager_us"), (int, float)) else ""] if eager else []))
+    return f"{caption}\n\n{table(header, out)}".strip()
+
+
+def render_models(run: Run) -> str:
+    rows = run.of("model")
+    dense = {(r.get("model"), r.get("metric"), r.get("batch")): r for r in rows if r.get("variant") == "dense"}
+    extra = [("sparse layers", "sparse_layers", lambda v: str(v)),
+             ("params MiB", "param_bytes", lambda v: num(v / 2**20)),
+             ("noise floor", "noise_floor_rel", lambda v: f"{v:.1%}")]
+    extra = [e for e in extra if any(e[1] in r for r in rows)]
+    header = ["model", "variant", "metric", "batch", "ms per call, median (p20–p80)", "value", "x dense"] + \
+             [e[0] for e in extra]
+    out = []
+    for r in rows:
+        ref = dense.get((r.get("model"), r.get("metric"), r.get("batch")))
+        val = r.get("value")
+        out.append([str(r.get("model", "")), str(r.get("variant", "")), str(r.get("metric", "")),
+                    str(r.get("batch", "")), spread(r) if "median_ms" in r else "",
+                    num(val) if isinstance(val, (int, float)) else "",
+                    speedup_cell(r, ref) if "median_ms" in r and (ref is None or "median_ms" in ref) else ""] +
+                   [fmt(r[k]) if r.get(k) is not None else "" for _, k, fmt in extra])
+    return table(header, out)
+
+
+def render_overhead(run: Run) -> str:
+    rows = run.of("overhead")
+    ops_seen = list(dict.fromkeys(r["op"] for r in rows))
+    provs = [p for p in dict.fromkeys(r["provider"] for r in rows) if not p.startswith("ops overhead")]
+    header = ["op (backend)"] + [f"{p}, µs" for p in provs] + ["ops − kernel, µs", "noise floor, µs", "verdict"]
+    out = []
+    for op in ops_seen:
+        mine = {r["provider"]: r for r in rows if r["op"] == op}
+        over = next((r for p, r in mine.items() if p.startswith("ops overhead")), None)
+        backend = next(iter(mine.values())).get("backend", "")
+        cells = [f"`{op}` ({backend})"] + [spread(mine[p], 1e3) if p in mine else "" for p in provs]
+        if over is not None:
+            floor = over.get("noise_floor_ms")
+            within = isinstance(floor, (int, float)) and abs(over["median_ms"]) <= floor
+            cells += [spread(over, 1e3), num(floor * 1e3) if isinstance(floor, (int, float)) else "",
+                      "no difference: within the noise floor" if within else "overhead above the noise floor"]
+        else:
+            cells += ["", "", ""]
+        out.append(cells)
+    shape = rows[0].get("shape") if rows else None
+    cap = (f"All rows: weight {shape[0]}x{shape[1]} (out x in), batch {rows[0].get('batch')}, "
+           f"{rows[0].get('dtype')}. ") if isinstance(shape, list) and len(shape) == 2 else ""
+    return f"{cap.rstrip()}\n\n{table(header, out)}".strip()
+
+
+def render_quality(run: Run) -> str:
+    rows = run.of("quality")
+    parts = []
+    for model, metric in dict.fromkeys((r["model"], r["metric"]) for r in rows):
+        mine = [r for r in rows if r["model"] == model and r["metric"] == metric]
+        fmt = (lambda v: f"{v:.1f}") if metric == "accuracy" else (lambda v: f"{v:.3f}")
+        dense = [r for r in mine if r["method"] == "dense"]
+        patterns = list(dict.fromkeys(r["pattern"] for r in mine if r["method"] != "dense"))
+        methods = list(dict.fromkeys(r["method"] for r in mine if r["method"] != "dense"))
+        cell = {(r["method"], r["pattern"]): r["value"] for r in mine}
+        title = f"**{model}**, {metric.replace('_', ' ')}"
+        if dense:
+            title += f" (dense {fmt(dense[0]['value'])})"
+        parts.append(title + "\n\n" + table(["method"] + patterns, [
+            [m] + [fmt(cell[(m, p)]) if (m, p) in cell else "" for p in patterns] for m in methods]))
+    return "\n\n".join(parts)
+
+
+def render_masks(run: Run) -> str:
+    rows = run.of("mask")
+    out = []
+    for r in rows:
+        ref = next((d for d in rows if d["op"] == r["op"] and d.get("provider") == "torch.eager"), None)
+        note = f" ({r['note']})" if r.get("note") else ""
+        out.append([f"`{r['op']}`", str(r.get("provider", "")) + note, str(r.get("shape", "")), spread(r),
+                    speedup_cell(r, ref) if ref is not None else ""])
+    return table(["op", "provider", "shape", "ms, median (p20–p80)", "x torch.eager"], out)
+
+
+def render_masked(run: Run) -> str:
+    rows = run.of("masked")
+    out = []
+    for r in rows:
+        ref = next((d for d in rows if d["op"] == r["op"] and d.get("provider") == "dispatched"), None)
+        out.append([f"`{r['op']}`", str(r.get("provider", "")), str(r.get("shape", "")), str(r.get("batch", "")),
+                    spread(r), speedup_cell(r, ref) if ref is not None else ""])
+    return table(["op", "provider", "shape", "rows", "ms, median (p20–p80)", "x dispatched"], out)
+
+
+def render_e2e(run: Run) -> str:
+    rows = run.of("e2e")
+    out = [[str(r.get("op", "")), str(r.get("provider", "")), str(r.get("shape", "")), str(r.get("dtype", "")),
+            num(r["prefill_tok_per_s"]) if "prefill_tok_per_s" in r else "",
+            num(r["decode_tok_per_s"]) if "decode_tok_per_s" in r else ""] for r in rows]
+    return ("Medians of a few calls, no spread recorded.\n\n" +
+            table(["model", "variant", "shape", "dtype", "prefill tokens/s", "decode tokens/s"], out))
+
+
+def render_other(run: Run, kind: str) -> str:
+    rows = run.of(kind)
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in META_KEYS]
+
+    def cell(v):
+        if isinstance(v, float):
+            return num(v)
+        return "" if v is None else str(v)
+    return table(keys, [[cell(r.get(k)) for k in keys] for r in rows])
+
+
+def render_errors(run: Run) -> str:
+    rows = run.of("error")
+    if not rows:
+        return ""
+    lines = []
+    for r in rows:
+        what = " ".join(str(r[k]) for k in ("model", "variant", "op", "provider", "pattern", "shape", "batch")
+                        if r.get(k) not in (None, "", "-"))
+        lines.append(f"- {what}: {r['error']}")
+    return "Did not run:\n\n" + "\n".join(lines)
+
+
+NOISE_NOTE = ("x dense = dense median / this median, both from the same run; in brackets the range the "
+              "p20–p80 spreads allow. When that range contains 1 the row reads \"no difference\".")
+
+RENDER = [("kernel", "Kernels", render_kernels), ("model", "Models", render_models),
+          ("overhead", "Per-call overhead", render_overhead), ("mask", "Mask generation", render_masks),
+          ("masked", "Masked training", render_masked), ("e2e", "End to end", render_e2e),
+          ("quality", "One-shot pruning quality", render_quality)]
+
+
+def render_run(run: Run, kind: str | None = None, heading: str = "") -> str:
+    """One run: the caption, then each kind of row it holds (or only `kind`)."""
+    parts = [run.caption()]
+    kinds = [k for k in RENDER if kind in (None, k[0]) and run.of(k[0])]
+    for k, title, fn in kinds:
+        if kind is None:
+            parts.append(f"{heading}{title}")
+        parts.append(fn(run))
+    if kind is None:
+        for other in ("other", "note"):
+            if run.of(other):
+                parts.append(f"{heading}Other rows" if other == "other" else f"{heading}Notes")
+                parts.append(render_other(run, other))
+    errs = render_errors(run)
+    if errs and (kind is None or any(_error_kind(r) == kind for r in run.of("error"))):
+        parts.append(errs)
+    return "\n\n".join(p for p in parts if p)
+
+
+def _error_kind(r: dict) -> str:
+    return row_kind({k: v for k, v in r.items() if k != "error"} | {"median_ms": 0.0})
+
+
+# ------------------------------------------------------------------------------ tables
+def t_cpu_kernels(runs):
+    """bench_cpu_linear.py's run (cpu-linear-* folders), else the newest CPU run with kernel rows."""
+    named = [r for r in runs if re.match(r"bench/results/cpu-linear-", r.path)]
+    run = newest(named, "kernel", False) or newest(runs, "kernel", False)
+    if run is None:
+        return "No CPU kernel results yet."
+    return f"{render_run(run, 'kernel')}\n\n{NOISE_NOTE}"
+
+
+def t_cpu_models(runs):
+    run = newest(runs, "model", False)
+    if run is None:
+        return "No model-level CPU results yet."
+    return f"{render_run(run, 'model')}\n\n{NOISE_NOTE.replace('x dense', 'x dense (time per call)')}"
+
+
+def t_cpu_overhead(runs):
+    run = newest(runs, "overhead", False)
+    if run is None:
+        return "No overhead results yet (`python -m sparsekern.bench.overhead --out FILE`)."
+    return (f"{render_run(run, 'overhead')}\n\nEach cell: median (p20–p80) per call, all providers timed "
+            "interleaved. ops − kernel is what the Python door adds; the noise floor is the median "
+            "difference between two identical runs of the kernel in the same loop (kernel, kernel again).")
+
+
+def t_quality(runs):
+    run = newest(runs, "quality", None)
+    if run is None:
+        return "No quality results yet."
+    return (f"{render_run(run, 'quality')}\n\nOne evaluation per cell, no spread measured: a difference of "
+            "a few test samples (digits) is not a ranking.")
+
+
+def t_gpu(runs):
+    gpu_runs = [r for r in runs if r.gpu]
+    if not gpu_runs:
+        return ("No GPU results yet: no results file under `bench/results/` comes from a CUDA device. "
+                "`bench/gpu_check.sh OUT_DIR` is the prepared run.")
+    run = gpu_runs[0]
+    return (f"{render_run(run, heading='#### ')}\n\n{NOISE_NOTE} On the GPU, dense is cuBLAS on the same pruned "
+            "weight stored dense (x cuBLAS).")
+
+
+def t_all_results(runs):
+    if not runs:
+        return "No results files yet."
+    return "\n\n".join(f"### `{os.path.dirname(r.path)}`\n\n{render_run(r, heading='#### ')}" for r in runs)
+
+
+def t_ops(runs):
+    sys.path.insert(0, ROOT)
+    from sparsekern import ops
+    from sparsekern.patterns import NM_GROUP_SIZES
+
+    blocks = _triton_blocks()
+    fam = {"nm": f"N:M, M in {{{', '.join(map(str, NM_GROUP_SIZES))}}}", "bitmask": "unstructured (bitmask)",
+           "block": "block (BSR)", "masked": "dense weight + bitmask (training)",
+           "group_score": "scoring", "act_norm_accumulate": "scoring (wanda)",
+           "hessian_accumulate": "SparseGPT Hessian"}
+
+    def what(name):
+        for k, v in fam.items():
+            if name.startswith(k):
+                return v
+        return ""
+
+    def yes(b):
+        return "yes" if b else "—"
+    out = []
+    for name, s in ops.OPS.items():
+        tri = "—"
+        if s.triton:
+            tri = "yes" + (f" (square blocks {', '.join(map(str, blocks))})" if s.triton_limit and blocks else
+                           " (with limits: `ops.explain_backend`)" if s.triton_limit else "")
+        out.append([f"`{name}`", what(name), yes(s.cpp) if s.cpp else "— (reference GEMM)", yes(s.cuda), tri,
+                    yes(s.semi_structured)])
+    dtypes = ", ".join(str(d).split(".")[-1] for d in ops.KERNEL_DTYPES)
+    return (table(["op", "for", "CPU (C++)", "CUDA C++", "Triton", "2:4 tensor-core GEMMs (cuSPARSELt, CUTLASS)"],
+                  out) +
+            f"\n\nGenerated from `sparsekern.ops.OPS`. Compiled backends take {dtypes}; other dtypes "
+            "(float64 included) and anything no backend can run here go to the pure-torch reference "
+            "(`sparsekern/reference.py`). The 2:4 GEMMs serve bf16/fp16 `nm_linear` at large batch on CUDA.")
+
+
+def _triton_blocks() -> tuple:
+    """SUPPORTED_BLOCKS of the Triton block kernel, read from the source (no Triton import,
+    so the table is the same with or without Triton installed)."""
+    path = os.path.join(ROOT, "sparsekern", "triton", "block_linear.py")
+    try:
+        tree = ast.parse(open(path).read())
+    except OSError:
+        return ()
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "SUPPORTED_BLOCKS" for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    return ()
+
+
+TABLES = {
+    "cpu-kernels": t_cpu_kernels,      # bench_cpu_linear.py (newest cpu-linear-* run)
+    "cpu-models": t_cpu_models,        # model-level rows (python -m sparsekern bench --suite models)
+    "cpu-overhead": t_cpu_overhead,    # python -m sparsekern.bench.overhead --out
+    "quality": t_quality,              # one-shot pruning quality
+    "gpu": t_gpu,                      # the newest GPU run, everything in it
+    "all-results": t_all_results,      # every results file, every row (docs/RESULTS.md)
+    "ops": t_ops,                      # the dispatch table, ops.OPS
+}
+
+
+# ------------------------------------------------------------------------------- files
+def target_files(root: str = ROOT) -> list[str]:
+    files = [os.path.join(root, "README.md")] + sorted(glob.glob(os.path.join(root, "docs", "*.md")))
+    return [f for f in files if os.path.exists(f)]
+
+
+def rewrite(text: str, runs: list[Run], cache: dict) -> str:
+    def sub(m):
+        name = m.group(1)
+        if name not in TABLES:
+            raise SystemExit(f"make_tables: unknown table '{name}' (known: {', '.join(TABLES)})")
+        if name not in cache:
+            cache[name] = TABLES[name](runs).strip()
+        return f"<!-- table:{name} -->\n{cache[name]}\n<!-- /table -->"
+    opens = len(re.findall(r"<!-- table:[a-z0-9-]+ -->", text))
+    if opens != len(MARKER.findall(text)):
+        raise SystemExit("make_tables: a '<!-- table:NAME -->' marker has no '<!-- /table -->'")
+    return MARKER.sub(sub, text)
+
+
+# Hand-typed measurements outside the generated tables: speed-ups and times in prose.
+HAND_TYPED = re.compile(r"\b\d+(?:\.\d+)?x\b(?! ?\d)|\b\d+(?:\.\d+)? ?(?:ms|µs|us|GB/s|TFLOP/s|tok(?:ens)?/s)\b")
+
+
+def hand_typed(text: str) -> list[str]:
+    """Measured-looking numbers outside the markers and outside code blocks."""
+    text = MARKER.sub("", text)
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    return HAND_TYPED.findall(text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 when a file differs")
+    p.add_argument("--list", action="store_true", help="each results file: date, device, kinds of rows")
+    p.add_argument("--root", default=ROOT, help="the tree whose README.md, docs/ and bench/results/ are used "
+                                                "(default: this repository)")
+    a = p.parse_args(argv)
+    runs = load_runs(os.path.join(a.root, "bench", "results"), a.root)
+    if a.list:
+        for r in runs:
+            kinds = sorted({row_kind(x) for x in r.rows})
+            print(f"{r.path}: {r.date[:10]} {'gpu' if r.gpu else 'cpu'}{' quick' if r.quick else ''}, "
+                  f"{len(r.rows)} rows ({', '.join(kinds)})")
+        return 0
+    cache: dict = {}
+    differ = []
+    for path in target_files(a.root):
+        old = open(path).read()
+        new = rewrite(old, runs, cache)
+        rel = os.path.relpath(path, a.root)
+        bad = hand_typed(new)
+        if bad:
+            print(f"{rel}: measured-looking numbers outside the generated tables: {bad}", file=sys.stderr)
+            differ.append(rel)
+        if new != old:
+            if a.check:
+                differ.append(rel)
+                sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True),
+                                                           f"a/{rel}", f"b/{rel} (from bench/results)", n=1))
+            else:
+                with open(path, "w") as f:
+                    f.write(new)
+                print(f"wrote {rel}")
+    if differ:
+        print(f"make_tables: {', '.join(sorted(set(differ)))} disagree with bench/results "
+              "(run python bench/make_tables.py)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""README and docs tables are generated from bench/results/ (bench/make_tables.py): the
+committed files agree with the JSON, a hand edit or a hand-typed figure fails, every row of a
+run is shown, the noise rule holds, and folders added later (model rows, a GPU run) show up
+without a change to the script."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import make_tables as mt  # noqa: E402
+
+SCRIPT = os.path.join(ROOT, "bench", "make_tables.py")
+
+
+def check(*args):
+    return subprocess.run([sys.executable, SCRIPT, "--check", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_readme_and_docs_agree_with_the_results():
+    r = check()
+    assert r.returncode == 0, "README/docs differ from bench/results; run python bench/make_tables.py\n" + \
+        r.stdout[-3000:] + r.stderr[-2000:]
+
+
+def _tree(tmp_path):
+    """A copy of README.md, docs/ and bench/results/ to edit."""
+    for name in ("README.md", "docs", os.path.join("bench", "results")):
+        src, dst = os.path.join(ROOT, name), tmp_path / name
+        if os.path.isdir(src):
+            shutil.copytree(src, dst)
+        else:
+            shutil.copy(src, dst)
+    return tmp_path
+
+
+def test_check_fails_on_a_hand_edit_and_on_a_hand_typed_figure(tmp_path):
+    root = _tree(tmp_path)
+    assert check("--root", str(root)).returncode == 0
+    readme = root / "README.md"
+    text = readme.read_text()
+    start = text.index("<!-- table:cpu-kernels -->")
+    row = text.index("| 2:4", start)
+    edited = text[:row] + text[row:].replace("x (", "5x (", 1)  # a better number typed into the table
+    readme.write_text(edited)
+    r = check("--root", str(root))
+    assert r.returncode == 1 and "README.md" in r.stderr
+    readme.write_text(text.replace("## Benchmarks\n", "## Benchmarks\n\nThe 2:4 kernel is 1.83x faster.\n"))
+    r = check("--root", str(root))
+    assert r.returncode == 1 and "1.83x" in r.stderr
+    readme.write_text(text)
+    (root / "bench" / "results" / "cpu-linear-20261128" / "cpu_linear.json").unlink()
+    assert check("--root", str(root)).returncode == 1  # the JSON changed: the README must follow
+
+
+def _table_rows(md: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
+            if line.startswith("| ") and not line.startswith("|---")][1:]
+
+
+def test_every_kernel_row_is_shown_losing_ones_included():
+    runs = mt.load_runs()
+    run = next(r for r in runs if r.path.startswith("bench/results/cpu-linear-"))
+    md = mt.TABLES["cpu-kernels"](runs)
+    assert run.path in md and run.env["commit"] in md and run.env["device_name"] in md
+    shown = _table_rows(md)
+    sparse = [r for r in run.of("kernel") if r["provider"] != "torch.dense"]
+    assert len(shown) == len(sparse)  # every non-dense row, each with its dense partner
+    for r, cells in zip(sparse, shown):
+        assert cells[2].startswith(r["provider"]) and cells[1] == str(r["batch"])
+        assert cells[3].startswith(mt.num(r["median_ms"]))
+    dense_in_table = {c[4] for c in shown}
+    assert {mt.spread(r) for r in run.of("kernel") if r["provider"] == "torch.dense"} <= dense_in_table
+    assert any("0." in c[5].split("x")[0] for c in shown), "a slower-than-dense row is missing"
+
+
+def _row(median, p20, p80, **kw):
+    return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, **kw}
+
+
+def test_noise_rule():
+    dense = _row(10.0, 9.5, 10.5)
+    assert mt.speedup_cell(_row(5.0, 4.8, 5.2), dense) == "2.0x (1.8–2.2)"
+    assert mt.speedup_cell(_row(9.0, 8.0, 10.0), dense).startswith("no difference")
+    assert mt.speedup_cell(_row(20.0, 19.0, 21.0), dense).startswith("0.50x")
+    # a noise floor from two identical runs widens "no difference"
+    assert mt.speedup_cell(_row(9.0, 8.9, 9.1), dense).startswith("1.1x")
+    assert mt.speedup_cell(_row(9.0, 8.9, 9.1, noise_floor_rel=0.15), dense).startswith("no difference")
+    assert mt.speedup_cell(dense, dense) == "reference"
+    assert [mt.ratio(x) for x in (0.0123, 0.666, 1.83, 7.45, 12.4)] == ["0.012", "0.67", "1.8", "7.5", "12"]
+
+
+def _write(path, env, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"environment": env, "rows": rows}, f)
+
+
+def test_folders_added_later_show_up(tmp_path):
+    root = _tree(tmp_path)
+    results = root / "bench" / "results"
+    runs = mt.load_runs(str(results), str(root))
+    assert "No GPU results yet" in mt.TABLES["gpu"](runs)
+    before = mt.TABLES["cpu-models"](runs)
+    assert "cpu-quick-" in before  # the quick run until a full one exists
+    # model-level rows as the models suite writes them (full run, newer)
+    env = {"date": "2099-01-02T00:00:00+00:00", "commit": "abc123def456", "device": "cpu", "threads": 2,
+           "cpu": "Test CPU", "device_name": "Test CPU", "torch": "2.14.1"}
+    rows = []
+    for variant, ms in (("dense", 10.0), ("2:4", 5.0), ("unstructured70", 9.8)):
+        for batch in (1, 8):
+            rows.append({"op": "model", "model": "llama", "variant": variant, "metric": "decode_tokens_per_s",
+                         "batch": batch, "median_ms": ms * batch, "p20_ms": ms * batch * 0.97,
+                         "p80_ms": ms * batch * 1.03, "value": 1e3 / ms, "speedup_vs_dense": 10.0 / ms,
+                         "noise_floor_rel": 0.03, "sparse_layers": 0 if variant == "dense" else 28})
+    rows.append({"op": "model", "model": "vit", "variant": "2:4", "error": "RuntimeError: boom"})
+    _write(str(results / "cpu-models-20990102" / "results.json"), env, rows)
+    # a GPU run as bench/bench_gpu_linear.py writes it (microseconds, cuBLAS as dense)
+    genv = dict(env, device="cuda", gpu="NVIDIA H100 80GB HBM3", device_name="NVIDIA H100 80GB HBM3", cuda="13.0")
+    grows = [{"suite": "linear", "op": "nm_linear", "provider": "cublas", "pattern": "2:4", "density": 0.5,
+              "dtype": "bfloat16", "shape": "4096x4096", "batch": 1, "us": 40.0, "p20_us": 39.0, "p80_us": 41.0,
+              "eager_us": 50.0, "x_cublas": 1.0},
+             {"suite": "linear", "op": "nm_linear", "provider": "cuda", "pattern": "2:4", "density": 0.5,
+              "dtype": "bfloat16", "shape": "4096x4096", "batch": 1, "us": 25.0, "p20_us": 24.0, "p80_us": 26.0,
+              "eager_us": 35.0, "x_cublas": 1.6},
+             {"suite": "e2e", "op": "llama_decoder", "provider": "2:4", "dtype": "bfloat16", "shape": "dim4096",
+              "prefill_tok_per_s": 9000.0, "decode_tok_per_s": 80.0}]
+    _write(str(results / "h100-20990103" / "bench.json"), genv, grows)
+    with open(results / "h100-20990103" / "tuning.json", "w") as f:  # not a results file: skipped
+        json.dump({"format": "sparsekern-tuning-1", "rows": []}, f)
+    (results / "h100-20990103" / "summary.log").write_text("log\n")
+
+    runs = mt.load_runs(str(results), str(root))
+    models = mt.TABLES["cpu-models"](runs)
+    assert "cpu-models-20990102" in models and "abc123def456" in models and "Test CPU" in models
+    shown = _table_rows(models)
+    assert len(shown) == 6
+    cells = {(c[1], c[3]): c[6] for c in shown}
+    assert cells[("2:4", "1")].startswith("2.0x") and cells[("dense", "8")] == "reference"
+    assert cells[("unstructured70", "1")].startswith("no difference")  # inside its 3% noise floor
+    assert "vit 2:4" in models and "boom" in models  # did-not-run rows are listed
+    gpu = mt.TABLES["gpu"](runs)
+    assert "No GPU results yet" not in gpu and "NVIDIA H100" in gpu and "1.6x" in gpu and "80.0" in gpu
+    assert "no GPU" not in mt.TABLES["all-results"](runs)
+    # and the script rewrites the README from them, after which --check passes again
+    r = check("--root", str(root))
+    assert r.returncode == 1
+    subprocess.run([sys.executable, SCRIPT, "--root", str(root)], check=True, capture_output=True, timeout=300)
+    assert check("--root", str(root)).returncode == 0
+    readme = (root / "README.md").read_text()
+    assert "cpu-models-20990102" in readme and "NVIDIA H100" in readme
+
+
+def test_ops_table_follows_the_dispatch_table():
+    from sparsekern import ops
+
+    md = mt.TABLES["ops"]([])
+    shown = {c[0].strip("`"): c for c in _table_rows(md)}
+    assert set(shown) == set(ops.OPS)
+    for name, spec in ops.OPS.items():
+        c = shown[name]
+        assert c[2].startswith("yes") == spec.cpp and c[3].startswith("yes") == spec.cuda
+        assert c[4].startswith("yes") == (spec.triton is not None) and (c[5] == "yes") == spec.semi_structured
+
+
+def test_unknown_marker_and_unclosed_marker_are_errors():
+    with pytest.raises(SystemExit, match="unknown table"):
+        mt.rewrite("<!-- table:nonsense -->\n<!-- /table -->\n", [], {})
+    with pytest.raises(SystemExit, match="no '<!-- /table -->'"):
+        mt.rewrite("<!-- table:gpu -->\nstale\n", [], {})
