@@ -9,6 +9,7 @@ needed to compile), otherwise a C++-only one. Environment:
   CUDA_HOME / CUDA_PATH  the toolkit root (found from nvcc when unset, wrapper scripts too)
   MAX_JOBS               parallel compile jobs (ninja)
   SPARSEKERN_NVCC_EXTRA  extra nvcc flags, e.g. "-Xptxas=-v" for the resource report
+                         (bench/ptxas_report.py tabulates it); register spills fail the build
 
 Install with `pip install --no-build-isolation -e .` (or without -e) once torch is installed.
 """
@@ -107,7 +108,9 @@ if WITH_CUDA:
         cpu_sources + cuda_sources,
         extra_compile_args={
             "cxx": cxx_flags + define,
-            "nvcc": ["-O3", "-Xptxas=-warn-spills", "--expt-relaxed-constexpr"] + cuda_arch_flags(ARCHS)
+            # -warn-spills -Werror: a kernel that spills registers fails the build (CI, gpu_check)
+            "nvcc": ["-O3", "-Xptxas=-warn-spills", "-Xptxas=-Werror", "--expt-relaxed-constexpr"]
+            + cuda_arch_flags(ARCHS)
             + os.environ.get("SPARSEKERN_NVCC_EXTRA", "").split(),
         },
         extra_link_args=["-fopenmp"],

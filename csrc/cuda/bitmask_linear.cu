@@ -207,9 +207,7 @@ void launch_bitmask_warp(const at::Tensor& x2, const at::Tensor& v, const at::Te
   const int64_t splits = ceil_div(K, KS);
   const size_t smem = vbuf_bytes + static_cast<size_t>(std::min<int64_t>(KS, K)) * BT * sizeof(float);
   auto kernel = bitmask_warp_kernel<T, BT>;
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  ensure_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
   at::Tensor partial;
   if (splits > 1) partial = at::empty({splits, B, O}, x2.options().dtype(at::kFloat));
   const bool vec = v.numel() == 0 || aligned_to(v.data_ptr(), 16);

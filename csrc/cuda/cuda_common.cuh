@@ -10,6 +10,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "../common.h"
 #include "decode_layout.cuh"
@@ -21,13 +24,35 @@ constexpr int kMaxGridYZ = 65535;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Streaming multiprocessors of the current device (132 on an H100 SXM). Not from
-// ATen/cuda/CUDAContext.h, which needs the cuSPARSE/cuBLAS headers a bare toolkit may lack.
+// Streaming multiprocessors of the current device (132 on an H100 SXM), read once per device.
+// Not from ATen/cuda/CUDAContext.h, which needs the cuSPARSE/cuBLAS headers a bare toolkit
+// may lack.
 inline int sm_count() {
-  int dev = 0, n = 0;
+  constexpr int kMaxDevices = 64;
+  static int cached[kMaxDevices] = {};
+  int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < kMaxDevices && cached[dev] > 0) return cached[dev];
+  int n = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  if (dev < kMaxDevices) cached[dev] = n;
   return n;
+}
+
+// Raises a kernel's dynamic shared-memory limit past the default 48 KiB, once per (kernel,
+// device): the first call of a shape does it (eagerly), so a CUDA-graph capture of later
+// calls records no attribute change.
+inline void ensure_dynamic_smem(const void* kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, size_t> raised;
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(mu);
+  size_t& have = raised[{kernel, dev}];
+  if (have >= bytes) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  have = bytes;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -334,12 +334,6 @@ inline int64_t choose_ks(int64_t K, int64_t ctas_without_split, int64_t max_ks, 
   return std::min<int64_t>(ks, ceil_div(K, quantum) * quantum);
 }
 
-template <typename T>
-void set_smem_limit(const void* kernel, size_t bytes) {
-  if (bytes > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                            static_cast<int>(bytes)));
-}
-
 template <typename T, int NT>
 void launch_nm24_mma(const at::Tensor& x2, const at::Tensor& v, const at::Tensor& ix, const T* bias, at::Tensor& out,
                      int64_t B, int64_t O, int64_t K, cudaStream_t stream) {
@@ -351,7 +345,7 @@ void launch_nm24_mma(const at::Tensor& x2, const at::Tensor& v, const at::Tensor
   const int64_t splits = ceil_div(K, KS);
   const size_t smem = static_cast<size_t>(BT) * (KS + kXPad) * sizeof(T);
   auto kernel = nm24_mma_kernel<T, NT>;
-  set_smem_limit<T>(reinterpret_cast<const void*>(kernel), smem);
+  ensure_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
   at::Tensor partial;
   if (splits > 1) partial = at::empty({splits, B, O}, x2.options().dtype(at::kFloat));
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(splits), static_cast<unsigned>(batch_tiles));
