@@ -1,6 +1,6 @@
 // Argument checks shared by every device's implementation of an op, so the CPU and
 // CUDA kernels refuse exactly the same inputs with the same messages. Each message
-// names the op and the argument (CONVENTIONS.md).
+// names the op and the argument (the project's convention).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,7 +11,7 @@
 
 namespace sparsekern {
 
-// Runtime CPU feature test (csrc/cpu/cpu_features.cpp). The AVX2 kernels are compiled
+// Runtime CPU feature test (csrc/cpu/cpu_common.cpp). The AVX2 kernels are compiled
 // with function target attributes and picked at run time, so one binary runs anywhere.
 bool cpu_has_avx2();
 

@@ -52,7 +52,11 @@ at::Tensor finish_linear(const at::Tensor& out, const at::Tensor& x, const c10::
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
   auto sizes = x.sizes().vec();
   sizes.back() = out.size(1);
-  return y.to(x.scalar_type()).reshape(sizes);
+  // resize_, not reshape: the result must not be a view of a temporary (autograd and FSDP2
+  // warn about custom ops returning views, and in-place ops on a view skip their hooks).
+  at::Tensor r = y.to(x.scalar_type());
+  r.resize_(sizes);
+  return r;
 }
 
 }  // namespace cpu

@@ -67,7 +67,9 @@ at::Tensor masked_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Te
   }
   auto sizes = grad_out.sizes().vec();
   sizes.back() = K;
-  return gx.to(grad_out.scalar_type()).reshape(sizes);
+  at::Tensor r = gx.to(grad_out.scalar_type());
+  r.resize_(sizes);  // not a view of a temporary (see finish_linear)
+  return r;
 }
 
 }  // namespace
