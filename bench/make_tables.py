@@ -88,7 +88,11 @@ class Run:
         if self.gpu:
             parts.append(f"{machine} (CUDA {e.get('cuda', '?')}; host CPU {e.get('cpu', '?')})")
         else:
-            parts.append(f"{machine}, {e.get('threads', '?')} threads")
+            th = e.get("threads", "?")
+            parts.append(f"{machine}, {th} thread{'' if th == 1 else 's'}")
+        load = (e.get("machine") or {}).get("loadavg")
+        if load:
+            parts[-1] += f", load average {load[0]} at the start"
         parts.append(f"torch {e.get('torch', '?')}")
         parts.append(self.date[:10] if len(self.date) >= 10 else self.date or "undated")
         if self.quick:
@@ -189,20 +193,31 @@ def spread(r: dict, scale: float = 1.0) -> str:
 
 def speedup_cell(r: dict, ref: dict | None) -> str:
     """'1.8x (1.6–2.0)', or 'no difference (0.90–1.3)' when the spreads or the row's
-    noise floor cannot tell the two apart; the reference row itself reads 'reference'."""
+    noise floor cannot tell the two apart; the reference row itself reads 'reference'.
+
+    A row that carries its own comparison (sparsekern.bench.common.compare: `speedup`,
+    `speedup_p20`/`speedup_p80` of the per-round paired ratios, `verdict`) is shown as the
+    benchmark judged it; otherwise the ratio of medians, the range the two p20-p80 spreads
+    allow, and "no difference" when that range contains 1 or the difference is within the
+    row's noise floor (`noise_floor` / `noise_floor_rel`: relative, `noise_floor_ms`)."""
+    if ref is r or r.get("variant") == r.get("baseline", object()):
+        return "reference"
+    if "verdict" in r and all(isinstance(r.get(k), (int, float)) for k in ("speedup_p20", "speedup_p80")):
+        x = r.get("speedup", r.get("speedup_vs_dense"))
+        rng = f" ({ratio(r['speedup_p20'])}–{ratio(r['speedup_p80'])})"
+        return f"no difference{rng}" if r["verdict"] == "no difference" else f"{ratio(x)}x{rng}"
     if ref is None:
         x = r.get("speedup_vs_dense")
         return f"{ratio(x)}x (no spread: reference row not found)" if isinstance(x, (int, float)) else ""
-    if ref is r:
-        return "reference"
     x = ref["median_ms"] / r["median_ms"]
     lo = hi = None
     if all(isinstance(d.get(k), (int, float)) and d.get(k) > 0 for d in (r, ref) for k in ("p20_ms", "p80_ms")):
         lo, hi = ref["p20_ms"] / r["p80_ms"], ref["p80_ms"] / r["p20_ms"]
     inside = lo is not None and lo <= 1 <= hi
-    floor_rel = r.get("noise_floor_rel")
-    if isinstance(floor_rel, (int, float)) and abs(x - 1) <= floor_rel:
-        inside = True
+    for key in ("noise_floor_rel", "noise_floor"):
+        floor_rel = r.get(key)
+        if isinstance(floor_rel, (int, float)) and abs(x - 1) <= floor_rel:
+            inside = True
     floor_ms = r.get("noise_floor_ms")
     if isinstance(floor_ms, (int, float)) and abs(ref["median_ms"] - r["median_ms"]) <= floor_ms:
         inside = True
@@ -310,23 +325,30 @@ def render_kernels(run: Run) -> str:
 
 def render_models(run: Run) -> str:
     rows = run.of("model")
-    dense = {(r.get("model"), r.get("metric"), r.get("batch")): r for r in rows if r.get("variant") == "dense"}
-    extra = [("sparse layers", "sparse_layers", lambda v: str(v)),
+    dense = {(r.get("model"), r.get("metric"), r.get("batch")): r for r in rows
+             if r.get("variant") == r.get("baseline", "dense")}
+    extra = [("noise floor", "noise_floor", lambda v: f"{v:.1%}"),
+             ("noise floor", "noise_floor_rel", lambda v: f"{v:.1%}"),
+             ("sparse layers", "sparse_layers", lambda v: str(v)),
              ("params MiB", "param_bytes", lambda v: num(v / 2**20)),
-             ("noise floor", "noise_floor_rel", lambda v: f"{v:.1%}")]
-    extra = [e for e in extra if any(e[1] in r for r in rows)]
+             ("how the sparse layers ran", "paths", lambda v: str(v))]
+    extra = [e for e in extra if any(r.get(e[1]) is not None for r in rows)]
     header = ["model", "variant", "metric", "batch", "ms per call, median (p20–p80)", "value", "x dense"] + \
              [e[0] for e in extra]
     out = []
     for r in rows:
         ref = dense.get((r.get("model"), r.get("metric"), r.get("batch")))
         val = r.get("value")
+        val_s = num(val) if isinstance(val, (int, float)) else ""
+        if val_s and all(isinstance(r.get(k), (int, float)) for k in ("value_p20", "value_p80")):
+            val_s += f" ({num(r['value_p20'])}–{num(r['value_p80'])})"
         out.append([str(r.get("model", "")), str(r.get("variant", "")), str(r.get("metric", "")),
-                    str(r.get("batch", "")), spread(r) if "median_ms" in r else "",
-                    num(val) if isinstance(val, (int, float)) else "",
+                    str(r.get("batch", "")), spread(r) if "median_ms" in r else "", val_s,
                     speedup_cell(r, ref) if "median_ms" in r and (ref is None or "median_ms" in ref) else ""] +
                    [fmt(r[k]) if r.get(k) is not None else "" for _, k, fmt in extra])
-    return table(header, out)
+    descs = {r["model"]: r["model_desc"] for r in rows if r.get("model_desc")}
+    notes = "\n".join(f"- {m}: {d}" for m, d in descs.items())
+    return table(header, out) + (f"\n\nModels:\n\n{notes}" if notes else "")
 
 
 def render_overhead(run: Run) -> str:

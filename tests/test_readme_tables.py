@@ -107,16 +107,23 @@ def test_folders_added_later_show_up(tmp_path):
     assert "No GPU results yet" in mt.TABLES["gpu"](runs)
     before = mt.TABLES["cpu-models"](runs)
     assert "cpu-quick-" in before  # the quick run until a full one exists
-    # model-level rows as the models suite writes them (full run, newer)
+    # model-level rows as the models suite writes them (sparsekern.bench.common.compare: the
+    # dense model timed twice for the noise floor, paired per-round ratios, a verdict)
     env = {"date": "2099-01-02T00:00:00+00:00", "commit": "abc123def456", "device": "cpu", "threads": 2,
-           "cpu": "Test CPU", "device_name": "Test CPU", "torch": "2.14.1"}
+           "cpu": "Test CPU", "device_name": "Test CPU", "torch": "2.14.1",
+           "machine": {"host": "h", "cpus": 2, "loadavg": [1.5, 1.2, 1.0]}}
     rows = []
-    for variant, ms in (("dense", 10.0), ("2:4", 5.0), ("unstructured70", 9.8)):
+    for variant, ms, verdict in (("dense (again)", 10.1, "no difference"), ("dense", 10.0, "no difference"),
+                                 ("2:4", 5.0, "faster"), ("unstructured 70%", 9.8, "no difference")):
         for batch in (1, 8):
-            rows.append({"op": "model", "model": "llama", "variant": variant, "metric": "decode_tokens_per_s",
-                         "batch": batch, "median_ms": ms * batch, "p20_ms": ms * batch * 0.97,
-                         "p80_ms": ms * batch * 1.03, "value": 1e3 / ms, "speedup_vs_dense": 10.0 / ms,
-                         "noise_floor_rel": 0.03, "sparse_layers": 0 if variant == "dense" else 28})
+            sp = 10.0 / ms
+            rows.append({"op": "model", "model": "llama", "model_desc": "HF LlamaForCausalLM, tiny",
+                         "variant": variant, "baseline": "dense", "metric": "decode_tokens_per_s", "batch": batch,
+                         "median_ms": ms * batch, "p20_ms": ms * batch * 0.97, "p80_ms": ms * batch * 1.03,
+                         "speedup": sp, "speedup_p20": sp * 0.95, "speedup_p80": sp * 1.05, "noise_floor": 0.01,
+                         "verdict": verdict, "value": 1e3 / ms, "speedup_vs_dense": sp,
+                         "sparse_layers": 0 if variant.startswith("dense") else 28,
+                         "paths": None if variant.startswith("dense") else "28 layers, backend cpp; rows<=1: sparse 28"})
     rows.append({"op": "model", "model": "vit", "variant": "2:4", "error": "RuntimeError: boom"})
     _write(str(results / "cpu-models-20990102" / "results.json"), env, rows)
     # a GPU run as bench/bench_gpu_linear.py writes it (microseconds, cuBLAS as dense)
@@ -138,10 +145,12 @@ def test_folders_added_later_show_up(tmp_path):
     models = mt.TABLES["cpu-models"](runs)
     assert "cpu-models-20990102" in models and "abc123def456" in models and "Test CPU" in models
     shown = _table_rows(models)
-    assert len(shown) == 6
+    assert len(shown) == 8 and "load average 1.5" in models and "HF LlamaForCausalLM, tiny" in models
     cells = {(c[1], c[3]): c[6] for c in shown}
-    assert cells[("2:4", "1")].startswith("2.0x") and cells[("dense", "8")] == "reference"
-    assert cells[("unstructured70", "1")].startswith("no difference")  # inside its 3% noise floor
+    assert cells[("2:4", "1")] == "2.0x (1.9–2.1)" and cells[("dense", "8")] == "reference"
+    assert cells[("unstructured 70%", "1")].startswith("no difference")  # the suite's own verdict
+    assert cells[("dense (again)", "1")].startswith("no difference")
+    assert "rows<=1: sparse 28" in models
     assert "vit 2:4" in models and "boom" in models  # did-not-run rows are listed
     gpu = mt.TABLES["gpu"](runs)
     assert "No GPU results yet" not in gpu and "NVIDIA H100" in gpu and "1.6x" in gpu and "80.0" in gpu

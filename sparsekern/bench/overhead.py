@@ -12,7 +12,7 @@ each; median and p20/p80 of the per-call time):
 
 The overhead row is ops minus kernel (median): what the Python door costs per call.
 
-    python -m sparsekern.bench.overhead [--device cpu|cuda] [--rounds 15] [--calls 2000] [--out FILE.json]
+    python -m sparsekern.bench.overhead [--device cpu|cuda] [--rounds 15] [--calls 2000] [--threads N] [--out FILE.json]
 
 prints the table and, with --out, writes {"environment": ..., "rows": [...]} (common.write_json).
 """
@@ -103,8 +103,13 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (samples per row)")
     p.add_argument("--calls", type=int, default=2000, help="calls per sample (at most 500 on CUDA)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 keeps a busy machine's thread wake-ups out of "
+                        "microsecond timings")
     p.add_argument("--out", default=None, help="JSON file for the rows (folders made as needed)")
     a = p.parse_args(argv)
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("overhead: --device cuda but no CUDA GPU")
     env = environment(a.device)
