@@ -232,35 +232,49 @@ __global__ void nm_fma_kernel(
   }
   __syncthreads();
 
+  // The warp's kFmaRowsPerWarp rows advance together: their loads are independent, so four
+  // rows' values are in flight per lane instead of one.
+  constexpr int R = kFmaRowsPerWarp;
   const int groups = cols >> lg;
   const int64_t g0 = k0 >> lg;
-#pragma unroll 1
-  for (int rr = 0; rr < kFmaRowsPerWarp; ++rr) {
-    const int64_t r = static_cast<int64_t>(blockIdx.x) * kFmaRows + warp * kFmaRowsPerWarp + rr;
-    if (r >= O) break;
-    const T* vrow = values + r * kept;
-    const uint8_t* irow = idx + r * ib;
-    float acc[BT];
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kFmaRows + warp * R;
+  if (r0 >= O) return;  // no barrier follows
+  const T* vrow[R];
+  const uint8_t* irow[R];
 #pragma unroll
-    for (int b = 0; b < BT; ++b) acc[b] = 0.f;
-#pragma unroll 2
-    for (int gi = lane; gi < groups; gi += 32) {
-      const int64_t s0 = (g0 + gi) * n;
-      for (int t = 0; t < n; ++t) {
-        const float v = static_cast<float>(vrow[s0 + t]);
-        const int col = (gi << lg) + layout::nm_index_at(irow, s0 + t, bits);
+  for (int rr = 0; rr < R; ++rr) {
+    const int64_t r = min(r0 + rr, O - 1);  // rows past O repeat the last one; not stored
+    vrow[rr] = values + r * kept;
+    irow[rr] = idx + r * ib;
+  }
+  float acc[R][BT];
+#pragma unroll
+  for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+    for (int b = 0; b < BT; ++b) acc[rr][b] = 0.f;
+  for (int gi = lane; gi < groups; gi += 32) {
+    const int64_t s0 = (g0 + gi) * n;
+    for (int t = 0; t < n; ++t) {
+#pragma unroll
+      for (int rr = 0; rr < R; ++rr) {
+        const float v = static_cast<float>(vrow[rr][s0 + t]);
+        const int col = (gi << lg) + layout::nm_index_at(irow[rr], s0 + t, bits);
         const float* xv = xs + col * BT;
 #pragma unroll
-        for (int b = 0; b < BT; ++b) acc[b] += v * xv[b];
+        for (int b = 0; b < BT; ++b) acc[rr][b] += v * xv[b];
       }
     }
+  }
 #pragma unroll
-    for (int b = 0; b < BT; ++b) acc[b] = warp_sum(acc[b]);
-    if (lane < BT) {
+  for (int rr = 0; rr < R; ++rr) {
+    const int64_t r = r0 + rr;
+#pragma unroll
+    for (int b = 0; b < BT; ++b) acc[rr][b] = warp_sum(acc[rr][b]);
+    if (r < O && lane < BT) {
       float v = 0.f;
 #pragma unroll
       for (int b = 0; b < BT; ++b)
-        if (b == lane) v = acc[b];
+        if (b == lane) v = acc[rr][b];
       const int64_t b = b0 + lane;
       if (b < B) {
         if (gridDim.y == 1) {
