@@ -276,8 +276,8 @@ def _select(spec: OpSpec, device: torch.device, dtype: torch.dtype, extra) -> De
         why = _why_not(spec, backend, device, dtype, extra)
         if why is None:
             reason = {"cpp": "compiled C++ kernel", "cuda": "compiled CUDA kernel for this GPU",
-                      "cusparselt": "cuSPARSELt 2:4 GEMM on the sparse tensor cores (large batch)",
-                      "cutlass": "CUTLASS 2:4 GEMM on the sparse tensor cores (large batch)",
+                      "cusparselt": "cuSPARSELt 2:4 GEMM on the sparse tensor cores",
+                      "cutlass": "CUTLASS 2:4 GEMM on the sparse tensor cores",
                       "triton": "Triton kernel", "reference": "pure-torch reference"}[backend]
             if skipped:
                 reason += " (" + "; ".join(skipped) + ")"
