@@ -91,21 +91,44 @@ def test_sequential_model_pruning_and_determinism():
     assert err < 0.8 * err_mag, f"model: sparsegpt {err:.3f} vs magnitude {err_mag:.3f}"
 
 
-def test_sparsify_with_sparsegpt_and_dict_batches():
-    transformers = pytest.importorskip("transformers")
+def test_sparsify_quality_order_sparsegpt_wanda_magnitude():
+    """Through sparsify, on a BERT fed dict batches: on held-out inputs SparseGPT's output is
+    closer to the dense model's than wanda's, and wanda's closer than magnitude's, by clear
+    margins. The LayerNorm gains get a spread (lognormal), so a few hidden features carry
+    large activations as in trained transformers; that is what activation-aware pruning
+    exploits. Measured over seeds 0-7 (2:4, relative error of last_hidden_state): wanda /
+    magnitude 0.33-0.66, sparsegpt / wanda 0.25-0.46; without the spread wanda is within
+    7-22% of magnitude, too close to test."""
+    transformers = pytest.importorskip("transformers")  # in requirements.txt
+    torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=128, max_position_embeddings=32)
     model = transformers.BertModel(cfg).eval()
-    calib = [{"input_ids": torch.randint(0, 100, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
-             for _ in range(3)]
-    sparse, report = sparsekern.sparsify(copy.deepcopy(model), "2:4", method="sparsegpt", calibration=calib,
-                                         min_features=32, policy=sparsekern.nn.Policy("sparse"), show_progress=False)
-    assert sum(r["status"] == "sparse" for r in report) == 13
     with torch.no_grad():
-        out = sparse(**calib[0]).last_hidden_state
-        ref = model(**calib[0]).last_hidden_state
-    cos = torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).mean()
-    assert cos > 0.5
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.mul_(torch.exp(torch.randn(64)))
+    gen = torch.Generator().manual_seed(100)
+
+    def batch(n):
+        return {"input_ids": torch.randint(0, 100, (n, 12), generator=gen),
+                "attention_mask": torch.ones(n, 12, dtype=torch.long)}
+
+    calib, test = [batch(4) for _ in range(3)], batch(16)
+    with torch.no_grad():
+        ref = model(**test).last_hidden_state
+    err = {}
+    for method in ("l1", "wanda", "sparsegpt"):
+        sparse, report = sparsekern.sparsify(copy.deepcopy(model), "2:4", method=method,
+                                             calibration=None if method == "l1" else calib, min_features=32,
+                                             policy=sparsekern.nn.Policy("sparse"), show_progress=False)
+        assert sum(r["status"] == "sparse" for r in report) == 13
+        layer = sparse.encoder.layer[0].attention.self.query
+        assert float((layer.dense_weight_2d() != 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+        with torch.no_grad():
+            err[method] = float((sparse(**test).last_hidden_state - ref).norm() / ref.norm())
+    assert err["wanda"] < 0.8 * err["l1"], err
+    assert err["sparsegpt"] < 0.7 * err["wanda"], err
 
 
 def test_bad_inputs():
