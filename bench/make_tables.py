@@ -237,7 +237,7 @@ def pattern_text(r: dict) -> str:
     p, d = r.get("pattern"), r.get("density")
     if not p:
         return ""
-    if isinstance(d, (int, float)) and d < 1:
+    if isinstance(d, (int, float)) and d < 1 and p != "dense":
         return f"{p}, {d:.0%} kept"
     return str(p)
 
@@ -609,6 +609,12 @@ def rewrite(text: str, runs: list[Run], cache: dict) -> str:
     return MARKER.sub(sub, text)
 
 
+# Pages whose figures are not measurements, with the reason; every other page may show a
+# speed-up or a time only inside a generated table (or a code block).
+NOT_MEASURED = {
+    "docs/GPU_KERNELS.md": "design note: predictions from bytes, bandwidth and the resource report, labelled as "
+                           "such ('nothing in this note has run on a GPU'); compare with the gpu table when it exists",
+}
 # Hand-typed measurements outside the generated tables: speed-ups and times in prose.
 HAND_TYPED = re.compile(r"\b\d+(?:\.\d+)?x\b(?! ?\d)|\b\d+(?:\.\d+)? ?(?:ms|µs|us|GB/s|TFLOP/s|tok(?:ens)?/s)\b")
 
@@ -640,7 +646,7 @@ def main(argv=None) -> int:
         old = open(path).read()
         new = rewrite(old, runs, cache)
         rel = os.path.relpath(path, a.root)
-        bad = hand_typed(new)
+        bad = [] if rel.replace(os.sep, "/") in NOT_MEASURED else hand_typed(new)
         if bad:
             print(f"{rel}: measured-looking numbers outside the generated tables: {bad}", file=sys.stderr)
             differ.append(rel)
