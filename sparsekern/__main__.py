@@ -134,20 +134,13 @@ def cmd_prune(a) -> int:
 
 
 def main(argv=None) -> int:
-    from .demo import DEFAULT_OUT, METHOD_NAMES
-
     p = argparse.ArgumentParser(prog="python -m sparsekern", description="sparsekern command line")
     sub = p.add_subparsers(dest="command", required=True)
     pi = sub.add_parser("info", help="what was built and what can run here")
     pi.add_argument("--json", action="store_true", help="print as JSON")
-    pd = sub.add_parser("demo", help="train, prune, swap and measure small models on real digits data")
-    pd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    pd.add_argument("--quick", action="store_true", help="fewer epochs and repetitions (a few minutes on a CPU)")
-    pd.add_argument("--out", default=DEFAULT_OUT, help=f"output folder for the table, JSON and plot (default {DEFAULT_OUT})")
-    pd.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn (default both)")
-    pd.add_argument("--methods", default=None,
-                    help="comma-separated pruning methods to run (default all: " + ", ".join(METHOD_NAMES).replace("%", "%%") + ")")
-    pd.add_argument("--no-progress", dest="show_progress", action="store_false", help="no progress bars")
+    sub.add_parser("demo", help="the product end to end: a pretrained MiniLM, a Llama decoder and the digits "
+                   "models pruned, swapped and measured (sparsekern.demo; its options follow, e.g. --quick)",
+                   add_help=False)
     sub.add_parser("bench", help="the benchmark suite (sparsekern.bench.run; its options follow, e.g. --quick)",
                    add_help=False)
     pp = sub.add_parser("prune", help="prune a saved model or state dict and write it with a report")
@@ -161,6 +154,10 @@ def main(argv=None) -> int:
     pp.add_argument("--out", default=None)
     pp.add_argument("--report", default=None)
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "demo":  # its own parser too (sparsekern.demo.main)
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
     if argv and argv[0] == "bench":  # its own parser, so `bench --help` lists the suite's options
         from .bench.run import main as bench_main
 
@@ -170,11 +167,6 @@ def main(argv=None) -> int:
     try:
         if a.command == "info":
             print_info(a.json)
-        elif a.command == "demo":
-            from . import demo
-
-            demo.run(a.device, a.quick, a.out, show=a.show_progress, models=a.models.split(","),
-                     methods=None if a.methods is None else [m.strip() for m in a.methods.split(",")])
         elif a.command == "prune":
             return cmd_prune(a)
     except (ValueError, TypeError) as e:

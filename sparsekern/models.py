@@ -7,6 +7,10 @@ training they share, and the byte counts both report.
 - `LlamaStyle`: a Llama-style decoder (RMSNorm, rotary attention with a KV cache, SwiGLU);
 - `ViT`: a small vision transformer with nn.Linear projections (as timm's);
 - `resnet(depth)`: torchvision's ResNet;
+- real models as users build them, no weights downloaded: `hf_llama` (Hugging Face
+  LlamaForCausalLM from a config), `timm_vit` (timm ViT), `tv_resnet` (torchvision ResNet);
+- `Workload` and the jobs the model-level benchmarks time: `llama_workloads` (decode with a
+  KV cache, prefill) and `image_workload`;
 - `param_bytes`, `checkpoint_bytes`: bytes of parameters and buffers, and of a saved state dict.
 
 Imports nothing from sparsekern.
@@ -152,6 +156,96 @@ def resnet(depth=18, classes=100):
 
     return getattr(torchvision.models, f"resnet{depth}")(num_classes=classes)
 
+
+# ------------------------------------------------------------ real models, built from configs
+LLAMA_FULL = dict(hidden=2048, intermediate=5632, layers=4, heads=16, vocab=32000)
+LLAMA_QUICK = dict(hidden=512, intermediate=1408, layers=2, heads=8, vocab=8000)
+
+
+def hf_llama(hidden=2048, intermediate=5632, layers=4, heads=16, vocab=32000, seed=0) -> nn.Module:
+    """Hugging Face LlamaForCausalLM built from a LlamaConfig (random weights, nothing
+    downloaded), in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                      max_position_embeddings=2048, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def timm_vit(name="vit_base_patch16_224", seed=0, **kw) -> nn.Module:
+    """A timm ViT (pretrained=False: random weights, nothing downloaded), in eval mode;
+    kw overrides the architecture (img_size, depth, ...)."""
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, **kw).eval()
+
+
+def tv_resnet(depth=50, seed=0) -> nn.Module:
+    """torchvision's ResNet (weights=None: random weights), in eval mode."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    return getattr(torchvision.models, f"resnet{depth}")(weights=None).eval()
+
+
+class Workload:
+    """One timed job on one model: `metric` (what value/s means), `batch`, `units` per call
+    (tokens or images), `run()` the call itself (under no_grad), returning an output that
+    is compared against the reference model's; `rows`: rows of x its Linear layers see per
+    forward (None when layers see different counts, as a CNN's do); `unit`: what units/s is
+    (default from the metric, e.g. "tokens/s")."""
+
+    def __init__(self, metric: str, batch: int, units: int, run, rows: int | None = None, unit: str | None = None):
+        self.metric, self.batch, self.units, self._run, self.rows = metric, batch, units, run, rows
+        self.unit = unit or (metric.split("_per_s")[0].split("_")[-1] + "/s" if "_per_s" in metric else None)
+
+    def run(self):
+        with torch.no_grad():
+            return self._run()
+
+
+def llama_workloads(model: nn.Module, prompt: int = 128, steps: int = 8, seed: int = 0) -> list[Workload]:
+    """A Hugging Face causal LM's two jobs at batch 1, on fixed random token ids:
+
+    - decode: `steps` single-token steps with a KV cache (DynamicCache) after a `prompt`-token
+      prefill (done on the first call, then kept); each call runs the steps and crops the
+      cache back to the prompt, so every call does the same work. Output: the steps' logits.
+    - prefill: the `prompt` tokens into a fresh cache, logits of the last position only
+      (logits_to_keep=1, as generate() does). Output: those logits.
+
+    The tokens are fixed (teacher forcing), not sampled, so every variant sees the same inputs."""
+    from transformers import DynamicCache
+
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, prompt + steps), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(next(model.parameters()).device)
+    state = {}
+
+    def prefill():
+        cache = DynamicCache(config=model.config)
+        return model(ids[:, :prompt], cache=cache, use_cache=True, logits_to_keep=1).logits
+
+    def decode():
+        cache = state.get("cache")
+        if cache is None:
+            cache = state["cache"] = DynamicCache(config=model.config)
+            model(ids[:, :prompt], cache=cache, use_cache=True, logits_to_keep=1)
+        outs = [model(ids[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(prompt, prompt + steps)]
+        cache.crop(-steps)  # back to the prompt (transformers: a negative count removes tokens)
+        return torch.cat(outs, 1)
+
+    return [Workload("decode_tokens_per_s", 1, steps, decode, rows=1),
+            Workload("prefill_tokens_per_s", 1, prompt, prefill, rows=prompt)]
+
+
+def image_workload(model: nn.Module, batch: int, size: int = 224, seed: int = 0) -> Workload:
+    """images/s of a forward on `batch` fixed random images of size x size."""
+    p = next(model.parameters())
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(p.device, p.dtype)
+    return Workload("images_per_s", batch, batch, lambda: model(x))
 
 
 def digits_mlp() -> nn.Module:

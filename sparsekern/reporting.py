@@ -2,6 +2,9 @@
 sparsekern.selection, and one figure helper that the demo and the benchmark suite share.
 
 - `markdown_table(rows, columns)`: one row per dict, columns (header, key, format).
+- `ratio_text(speedup, verdict)`, `spread_text(p20, p80)`: a speed-up as printed everywhere
+  ("1.52x", or "no difference (1.01x)" when it is inside the run's noise floor) and a
+  p20-p80 range.
 - `format_sweep`, `write_sweep`, `plot_sweep`: `selection.sweep` rows as a table, files, plot.
 - `format_sensitivity`, `plot_sensitivity`: `selection.sensitivity` as a table and plot.
 - `save_plot(path, draw, ...)`: make a figure, let `draw(axes)` fill it, lay it out so
@@ -31,6 +34,26 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
             cells.append("" if v is None else format(v, spec))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def ratio_text(speedup: float | None, verdict: str | None = None) -> str:
+    """A speed-up over the baseline as printed in every table: "1.52x", "0.80x",
+    "no difference (1.01x)" when the run's verdict says it is inside the noise floor, and
+    "1 (baseline)" for the baseline itself."""
+    if speedup is None:
+        return ""
+    if verdict == "baseline":
+        return "1 (baseline)"
+    if verdict == "no difference":
+        return f"no difference ({speedup:.2f}x)"
+    return f"{speedup:.2f}x"
+
+
+def spread_text(p20: float | None, p80: float | None, spec: str = ".3g") -> str:
+    """"p20-p80" of a timing or a ratio ("" when missing)."""
+    if p20 is None or p80 is None:
+        return ""
+    return f"{format(p20, spec)}-{format(p80, spec)}"
 
 
 SWEEP_COLUMNS = [("amount", "amount", ".2f"), ("metric", "metric", ".4f"), ("sparsity", "sparsity", ".3f"),

@@ -1,6 +1,10 @@
-"""The in-package benchmark suite's pieces, fast: every provider's correctness check before
-timing, quantiles in milliseconds, summary tables and plots redrawn from stored rows, and
-the benchmark models (tiny configurations)."""
+"""The in-package benchmark suite's pieces, fast (nothing here asserts a timing): the
+interleaved loop, the noise floor and verdicts on injected samples, every provider's
+correctness check before timing (and the test suite's tolerance), quantiles in
+milliseconds, argument parsing, the fields of every suite's rows (what the README table
+script reads), summary tables and plots redrawn from stored rows, and the benchmark models
+(tiny configurations)."""
+import copy
 import json
 import os
 
@@ -8,14 +12,63 @@ import pytest
 import torch
 
 from sparsekern import models
-from sparsekern.bench import cases, plots
+from sparsekern.bench import cases, common, plots, run
 from sparsekern.bench.common import environment, quantiles, write_json
+
+# What the README table script reads from every timed row of every suite.
+TABLE_FIELDS = {"op", "variant", "metric", "batch", "median_ms", "p20_ms", "p80_ms", "speedup", "noise_floor",
+                "verdict", "device", "commit"}
 
 
 def test_quantiles_in_milliseconds():
     q = quantiles([0.001, 0.002, 0.003, 0.004, 0.005])
     assert q["median_ms"] == pytest.approx(3.0) and q["p20_ms"] <= 3.0 <= q["p80_ms"]
     assert quantiles([0.002]) == {"median_ms": 2.0, "p20_ms": 2.0, "p80_ms": 2.0}
+
+
+def test_interleaved_shuffles_the_order_and_samples_every_variant_each_round():
+    seen = []
+    calls = {"a": lambda: seen.append("a"), "b": [lambda: seen.append("b1"), lambda: seen.append("b2")],
+             "c": lambda: seen.append("c")}
+    out = common.interleaved(calls, 12)
+    assert {k: len(v) for k, v in out.items()} == {"a": 12, "b": 12, "c": 12}
+    assert seen[:3] == ["a", "b1", "c"]  # warm-up: each once, untimed
+    rounds = [[x for x in seen[3 + 4 * i:7 + 4 * i] if x != "b2"] for i in range(12)]
+    assert all(sorted(r) == ["a", "b1", "c"] for r in rounds)  # every variant once per round (b: both copies)
+    assert all(seen[3 + 4 * i:7 + 4 * i].index("b2") == seen[3 + 4 * i:7 + 4 * i].index("b1") + 1 for i in range(12))
+    assert len({tuple(r) for r in rounds}) > 2  # the order changes between rounds
+    predecessors_of_b = {r[r.index("b1") - 1] for r in rounds if r.index("b1") > 0}
+    assert predecessors_of_b == {"a", "c"}  # no variant always runs right after the same one
+    assert all(t >= 0 for v in out.values() for t in v)
+    seen.clear()
+    common.interleaved(calls, 12)
+    assert [x for x in seen[3:]] == [x for r in rounds for x in (r[:r.index("b1") + 1] + ["b2"] + r[r.index("b1") + 1:])]
+
+
+def test_compare_gives_speedup_noise_floor_and_verdicts():
+    base = [1.0, 1.1, 0.9, 1.0, 1.05]
+    samples = {"dense": base, "again": [t * 1.01 for t in base], "fast": [t / 2 for t in base],
+               "slow": [t * 1.5 for t in base], "same": [t * 1.015 for t in base],
+               "noisy": [0.5, 2.0, 0.6, 1.9, 0.8]}
+    r = common.compare(samples, "dense", "again")
+    assert r["dense"]["verdict"] == "baseline" and r["dense"]["speedup"] == 1.0
+    assert r["dense"]["noise_floor"] == pytest.approx(0.01 / 1.01)
+    assert r["fast"]["speedup"] == pytest.approx(2.0) and r["fast"]["verdict"] == "faster"
+    assert r["fast"]["speedup_p20"] == pytest.approx(2.0) and r["fast"]["speedup_p80"] == pytest.approx(2.0)
+    assert r["slow"]["verdict"] == "slower"
+    assert r["same"]["verdict"] == "no difference"  # 1.5% < NOISE_MIN
+    assert r["noisy"]["verdict"] == "no difference"  # per-round ratios on both sides of 1
+    assert r["again"]["verdict"] == "no difference" and r["fast"]["rounds"] == 5
+    assert common.verdict(1.3, 1.2, 1.4, noise_floor=0.35) == "no difference"  # inside a wide floor
+    assert common.verdict(0.7, 0.6, 0.8, noise_floor=0.05) == "slower"
+    assert common.compare({"d": [1.0, 1.0], "x": [0.5, 0.5]}, "d")["x"]["noise_floor"] is None
+
+
+def test_tolerance_is_the_test_suites_rule():
+    assert common.tolerance(torch.float32, 1e-7) == 1e-5
+    assert common.tolerance(torch.float32, 1e-4) == 2e-4  # a whole model: 2x torch's own error
+    assert common.tolerance(torch.bfloat16, 3e-3) == pytest.approx(6e-3 + 1e-6)
+    assert common.rel_err(torch.tensor([float("nan")]), torch.tensor([1.0])) == float("inf")
 
 
 @pytest.mark.parametrize("pattern,density", [("2:4", 0.5), ("unstructured", 0.3), ("block16", 0.25)])
@@ -27,11 +80,131 @@ def test_every_cpu_provider_passes_its_check_and_a_wrong_one_fails(pattern, dens
     assert "sparsekern" in provs
     for name, make in provs.items():
         built = make(w, density, gen)
-        assert cases.check(built, x, name) < 1e-4
+        assert cases.check(built, x, name) < 1e-5
         assert len(cases.time_calls([lambda: built.fn(x)], "cpu", 2)) == 2
     wrong = cases.Built(lambda t: t @ w.t(), 0, w * 0.5)
     with pytest.raises(RuntimeError, match="not timing it"):
         cases.check(wrong, x, "wrong")
+    slightly = cases.Built(lambda t: t @ (w * (1 + 1e-4)).t(), 0, w)  # 1e-4 relative: passed the old 1e-4 gate
+    with pytest.raises(RuntimeError, match="exceeds 1.0e-05"):
+        cases.check(slightly, x, "slightly off")
+
+
+def test_low_precision_check_is_2x_torchs_own_error():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=gen).bfloat16()
+    x = torch.randn(4, 128, generator=gen).bfloat16()
+    ok = cases.Built(lambda t: torch.nn.functional.linear(t, w), 0, w)
+    assert cases.check(ok, x, "torch itself") >= 0
+    # rounding the weight once more (fp16 of bf16 values stays exact; a 1% change is not)
+    off = cases.Built(lambda t: torch.nn.functional.linear(t, (w.float() * 1.01).bfloat16()), 0, w)
+    with pytest.raises(RuntimeError, match="torch's own"):
+        cases.check(off, x, "1% off")
+
+
+def test_kernel_sweep_rows_are_interleaved_with_a_noise_floor():
+    env = {"device_name": "cpu"}
+    rows = cases.linear_sweep("cpu", torch.float32, {"tiny": (32, 64)}, [1, 5], [("2:4", 0.5)], 3, 1, env, False)
+    timed = [r for r in rows if "median_ms" in r]
+    assert {r["provider"] for r in timed} == {"torch.dense", "torch.dense (again)", "sparsekern"}
+    for r in timed:
+        assert TABLE_FIELDS - {"commit"} <= set(r), TABLE_FIELDS - set(r)
+        assert r["rounds"] == 3 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["metric"] == "latency"
+    by = {(r["provider"], r["batch"]): r for r in timed}
+    assert by[("torch.dense", 1)]["verdict"] == "baseline"
+    assert by[("sparsekern", 5)]["noise_floor"] == by[("torch.dense (again)", 5)]["noise_floor"]
+
+
+def _tiny_specs(quick):
+    return [{"name": "llama", "desc": "tiny HF Llama", "variants": ["dense", "2:4", "unstructured 70%"],
+             "build": lambda: models.hf_llama(hidden=64, intermediate=128, layers=1, heads=4, vocab=96),
+             "workloads": lambda m: models.llama_workloads(m, prompt=6, steps=2),
+             "sparsify": dict(exclude=["lm_head"], min_features=32)},
+            {"name": "resnet50", "desc": "tiny torchvision ResNet", "variants": ["dense", "2:4"],
+             "build": lambda: models.tv_resnet(18), "workloads": lambda m: [models.image_workload(m, 1, 32)],
+             "sparsify": dict(min_features=64)}]
+
+
+@pytest.mark.slow
+def test_models_suite_rows_have_the_table_fields(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    pytest.importorskip("torchvision")
+    monkeypatch.setattr(run, "model_specs", _tiny_specs)
+    run.main(["--suite", "models", "--quick", "--rounds", "2", "--threads", "1", "--no-progress",
+              "--out", str(tmp_path)])
+    data = json.load(open(tmp_path / "results.json"))
+    rows = data["rows"]
+    assert not [r for r in rows if "error" in r], [r["error"] for r in rows if "error" in r]
+    for r in rows:
+        assert TABLE_FIELDS <= set(r), TABLE_FIELDS - set(r)
+        assert r["op"] == "model" and r["value"] > 0 and r["rel_err"] <= r["tolerance"]
+    got = {(r["model"], r["variant"], r["metric"]) for r in rows}
+    assert ("llama", "dense (again)", "decode_tokens_per_s") in got and ("llama", "2:4", "prefill_tokens_per_s") in got
+    assert ("resnet50", "2:4", "images_per_s") in got
+    by = {(r["model"], r["variant"], r["metric"]): r for r in rows}
+    assert "rows<=1: " in by[("llama", "2:4", "decode_tokens_per_s")]["paths"]  # the decode bucket's paths
+    assert by[("llama", "2:4", "decode_tokens_per_s")]["first_call_s"] > 0
+    assert data["environment"]["threads"] == 1 and data["environment"]["machine"]["cpus"] >= 1
+    text = open(tmp_path / "summary.md").read()
+    assert "## Models" in text and "1 (baseline)" in text and "noise floor" in text
+    assert "## llama 2:4" in open(tmp_path / "explain.txt").read()
+    if __import__("importlib").util.find_spec("matplotlib"):
+        assert os.path.getsize(tmp_path / "models_speedup.png") > 1000
+
+
+def test_check_model_refuses_a_variant_that_is_off():
+    base = torch.nn.Sequential(torch.nn.Linear(16, 8)).eval()
+
+    def wls(m):
+        x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0)).to(next(m.parameters()).dtype)
+        return [models.Workload("out", 3, 3, lambda: m(x))]
+
+    ok = common.check_model(wls, base, base, None, "dense")
+    assert ok["rel_err"] <= ok["tolerance"] and len(ok["first_call_s"]) == 1
+    off = copy.deepcopy(base)
+    with torch.no_grad():
+        off[0].weight.mul_(1.001)
+    with pytest.raises(RuntimeError, match="not timing it"):
+        common.check_model(wls, base, off, None, "off")
+
+
+def test_suite_arguments_are_checked():
+    for bad in (["--rounds", "1"], ["--models", "gpt5"], ["--threads", "zero"], ["--suite", "nope"]):
+        with pytest.raises(SystemExit):
+            run.main(bad)
+
+
+def test_pick_threads(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        assert common.pick_threads(1) == (1, "as given") and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        monkeypatch.setattr(common, "machine", lambda: {"loadavg": [99.0, 99.0, 99.0], "cpus": 2, "host": "x"})
+        monkeypatch.setattr(common.os, "cpu_count", lambda: 2)
+        n, why = common.pick_threads("auto")
+        assert n == 1 and "busy" in why
+        torch.set_num_threads(2)
+        monkeypatch.setattr(common, "machine", lambda: {"loadavg": [0.1, 0.1, 0.1], "cpus": 2, "host": "x"})
+        assert common.pick_threads("auto")[0] == 2
+        with pytest.raises(ValueError):
+            common.pick_threads(0)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_masks_suite_compares_with_what_users_write():
+    import argparse
+
+    rows = run.suite_masks(argparse.Namespace(device="cpu", quick=True, rounds=2), {"device_name": "cpu"})
+    timed = {r["provider"]: r for r in rows if "median_ms" in r}
+    assert {"sparsekern.nm_score_compress", "torch topk+gather", "torch topk+gather (again)", "torch.ao.pruning",
+            "sparsekern.group_score", "torch.linalg.vector_norm"} <= set(timed)
+    assert all(r["baseline"] in ("torch topk+gather", "torch.linalg.vector_norm") for r in timed.values())
+    assert all(TABLE_FIELDS - {"commit", "batch"} <= set(r) for r in timed.values())
+    if not torch.cuda.is_available():  # torch's own 2:4 conversion runs on CUDA only: a row says so
+        err = [r for r in rows if r["provider"] == "torch.sparse.to_sparse_semi_structured"]
+        assert err and "error" in err[0]
 
 
 def _rows():

@@ -19,27 +19,39 @@ def run(*args, **env):
 
 
 @pytest.mark.slow
-def test_demo_quick_writes_table_json_and_plot(tmp_path):
+def test_demo_digits_part_writes_table_json_and_plot(tmp_path):
     pytest.importorskip("sklearn")
     methods = "2:4 l1,2:4 wanda,channels 50%,layer removed"
-    r = run("demo", "--quick", "--device", "cpu", "--methods", methods, "--out", str(tmp_path),
-            cache=str(tmp_path / "cache"))
+    r = run("demo", "--quick", "--device", "cpu", "--parts", "digits", "--methods", methods, "--rounds", "2",
+            "--out", str(tmp_path), cache=str(tmp_path / "cache"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"wrote {tmp_path / 'demo.json'}" in r.stdout
     d = json.load(open(tmp_path / "demo.json"))
     methods = {(x["model"], x["method"]) for x in d["rows"]}
     assert ("mlp", "2:4 wanda") in methods and ("cnn", "channels 50%") in methods and ("mlp", "layer removed") in methods
+    assert ("mlp", "dense (again)") in methods  # the noise floor, timed in the same loop
     by = {(x["model"], x["method"]): x for x in d["rows"]}
     assert by[("mlp", "dense")]["accuracy"] > 90 and by[("cnn", "2:4 l1")]["accuracy"] > by[("cnn", "dense")]["accuracy"] - 3
     assert by[("cnn", "channels 50%")]["param_bytes"] < 0.6 * by[("cnn", "dense")]["param_bytes"]
-    assert "| model | method |" in open(tmp_path / "demo.md").read()
+    assert by[("cnn", "2:4 l1")]["verdict"] in ("faster", "slower", "no difference")
+    assert by[("cnn", "2:4 l1")]["paths"].startswith("4 layers, backend")
+    assert "| model | method | quality |" in open(tmp_path / "demo.md").read()
     if __import__("importlib").util.find_spec("matplotlib"):
         assert os.path.getsize(tmp_path / "demo.png") > 1000
-    again = run("demo", "--quick", "--device", "cpu", "--models", "mlp", "--methods", "l1 50%", "--out",
-                str(tmp_path / "2"), cache=str(tmp_path / "cache"))
+    again = run("demo", "--quick", "--device", "cpu", "--parts", "digits", "--models", "mlp", "--methods", "l1 50%",
+                "--rounds", "2", "--out", str(tmp_path / "2"), cache=str(tmp_path / "cache"))
     assert again.returncode == 0 and json.load(open(tmp_path / "2" / "demo.json"))["rows"][0]["note"].endswith("(cache)")
-    r = run("demo", "--methods", "magic", "--out", str(tmp_path / "3"))
+
+
+def test_demo_arguments_are_checked(tmp_path):
+    r = run("demo", "--parts", "digits", "--methods", "magic", "--out", str(tmp_path / "3"))
     assert r.returncode == 2 and "unknown method(s) ['magic']" in r.stderr
+    r = run("demo", "--parts", "minilm,sonnet", "--out", str(tmp_path / "4"))
+    assert r.returncode == 2 and "unknown part(s) ['sonnet']" in r.stderr
+    for bad in (["--rounds", "1"], ["--threads", "many"], ["--device", "tpu"]):
+        r = run("demo", *bad, "--out", str(tmp_path / "5"))
+        assert r.returncode == 2 and "error" in r.stderr, bad
+    assert not os.path.exists(tmp_path / "5")
 
 
 def test_prune_module_and_state_dict(tmp_path):
@@ -84,4 +96,7 @@ def test_bench_command_runs_the_suite(tmp_path):
     r = run("bench", "--suite", "masks", "--quick", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.load(open(tmp_path / "results.json"))["rows"]
-    assert {x["provider"] for x in rows if x["op"] == "nm_mask_compress"} >= {"sparsekern.nm_score_compress", "torch.eager"}
+    assert {x["provider"] for x in rows if x["op"] == "nm_mask_compress"} >= {
+        "sparsekern.nm_score_compress", "torch topk+gather", "torch topk+gather (again)", "torch.ao.pruning"}
+    r = run("bench", "--help")
+    assert r.returncode == 0 and all(f in r.stdout for f in ("--rounds", "--models", "--threads"))

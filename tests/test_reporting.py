@@ -14,6 +14,15 @@ def test_markdown_table_hand_checked():
     assert reporting.markdown_table(rows, cols) == "| A | B | twice |\n|---|---|---|\n| 1 | 50% | 2 |\n| 2 |  | 4 |"
 
 
+def test_ratio_and_spread_text():
+    assert reporting.ratio_text(1.523, "faster") == "1.52x"
+    assert reporting.ratio_text(0.8, "slower") == "0.80x"
+    assert reporting.ratio_text(1.012, "no difference") == "no difference (1.01x)"
+    assert reporting.ratio_text(1.0, "baseline") == "1 (baseline)"
+    assert reporting.ratio_text(1.3) == "1.30x" and reporting.ratio_text(None) == ""
+    assert reporting.spread_text(0.1234, 0.2) == "0.123-0.2" and reporting.spread_text(None, 1.0) == ""
+
+
 def test_format_sweep_and_sensitivity():
     rows = [{"amount": 0.5, "metric": 0.25, "sparsity": 0.5, "nonzero_params": 10, "dense_bytes": 80,
              "bitmask_bytes": 43}]

@@ -3,8 +3,13 @@
     python -m sparsekern.bench.plots RUN/results.json
 
 `summary_markdown(env, rows)` -> markdown tables; `draw(rows, env, out_dir)` -> PNGs:
-speed-up against batch per pattern, speed-up against density (batch 1), and the fraction
-of the measured copy bandwidth reached (memory-bound roofline) at batch 1.
+speed-up against batch per pattern, speed-up against density (batch 1), the fraction of
+the measured copy bandwidth reached (memory-bound roofline) at batch 1, and the models'
+speed-ups with their p20-p80 and the noise floor (models_speedup.png).
+
+Speed-ups print as reporting.ratio_text: "no difference (1.01x)" when the run's verdict
+(common.compare) puts them inside the noise floor. Rows stored before verdicts existed
+print their plain ratio.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import os
 import sys
 from collections import defaultdict
 
-from ..reporting import markdown_table, save_plot
+from ..reporting import markdown_table, ratio_text, save_plot, spread_text
 
 # Mask-generation ops; runs stored before the rename of group_norm to group_score keep
 # their old row name.
@@ -24,31 +29,69 @@ def _linear_rows(rows):
     return [r for r in rows if r.get("op") == "linear" and "median_ms" in r and r["provider"] != "torch.dense"]
 
 
+def _speedup(r):
+    return r.get("speedup", r.get("speedup_vs_dense"))
+
+
+def _x(r):
+    return ratio_text(_speedup(r), r.get("verdict"))
+
+
+def _floor(r):
+    return "" if r.get("noise_floor") is None else f"{r['noise_floor']:.1%}"
+
+
+def _load(env):
+    m = env.get("machine") or {}
+    after = (env.get("machine_after") or {}).get("loadavg")
+    if not m.get("loadavg"):
+        return ""
+    return (f" Load average (1/5/15 min) {m['loadavg']} at the start" + (f", {after} at the end" if after else "") +
+            f" on {m.get('cpus')} CPUs.")
+
+
 def summary_markdown(env: dict, rows: list[dict]) -> str:
     out = [f"# sparsekern benchmark: {env.get('device_name')}",
            f"sparsekern {env.get('sparsekern')} commit `{env.get('commit')}`, torch {env.get('torch')}, "
            f"Triton {env.get('triton')}, {env.get('threads')} threads, {env.get('date')}; "
-           f"measured copy bandwidth {env.get('copy_gbs', 0):.1f} GB/s. Speed-ups are against dense torch "
-           "in the same run; every row passed its correctness check first.", ""]
+           f"measured copy bandwidth {env.get('copy_gbs', 0):.1f} GB/s.{_load(env)} Every row passed its "
+           "correctness check (fp64 reference, the test suite's tolerance) before it was timed. Variants are timed "
+           "interleaved (round-robin); speed-ups are ratios of medians against the baseline of the same loop "
+           "(p20-p80 of the per-round ratios in brackets), and the baseline is timed twice: the difference of "
+           "the two is the noise floor. A ratio within the noise floor (at least 2%) of 1, or whose per-round "
+           "p20-p80 contains 1, prints as \"no difference\".", ""]
     lin = _linear_rows(rows)
     if lin:
         out += ["## Kernels (x dense, median)", "", markdown_table(lin, [
             ("shape", "shape", ""), ("pattern", "pattern", ""), ("density", "density", ".0%"),
             ("provider", "provider", ""), ("batch", "batch", "d"), ("median ms", "median_ms", ".3f"),
-            ("p20-p80 ms", lambda r: f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}", ""), ("GB/s", "gb_per_s", ".1f"),
-            ("x dense", lambda r: f"**{r['speedup_vs_dense']:.2f}**", "")]), ""]
+            ("p20-p80 ms", lambda r: spread_text(r.get("p20_ms"), r.get("p80_ms"), ".3f"), ""),
+            ("GB/s", "gb_per_s", ".1f"), ("x dense", lambda r: f"**{_x(r)}**", ""),
+            ("p20-p80", lambda r: spread_text(r.get("speedup_p20"), r.get("speedup_p80"), ".2f"), ""),
+            ("noise floor", _floor, "")]), ""]
     mod = [r for r in rows if r.get("op") == "model" and "value" in r]
     if mod:
-        out += ["## Models", "", markdown_table(mod, [
+        descs = list(dict.fromkeys((r["model"], r.get("model_desc")) for r in mod))
+        out += ["## Models", ""] + [f"- {m}: {d}" for m, d in descs if d] + ["", markdown_table(mod, [
             ("model", "model", ""), ("variant", "variant", ""), ("metric", "metric", ""), ("batch", "batch", "d"),
-            ("value", "value", ".1f"), ("x dense", "speedup_vs_dense", ".2f"), ("sparse layers", "sparse_layers", "d"),
-            ("params MB", lambda r: r["param_bytes"] / 2**20, ".2f"),
-            ("checkpoint MB", lambda r: r["checkpoint_bytes"] / 2**20, ".2f")]), ""]
+            ("value", "value", ".1f"), ("p20-p80", lambda r: spread_text(r.get("value_p20"), r.get("value_p80"), ".1f"), ""),
+            ("median ms", "median_ms", ".1f"), ("x dense", lambda r: f"**{_x(r)}**", ""),
+            ("p20-p80 x", lambda r: spread_text(r.get("speedup_p20"), r.get("speedup_p80"), ".2f"), ""),
+            ("noise floor", _floor, ""), ("sparse layers", "sparse_layers", "d"),
+            ("params MB", lambda r: r["param_bytes"] / 2**20, ".1f"),
+            ("first call s", "first_call_s", ".1f"), ("paths", "paths", "")]), "",
+            "first call s: the variant's first call of that workload (correctness check), where each sparse layer "
+            "measures its paths for the batch bucket; paths: what the layers chose per bucket (sparsekern.explain "
+            "in explain.txt).", ""]
     masks = [r for r in rows if r.get("op") in MASK_OPS and "median_ms" in r]
     if masks:
         out += ["## Mask generation", "", markdown_table(masks, [
             ("op", "op", ""), ("provider", "provider", ""), ("shape", "shape", ""), ("median ms", "median_ms", ".3f"),
-            ("GB/s", "gb_per_s", ".1f"), ("x eager", "speedup_vs_eager", ".2f")]), ""]
+            ("p20-p80 ms", lambda r: spread_text(r.get("p20_ms"), r.get("p80_ms"), ".3f"), ""),
+            ("GB/s", "gb_per_s", ".1f"),
+            ("x baseline", lambda r: _x(r) if "speedup" in r else ratio_text(r.get("speedup_vs_eager")), ""),
+            ("baseline", lambda r: r.get("baseline", "torch.eager"), ""), ("noise floor", _floor, ""),
+            ("note", "note", "")]), ""]
     qual = [r for r in rows if r.get("op") == "quality" and "value" in r]
     if qual:
         out += ["## Pruning quality (one-shot)", "", markdown_table(qual, [
@@ -62,11 +105,45 @@ def summary_markdown(env: dict, rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def draw_models(rows: list[dict], env: dict, path: str) -> bool:
+    """Speed-up over dense of every model variant and workload: bars at the median ratio,
+    whiskers at the per-round p20-p80, the noise floor shaded around 1; one panel per model."""
+    mod = [r for r in rows if r.get("op") == "model" and "value" in r]
+    names = list(dict.fromkeys(r["model"] for r in mod))
+    if not names:
+        return False
+
+    def fill(axes):
+        for ax, name in zip(axes, names):
+            rs = [r for r in mod if r["model"] == name and r["variant"] != "dense"]
+            labels = [f"{r['variant']} | {r['metric'].replace('_per_s', '/s')}" for r in rs]
+            sp = [_speedup(r) for r in rs]
+            # ratio of medians beside the per-round ratios' p20-p80 (which need not bracket it)
+            lo = [max(0.0, s - r.get("speedup_p20", s)) for s, r in zip(sp, rs)]
+            hi = [max(0.0, r.get("speedup_p80", s) - s) for s, r in zip(sp, rs)]
+            colors = ["0.6" if r.get("verdict") == "no difference" else ("tab:green" if s > 1 else "tab:red")
+                      for s, r in zip(sp, rs)]
+            ax.barh(range(len(rs)), sp, xerr=[lo, hi], color=colors, capsize=2)
+            ax.set_yticks(range(len(rs)), labels, fontsize=7)
+            ax.invert_yaxis()
+            floor = max((r.get("noise_floor") or 0 for r in rs), default=0)
+            ax.axvspan(1 - max(floor, 0.02), 1 + max(floor, 0.02), color="0.85", zorder=0)
+            ax.axvline(1.0, color="k", lw=0.8)
+            ax.set_xlabel("speed-up over dense (grey: no difference)")
+            ax.set_title(f"{name} ({env.get('device_name')})", fontsize=8)
+
+    return save_plot(path, fill, nrows=len(names), figsize=(7, 1.2 + 0.28 * sum(
+        1 for r in mod if r["variant"] != "dense") + 0.6 * len(names)))
+
+
 def draw(rows: list[dict], env: dict, out_dir: str) -> list[str]:
-    """The plots of a run's kernel rows, as PNGs in out_dir; returns the paths written
-    (none without matplotlib or without kernel rows)."""
+    """The plots of a run's kernel and model rows, as PNGs in out_dir; returns the paths
+    written (none without matplotlib or without such rows)."""
     lin = _linear_rows(rows)
     written = []
+    path = os.path.join(out_dir, "models_speedup.png")
+    if draw_models(rows, env, path):
+        written.append(path)
     if not lin:
         return written
     shape = max({r["shape"] for r in lin}, key=lambda s: sum(1 for r in lin if r["shape"] == s))
@@ -76,7 +153,7 @@ def draw(rows: list[dict], env: dict, out_dir: str) -> list[str]:
         series = defaultdict(list)
         for r in lin:
             if r["shape"] == shape:
-                series[(r["provider"], r["pattern"], r["density"])].append((r["batch"], r["speedup_vs_dense"]))
+                series[(r["provider"], r["pattern"], r["density"])].append((r["batch"], _speedup(r)))
         for (prov, pat, d), pts in sorted(series.items()):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{prov} {pat} {d:.0%}")
@@ -95,7 +172,7 @@ def draw(rows: list[dict], env: dict, out_dir: str) -> list[str]:
         def by_density(axes):
             ax = axes[0]
             for s in sorted({r["shape"] for r in b1}):
-                pts = sorted((r["density"], r["speedup_vs_dense"]) for r in b1 if r["shape"] == s)
+                pts = sorted((r["density"], _speedup(r)) for r in b1 if r["shape"] == s)
                 ax.plot([1 - p[0] for p in pts], [p[1] for p in pts], "o-", label=s)
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set_xlabel("sparsity")

@@ -21,10 +21,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from .. import models, ops, reference, simplify
-from ..sparsify import dense_state_dict, sparsify
+from .. import models, ops
+from ..sparsify import dense_state_dict, explain, sparsify
 from . import cases, plots
-from .common import environment, quantiles, write_json
+from .common import (check_model, environment, machine, path_summary, pick_threads, rel_err, time_variants, time_workloads,
+                     tolerance, write_json)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -43,139 +44,213 @@ def suite_kernels(a, env):
 
 
 # ------------------------------------------------------------------------------ models
-# name -> sparsify() arguments, None for the dense model, "channels" for prune_channels
-VARIANTS = [("dense", None), ("2:4", dict(pattern="2:4")), ("unstructured70", dict(pattern="unstructured", sparsity=0.7)),
-            ("block90", dict(pattern="block32", sparsity=0.9)), ("channels50", "channels")]
+BASELINE, AGAIN = "dense", "dense (again)"
+# variant -> sparsify() arguments (method "l1", the default Policy), None for the dense model
+VARIANTS = {"dense": None, "2:4": dict(pattern="2:4"),
+            "unstructured 70%": dict(pattern="unstructured", sparsity=0.7),
+            "unstructured 90%": dict(pattern="unstructured", sparsity=0.9)}
 
 
-def _workloads(name, m, dev, quick):
-    """(metric, batch, fn, units per call) for one model."""
-    if name == "llama":
-        out = []
-        for B in (1, 8):
-            ids = torch.randint(0, 1024, (B, 16), device=dev)
-            out.append(("decode_tokens_per_s", B, lambda ids=ids: m.generate(ids, 8), B * 8))
-        ids = torch.randint(0, 1024, (1, 128), device=dev)
-        return out + [("prefill_tokens_per_s", 1, lambda ids=ids: m(ids), 128)]
-    out = []
-    for B in ((1, 16) if quick else (1, 64)):
-        x = torch.randn(B, 3, 64, 64, device=dev)
-        out.append(("images_per_s", B, lambda x=x: m(x), B))
-    return out
+def model_specs(quick: bool) -> list[dict]:
+    """The models of the suite as users build them (no weights downloaded): name, what it
+    is, a builder, its workloads, the variants and extra sparsify() arguments. --quick keeps
+    the same models at smaller sizes."""
+    ll = models.LLAMA_QUICK if quick else models.LLAMA_FULL
+    prompt, steps = (64, 4) if quick else (128, 8)
+    vit_kw = dict(img_size=112, depth=4) if quick else {}
+    size = 112 if quick else 224
+    return [
+        {"name": "llama", "desc": f"HF LlamaForCausalLM {ll['hidden']}/{ll['intermediate']}, {ll['layers']} layers, "
+                                  f"vocab {ll['vocab']}; lm_head and embeddings dense",
+         "build": lambda: models.hf_llama(**ll), "workloads": lambda m: models.llama_workloads(m, prompt, steps),
+         "variants": list(VARIANTS), "sparsify": dict(exclude=["lm_head"])},
+        {"name": "vit_base_patch16_224", "desc": "timm vit_base_patch16_224, pretrained=False" +
+                                                 (", img 112, depth 4" if quick else ""),
+         "build": lambda: models.timm_vit("vit_base_patch16_224", **vit_kw),
+         "workloads": lambda m: [models.image_workload(m, 4, size)],
+         "variants": ["dense", "2:4"] if quick else ["dense", "2:4", "unstructured 70%"], "sparsify": {}},
+        {"name": "resnet50", "desc": "torchvision resnet50, weights=None" + (", 112x112 images" if quick else ""),
+         "build": lambda: models.tv_resnet(50), "workloads": lambda m: [models.image_workload(m, 4, size)],
+         "variants": ["dense", "2:4"] if quick else ["dense", "2:4", "unstructured 70%"], "sparsify": {}},
+    ]
 
 
 def suite_models(a, env):
-    """Each model dense and in every variant, checked against its masked dense reference;
-    then all variants of a model timed round-robin (one call of each per round), so machine
-    noise and warm-up land on all of them alike."""
-    dev, rounds = a.device, (7 if a.quick else 20)
+    """Each model dense and in every variant (sparsify(model, ..., method="l1") with the
+    default policy), every workload checked against its masked dense reference (which also
+    warms every batch bucket: sparse layers measure their paths there), one more untimed
+    call each, then all variants of a model timed interleaved (common.interleaved), with
+    the dense model a second time as "dense (again)" for the noise floor."""
+    dev, rounds = a.device, (a.rounds or (5 if a.quick else 10))
     rows = []
-    torch.manual_seed(0)
-    llama_cfg = dict(dim=512, layers=4, hidden=1408) if a.quick or dev == "cpu" else dict(dim=2048, layers=8, hidden=5632)
-    specs = [("llama", lambda: models.LlamaStyle(**llama_cfg)), ("vit", lambda: models.ViT()),
-             ("resnet18", lambda: models.resnet(18))]
-    bar = tqdm(total=len(specs) * len(VARIANTS), desc="models", disable=not a.show_progress,
-               mininterval=1.0)
-    for name, make in specs:
-        base = make().to(dev).eval()
-        example = (torch.randint(0, 1024, (1, 16), device=dev) if name == "llama"
-                   else torch.randn(1, 3, 64, 64, device=dev))
+    a.extra_files.setdefault("explain.txt", "")
+    for spec in model_specs(a.quick):
+        name = spec["name"]
+        if a.models and name not in a.models:
+            continue
+        t0 = time.perf_counter()
+        base = spec["build"]().to(dev).eval()
+        print(f"-- {name}: {spec['desc']} (built in {time.perf_counter() - t0:.0f} s)", flush=True)
         built = []
-        for vname, kw in VARIANTS:
-            bar.set_postfix_str(f"{name} {vname}", refresh=False)
-            bar.update()
-            if kw == "channels" and name == "llama":
-                continue  # its forward (KV cache, per-layer loop) is not traceable by torch.fx
-            m = copy.deepcopy(base)
-            n_sparse = 0
+        for vname in spec["variants"]:
+            kw = VARIANTS[vname]
+            common = {"op": "model", "model": name, "model_desc": spec["desc"], "variant": vname,
+                      "device": env["device_name"], "baseline": BASELINE}
             try:
-                if kw == "channels":
-                    res = simplify.prune_channels(m, 0.5, example)
-                    n_sparse = sum("skipped" not in r for r in res["report"])
-                    ref_model = simplify.channel_cut_reference(base, res["kept"], example)
-                elif kw is not None:
-                    m, report = sparsify(m, min_features=64, show_progress=False, **kw)
-                    n_sparse = sum(r["status"] == "sparse" and r["backend"] != "dense" for r in report)
-                    ref_model = copy.deepcopy(base)
-                    ref_model.load_state_dict(dense_state_dict(m))
+                t0 = time.perf_counter()
+                if kw is None:
+                    m, n_sparse, dense_state = base, 0, None
                 else:
-                    ref_model = base
-                with torch.no_grad():
-                    y, yr = m(example).double(), ref_model(example).double()
-                err = ((y - yr).norm() / yr.norm()).item()
-                if not err < 1e-3:
-                    raise RuntimeError(f"{name} {vname}: output differs from its masked dense reference ({err:.1e})")
-            except Exception as e:  # noqa: BLE001
-                rows.append({"op": "model", "model": name, "variant": vname, "error": f"{type(e).__name__}: {e}"[:300]})
+                    m, report = sparsify(copy.deepcopy(base), method="l1", show_progress=False,
+                                         **kw, **spec["sparsify"])
+                    n_sparse = sum(r["status"] == "sparse" and r["backend"] != "dense" for r in report)
+                    dense_state = dense_state_dict(m)
+                sparsify_s = time.perf_counter() - t0
+                wls = spec["workloads"](m)
+                chk = check_model(spec["workloads"], base, m, dense_state, f"{name} {vname}")
+                for wl in wls:  # one more untimed call per workload: every bucket warm
+                    wl.run()
+            except Exception as e:  # noqa: BLE001 - a variant that fails is a row saying why
+                rows.append({**common, "error": f"{type(e).__name__}: {e}"[:400]})
+                print(f"   {vname}: did not run: {rows[-1]['error']}", flush=True)
                 continue
-            built.append((vname, m, {"op": "model", "model": name, "variant": vname, "device": env["device_name"],
-                                     "sparse_layers": n_sparse, "param_bytes": models.param_bytes(m),
-                                     "checkpoint_bytes": models.checkpoint_bytes(m), "rel_err": err}))
-        loads = {v: _workloads(name, m, dev, a.quick) for v, m, _ in built}
-        samples = {(v, i): [] for v, _, _ in built for i in range(len(loads[v]))}
-        with torch.no_grad():
-            for v, _, _ in built:
-                for _, _, fn, _ in loads[v]:
-                    fn()
-            for _ in range(rounds):
-                for v, _, _ in built:
-                    for i, (_, _, fn, _) in enumerate(loads[v]):
-                        samples[(v, i)] += cases.time_calls([fn], dev, 1)
-        for v, _, common in built:
-            for i, (metric, batch, _, units) in enumerate(loads[v]):
-                q = quantiles(samples[(v, i)])
-                rows.append({**common, "metric": metric, "batch": batch, **q, "value": units / (q["median_ms"] * 1e-3)})
-    bar.close()
-    dense_val = {(r["model"], r["metric"], r["batch"]): r["value"] for r in rows
-                 if r.get("variant") == "dense" and "value" in r}
-    for r in rows:
-        if "value" in r:
-            r["speedup_vs_dense"] = r["value"] / dense_val[(r["model"], r["metric"], r["batch"])]
+            a.extra_files["explain.txt"] += f"## {name} {vname}\n{explain(m)}\n\n"
+            print(f"   {vname}: sparsify {sparsify_s:.1f} s, first calls " +
+                  ", ".join(f"{wl.metric.split('_')[0]} {s:.1f} s" for wl, s in zip(wls, chk["first_call_s"])) +
+                  f" (path measurement), rel err {chk['rel_err']:.1e} (tol {chk['tolerance']:.1e}); "
+                  f"{path_summary(m)}", flush=True)
+            built.append((vname, m, wls, {**common, "sparse_layers": n_sparse, "param_bytes": models.param_bytes(m),
+                                          "checkpoint_bytes": models.checkpoint_bytes(m), "sparsify_s": sparsify_s,
+                                          **{k: v for k, v in chk.items() if k != "first_call_s"}},
+                          chk["first_call_s"]))
+        if not built or built[0][0] != BASELINE:
+            continue
+        t0 = time.perf_counter()
+        results = time_workloads({v: wls for v, _, wls, _, _ in built}, rounds, dev, BASELINE, AGAIN)
+        print(f"   timed {len(results)} workloads x {len(built) + 1} variants, {rounds} rounds, in "
+              f"{time.perf_counter() - t0:.0f} s; noise floor " +
+              ", ".join(f"{r[BASELINE]['noise_floor']:.1%}" for r in results), flush=True)
+        for i, res in enumerate(results):
+            for v, m, wls, common, first_s in built[:1] + [(AGAIN, *built[0][1:])] + built[1:]:
+                r, wl = res[v], wls[i]
+                rows.append({**common, "variant": v, "metric": wl.metric, "batch": wl.batch,
+                             "units_per_call": wl.units, **r, "value": wl.units / (r["median_ms"] * 1e-3),
+                             "value_p20": wl.units / (r["p80_ms"] * 1e-3), "value_p80": wl.units / (r["p20_ms"] * 1e-3),
+                             "speedup_vs_dense": r["speedup"], "first_call_s": first_s[i],
+                             "paths": path_summary(m, wl.rows)})
+        del base, built
     return rows
 
 
 # ------------------------------------------------------------------------------- masks
-def suite_masks(a, env):
-    dev = a.device
-    N = K = 2048 if a.quick else 4096
-    reps = 3 if a.quick else 10
-    w = torch.randn(N, K, device=dev)
-    rows = []
+MASK_BASELINE, MASK_AGAIN = "torch topk+gather", "torch topk+gather (again)"
 
-    def eager_nm():
-        # score, per-group selection (a stable sort, so ties go to the lower column as in the
-        # fused op; topk would pick either), scatter into a mask, gather and pack
-        return reference.nm_compress(w, reference.nm_mask(w.abs(), 2, 4), 2, 4)
 
-    fused = ops.nm_score_compress(w, 2, 4)
-    ref = eager_nm()
-    if not (torch.equal(fused[0], ref[0]) and torch.equal(fused[1], ref[1])):
-        raise RuntimeError("masks: fused N:M compression differs from the eager pipeline")
-    cand = {"sparsekern.nm_score_compress": lambda: ops.nm_score_compress(w, 2, 4), "torch.eager": eager_nm}
+def mask_providers(w: torch.Tensor) -> dict:
+    """2:4 magnitude pruning of one weight [N, K], as sparsekern does it and as a user of
+    torch would: name -> (fn, masked dense weight of its result (for the check), note).
+
+    - sparsekern.nm_score_compress: score, mask and compress (values + packed indices) in one op;
+    - torch topk+gather: what a user writes for the same work: |w| per group of 4, topk(2),
+      the kept columns in order, gather of the kept values (values + int64 indices);
+    - torch.ao.pruning: WeightNormSparsifier(sparse_block_shape=(1, 4), zeros_per_block=2)
+      .step(), then the parametrized (masked) weight: mask and masked weight, no compression;
+    - torch.sparse.to_sparse_semi_structured: topk mask, masked weight, torch's own 2:4
+      conversion (CUDA only).
+    """
+    N, K = w.shape
+    out = {}
+
+    def fused():
+        return ops.nm_score_compress(w, 2, 4)
+
+    v, i = fused()
+    out["sparsekern.nm_score_compress"] = (fused, ops.nm_decompress(v, i, 2, 4, K), "values + packed indices")
+
+    def topk_gather():
+        g = w.view(N, K // 4, 4)
+        idx = g.abs().topk(2, -1, sorted=False).indices.sort(-1).values
+        return g.gather(-1, idx), idx
+
+    vals, idx = topk_gather()
+    dense = torch.zeros(N, K // 4, 4, device=w.device, dtype=w.dtype).scatter_(-1, idx, vals).view(N, K)
+    out[MASK_BASELINE] = (topk_gather, dense, "values + int64 indices")
     try:
         from torch.ao.pruning import WeightNormSparsifier
 
-        lin = torch.nn.Sequential(torch.nn.Linear(K, N, bias=False)).to(dev)
+        lin = torch.nn.Sequential(torch.nn.Linear(K, N, bias=False)).to(w.device)
         lin[0].weight.data.copy_(w)
         sp = WeightNormSparsifier(sparsity_level=1.0, sparse_block_shape=(1, 4), zeros_per_block=2)
         sp.prepare(lin, [{"tensor_fqn": "0.weight"}])
-        cand["torch.ao.pruning"] = sp.step
+
+        def ao():
+            sp.step()
+            return lin[0].weight  # the parametrization applies the mask
+
+        out["torch.ao.pruning"] = (ao, ao().detach().clone(), "mask + masked weight, no compression")
     except Exception as e:  # noqa: BLE001
-        rows.append({"op": "nm_mask_compress", "provider": "torch.ao.pruning", "error": str(e)[:200]})
-    qs = {k: quantiles(cases.time_calls([f], dev, reps)) for k, f in cand.items()}
+        out["torch.ao.pruning"] = e
+    try:
+        from torch.sparse import to_sparse_semi_structured
+
+        def semi():
+            g = w.view(N, K // 4, 4)
+            mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.abs().topk(2, -1).indices, True)
+            return to_sparse_semi_structured((g * mask).view(N, K))
+
+        out["torch.sparse.to_sparse_semi_structured"] = (semi, semi().to_dense(), "torch's 2:4 layout (CUDA)")
+    except Exception as e:  # noqa: BLE001 - CPU tensors: torch says CUDA only
+        out["torch.sparse.to_sparse_semi_structured"] = e
+    return out
+
+
+def suite_masks(a, env):
+    """2:4 mask generation and compression, and the N:M group score, against what a user of
+    torch writes (mask_providers), checked for identical results, timed interleaved with the
+    torch baseline twice (noise floor)."""
+    dev = a.device
+    N = K = 2048 if a.quick else 4096
+    rounds = a.rounds or (5 if a.quick else 10)
+    w = torch.randn(N, K, device=dev, generator=torch.Generator(device=dev).manual_seed(0))
+    rows, calls = [], {}
+    base = {"op": "nm_mask_compress", "pattern": "2:4", "shape": f"{N}x{K}", "dtype": "float32",
+            "device": env["device_name"], "metric": "latency", "baseline": MASK_BASELINE}
+    provs = mask_providers(w)
+    ref = provs[MASK_BASELINE][1]
+    notes = {}
+    for name, p in provs.items():
+        if isinstance(p, Exception):
+            rows.append({**base, "provider": name, "variant": name, "error": f"{type(p).__name__}: {p}"[:200]})
+            continue
+        if not torch.equal(p[1].to(ref.dtype), ref):
+            rows.append({**base, "provider": name, "variant": name,
+                         "error": "result differs from the topk+gather masked weight; not timed"})
+            continue
+        calls[name], notes[name] = p[0], p[2]
+    calls = {MASK_BASELINE: calls[MASK_BASELINE], MASK_AGAIN: calls[MASK_BASELINE], **calls}
+    notes[MASK_AGAIN] = notes[MASK_BASELINE]
+    fused = ops.nm_score_compress(w, 2, 4)
     nbytes = w.numel() * 4 + fused[0].numel() * 4 + fused[1].numel()
-    for k, q in qs.items():
-        rows.append({"op": "nm_mask_compress", "provider": k, "pattern": "2:4", "shape": f"{N}x{K}", "dtype": "float32",
-                     "device": env["device_name"], **q, "gb_per_s": nbytes / (q["median_ms"] * 1e-3) / 1e9,
-                     "speedup_vs_eager": qs["torch.eager"]["median_ms"] / q["median_ms"],
-                     "note": "torch.ao.pruning computes the mask only" if k == "torch.ao.pruning" else ""})
+    for k, r in time_variants(calls, rounds, MASK_BASELINE, MASK_AGAIN, dev).items():
+        rows.append({**base, "provider": k, "variant": k, **r, "gb_per_s": nbytes / (r["median_ms"] * 1e-3) / 1e9,
+                     "speedup_vs_torch": r["speedup"], "note": notes[k]})
+    # N:M group score (l2 norm of each group of 4 along the input dimension)
     g = ops.group_score(w, 1, 4, 2)
-    eager_g = lambda: w.abs().reshape(N, -1, 4).square().sum(-1).sqrt()  # noqa: E731
-    torch.testing.assert_close(g, eager_g().float(), rtol=1e-4, atol=1e-5)
-    for k, f in {"sparsekern.group_score": lambda: ops.group_score(w, 1, 4, 2), "torch.eager": eager_g}.items():
-        q = quantiles(cases.time_calls([f], dev, reps))
-        rows.append({"op": "group_score_nm_l2", "provider": k, "shape": f"{N}x{K}", "dtype": "float32",
-                     "device": env["device_name"], **q, "gb_per_s": w.numel() * 4 / (q["median_ms"] * 1e-3) / 1e9})
+    user = lambda: torch.linalg.vector_norm(w.view(N, K // 4, 4), dim=-1)  # noqa: E731
+    ref64 = torch.linalg.vector_norm(w.double().view(N, K // 4, 4), dim=-1)
+    tol = tolerance(torch.float32, rel_err(user(), ref64))
+    gbase = {"op": "group_score_nm_l2", "shape": f"{N}x{K}", "dtype": "float32", "device": env["device_name"],
+             "metric": "latency", "baseline": "torch.linalg.vector_norm"}
+    err = rel_err(g, ref64)
+    if not err <= tol:
+        rows.append({**gbase, "provider": "sparsekern.group_score", "error": f"relative error {err:.1e} > {tol:.1e}"})
+        return rows
+    gcalls = {"torch.linalg.vector_norm": user, "torch.linalg.vector_norm (again)": user,
+              "sparsekern.group_score": lambda: ops.group_score(w, 1, 4, 2)}
+    for k, r in time_variants(gcalls, rounds, "torch.linalg.vector_norm", "torch.linalg.vector_norm (again)",
+                              dev).items():
+        rows.append({**gbase, "provider": k, "variant": k, **r, "speedup_vs_torch": r["speedup"],
+                     "gb_per_s": w.numel() * 4 / (r["median_ms"] * 1e-3) / 1e9})
     return rows
 
 
@@ -204,8 +279,9 @@ def default_out() -> str:
     return os.path.join("sparsekern-out", "bench-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
-def write(out_dir, env, rows) -> list[str]:
-    """results.json, results.csv, summary.md and the plots in out_dir; returns the paths."""
+def write(out_dir, env, rows, extra_files=None) -> list[str]:
+    """results.json, results.csv, summary.md, the plots and any extra text files (name ->
+    text, e.g. the models' explain.txt) in out_dir; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     for r in rows:
         r.setdefault("commit", env["commit"])
@@ -219,6 +295,11 @@ def write(out_dir, env, rows) -> list[str]:
         wtr.writerows(rows)
     with open(paths[2], "w") as f:
         f.write(plots.summary_markdown(env, rows))
+    for name, text in (extra_files or {}).items():
+        if text:
+            paths.append(os.path.join(out_dir, name))
+            with open(paths[-1], "w") as f:
+                f.write(text)
     return paths + plots.draw(rows, env, out_dir)
 
 
@@ -229,22 +310,42 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="fewer shapes, batches and repetitions")
     p.add_argument("--out", default=None, help="output folder (default sparsekern-out/bench-<time>)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timed rounds per comparison (default: suite's own, e.g. models 10, --quick 5)")
+    p.add_argument("--models", default=None, help="comma-separated subset of the models suite: " +
+                   ", ".join(s["name"] for s in model_specs(False)))
+    p.add_argument("--threads", default="auto",
+                   help="intra-op threads: a number, or auto (torch's default; 1 when the machine is already "
+                        "busier than its CPUs, see common.pick_threads)")
     p.add_argument("--no-progress", dest="show_progress", action="store_false", help="no progress bars")
     a = p.parse_args(argv)
+    if a.threads != "auto" and not (a.threads.isdigit() and int(a.threads) >= 1):
+        p.error(f"--threads: a positive number or auto, got {a.threads!r}")
+    known = [s["name"] for s in model_specs(False)]
+    a.models = None if a.models is None else [m.strip() for m in a.models.split(",")]
+    if a.models and any(m not in known for m in a.models):
+        p.error(f"--models: unknown {[m for m in a.models if m not in known]}; choose from {', '.join(known)}")
+    if a.rounds is not None and a.rounds < 2:
+        p.error("--rounds: at least 2 (percentiles and a noise floor need several samples)")
+    a.extra_files = {}
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda but no CUDA GPU")
+    threads, why = pick_threads(a.threads)
     env = environment(a.device)
+    env["threads_choice"] = why
     env["copy_gbs"] = cases.copy_bandwidth_gbs(a.device)
     out = a.out or default_out()
     print(f"sparsekern {env['sparsekern']} ({env['commit']}), torch {env['torch']}, {env['device_name']}, "
-          f"{env['threads']} threads, copy {env['copy_gbs']:.1f} GB/s -> {out}")
+          f"{env['threads']} threads, copy {env['copy_gbs']:.1f} GB/s, load average "
+          f"{env['machine']['loadavg']} on {env['machine']['cpus']} CPUs ({why}) -> {out}", flush=True)
     rows = []
     t0 = time.time()
     for suite in (list(SUITES) if a.suite == "all" else [a.suite]):
         print(f"== suite {suite}")
         rows += SUITES[suite](a, env)
     env["elapsed_s"] = round(time.time() - t0, 1)
-    paths = write(out, env, rows)
+    env["machine_after"] = machine()
+    paths = write(out, env, rows, a.extra_files)
     print(plots.summary_markdown(env, rows))
     print(f"wrote {', '.join(paths)} ({env['elapsed_s']} s)")
     return rows
