@@ -1,4 +1,5 @@
 """Loading, build information and `python -m sparsekern info`."""
+import glob
 import json
 import os
 import subprocess
@@ -26,6 +27,18 @@ def test_build_info_matches_running_torch():
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     if info["with_cuda"]:
         assert _extension.cuda_archs(), "a CUDA build must record its architectures"
+
+
+def test_a_built_extension_loads():
+    """A compiled sparsekern/_C next to the package must load: if it did not, every kernel
+    test would skip (needs_extension) and the suite would pass on the reference paths."""
+    if os.environ.get("SPARSEKERN_DISABLE_EXTENSION", "0") not in ("", "0"):
+        pytest.skip("SPARSEKERN_DISABLE_EXTENSION is set")
+    package = os.path.dirname(sparsekern.__file__)
+    built = glob.glob(os.path.join(package, "_C*.so")) + glob.glob(os.path.join(package, "_C*.pyd"))
+    if not built:
+        pytest.skip("no compiled extension in this install (the pure-torch references run)")
+    assert _extension.LOADED, f"{built[0]} is there but did not load: {_extension.LOAD_ERROR}"
 
 
 def test_ci_builds_cuda_code():
