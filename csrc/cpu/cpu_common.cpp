@@ -1,14 +1,23 @@
 #include "cpu_common.h"
 
+#include <cstdlib>
+#include <cstring>
+
 namespace sparsekern {
 
 // True when sparse_rows_avx2.cpp holds AVX2 kernels and this CPU has every extension it
 // was compiled for (its `#pragma GCC target` list).
+// SPARSEKERN_CPU_ISA (read once): "generic" (or "portable") forces the portable kernels;
+// "avx2" or unset: the AVX2 kernels where the CPU has them (there are no AVX-512 variants
+// yet, so on an AVX-512 machine the AVX2 path is what runs either way).
 bool cpu_has_avx2() {
 #if SPARSEKERN_AVX2_KERNELS
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi") &&
-                          __builtin_cpu_supports("bmi2");
+  static const bool has = [] {
+    const char* isa = std::getenv("SPARSEKERN_CPU_ISA");
+    if (isa && (std::strcmp(isa, "generic") == 0 || std::strcmp(isa, "portable") == 0)) return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+           __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+  }();
   return has;
 #else
   return false;

@@ -3,6 +3,8 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 
 #include "cpu_common.h"
 
@@ -20,6 +22,43 @@ void nm_decompress_row(const VT* v, const uint8_t* ix, int64_t kept, int64_t n, 
   }
 }
 
+// Large batches of 2:4: the weight-stationary AVX2 kernel (nm_gemm_impl.h), which does
+// half the multiply-adds of the dense GEMM, instead of decompressed tiles through the BLAS
+// GEMM. SPARSEKERN_NM_GEMM (read per call, a benchmarking switch): "tile" forces the
+// decompress + GEMM path, "direct" forces the new kernel at any batch above
+// kDirectMaxBatch; unset: the new kernel from kNm24GemmMinBatch rows (where it measured
+// faster, bench/bench_cpu_gemm.py).
+constexpr int64_t kNm24GemmMinBatch = 17;
+
+bool use_nm24_gemm(int64_t B) {
+  if (!cpu_has_avx2()) return false;  // portable builds keep the decompress + GEMM path
+  const char* mode = std::getenv("SPARSEKERN_NM_GEMM");
+  if (mode && std::strcmp(mode, "tile") == 0) return false;
+  if (mode && std::strcmp(mode, "direct") == 0) return true;
+  return B >= kNm24GemmMinBatch;
+}
+
+at::Tensor nm24_gemm_cpu(const at::Tensor& x2, const at::Tensor& vals, const at::Tensor& idx, int64_t K, int64_t O) {
+  const int64_t B = x2.size(0), L = kG24Lanes, tiles = (B + L - 1) / L;
+  // x [B, K] -> tiles of L batch lanes, each [K + 1][L]: zero lanes past B and a zero
+  // column K (where the kernel's padding slots point).
+  auto xp = at::zeros({tiles * L, K + 1}, x2.options());
+  xp.narrow(0, 0, B).narrow(1, 0, K).copy_(x2);
+  auto xT = xp.view({tiles, L, K + 1}).transpose(1, 2).contiguous();
+  auto out = at::empty({B, O}, x2.options());
+  // Panels of up to 96 rows (a multiple of 3, the kernel's row block; at least 4 per
+  // thread), taken by the threads from a shared counter.
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t P = std::max<int64_t>(3, std::min<int64_t>(96, ((O + 4 * nth - 1) / (4 * nth) + 2) / 3 * 3));
+  int64_t next = 0;
+  Nm24GemmArgs g{vals.data_ptr(), idx.data_ptr<uint8_t>(), vals.scalar_type(), vals.size(1), idx.size(1), K, O,
+                 xT.data_ptr<float>(), B, out.data_ptr<float>(), P, (O + P - 1) / P, &next};
+  at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) avx2::nm24_gemm(g);
+  });
+  return out;
+}
+
 at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, int64_t n,
                          int64_t m, int64_t in_features, const c10::optional<at::Tensor>& bias) {
   check_nm_linear_args(x, values, indices, n, m, in_features, bias);
@@ -31,6 +70,8 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   at::Tensor out;
   if (B == 0 || O == 0) {
     out = at::zeros({B, O}, x2.options());
+  } else if (B > kDirectMaxBatch && n == 2 && m == 4 && use_nm24_gemm(B)) {
+    out = nm24_gemm_cpu(x2, vals, idx, K, O);
   } else if (B > kDirectMaxBatch) {
     SPARSEKERN_DISPATCH_FLOATS(vals.scalar_type(), "nm_linear", [&] {
       const scalar_t* v = vals.data_ptr<scalar_t>();

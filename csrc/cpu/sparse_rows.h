@@ -67,6 +67,27 @@ struct BlockRowsArgs {
   float* out;               // [B, O] fp32, O = (crow entries - 1) * bh
 };
 
+// 2:4 large-batch kernel (nm_gemm_impl.h, AVX2 only): x as tiles of kG24Lanes batch
+// lanes, tile t = xT + t * (K + 1) * kG24Lanes holding [K + 1][kG24Lanes] fp32 (lanes
+// past B zero, column K zero: padding slots point at it).
+constexpr int64_t kG24Lanes = 32;
+struct Nm24GemmArgs {
+  const void* values;       // [O, kept] in `dtype`, kept = K / 2
+  const uint8_t* indices;   // [O, idx_row_bytes], 2 bits per slot
+  c10::ScalarType dtype;
+  int64_t kept, idx_row_bytes, K, O;
+  const float* xT;          // ceil(B / kG24Lanes) tiles of [K + 1][kG24Lanes]
+  int64_t B;
+  float* out;               // [B, O] fp32
+  int64_t panel_rows;       // rows per panel (the xT tile of a K tile is reused by all of them)
+  int64_t panels;           // ceil(O / panel_rows)
+  int64_t* next_panel;      // shared counter, 0 before the first call
+};
+namespace avx2 {
+// Output panels taken from *a.next_panel until all are done; call it from every thread.
+void nm24_gemm(const Nm24GemmArgs& a);
+}  // namespace avx2
+
 #define SPARSEKERN_DECLARE_ROWS(NS)                                                           \
   namespace NS {                                                                             \
   /* output rows [r0, r1) of out */                                                          \

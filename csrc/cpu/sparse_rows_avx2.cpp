@@ -18,6 +18,7 @@
 #include "nm_rows_impl.h"
 #include "bitmask_rows_impl.h"
 #include "block_rows_impl.h"
+#include "nm_gemm_impl.h"
 #pragma GCC pop_options
 #else
 // Without GCC's target pragma (clang, non-x86) there are no AVX2 kernels and
@@ -28,6 +29,8 @@ namespace avx2 {
 void nm_rows(const NmRowsArgs& a, int64_t r0, int64_t r1) { generic::nm_rows(a, r0, r1); }
 void bitmask_rows(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) { generic::bitmask_rows(a, r0, r1); }
 void block_rows(const BlockRowsArgs& a, int64_t br0, int64_t br1) { generic::block_rows(a, br0, br1); }
+// Never called: nm_linear takes this kernel only when cpu_has_avx2().
+void nm24_gemm(const Nm24GemmArgs&) { std::abort(); }
 }  // namespace avx2
 }  // namespace cpu
 }  // namespace sparsekern

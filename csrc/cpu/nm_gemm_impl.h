@@ -1,0 +1,203 @@
+// 2:4 large-batch kernel of nm_linear (AVX2 only; compiled inside sparse_rows_avx2.cpp,
+// the rules in rows_common_impl.h). Weight-stationary, over a transposed activation tile:
+//
+//   xT  : the op file passes x as tiles of 32 batch lanes, tile t = [K + 1][32] fp32 (lanes
+//         of the last tile past B are zero, and so is column K: padding slots point there,
+//         so an inf or NaN in x never reaches a row through a padding slot); one input
+//         column of a tile is 4 vectors.
+//   pack: for a panel of output rows and a K tile of kKt columns, each row's kept slots are
+//         decoded (LUT on the index byte, no scalar decode) into byte offsets col * 128 of
+//         the column inside an xT tile and fp32 values, in blocks of 3 rows x 4 slots:
+//         {int32 off[3][4]; float val[3][4]} (96 bytes). Recomputed per call, per panel and
+//         K tile (about 1/8 cycle per slot against B/8 FMAs per slot), so no weight cache.
+//   core: 3 output rows x V vectors of 8 batch lanes in 3V accumulators (12 for V = 4);
+//         per kept (row, slot): load its offset, broadcast its value, V FMAs whose second
+//         operand is loaded from the xT tile at that offset (an L1 hit: the tile is
+//         kKt x 128 B = 16 KiB and is reused by every row block of the panel).
+//         Loads per FMA: (2 + V) / V = 1.5 at V = 4; the FMA count is half the dense one.
+//   acc : partial sums [tile][row][32] per panel in a per-call buffer (L2), summed over the
+//         K tiles, then transposed once into out [B, O].
+//   threads: each calling thread takes panels of panel_rows rows from a shared counter.
+// Numerics: fp32 products and fp32 accumulation, one chain per (row, 8 lanes) in column
+// order within a K tile, K tiles added in order.
+#include "rows_common_impl.h"
+
+namespace sparsekern {
+namespace cpu {
+namespace SK_ISA_NS {
+namespace {
+
+constexpr int kG24Rows = 3;     // rows per register block
+constexpr int kG24Kt = 128;     // columns per K tile (64 kept slots per row)
+constexpr int kG24Chunk = 256;  // batch lanes per pass over a panel (8 tiles of 32)
+
+// LUT: index byte (4 slots, 2 groups, 8 columns) -> the column of each slot within the 8.
+struct Lut24Cols {
+  alignas(16) int32_t col[256][4];
+  Lut24Cols() {
+    for (int byte = 0; byte < 256; ++byte)
+      for (int t = 0; t < 4; ++t) col[byte][t] = (t / 2) * 4 + ((byte >> (2 * t)) & 3);
+  }
+};
+const Lut24Cols& lut24cols() {
+  static const Lut24Cols lut;
+  return lut;
+}
+
+inline __m128 g24_load4(const float* p) { return _mm_loadu_ps(p); }
+inline __m128 g24_load4(const c10::BFloat16* p) {
+  return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), 16));
+}
+inline __m128 g24_load4(const c10::Half* p) { return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+
+// Packs rows [r0, r0 + rows) (rows <= 3; missing rows and slots get value 0 and the offset
+// of the zero column K) for slots
+// [s0, s1) (s0 a multiple of 4) into quads of 96 bytes at dst.
+template <typename VT>
+void g24_pack(const Nm24GemmArgs& a, int64_t r0, int rows, int64_t s0, int64_t s1, int32_t* dst) {
+  const Lut24Cols& lut = lut24cols();
+  static_assert(kG24Lanes * 4 == 128, "offsets are col << 7");
+  const int32_t zero_col = static_cast<int32_t>(a.K * 128);
+  int64_t q = 0;
+  for (int64_t s = s0; s < s1; s += 4, ++q) {
+    int32_t* o = dst + q * 24;
+    float* w = reinterpret_cast<float*>(o + 12);
+    const bool full = s + 4 <= s1;
+    for (int r = 0; r < kG24Rows; ++r) {
+      if (r >= rows) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 4 * r), _mm_set1_epi32(zero_col));
+        _mm_storeu_ps(w + 4 * r, _mm_setzero_ps());
+        continue;
+      }
+      const VT* v = static_cast<const VT*>(a.values) + (r0 + r) * a.kept;
+      const uint8_t byte = a.indices[(r0 + r) * a.idx_row_bytes + (s >> 2)];
+      if (full) {
+        const __m128i cols = _mm_add_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(lut.col[byte])),
+                                           _mm_set1_epi32(static_cast<int32_t>(2 * s)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 4 * r), _mm_slli_epi32(cols, 7));  // * 32 lanes * 4 B
+        _mm_storeu_ps(w + 4 * r, g24_load4(v + s));
+      } else {
+        for (int t = 0; t < 4; ++t) {
+          const bool in = s + t < s1;
+          o[4 * r + t] = in ? static_cast<int32_t>((2 * s + lut.col[byte][t]) * kG24Lanes * 4) : zero_col;
+          w[4 * r + t] = in ? to_f32(v[s + t]) : 0.f;
+        }
+      }
+    }
+  }
+}
+
+// acc[r][v] (+)= sum over quads of val * xT[off + 32 v bytes]; acc is [3][32] floats.
+// Twelve named accumulators (not an array: GCC then keeps them in registers instead of
+// storing the array back to the stack every iteration); V < 4 leaves the rest unused.
+template <int V>
+inline void g24_core(const int32_t* pk, int64_t quads, const float* xt, float* acc, bool first) {
+  __m256 c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23;
+#define SK_G24_LD(R, VV) c##R##VV = first || V <= VV ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + R * kG24Lanes + 8 * VV)
+  SK_G24_LD(0, 0); SK_G24_LD(0, 1); SK_G24_LD(0, 2); SK_G24_LD(0, 3);
+  SK_G24_LD(1, 0); SK_G24_LD(1, 1); SK_G24_LD(1, 2); SK_G24_LD(1, 3);
+  SK_G24_LD(2, 0); SK_G24_LD(2, 1); SK_G24_LD(2, 2); SK_G24_LD(2, 3);
+#undef SK_G24_LD
+  const char* xb = reinterpret_cast<const char*>(xt);
+#define SK_G24_ROW(R, T)                                                                   \
+  {                                                                                        \
+    const float* xp = reinterpret_cast<const float*>(xb + pk[4 * R + T]);                 \
+    __asm__("" : "+r"(xp)); /* base+disp loads, no base+index: those un-laminate */        \
+    const __m256 wb = _mm256_broadcast_ss(w + 4 * R + T);                                 \
+    c##R##0 = _mm256_fmadd_ps(wb, _mm256_loadu_ps(xp), c##R##0);                           \
+    if (V > 1) c##R##1 = _mm256_fmadd_ps(wb, _mm256_loadu_ps(xp + 8), c##R##1);            \
+    if (V > 2) c##R##2 = _mm256_fmadd_ps(wb, _mm256_loadu_ps(xp + 16), c##R##2);           \
+    if (V > 3) c##R##3 = _mm256_fmadd_ps(wb, _mm256_loadu_ps(xp + 24), c##R##3);           \
+  }
+  for (int64_t q = 0; q < quads; ++q, pk += 24) {
+    const float* w = reinterpret_cast<const float*>(pk + 12);
+    SK_G24_ROW(0, 0) SK_G24_ROW(1, 0) SK_G24_ROW(2, 0)
+    SK_G24_ROW(0, 1) SK_G24_ROW(1, 1) SK_G24_ROW(2, 1)
+    SK_G24_ROW(0, 2) SK_G24_ROW(1, 2) SK_G24_ROW(2, 2)
+    SK_G24_ROW(0, 3) SK_G24_ROW(1, 3) SK_G24_ROW(2, 3)
+  }
+#undef SK_G24_ROW
+#define SK_G24_ST(R, VV) if (V > VV) _mm256_storeu_ps(acc + R * kG24Lanes + 8 * VV, c##R##VV)
+  SK_G24_ST(0, 0); SK_G24_ST(0, 1); SK_G24_ST(0, 2); SK_G24_ST(0, 3);
+  SK_G24_ST(1, 0); SK_G24_ST(1, 1); SK_G24_ST(1, 2); SK_G24_ST(1, 3);
+  SK_G24_ST(2, 0); SK_G24_ST(2, 1); SK_G24_ST(2, 2); SK_G24_ST(2, 3);
+#undef SK_G24_ST
+}
+
+template <typename VT>
+void g24_panel(const Nm24GemmArgs& a, int64_t r0, int64_t r1, int32_t* pack, float* acc) {
+  const int64_t rows = r1 - r0, blocks = (rows + kG24Rows - 1) / kG24Rows;
+  const int64_t kt_quads = kG24Kt / 8;  // 4 slots per quad, 2 slots per 4 columns
+  const int64_t tiles = (a.B + kG24Lanes - 1) / kG24Lanes;
+  const int64_t chunk_tiles = kG24Chunk / kG24Lanes;
+  for (int64_t t0 = 0; t0 < tiles; t0 += chunk_tiles) {
+    const int64_t t1 = t0 + chunk_tiles < tiles ? t0 + chunk_tiles : tiles;
+    for (int64_t k0 = 0; k0 < a.K; k0 += kG24Kt) {
+      const int64_t s0 = k0 / 2, s1 = (k0 + kG24Kt < a.K ? k0 + kG24Kt : a.K) / 2;
+      const int64_t quads = (s1 - s0 + 3) / 4;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t rr = r0 + b * kG24Rows;
+        const int nr = static_cast<int>(r1 - rr < kG24Rows ? r1 - rr : kG24Rows);
+        g24_pack<VT>(a, rr, nr, s0, s1, pack + b * kt_quads * 24);
+      }
+      const bool first = k0 == 0;
+      for (int64_t t = t0; t < t1; ++t) {
+        const float* xt = a.xT + t * (a.K + 1) * kG24Lanes;
+        const int64_t lanes = a.B - t * kG24Lanes;
+        const int V = lanes >= 32 ? 4 : static_cast<int>((lanes + 7) / 8);
+        float* at = acc + (t - t0) * blocks * kG24Rows * kG24Lanes;
+        for (int64_t b = 0; b < blocks; ++b) {
+          const int32_t* pk = pack + b * kt_quads * 24;
+          float* ab = at + b * kG24Rows * kG24Lanes;
+          switch (V) {
+            case 4: g24_core<4>(pk, quads, xt, ab, first); break;
+            case 3: g24_core<3>(pk, quads, xt, ab, first); break;
+            case 2: g24_core<2>(pk, quads, xt, ab, first); break;
+            default: g24_core<1>(pk, quads, xt, ab, first); break;
+          }
+        }
+      }
+    }
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* at = acc + (t - t0) * blocks * kG24Rows * kG24Lanes;
+      const int64_t lanes = a.B - t * kG24Lanes < kG24Lanes ? a.B - t * kG24Lanes : kG24Lanes;
+      for (int64_t j = 0; j < lanes; ++j) {
+        float* orow = a.out + (t * kG24Lanes + j) * a.O;
+        for (int64_t r = r0; r < r1; ++r) orow[r] = at[(r - r0) * kG24Lanes + j];
+      }
+    }
+  }
+}
+
+// Takes panels from the shared counter until none is left (threads that share their core
+// with other work take fewer), with one set of buffers per call: allocating them per
+// panel made glibc mmap/munmap them, and each munmap stalls the other thread.
+template <typename VT>
+void g24_panels(const Nm24GemmArgs& a) {
+  const int64_t blocks = (a.panel_rows + kG24Rows - 1) / kG24Rows;
+  const int64_t tiles = (a.B + kG24Lanes - 1) / kG24Lanes;
+  const int64_t chunk_tiles = tiles < kG24Chunk / kG24Lanes ? tiles : kG24Chunk / kG24Lanes;
+  int32_t* pack = static_cast<int32_t*>(std::aligned_alloc(64, blocks * (kG24Kt / 8) * 96));
+  float* acc = static_cast<float*>(std::aligned_alloc(64, chunk_tiles * blocks * kG24Rows * kG24Lanes * sizeof(float)));
+  for (;;) {
+    const int64_t p = __atomic_fetch_add(a.next_panel, 1, __ATOMIC_RELAXED);
+    if (p >= a.panels) break;
+    const int64_t r0 = p * a.panel_rows, r1 = r0 + a.panel_rows < a.O ? r0 + a.panel_rows : a.O;
+    g24_panel<VT>(a, r0, r1, pack, acc);
+  }
+  std::free(acc);
+  std::free(pack);
+}
+
+template <typename VT>
+struct G24F {
+  static void run(const Nm24GemmArgs& a, int64_t, int64_t) { g24_panels<VT>(a); }
+};
+
+}  // namespace
+
+void nm24_gemm(const Nm24GemmArgs& a) { by_dtype<G24F>(a.dtype, a, 0, 0); }
+
+}  // namespace SK_ISA_NS
+}  // namespace cpu
+}  // namespace sparsekern
