@@ -235,6 +235,8 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 def pattern_text(r: dict) -> str:
     p, d = r.get("pattern"), r.get("density")
+    if p == "dense" and r.get("cell_pattern"):  # dense timed again inside a pattern's loop
+        p, d = r["cell_pattern"], r.get("cell_density")
     if not p:
         return ""
     if isinstance(d, (int, float)) and d < 1 and p != "dense":
@@ -306,6 +308,9 @@ def render_kernels(run: Run) -> str:
     dense = "cuBLAS" if any(ref is not None and ref.get("provider") == "cublas" for _, ref in pairs) else "dense"
     header = [LABELS.get(k, k) for k in varying] + ["pattern", "batch", "provider", "ms, median (p20–p80)",
                                                     f"{dense} ms, same run", f"x {dense}"]
+    floor = any(isinstance(r.get("noise_floor"), (int, float)) for r, _ in pairs)
+    if floor:
+        header.append("noise floor")
     eager = any("eager_us" in r for r, _ in pairs)  # GPU: graph-replay time above, per-call time here
     if eager:
         header.append("eager ms (with launch)")
@@ -319,6 +324,8 @@ def render_kernels(run: Run) -> str:
         out.append([str(r.get(k, "")) for k in varying] +
                    [pattern_text(r), str(r.get("batch", "")), prov, spread(r),
                     spread(ref) if ref is not None else "", speedup_cell(r, ref)] +
+                   ([f"{r['noise_floor']:.1%}" if isinstance(r.get("noise_floor"), (int, float)) else ""]
+                    if floor else []) +
                    ([num(r["eager_us"] / 1e3) if isinstance(r.get("eager_us"), (int, float)) else ""] if eager else []))
     return f"{caption}\n\n{table(header, out)}".strip()
 
@@ -447,8 +454,10 @@ def render_errors(run: Run) -> str:
     return "Did not run:\n\n" + "\n".join(lines)
 
 
-NOISE_NOTE = ("x dense = dense median / this median, both from the same run; in brackets the range the "
-              "p20–p80 spreads allow. When that range contains 1 the row reads \"no difference\".")
+NOISE_NOTE = ("x dense = dense median / this median, both from the same run. In brackets: for runs timed "
+              "interleaved with dense twice, the p20–p80 of the per-round ratios; for older runs, the range the "
+              "two p20–p80 spreads allow. The row reads \"no difference\" when that range contains 1 or the "
+              "ratio is within the run's noise floor (the two dense timings' difference).")
 
 RENDER = [("kernel", "Kernels", render_kernels), ("model", "Models", render_models),
           ("overhead", "Per-call overhead", render_overhead), ("mask", "Mask generation", render_masks),
