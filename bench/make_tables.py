@@ -11,7 +11,8 @@ A table lives between two marker comments, and everything between them is genera
     <!-- /table -->
 
 NAME is one of TABLES below. The sources are the JSON files under bench/results/ (any depth)
-that hold {"environment": {...}, "rows": [...]} (sparsekern.bench.common.write_json, also
+that git tracks (in a checkout: `git add` a new run before running this) and that hold
+{"environment": {...}, "rows": [...]} (sparsekern.bench.common.write_json, also
 bench/bench_gpu_linear.py and bench/bench_quality.py); other files there (logs, tuning
 tables, CSV, plots) are skipped. Rows are recognised by their fields, not by the file that
 wrote them, so a folder added later shows up without a change here:
@@ -50,6 +51,7 @@ import glob
 import json
 import os
 import re
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,12 +115,34 @@ def _normalise(r: dict) -> dict:
     return r
 
 
+UNTRACKED: list[str] = []  # results files skipped by the last load_runs (not added to git)
+
+
+def _tracked(root: str) -> set[str] | None:
+    """Files git tracks under root (the index: committed or added), or None outside a checkout."""
+    if not os.path.isdir(os.path.join(root, ".git")):
+        return None
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--", "bench/results"], cwd=root, capture_output=True,
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {os.path.normpath(os.path.join(root, p)) for p in out.decode().split("\0") if p}
+
+
 def load_runs(results_dir: str = RESULTS, root: str | None = None) -> list[Run]:
     """Every results file under results_dir, newest first (paths shown relative to root,
-    by default the folder above bench/results)."""
+    by default the folder above bench/results). In a git checkout only files git tracks
+    count (`git add` a new run first), so the tables follow the commit, not whatever a
+    benchmark left in the working tree; UNTRACKED lists the others."""
     root = root or os.path.dirname(os.path.dirname(os.path.abspath(results_dir)))
+    tracked = _tracked(root)
+    UNTRACKED.clear()
     runs = []
     for path in sorted(glob.glob(os.path.join(results_dir, "**", "*.json"), recursive=True)):
+        if tracked is not None and os.path.normpath(path) not in tracked:
+            UNTRACKED.append(os.path.relpath(path, root))
+            continue
         try:
             with open(path) as f:
                 d = json.load(f)
@@ -643,6 +667,9 @@ def main(argv=None) -> int:
                                                 "(default: this repository)")
     a = p.parse_args(argv)
     runs = load_runs(os.path.join(a.root, "bench", "results"), a.root)
+    if UNTRACKED:
+        print(f"make_tables: not in git, left out: {', '.join(UNTRACKED)} (git add them to show them)",
+              file=sys.stderr)
     if a.list:
         for r in runs:
             kinds = sorted({row_kind(x) for x in r.rows})

@@ -28,18 +28,24 @@ def test_readme_and_docs_agree_with_the_results():
 
 
 def _tree(tmp_path):
-    """A copy of README.md, docs/ and bench/results/ to edit."""
-    for name in ("README.md", "docs", os.path.join("bench", "results")):
-        src, dst = os.path.join(ROOT, name), tmp_path / name
-        if os.path.isdir(src):
-            shutil.copytree(src, dst)
-        else:
-            shutil.copy(src, dst)
+    """A copy of README.md, docs/ and the results files the repository's tables use, to edit
+    (not a git checkout: every results file in it counts)."""
+    shutil.copy(os.path.join(ROOT, "README.md"), tmp_path / "README.md")
+    shutil.copytree(os.path.join(ROOT, "docs"), tmp_path / "docs")
+    for run in mt.load_runs():
+        dst = tmp_path / run.path
+        os.makedirs(dst.parent, exist_ok=True)
+        shutil.copy(os.path.join(ROOT, run.path), dst)
     return tmp_path
+
+
+def write_tables(root):
+    subprocess.run([sys.executable, SCRIPT, "--root", str(root)], check=True, capture_output=True, timeout=300)
 
 
 def test_check_fails_on_a_hand_edit_and_on_a_hand_typed_figure(tmp_path):
     root = _tree(tmp_path)
+    write_tables(root)
     assert check("--root", str(root)).returncode == 0
     readme = root / "README.md"
     text = readme.read_text()
@@ -158,7 +164,7 @@ def test_folders_added_later_show_up(tmp_path):
     # and the script rewrites the README from them, after which --check passes again
     r = check("--root", str(root))
     assert r.returncode == 1
-    subprocess.run([sys.executable, SCRIPT, "--root", str(root)], check=True, capture_output=True, timeout=300)
+    write_tables(root)
     assert check("--root", str(root)).returncode == 0
     readme = (root / "README.md").read_text()
     assert "cpu-models-20990102" in readme and "NVIDIA H100" in readme
@@ -181,3 +187,24 @@ def test_unknown_marker_and_unclosed_marker_are_errors():
         mt.rewrite("<!-- table:nonsense -->\n<!-- /table -->\n", [], {})
     with pytest.raises(SystemExit, match="no '<!-- /table -->'"):
         mt.rewrite("<!-- table:gpu -->\nstale\n", [], {})
+
+
+def test_in_a_checkout_only_results_added_to_git_count(tmp_path):
+    """A benchmark's output left in the working tree does not change the tables (or fail the
+    check) until it is added to git; then it shows."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    root = _tree(tmp_path)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    env = {"date": "2099-01-02T00:00:00+00:00", "commit": "abc", "device": "cpu", "threads": 1, "cpu": "C",
+           "device_name": "C"}
+    rows = [{"op": "model", "model": "m", "variant": "dense", "metric": "images_per_s", "batch": 1,
+             "median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1}]
+    _write(str(root / "bench" / "results" / "cpu-models-20990102" / "results.json"), env, rows)
+    results = str(root / "bench" / "results")
+    assert "cpu-models-20990102" not in mt.TABLES["cpu-models"](mt.load_runs(results, str(root)))
+    assert mt.UNTRACKED == [os.path.join("bench", "results", "cpu-models-20990102", "results.json")]
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    assert "cpu-models-20990102" in mt.TABLES["cpu-models"](mt.load_runs(results, str(root)))
+    assert mt.UNTRACKED == []
