@@ -114,6 +114,9 @@ def main(argv=None):
                 print(f"{shape:>11} {b:>5} {r['provider']:>17} {r['median_ms']:>10.2f} {r['p20_ms']:>9.2f} "
                       f"{r['p80_ms']:>9.2f} {r['speedup']:>7.2f} {r['speedup_p20']:>6.2f}-{r['speedup_p80']:<7.2f} "
                       f"{r['noise_floor']:>6.3f} {r['verdict']}", flush=True)
+            if a.out:  # after every case: a run cut short keeps what it measured
+                env["loadavg_end"] = list(os.getloadavg())
+                write_json(a.out, env, rows)
     env["loadavg_end"] = list(os.getloadavg())
     if a.out:
         write_json(a.out, env, rows)
