@@ -131,7 +131,7 @@ setup(
     packages=find_packages(include=["sparsekern", "sparsekern.*"]),
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension},
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     entry_points={"console_scripts": ["sparsekern=sparsekern.__main__:main"]},
 )

@@ -1,11 +1,13 @@
 """Sparse modules: SparseLinear and SparseConv2d.
 
 A sparse module stores its weight compressed (an NMWeight, BitmaskWeight or BlockWeight
-as buffers named `weight_<tensor>` plus an int64 `weight_meta`) and runs the sparse ops.
-Its backend is chosen once, when it is built or frozen, from measured timings on the
-layer's device, dtype and shape (`sparsekern.nn.autotune`): when no sparse kernel beats
-the dense one for that shape, the layer keeps a plain dense weight with the zeros in
-place (backend "dense") rather than run slower than the original.
+as buffers named `weight_<tensor>` plus an int64 `weight_meta`, validated when built or
+loaded) and keeps it whatever it runs. In eval mode each input takes one of the PATHS,
+chosen per batch bucket (rows of x; images x output pixels for a convolution) under the
+module's Policy: by default the paths are measured on the real input the first time a
+bucket is seen and the fastest is cached (`choose_path`, `measure_paths`), so a layer is
+not slower than its dense original at a batch where a faster path exists. `explain()`
+shows the choice per bucket; Policy("dense") stores a plain dense weight instead.
 
 Training: `from_dense(..., trainable=True)` keeps a dense `weight` Parameter plus the
 packed bitmask of its mask (`weight_mask_bits`). In training mode the forward is the
