@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import random
@@ -308,14 +309,25 @@ def check_model(make_workloads, base: torch.nn.Module, model: torch.nn.Module, d
 
 
 def time_workloads(loads: dict[str, list], rounds: int, device: str = "cpu", baseline: str = "dense",
-                   again: str = "dense (again)") -> list[dict[str, dict]]:
+                   again: str = "dense (again)", min_sample_s: float = 0.05) -> list[dict[str, dict]]:
     """loads: variant -> its workloads (models.Workload, the same jobs in the same order for
     every variant). Per workload, all variants and the baseline a second time (`again`, the
     noise floor) timed interleaved, `rounds` rounds (warm them first); compare()'s result
-    per workload."""
+    per workload, plus `calls_per_sample`: a job shorter than `min_sample_s` is called
+    several times per sample (one scheduler time slice lost in a 1 ms sample would be a
+    large error), the times reported per call."""
     out = []
     for i in range(len(loads[baseline])):
-        calls = {baseline: loads[baseline][i].run, again: loads[baseline][i].run}
-        calls.update({v: wls[i].run for v, wls in loads.items() if v != baseline})
-        out.append(time_variants(calls, rounds, baseline, again, device, warmup=False))
+        fn = loads[baseline][i].run
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        inner = max(1, math.ceil(min_sample_s / max(time.perf_counter() - t, 1e-6)))
+        calls = {baseline: [fn] * inner, again: [fn] * inner}
+        calls.update({v: [wls[i].run] * inner for v, wls in loads.items() if v != baseline})
+        res = time_variants(calls, rounds, baseline, again, device, warmup=False)
+        for r in res.values():
+            r["calls_per_sample"] = inner
+        out.append(res)
     return out

@@ -1,13 +1,27 @@
 """The benchmark suite: every kernel and model beside dense torch and the peers, in one run.
 
     python -m sparsekern bench --suite kernels|models|masks|quality|all [--device cpu|cuda] [--quick] [--out DIR]
+        [--rounds N] [--models llama,vit_base_patch16_224,resnet50] [--threads N|auto]
 
-Writes rows (op, provider, pattern, density, dtype, shape, batch, median and 20th/80th
-percentiles, GB/s, TFLOP/s, speed-up over dense from the same run, device, versions,
-commit, timestamp) to results.csv and results.json, a markdown summary (summary.md) and
-plots (sparsekern.bench.plots, which can redraw any stored run), in --out (default
-sparsekern-out/bench-<time> under the current folder). Every result is checked against
-its reference before it is timed. --quick finishes in a few minutes on a 2-core CPU.
+Suites:
+  kernels  sparse linear ops against dense F.linear and torch's CSR/BSR (and Triton,
+           semi-structured on a GPU), real model shapes, batch sizes, rotated weights;
+  models   real models as users build them (HF LlamaForCausalLM from a config: decode with a
+           KV cache and prefill; timm vit_base_patch16_224 and torchvision resnet50 at batch
+           4), dense against sparsify(model, pattern, method="l1") with the default policy;
+  masks    2:4 mask + compression and the N:M group score against the torch code a user
+           would write (topk+gather, torch.ao.pruning, torch.linalg.vector_norm);
+  quality  one-shot pruning quality (sparsekern.bench.quality).
+
+Every result is checked against its fp64 reference with the test suite's tolerance before
+it is timed; variants are timed interleaved with the baseline twice (noise floor), see
+sparsekern.bench.common. Writes rows (op, model/provider, variant, metric, batch, median and
+20th/80th percentiles, speed-up, its p20/p80, noise floor, verdict, device, versions,
+commit, timestamp, machine load) to results.csv and results.json, a markdown summary
+(summary.md), plots (sparsekern.bench.plots, which can redraw any stored run) and, for
+models, explain.txt, in --out (default sparsekern-out/bench-<time> under the current
+folder). --quick keeps the same models at smaller sizes and finishes in a few minutes on
+a 2-core CPU.
 """
 from __future__ import annotations
 
@@ -19,13 +33,12 @@ import os
 import time
 
 import torch
-from tqdm import tqdm
 
 from .. import models, ops
 from ..sparsify import dense_state_dict, explain, sparsify
 from . import cases, plots
-from .common import (check_model, environment, machine, path_summary, pick_threads, rel_err, time_variants, time_workloads,
-                     tolerance, write_json)
+from .common import (check_model, environment, machine, path_summary, pick_threads, rel_err, time_variants,
+                     time_workloads, tolerance, write_json)
 
 
 # ----------------------------------------------------------------------------- kernels
