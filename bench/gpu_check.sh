@@ -148,12 +148,13 @@ $PY -c "import xdist" 2> /dev/null && XDIST="-n 8"
 if ((DRY)); then
   step tests "$OUT/tests.log" $PY -m pytest tests -q -p no:cacheprovider --collect-only -k "$SELECT"
 elif ((BUILT)); then
-  step tests "$OUT/tests.log" $PY -m pytest tests -q -p no:cacheprovider -rfE $XDIST -k "$SELECT"
+  # -v: one line per test as it ends, so a timeout keeps every result so far
+  step tests "$OUT/tests.log" $PY -m pytest tests -v --tb=short -p no:cacheprovider -rfE $XDIST -k "$SELECT"
 else
   step tests "$OUT/tests.log" $PY -m pytest tests/test_triton.py tests/test_cusparselt.py tests/test_gpu_dispatch.py \
-    -q -p no:cacheprovider -rfE $XDIST
+    tests/test_gpu_triton.py -v --tb=short -p no:cacheprovider -rfE $XDIST
 fi
-grep -E "tests collected|passed|failed|[0-9]+ error" "$OUT/tests.log" | tail -3 | tee -a "$SUMMARY"
+grep -E "tests collected|^(FAILED|ERROR) |=+ .*(passed|failed|error)" "$OUT/tests.log" | tail -12 | tee -a "$SUMMARY"
 
 # ---------------------------------------------------------------------------- smoke
 NOCUDA=""
