@@ -2,7 +2,13 @@
 
     pytest bench/ --benchmark-only
 
-(Never part of the test suite: tests/ holds the tests, and no test is timed.)"""
+(Never part of the test suite: tests/ holds the tests, and no test is timed.)
+
+pytest-benchmark times each case on its own, one after another: machine noise and drift
+land on cases unevenly, and there is no noise floor. The numbers to compare are the
+suite's (`python -m sparsekern bench --suite kernels`), which times the providers of a
+case interleaved with dense twice; this file only checks each case, then times it for
+people who keep pytest-benchmark histories."""
 import pytest
 import torch
 

@@ -53,7 +53,8 @@ def suite_kernels(a, env):
         shapes = cases.SHAPES if a.device == "cuda" else {k: v for k, v in cases.SHAPES.items() if "70b" not in k}
         batches = [1, 4, 8, 16, 32, 64, 256] + ([1024, 4096, 16384] if a.device == "cuda" else [])
         patterns, reps, rotate = cases.PATTERNS, (50 if a.device == "cuda" else 10), (1024 if a.device == "cuda" else 512)
-    return cases.linear_sweep(a.device, dtype, shapes, batches, patterns, reps, rotate, env, a.show_progress)
+    return cases.linear_sweep(a.device, dtype, shapes, batches, patterns, a.rounds or reps, rotate, env,
+                              a.show_progress)
 
 
 # ------------------------------------------------------------------------------ models
@@ -94,7 +95,7 @@ def suite_models(a, env):
     warms every batch bucket: sparse layers measure their paths there), one more untimed
     call each, then all variants of a model timed interleaved (common.interleaved), with
     the dense model a second time as "dense (again)" for the noise floor."""
-    dev, rounds = a.device, (a.rounds or (5 if a.quick else 10))
+    dev, rounds = a.device, (a.rounds or 10)
     rows = []
     a.extra_files.setdefault("explain.txt", "")
     for spec in model_specs(a.quick):
@@ -324,7 +325,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--quick", action="store_true", help="fewer shapes, batches and repetitions")
     p.add_argument("--out", default=None, help="output folder (default sparsekern-out/bench-<time>)")
     p.add_argument("--rounds", type=int, default=None,
-                   help="timed rounds per comparison (default: suite's own, e.g. models 10, --quick 5)")
+                   help="timed rounds per comparison (default: the suite's own: models 10, masks 10 (--quick 5), "
+                        "kernels 10 (--quick 5; 50 on CUDA))")
     p.add_argument("--models", default=None, help="comma-separated subset of the models suite: " +
                    ", ".join(s["name"] for s in model_specs(False)))
     p.add_argument("--threads", default="auto",
