@@ -86,9 +86,13 @@ env_info() {
   date -u
   git rev-parse HEAD 2>/dev/null || true
   if ((DRY)); then echo "dry run: no nvidia-smi"; else nvidia-smi || true; fi
+  # One interpreter for both (each start imports torch: seconds on a busy machine).
   $PY -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, \
-'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
-  $PY -c "import triton; print('triton', triton.__version__)" || echo "triton: not installed"
+'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+try:
+    import triton; print('triton', triton.__version__)
+except ImportError:
+    print('triton: not installed')"
   local san
   san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   echo "nvcc: $(command -v nvcc || echo none); compute-sanitizer: ${san:-none}; ncu: $(command -v ncu || echo none)"
