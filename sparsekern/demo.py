@@ -159,7 +159,9 @@ def decoder_rows(device, quick, rounds, show, explains) -> list[dict]:
     for wl in loads[BASELINE]:
         wl.run()
     infos = {BASELINE: {"param_bytes": param_bytes(base), "sparse_layers": 0, "paths": {},
-                        "first_call_s": sum(chk["first_call_s"])}}
+                        "first_call_s": sum(chk["first_call_s"]),
+                        "layer_bytes": sum(mod.weight.numel() * mod.weight.element_size() for n, mod in
+                                           prune.prunable_layers(base) if n != "lm_head")}}
     print(f"decoder: {name} (HF LlamaForCausalLM, random weights) built in {time.perf_counter() - t0:.0f} s",
           flush=True)
     variants = ["2:4", "unstructured 90%"] if quick else list(DECODER_VARIANTS)
@@ -344,7 +346,10 @@ TABLE_COLUMNS = [("model", "model", ""), ("method", "method", ""), ("quality", _
                  ("rate", lambda r: f"{r['value']:.3g} {r.get('unit') or ''}".strip(), ""),
                  ("x dense", lambda r: ratio_text(r.get("speedup"), r.get("verdict")), ""),
                  ("noise floor", lambda r: "" if r.get("noise_floor") is None else f"{r['noise_floor']:.1%}", ""),
-                 ("params MB", _mb, ".2f"), ("paths", lambda r: r.get("paths") or r.get("note") or "", "")]
+                 ("params MB", _mb, ".2f"),
+                 ("pruned layers MB", lambda r: None if r.get("layer_bytes") is None else r["layer_bytes"] / 2**20,
+                  ".2f"),
+                 ("paths", lambda r: r.get("paths") or r.get("note") or "", "")]
 
 
 def table(rows) -> str:
@@ -409,8 +414,10 @@ def write(out, rows, env, elapsed, explains=()) -> list[str]:
             f"{load} at the start, {env['machine_after'].get('loadavg')} at the end), {env['elapsed_s']:.0f} s "
             f"({', '.join(f'{k} {v:.0f} s' for k, v in env['phases_s'].items())}). Latencies timed interleaved, "
             f"{env['rounds']} rounds, median and p20-p80; dense timed twice: their difference is the noise floor, "
-            "and a ratio inside it prints as 'no difference'. paths: how the sparse layers ran that workload "
-            "(per batch bucket: the compressed kernel, or decompress + dense).")
+            "and a ratio inside it prints as 'no difference'. params MB: the whole model (embeddings included); "
+            "pruned layers MB: the layers pruning touches, as stored (compressed, or dense for the dense model). "
+            "paths: how the sparse layers ran that workload (per batch bucket: the compressed kernel, or "
+            "decompress + dense).")
     text = table(rows)
     with open(paths[1], "w") as f:
         f.write(head + "\n\n" + text + "\n")
