@@ -375,49 +375,46 @@ def _register_hooks(module: nn.Module, mesh, input_fn, output_fn) -> None:
     module.register_forward_hook(lambda mod, inputs, outputs: output_fn(mod, outputs, mesh))
 
 
-class ColwiseParallel(tp.ColwiseParallel):
+class _SparseStyle:
+    """What ColwiseParallel and RowwiseParallel add to torch's styles: a `policy` for the
+    shards, and sparse modules sharded along `SHARD_DIM` (0: output rows, 1: input columns)
+    with torch's own input/output hooks; other modules go to torch's style unchanged."""
+
+    SHARD_DIM = 0
+
+    def __init__(self, *, input_layouts=None, output_layouts=None, use_local_output: bool = True,
+                 policy: Policy | None = None):
+        super().__init__(input_layouts=input_layouts, output_layouts=output_layouts,
+                         use_local_output=use_local_output)
+        self.policy = policy
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        if not isinstance(module, (SparseLinear, SparseConv2d)):
+            return super()._apply(module, device_mesh)
+        shard_sparse_linear(module, device_mesh, self.SHARD_DIM, src_data_rank=self.src_data_rank,
+                            policy=self.policy, style=type(self).__name__)
+        if self.SHARD_DIM == 1:
+            self.desired_input_layouts = (Shard(-1),)
+        _register_hooks(module, device_mesh,
+                        partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+                        partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+        return module
+
+
+class ColwiseParallel(_SparseStyle, tp.ColwiseParallel):
     """torch's ColwiseParallel, extended to SparseLinear: each rank keeps the compressed
     shard of output rows [r*out/W, (r+1)*out/W) and its bias. Input replicated (by default),
     output sharded on the last dimension. `policy` (sparsekern.nn.Policy): a shard keeps
     its compressed weight and runs its sparse op on every batch, or, under
     Policy("dense"), a dense weight (torch's layout)."""
 
-    def __init__(self, *, input_layouts=None, output_layouts=None, use_local_output: bool = True,
-                 policy: Policy | None = None):
-        super().__init__(input_layouts=input_layouts, output_layouts=output_layouts,
-                         use_local_output=use_local_output)
-        self.policy = policy
-
-    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
-        if not isinstance(module, (SparseLinear, SparseConv2d)):
-            return super()._apply(module, device_mesh)
-        shard_sparse_linear(module, device_mesh, 0, src_data_rank=self.src_data_rank, policy=self.policy,
-                            style=type(self).__name__)
-        _register_hooks(module, device_mesh,
-                        partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
-                        partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
-        return module
+    SHARD_DIM = 0
 
 
-class RowwiseParallel(tp.RowwiseParallel):
+class RowwiseParallel(_SparseStyle, tp.RowwiseParallel):
     """torch's RowwiseParallel, extended to SparseLinear: each rank keeps the compressed
     shard of input columns [r*in/W, (r+1)*in/W) (cut at whole N:M groups, 64-column
     bitmask words, blocks) and the whole bias, added once after the reduction. Input
     sharded on the last dimension (by default), output all-reduced (replicated)."""
 
-    def __init__(self, *, input_layouts=None, output_layouts=None, use_local_output: bool = True,
-                 policy: Policy | None = None):
-        super().__init__(input_layouts=input_layouts, output_layouts=output_layouts,
-                         use_local_output=use_local_output)
-        self.policy = policy
-
-    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
-        if not isinstance(module, (SparseLinear, SparseConv2d)):
-            return super()._apply(module, device_mesh)
-        shard_sparse_linear(module, device_mesh, 1, src_data_rank=self.src_data_rank, policy=self.policy,
-                            style=type(self).__name__)
-        self.desired_input_layouts = (Shard(-1),)
-        _register_hooks(module, device_mesh,
-                        partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
-                        partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
-        return module
+    SHARD_DIM = 1
