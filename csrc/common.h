@@ -14,6 +14,10 @@ namespace sparsekern {
 // Runtime CPU feature test (csrc/cpu/cpu_common.cpp). The AVX2 kernels are compiled
 // with function target attributes and picked at run time, so one binary runs anywhere.
 bool cpu_has_avx2();
+// True when the AVX-512 decode kernels (csrc/cpu/sparse_rows_avx512.cpp) can run here: the
+// CPU has AVX-512 F/VL/BW/DQ/VBMI2 and SPARSEKERN_CPU_ISA does not ask for "avx2" or
+// "generic".
+bool cpu_has_avx512();
 
 // Bits used per in-group index in the N:M format: 2 for M=4, 4 for M=8 and M=16.
 inline int nm_index_bits(int64_t m) { return m == 4 ? 2 : 4; }

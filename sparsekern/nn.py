@@ -70,6 +70,7 @@ class PathChoice(NamedTuple):
     path: str
     reason: str
     medians_ms: dict
+    shared: bool = False  # True: taken from an identical layer's measurement (Policy.share)
 
 
 class Policy:
@@ -80,18 +81,25 @@ class Policy:
     run a plain dense weight). dense_copy: also keep a dense copy of each weight (more
     memory) so "auto" may run it where it is faster. reps: timed calls per path. cold:
     flush the last-level cache (GPU: L2) before each timed call, so a layer is measured as
-    it runs inside a model whose weights stream from memory, not hot in cache.
+    it runs inside a model whose weights stream from memory, not hot in cache. share: a
+    choice measured on one layer is reused by every identical layer in the process (same
+    module type and geometry, format, pattern, density to 1%, dtype, device, bias and
+    policy): a transformer's 4 x 7 linears are measured as 3 shapes, so each measurement
+    can afford more repetitions and one noisy sample no longer flips one layer of many.
     """
 
-    def __init__(self, backend: str = "auto", dense_copy: bool = False, reps: int = 3, cold: bool = True):
+    def __init__(self, backend: str = "auto", dense_copy: bool = False, reps: int = 5, cold: bool = True,
+                 share: bool = True):
         if backend not in ("auto", "sparse", "dense"):
             raise ValueError(f"Policy: backend must be 'auto', 'sparse' or 'dense', got {backend!r}")
-        if not isinstance(reps, int) or reps < 1:
+        if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
             raise ValueError(f"Policy: reps must be a positive int, got {reps!r}")
         self.backend, self.dense_copy, self.reps, self.cold = backend, bool(dense_copy), reps, bool(cold)
+        self.share = bool(share)
 
     def __repr__(self) -> str:
-        return f"Policy({self.backend!r}, dense_copy={self.dense_copy}, reps={self.reps}, cold={self.cold})"
+        return (f"Policy({self.backend!r}, dense_copy={self.dense_copy}, reps={self.reps}, cold={self.cold}, "
+                f"share={self.share})")
 
 
 DEFAULT_POLICY = Policy()
@@ -110,6 +118,15 @@ def choose_path(medians_ms: dict[str, float], rows: int, noise: float = 0.02) ->
     parts = ", ".join(f"{p} {t:.3f} ms" for p, t in sorted(medians_ms.items(), key=lambda kv: kv[1]))
     ratio = f"sparse {min(dense) / medians_ms['sparse']:.2f}x dense; " if dense and "sparse" in medians_ms else ""
     return PathChoice(best, f"{rows} rows: {ratio}{parts}", dict(medians_ms))
+
+
+# Choices shared between identical layers (Policy.share), keyed by _SparseMixin._share_key.
+_SHARED_CHOICES: dict[tuple, PathChoice] = {}
+
+
+def clear_shared_choices() -> None:
+    """Forgets every shared per-bucket choice (modules keep the ones they already made)."""
+    _SHARED_CHOICES.clear()
 
 
 def _last_level_cache_bytes(device: torch.device) -> int:
@@ -306,13 +323,28 @@ class _SparseMixin:
         if choice is None:
             if torch.compiler.is_compiling():
                 return "sparse"  # measured eagerly only; a compiled graph keeps the kernel
-            candidates = runners()
-            if not policy.dense_copy:
-                candidates.pop("dense_copy")
             f = self.weight_format()
-            choice = self.bucket_choices[bucket] = choose_path(
-                measure_paths(candidates, f.device, policy.reps, policy.cold), rows)
+            key = self._share_key(f, bucket, policy) if policy.share else None
+            shared = _SHARED_CHOICES.get(key) if key is not None else None
+            if shared is not None:
+                choice = shared._replace(shared=True)
+            else:
+                candidates = runners()
+                if not policy.dense_copy:
+                    candidates.pop("dense_copy")
+                choice = choose_path(measure_paths(candidates, f.device, policy.reps, policy.cold), rows)
+                if key is not None:
+                    _SHARED_CHOICES[key] = choice
+            self.bucket_choices[bucket] = choice
         return choice.path
+
+    def _geometry(self) -> tuple:
+        return (self._dense_shape(),)
+
+    def _share_key(self, f, bucket: int, policy: Policy) -> tuple:
+        """What makes two layers' measurements interchangeable (see Policy.share)."""
+        return (type(self).__name__, self._geometry(), f.KIND, f.pattern, round(float(f.density), 2), f.dtype,
+                str(f.device), self.bias is not None, policy.dense_copy, policy.cold, policy.reps, bucket)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         # Compressed buffers change size with the data: adopt the saved tensors, check them.
@@ -392,7 +424,8 @@ class _SparseMixin:
             text += f", dense_copy_bytes={dense.numel() * dense.element_size()}"
         if self.bucket_choices:
             text += ", paths={" + "; ".join(
-                f"rows<={b if b > 0 else 'inf'}: {c.path} ({c.reason})" for b, c in sorted(
+                f"rows<={b if b > 0 else 'inf'}: {c.path} ({c.reason}{'; shared: measured on an identical layer' if c.shared else ''})"
+                for b, c in sorted(
                     self.bucket_choices.items(), key=lambda kv: kv[0] if kv[0] > 0 else float("inf"))) + "}"
         return text
 
@@ -548,6 +581,9 @@ class SparseConv2d(_SparseMixin, nn.Module):
 
     def _weight_shape(self):
         return (self.out_channels, self._in2d)
+
+    def _geometry(self) -> tuple:
+        return (self._dense_shape(), self.stride, self.padding, self.dilation)
 
     def _dense_shape(self) -> tuple:
         return (self.out_channels, self.in_channels, *self.kernel_size)

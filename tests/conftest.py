@@ -19,6 +19,9 @@ needs_extension = pytest.mark.skipif(not sparsekern._extension.LOADED,
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+    # Per-bucket path choices are shared between identical layers for the whole process
+    # (nn.Policy.share); a test starts without another test's measurements.
+    sparsekern.nn.clear_shared_choices()
     yield
 
 

@@ -350,3 +350,33 @@ def test_a_corrupt_state_dict_is_refused_and_leaves_the_layer_as_it_was(pattern,
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
     x = torch.randn(3, 64)
     torch.testing.assert_close(s(x), x @ s.weight_format().to_dense().T + s.bias)
+
+
+def test_identical_layers_share_one_measurement(monkeypatch):
+    """Policy.share (the default): the second of two identical layers reuses the first's
+    measurement for the bucket and says so; a layer of another shape, or one whose policy
+    does not share, measures for itself."""
+    calls = []
+
+    def fake_measure(runners, device, reps, cold):
+        calls.append(reps)
+        return {"sparse": 1.0, "decompress": 2.0}
+
+    monkeypatch.setattr(sparsekern.nn, "measure_paths", fake_measure)
+    a = SparseLinear.from_dense(nn.Linear(64, 32), "2:4").eval()
+    b = SparseLinear.from_dense(nn.Linear(64, 32), "2:4").eval()
+    other = SparseLinear.from_dense(nn.Linear(64, 48), "2:4").eval()
+    alone = SparseLinear.from_dense(nn.Linear(64, 32), "2:4", policy=Policy("auto", share=False)).eval()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        for m in (a, b, other, alone):
+            m(x)
+    assert calls == [5, 5, 5]  # a, other, alone; b reused a's
+    assert not a.bucket_choices[4].shared and b.bucket_choices[4].shared
+    assert "shared: measured on an identical layer" in b.describe()
+    assert "shared" not in a.describe()
+    sparsekern.nn.clear_shared_choices()
+    c = SparseLinear.from_dense(nn.Linear(64, 32), "2:4").eval()
+    with torch.no_grad():
+        c(x)
+    assert len(calls) == 4

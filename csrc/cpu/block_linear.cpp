@@ -42,11 +42,14 @@ at::Tensor block_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const a
       const scalar_t* v = vals.data_ptr<scalar_t>();
       const int64_t* c = cr.data_ptr<int64_t>();
       const int64_t* ci = cl.data_ptr<int64_t>();
-      out = tiled_gemm(x2, O, [&](int64_t r, int64_t, float* buf) {
-        std::fill(buf, buf + K, 0.f);
-        const int64_t br = r / bh, i = r % bh;
-        for (int64_t blk = c[br]; blk < c[br + 1]; ++blk)
-          for (int64_t j = 0; j < bw; ++j) buf[ci[blk] * bw + j] = static_cast<float>(v[(blk * bh + i) * bw + j]);
+      out = tiled_gemm(x2, O, [&](int64_t r0, int64_t r1, float* buf) {
+        std::fill(buf, buf + (r1 - r0) * K, 0.f);
+        for (int64_t r = r0; r < r1; ++r) {
+          float* dst = buf + (r - r0) * K;
+          const int64_t br = r / bh, i = r % bh;
+          for (int64_t blk = c[br]; blk < c[br + 1]; ++blk)
+            for (int64_t j = 0; j < bw; ++j) dst[ci[blk] * bw + j] = static_cast<float>(v[(blk * bh + i) * bw + j]);
+        }
       });
     });
   } else {

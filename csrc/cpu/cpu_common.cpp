@@ -8,8 +8,7 @@ namespace sparsekern {
 // True when sparse_rows_avx2.cpp holds AVX2 kernels and this CPU has every extension it
 // was compiled for (its `#pragma GCC target` list).
 // SPARSEKERN_CPU_ISA (read once): "generic" (or "portable") forces the portable kernels;
-// "avx2" or unset: the AVX2 kernels where the CPU has them (there are no AVX-512 variants
-// yet, so on an AVX-512 machine the AVX2 path is what runs either way).
+// "avx2": the AVX2 kernels only (no AVX-512 ones); unset: the best the CPU runs.
 bool cpu_has_avx2() {
 #if SPARSEKERN_AVX2_KERNELS
   static const bool has = [] {
@@ -17,6 +16,21 @@ bool cpu_has_avx2() {
     if (isa && (std::strcmp(isa, "generic") == 0 || std::strcmp(isa, "portable") == 0)) return false;
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
            __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512() {
+#if SPARSEKERN_AVX2_KERNELS
+  static const bool has = [] {
+    const char* isa = std::getenv("SPARSEKERN_CPU_ISA");
+    if (isa && std::strcmp(isa, "avx512") != 0) return false;  // "avx2", "generic", "portable"
+    return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("popcnt");
   }();
   return has;
 #else
@@ -48,10 +62,11 @@ at::Tensor tiled_gemm(const at::Tensor& x2, int64_t O, const FillRows& fill) {
     const int64_t r1 = std::min(O, r0 + tile);
     auto part = buf.narrow(0, 0, r1 - r0);
     float* p = part.data_ptr<float>();
-    at::parallel_for(r0, r1, 1, [&](int64_t a, int64_t b) {
-      for (int64_t r = a; r < b; ++r) fill(r, r + 1, p + (r - r0) * K);
-    });
-    out.narrow(1, r0, r1 - r0).copy_(at::mm(x2, part.t()));
+    at::parallel_for(r0, r1, 1, [&](int64_t a, int64_t b) { fill(a, b, p + (a - r0) * K); });
+    // Straight into the output's columns (BLAS writes with leading dimension O): no
+    // temporary, no copy.
+    auto cols = out.narrow(1, r0, r1 - r0);
+    at::mm_out(cols, x2, part.t());
   }
   return out;
 }

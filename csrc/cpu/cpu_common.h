@@ -26,12 +26,20 @@ inline int64_t lanes_for_batch(int64_t B) { return B <= kRowMajorMaxBatch ? 0 : 
 // Large batches: decompress a tile of output rows at a time into an fp32 buffer and
 // multiply it with the BLAS GEMM: "load as sparse, compute as dense". Never holds more
 // than one tile. fill(r0, r1, buf) writes rows [r0, r1) as dense [r1-r0, K]; tiled_gemm
-// calls it one row at a time (r1 = r0 + 1) from the intra-op thread pool.
+// calls it on disjoint row ranges from the intra-op thread pool.
 using FillRows = std::function<void(int64_t r0, int64_t r1, float* buf)>;
 at::Tensor tiled_gemm(const at::Tensor& x2, int64_t O, const FillRows& fill);
 
 // out fp32 [B, O] -> + bias, x's dtype, shape [..., O].
 at::Tensor finish_linear(const at::Tensor& out, const at::Tensor& x, const c10::optional<at::Tensor>& bias);
+
+// Output rows per task of a direct kernel: at least 16, and enough that a task does about
+// 2^17 multiply-adds (weight columns x batch rows). A tiny layer then runs on one thread:
+// waking a second one costs more than its share of the work.
+inline int64_t rows_grain(int64_t K, int64_t B) {
+  const int64_t per_row = std::max<int64_t>(1, K * std::max<int64_t>(1, B));
+  return std::max<int64_t>(16, (int64_t(1) << 17) / per_row);
+}
 
 // Runs fn over [0, n) on the intra-op thread pool.
 inline void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {

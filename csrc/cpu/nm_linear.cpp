@@ -35,6 +35,10 @@ bool use_nm24_gemm(int64_t B) {
   const char* mode = std::getenv("SPARSEKERN_NM_GEMM");
   if (mode && std::strcmp(mode, "tile") == 0) return false;
   if (mode && std::strcmp(mode, "direct") == 0) return true;
+  // With AVX-512 the BLAS runs AVX-512 too, and an AVX2 kernel doing half its
+  // multiply-adds at half the vector width cannot beat it: the AVX-512 tiles go first
+  // (bench/results/cpu-gemm-20261128: 0.73x against MKL's AVX-512 GEMM).
+  if (cpu_has_avx512()) return false;
   return B >= kNm24GemmMinBatch;
 }
 
@@ -72,15 +76,25 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
     out = at::zeros({B, O}, x2.options());
   } else if (B > kDirectMaxBatch && n == 2 && m == 4 && use_nm24_gemm(B)) {
     out = nm24_gemm_cpu(x2, vals, idx, K, O);
+  } else if (B > kDirectMaxBatch && n == 2 && m == 4 && cpu_has_avx512()) {
+    // Tiles expanded by the AVX-512 kernel, then the BLAS GEMM.
+    NmRowsArgs a{vals.data_ptr(), idx.data_ptr<uint8_t>(), nullptr, vals.scalar_type(), kept, idx.size(1), n, m, K, O,
+                 nullptr, 0, 0, nullptr};
+    out = tiled_gemm(x2, O, [&](int64_t r0, int64_t r1, float* buf) { avx512::nm24_dense_rows(a, r0, r1, buf); });
   } else if (B > kDirectMaxBatch) {
     SPARSEKERN_DISPATCH_FLOATS(vals.scalar_type(), "nm_linear", [&] {
       const scalar_t* v = vals.data_ptr<scalar_t>();
       const uint8_t* ix = idx.data_ptr<uint8_t>();
       const int64_t rb = idx.size(1);
-      out = tiled_gemm(x2, O, [&](int64_t r0, int64_t, float* buf) {
-        nm_decompress_row(v + r0 * kept, ix + r0 * rb, kept, n, m, K, buf);
+      out = tiled_gemm(x2, O, [&](int64_t r0, int64_t r1, float* buf) {
+        for (int64_t r = r0; r < r1; ++r) nm_decompress_row(v + r * kept, ix + r * rb, kept, n, m, K, buf + (r - r0) * K);
       });
     });
+  } else if (n == 2 && m == 4 && cpu_has_avx512()) {
+    out = at::empty({B, O}, x2.options());
+    NmRowsArgs a{vals.data_ptr(), idx.data_ptr<uint8_t>(), nullptr, vals.scalar_type(), kept, idx.size(1), n, m, K, O,
+                 x2.data_ptr<float>(), B, 0, out.data_ptr<float>()};
+    parallel_rows(O, rows_grain(K, B), [&](int64_t r0, int64_t r1) { avx512::nm24_rows(a, r0, r1); });
   } else {
     out = at::empty({B, O}, x2.options());
     const bool avx2 = cpu_has_avx2();
@@ -92,7 +106,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
     auto slot_base = at::div(at::arange(kept, idx.options().dtype(at::kInt)), n, "floor").mul_(m);
     NmRowsArgs a{vals.data_ptr(), idx.data_ptr<uint8_t>(), slot_base.data_ptr<int32_t>(), vals.scalar_type(), kept, idx.size(1), n, m, K, O,
                  xin.data_ptr<float>(), B, BP, out.data_ptr<float>()};
-    parallel_rows(O, 16, [&](int64_t r0, int64_t r1) {
+    parallel_rows(O, rows_grain(K, B), [&](int64_t r0, int64_t r1) {
       if (avx2) avx2::nm_rows(a, r0, r1);
       else generic::nm_rows(a, r0, r1);
     });

@@ -100,5 +100,16 @@ void nm24_gemm(const Nm24GemmArgs& a);
 SPARSEKERN_DECLARE_ROWS(avx2)
 SPARSEKERN_DECLARE_ROWS(generic)
 
+// AVX-512 decode kernels (sparse_rows_avx512.cpp), called only when cpu_has_avx512().
+// They read row-major x [B, K] at any B (no lanes layout) and handle 2:4 and bitmask; the
+// *_dense_rows functions write rows [r0, r1) as dense fp32 [r1 - r0, K] into dst (the
+// fill of the large-batch tiles). nm24_*: a.n == 2 and a.m == 4 only.
+namespace avx512 {
+void nm24_rows(const NmRowsArgs& a, int64_t r0, int64_t r1);
+void bitmask_rows(const BitmaskRowsArgs& a, int64_t r0, int64_t r1);
+void nm24_dense_rows(const NmRowsArgs& a, int64_t r0, int64_t r1, float* dst);
+void bitmask_dense_rows(const BitmaskRowsArgs& a, int64_t r0, int64_t r1, float* dst);
+}  // namespace avx512
+
 }  // namespace cpu
 }  // namespace sparsekern

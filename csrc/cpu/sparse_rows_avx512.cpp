@@ -1,0 +1,376 @@
+// AVX-512 build of the decode kernels of 2:4 and bitmask (unstructured) and of their
+// row decompression for the large-batch tiles. Only called when cpu_has_avx512() says the
+// CPU has every extension of the target list below (F, VL, BW, DQ, VBMI2: Ice Lake and
+// later Xeons, AMD Zen 4 and later).
+//
+// Why a separate build: the AVX2 kernels decode indices into column numbers (byte tables,
+// gathers) and cost the same per 64-bit mask word at any density; on AVX-512 the mask
+// itself drives the load. One 16-bit piece of a bitmask row is a k-register: an expanding
+// load puts the row's next popcount(k) values into the kept lanes and zeros elsewhere, and
+// one FMA with 16 contiguous x values finishes them. For 2:4, one permute picks the 16
+// kept columns' x values out of 32 with lane numbers computed from the packed index word
+// by a variable shift. Neither uses a gather or a per-element scalar step.
+//
+// Same include rules as sparse_rows_avx2.cpp (rows_common_impl.h): every header is
+// included before the target pragma, and every helper lives in an unnamed namespace.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "sparse_rows.h"
+
+#if SPARSEKERN_AVX2_KERNELS
+#include <immintrin.h>
+#pragma GCC push_options
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*() and trip this warning in
+// its own headers (a known false positive), once per use.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512vbmi2,avx2,fma,f16c,bmi,bmi2,popcnt")
+
+namespace sparsekern {
+namespace cpu {
+namespace avx512 {
+namespace {
+
+// ---- values as fp32 -----------------------------------------------------------------------
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+// The first `cnt` (< 16) values, zeros after: never reads past them.
+inline __m512 load16_first(const float* p, int cnt) {
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cnt) - 1), p);
+}
+inline __m512 load16_first(const c10::BFloat16* p, int cnt) {
+  const __m256i h = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << cnt) - 1), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16_first(const c10::Half* p, int cnt) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << cnt) - 1), p));
+}
+// Expanding load: the next popcount(k) values into the lanes set in k, zeros elsewhere.
+// Reads exactly popcount(k) values (masked-off lanes never touch memory).
+inline __m512 expand16(__mmask16 k, const float* p) { return _mm512_maskz_expandloadu_ps(k, p); }
+inline __m512 expand16(__mmask16 k, const c10::BFloat16* p) {
+  const __m256i h = _mm256_maskz_expandloadu_epi16(k, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 expand16(__mmask16 k, const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_maskz_expandloadu_epi16(k, p));
+}
+
+// Software prefetch this far ahead in the value and mask streams. The hardware prefetcher
+// stops at 4 KiB page boundaries, and a decode kernel walks two or three streams at once:
+// without it the kernels reached about half the DRAM bandwidth of dense torch's GEMV.
+// (Prefetches never fault, so running past the end of a tensor is harmless.)
+constexpr int64_t kPrefetchBytes = 4096;
+inline void prefetch(const void* p, int64_t ahead_bytes) {
+  _mm_prefetch(reinterpret_cast<const char*>(p) + ahead_bytes, _MM_HINT_T0);
+}
+
+inline __mmask16 first_lanes(int64_t cnt) {
+  return cnt >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cnt) - 1);
+}
+inline uint16_t mask_piece(const int64_t* words, int64_t piece) {
+  uint16_t v;
+  std::memcpy(&v, reinterpret_cast<const uint8_t*>(words) + 2 * piece, 2);
+  return v;
+}
+inline uint32_t index_word(const uint8_t* ix, int64_t byte, int64_t row_bytes) {
+  // Four index bytes (16 slots); fewer at the end of the row, never read past it. (A
+  // memcpy of run-time length would be a library call.)
+  uint32_t v = 0;
+  if (row_bytes - byte >= 4) {
+    std::memcpy(&v, ix + byte, 4);
+    return v;
+  }
+  for (int64_t i = byte; i < row_bytes; ++i) v |= static_cast<uint32_t>(ix[i]) << (8 * (i - byte));
+  return v;
+}
+
+// ---- one dense fp32 row times B rows of x -------------------------------------------------
+// row: [K] fp32 in L1; x: row-major [B, K]; out[b * O + r] for every b. Rows of x in
+// groups of four, two 16-lane column blocks each: eight independent FMA chains.
+void dense_row_times_x(const float* row, const float* x, int64_t B, int64_t K, float* out, int64_t O, int64_t r) {
+  for (int64_t b0 = 0; b0 < B; b0 += 4) {
+    const int nb = static_cast<int>(B - b0 < 4 ? B - b0 : 4);
+    const float* xb = x + b0 * K;
+    __m512 acc[4][2];
+    for (auto& a : acc) a[0] = a[1] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 32 <= K; c += 32) {
+      const __m512 w0 = _mm512_loadu_ps(row + c), w1 = _mm512_loadu_ps(row + c + 16);
+      for (int b = 0; b < nb; ++b) {
+        acc[b][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb + b * K + c), acc[b][0]);
+        acc[b][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + b * K + c + 16), acc[b][1]);
+      }
+    }
+    for (; c < K; c += 16) {
+      const __mmask16 k = first_lanes(K - c);
+      const __m512 w0 = _mm512_maskz_loadu_ps(k, row + c);
+      for (int b = 0; b < nb; ++b) acc[b][0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(k, xb + b * K + c), acc[b][0]);
+    }
+    for (int b = 0; b < nb; ++b) out[(b0 + b) * O + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]));
+  }
+}
+
+// ---- 2:4 ------------------------------------------------------------------------------------
+// Slot t of a 16-slot piece (32 columns) sits in group t / 2, at in-group index bits
+// [2t, 2t+2) of the piece's 32-bit index word: column (t / 2) * 4 + index.
+inline __m512i nm24_piece_columns(uint32_t word) {
+  const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(word)), shifts),
+                                       _mm512_set1_epi32(3));
+  return _mm512_add_epi32(idx, base);
+}
+
+// Kept-column mask of 8 columns (two groups) from one index byte (four slots).
+struct Mask24 {
+  uint8_t bits[256];
+  Mask24() {
+    for (int b = 0; b < 256; ++b) {
+      int m = 0;
+      for (int t = 0; t < 4; ++t) m |= 1 << ((t / 2) * 4 + ((b >> (2 * t)) & 3));
+      bits[b] = static_cast<uint8_t>(m);
+    }
+  }
+};
+const Mask24& mask24() {
+  static const Mask24 lut;
+  return lut;
+}
+
+// Row r of a 2:4 weight as dense fp32 [K] (validated formats: the two in-group indices
+// of a group differ, so each 32-column piece keeps exactly 16 columns in slot order).
+template <typename VT>
+void nm24_row_dense(const VT* v, const uint8_t* ix, int64_t kept, int64_t row_bytes, int64_t K, float* dst) {
+  const Mask24& lut = mask24();
+  int64_t s = 0, c = 0;
+  for (; c + 32 <= K; c += 32, s += 16) {
+    prefetch(v + s, kPrefetchBytes);
+    if ((s & 127) == 0) prefetch(ix + s / 4, kPrefetchBytes / 8);
+    const uint32_t w = index_word(ix, s / 4, row_bytes);
+    const uint32_t m = uint32_t(lut.bits[w & 0xFF]) | uint32_t(lut.bits[(w >> 8) & 0xFF]) << 8 |
+                       uint32_t(lut.bits[(w >> 16) & 0xFF]) << 16 | uint32_t(lut.bits[w >> 24]) << 24;
+    const __m512 vals = load16(v + s);
+    _mm512_storeu_ps(dst + c, _mm512_maskz_expand_ps(static_cast<__mmask16>(m), vals));
+    _mm512_storeu_ps(dst + c + 16,
+                     _mm512_maskz_expand_ps(static_cast<__mmask16>(m >> 16), _mm512_shuffle_f32x4(vals, vals, 0xEE)));
+  }
+  for (; c < K; c += 4, s += 2) {  // fewer than 32 columns left, whole groups
+    const int i0 = (ix[s >> 2] >> ((s & 3) * 2)) & 3, i1 = (ix[(s + 1) >> 2] >> (((s + 1) & 3) * 2)) & 3;
+    for (int j = 0; j < 4; ++j) dst[c + j] = 0.f;
+    dst[c + i0] = static_cast<float>(v[s]);
+    dst[c + i1] = static_cast<float>(v[s + 1]);
+  }
+  (void)kept;
+}
+
+// A few batch rows (B <= 4), straight from the compressed row: per 32 columns the lane
+// numbers are computed once, then one permute per batch row picks its 16 kept columns' x
+// values out of 32 and one FMA finishes them.
+template <typename VT, int B>
+void nm24_rows_direct(const NmRowsArgs& a, int64_t r0, int64_t r1) {
+  const int64_t full = a.K / 32;
+  for (int64_t r = r0; r < r1; ++r) {
+    const VT* v = static_cast<const VT*>(a.values) + r * a.kept;
+    const uint8_t* ix = a.indices + r * a.idx_row_bytes;
+    __m512 acc[2][B];
+    for (int b = 0; b < B; ++b) acc[0][b] = acc[1][b] = _mm512_setzero_ps();
+    int64_t p = 0;
+    for (; p < full; ++p) {
+      if ((p & 1) == 0) prefetch(v + 16 * p, kPrefetchBytes);  // 32 values: 1-2 lines
+      prefetch(v + 16 * p + 8, kPrefetchBytes);
+      if ((p & 15) == 0) prefetch(ix + 4 * p, kPrefetchBytes / 8);  // 8 index bytes per 32 values
+      const __m512i cols = nm24_piece_columns(index_word(ix, 4 * p, a.idx_row_bytes));
+      const __m512 w = load16(v + 16 * p);
+      for (int b = 0; b < B; ++b) {
+        const float* xc = a.x + b * a.K + 32 * p;
+        const __m512 xs = _mm512_permutex2var_ps(_mm512_loadu_ps(xc), cols, _mm512_loadu_ps(xc + 16));
+        acc[p & 1][b] = _mm512_fmadd_ps(w, xs, acc[p & 1][b]);
+      }
+    }
+    const int64_t c0 = 32 * p;
+    if (c0 < a.K) {  // 4..28 columns left: x masked to them, slots past the row read as zero
+      const int64_t cols_left = a.K - c0;
+      const __m512i cols = nm24_piece_columns(index_word(ix, 4 * p, a.idx_row_bytes));
+      const __m512 w = load16_first(v + 16 * p, static_cast<int>(cols_left / 2));
+      for (int b = 0; b < B; ++b) {
+        const float* xc = a.x + b * a.K + c0;
+        const __m512 xlo = _mm512_maskz_loadu_ps(first_lanes(cols_left), xc);
+        const __m512 xhi = _mm512_maskz_loadu_ps(first_lanes(cols_left > 16 ? cols_left - 16 : 0), xc + 16);
+        acc[0][b] = _mm512_fmadd_ps(w, _mm512_permutex2var_ps(xlo, cols, xhi), acc[0][b]);
+      }
+    }
+    for (int b = 0; b < B; ++b) a.out[b * a.O + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][b], acc[1][b]));
+  }
+}
+
+template <typename VT>
+void nm24_rows_t(const NmRowsArgs& a, int64_t r0, int64_t r1) {
+  switch (a.B) {
+    case 1: return nm24_rows_direct<VT, 1>(a, r0, r1);
+    case 2: return nm24_rows_direct<VT, 2>(a, r0, r1);
+    case 3: return nm24_rows_direct<VT, 3>(a, r0, r1);
+    case 4: return nm24_rows_direct<VT, 4>(a, r0, r1);
+    default: break;
+  }
+  // More batch rows: the row is expanded once into L1, then dense dot products.
+  const int64_t K16 = (a.K + 15) / 16 * 16;
+  float* row = static_cast<float*>(std::aligned_alloc(64, K16 * sizeof(float)));
+  for (int64_t r = r0; r < r1; ++r) {
+    nm24_row_dense(static_cast<const VT*>(a.values) + r * a.kept, a.indices + r * a.idx_row_bytes, a.kept,
+                   a.idx_row_bytes, a.K, row);
+    dense_row_times_x(row, a.x, a.B, a.K, a.out, a.O, r);
+  }
+  std::free(row);
+}
+
+// ---- bitmask --------------------------------------------------------------------------------
+template <typename VT>
+void bitmask_row_dense(const VT* v, const int64_t* words, int64_t K, float* dst) {
+  int64_t k = 0;
+  for (int64_t c = 0, piece = 0; c < K; c += 16, ++piece) {
+    if ((piece & 3) == 0) prefetch(v + k, kPrefetchBytes);
+    if ((piece & 31) == 0) prefetch(words + piece / 4, kPrefetchBytes / 4);
+    const __mmask16 m = mask_piece(words, piece);
+    const __m512 w = expand16(m, v + k);
+    if (c + 16 <= K) _mm512_storeu_ps(dst + c, w);
+    else _mm512_mask_storeu_ps(dst + c, first_lanes(K - c), w);
+    k += _mm_popcnt_u32(m);
+  }
+}
+
+// Up to 8 batch rows, straight from the compressed row: per 16 columns one expanding
+// load of the kept values, then per batch row one FMA with x loaded under the same mask.
+// The cost follows the 16-column pieces (empty pairs of pieces are skipped).
+template <typename VT, int B>
+void bitmask_rows_direct(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
+  const int64_t pieces = (a.K + 15) / 16;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t* words = a.bitmask + r * a.words;
+    const VT* v = static_cast<const VT*>(a.values) + a.offsets[r * a.tiles];
+    __m512 acc[2][B];
+    for (int b = 0; b < B; ++b) acc[0][b] = acc[1][b] = _mm512_setzero_ps();
+    int64_t k = 0, p = 0;
+    for (; p + 2 <= pieces; p += 2) {
+      if ((p & 3) == 0) prefetch(v + k, kPrefetchBytes);
+      if ((p & 31) == 0) prefetch(words + p / 4, kPrefetchBytes / 4);
+      uint32_t both;
+      std::memcpy(&both, reinterpret_cast<const uint8_t*>(words) + 2 * p, 4);
+      if (!both) continue;
+      const __mmask16 m0 = static_cast<__mmask16>(both), m1 = static_cast<__mmask16>(both >> 16);
+      const __m512 w0 = expand16(m0, v + k);
+      k += _mm_popcnt_u32(m0);
+      const __m512 w1 = expand16(m1, v + k);
+      k += _mm_popcnt_u32(m1);
+      for (int b = 0; b < B; ++b) {
+        const float* xc = a.x + b * a.K + 16 * p;
+        acc[0][b] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m0, xc), acc[0][b]);
+        acc[1][b] = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(m1, xc + 16), acc[1][b]);
+      }
+    }
+    if (p < pieces) {
+      const __mmask16 m0 = mask_piece(words, p);
+      const __m512 w0 = expand16(m0, v + k);
+      for (int b = 0; b < B; ++b)
+        acc[0][b] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m0, a.x + b * a.K + 16 * p), acc[0][b]);
+    }
+    for (int b = 0; b < B; ++b) a.out[b * a.O + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][b], acc[1][b]));
+  }
+}
+
+template <typename VT>
+void bitmask_rows_t(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
+  switch (a.B) {
+    case 1: return bitmask_rows_direct<VT, 1>(a, r0, r1);
+    case 2: return bitmask_rows_direct<VT, 2>(a, r0, r1);
+    case 3: return bitmask_rows_direct<VT, 3>(a, r0, r1);
+    case 4: return bitmask_rows_direct<VT, 4>(a, r0, r1);
+    case 5: return bitmask_rows_direct<VT, 5>(a, r0, r1);
+    case 6: return bitmask_rows_direct<VT, 6>(a, r0, r1);
+    case 7: return bitmask_rows_direct<VT, 7>(a, r0, r1);
+    case 8: return bitmask_rows_direct<VT, 8>(a, r0, r1);
+    default: break;
+  }
+  const int64_t K16 = (a.K + 15) / 16 * 16;
+  float* row = static_cast<float*>(std::aligned_alloc(64, K16 * sizeof(float)));
+  for (int64_t r = r0; r < r1; ++r) {
+    bitmask_row_dense(static_cast<const VT*>(a.values) + a.offsets[r * a.tiles], a.bitmask + r * a.words, a.K, row);
+    dense_row_times_x(row, a.x, a.B, a.K, a.out, a.O, r);
+  }
+  std::free(row);
+}
+
+template <template <typename> class F, typename... Args>
+void by_dtype(c10::ScalarType t, Args&&... args) {
+  switch (t) {
+    case c10::kFloat: return F<float>::run(args...);
+    case c10::kBFloat16: return F<c10::BFloat16>::run(args...);
+    case c10::kHalf: return F<c10::Half>::run(args...);
+    default: break;
+  }
+}
+
+template <typename VT>
+struct Nm24Rows {
+  static void run(const NmRowsArgs& a, int64_t r0, int64_t r1) { nm24_rows_t<VT>(a, r0, r1); }
+};
+template <typename VT>
+struct BitmaskRows {
+  static void run(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) { bitmask_rows_t<VT>(a, r0, r1); }
+};
+template <typename VT>
+struct Nm24Dense {
+  static void run(const NmRowsArgs& a, int64_t r0, int64_t r1, float* dst) {
+    for (int64_t r = r0; r < r1; ++r)
+      nm24_row_dense(static_cast<const VT*>(a.values) + r * a.kept, a.indices + r * a.idx_row_bytes, a.kept,
+                     a.idx_row_bytes, a.K, dst + (r - r0) * a.K);
+  }
+};
+template <typename VT>
+struct BitmaskDense {
+  static void run(const BitmaskRowsArgs& a, int64_t r0, int64_t r1, float* dst) {
+    for (int64_t r = r0; r < r1; ++r)
+      bitmask_row_dense(static_cast<const VT*>(a.values) + a.offsets[r * a.tiles], a.bitmask + r * a.words, a.K,
+                        dst + (r - r0) * a.K);
+  }
+};
+
+}  // namespace
+
+void nm24_rows(const NmRowsArgs& a, int64_t r0, int64_t r1) { by_dtype<Nm24Rows>(a.dtype, a, r0, r1); }
+void bitmask_rows(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) { by_dtype<BitmaskRows>(a.dtype, a, r0, r1); }
+void nm24_dense_rows(const NmRowsArgs& a, int64_t r0, int64_t r1, float* dst) {
+  by_dtype<Nm24Dense>(a.dtype, a, r0, r1, dst);
+}
+void bitmask_dense_rows(const BitmaskRowsArgs& a, int64_t r0, int64_t r1, float* dst) {
+  by_dtype<BitmaskDense>(a.dtype, a, r0, r1, dst);
+}
+
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace sparsekern
+#pragma GCC pop_options
+#else
+// Without GCC's target pragma there are no AVX-512 kernels and cpu_has_avx512() is false;
+// the entry points exist for the linker only and are never called.
+namespace sparsekern {
+namespace cpu {
+namespace avx512 {
+void nm24_rows(const NmRowsArgs&, int64_t, int64_t) { std::abort(); }
+void bitmask_rows(const BitmaskRowsArgs&, int64_t, int64_t) { std::abort(); }
+void nm24_dense_rows(const NmRowsArgs&, int64_t, int64_t, float*) { std::abort(); }
+void bitmask_dense_rows(const BitmaskRowsArgs&, int64_t, int64_t, float*) { std::abort(); }
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace sparsekern
+#endif

@@ -1,0 +1,97 @@
+"""Every CPU instruction-set build of the 2:4 and bitmask kernels against fp64.
+
+The C++ op picks its kernels once per process from the CPU and SPARSEKERN_CPU_ISA
+("avx512", "avx2", "generic"), so each build runs in a child process here. The tests in
+this process exercise only the best build this CPU has; these make sure the others stay
+correct on the same machine (an AVX-512 host would otherwise never run the AVX2 kernels
+that an AVX2-only CPU relies on). Shapes cover every tail: columns not a multiple of 32,
+16 or 64, single rows, the batch sizes where each kernel family takes over (1-4 direct, 5-8,
+9-16 in tiles, 17 and more through the large-batch paths) and densities from nearly
+empty to nearly full rows."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import needs_extension
+
+pytestmark = needs_extension
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys, torch, sparsekern
+    from sparsekern import ops
+    from sparsekern.formats import BitmaskWeight, NMWeight
+    isa = sys.argv[1]
+    info = sparsekern._extension.BUILD_INFO
+    expect = {"avx512": (True, True), "avx2": (True, False), "generic": (False, False)}[isa]
+    got = (bool(info["cpu_avx2_runtime"]), bool(info.get("cpu_avx512_runtime")))
+    assert got == expect, f"SPARSEKERN_CPU_ISA={isa}: build info says (avx2, avx512) = {got}"
+    # Every uninitialised allocation comes back NaN: an output element a kernel forgets
+    # to write shows up.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    gen = torch.Generator().manual_seed(int(sys.argv[2]))
+    failures, checked = [], 0
+    for out_f, in_f in [(1, 4), (5, 28), (33, 36), (7, 100), (19, 132), (64, 1000), (3, 2052)]:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            w = torch.randn(out_f, in_f, generator=gen).to(dtype)
+            fmts = [("2:4", NMWeight.from_dense(w, 2, 4))]
+            for density in (0.02, 0.3, 0.97):
+                mask = torch.rand(out_f, in_f, generator=gen) < density
+                fmts.append((f"bitmask {density}", BitmaskWeight.from_dense(w, mask)))
+            for batch in (1, 2, 3, 4, 5, 8, 9, 16, 17, 40):
+                x = torch.randn(batch, in_f, generator=gen).to(dtype)
+                for name, f in fmts:
+                    dense = f.to_dense()
+                    assert ops.explain_backend(f.OP, x, f)[0] == "cpp"
+                    y = ops.sparse_linear(x, f)
+                    ref = x.double() @ dense.double().t()
+                    err = ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                    if dtype == torch.float32:
+                        limit = 1e-5
+                    else:  # at most 2x the error of torch's own linear in this dtype
+                        lowp = torch.nn.functional.linear(x, dense)
+                        limit = 2 * ((lowp.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item() + 1e-6
+                    checked += 1
+                    if not (torch.isfinite(y).all() and err <= limit):
+                        failures.append(f"{name} {dtype} out={out_f} in={in_f} batch={batch}: rel err {err:.3g} > {limit:.3g}")
+    print(json.dumps({"checked": checked, "failures": failures[:20]}))
+    """
+)
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return all(f in flags for f in ("avx512f", "avx512vl", "avx512bw", "avx512dq", "avx512_vbmi2"))
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return all(f in flags for f in (" avx2", " fma", " f16c", " bmi2"))
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_each_cpu_build_matches_fp64(isa):
+    if isa == "avx512" and not _cpu_has_avx512():
+        pytest.skip("this CPU has no AVX-512 F/VL/BW/DQ/VBMI2")
+    if isa == "avx2" and not _cpu_has_avx2():
+        pytest.skip("this CPU has no AVX2/FMA/F16C/BMI2")
+    env = dict(os.environ, SPARSEKERN_CPU_ISA=isa)
+    env.pop("SPARSEKERN_NM_GEMM", None)
+    seed = int.from_bytes(os.urandom(4), "little")
+    res = subprocess.run([sys.executable, "-c", CHILD, isa, str(seed)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["checked"] == 7 * 3 * 4 * 10, report
+    assert not report["failures"], f"SPARSEKERN_CPU_ISA={isa} (seed {seed}):\n" + "\n".join(report["failures"])
