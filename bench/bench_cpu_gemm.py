@@ -11,7 +11,8 @@ Providers (each checked against the fp64 reference before it is timed):
   cpp.tile_gemm     nm_linear with SPARSEKERN_NM_GEMM=tile: weight tiles of ~4 MiB
                     decompressed and multiplied by at::mm (the path before issue 14)
   cpp.nm24_gemm     nm_linear with SPARSEKERN_NM_GEMM=direct: the 2:4 weight-stationary
-                    AVX2 kernel (csrc/cpu/nm_gemm_impl.h)
+                    kernel (AVX2: csrc/cpu/nm_gemm_impl.h; on AVX-512 CPUs its 16-lane
+                    variant in csrc/cpu/sparse_rows_avx512.cpp)
 At batch <= 16 nm_linear runs its direct row kernels whatever SPARSEKERN_NM_GEMM says, so
 those rows time that kernel under both cpp names.
 

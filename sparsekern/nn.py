@@ -20,7 +20,6 @@ Layouts of the compressed tensors: sparsekern/formats.py.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from typing import NamedTuple
 
@@ -69,7 +68,7 @@ PATHS = ("sparse", "decompress", "dense_copy")
 class PathChoice(NamedTuple):
     path: str
     reason: str
-    medians_ms: dict
+    times_ms: dict
     shared: bool = False  # True: taken from an identical layer's measurement (Policy.share)
 
 
@@ -105,19 +104,19 @@ class Policy:
 DEFAULT_POLICY = Policy()
 
 
-def choose_path(medians_ms: dict[str, float], rows: int, noise: float = 0.02) -> PathChoice:
-    """The fastest path by median time; "sparse" when it is within `noise` (relative) of the
-    fastest, since it keeps only the compressed bytes (a pure function of the measurements,
+def choose_path(times_ms: dict[str, float], rows: int, noise: float = 0.02) -> PathChoice:
+    """The fastest path by measured time (measure_paths); "sparse" when it is within `noise`
+    (relative) of the fastest, since it keeps only the compressed bytes (a pure function of the measurements,
     tested with injected timings). The reason gives sparse's speed against the best dense path."""
-    if not medians_ms:
+    if not times_ms:
         raise ValueError("choose_path: no timings")
-    best = min(medians_ms, key=medians_ms.get)
-    if "sparse" in medians_ms and medians_ms["sparse"] <= medians_ms[best] * (1 + noise):
+    best = min(times_ms, key=times_ms.get)
+    if "sparse" in times_ms and times_ms["sparse"] <= times_ms[best] * (1 + noise):
         best = "sparse"
-    dense = [medians_ms[p] for p in medians_ms if p != "sparse"]
-    parts = ", ".join(f"{p} {t:.3f} ms" for p, t in sorted(medians_ms.items(), key=lambda kv: kv[1]))
-    ratio = f"sparse {min(dense) / medians_ms['sparse']:.2f}x dense; " if dense and "sparse" in medians_ms else ""
-    return PathChoice(best, f"{rows} rows: {ratio}{parts}", dict(medians_ms))
+    dense = [times_ms[p] for p in times_ms if p != "sparse"]
+    parts = ", ".join(f"{p} {t:.3f} ms" for p, t in sorted(times_ms.items(), key=lambda kv: kv[1]))
+    ratio = f"sparse {min(dense) / times_ms['sparse']:.2f}x dense; " if dense and "sparse" in times_ms else ""
+    return PathChoice(best, f"{rows} rows: {ratio}{parts}", dict(times_ms))
 
 
 # Choices shared between identical layers (Policy.share), keyed by _SparseMixin._share_key.
@@ -161,8 +160,11 @@ def _flush_cache(device: torch.device) -> None:
 
 
 def measure_paths(runners: dict, device: torch.device, reps: int, cold: bool) -> dict[str, float]:
-    """Median milliseconds of each runner, called round-robin (interleaved) after a warm-up,
-    each timed call preceded by a cache flush when `cold`."""
+    """Fastest of `reps` timed calls of each runner, in milliseconds: called round-robin
+    (interleaved) after a warm-up, each timed call preceded by a cache flush when `cold`. The
+    fastest, not the median: the work is the same every call, so a slower call measures
+    something else (another process on a shared machine; the measurement is taken once, in
+    the middle of a user's run), and a burst of it must not decide a layer's path."""
     times = {p: [] for p in runners}
     cuda = device.type == "cuda"
     with torch.no_grad():
@@ -183,7 +185,7 @@ def measure_paths(runners: dict, device: torch.device, reps: int, cold: bool) ->
                     t = time.perf_counter()
                     fn()
                     times[p].append((time.perf_counter() - t) * 1e3)
-    return {p: statistics.median(ts) for p, ts in times.items()}
+    return {p: min(ts) for p, ts in times.items()}
 
 
 # ---------------------------------------------------------------------------- modules
@@ -628,12 +630,25 @@ class SparseConv2d(_SparseMixin, nn.Module):
         super()._set_format(fmt)
 
     def _conv(self, x: torch.Tensor, linear2d) -> torch.Tensor:
-        n, _, h, w = x.shape
-        kh, kw = self.kernel_size
+        """The convolution as one matrix product over channels-last patches: rows are
+        (image, output pixel), columns (kh, kw, C) with C fastest, the weight's 2-D layout.
+        A 1x1 convolution of a channels-last input needs no copy at all (its patches are the
+        input itself), and any other is one strided copy of the padded channels-last input
+        (no unfold + permute). The result is returned channels-last, so the next layer gets
+        its input in the layout it reads without a copy."""
+        n, c, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
         oh, ow = self._out_hw(h, w)
-        cols = torch.nn.functional.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
-        # [N, C*kh*kw, L] (C slowest) -> [N*L, kh*kw*C] (C fastest), the weight's 2-D layout
-        cols = cols.reshape(n, self.in_channels, kh * kw, -1).permute(0, 3, 2, 1).reshape(-1, self._in2d)
+        xl = x.permute(0, 2, 3, 1)  # [N, H, W, C]: a view, contiguous when x is channels-last
+        if (kh, kw) == (1, 1) and (ph, pw) == (0, 0):
+            cols = (xl if (sh, sw) == (1, 1) else xl[:, ::sh, ::sw, :]).reshape(-1, c)
+        else:
+            if ph or pw:
+                xl = torch.nn.functional.pad(xl, (0, 0, pw, pw, ph, ph))
+            xl = xl.contiguous()
+            s_n, s_h, s_w, s_c = xl.stride()
+            patches = xl.as_strided((n, oh, ow, kh, kw, c), (s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c))
+            cols = patches.reshape(-1, self._in2d)
         y = linear2d(cols)
         return y.reshape(n, oh, ow, self.out_channels).permute(0, 3, 1, 2)
 

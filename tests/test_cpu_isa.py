@@ -6,7 +6,8 @@ this process exercise only the best build this CPU has; these make sure the othe
 correct on the same machine (an AVX-512 host would otherwise never run the AVX2 kernels
 that an AVX2-only CPU relies on). Shapes cover every tail: columns not a multiple of 32,
 16 or 64, single rows, the batch sizes where each kernel family takes over (1-4 direct, 5-8,
-9-16 in tiles, 17 and more through the large-batch paths) and densities from nearly
+9-16 in tiles, 17 and more through the large-batch paths: partial and full batch tiles of
+the weight-stationary 2:4 kernels and more than one pass of 512 lanes) and densities from nearly
 empty to nearly full rows."""
 import json
 import os
@@ -43,7 +44,7 @@ CHILD = textwrap.dedent(
             for density in (0.02, 0.3, 0.97):
                 mask = torch.rand(out_f, in_f, generator=gen) < density
                 fmts.append((f"bitmask {density}", BitmaskWeight.from_dense(w, mask)))
-            for batch in (1, 2, 3, 4, 5, 8, 9, 16, 17, 40):
+            for batch in (1, 2, 3, 4, 5, 8, 9, 16, 17, 40, 130, 600):
                 x = torch.randn(batch, in_f, generator=gen).to(dtype)
                 for name, f in fmts:
                     dense = f.to_dense()
@@ -93,5 +94,5 @@ def test_each_cpu_build_matches_fp64(isa):
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
-    assert report["checked"] == 7 * 3 * 4 * 10, report
+    assert report["checked"] == 7 * 3 * 4 * 12, report
     assert not report["failures"], f"SPARSEKERN_CPU_ISA={isa} (seed {seed}):\n" + "\n".join(report["failures"])

@@ -1,6 +1,7 @@
 """nm_linear's large-batch CPU paths (batch > 16) against fp64: the 2:4 weight-stationary
-AVX2 kernel (csrc/cpu/nm_gemm_impl.h) and the decompress + GEMM path that every other N:M
-(and the portable build) takes.
+kernel (csrc/cpu/nm_gemm_impl.h with AVX2, avx512::nm24_gemm on AVX-512 CPUs; both builds
+also in tests/test_cpu_isa.py) and the decompress + GEMM path that every other N:M (and the
+portable build) takes.
 
 SPARSEKERN_NM_GEMM (read by the C++ op on every call): "direct" forces the 2:4 kernel,
 "tile" the decompress + GEMM path; unset, the op picks by batch."""

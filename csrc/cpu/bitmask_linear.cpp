@@ -191,6 +191,13 @@ at::Tensor bitmask_decompress_cpu(const at::Tensor& values, const at::Tensor& bi
     TORCH_CHECK_VALUE(run == v.numel(), op, ": bitmask keeps ", run, " elements but values has ", v.numel());
   }
   auto out = at::empty({O, in_features}, v.options());
+  if (v.scalar_type() == at::kFloat && cpu_has_avx512()) {
+    BitmaskRowsArgs a{v.data_ptr(), bm.data_ptr<int64_t>(), off.data_ptr<int32_t>(), v.scalar_type(), nw, nt,
+                      in_features, O, nullptr, 0, 0, nullptr};
+    float* dst = out.data_ptr<float>();
+    parallel_rows(O, 16, [&](int64_t r0, int64_t r1) { avx512::bitmask_dense_rows(a, r0, r1, dst + r0 * in_features); });
+    return out;
+  }
   SPARSEKERN_DISPATCH_FLOATS(v.scalar_type(), "bitmask_decompress", [&] {
     const scalar_t* vp = v.data_ptr<scalar_t>();
     const int64_t* wp = bm.data_ptr<int64_t>();

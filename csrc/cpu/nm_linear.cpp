@@ -35,15 +35,15 @@ bool use_nm24_gemm(int64_t B) {
   const char* mode = std::getenv("SPARSEKERN_NM_GEMM");
   if (mode && std::strcmp(mode, "tile") == 0) return false;
   if (mode && std::strcmp(mode, "direct") == 0) return true;
-  // With AVX-512 the BLAS runs AVX-512 too, and an AVX2 kernel doing half its
-  // multiply-adds at half the vector width cannot beat it: the AVX-512 tiles go first
-  // (bench/results/cpu-gemm-20261128: 0.73x against MKL's AVX-512 GEMM).
-  if (cpu_has_avx512()) return false;
+  // On AVX-512 CPUs the kernel runs with 16-lane vectors (avx512::nm24_gemm): the AVX2
+  // one lost to MKL's AVX-512 GEMM (0.73x, bench/results/cpu-gemm-20261128), this one
+  // beats the AVX-512 tiles at every shape and batch measured (bench/bench_cpu_gemm.py).
   return B >= kNm24GemmMinBatch;
 }
 
 at::Tensor nm24_gemm_cpu(const at::Tensor& x2, const at::Tensor& vals, const at::Tensor& idx, int64_t K, int64_t O) {
-  const int64_t B = x2.size(0), L = kG24Lanes, tiles = (B + L - 1) / L;
+  const bool wide = cpu_has_avx512();  // 16-lane vectors over tiles of 64 batch lanes
+  const int64_t B = x2.size(0), L = wide ? avx512::kG24Lanes512 : kG24Lanes, tiles = (B + L - 1) / L;
   // x [B, K] -> tiles of L batch lanes, each [K + 1][L]: zero lanes past B and a zero
   // column K (where the kernel's padding slots point).
   auto xp = at::zeros({tiles * L, K + 1}, x2.options());
@@ -58,7 +58,10 @@ at::Tensor nm24_gemm_cpu(const at::Tensor& x2, const at::Tensor& vals, const at:
   Nm24GemmArgs g{vals.data_ptr(), idx.data_ptr<uint8_t>(), vals.scalar_type(), vals.size(1), idx.size(1), K, O,
                  xT.data_ptr<float>(), B, out.data_ptr<float>(), P, (O + P - 1) / P, &next};
   at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) avx2::nm24_gemm(g);
+    for (int64_t t = t0; t < t1; ++t) {
+      if (wide) avx512::nm24_gemm(g);
+      else avx2::nm24_gemm(g);
+    }
   });
   return out;
 }
@@ -246,6 +249,14 @@ at::Tensor nm_decompress_cpu(const at::Tensor& values, const at::Tensor& indices
   auto v = values.contiguous();
   auto ix = indices.contiguous();
   auto out = at::empty({O, in_features}, v.options());
+  if (n == 2 && m == 4 && v.scalar_type() == at::kFloat && cpu_has_avx512()) {
+    // fp32 2:4 (every 2-bit index is < 4): the AVX-512 row expansion of the large-batch tiles.
+    NmRowsArgs a{v.data_ptr(), ix.data_ptr<uint8_t>(), nullptr, v.scalar_type(), kept, ix.size(1), n, m,
+                 in_features, O, nullptr, 0, 0, nullptr};
+    float* dst = out.data_ptr<float>();
+    parallel_rows(O, 16, [&](int64_t r0, int64_t r1) { avx512::nm24_dense_rows(a, r0, r1, dst + r0 * in_features); });
+    return out;
+  }
   SPARSEKERN_DISPATCH_FLOATS(v.scalar_type(), "nm_decompress", [&] {
     const scalar_t* vp = v.data_ptr<scalar_t>();
     const uint8_t* ip = ix.data_ptr<uint8_t>();

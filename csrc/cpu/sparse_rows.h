@@ -109,6 +109,10 @@ void nm24_rows(const NmRowsArgs& a, int64_t r0, int64_t r1);
 void bitmask_rows(const BitmaskRowsArgs& a, int64_t r0, int64_t r1);
 void nm24_dense_rows(const NmRowsArgs& a, int64_t r0, int64_t r1, float* dst);
 void bitmask_dense_rows(const BitmaskRowsArgs& a, int64_t r0, int64_t r1, float* dst);
+// The 2:4 weight-stationary kernel with 16-lane vectors: same arguments as avx2::nm24_gemm
+// but x tiles of kG24Lanes512 batch lanes ([K + 1][64] fp32 each).
+constexpr int64_t kG24Lanes512 = 64;
+void nm24_gemm(const Nm24GemmArgs& a);
 }  // namespace avx512
 
 }  // namespace cpu

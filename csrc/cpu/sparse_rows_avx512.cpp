@@ -310,6 +310,170 @@ void bitmask_rows_t(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
   std::free(row);
 }
 
+// ---- 2:4, large batches: weight-stationary kernel ------------------------------------------
+// The AVX2 kernel of nm_gemm_impl.h (read its header for the scheme) with 16-lane vectors
+// and x tiles of 64 batch lanes: per kept (row, slot) one offset load, one broadcast and
+// four FMAs whose x operand is loaded from the tile (an L1 hit), 1.5 loads per FMA; the
+// FMA count is half the dense GEMM's. Register block: 3 rows x 4 vectors, 12 accumulators.
+constexpr int kW24Rows = 3;
+constexpr int kW24Kt = 128;     // columns per K tile (64 kept slots per row); the x tile slice is 32 KiB
+constexpr int kW24Chunk = 512;  // batch lanes per pass over a panel (8 tiles of 64)
+constexpr int kW24Shift = 8;    // byte offset of column c in a tile: c * 64 lanes * 4 B
+
+struct Cols24 {
+  alignas(16) int32_t col[256][4];  // index byte (4 slots, 8 columns) -> each slot's column in the 8
+  Cols24() {
+    for (int byte = 0; byte < 256; ++byte)
+      for (int t = 0; t < 4; ++t) col[byte][t] = (t / 2) * 4 + ((byte >> (2 * t)) & 3);
+  }
+};
+const Cols24& cols24() {
+  static const Cols24 lut;
+  return lut;
+}
+
+inline float value_f32(float v) { return v; }
+inline float value_f32(c10::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline float value_f32(c10::Half v) { return _cvtsh_ss(v.x); }
+
+// Rows [r0, r0 + rows) (rows <= 3; missing rows and slots: value 0 at the zero column K),
+// slots [s0, s1) (s0 a multiple of 4), as quads of {int32 off[3][4]; float val[3][4]}.
+template <typename VT>
+void w24_pack(const Nm24GemmArgs& a, int64_t r0, int rows, int64_t s0, int64_t s1, int32_t* dst) {
+  const Cols24& lut = cols24();
+  const int32_t zero_col = static_cast<int32_t>(a.K << kW24Shift);
+  int64_t q = 0;
+  for (int64_t s = s0; s < s1; s += 4, ++q) {
+    int32_t* o = dst + q * 24;
+    float* w = reinterpret_cast<float*>(o + 12);
+    for (int r = 0; r < kW24Rows; ++r) {
+      if (r >= rows) {
+        for (int t = 0; t < 4; ++t) { o[4 * r + t] = zero_col; w[4 * r + t] = 0.f; }
+        continue;
+      }
+      const VT* v = static_cast<const VT*>(a.values) + (r0 + r) * a.kept;
+      const uint8_t byte = a.indices[(r0 + r) * a.idx_row_bytes + (s >> 2)];
+      if (s + 4 <= s1) {
+        const __m128i cols = _mm_add_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(lut.col[byte])),
+                                           _mm_set1_epi32(static_cast<int32_t>(2 * s)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 4 * r), _mm_slli_epi32(cols, kW24Shift));
+        for (int t = 0; t < 4; ++t) w[4 * r + t] = value_f32(v[s + t]);
+      } else {
+        for (int t = 0; t < 4; ++t) {
+          const bool in = s + t < s1;
+          o[4 * r + t] = in ? static_cast<int32_t>((2 * s + lut.col[byte][t]) << kW24Shift) : zero_col;
+          w[4 * r + t] = in ? value_f32(v[s + t]) : 0.f;
+        }
+      }
+    }
+  }
+}
+
+// acc[r][16 v ..] (+)= sum over quads of val * xT[off + 64 v bytes]; acc is [3][64] floats.
+// Named accumulators, as in the AVX2 kernel, so GCC keeps them in registers.
+template <int V>
+inline void w24_core(const int32_t* pk, int64_t quads, const float* xt, float* acc, bool first) {
+  constexpr int L = static_cast<int>(kG24Lanes512);
+  __m512 c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23;
+#define SK_W24_LD(R, VV) c##R##VV = first || V <= VV ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + R * L + 16 * VV)
+  SK_W24_LD(0, 0); SK_W24_LD(0, 1); SK_W24_LD(0, 2); SK_W24_LD(0, 3);
+  SK_W24_LD(1, 0); SK_W24_LD(1, 1); SK_W24_LD(1, 2); SK_W24_LD(1, 3);
+  SK_W24_LD(2, 0); SK_W24_LD(2, 1); SK_W24_LD(2, 2); SK_W24_LD(2, 3);
+#undef SK_W24_LD
+  const char* xb = reinterpret_cast<const char*>(xt);
+#define SK_W24_ROW(R, T)                                                                   \
+  {                                                                                        \
+    const float* xp = reinterpret_cast<const float*>(xb + pk[4 * R + T]);                 \
+    __asm__("" : "+r"(xp)); /* base+disp loads, no base+index: those un-laminate */        \
+    const __m512 wb = _mm512_set1_ps(w[4 * R + T]);                                        \
+    c##R##0 = _mm512_fmadd_ps(wb, _mm512_loadu_ps(xp), c##R##0);                           \
+    if (V > 1) c##R##1 = _mm512_fmadd_ps(wb, _mm512_loadu_ps(xp + 16), c##R##1);           \
+    if (V > 2) c##R##2 = _mm512_fmadd_ps(wb, _mm512_loadu_ps(xp + 32), c##R##2);           \
+    if (V > 3) c##R##3 = _mm512_fmadd_ps(wb, _mm512_loadu_ps(xp + 48), c##R##3);           \
+  }
+  for (int64_t q = 0; q < quads; ++q, pk += 24) {
+    const float* w = reinterpret_cast<const float*>(pk + 12);
+    SK_W24_ROW(0, 0) SK_W24_ROW(1, 0) SK_W24_ROW(2, 0)
+    SK_W24_ROW(0, 1) SK_W24_ROW(1, 1) SK_W24_ROW(2, 1)
+    SK_W24_ROW(0, 2) SK_W24_ROW(1, 2) SK_W24_ROW(2, 2)
+    SK_W24_ROW(0, 3) SK_W24_ROW(1, 3) SK_W24_ROW(2, 3)
+  }
+#undef SK_W24_ROW
+#define SK_W24_ST(R, VV) if (V > VV) _mm512_storeu_ps(acc + R * L + 16 * VV, c##R##VV)
+  SK_W24_ST(0, 0); SK_W24_ST(0, 1); SK_W24_ST(0, 2); SK_W24_ST(0, 3);
+  SK_W24_ST(1, 0); SK_W24_ST(1, 1); SK_W24_ST(1, 2); SK_W24_ST(1, 3);
+  SK_W24_ST(2, 0); SK_W24_ST(2, 1); SK_W24_ST(2, 2); SK_W24_ST(2, 3);
+#undef SK_W24_ST
+}
+
+template <typename VT>
+void w24_panel(const Nm24GemmArgs& a, int64_t r0, int64_t r1, int32_t* pack, float* acc) {
+  constexpr int64_t L = kG24Lanes512;
+  const int64_t rows = r1 - r0, blocks = (rows + kW24Rows - 1) / kW24Rows;
+  const int64_t kt_quads = kW24Kt / 8;
+  const int64_t tiles = (a.B + L - 1) / L, chunk_tiles = kW24Chunk / L;
+  for (int64_t t0 = 0; t0 < tiles; t0 += chunk_tiles) {
+    const int64_t t1 = t0 + chunk_tiles < tiles ? t0 + chunk_tiles : tiles;
+    for (int64_t k0 = 0; k0 < a.K; k0 += kW24Kt) {
+      const int64_t s0 = k0 / 2, s1 = (k0 + kW24Kt < a.K ? k0 + kW24Kt : a.K) / 2;
+      const int64_t quads = (s1 - s0 + 3) / 4;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t rr = r0 + b * kW24Rows;
+        w24_pack<VT>(a, rr, static_cast<int>(r1 - rr < kW24Rows ? r1 - rr : kW24Rows), s0, s1, pack + b * kt_quads * 24);
+      }
+      for (int64_t t = t0; t < t1; ++t) {
+        const float* xt = a.xT + t * (a.K + 1) * L;
+        const int64_t lanes = a.B - t * L;
+        const int V = lanes >= L ? 4 : static_cast<int>((lanes + 15) / 16);
+        float* at = acc + (t - t0) * blocks * kW24Rows * L;
+        for (int64_t b = 0; b < blocks; ++b) {
+          const int32_t* pk = pack + b * kt_quads * 24;
+          float* ab = at + b * kW24Rows * L;
+          switch (V) {
+            case 4: w24_core<4>(pk, quads, xt, ab, k0 == 0); break;
+            case 3: w24_core<3>(pk, quads, xt, ab, k0 == 0); break;
+            case 2: w24_core<2>(pk, quads, xt, ab, k0 == 0); break;
+            default: w24_core<1>(pk, quads, xt, ab, k0 == 0); break;
+          }
+        }
+      }
+    }
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* at = acc + (t - t0) * blocks * kW24Rows * L;
+      const int64_t lanes = a.B - t * L < L ? a.B - t * L : L;
+      for (int64_t j = 0; j < lanes; ++j) {
+        float* orow = a.out + (t * L + j) * a.O;
+        for (int64_t r = r0; r < r1; ++r) orow[r] = at[(r - r0) * L + j];
+      }
+    }
+  }
+}
+
+template <typename VT>
+struct W24Panels {
+  static void run(const Nm24GemmArgs& a) {
+    constexpr int64_t L = kG24Lanes512;
+    const int64_t blocks = (a.panel_rows + kW24Rows - 1) / kW24Rows;
+    const int64_t tiles = (a.B + L - 1) / L;
+    const int64_t chunk_tiles = tiles < kW24Chunk / L ? tiles : kW24Chunk / L;
+    int32_t* pack = static_cast<int32_t*>(std::aligned_alloc(64, blocks * (kW24Kt / 8) * 96));
+    float* acc = static_cast<float*>(std::aligned_alloc(64, chunk_tiles * blocks * kW24Rows * L * sizeof(float)));
+    for (;;) {
+      const int64_t p = __atomic_fetch_add(a.next_panel, 1, __ATOMIC_RELAXED);
+      if (p >= a.panels) break;
+      const int64_t r0 = p * a.panel_rows, r1 = r0 + a.panel_rows < a.O ? r0 + a.panel_rows : a.O;
+      w24_panel<VT>(a, r0, r1, pack, acc);
+    }
+    std::free(acc);
+    std::free(pack);
+  }
+};
+
 template <template <typename> class F, typename... Args>
 void by_dtype(c10::ScalarType t, Args&&... args) {
   switch (t) {
@@ -355,6 +519,7 @@ void nm24_dense_rows(const NmRowsArgs& a, int64_t r0, int64_t r1, float* dst) {
 void bitmask_dense_rows(const BitmaskRowsArgs& a, int64_t r0, int64_t r1, float* dst) {
   by_dtype<BitmaskDense>(a.dtype, a, r0, r1, dst);
 }
+void nm24_gemm(const Nm24GemmArgs& a) { by_dtype<W24Panels>(a.dtype, a); }
 
 }  // namespace avx512
 }  // namespace cpu
@@ -370,6 +535,7 @@ void nm24_rows(const NmRowsArgs&, int64_t, int64_t) { std::abort(); }
 void bitmask_rows(const BitmaskRowsArgs&, int64_t, int64_t) { std::abort(); }
 void nm24_dense_rows(const NmRowsArgs&, int64_t, int64_t, float*) { std::abort(); }
 void bitmask_dense_rows(const BitmaskRowsArgs&, int64_t, int64_t, float*) { std::abort(); }
+void nm24_gemm(const Nm24GemmArgs&) { std::abort(); }
 }  // namespace avx512
 }  // namespace cpu
 }  // namespace sparsekern
