@@ -4,6 +4,8 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "cpu_common.h"
@@ -36,6 +38,17 @@ void check_bitmask_words(const char* op, const at::Tensor& bitmask, int64_t in_f
                     ": bitmask has bits set beyond in_features (", in_features, ")");
 }
 
+// From this batch the AVX-512 weight-stationary kernel runs (4096x4096 fp32, 2 threads: at
+// 30% kept 1.0x dense at 128 rows and 1.27x at 512, but 0.7x at 17-32 rows, where packing
+// its entries per K tile is not yet paid back by enough batch lanes).
+// SPARSEKERN_BITMASK_GEMM=tile (read per call, a benchmarking switch) turns it off,
+// leaving the paths that run without AVX-512.
+constexpr int64_t kBitmaskGemmMinBatch = 64;
+bool use_bitmask_gemm() {
+  const char* mode = std::getenv("SPARSEKERN_BITMASK_GEMM");
+  return !(mode && std::strcmp(mode, "tile") == 0);
+}
+
 // Density from which the AVX-512 kernel beats the AVX2 broadcast kernel at 5..8 batch rows
 // (4096x4096 fp32, 2 threads: 4.6 ms against 7.3 ms at 30% kept, 4.3 against 3.9 at 10%).
 constexpr double kAvx512MinDensity = 0.2;
@@ -52,6 +65,19 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, con
   at::Tensor out;
   if (B == 0 || O == 0) {
     out = at::zeros({B, O}, x2.options());
+  } else if (B >= kBitmaskGemmMinBatch && cpu_has_avx512() && use_bitmask_gemm()) {
+    // Weight-stationary AVX-512 kernel: one multiply-add per kept value and 16 batch lanes.
+    auto xT = x_lane_tiles(x2, avx512::kG24Lanes512);
+    out = at::empty({B, O}, x2.options());
+    const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t P = ws_panel_rows(O, nth);
+    int64_t next = 0;
+    BitmaskGemmArgs g{vals.data_ptr(), bm.data_ptr<int64_t>(), off.data_ptr<int32_t>(), vals.scalar_type(),
+                      bm.size(1), off.size(1), K, O, xT.data_ptr<float>(), B, out.data_ptr<float>(), P,
+                      (O + P - 1) / P, &next};
+    at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) avx512::bitmask_gemm(g);
+    });
   } else if (B > kDirectMaxBatch && vals.numel() > kGemmMinDensity * O * K) {
     // Dense enough that a dense GEMM over decompressed tiles beats B/16 sparse passes.
     SPARSEKERN_DISPATCH_FLOATS(vals.scalar_type(), "bitmask_linear", [&] {

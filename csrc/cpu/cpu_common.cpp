@@ -51,6 +51,13 @@ at::Tensor x_lanes(const at::Tensor& x2, int64_t BP) {
   return xT;
 }
 
+at::Tensor x_lane_tiles(const at::Tensor& x2, int64_t L) {
+  const int64_t B = x2.size(0), K = x2.size(1), tiles = (B + L - 1) / L;
+  auto xp = at::zeros({tiles * L, K + 1}, x2.options());
+  xp.narrow(0, 0, B).narrow(1, 0, K).copy_(x2);
+  return xp.view({tiles, L, K + 1}).transpose(1, 2).contiguous();
+}
+
 at::Tensor tiled_gemm(const at::Tensor& x2, int64_t O, const FillRows& fill) {
   const int64_t B = x2.size(0), K = x2.size(1);
   auto out = at::empty({B, O}, x2.options());

@@ -20,6 +20,16 @@ at::Tensor x_float_2d(const at::Tensor& x);
 // broadcast kernels.
 at::Tensor x_lanes(const at::Tensor& x2, int64_t BP);
 
+// x [B, K] fp32 -> ceil(B / L) tiles of [K + 1][L] fp32: lanes past B and column K zero
+// (padding slots of the weight-stationary kernels point at column K).
+at::Tensor x_lane_tiles(const at::Tensor& x2, int64_t L);
+
+// Rows per panel of the weight-stationary kernels: a multiple of 3 (their row block), at
+// most 96, and at least 4 panels per thread so threads that share a core even out.
+inline int64_t ws_panel_rows(int64_t O, int64_t threads) {
+  return std::max<int64_t>(3, std::min<int64_t>(96, ((O + 4 * threads - 1) / (4 * threads) + 2) / 3 * 3));
+}
+
 // Lanes for the broadcast kernels, or 0 when the row-major kernels take this batch.
 inline int64_t lanes_for_batch(int64_t B) { return B <= kRowMajorMaxBatch ? 0 : (B <= 8 ? 8 : 16); }
 

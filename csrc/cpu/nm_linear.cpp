@@ -43,17 +43,12 @@ bool use_nm24_gemm(int64_t B) {
 
 at::Tensor nm24_gemm_cpu(const at::Tensor& x2, const at::Tensor& vals, const at::Tensor& idx, int64_t K, int64_t O) {
   const bool wide = cpu_has_avx512();  // 16-lane vectors over tiles of 64 batch lanes
-  const int64_t B = x2.size(0), L = wide ? avx512::kG24Lanes512 : kG24Lanes, tiles = (B + L - 1) / L;
-  // x [B, K] -> tiles of L batch lanes, each [K + 1][L]: zero lanes past B and a zero
-  // column K (where the kernel's padding slots point).
-  auto xp = at::zeros({tiles * L, K + 1}, x2.options());
-  xp.narrow(0, 0, B).narrow(1, 0, K).copy_(x2);
-  auto xT = xp.view({tiles, L, K + 1}).transpose(1, 2).contiguous();
+  const int64_t B = x2.size(0);
+  auto xT = x_lane_tiles(x2, wide ? avx512::kG24Lanes512 : kG24Lanes);
   auto out = at::empty({B, O}, x2.options());
-  // Panels of up to 96 rows (a multiple of 3, the kernel's row block; at least 4 per
-  // thread), taken by the threads from a shared counter.
+  // Panels taken by the threads from a shared counter.
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t P = std::max<int64_t>(3, std::min<int64_t>(96, ((O + 4 * nth - 1) / (4 * nth) + 2) / 3 * 3));
+  const int64_t P = ws_panel_rows(O, nth);
   int64_t next = 0;
   Nm24GemmArgs g{vals.data_ptr(), idx.data_ptr<uint8_t>(), vals.scalar_type(), vals.size(1), idx.size(1), K, O,
                  xT.data_ptr<float>(), B, out.data_ptr<float>(), P, (O + P - 1) / P, &next};

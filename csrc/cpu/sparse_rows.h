@@ -115,5 +115,23 @@ constexpr int64_t kG24Lanes512 = 64;
 void nm24_gemm(const Nm24GemmArgs& a);
 }  // namespace avx512
 
+// Bitmask large-batch kernel (AVX-512 only): the same weight-stationary scheme over the same
+// x tiles ([K + 1][kG24Lanes512]), one multiply-add per kept value and 16 batch lanes.
+struct BitmaskGemmArgs {
+  const void* values;       // [nnz] in `dtype`
+  const int64_t* bitmask;   // [O, words]
+  const int32_t* offsets;   // [O, tiles]
+  c10::ScalarType dtype;
+  int64_t words, tiles, K, O;
+  const float* xT;
+  int64_t B;
+  float* out;               // [B, O] fp32
+  int64_t panel_rows, panels;
+  int64_t* next_panel;      // shared counter, 0 before the first call
+};
+namespace avx512 {
+void bitmask_gemm(const BitmaskGemmArgs& a);
+}  // namespace avx512
+
 }  // namespace cpu
 }  // namespace sparsekern

@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "../common.h"  // kBitmaskTileCols
 #include "sparse_rows.h"
 
 #if SPARSEKERN_AVX2_KERNELS
@@ -411,66 +412,144 @@ inline void w24_core(const int32_t* pk, int64_t quads, const float* xt, float* a
 #undef SK_W24_ST
 }
 
-template <typename VT>
-void w24_panel(const Nm24GemmArgs& a, int64_t r0, int64_t r1, int32_t* pack, float* acc) {
+// One panel of output rows [r0, r1): for each pass over up to kW24Chunk batch lanes and
+// each K tile, pack_block(rr, nr, k0, k1, dst) packs the quads of the row block starting at
+// rr (nr <= 3 rows) for columns [k0, k1) and returns how many it wrote (at most
+// kW24MaxQuads); then every x tile of the pass runs the core over every block.
+constexpr int64_t kW24MaxQuads = kW24Kt / 4;  // a block row keeps at most kW24Kt values of a K tile
+template <typename PackBlock>
+void w24_panel(int64_t B, int64_t K, int64_t O, const float* xT, float* out, int64_t r0, int64_t r1,
+               const PackBlock& pack_block, int32_t* pack, float* acc) {
   constexpr int64_t L = kG24Lanes512;
   const int64_t rows = r1 - r0, blocks = (rows + kW24Rows - 1) / kW24Rows;
-  const int64_t kt_quads = kW24Kt / 8;
-  const int64_t tiles = (a.B + L - 1) / L, chunk_tiles = kW24Chunk / L;
+  const int64_t tiles = (B + L - 1) / L, chunk_tiles = kW24Chunk / L;
+  int64_t quads[96 / kW24Rows];
   for (int64_t t0 = 0; t0 < tiles; t0 += chunk_tiles) {
     const int64_t t1 = t0 + chunk_tiles < tiles ? t0 + chunk_tiles : tiles;
-    for (int64_t k0 = 0; k0 < a.K; k0 += kW24Kt) {
-      const int64_t s0 = k0 / 2, s1 = (k0 + kW24Kt < a.K ? k0 + kW24Kt : a.K) / 2;
-      const int64_t quads = (s1 - s0 + 3) / 4;
+    for (int64_t k0 = 0; k0 < K; k0 += kW24Kt) {
+      const int64_t k1 = k0 + kW24Kt < K ? k0 + kW24Kt : K;
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t rr = r0 + b * kW24Rows;
-        w24_pack<VT>(a, rr, static_cast<int>(r1 - rr < kW24Rows ? r1 - rr : kW24Rows), s0, s1, pack + b * kt_quads * 24);
+        quads[b] = pack_block(rr, static_cast<int>(r1 - rr < kW24Rows ? r1 - rr : kW24Rows), k0, k1,
+                              pack + b * kW24MaxQuads * 24);
       }
       for (int64_t t = t0; t < t1; ++t) {
-        const float* xt = a.xT + t * (a.K + 1) * L;
-        const int64_t lanes = a.B - t * L;
+        const float* xt = xT + t * (K + 1) * L;
+        const int64_t lanes = B - t * L;
         const int V = lanes >= L ? 4 : static_cast<int>((lanes + 15) / 16);
         float* at = acc + (t - t0) * blocks * kW24Rows * L;
         for (int64_t b = 0; b < blocks; ++b) {
-          const int32_t* pk = pack + b * kt_quads * 24;
+          const int32_t* pk = pack + b * kW24MaxQuads * 24;
           float* ab = at + b * kW24Rows * L;
           switch (V) {
-            case 4: w24_core<4>(pk, quads, xt, ab, k0 == 0); break;
-            case 3: w24_core<3>(pk, quads, xt, ab, k0 == 0); break;
-            case 2: w24_core<2>(pk, quads, xt, ab, k0 == 0); break;
-            default: w24_core<1>(pk, quads, xt, ab, k0 == 0); break;
+            case 4: w24_core<4>(pk, quads[b], xt, ab, k0 == 0); break;
+            case 3: w24_core<3>(pk, quads[b], xt, ab, k0 == 0); break;
+            case 2: w24_core<2>(pk, quads[b], xt, ab, k0 == 0); break;
+            default: w24_core<1>(pk, quads[b], xt, ab, k0 == 0); break;
           }
         }
       }
     }
     for (int64_t t = t0; t < t1; ++t) {
       const float* at = acc + (t - t0) * blocks * kW24Rows * L;
-      const int64_t lanes = a.B - t * L < L ? a.B - t * L : L;
+      const int64_t lanes = B - t * L < L ? B - t * L : L;
       for (int64_t j = 0; j < lanes; ++j) {
-        float* orow = a.out + (t * L + j) * a.O;
+        float* orow = out + (t * L + j) * O;
         for (int64_t r = r0; r < r1; ++r) orow[r] = at[(r - r0) * L + j];
       }
     }
   }
 }
 
+// Every calling thread takes panels from the shared counter until none is left, with one
+// set of buffers per call (see the AVX2 kernel for why not per panel).
+template <typename PackBlock>
+void w24_panels(int64_t B, int64_t K, int64_t O, const float* xT, float* out, int64_t panel_rows, int64_t panels,
+                int64_t* next_panel, const PackBlock& pack_block) {
+  constexpr int64_t L = kG24Lanes512;
+  const int64_t blocks = (panel_rows + kW24Rows - 1) / kW24Rows;
+  const int64_t tiles = (B + L - 1) / L;
+  const int64_t chunk_tiles = tiles < kW24Chunk / L ? tiles : kW24Chunk / L;
+  int32_t* pack = static_cast<int32_t*>(std::aligned_alloc(64, blocks * kW24MaxQuads * 96));
+  float* acc = static_cast<float*>(std::aligned_alloc(64, chunk_tiles * blocks * kW24Rows * L * sizeof(float)));
+  for (;;) {
+    const int64_t p = __atomic_fetch_add(next_panel, 1, __ATOMIC_RELAXED);
+    if (p >= panels) break;
+    const int64_t r0 = p * panel_rows, r1 = r0 + panel_rows < O ? r0 + panel_rows : O;
+    w24_panel(B, K, O, xT, out, r0, r1, pack_block, pack, acc);
+  }
+  std::free(acc);
+  std::free(pack);
+}
+
 template <typename VT>
 struct W24Panels {
   static void run(const Nm24GemmArgs& a) {
-    constexpr int64_t L = kG24Lanes512;
-    const int64_t blocks = (a.panel_rows + kW24Rows - 1) / kW24Rows;
-    const int64_t tiles = (a.B + L - 1) / L;
-    const int64_t chunk_tiles = tiles < kW24Chunk / L ? tiles : kW24Chunk / L;
-    int32_t* pack = static_cast<int32_t*>(std::aligned_alloc(64, blocks * (kW24Kt / 8) * 96));
-    float* acc = static_cast<float*>(std::aligned_alloc(64, chunk_tiles * blocks * kW24Rows * L * sizeof(float)));
-    for (;;) {
-      const int64_t p = __atomic_fetch_add(a.next_panel, 1, __ATOMIC_RELAXED);
-      if (p >= a.panels) break;
-      const int64_t r0 = p * a.panel_rows, r1 = r0 + a.panel_rows < a.O ? r0 + a.panel_rows : a.O;
-      w24_panel<VT>(a, r0, r1, pack, acc);
+    w24_panels(a.B, a.K, a.O, a.xT, a.out, a.panel_rows, a.panels, a.next_panel,
+               [&](int64_t rr, int nr, int64_t k0, int64_t k1, int32_t* dst) {
+                 w24_pack<VT>(a, rr, nr, k0 / 2, k1 / 2, dst);
+                 return (k1 / 2 - k0 / 2 + 3) / 4;
+               });
+  }
+};
+
+// Bitmask rows [r0, r0 + rows) for columns [k0, k1) (k0 a multiple of kW24Kt, so of 64):
+// each row's kept values in column order, rows padded to the block's longest with value 0
+// at the zero column K. Returns the quads written. Vectorised (a compress of the column
+// numbers per 16-column piece, the values copied as they lie): at 128 batch rows a scalar
+// walk over the set bits cost as much as the multiply-adds it feeds.
+template <typename VT>
+int64_t wbm_pack(const BitmaskGemmArgs& a, int64_t r0, int rows, int64_t k0, int64_t k1, int32_t* dst) {
+  constexpr int kSlack = 32;  // whole 16-lane stores past a row's last entry
+  alignas(64) int32_t offs[kW24Rows][kW24Kt + kSlack];
+  alignas(64) float vals[kW24Rows][kW24Kt + kSlack];
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int count[kW24Rows] = {};
+  int most = 0;
+  for (int r = 0; r < rows; ++r) {
+    const int64_t* words = a.bitmask + (r0 + r) * a.words;
+    // Position of the row's first value at column k0: the offset of its 512-column tile,
+    // plus the kept values of the words between.
+    const int64_t w0 = k0 / 64, tile_w = (k0 / kBitmaskTileCols) * kBitmaskTileWords;
+    int64_t pos = a.offsets[(r0 + r) * a.tiles + k0 / kBitmaskTileCols];
+    for (int64_t wi = tile_w; wi < w0; ++wi) pos += _mm_popcnt_u64(static_cast<uint64_t>(words[wi]));
+    int c = 0;
+    for (int64_t col = k0; col < k1; col += 16) {
+      const __mmask16 m = mask_piece(words, col / 16);
+      const __m512i cols = _mm512_slli_epi32(_mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(col))), kW24Shift);
+      _mm512_storeu_si512(offs[r] + c, _mm512_maskz_compress_epi32(m, cols));
+      c += _mm_popcnt_u32(m);
     }
-    std::free(acc);
-    std::free(pack);
+    const VT* v = static_cast<const VT*>(a.values) + pos;
+    for (int j = 0; j < c; j += 16)
+      _mm512_storeu_ps(vals[r] + j, c - j >= 16 ? load16(v + j) : load16_first(v + j, c - j));
+    count[r] = c;
+    most = c > most ? c : most;
+  }
+  const int64_t quads = (most + 3) / 4;
+  const __m512i zero_col = _mm512_set1_epi32(static_cast<int32_t>(a.K << kW24Shift));
+  for (int r = 0; r < kW24Rows; ++r)
+    for (int64_t j = r < rows ? count[r] : 0; j < 4 * quads; j += 16) {
+      _mm512_storeu_si512(offs[r] + j, zero_col);
+      _mm512_storeu_ps(vals[r] + j, _mm512_setzero_ps());
+    }
+  for (int64_t q = 0; q < quads; ++q) {
+    int32_t* o = dst + q * 24;
+    for (int r = 0; r < kW24Rows; ++r) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 4 * r), _mm_loadu_si128(reinterpret_cast<const __m128i*>(offs[r] + 4 * q)));
+      _mm_storeu_ps(reinterpret_cast<float*>(o + 12) + 4 * r, _mm_loadu_ps(vals[r] + 4 * q));
+    }
+  }
+  return quads;
+}
+
+template <typename VT>
+struct WbmPanels {
+  static void run(const BitmaskGemmArgs& a) {
+    w24_panels(a.B, a.K, a.O, a.xT, a.out, a.panel_rows, a.panels, a.next_panel,
+               [&](int64_t rr, int nr, int64_t k0, int64_t k1, int32_t* dst) {
+                 return wbm_pack<VT>(a, rr, nr, k0, k1, dst);
+               });
   }
 };
 
@@ -520,6 +599,7 @@ void bitmask_dense_rows(const BitmaskRowsArgs& a, int64_t r0, int64_t r1, float*
   by_dtype<BitmaskDense>(a.dtype, a, r0, r1, dst);
 }
 void nm24_gemm(const Nm24GemmArgs& a) { by_dtype<W24Panels>(a.dtype, a); }
+void bitmask_gemm(const BitmaskGemmArgs& a) { by_dtype<WbmPanels>(a.dtype, a); }
 
 }  // namespace avx512
 }  // namespace cpu
@@ -536,6 +616,7 @@ void bitmask_rows(const BitmaskRowsArgs&, int64_t, int64_t) { std::abort(); }
 void nm24_dense_rows(const NmRowsArgs&, int64_t, int64_t, float*) { std::abort(); }
 void bitmask_dense_rows(const BitmaskRowsArgs&, int64_t, int64_t, float*) { std::abort(); }
 void nm24_gemm(const Nm24GemmArgs&) { std::abort(); }
+void bitmask_gemm(const BitmaskGemmArgs&) { std::abort(); }
 }  // namespace avx512
 }  // namespace cpu
 }  // namespace sparsekern
