@@ -14,7 +14,7 @@ from sparsekern.formats import BlockWeight
 @pytest.mark.parametrize("lead", [(1,), (3,), (8,), (17,), (2, 5), (0,)])
 @pytest.mark.parametrize("block,shape", [((16, 16), (48, 96)), ((32, 32), (64, 160)), ((64, 64), (64, 192)),
                                          ((4, 8), (12, 40))])
-@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.3, 1.0])
 def test_block_linear_matches_fp64(device, backend, dtype, lead, block, shape, density, poison):
     o, k = shape
     w = torch.randn(o, k, device=device, dtype=dtype)
@@ -28,6 +28,26 @@ def test_block_linear_matches_fp64(device, backend, dtype, lead, block, shape, d
     dense = W.to_dense()
     assert_linear_close(y, ref64(x, dense, bias), dtype, lowp_torch_linear(x, dense, bias),
                         f"block_linear {block} {density} {device} {dtype} x{tuple(x.shape)}")
+
+
+@pytest.mark.parametrize("mode", ["tile", "auto"])
+@pytest.mark.parametrize("density", [0.1, 0.6])
+@pytest.mark.parametrize("batch", [17, 70])
+def test_block_large_batch_paths_match_fp64(mode, density, batch, poison, monkeypatch):
+    """Above 16 rows the CPU op runs one GEMM per block row over its kept blocks (at most
+    30% of blocks kept) or decompressed tiles (denser, or SPARSEKERN_BLOCK_GEMM=tile)."""
+    if mode == "tile":
+        monkeypatch.setenv("SPARSEKERN_BLOCK_GEMM", "tile")
+    else:
+        monkeypatch.delenv("SPARSEKERN_BLOCK_GEMM", raising=False)
+    w = torch.randn(96, 320)
+    keep = torch.rand(96 // 32, 320 // 32) < density
+    keep[1] = False  # an empty block row
+    W = BlockWeight.from_dense(w, (32, 32), keep.repeat_interleave(32, 0).repeat_interleave(32, 1))
+    x = torch.randn(batch, 320)
+    assert ops.explain_backend("block_linear", x, W)[0] == "cpp"
+    y = ops.block_linear(x, W)
+    assert_linear_close(y, ref64(x, W.to_dense(), None), torch.float32, what=f"block {mode} {density} {batch}")
 
 
 def test_bad_inputs():
