@@ -529,6 +529,84 @@ def t_cpu_models(runs):
     return f"{render_run(run, 'model')}\n\n{NOISE_NOTE.replace('x dense', 'x dense (time per call)')}"
 
 
+# Issue 14's CPU goals: (what, setting, target x dense, source, row filter). Sources: "models"
+# (newest full model-level CPU run), "linear" (newest cpu-linear-* run), "gemm-avx2" (newest
+# goal_b128_mkl_avx2.json: MKL and the kernels restricted to AVX2, the issue's configuration).
+CPU_GOALS = [
+    ("Llama decode, batch 1", "2:4", 1.7, "models", dict(model="llama", metric="decode_tokens_per_s", variant="2:4")),
+    ("Llama decode, batch 1", "unstructured 70%", 2.2, "models",
+     dict(model="llama", metric="decode_tokens_per_s", variant="unstructured 70%")),
+    ("Llama decode, batch 1", "unstructured 90%", 4.0, "models",
+     dict(model="llama", metric="decode_tokens_per_s", variant="unstructured 90%")),
+    ("Llama prefill 128", "2:4", 1.2, "models", dict(model="llama", metric="prefill_tokens_per_s", variant="2:4")),
+    ("Llama prefill 128", "unstructured 70%", 0.97, "models",
+     dict(model="llama", metric="prefill_tokens_per_s", variant="unstructured 70%")),
+    ("Llama prefill 128", "unstructured 90%", 1.5, "models",
+     dict(model="llama", metric="prefill_tokens_per_s", variant="unstructured 90%")),
+    ("ViT-Base, batch 4", "2:4", 1.2, "models", dict(model="vit_base_patch16_224", variant="2:4")),
+    ("ResNet-50, batch 4", "2:4", 1.2, "models", dict(model="resnet50", variant="2:4")),
+    ("kernel 4096x4096, batch 128, AVX2", "2:4", 1.3, "gemm-avx2", dict(provider="cpp.nm24_gemm", batch=128)),
+    ("kernel 4096x4096, batch 128", "unstructured 70%", 1.0, "linear",
+     dict(provider="sparsekern", pattern="unstructured", density=0.3, batch=128)),
+    ("kernel 4096x4096, batch 1", "unstructured 90%", 4.0, "linear",
+     dict(provider="sparsekern", pattern="unstructured", density=0.1, batch=1)),
+    ("kernel 4096x4096, batch 1, against torch CSR", "unstructured 90%", 2.0, "linear",
+     dict(provider="sparsekern", pattern="unstructured", density=0.1, batch=1, against="torch.csr")),
+    ("kernel 4096x4096, batch 1", "unstructured 70%", 2.0, "linear",
+     dict(provider="sparsekern", pattern="unstructured", density=0.3, batch=1)),
+]
+
+
+def _goal_sources(runs) -> dict:
+    model = newest(runs, "model", False)
+    linear = next((r for r in runs if re.match(r"bench/results/cpu-linear-", r.path)), None)
+    gemm = next((r for r in runs if os.path.basename(r.path) == "goal_b128_mkl_avx2.json"), None)
+    return {"models": model, "linear": linear, "gemm-avx2": gemm}
+
+
+def t_cpu_goals(runs):
+    src = _goal_sources(runs)
+    out = ["| goal | pattern | target | measured x dense (p20–p80) | verdict | run |", "|---|---|---|---|---|---|"]
+    for what, pattern, target, source, flt in CPU_GOALS:
+        run = src[source]
+        flt = dict(flt)
+        against = flt.pop("against", None)
+        rows = [] if run is None else [r for r in run.rows if "speedup" in r and all(r.get(k) == v for k, v in flt.items())]
+        if not rows:
+            out.append(f"| {what} | {pattern} | ≥ {target:g}x | not measured | — | — |")
+            continue
+        r = rows[0]
+        s, lo, hi = r["speedup"], r.get("speedup_p20", r["speedup"]), r.get("speedup_p80", r["speedup"])
+        where = f"`{os.path.dirname(run.path)}`"
+        if against:
+            peer = [p for p in run.rows if p.get("provider") == against and all(
+                p.get(k) == r.get(k) for k in ("pattern", "density", "batch", "shape"))]
+            if not peer:
+                out.append(f"| {what} | {pattern} | ≥ {target:g}x | not measured | — | {where} |")
+                continue
+            s, lo, hi = s / peer[0]["speedup"], lo / peer[0]["speedup"], hi / peer[0]["speedup"]
+        verdict = "met" if s >= target else ("not met (no difference from dense)"
+                                            if r.get("verdict") == "no difference" and not against else "not met")
+        out.append(f"| {what} | {pattern} | ≥ {target:g}x | {ratio(s)}x ({ratio(lo)}–{ratio(hi)}) | {verdict} | {where} |")
+    # Never slower: every sparse model row of the model run, against 0.97x.
+    run = src["models"]
+    if run is not None:
+        model_rows = [r for r in run.rows if r.get("op") == "model" and "speedup" in r
+                      and r.get("variant") not in ("dense", "dense (again)")]
+        below = [r for r in model_rows if r["speedup"] < 0.97 and r.get("verdict") != "no difference"]
+        worst = min(model_rows, key=lambda r: r["speedup"]) if model_rows else None
+        if worst is not None:
+            text = (f"lowest {ratio(worst['speedup'])}x ({worst['model']} {worst['variant']} {worst['metric']})"
+                    + (f"; {len(below)} of {len(model_rows)} rows below 0.97x beyond the noise" if below else
+                       f"; no row below 0.97x beyond the noise ({len(model_rows)} rows)"))
+            out.append(f"| never slower: every model row | all | ≥ 0.97x | {text} | {'not met' if below else 'met'} "
+                       f"| `{os.path.dirname(run.path)}` |")
+    return ("\n".join(out) + "\n\nMeasured x dense is the ratio of medians from the run named in the last column "
+            "(interleaved with dense, p20–p80 of the per-round ratios); against torch CSR it is the ratio of the two "
+            "providers' speed-ups in the same cell. Where a goal is not met, the section after this table says "
+            "what limits it.")
+
+
 def t_cpu_overhead(runs):
     run = newest(runs, "overhead", False)
     if run is None:
@@ -614,6 +692,7 @@ def _triton_blocks() -> tuple:
 TABLES = {
     "cpu-kernels": t_cpu_kernels,      # bench_cpu_linear.py (newest cpu-linear-* run)
     "cpu-models": t_cpu_models,        # model-level rows (python -m sparsekern bench --suite models)
+    "cpu-goals": t_cpu_goals,          # issue 14's CPU goals against the newest runs
     "cpu-overhead": t_cpu_overhead,    # python -m sparsekern.bench.overhead --out
     "quality": t_quality,              # one-shot pruning quality
     "gpu": t_gpu,                      # the newest GPU run, everything in it
