@@ -26,6 +26,7 @@ def info_dict() -> dict:
         "usable_now": {
             "cpu_kernels": ext.cpu_kernels_available(),
             "cpu_avx2": bool(ext.BUILD_INFO.get("cpu_avx2_runtime")),
+            "cpu_avx512": bool(ext.BUILD_INFO.get("cpu_avx512_runtime")),
             "cuda_kernels": ext.cuda_kernels_available(),
             "gpu": gpu,
             "triton": ext.triton_available(),
@@ -52,7 +53,8 @@ def print_info(as_json: bool = False) -> None:
         print(f"extension: NOT loaded: {d['extension_error']}")
         print("           pure-torch reference paths in use; rebuild: pip install --no-build-isolation -e .")
     print("usable now:")
-    print(f"  CPU kernels   {yes(u['cpu_kernels'])}" + ("  (AVX2 fast paths)" if u["cpu_avx2"] else ""))
+    fast = "AVX-512 and AVX2" if u["cpu_avx512"] else "AVX2" if u["cpu_avx2"] else ""
+    print(f"  CPU kernels   {yes(u['cpu_kernels'])}" + (f"  ({fast} fast paths)" if fast else ""))
     gpu = u["gpu"]
     gpu_s = f"{gpu['name']} (sm_{gpu['capability'][0]}{gpu['capability'][1]})" if gpu else "no GPU"
     print(f"  CUDA kernels  {yes(u['cuda_kernels'])}  ({gpu_s})")
