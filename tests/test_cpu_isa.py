@@ -1,4 +1,4 @@
-"""Every CPU instruction-set build of the 2:4 and bitmask kernels against fp64.
+"""Every CPU instruction-set build of the N:M and bitmask kernels against fp64.
 
 The C++ op picks its kernels once per process from the CPU and SPARSEKERN_CPU_ISA
 ("avx512", "avx2", "generic"), so each build runs in a child process here. The tests in
@@ -36,15 +36,16 @@ CHILD = textwrap.dedent(
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True
     gen = torch.Generator().manual_seed(int(sys.argv[2]))
+    grid = json.loads(sys.argv[3])
     failures, checked = [], 0
-    for out_f, in_f in [(1, 4), (5, 28), (33, 36), (7, 100), (19, 132), (64, 1000), (3, 2052)]:
+    for out_f, in_f in grid["shapes"]:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             w = torch.randn(out_f, in_f, generator=gen).to(dtype)
-            fmts = [("2:4", NMWeight.from_dense(w, 2, 4))]
-            for density in (0.02, 0.3, 0.97):
+            fmts = [(f"{n}:{m}", NMWeight.from_dense(w, n, m)) for n, m in grid["nm"] if in_f % m == 0]
+            for density in grid["densities"]:
                 mask = torch.rand(out_f, in_f, generator=gen) < density
                 fmts.append((f"bitmask {density}", BitmaskWeight.from_dense(w, mask)))
-            for batch in (1, 2, 3, 4, 5, 8, 9, 16, 17, 40, 130, 600):
+            for batch in grid["batches"]:
                 x = torch.randn(batch, in_f, generator=gen).to(dtype)
                 for name, f in fmts:
                     dense = f.to_dense()
@@ -63,6 +64,22 @@ CHILD = textwrap.dedent(
     print(json.dumps({"checked": checked, "failures": failures[:20]}))
     """
 )
+
+
+GRID = {
+    # (out, in): tails of every width (in not a multiple of 16, 32 or 64; m = 8 and 16 groups
+    # that end half way through a 16-column piece), single rows, several K tiles
+    "shapes": [(1, 4), (5, 28), (33, 36), (7, 100), (19, 132), (8, 48), (5, 208), (64, 1000), (3, 2052)],
+    # 2:4; even n with m = 8 and 16 (AVX-512 mask-table kernels); odd n (the AVX2 kernels)
+    "nm": [(2, 4), (1, 4), (4, 8), (2, 8), (3, 8), (8, 16), (2, 16)],
+    "densities": [0.02, 0.3, 0.97],
+    "batches": [1, 2, 3, 4, 5, 8, 9, 16, 17, 40, 130, 600],
+}
+
+
+def _expected_checks() -> int:
+    per_shape = [sum(k % m == 0 for _, m in GRID["nm"]) + len(GRID["densities"]) for _, k in GRID["shapes"]]
+    return sum(per_shape) * 3 * len(GRID["batches"])
 
 
 def _cpu_has_avx512() -> bool:
@@ -90,9 +107,9 @@ def test_each_cpu_build_matches_fp64(isa):
     env = dict(os.environ, SPARSEKERN_CPU_ISA=isa)
     env.pop("SPARSEKERN_NM_GEMM", None)
     seed = int.from_bytes(os.urandom(4), "little")
-    res = subprocess.run([sys.executable, "-c", CHILD, isa, str(seed)], env=env, capture_output=True, text=True,
-                         timeout=600)
+    res = subprocess.run([sys.executable, "-c", CHILD, isa, str(seed), json.dumps(GRID)], env=env,
+                         capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
-    assert report["checked"] == 7 * 3 * 4 * 12, report
+    assert report["checked"] == _expected_checks(), report
     assert not report["failures"], f"SPARSEKERN_CPU_ISA={isa} (seed {seed}):\n" + "\n".join(report["failures"])

@@ -74,11 +74,11 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
     out = at::zeros({B, O}, x2.options());
   } else if (B > kDirectMaxBatch && n == 2 && m == 4 && use_nm24_gemm(B)) {
     out = nm24_gemm_cpu(x2, vals, idx, K, O);
-  } else if (B > kDirectMaxBatch && n == 2 && m == 4 && cpu_has_avx512()) {
+  } else if (B > kDirectMaxBatch && avx512_nm_pattern(n, m) && cpu_has_avx512()) {
     // Tiles expanded by the AVX-512 kernel, then the BLAS GEMM.
     NmRowsArgs a{vals.data_ptr(), idx.data_ptr<uint8_t>(), nullptr, vals.scalar_type(), kept, idx.size(1), n, m, K, O,
                  nullptr, 0, 0, nullptr};
-    out = tiled_gemm(x2, O, [&](int64_t r0, int64_t r1, float* buf) { avx512::nm24_dense_rows(a, r0, r1, buf); });
+    out = tiled_gemm(x2, O, [&](int64_t r0, int64_t r1, float* buf) { avx512::nm_dense_rows(a, r0, r1, buf); });
   } else if (B > kDirectMaxBatch) {
     SPARSEKERN_DISPATCH_FLOATS(vals.scalar_type(), "nm_linear", [&] {
       const scalar_t* v = vals.data_ptr<scalar_t>();
@@ -88,11 +88,11 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
         for (int64_t r = r0; r < r1; ++r) nm_decompress_row(v + r * kept, ix + r * rb, kept, n, m, K, buf + (r - r0) * K);
       });
     });
-  } else if (n == 2 && m == 4 && cpu_has_avx512()) {
+  } else if (avx512_nm_pattern(n, m) && cpu_has_avx512()) {
     out = at::empty({B, O}, x2.options());
     NmRowsArgs a{vals.data_ptr(), idx.data_ptr<uint8_t>(), nullptr, vals.scalar_type(), kept, idx.size(1), n, m, K, O,
                  x2.data_ptr<float>(), B, 0, out.data_ptr<float>()};
-    parallel_rows(O, rows_grain(K, B), [&](int64_t r0, int64_t r1) { avx512::nm24_rows(a, r0, r1); });
+    parallel_rows(O, rows_grain(K, B), [&](int64_t r0, int64_t r1) { avx512::nm_rows(a, r0, r1); });
   } else {
     out = at::empty({B, O}, x2.options());
     const bool avx2 = cpu_has_avx2();
@@ -244,12 +244,13 @@ at::Tensor nm_decompress_cpu(const at::Tensor& values, const at::Tensor& indices
   auto v = values.contiguous();
   auto ix = indices.contiguous();
   auto out = at::empty({O, in_features}, v.options());
-  if (n == 2 && m == 4 && v.scalar_type() == at::kFloat && cpu_has_avx512()) {
-    // fp32 2:4 (every 2-bit index is < 4): the AVX-512 row expansion of the large-batch tiles.
+  if (avx512_nm_pattern(n, m) && v.scalar_type() == at::kFloat && cpu_has_avx512()) {
+    // fp32: the AVX-512 row expansion of the large-batch tiles (it needs the in-group
+    // indices distinct and increasing, which every format from the formats layer has).
     NmRowsArgs a{v.data_ptr(), ix.data_ptr<uint8_t>(), nullptr, v.scalar_type(), kept, ix.size(1), n, m,
                  in_features, O, nullptr, 0, 0, nullptr};
     float* dst = out.data_ptr<float>();
-    parallel_rows(O, 16, [&](int64_t r0, int64_t r1) { avx512::nm24_dense_rows(a, r0, r1, dst + r0 * in_features); });
+    parallel_rows(O, 16, [&](int64_t r0, int64_t r1) { avx512::nm_dense_rows(a, r0, r1, dst + r0 * in_features); });
     return out;
   }
   SPARSEKERN_DISPATCH_FLOATS(v.scalar_type(), "nm_decompress", [&] {

@@ -101,13 +101,14 @@ SPARSEKERN_DECLARE_ROWS(avx2)
 SPARSEKERN_DECLARE_ROWS(generic)
 
 // AVX-512 decode kernels (sparse_rows_avx512.cpp), called only when cpu_has_avx512().
-// They read row-major x [B, K] at any B (no lanes layout) and handle 2:4 and bitmask; the
-// *_dense_rows functions write rows [r0, r1) as dense fp32 [r1 - r0, K] into dst (the
-// fill of the large-batch tiles). nm24_*: a.n == 2 and a.m == 4 only.
+// They read row-major x [B, K] at any B (no lanes layout) and handle bitmask and the N:M
+// patterns of avx512_nm_pattern; the *_dense_rows functions write rows [r0, r1) as dense
+// fp32 [r1 - r0, K] into dst (the fill of the large-batch tiles).
+inline bool avx512_nm_pattern(int64_t n, int64_t m) { return (n == 2 && m == 4) || ((m == 8 || m == 16) && n % 2 == 0); }
 namespace avx512 {
-void nm24_rows(const NmRowsArgs& a, int64_t r0, int64_t r1);
+void nm_rows(const NmRowsArgs& a, int64_t r0, int64_t r1);
 void bitmask_rows(const BitmaskRowsArgs& a, int64_t r0, int64_t r1);
-void nm24_dense_rows(const NmRowsArgs& a, int64_t r0, int64_t r1, float* dst);
+void nm_dense_rows(const NmRowsArgs& a, int64_t r0, int64_t r1, float* dst);
 void bitmask_dense_rows(const BitmaskRowsArgs& a, int64_t r0, int64_t r1, float* dst);
 // The 2:4 weight-stationary kernel with 16-lane vectors: same arguments as avx2::nm24_gemm
 // but x tiles of kG24Lanes512 batch lanes ([K + 1][64] fp32 each).

@@ -1,5 +1,6 @@
-// AVX-512 build of the decode kernels of 2:4 and bitmask (unstructured) and of their
-// row decompression for the large-batch tiles. Only called when cpu_has_avx512() says the
+// AVX-512 build of the decode kernels of N:M (2:4; m = 8 or 16 with even n) and bitmask
+// (unstructured), of their row decompression for the large-batch tiles, and of the
+// weight-stationary large-batch kernels of 2:4 and bitmask. Only called when cpu_has_avx512() says the
 // CPU has every extension of the target list below (F, VL, BW, DQ, VBMI2: Ice Lake and
 // later Xeons, AMD Zen 4 and later).
 //
@@ -279,6 +280,94 @@ void nm24_rows_t(const NmRowsArgs& a, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     nm24_row_dense(static_cast<const VT*>(a.values) + r * a.kept, a.indices + r * a.idx_row_bytes, a.kept,
                    a.idx_row_bytes, a.K, row);
+    dense_row_times_x(row, a.x, a.B, a.K, a.out, a.O, r);
+  }
+  std::free(row);
+}
+
+// ---- N:M with m = 8 or 16 and even n (4:8, 2:8, 8:16, ...) -------------------------------
+// Two 4-bit indices per byte, both in one group when n is even: a 256-entry table gives a
+// byte's two column bits within its group, and the OR over a 16-column piece's bytes is its
+// kept-column mask, which drives the same expanding load as the bitmask kernels. Validated
+// formats hold n distinct in-group indices in increasing order, so the piece's 16n/m values
+// in slot order are its kept columns in column order.
+struct PairBits {
+  uint16_t bits[256];
+  PairBits() {
+    for (int b = 0; b < 256; ++b) bits[b] = static_cast<uint16_t>((1u << (b & 15)) | (1u << (b >> 4)));
+  }
+};
+const PairBits& pair_bits() {
+  static const PairBits lut;
+  return lut;
+}
+
+// Kept-column mask of piece p (columns [16p, 16p + 16)); at the end of a row with m = 8 the
+// piece may hold one group only.
+inline __mmask16 nm_piece_mask(const uint8_t* ix, int64_t p, int64_t n, int64_t m, int64_t groups, const PairBits& pb) {
+  const int64_t bpg = n / 2;  // index bytes per group
+  if (m == 16) {
+    uint32_t mk = 0;
+    for (int64_t j = 0; j < bpg; ++j) mk |= pb.bits[ix[p * bpg + j]];
+    return static_cast<__mmask16>(mk);
+  }
+  const int64_t g0 = 2 * p;
+  uint32_t lo = 0, hi = 0;
+  for (int64_t j = 0; j < bpg; ++j) lo |= pb.bits[ix[g0 * bpg + j]];
+  if (g0 + 1 < groups)
+    for (int64_t j = 0; j < bpg; ++j) hi |= pb.bits[ix[(g0 + 1) * bpg + j]];
+  // Each group's bits kept to its 8 columns: with any index bytes at all, a piece then
+  // never has more than its 16n/m kept columns, so the expanding load stays in its values.
+  return static_cast<__mmask16>((lo & 0xFF) | (hi & 0xFF) << 8);
+}
+
+template <typename VT>
+void nm_row_dense(const VT* v, const uint8_t* ix, int64_t n, int64_t m, int64_t K, float* dst) {
+  const PairBits& pb = pair_bits();
+  const int64_t groups = K / m, per_piece = 16 * n / m;
+  for (int64_t c = 0, p = 0; c < K; c += 16, ++p) {
+    if ((p & 3) == 0) prefetch(v + p * per_piece, kPrefetchBytes);
+    const __mmask16 mk = nm_piece_mask(ix, p, n, m, groups, pb);
+    const __m512 w = expand16(mk, v + p * per_piece);
+    if (c + 16 <= K) _mm512_storeu_ps(dst + c, w);
+    else _mm512_mask_storeu_ps(dst + c, first_lanes(K - c), w);
+  }
+}
+
+// One batch row: per 16 columns the mask from the index table, an expanding load of the
+// piece's values and one FMA with x loaded under the same mask.
+template <typename VT>
+void nm_rows_b1(const NmRowsArgs& a, int64_t r0, int64_t r1) {
+  const PairBits& pb = pair_bits();
+  const int64_t pieces = (a.K + 15) / 16, groups = a.K / a.m, per_piece = 16 * a.n / a.m;
+  for (int64_t r = r0; r < r1; ++r) {
+    const VT* v = static_cast<const VT*>(a.values) + r * a.kept;
+    const uint8_t* ix = a.indices + r * a.idx_row_bytes;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t p = 0;
+    for (; p + 2 <= pieces; p += 2) {
+      if ((p & 3) == 0) prefetch(v + p * per_piece, kPrefetchBytes);
+      if ((p & 31) == 0) prefetch(ix + p * per_piece / 2, kPrefetchBytes / 8);
+      const __mmask16 m0 = nm_piece_mask(ix, p, a.n, a.m, groups, pb);
+      const __mmask16 m1 = nm_piece_mask(ix, p + 1, a.n, a.m, groups, pb);
+      acc0 = _mm512_fmadd_ps(expand16(m0, v + p * per_piece), _mm512_maskz_loadu_ps(m0, a.x + 16 * p), acc0);
+      acc1 = _mm512_fmadd_ps(expand16(m1, v + (p + 1) * per_piece), _mm512_maskz_loadu_ps(m1, a.x + 16 * p + 16), acc1);
+    }
+    if (p < pieces) {
+      const __mmask16 m0 = nm_piece_mask(ix, p, a.n, a.m, groups, pb);
+      acc0 = _mm512_fmadd_ps(expand16(m0, v + p * per_piece), _mm512_maskz_loadu_ps(m0, a.x + 16 * p), acc0);
+    }
+    a.out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  }
+}
+
+template <typename VT>
+void nm_rows_t(const NmRowsArgs& a, int64_t r0, int64_t r1) {
+  if (a.B == 1) return nm_rows_b1<VT>(a, r0, r1);
+  const int64_t K16 = (a.K + 15) / 16 * 16;
+  float* row = static_cast<float*>(std::aligned_alloc(64, K16 * sizeof(float)));
+  for (int64_t r = r0; r < r1; ++r) {
+    nm_row_dense(static_cast<const VT*>(a.values) + r * a.kept, a.indices + r * a.idx_row_bytes, a.n, a.m, a.K, row);
     dense_row_times_x(row, a.x, a.B, a.K, a.out, a.O, r);
   }
   std::free(row);
@@ -644,19 +733,25 @@ void by_dtype(c10::ScalarType t, Args&&... args) {
 }
 
 template <typename VT>
-struct Nm24Rows {
-  static void run(const NmRowsArgs& a, int64_t r0, int64_t r1) { nm24_rows_t<VT>(a, r0, r1); }
+struct NmRows {
+  static void run(const NmRowsArgs& a, int64_t r0, int64_t r1) {
+    if (a.n == 2 && a.m == 4) nm24_rows_t<VT>(a, r0, r1);
+    else nm_rows_t<VT>(a, r0, r1);
+  }
 };
 template <typename VT>
 struct BitmaskRows {
   static void run(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) { bitmask_rows_t<VT>(a, r0, r1); }
 };
 template <typename VT>
-struct Nm24Dense {
+struct NmDense {
   static void run(const NmRowsArgs& a, int64_t r0, int64_t r1, float* dst) {
-    for (int64_t r = r0; r < r1; ++r)
-      nm24_row_dense(static_cast<const VT*>(a.values) + r * a.kept, a.indices + r * a.idx_row_bytes, a.kept,
-                     a.idx_row_bytes, a.K, dst + (r - r0) * a.K);
+    for (int64_t r = r0; r < r1; ++r) {
+      const VT* v = static_cast<const VT*>(a.values) + r * a.kept;
+      const uint8_t* ix = a.indices + r * a.idx_row_bytes;
+      if (a.n == 2 && a.m == 4) nm24_row_dense(v, ix, a.kept, a.idx_row_bytes, a.K, dst + (r - r0) * a.K);
+      else nm_row_dense(v, ix, a.n, a.m, a.K, dst + (r - r0) * a.K);
+    }
   }
 };
 template <typename VT>
@@ -670,10 +765,10 @@ struct BitmaskDense {
 
 }  // namespace
 
-void nm24_rows(const NmRowsArgs& a, int64_t r0, int64_t r1) { by_dtype<Nm24Rows>(a.dtype, a, r0, r1); }
+void nm_rows(const NmRowsArgs& a, int64_t r0, int64_t r1) { by_dtype<NmRows>(a.dtype, a, r0, r1); }
 void bitmask_rows(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) { by_dtype<BitmaskRows>(a.dtype, a, r0, r1); }
-void nm24_dense_rows(const NmRowsArgs& a, int64_t r0, int64_t r1, float* dst) {
-  by_dtype<Nm24Dense>(a.dtype, a, r0, r1, dst);
+void nm_dense_rows(const NmRowsArgs& a, int64_t r0, int64_t r1, float* dst) {
+  by_dtype<NmDense>(a.dtype, a, r0, r1, dst);
 }
 void bitmask_dense_rows(const BitmaskRowsArgs& a, int64_t r0, int64_t r1, float* dst) {
   by_dtype<BitmaskDense>(a.dtype, a, r0, r1, dst);
@@ -691,9 +786,9 @@ void bitmask_gemm(const BitmaskGemmArgs& a) { by_dtype<WbmPanels>(a.dtype, a); }
 namespace sparsekern {
 namespace cpu {
 namespace avx512 {
-void nm24_rows(const NmRowsArgs&, int64_t, int64_t) { std::abort(); }
+void nm_rows(const NmRowsArgs&, int64_t, int64_t) { std::abort(); }
 void bitmask_rows(const BitmaskRowsArgs&, int64_t, int64_t) { std::abort(); }
-void nm24_dense_rows(const NmRowsArgs&, int64_t, int64_t, float*) { std::abort(); }
+void nm_dense_rows(const NmRowsArgs&, int64_t, int64_t, float*) { std::abort(); }
 void bitmask_dense_rows(const BitmaskRowsArgs&, int64_t, int64_t, float*) { std::abort(); }
 void nm24_gemm(const Nm24GemmArgs&) { std::abort(); }
 void bitmask_gemm(const BitmaskGemmArgs&) { std::abort(); }
