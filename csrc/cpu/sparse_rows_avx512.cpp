@@ -123,6 +123,20 @@ void dense_row_times_x(const float* row, const float* x, int64_t B, int64_t K, f
   }
 }
 
+// More batch rows than the direct kernels take: each weight row expanded once into an L1
+// buffer by dense_row(r, buf), then dense dot products with every batch row.
+template <typename DenseRow>
+void expanded_rows_times_x(const float* x, int64_t B, int64_t K, float* out, int64_t O, int64_t r0, int64_t r1,
+                           const DenseRow& dense_row) {
+  const int64_t K16 = (K + 15) / 16 * 16;
+  float* row = static_cast<float*>(std::aligned_alloc(64, K16 * sizeof(float)));
+  for (int64_t r = r0; r < r1; ++r) {
+    dense_row(r, row);
+    dense_row_times_x(row, x, B, K, out, O, r);
+  }
+  std::free(row);
+}
+
 // ---- 2:4 ------------------------------------------------------------------------------------
 // Slot t of a 16-slot piece (32 columns) sits in group t / 2, at in-group index bits
 // [2t, 2t+2) of the piece's 32-bit index word: column (t / 2) * 4 + index.
@@ -274,15 +288,10 @@ void nm24_rows_t(const NmRowsArgs& a, int64_t r0, int64_t r1) {
     case 4: return nm24_rows_direct<VT, 4>(a, r0, r1);
     default: break;
   }
-  // More batch rows: the row is expanded once into L1, then dense dot products.
-  const int64_t K16 = (a.K + 15) / 16 * 16;
-  float* row = static_cast<float*>(std::aligned_alloc(64, K16 * sizeof(float)));
-  for (int64_t r = r0; r < r1; ++r) {
+  expanded_rows_times_x(a.x, a.B, a.K, a.out, a.O, r0, r1, [&](int64_t r, float* row) {
     nm24_row_dense(static_cast<const VT*>(a.values) + r * a.kept, a.indices + r * a.idx_row_bytes, a.kept,
                    a.idx_row_bytes, a.K, row);
-    dense_row_times_x(row, a.x, a.B, a.K, a.out, a.O, r);
-  }
-  std::free(row);
+  });
 }
 
 // ---- N:M with m = 8 or 16 and even n (4:8, 2:8, 8:16, ...) -------------------------------
@@ -364,13 +373,9 @@ void nm_rows_b1(const NmRowsArgs& a, int64_t r0, int64_t r1) {
 template <typename VT>
 void nm_rows_t(const NmRowsArgs& a, int64_t r0, int64_t r1) {
   if (a.B == 1) return nm_rows_b1<VT>(a, r0, r1);
-  const int64_t K16 = (a.K + 15) / 16 * 16;
-  float* row = static_cast<float*>(std::aligned_alloc(64, K16 * sizeof(float)));
-  for (int64_t r = r0; r < r1; ++r) {
+  expanded_rows_times_x(a.x, a.B, a.K, a.out, a.O, r0, r1, [&](int64_t r, float* row) {
     nm_row_dense(static_cast<const VT*>(a.values) + r * a.kept, a.indices + r * a.idx_row_bytes, a.n, a.m, a.K, row);
-    dense_row_times_x(row, a.x, a.B, a.K, a.out, a.O, r);
-  }
-  std::free(row);
+  });
 }
 
 // ---- bitmask --------------------------------------------------------------------------------
@@ -471,13 +476,9 @@ void bitmask_rows_t(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
     case 8: return bitmask_rows_direct<VT, 8>(a, r0, r1);
     default: break;
   }
-  const int64_t K16 = (a.K + 15) / 16 * 16;
-  float* row = static_cast<float*>(std::aligned_alloc(64, K16 * sizeof(float)));
-  for (int64_t r = r0; r < r1; ++r) {
+  expanded_rows_times_x(a.x, a.B, a.K, a.out, a.O, r0, r1, [&](int64_t r, float* row) {
     bitmask_row_dense(static_cast<const VT*>(a.values) + a.offsets[r * a.tiles], a.bitmask + r * a.words, a.K, row);
-    dense_row_times_x(row, a.x, a.B, a.K, a.out, a.O, r);
-  }
-  std::free(row);
+  });
 }
 
 // ---- 2:4, large batches: weight-stationary kernel ------------------------------------------
