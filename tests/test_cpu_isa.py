@@ -61,6 +61,21 @@ CHILD = textwrap.dedent(
                     checked += 1
                     if not (torch.isfinite(y).all() and err <= limit):
                         failures.append(f"{name} {dtype} out={out_f} in={in_f} batch={batch}: rel err {err:.3g} > {limit:.3g}")
+    # The raw ops trust index values (formats validate them). An index no format holds (4:8
+    # has 4-bit fields) must still run without a crash: every kernel keeps it inside its
+    # group, and nm_decompress refuses it.
+    W = NMWeight.from_dense(torch.randn(33, 96, generator=gen), 4, 8)
+    bad = torch.full_like(W.indices, 0xFF)
+    for batch in (1, 3, 5, 16, 40):
+        y = torch.ops.sparsekern.nm_linear(torch.randn(batch, 96, generator=gen), W.values, bad, 4, 8, 96, None)
+        if tuple(y.shape) != (batch, 33):
+            failures.append(f"raw nm_linear with out-of-range indices, batch {batch}: shape {tuple(y.shape)}")
+    try:
+        torch.ops.sparsekern.nm_decompress(W.values, bad, 4, 8, 96)
+        failures.append("raw nm_decompress accepted in-group indices >= m")
+    except ValueError as e:
+        if "indices" not in str(e):
+            failures.append(f"raw nm_decompress: unclear error {e}")
     print(json.dumps({"checked": checked, "failures": failures[:20]}))
     """
 )

@@ -17,7 +17,8 @@ void nm_decompress_row(const VT* v, const uint8_t* ix, int64_t kept, int64_t n, 
   const int bits = nm_index_bits(m);
   std::fill(dst, dst + K, 0.f);
   for (int64_t s = 0; s < kept; ++s) {
-    const int idx = bits == 2 ? (ix[s >> 2] >> ((s & 3) * 2)) & 3 : (ix[s >> 1] >> ((s & 1) * 4)) & 15;
+    // & (m - 1): an index past the group stays in it (a tile row is never written past).
+    const int idx = (bits == 2 ? (ix[s >> 2] >> ((s & 3) * 2)) & 3 : (ix[s >> 1] >> ((s & 1) * 4)) & 15) & (m - 1);
     dst[(s / n) * m + idx] = static_cast<float>(v[s]);
   }
 }
@@ -244,9 +245,10 @@ at::Tensor nm_decompress_cpu(const at::Tensor& values, const at::Tensor& indices
   auto v = values.contiguous();
   auto ix = indices.contiguous();
   auto out = at::empty({O, in_features}, v.options());
-  if (avx512_nm_pattern(n, m) && v.scalar_type() == at::kFloat && cpu_has_avx512()) {
+  if (avx512_nm_pattern(n, m) && m != 8 && v.scalar_type() == at::kFloat && cpu_has_avx512()) {
     // fp32: the AVX-512 row expansion of the large-batch tiles (it needs the in-group
     // indices distinct and increasing, which every format from the formats layer has).
+    // Not for m = 8, whose 4-bit fields can hold an index >= m: the loop below refuses it.
     NmRowsArgs a{v.data_ptr(), ix.data_ptr<uint8_t>(), nullptr, v.scalar_type(), kept, ix.size(1), n, m,
                  in_features, O, nullptr, 0, 0, nullptr};
     float* dst = out.data_ptr<float>();

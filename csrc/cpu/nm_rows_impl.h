@@ -23,7 +23,9 @@ inline void nm_decode(const VT* v, const uint8_t* ix, int64_t s0, int cnt, int64
   int64_t g = s0 / n, t = s0 % n;
   for (int j = 0; j < cnt; ++j) {
     const int64_t s = s0 + j;
-    cols[j] = static_cast<int32_t>(g * m + nm_index_at(ix, s, bits));
+    // & (m - 1): an index past the group (only from indices no format would hold: m = 8
+    // has 4-bit fields) stays inside its group instead of reading past the row.
+    cols[j] = static_cast<int32_t>(g * m + (nm_index_at(ix, s, bits) & (m - 1)));
     w[j] = to_f32(v[s]);
     if (++t == n) { t = 0; ++g; }
   }
@@ -173,9 +175,10 @@ void nm_rows_densify_avx2(const NmRowsArgs& a, int64_t r0, int64_t r1) {
       // Scalar decode from one packed word: a vector decode stored and reloaded lane by
       // lane stalls on store-to-load forwarding.
       const int32_t* base = a.slot_base + s;
-      for (int j = 0; j < 8; ++j) row[base[j] + ((packed >> (j * bits)) & ((1u << bits) - 1))] = to_f32(v[s + j]);
+      // & (m - 1) (m is 4, 8 or 16): an out-of-range index stays in its group, never past the row.
+      for (int j = 0; j < 8; ++j) row[base[j] + ((packed >> (j * bits)) & (a.m - 1))] = to_f32(v[s + j]);
     }
-    for (; s < a.kept; ++s) row[a.slot_base[s] + nm_index_at(ix, s, bits)] = to_f32(v[s]);
+    for (; s < a.kept; ++s) row[a.slot_base[s] + (nm_index_at(ix, s, bits) & (a.m - 1))] = to_f32(v[s]);
     __m256 acc[B];
     float tail[B] = {};
     for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
