@@ -44,6 +44,10 @@ void check_bitmask_words(const char* op, const at::Tensor& bitmask, int64_t in_f
 // SPARSEKERN_BITMASK_GEMM=tile (read per call, a benchmarking switch) turns it off,
 // leaving the paths that run without AVX-512.
 constexpr int64_t kBitmaskGemmMinBatch = 64;
+// Up to this density: above it the decompressed tiles into the BLAS GEMM were faster (70%
+// kept, 128 rows: 0.66x dense against 0.79x for the tiles; at 50% kept the two were within
+// this machine's noise of each other).
+constexpr double kBitmaskGemmMaxDensity = 0.5;
 bool use_bitmask_gemm() {
   const char* mode = std::getenv("SPARSEKERN_BITMASK_GEMM");
   return !(mode && std::strcmp(mode, "tile") == 0);
@@ -65,7 +69,8 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, con
   at::Tensor out;
   if (B == 0 || O == 0) {
     out = at::zeros({B, O}, x2.options());
-  } else if (B >= kBitmaskGemmMinBatch && cpu_has_avx512() && use_bitmask_gemm()) {
+  } else if (B >= kBitmaskGemmMinBatch && vals.numel() <= kBitmaskGemmMaxDensity * O * K && cpu_has_avx512() &&
+             use_bitmask_gemm()) {
     // Weight-stationary AVX-512 kernel: one multiply-add per kept value and 16 batch lanes.
     auto xT = x_lane_tiles(x2, avx512::kG24Lanes512);
     out = at::empty({B, O}, x2.options());
