@@ -5,7 +5,8 @@ as buffers named `weight_<tensor>` plus an int64 `weight_meta`, validated when b
 loaded) and keeps it whatever it runs. In eval mode each input takes one of the PATHS,
 chosen per batch bucket (rows of x; images x output pixels for a convolution) under the
 module's Policy: by default the paths are measured on the real input the first time a
-bucket is seen and the fastest is cached (`choose_path`, `measure_paths`), so a layer is
+bucket is seen and the fastest is cached, and shared with every identical layer
+(`choose_path`, `measure_paths`, `Policy.share`), so a layer is
 not slower than its dense original at a batch where a faster path exists. `explain()`
 shows the choice per bucket; Policy("dense") stores a plain dense weight instead.
 
