@@ -1,8 +1,8 @@
 // AVX-512 build of the decode kernels of N:M (2:4; m = 8 or 16 with even n) and bitmask
 // (unstructured), of their row decompression for the large-batch tiles, and of the
-// weight-stationary large-batch kernels of 2:4 and bitmask. Only called when cpu_has_avx512() says the
-// CPU has every extension of the target list below (F, VL, BW, DQ, VBMI2: Ice Lake and
-// later Xeons, AMD Zen 4 and later).
+// weight-stationary large-batch kernels of 2:4 and bitmask. Only called when
+// cpu_has_avx512() says the CPU has every extension of the target list below (F, VL, BW,
+// DQ, VBMI2: Ice Lake and later Xeons, AMD Zen 4 and later).
 //
 // Why a separate build: the AVX2 kernels decode indices into column numbers (byte tables,
 // gathers) and cost the same per 64-bit mask word at any density; on AVX-512 the mask
@@ -190,8 +190,9 @@ void nm24_row_dense(const VT* v, const uint8_t* ix, int64_t kept, int64_t row_by
   (void)kept;
 }
 
-// One batch row: per 32 columns one permute picks the 16 kept columns' x values, two
-// pieces per step into two named accumulators.
+// One batch row, one weight row at a time (the odd row left by nm24_rows_b1_pair below):
+// per 32 columns one permute picks the 16 kept columns' x values, two pieces per step into
+// two named accumulators.
 template <typename VT>
 void nm24_rows_b1(const NmRowsArgs& a, int64_t r0, int64_t r1) {
   const int64_t full = a.K / 32;
