@@ -40,6 +40,16 @@ bool cpu_has_avx512() {
 
 namespace cpu {
 
+const Nm24SlotColumns& nm24_slot_columns() {
+  static const Nm24SlotColumns table = [] {
+    Nm24SlotColumns t;
+    for (int byte = 0; byte < 256; ++byte)
+      for (int s = 0; s < 4; ++s) t.col[byte][s] = (s / 2) * 4 + ((byte >> (2 * s)) & 3);
+    return t;
+  }();
+  return table;
+}
+
 at::Tensor x_float_2d(const at::Tensor& x) {
   const int64_t K = x.size(-1);
   return x.reshape({-1, K}).to(at::kFloat).contiguous();

@@ -31,18 +31,6 @@ constexpr int kG24Rows = 3;     // rows per register block
 constexpr int kG24Kt = 128;     // columns per K tile (64 kept slots per row)
 constexpr int kG24Chunk = 256;  // batch lanes per pass over a panel (8 tiles of 32)
 
-// LUT: index byte (4 slots, 2 groups, 8 columns) -> the column of each slot within the 8.
-struct Lut24Cols {
-  alignas(16) int32_t col[256][4];
-  Lut24Cols() {
-    for (int byte = 0; byte < 256; ++byte)
-      for (int t = 0; t < 4; ++t) col[byte][t] = (t / 2) * 4 + ((byte >> (2 * t)) & 3);
-  }
-};
-const Lut24Cols& lut24cols() {
-  static const Lut24Cols lut;
-  return lut;
-}
 
 inline __m128 g24_load4(const float* p) { return _mm_loadu_ps(p); }
 inline __m128 g24_load4(const c10::BFloat16* p) {
@@ -55,7 +43,7 @@ inline __m128 g24_load4(const c10::Half* p) { return _mm_cvtph_ps(_mm_loadl_epi6
 // [s0, s1) (s0 a multiple of 4) into quads of 96 bytes at dst.
 template <typename VT>
 void g24_pack(const Nm24GemmArgs& a, int64_t r0, int rows, int64_t s0, int64_t s1, int32_t* dst) {
-  const Lut24Cols& lut = lut24cols();
+  const Nm24SlotColumns& lut = nm24_slot_columns();
   static_assert(kG24Lanes * 4 == 128, "offsets are col << 7");
   const int32_t zero_col = static_cast<int32_t>(a.K * 128);
   int64_t q = 0;

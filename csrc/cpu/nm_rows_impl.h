@@ -34,24 +34,13 @@ inline void nm_decode(const VT* v, const uint8_t* ix, int64_t s0, int cnt, int64
 #ifdef SK_AVX2
 // ---- 2:4, one batch row: permute kernel ------------------------------------------------
 // Eight kept values cover 16 columns (4 groups). One index byte holds 4 slots = 2
-// groups; lut24().lanes[byte] gives the 4 source lanes (0..7) of those slots within the 8
-// columns the byte covers. Lanes 0-3 gather from x[c0, c0+8) and lanes 4-7 from
-// x[c0+8, c0+16) with one permute each, then a blend: no gathers, no scalar decode.
-struct Lut24 {
-  alignas(16) int32_t lanes[256][4];
-  Lut24() {
-    for (int byte = 0; byte < 256; ++byte)
-      for (int t = 0; t < 4; ++t) lanes[byte][t] = (t / 2) * 4 + ((byte >> (2 * t)) & 3);
-  }
-};
-const Lut24& lut24() {
-  static const Lut24 lut;
-  return lut;
-}
+// groups; nm24_slot_columns().col[byte] gives the 4 source lanes (0..7) of those slots
+// within the 8 columns the byte covers. Lanes 0-3 gather from x[c0, c0+8) and lanes 4-7
+// from x[c0+8, c0+16) with one permute each, then a blend: no gathers, no scalar decode.
 
 template <typename VT>
 void nm24_rows_permute_avx2(const NmRowsArgs& a, int64_t r0, int64_t r1) {
-  const Lut24& lut = lut24();
+  const Nm24SlotColumns& lut = nm24_slot_columns();
   const int64_t chunks = a.kept / 8;  // full 8-slot chunks, taken in pairs; the rest goes the scalar way
   alignas(64) int32_t cols[8];
   alignas(64) float w[8];
@@ -63,10 +52,10 @@ void nm24_rows_permute_avx2(const NmRowsArgs& a, int64_t r0, int64_t r1) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int64_t c = 0;
     for (; c + 2 <= chunks; c += 2) {
-      const __m256i p0 = _mm256_set_m128i(_mm_load_si128(reinterpret_cast<const __m128i*>(lut.lanes[ix[2 * c + 1]])),
-                                          _mm_load_si128(reinterpret_cast<const __m128i*>(lut.lanes[ix[2 * c]])));
-      const __m256i p1 = _mm256_set_m128i(_mm_load_si128(reinterpret_cast<const __m128i*>(lut.lanes[ix[2 * c + 3]])),
-                                          _mm_load_si128(reinterpret_cast<const __m128i*>(lut.lanes[ix[2 * c + 2]])));
+      const __m256i p0 = _mm256_set_m128i(_mm_load_si128(reinterpret_cast<const __m128i*>(lut.col[ix[2 * c + 1]])),
+                                          _mm_load_si128(reinterpret_cast<const __m128i*>(lut.col[ix[2 * c]])));
+      const __m256i p1 = _mm256_set_m128i(_mm_load_si128(reinterpret_cast<const __m128i*>(lut.col[ix[2 * c + 3]])),
+                                          _mm_load_si128(reinterpret_cast<const __m128i*>(lut.col[ix[2 * c + 2]])));
       const __m256 w0 = load8(v + 8 * c), w1 = load8(v + 8 * c + 8);
       const float* xc = a.x + 16 * c;
       const __m256 s0 = _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xc), p0),

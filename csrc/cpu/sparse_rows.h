@@ -34,6 +34,13 @@ constexpr int64_t kRowMajorMaxBatch = 4;
 constexpr int64_t kDirectMaxBatch = 16;
 constexpr double kGemmMinDensity = 0.25;
 
+// 2:4: index byte (4 slots, 2 groups, 8 columns) -> the column of each slot within those 8
+// columns. One table (cpu_common.cpp) for every 2:4 kernel of every instruction set.
+struct Nm24SlotColumns {
+  alignas(16) int32_t col[256][4];
+};
+const Nm24SlotColumns& nm24_slot_columns();
+
 struct NmRowsArgs {
   const void* values;       // [O, kept] in `dtype`
   const uint8_t* indices;   // [O, idx_row_bytes], packed in-group indices

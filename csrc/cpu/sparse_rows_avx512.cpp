@@ -531,17 +531,6 @@ constexpr int kW24Kt = 128;     // columns per K tile (64 kept slots per row); t
 constexpr int kW24Chunk = 512;  // batch lanes per pass over a panel (8 tiles of 64)
 constexpr int kW24Shift = 8;    // byte offset of column c in a tile: c * 64 lanes * 4 B
 
-struct Cols24 {
-  alignas(16) int32_t col[256][4];  // index byte (4 slots, 8 columns) -> each slot's column in the 8
-  Cols24() {
-    for (int byte = 0; byte < 256; ++byte)
-      for (int t = 0; t < 4; ++t) col[byte][t] = (t / 2) * 4 + ((byte >> (2 * t)) & 3);
-  }
-};
-const Cols24& cols24() {
-  static const Cols24 lut;
-  return lut;
-}
 
 inline float value_f32(float v) { return v; }
 inline float value_f32(c10::BFloat16 v) {
@@ -556,7 +545,7 @@ inline float value_f32(c10::Half v) { return _cvtsh_ss(v.x); }
 // slots [s0, s1) (s0 a multiple of 4), as quads of {int32 off[3][4]; float val[3][4]}.
 template <typename VT>
 void w24_pack(const Nm24GemmArgs& a, int64_t r0, int rows, int64_t s0, int64_t s1, int32_t* dst) {
-  const Cols24& lut = cols24();
+  const Nm24SlotColumns& lut = nm24_slot_columns();
   const int32_t zero_col = static_cast<int32_t>(a.K << kW24Shift);
   int64_t q = 0;
   for (int64_t s = s0; s < s1; s += 4, ++q) {
