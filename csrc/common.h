@@ -88,7 +88,8 @@ inline void check_nm_linear_args(const at::Tensor& x, const at::Tensor& values, 
 
 inline void check_bitmask_linear_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
                                       const at::Tensor& offsets, int64_t in_features,
-                                      const c10::optional<at::Tensor>& bias) {
+                                      const c10::optional<at::Tensor>& bias,
+                                      const c10::optional<at::Tensor>& columns) {
   const char* op = "bitmask_linear";
   TORCH_CHECK_VALUE(in_features > 0, op, ": in_features must be positive, got ", in_features);
   check_x(op, x, in_features);
@@ -103,6 +104,16 @@ inline void check_bitmask_linear_args(const at::Tensor& x, const at::Tensor& val
   TORCH_CHECK_VALUE(offsets.dim() == 2 && offsets.size(0) == bitmask.size(0) && offsets.size(1) == tiles, op,
                     ": offsets must have shape [", bitmask.size(0), ", ", tiles, "], got ", offsets.sizes());
   check_bias(op, x, bias, bitmask.size(0));
+  if (columns.has_value()) {
+    // An optional index (BitmaskWeight.column_index) that a kernel may read instead of the
+    // bitmask; backends that do not use it still check it, so every backend takes the same calls.
+    check_index_tensor(op, x, *columns, "columns", c10::kShort);
+    TORCH_CHECK_VALUE(columns->dim() == 1 && columns->numel() == values.numel(), op,
+                      ": columns must be 1-D with one entry per kept value (", values.numel(), "), got ",
+                      columns->sizes());
+    TORCH_CHECK_VALUE(in_features <= 32768, op, ": columns (int16) address at most 32768 in_features, got ",
+                      in_features);
+  }
 }
 
 inline void check_block_linear_args(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,

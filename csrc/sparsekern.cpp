@@ -59,7 +59,8 @@ TORCH_LIBRARY(sparsekern, m) {
   // Score |w| * |grad| * act_norm[col] -> N:M mask -> compressed weight, in one pass.
   m.def("nm_score_compress(Tensor weight, Tensor? grad, Tensor? act_norm, int n, int m) -> (Tensor, Tensor)");
   // ---- Bitmask (unstructured): packed values + 64-bit mask words + per-tile offsets ----
-  m.def("bitmask_linear(Tensor x, Tensor values, Tensor bitmask, Tensor offsets, int in_features, Tensor? bias) -> Tensor");
+  m.def("bitmask_linear(Tensor x, Tensor values, Tensor bitmask, Tensor offsets, int in_features, Tensor? bias, "
+        "Tensor? columns=None) -> Tensor");
   m.def("bitmask_compress(Tensor weight, Tensor? mask) -> (Tensor, Tensor, Tensor)");
   m.def("bitmask_decompress(Tensor values, Tensor bitmask, Tensor offsets, int in_features) -> Tensor");
   // ---- Block (BSR): crow_indices, col_indices, values [nnzb, bh, bw] ----

@@ -27,6 +27,11 @@ Bitmask (unstructured) -- BitmaskWeight:
           slice) finds any 512-column tile's values without scanning the row.
   bf16 at 50% density: 50% + 6.25% = 56.25% of dense; at 10%: 10% + 6.25% = 16.25%;
   offsets add 4 bytes per 512 elements (0.4% of dense bf16).
+  column_index() int16 [nnz] (derived, not saved): the column of each kept value, built on
+          first use when sparsekern.ops runs the CPU kernel at low density and 1 to 4 rows
+          (ops.COLUMN_INDEX_*). It adds 2 bytes per kept value (fp32 at 10% kept: 5% of
+          dense, on top of values 10% + bitmask 3.1%); that kernel streams values and
+          columns (15% of dense) instead of values and bitmask.
 
 Block (BSR) -- BlockWeight, block shape (bh, bw) dividing (out, in):
   crow_indices int64 [out/bh + 1]: blocks of block row i are crow[i]:crow[i+1].
@@ -399,6 +404,26 @@ class BitmaskWeight(_Format):
         counts = torch.nn.functional.pad(keep.to(torch.int64), (0, tiles * BITMASK_TILE_COLS - k))
         counts = counts.view(out, tiles, BITMASK_TILE_COLS).sum(-1).flatten()
         return (counts.cumsum(0) - counts).view(out, tiles).to(torch.int32)
+
+    COLUMN_INDEX_MAX_IN = 32768  # int16 columns
+
+    def column_index(self) -> torch.Tensor:
+        """int16 [nnz]: the column of each kept value, in the order of `values`. Derived from
+        the bitmask, not stored in tensors() or a state_dict: built on first use and kept with
+        this object (2 bytes per kept value) until the bitmask is replaced or edited in place.
+        sparsekern.ops passes it to the CPU kernel at low density and small batch, where it
+        makes a cost per kept value instead of per 16-column piece (sparsekern/ops.py,
+        COLUMN_INDEX_*)."""
+        if self.in_features > self.COLUMN_INDEX_MAX_IN:
+            raise ValueError(f"BitmaskWeight.column_index: int16 columns address at most "
+                             f"{self.COLUMN_INDEX_MAX_IN} in_features, got {self.in_features}")
+        bm = self.bitmask
+        cached = self.__dict__.get("_column_index")
+        if cached is None or cached[0] is not bm or cached[1] != bm._version:
+            cols = unpack_bitmask(bm, self.in_features).nonzero()[:, 1].to(torch.int16)
+            # Set through __dict__: a derived cache, not a field (it must not clear is_validated).
+            self.__dict__["_column_index"] = cached = (bm, bm._version, cols)
+        return cached[2]
 
     def _row_starts(self) -> torch.Tensor:
         """int64 [out + 1]: index in `values` of each row's first kept element, then nnz."""

@@ -78,7 +78,8 @@ def bitmask_decompress(values, bitmask, offsets, in_features: int) -> torch.Tens
     return dense
 
 
-def bitmask_linear(x, values, bitmask, offsets, in_features: int, bias=None):
+def bitmask_linear(x, values, bitmask, offsets, in_features: int, bias=None, columns=None):
+    # `columns` (BitmaskWeight.column_index) only speeds up a CPU kernel; the result is the same.
     return _linear(x, bitmask_decompress(values, bitmask, offsets, in_features), bias)
 
 

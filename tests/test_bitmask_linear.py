@@ -48,3 +48,67 @@ def test_bad_inputs():
         ops.bitmask_linear(torch.randn(2, 100), W.to_dense())
     with pytest.raises(ValueError, match="bias must have shape"):
         ops.bitmask_linear(torch.randn(2, 100), W, torch.randn(100))
+
+
+# ---- the column index (BitmaskWeight.column_index), read by the AVX-512 CPU kernel ----------
+def _avx512() -> bool:
+    import sparsekern
+
+    return bool(sparsekern._extension.BUILD_INFO.get("cpu_avx512_runtime"))
+
+
+def test_column_index_is_each_kept_values_column():
+    mask = torch.rand(13, 300) < 0.2
+    W = BitmaskWeight.from_dense(torch.randn(13, 300), mask)
+    cols = W.column_index()
+    assert cols.dtype == torch.int16 and cols.shape == W.values.shape
+    torch.testing.assert_close(cols.long(), mask.nonzero()[:, 1])
+    assert W.column_index() is cols  # cached
+    assert W.is_validated  # a derived cache, not a field
+    W.bitmask.zero_()  # an in-place edit of the mask rebuilds it
+    assert W.column_index().numel() == 0
+
+
+def test_column_index_refuses_wide_rows():
+    W = BitmaskWeight.from_dense(torch.zeros(1, 40000), torch.zeros(1, 40000, dtype=torch.bool))
+    with pytest.raises(ValueError, match="32768 in_features"):
+        W.column_index()
+
+
+@pytest.mark.parametrize("rows,density,expect", [(1, 0.1, True), (4, 0.05, True), (5, 0.1, False),
+                                                 (1, 0.3, False)])
+def test_dispatch_says_when_the_column_index_runs(rows, density, expect):
+    W = BitmaskWeight.from_dense(torch.randn(64, 1000), torch.rand(64, 1000) < density)
+    x = torch.randn(rows, 1000)
+    backend, why = ops.explain_backend("bitmask_linear", x, W)
+    if backend != "cpp":
+        pytest.skip(f"the C++ kernels do not run here ({why})")
+    uses = expect and _avx512()
+    assert ("column_index" in why) == uses, why
+    y = ops.bitmask_linear(x, W)
+    assert ("_column_index" in W.__dict__) == uses  # built only when the kernel reads it
+    torch.testing.assert_close(y.double(), x.double() @ W.to_dense().double().t(), rtol=1e-5, atol=1e-5)
+
+
+def test_column_index_gradients_match_the_mask_kernel():
+    W = BitmaskWeight.from_dense(torch.randn(20, 130), torch.rand(20, 130) < 0.08)
+    W.values.requires_grad_(True)
+    x = torch.randn(1, 130, requires_grad=True)
+    ops.bitmask_linear(x, W).sum().backward()
+    torch.testing.assert_close(x.grad, W.to_dense().detach().sum(0, keepdim=True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(W.values.grad, x.detach()[0, W.column_index().long()], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", pairs("bitmask_linear"))
+def test_raw_op_checks_columns(device, backend):
+    W = BitmaskWeight.from_dense(torch.randn(6, 70, device=device), torch.rand(6, 70, device=device) < 0.2)
+    x = torch.randn(1, 70, device=device)
+    op = {"cpp": torch.ops.sparsekern.bitmask_linear, "cuda": torch.ops.sparsekern.bitmask_linear}.get(backend)
+    if op is None:
+        pytest.skip(f"{backend}: the raw op's checks are the compiled ones")
+    args = (x, W.values, W.bitmask, W.offsets, 70, None)
+    with pytest.raises(TypeError, match="columns must be Short"):
+        op(*args, W.column_index().long())
+    with pytest.raises(ValueError, match="columns must be 1-D"):
+        op(*args, W.column_index()[:-1] if W.values.numel() else torch.zeros(1, dtype=torch.int16, device=device))
+    torch.testing.assert_close(op(*args, W.column_index()), op(*args), rtol=1e-5, atol=1e-5)

@@ -70,6 +70,15 @@ CHILD = textwrap.dedent(
         y = torch.ops.sparsekern.nm_linear(torch.randn(batch, 96, generator=gen), W.values, bad, 4, 8, 96, None)
         if tuple(y.shape) != (batch, 33):
             failures.append(f"raw nm_linear with out-of-range indices, batch {batch}: shape {tuple(y.shape)}")
+    # Likewise the column index of bitmask_linear (ops builds it from a validated format):
+    # columns outside the row, or negative as int16, must not read outside x.
+    B = BitmaskWeight.from_dense(torch.randn(21, 100, generator=gen), torch.rand(21, 100, generator=gen) < 0.1)
+    for cols in (torch.full_like(B.column_index(), -1), torch.full_like(B.column_index(), 32767)):
+        for batch in (1, 2, 4):
+            y = torch.ops.sparsekern.bitmask_linear(torch.randn(batch, 100, generator=gen), B.values, B.bitmask,
+                                                    B.offsets, 100, None, cols)
+            if tuple(y.shape) != (batch, 21) or not torch.isfinite(y).all():
+                failures.append(f"raw bitmask_linear with out-of-range columns, batch {batch}: {tuple(y.shape)}")
     try:
         torch.ops.sparsekern.nm_decompress(W.values, bad, 4, 8, 96)
         failures.append("raw nm_decompress accepted in-group indices >= m")
@@ -87,7 +96,9 @@ GRID = {
     "shapes": [(1, 4), (5, 28), (33, 36), (7, 100), (19, 132), (8, 48), (5, 208), (64, 1000), (3, 2052)],
     # 2:4; even n with m = 8 and 16 (AVX-512 mask-table kernels); odd n (the AVX2 kernels)
     "nm": [(2, 4), (1, 4), (4, 8), (2, 8), (3, 8), (8, 16), (2, 16)],
-    "densities": [0.02, 0.3, 0.97],
+    # bitmask: 0.02 takes the column-index kernel at 1-4 rows, 0.22 the one-row word
+    # kernel (AVX-512), 0.97 the piece kernel; each also the large-batch paths
+    "densities": [0.02, 0.22, 0.97],
     "batches": [1, 2, 3, 4, 5, 8, 9, 16, 17, 40, 130, 600],
 }
 

@@ -58,8 +58,9 @@ bool use_bitmask_gemm() {
 constexpr double kAvx512MinDensity = 0.2;
 
 at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
-                              const at::Tensor& offsets, int64_t in_features, const c10::optional<at::Tensor>& bias) {
-  check_bitmask_linear_args(x, values, bitmask, offsets, in_features, bias);
+                              const at::Tensor& offsets, int64_t in_features, const c10::optional<at::Tensor>& bias,
+                              const c10::optional<at::Tensor>& columns) {
+  check_bitmask_linear_args(x, values, bitmask, offsets, in_features, bias, columns);
   const int64_t K = in_features, O = bitmask.size(0);
   auto vals = values.contiguous();
   auto bm = bitmask.contiguous();
@@ -104,7 +105,15 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, con
     // below does fewer multiply-adds (one per kept value and 8 or 16 batch lanes) and wins.
     out = at::empty({B, O}, x2.options());
     BitmaskRowsArgs a{vals.data_ptr(), bm.data_ptr<int64_t>(), off.data_ptr<int32_t>(), vals.scalar_type(),
-                      bm.size(1), off.size(1), K, O, x2.data_ptr<float>(), B, 0, out.data_ptr<float>()};
+                      bm.size(1), off.size(1), K, O, x2.data_ptr<float>(), B, 0, out.data_ptr<float>(),
+                      vals.numel()};
+    // The column index, when given, drives the 1-to-4-row kernels. Only this AVX-512 branch
+    // reads it; the AVX2 and portable kernels below walk the bitmask.
+    at::Tensor cols;
+    if (columns.has_value() && B <= 4) {
+      cols = columns->contiguous();
+      a.columns = cols.data_ptr<int16_t>();
+    }
     parallel_rows(O, rows_grain(K, B), [&](int64_t r0, int64_t r1) { avx512::bitmask_rows(a, r0, r1); });
   } else {
     // Direct sparse kernel, in batch tiles of at most kDirectMaxBatch rows: its cost grows

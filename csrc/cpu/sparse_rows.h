@@ -61,6 +61,8 @@ struct BitmaskRowsArgs {
   const float* x;           // row-major [B, K] or xT [K, BP]
   int64_t B, BP;            // BP == 0: x is row-major
   float* out;               // [B, O] fp32
+  int64_t nnz = 0;          // kept values in all O rows, or 0 if unknown (a kernel that picks by density then takes its default)
+  const int16_t* columns = nullptr;  // [nnz] column of each kept value (read as uint16), or null; needs nnz
 };
 
 struct BlockRowsArgs {
