@@ -93,7 +93,8 @@ CHILD = textwrap.dedent(
 GRID = {
     # (out, in): tails of every width (in not a multiple of 16, 32 or 64; m = 8 and 16 groups
     # that end half way through a 16-column piece), single rows, several K tiles
-    "shapes": [(1, 4), (5, 28), (33, 36), (7, 100), (19, 132), (8, 48), (5, 208), (64, 1000), (3, 2052)],
+    # (4:8 at 1-4 rows works in 32-column pieces: 48, 56, 208 and 1000 end 16, 24, 16 and 8 past one)
+    "shapes": [(1, 4), (5, 28), (33, 36), (7, 100), (19, 132), (8, 48), (6, 56), (5, 208), (64, 1000), (3, 2052)],
     # 2:4; even n with m = 8 and 16 (AVX-512 mask-table kernels); odd n (the AVX2 kernels)
     "nm": [(2, 4), (1, 4), (4, 8), (2, 8), (3, 8), (8, 16), (2, 16)],
     # bitmask: 0.02 takes the column-index kernel at 1-4 rows, 0.22 the one-row word

@@ -410,8 +410,92 @@ void nm_rows_b1(const NmRowsArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+// ---- N:M with n = m / 2 and m = 8 or 16 (4:8, 8:16) at 1 to 4 batch rows ----------------
+// 16 slots span 32 columns, like 2:4, so one permute of two x vectors per batch row brings
+// the 16 kept columns' x values beside their values. The 16 in-group indices of a piece are
+// its 8 index bytes (slot t at bits [4t, 4t + 4), little-endian): broadcast as a 64-bit word,
+// each lane takes its half by a permute and its nibble by a variable shift. The index is
+// kept inside its group (& (m - 1)): a raw call with indices no format holds reads the wrong
+// column of x, never one outside the piece.
+inline uint64_t index_qword(const uint8_t* ix, int64_t byte, int64_t row_bytes) {
+  uint64_t v = 0;
+  if (row_bytes - byte >= 8) {
+    std::memcpy(&v, ix + byte, 8);
+    return v;
+  }
+  for (int64_t i = byte; i < row_bytes; ++i) v |= static_cast<uint64_t>(ix[i]) << (8 * (i - byte));
+  return v;
+}
+
+template <int64_t M>
+inline __m512i nm_half_piece_columns(uint64_t word) {
+  const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+  // slot t's group starts at column (t / n) * m, n = M / 2
+  const __m512i base = M == 8 ? _mm512_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8, 16, 16, 16, 16, 24, 24, 24, 24)
+                              : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16);
+  const __m512i w = _mm512_permutexvar_epi32(halves, _mm512_set1_epi64(static_cast<long long>(word)));
+  const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(w, shifts), _mm512_set1_epi32(static_cast<int>(M - 1)));
+  return _mm512_add_epi32(idx, base);
+}
+
+template <typename VT, int64_t M, int B>
+void nm_half_rows(const NmRowsArgs& a, int64_t r0, int64_t r1) {
+  const int64_t full = a.K / 32;
+  for (int64_t r = r0; r < r1; ++r) {
+    const VT* v = static_cast<const VT*>(a.values) + r * a.kept;
+    const uint8_t* ix = a.indices + r * a.idx_row_bytes;
+    __m512 acc[2][B];
+    for (int b = 0; b < B; ++b) acc[0][b] = acc[1][b] = _mm512_setzero_ps();
+    auto piece = [&](int64_t q, __m512 (&acc_set)[B]) {
+      const __m512i cols = nm_half_piece_columns<M>(index_qword(ix, 8 * q, a.idx_row_bytes));
+      const __m512 w = load16(v + 16 * q);
+      for (int b = 0; b < B; ++b) {
+        const float* xc = a.x + b * a.K + 32 * q;
+        acc_set[b] = _mm512_fmadd_ps(w, _mm512_permutex2var_ps(_mm512_loadu_ps(xc), cols, _mm512_loadu_ps(xc + 16)),
+                                     acc_set[b]);
+      }
+    };
+    int64_t p = 0;
+    for (; p + 2 <= full; p += 2) {
+      prefetch(v + 16 * p, kPrefetchBytes);  // 32 values (fp32: two lines)
+      prefetch(v + 16 * p + 16, kPrefetchBytes);
+      if ((p & 3) == 0) prefetch(ix + 8 * p, kPrefetchBytes / 8);  // 16 index bytes per 32 values
+      piece(p, acc[0]);
+      piece(p + 1, acc[1]);
+    }
+    if (p < full) piece(p++, acc[0]);
+    const int64_t c0 = 32 * p;
+    if (c0 < a.K) {  // whole groups left (fewer than 32 columns): x masked to them, later slots zero
+      const int64_t cols_left = a.K - c0;
+      const __m512i cols = nm_half_piece_columns<M>(index_qword(ix, 8 * p, a.idx_row_bytes));
+      const __m512 w = load16_first(v + 16 * p, static_cast<int>(cols_left / 2));
+      for (int b = 0; b < B; ++b) {
+        const float* xc = a.x + b * a.K + c0;
+        const __m512 xlo = _mm512_maskz_loadu_ps(first_lanes(cols_left), xc);
+        const __m512 xhi = _mm512_maskz_loadu_ps(first_lanes(cols_left > 16 ? cols_left - 16 : 0), xc + 16);
+        acc[0][b] = _mm512_fmadd_ps(w, _mm512_permutex2var_ps(xlo, cols, xhi), acc[0][b]);
+      }
+    }
+    for (int b = 0; b < B; ++b) a.out[b * a.O + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][b], acc[1][b]));
+  }
+}
+
+template <typename VT, int64_t M>
+bool nm_half_rows_t(const NmRowsArgs& a, int64_t r0, int64_t r1) {
+  switch (a.B) {
+    case 1: nm_half_rows<VT, M, 1>(a, r0, r1); return true;
+    case 2: nm_half_rows<VT, M, 2>(a, r0, r1); return true;
+    case 3: nm_half_rows<VT, M, 3>(a, r0, r1); return true;
+    case 4: nm_half_rows<VT, M, 4>(a, r0, r1); return true;
+    default: return false;
+  }
+}
+
 template <typename VT>
 void nm_rows_t(const NmRowsArgs& a, int64_t r0, int64_t r1) {
+  if (a.m == 8 && a.n == 4 && nm_half_rows_t<VT, 8>(a, r0, r1)) return;
+  if (a.m == 16 && a.n == 8 && nm_half_rows_t<VT, 16>(a, r0, r1)) return;
   if (a.B == 1) return nm_rows_b1<VT>(a, r0, r1);
   expanded_rows_times_x(a.x, a.B, a.K, a.out, a.O, r0, r1, [&](int64_t r, float* row) {
     nm_row_dense(static_cast<const VT*>(a.values) + r * a.kept, a.indices + r * a.idx_row_bytes, a.n, a.m, a.K, row);
