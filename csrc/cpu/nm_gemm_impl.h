@@ -9,7 +9,8 @@
 //         decoded (LUT on the index byte, no scalar decode) into byte offsets col * 128 of
 //         the column inside an xT tile and fp32 values, in blocks of 3 rows x 4 slots:
 //         {int32 off[3][4]; float val[3][4]} (96 bytes). Recomputed per call, per panel and
-//         K tile (about 1/8 cycle per slot against B/8 FMAs per slot), so no weight cache.
+//         K tile (about 1/8 cycle per slot against B/8 FMAs per slot), so no weight cache;
+//         each row's next slice is prefetched while this one is packed.
 //   core: 3 output rows x V vectors of 8 batch lanes in 3V accumulators (12 for V = 4);
 //         per kept (row, slot): load its offset, broadcast its value, V FMAs whose second
 //         operand is loaded from the xT tile at that offset (an L1 hit: the tile is
@@ -58,6 +59,14 @@ void g24_pack(const Nm24GemmArgs& a, int64_t r0, int rows, int64_t s0, int64_t s
         continue;
       }
       const VT* v = static_cast<const VT*>(a.values) + (r0 + r) * a.kept;
+      if (s == s0 && s1 < a.kept) {
+        // This row's next K-tile slice: panels read each row in slices of a few hundred
+        // bytes, too many streams for the hardware prefetcher (see the AVX-512 packers).
+        const char* next = reinterpret_cast<const char*>(v + s1);
+        for (int64_t off = 0; off < (s1 - s0) * static_cast<int64_t>(sizeof(VT)); off += 64)
+          _mm_prefetch(next + off, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(a.indices + (r0 + r) * a.idx_row_bytes + (s1 >> 2)), _MM_HINT_T0);
+      }
       const uint8_t byte = a.indices[(r0 + r) * a.idx_row_bytes + (s >> 2)];
       if (full) {
         const __m128i cols = _mm_add_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(lut.col[byte])),
