@@ -137,6 +137,12 @@ class _Format:
         return sum(t.numel() * t.element_size() for t in (getattr(self, k) for k in self.TENSOR_NAMES))
 
     @property
+    def derived_nbytes(self) -> int:
+        """Bytes of indexes derived from the tensors and cached on this object for a kernel
+        (not in tensors(), nbytes or a state_dict); 0 when none is built."""
+        return 0
+
+    @property
     def dense_nbytes(self) -> int:
         return self.shape[0] * self.shape[1] * self.values.element_size()
 
@@ -424,6 +430,11 @@ class BitmaskWeight(_Format):
             # Set through __dict__: a derived cache, not a field (it must not clear is_validated).
             self.__dict__["_column_index"] = cached = (bm, bm._version, cols)
         return cached[2]
+
+    @property
+    def derived_nbytes(self) -> int:
+        cached = self.__dict__.get("_column_index")
+        return 0 if cached is None else cached[2].numel() * cached[2].element_size()
 
     def _row_starts(self) -> torch.Tensor:
         """int64 [out + 1]: index in `values` of each row's first kept element, then nnz."""

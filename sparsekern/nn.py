@@ -422,6 +422,8 @@ class _SparseMixin:
         else:
             density = f.density
         text = f"pattern={self.pattern}, density={density:.3f}, backend={self.backend}, compressed_bytes={nbytes}"
+        if not isinstance(f, torch.Tensor) and f.derived_nbytes:
+            text += f", derived_index_bytes={f.derived_nbytes}"  # e.g. BitmaskWeight.column_index
         if "_dense_copy" in self.__dict__:
             dense = self.__dict__["_dense_copy"][1]
             text += f", dense_copy_bytes={dense.numel() * dense.element_size()}"

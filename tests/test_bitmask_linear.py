@@ -64,6 +64,7 @@ def test_column_index_is_each_kept_values_column():
     assert cols.dtype == torch.int16 and cols.shape == W.values.shape
     torch.testing.assert_close(cols.long(), mask.nonzero()[:, 1])
     assert W.column_index() is cols  # cached
+    assert W.derived_nbytes == 2 * W.values.numel() and W.nbytes == W.to("cpu").nbytes  # counted apart
     assert W.is_validated  # a derived cache, not a field
     W.bitmask.zero_()  # an in-place edit of the mask rebuilds it
     assert W.column_index().numel() == 0
@@ -86,7 +87,7 @@ def test_dispatch_says_when_the_column_index_runs(rows, density, expect):
     uses = expect and _avx512()
     assert ("column_index" in why) == uses, why
     y = ops.bitmask_linear(x, W)
-    assert ("_column_index" in W.__dict__) == uses  # built only when the kernel reads it
+    assert (W.derived_nbytes > 0) == uses  # built only when the kernel reads it
     torch.testing.assert_close(y.double(), x.double() @ W.to_dense().double().t(), rtol=1e-5, atol=1e-5)
 
 
@@ -112,3 +113,17 @@ def test_raw_op_checks_columns(device, backend):
     with pytest.raises(ValueError, match="columns must be 1-D"):
         op(*args, W.column_index()[:-1] if W.values.numel() else torch.zeros(1, dtype=torch.int16, device=device))
     torch.testing.assert_close(op(*args, W.column_index()), op(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_module_reports_the_column_index_bytes():
+    from sparsekern.nn import SparseLinear
+
+    layer = SparseLinear.from_dense(torch.nn.Linear(300, 40), pattern="unstructured", sparsity=0.9).eval()
+    with torch.no_grad():
+        layer(torch.randn(1, 300))
+    f = layer.weight_format()
+    text = layer.describe()
+    if f.derived_nbytes:
+        assert f"derived_index_bytes={2 * f.values.numel()}" in text, text
+    else:
+        assert "derived_index_bytes" not in text, text
