@@ -272,11 +272,14 @@ void nm24_rows_b1_pair(const NmRowsArgs& a, int64_t r0, int64_t r1) {
   if (r < r1) nm24_rows_b1<VT>(a, r, r1);
 }
 
-// A few batch rows (2 <= B <= 4), straight from the compressed row: per 32 columns the lane
-// numbers are computed once, then one permute per batch row picks its 16 kept columns' x
-// values out of 32 and one FMA finishes them.
-template <typename VT, int B>
-void nm24_rows_direct(const NmRowsArgs& a, int64_t r0, int64_t r1) {
+// 1 to 4 batch rows of a pattern with 16 kept slots per 32 columns (2:4, and 4:8 and 8:16
+// below), straight from the compressed row: per 32 columns the lane numbers are computed
+// once (columns_of(row's indices, piece) -> 16 columns in 0..31; index_bytes per piece),
+// then one permute per batch row picks its 16 kept columns' x values out of 32 and one FMA
+// finishes them.
+template <typename VT, int B, typename ColumnsOf>
+void permute_rows_direct(const NmRowsArgs& a, int64_t r0, int64_t r1, int64_t index_bytes,
+                         const ColumnsOf& columns_of) {
   const int64_t full = a.K / 32;
   for (int64_t r = r0; r < r1; ++r) {
     const VT* v = static_cast<const VT*>(a.values) + r * a.kept;
@@ -287,7 +290,7 @@ void nm24_rows_direct(const NmRowsArgs& a, int64_t r0, int64_t r1) {
     // Two pieces per step into two accumulator sets, indexed by constants so they stay
     // in registers (an index of p & 1 put them on the stack).
     auto piece = [&](int64_t q, __m512 (&acc_set)[B]) {
-      const __m512i cols = nm24_piece_columns(index_word(ix, 4 * q, a.idx_row_bytes));
+      const __m512i cols = columns_of(ix, q);
       const __m512 w = load16(v + 16 * q);
       for (int b = 0; b < B; ++b) {
         const float* xc = a.x + b * a.K + 32 * q;
@@ -298,15 +301,15 @@ void nm24_rows_direct(const NmRowsArgs& a, int64_t r0, int64_t r1) {
     for (; p + 2 <= full; p += 2) {
       prefetch(v + 16 * p, kPrefetchBytes);  // 32 values (fp32: two lines)
       prefetch(v + 16 * p + 16, kPrefetchBytes);
-      if ((p & 15) == 0) prefetch(ix + 4 * p, kPrefetchBytes / 8);  // 8 index bytes per 32 values
+      if (((p * index_bytes) & 63) == 0) prefetch(ix + p * index_bytes, kPrefetchBytes / 8);  // once per line
       piece(p, acc[0]);
       piece(p + 1, acc[1]);
     }
     if (p < full) piece(p++, acc[0]);
     const int64_t c0 = 32 * p;
-    if (c0 < a.K) {  // 4..28 columns left: x masked to them, slots past the row read as zero
+    if (c0 < a.K) {  // whole groups left, fewer than 32 columns: x masked to them, later slots zero
       const int64_t cols_left = a.K - c0;
-      const __m512i cols = nm24_piece_columns(index_word(ix, 4 * p, a.idx_row_bytes));
+      const __m512i cols = columns_of(ix, p);
       const __m512 w = load16_first(v + 16 * p, static_cast<int>(cols_left / 2));
       for (int b = 0; b < B; ++b) {
         const float* xc = a.x + b * a.K + c0;
@@ -317,6 +320,13 @@ void nm24_rows_direct(const NmRowsArgs& a, int64_t r0, int64_t r1) {
     }
     for (int b = 0; b < B; ++b) a.out[b * a.O + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][b], acc[1][b]));
   }
+}
+
+template <typename VT, int B>
+void nm24_rows_direct(const NmRowsArgs& a, int64_t r0, int64_t r1) {
+  permute_rows_direct<VT, B>(a, r0, r1, 4, [&](const uint8_t* ix, int64_t q) {
+    return nm24_piece_columns(index_word(ix, 4 * q, a.idx_row_bytes));
+  });
 }
 
 template <typename VT>
@@ -411,8 +421,8 @@ void nm_rows_b1(const NmRowsArgs& a, int64_t r0, int64_t r1) {
 }
 
 // ---- N:M with n = m / 2 and m = 8 or 16 (4:8, 8:16) at 1 to 4 batch rows ----------------
-// 16 slots span 32 columns, like 2:4, so one permute of two x vectors per batch row brings
-// the 16 kept columns' x values beside their values. The 16 in-group indices of a piece are
+// 16 slots span 32 columns, like 2:4, so permute_rows_direct runs them: one permute of two
+// x vectors per batch row brings the 16 kept columns' x values beside their values. The 16 in-group indices of a piece are
 // its 8 index bytes (slot t at bits [4t, 4t + 4), little-endian): broadcast as a 64-bit word,
 // each lane takes its half by a permute and its nibble by a variable shift. The index is
 // kept inside its group (& (m - 1)): a raw call with indices no format holds reads the wrong
@@ -441,44 +451,9 @@ inline __m512i nm_half_piece_columns(uint64_t word) {
 
 template <typename VT, int64_t M, int B>
 void nm_half_rows(const NmRowsArgs& a, int64_t r0, int64_t r1) {
-  const int64_t full = a.K / 32;
-  for (int64_t r = r0; r < r1; ++r) {
-    const VT* v = static_cast<const VT*>(a.values) + r * a.kept;
-    const uint8_t* ix = a.indices + r * a.idx_row_bytes;
-    __m512 acc[2][B];
-    for (int b = 0; b < B; ++b) acc[0][b] = acc[1][b] = _mm512_setzero_ps();
-    auto piece = [&](int64_t q, __m512 (&acc_set)[B]) {
-      const __m512i cols = nm_half_piece_columns<M>(index_qword(ix, 8 * q, a.idx_row_bytes));
-      const __m512 w = load16(v + 16 * q);
-      for (int b = 0; b < B; ++b) {
-        const float* xc = a.x + b * a.K + 32 * q;
-        acc_set[b] = _mm512_fmadd_ps(w, _mm512_permutex2var_ps(_mm512_loadu_ps(xc), cols, _mm512_loadu_ps(xc + 16)),
-                                     acc_set[b]);
-      }
-    };
-    int64_t p = 0;
-    for (; p + 2 <= full; p += 2) {
-      prefetch(v + 16 * p, kPrefetchBytes);  // 32 values (fp32: two lines)
-      prefetch(v + 16 * p + 16, kPrefetchBytes);
-      if ((p & 3) == 0) prefetch(ix + 8 * p, kPrefetchBytes / 8);  // 16 index bytes per 32 values
-      piece(p, acc[0]);
-      piece(p + 1, acc[1]);
-    }
-    if (p < full) piece(p++, acc[0]);
-    const int64_t c0 = 32 * p;
-    if (c0 < a.K) {  // whole groups left (fewer than 32 columns): x masked to them, later slots zero
-      const int64_t cols_left = a.K - c0;
-      const __m512i cols = nm_half_piece_columns<M>(index_qword(ix, 8 * p, a.idx_row_bytes));
-      const __m512 w = load16_first(v + 16 * p, static_cast<int>(cols_left / 2));
-      for (int b = 0; b < B; ++b) {
-        const float* xc = a.x + b * a.K + c0;
-        const __m512 xlo = _mm512_maskz_loadu_ps(first_lanes(cols_left), xc);
-        const __m512 xhi = _mm512_maskz_loadu_ps(first_lanes(cols_left > 16 ? cols_left - 16 : 0), xc + 16);
-        acc[0][b] = _mm512_fmadd_ps(w, _mm512_permutex2var_ps(xlo, cols, xhi), acc[0][b]);
-      }
-    }
-    for (int b = 0; b < B; ++b) a.out[b * a.O + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][b], acc[1][b]));
-  }
+  permute_rows_direct<VT, B>(a, r0, r1, 8, [&](const uint8_t* ix, int64_t q) {
+    return nm_half_piece_columns<M>(index_qword(ix, 8 * q, a.idx_row_bytes));
+  });
 }
 
 template <typename VT, int64_t M>
