@@ -85,15 +85,16 @@ inline uint16_t mask_piece(const int64_t* words, int64_t piece) {
   std::memcpy(&v, reinterpret_cast<const uint8_t*>(words) + 2 * piece, 2);
   return v;
 }
-inline uint32_t index_word(const uint8_t* ix, int64_t byte, int64_t row_bytes) {
-  // Four index bytes (16 slots); fewer at the end of the row, never read past it. (A
-  // memcpy of run-time length would be a library call.)
-  uint32_t v = 0;
-  if (row_bytes - byte >= 4) {
-    std::memcpy(&v, ix + byte, 4);
+template <typename Word = uint32_t>
+inline Word index_word(const uint8_t* ix, int64_t byte, int64_t row_bytes) {
+  // sizeof(Word) index bytes (16 slots: 4 bytes at 2 bits, 8 at 4 bits); fewer at the end
+  // of the row, never read past it. (A memcpy of run-time length would be a library call.)
+  Word v = 0;
+  if (row_bytes - byte >= static_cast<int64_t>(sizeof(Word))) {
+    std::memcpy(&v, ix + byte, sizeof(Word));
     return v;
   }
-  for (int64_t i = byte; i < row_bytes; ++i) v |= static_cast<uint32_t>(ix[i]) << (8 * (i - byte));
+  for (int64_t i = byte; i < row_bytes; ++i) v |= static_cast<Word>(ix[i]) << (8 * (i - byte));
   return v;
 }
 
@@ -427,15 +428,6 @@ void nm_rows_b1(const NmRowsArgs& a, int64_t r0, int64_t r1) {
 // each lane takes its half by a permute and its nibble by a variable shift. The index is
 // kept inside its group (& (m - 1)): a raw call with indices no format holds reads the wrong
 // column of x, never one outside the piece.
-inline uint64_t index_qword(const uint8_t* ix, int64_t byte, int64_t row_bytes) {
-  uint64_t v = 0;
-  if (row_bytes - byte >= 8) {
-    std::memcpy(&v, ix + byte, 8);
-    return v;
-  }
-  for (int64_t i = byte; i < row_bytes; ++i) v |= static_cast<uint64_t>(ix[i]) << (8 * (i - byte));
-  return v;
-}
 
 template <int64_t M>
 inline __m512i nm_half_piece_columns(uint64_t word) {
@@ -452,7 +444,7 @@ inline __m512i nm_half_piece_columns(uint64_t word) {
 template <typename VT, int64_t M, int B>
 void nm_half_rows(const NmRowsArgs& a, int64_t r0, int64_t r1) {
   permute_rows_direct<VT, B>(a, r0, r1, 8, [&](const uint8_t* ix, int64_t q) {
-    return nm_half_piece_columns<M>(index_qword(ix, 8 * q, a.idx_row_bytes));
+    return nm_half_piece_columns<M>(index_word<uint64_t>(ix, 8 * q, a.idx_row_bytes));
   });
 }
 
