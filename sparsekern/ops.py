@@ -101,9 +101,9 @@ def _nm_key(x, weight=None, bias=None):
 
 # The CPU bitmask kernel reads the column of each kept value (BitmaskWeight.column_index,
 # 2 bytes per kept value) instead of the mask up to these densities, per batch bucket, with
-# AVX-512. 4096x4096 fp32 streamed from memory, 2 threads, interleaved with the mask
-# kernels: 1 row 2.15x / 1.50x / 1.17x the mask kernel at 5% / 10% / 20% kept; 2 rows 4.3x /
-# 2.1x / 0.93x; 4 rows 2.7x / 1.25x / 0.98x at 15% / 0.68x at 20%.
+# AVX-512. 4096x4096 fp32 streamed from memory (each call on another of 40 weights), 2
+# threads, interleaved with the mask kernels, at 10% / 20% kept: 1 row 1.30x / 1.19x the
+# mask kernel, 2 rows 2.0x / 1.00x, 4 rows 1.22x / 0.70x.
 COLUMN_INDEX_MAX_DENSITY = {1: 0.2, 4: 0.1}  # batch bucket -> density
 
 
