@@ -28,7 +28,7 @@ Bitmask (unstructured) -- BitmaskWeight:
   bf16 at 50% density: 50% + 6.25% = 56.25% of dense; at 10%: 10% + 6.25% = 16.25%;
   offsets add 4 bytes per 512 elements (0.4% of dense bf16).
   column_index() int16 [nnz] (derived, not saved): the column of each kept value, built on
-          first use when sparsekern.ops runs the CPU kernel at low density and 1 to 4 rows
+          first use when sparsekern.ops runs the CPU kernels at low density and 1 to 64 rows
           (ops.COLUMN_INDEX_*). It adds 2 bytes per kept value (fp32 at 10% kept: 5% of
           dense, on top of values 10% + bitmask 3.1%); that kernel streams values and
           columns (15% of dense) instead of values and bitmask.

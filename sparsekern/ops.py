@@ -99,12 +99,13 @@ def _nm_key(x, weight=None, bias=None):
     return x, (batch_bucket(_rows(x)), (weight.n, weight.m, weight.shape[0], weight.in_features))
 
 
-# The CPU bitmask kernel reads the column of each kept value (BitmaskWeight.column_index,
+# The CPU bitmask kernels read the column of each kept value (BitmaskWeight.column_index,
 # 2 bytes per kept value) instead of the mask up to these densities, per batch bucket, with
-# AVX-512. 4096x4096 fp32 streamed from memory (each call on another of 40 weights), 2
+# AVX-512. 4096x4096 fp32 streamed from memory (each call on another of 24-40 weights), 2
 # threads, interleaved with the mask kernels, at 10% / 20% kept: 1 row 1.30x / 1.19x the
-# mask kernel, 2 rows 2.0x / 1.00x, 4 rows 1.22x / 0.70x.
-COLUMN_INDEX_MAX_DENSITY = {1: 0.2, 4: 0.1}  # batch bucket -> density
+# mask kernel, 2 rows 2.0x / 1.00x, 4 rows 1.22x / 0.70x; 8 rows 2.06x / 1.44x, 16 rows
+# 2.18x / 2.04x, 32 rows 2.33x / 1.65x (at 30% kept: 1.03x, 1.66x, 0.99x).
+COLUMN_INDEX_MAX_DENSITY = {1: 0.2, 4: 0.1, 16: 0.2, 64: 0.2}  # batch bucket -> density
 
 
 def _uses_column_index(x, weight, bucket: int) -> bool:

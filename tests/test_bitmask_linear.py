@@ -76,8 +76,9 @@ def test_column_index_refuses_wide_rows():
         W.column_index()
 
 
-@pytest.mark.parametrize("rows,density,expect", [(1, 0.1, True), (4, 0.05, True), (5, 0.1, False),
-                                                 (1, 0.3, False)])
+@pytest.mark.parametrize("rows,density,expect", [(1, 0.1, True), (4, 0.05, True), (4, 0.15, False),
+                                                 (8, 0.1, True), (40, 0.1, True), (70, 0.1, False),
+                                                 (1, 0.3, False), (16, 0.3, False)])
 def test_dispatch_says_when_the_column_index_runs(rows, density, expect):
     W = BitmaskWeight.from_dense(torch.randn(64, 1000), torch.rand(64, 1000) < density)
     x = torch.randn(rows, 1000)

@@ -107,8 +107,8 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, con
     BitmaskRowsArgs a{vals.data_ptr(), bm.data_ptr<int64_t>(), off.data_ptr<int32_t>(), vals.scalar_type(),
                       bm.size(1), off.size(1), K, O, x2.data_ptr<float>(), B, 0, out.data_ptr<float>(),
                       vals.numel()};
-    // The column index, when given, drives the 1-to-4-row kernels. Only this AVX-512 branch
-    // reads it; the AVX2 and portable kernels below walk the bitmask.
+    // The column index, when given, drives the 1-to-4-row kernels here (the direct branch
+    // below reads it too, with AVX-512; the AVX2 and portable kernels walk the bitmask).
     at::Tensor cols;
     if (columns.has_value() && B <= 4) {
       cols = columns->contiguous();
@@ -120,6 +120,9 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, con
     // with the kept elements, so at low density it wins at any batch.
     out = at::empty({B, O}, x2.options());
     const bool avx2 = cpu_has_avx2();
+    // With the column index (AVX-512), the lanes kernel costs per kept value, not per mask word.
+    at::Tensor cols;
+    if (columns.has_value() && cpu_has_avx512() && vals.numel() > 0) cols = columns->contiguous();
     for (int64_t b0 = 0; b0 < B; b0 += kDirectMaxBatch) {
       const int64_t bt = std::min(kDirectMaxBatch, B - b0);
       auto xt = x2.narrow(0, b0, bt);
@@ -127,9 +130,12 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, con
       const int64_t BP = lanes_for_batch(bt);
       auto xin = BP ? x_lanes(xt, BP) : xt.contiguous();
       BitmaskRowsArgs a{vals.data_ptr(), bm.data_ptr<int64_t>(), off.data_ptr<int32_t>(), vals.scalar_type(),
-                        bm.size(1), off.size(1), K, O, xin.data_ptr<float>(), bt, BP, ot.data_ptr<float>()};
+                        bm.size(1), off.size(1), K, O, xin.data_ptr<float>(), bt, BP, ot.data_ptr<float>(),
+                        vals.numel()};
+      if (cols.defined() && (BP > 0 || bt <= 4)) a.columns = cols.data_ptr<int16_t>();
       parallel_rows(O, rows_grain(K, bt), [&](int64_t r0, int64_t r1) {
-        if (avx2) avx2::bitmask_rows(a, r0, r1);
+        if (a.columns) avx512::bitmask_rows(a, r0, r1);
+        else if (avx2) avx2::bitmask_rows(a, r0, r1);
         else generic::bitmask_rows(a, r0, r1);
       });
       if (bt != B) out.narrow(0, b0, bt).copy_(ot);

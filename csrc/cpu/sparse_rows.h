@@ -116,6 +116,8 @@ SPARSEKERN_DECLARE_ROWS(generic)
 inline bool avx512_nm_pattern(int64_t n, int64_t m) { return (n == 2 && m == 4) || ((m == 8 || m == 16) && n % 2 == 0); }
 namespace avx512 {
 void nm_rows(const NmRowsArgs& a, int64_t r0, int64_t r1);
+// With a.columns: 1-4 rows of row-major x, or any batch tile as lanes (BP 8 or 16). Without
+// it: row-major x only.
 void bitmask_rows(const BitmaskRowsArgs& a, int64_t r0, int64_t r1);
 void nm_dense_rows(const NmRowsArgs& a, int64_t r0, int64_t r1, float* dst);
 void bitmask_dense_rows(const BitmaskRowsArgs& a, int64_t r0, int64_t r1, float* dst);

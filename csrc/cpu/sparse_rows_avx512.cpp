@@ -17,9 +17,11 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "../common.h"  // kBitmaskTileCols
 #include "sparse_rows.h"
@@ -626,6 +628,52 @@ void bitmask_rows_by_columns(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+// 5 to 16 batch rows given the column index, x as lanes (xT [K][BP], BP = 8 or 16, lanes
+// past B zero): per kept value one broadcast of the value and one FMA with its column's BP
+// lanes of x, into eight accumulators in turn (each FMA waits on an L2 load of its x lanes:
+// the lanes of all K columns are 128 or 256 KiB). Nothing is
+// done per mask word, where the AVX2 kernel decodes every word's bytes at any density.
+// Columns are clamped to K - 1, as in bitmask_rows_by_columns.
+template <typename VT, int BP>
+void bitmask_lanes_by_columns(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
+  using Vec = typename std::conditional<BP == 16, __m512, __m256>::type;
+  auto fma = [](float w, const float* xc, Vec acc) {
+    if constexpr (BP == 16) return _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(xc), acc);
+    else return _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_loadu_ps(xc), acc);
+  };
+  const VT* values = static_cast<const VT*>(a.values);
+  const uint16_t* cols = reinterpret_cast<const uint16_t*>(a.columns);
+  const uint32_t last_col = static_cast<uint32_t>(a.K - 1);
+  auto col_lanes = [&](int64_t k) { return a.x + static_cast<int64_t>(std::min<uint32_t>(cols[k], last_col)) * BP; };
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t start = a.offsets[r * a.tiles];
+    const int64_t end = r + 1 < a.O ? a.offsets[(r + 1) * a.tiles] : a.nnz;
+    Vec acc0{}, acc1{}, acc2{}, acc3{}, acc4{}, acc5{}, acc6{}, acc7{};
+    int64_t k = start;
+    for (; k + 8 <= end; k += 8) {
+      prefetch(values + k, kPrefetchBytes);
+      prefetch(cols + k, kPrefetchBytes / 2);
+      acc0 = fma(static_cast<float>(values[k]), col_lanes(k), acc0);
+      acc1 = fma(static_cast<float>(values[k + 1]), col_lanes(k + 1), acc1);
+      acc2 = fma(static_cast<float>(values[k + 2]), col_lanes(k + 2), acc2);
+      acc3 = fma(static_cast<float>(values[k + 3]), col_lanes(k + 3), acc3);
+      acc4 = fma(static_cast<float>(values[k + 4]), col_lanes(k + 4), acc4);
+      acc5 = fma(static_cast<float>(values[k + 5]), col_lanes(k + 5), acc5);
+      acc6 = fma(static_cast<float>(values[k + 6]), col_lanes(k + 6), acc6);
+      acc7 = fma(static_cast<float>(values[k + 7]), col_lanes(k + 7), acc7);
+    }
+    for (; k < end; ++k) acc0 = fma(static_cast<float>(values[k]), col_lanes(k), acc0);
+    alignas(64) float sum[BP];
+    if constexpr (BP == 16)
+      _mm512_store_ps(sum, _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)),
+                                         _mm512_add_ps(_mm512_add_ps(acc4, acc5), _mm512_add_ps(acc6, acc7))));
+    else
+      _mm256_store_ps(sum, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)),
+                                         _mm256_add_ps(_mm256_add_ps(acc4, acc5), _mm256_add_ps(acc6, acc7))));
+    for (int64_t b = 0; b < a.B; ++b) a.out[b * a.O + r] = sum[b];
+  }
+}
+
 // 2 to 8 batch rows, straight from the compressed row: per 16 columns one expanding
 // load of the kept values, then per batch row one FMA with x loaded under the same mask.
 // The cost follows the 16-column pieces (empty pairs of pieces are skipped).
@@ -668,6 +716,8 @@ void bitmask_rows_direct(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
 template <typename VT>
 void bitmask_rows_t(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
   if (a.columns != nullptr && a.nnz > 0) {
+    if (a.BP == 16) return bitmask_lanes_by_columns<VT, 16>(a, r0, r1);
+    if (a.BP == 8) return bitmask_lanes_by_columns<VT, 8>(a, r0, r1);
     switch (a.B) {
       case 1: return bitmask_rows_by_columns<VT, 1>(a, r0, r1);
       case 2: return bitmask_rows_by_columns<VT, 2>(a, r0, r1);
