@@ -347,10 +347,15 @@ def backend_for(op: str, *args) -> str:
     return explain_backend(op, *args)[0]
 
 
-def _run(op: str, key_args: tuple, *args):
+def _decision(op: str, key_args: tuple) -> tuple[Decision, tuple]:
+    """The decision for `op` on these key arguments, and the key's extra part."""
     spec = OPS[op]
     t, extra = spec.key(*key_args)
-    return _decide(spec, t, extra).run(*args)
+    return _decide(spec, t, extra), extra
+
+
+def _run(op: str, key_args: tuple, *args):
+    return _decision(op, key_args)[0].run(*args)
 
 
 # ------------------------------------------------------------------ argument checks
@@ -458,9 +463,7 @@ def bitmask_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) ->
     _check_format("bitmask_linear", weight, "BitmaskWeight")
     _check_x("bitmask_linear", x, weight.in_features, weight.dtype, weight.device)
     _check_bias("bitmask_linear", bias, weight.shape[0], x)
-    spec = OPS["bitmask_linear"]
-    t, extra = spec.key(x, weight)
-    d = _decide(spec, t, extra)
+    d, extra = _decision("bitmask_linear", (x, weight))
     columns = weight.column_index() if d.backend == "cpp" and extra[1] else None
     return d.run(x, *weight.kernel_args(), bias, columns)
 

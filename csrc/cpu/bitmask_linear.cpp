@@ -67,6 +67,10 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, con
   auto off = offsets.contiguous();
   auto x2 = x_float_2d(x);
   const int64_t B = x2.size(0);
+  // The column index (BitmaskWeight.column_index) is read by the AVX-512 kernels only; the
+  // AVX2 and portable kernels walk the bitmask.
+  at::Tensor cols;
+  if (columns.has_value() && cpu_has_avx512() && vals.numel() > 0) cols = columns->contiguous();
   at::Tensor out;
   if (B == 0 || O == 0) {
     out = at::zeros({B, O}, x2.options());
@@ -107,22 +111,14 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, con
     BitmaskRowsArgs a{vals.data_ptr(), bm.data_ptr<int64_t>(), off.data_ptr<int32_t>(), vals.scalar_type(),
                       bm.size(1), off.size(1), K, O, x2.data_ptr<float>(), B, 0, out.data_ptr<float>(),
                       vals.numel()};
-    // The column index, when given, drives the 1-to-4-row kernels here (the direct branch
-    // below reads it too, with AVX-512; the AVX2 and portable kernels walk the bitmask).
-    at::Tensor cols;
-    if (columns.has_value() && B <= 4) {
-      cols = columns->contiguous();
-      a.columns = cols.data_ptr<int16_t>();
-    }
+    if (cols.defined() && B <= 4) a.columns = cols.data_ptr<int16_t>();  // the 1-to-4-row kernels
     parallel_rows(O, rows_grain(K, B), [&](int64_t r0, int64_t r1) { avx512::bitmask_rows(a, r0, r1); });
   } else {
     // Direct sparse kernel, in batch tiles of at most kDirectMaxBatch rows: its cost grows
     // with the kept elements, so at low density it wins at any batch.
     out = at::empty({B, O}, x2.options());
     const bool avx2 = cpu_has_avx2();
-    // With the column index (AVX-512), the lanes kernel costs per kept value, not per mask word.
-    at::Tensor cols;
-    if (columns.has_value() && cpu_has_avx512() && vals.numel() > 0) cols = columns->contiguous();
+    // With the column index, the lanes kernel costs per kept value, not per mask word.
     for (int64_t b0 = 0; b0 < B; b0 += kDirectMaxBatch) {
       const int64_t bt = std::min(kDirectMaxBatch, B - b0);
       auto xt = x2.narrow(0, b0, bt);

@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "../common.h"  // kBitmaskTileCols
 #include "sparse_rows.h"
@@ -193,88 +194,6 @@ void nm24_row_dense(const VT* v, const uint8_t* ix, int64_t kept, int64_t row_by
   (void)kept;
 }
 
-// One batch row, one weight row at a time (the odd row left by nm24_rows_b1_pair below):
-// per 32 columns one permute picks the 16 kept columns' x values, two pieces per step into
-// two named accumulators.
-template <typename VT>
-void nm24_rows_b1(const NmRowsArgs& a, int64_t r0, int64_t r1) {
-  const int64_t full = a.K / 32;
-  for (int64_t r = r0; r < r1; ++r) {
-    const VT* v = static_cast<const VT*>(a.values) + r * a.kept;
-    const uint8_t* ix = a.indices + r * a.idx_row_bytes;
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    int64_t p = 0;
-    for (; p + 2 <= full; p += 2) {
-      prefetch(v + 16 * p, kPrefetchBytes);                        // 32 values: 1-2 lines
-      prefetch(v + 16 * p + 16, kPrefetchBytes);
-      if ((p & 7) == 0) prefetch(ix + 4 * p, kPrefetchBytes / 8);  // 8 bytes of indices per 32 values
-      const float* xc = a.x + 32 * p;
-      const __m512 s0 = _mm512_permutex2var_ps(_mm512_loadu_ps(xc), nm24_piece_columns(index_word(ix, 4 * p, a.idx_row_bytes)),
-                                               _mm512_loadu_ps(xc + 16));
-      const __m512 s1 = _mm512_permutex2var_ps(_mm512_loadu_ps(xc + 32),
-                                               nm24_piece_columns(index_word(ix, 4 * p + 4, a.idx_row_bytes)),
-                                               _mm512_loadu_ps(xc + 48));
-      acc0 = _mm512_fmadd_ps(load16(v + 16 * p), s0, acc0);
-      acc1 = _mm512_fmadd_ps(load16(v + 16 * p + 16), s1, acc1);
-    }
-    if (p < full) {
-      const float* xc = a.x + 32 * p;
-      const __m512 s0 = _mm512_permutex2var_ps(_mm512_loadu_ps(xc), nm24_piece_columns(index_word(ix, 4 * p, a.idx_row_bytes)),
-                                               _mm512_loadu_ps(xc + 16));
-      acc0 = _mm512_fmadd_ps(load16(v + 16 * p), s0, acc0);
-      ++p;
-    }
-    const int64_t c0 = 32 * p;
-    if (c0 < a.K) {  // 4..28 columns left: x masked to them, slots past the row read as zero
-      const int64_t cols = a.K - c0, slots = cols / 2;
-      const __m512 xlo = _mm512_maskz_loadu_ps(first_lanes(cols), a.x + c0);
-      const __m512 xhi = _mm512_maskz_loadu_ps(first_lanes(cols - 16 > 0 ? cols - 16 : 0), a.x + c0 + 16);
-      const __m512 s0 = _mm512_permutex2var_ps(xlo, nm24_piece_columns(index_word(ix, 4 * p, a.idx_row_bytes)), xhi);
-      acc0 = _mm512_fmadd_ps(load16_first(v + 16 * p, static_cast<int>(slots)), s0, acc0);
-    }
-    a.out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-  }
-}
-
-// One batch row, two weight rows per step: four streams in flight instead of two, which
-// brought the kernel closer to DRAM bandwidth (4096x4096 fp32, 2 threads, weights rotated:
-// 1.43-1.49x dense against 1.33-1.37x for one row per step, in alternating runs).
-template <typename VT>
-void nm24_rows_b1_pair(const NmRowsArgs& a, int64_t r0, int64_t r1) {
-  const int64_t full = a.K / 32;
-  int64_t r = r0;
-  for (; r + 2 <= r1; r += 2) {
-    const VT* v0 = static_cast<const VT*>(a.values) + r * a.kept;
-    const VT* v1 = v0 + a.kept;
-    const uint8_t* i0 = a.indices + r * a.idx_row_bytes;
-    const uint8_t* i1 = i0 + a.idx_row_bytes;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    int64_t p = 0;
-    for (; p < full; ++p) {
-      prefetch(v0 + 16 * p, kPrefetchBytes);
-      prefetch(v1 + 16 * p, kPrefetchBytes);
-      if ((p & 15) == 0) { prefetch(i0 + 4 * p, kPrefetchBytes / 8); prefetch(i1 + 4 * p, kPrefetchBytes / 8); }
-      const __m512 xl = _mm512_loadu_ps(a.x + 32 * p), xh = _mm512_loadu_ps(a.x + 32 * p + 16);
-      a0 = _mm512_fmadd_ps(load16(v0 + 16 * p), _mm512_permutex2var_ps(xl, nm24_piece_columns(index_word(i0, 4 * p, a.idx_row_bytes)), xh), a0);
-      a1 = _mm512_fmadd_ps(load16(v1 + 16 * p), _mm512_permutex2var_ps(xl, nm24_piece_columns(index_word(i1, 4 * p, a.idx_row_bytes)), xh), a1);
-    }
-    const int64_t c0 = 32 * p;
-    if (c0 < a.K) {  // 4..28 columns left: x masked to them, slots past the row read as zero
-      const int64_t cols = a.K - c0;
-      const int slots = static_cast<int>(cols / 2);
-      const __m512 xl = _mm512_maskz_loadu_ps(first_lanes(cols), a.x + c0);
-      const __m512 xh = _mm512_maskz_loadu_ps(first_lanes(cols > 16 ? cols - 16 : 0), a.x + c0 + 16);
-      a0 = _mm512_fmadd_ps(load16_first(v0 + 16 * p, slots),
-                           _mm512_permutex2var_ps(xl, nm24_piece_columns(index_word(i0, 4 * p, a.idx_row_bytes)), xh), a0);
-      a1 = _mm512_fmadd_ps(load16_first(v1 + 16 * p, slots),
-                           _mm512_permutex2var_ps(xl, nm24_piece_columns(index_word(i1, 4 * p, a.idx_row_bytes)), xh), a1);
-    }
-    a.out[r] = _mm512_reduce_add_ps(a0);
-    a.out[r + 1] = _mm512_reduce_add_ps(a1);
-  }
-  if (r < r1) nm24_rows_b1<VT>(a, r, r1);
-}
-
 // 1 to 4 batch rows of a pattern with 16 kept slots per 32 columns (2:4, and 4:8 and 8:16
 // below), straight from the compressed row: per 32 columns the lane numbers are computed
 // once (columns_of(row's indices, piece) -> 16 columns in 0..31; index_bytes per piece),
@@ -330,6 +249,45 @@ void nm24_rows_direct(const NmRowsArgs& a, int64_t r0, int64_t r1) {
   permute_rows_direct<VT, B>(a, r0, r1, 4, [&](const uint8_t* ix, int64_t q) {
     return nm24_piece_columns(index_word(ix, 4 * q, a.idx_row_bytes));
   });
+}
+
+// One batch row, two weight rows per step: four streams in flight instead of two, which
+// brought the kernel closer to DRAM bandwidth (4096x4096 fp32, 2 threads, weights rotated:
+// 1.43-1.49x dense against 1.33-1.37x for one row per step, in alternating runs).
+template <typename VT>
+void nm24_rows_b1_pair(const NmRowsArgs& a, int64_t r0, int64_t r1) {
+  const int64_t full = a.K / 32;
+  int64_t r = r0;
+  for (; r + 2 <= r1; r += 2) {
+    const VT* v0 = static_cast<const VT*>(a.values) + r * a.kept;
+    const VT* v1 = v0 + a.kept;
+    const uint8_t* i0 = a.indices + r * a.idx_row_bytes;
+    const uint8_t* i1 = i0 + a.idx_row_bytes;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t p = 0;
+    for (; p < full; ++p) {
+      prefetch(v0 + 16 * p, kPrefetchBytes);
+      prefetch(v1 + 16 * p, kPrefetchBytes);
+      if ((p & 15) == 0) { prefetch(i0 + 4 * p, kPrefetchBytes / 8); prefetch(i1 + 4 * p, kPrefetchBytes / 8); }
+      const __m512 xl = _mm512_loadu_ps(a.x + 32 * p), xh = _mm512_loadu_ps(a.x + 32 * p + 16);
+      a0 = _mm512_fmadd_ps(load16(v0 + 16 * p), _mm512_permutex2var_ps(xl, nm24_piece_columns(index_word(i0, 4 * p, a.idx_row_bytes)), xh), a0);
+      a1 = _mm512_fmadd_ps(load16(v1 + 16 * p), _mm512_permutex2var_ps(xl, nm24_piece_columns(index_word(i1, 4 * p, a.idx_row_bytes)), xh), a1);
+    }
+    const int64_t c0 = 32 * p;
+    if (c0 < a.K) {  // 4..28 columns left: x masked to them, slots past the row read as zero
+      const int64_t cols = a.K - c0;
+      const int slots = static_cast<int>(cols / 2);
+      const __m512 xl = _mm512_maskz_loadu_ps(first_lanes(cols), a.x + c0);
+      const __m512 xh = _mm512_maskz_loadu_ps(first_lanes(cols > 16 ? cols - 16 : 0), a.x + c0 + 16);
+      a0 = _mm512_fmadd_ps(load16_first(v0 + 16 * p, slots),
+                           _mm512_permutex2var_ps(xl, nm24_piece_columns(index_word(i0, 4 * p, a.idx_row_bytes)), xh), a0);
+      a1 = _mm512_fmadd_ps(load16_first(v1 + 16 * p, slots),
+                           _mm512_permutex2var_ps(xl, nm24_piece_columns(index_word(i1, 4 * p, a.idx_row_bytes)), xh), a1);
+    }
+    a.out[r] = _mm512_reduce_add_ps(a0);
+    a.out[r + 1] = _mm512_reduce_add_ps(a1);
+  }
+  if (r < r1) nm24_rows_direct<VT, 1>(a, r, r1);  // the odd row
 }
 
 template <typename VT>
@@ -582,6 +540,12 @@ void bitmask_rows_b1_indexed(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+// Row r's kept values are values[start, end): the row's first tile offset, and the next
+// row's (the last row ends at nnz). The column-index kernels need no per-word walk.
+inline std::pair<int64_t, int64_t> kept_span(const BitmaskRowsArgs& a, int64_t r) {
+  return {a.offsets[r * a.tiles], r + 1 < a.O ? a.offsets[(r + 1) * a.tiles] : a.nnz};
+}
+
 // 1 to 4 batch rows, given the column of every kept value (`columns`, 16 bits each; built
 // by BitmaskWeight.column_index and passed by sparsekern.ops at low density): per 16 kept
 // values one load of values and columns, then per batch row one gather of x and one FMA.
@@ -596,8 +560,7 @@ void bitmask_rows_by_columns(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
   const uint16_t* cols = reinterpret_cast<const uint16_t*>(a.columns);
   auto columns16 = [&](__m256i c16) { return _mm512_min_epu32(_mm512_cvtepu16_epi32(c16), last_col); };
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t start = a.offsets[r * a.tiles];
-    const int64_t end = r + 1 < a.O ? a.offsets[(r + 1) * a.tiles] : a.nnz;
+    const auto [start, end] = kept_span(a, r);
     __m512 acc0[B], acc1[B];
     for (int b = 0; b < B; ++b) acc0[b] = acc1[b] = _mm512_setzero_ps();
     int64_t k = start;
@@ -646,8 +609,7 @@ void bitmask_lanes_by_columns(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) 
   const uint32_t last_col = static_cast<uint32_t>(a.K - 1);
   auto col_lanes = [&](int64_t k) { return a.x + static_cast<int64_t>(std::min<uint32_t>(cols[k], last_col)) * BP; };
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t start = a.offsets[r * a.tiles];
-    const int64_t end = r + 1 < a.O ? a.offsets[(r + 1) * a.tiles] : a.nnz;
+    const auto [start, end] = kept_span(a, r);
     Vec acc0{}, acc1{}, acc2{}, acc3{}, acc4{}, acc5{}, acc6{}, acc7{};
     int64_t k = start;
     for (; k + 8 <= end; k += 8) {
@@ -730,7 +692,9 @@ void bitmask_rows_t(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
     case 1:
       if (a.nnz > 0 && a.nnz <= kB1IndexedMaxDensity * static_cast<double>(a.O) * static_cast<double>(a.K))
         return bitmask_rows_b1_indexed<VT>(a, r0, r1);
-      return bitmask_rows_b1<VT>(a, r0, r1);  // faster than the template at one row (measured)
+      // Not bitmask_rows_direct<VT, 1>: the same loop, but 3-4% slower at one row (50% kept,
+      // three alternating runs, each faster with this one).
+      return bitmask_rows_b1<VT>(a, r0, r1);
     case 2: return bitmask_rows_direct<VT, 2>(a, r0, r1);
     case 3: return bitmask_rows_direct<VT, 3>(a, r0, r1);
     case 4: return bitmask_rows_direct<VT, 4>(a, r0, r1);
