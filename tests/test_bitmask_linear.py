@@ -105,9 +105,9 @@ def test_column_index_gradients_match_the_mask_kernel():
 def test_raw_op_checks_columns(device, backend):
     W = BitmaskWeight.from_dense(torch.randn(6, 70, device=device), torch.rand(6, 70, device=device) < 0.2)
     x = torch.randn(1, 70, device=device)
-    op = {"cpp": torch.ops.sparsekern.bitmask_linear, "cuda": torch.ops.sparsekern.bitmask_linear}.get(backend)
-    if op is None:
+    if backend not in ("cpp", "cuda"):
         pytest.skip(f"{backend}: the raw op's checks are the compiled ones")
+    op = torch.ops.sparsekern.bitmask_linear
     args = (x, W.values, W.bitmask, W.offsets, 70, None)
     with pytest.raises(TypeError, match="columns must be Short"):
         op(*args, W.column_index().long())
@@ -120,11 +120,16 @@ def test_module_reports_the_column_index_bytes():
     from sparsekern.nn import SparseLinear
 
     layer = SparseLinear.from_dense(torch.nn.Linear(300, 40), pattern="unstructured", sparsity=0.9).eval()
-    with torch.no_grad():
-        layer(torch.randn(1, 300))
     f = layer.weight_format()
+    assert "derived_index_bytes" not in layer.describe()  # nothing built yet
+    x = torch.randn(1, 300)
+    with torch.no_grad():
+        layer(x)
+        uses = "column_index" in ops.explain_backend("bitmask_linear", x, f)[1]
+        ops.bitmask_linear(x, f)  # the sparse path, whichever path the layer chose
+    assert (f.derived_nbytes > 0) == uses
     text = layer.describe()
-    if f.derived_nbytes:
+    if uses:
         assert f"derived_index_bytes={2 * f.values.numel()}" in text, text
     else:
         assert "derived_index_bytes" not in text, text

@@ -74,7 +74,7 @@ CHILD = textwrap.dedent(
     # columns outside the row, or negative as int16, must not read outside x.
     B = BitmaskWeight.from_dense(torch.randn(21, 100, generator=gen), torch.rand(21, 100, generator=gen) < 0.1)
     for cols in (torch.full_like(B.column_index(), -1), torch.full_like(B.column_index(), 32767)):
-        for batch in (1, 2, 4):
+        for batch in (1, 2, 4, 8, 20):  # row-major kernels, then the lanes kernel (and a 4-row tail)
             y = torch.ops.sparsekern.bitmask_linear(torch.randn(batch, 100, generator=gen), B.values, B.bitmask,
                                                     B.offsets, 100, None, cols)
             if tuple(y.shape) != (batch, 21) or not torch.isfinite(y).all():
@@ -97,7 +97,7 @@ GRID = {
     "shapes": [(1, 4), (5, 28), (33, 36), (7, 100), (19, 132), (8, 48), (6, 56), (5, 208), (64, 1000), (3, 2052)],
     # 2:4; even n with m = 8 and 16 (AVX-512 mask-table kernels); odd n (the AVX2 kernels)
     "nm": [(2, 4), (1, 4), (4, 8), (2, 8), (3, 8), (8, 16), (2, 16)],
-    # bitmask: 0.02 takes the column-index kernel at 1-4 rows, 0.22 the one-row word
+    # bitmask: 0.02 takes the column-index kernels at 1-64 rows, 0.22 the one-row word
     # kernel (AVX-512), 0.97 the piece kernel; each also the large-batch paths
     "densities": [0.02, 0.22, 0.97],
     "batches": [1, 2, 3, 4, 5, 8, 9, 16, 17, 40, 130, 600],
