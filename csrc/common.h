@@ -58,6 +58,39 @@ inline void check_index_tensor(const char* op, const at::Tensor& x, const at::Te
   TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
 }
 
+// A 2-D convolution's geometry, checked: x [N, C, H, W], weight_shape [O, C, kh, kw],
+// stride, padding and dilation of two ints each; the output [N, O, OH, OW] must not be empty
+// in its spatial dimensions.
+struct ConvGeometry {
+  int64_t N, C, H, W, O, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW;
+};
+inline ConvGeometry check_conv_geometry(const char* op, const at::Tensor& x, c10::IntArrayRef weight_shape,
+                                        c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                        c10::IntArrayRef dilation) {
+  TORCH_CHECK_TYPE(is_float_dtype(x.scalar_type()), op, ": x must be float32, bfloat16 or float16, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got ", x.sizes());
+  TORCH_CHECK_VALUE(weight_shape.size() == 4 && weight_shape[0] > 0 && weight_shape[1] > 0 && weight_shape[2] > 0 &&
+                        weight_shape[3] > 0,
+                    op, ": weight_shape must be 4 positive ints [out, in, kh, kw], got ", weight_shape);
+  TORCH_CHECK_VALUE(x.size(1) == weight_shape[1], op, ": x has ", x.size(1), " channels but weight_shape ",
+                    weight_shape, " takes ", weight_shape[1]);
+  TORCH_CHECK_VALUE(stride.size() == 2 && stride[0] >= 1 && stride[1] >= 1, op,
+                    ": stride must be two ints >= 1, got ", stride);
+  TORCH_CHECK_VALUE(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op,
+                    ": padding must be two ints >= 0, got ", padding);
+  TORCH_CHECK_VALUE(dilation.size() == 2 && dilation[0] >= 1 && dilation[1] >= 1, op,
+                    ": dilation must be two ints >= 1, got ", dilation);
+  ConvGeometry g{x.size(0), x.size(1), x.size(2), x.size(3), weight_shape[0], weight_shape[2], weight_shape[3],
+                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], 0, 0};
+  g.OH = (g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  g.OW = (g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  TORCH_CHECK_VALUE(g.H + 2 * g.ph >= g.dh * (g.kh - 1) + 1 && g.W + 2 * g.pw >= g.dw * (g.kw - 1) + 1, op,
+                    ": input ", g.H, "x", g.W, " with padding ", padding, " is smaller than the dilated kernel ",
+                    g.dh * (g.kh - 1) + 1, "x", g.dw * (g.kw - 1) + 1);
+  return g;
+}
+
 inline void check_bias(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& bias,
                        int64_t out_features) {
   if (!bias.has_value()) return;

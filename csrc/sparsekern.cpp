@@ -54,6 +54,10 @@ static std::string build_info() {
 TORCH_LIBRARY(sparsekern, m) {
   // ---- N:M (values [out, in*N/M] + packed in-group indices, see formats.py) ----
   m.def("nm_linear(Tensor x, Tensor values, Tensor indices, int n, int m, int in_features, Tensor? bias) -> Tensor");
+  // Convolution [N, C, H, W] * N:M weight [out, kh*kw*C] (input channels fastest, patterns.as_2d)
+  // -> [N, out, OH, OW] (CPU: channels-last memory).
+  m.def("nm_conv2d(Tensor x, Tensor values, Tensor indices, int n, int m, int[] weight_shape, int[] stride, "
+        "int[] padding, int[] dilation, Tensor? bias) -> Tensor");
   m.def("nm_compress(Tensor weight, Tensor? mask, int n, int m) -> (Tensor, Tensor)");
   m.def("nm_decompress(Tensor values, Tensor indices, int n, int m, int in_features) -> Tensor");
   // Score |w| * |grad| * act_norm[col] -> N:M mask -> compressed weight, in one pass.

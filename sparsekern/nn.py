@@ -613,6 +613,9 @@ class SparseConv2d(_SparseMixin, nn.Module):
 
     def _conv_path(self, path: str, x: torch.Tensor, f) -> torch.Tensor:
         if path == "sparse":
+            if f.OP == "nm_linear" and ops.backend_for("nm_conv2d", x, f) == "cpp":
+                # The C++ convolution gathers its patches from the channels-last input itself.
+                return ops.nm_conv2d(x, f, self.kernel_size, self.bias, self.stride, self.padding, self.dilation)
             return self._conv(x, lambda cols: ops.sparse_linear(cols, f, self.bias))
         return self._dense_conv(x, self._to4d(self._dense_weight(path, f)))
 

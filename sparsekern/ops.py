@@ -43,7 +43,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from . import _extension, reference
-from .patterns import BITMASK_TILE_COLS, check_nm, nm_index_bits, unpack_bitmask, unpack_bits
+from .patterns import BITMASK_TILE_COLS, as_2d, check_nm, from_2d, nm_index_bits, unpack_bitmask, unpack_bits
 
 BACKENDS = ("cpp", "cusparselt", "cutlass", "cuda", "triton", "reference")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -153,6 +153,8 @@ def _triton_block_limit(extra) -> str | None:
 
 OPS: dict[str, OpSpec] = {s.name: s for s in (
     OpSpec("nm_linear", reference.nm_linear, _nm_key, cuda=True, triton="nm_linear", semi_structured=True),
+    # The CPU convolution; on a GPU sparse convolutions run as patches through nm_linear.
+    OpSpec("nm_conv2d", reference.nm_conv2d, _first),
     OpSpec("bitmask_linear", reference.bitmask_linear, _bitmask_key, cuda=True, triton="bitmask_linear",
            note=_bitmask_note),
     OpSpec("block_linear", reference.block_linear, _block_key, triton="block_linear",
@@ -386,10 +388,11 @@ def _check_bias(op: str, bias, out_features: int, x: torch.Tensor) -> None:
         raise ValueError(f"{op}: bias is on {bias.device} but x is on {x.device}")
 
 
-def _check_format(op: str, weight, cls_name: str) -> None:
+def _check_format(op: str, weight, cls_name: str, fmt_op: str | None = None) -> None:
     """The kernels read formats without bounds checks: only validated ones get through
-    (formats from from_dense are; others are validated here once, then flagged)."""
-    if getattr(weight, "OP", None) != op:
+    (formats from from_dense are; others are validated here once, then flagged). fmt_op: the
+    format's own op (weight.OP), when `op` is another op that reads it."""
+    if getattr(weight, "OP", None) != (fmt_op or op):
         raise TypeError(f"{op}: weight must be a sparsekern.formats.{cls_name}, got {type(weight).__name__}")
     if not weight.is_validated:
         try:
@@ -474,6 +477,48 @@ def block_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> t
     _check_x("block_linear", x, weight.in_features, weight.dtype, weight.device)
     _check_bias("block_linear", bias, weight.shape[0], x)
     return _run("block_linear", (x, weight), x, *weight.kernel_args(), bias)
+
+
+def _pair(name: str, v, least: int, op: str) -> tuple[int, int]:
+    pair = (v, v) if isinstance(v, int) else tuple(v) if isinstance(v, (tuple, list)) else None
+    if pair is None or len(pair) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair):
+        raise TypeError(f"{op}: {name} must be an int or two ints, got {v!r}")
+    if min(pair) < least:
+        raise ValueError(f"{op}: {name} must be >= {least}, got {v!r}")
+    return pair
+
+
+def nm_conv2d(x: torch.Tensor, weight, kernel_size, bias: torch.Tensor | None = None, stride=1, padding=0,
+              dilation=1) -> torch.Tensor:
+    """2-D convolution of x [N, C, H, W] with an NMWeight [out, kh*kw*C] (input channels
+    fastest within each tap: patterns.as_2d of an [out, C, kh, kw] weight), bias [out] or None,
+    zero padding -> [N, out, OH, OW] in x's dtype. The C++ kernel returns channels-last memory.
+    Differentiable in x, weight.values and bias.
+    """
+    op = "nm_conv2d"
+    _check_format(op, weight, "NMWeight", fmt_op="nm_linear")
+    kh, kw = _pair("kernel_size", kernel_size, 1, op)
+    stride, padding, dilation = (_pair("stride", stride, 1, op), _pair("padding", padding, 0, op),
+                                 _pair("dilation", dilation, 1, op))
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"{op}: x must be a 4-D tensor [N, C, H, W], got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if weight.in_features % (kh * kw):
+        raise ValueError(f"{op}: weight in_features ({weight.in_features}) is not kh*kw*C for kernel_size "
+                         f"({kh}, {kw})")
+    channels = weight.in_features // (kh * kw)
+    if x.shape[1] != channels:
+        raise ValueError(f"{op}: x has {x.shape[1]} channels but the weight takes {channels} "
+                         f"(in_features {weight.in_features} / kernel {kh}x{kw})")
+    _check_x(op, x.movedim(1, -1), channels, weight.dtype, weight.device, size_name="the weight's channels")
+    for i, (size, k) in enumerate(zip(x.shape[2:], (kh, kw))):
+        if size + 2 * padding[i] < dilation[i] * (k - 1) + 1:
+            raise ValueError(f"{op}: input {tuple(x.shape[2:])} with padding {padding} is smaller than the "
+                             f"dilated kernel")
+    _check_bias(op, bias, weight.shape[0], x)
+    shape = [weight.shape[0], channels, kh, kw]
+    values, indices, n, m, _ = weight.kernel_args()
+    return _run(op, (x, weight), x, values, indices, n, m, shape, list(stride), list(padding), list(dilation), bias)
 
 
 _LINEAR = {"nm_linear": nm_linear, "bitmask_linear": bitmask_linear, "block_linear": block_linear}
@@ -660,6 +705,13 @@ def _fake_nm_linear(x, values, indices, n, m, in_features, bias):
     return x.new_empty(_out_shape(x, values.shape[0]))
 
 
+def _fake_nm_conv2d(x, values, indices, n, m, weight_shape, stride, padding, dilation, bias):
+    torch._check(x.dim() == 4 and x.shape[1] == weight_shape[1], lambda: "nm_conv2d: x must be [N, in, H, W]")
+    oh, ow = ((size + 2 * p - d * (k - 1) - 1) // s + 1
+              for size, p, d, k, s in zip(x.shape[2:], padding, dilation, weight_shape[2:], stride))
+    return x.new_empty((x.shape[0], weight_shape[0], oh, ow)).contiguous(memory_format=torch.channels_last)
+
+
 def _fake_bitmask_linear(x, values, bitmask, offsets, in_features, bias, columns=None):
     torch._check(x.shape[-1] == in_features, lambda: "bitmask_linear: x.shape[-1] must equal in_features")
     return x.new_empty(_out_shape(x, bitmask.shape[0]))
@@ -691,6 +743,7 @@ def _fake_block_compress(weight, mask, block_rows, block_cols):
 
 _FAKES: dict[str, Callable] = {
     "nm_linear": _fake_nm_linear,
+    "nm_conv2d": _fake_nm_conv2d,
     "bitmask_linear": _fake_bitmask_linear,
     "block_linear": _fake_block_linear,
     "masked_linear": _fake_masked_linear,
@@ -742,6 +795,29 @@ def _nm_backward(ctx, grad):
     return gx, gv, None, None, None, None, _grad_bias(ctx, grad, 6)
 
 
+def _nm_conv2d_backward(ctx, grad):
+    values, indices, n, m, shape, stride, padding, dilation = ctx.fmt
+    k = values.shape[1] // n * m
+    gx = gv = None
+    if ctx.needs_input_grad[0]:
+        w = from_2d(nm_decompress(values, indices, n, m, k), tuple(shape)).to(grad.dtype)
+        gx = torch.nn.grad.conv2d_input(list(ctx.x_shape), w, grad, stride, padding, dilation)
+    if ctx.needs_input_grad[1]:
+        gw = as_2d(torch.nn.grad.conv2d_weight(ctx.x.to(grad.dtype), list(shape), grad, stride, padding, dilation))
+        cols = (torch.arange(values.shape[1], device=values.device) // n * m) + \
+            unpack_bits(indices, nm_index_bits(m), values.shape[1])
+        gv = gw.gather(1, cols.expand(values.shape[0], -1)).to(values.dtype)
+    gb = grad.sum((0, 2, 3)) if ctx.needs_input_grad[9] else None
+    return gx, gv, None, None, None, None, None, None, None, gb
+
+
+def _nm_conv2d_setup(ctx, inputs, output):
+    x = inputs[0]
+    ctx.fmt = inputs[1:9]
+    ctx.x_shape = x.shape
+    ctx.x = x if ctx.needs_input_grad[1] else None
+
+
 def _bitmask_backward(ctx, grad):
     values, bitmask, offsets, k = ctx.fmt
     gx = grad @ bitmask_decompress(values, bitmask, offsets, k).to(grad.dtype) if ctx.needs_input_grad[0] else None
@@ -778,6 +854,7 @@ def _masked_backward(ctx, grad):
 
 _AUTOGRAD: dict[str, tuple[Callable, Callable]] = {
     "nm_linear": (_nm_backward, _sparse_setup(1, 5)),
+    "nm_conv2d": (_nm_conv2d_backward, _nm_conv2d_setup),
     "bitmask_linear": (_bitmask_backward, _sparse_setup(1, 4)),
     "block_linear": (_block_backward, _sparse_setup(3, 4)),
     "masked_linear": (_masked_backward, _masked_setup),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .patterns import BITMASK_TILE_COLS, nm_index_bits, pack_bitmask, pack_bits, unpack_bitmask, unpack_bits
+from .patterns import BITMASK_TILE_COLS, from_2d, nm_index_bits, pack_bitmask, pack_bits, unpack_bitmask, unpack_bits
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -57,6 +57,13 @@ def nm_decompress(values: torch.Tensor, indices: torch.Tensor, n: int, m: int, i
 
 def nm_linear(x, values, indices, n: int, m: int, in_features: int, bias=None):
     return _linear(x, nm_decompress(values, indices, n, m, in_features), bias)
+
+
+def nm_conv2d(x, values, indices, n: int, m: int, weight_shape, stride, padding, dilation, bias=None):
+    """The convolution with the N:M weight [out, kh*kw*in] (patterns.as_2d layout)."""
+    w = from_2d(nm_decompress(values, indices, n, m, values.shape[1] // n * m), tuple(weight_shape))
+    return torch.nn.functional.conv2d(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype),
+                                      tuple(stride), tuple(padding), tuple(dilation))
 
 
 # ------------------------------------------------------------------------- bitmask

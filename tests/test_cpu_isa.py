@@ -23,7 +23,7 @@ pytestmark = needs_extension
 
 CHILD = textwrap.dedent(
     """
-    import json, sys, torch, sparsekern
+    import json, os, sys, torch, sparsekern
     from sparsekern import ops
     from sparsekern.formats import BitmaskWeight, NMWeight
     isa = sys.argv[1]
@@ -54,6 +54,10 @@ CHILD = textwrap.dedent(
                     ref = x.double() @ dense.double().t()
                     err = ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
                     if dtype == torch.float32:
+                        # Relative to the sums of |products| (fp32's error bound), not to the
+                        # result: a 2-value row (in=4) can cancel to a tiny output.
+                        err = ((y.double() - ref).norm() /
+                               (x.double().abs() @ dense.double().abs().t()).norm().clamp_min(1e-30)).item()
                         limit = 1e-5
                     else:  # at most 2x the error of torch's own linear in this dtype
                         lowp = torch.nn.functional.linear(x, dense)
@@ -61,6 +65,27 @@ CHILD = textwrap.dedent(
                     checked += 1
                     if not (torch.isfinite(y).all() and err <= limit):
                         failures.append(f"{name} {dtype} out={out_f} in={in_f} batch={batch}: rel err {err:.3g} > {limit:.3g}")
+    # nm_conv2d: taps gathered into the weight-stationary kernel's tiles (2:4 from 17 output
+    # pixels; AVX-512 also in chunks once x's tiles outgrow the L2), the patch matrix
+    # otherwise; zero padding, strides, dilation, odd sizes, each order forced both ways.
+    from sparsekern.patterns import as_2d
+    for (n_img, c, h, w_, o, k, stride, pad, dil) in grid["convs"]:
+        for n, m in [(n, m) for n, m in ((2, 4), (4, 8)) if c % m == 0]:
+            wt = torch.randn(o, c, k, k, generator=gen)
+            f = NMWeight.from_dense(as_2d(wt), n, m)
+            x = torch.randn(n_img, c, h, w_, generator=gen)
+            ref = torch.nn.functional.conv2d(x.double(), f.to_dense().double().reshape(o, k, k, c).permute(0, 3, 1, 2),
+                                             None, stride, pad, dil)
+            for order in ("panels", "chunks"):
+                os.environ["SPARSEKERN_WS_ORDER"] = order
+                assert ops.explain_backend("nm_conv2d", x, f)[0] == "cpp"
+                y = ops.nm_conv2d(x, f, k, None, stride, pad, dil)
+                err = ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                checked += 1
+                if not (y.shape == ref.shape and torch.isfinite(y).all() and err <= 1e-5):
+                    failures.append(f"nm_conv2d {n}:{m} {order} x{tuple(x.shape)} w{tuple(wt.shape)} s{stride} "
+                                    f"p{pad} d{dil}: rel err {err:.3g}")
+            os.environ.pop("SPARSEKERN_WS_ORDER")
     # The raw ops trust index values (formats validate them). An index no format holds (4:8
     # has 4-bit fields) must still run without a crash: every kernel keeps it inside its
     # group, and nm_decompress refuses it.
@@ -101,12 +126,18 @@ GRID = {
     # kernel (AVX-512), 0.97 the piece kernel; each also the large-batch paths
     "densities": [0.02, 0.22, 0.97],
     "batches": [1, 2, 3, 4, 5, 8, 9, 16, 17, 40, 130, 600],
+    # nm_conv2d (images, channels, H, W, out, k, stride, padding, dilation): 12 output pixels
+    # (the patch matrix), 3 x 9 x 7 pixels with 12 channels (a partial 8-channel group per
+    # tap; 2:4 only), stride 2 with dilation 2, and 2 x 64 x 64 pixels (x tiles of 4.7 MB: chunks)
+    "convs": [[1, 8, 5, 6, 5, 3, 1, 0, 1], [3, 12, 9, 7, 19, 3, 1, 1, 1], [2, 16, 15, 13, 7, 3, 2, 2, 2],
+              [2, 16, 64, 64, 40, 3, 1, 1, 1]],
 }
 
 
 def _expected_checks() -> int:
     per_shape = [sum(k % m == 0 for _, m in GRID["nm"]) + len(GRID["densities"]) for _, k in GRID["shapes"]]
-    return sum(per_shape) * 3 * len(GRID["batches"])
+    convs = sum(c % m == 0 for _, c, *_ in GRID["convs"] for m in (4, 8))
+    return sum(per_shape) * 3 * len(GRID["batches"]) + convs * 2
 
 
 def _cpu_has_avx512() -> bool:

@@ -21,8 +21,10 @@ def _calls(device):
     g = torch.randn(5, 32, device=device)
     s = torch.zeros(64, device=device)
     h = torch.zeros(64, 64, device=device)
+    xc = torch.randn(2, 16, 5, 4, device=device)  # nm's 64 columns as a 2x2 kernel over 16 channels
     return [
         ("nm_linear", (x, nm), lambda: ops.nm_linear(x, nm)),
+        ("nm_conv2d", (xc, nm), lambda: ops.nm_conv2d(xc, nm, 2, None, 1, 1)),
         ("bitmask_linear", (x, bm), lambda: ops.bitmask_linear(x, bm)),
         ("block_linear", (x, blk), lambda: ops.block_linear(x, blk)),
         ("masked_linear", (x,), lambda: ops.masked_linear(x, w, bits)),
@@ -53,7 +55,7 @@ def test_every_op_is_in_the_table_and_every_backend_it_names_exists():
         assert callable(spec.reference)
 
 
-@pytest.mark.parametrize("op_index", range(16))
+@pytest.mark.parametrize("op_index", range(17))
 @pytest.mark.parametrize("backend", [None, "cpp", "reference"])
 def test_explain_backend_is_what_runs(op_index, backend):
     """Independent of the table: the profiler records which compiled op executed, if any."""

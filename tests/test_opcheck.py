@@ -22,8 +22,13 @@ def _samples(device):
     bits = pack_bitmask(mask)
     xg = x.clone().requires_grad_()
     wg = w.clone().requires_grad_()
+    conv = NMWeight.from_dense(torch.randn(16, 72, device=device), 2, 4)  # [out, 3 * 3 * 8]
+    xc = torch.randn(2, 8, 5, 6, device=device)
     return {
         "nm_linear": [(x, nm.values, nm.indices, 2, 4, 64, b), (xg, nm.values, nm.indices, 2, 4, 64, None)],
+        "nm_conv2d": [(xc, conv.values, conv.indices, 2, 4, [16, 8, 3, 3], [1, 1], [1, 1], [1, 1], b),
+                      (xc.repeat(3, 1, 1, 1).requires_grad_(), conv.values, conv.indices, 2, 4, [16, 8, 3, 3],
+                       [2, 1], [0, 1], [1, 2], None)],
         "nm_compress": [(w, None, 2, 4), (w, nm.mask(), 2, 4)],
         "nm_decompress": [(nm.values, nm.indices, 2, 4, 64)],
         "bitmask_linear": [(x, bmw.values, bmw.bitmask, bmw.offsets, 64, b),
@@ -71,7 +76,7 @@ def test_opcheck(op, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("fmt", ["nm", "bitmask", "block", "masked"])
+@pytest.mark.parametrize("fmt", ["nm", "bitmask", "block", "masked", "conv"])
 def test_torch_compile_fullgraph(device, fmt):
     torch._dynamo.reset()
     w = torch.randn(32, 64, device=device)
@@ -85,9 +90,12 @@ def test_torch_compile_fullgraph(device, fmt):
     elif fmt == "block":
         W = BlockWeight.from_dense(w, (16, 16), torch.rand_like(w) < 0.02)
         fn = lambda x: torch.relu(ops.block_linear(x, W, b)) * 2  # noqa: E731
-    else:
+    elif fmt == "masked":
         bits = pack_bitmask(torch.rand_like(w) < 0.5)
         fn = lambda x: torch.relu(ops.masked_linear(x, w, bits, b)) * 2  # noqa: E731
+    else:  # a 3x3 convolution over 8 channels: in_features 72
+        W = NMWeight.from_dense(torch.randn(32, 72, device=device), 2, 4)
+        fn = lambda x: torch.relu(ops.nm_conv2d(x.reshape(-1, 8, 4, 2), W, 3, b, 1, 1)) * 2  # noqa: E731
     compiled = torch.compile(fn, fullgraph=True)
     for batch in (1, 5):
         x = torch.randn(batch, 64, device=device)

@@ -77,14 +77,17 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, con
   } else if (B >= kBitmaskGemmMinBatch && vals.numel() <= kBitmaskGemmMaxDensity * O * K && cpu_has_avx512() &&
              use_bitmask_gemm()) {
     // Weight-stationary AVX-512 kernel: one multiply-add per kept value and 16 batch lanes.
-    auto xT = x_lane_tiles(x2, avx512::kG24Lanes512);
     out = at::empty({B, O}, x2.options());
     const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
-    const int64_t P = ws_panel_rows(O, nth);
-    int64_t next = 0;
+    const LaneRows src{x2.data_ptr<float>(), B, 1, K};
+    const WsPlan plan = ws_plan(B, K, O, vals.nbytes() + bm.nbytes() + off.nbytes(), nth, true);
+    at::Tensor xT;
+    if (!plan.chunked) xT = lane_tiles(src, avx512::kG24Lanes512, x2.options());
+    int64_t next = 0, next_chunk = 0;
     BitmaskGemmArgs g{vals.data_ptr(), bm.data_ptr<int64_t>(), off.data_ptr<int32_t>(), vals.scalar_type(),
-                      bm.size(1), off.size(1), K, O, xT.data_ptr<float>(), B, out.data_ptr<float>(), P,
-                      (O + P - 1) / P, &next};
+                      bm.size(1), off.size(1), K, O, xT.defined() ? xT.data_ptr<float>() : nullptr, B,
+                      out.data_ptr<float>(), plan.panel_rows, plan.panels, &next};
+    if (plan.chunked) g.chunked = WsChunks{&src, plan.chunk_lanes, plan.chunks, &next_chunk};
     at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) avx512::bitmask_gemm(g);
     });

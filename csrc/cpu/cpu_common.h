@@ -20,9 +20,28 @@ at::Tensor x_float_2d(const at::Tensor& x);
 // broadcast kernels.
 at::Tensor x_lanes(const at::Tensor& x2, int64_t BP);
 
-// x [B, K] fp32 -> ceil(B / L) tiles of [K + 1][L] fp32: lanes past B and column K zero
-// (padding slots of the weight-stationary kernels point at column K).
-at::Tensor x_lane_tiles(const at::Tensor& x2, int64_t L);
+// The x layout of the weight-stationary kernels from any lane source (sparse_rows.h: the
+// rows of x, or a convolution's taps): ceil(B / L) tiles of [K + 1][L] fp32, lanes past B
+// and column K zero (padding slots point at column K). Needs AVX2 (avx2::lane_tile).
+at::Tensor lane_tiles(const LaneRows& src, int64_t L, const at::TensorOptions& options);
+
+// How the weight-stationary kernels walk B rows of K columns into O outputs, given the
+// compressed weight's bytes (WsChunks in sparse_rows.h): the panel order, unless x's tiles
+// outgrow the L2 and re-reading them once per panel moves more bytes than reading the
+// weight once per chunk (a convolution: thousands of pixels, a weight of a few hundred KB).
+// can_chunk: the kernel has the chunk order (the AVX-512 ones).
+struct WsPlan {
+  int64_t panel_rows, panels;
+  bool chunked;
+  int64_t chunk_lanes, chunks;
+};
+WsPlan ws_plan(int64_t B, int64_t K, int64_t O, int64_t weight_bytes, int64_t threads, bool can_chunk);
+
+// 2:4 through the weight-stationary kernel (AVX2, or AVX-512 where the CPU has it), x
+// read from src: vals [O, K / 2] and idx as NMWeight's; writes fp32 [src.B, O] (no bias)
+// to out. nm_linear.cpp, for nm_linear and nm_conv2d.
+void nm24_gemm_cpu(const LaneRows& src, const at::TensorOptions& options, const at::Tensor& vals,
+                   const at::Tensor& idx, int64_t K, int64_t O, float* out);
 
 // Rows per panel of the weight-stationary kernels: a multiple of 3 (their row block), at
 // most 96, and at least 4 panels per thread so threads that share a core even out.

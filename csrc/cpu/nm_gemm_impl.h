@@ -156,12 +156,9 @@ void g24_panel(const Nm24GemmArgs& a, int64_t r0, int64_t r1, int32_t* pack, flo
       }
     }
     for (int64_t t = t0; t < t1; ++t) {
-      const float* at = acc + (t - t0) * blocks * kG24Rows * kG24Lanes;
       const int64_t lanes = a.B - t * kG24Lanes < kG24Lanes ? a.B - t * kG24Lanes : kG24Lanes;
-      for (int64_t j = 0; j < lanes; ++j) {
-        float* orow = a.out + (t * kG24Lanes + j) * a.O;
-        for (int64_t r = r0; r < r1; ++r) orow[r] = at[(r - r0) * kG24Lanes + j];
-      }
+      lanes_to_rows(acc + (t - t0) * blocks * kG24Rows * kG24Lanes, rows, kG24Lanes, lanes,
+                    a.out + t * kG24Lanes * a.O + r0, a.O);
     }
   }
 }

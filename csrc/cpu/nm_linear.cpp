@@ -42,25 +42,31 @@ bool use_nm24_gemm(int64_t B) {
   return B >= kNm24GemmMinBatch;
 }
 
-at::Tensor nm24_gemm_cpu(const at::Tensor& x2, const at::Tensor& vals, const at::Tensor& idx, int64_t K, int64_t O) {
+}  // namespace
+
+void nm24_gemm_cpu(const LaneRows& src, const at::TensorOptions& options, const at::Tensor& vals,
+                   const at::Tensor& idx, int64_t K, int64_t O, float* out) {
   const bool wide = cpu_has_avx512();  // 16-lane vectors over tiles of 64 batch lanes
-  const int64_t B = x2.size(0);
-  auto xT = x_lane_tiles(x2, wide ? avx512::kG24Lanes512 : kG24Lanes);
-  auto out = at::empty({B, O}, x2.options());
-  // Panels taken by the threads from a shared counter.
+  const int64_t B = src.B;
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t P = ws_panel_rows(O, nth);
-  int64_t next = 0;
+  const WsPlan plan = ws_plan(B, K, O, vals.nbytes() + idx.nbytes(), nth, wide);
+  at::Tensor xT;
+  if (!plan.chunked) xT = lane_tiles(src, wide ? avx512::kG24Lanes512 : kG24Lanes, options);
+  // Panels (or chunks) taken by the threads from a shared counter.
+  int64_t next = 0, next_chunk = 0;
   Nm24GemmArgs g{vals.data_ptr(), idx.data_ptr<uint8_t>(), vals.scalar_type(), vals.size(1), idx.size(1), K, O,
-                 xT.data_ptr<float>(), B, out.data_ptr<float>(), P, (O + P - 1) / P, &next};
+                 xT.defined() ? xT.data_ptr<float>() : nullptr, B, out, plan.panel_rows,
+                 plan.panels, &next};
+  if (plan.chunked) g.chunked = WsChunks{&src, plan.chunk_lanes, plan.chunks, &next_chunk};
   at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       if (wide) avx512::nm24_gemm(g);
       else avx2::nm24_gemm(g);
     }
   });
-  return out;
 }
+
+namespace {
 
 at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, int64_t n,
                          int64_t m, int64_t in_features, const c10::optional<at::Tensor>& bias) {
@@ -74,7 +80,8 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   if (B == 0 || O == 0) {
     out = at::zeros({B, O}, x2.options());
   } else if (B > kDirectMaxBatch && n == 2 && m == 4 && use_nm24_gemm(B)) {
-    out = nm24_gemm_cpu(x2, vals, idx, K, O);
+    out = at::empty({B, O}, x2.options());
+    nm24_gemm_cpu(LaneRows{x2.data_ptr<float>(), B, 1, K}, x2.options(), vals, idx, K, O, out.data_ptr<float>());
   } else if (B > kDirectMaxBatch && avx512_nm_pattern(n, m) && cpu_has_avx512()) {
     // Tiles expanded by the AVX-512 kernel, then the BLAS GEMM.
     NmRowsArgs a{vals.data_ptr(), idx.data_ptr<uint8_t>(), nullptr, vals.scalar_type(), kept, idx.size(1), n, m, K, O,
@@ -111,6 +118,58 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
     });
   }
   return finish_linear(out, x, bias);
+}
+
+// nm_conv2d: the convolution of x [N, C, H, W] with the N:M weight [O, kh * kw * C] (input
+// channels fastest within each tap: patterns.as_2d), as one product over channels-last
+// patches: rows are output pixels (n, oh, ow), columns the taps' channels. 2:4 from 17
+// rows runs the weight-stationary kernel with the x tiles gathered straight from the
+// channels-last input, tap by tap (LaneRows): no padded copy, no im2col matrix. Anything
+// else builds the patch matrix with one strided copy and runs nm_linear's kernels on it.
+// The result is [N, O, OH, OW] in channels-last memory (the next convolution reads it
+// without a copy).
+at::Tensor nm_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, int64_t n,
+                         int64_t m, at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, const c10::optional<at::Tensor>& bias) {
+  const char* op = "nm_conv2d";
+  check_nm_params(op, n, m);
+  const ConvGeometry g = check_conv_geometry(op, x, weight_shape, stride, padding, dilation);
+  TORCH_CHECK_VALUE(g.C % m == 0, op, ": input channels (", g.C, ") must be a multiple of m (", m,
+                    "): N:M groups run along input channels");
+  const int64_t K = g.kh * g.kw * g.C, O = g.O, kept = K / m * n;
+  check_same(op, x, values, "values");
+  check_index_tensor(op, x, indices, "indices", c10::kByte);
+  TORCH_CHECK_VALUE(values.dim() == 2 && values.size(0) == O && values.size(1) == kept, op,
+                    ": values must have shape [", O, ", ", kept, "] for weight_shape ", weight_shape, " and ", n, ":",
+                    m, ", got ", values.sizes());
+  TORCH_CHECK_VALUE(indices.dim() == 2 && indices.size(0) == O && indices.size(1) == nm_index_row_bytes(kept, m),
+                    op, ": indices must have shape [", O, ", ", nm_index_row_bytes(kept, m), "], got ",
+                    indices.sizes());
+  check_bias(op, x, bias, O);
+  auto vals = values.contiguous();
+  auto idx = indices.contiguous();
+  auto xl = x.permute({0, 2, 3, 1});  // [N, H, W, C]: contiguous when x is channels-last
+  const int64_t rows = g.N * g.OH * g.OW;
+  auto out = at::empty({g.N, O, g.OH, g.OW}, x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
+  if (rows == 0 || O == 0) {
+    out.zero_();
+  } else if (rows > kDirectMaxBatch && n == 2 && m == 4 && use_nm24_gemm(rows)) {
+    xl = xl.to(at::kFloat).contiguous();
+    const LaneRows src{xl.data_ptr<float>(), rows, g.kh * g.kw, g.C, g.H, g.W, g.OH, g.OW, g.kw,
+                       g.sh, g.sw, g.ph, g.pw, g.dh, g.dw};
+    nm24_gemm_cpu(src, xl.options(), vals, idx, K, O, out.data_ptr<float>());
+  } else {
+    // In x's dtype: nm_linear's kernels take x in the values' dtype.
+    auto xp = ((g.ph || g.pw) ? at::constant_pad_nd(xl, {0, 0, g.pw, g.pw, g.ph, g.ph}) : xl).contiguous();
+    const auto st = xp.strides();
+    auto cols = xp.as_strided({g.N, g.OH, g.OW, g.kh, g.kw, g.C},
+                              {st[0], st[1] * g.sh, st[2] * g.sw, st[1] * g.dh, st[2] * g.dw, st[3]})
+                    .reshape({rows, K});
+    // [N, OH, OW, O] is the memory of the channels-last result.
+    out.permute({0, 2, 3, 1}).reshape({rows, O}).copy_(nm_linear_cpu(cols, vals, idx, n, m, K, c10::nullopt));
+  }
+  if (bias.has_value()) out.add_(bias->to(at::kFloat).view({1, O, 1, 1}));
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
 // Shared by nm_compress (mask or |w|) and nm_score_compress (score |w| * |grad| *
@@ -281,6 +340,7 @@ at::Tensor nm_decompress_cpu(const at::Tensor& values, const at::Tensor& indices
 
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("nm_linear", &nm_linear_cpu);
+  m.impl("nm_conv2d", &nm_conv2d_cpu);
   m.impl("nm_compress", &nm_compress_cpu);
   m.impl("nm_score_compress", &nm_score_compress_cpu);
   m.impl("nm_decompress", &nm_decompress_cpu);

@@ -76,6 +76,48 @@ struct BlockRowsArgs {
   float* out;               // [B, O] fp32, O = (crow entries - 1) * bh
 };
 
+// One x tile of the weight-stationary kernels ([K + 1][L] fp32, K = positions * C, L a
+// multiple of 8) from row pointers: rows[p * L + l] is the start of lane l's C values at
+// position p (column p * C + c of the tile), or null for zeros. The linear ops have one
+// position (C = K, a lane per batch row, null past B); the convolution has one per kernel
+// tap (a lane per output pixel, null in the zero padding). Column K is written zero.
+struct LaneTileArgs {
+  const float* const* rows;  // [positions][L]
+  int64_t positions, C, L;
+  float* tile;               // [positions * C + 1][L]
+};
+namespace avx2 {
+void lane_tile(const LaneTileArgs& a);  // AVX2 only (lane_tiles_impl.h)
+// The way back: out[j * ldo + r] = acc[r * L + j] for rows r < rows and lanes j < lanes (the
+// weight-stationary kernels' partial sums [rows][L] into output rows [lanes][ldo]).
+void lanes_to_rows(const float* acc, int64_t rows, int64_t L, int64_t lanes, float* out, int64_t ldo);
+}  // namespace avx2
+
+// Where each lane's values start, per kernel position, for building x tiles chunk by chunk.
+// Linear: positions 1, C = K, lane b is row b of x [B, K]. Convolution: x is the NHWC input
+// [N, H, W, C], lane b the output pixel (n, oh, ow) of [N, OH, OW], positions the kh x kw
+// taps in (i, j) order, tap (i, j) of pixel b reads input pixel (oh * sh - ph + i * dh,
+// ow * sw - pw + j * dw), zeros outside the input.
+struct LaneRows {
+  const float* x;
+  int64_t B, positions, C;
+  int64_t H = 1, W = 1, OH = 1, OW = 1, kw = 1, sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1;
+};
+// rows[p * L + l] = start of lane b0 + l at position p, null past B or in the padding.
+void lane_rows(const LaneRows& s, int64_t b0, int64_t L, const float** rows);
+
+// The order of the weight-stationary kernels. Without `lanes`: panels of output rows, each
+// over every x tile of the prebuilt xT (the weight is read once; xT is re-read per panel,
+// cheap while it sits in the L2). With `lanes`: chunks of chunk_lanes lanes taken from
+// *next_chunk; a thread builds its chunk's tiles (lane_rows + lane_tile) and runs every
+// output row over them (x is read once, the weight once per chunk), the order for a small
+// weight and many rows (convolutions). ws_chunked (cpu_common.h) picks.
+struct WsChunks {
+  const LaneRows* lanes = nullptr;
+  int64_t chunk_lanes = 0, chunks = 0;
+  int64_t* next_chunk = nullptr;
+};
+
 // 2:4 large-batch kernel (nm_gemm_impl.h, AVX2 only): x as tiles of kG24Lanes batch
 // lanes, tile t = xT + t * (K + 1) * kG24Lanes holding [K + 1][kG24Lanes] fp32 (lanes
 // past B zero, column K zero: padding slots point at it).
@@ -91,6 +133,7 @@ struct Nm24GemmArgs {
   int64_t panel_rows;       // rows per panel (the xT tile of a K tile is reused by all of them)
   int64_t panels;           // ceil(O / panel_rows)
   int64_t* next_panel;      // shared counter, 0 before the first call
+  WsChunks chunked = {};    // lanes set: the chunk order (AVX-512 only; xT unused)
 };
 namespace avx2 {
 // Output panels taken from *a.next_panel until all are done; call it from every thread.
@@ -140,6 +183,7 @@ struct BitmaskGemmArgs {
   float* out;               // [B, O] fp32
   int64_t panel_rows, panels;
   int64_t* next_panel;      // shared counter, 0 before the first call
+  WsChunks chunked = {};    // lanes set: the chunk order (xT unused)
 };
 namespace avx512 {
 void bitmask_gemm(const BitmaskGemmArgs& a);

@@ -1,6 +1,8 @@
 // AVX2 + FMA + F16C build of the sparse-row inner loops (nm_rows_impl.h,
-// bitmask_rows_impl.h, block_rows_impl.h; the rules in rows_common_impl.h). Only called
-// when cpu_has_avx2() says the CPU runs these instructions.
+// bitmask_rows_impl.h, block_rows_impl.h; the rules in rows_common_impl.h), the 2:4
+// weight-stationary kernel (nm_gemm_impl.h) and the x tiles every weight-stationary kernel
+// reads (lane_tiles_impl.h). Only called when cpu_has_avx2() says the CPU runs these
+// instructions.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -19,6 +21,7 @@
 #include "bitmask_rows_impl.h"
 #include "block_rows_impl.h"
 #include "nm_gemm_impl.h"
+#include "lane_tiles_impl.h"
 #pragma GCC pop_options
 #else
 // Without GCC's target pragma (clang, non-x86) there are no AVX2 kernels and
@@ -31,6 +34,8 @@ void bitmask_rows(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) { generic::b
 void block_rows(const BlockRowsArgs& a, int64_t br0, int64_t br1) { generic::block_rows(a, br0, br1); }
 // Never called: nm_linear takes this kernel only when cpu_has_avx2().
 void nm24_gemm(const Nm24GemmArgs&) { std::abort(); }
+void lane_tile(const LaneTileArgs&) { std::abort(); }  // callers check cpu_has_avx2()
+void lanes_to_rows(const float*, int64_t, int64_t, int64_t, float*, int64_t) { std::abort(); }
 }  // namespace avx2
 }  // namespace cpu
 }  // namespace sparsekern

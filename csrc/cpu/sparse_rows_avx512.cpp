@@ -852,12 +852,8 @@ void w24_panel(int64_t B, int64_t K, int64_t O, const float* xT, float* out, int
       }
     }
     for (int64_t t = t0; t < t1; ++t) {
-      const float* at = acc + (t - t0) * blocks * kW24Rows * L;
       const int64_t lanes = B - t * L < L ? B - t * L : L;
-      for (int64_t j = 0; j < lanes; ++j) {
-        float* orow = out + (t * L + j) * O;
-        for (int64_t r = r0; r < r1; ++r) orow[r] = at[(r - r0) * L + j];
-      }
+      avx2::lanes_to_rows(acc + (t - t0) * blocks * kW24Rows * L, rows, L, lanes, out + t * L * O + r0, O);
     }
   }
 }
@@ -883,14 +879,54 @@ void w24_panels(int64_t B, int64_t K, int64_t O, const float* xT, float* out, in
   std::free(pack);
 }
 
+// The chunk order (WsChunks): every calling thread takes chunks of lanes from the shared
+// counter, builds the chunk's x tiles in its own buffer (sized to stay in the L2), then
+// runs every output row over them, panel_rows at a time, with the same panel code.
+template <typename PackBlock>
+void w24_chunks(int64_t K, int64_t O, float* out, int64_t panel_rows, const WsChunks& ch,
+                const PackBlock& pack_block) {
+  constexpr int64_t L = kG24Lanes512;
+  const LaneRows& src = *ch.lanes;
+  const int64_t tiles = ch.chunk_lanes / L;
+  const int64_t blocks = (panel_rows + kW24Rows - 1) / kW24Rows;
+  const int64_t chunk_tiles = tiles < kW24Chunk / L ? tiles : kW24Chunk / L;
+  float* xt = static_cast<float*>(std::aligned_alloc(64, tiles * (K + 1) * L * sizeof(float)));
+  const float** rows = static_cast<const float**>(std::malloc(src.positions * L * sizeof(const float*)));
+  int32_t* pack = static_cast<int32_t*>(std::aligned_alloc(64, blocks * kW24MaxQuads * 96));
+  float* acc = static_cast<float*>(std::aligned_alloc(64, chunk_tiles * blocks * kW24Rows * L * sizeof(float)));
+  for (;;) {
+    const int64_t c = __atomic_fetch_add(ch.next_chunk, 1, __ATOMIC_RELAXED);
+    if (c >= ch.chunks) break;
+    const int64_t b0 = c * ch.chunk_lanes;
+    const int64_t lanes = src.B - b0 < ch.chunk_lanes ? src.B - b0 : ch.chunk_lanes;
+    for (int64_t t = 0; t * L < lanes; ++t) {
+      lane_rows(src, b0 + t * L, L, rows);
+      avx2::lane_tile(LaneTileArgs{rows, src.positions, src.C, L, xt + t * (K + 1) * L});
+    }
+    for (int64_t r0 = 0; r0 < O; r0 += panel_rows)
+      w24_panel(lanes, K, O, xt, out + b0 * O, r0, r0 + panel_rows < O ? r0 + panel_rows : O, pack_block, pack, acc);
+  }
+  std::free(acc);
+  std::free(pack);
+  std::free(rows);
+  std::free(xt);
+}
+
+template <typename Args, typename PackBlock>
+void w24_run(const Args& a, const PackBlock& pack_block) {
+  if (a.chunked.lanes)
+    w24_chunks(a.K, a.O, a.out, a.panel_rows, a.chunked, pack_block);
+  else
+    w24_panels(a.B, a.K, a.O, a.xT, a.out, a.panel_rows, a.panels, a.next_panel, pack_block);
+}
+
 template <typename VT>
 struct W24Panels {
   static void run(const Nm24GemmArgs& a) {
-    w24_panels(a.B, a.K, a.O, a.xT, a.out, a.panel_rows, a.panels, a.next_panel,
-               [&](int64_t rr, int nr, int64_t k0, int64_t k1, int32_t* dst) {
-                 w24_pack<VT>(a, rr, nr, k0 / 2, k1 / 2, dst);
-                 return (k1 / 2 - k0 / 2 + 3) / 4;
-               });
+    w24_run(a, [&](int64_t rr, int nr, int64_t k0, int64_t k1, int32_t* dst) {
+      w24_pack<VT>(a, rr, nr, k0 / 2, k1 / 2, dst);
+      return (k1 / 2 - k0 / 2 + 3) / 4;
+    });
   }
 };
 
@@ -951,10 +987,9 @@ int64_t wbm_pack(const BitmaskGemmArgs& a, int64_t r0, int rows, int64_t k0, int
 template <typename VT>
 struct WbmPanels {
   static void run(const BitmaskGemmArgs& a) {
-    w24_panels(a.B, a.K, a.O, a.xT, a.out, a.panel_rows, a.panels, a.next_panel,
-               [&](int64_t rr, int nr, int64_t k0, int64_t k1, int32_t* dst) {
-                 return wbm_pack<VT>(a, rr, nr, k0, k1, dst);
-               });
+    w24_run(a, [&](int64_t rr, int nr, int64_t k0, int64_t k1, int32_t* dst) {
+      return wbm_pack<VT>(a, rr, nr, k0, k1, dst);
+    });
   }
 };
 
