@@ -101,14 +101,17 @@ at::Tensor lane_tiles(const LaneRows& src, int64_t L, const at::TensorOptions& o
 }
 
 WsPlan ws_plan(int64_t B, int64_t K, int64_t O, int64_t weight_bytes, int64_t threads, bool can_chunk) {
-  // A chunk's tiles take at most about a quarter of a 2 MiB L2 (the packed weight, the
-  // partial sums and the output rows share it); below an L2 of x tiles the panel order
-  // re-reads them from there.
-  constexpr int64_t kChunkBytes = int64_t(512) << 10, kL2Bytes = int64_t(2) << 20;
+  // A chunk's tiles take at most half of a 2 MiB L2 (the packed weight, the partial sums
+  // and the output rows share it): 3136 x 1152 -> 128 (192 lanes a chunk) ran 1.24x dense
+  // with 1 MiB chunks against 0.77x with 512 KiB (64 lanes: the weight re-packed for every
+  // tile) and 0.85x with 2 MiB, interleaved in one process each.
+  constexpr int64_t kChunkBytes = int64_t(1024) << 10;
   // A chunk re-packs and re-reads the whole weight: worth it for a weight that stays in the
-  // L2. Measured interleaved against the panel order (2:4 fp32, 2 threads, AVX-512): 12544
-  // rows x 576 -> 64, 256 -> 64 and 3136 x 1152 -> 128 (weights of 74-313 KB) ran 1.4-2.9x
-  // faster in chunks; 1024 x 2048 -> 2048 (8.9 MB) 0.66x and 4096^3 (36 MB) 0.75x.
+  // L2, and for an x several times the weight's size. Measured interleaved against the
+  // panel order (2:4 fp32, 2 threads, AVX-512): 12544 rows x 576 -> 64, 256 -> 64,
+  // 3136 x 1152 -> 128 and 3136 x 128 -> 512 (weights of 74-313 KB, x 12-29x that) ran
+  // 1.3-2.9x faster in chunks; 784 x 1024 -> 256 (x 5.8x a 557 KB weight) the same;
+  // 784 x 256 -> 1024 (x 1.5x) 0.81x, 1024 x 2048 -> 2048 (8.9 MB) 0.66x, 4096^3 (36 MB) 0.75x.
   constexpr int64_t kChunkWeightBytes = int64_t(1) << 20;
   constexpr int64_t L = avx512::kG24Lanes512, kMaxChunkLanes = 512;
   WsPlan p{};
@@ -118,7 +121,7 @@ WsPlan ws_plan(int64_t B, int64_t K, int64_t O, int64_t weight_bytes, int64_t th
   p.chunk_lanes = std::min(kMaxChunkLanes, std::max(L, kChunkBytes / col_bytes / L * L));
   p.chunks = (B + p.chunk_lanes - 1) / p.chunk_lanes;
   const int64_t x_bytes = B * col_bytes;
-  p.chunked = can_chunk && x_bytes > kL2Bytes && weight_bytes <= kChunkWeightBytes && p.chunks >= threads;
+  p.chunked = can_chunk && x_bytes > 4 * weight_bytes && weight_bytes <= kChunkWeightBytes && p.chunks >= threads;
   // SPARSEKERN_WS_ORDER (read per call, a benchmarking switch): "panels" or "chunks" forces
   // an order (chunks only where the kernel has it).
   if (const char* order = std::getenv("SPARSEKERN_WS_ORDER")) {
