@@ -80,7 +80,7 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, con
     out = at::empty({B, O}, x2.options());
     const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
     const LaneRows src{x2.data_ptr<float>(), B, 1, K};
-    const WsPlan plan = ws_plan(B, K, O, vals.nbytes() + bm.nbytes() + off.nbytes(), nth, true);
+    const WsPlan plan = ws_plan(B, K, O, vals.nbytes() + bm.nbytes() + off.nbytes(), nth);
     at::Tensor xT;
     if (!plan.chunked) xT = lane_tiles(src, avx512::kG24Lanes512, x2.options());
     int64_t next = 0, next_chunk = 0;

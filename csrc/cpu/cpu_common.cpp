@@ -100,7 +100,7 @@ at::Tensor lane_tiles(const LaneRows& src, int64_t L, const at::TensorOptions& o
   return xT;
 }
 
-WsPlan ws_plan(int64_t B, int64_t K, int64_t O, int64_t weight_bytes, int64_t threads, bool can_chunk) {
+WsPlan ws_plan(int64_t B, int64_t K, int64_t O, int64_t weight_bytes, int64_t threads) {
   // A chunk's tiles take at most half of a 2 MiB L2 (the packed weight, the partial sums
   // and the output rows share it): 3136 x 1152 -> 128 (192 lanes a chunk) ran 1.24x dense
   // with 1 MiB chunks against 0.77x with 512 KiB (64 lanes: the weight re-packed for every
@@ -121,12 +121,12 @@ WsPlan ws_plan(int64_t B, int64_t K, int64_t O, int64_t weight_bytes, int64_t th
   p.chunk_lanes = std::min(kMaxChunkLanes, std::max(L, kChunkBytes / col_bytes / L * L));
   p.chunks = (B + p.chunk_lanes - 1) / p.chunk_lanes;
   const int64_t x_bytes = B * col_bytes;
-  p.chunked = can_chunk && x_bytes > 4 * weight_bytes && weight_bytes <= kChunkWeightBytes && p.chunks >= threads;
+  p.chunked = x_bytes > 4 * weight_bytes && weight_bytes <= kChunkWeightBytes && p.chunks >= threads;
   // SPARSEKERN_WS_ORDER (read per call, a benchmarking switch): "panels" or "chunks" forces
-  // an order (chunks only where the kernel has it).
+  // an order.
   if (const char* order = std::getenv("SPARSEKERN_WS_ORDER")) {
     if (std::strcmp(order, "panels") == 0) p.chunked = false;
-    if (std::strcmp(order, "chunks") == 0) p.chunked = can_chunk;
+    if (std::strcmp(order, "chunks") == 0) p.chunked = true;
   }
   if (p.chunked) {  // one thread runs all rows of its chunk: the largest panel the kernel takes
     p.panel_rows = std::min<int64_t>(96, (O + 2) / 3 * 3);

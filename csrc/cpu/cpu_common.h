@@ -26,16 +26,16 @@ at::Tensor x_lanes(const at::Tensor& x2, int64_t BP);
 at::Tensor lane_tiles(const LaneRows& src, int64_t L, const at::TensorOptions& options);
 
 // How the weight-stationary kernels walk B rows of K columns into O outputs, given the
-// compressed weight's bytes (WsChunks in sparse_rows.h): the panel order, unless x's tiles
-// outgrow the L2 and re-reading them once per panel moves more bytes than reading the
-// weight once per chunk (a convolution: thousands of pixels, a weight of a few hundred KB).
-// can_chunk: the kernel has the chunk order (the AVX-512 ones).
+// compressed weight's bytes (WsChunks in sparse_rows.h): the panel order, unless the weight
+// stays in the L2 and x is several times its size (a convolution: thousands of pixels, a
+// weight of a few hundred KB), where the chunk order reads x once. cpu_common.cpp has the
+// measurements behind the thresholds.
 struct WsPlan {
   int64_t panel_rows, panels;
   bool chunked;
   int64_t chunk_lanes, chunks;
 };
-WsPlan ws_plan(int64_t B, int64_t K, int64_t O, int64_t weight_bytes, int64_t threads, bool can_chunk);
+WsPlan ws_plan(int64_t B, int64_t K, int64_t O, int64_t weight_bytes, int64_t threads);
 
 // 2:4 through the weight-stationary kernel (AVX2, or AVX-512 where the CPU has it), x
 // read from src: vals [O, K / 2] and idx as NMWeight's; writes fp32 [src.B, O] (no bias)

@@ -18,7 +18,8 @@
 //         Loads per FMA: (2 + V) / V = 1.5 at V = 4; the FMA count is half the dense one.
 //   acc : partial sums [tile][row][32] per panel in a per-call buffer (L2), summed over the
 //         K tiles, then transposed once into out [B, O].
-//   threads: each calling thread takes panels of panel_rows rows from a shared counter.
+//   threads: each calling thread takes panels of panel_rows rows from a shared counter, or
+//            (the chunk order, ws_chunks_impl.h) chunks of lanes whose tiles it builds.
 // Numerics: fp32 products and fp32 accumulation, one chain per (row, 8 lanes) in column
 // order within a K tile, K tiles added in order.
 #include "rows_common_impl.h"
@@ -121,11 +122,13 @@ inline void g24_core(const int32_t* pk, int64_t quads, const float* xt, float* a
 #undef SK_G24_ST
 }
 
+// Output rows [r0, r1) for B lanes of x tiles at xT, into out (rows of a.O).
 template <typename VT>
-void g24_panel(const Nm24GemmArgs& a, int64_t r0, int64_t r1, int32_t* pack, float* acc) {
+void g24_panel(const Nm24GemmArgs& a, int64_t B, const float* xT, float* out, int64_t r0, int64_t r1, int32_t* pack,
+               float* acc) {
   const int64_t rows = r1 - r0, blocks = (rows + kG24Rows - 1) / kG24Rows;
   const int64_t kt_quads = kG24Kt / 8;  // 4 slots per quad, 2 slots per 4 columns
-  const int64_t tiles = (a.B + kG24Lanes - 1) / kG24Lanes;
+  const int64_t tiles = (B + kG24Lanes - 1) / kG24Lanes;
   const int64_t chunk_tiles = kG24Chunk / kG24Lanes;
   for (int64_t t0 = 0; t0 < tiles; t0 += chunk_tiles) {
     const int64_t t1 = t0 + chunk_tiles < tiles ? t0 + chunk_tiles : tiles;
@@ -139,8 +142,8 @@ void g24_panel(const Nm24GemmArgs& a, int64_t r0, int64_t r1, int32_t* pack, flo
       }
       const bool first = k0 == 0;
       for (int64_t t = t0; t < t1; ++t) {
-        const float* xt = a.xT + t * (a.K + 1) * kG24Lanes;
-        const int64_t lanes = a.B - t * kG24Lanes;
+        const float* xt = xT + t * (a.K + 1) * kG24Lanes;
+        const int64_t lanes = B - t * kG24Lanes;
         const int V = lanes >= 32 ? 4 : static_cast<int>((lanes + 7) / 8);
         float* at = acc + (t - t0) * blocks * kG24Rows * kG24Lanes;
         for (int64_t b = 0; b < blocks; ++b) {
@@ -156,9 +159,9 @@ void g24_panel(const Nm24GemmArgs& a, int64_t r0, int64_t r1, int32_t* pack, flo
       }
     }
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t lanes = a.B - t * kG24Lanes < kG24Lanes ? a.B - t * kG24Lanes : kG24Lanes;
+      const int64_t lanes = B - t * kG24Lanes < kG24Lanes ? B - t * kG24Lanes : kG24Lanes;
       lanes_to_rows(acc + (t - t0) * blocks * kG24Rows * kG24Lanes, rows, kG24Lanes, lanes,
-                    a.out + t * kG24Lanes * a.O + r0, a.O);
+                    out + t * kG24Lanes * a.O + r0, a.O);
     }
   }
 }
@@ -173,11 +176,18 @@ void g24_panels(const Nm24GemmArgs& a) {
   const int64_t chunk_tiles = tiles < kG24Chunk / kG24Lanes ? tiles : kG24Chunk / kG24Lanes;
   int32_t* pack = static_cast<int32_t*>(std::aligned_alloc(64, blocks * (kG24Kt / 8) * 96));
   float* acc = static_cast<float*>(std::aligned_alloc(64, chunk_tiles * blocks * kG24Rows * kG24Lanes * sizeof(float)));
-  for (;;) {
-    const int64_t p = __atomic_fetch_add(a.next_panel, 1, __ATOMIC_RELAXED);
-    if (p >= a.panels) break;
-    const int64_t r0 = p * a.panel_rows, r1 = r0 + a.panel_rows < a.O ? r0 + a.panel_rows : a.O;
-    g24_panel<VT>(a, r0, r1, pack, acc);
+  if (a.chunked.lanes) {  // ws_chunks_impl.h
+    ws_chunks(a.K, a.O, kG24Lanes, a.panel_rows, a.chunked, a.out,
+              [&](int64_t lanes, const float* xt, float* out, int64_t r0, int64_t r1) {
+                g24_panel<VT>(a, lanes, xt, out, r0, r1, pack, acc);
+              });
+  } else {
+    for (;;) {
+      const int64_t p = __atomic_fetch_add(a.next_panel, 1, __ATOMIC_RELAXED);
+      if (p >= a.panels) break;
+      const int64_t r0 = p * a.panel_rows, r1 = r0 + a.panel_rows < a.O ? r0 + a.panel_rows : a.O;
+      g24_panel<VT>(a, a.B, a.xT, a.out, r0, r1, pack, acc);
+    }
   }
   std::free(acc);
   std::free(pack);

@@ -49,7 +49,7 @@ void nm24_gemm_cpu(const LaneRows& src, const at::TensorOptions& options, const 
   const bool wide = cpu_has_avx512();  // 16-lane vectors over tiles of 64 batch lanes
   const int64_t B = src.B;
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
-  const WsPlan plan = ws_plan(B, K, O, vals.nbytes() + idx.nbytes(), nth, wide);
+  const WsPlan plan = ws_plan(B, K, O, vals.nbytes() + idx.nbytes(), nth);
   at::Tensor xT;
   if (!plan.chunked) xT = lane_tiles(src, wide ? avx512::kG24Lanes512 : kG24Lanes, options);
   // Panels (or chunks) taken by the threads from a shared counter.

@@ -133,7 +133,7 @@ struct Nm24GemmArgs {
   int64_t panel_rows;       // rows per panel (the xT tile of a K tile is reused by all of them)
   int64_t panels;           // ceil(O / panel_rows)
   int64_t* next_panel;      // shared counter, 0 before the first call
-  WsChunks chunked = {};    // lanes set: the chunk order (AVX-512 only; xT unused)
+  WsChunks chunked = {};    // lanes set: the chunk order (xT unused)
 };
 namespace avx2 {
 // Output panels taken from *a.next_panel until all are done; call it from every thread.

@@ -20,6 +20,7 @@
 #include "nm_rows_impl.h"
 #include "bitmask_rows_impl.h"
 #include "block_rows_impl.h"
+#include "ws_chunks_impl.h"
 #include "nm_gemm_impl.h"
 #include "lane_tiles_impl.h"
 #pragma GCC pop_options

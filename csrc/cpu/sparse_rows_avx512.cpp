@@ -35,6 +35,10 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512vbmi2,avx2,fma,f16c,bmi,bmi2,popcnt")
 
+#define SK_ISA_NS avx512
+#include "ws_chunks_impl.h"
+#undef SK_ISA_NS
+
 namespace sparsekern {
 namespace cpu {
 namespace avx512 {
@@ -879,45 +883,23 @@ void w24_panels(int64_t B, int64_t K, int64_t O, const float* xT, float* out, in
   std::free(pack);
 }
 
-// The chunk order (WsChunks): every calling thread takes chunks of lanes from the shared
-// counter, builds the chunk's x tiles in its own buffer (sized to stay in the L2), then
-// runs every output row over them, panel_rows at a time, with the same panel code.
-template <typename PackBlock>
-void w24_chunks(int64_t K, int64_t O, float* out, int64_t panel_rows, const WsChunks& ch,
-                const PackBlock& pack_block) {
-  constexpr int64_t L = kG24Lanes512;
-  const LaneRows& src = *ch.lanes;
-  const int64_t tiles = ch.chunk_lanes / L;
-  const int64_t blocks = (panel_rows + kW24Rows - 1) / kW24Rows;
-  const int64_t chunk_tiles = tiles < kW24Chunk / L ? tiles : kW24Chunk / L;
-  float* xt = static_cast<float*>(std::aligned_alloc(64, tiles * (K + 1) * L * sizeof(float)));
-  const float** rows = static_cast<const float**>(std::malloc(src.positions * L * sizeof(const float*)));
-  int32_t* pack = static_cast<int32_t*>(std::aligned_alloc(64, blocks * kW24MaxQuads * 96));
-  float* acc = static_cast<float*>(std::aligned_alloc(64, chunk_tiles * blocks * kW24Rows * L * sizeof(float)));
-  for (;;) {
-    const int64_t c = __atomic_fetch_add(ch.next_chunk, 1, __ATOMIC_RELAXED);
-    if (c >= ch.chunks) break;
-    const int64_t b0 = c * ch.chunk_lanes;
-    const int64_t lanes = src.B - b0 < ch.chunk_lanes ? src.B - b0 : ch.chunk_lanes;
-    for (int64_t t = 0; t * L < lanes; ++t) {
-      lane_rows(src, b0 + t * L, L, rows);
-      avx2::lane_tile(LaneTileArgs{rows, src.positions, src.C, L, xt + t * (K + 1) * L});
-    }
-    for (int64_t r0 = 0; r0 < O; r0 += panel_rows)
-      w24_panel(lanes, K, O, xt, out + b0 * O, r0, r0 + panel_rows < O ? r0 + panel_rows : O, pack_block, pack, acc);
-  }
-  std::free(acc);
-  std::free(pack);
-  std::free(rows);
-  std::free(xt);
-}
-
 template <typename Args, typename PackBlock>
 void w24_run(const Args& a, const PackBlock& pack_block) {
-  if (a.chunked.lanes)
-    w24_chunks(a.K, a.O, a.out, a.panel_rows, a.chunked, pack_block);
-  else
+  if (a.chunked.lanes) {  // ws_chunks_impl.h, with this kernel's panel
+    constexpr int64_t L = kG24Lanes512;
+    const int64_t blocks = (a.panel_rows + kW24Rows - 1) / kW24Rows;
+    const int64_t tiles = a.chunked.chunk_lanes / L < kW24Chunk / L ? a.chunked.chunk_lanes / L : kW24Chunk / L;
+    int32_t* pack = static_cast<int32_t*>(std::aligned_alloc(64, blocks * kW24MaxQuads * 96));
+    float* acc = static_cast<float*>(std::aligned_alloc(64, tiles * blocks * kW24Rows * L * sizeof(float)));
+    ws_chunks(a.K, a.O, L, a.panel_rows, a.chunked, a.out,
+              [&](int64_t lanes, const float* xt, float* out, int64_t r0, int64_t r1) {
+                w24_panel(lanes, a.K, a.O, xt, out, r0, r1, pack_block, pack, acc);
+              });
+    std::free(acc);
+    std::free(pack);
+  } else {
     w24_panels(a.B, a.K, a.O, a.xT, a.out, a.panel_rows, a.panels, a.next_panel, pack_block);
+  }
 }
 
 template <typename VT>
