@@ -12,7 +12,8 @@ Providers (each checked against the fp64 reference before it is timed):
                       after decompressing)
   torch.conv2d.again  the same call again: the noise floor of the run
   cpp.patches         the channels-last patch matrix (one strided copy) through nm_linear:
-                      SparseConv2d's sparse path before nm_conv2d
+                      SparseConv2d's sparse path before nm_conv2d (with today's nm_linear,
+                      whose x tiles and chunk order nm_conv2d shares)
   cpp.nm_conv2d       ops.nm_conv2d: the taps gathered straight into the weight-stationary
                       kernel's x tiles (2:4 from 17 output pixels)
 The shapes come from a forward pass of torchvision's resnet50 (no weights) at --batch images
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsekern import ops
-from sparsekern.bench.common import compare, environment, interleaved, write_json
+from sparsekern.bench.common import compare, environment, interleaved, ratio_text, write_progress
 from sparsekern.formats import NMWeight
 from sparsekern.patterns import as_2d
 
@@ -117,17 +118,12 @@ def main(argv=None):
           f"{'ratio p20-p80':>14} {'noise':>6} verdict")
     rows = []
     for c in resnet50_convs(a.batch):
-        for r in run_case(c, a.batch, a.rounds, env):
-            rows.append(r)
+        rows += run_case(c, a.batch, a.rounds, env)
+        for r in rows[-4:]:
             print(f"{r['shape']:>26} {r['layers_sharing']:>2} {r['rows']:>6} {r['provider']:>18} "
-                  f"{r['median_ms']:>10.3f} {r['speedup']:>7.2f} {r['speedup_p20']:>6.2f}-{r['speedup_p80']:<7.2f} "
-                  f"{r['noise_floor']:>6.3f} {r['verdict']}", flush=True)
-        if a.out:  # after every case: a run cut short keeps what it measured
-            env["loadavg_end"] = list(os.getloadavg())
-            write_json(a.out, env, rows)
+                  f"{r['median_ms']:>10.3f} {ratio_text(r)}", flush=True)
+        write_progress(a.out, env, rows)
     if a.out:
-        env["loadavg_end"] = list(os.getloadavg())
-        write_json(a.out, env, rows)
         print(f"wrote {a.out}")
     return rows
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsekern import ops
-from sparsekern.bench.common import compare, environment, interleaved, write_json
+from sparsekern.bench.common import compare, environment, interleaved, ratio_text, write_progress
 from sparsekern.formats import NMWeight
 
 SHAPES = ["4096x4096", "4096x11008", "11008x4096"]  # out x in
@@ -113,14 +113,9 @@ def main(argv=None):
             for r in run_case(o, k, b, rounds, a.rotate_mib, env):
                 rows.append(r)
                 print(f"{shape:>11} {b:>5} {r['provider']:>17} {r['median_ms']:>10.2f} {r['p20_ms']:>9.2f} "
-                      f"{r['p80_ms']:>9.2f} {r['speedup']:>7.2f} {r['speedup_p20']:>6.2f}-{r['speedup_p80']:<7.2f} "
-                      f"{r['noise_floor']:>6.3f} {r['verdict']}", flush=True)
-            if a.out:  # after every case: a run cut short keeps what it measured
-                env["loadavg_end"] = list(os.getloadavg())
-                write_json(a.out, env, rows)
-    env["loadavg_end"] = list(os.getloadavg())
+                      f"{r['p80_ms']:>9.2f} {ratio_text(r)}", flush=True)
+            write_progress(a.out, env, rows)
     if a.out:
-        write_json(a.out, env, rows)
         print(f"wrote {a.out}")
     return rows
 

@@ -57,8 +57,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 MARKER = re.compile(r"<!-- table:([a-z0-9-]+) -->\n(.*?)<!-- /table -->", re.S)
-KERNEL_OPS = ("linear", "nm_linear", "bitmask_linear", "block_linear")
-DENSE_PROVIDERS = ("torch.dense", "cublas", "dense")
+KERNEL_OPS = ("linear", "nm_linear", "bitmask_linear", "block_linear", "conv2d", "nm_conv2d")
+DENSE_PROVIDERS = ("torch.dense", "cublas", "dense", "torch.conv2d")
 MASK_OPS = ("nm_mask_compress", "group_score_nm_l2", "group_norm_nm_l2")
 # Keys shown in the caption or not at all (the run's own metadata).
 META_KEYS = ("commit", "timestamp", "device", "suite")
@@ -329,8 +329,10 @@ def render_kernels(run: Run) -> str:
             pairs.append((rows[i], rows[i]))
     ks = ["shape", "model_shape", "dtype"]
     varying, caption = common_fields([r for r, _ in pairs], ks)
+    conv = all(op_of(r) in ("conv2d", "nm_conv2d") for r, _ in pairs)
+    labels = {**LABELS, "shape": "convolution (in->out, kernel/stride @ input)"} if conv else LABELS
     dense = "cuBLAS" if any(ref is not None and ref.get("provider") == "cublas" for _, ref in pairs) else "dense"
-    header = [LABELS.get(k, k) for k in varying] + ["pattern", "batch", "provider", "ms, median (p20–p80)",
+    header = [labels.get(k, k) for k in varying] + ["pattern", "batch", "provider", "ms, median (p20–p80)",
                                                     f"{dense} ms, same run", f"x {dense}"]
     floor = any(isinstance(r.get("noise_floor"), (int, float)) for r, _ in pairs)
     if floor:
@@ -522,6 +524,14 @@ def t_cpu_kernels(runs):
     return f"{render_run(run, 'kernel')}\n\n{NOISE_NOTE}"
 
 
+def t_cpu_conv(runs):
+    """bench_cpu_conv.py's run (cpu-conv-* folders): ResNet-50's convolutions."""
+    run = newest([r for r in runs if re.match(r"bench/results/cpu-conv-", r.path)], "kernel", False)
+    if run is None:
+        return "No CPU convolution results yet."
+    return f"{render_run(run, 'kernel')}\n\n{NOISE_NOTE}"
+
+
 def t_cpu_models(runs):
     run = newest(runs, "model", False)
     if run is None:
@@ -691,6 +701,7 @@ def _triton_blocks() -> tuple:
 
 TABLES = {
     "cpu-kernels": t_cpu_kernels,      # bench_cpu_linear.py (newest cpu-linear-* run)
+    "cpu-conv": t_cpu_conv,            # bench_cpu_conv.py (newest cpu-conv-* run)
     "cpu-models": t_cpu_models,        # model-level rows (python -m sparsekern bench --suite models)
     "cpu-goals": t_cpu_goals,          # issue 14's CPU goals against the newest runs
     "cpu-overhead": t_cpu_overhead,    # python -m sparsekern.bench.overhead --out

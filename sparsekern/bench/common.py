@@ -133,6 +133,20 @@ def write_json(path: str, env: dict, rows: list[dict]) -> None:
         json.dump({"environment": env, "rows": rows}, f, indent=1)
 
 
+def ratio_text(r: dict) -> str:
+    """A compared row's x dense, per-round p20-p80, noise floor and verdict, for printed tables."""
+    return (f"{r['speedup']:>7.2f} {r['speedup_p20']:>6.2f}-{r['speedup_p80']:<7.2f} {r['noise_floor']:>6.3f} "
+            f"{r['verdict']}")
+
+
+def write_progress(path: str | None, env: dict, rows: list[dict]) -> None:
+    """write_json with the load average at the time, when there is a path: called after every
+    case, a run cut short keeps what it measured."""
+    if path:
+        env["loadavg_end"] = list(os.getloadavg())
+        write_json(path, env, rows)
+
+
 # ------------------------------------------------------------------- interleaved timing
 NOISE_MIN = 0.02  # a ratio within 2% of 1 is never called a difference (also nn.choose_path's tie)
 
