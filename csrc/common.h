@@ -81,6 +81,12 @@ inline ConvGeometry check_conv_geometry(const char* op, const at::Tensor& x, c10
                     ": padding must be two ints >= 0, got ", padding);
   TORCH_CHECK_VALUE(dilation.size() == 2 && dilation[0] >= 1 && dilation[1] >= 1, op,
                     ": dilation must be two ints >= 1, got ", dilation);
+  // Far beyond any image, and small enough that the size arithmetic below cannot overflow.
+  constexpr int64_t kMaxGeometry = int64_t(1) << 30;
+  for (int i = 0; i < 2; ++i)
+    TORCH_CHECK_VALUE(stride[i] <= kMaxGeometry && padding[i] <= kMaxGeometry && dilation[i] <= kMaxGeometry &&
+                          weight_shape[2 + i] <= kMaxGeometry,
+                      op, ": stride, padding, dilation and kernel size must be at most 2^30");
   ConvGeometry g{x.size(0), x.size(1), x.size(2), x.size(3), weight_shape[0], weight_shape[2], weight_shape[3],
                  stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], 0, 0};
   g.OH = (g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;

@@ -479,12 +479,15 @@ def block_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> t
     return _run("block_linear", (x, weight), x, *weight.kernel_args(), bias)
 
 
+_MAX_GEOMETRY = 1 << 30  # csrc/common.h check_conv_geometry: keeps the C++ size arithmetic in range
+
+
 def _pair(name: str, v, least: int, op: str) -> tuple[int, int]:
     pair = (v, v) if isinstance(v, int) else tuple(v) if isinstance(v, (tuple, list)) else None
     if pair is None or len(pair) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair):
         raise TypeError(f"{op}: {name} must be an int or two ints, got {v!r}")
-    if min(pair) < least:
-        raise ValueError(f"{op}: {name} must be >= {least}, got {v!r}")
+    if min(pair) < least or max(pair) > _MAX_GEOMETRY:
+        raise ValueError(f"{op}: {name} must be between {least} and 2^30, got {v!r}")
     return pair
 
 
@@ -507,6 +510,9 @@ def nm_conv2d(x: torch.Tensor, weight, kernel_size, bias: torch.Tensor | None = 
         raise ValueError(f"{op}: weight in_features ({weight.in_features}) is not kh*kw*C for kernel_size "
                          f"({kh}, {kw})")
     channels = weight.in_features // (kh * kw)
+    if channels % weight.m:
+        raise ValueError(f"{op}: the weight's {channels} input channels are not a multiple of m={weight.m} "
+                         f"(N:M groups run along input channels)")
     if x.shape[1] != channels:
         raise ValueError(f"{op}: x has {x.shape[1]} channels but the weight takes {channels} "
                          f"(in_features {weight.in_features} / kernel {kh}x{kw})")
@@ -709,7 +715,8 @@ def _fake_nm_conv2d(x, values, indices, n, m, weight_shape, stride, padding, dil
     torch._check(x.dim() == 4 and x.shape[1] == weight_shape[1], lambda: "nm_conv2d: x must be [N, in, H, W]")
     oh, ow = ((size + 2 * p - d * (k - 1) - 1) // s + 1
               for size, p, d, k, s in zip(x.shape[2:], padding, dilation, weight_shape[2:], stride))
-    return x.new_empty((x.shape[0], weight_shape[0], oh, ow)).contiguous(memory_format=torch.channels_last)
+    return torch.empty((x.shape[0], weight_shape[0], oh, ow), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
 
 
 def _fake_bitmask_linear(x, values, bitmask, offsets, in_features, bias, columns=None):

@@ -18,8 +18,10 @@ GEOMETRIES = [
     (3, 12, 11, 10, 20, (3, 3), 2, 1, 2),    # stride and dilation; 12 channels: a partial 8 per tap
     (2, 8, 13, 9, 7, (5, 3), 1, (2, 1), 1),  # rectangular kernel and padding
     (1, 32, 10, 10, 16, (1, 1), 2, 0, 1),    # strided 1x1
-    (2, 16, 64, 64, 24, (3, 3), 1, 1, 1),    # x tiles of 4.7 MB: the chunk order on AVX-512
+    (2, 16, 64, 64, 24, (3, 3), 1, 1, 1),    # x tiles of 4.7 MB in 16 chunks: the chunk order (up to 16 threads)
+    (20, 8, 1, 1, 4, (1, 1), 3, 1, 1),       # 1x1 input and output whose one tap lies in the padding
 ]
+CHUNKED = GEOMETRIES[5]
 ID = [f"{g[0]}x{g[1]}x{g[2]}x{g[3]}-o{g[4]}-k{g[5][0]}{g[5][1]}-s{g[6]}" for g in GEOMETRIES]
 
 
@@ -54,7 +56,7 @@ def test_nm_conv2d_matches_fp64(device, backend, geometry, n, m, dtype, with_bia
 @pytest.mark.parametrize("order", ["panels", "chunks"])
 def test_both_orders_of_the_weight_stationary_kernel(order, monkeypatch, poison):
     monkeypatch.setenv("SPARSEKERN_WS_ORDER", order)
-    f, x, bias, dense4, (s, p, d) = _conv_case(GEOMETRIES[-1], 2, 4, torch.float32, True, channels_last=True)
+    f, x, bias, dense4, (s, p, d) = _conv_case(CHUNKED, 2, 4, torch.float32, True, channels_last=True)
     with running("cpp", "nm_conv2d", x, f):
         y = ops.nm_conv2d(x, f, 3, bias, s, p, d)
     assert y.is_contiguous(memory_format=torch.channels_last)
@@ -103,6 +105,9 @@ def _bad(**change):
     (dict(stride=0), ValueError, "stride"),
     (dict(stride=1.5), TypeError, "stride"),
     (dict(padding=-1), ValueError, "padding"),
+    (dict(padding=2**40), ValueError, "padding"),
+    (dict(x=torch.randn(2, 6, 5, 5), weight=NMWeight.from_dense(torch.randn(12, 24), 2, 4), kernel_size=2),
+     ValueError, "multiple of m"),
     (dict(dilation=(1, 0)), ValueError, "dilation"),
     (dict(x=torch.randn(2, 16, 2, 2), padding=0), ValueError, "smaller than the dilated kernel"),
     (dict(bias=torch.randn(5)), ValueError, "bias"),

@@ -63,7 +63,7 @@ at::Tensor x_lanes(const at::Tensor& x2, int64_t BP) {
 }
 
 void lane_rows(const LaneRows& s, int64_t b0, int64_t L, const float** rows) {
-  if (s.positions == 1 && s.H * s.W == 1 && s.OH * s.OW == 1) {  // linear: the rows of x
+  if (s.positions == 1 && s.H * s.W == 1 && s.OH * s.OW == 1 && s.ph == 0 && s.pw == 0) {  // linear: the rows of x
     for (int64_t l = 0; l < L; ++l) rows[l] = b0 + l < s.B ? s.x + (b0 + l) * s.C : nullptr;
     return;
   }
@@ -101,8 +101,8 @@ at::Tensor lane_tiles(const LaneRows& src, int64_t L, const at::TensorOptions& o
 }
 
 WsPlan ws_plan(int64_t B, int64_t K, int64_t O, int64_t weight_bytes, int64_t threads) {
-  // A chunk's tiles take at most half of a 2 MiB L2 (the packed weight, the partial sums
-  // and the output rows share it): 3136 x 1152 -> 128 (192 lanes a chunk) ran 1.24x dense
+  // A chunk's tiles take about half of a 2 MiB L2 (the packed weight, the partial sums and
+  // the output rows share it; at K > 4095 one 64-lane tile is already more): 3136 x 1152 -> 128 (192 lanes a chunk) ran 1.24x dense
   // with 1 MiB chunks against 0.77x with 512 KiB (64 lanes: the weight re-packed for every
   // tile) and 0.85x with 2 MiB, interleaved in one process each.
   constexpr int64_t kChunkBytes = int64_t(1024) << 10;

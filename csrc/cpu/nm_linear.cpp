@@ -165,8 +165,10 @@ at::Tensor nm_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at
     auto cols = xp.as_strided({g.N, g.OH, g.OW, g.kh, g.kw, g.C},
                               {st[0], st[1] * g.sh, st[2] * g.sw, st[1] * g.dh, st[2] * g.dw, st[3]})
                     .reshape({rows, K});
-    // [N, OH, OW, O] is the memory of the channels-last result.
-    out.permute({0, 2, 3, 1}).reshape({rows, O}).copy_(nm_linear_cpu(cols, vals, idx, n, m, K, c10::nullopt));
+    // [N, OH, OW, O] is the memory of the channels-last result. The bias goes in there, so
+    // a bf16/fp16 result is rounded once.
+    out.permute({0, 2, 3, 1}).reshape({rows, O}).copy_(nm_linear_cpu(cols, vals, idx, n, m, K, bias));
+    return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
   }
   if (bias.has_value()) out.add_(bias->to(at::kFloat).view({1, O, 1, 1}));
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());

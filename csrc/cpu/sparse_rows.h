@@ -111,7 +111,7 @@ void lane_rows(const LaneRows& s, int64_t b0, int64_t L, const float** rows);
 // cheap while it sits in the L2). With `lanes`: chunks of chunk_lanes lanes taken from
 // *next_chunk; a thread builds its chunk's tiles (lane_rows + lane_tile) and runs every
 // output row over them (x is read once, the weight once per chunk), the order for a small
-// weight and many rows (convolutions). ws_chunked (cpu_common.h) picks.
+// weight and many rows (convolutions). ws_plan (cpu_common.h) picks.
 struct WsChunks {
   const LaneRows* lanes = nullptr;
   int64_t chunk_lanes = 0, chunks = 0;
