@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from . import formats, ops, prune
-from .patterns import KIND_CODES, KIND_OF_CODE, as_2d, from_2d, pack_bitmask, parse_pattern, unpack_bitmask
+from .patterns import (KIND_CODES, KIND_OF_CODE, as_2d, conv_output_size, from_2d, pack_bitmask, parse_pattern,
+                       unpack_bitmask)
 
 
 # ---------------------------------------------------------------------------- patterns
@@ -620,8 +621,8 @@ class SparseConv2d(_SparseMixin, nn.Module):
         return self._dense_conv(x, self._to4d(self._dense_weight(path, f)))
 
     def _out_hw(self, h: int, w: int) -> tuple[int, int]:
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return tuple(conv_output_size(size, *geo) for size, *geo in
+                     zip((h, w), self.kernel_size, self.stride, self.padding, self.dilation))
 
     def _to4d(self, w2d: torch.Tensor) -> torch.Tensor:
         return from_2d(w2d, (self.out_channels, self.in_channels, *self.kernel_size))

@@ -43,7 +43,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from . import _extension, reference
-from .patterns import BITMASK_TILE_COLS, as_2d, check_nm, from_2d, nm_index_bits, unpack_bitmask, unpack_bits
+from .patterns import (BITMASK_TILE_COLS, as_2d, check_nm, conv_output_size, from_2d, nm_index_bits, unpack_bitmask,
+                       unpack_bits)
 
 BACKENDS = ("cpp", "cusparselt", "cutlass", "cuda", "triton", "reference")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -713,8 +714,7 @@ def _fake_nm_linear(x, values, indices, n, m, in_features, bias):
 
 def _fake_nm_conv2d(x, values, indices, n, m, weight_shape, stride, padding, dilation, bias):
     torch._check(x.dim() == 4 and x.shape[1] == weight_shape[1], lambda: "nm_conv2d: x must be [N, in, H, W]")
-    oh, ow = ((size + 2 * p - d * (k - 1) - 1) // s + 1
-              for size, p, d, k, s in zip(x.shape[2:], padding, dilation, weight_shape[2:], stride))
+    oh, ow = (conv_output_size(*geo) for geo in zip(x.shape[2:], weight_shape[2:], stride, padding, dilation))
     return torch.empty((x.shape[0], weight_shape[0], oh, ow), dtype=x.dtype, device=x.device,
                        memory_format=torch.channels_last)
 
@@ -791,14 +791,19 @@ def _sparse_setup(values_slot: int, fmt_len: int):
     return setup
 
 
+def _nm_kept_columns(values, indices, n: int, m: int) -> torch.Tensor:
+    """[out, kept] int64: the column of each kept value of an N:M weight (for gathering the
+    kept values' gradients out of a dense [out, in] one)."""
+    kept = values.shape[1]
+    return (torch.arange(kept, device=values.device) // n * m) + unpack_bits(indices, nm_index_bits(m), kept)
+
+
 def _nm_backward(ctx, grad):
     values, indices, n, m, k = ctx.fmt
     gx = grad @ nm_decompress(values, indices, n, m, k).to(grad.dtype) if ctx.needs_input_grad[0] else None
     gv = None
     if ctx.needs_input_grad[1]:
-        kept = values.shape[1]
-        cols = (torch.arange(kept, device=values.device) // n * m) + unpack_bits(indices, nm_index_bits(m), kept)
-        gv = _weight_grad(grad, ctx.x).gather(1, cols).to(values.dtype)
+        gv = _weight_grad(grad, ctx.x).gather(1, _nm_kept_columns(values, indices, n, m)).to(values.dtype)
     return gx, gv, None, None, None, None, _grad_bias(ctx, grad, 6)
 
 
@@ -811,9 +816,7 @@ def _nm_conv2d_backward(ctx, grad):
         gx = torch.nn.grad.conv2d_input(list(ctx.x_shape), w, grad, stride, padding, dilation)
     if ctx.needs_input_grad[1]:
         gw = as_2d(torch.nn.grad.conv2d_weight(ctx.x.to(grad.dtype), list(shape), grad, stride, padding, dilation))
-        cols = (torch.arange(values.shape[1], device=values.device) // n * m) + \
-            unpack_bits(indices, nm_index_bits(m), values.shape[1])
-        gv = gw.gather(1, cols.expand(values.shape[0], -1)).to(values.dtype)
+        gv = gw.gather(1, _nm_kept_columns(values, indices, n, m)).to(values.dtype)
     gb = grad.sum((0, 2, 3)) if ctx.needs_input_grad[9] else None
     return gx, gv, None, None, None, None, None, None, None, gb
 

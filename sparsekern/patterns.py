@@ -76,6 +76,11 @@ def pattern_string(kind: str, n: int | None = None, m: int | None = None, block=
 
 
 # ------------------------------------------------------------------ 2-D weight views
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output length of a convolution along one dimension (zero padding, as torch's)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def as_2d(weight: torch.Tensor) -> torch.Tensor:
     """[out, in, kh, kw] -> [out, kh*kw*in] with input channels fastest, so N:M groups run
     along input channels at each kernel position; a 2-D weight is returned as is."""
