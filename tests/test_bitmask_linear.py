@@ -133,3 +133,29 @@ def test_module_reports_the_column_index_bytes():
         assert f"derived_index_bytes={2 * f.values.numel()}" in text, text
     else:
         assert "derived_index_bytes" not in text, text
+
+
+@pytest.mark.parametrize("device,backend", [p for p in pairs("bitmask_linear") if p.id == "cpu-cpp"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 3, 8, 16, 40])
+def test_rows_never_see_their_neighbours_values(device, backend, dtype, batch):
+    # The AVX-512 kernels load a row's values 16 at a time and expand them under the row's
+    # mask, so each load also reads values of the next rows: those lanes must stay zero,
+    # whatever they hold. Every other row's values are inf or NaN here; the finite rows
+    # must match fp64 exactly as usual, at every batch path (1 row, 2-8 direct, expanded).
+    o, k = 48, 200
+    w = torch.randn(o, k, dtype=dtype)
+    W = BitmaskWeight.from_dense(w, torch.rand(o, k) < 0.3)
+    rows = torch.repeat_interleave(torch.arange(o), W.mask().sum(1))
+    values = W.values.clone()
+    odd = rows % 2 == 1
+    values[odd] = torch.where(torch.rand(int(odd.sum())) < 0.5, float("inf"), float("nan")).to(dtype)
+    W2 = BitmaskWeight.from_tensors({**W.tensors(), "values": values})
+    x = torch.randn(batch, k, dtype=dtype)
+    with running(backend, "bitmask_linear", x, W2):
+        y = ops.bitmask_linear(x, W2)
+    even = torch.arange(0, o, 2)
+    assert torch.isfinite(y[:, even]).all(), "a row read its neighbour's values"
+    dense = W.to_dense()
+    assert_linear_close(y[:, even], ref64(x, dense, None)[:, even], dtype,
+                        lowp_torch_linear(x, dense, None)[:, even], f"batch {batch} {dtype}")

@@ -131,3 +131,26 @@ def test_compiled_op_checks_arguments_itself():
         op(torch.randn(2, 18), W.values, W.indices, 2, 4, 18, None)
     with pytest.raises(TypeError, match="indices must be Byte"):
         op(torch.randn(2, 16), W.values, W.indices.int(), 2, 4, 16, None)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in pairs("nm_linear") if p.id == "cpu-cpp"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (2, 8), (6, 16)])
+@pytest.mark.parametrize("batch", [1, 3, 8, 40])
+def test_rows_never_see_their_neighbours_values(device, backend, dtype, n, m, batch):
+    # The AVX-512 kernels of m = 8 and 16 load a row's values 16 at a time and expand them
+    # under the piece's mask, reading into the next rows: those lanes must stay zero. Every
+    # other row's values are inf or NaN; the finite rows must match fp64 as usual.
+    o, k = 40, 96
+    W = NMWeight.from_dense(torch.randn(o, k, dtype=dtype), n, m)
+    values = W.values.clone()
+    values[1::2] = torch.where(torch.rand(values[1::2].shape) < 0.5, float("inf"), float("nan")).to(dtype)
+    W2 = NMWeight.from_tensors({**W.tensors(), "values": values})
+    x = torch.randn(batch, k, dtype=dtype)
+    with running(backend, "nm_linear", x, W2):
+        y = ops.nm_linear(x, W2)
+    even = torch.arange(0, o, 2)
+    assert torch.isfinite(y[:, even]).all(), "a row read its neighbour's values"
+    dense = W.to_dense()
+    assert_linear_close(y[:, even], ref64(x, dense, None)[:, even], dtype,
+                        lowp_torch_linear(x, dense, None)[:, even], f"{n}:{m} batch {batch} {dtype}")

@@ -99,7 +99,7 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, con
       const int32_t* o = off.data_ptr<int32_t>();
       const int64_t nw = bm.size(1), nt = off.size(1);
       if (cpu_has_avx512()) {
-        BitmaskRowsArgs a{vals.data_ptr(), w, o, vals.scalar_type(), nw, nt, K, O, nullptr, 0, 0, nullptr};
+        BitmaskRowsArgs a{vals.data_ptr(), w, o, vals.scalar_type(), nw, nt, K, O, nullptr, 0, 0, nullptr, vals.numel()};
         out = tiled_gemm(x2, O, [&](int64_t r0, int64_t r1, float* buf) { avx512::bitmask_dense_rows(a, r0, r1, buf); });
       } else {
         out = tiled_gemm(x2, O, [&](int64_t r0, int64_t r1, float* buf) {
@@ -238,7 +238,7 @@ at::Tensor bitmask_decompress_cpu(const at::Tensor& values, const at::Tensor& bi
   auto out = at::empty({O, in_features}, v.options());
   if (v.scalar_type() == at::kFloat && cpu_has_avx512()) {
     BitmaskRowsArgs a{v.data_ptr(), bm.data_ptr<int64_t>(), off.data_ptr<int32_t>(), v.scalar_type(), nw, nt,
-                      in_features, O, nullptr, 0, 0, nullptr};
+                      in_features, O, nullptr, 0, 0, nullptr, v.numel()};
     float* dst = out.data_ptr<float>();
     parallel_rows(O, 16, [&](int64_t r0, int64_t r1) { avx512::bitmask_dense_rows(a, r0, r1, dst + r0 * in_features); });
     return out;

@@ -74,6 +74,23 @@ inline __m512 expand16(__mmask16 k, const c10::BFloat16* p) {
 inline __m512 expand16(__mmask16 k, const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_maskz_expandloadu_epi16(k, p));
 }
+// The same from a plain load of 16 values and an in-register expand. The caller must know
+// that 16 values are readable at p (row_has_slack below). The memory form is microcoded
+// on Intel cores: one-row bitmask decode at 30% kept spent most of its samples on it and
+// ran at 17 GB/s with its weight hot in the L3, against dense torch's 36.
+inline __m512 expand16_loaded(__mmask16 k, const float* p) { return _mm512_maskz_expand_ps(k, _mm512_loadu_ps(p)); }
+inline __m512 expand16_loaded(__mmask16 k, const c10::BFloat16* p) {
+  const __m256i h = _mm256_maskz_expand_epi16(k, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 expand16_loaded(__mmask16 k, const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_maskz_expand_epi16(k, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+}
+template <bool Slack, typename VT>
+inline __m512 expand_piece(__mmask16 k, const VT* p) {
+  if constexpr (Slack) return expand16_loaded(k, p);
+  else return expand16(k, p);
+}
 
 // Software prefetch this far ahead in the value and mask streams. The hardware prefetcher
 // stops at 4 KiB page boundaries, and a decode kernel walks two or three streams at once:
@@ -345,14 +362,25 @@ inline __mmask16 nm_piece_mask(const uint8_t* ix, int64_t p, int64_t n, int64_t 
   return static_cast<__mmask16>((lo & 0xFF) | (hi & 0xFF) << 8);
 }
 
-template <typename VT>
+// Whether row r of an N:M weight may read its values 16 at a time (expand16_loaded): a load
+// at any slot of the row stays inside the [O, kept] values unless the row is one of the last.
+inline bool nm_row_has_slack(const NmRowsArgs& a, int64_t r) { return (r + 1) * a.kept + 16 <= a.O * a.kept; }
+// The first row of [r0, r1) without that slack (r1 if none): rows before it take the
+// register-expand build of a kernel, the rest the memory form.
+inline int64_t nm_slack_end(const NmRowsArgs& a, int64_t r0, int64_t r1) {
+  int64_t r = r1;
+  while (r > r0 && !nm_row_has_slack(a, r - 1)) --r;
+  return r;
+}
+
+template <typename VT, bool Slack>
 void nm_row_dense(const VT* v, const uint8_t* ix, int64_t n, int64_t m, int64_t K, float* dst) {
   const PairBits& pb = pair_bits();
   const int64_t groups = K / m, per_piece = 16 * n / m;
   for (int64_t c = 0, p = 0; c < K; c += 16, ++p) {
     if ((p & 3) == 0) prefetch(v + p * per_piece, kPrefetchBytes);
     const __mmask16 mk = nm_piece_mask(ix, p, n, m, groups, pb);
-    const __m512 w = expand16(mk, v + p * per_piece);
+    const __m512 w = expand_piece<Slack>(mk, v + p * per_piece);
     if (c + 16 <= K) _mm512_storeu_ps(dst + c, w);
     else _mm512_mask_storeu_ps(dst + c, first_lanes(K - c), w);
   }
@@ -360,7 +388,7 @@ void nm_row_dense(const VT* v, const uint8_t* ix, int64_t n, int64_t m, int64_t 
 
 // One batch row: per 16 columns the mask from the index table, an expanding load of the
 // piece's values and one FMA with x loaded under the same mask.
-template <typename VT>
+template <typename VT, bool Slack>
 void nm_rows_b1(const NmRowsArgs& a, int64_t r0, int64_t r1) {
   const PairBits& pb = pair_bits();
   const int64_t pieces = (a.K + 15) / 16, groups = a.K / a.m, per_piece = 16 * a.n / a.m;
@@ -374,8 +402,9 @@ void nm_rows_b1(const NmRowsArgs& a, int64_t r0, int64_t r1) {
       if ((p & 31) == 0) prefetch(ix + p * per_piece / 2, kPrefetchBytes / 8);
       const __mmask16 m0 = nm_piece_mask(ix, p, a.n, a.m, groups, pb);
       const __mmask16 m1 = nm_piece_mask(ix, p + 1, a.n, a.m, groups, pb);
-      acc0 = _mm512_fmadd_ps(expand16(m0, v + p * per_piece), _mm512_maskz_loadu_ps(m0, a.x + 16 * p), acc0);
-      acc1 = _mm512_fmadd_ps(expand16(m1, v + (p + 1) * per_piece), _mm512_maskz_loadu_ps(m1, a.x + 16 * p + 16), acc1);
+      acc0 = _mm512_fmadd_ps(expand_piece<Slack>(m0, v + p * per_piece), _mm512_maskz_loadu_ps(m0, a.x + 16 * p), acc0);
+      acc1 = _mm512_fmadd_ps(expand_piece<Slack>(m1, v + (p + 1) * per_piece),
+                             _mm512_maskz_loadu_ps(m1, a.x + 16 * p + 16), acc1);
     }
     if (p < pieces) {
       const __mmask16 m0 = nm_piece_mask(ix, p, a.n, a.m, groups, pb);
@@ -427,55 +456,78 @@ template <typename VT>
 void nm_rows_t(const NmRowsArgs& a, int64_t r0, int64_t r1) {
   if (a.m == 8 && a.n == 4 && nm_half_rows_t<VT, 8>(a, r0, r1)) return;
   if (a.m == 16 && a.n == 8 && nm_half_rows_t<VT, 16>(a, r0, r1)) return;
-  if (a.B == 1) return nm_rows_b1<VT>(a, r0, r1);
+  if (a.B == 1) {
+    const int64_t split = nm_slack_end(a, r0, r1);
+    nm_rows_b1<VT, true>(a, r0, split);
+    return nm_rows_b1<VT, false>(a, split, r1);
+  }
   expanded_rows_times_x(a.x, a.B, a.K, a.out, a.O, r0, r1, [&](int64_t r, float* row) {
-    nm_row_dense(static_cast<const VT*>(a.values) + r * a.kept, a.indices + r * a.idx_row_bytes, a.n, a.m, a.K, row);
+    const VT* v = static_cast<const VT*>(a.values) + r * a.kept;
+    const uint8_t* ix = a.indices + r * a.idx_row_bytes;
+    if (nm_row_has_slack(a, r)) nm_row_dense<VT, true>(v, ix, a.n, a.m, a.K, row);
+    else nm_row_dense<VT, false>(v, ix, a.n, a.m, a.K, row);
   });
 }
 
 // ---- bitmask --------------------------------------------------------------------------------
-template <typename VT>
+// Whether row r of a bitmask weight may read its values 16 at a time: its values start at
+// offsets[r, 0] and number at most K, so a full 16-value load anywhere in the row stays in
+// the buffer when start + K + 16 <= nnz (the values' length; 0 when not given). This holds
+// for every row but the last few, and also for offsets no format would hold.
+inline bool row_has_slack(const BitmaskRowsArgs& a, int64_t r) {
+  const int64_t start = a.offsets[r * a.tiles];
+  return start >= 0 && start + a.K + 16 <= a.nnz;
+}
+
+template <typename VT, bool Slack>
 void bitmask_row_dense(const VT* v, const int64_t* words, int64_t K, float* dst) {
   int64_t k = 0;
   for (int64_t c = 0, piece = 0; c < K; c += 16, ++piece) {
     if ((piece & 3) == 0) prefetch(v + k, kPrefetchBytes);
     if ((piece & 31) == 0) prefetch(words + piece / 4, kPrefetchBytes / 4);
     const __mmask16 m = mask_piece(words, piece);
-    const __m512 w = expand16(m, v + k);
+    const __m512 w = expand_piece<Slack>(m, v + k);
     if (c + 16 <= K) _mm512_storeu_ps(dst + c, w);
     else _mm512_mask_storeu_ps(dst + c, first_lanes(K - c), w);
     k += _mm_popcnt_u32(m);
   }
 }
 
+
 // One batch row: per 16 columns an expanding load of the kept values and one FMA with x
 // loaded under the same mask, two pieces per step into two named accumulators.
+template <typename VT, bool Slack>
+float bitmask_row_b1(const int64_t* words, const VT* v, const float* x, int64_t K) {
+  const int64_t pieces = (K + 15) / 16;
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t k = 0, p = 0;
+  for (; p + 2 <= pieces; p += 2) {
+    if ((p & 3) == 0) prefetch(v + k, kPrefetchBytes);
+    if ((p & 31) == 0) prefetch(words + p / 4, kPrefetchBytes / 4);
+    uint32_t both;
+    std::memcpy(&both, reinterpret_cast<const uint8_t*>(words) + 2 * p, 4);
+    if (!both) continue;
+    const uint32_t lo = both & 0xFFFFu, hi = both >> 16;
+    const __mmask16 m0 = static_cast<__mmask16>(lo), m1 = static_cast<__mmask16>(hi);
+    const int64_t k1 = k + _mm_popcnt_u32(lo);
+    acc0 = _mm512_fmadd_ps(expand_piece<Slack>(m0, v + k), _mm512_maskz_loadu_ps(m0, x + 16 * p), acc0);
+    acc1 = _mm512_fmadd_ps(expand_piece<Slack>(m1, v + k1), _mm512_maskz_loadu_ps(m1, x + 16 * p + 16), acc1);
+    k = k1 + _mm_popcnt_u32(hi);
+  }
+  if (p < pieces) {
+    const __mmask16 m0 = mask_piece(words, p);
+    acc0 = _mm512_fmadd_ps(expand16(m0, v + k), _mm512_maskz_loadu_ps(m0, x + 16 * p), acc0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
 template <typename VT>
 void bitmask_rows_b1(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
-  const int64_t pieces = (a.K + 15) / 16;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t* words = a.bitmask + r * a.words;
     const VT* v = static_cast<const VT*>(a.values) + a.offsets[r * a.tiles];
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    int64_t k = 0, p = 0;
-    for (; p + 2 <= pieces; p += 2) {
-      if ((p & 3) == 0) prefetch(v + k, kPrefetchBytes);
-      if ((p & 31) == 0) prefetch(words + p / 4, kPrefetchBytes / 4);
-      uint32_t both;
-      std::memcpy(&both, reinterpret_cast<const uint8_t*>(words) + 2 * p, 4);
-      if (!both) continue;
-      const __mmask16 m0 = static_cast<__mmask16>(both), m1 = static_cast<__mmask16>(both >> 16);
-      const float* xc = a.x + 16 * p;
-      acc0 = _mm512_fmadd_ps(expand16(m0, v + k), _mm512_maskz_loadu_ps(m0, xc), acc0);
-      k += _mm_popcnt_u32(m0);
-      acc1 = _mm512_fmadd_ps(expand16(m1, v + k), _mm512_maskz_loadu_ps(m1, xc + 16), acc1);
-      k += _mm_popcnt_u32(m1);
-    }
-    if (p < pieces) {
-      const __mmask16 m0 = mask_piece(words, p);
-      acc0 = _mm512_fmadd_ps(expand16(m0, v + k), _mm512_maskz_loadu_ps(m0, a.x + 16 * p), acc0);
-    }
-    a.out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    a.out[r] = row_has_slack(a, r) ? bitmask_row_b1<VT, true>(words, v, a.x, a.K)
+                                   : bitmask_row_b1<VT, false>(words, v, a.x, a.K);
   }
 }
 
@@ -643,39 +695,45 @@ void bitmask_lanes_by_columns(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) 
 // 2 to 8 batch rows, straight from the compressed row: per 16 columns one expanding
 // load of the kept values, then per batch row one FMA with x loaded under the same mask.
 // The cost follows the 16-column pieces (empty pairs of pieces are skipped).
+template <typename VT, int B, bool Slack>
+void bitmask_row_direct(const BitmaskRowsArgs& a, int64_t r) {
+  const int64_t pieces = (a.K + 15) / 16;
+  const int64_t* words = a.bitmask + r * a.words;
+  const VT* v = static_cast<const VT*>(a.values) + a.offsets[r * a.tiles];
+  __m512 acc[2][B];
+  for (int b = 0; b < B; ++b) acc[0][b] = acc[1][b] = _mm512_setzero_ps();
+  int64_t k = 0, p = 0;
+  for (; p + 2 <= pieces; p += 2) {
+    if ((p & 3) == 0) prefetch(v + k, kPrefetchBytes);
+    if ((p & 31) == 0) prefetch(words + p / 4, kPrefetchBytes / 4);
+    uint32_t both;
+    std::memcpy(&both, reinterpret_cast<const uint8_t*>(words) + 2 * p, 4);
+    if (!both) continue;
+    const __mmask16 m0 = static_cast<__mmask16>(both), m1 = static_cast<__mmask16>(both >> 16);
+    const __m512 w0 = expand_piece<Slack>(m0, v + k);
+    k += _mm_popcnt_u32(m0);
+    const __m512 w1 = expand_piece<Slack>(m1, v + k);
+    k += _mm_popcnt_u32(m1);
+    for (int b = 0; b < B; ++b) {
+      const float* xc = a.x + b * a.K + 16 * p;
+      acc[0][b] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m0, xc), acc[0][b]);
+      acc[1][b] = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(m1, xc + 16), acc[1][b]);
+    }
+  }
+  if (p < pieces) {
+    const __mmask16 m0 = mask_piece(words, p);
+    const __m512 w0 = expand16(m0, v + k);
+    for (int b = 0; b < B; ++b)
+      acc[0][b] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m0, a.x + b * a.K + 16 * p), acc[0][b]);
+  }
+  for (int b = 0; b < B; ++b) a.out[b * a.O + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][b], acc[1][b]));
+}
+
 template <typename VT, int B>
 void bitmask_rows_direct(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
-  const int64_t pieces = (a.K + 15) / 16;
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t* words = a.bitmask + r * a.words;
-    const VT* v = static_cast<const VT*>(a.values) + a.offsets[r * a.tiles];
-    __m512 acc[2][B];
-    for (int b = 0; b < B; ++b) acc[0][b] = acc[1][b] = _mm512_setzero_ps();
-    int64_t k = 0, p = 0;
-    for (; p + 2 <= pieces; p += 2) {
-      if ((p & 3) == 0) prefetch(v + k, kPrefetchBytes);
-      if ((p & 31) == 0) prefetch(words + p / 4, kPrefetchBytes / 4);
-      uint32_t both;
-      std::memcpy(&both, reinterpret_cast<const uint8_t*>(words) + 2 * p, 4);
-      if (!both) continue;
-      const __mmask16 m0 = static_cast<__mmask16>(both), m1 = static_cast<__mmask16>(both >> 16);
-      const __m512 w0 = expand16(m0, v + k);
-      k += _mm_popcnt_u32(m0);
-      const __m512 w1 = expand16(m1, v + k);
-      k += _mm_popcnt_u32(m1);
-      for (int b = 0; b < B; ++b) {
-        const float* xc = a.x + b * a.K + 16 * p;
-        acc[0][b] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m0, xc), acc[0][b]);
-        acc[1][b] = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(m1, xc + 16), acc[1][b]);
-      }
-    }
-    if (p < pieces) {
-      const __mmask16 m0 = mask_piece(words, p);
-      const __m512 w0 = expand16(m0, v + k);
-      for (int b = 0; b < B; ++b)
-        acc[0][b] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m0, a.x + b * a.K + 16 * p), acc[0][b]);
-    }
-    for (int b = 0; b < B; ++b) a.out[b * a.O + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][b], acc[1][b]));
+    if (row_has_slack(a, r)) bitmask_row_direct<VT, B, true>(a, r);
+    else bitmask_row_direct<VT, B, false>(a, r);
   }
 }
 
@@ -709,7 +767,9 @@ void bitmask_rows_t(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
     default: break;
   }
   expanded_rows_times_x(a.x, a.B, a.K, a.out, a.O, r0, r1, [&](int64_t r, float* row) {
-    bitmask_row_dense(static_cast<const VT*>(a.values) + a.offsets[r * a.tiles], a.bitmask + r * a.words, a.K, row);
+    const VT* v = static_cast<const VT*>(a.values) + a.offsets[r * a.tiles];
+    if (row_has_slack(a, r)) bitmask_row_dense<VT, true>(v, a.bitmask + r * a.words, a.K, row);
+    else bitmask_row_dense<VT, false>(v, a.bitmask + r * a.words, a.K, row);
   });
 }
 
@@ -1003,16 +1063,19 @@ struct NmDense {
       const VT* v = static_cast<const VT*>(a.values) + r * a.kept;
       const uint8_t* ix = a.indices + r * a.idx_row_bytes;
       if (a.n == 2 && a.m == 4) nm24_row_dense(v, ix, a.kept, a.idx_row_bytes, a.K, dst + (r - r0) * a.K);
-      else nm_row_dense(v, ix, a.n, a.m, a.K, dst + (r - r0) * a.K);
+      else if (nm_row_has_slack(a, r)) nm_row_dense<VT, true>(v, ix, a.n, a.m, a.K, dst + (r - r0) * a.K);
+      else nm_row_dense<VT, false>(v, ix, a.n, a.m, a.K, dst + (r - r0) * a.K);
     }
   }
 };
 template <typename VT>
 struct BitmaskDense {
   static void run(const BitmaskRowsArgs& a, int64_t r0, int64_t r1, float* dst) {
-    for (int64_t r = r0; r < r1; ++r)
-      bitmask_row_dense(static_cast<const VT*>(a.values) + a.offsets[r * a.tiles], a.bitmask + r * a.words, a.K,
-                        dst + (r - r0) * a.K);
+    for (int64_t r = r0; r < r1; ++r) {
+      const VT* v = static_cast<const VT*>(a.values) + a.offsets[r * a.tiles];
+      if (row_has_slack(a, r)) bitmask_row_dense<VT, true>(v, a.bitmask + r * a.words, a.K, dst + (r - r0) * a.K);
+      else bitmask_row_dense<VT, false>(v, a.bitmask + r * a.words, a.K, dst + (r - r0) * a.K);
+    }
   }
 };
 
