@@ -813,6 +813,13 @@ inline float value_f32(c10::BFloat16 v) {
   return f;
 }
 inline float value_f32(c10::Half v) { return _cvtsh_ss(v.x); }
+// Four consecutive values as fp32 (one 128-bit store in the packers instead of four
+// scalar copies).
+inline __m128 load4_f32(const float* p) { return _mm_loadu_ps(p); }
+inline __m128 load4_f32(const c10::BFloat16* p) {
+  return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), 16));
+}
+inline __m128 load4_f32(const c10::Half* p) { return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
 
 // Rows [r0, r0 + rows) (rows <= 3; missing rows and slots: value 0 at the zero column K),
 // slots [s0, s1) (s0 a multiple of 4), as quads of {int32 off[3][4]; float val[3][4]}.
@@ -839,7 +846,7 @@ void w24_pack(const Nm24GemmArgs& a, int64_t r0, int rows, int64_t s0, int64_t s
         const __m128i cols = _mm_add_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(lut.col[byte])),
                                            _mm_set1_epi32(static_cast<int32_t>(2 * s)));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 4 * r), _mm_slli_epi32(cols, kW24Shift));
-        for (int t = 0; t < 4; ++t) w[4 * r + t] = value_f32(v[s + t]);
+        _mm_storeu_ps(w + 4 * r, load4_f32(v + s));
       } else {
         for (int t = 0; t < 4; ++t) {
           const bool in = s + t < s1;
