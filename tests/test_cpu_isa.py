@@ -104,6 +104,26 @@ CHILD = textwrap.dedent(
                                                     B.offsets, 100, None, cols)
             if tuple(y.shape) != (batch, 21) or not torch.isfinite(y).all():
                 failures.append(f"raw bitmask_linear with out-of-range columns, batch {batch}: {tuple(y.shape)}")
+    # Kernels that load a row's values 8 or 16 at a time and expand them under the row's
+    # mask also read the next rows' values: those lanes must stay zero. Every other row
+    # holds inf and NaN; the other rows' outputs must stay finite.
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.randn(40, 200, generator=gen).to(dtype)
+        mask = torch.rand(40, 200, generator=gen) < 0.3
+        fmts = [("bitmask", BitmaskWeight.from_dense(w, mask))]
+        fmts += [(f"{n}:{m}", NMWeight.from_dense(w, n, m)) for n, m in ((2, 4), (4, 8), (2, 8))]
+        for name, f in fmts:
+            rows = torch.arange(40).repeat_interleave(f.mask().sum(1)) if name == "bitmask" else None
+            values = f.values.clone()
+            if rows is None:
+                values[1::2] = float("nan")
+            else:
+                values[rows % 2 == 1] = float("inf")
+            f2 = type(f).from_tensors({**f.tensors(), "values": values})
+            for batch in (1, 3, 8, 40):
+                y = ops.sparse_linear(torch.randn(batch, 200, generator=gen).to(dtype), f2)
+                if not torch.isfinite(y[:, 0::2]).all():
+                    failures.append(f"{name} {dtype} batch {batch}: a row read its neighbour's values")
     try:
         torch.ops.sparsekern.nm_decompress(W.values, bad, 4, 8, 96)
         failures.append("raw nm_decompress accepted in-group indices >= m")

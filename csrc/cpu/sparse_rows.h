@@ -65,6 +65,15 @@ struct BitmaskRowsArgs {
   const int16_t* columns = nullptr;  // [nnz] column of each kept value (read as uint16), or null; needs nnz
 };
 
+// Whether row r of a bitmask weight may read its values `lanes` at a time from anywhere in
+// the row: its values start at offsets[r, 0] and number at most K, so such a load stays in
+// the buffer when start + K + lanes <= nnz (the values' length; 0 when not given). True for
+// every row but the last few, and for offsets no format would hold it still bounds the read.
+inline bool bitmask_row_has_slack(const BitmaskRowsArgs& a, int64_t r, int64_t lanes) {
+  const int64_t start = a.offsets[r * a.tiles];
+  return start >= 0 && start + a.K + lanes <= a.nnz;
+}
+
 struct BlockRowsArgs {
   const void* values;       // [nnzb, bh, bw] in `dtype`
   const int64_t* crow;      // [O/bh + 1]

@@ -481,14 +481,8 @@ void nm_rows_t(const NmRowsArgs& a, int64_t r0, int64_t r1) {
 }
 
 // ---- bitmask --------------------------------------------------------------------------------
-// Whether row r of a bitmask weight may read its values 16 at a time: its values start at
-// offsets[r, 0] and number at most K, so a full 16-value load anywhere in the row stays in
-// the buffer when start + K + 16 <= nnz (the values' length; 0 when not given). This holds
-// for every row but the last few, and also for offsets no format would hold.
-inline bool row_has_slack(const BitmaskRowsArgs& a, int64_t r) {
-  const int64_t start = a.offsets[r * a.tiles];
-  return start >= 0 && start + a.K + 16 <= a.nnz;
-}
+// Whether row r of a bitmask weight may read its values 16 at a time (sparse_rows.h).
+inline bool row_has_slack(const BitmaskRowsArgs& a, int64_t r) { return bitmask_row_has_slack(a, r, 16); }
 
 template <typename VT, bool Slack>
 void bitmask_row_dense(const VT* v, const int64_t* words, int64_t K, float* dst) {
