@@ -99,8 +99,6 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     env = environment("cpu")
-    env["MKL_ENABLE_INSTRUCTIONS"] = os.environ.get("MKL_ENABLE_INSTRUCTIONS")
-    env["SPARSEKERN_CPU_ISA"] = os.environ.get("SPARSEKERN_CPU_ISA")
     print(f"torch {env['torch']}, {env['cpu']}, {env['threads']} threads, load {env['machine']['loadavg']}, "
           f"MKL_ENABLE_INSTRUCTIONS={env['MKL_ENABLE_INSTRUCTIONS']}")
     rows = []

@@ -3,6 +3,8 @@
     python bench/bench_cpu_linear.py               # K=N=4096, fp32, batch 1 and 8
     python bench/bench_cpu_linear.py --quick       # K=N=2048, fewer repetitions
     python bench/bench_cpu_linear.py --out bench/out/cpu_linear.json
+    SPARSEKERN_CPU_ISA=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 python bench/bench_cpu_linear.py ...
+                                                   # the AVX2 configuration on an AVX-512 CPU
 
 Weights are rotated (several copies, more bytes than the last-level cache) so every call
 reads its weight from memory, as in a real model. Each provider's output is checked
@@ -46,7 +48,8 @@ def main(argv=None):
     env["threads_choice"] = why
     print(f"sparsekern {env['sparsekern']} ({env['commit']}), torch {env['torch']}, {env['cpu']}, "
           f"{env['threads']} threads ({why}), load average {env['machine']['loadavg']}; {a.dtype}, "
-          f"K=N={a.features}, weights rotated over {a.rotate_mib} MiB")
+          f"K=N={a.features}, weights rotated over {a.rotate_mib} MiB; SPARSEKERN_CPU_ISA="
+          f"{env['SPARSEKERN_CPU_ISA']}, MKL_ENABLE_INSTRUCTIONS={env['MKL_ENABLE_INSTRUCTIONS']}")
     if not _extension.LOADED:
         print(f"warning: compiled kernels not loaded ({_extension.LOAD_ERROR}); timing the references")
     rows = cases.linear_sweep("cpu", getattr(torch, a.dtype), {"square": (a.features, a.features)},

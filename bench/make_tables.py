@@ -524,6 +524,15 @@ def t_cpu_kernels(runs):
     return f"{render_run(run, 'kernel')}\n\n{NOISE_NOTE}"
 
 
+def t_cpu_kernels_avx2(runs):
+    """bench_cpu_linear.py pinned to AVX2 (cpu-avx2-linear-* folders): the kernels' and MKL's
+    AVX2 code paths, as on AVX2-only CPUs."""
+    run = newest([r for r in runs if re.match(r"bench/results/cpu-avx2-linear-", r.path)], "kernel", False)
+    if run is None:
+        return "No AVX2 kernel results yet."
+    return f"{render_run(run, 'kernel')}\n\n{NOISE_NOTE}"
+
+
 def t_cpu_conv(runs):
     """bench_cpu_conv.py's run (cpu-conv-* folders): ResNet-50's convolutions."""
     run = newest([r for r in runs if re.match(r"bench/results/cpu-conv-", r.path)], "kernel", False)
@@ -701,6 +710,7 @@ def _triton_blocks() -> tuple:
 
 TABLES = {
     "cpu-kernels": t_cpu_kernels,      # bench_cpu_linear.py (newest cpu-linear-* run)
+    "cpu-kernels-avx2": t_cpu_kernels_avx2,  # bench_cpu_linear.py pinned to AVX2 (cpu-avx2-linear-*)
     "cpu-conv": t_cpu_conv,            # bench_cpu_conv.py (newest cpu-conv-* run)
     "cpu-models": t_cpu_models,        # model-level rows (python -m sparsekern bench --suite models)
     "cpu-goals": t_cpu_goals,          # issue 14's CPU goals against the newest runs

@@ -72,6 +72,10 @@ def environment(device: str = "cpu") -> dict:
         "cpu": cpu_name(),
         "build": _extension.BUILD_INFO,
         "machine": machine(),
+        # The instruction sets in use when a run pins them (None: each library's own choice):
+        # the kernels' (SPARSEKERN_CPU_ISA=avx2|generic) and MKL's (MKL_ENABLE_INSTRUCTIONS).
+        "SPARSEKERN_CPU_ISA": os.environ.get("SPARSEKERN_CPU_ISA"),
+        "MKL_ENABLE_INSTRUCTIONS": os.environ.get("MKL_ENABLE_INSTRUCTIONS"),
     }
     if device == "cuda" and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
