@@ -501,14 +501,19 @@ void bitmask_row_dense(const VT* v, const int64_t* words, int64_t K, float* dst)
 
 // One batch row: per 16 columns an expanding load of the kept values and one FMA with x
 // loaded under the same mask, two pieces per step into two named accumulators.
+// The value stream is prefetched every step (32 columns: up to 128 bytes of fp32 values),
+// 8 KiB ahead. Every other step, as the kernels of more rows do, left lines unfetched
+// above 25% kept: at 30% and 50% kept (4096x4096 fp32, 2 threads, rotated, interleaved in
+// one process) 1.77-2.01x and 1.28x dense against 1.73-1.86x and 1.13x.
+constexpr int64_t kBitmaskB1PrefetchBytes = 8192;
 template <typename VT, bool Slack>
 float bitmask_row_b1(const int64_t* words, const VT* v, const float* x, int64_t K) {
   const int64_t pieces = (K + 15) / 16;
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   int64_t k = 0, p = 0;
   for (; p + 2 <= pieces; p += 2) {
-    if ((p & 3) == 0) prefetch(v + k, kPrefetchBytes);
-    if ((p & 31) == 0) prefetch(words + p / 4, kPrefetchBytes / 4);
+    prefetch(v + k, kBitmaskB1PrefetchBytes);
+    if ((p & 31) == 0) prefetch(words + p / 4, kBitmaskB1PrefetchBytes / 4);
     uint32_t both;
     std::memcpy(&both, reinterpret_cast<const uint8_t*>(words) + 2 * p, 4);
     if (!both) continue;
