@@ -109,3 +109,14 @@ def test_portable_build_takes_the_gemm_path():
     env.pop("SPARSEKERN_NM_GEMM", None)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_tile_gemm_path_spans_several_weight_tiles(monkeypatch):
+    # The decompress + GEMM path takes tiles of up to 64 MiB of dense fp32 weight: 4100 x
+    # 4096 is two (4096 rows, then 4), each multiplied into its own columns of the output.
+    monkeypatch.setenv("SPARSEKERN_NM_GEMM", "tile")
+    W = NMWeight.from_dense(torch.randn(4100, 4096), 2, 4)
+    assert W.shape[0] * W.shape[1] * 4 > 64 << 20
+    x = torch.randn(17, 4096)
+    bias = torch.randn(4100)
+    _check(x, W, bias, torch.float32, "2:4 tile path over two tiles")
