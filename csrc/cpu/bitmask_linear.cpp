@@ -72,6 +72,7 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, con
   at::Tensor cols;
   if (columns.has_value() && cpu_has_avx512() && vals.numel() > 0) cols = columns->contiguous();
   at::Tensor out;
+  c10::optional<at::Tensor> bias_left = bias;  // what finish_linear still adds
   if (B == 0 || O == 0) {
     out = at::zeros({B, O}, x2.options());
   } else if (B >= kBitmaskGemmMinBatch && vals.numel() <= kBitmaskGemmMaxDensity * O * K && cpu_has_avx512() &&
@@ -100,11 +101,14 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, con
       const int64_t nw = bm.size(1), nt = off.size(1);
       if (cpu_has_avx512()) {
         BitmaskRowsArgs a{vals.data_ptr(), w, o, vals.scalar_type(), nw, nt, K, O, nullptr, 0, 0, nullptr, vals.numel()};
-        out = tiled_gemm(x2, O, [&](int64_t r0, int64_t r1, float* buf) { avx512::bitmask_dense_rows(a, r0, r1, buf); });
+        out = tiled_gemm(
+            x2, O, [&](int64_t r0, int64_t r1, float* buf) { avx512::bitmask_dense_rows(a, r0, r1, buf); }, bias);
+        bias_left = c10::nullopt;
       } else {
         out = tiled_gemm(x2, O, [&](int64_t r0, int64_t r1, float* buf) {
           for (int64_t r = r0; r < r1; ++r) bitmask_decompress_row(v, w + r * nw, nw, o[r * nt], K, buf + (r - r0) * K);
-        });
+        }, bias);
+        bias_left = c10::nullopt;
       }
     });
   } else if (cpu_has_avx512() && (B <= 4 || (B <= 8 && vals.numel() >= kAvx512MinDensity * O * K))) {
@@ -140,7 +144,7 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, con
       if (bt != B) out.narrow(0, b0, bt).copy_(ot);
     }
   }
-  return finish_linear(out, x, bias);
+  return finish_linear(out, x, bias_left);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bitmask_compress_cpu(const at::Tensor& weight,

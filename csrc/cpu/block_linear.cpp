@@ -49,6 +49,7 @@ at::Tensor block_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const a
   auto x2 = x_float_2d(x);
   const int64_t B = x2.size(0);
   at::Tensor out;
+  c10::optional<at::Tensor> bias_left = bias;  // what finish_linear still adds
   if (B == 0 || O == 0) {
     out = at::zeros({B, O}, x2.options());
   } else if (B > kDirectMaxBatch && use_block_row_gemm() &&
@@ -87,7 +88,8 @@ at::Tensor block_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const a
           for (int64_t blk = c[br]; blk < c[br + 1]; ++blk)
             for (int64_t j = 0; j < bw; ++j) dst[ci[blk] * bw + j] = static_cast<float>(v[(blk * bh + i) * bw + j]);
         }
-      });
+      }, bias);
+      bias_left = c10::nullopt;
     });
   } else {
     out = at::empty({B, O}, x2.options());
@@ -99,7 +101,7 @@ at::Tensor block_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const a
       else generic::block_rows(a, b0, b1);
     });
   }
-  return finish_linear(out, x, bias);
+  return finish_linear(out, x, bias_left);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_compress_cpu(const at::Tensor& weight,

@@ -135,7 +135,7 @@ WsPlan ws_plan(int64_t B, int64_t K, int64_t O, int64_t weight_bytes, int64_t th
   return p;
 }
 
-at::Tensor tiled_gemm(const at::Tensor& x2, int64_t O, const FillRows& fill) {
+at::Tensor tiled_gemm(const at::Tensor& x2, int64_t O, const FillRows& fill, const c10::optional<at::Tensor>& bias) {
   const int64_t B = x2.size(0), K = x2.size(1);
   auto out = at::empty({B, O}, x2.options());
   // Tiles of up to 64 MiB (at least 128 rows): the whole weight of most layers, so one GEMM
@@ -144,6 +144,9 @@ at::Tensor tiled_gemm(const at::Tensor& x2, int64_t O, const FillRows& fill) {
   // threads, interleaved with F.linear). The buffer is transient, at most 64 MiB per call.
   const int64_t tile = std::max<int64_t>(128, (int64_t(64) << 20) / (K * int64_t(sizeof(float))));
   auto buf = at::empty({std::min(tile, O), K}, x2.options());
+  // The bias goes into the GEMM (beta = 1), as F.linear's addmm does: no second pass over
+  // the output.
+  const at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   for (int64_t r0 = 0; r0 < O; r0 += tile) {
     const int64_t r1 = std::min(O, r0 + tile);
     auto part = buf.narrow(0, 0, r1 - r0);
@@ -152,7 +155,8 @@ at::Tensor tiled_gemm(const at::Tensor& x2, int64_t O, const FillRows& fill) {
     // Straight into the output's columns (BLAS writes with leading dimension O): no
     // temporary, no copy.
     auto cols = out.narrow(1, r0, r1 - r0);
-    at::mm_out(cols, x2, part.t());
+    if (b32.defined()) at::addmm_out(cols, b32.narrow(0, r0, r1 - r0), x2, part.t());
+    else at::mm_out(cols, x2, part.t());
   }
   return out;
 }

@@ -55,9 +55,11 @@ inline int64_t lanes_for_batch(int64_t B) { return B <= kRowMajorMaxBatch ? 0 : 
 // Large batches: decompress a tile of output rows at a time into an fp32 buffer and
 // multiply it with the BLAS GEMM: "load as sparse, compute as dense". Never holds more
 // than one tile. fill(r0, r1, buf) writes rows [r0, r1) as dense [r1-r0, K]; tiled_gemm
-// calls it on disjoint row ranges from the intra-op thread pool.
+// calls it on disjoint row ranges from the intra-op thread pool. With a bias ([O], any
+// float dtype) the result already holds it: pass finish_linear no bias then.
 using FillRows = std::function<void(int64_t r0, int64_t r1, float* buf)>;
-at::Tensor tiled_gemm(const at::Tensor& x2, int64_t O, const FillRows& fill);
+at::Tensor tiled_gemm(const at::Tensor& x2, int64_t O, const FillRows& fill,
+                      const c10::optional<at::Tensor>& bias = c10::nullopt);
 
 // out fp32 [B, O] -> + bias, x's dtype, shape [..., O].
 at::Tensor finish_linear(const at::Tensor& out, const at::Tensor& x, const c10::optional<at::Tensor>& bias);

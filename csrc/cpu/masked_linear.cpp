@@ -40,12 +40,14 @@ at::Tensor masked_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   auto x2 = x_float_2d(x);
   const int64_t O = w.size(0);
   at::Tensor out;
+  c10::optional<at::Tensor> bias_left = bias;  // what finish_linear still adds
   if (x2.size(0) == 0 || O == 0) {
     out = at::zeros({x2.size(0), O}, x2.options());
   } else {
-    out = tiled_gemm(x2, O, [&](int64_t r0, int64_t r1, float* buf) { masked_tile(w, bm, r0, r1, buf); });
+    out = tiled_gemm(x2, O, [&](int64_t r0, int64_t r1, float* buf) { masked_tile(w, bm, r0, r1, buf); }, bias);
+    bias_left = c10::nullopt;
   }
-  return finish_linear(out, x, bias);
+  return finish_linear(out, x, bias_left);
 }
 
 at::Tensor masked_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& weight,

@@ -77,6 +77,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   auto x2 = x_float_2d(x);
   const int64_t B = x2.size(0);
   at::Tensor out;
+  c10::optional<at::Tensor> bias_left = bias;  // what finish_linear still adds
   if (B == 0 || O == 0) {
     out = at::zeros({B, O}, x2.options());
   } else if (B > kDirectMaxBatch && n == 2 && m == 4 && use_nm24_gemm(B)) {
@@ -86,7 +87,9 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
     // Tiles expanded by the AVX-512 kernel, then the BLAS GEMM.
     NmRowsArgs a{vals.data_ptr(), idx.data_ptr<uint8_t>(), nullptr, vals.scalar_type(), kept, idx.size(1), n, m, K, O,
                  nullptr, 0, 0, nullptr};
-    out = tiled_gemm(x2, O, [&](int64_t r0, int64_t r1, float* buf) { avx512::nm_dense_rows(a, r0, r1, buf); });
+    out = tiled_gemm(
+        x2, O, [&](int64_t r0, int64_t r1, float* buf) { avx512::nm_dense_rows(a, r0, r1, buf); }, bias);
+    bias_left = c10::nullopt;
   } else if (B > kDirectMaxBatch) {
     SPARSEKERN_DISPATCH_FLOATS(vals.scalar_type(), "nm_linear", [&] {
       const scalar_t* v = vals.data_ptr<scalar_t>();
@@ -94,7 +97,8 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
       const int64_t rb = idx.size(1);
       out = tiled_gemm(x2, O, [&](int64_t r0, int64_t r1, float* buf) {
         for (int64_t r = r0; r < r1; ++r) nm_decompress_row(v + r * kept, ix + r * rb, kept, n, m, K, buf + (r - r0) * K);
-      });
+      }, bias);
+      bias_left = c10::nullopt;
     });
   } else if (avx512_nm_pattern(n, m) && cpu_has_avx512()) {
     out = at::empty({B, O}, x2.options());
@@ -117,7 +121,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
       else generic::nm_rows(a, r0, r1);
     });
   }
-  return finish_linear(out, x, bias);
+  return finish_linear(out, x, bias_left);
 }
 
 // nm_conv2d: the convolution of x [N, C, H, W] with the N:M weight [O, kh * kw * C] (input
