@@ -116,6 +116,16 @@ def test_raw_op_checks_columns(device, backend):
     torch.testing.assert_close(op(*args, W.column_index()), op(*args), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device,backend", [p for p in pairs("bitmask_linear") if p.id == "cpu-cpp"])
+def test_raw_op_refuses_bits_past_in_features(device, backend):
+    # Formats refuse them; the raw op must too (they would unmask x past its end).
+    W = BitmaskWeight.from_dense(torch.randn(6, 70), torch.rand(6, 70) < 0.5)
+    bm = W.bitmask.clone()
+    bm[2, -1] |= 1 << 10  # column 74 of 70
+    with pytest.raises(ValueError, match="beyond in_features"):
+        torch.ops.sparsekern.bitmask_linear(torch.randn(1, 70), W.values, bm, W.offsets, 70, None)
+
+
 def test_module_reports_the_column_index_bytes():
     from sparsekern.nn import SparseLinear
 

@@ -124,6 +124,28 @@ CHILD = textwrap.dedent(
                 y = ops.sparse_linear(torch.randn(batch, 200, generator=gen).to(dtype), f2)
                 if not torch.isfinite(y[:, 0::2]).all():
                     failures.append(f"{name} {dtype} batch {batch}: a row read its neighbour's values")
+    # No kernel reads x past its last column: x ends right before a page that cannot be read
+    # (a read past it would kill this child), for column counts off every vector width.
+    import ctypes, mmap
+    page = mmap.PAGESIZE
+    data_pages = (8 * 200 * 4 + page - 1) // page  # the largest x below
+    region = mmap.mmap(-1, (data_pages + 1) * page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    guard = ctypes.c_void_p(base + data_pages * page)
+    assert ctypes.CDLL(None).mprotect(guard, ctypes.c_size_t(page), 0) == 0
+    x_page = torch.frombuffer(region, dtype=torch.float32, count=data_pages * page // 4)
+    for k_cols in (100, 104, 200):
+        w = torch.randn(12, k_cols, generator=gen)
+        fmts = [("bitmask", BitmaskWeight.from_dense(w, torch.rand(12, k_cols, generator=gen) < 0.4))]
+        fmts += [(f"{n}:{m}", NMWeight.from_dense(w, n, m)) for n, m in ((2, 4), (4, 8), (2, 8)) if k_cols % m == 0]
+        for batch in (1, 2, 3, 4, 5, 8):
+            x_edge = x_page[x_page.numel() - batch * k_cols:].view(batch, k_cols)
+            x_edge.copy_(torch.randn(batch, k_cols, generator=gen))
+            for name, f in fmts:
+                y = ops.sparse_linear(x_edge, f)
+                ref = x_edge.double() @ f.to_dense().double().t()
+                if not torch.allclose(y.double(), ref, rtol=1e-4, atol=1e-4):
+                    failures.append(f"{name} K={k_cols} batch {batch} with x at a page edge: wrong result")
     try:
         torch.ops.sparsekern.nm_decompress(W.values, bad, 4, 8, 96)
         failures.append("raw nm_decompress accepted in-group indices >= m")

@@ -116,7 +116,6 @@ def test_tile_gemm_path_spans_several_weight_tiles(monkeypatch):
     # 4096 is two (4096 rows, then 4), each multiplied into its own columns of the output.
     monkeypatch.setenv("SPARSEKERN_NM_GEMM", "tile")
     W = NMWeight.from_dense(torch.randn(4100, 4096), 2, 4)
-    assert W.shape[0] * W.shape[1] * 4 > 64 << 20
     x = torch.randn(17, 4096)
     bias = torch.randn(4100)
     _check(x, W, bias, torch.float32, "2:4 tile path over two tiles")

@@ -61,6 +61,9 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, con
                               const at::Tensor& offsets, int64_t in_features, const c10::optional<at::Tensor>& bias,
                               const c10::optional<at::Tensor>& columns) {
   check_bitmask_linear_args(x, values, bitmask, offsets, in_features, bias, columns);
+  // Formats refuse bits past in_features; a raw call with them would unmask x past its end
+  // in the AVX-512 kernels. Free when in_features is a multiple of 64.
+  check_bitmask_words("bitmask_linear", bitmask, in_features);
   const int64_t K = in_features, O = bitmask.size(0);
   auto vals = values.contiguous();
   auto bm = bitmask.contiguous();

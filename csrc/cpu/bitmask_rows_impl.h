@@ -126,7 +126,8 @@ void bitmask_rows_avx2(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
 // One batch row, expanding per mask byte: the 8 values from the row's next kept one are
 // loaded as they lie and a permute from a 256-entry table puts value rank(j) into lane j;
 // the table entry's sign bits (set in the kept lanes) then zero the other lanes of the
-// weights (blend) and of x (masked load, so an inf or NaN in an unkept column stays out).
+// weights and of x (an AND, or a masked load in the word that holds K, so x is never read
+// past K), so an inf or NaN in an unkept column or a neighbouring row's value stays out.
 // Its cost follows the bytes, not the kept values, but it has no gathers and no scalar
 // step. Against the gather kernel below (4096x4096 fp32, 2 threads, weights rotated,
 // SPARSEKERN_CPU_ISA=avx2 and MKL pinned to AVX2 on an AVX-512 Xeon, interleaved in one
@@ -169,8 +170,10 @@ float bitmask_row_b1_avx2(const int64_t* words, int64_t nwords, const VT* v, con
   int64_t k = 0;
   for (int64_t wi = 0; wi < nwords; ++wi) {
     uint64_t bits = static_cast<uint64_t>(words[wi]);
-    // Columns past K (bits no valid bitmask sets) never reach x.
-    if (K - 64 * wi < 64) bits &= (uint64_t{1} << (K - 64 * wi)) - 1;
+    // Columns past K (bits no valid bitmask sets) never count, and in the word that holds
+    // K the x loads are masked (x may end at K on the edge of a mapped page).
+    const bool last = K - 64 * wi < 64;
+    if (last) bits &= (uint64_t{1} << (K - 64 * wi)) - 1;
     if (!bits) continue;
     const float* xw = x + 64 * wi;
     for (int t = 0; t < 8; ++t) {  // every byte, kept or not: no branch to mispredict
@@ -180,7 +183,8 @@ float bitmask_row_b1_avx2(const int64_t* words, int64_t nwords, const VT* v, con
       const __m256 w8 = Slack ? load8(v + k) : first8(v + k, cnt);
       const __m256 keep = _mm256_castsi256_ps(_mm256_srai_epi32(e, 31));
       const __m256 w = _mm256_and_ps(_mm256_permutevar8x32_ps(w8, e), keep);
-      acc[t] = _mm256_fmadd_ps(w, _mm256_and_ps(_mm256_loadu_ps(xw + 8 * t), keep), acc[t]);
+      const __m256 xv = last ? _mm256_maskload_ps(xw + 8 * t, e) : _mm256_and_ps(_mm256_loadu_ps(xw + 8 * t), keep);
+      acc[t] = _mm256_fmadd_ps(w, xv, acc[t]);
       k += cnt;
     }
   }

@@ -141,11 +141,12 @@ at::Tensor tiled_gemm(const at::Tensor& x2, int64_t O, const FillRows& fill, con
   // Tiles of up to 64 MiB (at least 128 rows): the whole weight of most layers, so one GEMM
   // call. The BLAS packs x again for every call, and with 4 MiB tiles (a ViT-B MLP weight in
   // three) the path ran at 0.78-0.94x dense at 788 rows; whole weights 0.93-1.03x (2
-  // threads, interleaved with F.linear). The buffer is transient, at most 64 MiB per call.
+  // threads, interleaved with F.linear). The buffer is transient: 64 MiB per call at most,
+  // unless K > 131072 (128 rows of it are more).
   const int64_t tile = std::max<int64_t>(128, (int64_t(64) << 20) / (K * int64_t(sizeof(float))));
   auto buf = at::empty({std::min(tile, O), K}, x2.options());
-  // The bias goes into the GEMM (beta = 1), as F.linear's addmm does: no second pass over
-  // the output.
+  // The bias goes in as F.linear's addmm puts it (copied into the output, then the GEMM with
+  // beta = 1) instead of an add over the finished output.
   const at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   for (int64_t r0 = 0; r0 < O; r0 += tile) {
     const int64_t r1 = std::min(O, r0 + tile);

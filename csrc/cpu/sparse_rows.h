@@ -68,7 +68,8 @@ struct BitmaskRowsArgs {
 // Whether row r of a bitmask weight may read its values `lanes` at a time from anywhere in
 // the row: its values start at offsets[r, 0] and number at most K, so such a load stays in
 // the buffer when start + K + lanes <= nnz (the values' length; 0 when not given). True for
-// every row but the last few, and for offsets no format would hold it still bounds the read.
+// every row but those whose values start within K + lanes of the end (a few rows, dozens at
+// 2% kept), and for offsets no format would hold it still bounds the read.
 inline bool bitmask_row_has_slack(const BitmaskRowsArgs& a, int64_t r, int64_t lanes) {
   const int64_t start = a.offsets[r * a.tiles];
   return start >= 0 && start + a.K + lanes <= a.nnz;

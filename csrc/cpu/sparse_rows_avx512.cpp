@@ -764,8 +764,8 @@ void bitmask_rows_t(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
     case 1:
       if (a.nnz > 0 && a.nnz <= kB1IndexedMaxDensity * static_cast<double>(a.O) * static_cast<double>(a.K))
         return bitmask_rows_b1_indexed<VT>(a, r0, r1);
-      // Not bitmask_rows_direct<VT, 1>: the same loop, but 3-4% slower at one row (50% kept,
-      // three alternating runs, each faster with this one).
+      // Not bitmask_rows_direct<VT, 1>: the same scheme, but 3-4% slower at one row (50% kept,
+      // three alternating runs, each faster with this one), and its own prefetch spacing.
       return bitmask_rows_b1<VT>(a, r0, r1);
     case 2: return bitmask_rows_direct<VT, 2>(a, r0, r1);
     case 3: return bitmask_rows_direct<VT, 3>(a, r0, r1);
