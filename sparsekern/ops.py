@@ -107,6 +107,12 @@ def _nm_key(x, weight=None, bias=None):
 # mask kernel, 2 rows 2.0x / 1.00x, 4 rows 1.22x / 0.70x; 8 rows 2.06x / 1.44x, 16 rows
 # 2.18x / 2.04x, 32 rows 2.33x / 1.65x (at 30% kept: 1.03x, 1.66x, 0.99x).
 COLUMN_INDEX_MAX_DENSITY = {1: 0.2, 4: 0.1, 16: 0.2, 64: 0.2}  # batch bucket -> density
+# Without AVX-512 the AVX2 kernels of 1-4 rows read it (gathers of x), against the AVX2 mask
+# kernels (a permute per mask byte at 1 row, byte-table decode and gathers at 2-4). Same
+# setup (SPARSEKERN_CPU_ISA=avx2), column index / mask kernel speed at 10%, 20%, 30%, 50%
+# kept: 1 row 3.59x, 2.20x, 1.91x, 1.47x; 4 rows 1.90x, 1.60x, 1.39x, 1.44x. It costs 2 bytes
+# per kept value (BitmaskWeight.derived_nbytes, reported by explain).
+COLUMN_INDEX_MAX_DENSITY_AVX2 = {1: 0.5, 4: 0.5}
 
 
 def _uses_column_index(x, weight, bucket: int) -> bool:
@@ -115,8 +121,11 @@ def _uses_column_index(x, weight, bucket: int) -> bool:
     symbolic, and the bucket is what the dispatch key guards on)."""
     return (x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and bucket in COLUMN_INDEX_MAX_DENSITY
             and weight.in_features <= weight.COLUMN_INDEX_MAX_IN
-            and weight.density <= COLUMN_INDEX_MAX_DENSITY[bucket]
-            and bool(_extension.BUILD_INFO.get("cpu_avx512_runtime")))
+            and (weight.density <= COLUMN_INDEX_MAX_DENSITY[bucket]
+                 and bool(_extension.BUILD_INFO.get("cpu_avx512_runtime"))
+                 or weight.density <= COLUMN_INDEX_MAX_DENSITY_AVX2.get(bucket, 0.0)
+                 and not _extension.BUILD_INFO.get("cpu_avx512_runtime")
+                 and bool(_extension.BUILD_INFO.get("cpu_avx2_runtime"))))
 
 
 def _bitmask_key(x, weight=None, bias=None):

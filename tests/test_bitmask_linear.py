@@ -57,6 +57,12 @@ def _avx512() -> bool:
     return bool(sparsekern._extension.BUILD_INFO.get("cpu_avx512_runtime"))
 
 
+def _avx2() -> bool:
+    import sparsekern
+
+    return bool(sparsekern._extension.BUILD_INFO.get("cpu_avx2_runtime"))
+
+
 def test_column_index_is_each_kept_values_column():
     mask = torch.rand(13, 300) < 0.2
     W = BitmaskWeight.from_dense(torch.randn(13, 300), mask)
@@ -76,16 +82,18 @@ def test_column_index_refuses_wide_rows():
         W.column_index()
 
 
-@pytest.mark.parametrize("rows,density,expect", [(1, 0.1, True), (4, 0.05, True), (4, 0.15, False),
-                                                 (8, 0.1, True), (40, 0.1, True), (70, 0.1, False),
-                                                 (1, 0.3, False), (16, 0.3, False)])
-def test_dispatch_says_when_the_column_index_runs(rows, density, expect):
+# (rows, density, whether the AVX-512 kernels read the column index, whether the AVX2 ones do)
+@pytest.mark.parametrize("rows,density,expect,expect_avx2", [
+    (1, 0.1, True, True), (4, 0.05, True, True), (4, 0.15, False, True), (8, 0.1, True, False),
+    (40, 0.1, True, False), (70, 0.1, False, False), (1, 0.3, False, True), (4, 0.45, False, True),
+    (1, 0.6, False, False), (16, 0.3, False, False)])
+def test_dispatch_says_when_the_column_index_runs(rows, density, expect, expect_avx2):
     W = BitmaskWeight.from_dense(torch.randn(64, 1000), torch.rand(64, 1000) < density)
     x = torch.randn(rows, 1000)
     backend, why = ops.explain_backend("bitmask_linear", x, W)
     if backend != "cpp":
         pytest.skip(f"the C++ kernels do not run here ({why})")
-    uses = expect and _avx512()
+    uses = expect if _avx512() else expect_avx2 and _avx2()
     assert ("column_index" in why) == uses, why
     y = ops.bitmask_linear(x, W)
     assert (W.derived_nbytes > 0) == uses  # built only when the kernel reads it

@@ -70,10 +70,10 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, con
   auto off = offsets.contiguous();
   auto x2 = x_float_2d(x);
   const int64_t B = x2.size(0);
-  // The column index (BitmaskWeight.column_index) is read by the AVX-512 kernels only; the
-  // AVX2 and portable kernels walk the bitmask.
+  // The column index (BitmaskWeight.column_index) is read by the AVX-512 kernels and the
+  // AVX2 ones of 1-4 rows; the other AVX2 and the portable kernels walk the bitmask.
   at::Tensor cols;
-  if (columns.has_value() && cpu_has_avx512() && vals.numel() > 0) cols = columns->contiguous();
+  if (columns.has_value() && cpu_has_avx2() && vals.numel() > 0) cols = columns->contiguous();
   at::Tensor out;
   c10::optional<at::Tensor> bias_left = bias;  // what finish_linear still adds
   if (B == 0 || O == 0) {
@@ -138,9 +138,9 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, con
       BitmaskRowsArgs a{vals.data_ptr(), bm.data_ptr<int64_t>(), off.data_ptr<int32_t>(), vals.scalar_type(),
                         bm.size(1), off.size(1), K, O, xin.data_ptr<float>(), bt, BP, ot.data_ptr<float>(),
                         vals.numel()};
-      if (cols.defined() && (BP > 0 || bt <= 4)) a.columns = cols.data_ptr<int16_t>();
+      if (cols.defined() && (bt <= 4 || (BP > 0 && cpu_has_avx512()))) a.columns = cols.data_ptr<int16_t>();
       parallel_rows(O, rows_grain(K, bt), [&](int64_t r0, int64_t r1) {
-        if (a.columns) avx512::bitmask_rows(a, r0, r1);
+        if (a.columns && cpu_has_avx512()) avx512::bitmask_rows(a, r0, r1);
         else if (avx2) avx2::bitmask_rows(a, r0, r1);
         else generic::bitmask_rows(a, r0, r1);
       });

@@ -192,6 +192,45 @@ float bitmask_row_b1_avx2(const int64_t* words, int64_t nwords, const VT* v, con
                              _mm256_add_ps(_mm256_add_ps(acc[4], acc[5]), _mm256_add_ps(acc[6], acc[7]))));
 }
 
+// 1 to 4 batch rows given the column of every kept value (`columns`, 16 bits each, built by
+// BitmaskWeight.column_index and passed by sparsekern.ops at low density, as for the
+// AVX-512 kernel of the same name): per 16 kept values two loads of values and columns, then
+// per batch row two gathers of x and two FMAs. The cost follows the kept values, not the
+// mask words. Columns are clamped to K - 1: a raw call with columns that do not belong to
+// the bitmask gets a wrong sum, never a read outside x.
+template <typename VT, int B>
+void bitmask_rows_by_columns_avx2(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
+  const __m256i last_col = _mm256_set1_epi32(static_cast<int>(a.K - 1));
+  const VT* values = static_cast<const VT*>(a.values);
+  const uint16_t* cols = reinterpret_cast<const uint16_t*>(a.columns);
+  auto columns8 = [&](const uint16_t* c) {
+    return _mm256_min_epu32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))), last_col);
+  };
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t start = a.offsets[r * a.tiles], end = r + 1 < a.O ? a.offsets[(r + 1) * a.tiles] : a.nnz;
+    __m256 acc0[B], acc1[B];
+    for (int b = 0; b < B; ++b) acc0[b] = acc1[b] = _mm256_setzero_ps();
+    int64_t k = start;
+    for (; k + 16 <= end; k += 16) {
+      _mm_prefetch(reinterpret_cast<const char*>(values + k) + 4096, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(cols + k) + 2048, _MM_HINT_T0);
+      const __m256i c0 = columns8(cols + k), c1 = columns8(cols + k + 8);
+      const __m256 w0 = load8(values + k), w1 = load8(values + k + 8);
+      for (int b = 0; b < B; ++b) {
+        const float* xb = a.x + b * a.K;
+        acc0[b] = _mm256_fmadd_ps(w0, _mm256_i32gather_ps(xb, c0, 4), acc0[b]);
+        acc1[b] = _mm256_fmadd_ps(w1, _mm256_i32gather_ps(xb, c1, 4), acc1[b]);
+      }
+    }
+    float tail[B] = {};
+    for (; k < end; ++k) {
+      const int64_t c = cols[k] < a.K ? cols[k] : a.K - 1;
+      for (int b = 0; b < B; ++b) tail[b] += to_f32(values[k]) * a.x[b * a.K + c];
+    }
+    for (int b = 0; b < B; ++b) a.out[b * a.O + r] = hsum8(_mm256_add_ps(acc0[b], acc1[b])) + tail[b];
+  }
+}
+
 template <typename VT>
 void bitmask_rows_b1_avx2(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
@@ -206,6 +245,15 @@ template <typename VT>
 void bitmask_rows_dispatch(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
   if (a.BP == 8) return bitmask_rows_avx2<VT, 8, 0>(a, r0, r1);
   if (a.BP == 16) return bitmask_rows_avx2<VT, 16, 0>(a, r0, r1);
+  if (a.columns != nullptr && a.nnz > 0) {
+    switch (a.B) {
+      case 1: return bitmask_rows_by_columns_avx2<VT, 1>(a, r0, r1);
+      case 2: return bitmask_rows_by_columns_avx2<VT, 2>(a, r0, r1);
+      case 3: return bitmask_rows_by_columns_avx2<VT, 3>(a, r0, r1);
+      case 4: return bitmask_rows_by_columns_avx2<VT, 4>(a, r0, r1);
+      default: break;
+    }
+  }
   switch (a.B) {
     case 1: return bitmask_rows_b1_avx2<VT>(a, r0, r1);
     case 2: return bitmask_rows_avx2<VT, 0, 2>(a, r0, r1);
