@@ -8,7 +8,7 @@ MKL) against the two C++ paths of nm_linear above 16 rows, timed interleaved in 
 Providers (each checked against the fp64 reference before it is timed):
   torch.dense       F.linear on the pruned weight stored dense (fp32)
   torch.dense.again the same call again: the noise floor of the run
-  cpp.tile_gemm     nm_linear with SPARSEKERN_NM_GEMM=tile: weight tiles of up to 64 MiB
+  cpp.tile_gemm     nm_linear with SPARSEKERN_NM_GEMM=tile: weight tiles of about 16 MiB
                     decompressed and multiplied by at::mm (the path before issue 14)
   cpp.nm24_gemm     nm_linear with SPARSEKERN_NM_GEMM=direct: the 2:4 weight-stationary
                     kernel (AVX2: csrc/cpu/nm_gemm_impl.h; on AVX-512 CPUs its 16-lane

@@ -112,8 +112,9 @@ def test_portable_build_takes_the_gemm_path():
 
 
 def test_tile_gemm_path_spans_several_weight_tiles(monkeypatch):
-    # The decompress + GEMM path takes tiles of up to 64 MiB of dense fp32 weight: 4100 x
-    # 4096 is two (4096 rows, then 4), each multiplied into its own columns of the output.
+    # The decompress + GEMM path takes tiles of about 16 MiB of dense fp32 weight: 4100 x
+    # 4096 is five (1024 rows four times, then 4), each multiplied into its own columns of
+    # the output.
     monkeypatch.setenv("SPARSEKERN_NM_GEMM", "tile")
     W = NMWeight.from_dense(torch.randn(4100, 4096), 2, 4)
     x = torch.randn(17, 4096)

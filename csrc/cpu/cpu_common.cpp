@@ -138,12 +138,14 @@ WsPlan ws_plan(int64_t B, int64_t K, int64_t O, int64_t weight_bytes, int64_t th
 at::Tensor tiled_gemm(const at::Tensor& x2, int64_t O, const FillRows& fill, const c10::optional<at::Tensor>& bias) {
   const int64_t B = x2.size(0), K = x2.size(1);
   auto out = at::empty({B, O}, x2.options());
-  // Tiles of up to 64 MiB (at least 128 rows): the whole weight of most layers, so one GEMM
-  // call. The BLAS packs x again for every call, and with 4 MiB tiles (a ViT-B MLP weight in
-  // three) the path ran at 0.78-0.94x dense at 788 rows; whole weights 0.93-1.03x (2
-  // threads, interleaved with F.linear). The buffer is transient: 64 MiB per call at most,
-  // unless K > 131072 (128 rows of it are more).
-  const int64_t tile = std::max<int64_t>(128, (int64_t(64) << 20) / (K * int64_t(sizeof(float))));
+  // Tiles of about 16 MiB (at least 128 rows): the whole weight of a ViT-B or BERT-base
+  // layer, so one GEMM call there (the BLAS packs x again for every call: with 4 MiB tiles,
+  // a 768x3072 weight in three, the path ran at 0.79-0.81x dense at 788 rows, one 16 MiB
+  // tile 0.93-1.01x), while a 4096x4096 weight's tiles still come back from the cache
+  // between their decompression and their GEMM (one 64 MiB tile: 0.43-0.49x dense at 128
+  // rows, against 0.72-0.78x for 16 MiB and 0.72-0.74x for 4 MiB; 4:8, 2 threads,
+  // interleaved with F.linear). The buffer is transient.
+  const int64_t tile = std::max<int64_t>(128, (int64_t(16) << 20) / (K * int64_t(sizeof(float))));
   auto buf = at::empty({std::min(tile, O), K}, x2.options());
   // The bias goes in as F.linear's addmm puts it (copied into the output, then the GEMM with
   // beta = 1) instead of an add over the finished output.
