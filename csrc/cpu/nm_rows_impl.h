@@ -32,15 +32,19 @@ inline void nm_decode(const VT* v, const uint8_t* ix, int64_t s0, int cnt, int64
 }
 
 #ifdef SK_AVX2
-// ---- 2:4, one batch row: permute kernel ------------------------------------------------
-// Eight kept values cover 16 columns (4 groups). One index byte holds 4 slots = 2
-// groups; nm24_slot_columns().col[byte] gives the 4 source lanes (0..7) of those slots
-// within the 8 columns the byte covers. Lanes 0-3 gather from x[c0, c0+8) and lanes 4-7
-// from x[c0+8, c0+16) with one permute each, then a blend: no gathers, no scalar decode.
-
-template <typename VT, int R>
-void nm24_rows_permute_step_avx2(const NmRowsArgs& a, int64_t r) {
-  const Nm24SlotColumns& lut = nm24_slot_columns();
+// ---- 2:4 and 4:8, one batch row: permute kernels ----------------------------------------
+// n = m / 2 (2:4, 4:8): eight kept slots cover 16 columns, and lanes 0-3 take their x from
+// the first 8 of them, lanes 4-7 from the next 8, each by one permute, then a blend: no
+// gathers, no scalar decode. lanes(ix, c) gives the permute lanes (0..7) of 8-slot chunks
+// c and c + 1 of a row's index bytes ix; n, m and bits are the tail's (nm_decode).
+// Four weight rows per step share the x loads and keep eight streams in flight. For 2:4 one
+// row per step ran at dense speed on the AVX2 build (4096x4096 fp32, 2 threads, weights
+// rotated, SPARSEKERN_CPU_ISA=avx2 on an AVX-512 Xeon, MKL pinned to AVX2; in-process
+// interleaved: 0.89-1.01x dense); four rows 1.50-1.62x, two 1.26x, six and eight within 5%
+// of four (eight rows' 16 accumulators exceed the 16 ymm registers).
+constexpr int kHalfPermuteRows = 4;
+template <typename VT, int R, typename Lanes>
+void half_rows_permute_step_avx2(const NmRowsArgs& a, int64_t r, int bits, const Lanes& lanes) {
   const int64_t chunks = a.kept / 8;  // full 8-slot chunks, taken in pairs; the rest goes the scalar way
   const VT* v[R];
   const uint8_t* ix[R];
@@ -58,11 +62,7 @@ void nm24_rows_permute_step_avx2(const NmRowsArgs& a, int64_t r) {
     const __m256 x0 = _mm256_loadu_ps(xc), x1 = _mm256_loadu_ps(xc + 8);
     const __m256 x2 = _mm256_loadu_ps(xc + 16), x3 = _mm256_loadu_ps(xc + 24);
     for (int j = 0; j < R; ++j) {
-      const uint8_t* b = ix[j] + 2 * c;
-      const __m256i p0 = _mm256_set_m128i(_mm_load_si128(reinterpret_cast<const __m128i*>(lut.col[b[1]])),
-                                          _mm_load_si128(reinterpret_cast<const __m128i*>(lut.col[b[0]])));
-      const __m256i p1 = _mm256_set_m128i(_mm_load_si128(reinterpret_cast<const __m128i*>(lut.col[b[3]])),
-                                          _mm_load_si128(reinterpret_cast<const __m128i*>(lut.col[b[2]])));
+      const auto [p0, p1] = lanes(ix[j], c);
       const __m256 s0 = _mm256_blend_ps(_mm256_permutevar8x32_ps(x0, p0), _mm256_permutevar8x32_ps(x1, p0), 0xF0);
       const __m256 s1 = _mm256_blend_ps(_mm256_permutevar8x32_ps(x2, p1), _mm256_permutevar8x32_ps(x3, p1), 0xF0);
       acc0[j] = _mm256_fmadd_ps(load8(v[j] + 8 * c), s0, acc0[j]);
@@ -75,82 +75,54 @@ void nm24_rows_permute_step_avx2(const NmRowsArgs& a, int64_t r) {
     float tail = 0.f;
     for (int64_t s0 = 8 * c; s0 < a.kept; s0 += 8) {
       const int cnt = static_cast<int>(a.kept - s0 < 8 ? a.kept - s0 : 8);
-      nm_decode(v[j], ix[j], s0, cnt, 2, 4, 2, cols, w);
+      nm_decode(v[j], ix[j], s0, cnt, a.n, a.m, bits, cols, w);
       for (int t = 0; t < cnt; ++t) tail += w[t] * a.x[cols[t]];
     }
     a.out[r + j] = hsum8(_mm256_add_ps(acc0[j], acc1[j])) + tail;
   }
 }
 
-// Four weight rows per step share the x loads and keep eight streams in flight. One row per
-// step ran at dense speed on the AVX2 build (4096x4096 fp32, 2 threads, weights rotated,
-// SPARSEKERN_CPU_ISA=avx2 on an AVX-512 Xeon, MKL pinned to AVX2; in-process interleaved:
-// 0.89-1.01x dense); four rows 1.50-1.62x, two 1.26x, six and eight within 5% of four
-// (eight rows' 16 accumulators exceed the 16 ymm registers).
-constexpr int kNm24PermuteRows = 4;
+template <typename VT, typename Lanes>
+void half_rows_permute_avx2(const NmRowsArgs& a, int64_t r0, int64_t r1, int bits, const Lanes& lanes) {
+  int64_t r = r0;
+  for (; r + kHalfPermuteRows <= r1; r += kHalfPermuteRows)
+    half_rows_permute_step_avx2<VT, kHalfPermuteRows>(a, r, bits, lanes);
+  for (; r < r1; ++r) half_rows_permute_step_avx2<VT, 1>(a, r, bits, lanes);
+}
+
+// 2:4: one index byte holds 4 slots = 2 groups; nm24_slot_columns().col[byte] gives the 4
+// source lanes (0..7) of those slots within the 8 columns the byte covers.
 template <typename VT>
 void nm24_rows_permute_avx2(const NmRowsArgs& a, int64_t r0, int64_t r1) {
-  int64_t r = r0;
-  for (; r + kNm24PermuteRows <= r1; r += kNm24PermuteRows) nm24_rows_permute_step_avx2<VT, kNm24PermuteRows>(a, r);
-  for (; r < r1; ++r) nm24_rows_permute_step_avx2<VT, 1>(a, r);
+  const Nm24SlotColumns& lut = nm24_slot_columns();
+  auto half = [&](uint8_t lo, uint8_t hi) {
+    return _mm256_set_m128i(_mm_load_si128(reinterpret_cast<const __m128i*>(lut.col[hi])),
+                            _mm_load_si128(reinterpret_cast<const __m128i*>(lut.col[lo])));
+  };
+  half_rows_permute_avx2<VT>(a, r0, r1, 2, [&](const uint8_t* ix, int64_t c) {
+    const uint8_t* b = ix + 2 * c;
+    return std::make_pair(half(b[0], b[1]), half(b[2], b[3]));
+  });
 }
 
-// ---- 4:8, one batch row: permute kernel --------------------------------------------------
-// Eight kept slots cover two 8-column groups; their eight 4-bit in-group indices are 4 index
-// bytes. Lane j takes its index by a variable shift of the broadcast word (& 7: a raw call
-// with indices no format holds still reads inside its group), lanes 0-3 permute group g's x
-// and lanes 4-7 group g + 1's, then a blend: no decode to memory. Four weight rows per step
-// share the x loads. The densify kernel below (a scalar scatter of every value into a zeroed
-// row, then dense FMAs) ran at 0.37x dense at one row (4096x4096 fp32, 2 threads, rotated,
-// SPARSEKERN_CPU_ISA=avx2 with MKL pinned to AVX2; bench/results/cpu-avx2-linear-20261128).
-template <typename VT, int R>
-void nm48_rows_permute_step_avx2(const NmRowsArgs& a, int64_t r) {
-  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-  const __m256i seven = _mm256_set1_epi32(7);
-  const int64_t steps = a.kept / 8;  // full 8-slot steps (two groups); a last lone group goes the scalar way
-  const VT* v[R];
-  const uint8_t* ix[R];
-  __m256 acc0[R], acc1[R];
-  for (int j = 0; j < R; ++j) {
-    v[j] = static_cast<const VT*>(a.values) + (r + j) * a.kept;
-    ix[j] = a.indices + (r + j) * a.idx_row_bytes;
-    acc0[j] = acc1[j] = _mm256_setzero_ps();
-  }
-  int64_t c = 0;
-  for (; c + 2 <= steps; c += 2) {  // two steps (32 columns) per iteration, one accumulator each
-    const float* xc = a.x + 16 * c;
-    const __m256 x0 = _mm256_loadu_ps(xc), x1 = _mm256_loadu_ps(xc + 8);
-    const __m256 x2 = _mm256_loadu_ps(xc + 16), x3 = _mm256_loadu_ps(xc + 24);
-    for (int j = 0; j < R; ++j) {
-      uint32_t w0, w1;
-      std::memcpy(&w0, ix[j] + 4 * c, 4);
-      std::memcpy(&w1, ix[j] + 4 * c + 4, 4);
-      const __m256i i0 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w0)), shifts), seven);
-      const __m256i i1 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w1)), shifts), seven);
-      const __m256 s0 = _mm256_blend_ps(_mm256_permutevar8x32_ps(x0, i0), _mm256_permutevar8x32_ps(x1, i0), 0xF0);
-      const __m256 s1 = _mm256_blend_ps(_mm256_permutevar8x32_ps(x2, i1), _mm256_permutevar8x32_ps(x3, i1), 0xF0);
-      acc0[j] = _mm256_fmadd_ps(load8(v[j] + 8 * c), s0, acc0[j]);
-      acc1[j] = _mm256_fmadd_ps(load8(v[j] + 8 * c + 8), s1, acc1[j]);
-    }
-  }
-  alignas(64) int32_t cols[8];
-  alignas(64) float w[8];
-  for (int j = 0; j < R; ++j) {
-    float tail = 0.f;
-    for (int64_t s0 = 8 * c; s0 < a.kept; s0 += 8) {
-      const int cnt = static_cast<int>(a.kept - s0 < 8 ? a.kept - s0 : 8);
-      nm_decode(v[j], ix[j], s0, cnt, 4, 8, 4, cols, w);
-      for (int t = 0; t < cnt; ++t) tail += w[t] * a.x[cols[t]];
-    }
-    a.out[r + j] = hsum8(_mm256_add_ps(acc0[j], acc1[j])) + tail;
-  }
-}
-
+// 4:8: an 8-slot chunk's eight 4-bit in-group indices are 4 index bytes; lane j takes its
+// index by a variable shift of the broadcast word (& 7: a raw call with indices no format
+// holds still reads inside its group). The densify kernel below (a scalar scatter of every
+// value into a zeroed row, then dense FMAs) ran at 0.37x dense at one row (4096x4096 fp32,
+// 2 threads, rotated, SPARSEKERN_CPU_ISA=avx2 with MKL pinned to AVX2;
+// bench/results/cpu-avx2-linear-20261128), this kernel at 1.41-1.47x.
 template <typename VT>
 void nm48_rows_permute_avx2(const NmRowsArgs& a, int64_t r0, int64_t r1) {
-  int64_t r = r0;
-  for (; r + kNm24PermuteRows <= r1; r += kNm24PermuteRows) nm48_rows_permute_step_avx2<VT, kNm24PermuteRows>(a, r);
-  for (; r < r1; ++r) nm48_rows_permute_step_avx2<VT, 1>(a, r);
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i seven = _mm256_set1_epi32(7);
+  auto chunk = [&](const uint8_t* p) {
+    uint32_t word;
+    std::memcpy(&word, p, 4);
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts), seven);
+  };
+  half_rows_permute_avx2<VT>(a, r0, r1, 4, [&](const uint8_t* ix, int64_t c) {
+    return std::make_pair(chunk(ix + 4 * c), chunk(ix + 4 * c + 4));
+  });
 }
 
 // ---- 2:4, B = 2..8: expand kernel ------------------------------------------------------
