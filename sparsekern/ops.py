@@ -119,13 +119,15 @@ def _uses_column_index(x, weight, bucket: int) -> bool:
     """Whether bitmask_linear on the C++ backend passes weight.column_index() for this x.
     Reads the batch through its bucket (an int; under torch.compile the row count is
     symbolic, and the bucket is what the dispatch key guards on)."""
-    return (x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and bucket in COLUMN_INDEX_MAX_DENSITY
-            and weight.in_features <= weight.COLUMN_INDEX_MAX_IN
-            and (weight.density <= COLUMN_INDEX_MAX_DENSITY[bucket]
-                 and bool(_extension.BUILD_INFO.get("cpu_avx512_runtime"))
-                 or weight.density <= COLUMN_INDEX_MAX_DENSITY_AVX2.get(bucket, 0.0)
-                 and not _extension.BUILD_INFO.get("cpu_avx512_runtime")
-                 and bool(_extension.BUILD_INFO.get("cpu_avx2_runtime"))))
+    if not (x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and weight.in_features <= weight.COLUMN_INDEX_MAX_IN):
+        return False
+    if _extension.BUILD_INFO.get("cpu_avx512_runtime"):
+        limits = COLUMN_INDEX_MAX_DENSITY
+    elif _extension.BUILD_INFO.get("cpu_avx2_runtime"):
+        limits = COLUMN_INDEX_MAX_DENSITY_AVX2
+    else:
+        return False
+    return bucket in limits and weight.density <= limits[bucket]
 
 
 def _bitmask_key(x, weight=None, bias=None):

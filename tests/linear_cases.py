@@ -2,6 +2,7 @@
 import torch
 
 import sparsekern.reference as reference
+from conftest import assert_linear_close
 from sparsekern import ops
 
 # (leading shape of x, in_features, out_features): batch 1, odd batches, the direct
@@ -24,6 +25,16 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def lowp_torch_linear(x, dense_w, bias):
     """torch's own linear on the same low-precision tensors (the error yardstick)."""
     return torch.nn.functional.linear(x, dense_w, bias)
+
+
+def assert_even_rows_ignore_odd_neighbours(y, x, dense_w, dtype, what=""):
+    """For weights whose odd rows' values were replaced by inf/NaN: the even rows of y must be
+    finite and match fp64 on the clean weight (dense_w), as a kernel that reads a row's
+    values several at a time past its end must keep the neighbour's lanes at zero."""
+    even = torch.arange(0, dense_w.shape[0], 2)
+    assert torch.isfinite(y[:, even]).all(), f"{what}: a row read its neighbour's values"
+    assert_linear_close(y[:, even], ref64(x, dense_w, None)[:, even], dtype,
+                        lowp_torch_linear(x, dense_w, None)[:, even], what)
 
 
 def ref64(x, dense_w, bias):

@@ -207,7 +207,7 @@ void bitmask_rows_by_columns_avx2(const BitmaskRowsArgs& a, int64_t r0, int64_t 
     return _mm256_min_epu32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))), last_col);
   };
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t start = a.offsets[r * a.tiles], end = r + 1 < a.O ? a.offsets[(r + 1) * a.tiles] : a.nnz;
+    const auto [start, end] = bitmask_kept_span(a, r);
     __m256 acc0[B], acc1[B];
     for (int b = 0; b < B; ++b) acc0[b] = acc1[b] = _mm256_setzero_ps();
     int64_t k = start;

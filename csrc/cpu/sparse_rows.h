@@ -11,6 +11,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+#include <utility>
 
 // 1 where sparse_rows_avx2.cpp compiles the AVX2 kernels (GCC's target pragma on x86-64);
 // elsewhere its entry points forward to the portable ones and cpu_has_avx2() is false.
@@ -73,6 +74,12 @@ struct BitmaskRowsArgs {
 inline bool bitmask_row_has_slack(const BitmaskRowsArgs& a, int64_t r, int64_t lanes) {
   const int64_t start = a.offsets[r * a.tiles];
   return start >= 0 && start + a.K + lanes <= a.nnz;
+}
+
+// Row r's kept values are values[start, end): the row's first tile offset, and the next
+// row's (the last row ends at nnz). The column-index kernels need no per-word walk.
+inline std::pair<int64_t, int64_t> bitmask_kept_span(const BitmaskRowsArgs& a, int64_t r) {
+  return {a.offsets[r * a.tiles], r + 1 < a.O ? a.offsets[(r + 1) * a.tiles] : a.nnz};
 }
 
 struct BlockRowsArgs {

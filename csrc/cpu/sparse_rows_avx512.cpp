@@ -376,13 +376,6 @@ inline __mmask16 nm_piece_mask(const uint8_t* ix, int64_t p, int64_t n, int64_t 
 // Whether row r of an N:M weight may read its values 16 at a time (expand16_loaded): a load
 // at any slot of the row stays inside the [O, kept] values unless the row is one of the last.
 inline bool nm_row_has_slack(const NmRowsArgs& a, int64_t r) { return (r + 1) * a.kept + 16 <= a.O * a.kept; }
-// The first row of [r0, r1) without that slack (r1 if none): rows before it take the
-// register-expand build of a kernel, the rest the memory form.
-inline int64_t nm_slack_end(const NmRowsArgs& a, int64_t r0, int64_t r1) {
-  int64_t r = r1;
-  while (r > r0 && !nm_row_has_slack(a, r - 1)) --r;
-  return r;
-}
 
 template <typename VT, bool Slack>
 void nm_row_dense(const VT* v, const uint8_t* ix, int64_t n, int64_t m, int64_t K, float* dst) {
@@ -397,32 +390,40 @@ void nm_row_dense(const VT* v, const uint8_t* ix, int64_t n, int64_t m, int64_t 
   }
 }
 
+// Row r (m = 8 or 16) as dense fp32 [K] into dst, with the register expand where the row
+// has the slack.
+template <typename VT>
+void nm_row_dense_at(const NmRowsArgs& a, int64_t r, float* dst) {
+  const VT* v = static_cast<const VT*>(a.values) + r * a.kept;
+  const uint8_t* ix = a.indices + r * a.idx_row_bytes;
+  if (nm_row_has_slack(a, r)) nm_row_dense<VT, true>(v, ix, a.n, a.m, a.K, dst);
+  else nm_row_dense<VT, false>(v, ix, a.n, a.m, a.K, dst);
+}
+
 // One batch row: per 16 columns the mask from the index table, an expanding load of the
 // piece's values and one FMA with x loaded under the same mask.
 template <typename VT, bool Slack>
-void nm_rows_b1(const NmRowsArgs& a, int64_t r0, int64_t r1) {
+void nm_row_b1(const NmRowsArgs& a, int64_t r) {
   const PairBits& pb = pair_bits();
   const int64_t pieces = (a.K + 15) / 16, groups = a.K / a.m, per_piece = 16 * a.n / a.m;
-  for (int64_t r = r0; r < r1; ++r) {
-    const VT* v = static_cast<const VT*>(a.values) + r * a.kept;
-    const uint8_t* ix = a.indices + r * a.idx_row_bytes;
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    int64_t p = 0;
-    for (; p + 2 <= pieces; p += 2) {
-      if ((p & 3) == 0) prefetch(v + p * per_piece, kPrefetchBytes);
-      if ((p & 31) == 0) prefetch(ix + p * per_piece / 2, kPrefetchBytes / 8);
-      const __mmask16 m0 = nm_piece_mask(ix, p, a.n, a.m, groups, pb);
-      const __mmask16 m1 = nm_piece_mask(ix, p + 1, a.n, a.m, groups, pb);
-      acc0 = _mm512_fmadd_ps(expand_piece<Slack>(m0, v + p * per_piece), _mm512_maskz_loadu_ps(m0, a.x + 16 * p), acc0);
-      acc1 = _mm512_fmadd_ps(expand_piece<Slack>(m1, v + (p + 1) * per_piece),
-                             _mm512_maskz_loadu_ps(m1, a.x + 16 * p + 16), acc1);
-    }
-    if (p < pieces) {
-      const __mmask16 m0 = nm_piece_mask(ix, p, a.n, a.m, groups, pb);
-      acc0 = _mm512_fmadd_ps(expand16(m0, v + p * per_piece), _mm512_maskz_loadu_ps(m0, a.x + 16 * p), acc0);
-    }
-    a.out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  const VT* v = static_cast<const VT*>(a.values) + r * a.kept;
+  const uint8_t* ix = a.indices + r * a.idx_row_bytes;
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t p = 0;
+  for (; p + 2 <= pieces; p += 2) {
+    if ((p & 3) == 0) prefetch(v + p * per_piece, kPrefetchBytes);
+    if ((p & 31) == 0) prefetch(ix + p * per_piece / 2, kPrefetchBytes / 8);
+    const __mmask16 m0 = nm_piece_mask(ix, p, a.n, a.m, groups, pb);
+    const __mmask16 m1 = nm_piece_mask(ix, p + 1, a.n, a.m, groups, pb);
+    acc0 = _mm512_fmadd_ps(expand_piece<Slack>(m0, v + p * per_piece), _mm512_maskz_loadu_ps(m0, a.x + 16 * p), acc0);
+    acc1 = _mm512_fmadd_ps(expand_piece<Slack>(m1, v + (p + 1) * per_piece),
+                           _mm512_maskz_loadu_ps(m1, a.x + 16 * p + 16), acc1);
   }
+  if (p < pieces) {
+    const __mmask16 m0 = nm_piece_mask(ix, p, a.n, a.m, groups, pb);
+    acc0 = _mm512_fmadd_ps(expand16(m0, v + p * per_piece), _mm512_maskz_loadu_ps(m0, a.x + 16 * p), acc0);
+  }
+  a.out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
 // ---- N:M with n = m / 2 and m = 8 or 16 (4:8, 8:16) at 1 to 4 batch rows ----------------
@@ -468,16 +469,14 @@ void nm_rows_t(const NmRowsArgs& a, int64_t r0, int64_t r1) {
   if (a.m == 8 && a.n == 4 && nm_half_rows_t<VT, 8>(a, r0, r1)) return;
   if (a.m == 16 && a.n == 8 && nm_half_rows_t<VT, 16>(a, r0, r1)) return;
   if (a.B == 1) {
-    const int64_t split = nm_slack_end(a, r0, r1);
-    nm_rows_b1<VT, true>(a, r0, split);
-    return nm_rows_b1<VT, false>(a, split, r1);
+    for (int64_t r = r0; r < r1; ++r) {
+      if (nm_row_has_slack(a, r)) nm_row_b1<VT, true>(a, r);
+      else nm_row_b1<VT, false>(a, r);
+    }
+    return;
   }
-  expanded_rows_times_x(a.x, a.B, a.K, a.out, a.O, r0, r1, [&](int64_t r, float* row) {
-    const VT* v = static_cast<const VT*>(a.values) + r * a.kept;
-    const uint8_t* ix = a.indices + r * a.idx_row_bytes;
-    if (nm_row_has_slack(a, r)) nm_row_dense<VT, true>(v, ix, a.n, a.m, a.K, row);
-    else nm_row_dense<VT, false>(v, ix, a.n, a.m, a.K, row);
-  });
+  expanded_rows_times_x(a.x, a.B, a.K, a.out, a.O, r0, r1,
+                        [&](int64_t r, float* row) { nm_row_dense_at<VT>(a, r, row); });
 }
 
 // ---- bitmask --------------------------------------------------------------------------------
@@ -498,6 +497,13 @@ void bitmask_row_dense(const VT* v, const int64_t* words, int64_t K, float* dst)
   }
 }
 
+// Row r as dense fp32 [K] into dst, with the register expand where the row has the slack.
+template <typename VT>
+void bitmask_row_dense_at(const BitmaskRowsArgs& a, int64_t r, float* dst) {
+  const VT* v = static_cast<const VT*>(a.values) + a.offsets[r * a.tiles];
+  if (row_has_slack(a, r)) bitmask_row_dense<VT, true>(v, a.bitmask + r * a.words, a.K, dst);
+  else bitmask_row_dense<VT, false>(v, a.bitmask + r * a.words, a.K, dst);
+}
 
 // One batch row: per 16 columns an expanding load of the kept values and one FMA with x
 // loaded under the same mask, two pieces per step into two named accumulators.
@@ -606,12 +612,6 @@ void bitmask_rows_b1_indexed(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
-// Row r's kept values are values[start, end): the row's first tile offset, and the next
-// row's (the last row ends at nnz). The column-index kernels need no per-word walk.
-inline std::pair<int64_t, int64_t> kept_span(const BitmaskRowsArgs& a, int64_t r) {
-  return {a.offsets[r * a.tiles], r + 1 < a.O ? a.offsets[(r + 1) * a.tiles] : a.nnz};
-}
-
 // 1 to 4 batch rows, given the column of every kept value (`columns`, 16 bits each; built
 // by BitmaskWeight.column_index and passed by sparsekern.ops at low density): per 16 kept
 // values one load of values and columns, then per batch row one gather of x and one FMA.
@@ -626,7 +626,7 @@ void bitmask_rows_by_columns(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
   const uint16_t* cols = reinterpret_cast<const uint16_t*>(a.columns);
   auto columns16 = [&](__m256i c16) { return _mm512_min_epu32(_mm512_cvtepu16_epi32(c16), last_col); };
   for (int64_t r = r0; r < r1; ++r) {
-    const auto [start, end] = kept_span(a, r);
+    const auto [start, end] = bitmask_kept_span(a, r);
     __m512 acc0[B], acc1[B];
     for (int b = 0; b < B; ++b) acc0[b] = acc1[b] = _mm512_setzero_ps();
     int64_t k = start;
@@ -675,7 +675,7 @@ void bitmask_lanes_by_columns(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) 
   const uint32_t last_col = static_cast<uint32_t>(a.K - 1);
   auto col_lanes = [&](int64_t k) { return a.x + static_cast<int64_t>(std::min<uint32_t>(cols[k], last_col)) * BP; };
   for (int64_t r = r0; r < r1; ++r) {
-    const auto [start, end] = kept_span(a, r);
+    const auto [start, end] = bitmask_kept_span(a, r);
     Vec acc0{}, acc1{}, acc2{}, acc3{}, acc4{}, acc5{}, acc6{}, acc7{};
     int64_t k = start;
     for (; k + 8 <= end; k += 8) {
@@ -776,11 +776,8 @@ void bitmask_rows_t(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
     case 8: return bitmask_rows_direct<VT, 8>(a, r0, r1);
     default: break;
   }
-  expanded_rows_times_x(a.x, a.B, a.K, a.out, a.O, r0, r1, [&](int64_t r, float* row) {
-    const VT* v = static_cast<const VT*>(a.values) + a.offsets[r * a.tiles];
-    if (row_has_slack(a, r)) bitmask_row_dense<VT, true>(v, a.bitmask + r * a.words, a.K, row);
-    else bitmask_row_dense<VT, false>(v, a.bitmask + r * a.words, a.K, row);
-  });
+  expanded_rows_times_x(a.x, a.B, a.K, a.out, a.O, r0, r1,
+                        [&](int64_t r, float* row) { bitmask_row_dense_at<VT>(a, r, row); });
 }
 
 // ---- 2:4, large batches: weight-stationary kernel ------------------------------------------
@@ -1080,19 +1077,14 @@ struct NmDense {
       const VT* v = static_cast<const VT*>(a.values) + r * a.kept;
       const uint8_t* ix = a.indices + r * a.idx_row_bytes;
       if (a.n == 2 && a.m == 4) nm24_row_dense(v, ix, a.kept, a.idx_row_bytes, a.K, dst + (r - r0) * a.K);
-      else if (nm_row_has_slack(a, r)) nm_row_dense<VT, true>(v, ix, a.n, a.m, a.K, dst + (r - r0) * a.K);
-      else nm_row_dense<VT, false>(v, ix, a.n, a.m, a.K, dst + (r - r0) * a.K);
+      else nm_row_dense_at<VT>(a, r, dst + (r - r0) * a.K);
     }
   }
 };
 template <typename VT>
 struct BitmaskDense {
   static void run(const BitmaskRowsArgs& a, int64_t r0, int64_t r1, float* dst) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const VT* v = static_cast<const VT*>(a.values) + a.offsets[r * a.tiles];
-      if (row_has_slack(a, r)) bitmask_row_dense<VT, true>(v, a.bitmask + r * a.words, a.K, dst + (r - r0) * a.K);
-      else bitmask_row_dense<VT, false>(v, a.bitmask + r * a.words, a.K, dst + (r - r0) * a.K);
-    }
+    for (int64_t r = r0; r < r1; ++r) bitmask_row_dense_at<VT>(a, r, dst + (r - r0) * a.K);
   }
 };
 
