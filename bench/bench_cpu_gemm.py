@@ -12,7 +12,11 @@ Providers (each checked against the fp64 reference before it is timed):
                     decompressed and multiplied by at::mm (the path before issue 14)
   cpp.nm24_gemm     nm_linear with SPARSEKERN_NM_GEMM=direct: the 2:4 weight-stationary
                     kernel (AVX2: csrc/cpu/nm_gemm_impl.h; on AVX-512 CPUs its 16-lane
-                    variant in csrc/cpu/sparse_rows_avx512.cpp)
+                    variant in csrc/cpu/sparse_rows_avx512.cpp), packing the weight per call
+                    (ops.CPU_GEMM_PANELS off)
+  cpp.nm24_gemm_panels  the same with the weight pre-packed (NMWeight.gemm_panels, the
+                    default; read on AVX-512 CPUs only, so the same kernel as cpp.nm24_gemm
+                    elsewhere)
 At batch <= 16 nm_linear runs its direct row kernels whatever SPARSEKERN_NM_GEMM says, so
 those rows time that kernel under both cpp names.
 
@@ -39,13 +43,17 @@ SHAPES = ["4096x4096", "4096x11008", "11008x4096"]  # out x in
 BATCHES = [16, 32, 64, 128, 256, 1024]
 
 
-def _with_mode(mode, fn):
+def _with_mode(mode, fn, panels=False):
+    """fn under SPARSEKERN_NM_GEMM=mode, with or without the pre-packed weight
+    (ops.CPU_GEMM_PANELS), restoring both."""
     def call():
         os.environ["SPARSEKERN_NM_GEMM"] = mode
+        saved, ops.CPU_GEMM_PANELS = ops.CPU_GEMM_PANELS, panels
         try:
-            fn()
+            return fn()
         finally:
             del os.environ["SPARSEKERN_NM_GEMM"]
+            ops.CPU_GEMM_PANELS = saved
     return call
 
 
@@ -62,19 +70,16 @@ def run_case(o, k, batch, rounds, rotate_mib, env):
         "torch.dense.again": [lambda D=D: F.linear(x, D) for D in Ds],
         "cpp.tile_gemm": [_with_mode("tile", lambda W=W: ops.nm_linear(x, W)) for W in Ws],
         "cpp.nm24_gemm": [_with_mode("direct", lambda W=W: ops.nm_linear(x, W)) for W in Ws],
+        "cpp.nm24_gemm_panels": [_with_mode("direct", lambda W=W: ops.nm_linear(x, W), panels=True) for W in Ws],
     }
-    for name, fns in calls.items():  # correctness first
-        holder = {}
+    if "gemm_panels" in ops.explain_backend("nm_linear", x, Ws[0])[1]:
+        for W in Ws:  # built once per weight, as a model's layers keep them: not timed
+            W.gemm_panels()
+    for name, fns in calls.items():  # correctness first (the first weight's call)
+        y = fns[0]() if name.startswith("cpp.") else F.linear(x, Ds[0])
         if name.startswith("cpp."):
-            os.environ["SPARSEKERN_NM_GEMM"] = "tile" if name == "cpp.tile_gemm" else "direct"
-            try:
-                assert ops.explain_backend("nm_linear", x, Ws[0])[0] == "cpp"
-                holder["y"] = ops.nm_linear(x, Ws[0])
-            finally:
-                del os.environ["SPARSEKERN_NM_GEMM"]
-        else:
-            holder["y"] = F.linear(x, Ds[0])
-        err = ((holder["y"].double() - ref).norm() / ref.norm()).item()
+            assert ops.explain_backend("nm_linear", x, Ws[0])[0] == "cpp"
+        err = ((y.double() - ref).norm() / ref.norm()).item()
         assert err < 1e-5, f"{name} {o}x{k} B={batch}: relative error {err:.2e}"
     samples = interleaved(calls, rounds)
     res = compare(samples, "torch.dense", "torch.dense.again")

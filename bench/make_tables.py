@@ -667,7 +667,8 @@ def t_ops(runs):
     from sparsekern.patterns import NM_GROUP_SIZES
 
     blocks = _triton_blocks()
-    fam = {"nm": f"N:M, M in {{{', '.join(map(str, NM_GROUP_SIZES))}}}", "bitmask": "unstructured (bitmask)",
+    fam = {"nm24_pack_panels": "2:4 (pre-packs the weight for the CPU GEMM kernel)",
+           "nm": f"N:M, M in {{{', '.join(map(str, NM_GROUP_SIZES))}}}", "bitmask": "unstructured (bitmask)",
            "block": "block (BSR)", "masked": "dense weight + bitmask (training)",
            "group_score": "scoring", "act_norm_accumulate": "scoring (wanda)",
            "hessian_accumulate": "SparseGPT Hessian"}

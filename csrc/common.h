@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "nm24_panels.h"
+
 namespace sparsekern {
 
 // Runtime CPU feature test (csrc/cpu/cpu_common.cpp). The AVX2 kernels are compiled
@@ -107,7 +109,8 @@ inline void check_bias(const char* op, const at::Tensor& x, const c10::optional<
 
 inline void check_nm_linear_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
                                  int64_t n, int64_t m, int64_t in_features,
-                                 const c10::optional<at::Tensor>& bias) {
+                                 const c10::optional<at::Tensor>& bias,
+                                 const c10::optional<at::Tensor>& panels = c10::nullopt) {
   const char* op = "nm_linear";
   check_nm_params(op, n, m);
   TORCH_CHECK_VALUE(in_features > 0 && in_features % m == 0, op, ": in_features (", in_features,
@@ -123,6 +126,15 @@ inline void check_nm_linear_args(const at::Tensor& x, const at::Tensor& values, 
                     op, ": indices must have shape [", values.size(0), ", ", nm_index_row_bytes(kept, m),
                     "], got ", indices.sizes());
   check_bias(op, x, bias, values.size(0));
+  if (panels.has_value()) {
+    // The weight pre-packed for the CPU 2:4 GEMM kernel (nm24_panels.h, NMWeight.gemm_panels);
+    // backends that do not read it still check it, so every backend takes the same calls.
+    TORCH_CHECK_VALUE(n == 2 && m == 4, op, ": panels is a 2:4 layout, got ", n, ":", m);
+    check_index_tensor(op, x, *panels, "panels", c10::kByte);
+    const int64_t bytes = Nm24Panels::bytes(values.size(0), in_features);
+    TORCH_CHECK_VALUE(panels->dim() == 1 && panels->numel() == bytes, op, ": panels must be 1-D with ", bytes,
+                      " bytes for a [", values.size(0), ", ", in_features, "] weight, got ", panels->sizes());
+  }
 }
 
 inline void check_bitmask_linear_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,

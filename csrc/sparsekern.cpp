@@ -53,7 +53,11 @@ static std::string build_info() {
 
 TORCH_LIBRARY(sparsekern, m) {
   // ---- N:M (values [out, in*N/M] + packed in-group indices, see formats.py) ----
-  m.def("nm_linear(Tensor x, Tensor values, Tensor indices, int n, int m, int in_features, Tensor? bias) -> Tensor");
+  // `panels`: optional, the 2:4 weight pre-packed for the CPU GEMM kernel (nm24_pack_panels,
+  // layout in nm24_panels.h); every backend checks it, the CPU one reads it from 17 rows.
+  m.def("nm_linear(Tensor x, Tensor values, Tensor indices, int n, int m, int in_features, Tensor? bias, "
+        "Tensor? panels=None) -> Tensor");
+  m.def("nm24_pack_panels(Tensor values, Tensor indices, int in_features) -> Tensor");
   // Convolution [N, C, H, W] * N:M weight [out, kh*kw*C] (input channels fastest, patterns.as_2d)
   // -> [N, out, OH, OW] (CPU: channels-last memory).
   m.def("nm_conv2d(Tensor x, Tensor values, Tensor indices, int n, int m, int[] weight_shape, int[] stride, "

@@ -17,6 +17,10 @@ N:M -- NMWeight (n < m, m in {4, 8, 16}), groups of m consecutive input columns:
           (s*bits) // 8 of its row (little-endian within the byte). The weight element
           is W[r, g*m + j]. Groups with fewer than n kept elements pad with zero values.
   2:4 bf16: values 50% of the dense bytes + indices 6.25% = 56.25%.
+  gemm_panels() uint8 (derived, not saved, 2:4 only): the weight pre-packed for the CPU GEMM
+          kernel (csrc/nm24_panels.h), built on first use when sparsekern.ops runs it from
+          17 rows on an AVX-512 CPU (ops.CPU_GEMM_PANELS). 6 bytes per kept value: 75% of the
+          dense fp32 bytes, on top of values and indices.
 
 Bitmask (unstructured) -- BitmaskWeight:
   bitmask int64 [out, ceil(in/64)]: bit j (LSB first) of word w of row r says whether
@@ -241,6 +245,28 @@ class NMWeight(_Format):
 
     def meta(self) -> torch.Tensor:
         return _meta(self.n, self.m, self.in_features)
+
+    def gemm_panels(self) -> torch.Tensor:
+        """uint8: this 2:4 weight pre-packed for the CPU GEMM kernel (ops.nm24_pack_panels,
+        layout in csrc/nm24_panels.h). Derived, not stored in tensors() or a state_dict: built on
+        first use and kept with this object (6 bytes per kept value) until values or indices
+        are replaced or edited in place. sparsekern.ops passes it to the C++ kernel from 17
+        rows on AVX-512 CPUs (ops.CPU_GEMM_PANELS)."""
+        if (self.n, self.m) != (2, 4):
+            raise ValueError(f"NMWeight.gemm_panels: a 2:4 layout, this weight is {self.pattern}")
+        v, ix = self.values, self.indices
+        cached = self.__dict__.get("_gemm_panels")
+        if cached is None or cached[0] is not v or cached[1] != v._version or cached[2] is not ix or \
+                cached[3] != ix._version:
+            panels = ops.nm24_pack_panels(v.detach(), ix, self.in_features)
+            # Set through __dict__: a derived cache, not a field (it must not clear is_validated).
+            self.__dict__["_gemm_panels"] = cached = (v, v._version, ix, ix._version, panels)
+        return cached[4]
+
+    @property
+    def derived_nbytes(self) -> int:
+        cached = self.__dict__.get("_gemm_panels")
+        return 0 if cached is None else cached[4].numel()
 
     def _replace(self, **kw) -> "NMWeight":
         return NMWeight(kw["values"], kw["indices"], self.n, self.m, self.in_features)

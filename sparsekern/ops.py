@@ -43,8 +43,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from . import _extension, reference
-from .patterns import (BITMASK_TILE_COLS, as_2d, check_nm, conv_output_size, from_2d, nm_index_bits, unpack_bitmask,
-                       unpack_bits)
+from .patterns import (BITMASK_TILE_COLS, as_2d, check_nm, conv_output_size, from_2d, nm24_panels_bytes, nm_index_bits,
+                       unpack_bitmask, unpack_bits)
 
 BACKENDS = ("cpp", "cusparselt", "cutlass", "cuda", "triton", "reference")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -92,12 +92,39 @@ def _linear_key(x, weight=None, bias=None):
     return x, (batch_bucket(_rows(x)),)
 
 
+# From 17 rows (the buckets above 16) the C++ backend runs 2:4 on AVX-512 CPUs through the
+# weight-stationary GEMM kernel, which packs (decodes) the weight anew at every call unless
+# it gets it pre-packed: NMWeight.gemm_panels(), built on first use and kept with the weight,
+# 6 bytes per kept value (0.75x a dense fp32 weight's bytes, reported by explain as
+# derived_index_bytes). In-process interleaved against the packing kernel (2 threads,
+# fp32, one weight each, dense F.linear alongside): 128 rows, Llama-style 2048x2048,
+# 5632x2048, 2048x5632 and 4096x4096: 0.95-1.30x dense packing, 1.16-1.48x pre-packed;
+# 788 rows (ViT-B's layers): 0.90-1.02x against 0.97-1.06x. Set CPU_GEMM_PANELS = False
+# to keep the memory (the kernel then packs per call, as before).
+CPU_GEMM_PANELS = True
+
+
+def _uses_panels(x, weight, bucket: int) -> bool:
+    """Whether nm_linear on the C++ backend passes weight.gemm_panels() for this x. Not under
+    torch.compile: a traced graph holds no cache, so it would pack the weight at every call."""
+    return (CPU_GEMM_PANELS and not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and (weight.n, weight.m) == (2, 4)
+            and (bucket == -1 or bucket > 16) and bool(_extension.BUILD_INFO.get("cpu_avx512_runtime")))
+
+
 def _nm_key(x, weight=None, bias=None):
     """nm_linear: the batch bucket and, given the weight, (n, m, out, in), which the 2:4 GEMM
-    backends depend on (without the weight they say so and pass)."""
+    backends depend on (without the weight they say so and pass), and whether the C++
+    backend reads the pre-packed weight."""
+    bucket = batch_bucket(_rows(x))
     if weight is None:
-        return x, (batch_bucket(_rows(x)),)
-    return x, (batch_bucket(_rows(x)), (weight.n, weight.m, weight.shape[0], weight.in_features))
+        return x, (bucket,)
+    return x, (bucket, (weight.n, weight.m, weight.shape[0], weight.in_features), _uses_panels(x, weight, bucket))
+
+
+def _nm_note(backend: str, extra) -> str:
+    if backend == "cpp" and len(extra) > 2 and extra[2]:
+        return "; reads NMWeight.gemm_panels (the 2:4 weight pre-packed for the GEMM kernel, 6 bytes per kept value)"
+    return ""
 
 
 # The CPU bitmask kernels read the column of each kept value (BitmaskWeight.column_index,
@@ -164,7 +191,9 @@ def _triton_block_limit(extra) -> str | None:
 
 
 OPS: dict[str, OpSpec] = {s.name: s for s in (
-    OpSpec("nm_linear", reference.nm_linear, _nm_key, cuda=True, triton="nm_linear", semi_structured=True),
+    OpSpec("nm_linear", reference.nm_linear, _nm_key, cuda=True, triton="nm_linear", semi_structured=True,
+           note=_nm_note),
+    OpSpec("nm24_pack_panels", reference.nm24_pack_panels, _first),
     # The CPU convolution; on a GPU sparse convolutions run as patches through nm_linear.
     OpSpec("nm_conv2d", reference.nm_conv2d, _first),
     OpSpec("bitmask_linear", reference.bitmask_linear, _bitmask_key, cuda=True, triton="bitmask_linear",
@@ -469,7 +498,9 @@ def nm_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torc
     _check_format("nm_linear", weight, "NMWeight")
     _check_x("nm_linear", x, weight.in_features, weight.dtype, weight.device)
     _check_bias("nm_linear", bias, weight.shape[0], x)
-    return _run("nm_linear", (x, weight), x, *weight.kernel_args(), bias)
+    d, extra = _decision("nm_linear", (x, weight))
+    panels = weight.gemm_panels() if d.backend == "cpp" and extra[2] else None
+    return d.run(x, *weight.kernel_args(), bias, panels)
 
 
 def bitmask_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -612,6 +643,23 @@ def nm_decompress(values: torch.Tensor, indices: torch.Tensor, n: int, m: int, i
     return _run("nm_decompress", (values,), values, indices, n, m, in_features)
 
 
+def nm24_pack_panels(values: torch.Tensor, indices: torch.Tensor, in_features: int) -> torch.Tensor:
+    """A 2:4 weight (NMWeight's values [out, in/2] and indices) pre-packed for the CPU GEMM
+    kernel: uint8 [patterns.nm24_panels_bytes(out, in)], layout in csrc/nm24_panels.h.
+    NMWeight.gemm_panels() builds and keeps it; nm_linear passes it on its own."""
+    if not isinstance(values, torch.Tensor) or values.dim() != 2 or values.dtype not in KERNEL_DTYPES:
+        raise ValueError("nm24_pack_panels: values must be a 2-D float32/bfloat16/float16 tensor [out, in/2]")
+    if not isinstance(in_features, int) or in_features <= 0 or in_features % 4 or values.shape[1] != in_features // 2:
+        raise ValueError(f"nm24_pack_panels: in_features must be a positive multiple of 4 with values.shape[1] == "
+                         f"in_features // 2, got in_features={in_features!r} and values {list(values.shape)}")
+    if not isinstance(indices, torch.Tensor) or indices.dtype != torch.uint8 or \
+            tuple(indices.shape) != (values.shape[0], math.ceil(values.shape[1] / 4)):
+        raise ValueError(f"nm24_pack_panels: indices must be uint8 [{values.shape[0]}, {math.ceil(values.shape[1] / 4)}]")
+    if indices.device != values.device:
+        raise ValueError(f"nm24_pack_panels: indices is on {indices.device} but values is on {values.device}")
+    return _run("nm24_pack_panels", (values,), values, indices, in_features)
+
+
 def bitmask_compress(weight: torch.Tensor, mask: torch.Tensor | None):
     """weight [out, in] (+ bool mask, default weight != 0) -> (values [nnz], bitmask int64,
     offsets int32); see formats.BitmaskWeight."""
@@ -717,7 +765,7 @@ def _nm_packed(weight, n, m):
             weight.new_empty((out, math.ceil(kept * nm_index_bits(m) / 8)), dtype=torch.uint8))
 
 
-def _fake_nm_linear(x, values, indices, n, m, in_features, bias):
+def _fake_nm_linear(x, values, indices, n, m, in_features, bias, panels=None):
     torch._check(x.shape[-1] == in_features, lambda: "nm_linear: x.shape[-1] must equal in_features")
     torch._check(values.dtype == x.dtype, lambda: "nm_linear: values dtype must match x dtype")
     return x.new_empty(_out_shape(x, values.shape[0]))
@@ -761,6 +809,8 @@ def _fake_block_compress(weight, mask, block_rows, block_cols):
 
 _FAKES: dict[str, Callable] = {
     "nm_linear": _fake_nm_linear,
+    "nm24_pack_panels": lambda values, indices, in_features: values.new_empty(
+        (nm24_panels_bytes(values.shape[0], in_features),), dtype=torch.uint8),
     "nm_conv2d": _fake_nm_conv2d,
     "bitmask_linear": _fake_bitmask_linear,
     "block_linear": _fake_block_linear,
@@ -815,7 +865,7 @@ def _nm_backward(ctx, grad):
     gv = None
     if ctx.needs_input_grad[1]:
         gv = _weight_grad(grad, ctx.x).gather(1, _nm_kept_columns(values, indices, n, m)).to(values.dtype)
-    return gx, gv, None, None, None, None, _grad_bias(ctx, grad, 6)
+    return gx, gv, None, None, None, None, _grad_bias(ctx, grad, 6), None
 
 
 def _nm_conv2d_backward(ctx, grad):

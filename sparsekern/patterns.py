@@ -147,3 +147,33 @@ def popcount64(words: torch.Tensor) -> torch.Tensor:
     w = (w + (w >> 4)) & 0x0F0F0F0F0F0F0F0F
     # The byte sums fit in the top byte; >> is arithmetic in torch, so mask it after the shift.
     return ((w * 0x0101010101010101) >> 56) & 0xFF
+
+
+# The 2:4 weight pre-packed for the CPU GEMM kernel (csrc/nm24_panels.h: layout and why).
+NM24_PANEL_ROWS, NM24_PANEL_KT, NM24_PANEL_QUAD_BYTES = 96, 128, 72
+
+
+def nm24_panels_bytes(out_features: int, in_features: int) -> int:
+    """Bytes of a [out, in] 2:4 weight in the pre-packed layout of csrc/nm24_panels.h: per K
+    tile of 128 columns and 3-row block, 16 quads of 72 bytes (6 bytes per kept value)."""
+    k_tiles = -(-in_features // NM24_PANEL_KT)
+    blocks = -(-out_features // 3)
+    return k_tiles * blocks * (NM24_PANEL_KT // 8) * NM24_PANEL_QUAD_BYTES
+
+
+def check_nm24_panels(x: torch.Tensor, n: int, m: int, out_features: int, in_features: int, panels) -> None:
+    """nm_linear's check of its optional `panels` argument, as the C++ backends make it
+    (csrc/common.h check_nm_linear_args): for the Python backends, which do not read it."""
+    if panels is None:
+        return
+    if (n, m) != (2, 4):
+        raise ValueError(f"nm_linear: panels is a 2:4 layout, got {n}:{m}")
+    if not isinstance(panels, torch.Tensor) or panels.dtype != torch.uint8:
+        raise TypeError(f"nm_linear: panels must be uint8, got {getattr(panels, 'dtype', type(panels).__name__)}")
+    if panels.device != x.device:
+        raise RuntimeError(f"nm_linear: panels is on {panels.device} but x is on {x.device}")
+    want = nm24_panels_bytes(out_features, in_features)
+    if panels.dim() != 1 or panels.numel() != want:
+        raise ValueError(f"nm_linear: panels must be 1-D with {want} bytes for a [{out_features}, {in_features}] "
+                         f"weight, got {list(panels.shape)}")
+

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .patterns import BITMASK_TILE_COLS, from_2d, nm_index_bits, pack_bitmask, pack_bits, unpack_bitmask, unpack_bits
+from .patterns import (BITMASK_TILE_COLS, NM24_PANEL_KT, NM24_PANEL_ROWS, check_nm24_panels, from_2d, nm_index_bits,
+                       pack_bitmask, pack_bits, unpack_bitmask, unpack_bits)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -55,8 +56,40 @@ def nm_decompress(values: torch.Tensor, indices: torch.Tensor, n: int, m: int, i
     return dense.reshape(out, in_features)
 
 
-def nm_linear(x, values, indices, n: int, m: int, in_features: int, bias=None):
+def nm_linear(x, values, indices, n: int, m: int, in_features: int, bias=None, panels=None):
+    # `panels` (NMWeight.gemm_panels) only feeds a CPU kernel; checked, the result is the same.
+    check_nm24_panels(x, n, m, values.shape[0], in_features, panels)
     return _linear(x, nm_decompress(values, indices, n, m, in_features), bias)
+
+
+def nm24_pack_panels(values, indices, in_features: int) -> torch.Tensor:
+    """A 2:4 weight in the pre-packed layout of csrc/nm24_panels.h, built with torch ops
+    (the C++ op's twin: tests compare the bytes)."""
+    out, kept = values.shape
+    kt = NM24_PANEL_KT
+    k_tiles, blocks = -(-in_features // kt), -(-out // 3)
+    slots = k_tiles * kt // 2
+    s = torch.arange(slots, device=values.device)
+    k0 = (s // (kt // 2)) * kt  # first column of each slot's K tile
+    cols = torch.full((blocks * 3, slots), in_features, dtype=torch.int64, device=values.device)  # past the row: column K
+    cols[:out, :kept] = (s[:kept] // 2) * 4 + unpack_bits(indices, 2, kept)
+    cols[out:] = k0  # rows past `out`: the K tile's first column, value 0
+    vals = torch.zeros(blocks * 3, slots, dtype=torch.float32, device=values.device)
+    vals[:out, :kept] = values.float()
+    off = ((cols - k0) << 8).to(torch.int32).to(torch.int16)  # uint16 bits (at most 127 << 8 here)
+    quads = kt // 8
+    # [blocks, 3 rows, k_tiles, quads, 4 slots] -> [blocks, k_tiles, quads, 3, 4]
+    def by_quad(t):
+        return t.view(blocks, 3, k_tiles, quads, 4).permute(0, 2, 3, 1, 4).contiguous()
+    quad = torch.cat([by_quad(off).view(torch.uint8).view(blocks, k_tiles, quads, 24),
+                      by_quad(vals).view(torch.uint8).view(blocks, k_tiles, quads, 48)], dim=-1)
+    # Quads that start past the row's last slot are zero (nothing reads them).
+    first_slot = (torch.arange(k_tiles, device=values.device)[:, None] * (kt // 2) +
+                  torch.arange(quads, device=values.device)[None, :] * 4)
+    quad[:, first_slot >= kept] = 0
+    per_panel = NM24_PANEL_ROWS // 3
+    parts = [quad[b0:b0 + per_panel].transpose(0, 1).reshape(-1) for b0 in range(0, blocks, per_panel)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8, device=values.device)
 
 
 def nm_conv2d(x, values, indices, n: int, m: int, weight_shape, stride, padding, dilation, bias=None):

@@ -41,6 +41,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import reference, tuning
+from .patterns import check_nm24_panels
 
 BACKENDS = ("cusparselt", "cutlass")
 # Batch buckets (sparsekern.ops.batch_bucket) that go to the 2:4 GEMMs when nothing was
@@ -215,7 +216,9 @@ def _flat(x: torch.Tensor, in_features: int):
 
 @torch.library.custom_op("sparsekern_cusparselt::nm_linear", mutates_args=())
 def _cusparselt_nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
-                          in_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+                          in_features: int, bias: Optional[torch.Tensor],
+                          panels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    check_nm24_panels(x, n, m, values.shape[0], in_features, panels)  # a CPU kernel's layout, not read here
     out = values.shape[0]
     x2, rows = _flat(x, in_features)
     if rows == 0:
@@ -227,7 +230,9 @@ def _cusparselt_nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.
 
 @torch.library.custom_op("sparsekern_cutlass::nm_linear", mutates_args=())
 def _cutlass_nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
-                       in_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+                       in_features: int, bias: Optional[torch.Tensor],
+                       panels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    check_nm24_panels(x, n, m, values.shape[0], in_features, panels)  # a CPU kernel's layout, not read here
     out = values.shape[0]
     x2, rows = _flat(x, in_features)
     if rows == 0:

@@ -32,6 +32,7 @@ def _calls(device):
         ("masked_linear_grad_weight", (g, x), lambda: ops.masked_linear_grad_weight(g, x, bits)),
         ("nm_compress", (w,), lambda: ops.nm_compress(w, None, 2, 4)),
         ("nm_decompress", (nm.values,), lambda: ops.nm_decompress(*nm.kernel_args())),
+        ("nm24_pack_panels", (nm.values,), lambda: ops.nm24_pack_panels(nm.values, nm.indices, 64)),
         ("bitmask_compress", (w,), lambda: ops.bitmask_compress(w, None)),
         ("bitmask_decompress", (bm.values,), lambda: ops.bitmask_decompress(*bm.kernel_args())),
         ("block_compress", (w,), lambda: ops.block_compress(w, None, 16, 16)),
@@ -55,7 +56,7 @@ def test_every_op_is_in_the_table_and_every_backend_it_names_exists():
         assert callable(spec.reference)
 
 
-@pytest.mark.parametrize("op_index", range(17))
+@pytest.mark.parametrize("op_index", range(18))
 @pytest.mark.parametrize("backend", [None, "cpp", "reference"])
 def test_explain_backend_is_what_runs(op_index, backend):
     """Independent of the table: the profiler records which compiled op executed, if any."""

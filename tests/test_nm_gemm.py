@@ -14,10 +14,14 @@ import torch
 
 from conftest import assert_linear_close, needs_extension
 from linear_cases import lowp_torch_linear, ref64
-from sparsekern import ops
+from sparsekern import _extension, ops, reference
 from sparsekern.formats import NMWeight
+from sparsekern.patterns import nm24_panels_bytes
 
 pytestmark = needs_extension
+
+# The C++ op reads the pre-packed weight (NMWeight.gemm_panels) on AVX-512 CPUs only.
+AVX512 = bool(_extension.BUILD_INFO.get("cpu_avx512_runtime"))
 
 KS = [4 * 37, 520, 1100]
 BATCHES = [17, 33, 64, 127, 130, 300]
@@ -37,21 +41,28 @@ def _check(x, W, bias, dtype, what):
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_nm24_gemm_matches_fp64(mode, dtype, k, batch, with_bias, poison, monkeypatch):
+@pytest.mark.parametrize("panels", [True, False])
+def test_nm24_gemm_matches_fp64(mode, dtype, k, batch, with_bias, panels, poison, monkeypatch):
     if mode == "direct":
         monkeypatch.setenv("SPARSEKERN_NM_GEMM", "direct")
     else:
         monkeypatch.delenv("SPARSEKERN_NM_GEMM", raising=False)
+    monkeypatch.setattr(ops, "CPU_GEMM_PANELS", panels)
     o = 37  # not a multiple of the kernel's 3-row block
     W = NMWeight.from_dense(torch.randn(o, k, dtype=dtype), 2, 4)
     # 3-D x for odd batches: [batch, 1, k] -> flattened rows inside the op
     x = torch.randn(batch, k, dtype=dtype) if batch % 2 == 0 else torch.randn(batch, 1, k, dtype=dtype)
     bias = torch.randn(o, dtype=dtype) if with_bias else None
-    _check(x, W, bias, dtype, f"2:4 {mode} {dtype} x{tuple(x.shape)} K={k}")
+    _check(x, W, bias, dtype, f"2:4 {mode} {dtype} x{tuple(x.shape)} K={k} panels={panels}")
+    # The pre-packed weight is built exactly where the kernel reads it.
+    assert (W.derived_nbytes == nm24_panels_bytes(o, k)) == (panels and AVX512)
+    assert (W.derived_nbytes == 0) == (not (panels and AVX512))
 
 
 @pytest.mark.parametrize("batch", [17, 64, 300])
 def test_nm24_gemm_agrees_with_tile_gemm_path(batch, poison, monkeypatch):
+    # With AVX-512 the direct kernel reads the pre-packed weight here (ops.CPU_GEMM_PANELS):
+    # 1001 rows are ten 96-row panels and a partial one of 41 rows.
     # Many output rows: several panels, both threads, and the old path on the same input.
     W = NMWeight.from_dense(torch.randn(1001, 520), 2, 4)
     x = torch.randn(batch, 520)
@@ -73,10 +84,13 @@ def test_other_nm_take_the_gemm_path(n, m, mode, batch, poison, monkeypatch):
     _check(x, W, torch.randn(29), torch.float32, f"{n}:{m} {mode} B={batch}")
 
 
-def test_nm24_gemm_nan_and_inf_stay_in_their_columns(monkeypatch):
+@pytest.mark.parametrize("panels", [True, False])
+def test_nm24_gemm_nan_and_inf_stay_in_their_columns(panels, monkeypatch):
     # K tail (K = 4 * 37: the last quad of slots is half padding) and padding rows must
-    # not pick up an inf/NaN of x from a column the row does not keep.
+    # not pick up an inf/NaN of x from a column the row does not keep, packed per call or
+    # ahead (the pre-packed padding slots point at the zero column too).
     monkeypatch.setenv("SPARSEKERN_NM_GEMM", "direct")
+    monkeypatch.setattr(ops, "CPU_GEMM_PANELS", panels)
     k = 4 * 37
     w = torch.randn(7, k)
     mask = torch.zeros(7, k, dtype=torch.bool)
@@ -120,3 +134,94 @@ def test_tile_gemm_path_spans_several_weight_tiles(monkeypatch):
     x = torch.randn(17, 4096)
     bias = torch.randn(4100)
     _check(x, W, bias, torch.float32, "2:4 tile path over two tiles")
+
+
+# ---- the pre-packed weight (NMWeight.gemm_panels, layout in csrc/nm24_panels.h) ----------
+@pytest.mark.parametrize("o,k", [(1, 4), (2, 12), (37, 148), (96, 128), (97, 260), (200, 4100), (300, 1028)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pack_panels_cpp_matches_the_torch_twin(o, k, dtype):
+    # Two independent builders of the layout (C++ loops, torch gathers) agree byte for byte:
+    # panels of 96 rows (one partial), K tails of a partial quad, rows past a 3-row block.
+    W = NMWeight.from_dense(torch.randn(o, k, dtype=dtype), 2, 4)
+    assert ops.explain_backend("nm24_pack_panels", W.values)[0] == "cpp"
+    got = ops.nm24_pack_panels(W.values, W.indices, k)
+    want = reference.nm24_pack_panels(W.values, W.indices, k)
+    assert got.dtype == torch.uint8 and got.numel() == nm24_panels_bytes(o, k)
+    assert torch.equal(got, want)
+
+
+def test_gemm_panels_are_derived_explained_and_rebuilt_after_an_edit(monkeypatch):
+    monkeypatch.setenv("SPARSEKERN_NM_GEMM", "direct")
+    W = NMWeight.from_dense(torch.randn(100, 264), 2, 4)
+    x = torch.randn(40, 264)
+    backend, why = ops.explain_backend("nm_linear", x, W)
+    assert backend == "cpp" and ("gemm_panels" in why) == AVX512
+    assert "gemm_panels" not in ops.explain_backend("nm_linear", x[:16], W)[1]  # the row kernels below 17 rows
+    ops.nm_linear(x, W)
+    if not AVX512:
+        assert W.derived_nbytes == 0
+        return
+    first = W.gemm_panels()
+    assert W.derived_nbytes == first.numel() == nm24_panels_bytes(100, 264)
+    assert W.gemm_panels() is first  # kept with the weight
+    assert set(W.tensors()) == {"values", "indices", "meta"}  # never saved
+    with torch.no_grad():
+        W.values.mul_(-2.0)  # an in-place edit (an optimizer step) invalidates it
+    assert W.gemm_panels() is not first
+    assert_linear_close(ops.nm_linear(x, W), ref64(x, W.to_dense(), None), torch.float32, what="after an edit")
+
+
+@pytest.mark.skipif(not AVX512, reason="the C++ op reads the pre-packed weight on AVX-512 CPUs only")
+def test_tampered_panels_stay_inside_x(monkeypatch):
+    # Whatever the bytes, the kernel masks each offset into its K tile, which the x tiles
+    # hold: random bytes must not crash (read out of bounds), and all-zero bytes (every value
+    # 0) must give exactly the bias, which shows the kernel read them.
+    monkeypatch.setenv("SPARSEKERN_NM_GEMM", "direct")
+    W = NMWeight.from_dense(torch.randn(100, 1028), 2, 4)  # the last K tile is 4 columns
+    x = torch.randn(130, 1028)
+    bias = torch.randn(100)
+    size = nm24_panels_bytes(100, 1028)
+    for _ in range(3):
+        junk = torch.randint(0, 256, (size,), dtype=torch.uint8)
+        y = torch.ops.sparsekern.nm_linear(x, W.values, W.indices, 2, 4, 1028, bias, junk)
+        assert y.shape == (130, 100)
+    zeros = torch.zeros(size, dtype=torch.uint8)
+    y = torch.ops.sparsekern.nm_linear(x, W.values, W.indices, 2, 4, 1028, bias, zeros)
+    torch.testing.assert_close(y, bias.expand(130, 100), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_bad_panels_are_refused_by_every_backend(backend):
+    W = NMWeight.from_dense(torch.randn(30, 64), 2, 4)
+    x = torch.randn(20, 64)
+    good = reference.nm24_pack_panels(W.values, W.indices, 64)
+    run = torch.ops.sparsekern.nm_linear if backend == "cpp" else reference.nm_linear
+    bad = [(good.view(torch.int8), "panels"), (good[:-1], "panels must be 1-D with"),
+           (good.view(2, -1), "panels must be 1-D with"), (torch.zeros(0, dtype=torch.uint8), "panels must be 1-D with")]
+    for panels, match in bad:
+        with pytest.raises((TypeError, ValueError), match=match):
+            run(x, W.values, W.indices, 2, 4, 64, None, panels)
+    W28 = NMWeight.from_dense(torch.randn(30, 64), 2, 8)
+    with pytest.raises(ValueError, match="panels is a 2:4 layout"):
+        run(x, W28.values, W28.indices, 2, 8, 64, None, good)
+    torch.testing.assert_close(run(x, W.values, W.indices, 2, 4, 64, None, good), x @ W.to_dense().t(),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_pack_panels_refuses_bad_arguments():
+    W = NMWeight.from_dense(torch.randn(30, 64), 2, 4)
+    with pytest.raises(ValueError, match="values"):
+        ops.nm24_pack_panels(W.values.double(), W.indices, 64)
+    with pytest.raises(ValueError, match="in_features"):
+        ops.nm24_pack_panels(W.values, W.indices, 60)
+    with pytest.raises(ValueError, match="indices"):
+        ops.nm24_pack_panels(W.values, W.indices[:, :-1], 64)
+    with pytest.raises(ValueError, match="indices"):
+        ops.nm24_pack_panels(W.values, W.indices.to(torch.int32), 64)
+    with pytest.raises(ValueError, match="2:4 layout"):
+        NMWeight.from_dense(torch.randn(30, 64), 2, 8).gemm_panels()
+    # The raw op names its arguments too.
+    with pytest.raises(ValueError, match="values must have shape"):
+        torch.ops.sparsekern.nm24_pack_panels(W.values[:, :-1], W.indices, 64)
+    with pytest.raises(ValueError, match="in_features"):
+        torch.ops.sparsekern.nm24_pack_panels(W.values, W.indices, 66)

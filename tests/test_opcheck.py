@@ -17,6 +17,7 @@ def _samples(device):
     bmw = BitmaskWeight.from_dense(w, torch.rand(16, 64, device=device) < 0.4)
     blk = BlockWeight.from_dense(w, (8, 16), torch.rand(16, 64, device=device) < 0.05)
     x = torch.randn(3, 64, device=device)
+    x20 = torch.randn(20, 64, device=device)
     b = torch.randn(16, device=device)
     mask = torch.rand(16, 64, device=device) < 0.5
     bits = pack_bitmask(mask)
@@ -25,7 +26,11 @@ def _samples(device):
     conv = NMWeight.from_dense(torch.randn(16, 72, device=device), 2, 4)  # [out, 3 * 3 * 8]
     xc = torch.randn(2, 8, 5, 6, device=device)
     return {
-        "nm_linear": [(x, nm.values, nm.indices, 2, 4, 64, b), (xg, nm.values, nm.indices, 2, 4, 64, None)],
+        "nm_linear": [(x, nm.values, nm.indices, 2, 4, 64, b), (xg, nm.values, nm.indices, 2, 4, 64, None),
+                      # 20 rows: the CPU kernel reads the pre-packed weight (AVX-512); every backend checks it
+                      (x20, nm.values, nm.indices, 2, 4, 64, b, nm.gemm_panels()),
+                      (x20.clone().requires_grad_(), nm.values, nm.indices, 2, 4, 64, None, nm.gemm_panels())],
+        "nm24_pack_panels": [(nm.values, nm.indices, 64), (conv.values, conv.indices, 72)],
         "nm_conv2d": [(xc, conv.values, conv.indices, 2, 4, [16, 8, 3, 3], [1, 1], [1, 1], [1, 1], b),
                       (xc.repeat(3, 1, 1, 1).requires_grad_(), conv.values, conv.indices, 2, 4, [16, 8, 3, 3],
                        [2, 1], [0, 1], [1, 2], None)],

@@ -86,10 +86,11 @@ void lane_rows(const LaneRows& s, int64_t b0, int64_t L, const float** rows) {
   }
 }
 
-at::Tensor lane_tiles(const LaneRows& src, int64_t L, const at::TensorOptions& options) {
+at::Tensor lane_tiles(const LaneRows& src, int64_t L, const at::TensorOptions& options, int64_t extra_cols) {
   const int64_t K = src.positions * src.C, tiles = (src.B + L - 1) / L;
-  auto xT = at::empty({tiles, K + 1, L}, options);
+  auto xT = at::empty({tiles * (K + 1) + extra_cols, L}, options);
   float* dst = xT.data_ptr<float>();
+  std::fill(dst + tiles * (K + 1) * L, dst + (tiles * (K + 1) + extra_cols) * L, 0.f);
   at::parallel_for(0, tiles, std::max<int64_t>(1, (int64_t(1) << 16) / ((K + 1) * L)), [&](int64_t t0, int64_t t1) {
     std::vector<const float*> rows(src.positions * L);
     for (int64_t t = t0; t < t1; ++t) {

@@ -23,7 +23,8 @@ at::Tensor x_lanes(const at::Tensor& x2, int64_t BP);
 // The x layout of the weight-stationary kernels from any lane source (sparse_rows.h: the
 // rows of x, or a convolution's taps): ceil(B / L) tiles of [K + 1][L] fp32, lanes past B
 // and column K zero (padding slots point at column K). Needs AVX2 (avx2::lane_tile).
-at::Tensor lane_tiles(const LaneRows& src, int64_t L, const at::TensorOptions& options);
+// extra_cols more zero columns after the last tile (Nm24Panels::x_extra_cols).
+at::Tensor lane_tiles(const LaneRows& src, int64_t L, const at::TensorOptions& options, int64_t extra_cols = 0);
 
 // How the weight-stationary kernels walk B rows of K columns into O outputs, given the
 // compressed weight's bytes (WsChunks in sparse_rows.h): the panel order, unless the weight
@@ -39,9 +40,10 @@ WsPlan ws_plan(int64_t B, int64_t K, int64_t O, int64_t weight_bytes, int64_t th
 
 // 2:4 through the weight-stationary kernel (AVX2, or AVX-512 where the CPU has it), x
 // read from src: vals [O, K / 2] and idx as NMWeight's; writes fp32 [src.B, O] (no bias)
-// to out. nm_linear.cpp, for nm_linear and nm_conv2d.
+// to out. With `prepacked` (the weight as Nm24Panels, sparse_rows.h) on an AVX-512 CPU the
+// kernel reads it instead of packing vals and idx. nm_linear.cpp, for nm_linear and nm_conv2d.
 void nm24_gemm_cpu(const LaneRows& src, const at::TensorOptions& options, const at::Tensor& vals,
-                   const at::Tensor& idx, int64_t K, int64_t O, float* out);
+                   const at::Tensor& idx, int64_t K, int64_t O, float* out, const uint8_t* prepacked = nullptr);
 
 // Rows per panel of the weight-stationary kernels: a multiple of 3 (their row block), at
 // most 96, and at least 4 panels per thread so threads that share a core even out.

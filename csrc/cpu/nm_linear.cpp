@@ -45,18 +45,32 @@ bool use_nm24_gemm(int64_t B) {
 }  // namespace
 
 void nm24_gemm_cpu(const LaneRows& src, const at::TensorOptions& options, const at::Tensor& vals,
-                   const at::Tensor& idx, int64_t K, int64_t O, float* out) {
+                   const at::Tensor& idx, int64_t K, int64_t O, float* out, const uint8_t* prepacked) {
   const bool wide = cpu_has_avx512();  // 16-lane vectors over tiles of 64 batch lanes
+  if (!wide) prepacked = nullptr;      // the layout is the AVX-512 kernel's (64-lane x tiles)
   const int64_t B = src.B;
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
-  const WsPlan plan = ws_plan(B, K, O, vals.nbytes() + idx.nbytes(), nth);
+  WsPlan plan = ws_plan(B, K, O, vals.nbytes() + idx.nbytes(), nth);
+  if (prepacked) {
+    // The panel order over panels that lie inside the layout's (rows dividing
+    // Nm24Panels::kRows), no larger than ws_plan's choice: the chunk order re-reads the whole
+    // weight per chunk of lanes, which a pre-packed weight does not need to avoid packing.
+    int64_t rows = Nm24Panels::kRows;
+    while (rows > Nm24Panels::kBlockRows && rows > plan.panel_rows) rows /= 2;
+    plan.chunked = false;
+    plan.panel_rows = rows;
+    plan.panels = (O + rows - 1) / rows;
+  }
   at::Tensor xT;
-  if (!plan.chunked) xT = lane_tiles(src, wide ? avx512::kG24Lanes512 : kG24Lanes, options);
+  if (!plan.chunked)
+    xT = lane_tiles(src, wide ? avx512::kG24Lanes512 : kG24Lanes, options,
+                    prepacked ? Nm24Panels::x_extra_cols(K) : 0);
   // Panels (or chunks) taken by the threads from a shared counter.
   int64_t next = 0, next_chunk = 0;
   Nm24GemmArgs g{vals.data_ptr(), idx.data_ptr<uint8_t>(), vals.scalar_type(), vals.size(1), idx.size(1), K, O,
                  xT.defined() ? xT.data_ptr<float>() : nullptr, B, out, plan.panel_rows,
                  plan.panels, &next};
+  g.prepacked = prepacked;
   if (plan.chunked) g.chunked = WsChunks{&src, plan.chunk_lanes, plan.chunks, &next_chunk};
   at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -69,8 +83,9 @@ void nm24_gemm_cpu(const LaneRows& src, const at::TensorOptions& options, const 
 namespace {
 
 at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, int64_t n,
-                         int64_t m, int64_t in_features, const c10::optional<at::Tensor>& bias) {
-  check_nm_linear_args(x, values, indices, n, m, in_features, bias);
+                         int64_t m, int64_t in_features, const c10::optional<at::Tensor>& bias,
+                         const c10::optional<at::Tensor>& panels) {
+  check_nm_linear_args(x, values, indices, n, m, in_features, bias, panels);
   const int64_t K = in_features, O = values.size(0), kept = values.size(1);
   auto vals = values.contiguous();
   auto idx = indices.contiguous();
@@ -82,7 +97,10 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
     out = at::zeros({B, O}, x2.options());
   } else if (B > kDirectMaxBatch && n == 2 && m == 4 && use_nm24_gemm(B)) {
     out = at::empty({B, O}, x2.options());
-    nm24_gemm_cpu(LaneRows{x2.data_ptr<float>(), B, 1, K}, x2.options(), vals, idx, K, O, out.data_ptr<float>());
+    // `panels` (NMWeight.gemm_panels): the weight packed ahead for the AVX-512 kernel.
+    const at::Tensor packed = panels.has_value() ? panels->contiguous() : at::Tensor();
+    nm24_gemm_cpu(LaneRows{x2.data_ptr<float>(), B, 1, K}, x2.options(), vals, idx, K, O, out.data_ptr<float>(),
+                  packed.defined() ? packed.data_ptr<uint8_t>() : nullptr);
   } else if (B > kDirectMaxBatch && avx512_nm_pattern(n, m) && cpu_has_avx512()) {
     // Tiles expanded by the AVX-512 kernel, then the BLAS GEMM.
     NmRowsArgs a{vals.data_ptr(), idx.data_ptr<uint8_t>(), nullptr, vals.scalar_type(), kept, idx.size(1), n, m, K, O,
@@ -171,7 +189,7 @@ at::Tensor nm_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at
                     .reshape({rows, K});
     // [N, OH, OW, O] is the memory of the channels-last result. The bias goes in there, so
     // a bf16/fp16 result is rounded once.
-    out.permute({0, 2, 3, 1}).reshape({rows, O}).copy_(nm_linear_cpu(cols, vals, idx, n, m, K, bias));
+    out.permute({0, 2, 3, 1}).reshape({rows, O}).copy_(nm_linear_cpu(cols, vals, idx, n, m, K, bias, c10::nullopt));
     return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
   }
   if (bias.has_value()) out.add_(bias->to(at::kFloat).view({1, O, 1, 1}));
@@ -344,8 +362,71 @@ at::Tensor nm_decompress_cpu(const at::Tensor& values, const at::Tensor& indices
 
 }  // namespace
 
+// nm24_pack_panels: a 2:4 weight in the layout of nm24_panels.h (read by nm_linear's
+// AVX-512 GEMM kernel from 17 rows). Once per weight; portable scalar code.
+template <typename VT>
+void pack_panel_blocks(const VT* v, const uint8_t* ix, int64_t kept, int64_t rb, int64_t K, int64_t O, int64_t b0,
+                       int64_t b1, uint8_t* dst) {
+  using P = Nm24Panels;
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t kt = 0; kt < P::k_tiles(K); ++kt) {
+      const int64_t k0 = kt * P::kKt, s0 = k0 / 2, s1 = std::min(kept, (k0 + P::kKt) / 2);
+      uint8_t* blk = dst + P::block_offset(O, K, b * P::kBlockRows, kt);
+      for (int64_t q = 0; q * 4 < s1 - s0; ++q) {
+        uint8_t* quad = blk + q * P::kQuadBytes;
+        uint16_t off[12];
+        float val[12];
+        for (int r = 0; r < P::kBlockRows; ++r) {
+          const int64_t row = b * P::kBlockRows + r;
+          for (int t = 0; t < 4; ++t) {
+            const int64_t s = s0 + 4 * q + t;
+            int64_t col = k0;  // rows past O: column k0 (inside the K tile), value 0
+            float w = 0.f;
+            if (row < O && s < s1) {
+              col = (s / 2) * 4 + ((ix[row * rb + (s >> 2)] >> ((s & 3) * 2)) & 3);
+              w = static_cast<float>(v[row * kept + s]);
+            } else if (row < O) {
+              col = K;  // past the row's end: the zero column, inside this last K tile
+            }
+            off[4 * r + t] = static_cast<uint16_t>((col - k0) << 8);
+            val[4 * r + t] = w;
+          }
+        }
+        std::memcpy(quad, off, sizeof(off));
+        std::memcpy(quad + sizeof(off), val, sizeof(val));
+      }
+    }
+  }
+}
+
+at::Tensor nm24_pack_panels_cpu(const at::Tensor& values, const at::Tensor& indices, int64_t in_features) {
+  const char* op = "nm24_pack_panels";
+  TORCH_CHECK_VALUE(in_features > 0 && in_features % 4 == 0, op, ": in_features (", in_features,
+                    ") must be a positive multiple of 4");
+  TORCH_CHECK_TYPE(is_float_dtype(values.scalar_type()), op, ": values must be float32, bfloat16 or float16, got ",
+                   values.scalar_type());
+  check_index_tensor(op, values, indices, "indices", c10::kByte);
+  const int64_t kept = in_features / 2, O = values.dim() == 2 ? values.size(0) : -1;
+  TORCH_CHECK_VALUE(values.dim() == 2 && values.size(1) == kept, op, ": values must have shape [out, ", kept,
+                    "], got ", values.sizes());
+  TORCH_CHECK_VALUE(indices.dim() == 2 && indices.size(0) == O && indices.size(1) == nm_index_row_bytes(kept, 4),
+                    op, ": indices must have shape [", O, ", ", nm_index_row_bytes(kept, 4), "], got ",
+                    indices.sizes());
+  auto vals = values.contiguous();
+  auto idx = indices.contiguous();
+  auto out = at::zeros({Nm24Panels::bytes(O, in_features)}, values.options().dtype(at::kByte));
+  SPARSEKERN_DISPATCH_FLOATS(vals.scalar_type(), "nm24_pack_panels", [&] {
+    at::parallel_for(0, Nm24Panels::blocks(O), 32, [&](int64_t b0, int64_t b1) {
+      pack_panel_blocks(vals.data_ptr<scalar_t>(), idx.data_ptr<uint8_t>(), kept, idx.size(1), in_features, O, b0, b1,
+                        out.data_ptr<uint8_t>());
+    });
+  });
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("nm_linear", &nm_linear_cpu);
+  m.impl("nm24_pack_panels", &nm24_pack_panels_cpu);
   m.impl("nm_conv2d", &nm_conv2d_cpu);
   m.impl("nm_compress", &nm_compress_cpu);
   m.impl("nm_score_compress", &nm_score_compress_cpu);

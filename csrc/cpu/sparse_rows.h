@@ -8,6 +8,8 @@
 // activations to fp32 and own the threading (at::parallel_for over output rows).
 #pragma once
 
+#include "../nm24_panels.h"
+
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
@@ -151,11 +153,15 @@ struct Nm24GemmArgs {
   int64_t panels;           // ceil(O / panel_rows)
   int64_t* next_panel;      // shared counter, 0 before the first call
   WsChunks chunked = {};    // lanes set: the chunk order (xT unused)
+  const uint8_t* prepacked = nullptr;  // the weight pre-packed (Nm24Panels below); AVX-512 only,
+                                       // panel order, xT with Nm24Panels::x_extra_cols(K) more columns
 };
 namespace avx2 {
 // Output panels taken from *a.next_panel until all are done; call it from every thread.
 void nm24_gemm(const Nm24GemmArgs& a);
 }  // namespace avx2
+
+// Nm24Panels (the pre-packed layout of `prepacked`): ../nm24_panels.h.
 
 #define SPARSEKERN_DECLARE_ROWS(NS)                                                           \
   namespace NS {                                                                             \

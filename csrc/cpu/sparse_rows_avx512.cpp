@@ -854,10 +854,25 @@ void w24_pack(const Nm24GemmArgs& a, int64_t r0, int rows, int64_t s0, int64_t s
   }
 }
 
-// acc[r][16 v ..] (+)= sum over quads of val * xT[off + 64 v bytes]; acc is [3][64] floats.
+// The two quad kinds the core reads. PackedQuad: what w24_pack writes per call, int32
+// offsets from the x tile's start (96 bytes). PanelQuad: Nm24Panels (sparse_rows.h), uint16
+// offsets from the K tile's start, masked so that any bytes stay inside it (72 bytes).
+struct PackedQuad {
+  static constexpr int64_t kBytes = 96;
+  static int32_t off(const uint8_t* q, int i) { return reinterpret_cast<const int32_t*>(q)[i]; }
+  static const float* vals(const uint8_t* q) { return reinterpret_cast<const float*>(q + 48); }
+};
+struct PanelQuad {
+  static constexpr int64_t kBytes = Nm24Panels::kQuadBytes;
+  static int32_t off(const uint8_t* q, int i) { return reinterpret_cast<const uint16_t*>(q)[i] & Nm24Panels::kOffMask; }
+  static const float* vals(const uint8_t* q) { return reinterpret_cast<const float*>(q + 24); }
+};
+
+// acc[r][16 v ..] (+)= sum over quads of val * xb[off + 64 v bytes]; acc is [3][64] floats,
+// xb the x tile (PackedQuad) or its K tile (PanelQuad).
 // Named accumulators, as in the AVX2 kernel, so GCC keeps them in registers.
-template <int V>
-inline void w24_core(const int32_t* pk, int64_t quads, const float* xt, float* acc, bool first) {
+template <int V, typename Q>
+inline void w24_core(const uint8_t* pk, int64_t quads, const float* xt, float* acc, bool first) {
   constexpr int L = static_cast<int>(kG24Lanes512);
   __m512 c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23;
 #define SK_W24_LD(R, VV) c##R##VV = first || V <= VV ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + R * L + 16 * VV)
@@ -868,7 +883,7 @@ inline void w24_core(const int32_t* pk, int64_t quads, const float* xt, float* a
   const char* xb = reinterpret_cast<const char*>(xt);
 #define SK_W24_ROW(R, T)                                                                   \
   {                                                                                        \
-    const float* xp = reinterpret_cast<const float*>(xb + pk[4 * R + T]);                 \
+    const float* xp = reinterpret_cast<const float*>(xb + Q::off(pk, 4 * R + T));         \
     __asm__("" : "+r"(xp)); /* base+disp loads, no base+index: those un-laminate */        \
     const __m512 wb = _mm512_set1_ps(w[4 * R + T]);                                        \
     c##R##0 = _mm512_fmadd_ps(wb, _mm512_loadu_ps(xp), c##R##0);                           \
@@ -876,8 +891,8 @@ inline void w24_core(const int32_t* pk, int64_t quads, const float* xt, float* a
     if (V > 2) c##R##2 = _mm512_fmadd_ps(wb, _mm512_loadu_ps(xp + 32), c##R##2);           \
     if (V > 3) c##R##3 = _mm512_fmadd_ps(wb, _mm512_loadu_ps(xp + 48), c##R##3);           \
   }
-  for (int64_t q = 0; q < quads; ++q, pk += 24) {
-    const float* w = reinterpret_cast<const float*>(pk + 12);
+  for (int64_t q = 0; q < quads; ++q, pk += Q::kBytes) {
+    const float* w = Q::vals(pk);
     SK_W24_ROW(0, 0) SK_W24_ROW(1, 0) SK_W24_ROW(2, 0)
     SK_W24_ROW(0, 1) SK_W24_ROW(1, 1) SK_W24_ROW(2, 1)
     SK_W24_ROW(0, 2) SK_W24_ROW(1, 2) SK_W24_ROW(2, 2)
@@ -892,39 +907,43 @@ inline void w24_core(const int32_t* pk, int64_t quads, const float* xt, float* a
 }
 
 // One panel of output rows [r0, r1): for each pass over up to kW24Chunk batch lanes and
-// each K tile, pack_block(rr, nr, k0, k1, dst) packs the quads of the row block starting at
-// rr (nr <= 3 rows) for columns [k0, k1) and returns how many it wrote (at most
-// kW24MaxQuads); then every x tile of the pass runs the core over every block.
+// each K tile, source(rr, nr, k0, k1, dst, quads) gives the quads (kind Q) of the row block
+// starting at rr (nr <= 3 rows) for columns [k0, k1) and sets how many (at most
+// kW24MaxQuads): a packer writes them at dst and returns dst, a pre-packed weight returns
+// where they lie; then every x tile of the pass runs the core over every block.
 constexpr int64_t kW24MaxQuads = kW24Kt / 4;  // a block row keeps at most kW24Kt values of a K tile
-template <typename PackBlock>
+static_assert(Nm24Panels::kKt == kW24Kt && Nm24Panels::kBlockRows == kW24Rows && Nm24Panels::kRows <= 96,
+              "the pre-packed layout follows this kernel's K tiles and row blocks");
+template <typename Q, typename Source>
 void w24_panel(int64_t B, int64_t K, int64_t O, const float* xT, float* out, int64_t r0, int64_t r1,
-               const PackBlock& pack_block, int32_t* pack, float* acc) {
+               const Source& source, int32_t* pack, float* acc) {
   constexpr int64_t L = kG24Lanes512;
   const int64_t rows = r1 - r0, blocks = (rows + kW24Rows - 1) / kW24Rows;
   const int64_t tiles = (B + L - 1) / L, chunk_tiles = kW24Chunk / L;
   int64_t quads[96 / kW24Rows];
+  const uint8_t* where[96 / kW24Rows];
   for (int64_t t0 = 0; t0 < tiles; t0 += chunk_tiles) {
     const int64_t t1 = t0 + chunk_tiles < tiles ? t0 + chunk_tiles : tiles;
     for (int64_t k0 = 0; k0 < K; k0 += kW24Kt) {
       const int64_t k1 = k0 + kW24Kt < K ? k0 + kW24Kt : K;
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t rr = r0 + b * kW24Rows;
-        quads[b] = pack_block(rr, static_cast<int>(r1 - rr < kW24Rows ? r1 - rr : kW24Rows), k0, k1,
-                              pack + b * kW24MaxQuads * 24);
+        where[b] = source(rr, static_cast<int>(r1 - rr < kW24Rows ? r1 - rr : kW24Rows), k0, k1,
+                          reinterpret_cast<uint8_t*>(pack + b * kW24MaxQuads * 24), quads[b]);
       }
       for (int64_t t = t0; t < t1; ++t) {
-        const float* xt = xT + t * (K + 1) * L;
+        // PanelQuad offsets start at the K tile, PackedQuad ones at the x tile.
+        const float* xt = xT + t * (K + 1) * L + (std::is_same<Q, PanelQuad>::value ? k0 * L : 0);
         const int64_t lanes = B - t * L;
         const int V = lanes >= L ? 4 : static_cast<int>((lanes + 15) / 16);
         float* at = acc + (t - t0) * blocks * kW24Rows * L;
         for (int64_t b = 0; b < blocks; ++b) {
-          const int32_t* pk = pack + b * kW24MaxQuads * 24;
           float* ab = at + b * kW24Rows * L;
           switch (V) {
-            case 4: w24_core<4>(pk, quads[b], xt, ab, k0 == 0); break;
-            case 3: w24_core<3>(pk, quads[b], xt, ab, k0 == 0); break;
-            case 2: w24_core<2>(pk, quads[b], xt, ab, k0 == 0); break;
-            default: w24_core<1>(pk, quads[b], xt, ab, k0 == 0); break;
+            case 4: w24_core<4, Q>(where[b], quads[b], xt, ab, k0 == 0); break;
+            case 3: w24_core<3, Q>(where[b], quads[b], xt, ab, k0 == 0); break;
+            case 2: w24_core<2, Q>(where[b], quads[b], xt, ab, k0 == 0); break;
+            default: w24_core<1, Q>(where[b], quads[b], xt, ab, k0 == 0); break;
           }
         }
       }
@@ -938,9 +957,9 @@ void w24_panel(int64_t B, int64_t K, int64_t O, const float* xT, float* out, int
 
 // Every calling thread takes panels from the shared counter until none is left, with one
 // set of buffers per call (see the AVX2 kernel for why not per panel).
-template <typename PackBlock>
+template <typename Q, typename Source>
 void w24_panels(int64_t B, int64_t K, int64_t O, const float* xT, float* out, int64_t panel_rows, int64_t panels,
-                int64_t* next_panel, const PackBlock& pack_block) {
+                int64_t* next_panel, const Source& source) {
   constexpr int64_t L = kG24Lanes512;
   const int64_t blocks = (panel_rows + kW24Rows - 1) / kW24Rows;
   const int64_t tiles = (B + L - 1) / L;
@@ -951,14 +970,24 @@ void w24_panels(int64_t B, int64_t K, int64_t O, const float* xT, float* out, in
     const int64_t p = __atomic_fetch_add(next_panel, 1, __ATOMIC_RELAXED);
     if (p >= panels) break;
     const int64_t r0 = p * panel_rows, r1 = r0 + panel_rows < O ? r0 + panel_rows : O;
-    w24_panel(B, K, O, xT, out, r0, r1, pack_block, pack, acc);
+    w24_panel<Q>(B, K, O, xT, out, r0, r1, source, pack, acc);
   }
   std::free(acc);
   std::free(pack);
 }
 
+// The kernel's packers as a w24_panel source: the quads are written at dst.
+template <typename PackBlock>
+auto packed_source(const PackBlock& pack_block) {
+  return [&pack_block](int64_t rr, int nr, int64_t k0, int64_t k1, uint8_t* dst, int64_t& quads) -> const uint8_t* {
+    quads = pack_block(rr, nr, k0, k1, reinterpret_cast<int32_t*>(dst));
+    return dst;
+  };
+}
+
 template <typename Args, typename PackBlock>
 void w24_run(const Args& a, const PackBlock& pack_block) {
+  const auto source = packed_source(pack_block);
   if (a.chunked.lanes) {  // ws_chunks_impl.h, with this kernel's panel
     constexpr int64_t L = kG24Lanes512;
     const int64_t blocks = (a.panel_rows + kW24Rows - 1) / kW24Rows;
@@ -967,18 +996,38 @@ void w24_run(const Args& a, const PackBlock& pack_block) {
     float* acc = static_cast<float*>(std::aligned_alloc(64, tiles * blocks * kW24Rows * L * sizeof(float)));
     ws_chunks(a.K, a.O, L, a.panel_rows, a.chunked, a.out,
               [&](int64_t lanes, const float* xt, float* out, int64_t r0, int64_t r1) {
-                w24_panel(lanes, a.K, a.O, xt, out, r0, r1, pack_block, pack, acc);
+                w24_panel<PackedQuad>(lanes, a.K, a.O, xt, out, r0, r1, source, pack, acc);
               });
     std::free(acc);
     std::free(pack);
   } else {
-    w24_panels(a.B, a.K, a.O, a.xT, a.out, a.panel_rows, a.panels, a.next_panel, pack_block);
+    w24_panels<PackedQuad>(a.B, a.K, a.O, a.xT, a.out, a.panel_rows, a.panels, a.next_panel, source);
   }
+}
+
+// The pre-packed weight (Nm24Panels) as a w24_panel source. Panels of the kernel lie inside
+// the layout's panels (nm24_gemm_cpu picks panel rows dividing Nm24Panels::kRows), so a
+// panel's blocks of one K tile are contiguous: at its first block the next K tile's are
+// fetched (one stream, read while this K tile runs).
+void w24_run_panels(const Nm24GemmArgs& a) {
+  const auto source = [&a](int64_t rr, int nr, int64_t k0, int64_t k1, uint8_t*, int64_t& quads) {
+    const int64_t kt = k0 / kW24Kt;
+    const uint8_t* where = a.prepacked + Nm24Panels::block_offset(a.O, a.K, rr, kt);
+    const int64_t panel_end = std::min(a.O, (rr / a.panel_rows + 1) * a.panel_rows);
+    if (rr % a.panel_rows == 0 && k1 < a.K)
+      prefetch_lines(a.prepacked + Nm24Panels::block_offset(a.O, a.K, rr, kt + 1),
+                     Nm24Panels::blocks(panel_end - rr) * Nm24Panels::kBlockBytes);
+    (void)nr;
+    quads = (k1 / 2 - k0 / 2 + 3) / 4;
+    return where;
+  };
+  w24_panels<PanelQuad>(a.B, a.K, a.O, a.xT, a.out, a.panel_rows, a.panels, a.next_panel, source);
 }
 
 template <typename VT>
 struct W24Panels {
   static void run(const Nm24GemmArgs& a) {
+    if (a.prepacked) return w24_run_panels(a);
     w24_run(a, [&](int64_t rr, int nr, int64_t k0, int64_t k1, int32_t* dst) {
       w24_pack<VT>(a, rr, nr, k0 / 2, k1 / 2, dst);
       return (k1 / 2 - k0 / 2 + 3) / 4;
