@@ -364,6 +364,8 @@ def render_models(run: Run) -> str:
              ("noise floor", "noise_floor_rel", lambda v: f"{v:.1%}"),
              ("sparse layers", "sparse_layers", lambda v: str(v)),
              ("params MiB", "param_bytes", lambda v: num(v / 2**20)),
+             # kept beside the params after the run: derived kernel indexes, dense copies
+             ("held MiB", "held_bytes", lambda v: num(v / 2**20)),
              ("how the sparse layers ran", "paths", lambda v: str(v))]
     extra = [e for e in extra if any(r.get(e[1]) is not None for r in rows)]
     header = ["model", "variant", "metric", "batch", "ms per call, median (p20–p80)", "value", "x dense"] + \

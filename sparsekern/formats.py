@@ -18,9 +18,9 @@ N:M -- NMWeight (n < m, m in {4, 8, 16}), groups of m consecutive input columns:
           is W[r, g*m + j]. Groups with fewer than n kept elements pad with zero values.
   2:4 bf16: values 50% of the dense bytes + indices 6.25% = 56.25%.
   gemm_panels() uint8 (derived, not saved, 2:4 only): the weight pre-packed for the CPU GEMM
-          kernel (csrc/nm24_panels.h), built on first use when sparsekern.ops runs it from
-          17 rows on an AVX-512 CPU (ops.CPU_GEMM_PANELS). 6 bytes per kept value: 75% of the
-          dense fp32 bytes, on top of values and indices.
+          kernel (csrc/nm24_panels.h), built on first use when sparsekern.ops runs an fp32
+          weight from 17 rows on an AVX-512 CPU (ops.CPU_GEMM_PANELS). 6 bytes per kept
+          value: 75% of the dense fp32 bytes, on top of values and indices.
 
 Bitmask (unstructured) -- BitmaskWeight:
   bitmask int64 [out, ceil(in/64)]: bit j (LSB first) of word w of row r says whether
@@ -55,6 +55,13 @@ from .patterns import (BITMASK_TILE_COLS, KIND_CODES, check_nm, nm_index_bits, p
                        unpack_bitmask, unpack_bits)
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _stamp(t: torch.Tensor) -> tuple:
+    """What a derived cache checks before reuse: the storage and, where torch tracks it, the
+    in-place version (inference tensors have none). An edit through `.data` bumps neither;
+    rebuild such a cache with release_derived()."""
+    return (t.data_ptr(), None if t.is_inference() else t._version)
 
 
 def _check_weight(name: str, weight, mask) -> None:
@@ -146,6 +153,14 @@ class _Format:
         (not in tensors(), nbytes or a state_dict); 0 when none is built."""
         return 0
 
+    _DERIVED: tuple[str, ...] = ()  # the __dict__ keys of those caches
+
+    def release_derived(self) -> None:
+        """Drops the derived indexes (derived_nbytes becomes 0); the next call that needs one
+        builds it again."""
+        for key in self._DERIVED:
+            self.__dict__.pop(key, None)
+
     @property
     def dense_nbytes(self) -> int:
         return self.shape[0] * self.shape[1] * self.values.element_size()
@@ -204,6 +219,7 @@ class NMWeight(_Format):
 
     KIND, OP = "nm", "nm_linear"
     TENSOR_NAMES = ("values", "indices")
+    _DERIVED = ("_gemm_panels",)
 
     def kernel_args(self) -> tuple:
         return (self.values, self.indices, self.n, self.m, self.in_features)
@@ -250,17 +266,18 @@ class NMWeight(_Format):
         """uint8: this 2:4 weight pre-packed for the CPU GEMM kernel (ops.nm24_pack_panels,
         layout in csrc/nm24_panels.h). Derived, not stored in tensors() or a state_dict: built on
         first use and kept with this object (6 bytes per kept value) until values or indices
-        are replaced or edited in place. sparsekern.ops passes it to the C++ kernel from 17
-        rows on AVX-512 CPUs (ops.CPU_GEMM_PANELS)."""
+        are replaced or edited in place (an edit through `.data` is not seen: call
+        release_derived()). sparsekern.ops passes it to the C++ kernel for fp32 weights from
+        17 rows on AVX-512 CPUs (ops.CPU_GEMM_PANELS)."""
         if (self.n, self.m) != (2, 4):
             raise ValueError(f"NMWeight.gemm_panels: a 2:4 layout, this weight is {self.pattern}")
         v, ix = self.values, self.indices
         cached = self.__dict__.get("_gemm_panels")
-        if cached is None or cached[0] is not v or cached[1] != v._version or cached[2] is not ix or \
-                cached[3] != ix._version:
+        if cached is None or cached[0] is not v or cached[1] != _stamp(v) or cached[2] is not ix or \
+                cached[3] != _stamp(ix):
             panels = ops.nm24_pack_panels(v.detach(), ix, self.in_features)
             # Set through __dict__: a derived cache, not a field (it must not clear is_validated).
-            self.__dict__["_gemm_panels"] = cached = (v, v._version, ix, ix._version, panels)
+            self.__dict__["_gemm_panels"] = cached = (v, _stamp(v), ix, _stamp(ix), panels)
         return cached[4]
 
     @property
@@ -354,6 +371,7 @@ class BitmaskWeight(_Format):
 
     KIND, OP = "unstructured", "bitmask_linear"
     TENSOR_NAMES = ("values", "bitmask", "offsets")
+    _DERIVED = ("_column_index",)
 
     def kernel_args(self) -> tuple:
         return (self.values, self.bitmask, self.offsets, self.in_features)
@@ -451,10 +469,10 @@ class BitmaskWeight(_Format):
                              f"{self.COLUMN_INDEX_MAX_IN} in_features, got {self.in_features}")
         bm = self.bitmask
         cached = self.__dict__.get("_column_index")
-        if cached is None or cached[0] is not bm or cached[1] != bm._version:
+        if cached is None or cached[0] is not bm or cached[1] != _stamp(bm):
             cols = unpack_bitmask(bm, self.in_features).nonzero()[:, 1].to(torch.int16)
             # Set through __dict__: a derived cache, not a field (it must not clear is_validated).
-            self.__dict__["_column_index"] = cached = (bm, bm._version, cols)
+            self.__dict__["_column_index"] = cached = (bm, _stamp(bm), cols)
         return cached[2]
 
     @property

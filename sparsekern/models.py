@@ -11,7 +11,8 @@ training they share, and the byte counts both report.
   LlamaForCausalLM from a config), `timm_vit` (timm ViT), `tv_resnet` (torchvision ResNet);
 - `Workload` and the jobs the model-level benchmarks time: `llama_workloads` (decode with a
   KV cache, prefill) and `image_workload`;
-- `param_bytes`, `checkpoint_bytes`: bytes of parameters and buffers, and of a saved state dict.
+- `param_bytes`, `checkpoint_bytes`: bytes of parameters and buffers, and of a saved state dict;
+  `held_bytes`: what sparse modules keep beside them (derived indexes, dense copies).
 
 Imports nothing from sparsekern.
 """
@@ -327,6 +328,12 @@ def trained(kind, data, epochs, device, show):
 def param_bytes(model: nn.Module) -> int:
     """Bytes of all parameters and buffers (compressed formats count as stored)."""
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def held_bytes(model: nn.Module) -> int:
+    """Bytes the sparse modules keep beside parameters and buffers (derived kernel indexes,
+    dense copies: nn.SparseLinear.held_nbytes), as built so far by the calls made."""
+    return sum(m.held_nbytes() for m in model.modules() if hasattr(m, "held_nbytes"))
 
 
 def checkpoint_bytes(model: nn.Module) -> int:

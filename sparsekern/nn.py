@@ -340,6 +340,10 @@ class _SparseMixin:
                 if key is not None:
                     _SHARED_CHOICES[key] = choice
             self.bucket_choices[bucket] = choice
+            if not isinstance(f, torch.Tensor) and all(c.path != "sparse" for c in self.bucket_choices.values()):
+                # The sparse path lost in every bucket seen so far: indexes built to measure it
+                # (NMWeight.gemm_panels, BitmaskWeight.column_index) are not kept.
+                f.release_derived()
         return choice.path
 
     def _geometry(self) -> tuple:
@@ -409,6 +413,20 @@ class _SparseMixin:
         else:
             self._adopt_format(self._build_format(w2d.detach(), mask), policy or DEFAULT_POLICY)
 
+    def held_nbytes(self) -> int:
+        """Bytes this module keeps beside its parameters and buffers: indexes derived from the
+        compressed weight for a kernel (BitmaskWeight.column_index, NMWeight.gemm_panels) and
+        the dense copy of Policy(dense_copy=True). Both are built on first use, so this grows
+        as new batch buckets run; they are never saved."""
+        if self.trainable:
+            return 0
+        f = self.weight_format()
+        held = 0 if isinstance(f, torch.Tensor) else f.derived_nbytes
+        if "_dense_copy" in self.__dict__:
+            dense = self.__dict__["_dense_copy"][1]
+            held += dense.numel() * dense.element_size()
+        return held
+
     def describe(self) -> str:
         """Pattern, density, bytes, the kernel backend and the path chosen per batch bucket."""
         if self.trainable:
@@ -424,7 +442,7 @@ class _SparseMixin:
             density = f.density
         text = f"pattern={self.pattern}, density={density:.3f}, backend={self.backend}, compressed_bytes={nbytes}"
         if not isinstance(f, torch.Tensor) and f.derived_nbytes:
-            text += f", derived_index_bytes={f.derived_nbytes}"  # e.g. BitmaskWeight.column_index
+            text += f", derived_index_bytes={f.derived_nbytes}"  # BitmaskWeight.column_index, NMWeight.gemm_panels
         if "_dense_copy" in self.__dict__:
             dense = self.__dict__["_dense_copy"][1]
             text += f", dense_copy_bytes={dense.numel() * dense.element_size()}"

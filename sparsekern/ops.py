@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -96,7 +97,7 @@ def _linear_key(x, weight=None, bias=None):
 # weight-stationary GEMM kernel, which packs (decodes) the weight anew at every call unless
 # it gets it pre-packed: NMWeight.gemm_panels(), built on first use and kept with the weight,
 # 6 bytes per kept value (0.75x a dense fp32 weight's bytes, reported by explain as
-# derived_index_bytes). In-process interleaved against the packing kernel (2 threads,
+# derived_index_bytes; fp32 weights only). In-process interleaved against the packing kernel (2 threads,
 # fp32, one weight each, dense F.linear alongside): 128 rows, Llama-style 2048x2048,
 # 5632x2048, 2048x5632 and 4096x4096: 0.95-1.30x dense packing, 1.16-1.48x pre-packed;
 # 788 rows (ViT-B's layers): 0.90-1.02x against 0.97-1.06x. Set CPU_GEMM_PANELS = False
@@ -107,8 +108,11 @@ CPU_GEMM_PANELS = True
 def _uses_panels(x, weight, bucket: int) -> bool:
     """Whether nm_linear on the C++ backend passes weight.gemm_panels() for this x. Not under
     torch.compile: a traced graph holds no cache, so it would pack the weight at every call."""
-    return (CPU_GEMM_PANELS and not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and (weight.n, weight.m) == (2, 4)
-            and (bucket == -1 or bucket > 16) and bool(_extension.BUILD_INFO.get("cpu_avx512_runtime")))
+    # fp32 only: the layout holds fp32 values, 1.5x a dense bf16/fp16 weight's bytes.
+    # SPARSEKERN_NM_GEMM=tile (a benchmarking switch) turns the kernel off, so nothing reads it.
+    return (CPU_GEMM_PANELS and not torch.compiler.is_compiling() and x.device.type == "cpu"
+            and x.dtype == torch.float32 and (weight.n, weight.m) == (2, 4) and (bucket == -1 or bucket > 16)
+            and bool(_extension.BUILD_INFO.get("cpu_avx512_runtime")) and os.environ.get("SPARSEKERN_NM_GEMM") != "tile")
 
 
 def _nm_key(x, weight=None, bias=None):

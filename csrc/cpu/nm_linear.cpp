@@ -51,13 +51,11 @@ void nm24_gemm_cpu(const LaneRows& src, const at::TensorOptions& options, const 
   const int64_t B = src.B;
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
   WsPlan plan = ws_plan(B, K, O, vals.nbytes() + idx.nbytes(), nth);
-  if (prepacked) {
-    // The panel order over panels that lie inside the layout's (rows dividing
-    // Nm24Panels::kRows), no larger than ws_plan's choice: the chunk order re-reads the whole
-    // weight per chunk of lanes, which a pre-packed weight does not need to avoid packing.
+  if (prepacked && !plan.chunked) {
+    // Panels that lie inside the layout's (rows dividing Nm24Panels::kRows), no larger than
+    // ws_plan's choice (96 from O = 768 at 2 threads; below, up to half as many rows).
     int64_t rows = Nm24Panels::kRows;
     while (rows > Nm24Panels::kBlockRows && rows > plan.panel_rows) rows /= 2;
-    plan.chunked = false;
     plan.panel_rows = rows;
     plan.panels = (O + rows - 1) / rows;
   }
@@ -98,7 +96,9 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   } else if (B > kDirectMaxBatch && n == 2 && m == 4 && use_nm24_gemm(B)) {
     out = at::empty({B, O}, x2.options());
     // `panels` (NMWeight.gemm_panels): the weight packed ahead for the AVX-512 kernel.
-    const at::Tensor packed = panels.has_value() ? panels->contiguous() : at::Tensor();
+    at::Tensor packed = panels.has_value() ? panels->contiguous() : at::Tensor();
+    // The kernel reads it as uint16 and fp32: a view at an odd byte offset is copied.
+    if (packed.defined() && reinterpret_cast<uintptr_t>(packed.data_ptr()) % alignof(float)) packed = packed.clone();
     nm24_gemm_cpu(LaneRows{x2.data_ptr<float>(), B, 1, K}, x2.options(), vals, idx, K, O, out.data_ptr<float>(),
                   packed.defined() ? packed.data_ptr<uint8_t>() : nullptr);
   } else if (B > kDirectMaxBatch && avx512_nm_pattern(n, m) && cpu_has_avx512()) {

@@ -855,7 +855,7 @@ void w24_pack(const Nm24GemmArgs& a, int64_t r0, int rows, int64_t s0, int64_t s
 }
 
 // The two quad kinds the core reads. PackedQuad: what w24_pack writes per call, int32
-// offsets from the x tile's start (96 bytes). PanelQuad: Nm24Panels (sparse_rows.h), uint16
+// offsets from the x tile's start (96 bytes). PanelQuad: Nm24Panels (nm24_panels.h), uint16
 // offsets from the K tile's start, masked so that any bytes stay inside it (72 bytes).
 struct PackedQuad {
   static constexpr int64_t kBytes = 96;
@@ -964,7 +964,9 @@ void w24_panels(int64_t B, int64_t K, int64_t O, const float* xT, float* out, in
   const int64_t blocks = (panel_rows + kW24Rows - 1) / kW24Rows;
   const int64_t tiles = (B + L - 1) / L;
   const int64_t chunk_tiles = tiles < kW24Chunk / L ? tiles : kW24Chunk / L;
-  int32_t* pack = static_cast<int32_t*>(std::aligned_alloc(64, blocks * kW24MaxQuads * 96));
+  // The packers' buffer (a pre-packed weight needs none).
+  int32_t* pack = std::is_same<Q, PackedQuad>::value
+                      ? static_cast<int32_t*>(std::aligned_alloc(64, blocks * kW24MaxQuads * 96)) : nullptr;
   float* acc = static_cast<float*>(std::aligned_alloc(64, chunk_tiles * blocks * kW24Rows * L * sizeof(float)));
   for (;;) {
     const int64_t p = __atomic_fetch_add(next_panel, 1, __ATOMIC_RELAXED);
@@ -1005,10 +1007,11 @@ void w24_run(const Args& a, const PackBlock& pack_block) {
   }
 }
 
-// The pre-packed weight (Nm24Panels) as a w24_panel source. Panels of the kernel lie inside
-// the layout's panels (nm24_gemm_cpu picks panel rows dividing Nm24Panels::kRows), so a
-// panel's blocks of one K tile are contiguous: at its first block the next K tile's are
-// fetched (one stream, read while this K tile runs).
+// The pre-packed weight (Nm24Panels, nm24_panels.h) as a w24_panel source. Panels of the
+// kernel lie inside the layout's panels (nm24_gemm_cpu picks panel rows dividing
+// Nm24Panels::kRows; the chunk order takes 96, or all of O <= 96), so a panel's blocks of one
+// K tile are contiguous: at its first block the next K tile's are fetched (one stream, read
+// while this K tile runs).
 void w24_run_panels(const Nm24GemmArgs& a) {
   const auto source = [&a](int64_t rr, int nr, int64_t k0, int64_t k1, uint8_t*, int64_t& quads) {
     const int64_t kt = k0 / kW24Kt;
@@ -1021,7 +1024,20 @@ void w24_run_panels(const Nm24GemmArgs& a) {
     quads = (k1 / 2 - k0 / 2 + 3) / 4;
     return where;
   };
-  w24_panels<PanelQuad>(a.B, a.K, a.O, a.xT, a.out, a.panel_rows, a.panels, a.next_panel, source);
+  if (a.chunked.lanes) {  // ws_chunks_impl.h, each chunk's x tiles with the layout's extra columns
+    constexpr int64_t L = kG24Lanes512;
+    const int64_t blocks = (a.panel_rows + kW24Rows - 1) / kW24Rows;
+    const int64_t tiles = a.chunked.chunk_lanes / L < kW24Chunk / L ? a.chunked.chunk_lanes / L : kW24Chunk / L;
+    float* acc = static_cast<float*>(std::aligned_alloc(64, tiles * blocks * kW24Rows * L * sizeof(float)));
+    ws_chunks(a.K, a.O, L, a.panel_rows, a.chunked, a.out,
+              [&](int64_t lanes, const float* xt, float* out, int64_t r0, int64_t r1) {
+                w24_panel<PanelQuad>(lanes, a.K, a.O, xt, out, r0, r1, source, nullptr, acc);
+              },
+              Nm24Panels::x_extra_cols(a.K));
+    std::free(acc);
+  } else {
+    w24_panels<PanelQuad>(a.B, a.K, a.O, a.xT, a.out, a.panel_rows, a.panels, a.next_panel, source);
+  }
 }
 
 template <typename VT>

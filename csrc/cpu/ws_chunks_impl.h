@@ -18,12 +18,14 @@ namespace cpu {
 namespace SK_ISA_NS {
 namespace {
 
+// extra_cols: zero columns after the last tile (Nm24Panels::x_extra_cols for a pre-packed weight).
 template <typename Panel>
 void ws_chunks(int64_t K, int64_t O, int64_t L, int64_t panel_rows, const WsChunks& ch, float* out,
-               const Panel& panel) {
+               const Panel& panel, int64_t extra_cols = 0) {
   const LaneRows& src = *ch.lanes;
   const int64_t tiles = ch.chunk_lanes / L;
-  float* xt = static_cast<float*>(std::aligned_alloc(64, tiles * (K + 1) * L * sizeof(float)));
+  float* xt = static_cast<float*>(std::aligned_alloc(64, (tiles * (K + 1) + extra_cols) * L * sizeof(float)));
+  std::fill(xt + tiles * (K + 1) * L, xt + (tiles * (K + 1) + extra_cols) * L, 0.f);
   const float** rows = static_cast<const float**>(std::malloc(src.positions * L * sizeof(const float*)));
   for (;;) {
     const int64_t c = __atomic_fetch_add(ch.next_chunk, 1, __ATOMIC_RELAXED);

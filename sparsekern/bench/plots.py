@@ -79,10 +79,12 @@ def summary_markdown(env: dict, rows: list[dict]) -> str:
             ("p20-p80 x", lambda r: spread_text(r.get("speedup_p20"), r.get("speedup_p80"), ".2f"), ""),
             ("noise floor", _floor, ""), ("sparse layers", "sparse_layers", "d"),
             ("params MB", lambda r: r["param_bytes"] / 2**20, ".1f"),
+            ("held MB", lambda r: r["held_bytes"] / 2**20 if "held_bytes" in r else float("nan"), ".1f"),
             ("first call s", "first_call_s", ".1f"), ("paths", "paths", "")]), "",
             "first call s: the variant's first call of that workload (correctness check), where each sparse layer "
-            "measures its paths for the batch bucket; paths: what the layers chose per bucket (sparsekern.explain "
-            "in explain.txt).", ""]
+            "measures its paths for the batch bucket; held MB: what the sparse layers keep beside params (indexes "
+            "derived for a kernel, such as NMWeight.gemm_panels, and dense copies), after all workloads ran; paths: "
+            "what the layers chose per bucket (sparsekern.explain in explain.txt).", ""]
     masks = [r for r in rows if r.get("op") in MASK_OPS and "median_ms" in r]
     if masks:
         out += ["## Mask generation", "", markdown_table(masks, [

@@ -151,7 +151,7 @@ def suite_models(a, env):
                              "units_per_call": wl.units, **r, "value": wl.units / (r["median_ms"] * 1e-3),
                              "value_p20": wl.units / (r["p80_ms"] * 1e-3), "value_p80": wl.units / (r["p20_ms"] * 1e-3),
                              "speedup_vs_dense": r["speedup"], "first_call_s": first_s[i],
-                             "paths": path_summary(m, wl.rows)})
+                             "held_bytes": models.held_bytes(m), "paths": path_summary(m, wl.rows)})
         del base, built
     return rows
 
