@@ -107,6 +107,19 @@ inline void check_bias(const char* op, const at::Tensor& x, const c10::optional<
                     out_features, "], got ", bias->sizes());
 }
 
+// The optional `panels` of nm_linear and nm_conv2d: the weight [O, K] pre-packed for the CPU
+// 2:4 GEMM kernel (nm24_panels.h, NMWeight.gemm_panels); backends that do not read it still
+// check it, so every backend takes the same calls.
+inline void check_nm24_panels(const char* op, const at::Tensor& x, int64_t n, int64_t m, int64_t O, int64_t K,
+                              const c10::optional<at::Tensor>& panels) {
+  if (!panels.has_value()) return;
+  TORCH_CHECK_VALUE(n == 2 && m == 4, op, ": panels is a 2:4 layout, got ", n, ":", m);
+  check_index_tensor(op, x, *panels, "panels", c10::kByte);
+  const int64_t bytes = Nm24Panels::bytes(O, K);
+  TORCH_CHECK_VALUE(panels->dim() == 1 && panels->numel() == bytes, op, ": panels must be 1-D with ", bytes,
+                    " bytes for a [", O, ", ", K, "] weight, got ", panels->sizes());
+}
+
 inline void check_nm_linear_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
                                  int64_t n, int64_t m, int64_t in_features,
                                  const c10::optional<at::Tensor>& bias,
@@ -126,15 +139,7 @@ inline void check_nm_linear_args(const at::Tensor& x, const at::Tensor& values, 
                     op, ": indices must have shape [", values.size(0), ", ", nm_index_row_bytes(kept, m),
                     "], got ", indices.sizes());
   check_bias(op, x, bias, values.size(0));
-  if (panels.has_value()) {
-    // The weight pre-packed for the CPU 2:4 GEMM kernel (nm24_panels.h, NMWeight.gemm_panels);
-    // backends that do not read it still check it, so every backend takes the same calls.
-    TORCH_CHECK_VALUE(n == 2 && m == 4, op, ": panels is a 2:4 layout, got ", n, ":", m);
-    check_index_tensor(op, x, *panels, "panels", c10::kByte);
-    const int64_t bytes = Nm24Panels::bytes(values.size(0), in_features);
-    TORCH_CHECK_VALUE(panels->dim() == 1 && panels->numel() == bytes, op, ": panels must be 1-D with ", bytes,
-                      " bytes for a [", values.size(0), ", ", in_features, "] weight, got ", panels->sizes());
-  }
+  check_nm24_panels(op, x, n, m, values.size(0), in_features, panels);
 }
 
 inline void check_bitmask_linear_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,

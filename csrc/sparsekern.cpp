@@ -53,15 +53,16 @@ static std::string build_info() {
 
 TORCH_LIBRARY(sparsekern, m) {
   // ---- N:M (values [out, in*N/M] + packed in-group indices, see formats.py) ----
-  // `panels`: optional, the 2:4 weight pre-packed for the CPU GEMM kernel (nm24_pack_panels,
-  // layout in nm24_panels.h); every backend checks it, the CPU one reads it from 17 rows.
+  // `panels` (here and in nm_conv2d): optional, the 2:4 weight pre-packed for the CPU GEMM
+  // kernel (nm24_pack_panels, layout in nm24_panels.h); every backend checks it, the CPU one
+  // reads it from 17 rows (output pixels) on AVX-512 CPUs.
   m.def("nm_linear(Tensor x, Tensor values, Tensor indices, int n, int m, int in_features, Tensor? bias, "
         "Tensor? panels=None) -> Tensor");
   m.def("nm24_pack_panels(Tensor values, Tensor indices, int in_features) -> Tensor");
   // Convolution [N, C, H, W] * N:M weight [out, kh*kw*C] (input channels fastest, patterns.as_2d)
   // -> [N, out, OH, OW] (CPU: channels-last memory).
   m.def("nm_conv2d(Tensor x, Tensor values, Tensor indices, int n, int m, int[] weight_shape, int[] stride, "
-        "int[] padding, int[] dilation, Tensor? bias) -> Tensor");
+        "int[] padding, int[] dilation, Tensor? bias, Tensor? panels=None) -> Tensor");
   m.def("nm_compress(Tensor weight, Tensor? mask, int n, int m) -> (Tensor, Tensor)");
   m.def("nm_decompress(Tensor values, Tensor indices, int n, int m, int in_features) -> Tensor");
   // Score |w| * |grad| * act_norm[col] -> N:M mask -> compressed weight, in one pass.

@@ -111,7 +111,8 @@ def _uses_panels(x, weight, bucket: int) -> bool:
     # fp32 only: the layout holds fp32 values, 1.5x a dense bf16/fp16 weight's bytes.
     # SPARSEKERN_NM_GEMM=tile (a benchmarking switch) turns the kernel off, so nothing reads it.
     return (CPU_GEMM_PANELS and not torch.compiler.is_compiling() and x.device.type == "cpu"
-            and x.dtype == torch.float32 and (weight.n, weight.m) == (2, 4) and (bucket == -1 or bucket > 16)
+            and x.dtype == torch.float32 and (getattr(weight, "n", 0), getattr(weight, "m", 0)) == (2, 4)
+            and (bucket == -1 or bucket > 16)
             and bool(_extension.BUILD_INFO.get("cpu_avx512_runtime")) and os.environ.get("SPARSEKERN_NM_GEMM") != "tile")
 
 
@@ -123,6 +124,22 @@ def _nm_key(x, weight=None, bias=None):
     if weight is None:
         return x, (bucket,)
     return x, (bucket, (weight.n, weight.m, weight.shape[0], weight.in_features), _uses_panels(x, weight, bucket))
+
+
+def _conv_key(x, weight=None, *rest):
+    """nm_conv2d: given the weight, whether the C++ backend gets the pre-packed weight. Passed
+    whatever the output size; the kernel reads it when its GEMM runs (over 16 output pixels,
+    nearly every convolution), as for nm_linear from 17 rows."""
+    if weight is None:
+        return x, ()
+    return x, (_uses_panels(x, weight, -1),)
+
+
+def _conv_note(backend: str, extra) -> str:
+    if backend == "cpp" and extra and extra[0]:
+        return ("; passes NMWeight.gemm_panels (the 2:4 weight pre-packed for the GEMM kernel, 6 bytes per kept "
+                "value), read over 16 output pixels")
+    return ""
 
 
 def _nm_note(backend: str, extra) -> str:
@@ -199,7 +216,7 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
            note=_nm_note),
     OpSpec("nm24_pack_panels", reference.nm24_pack_panels, _first),
     # The CPU convolution; on a GPU sparse convolutions run as patches through nm_linear.
-    OpSpec("nm_conv2d", reference.nm_conv2d, _first),
+    OpSpec("nm_conv2d", reference.nm_conv2d, _conv_key, note=_conv_note),
     OpSpec("bitmask_linear", reference.bitmask_linear, _bitmask_key, cuda=True, triton="bitmask_linear",
            note=_bitmask_note),
     OpSpec("block_linear", reference.block_linear, _block_key, triton="block_linear",
@@ -571,7 +588,9 @@ def nm_conv2d(x: torch.Tensor, weight, kernel_size, bias: torch.Tensor | None = 
     _check_bias(op, bias, weight.shape[0], x)
     shape = [weight.shape[0], channels, kh, kw]
     values, indices, n, m, _ = weight.kernel_args()
-    return _run(op, (x, weight), x, values, indices, n, m, shape, list(stride), list(padding), list(dilation), bias)
+    d, extra = _decision(op, (x, weight))
+    panels = weight.gemm_panels() if d.backend == "cpp" and extra[0] else None
+    return d.run(x, values, indices, n, m, shape, list(stride), list(padding), list(dilation), bias, panels)
 
 
 _LINEAR = {"nm_linear": nm_linear, "bitmask_linear": bitmask_linear, "block_linear": block_linear}
@@ -775,7 +794,7 @@ def _fake_nm_linear(x, values, indices, n, m, in_features, bias, panels=None):
     return x.new_empty(_out_shape(x, values.shape[0]))
 
 
-def _fake_nm_conv2d(x, values, indices, n, m, weight_shape, stride, padding, dilation, bias):
+def _fake_nm_conv2d(x, values, indices, n, m, weight_shape, stride, padding, dilation, bias, panels=None):
     torch._check(x.dim() == 4 and x.shape[1] == weight_shape[1], lambda: "nm_conv2d: x must be [N, in, H, W]")
     oh, ow = (conv_output_size(*geo) for geo in zip(x.shape[2:], weight_shape[2:], stride, padding, dilation))
     return torch.empty((x.shape[0], weight_shape[0], oh, ow), dtype=x.dtype, device=x.device,
@@ -883,7 +902,7 @@ def _nm_conv2d_backward(ctx, grad):
         gw = as_2d(torch.nn.grad.conv2d_weight(ctx.x.to(grad.dtype), list(shape), grad, stride, padding, dilation))
         gv = gw.gather(1, _nm_kept_columns(values, indices, n, m)).to(values.dtype)
     gb = grad.sum((0, 2, 3)) if ctx.needs_input_grad[9] else None
-    return gx, gv, None, None, None, None, None, None, None, gb
+    return gx, gv, None, None, None, None, None, None, None, gb, None
 
 
 def _nm_conv2d_setup(ctx, inputs, output):

@@ -161,19 +161,21 @@ def nm24_panels_bytes(out_features: int, in_features: int) -> int:
     return k_tiles * blocks * (NM24_PANEL_KT // 8) * NM24_PANEL_QUAD_BYTES
 
 
-def check_nm24_panels(x: torch.Tensor, n: int, m: int, out_features: int, in_features: int, panels) -> None:
-    """nm_linear's check of its optional `panels` argument, as the C++ backends make it
-    (csrc/common.h check_nm_linear_args): for the Python backends, which do not read it."""
+def check_nm24_panels(x: torch.Tensor, n: int, m: int, out_features: int, in_features: int, panels,
+                      op: str = "nm_linear") -> None:
+    """The check of the optional `panels` argument of nm_linear and nm_conv2d, as the C++
+    backends make it (csrc/common.h check_nm24_panels): for the Python backends, which do not
+    read it."""
     if panels is None:
         return
     if (n, m) != (2, 4):
-        raise ValueError(f"nm_linear: panels is a 2:4 layout, got {n}:{m}")
+        raise ValueError(f"{op}: panels is a 2:4 layout, got {n}:{m}")
     if not isinstance(panels, torch.Tensor) or panels.dtype != torch.uint8:
-        raise TypeError(f"nm_linear: panels must be uint8, got {getattr(panels, 'dtype', type(panels).__name__)}")
+        raise TypeError(f"{op}: panels must be uint8, got {getattr(panels, 'dtype', type(panels).__name__)}")
     if panels.device != x.device:
-        raise RuntimeError(f"nm_linear: panels is on {panels.device} but x is on {x.device}")
+        raise RuntimeError(f"{op}: panels is on {panels.device} but x is on {x.device}")
     want = nm24_panels_bytes(out_features, in_features)
     if panels.dim() != 1 or panels.numel() != want:
-        raise ValueError(f"nm_linear: panels must be 1-D with {want} bytes for a [{out_features}, {in_features}] "
+        raise ValueError(f"{op}: panels must be 1-D with {want} bytes for a [{out_features}, {in_features}] "
                          f"weight, got {list(panels.shape)}")
 

@@ -92,8 +92,10 @@ def nm24_pack_panels(values, indices, in_features: int) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8, device=values.device)
 
 
-def nm_conv2d(x, values, indices, n: int, m: int, weight_shape, stride, padding, dilation, bias=None):
-    """The convolution with the N:M weight [out, kh*kw*in] (patterns.as_2d layout)."""
+def nm_conv2d(x, values, indices, n: int, m: int, weight_shape, stride, padding, dilation, bias=None, panels=None):
+    """The convolution with the N:M weight [out, kh*kw*in] (patterns.as_2d layout). `panels`
+    (NMWeight.gemm_panels) only feeds a CPU kernel; checked, the result is the same."""
+    check_nm24_panels(x, n, m, values.shape[0], values.shape[1] // n * m, panels, op="nm_conv2d")
     w = from_2d(nm_decompress(values, indices, n, m, values.shape[1] // n * m), tuple(weight_shape))
     return torch.nn.functional.conv2d(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype),
                                       tuple(stride), tuple(padding), tuple(dilation))

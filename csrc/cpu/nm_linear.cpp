@@ -80,6 +80,15 @@ void nm24_gemm_cpu(const LaneRows& src, const at::TensorOptions& options, const 
 
 namespace {
 
+// `panels` as the kernel reads it (uint16 and fp32 fields): contiguous, and copied when a
+// view starts at an odd byte offset. Undefined without panels.
+at::Tensor aligned_panels(const c10::optional<at::Tensor>& panels) {
+  if (!panels.has_value()) return at::Tensor();
+  at::Tensor packed = panels->contiguous();
+  if (reinterpret_cast<uintptr_t>(packed.data_ptr()) % alignof(float)) packed = packed.clone();
+  return packed;
+}
+
 at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, int64_t n,
                          int64_t m, int64_t in_features, const c10::optional<at::Tensor>& bias,
                          const c10::optional<at::Tensor>& panels) {
@@ -96,9 +105,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   } else if (B > kDirectMaxBatch && n == 2 && m == 4 && use_nm24_gemm(B)) {
     out = at::empty({B, O}, x2.options());
     // `panels` (NMWeight.gemm_panels): the weight packed ahead for the AVX-512 kernel.
-    at::Tensor packed = panels.has_value() ? panels->contiguous() : at::Tensor();
-    // The kernel reads it as uint16 and fp32: a view at an odd byte offset is copied.
-    if (packed.defined() && reinterpret_cast<uintptr_t>(packed.data_ptr()) % alignof(float)) packed = packed.clone();
+    const at::Tensor packed = aligned_panels(panels);
     nm24_gemm_cpu(LaneRows{x2.data_ptr<float>(), B, 1, K}, x2.options(), vals, idx, K, O, out.data_ptr<float>(),
                   packed.defined() ? packed.data_ptr<uint8_t>() : nullptr);
   } else if (B > kDirectMaxBatch && avx512_nm_pattern(n, m) && cpu_has_avx512()) {
@@ -152,7 +159,8 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
 // without a copy).
 at::Tensor nm_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, int64_t n,
                          int64_t m, at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding,
-                         at::IntArrayRef dilation, const c10::optional<at::Tensor>& bias) {
+                         at::IntArrayRef dilation, const c10::optional<at::Tensor>& bias,
+                         const c10::optional<at::Tensor>& panels) {
   const char* op = "nm_conv2d";
   check_nm_params(op, n, m);
   const ConvGeometry g = check_conv_geometry(op, x, weight_shape, stride, padding, dilation);
@@ -168,6 +176,7 @@ at::Tensor nm_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at
                     op, ": indices must have shape [", O, ", ", nm_index_row_bytes(kept, m), "], got ",
                     indices.sizes());
   check_bias(op, x, bias, O);
+  check_nm24_panels(op, x, n, m, O, K, panels);
   auto vals = values.contiguous();
   auto idx = indices.contiguous();
   auto xl = x.permute({0, 2, 3, 1});  // [N, H, W, C]: contiguous when x is channels-last
@@ -179,7 +188,9 @@ at::Tensor nm_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at
     xl = xl.to(at::kFloat).contiguous();
     const LaneRows src{xl.data_ptr<float>(), rows, g.kh * g.kw, g.C, g.H, g.W, g.OH, g.OW, g.kw,
                        g.sh, g.sw, g.ph, g.pw, g.dh, g.dw};
-    nm24_gemm_cpu(src, xl.options(), vals, idx, K, O, out.data_ptr<float>());
+    const at::Tensor packed = aligned_panels(panels);
+    nm24_gemm_cpu(src, xl.options(), vals, idx, K, O, out.data_ptr<float>(),
+                  packed.defined() ? packed.data_ptr<uint8_t>() : nullptr);
   } else {
     // In x's dtype: nm_linear's kernels take x in the values' dtype.
     auto xp = ((g.ph || g.pw) ? at::constant_pad_nd(xl, {0, 0, g.pw, g.pw, g.ph, g.ph}) : xl).contiguous();
