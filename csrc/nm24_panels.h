@@ -1,6 +1,6 @@
 // The layout of a 2:4 weight pre-packed for the CPU weight-stationary kernel, shared by the
-// op checks (common.h: every backend of nm_linear checks the optional `panels` argument the
-// same way) and the kernel (cpu/sparse_rows_avx512.cpp). Plain C++, no ATen.
+// op checks (common.h: every backend of nm_linear and nm_conv2d checks the optional `panels`
+// argument the same way) and the kernel (cpu/sparse_rows_avx512.cpp). Plain C++, no ATen.
 #pragma once
 
 #include <algorithm>

@@ -19,8 +19,9 @@ N:M -- NMWeight (n < m, m in {4, 8, 16}), groups of m consecutive input columns:
   2:4 bf16: values 50% of the dense bytes + indices 6.25% = 56.25%.
   gemm_panels() uint8 (derived, not saved, 2:4 only): the weight pre-packed for the CPU GEMM
           kernel (csrc/nm24_panels.h), built on first use when sparsekern.ops runs an fp32
-          weight from 17 rows on an AVX-512 CPU (ops.CPU_GEMM_PANELS). 6 bytes per kept
-          value: 75% of the dense fp32 bytes, on top of values and indices.
+          weight on an AVX-512 CPU through nm_linear from 17 rows or nm_conv2d
+          (ops.CPU_GEMM_PANELS). 6 bytes per kept value: 75% of the dense fp32 bytes, on top
+          of values and indices.
 
 Bitmask (unstructured) -- BitmaskWeight:
   bitmask int64 [out, ceil(in/64)]: bit j (LSB first) of word w of row r says whether
@@ -57,11 +58,14 @@ from .patterns import (BITMASK_TILE_COLS, KIND_CODES, check_nm, nm_index_bits, p
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def _stamp(t: torch.Tensor) -> tuple:
-    """What a derived cache checks before reuse: the storage and, where torch tracks it, the
-    in-place version (inference tensors have none). An edit through `.data` bumps neither;
-    rebuild such a cache with release_derived()."""
-    return (t.data_ptr(), None if t.is_inference() else t._version)
+def _stamp(t: torch.Tensor):
+    """What a derived cache checks, beside the tensor's identity, before reuse: its in-place
+    version. Inference tensors have none, so an in-place edit of one is not seen, nor is an
+    edit through `.data` of any tensor: rebuild the cache with release_derived(). While
+    torch.compile traces, the version alone (is_inference() would break the graph)."""
+    if torch.compiler.is_compiling():
+        return t._version
+    return None if t.is_inference() else t._version
 
 
 def _check_weight(name: str, weight, mask) -> None:
@@ -266,9 +270,10 @@ class NMWeight(_Format):
         """uint8: this 2:4 weight pre-packed for the CPU GEMM kernel (ops.nm24_pack_panels,
         layout in csrc/nm24_panels.h). Derived, not stored in tensors() or a state_dict: built on
         first use and kept with this object (6 bytes per kept value) until values or indices
-        are replaced or edited in place (an edit through `.data` is not seen: call
-        release_derived()). sparsekern.ops passes it to the C++ kernel for fp32 weights from
-        17 rows on AVX-512 CPUs (ops.CPU_GEMM_PANELS)."""
+        are replaced or edited in place (an edit through `.data`, or of an inference tensor,
+        is not seen: call release_derived()). sparsekern.ops passes it to the C++ kernel for
+        fp32 weights on AVX-512 CPUs: nm_linear from 17 rows, nm_conv2d at any size (read
+        over 16 output pixels); ops.CPU_GEMM_PANELS turns it off."""
         if (self.n, self.m) != (2, 4):
             raise ValueError(f"NMWeight.gemm_panels: a 2:4 layout, this weight is {self.pattern}")
         v, ix = self.values, self.indices

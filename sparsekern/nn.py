@@ -417,9 +417,11 @@ class _SparseMixin:
         """Bytes this module keeps beside its parameters and buffers: indexes derived from the
         compressed weight for a kernel (BitmaskWeight.column_index, NMWeight.gemm_panels) and
         the dense copy of Policy(dense_copy=True). Both are built on first use, so this grows
-        as new batch buckets run; they are never saved."""
+        as new batch buckets run; they are never saved. A trainable module also holds the
+        compressed copy its eval mode runs (built at its first eval call)."""
         if self.trainable:
-            return 0
+            f = self.__dict__.get("_packed_fmt")
+            return 0 if f is None else f.nbytes + f.derived_nbytes
         f = self.weight_format()
         held = 0 if isinstance(f, torch.Tensor) else f.derived_nbytes
         if "_dense_copy" in self.__dict__:

@@ -106,8 +106,9 @@ CPU_GEMM_PANELS = True
 
 
 def _uses_panels(x, weight, bucket: int) -> bool:
-    """Whether nm_linear on the C++ backend passes weight.gemm_panels() for this x. Not under
-    torch.compile: a traced graph holds no cache, so it would pack the weight at every call."""
+    """Whether nm_linear (bucket: x's batch bucket) or nm_conv2d (bucket -1) on the C++ backend
+    passes weight.gemm_panels() for this x. Not under torch.compile: a traced graph holds no
+    cache, so it would pack the weight at every call."""
     # fp32 only: the layout holds fp32 values, 1.5x a dense bf16/fp16 weight's bytes.
     # SPARSEKERN_NM_GEMM=tile (a benchmarking switch) turns the kernel off, so nothing reads it.
     return (CPU_GEMM_PANELS and not torch.compiler.is_compiling() and x.device.type == "cpu"
@@ -270,7 +271,7 @@ def _implements(spec: OpSpec, backend: str) -> bool:
 def _tuning_key(extra) -> tuple:
     """(batch bucket, (out, in) or None) of a dispatch key, for the measured-timings table;
     bucket None for ops whose key holds no batch bucket."""
-    bucket = extra[0] if extra and isinstance(extra[0], int) else None
+    bucket = extra[0] if extra and isinstance(extra[0], int) and not isinstance(extra[0], bool) else None
     shape = extra[1] if len(extra) > 1 else None
     return bucket, (tuple(shape[2:]) if isinstance(shape, tuple) and len(shape) == 4 else None)
 

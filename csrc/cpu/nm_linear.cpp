@@ -373,8 +373,9 @@ at::Tensor nm_decompress_cpu(const at::Tensor& values, const at::Tensor& indices
 
 }  // namespace
 
-// nm24_pack_panels: a 2:4 weight in the layout of nm24_panels.h (read by nm_linear's
-// AVX-512 GEMM kernel from 17 rows). Once per weight; portable scalar code.
+// nm24_pack_panels: a 2:4 weight in the layout of nm24_panels.h (read by the AVX-512 GEMM
+// kernel of nm_linear from 17 rows and of nm_conv2d from 17 output pixels). Once per
+// weight; portable scalar code.
 template <typename VT>
 void pack_panel_blocks(const VT* v, const uint8_t* ix, int64_t kept, int64_t rb, int64_t K, int64_t O, int64_t b0,
                        int64_t b1, uint8_t* dst) {
