@@ -100,8 +100,9 @@ def _linear_key(x, weight=None, bias=None):
 # derived_index_bytes; fp32 weights only). In-process interleaved against the packing kernel (2 threads,
 # fp32, one weight each, dense F.linear alongside): 128 rows, Llama-style 2048x2048,
 # 5632x2048, 2048x5632 and 4096x4096: 0.95-1.30x dense packing, 1.16-1.48x pre-packed;
-# 788 rows (ViT-B's layers): 0.90-1.02x against 0.97-1.06x. Set CPU_GEMM_PANELS = False
-# to keep the memory (the kernel then packs per call, as before).
+# 788 rows (ViT-B's layers): 0.90-1.02x against 0.97-1.06x. With weights streaming from
+# memory: bench/results/cpu-gemm-20261128e (providers cpp.nm24_gemm and cpp.nm24_gemm_panels).
+# Set CPU_GEMM_PANELS = False to keep the memory (the kernel then packs per call, as before).
 CPU_GEMM_PANELS = True
 
 

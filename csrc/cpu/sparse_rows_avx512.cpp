@@ -928,8 +928,8 @@ void w24_panel(int64_t B, int64_t K, int64_t O, const float* xT, float* out, int
       const int64_t k1 = k0 + kW24Kt < K ? k0 + kW24Kt : K;
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t rr = r0 + b * kW24Rows;
-        where[b] = source(rr, static_cast<int>(r1 - rr < kW24Rows ? r1 - rr : kW24Rows), k0, k1,
-                          reinterpret_cast<uint8_t*>(pack + b * kW24MaxQuads * 24), quads[b]);
+        uint8_t* dst = pack ? reinterpret_cast<uint8_t*>(pack + b * kW24MaxQuads * 24) : nullptr;  // none: pre-packed
+        where[b] = source(rr, static_cast<int>(r1 - rr < kW24Rows ? r1 - rr : kW24Rows), k0, k1, dst, quads[b]);
       }
       for (int64_t t = t0; t < t1; ++t) {
         // PanelQuad offsets start at the K tile, PackedQuad ones at the x tile.
