@@ -151,13 +151,25 @@ class _Format:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (getattr(self, k) for k in self.TENSOR_NAMES))
 
+    # Indexes derived from the tensors and cached on this object for a kernel (not in
+    # tensors(), nbytes or a state_dict): __dict__ key -> (sources, their stamps, the index).
+    _DERIVED: tuple[str, ...] = ()  # the keys this format can hold
+
+    def _derived(self, key: str, sources: tuple, build) -> torch.Tensor:
+        """The index cached under `key`, rebuilt by build() when a source tensor was replaced
+        or edited in place since (_stamp says which edits are seen)."""
+        cached = self.__dict__.get(key)
+        if cached is None or any(a is not b for a, b in zip(cached[0], sources)) or \
+                cached[1] != tuple(_stamp(t) for t in sources):
+            stamps = tuple(_stamp(t) for t in sources)
+            # Set through __dict__: a derived cache, not a field (it must not clear is_validated).
+            self.__dict__[key] = cached = (sources, stamps, build())
+        return cached[2]
+
     @property
     def derived_nbytes(self) -> int:
-        """Bytes of indexes derived from the tensors and cached on this object for a kernel
-        (not in tensors(), nbytes or a state_dict); 0 when none is built."""
-        return 0
-
-    _DERIVED: tuple[str, ...] = ()  # the __dict__ keys of those caches
+        """Bytes of the derived indexes built so far; 0 when none is."""
+        return sum(c[2].numel() * c[2].element_size() for c in map(self.__dict__.get, self._DERIVED) if c)
 
     def release_derived(self) -> None:
         """Drops the derived indexes (derived_nbytes becomes 0); the next call that needs one
@@ -277,18 +289,7 @@ class NMWeight(_Format):
         if (self.n, self.m) != (2, 4):
             raise ValueError(f"NMWeight.gemm_panels: a 2:4 layout, this weight is {self.pattern}")
         v, ix = self.values, self.indices
-        cached = self.__dict__.get("_gemm_panels")
-        if cached is None or cached[0] is not v or cached[1] != _stamp(v) or cached[2] is not ix or \
-                cached[3] != _stamp(ix):
-            panels = ops.nm24_pack_panels(v.detach(), ix, self.in_features)
-            # Set through __dict__: a derived cache, not a field (it must not clear is_validated).
-            self.__dict__["_gemm_panels"] = cached = (v, _stamp(v), ix, _stamp(ix), panels)
-        return cached[4]
-
-    @property
-    def derived_nbytes(self) -> int:
-        cached = self.__dict__.get("_gemm_panels")
-        return 0 if cached is None else cached[4].numel()
+        return self._derived("_gemm_panels", (v, ix), lambda: ops.nm24_pack_panels(v.detach(), ix, self.in_features))
 
     def _replace(self, **kw) -> "NMWeight":
         return NMWeight(kw["values"], kw["indices"], self.n, self.m, self.in_features)
@@ -473,17 +474,8 @@ class BitmaskWeight(_Format):
             raise ValueError(f"BitmaskWeight.column_index: int16 columns address at most "
                              f"{self.COLUMN_INDEX_MAX_IN} in_features, got {self.in_features}")
         bm = self.bitmask
-        cached = self.__dict__.get("_column_index")
-        if cached is None or cached[0] is not bm or cached[1] != _stamp(bm):
-            cols = unpack_bitmask(bm, self.in_features).nonzero()[:, 1].to(torch.int16)
-            # Set through __dict__: a derived cache, not a field (it must not clear is_validated).
-            self.__dict__["_column_index"] = cached = (bm, _stamp(bm), cols)
-        return cached[2]
-
-    @property
-    def derived_nbytes(self) -> int:
-        cached = self.__dict__.get("_column_index")
-        return 0 if cached is None else cached[2].numel() * cached[2].element_size()
+        return self._derived("_column_index", (bm,),
+                             lambda: unpack_bitmask(bm, self.in_features).nonzero()[:, 1].to(torch.int16))
 
     def _row_starts(self) -> torch.Tensor:
         """int64 [out + 1]: index in `values` of each row's first kept element, then nnz."""

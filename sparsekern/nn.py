@@ -423,11 +423,12 @@ class _SparseMixin:
             f = self.__dict__.get("_packed_fmt")
             return 0 if f is None else f.nbytes + f.derived_nbytes
         f = self.weight_format()
-        held = 0 if isinstance(f, torch.Tensor) else f.derived_nbytes
-        if "_dense_copy" in self.__dict__:
-            dense = self.__dict__["_dense_copy"][1]
-            held += dense.numel() * dense.element_size()
-        return held
+        return (0 if isinstance(f, torch.Tensor) else f.derived_nbytes) + self._dense_copy_nbytes()
+
+    def _dense_copy_nbytes(self) -> int:
+        """Bytes of the kept dense copy (Policy(dense_copy=True)); 0 without one."""
+        dense = self.__dict__.get("_dense_copy", (None, None))[1]
+        return 0 if dense is None else dense.numel() * dense.element_size()
 
     def describe(self) -> str:
         """Pattern, density, bytes, the kernel backend and the path chosen per batch bucket."""
@@ -445,9 +446,8 @@ class _SparseMixin:
         text = f"pattern={self.pattern}, density={density:.3f}, backend={self.backend}, compressed_bytes={nbytes}"
         if not isinstance(f, torch.Tensor) and f.derived_nbytes:
             text += f", derived_index_bytes={f.derived_nbytes}"  # BitmaskWeight.column_index, NMWeight.gemm_panels
-        if "_dense_copy" in self.__dict__:
-            dense = self.__dict__["_dense_copy"][1]
-            text += f", dense_copy_bytes={dense.numel() * dense.element_size()}"
+        if self._dense_copy_nbytes():
+            text += f", dense_copy_bytes={self._dense_copy_nbytes()}"
         if self.bucket_choices:
             text += ", paths={" + "; ".join(
                 f"rows<={b if b > 0 else 'inf'}: {c.path} ({c.reason}{'; shared: measured on an identical layer' if c.shared else ''})"
