@@ -566,6 +566,11 @@ CPU_GOALS = [
      dict(model="llama", metric="prefill_tokens_per_s", variant="unstructured 90%")),
     ("ViT-Base, batch 4", "2:4", 1.2, "models", dict(model="vit_base_patch16_224", variant="2:4")),
     ("ResNet-50, batch 4", "2:4", 1.2, "models", dict(model="resnet50", variant="2:4")),
+    # The same rows against the dense model laid out channels-last (a peer a CPU user can pick;
+    # sparsify() lays out a swapped model's dense convolutions so): how much of the goal's
+    # figure is the layout, not the sparsity.
+    ("ResNet-50, batch 4, against dense channels-last", "2:4", 1.2, "models",
+     dict(model="resnet50", variant="2:4", against="dense channels-last")),
     ("kernel 4096x4096, batch 128, AVX2", "2:4", 1.3, "gemm-avx2", dict(provider="cpp.nm24_gemm", batch=128)),
     ("kernel 4096x4096, batch 128", "unstructured 70%", 1.0, "linear",
      dict(provider="sparsekern", pattern="unstructured", density=0.3, batch=128)),
@@ -600,8 +605,9 @@ def t_cpu_goals(runs):
         s, lo, hi = r["speedup"], r.get("speedup_p20", r["speedup"]), r.get("speedup_p80", r["speedup"])
         where = f"`{os.path.dirname(run.path)}`"
         if against:
-            peer = [p for p in run.rows if p.get("provider") == against and all(
-                p.get(k) == r.get(k) for k in ("pattern", "density", "batch", "shape"))]
+            # the peer: a kernel run's provider, or a model run's variant, in the same cell
+            peer = [p for p in run.rows if against in (p.get("provider"), p.get("variant")) and "speedup" in p and all(
+                p.get(k) == r.get(k) for k in ("pattern", "density", "batch", "shape", "model", "metric"))]
             if not peer:
                 out.append(f"| {what} | {pattern} | ≥ {target:g}x | not measured | — | {where} |")
                 continue
@@ -615,7 +621,7 @@ def t_cpu_goals(runs):
     run = src["models"]
     if run is not None:
         model_rows = [r for r in run.rows if r.get("op") == "model" and "speedup" in r
-                      and r.get("variant") not in ("dense", "dense (again)")]
+                      and r.get("variant") not in ("dense", "dense (again)", "dense channels-last")]
         below = [r for r in model_rows if r["speedup"] < 0.97 and r.get("verdict") != "no difference"]
         worst = min(model_rows, key=lambda r: r["speedup"]) if model_rows else None
         if worst is not None:
@@ -625,9 +631,48 @@ def t_cpu_goals(runs):
             out.append(f"| never slower: every model row | all | ≥ 0.97x | {text} | {'not met' if below else 'met'} "
                        f"| `{os.path.dirname(run.path)}` |")
     return ("\n".join(out) + "\n\nMeasured x dense is the ratio of medians from the run named in the last column "
-            "(interleaved with dense, p20–p80 of the per-round ratios); against torch CSR it is the ratio of the two "
-            "providers' speed-ups in the same cell. Where a goal is not met, the section after this table says "
+            "(interleaved with dense, p20–p80 of the per-round ratios); against torch CSR or dense channels-last it is "
+            "the ratio of the two rows' speed-ups in the same cell. Where a goal is not met, the section after this table says "
             "what limits it.")
+
+
+def t_cpu_limits(runs):
+    """Where each model variant's time goes and its rates against the run's roofs (the
+    profile fields the models suite stores from sparsekern.bench.profile)."""
+    run = newest(runs, "model", False)
+    rows = [] if run is None else [r for r in run.of("model") if r.get("share_other") is not None]
+    if not rows:
+        return "No model-level CPU run with profiles yet."
+    env = run.env
+    copy_gbs, peak, gemm = env.get("copy_gbs"), env.get("fma_peak_gflops"), env.get("gemm_gflops")
+
+    def pct(v, roof):
+        return f" ({v / roof:.0%})" if v is not None and roof else ""
+
+    out = []
+    for r in rows:
+        gbs, gfs = r.get("weight_gb_per_s"), r.get("layer_gflop_per_s")
+        out.append([str(r["model"]), str(r["metric"]), str(r["variant"]), num(r["median_ms"]),
+                    *(f"{r['share_' + c]:.0%}" for c in ("sparse", "gemm", "attention", "other")),
+                    num(r["weight_bytes"] / 2**20), f"{num(gbs)}{pct(gbs, copy_gbs)}" if gbs is not None else "",
+                    num(2 * r["kept_macs"] / 1e9),
+                    f"{num(gfs)}{pct(gfs, peak)}" if gfs is not None else ""])
+    roofs = (f"copy bandwidth {num(copy_gbs)} GB/s (bytes read + written), FMA peak "
+             f"{num(peak) if peak else 'not measured'} GFLOP/s ({env.get('fma_lanes')} fp32 lanes), dense torch GEMM "
+             f"(torch.mm 2048^3) {num(gemm)} GFLOP/s, {env.get('roof_threads', env.get('threads'))} threads"
+             if copy_gbs and gemm else "roofs not measured")
+    return (table(["model", "workload", "variant", "ms per call", "in sparse ops", "in dense GEMM/conv",
+                   "in attention", "other", "weight MiB read per call", "weight GB/s (of copy)",
+                   "layer GFLOP per call (kept)", "layer GFLOP/s (of FMA peak)"], out) +
+            f"\n\nFrom `{os.path.dirname(run.path)}` ({run.caption()}). Roofs measured at the start of that run: "
+            f"{roofs}. Shares: one call under torch.profiler, the outermost operator of each kind (sparse: "
+            "sparsekern's operators, decompress included; dense GEMM/conv: aten linear, mm, addmm, convolution; "
+            "attention: scaled-dot-product attention, bmm, softmax; other: the rest of the wall time: norms, "
+            "activations, copies, Python and the profiler's own overhead). Weight MiB: what the layers' stored "
+            "weights hold, read once per layer call (formats' bytes; derived indexes such as pre-packed panels "
+            "not counted); GB/s over the whole call's median. Layer GFLOP: 2 x the kept multiply-adds of every "
+            "Linear and convolution (attention's products not counted); GFLOP/s over the time in the sparse and "
+            "dense GEMM/conv shares of the median.")
 
 
 def t_cpu_overhead(runs):
@@ -719,6 +764,7 @@ TABLES = {
     "cpu-conv": t_cpu_conv,            # bench_cpu_conv.py (newest cpu-conv-* run)
     "cpu-models": t_cpu_models,        # model-level rows (python -m sparsekern bench --suite models)
     "cpu-goals": t_cpu_goals,          # issue 14's CPU goals against the newest runs
+    "cpu-limits": t_cpu_limits,        # the models run's profiles against its roofs
     "cpu-overhead": t_cpu_overhead,    # python -m sparsekern.bench.overhead --out
     "quality": t_quality,              # one-shot pruning quality
     "gpu": t_gpu,                      # the newest GPU run, everything in it

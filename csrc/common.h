@@ -8,6 +8,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <tuple>
 
 #include "nm24_panels.h"
 
@@ -20,6 +21,11 @@ bool cpu_has_avx2();
 // CPU has AVX-512 F/VL/BW/DQ/VBMI2 and SPARSEKERN_CPU_ISA does not ask for "avx2" or
 // "generic".
 bool cpu_has_avx512();
+// The CPU's fp32 multiply-add roof, measured (csrc/cpu/cpu_common.cpp): every intra-op thread
+// runs `iterations` rounds of independent multiply-adds on the widest vector the kernels use
+// here (16, 8 or 1 lanes). Returns (seconds, fp32 FLOPs done, lanes); the bench's limits
+// suite divides the two for the compute roof it compares kernels and MKL with.
+std::tuple<double, double, int64_t> cpu_fma_probe(int64_t iterations);
 
 // Bits used per in-group index in the N:M format: 2 for M=4, 4 for M=8 and M=16.
 inline int nm_index_bits(int64_t m) { return m == 4 ? 2 : 4; }

@@ -90,6 +90,8 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def("hessian_accumulate(Tensor(a!) hessian, Tensor x) -> ()");
   // ---- Build information ----
   m.def("build_info() -> str", &build_info);
+  // The CPU's measured fp32 multiply-add roof: (seconds, FLOPs, lanes); see common.h.
+  m.def("cpu_fma_probe(int iterations) -> (float, float, int)", &cpu_fma_probe);
 }
 
 }  // namespace sparsekern

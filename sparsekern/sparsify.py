@@ -32,7 +32,7 @@ def _matches(name: str, patterns) -> bool:
 def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsity: float | None = None,
              calibration: Iterable | None = None, loss_fn: Callable | None = None, include=None, exclude=None,
              min_features: int = 128, block: tuple[int, int] = (32, 32), trainable: bool = False,
-             policy: Policy | None = None, show_progress: bool = True):
+             policy: Policy | None = None, show_progress: bool = True, channels_last: bool | None = None):
     """Score, mask and swap every eligible nn.Linear / nn.Conv2d for a sparse module, in place.
 
     pattern: "2:4" / "N:M", "unstructured" (with sparsity), "block" (with sparsity, block).
@@ -41,6 +41,13 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
     include / exclude: fnmatch patterns on module names. Layers with fewer than
     `min_features` inputs or outputs, and Conv settings the kernels do not cover, stay
     dense and are listed. Layers already carrying a torch.nn.utils.prune mask keep it.
+    channels_last: lay out the weights of the Conv2d layers left dense channels-last (in
+    place, values unchanged). None (default): when some convolution on the CPU became a
+    SparseConv2d, whose C++ kernel reads channels-last input and returns channels-last
+    output: a dense convolution beside it with an NCHW weight would copy its input to
+    NCHW-blocked form and back at every call (oneDNN takes the layout from the input or
+    weight), and one that reads channels-last runs faster on the CPU anyway. Those rows of
+    the report carry "layout": "channels_last". True: always; False: never.
     Returns (model, report): one row per layer (pattern, density, bytes before/after,
     backend and why, or why it was left dense).
     """
@@ -114,7 +121,30 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
         report.append({"layer": name, "type": type(mod).__name__, "status": "sparse", "pattern": pattern,
                        "density": float(new.mask().float().mean()), "bytes_before": dense_bytes,
                        "bytes_after": after, "backend": new.backend, "reason": new.reason})
+    if channels_last is None:
+        channels_last = any(isinstance(m, SparseConv2d) and m.weight_meta.device.type == "cpu" for m in model.modules())
+    if channels_last:
+        _dense_convs_channels_last(model, report)
     return model, report
+
+
+def _dense_convs_channels_last(model: nn.Module, report: list[dict]) -> None:
+    """Every nn.Conv2d's weight (and a dense-backend SparseConv2d's) stored channels-last,
+    in place: the Parameter (or buffer) object stays, so optimizers and hooks holding it
+    still do; its report row gets "layout": "channels_last"."""
+    rows = {r["layer"]: r for r in report}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d):
+            t = mod.weight
+        elif isinstance(mod, SparseConv2d) and "weight_dense" in mod._buffers:
+            t = mod._buffers["weight_dense"]
+        else:
+            continue
+        if t is None or t.dim() != 4:
+            continue
+        t.data = t.data.contiguous(memory_format=torch.channels_last)
+        if name in rows:
+            rows[name]["layout"] = "channels_last"
 
 
 def _detect_pattern(mask2d: torch.Tensor) -> str:

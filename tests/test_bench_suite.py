@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sparsekern import models
-from sparsekern.bench import cases, common, plots, run
+from sparsekern.bench import cases, common, plots, profile, run
 from sparsekern.bench.common import environment, quantiles, write_json
 
 # What the README table script reads from every timed row of every suite.
@@ -120,7 +120,7 @@ def _tiny_specs(quick):
              "build": lambda: models.hf_llama(hidden=64, intermediate=128, layers=1, heads=4, vocab=96),
              "workloads": lambda m: models.llama_workloads(m, prompt=6, steps=2),
              "sparsify": dict(exclude=["lm_head"], min_features=32)},
-            {"name": "resnet50", "desc": "tiny torchvision ResNet", "variants": ["dense", "2:4"],
+            {"name": "resnet50", "desc": "tiny torchvision ResNet", "variants": ["dense", "dense channels-last", "2:4"],
              "build": lambda: models.tv_resnet(18), "workloads": lambda m: [models.image_workload(m, 1, 32)],
              "sparsify": dict(min_features=64)}]
 
@@ -140,7 +140,17 @@ def test_models_suite_rows_have_the_table_fields(tmp_path, monkeypatch):
         assert r["op"] == "model" and r["value"] > 0 and r["rel_err"] <= r["tolerance"]
     got = {(r["model"], r["variant"], r["metric"]) for r in rows}
     assert ("llama", "dense (again)", "decode_tokens_per_s") in got and ("llama", "2:4", "prefill_tokens_per_s") in got
-    assert ("resnet50", "2:4", "images_per_s") in got
+    assert ("resnet50", "2:4", "images_per_s") in got and ("resnet50", "dense channels-last", "images_per_s") in got
+    for r in rows:  # the profile beside every variant's timing (not the noise-floor repeat)
+        if r["variant"] == "dense (again)":
+            assert "share_other" not in r
+            continue
+        shares = [r[f"share_{c}"] for c in profile.CATEGORIES]
+        assert min(shares) >= 0 and abs(sum(shares) - 1) < 1e-6
+        assert r["weight_bytes"] > 0 and r["kept_macs"] > 0 and r["weight_gb_per_s"] > 0
+        assert (r["share_sparse"] > 0) == (r["sparse_layers"] > 0), r
+    env = data["environment"]
+    assert env["gemm_gflops"] > 0 and (env["fma_peak_gflops"] or 0) >= 0
     by = {(r["model"], r["variant"], r["metric"]): r for r in rows}
     assert "rows<=1: " in by[("llama", "2:4", "decode_tokens_per_s")]["paths"]  # the decode bucket's paths
     assert by[("llama", "2:4", "decode_tokens_per_s")]["first_call_s"] > 0
@@ -150,6 +160,64 @@ def test_models_suite_rows_have_the_table_fields(tmp_path, monkeypatch):
     assert "## llama 2:4" in open(tmp_path / "explain.txt").read()
     if __import__("importlib").util.find_spec("matplotlib"):
         assert os.path.getsize(tmp_path / "models_speedup.png") > 1000
+
+
+def test_layer_costs_count_each_layer_calls_bytes_and_multiply_adds():
+    from sparsekern.nn import Policy, SparseConv2d, SparseLinear
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+    sconv = SparseConv2d.from_dense(torch.nn.Conv2d(8, 8, 1), "2:4", policy=Policy("sparse"))
+    lin = SparseLinear.from_dense(torch.nn.Linear(8 * 5 * 5, 16), "unstructured", sparsity=0.75,
+                                  policy=Policy("sparse"))
+    model = torch.nn.Sequential(conv, sconv, torch.nn.Flatten(), lin, torch.nn.Linear(16, 16)).eval()
+    x = torch.randn(3, 4, 5, 5)
+    with torch.no_grad():
+        got = profile.layer_costs(model, lambda: model(x))
+    fl, ff = lin.weight_format(), sconv.weight_format()
+    assert got["layer_calls"] == 4
+    assert got["weight_bytes"] == 8 * 4 * 9 * 4 + ff.nbytes + fl.nbytes + 16 * 16 * 4
+    dense = 3 * 8 * 25 * 36 + 3 * 8 * 25 * 8 + 3 * 16 * 200 + 3 * 16 * 16
+    assert got["dense_macs"] == dense
+    kept = 3 * 8 * 25 * 36 + 3 * 8 * 25 * 8 * 0.5 + 3 * 16 * 200 * fl.density + 3 * 16 * 16
+    assert got["kept_macs"] == round(kept)
+    assert not any(m._forward_hooks for m in model.modules())  # hooks removed
+
+
+def test_time_shares_put_sparse_ops_dense_gemms_and_the_rest_apart():
+    from sparsekern.nn import Policy, SparseLinear
+
+    dense = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.LayerNorm(256), torch.nn.Linear(256, 256))
+    sparse = copy.deepcopy(dense)
+    sparse[0] = SparseLinear.from_dense(sparse[0], "2:4", policy=Policy("sparse"))
+    x = torch.randn(64, 256)
+    with torch.no_grad():
+        d = profile.time_shares(lambda: dense(x), calls=3)
+        s = profile.time_shares(lambda: sparse(x), calls=3)
+    for got in (d, s):
+        assert abs(sum(got[f"share_{c}"] for c in profile.CATEGORIES) - 1) < 1e-9 and got["profiled_ms"] > 0
+    assert d["share_sparse"] == 0 and d["share_gemm"] > 0 and d["share_attention"] == 0
+    assert s["share_sparse"] > 0 and s["share_gemm"] > 0
+    assert profile._category("sparsekern::nm_linear") == "sparse"
+    assert profile._category("aten::mkldnn_convolution") == "gemm"
+    assert profile._category("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert profile._category("aten::layer_norm") is None
+
+
+def test_roofs_and_the_fma_probe():
+    r = profile.roofs("cpu", torch.get_num_threads())
+    assert r["gemm_gflops"] > 0 and r["roof_threads"] == torch.get_num_threads()
+    from sparsekern import _extension
+
+    if not _extension.LOADED:
+        assert r["fma_peak_gflops"] is None
+        return
+    assert r["fma_peak_gflops"] > 0 and r["fma_lanes"] in (1, 8, 16)
+    seconds, flops, lanes = torch.ops.sparsekern.cpu_fma_probe(1000)
+    assert seconds > 0 and flops == 2 * lanes * 12 * 1000 * torch.get_num_threads() and lanes == r["fma_lanes"]
+    for bad in (0, -5, 2**40):
+        with pytest.raises(RuntimeError, match="iterations"):
+            torch.ops.sparsekern.cpu_fma_probe(bad)
 
 
 def test_check_model_refuses_a_variant_that_is_off():

@@ -170,6 +170,39 @@ def test_folders_added_later_show_up(tmp_path):
     assert "cpu-models-20990102" in readme and "NVIDIA H100" in readme
 
 
+def test_limits_table_and_the_goal_against_a_peer_variant(tmp_path):
+    env = {"date": "2099-01-02T00:00:00+00:00", "commit": "abc123def456", "device": "cpu", "threads": 2,
+           "device_name": "Test CPU", "copy_gbs": 20.0, "fma_peak_gflops": 300.0, "fma_lanes": 16,
+           "gemm_gflops": 250.0, "roof_threads": 2}
+    rows = []
+    for variant, ms, sp in (("dense", 100.0, 1.0), ("dense channels-last", 80.0, 1.25), ("2:4", 62.5, 1.6)):
+        rows.append({"op": "model", "model": "resnet50", "variant": variant, "baseline": "dense",
+                     "metric": "images_per_s", "batch": 4, "median_ms": ms, "p20_ms": ms, "p80_ms": ms,
+                     "speedup": sp, "speedup_p20": sp, "speedup_p80": sp, "verdict": "faster", "noise_floor": 0.01,
+                     "share_sparse": 0.5 if variant == "2:4" else 0.0, "share_gemm": 0.2 if variant == "2:4" else 0.7,
+                     "share_attention": 0.0, "share_other": 0.3, "weight_bytes": 100 * 2**20,
+                     "kept_macs": 10**9 if variant == "2:4" else 2 * 10**9, "weight_gb_per_s": 1.5,
+                     "layer_gflop_per_s": 45.0})
+    rows.append({"op": "model", "model": "resnet50", "variant": "dense (again)", "baseline": "dense",
+                 "metric": "images_per_s", "batch": 4, "median_ms": 101.0, "p20_ms": 101.0, "p80_ms": 101.0,
+                 "speedup": 0.99, "verdict": "no difference", "noise_floor": 0.01})
+    _write(str(tmp_path / "bench" / "results" / "cpu-models-20990102" / "results.json"), env, rows)
+    runs = mt.load_runs(str(tmp_path / "bench" / "results"), str(tmp_path))
+    limits = mt.TABLES["cpu-limits"](runs)
+    shown = _table_rows(limits)
+    assert [c[2] for c in shown] == ["dense", "dense channels-last", "2:4"]  # every profiled row, not the repeat
+    two4 = shown[2]
+    assert two4[4:8] == ["50%", "20%", "0%", "30%"] and two4[8] == "100" and two4[9] == "1.50 (8%)"
+    assert two4[10] == "2.00" and two4[11] == "45.0 (15%)"
+    assert "copy bandwidth 20.0 GB/s" in limits and "FMA peak 300 GFLOP/s" in limits and "250 GFLOP/s" in limits
+    goals = {c[0]: c for c in _table_rows(mt.TABLES["cpu-goals"](runs))}
+    assert goals["ResNet-50, batch 4"][3].startswith("1.60x") and goals["ResNet-50, batch 4"][4] == "met"
+    peer = goals["ResNet-50, batch 4, against dense channels-last"]
+    assert peer[3].startswith("1.28x") and peer[4] == "met"  # 1.6 / 1.25
+    never = goals["never slower: every model row"]
+    assert "2:4" in never[3] and "channels-last" not in never[3]  # the peer is not a sparse row
+
+
 def test_ops_table_follows_the_dispatch_table():
     from sparsekern import ops
 

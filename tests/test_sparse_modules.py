@@ -249,6 +249,35 @@ def test_sparsify_report_and_small_layers_left_dense():
     assert isinstance(model[0], SparseLinear) and isinstance(model[2], nn.Linear)
 
 
+@pytest.mark.parametrize("channels_last", [None, True, False])
+def test_sparsify_lays_out_the_dense_convs_channels_last_beside_sparse_ones(channels_last):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 64, 1), nn.Flatten(), nn.Linear(64 * 36, 10)).eval()
+    ref = copy.deepcopy(model)
+    first = model[0].weight  # the Parameter object stays: optimizers holding it keep working
+    model, report = sparsekern.sparsify(model, "2:4", min_features=32, exclude=["2"], show_progress=False,
+                                        channels_last=channels_last)
+    by = {r["layer"]: r for r in report}
+    assert isinstance(model[4], SparseConv2d) and isinstance(model[0], nn.Conv2d) and isinstance(model[2], nn.Conv2d)
+    converted = channels_last in (None, True)  # None: a convolution on the CPU became sparse
+    for i in (0, 2):
+        assert model[i].weight.is_contiguous(memory_format=torch.channels_last) == converted
+        assert (by[str(i)].get("layout") == "channels_last") == converted
+    assert model[0].weight is first
+    assert torch.equal(model[0].weight, ref[0].weight) and torch.equal(model[2].weight, ref[2].weight)
+    x = torch.randn(2, 3, 6, 6)
+    dense = ref[:4](x)
+    torch.testing.assert_close(model[:4](x), dense)  # values unchanged, whatever the layout
+
+
+def test_sparsify_without_sparse_convs_leaves_conv_layouts_alone():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 256), nn.Linear(256, 256))
+    model, report = sparsekern.sparsify(model, "2:4", min_features=64, show_progress=False)
+    assert isinstance(model[3], SparseLinear) and model[0].weight.is_contiguous()
+    assert not any("layout" in r for r in report)
+
+
 def test_sparsify_wanda_with_calibration_and_include_exclude():
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
     ref = copy.deepcopy(model)

@@ -1,7 +1,10 @@
 #include "cpu_common.h"
 
+#include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 namespace sparsekern {
@@ -37,6 +40,33 @@ bool cpu_has_avx512() {
 #else
   return false;
 #endif
+}
+
+std::tuple<double, double, int64_t> cpu_fma_probe(int64_t iterations) {
+  TORCH_CHECK(iterations > 0 && iterations <= (int64_t(1) << 32),
+              "sparsekern.cpu_fma_probe: iterations must be in [1, 2^32], got ", iterations);
+  const int64_t lanes = cpu_has_avx512() ? 16 : cpu_has_avx2() ? 8 : 1;
+  const int64_t threads = at::get_num_threads();
+  std::atomic<int64_t> started{0};
+  float sink = 0.f;
+  std::mutex sink_lock;
+  const auto t0 = std::chrono::steady_clock::now();
+  at::parallel_for(0, threads, 1, [&](int64_t t0_, int64_t t1_) {
+    for (int64_t t = t0_; t < t1_; ++t) {
+      started.fetch_add(1);
+      const float v = lanes == 16 ? cpu::avx512::fma_probe(iterations)
+                      : lanes == 8 ? cpu::avx2::fma_probe(iterations)
+                                   : cpu::generic::fma_probe(iterations);
+      std::lock_guard<std::mutex> g(sink_lock);
+      sink += v;
+    }
+  });
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  // A NaN sink would mean the chains overflowed (they cannot: |acc| stays below 1e-3 / (1 - 0.9999));
+  // reading it keeps the work observable.
+  TORCH_CHECK(sink == sink, "sparsekern.cpu_fma_probe: the probe's sum is NaN");
+  const double flops = 2.0 * double(lanes) * double(cpu::kFmaProbeChains) * double(iterations) * double(started.load());
+  return {seconds, flops, lanes};
 }
 
 namespace cpu {

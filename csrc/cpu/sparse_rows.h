@@ -212,5 +212,14 @@ namespace avx512 {
 void bitmask_gemm(const BitmaskGemmArgs& a);
 }  // namespace avx512
 
+// Roofline probe (bench: the compute roof the CPU limits run compares kernels with):
+// `iters` rounds of kFmaProbeChains independent multiply-adds on the ISA's widest fp32
+// vector, enough chains to cover the FMA latency on every port, so the loop runs at the
+// core's FMA throughput. Returns a value that depends on every lane (kept by the compiler).
+constexpr int64_t kFmaProbeChains = 12;
+namespace avx512 { float fma_probe(int64_t iters); }  // 16 lanes
+namespace avx2 { float fma_probe(int64_t iters); }    // 8 lanes
+namespace generic { float fma_probe(int64_t iters); } // 1 lane (what the compiler makes of it)
+
 }  // namespace cpu
 }  // namespace sparsekern

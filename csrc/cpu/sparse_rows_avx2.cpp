@@ -24,6 +24,26 @@
 #include "ws_chunks_impl.h"
 #include "nm_gemm_impl.h"
 #include "lane_tiles_impl.h"
+namespace sparsekern {
+namespace cpu {
+namespace avx2 {
+float fma_probe(int64_t iters) {
+  __m256 acc[kFmaProbeChains];
+  for (int64_t c = 0; c < kFmaProbeChains; ++c) acc[c] = _mm256_set1_ps(1e-3f * float(c));
+  const __m256 mul = _mm256_set1_ps(0.9999f), add = _mm256_set1_ps(1e-7f);
+  for (int64_t i = 0; i < iters; ++i)
+    for (int64_t c = 0; c < kFmaProbeChains; ++c) acc[c] = _mm256_fmadd_ps(acc[c], mul, add);
+  __m256 sum = acc[0];
+  for (int64_t c = 1; c < kFmaProbeChains; ++c) sum = _mm256_add_ps(sum, acc[c]);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, sum);
+  float total = 0.f;
+  for (float v : lanes) total += v;
+  return total;
+}
+}  // namespace avx2
+}  // namespace cpu
+}  // namespace sparsekern
 #pragma GCC pop_options
 #else
 // Without GCC's target pragma (clang, non-x86) there are no AVX2 kernels and
@@ -38,6 +58,7 @@ void block_rows(const BlockRowsArgs& a, int64_t br0, int64_t br1) { generic::blo
 void nm24_gemm(const Nm24GemmArgs&) { std::abort(); }
 void lane_tile(const LaneTileArgs&) { std::abort(); }  // callers check cpu_has_avx2()
 void lanes_to_rows(const float*, int64_t, int64_t, int64_t, float*, int64_t) { std::abort(); }
+float fma_probe(int64_t iters) { return generic::fma_probe(iters); }
 }  // namespace avx2
 }  // namespace cpu
 }  // namespace sparsekern

@@ -1165,6 +1165,16 @@ void bitmask_dense_rows(const BitmaskRowsArgs& a, int64_t r0, int64_t r1, float*
 }
 void nm24_gemm(const Nm24GemmArgs& a) { by_dtype<W24Panels>(a.dtype, a); }
 void bitmask_gemm(const BitmaskGemmArgs& a) { by_dtype<WbmPanels>(a.dtype, a); }
+float fma_probe(int64_t iters) {
+  __m512 acc[kFmaProbeChains];
+  for (int64_t c = 0; c < kFmaProbeChains; ++c) acc[c] = _mm512_set1_ps(1e-3f * float(c));
+  const __m512 mul = _mm512_set1_ps(0.9999f), add = _mm512_set1_ps(1e-7f);
+  for (int64_t i = 0; i < iters; ++i)
+    for (int64_t c = 0; c < kFmaProbeChains; ++c) acc[c] = _mm512_fmadd_ps(acc[c], mul, add);
+  __m512 sum = acc[0];
+  for (int64_t c = 1; c < kFmaProbeChains; ++c) sum = _mm512_add_ps(sum, acc[c]);
+  return _mm512_reduce_add_ps(sum);
+}
 
 }  // namespace avx512
 }  // namespace cpu
@@ -1182,6 +1192,7 @@ void nm_dense_rows(const NmRowsArgs&, int64_t, int64_t, float*) { std::abort(); 
 void bitmask_dense_rows(const BitmaskRowsArgs&, int64_t, int64_t, float*) { std::abort(); }
 void nm24_gemm(const Nm24GemmArgs&) { std::abort(); }
 void bitmask_gemm(const BitmaskGemmArgs&) { std::abort(); }
+float fma_probe(int64_t) { std::abort(); }
 }  // namespace avx512
 }  // namespace cpu
 }  // namespace sparsekern

@@ -36,7 +36,7 @@ import torch
 
 from .. import models, ops
 from ..sparsify import dense_state_dict, explain, sparsify
-from . import cases, plots
+from . import cases, plots, profile
 from .common import (check_model, environment, machine, path_summary, pick_threads, rel_err, time_variants,
                      time_workloads, tolerance, write_json)
 
@@ -59,8 +59,12 @@ def suite_kernels(a, env):
 
 # ------------------------------------------------------------------------------ models
 BASELINE, AGAIN = "dense", "dense (again)"
-# variant -> sparsify() arguments (method "l1", the default Policy), None for the dense model
-VARIANTS = {"dense": None, "2:4": dict(pattern="2:4"),
+# variant -> sparsify() arguments (method "l1", the default Policy), None for the dense model;
+# DENSE_CHANNELS_LAST: the dense model with its weights channels-last, the layout a CPU user
+# can pick for dense convolutions (and the one sparsify() gives the dense convolutions of a
+# model whose convolutions it swaps): a peer beside the baseline, not the baseline.
+DENSE_CHANNELS_LAST = "dense channels-last"
+VARIANTS = {"dense": None, DENSE_CHANNELS_LAST: "channels_last", "2:4": dict(pattern="2:4"),
             "unstructured 70%": dict(pattern="unstructured", sparsity=0.7),
             "unstructured 90%": dict(pattern="unstructured", sparsity=0.9)}
 
@@ -85,7 +89,8 @@ def model_specs(quick: bool) -> list[dict]:
          "variants": ["dense", "2:4"] if quick else ["dense", "2:4", "unstructured 70%"], "sparsify": {}},
         {"name": "resnet50", "desc": "torchvision resnet50, weights=None" + (", 112x112 images" if quick else ""),
          "build": lambda: models.tv_resnet(50), "workloads": lambda m: [models.image_workload(m, 4, size)],
-         "variants": ["dense", "2:4"] if quick else ["dense", "2:4", "unstructured 70%"], "sparsify": {}},
+         "variants": ["dense", DENSE_CHANNELS_LAST, "2:4"] if quick else
+                     ["dense", DENSE_CHANNELS_LAST, "2:4", "unstructured 70%"], "sparsify": {}},
     ]
 
 
@@ -114,6 +119,8 @@ def suite_models(a, env):
                 t0 = time.perf_counter()
                 if kw is None:
                     m, n_sparse, dense_state = base, 0, None
+                elif kw == "channels_last":
+                    m, n_sparse, dense_state = copy.deepcopy(base).to(memory_format=torch.channels_last), 0, None
                 else:
                     m, report = sparsify(copy.deepcopy(base), method="l1", show_progress=False,
                                          **kw, **spec["sparsify"])
@@ -147,11 +154,13 @@ def suite_models(a, env):
         for i, res in enumerate(results):
             for v, m, wls, common, first_s in built[:1] + [(AGAIN, *built[0][1:])] + built[1:]:
                 r, wl = res[v], wls[i]
+                # where the time goes, and the rates against the roofs (after the timed rounds)
+                prof = {} if v == AGAIN else profile.workload_profile(m, wl.run, r["median_ms"])
                 rows.append({**common, "variant": v, "metric": wl.metric, "batch": wl.batch,
                              "units_per_call": wl.units, **r, "value": wl.units / (r["median_ms"] * 1e-3),
                              "value_p20": wl.units / (r["p80_ms"] * 1e-3), "value_p80": wl.units / (r["p20_ms"] * 1e-3),
                              "speedup_vs_dense": r["speedup"], "first_call_s": first_s[i],
-                             "held_bytes": models.held_bytes(m), "paths": path_summary(m, wl.rows)})
+                             "held_bytes": models.held_bytes(m), "paths": path_summary(m, wl.rows), **prof})
         del base, built
     return rows
 
@@ -349,9 +358,11 @@ def main(argv=None) -> list[dict]:
     env = environment(a.device)
     env["threads_choice"] = why
     env["copy_gbs"] = cases.copy_bandwidth_gbs(a.device)
+    env.update(profile.roofs(a.device, env["threads"]))  # FMA peak and dense GEMM GFLOP/s
     out = a.out or default_out()
     print(f"sparsekern {env['sparsekern']} ({env['commit']}), torch {env['torch']}, {env['device_name']}, "
-          f"{env['threads']} threads, copy {env['copy_gbs']:.1f} GB/s, load average "
+          f"{env['threads']} threads, copy {env['copy_gbs']:.1f} GB/s, FMA peak "
+          f"{env['fma_peak_gflops'] or 0:.0f} GFLOP/s, dense GEMM {env['gemm_gflops']:.0f} GFLOP/s, load average "
           f"{env['machine']['loadavg']} on {env['machine']['cpus']} CPUs ({why}) -> {out}", flush=True)
     rows = []
     t0 = time.time()
