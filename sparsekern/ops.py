@@ -115,7 +115,7 @@ def _uses_panels(x, weight, bucket: int) -> bool:
     return (CPU_GEMM_PANELS and not torch.compiler.is_compiling() and x.device.type == "cpu"
             and x.dtype == torch.float32 and (getattr(weight, "n", 0), getattr(weight, "m", 0)) == (2, 4)
             and (bucket == -1 or bucket > 16)
-            and bool(_extension.BUILD_INFO.get("cpu_avx512_runtime")) and os.environ.get("SPARSEKERN_NM_GEMM") != "tile")
+            and bool(_extension.BUILD_INFO.get("cpu_avx2_runtime")) and os.environ.get("SPARSEKERN_NM_GEMM") != "tile")
 
 
 def _nm_key(x, weight=None, bias=None):

@@ -85,11 +85,29 @@ void g24_pack(const Nm24GemmArgs& a, int64_t r0, int rows, int64_t s0, int64_t s
   }
 }
 
+// The quads g24_core reads. G24Packed: written by g24_pack at every call, int32 offsets from
+// the x tile's start. G24Prepacked: the weight pre-packed once (Nm24Panels, nm24_panels.h),
+// uint16 offsets from the K tile's start in a 64-lane tile, masked into the K tile (so any
+// bytes read inside it) and halved for these 32-lane tiles.
+struct G24Packed {
+  static constexpr int64_t kBytes = 96;
+  static int32_t off(const uint8_t* q, int i) { return reinterpret_cast<const int32_t*>(q)[i]; }
+  static const float* vals(const uint8_t* q) { return reinterpret_cast<const float*>(q + 48); }
+};
+struct G24Prepacked {
+  static_assert(kG24Lanes * 4 * 2 == 256, "Nm24Panels offsets are col << 8 (64 lanes); these tiles have 32");
+  static constexpr int64_t kBytes = Nm24Panels::kQuadBytes;
+  static int32_t off(const uint8_t* q, int i) {
+    return (reinterpret_cast<const uint16_t*>(q)[i] & Nm24Panels::kOffMask) >> 1;
+  }
+  static const float* vals(const uint8_t* q) { return reinterpret_cast<const float*>(q + 24); }
+};
+
 // acc[r][v] (+)= sum over quads of val * xT[off + 32 v bytes]; acc is [3][32] floats.
 // Twelve named accumulators (not an array: GCC then keeps them in registers instead of
 // storing the array back to the stack every iteration); V < 4 leaves the rest unused.
-template <int V>
-inline void g24_core(const int32_t* pk, int64_t quads, const float* xt, float* acc, bool first) {
+template <int V, typename Q>
+inline void g24_core(const uint8_t* pk, int64_t quads, const float* xt, float* acc, bool first) {
   __m256 c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23;
 #define SK_G24_LD(R, VV) c##R##VV = first || V <= VV ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + R * kG24Lanes + 8 * VV)
   SK_G24_LD(0, 0); SK_G24_LD(0, 1); SK_G24_LD(0, 2); SK_G24_LD(0, 3);
@@ -99,7 +117,7 @@ inline void g24_core(const int32_t* pk, int64_t quads, const float* xt, float* a
   const char* xb = reinterpret_cast<const char*>(xt);
 #define SK_G24_ROW(R, T)                                                                   \
   {                                                                                        \
-    const float* xp = reinterpret_cast<const float*>(xb + pk[4 * R + T]);                 \
+    const float* xp = reinterpret_cast<const float*>(xb + Q::off(pk, 4 * R + T));         \
     __asm__("" : "+r"(xp)); /* base+disp loads, no base+index: those un-laminate */        \
     const __m256 wb = _mm256_broadcast_ss(w + 4 * R + T);                                 \
     c##R##0 = _mm256_fmadd_ps(wb, _mm256_loadu_ps(xp), c##R##0);                           \
@@ -107,8 +125,8 @@ inline void g24_core(const int32_t* pk, int64_t quads, const float* xt, float* a
     if (V > 2) c##R##2 = _mm256_fmadd_ps(wb, _mm256_loadu_ps(xp + 16), c##R##2);           \
     if (V > 3) c##R##3 = _mm256_fmadd_ps(wb, _mm256_loadu_ps(xp + 24), c##R##3);           \
   }
-  for (int64_t q = 0; q < quads; ++q, pk += 24) {
-    const float* w = reinterpret_cast<const float*>(pk + 12);
+  for (int64_t q = 0; q < quads; ++q, pk += Q::kBytes) {
+    const float* w = Q::vals(pk);
     SK_G24_ROW(0, 0) SK_G24_ROW(1, 0) SK_G24_ROW(2, 0)
     SK_G24_ROW(0, 1) SK_G24_ROW(1, 1) SK_G24_ROW(2, 1)
     SK_G24_ROW(0, 2) SK_G24_ROW(1, 2) SK_G24_ROW(2, 2)
@@ -122,10 +140,11 @@ inline void g24_core(const int32_t* pk, int64_t quads, const float* xt, float* a
 #undef SK_G24_ST
 }
 
-// Output rows [r0, r1) for B lanes of x tiles at xT, into out (rows of a.O).
-template <typename VT>
-void g24_panel(const Nm24GemmArgs& a, int64_t B, const float* xT, float* out, int64_t r0, int64_t r1, int32_t* pack,
-               float* acc) {
+// The panel's work over quads of kind Q (see g24_panel).
+template <typename Q, typename VT = float>
+void g24_panel_quads(const Nm24GemmArgs& a, int64_t B, const float* xT, float* out, int64_t r0, int64_t r1,
+                     int32_t* pack, float* acc) {
+  constexpr bool prepacked = std::is_same<Q, G24Prepacked>::value;
   const int64_t rows = r1 - r0, blocks = (rows + kG24Rows - 1) / kG24Rows;
   const int64_t kt_quads = kG24Kt / 8;  // 4 slots per quad, 2 slots per 4 columns
   const int64_t tiles = (B + kG24Lanes - 1) / kG24Lanes;
@@ -133,27 +152,40 @@ void g24_panel(const Nm24GemmArgs& a, int64_t B, const float* xT, float* out, in
   for (int64_t t0 = 0; t0 < tiles; t0 += chunk_tiles) {
     const int64_t t1 = t0 + chunk_tiles < tiles ? t0 + chunk_tiles : tiles;
     for (int64_t k0 = 0; k0 < a.K; k0 += kG24Kt) {
-      const int64_t s0 = k0 / 2, s1 = (k0 + kG24Kt < a.K ? k0 + kG24Kt : a.K) / 2;
+      const int64_t k1 = k0 + kG24Kt < a.K ? k0 + kG24Kt : a.K;
+      const int64_t s0 = k0 / 2, s1 = k1 / 2;
       const int64_t quads = (s1 - s0 + 3) / 4;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t rr = r0 + b * kG24Rows;
-        const int nr = static_cast<int>(r1 - rr < kG24Rows ? r1 - rr : kG24Rows);
-        g24_pack<VT>(a, rr, nr, s0, s1, pack + b * kt_quads * 24);
+      const uint8_t* first_block;  // the panel's quads of this K tile: blocks kBlockBytes (Q::kBytes * kt_quads) apart
+      if constexpr (prepacked) {
+        const int64_t kt = k0 / kG24Kt;
+        first_block = a.prepacked + Nm24Panels::block_offset(a.O, a.K, r0, kt);
+        if (k1 < a.K)
+          for (int64_t off = 0; off < blocks * Nm24Panels::kBlockBytes; off += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(a.prepacked + Nm24Panels::block_offset(a.O, a.K, r0, kt + 1) + off),
+                         _MM_HINT_T0);
+      } else {
+        for (int64_t b = 0; b < blocks; ++b) {
+          const int64_t rr = r0 + b * kG24Rows;
+          const int nr = static_cast<int>(r1 - rr < kG24Rows ? r1 - rr : kG24Rows);
+          g24_pack<VT>(a, rr, nr, s0, s1, pack + b * kt_quads * 24);
+        }
+        first_block = reinterpret_cast<const uint8_t*>(pack);
       }
       const bool first = k0 == 0;
       for (int64_t t = t0; t < t1; ++t) {
-        const float* xt = xT + t * (a.K + 1) * kG24Lanes;
+        // Prepacked offsets start at the K tile, packed ones at the x tile.
+        const float* xt = xT + t * (a.K + 1) * kG24Lanes + (prepacked ? k0 * kG24Lanes : 0);
         const int64_t lanes = B - t * kG24Lanes;
         const int V = lanes >= 32 ? 4 : static_cast<int>((lanes + 7) / 8);
         float* at = acc + (t - t0) * blocks * kG24Rows * kG24Lanes;
         for (int64_t b = 0; b < blocks; ++b) {
-          const int32_t* pk = pack + b * kt_quads * 24;
+          const uint8_t* pk = first_block + b * kt_quads * Q::kBytes;
           float* ab = at + b * kG24Rows * kG24Lanes;
           switch (V) {
-            case 4: g24_core<4>(pk, quads, xt, ab, first); break;
-            case 3: g24_core<3>(pk, quads, xt, ab, first); break;
-            case 2: g24_core<2>(pk, quads, xt, ab, first); break;
-            default: g24_core<1>(pk, quads, xt, ab, first); break;
+            case 4: g24_core<4, Q>(pk, quads, xt, ab, first); break;
+            case 3: g24_core<3, Q>(pk, quads, xt, ab, first); break;
+            case 2: g24_core<2, Q>(pk, quads, xt, ab, first); break;
+            default: g24_core<1, Q>(pk, quads, xt, ab, first); break;
           }
         }
       }
@@ -166,6 +198,17 @@ void g24_panel(const Nm24GemmArgs& a, int64_t B, const float* xT, float* out, in
   }
 }
 
+// Output rows [r0, r1) for B lanes of x tiles at xT, into out (rows of a.O). With
+// a.prepacked the quads are read where they lie (the panel inside one of the layout's, so a
+// K tile's blocks are contiguous: the next K tile's are fetched at the first block), and xT
+// has Nm24Panels::x_extra_cols(K) more zero columns; else g24_pack writes them into pack.
+template <typename VT>
+void g24_panel(const Nm24GemmArgs& a, int64_t B, const float* xT, float* out, int64_t r0, int64_t r1, int32_t* pack,
+               float* acc) {
+  if (a.prepacked) return g24_panel_quads<G24Prepacked>(a, B, xT, out, r0, r1, nullptr, acc);
+  g24_panel_quads<G24Packed, VT>(a, B, xT, out, r0, r1, pack, acc);
+}
+
 // Takes panels from the shared counter until none is left (threads that share their core
 // with other work take fewer), with one set of buffers per call: allocating them per
 // panel made glibc mmap/munmap them, and each munmap stalls the other thread.
@@ -176,11 +219,12 @@ void g24_panels(const Nm24GemmArgs& a) {
   const int64_t chunk_tiles = tiles < kG24Chunk / kG24Lanes ? tiles : kG24Chunk / kG24Lanes;
   int32_t* pack = static_cast<int32_t*>(std::aligned_alloc(64, blocks * (kG24Kt / 8) * 96));
   float* acc = static_cast<float*>(std::aligned_alloc(64, chunk_tiles * blocks * kG24Rows * kG24Lanes * sizeof(float)));
-  if (a.chunked.lanes) {  // ws_chunks_impl.h
+  if (a.chunked.lanes) {  // ws_chunks_impl.h (a pre-packed weight's offsets read the extra columns)
     ws_chunks(a.K, a.O, kG24Lanes, a.panel_rows, a.chunked, a.out,
               [&](int64_t lanes, const float* xt, float* out, int64_t r0, int64_t r1) {
                 g24_panel<VT>(a, lanes, xt, out, r0, r1, pack, acc);
-              });
+              },
+              a.prepacked ? Nm24Panels::x_extra_cols(a.K) : 0);
   } else {
     for (;;) {
       const int64_t p = __atomic_fetch_add(a.next_panel, 1, __ATOMIC_RELAXED);

@@ -46,8 +46,9 @@ bool use_nm24_gemm(int64_t B) {
 
 void nm24_gemm_cpu(const LaneRows& src, const at::TensorOptions& options, const at::Tensor& vals,
                    const at::Tensor& idx, int64_t K, int64_t O, float* out, const uint8_t* prepacked) {
-  const bool wide = cpu_has_avx512();  // 16-lane vectors over tiles of 64 batch lanes
-  if (!wide) prepacked = nullptr;      // the layout is the AVX-512 kernel's (64-lane x tiles)
+  // 16-lane vectors over tiles of 64 batch lanes, else 8-lane ones over tiles of 32; both
+  // read a pre-packed weight (its offsets are for 64-lane tiles, the AVX2 kernel halves them).
+  const bool wide = cpu_has_avx512();
   const int64_t B = src.B;
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
   WsPlan plan = ws_plan(B, K, O, vals.nbytes() + idx.nbytes(), nth);

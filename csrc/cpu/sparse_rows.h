@@ -153,8 +153,8 @@ struct Nm24GemmArgs {
   int64_t panels;           // ceil(O / panel_rows)
   int64_t* next_panel;      // shared counter, 0 before the first call
   WsChunks chunked = {};    // lanes set: the chunk order (xT unused)
-  const uint8_t* prepacked = nullptr;  // the weight pre-packed (Nm24Panels, nm24_panels.h); AVX-512
-                                       // only; xT (or each chunk's tiles) with x_extra_cols(K) more columns
+  const uint8_t* prepacked = nullptr;  // the weight pre-packed (Nm24Panels, nm24_panels.h), read by
+                                       // both kernels; xT (or each chunk's tiles) with x_extra_cols(K) more columns
 };
 namespace avx2 {
 // Output panels taken from *a.next_panel until all are done; call it from every thread.
