@@ -15,8 +15,7 @@ Providers (each checked against the fp64 reference before it is timed):
                     variant in csrc/cpu/sparse_rows_avx512.cpp), packing the weight per call
                     (ops.CPU_GEMM_PANELS off)
   cpp.nm24_gemm_panels  the same with the weight pre-packed (NMWeight.gemm_panels, the
-                    default; read on AVX-512 CPUs only, so the same kernel as cpp.nm24_gemm
-                    elsewhere)
+                    default; read by both kernels, AVX2 and AVX-512)
 At batch <= 16 nm_linear runs its direct row kernels whatever SPARSEKERN_NM_GEMM says, so
 those rows time that kernel under both cpp names.
 

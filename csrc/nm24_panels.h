@@ -1,6 +1,6 @@
 // The layout of a 2:4 weight pre-packed for the CPU weight-stationary kernel, shared by the
 // op checks (common.h: every backend of nm_linear and nm_conv2d checks the optional `panels`
-// argument the same way) and the kernel (cpu/sparse_rows_avx512.cpp). Plain C++, no ATen.
+// argument the same way) and the kernels (cpu/sparse_rows_avx512.cpp, cpu/nm_gemm_impl.h). Plain C++, no ATen.
 #pragma once
 
 #include <algorithm>
@@ -8,14 +8,15 @@
 
 namespace sparsekern {
 
-// A 2:4 weight pre-packed for the AVX-512 weight-stationary kernel (nm24_pack_panels, once
+// A 2:4 weight pre-packed for the weight-stationary kernels (nm24_pack_panels, once
 // per weight; NMWeight.gemm_panels on the Python side). The kernel otherwise packs every
 // (panel, K tile) of the weight at every call, reading 96 rows' slices at once; packed ahead
 // it reads one stream. Layout, uint8 [bytes()]:
 //   for each panel of kRows output rows, each K tile kt of kKt columns, each 3-row block of
 //   the panel: kQuads quads of {uint16 off[3][4]; float val[3][4]} (kQuadBytes), the block's
 //   rows x 4 consecutive kept slots. off = (column - kt * kKt) << 8, the byte offset of the
-//   column inside the K tile of a 64-lane x tile; val in fp32. Rows past O: off 0, val 0.
+//   column inside the K tile of a 64-lane x tile (the AVX2 kernel, with 32-lane tiles, halves
+//   it); val in fp32. Rows past O: off 0, val 0.
 //   Slots past the row's end (a last K tile holding a partial quad): the zero column K,
 //   which lies inside that K tile. Quads past the K tile's end are zero.
 // The kernel masks every offset with kOffMask, so any bytes (a tampered or stale buffer)

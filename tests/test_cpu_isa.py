@@ -213,3 +213,45 @@ def test_each_cpu_build_matches_fp64(isa):
     report = json.loads(res.stdout.strip().splitlines()[-1])
     assert report["checked"] == _expected_checks(), report
     assert not report["failures"], f"SPARSEKERN_CPU_ISA={isa} (seed {seed}):\n" + "\n".join(report["failures"])
+
+
+PANELS_CHILD = textwrap.dedent(
+    """
+    import os, sys, torch
+    from sparsekern.formats import NMWeight
+    from sparsekern.patterns import nm24_panels_bytes
+    gen = torch.Generator().manual_seed(int(sys.argv[1]))
+    O, K, B = 100, 1028, 130  # a partial row block and a last K tile of 4 columns
+    W = NMWeight.from_dense(torch.randn(O, K, generator=gen), 2, 4)
+    x = torch.randn(B, K, generator=gen)
+    bias = torch.randn(O, generator=gen)
+    size = nm24_panels_bytes(O, K)
+    ref = x.double() @ W.to_dense().double().t() + bias.double()
+    run = lambda panels: torch.ops.sparsekern.nm_linear(x, W.values, W.indices, 2, 4, K, bias, panels)
+    for order in ("panels", "chunks"):
+        os.environ["SPARSEKERN_WS_ORDER"] = order  # read per call
+        err = ((run(W.gemm_panels()).double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-6, f"{order}: relative error {err:.2e}"
+        # Any bytes read inside the x tiles (offsets masked into their K tile): no crash.
+        for _ in range(3):
+            assert run(torch.randint(0, 256, (size,), dtype=torch.uint8, generator=gen)).shape == (B, O)
+        # All-zero bytes (every value 0) give exactly the bias: the kernel read them.
+        assert torch.equal(run(torch.zeros(size, dtype=torch.uint8)), bias.expand(B, O)), order
+    print("ok")
+    """)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_each_gemm_kernel_reads_the_pre_packed_weight_inside_x(isa):
+    # Both 2:4 GEMM kernels read NMWeight.gemm_panels (the AVX2 one halves the offsets for its
+    # 32-lane tiles); this machine runs only its best one in the main process.
+    if isa == "avx512" and not _cpu_has_avx512():
+        pytest.skip("this CPU has no AVX-512 F/VL/BW/DQ/VBMI2")
+    if isa == "avx2" and not _cpu_has_avx2():
+        pytest.skip("this CPU has no AVX2/FMA/F16C/BMI2")
+    env = dict(os.environ, SPARSEKERN_CPU_ISA=isa)
+    env.pop("SPARSEKERN_NM_GEMM", None)
+    seed = int.from_bytes(os.urandom(4), "little")
+    res = subprocess.run([sys.executable, "-c", PANELS_CHILD, str(seed)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), f"seed {seed}: {res.stderr[-3000:]}"

@@ -20,8 +20,9 @@ from sparsekern.patterns import nm24_panels_bytes
 
 pytestmark = needs_extension
 
-# The C++ op reads the pre-packed weight (NMWeight.gemm_panels) on AVX-512 CPUs only.
-AVX512 = bool(_extension.BUILD_INFO.get("cpu_avx512_runtime"))
+# The C++ op reads the pre-packed weight (NMWeight.gemm_panels) where its 2:4 GEMM kernel
+# runs: AVX2 and AVX-512 CPUs (both kernels; tests/test_cpu_isa.py pins each one).
+READS_PANELS = bool(_extension.BUILD_INFO.get("cpu_avx2_runtime"))
 
 KS = [4 * 37, 520, 1100]
 BATCHES = [17, 33, 64, 127, 130, 300]
@@ -55,13 +56,13 @@ def test_nm24_gemm_matches_fp64(mode, dtype, k, batch, with_bias, panels, poison
     bias = torch.randn(o, dtype=dtype) if with_bias else None
     _check(x, W, bias, dtype, f"2:4 {mode} {dtype} x{tuple(x.shape)} K={k} panels={panels}")
     # The pre-packed weight is built exactly where the kernel reads it (fp32 weights).
-    read = panels and AVX512 and dtype == torch.float32
+    read = panels and READS_PANELS and dtype == torch.float32
     assert W.derived_nbytes == (nm24_panels_bytes(o, k) if read else 0)
 
 
 @pytest.mark.parametrize("batch", [17, 64, 300])
 def test_nm24_gemm_agrees_with_tile_gemm_path(batch, poison, monkeypatch):
-    # With AVX-512 the direct kernel reads the pre-packed weight here (ops.CPU_GEMM_PANELS):
+    # The direct kernel reads the pre-packed weight here (ops.CPU_GEMM_PANELS):
     # 1001 rows are ten 96-row panels and a partial one of 41 rows.
     # Many output rows: several panels, both threads, and the old path on the same input.
     W = NMWeight.from_dense(torch.randn(1001, 520), 2, 4)
@@ -155,10 +156,10 @@ def test_gemm_panels_are_derived_explained_and_rebuilt_after_an_edit(monkeypatch
     W = NMWeight.from_dense(torch.randn(100, 264), 2, 4)
     x = torch.randn(40, 264)
     backend, why = ops.explain_backend("nm_linear", x, W)
-    assert backend == "cpp" and ("gemm_panels" in why) == AVX512
+    assert backend == "cpp" and ("gemm_panels" in why) == READS_PANELS
     assert "gemm_panels" not in ops.explain_backend("nm_linear", x[:16], W)[1]  # the row kernels below 17 rows
     ops.nm_linear(x, W)
-    if not AVX512:
+    if not READS_PANELS:
         assert W.derived_nbytes == 0
         return
     first = W.gemm_panels()
@@ -181,8 +182,8 @@ def test_pre_packed_weight_in_both_kernel_orders(order, o, k, batch, poison, mon
     W = NMWeight.from_dense(torch.randn(o, k), 2, 4)
     x = torch.randn(batch, k)
     y = _check(x, W, torch.randn(o), torch.float32, f"pre-packed, {order} order, {o}x{k} B={batch}")
-    assert W.derived_nbytes == (nm24_panels_bytes(o, k) if AVX512 else 0)
-    if AVX512:  # and the kernel read it: zeroed bytes give zeros
+    assert W.derived_nbytes == (nm24_panels_bytes(o, k) if READS_PANELS else 0)
+    if READS_PANELS:  # and the kernel read it: zeroed bytes give zeros
         zeros = torch.zeros(nm24_panels_bytes(o, k), dtype=torch.uint8)
         assert not torch.ops.sparsekern.nm_linear(x, W.values, W.indices, 2, 4, k, None, zeros).any()
         assert y.abs().sum() > 0
@@ -206,7 +207,7 @@ def test_gemm_panels_of_inference_tensors_and_misaligned_views(monkeypatch):
     assert_linear_close(y_odd, ref64(x, W.to_dense(), None), torch.float32, what="odd offset")
 
 
-@pytest.mark.skipif(not AVX512, reason="the C++ op reads the pre-packed weight on AVX-512 CPUs only")
+@pytest.mark.skipif(not READS_PANELS, reason="the C++ op reads the pre-packed weight on AVX2/AVX-512 CPUs only")
 def test_tampered_panels_stay_inside_x(monkeypatch):
     # Whatever the bytes, the kernel masks each offset into its K tile, which the x tiles
     # hold: random bytes must not crash (read out of bounds), and all-zero bytes (every value
@@ -289,6 +290,6 @@ def test_a_layer_keeps_the_pre_packed_weight_only_while_it_runs_sparse(winner, m
         y = model(x)
     layer = model[0]
     assert layer.bucket_choices[ops.batch_bucket(40)].path == winner
-    kept = nm24_panels_bytes(192, 256) if (winner == "sparse" and AVX512) else 0
+    kept = nm24_panels_bytes(192, 256) if (winner == "sparse" and READS_PANELS) else 0
     assert layer.weight_format().derived_nbytes == kept == models.held_bytes(model)
     assert_linear_close(y, ref64(x, layer.weight_format().to_dense(), layer.bias), torch.float32, what=winner)

@@ -105,7 +105,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
     out = at::zeros({B, O}, x2.options());
   } else if (B > kDirectMaxBatch && n == 2 && m == 4 && use_nm24_gemm(B)) {
     out = at::empty({B, O}, x2.options());
-    // `panels` (NMWeight.gemm_panels): the weight packed ahead for the AVX-512 kernel.
+    // `panels` (NMWeight.gemm_panels): the weight packed ahead for the kernel (AVX2 and AVX-512).
     const at::Tensor packed = aligned_panels(panels);
     nm24_gemm_cpu(LaneRows{x2.data_ptr<float>(), B, 1, K}, x2.options(), vals, idx, K, O, out.data_ptr<float>(),
                   packed.defined() ? packed.data_ptr<uint8_t>() : nullptr);
@@ -374,8 +374,8 @@ at::Tensor nm_decompress_cpu(const at::Tensor& values, const at::Tensor& indices
 
 }  // namespace
 
-// nm24_pack_panels: a 2:4 weight in the layout of nm24_panels.h (read by the AVX-512 GEMM
-// kernel of nm_linear from 17 rows and of nm_conv2d from 17 output pixels). Once per
+// nm24_pack_panels: a 2:4 weight in the layout of nm24_panels.h (read by the AVX2 and AVX-512
+// GEMM kernels of nm_linear from 17 rows and of nm_conv2d from 17 output pixels). Once per
 // weight; portable scalar code.
 template <typename VT>
 void pack_panel_blocks(const VT* v, const uint8_t* ix, int64_t kept, int64_t rb, int64_t K, int64_t O, int64_t b0,

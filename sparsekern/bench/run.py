@@ -81,7 +81,7 @@ def model_specs(quick: bool) -> list[dict]:
         {"name": "llama", "desc": f"HF LlamaForCausalLM {ll['hidden']}/{ll['intermediate']}, {ll['layers']} layers, "
                                   f"vocab {ll['vocab']}; lm_head and embeddings dense",
          "build": lambda: models.hf_llama(**ll), "workloads": lambda m: models.llama_workloads(m, prompt, steps),
-         "variants": list(VARIANTS), "sparsify": dict(exclude=["lm_head"])},
+         "variants": [v for v in VARIANTS if v != DENSE_CHANNELS_LAST], "sparsify": dict(exclude=["lm_head"])},
         {"name": "vit_base_patch16_224", "desc": "timm vit_base_patch16_224, pretrained=False" +
                                                  (", img 112, depth 4" if quick else ""),
          "build": lambda: models.timm_vit("vit_base_patch16_224", **vit_kw),
