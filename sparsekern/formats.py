@@ -19,7 +19,7 @@ N:M -- NMWeight (n < m, m in {4, 8, 16}), groups of m consecutive input columns:
   2:4 bf16: values 50% of the dense bytes + indices 6.25% = 56.25%.
   gemm_panels() uint8 (derived, not saved, 2:4 only): the weight pre-packed for the CPU GEMM
           kernel (csrc/nm24_panels.h), built on first use when sparsekern.ops runs an fp32
-          weight on an AVX-512 CPU through nm_linear from 17 rows or nm_conv2d
+          weight on an AVX2 or AVX-512 CPU through nm_linear from 17 rows or nm_conv2d
           (ops.CPU_GEMM_PANELS). 6 bytes per kept value: 75% of the dense fp32 bytes, on top
           of values and indices.
 
@@ -284,7 +284,7 @@ class NMWeight(_Format):
         first use and kept with this object (6 bytes per kept value) until values or indices
         are replaced or edited in place (an edit through `.data`, or of an inference tensor,
         is not seen: call release_derived()). sparsekern.ops passes it to the C++ kernel for
-        fp32 weights on AVX-512 CPUs: nm_linear from 17 rows, nm_conv2d at any size (read
+        fp32 weights on AVX2 and AVX-512 CPUs: nm_linear from 17 rows, nm_conv2d at any size (read
         over 16 output pixels); ops.CPU_GEMM_PANELS turns it off."""
         if (self.n, self.m) != (2, 4):
             raise ValueError(f"NMWeight.gemm_panels: a 2:4 layout, this weight is {self.pattern}")

@@ -93,7 +93,7 @@ def _linear_key(x, weight=None, bias=None):
     return x, (batch_bucket(_rows(x)),)
 
 
-# From 17 rows (the buckets above 16) the C++ backend runs 2:4 on AVX-512 CPUs through the
+# From 17 rows (the buckets above 16) the C++ backend runs 2:4 on AVX2 and AVX-512 CPUs through the
 # weight-stationary GEMM kernel, which packs (decodes) the weight anew at every call unless
 # it gets it pre-packed: NMWeight.gemm_panels(), built on first use and kept with the weight,
 # 6 bytes per kept value (0.75x a dense fp32 weight's bytes, reported by explain as

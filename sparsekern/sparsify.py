@@ -41,13 +41,16 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
     include / exclude: fnmatch patterns on module names. Layers with fewer than
     `min_features` inputs or outputs, and Conv settings the kernels do not cover, stay
     dense and are listed. Layers already carrying a torch.nn.utils.prune mask keep it.
-    channels_last: lay out the weights of the Conv2d layers left dense channels-last (in
-    place, values unchanged). None (default): when some convolution on the CPU became a
-    SparseConv2d, whose C++ kernel reads channels-last input and returns channels-last
-    output: a dense convolution beside it with an NCHW weight would copy its input to
-    NCHW-blocked form and back at every call (oneDNN takes the layout from the input or
-    weight), and one that reads channels-last runs faster on the CPU anyway. Those rows of
-    the report carry "layout": "channels_last". True: always; False: never.
+    channels_last: lay out the weights of the nn.Conv2d layers on the CPU that stay dense
+    channels-last (in place, values unchanged; their state_dict() still gives contiguous
+    weights, so checkpoints, safetensors included, are as before). None (default): when some convolution on
+    the CPU became a SparseConv2d, whose C++ kernel returns channels-last output: torch runs
+    a convolution channels-last when its input or its weight is, and converts the other one
+    at every call, so mixed layouts cost a copy per call (input copies inside dense
+    convolutions, in the 2:4 ResNet-50's profile); with every weight channels-last the
+    activations stay so from the first convolution on, and dense oneDNN convolutions run
+    faster so on the CPU anyway. Those rows of the report carry "layout": "channels_last".
+    True: always; False: never.
     Returns (model, report): one row per layer (pattern, density, bytes before/after,
     backend and why, or why it was left dense).
     """
@@ -129,22 +132,30 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
 
 
 def _dense_convs_channels_last(model: nn.Module, report: list[dict]) -> None:
-    """Every nn.Conv2d's weight (and a dense-backend SparseConv2d's) stored channels-last,
-    in place: the Parameter (or buffer) object stays, so optimizers and hooks holding it
-    still do; its report row gets "layout": "channels_last"."""
+    """Every nn.Conv2d's weight on the CPU stored channels-last, in place: the Parameter object
+    stays, so optimizers and hooks holding it still do; its report row gets "layout":
+    "channels_last". Each such module's state_dict() gives its weight contiguous again
+    (`_contiguous_conv_weight`), so a checkpoint is what it was before (safetensors refuses
+    non-contiguous tensors) and loads into either layout."""
     rows = {r["layer"]: r for r in report}
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Conv2d):
-            t = mod.weight
-        elif isinstance(mod, SparseConv2d) and "weight_dense" in mod._buffers:
-            t = mod._buffers["weight_dense"]
-        else:
+        if type(mod) is not nn.Conv2d or mod.weight is None or mod.weight.device.type != "cpu":
             continue
-        if t is None or t.dim() != 4:
-            continue
-        t.data = t.data.contiguous(memory_format=torch.channels_last)
+        mod.weight.data = mod.weight.data.contiguous(memory_format=torch.channels_last)
+        if not getattr(mod, "_sparsekern_contiguous_state", False):
+            mod._register_state_dict_hook(_contiguous_conv_weight)
+            mod._sparsekern_contiguous_state = True
         if name in rows:
             rows[name]["layout"] = "channels_last"
+
+
+def _contiguous_conv_weight(module, state_dict, prefix, local_metadata):
+    """state_dict hook of the convolutions _dense_convs_channels_last laid out channels-last:
+    their saved weight is contiguous (a copy), as before the layout changed."""
+    key = prefix + "weight"
+    t = state_dict.get(key)
+    if isinstance(t, torch.Tensor) and not t.is_contiguous():
+        state_dict[key] = t.contiguous()
 
 
 def _detect_pattern(mask2d: torch.Tensor) -> str:

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from sparsekern import models
+from sparsekern import _extension, models
 from sparsekern.bench import cases, common, plots, profile, run
 from sparsekern.bench.common import environment, quantiles, write_json
 
@@ -148,9 +148,11 @@ def test_models_suite_rows_have_the_table_fields(tmp_path, monkeypatch):
         shares = [r[f"share_{c}"] for c in profile.CATEGORIES]
         assert min(shares) >= 0 and abs(sum(shares) - 1) < 1e-6
         assert r["weight_bytes"] > 0 and r["kept_macs"] > 0 and r["weight_gb_per_s"] > 0
-        assert (r["share_sparse"] > 0) == (r["sparse_layers"] > 0), r
+        if _extension.LOADED:  # the C++ operators (the reference backend's torch ops count as what they are)
+            assert (r["share_sparse"] > 0) == (r["sparse_layers"] > 0), r
     env = data["environment"]
-    assert env["gemm_gflops"] > 0 and (env["fma_peak_gflops"] or 0) >= 0
+    assert env["gemm_gflops"] > 0
+    assert (env["fma_peak_gflops"] > 0) if _extension.LOADED else env["fma_peak_gflops"] is None
     by = {(r["model"], r["variant"], r["metric"]): r for r in rows}
     assert "rows<=1: " in by[("llama", "2:4", "decode_tokens_per_s")]["paths"]  # the decode bucket's paths
     assert by[("llama", "2:4", "decode_tokens_per_s")]["first_call_s"] > 0
@@ -182,6 +184,14 @@ def test_layer_costs_count_each_layer_calls_bytes_and_multiply_adds():
     kept = 3 * 8 * 25 * 36 + 3 * 8 * 25 * 8 * 0.5 + 3 * 16 * 200 * fl.density + 3 * 16 * 16
     assert got["kept_macs"] == round(kept)
     assert not any(m._forward_hooks for m in model.modules())  # hooks removed
+
+    def boom():
+        model(x)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
+        profile.layer_costs(model, boom)
+    assert not any(m._forward_hooks for m in model.modules())  # removed when the call raises too
 
 
 def test_time_shares_put_sparse_ops_dense_gemms_and_the_rest_apart():

@@ -269,6 +269,22 @@ def test_sparsify_lays_out_the_dense_convs_channels_last_beside_sparse_ones(chan
     x = torch.randn(2, 3, 6, 6)
     dense = ref[:4](x)
     torch.testing.assert_close(model[:4](x), dense)  # values unchanged, whatever the layout
+    # A checkpoint holds contiguous weights as before (safetensors refuses others) and loads back.
+    state = model.state_dict()
+    assert all(t.is_contiguous() for t in state.values())
+    assert torch.equal(state["0.weight"], ref[0].weight)
+    safetensors = pytest.importorskip("safetensors.torch")
+    blob = safetensors.save(state)
+    fresh, _ = sparsekern.sparsify(copy.deepcopy(ref), "2:4", min_features=32, exclude=["2"], show_progress=False,
+                                   channels_last=channels_last)
+    fresh.load_state_dict(safetensors.load(blob))
+    torch.testing.assert_close(fresh(torch.randn(2, 3, 6, 6).fill_(0.5)), model(torch.randn(2, 3, 6, 6).fill_(0.5)))
+    assert fresh[0].weight.is_contiguous(memory_format=torch.channels_last) == converted
+    buf = io.BytesIO()
+    torch.save(model, buf)  # the whole module pickles with its state_dict hook
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(again[:4](x), dense)
 
 
 def test_sparsify_without_sparse_convs_leaves_conv_layouts_alone():

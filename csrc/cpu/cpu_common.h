@@ -40,8 +40,8 @@ WsPlan ws_plan(int64_t B, int64_t K, int64_t O, int64_t weight_bytes, int64_t th
 
 // 2:4 through the weight-stationary kernel (AVX2, or AVX-512 where the CPU has it), x
 // read from src: vals [O, K / 2] and idx as NMWeight's; writes fp32 [src.B, O] (no bias)
-// to out. With `prepacked` (the weight as Nm24Panels, nm24_panels.h) on an AVX-512 CPU the
-// kernel reads it instead of packing vals and idx. nm_linear.cpp, for nm_linear and nm_conv2d.
+// to out. With `prepacked` (the weight as Nm24Panels, nm24_panels.h) either kernel reads
+// it instead of packing vals and idx. nm_linear.cpp, for nm_linear and nm_conv2d.
 void nm24_gemm_cpu(const LaneRows& src, const at::TensorOptions& options, const at::Tensor& vals,
                    const at::Tensor& idx, int64_t K, int64_t O, float* out, const uint8_t* prepacked = nullptr);
 

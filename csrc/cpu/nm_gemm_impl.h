@@ -8,9 +8,10 @@
 //   pack: for a panel of output rows and a K tile of kKt columns, each row's kept slots are
 //         decoded (LUT on the index byte, no scalar decode) into byte offsets col * 128 of
 //         the column inside an xT tile and fp32 values, in blocks of 3 rows x 4 slots:
-//         {int32 off[3][4]; float val[3][4]} (96 bytes). Recomputed per call, per panel and
-//         K tile (about 1/8 cycle per slot against B/8 FMAs per slot), so no weight cache;
-//         each row's next slice is prefetched while this one is packed.
+//         {int32 off[3][4]; float val[3][4]} (96 bytes), per call, per panel and K tile;
+//         each row's next slice is prefetched while this one is packed. Or, given
+//         a.prepacked (Nm24Panels, nm24_panels.h: the same blocks with uint16 offsets for
+//         64-lane tiles, built once per weight), read where they lie, offsets halved.
 //   core: 3 output rows x V vectors of 8 batch lanes in 3V accumulators (12 for V = 4);
 //         per kept (row, slot): load its offset, broadcast its value, V FMAs whose second
 //         operand is loaded from the xT tile at that offset (an L1 hit: the tile is
@@ -32,6 +33,8 @@ namespace {
 constexpr int kG24Rows = 3;     // rows per register block
 constexpr int kG24Kt = 128;     // columns per K tile (64 kept slots per row)
 constexpr int kG24Chunk = 256;  // batch lanes per pass over a panel (8 tiles of 32)
+static_assert(kG24Kt == Nm24Panels::kKt && kG24Rows == Nm24Panels::kBlockRows && kG24Kt / 8 == Nm24Panels::kQuads,
+              "the pre-packed layout follows this kernel's K tiles, row blocks and quads");
 
 
 inline __m128 g24_load4(const float* p) { return _mm_loadu_ps(p); }

@@ -8,12 +8,14 @@ the peak, and the profile.
 
 - Categories of time (torch.profiler, one profiled call, outermost operator of each kind):
   "sparse" - sparsekern's operators (the sparse kernels, and decompress where a layer
-  decompresses; a BLAS call a C++ operator makes inside counts with it),
+  decompresses; a BLAS call a C++ operator makes inside counts with it; not the pure-torch
+  reference backend, whose torch operators count as what they are),
   "gemm" - dense linear, matmul and convolution operators (aten::linear, addmm, mm,
   convolution, ...), "attention" - scaled-dot-product attention, bmm, softmax, and "other"
   - the rest of the call's wall time: norms, activations, copies, Python. The profiler's
   own overhead lands in all of them, most in "other" on calls made of many small operators
-  (decode), so read shares, and rates from the unprofiled median.
+  (decode), so read shares, and rates from the unprofiled median. CPU only: the suite
+  profiles CPU runs (on a GPU the operators' host time is not where the time goes).
 - Weight bytes and multiply-adds (forward hooks on every Linear, Conv2d and sparse module,
   one more call): per layer call, the bytes its weight stores (a sparse format's `nbytes`,
   derived indexes such as pre-packed panels not counted) and its multiply-adds, dense
@@ -28,14 +30,16 @@ import torch
 from torch import nn
 
 CATEGORIES = ("sparse", "gemm", "attention", "other")
-_GEMM = ("aten::linear", "aten::addmm", "aten::mm", "aten::matmul", "aten::conv2d", "aten::convolution",
+# aten::matmul is not here: attention's products go through it (to bmm, which counts as
+# attention); a linear layer's matmul is inside aten::linear.
+_GEMM = ("aten::linear", "aten::addmm", "aten::mm", "aten::conv2d", "aten::convolution",
          "aten::_convolution", "aten::mkldnn_convolution", "aten::conv1d", "aten::addmv", "aten::mv")
 _ATTENTION = ("aten::scaled_dot_product_attention", "aten::bmm", "aten::baddbmm", "aten::softmax",
               "aten::_softmax", "aten::_safe_softmax")
 
 
 def _category(name: str) -> str | None:
-    if name.startswith("sparsekern::"):
+    if name.startswith("sparsekern"):  # sparsekern::, and the GEMM libraries' sparsekern_cusparselt::, ...
         return "sparse"
     if name in _ATTENTION or name.startswith("aten::_scaled_dot_product"):
         return "attention"

@@ -155,7 +155,12 @@ def suite_models(a, env):
             for v, m, wls, common, first_s in built[:1] + [(AGAIN, *built[0][1:])] + built[1:]:
                 r, wl = res[v], wls[i]
                 # where the time goes, and the rates against the roofs (after the timed rounds)
-                prof = {} if v == AGAIN else profile.workload_profile(m, wl.run, r["median_ms"])
+                prof = {}
+                if v != AGAIN and dev == "cpu":
+                    try:
+                        prof = profile.workload_profile(m, wl.run, r["median_ms"])
+                    except Exception as e:  # noqa: BLE001 - the timed row stands; say why it has no profile
+                        prof = {"profile_error": f"{type(e).__name__}: {e}"[:300]}
                 rows.append({**common, "variant": v, "metric": wl.metric, "batch": wl.batch,
                              "units_per_call": wl.units, **r, "value": wl.units / (r["median_ms"] * 1e-3),
                              "value_p20": wl.units / (r["p80_ms"] * 1e-3), "value_p80": wl.units / (r["p20_ms"] * 1e-3),
