@@ -3,6 +3,7 @@ sparse state dict into a dense model."""
 from __future__ import annotations
 
 import fnmatch
+import itertools
 from typing import Callable, Iterable
 
 import torch
@@ -125,7 +126,10 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
                        "density": float(new.mask().float().mean()), "bytes_before": dense_bytes,
                        "bytes_after": after, "backend": new.backend, "reason": new.reason})
     if channels_last is None:
-        channels_last = any(isinstance(m, SparseConv2d) and m.weight_meta.device.type == "cpu" for m in model.modules())
+        # (a trainable module holds its weight as a Parameter, a frozen one as buffers)
+        channels_last = any(isinstance(m, SparseConv2d) and
+                            next(itertools.chain(m.parameters(), m.buffers())).device.type == "cpu"
+                            for m in model.modules())
     if channels_last:
         _dense_convs_channels_last(model, report)
     return model, report

@@ -198,15 +198,20 @@ def _cpu_has_avx2() -> bool:
     return all(f in flags for f in (" avx2", " fma", " f16c", " bmi2"))
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
-def test_each_cpu_build_matches_fp64(isa):
+def _child_env(isa: str) -> tuple[dict, int]:
+    """The environment of a child pinned to `isa` (skips when this CPU lacks it) and a fresh seed."""
     if isa == "avx512" and not _cpu_has_avx512():
         pytest.skip("this CPU has no AVX-512 F/VL/BW/DQ/VBMI2")
     if isa == "avx2" and not _cpu_has_avx2():
         pytest.skip("this CPU has no AVX2/FMA/F16C/BMI2")
     env = dict(os.environ, SPARSEKERN_CPU_ISA=isa)
     env.pop("SPARSEKERN_NM_GEMM", None)
-    seed = int.from_bytes(os.urandom(4), "little")
+    return env, int.from_bytes(os.urandom(4), "little")
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_each_cpu_build_matches_fp64(isa):
+    env, seed = _child_env(isa)
     res = subprocess.run([sys.executable, "-c", CHILD, isa, str(seed), json.dumps(GRID)], env=env,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -245,13 +250,7 @@ PANELS_CHILD = textwrap.dedent(
 def test_each_gemm_kernel_reads_the_pre_packed_weight_inside_x(isa):
     # Both 2:4 GEMM kernels read NMWeight.gemm_panels (the AVX2 one halves the offsets for its
     # 32-lane tiles); this machine runs only its best one in the main process.
-    if isa == "avx512" and not _cpu_has_avx512():
-        pytest.skip("this CPU has no AVX-512 F/VL/BW/DQ/VBMI2")
-    if isa == "avx2" and not _cpu_has_avx2():
-        pytest.skip("this CPU has no AVX2/FMA/F16C/BMI2")
-    env = dict(os.environ, SPARSEKERN_CPU_ISA=isa)
-    env.pop("SPARSEKERN_NM_GEMM", None)
-    seed = int.from_bytes(os.urandom(4), "little")
+    env, seed = _child_env(isa)
     res = subprocess.run([sys.executable, "-c", PANELS_CHILD, str(seed)], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), f"seed {seed}: {res.stderr[-3000:]}"
