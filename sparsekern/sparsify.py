@@ -44,14 +44,14 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
     dense and are listed. Layers already carrying a torch.nn.utils.prune mask keep it.
     channels_last: lay out the weights of the nn.Conv2d layers on the CPU that stay dense
     channels-last (in place, values unchanged; their state_dict() still gives contiguous
-    weights, so checkpoints, safetensors included, are as before). None (default): when some convolution on
-    the CPU became a SparseConv2d, whose C++ kernel returns channels-last output: torch runs
-    a convolution channels-last when its input or its weight is, and converts the other one
-    at every call, so mixed layouts cost a copy per call (input copies inside dense
-    convolutions, in the 2:4 ResNet-50's profile); with every weight channels-last the
-    activations stay so from the first convolution on, and dense oneDNN convolutions run
-    faster so on the CPU anyway. Those rows of the report carry "layout": "channels_last".
-    True: always; False: never.
+    weights, so checkpoints, safetensors included, are as before). None (default): when
+    some convolution on the CPU became a SparseConv2d, whose C++ kernel returns
+    channels-last output: torch runs a convolution channels-last when its input or its
+    weight is, and converts the other one at every call, so mixed layouts cost a copy per
+    call (input copies inside dense convolutions, in the 2:4 ResNet-50's profile); with
+    every weight channels-last the activations stay so from the first convolution on, and
+    dense oneDNN convolutions run faster so on the CPU anyway. Those rows of the report
+    carry "layout": "channels_last". True: always; False: never.
     Returns (model, report): one row per layer (pattern, density, bytes before/after,
     backend and why, or why it was left dense).
     """

@@ -220,7 +220,8 @@ void g24_panels(const Nm24GemmArgs& a) {
   const int64_t blocks = (a.panel_rows + kG24Rows - 1) / kG24Rows;
   const int64_t tiles = (a.B + kG24Lanes - 1) / kG24Lanes;
   const int64_t chunk_tiles = tiles < kG24Chunk / kG24Lanes ? tiles : kG24Chunk / kG24Lanes;
-  int32_t* pack = static_cast<int32_t*>(std::aligned_alloc(64, blocks * (kG24Kt / 8) * 96));
+  // The packer's buffer (a pre-packed weight needs none).
+  int32_t* pack = a.prepacked ? nullptr : static_cast<int32_t*>(std::aligned_alloc(64, blocks * (kG24Kt / 8) * 96));
   float* acc = static_cast<float*>(std::aligned_alloc(64, chunk_tiles * blocks * kG24Rows * kG24Lanes * sizeof(float)));
   if (a.chunked.lanes) {  // ws_chunks_impl.h (a pre-packed weight's offsets read the extra columns)
     ws_chunks(a.K, a.O, kG24Lanes, a.panel_rows, a.chunked, a.out,

@@ -10,8 +10,8 @@ the peak, and the profile.
   "sparse" - sparsekern's operators (the sparse kernels, and decompress where a layer
   decompresses; a BLAS call a C++ operator makes inside counts with it; not the pure-torch
   reference backend, whose torch operators count as what they are),
-  "gemm" - dense linear, matmul and convolution operators (aten::linear, addmm, mm,
-  convolution, ...), "attention" - scaled-dot-product attention, bmm, softmax, and "other"
+  "gemm" - dense linear and convolution operators (aten::linear, addmm, mm, convolution,
+  ...), "attention" - scaled-dot-product attention, bmm, softmax, and "other"
   - the rest of the call's wall time: norms, activations, copies, Python. The profiler's
   own overhead lands in all of them, most in "other" on calls made of many small operators
   (decode), so read shares, and rates from the unprofiled median. CPU only: the suite
@@ -83,8 +83,8 @@ def _weight_cost(mod: nn.Module) -> tuple[int, int, float] | None:
 
     if isinstance(mod, SPARSE_MODULES):
         if mod.trainable:  # the dense weight and its mask (masked_linear in training, a packed copy in eval)
-            w = mod.weight
-            return (w.numel() * w.element_size() + mod.weight_mask_bits.numel() * mod.weight_mask_bits.element_size(), w[0].numel(),
+            w, bits = mod.weight, mod.weight_mask_bits
+            return (w.numel() * w.element_size() + bits.numel() * bits.element_size(), w[0].numel(),
                     float(mod.mask().float().mean()))
         fmt = mod.weight_format()
         if isinstance(fmt, torch.Tensor):  # dense backend (masked dense weight)
