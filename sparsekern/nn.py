@@ -430,15 +430,24 @@ class _SparseMixin:
         dense = self.__dict__.get("_dense_copy", (None, None))[1]
         return 0 if dense is None else dense.numel() * dense.element_size()
 
+    def weight_nbytes(self) -> int:
+        """Bytes the weight is stored in: the compressed format's, the dense weight's under the
+        dense backend, or a trainable layer's dense weight plus its packed mask (derived
+        indexes and dense copies are held_nbytes())."""
+        if self.trainable:
+            bits = self.weight_mask_bits
+            return self.weight.numel() * self.weight.element_size() + bits.numel() * bits.element_size()
+        f = self.weight_format()
+        return f.numel() * f.element_size() if isinstance(f, torch.Tensor) else f.nbytes
+
     def describe(self) -> str:
         """Pattern, density, bytes, the kernel backend and the path chosen per batch bucket."""
         if self.trainable:
-            bits = self.weight_mask_bits
             density = float(self.mask().float().mean())
             return f"pattern={self.pattern}, density={density:.3f}, backend=masked (training), " \
-                   f"bytes={self.weight.numel() * self.weight.element_size() + bits.numel() * 8}"
+                   f"bytes={self.weight_nbytes()}"
         f = self.weight_format()
-        nbytes = f.numel() * f.element_size() if isinstance(f, torch.Tensor) else f.nbytes
+        nbytes = self.weight_nbytes()
         if isinstance(f, torch.Tensor):  # a meta tensor has no values to count
             density = float("nan") if f.is_meta else float((f != 0).float().mean())
         else:

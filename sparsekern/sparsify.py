@@ -119,12 +119,9 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
                              act_norm=None if norms is None else norms[name])
         new.train(mod.training)
         set_module(model, name, new)
-        f = new.weight_format() if not new.trainable else None
-        after = (f.numel() * f.element_size() if isinstance(f, torch.Tensor) else f.nbytes) if f is not None \
-            else dense_bytes + new.weight_mask_bits.numel() * 8
         report.append({"layer": name, "type": type(mod).__name__, "status": "sparse", "pattern": pattern,
                        "density": float(new.mask().float().mean()), "bytes_before": dense_bytes,
-                       "bytes_after": after, "backend": new.backend, "reason": new.reason})
+                       "bytes_after": new.weight_nbytes(), "backend": new.backend, "reason": new.reason})
     if channels_last is None:
         # (a trainable module holds its weight as a Parameter, a frozen one as buffers)
         channels_last = any(isinstance(m, SparseConv2d) and

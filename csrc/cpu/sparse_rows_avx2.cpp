@@ -25,23 +25,26 @@
 #include "ws_chunks_impl.h"
 #include "nm_gemm_impl.h"
 #include "lane_tiles_impl.h"
+#include "fma_probe_impl.h"
 namespace sparsekern {
 namespace cpu {
 namespace avx2 {
-float fma_probe(int64_t iters) {
-  __m256 acc[kFmaProbeChains];
-  for (int64_t c = 0; c < kFmaProbeChains; ++c) acc[c] = _mm256_set1_ps(1e-3f * float(c));
-  const __m256 mul = _mm256_set1_ps(0.9999f), add = _mm256_set1_ps(1e-7f);
-  for (int64_t i = 0; i < iters; ++i)
-    for (int64_t c = 0; c < kFmaProbeChains; ++c) acc[c] = _mm256_fmadd_ps(acc[c], mul, add);
-  __m256 sum = acc[0];
-  for (int64_t c = 1; c < kFmaProbeChains; ++c) sum = _mm256_add_ps(sum, acc[c]);
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, sum);
-  float total = 0.f;
-  for (float v : lanes) total += v;
-  return total;
-}
+namespace {
+struct Fma8 {
+  using V = __m256;
+  static V set1(float v) { return _mm256_set1_ps(v); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static float sum(V a) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, a);
+    float total = 0.f;
+    for (float v : lanes) total += v;
+    return total;
+  }
+};
+}  // namespace
+float fma_probe(int64_t iters) { return fma_probe_chains<Fma8>(iters); }
 }  // namespace avx2
 }  // namespace cpu
 }  // namespace sparsekern

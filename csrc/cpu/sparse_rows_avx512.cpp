@@ -38,6 +38,7 @@
 #define SK_ISA_NS avx512
 #include "ws_chunks_impl.h"
 #undef SK_ISA_NS
+#include "fma_probe_impl.h"
 
 namespace sparsekern {
 namespace cpu {
@@ -1165,16 +1166,16 @@ void bitmask_dense_rows(const BitmaskRowsArgs& a, int64_t r0, int64_t r1, float*
 }
 void nm24_gemm(const Nm24GemmArgs& a) { by_dtype<W24Panels>(a.dtype, a); }
 void bitmask_gemm(const BitmaskGemmArgs& a) { by_dtype<WbmPanels>(a.dtype, a); }
-float fma_probe(int64_t iters) {
-  __m512 acc[kFmaProbeChains];
-  for (int64_t c = 0; c < kFmaProbeChains; ++c) acc[c] = _mm512_set1_ps(1e-3f * float(c));
-  const __m512 mul = _mm512_set1_ps(0.9999f), add = _mm512_set1_ps(1e-7f);
-  for (int64_t i = 0; i < iters; ++i)
-    for (int64_t c = 0; c < kFmaProbeChains; ++c) acc[c] = _mm512_fmadd_ps(acc[c], mul, add);
-  __m512 sum = acc[0];
-  for (int64_t c = 1; c < kFmaProbeChains; ++c) sum = _mm512_add_ps(sum, acc[c]);
-  return _mm512_reduce_add_ps(sum);
-}
+namespace {
+struct Fma16 {
+  using V = __m512;
+  static V set1(float v) { return _mm512_set1_ps(v); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static float sum(V a) { return _mm512_reduce_add_ps(a); }
+};
+}  // namespace
+float fma_probe(int64_t iters) { return fma_probe_chains<Fma16>(iters); }
 
 }  // namespace avx512
 }  // namespace cpu

@@ -12,19 +12,21 @@
 #include "nm_rows_impl.h"
 #include "bitmask_rows_impl.h"
 #include "block_rows_impl.h"
+#include "fma_probe_impl.h"
 
 namespace sparsekern {
 namespace cpu {
 namespace generic {
-float fma_probe(int64_t iters) {
-  float acc[kFmaProbeChains];
-  for (int64_t c = 0; c < kFmaProbeChains; ++c) acc[c] = 1e-3f * float(c);
-  for (int64_t i = 0; i < iters; ++i)
-    for (int64_t c = 0; c < kFmaProbeChains; ++c) acc[c] = std::fma(acc[c], 0.9999f, 1e-7f);
-  float total = 0.f;
-  for (float v : acc) total += v;
-  return total;
-}
+namespace {
+struct Fma1 {
+  using V = float;
+  static V set1(float v) { return v; }
+  static V fma(V a, V b, V c) { return std::fma(a, b, c); }
+  static V add(V a, V b) { return a + b; }
+  static float sum(V a) { return a; }
+};
+}  // namespace
+float fma_probe(int64_t iters) { return fma_probe_chains<Fma1>(iters); }
 }  // namespace generic
 }  // namespace cpu
 }  // namespace sparsekern

@@ -283,11 +283,10 @@ def sparse_layer_bytes(model: torch.nn.Module) -> tuple[int, int]:
     for mod in model.modules():
         if isinstance(mod, SPARSE_MODULES) and not mod.trainable:
             f = mod.weight_format()
+            stored += mod.weight_nbytes()
             if isinstance(f, torch.Tensor):  # a dense weight (Policy("dense"), pattern "dense")
-                stored += f.numel() * f.element_size()
                 dense += f.numel() * f.element_size()
             else:  # a format: shape is the weight's 2-D view [out, in]
-                stored += f.nbytes
                 dense += f.shape[0] * f.shape[1] * f.dtype.itemsize
     return stored, dense
 

@@ -83,13 +83,11 @@ def _weight_cost(mod: nn.Module) -> tuple[int, int, float] | None:
 
     if isinstance(mod, SPARSE_MODULES):
         if mod.trainable:  # the dense weight and its mask (masked_linear in training, a packed copy in eval)
-            w, bits = mod.weight, mod.weight_mask_bits
-            return (w.numel() * w.element_size() + bits.numel() * bits.element_size(), w[0].numel(),
-                    float(mod.mask().float().mean()))
+            return mod.weight_nbytes(), mod.weight[0].numel(), float(mod.mask().float().mean())
         fmt = mod.weight_format()
-        if isinstance(fmt, torch.Tensor):  # dense backend (masked dense weight)
-            return fmt.numel() * fmt.element_size(), fmt[0].numel(), 1.0
-        return fmt.nbytes, fmt.shape[1], float(fmt.density)
+        if isinstance(fmt, torch.Tensor):  # dense backend (masked dense weight): every multiply-add runs
+            return mod.weight_nbytes(), fmt[0].numel(), 1.0
+        return mod.weight_nbytes(), fmt.shape[1], float(fmt.density)
     if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         w = mod.weight
         return w.numel() * w.element_size(), w[0].numel(), 1.0
