@@ -67,12 +67,12 @@ def cmd_prune(a) -> int:
     import torch
 
     from . import prune as P
-    from .patterns import parse_pattern
+    from . import kinds
     from .sparsify import sparsify
 
     if not os.path.isfile(a.model):
         raise SystemExit(f"prune: no such file: {a.model}")
-    parse_pattern(a.pattern, "prune --pattern")
+    kinds.parse(a.pattern, "prune --pattern")
     P.check_method(a.method, "prune --method")
     try:
         obj = torch.load(a.model, map_location="cpu", weights_only=True)
@@ -99,7 +99,8 @@ def cmd_prune(a) -> int:
         if a.method in ("wanda", "taylor"):
             raise SystemExit(f"prune: method {a.method!r} needs the model (activations or gradients), "
                              "not a bare state dict; save the module with torch.save(model, path)")
-        kind, params = parse_pattern(a.pattern)
+        kind, params = kinds.parse(a.pattern)
+        entry = kinds.KINDS[kind]
         report, sd = [], dict(obj)
         for k, w in obj.items():
             if not (k.endswith("weight") and w.dim() in (2, 4) and w.is_floating_point()):
@@ -108,15 +109,10 @@ def cmd_prune(a) -> int:
                 report.append({"tensor": k, "status": "dense", "reason": f"smaller than min_features={a.min_features}"})
                 continue
             s = P.score(w, a.method)
+            if not entry.prunable:
+                continue
             try:
-                if kind == "nm":
-                    mask = P.nm_mask(s, params["n"], params["m"])
-                elif kind == "unstructured":
-                    mask = P.unstructured_mask(s, a.sparsity if a.sparsity is not None else 0.5)
-                elif kind == "block":
-                    mask = P.block_mask(s, params.get("block", (32, 32)), a.sparsity if a.sparsity is not None else 0.5)
-                else:
-                    continue
+                mask = entry.mask(s, params, a.sparsity if a.sparsity is not None else 0.5, (32, 32), "prune")
             except ValueError as e:
                 report.append({"tensor": k, "status": "dense", "reason": str(e)})
                 continue

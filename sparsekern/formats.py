@@ -52,8 +52,8 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
-from .patterns import (BITMASK_TILE_COLS, KIND_CODES, check_nm, nm_index_bits, pack_bits, parse_pattern, popcount64,
-                       unpack_bitmask, unpack_bits)
+from .patterns import (BITMASK_TILE_COLS, check_nm, nm_index_bits, pack_bits, popcount64, unpack_bitmask,
+                       unpack_bits)
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -112,11 +112,11 @@ class _Format:
     any format after validate(), which checks every index and offset once. Reassigning a
     field clears the flag; editing a tensor in place after validation is not tracked.
 
-    Each format declares its vocabulary once, and every other module reads it from here:
-    KIND (the pattern kind, sparsekern.patterns.KINDS), OP (the sparse linear op that runs
-    it, in sparsekern.ops) and `pattern` (the pattern spelling users write)."""
+    Each format declares the op that runs it once, and every other module reads it from
+    here: OP (the sparse linear op, in sparsekern.ops) and `pattern` (the spelling users
+    write). Its pattern kind (grammar, kind code, masks, checks) is the entry of
+    sparsekern.kinds that names this class."""
 
-    KIND: str = ""
     OP: str = ""
     TENSOR_NAMES: tuple[str, ...] = ()
 
@@ -178,10 +178,6 @@ class _Format:
             self.__dict__.pop(key, None)
 
     @property
-    def dense_nbytes(self) -> int:
-        return self.shape[0] * self.shape[1] * self.values.element_size()
-
-    @property
     def dtype(self) -> torch.dtype:
         return self.values.dtype
 
@@ -233,7 +229,7 @@ class NMWeight(_Format):
     m: int
     in_features: int
 
-    KIND, OP = "nm", "nm_linear"
+    OP = "nm_linear"
     TENSOR_NAMES = ("values", "indices")
     _DERIVED = ("_gemm_panels",)
 
@@ -375,7 +371,7 @@ class BitmaskWeight(_Format):
     offsets: torch.Tensor
     in_features: int
 
-    KIND, OP = "unstructured", "bitmask_linear"
+    OP = "bitmask_linear"
     TENSOR_NAMES = ("values", "bitmask", "offsets")
     _DERIVED = ("_column_index",)
 
@@ -546,7 +542,7 @@ class BlockWeight(_Format):
     values: torch.Tensor
     in_features: int
 
-    KIND, OP = "block", "block_linear"
+    OP = "block_linear"
     TENSOR_NAMES = ("crow_indices", "col_indices", "values")
 
     def kernel_args(self) -> tuple:
@@ -683,21 +679,3 @@ class BlockWeight(_Format):
         crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         return cls(crow, col[order], torch.cat([p.values for p in parts])[order],
                    sum(p.in_features for p in parts)).validate()
-
-
-FORMATS = (NMWeight, BitmaskWeight, BlockWeight)
-FORMAT_OF_KIND = {cls.KIND: cls for cls in FORMATS}
-FORMAT_OF_CODE = {KIND_CODES[cls.KIND]: cls for cls in FORMATS}
-
-
-def compress(weight2d: torch.Tensor, pattern: str, mask: torch.Tensor, block: tuple[int, int] = (32, 32)):
-    """The format object of `pattern` for a 2-D weight and its bool mask; pattern "dense"
-    gives the masked dense tensor. `block` is the block shape when the pattern names none."""
-    kind, params = parse_pattern(pattern, "formats.compress")
-    if kind == "nm":
-        return NMWeight.from_dense(weight2d, params["n"], params["m"], mask=mask)
-    if kind == "unstructured":
-        return BitmaskWeight.from_dense(weight2d, mask)
-    if kind == "block":
-        return BlockWeight.from_dense(weight2d, params.get("block", block), mask)
-    return weight2d * mask

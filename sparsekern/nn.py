@@ -27,33 +27,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import formats, ops, prune
-from .patterns import (KIND_CODES, KIND_OF_CODE, as_2d, conv_output_size, from_2d, pack_bitmask, parse_pattern,
-                       unpack_bitmask)
-
-
-# ---------------------------------------------------------------------------- patterns
-def _pattern_mask(weight: torch.Tensor, kind: str, params: dict, scores: torch.Tensor, sparsity, block):
-    if kind == "nm":
-        return prune.nm_mask(scores, params["n"], params["m"])
-    if kind == "unstructured":
-        if sparsity is None:
-            raise ValueError("pattern 'unstructured' needs sparsity= (fraction of weights to remove)")
-        return prune.unstructured_mask(scores, sparsity)
-    if kind == "block":
-        if sparsity is None:
-            raise ValueError("pattern 'block' needs sparsity= (fraction of blocks to remove)")
-        return prune.block_mask(scores, params.get("block", block), sparsity)
-    return torch.ones_like(weight, dtype=torch.bool)
-
-
-def _check_mask_fits(pattern: str, mask: torch.Tensor) -> None:
-    """A mask (2-D view) that the pattern cannot hold is refused with a clear error."""
-    kind, params = parse_pattern(pattern)
-    if kind == "nm":
-        n, m = params["n"], params["m"]
-        if mask.shape[1] % m or bool((mask.reshape(mask.shape[0], -1, m).sum(-1) > n).any()):
-            raise ValueError(f"mask does not fit pattern {pattern!r}: some group of {m} inputs keeps more than {n}")
+from . import kinds, ops, prune
+from .patterns import as_2d, conv_output_size, from_2d, pack_bitmask, unpack_bitmask
 
 
 # ---------------------------------------------------------- per-batch-bucket paths
@@ -206,23 +181,20 @@ class _SparseMixin:
                 del self._buffers[name]
         if isinstance(fmt, torch.Tensor):  # dense with zeros in place
             self.register_buffer("weight_dense", fmt)
-            self.register_buffer("weight_meta", torch.tensor([KIND_CODES["dense"]], dtype=torch.int64))
-            self._meta_ints = [KIND_CODES["dense"]]
-            return
-        for k, t in fmt.tensors().items():
-            if k != "meta":
-                self.register_buffer("weight_" + k, t)
-        self.register_buffer("weight_meta", torch.cat([torch.tensor([KIND_CODES[fmt.KIND]]), fmt.meta()]))
+        else:
+            for k, t in fmt.tensors().items():
+                if k != "meta":
+                    self.register_buffer("weight_" + k, t)
+        self.register_buffer("weight_meta", kinds.meta_of(fmt))
         # Python ints mirror the meta buffer so forward never reads a tensor (torch.compile).
         self._meta_ints = self.weight_meta.tolist()
 
     def weight_format(self):
         """The compressed weight (format object over this module's buffers), or the dense
         weight tensor when the backend is dense."""
-        code = self._meta_ints[0]
-        if code == KIND_CODES["dense"]:
+        cls = kinds.KIND_OF_CODE[self._meta_ints[0]].format
+        if cls is None:
             return self.weight_dense
-        cls = formats.FORMAT_OF_CODE[code]
         tensors = {k: self._buffers["weight_" + k] for k in cls.TENSOR_NAMES}
         if torch.compiler.is_compiling():
             return cls.from_tensors(tensors, validate=False, meta_ints=self._meta_ints[1:])
@@ -257,11 +229,11 @@ class _SparseMixin:
     def _adopt_format(self, fmt, policy: Policy) -> None:
         """Stores `fmt` (a format object, or a masked dense tensor for pattern 'dense'), or a
         plain dense weight under Policy("dense"); forgets per-bucket choices."""
-        kind = parse_pattern(self.pattern).kind
         self._policy = policy
         if isinstance(fmt, torch.Tensor) or policy.backend == "dense":
             self._set_format(fmt if isinstance(fmt, torch.Tensor) else fmt.to_dense())
-            self.backend, self.reason = "dense", "pattern 'dense'" if kind == "dense" else "forced by Policy('dense')"
+            self.backend = "dense"
+            self.reason = "pattern 'dense'" if isinstance(fmt, torch.Tensor) else "forced by Policy('dense')"
             return
         self._set_format(fmt)
         self.backend = self._sparse_backend(fmt, 1)
@@ -280,7 +252,7 @@ class _SparseMixin:
     def _build_format(self, w2d: torch.Tensor, mask: torch.Tensor):
         """The pattern's format object for a 2-D weight and mask (a masked dense tensor for
         pattern 'dense')."""
-        return formats.compress(w2d, self.pattern, mask, self._block)
+        return kinds.compress(w2d, self.pattern, mask, self._block)
 
     def _sparse_backend(self, fmt, batch: int) -> str:
         """The backend the format's op runs for `batch` rows of input on this layer."""
@@ -351,7 +323,7 @@ class _SparseMixin:
 
     def _share_key(self, f, bucket: int, policy: Policy) -> tuple:
         """What makes two layers' measurements interchangeable (see Policy.share)."""
-        return (type(self).__name__, self._geometry(), f.KIND, f.pattern, round(float(f.density), 2), f.dtype,
+        return (type(self).__name__, self._geometry(), kinds.kind_of(f).name, f.pattern, round(float(f.density), 2), f.dtype,
                 str(f.device), self.bias is not None, policy.dense_copy, policy.cold, policy.reps, bucket)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
@@ -359,11 +331,11 @@ class _SparseMixin:
         meta_key = prefix + "weight_meta"
         if meta_key in state_dict and not self.trainable:
             saved = state_dict[meta_key]
-            kind = KIND_OF_CODE.get(int(saved[0]))
-            mine = KIND_OF_CODE[self._meta_ints[0]]
-            expect, _ = parse_pattern(self.pattern)
-            if kind is None or (kind != mine and kind != "dense" and mine != "dense") or \
-                    (kind not in ("dense", expect)):
+            # Any layer can hold a dense weight (Policy("dense")); a compressed one must be
+            # of this layer's pattern kind.
+            entry = kinds.KIND_OF_CODE.get(int(saved.reshape(-1)[0])) if saved.numel() else None
+            if entry is None or (entry.format is not None and entry.name != kinds.parse(self.pattern).kind):
+                kind = entry.name if entry is not None else None
                 errors.append(f"{type(self).__name__} {prefix[:-1] or '<root>'}: state dict holds a weight of kind '{kind}' "
                               f"but this layer's pattern is {self.pattern!r}")
                 return
@@ -373,14 +345,14 @@ class _SparseMixin:
             # Validate before adopting anything: a corrupt or hostile file leaves the layer as it was.
             try:
                 meta_ints = [int(v) for v in new["weight_meta"].reshape(-1).tolist()]
-                if kind == "dense":
+                cls = kinds.kind_of_code(meta_ints[0]).format
+                if cls is None:
                     dense = new["weight_dense"]
                     if tuple(dense.shape) != self._dense_shape() or not dense.is_floating_point():
                         raise ValueError(f"weight_dense is {tuple(dense.shape)} {dense.dtype}, this layer needs a "
                                          f"floating {self._dense_shape()}")
                     f = dense
                 else:
-                    cls = formats.FORMAT_OF_CODE[meta_ints[0]]
                     f = cls.from_tensors({n: new["weight_" + n] for n in cls.TENSOR_NAMES}, meta_ints=meta_ints[1:])
                     if tuple(f.shape) != (self._dense_shape()[0], self._in2d):
                         raise ValueError(f"the weight has shape {tuple(f.shape)}, this layer needs "
@@ -397,12 +369,13 @@ class _SparseMixin:
             self._meta_ints = meta_ints
             self.bucket_choices = {}
             self.__dict__.pop("_dense_copy", None)
-            self.backend = "dense" if kind == "dense" else self._sparse_backend(f, 1)
+            self.backend = "dense" if cls is None else self._sparse_backend(f, 1)
             self.reason = "loaded from a state dict"
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     def _init_weight(self, w2d, mask, trainable, policy):
-        _check_mask_fits(self.pattern, mask)
+        pattern = kinds.parse(self.pattern)
+        pattern.entry.check_mask(mask, pattern.params, self.pattern)
         if trainable:
             for name in list(self._buffers):
                 if name.startswith("weight_"):
@@ -471,7 +444,7 @@ class SparseLinear(_SparseMixin, nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, pattern: str = "2:4",
                  block: tuple[int, int] = (32, 32), device=None, dtype=None):
         super().__init__()
-        parse_pattern(pattern, "SparseLinear")
+        kinds.parse(pattern, "SparseLinear")
         self.in_features, self.out_features, self.pattern, self._block = in_features, out_features, pattern, block
         self._in2d = in_features
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
@@ -489,7 +462,8 @@ class SparseLinear(_SparseMixin, nn.Module):
         out, k = weight.shape
         if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (out,)):
             raise ValueError(f"SparseLinear.from_format: bias must have shape ({out},)")
-        block = tuple(weight.block) if weight.KIND == "block" else (32, 32)
+        kind, params = kinds.parse(weight.pattern)
+        block = kinds.KINDS[kind].block_of(params, (32, 32)) or (32, 32)
         mod = cls(k, out, bias is not None, weight.pattern, block, device=weight.device, dtype=weight.dtype)
         if bias is not None:
             mod.bias.data.copy_(bias.detach())
@@ -503,14 +477,15 @@ class SparseLinear(_SparseMixin, nn.Module):
         """Prune (unless `mask` is given) and compress `linear`'s weight."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SparseLinear.from_dense: expected nn.Linear, got {type(linear).__name__}")
-        kind, params = parse_pattern(pattern, "SparseLinear.from_dense")
+        where = "SparseLinear.from_dense"
+        kind, params = kinds.parse(pattern, where)
         w = linear.weight.detach()
         if mask is None:
             if hasattr(linear, "weight_mask"):
                 mask = linear.weight_mask.bool()
             else:
                 scores = prune.score(w, method, grad=grad, act_norm=act_norm)
-                mask = _pattern_mask(w, kind, params, scores, sparsity, block)
+                mask = kinds.KINDS[kind].mask(scores, params, sparsity, block, where)
         elif mask.shape != w.shape or mask.dtype != torch.bool:
             raise ValueError(f"SparseLinear.from_dense: mask must be bool of shape {tuple(w.shape)}")
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, pattern, block,
@@ -564,7 +539,7 @@ class SparseConv2d(_SparseMixin, nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True,
                  pattern: str = "2:4", block=(32, 32), device=None, dtype=None):
         super().__init__()
-        parse_pattern(pattern, "SparseConv2d")
+        kinds.parse(pattern, "SparseConv2d")
         pair = nn.modules.utils._pair
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.dilation = (pair(kernel_size), pair(stride), pair(padding),
@@ -576,7 +551,10 @@ class SparseConv2d(_SparseMixin, nn.Module):
         self.backend, self.reason = "dense", "not built from a weight yet"
 
     @staticmethod
-    def check_supported(conv: nn.Conv2d, pattern: str) -> None:
+    def check_supported(conv: nn.Conv2d, pattern: str, block: tuple[int, int] = (32, 32)) -> None:
+        """Raises ValueError (TypeError for a non-Conv2d) when `conv` cannot become a
+        SparseConv2d of `pattern`: conv settings the kernels do not cover, or a weight
+        whose 2-D view cannot hold the pattern (kinds.Kind.check_shape)."""
         where = "SparseConv2d.from_dense"
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"{where}: expected nn.Conv2d, got {type(conv).__name__}")
@@ -586,24 +564,24 @@ class SparseConv2d(_SparseMixin, nn.Module):
             raise ValueError(f"{where}: padding_mode={conv.padding_mode!r} is not supported (only 'zeros')")
         if isinstance(conv.padding, str):
             raise ValueError(f"{where}: padding={conv.padding!r} strings are not supported; give ints")
-        kind, params = parse_pattern(pattern, where)
-        if kind == "nm" and conv.in_channels % params["m"]:
-            raise ValueError(f"{where}: in_channels={conv.in_channels} is not divisible by m={params['m']} "
-                             f"(N:M groups run along input channels)")
+        kind, params = kinds.parse(pattern, where)
+        in2d = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        kinds.KINDS[kind].check_shape(conv.out_channels, in2d, params, block, where, channels=conv.in_channels)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, pattern: str = "2:4", mask: torch.Tensor | None = None, method: str = "l1",
                    sparsity: float | None = None, block=(32, 32), trainable: bool = False,
                    policy: Policy | None = None, grad=None, act_norm=None) -> "SparseConv2d":
-        cls.check_supported(conv, pattern)
-        kind, params = parse_pattern(pattern)
+        where = "SparseConv2d.from_dense"
+        cls.check_supported(conv, pattern, block)
+        kind, params = kinds.parse(pattern, where)
         w = conv.weight.detach()
         if mask is None:
             if hasattr(conv, "weight_mask"):
                 mask = conv.weight_mask.bool()
             else:
-                mask = _pattern_mask(w, kind, params, prune.score(w, method, grad=grad, act_norm=act_norm), sparsity,
-                                     block)
+                mask = kinds.KINDS[kind].mask(prune.score(w, method, grad=grad, act_norm=act_norm), params, sparsity,
+                                              block, where)
         elif mask.shape != w.shape or mask.dtype != torch.bool:
             raise ValueError(f"SparseConv2d.from_dense: mask must be bool of shape {tuple(w.shape)}")
         mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,

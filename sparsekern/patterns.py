@@ -3,33 +3,15 @@ shares, and the 2-D view a convolution weight is pruned and compressed in.
 
 The lowest layer of the package: it imports nothing from sparsekern.
 
-Pattern grammar (`parse_pattern`), one kind per format (sparsekern/formats.py):
-
-  "2:4", "N:M"                      -> Pattern("nm", {"n": N, "m": M})
-  "unstructured"                    -> Pattern("unstructured", {})
-  "block", "block32", "block16x32"  -> Pattern("block", {} or {"block": (rows, cols)})
-  "dense"                           -> Pattern("dense", {})
-
-`KIND_CODES` are the integers a sparse module stores in its `weight_meta` buffer; they
-never change, so old checkpoints keep loading.
+Pattern kinds, their grammar and codes are registered in sparsekern/kinds.py (one entry per
+kind); this module holds what every format shares below that registry.
 """
 from __future__ import annotations
 
-import re
-from typing import NamedTuple
-
 import torch
 
-KINDS = ("nm", "unstructured", "block", "dense")
-KIND_CODES = {"nm": 1, "unstructured": 2, "block": 3, "dense": 4}
-KIND_OF_CODE = {v: k for k, v in KIND_CODES.items()}
 NM_GROUP_SIZES = (4, 8, 16)
 BITMASK_TILE_COLS = 512  # columns per bitmask offset (csrc/common.h: kBitmaskTileCols)
-
-
-class Pattern(NamedTuple):
-    kind: str     # one of KINDS
-    params: dict  # nm: {"n", "m"}; block: {"block": (rows, cols)} when given; else {}
 
 
 def check_nm(n: int, m: int, where: str = "N:M") -> None:
@@ -38,41 +20,6 @@ def check_nm(n: int, m: int, where: str = "N:M") -> None:
         raise ValueError(f"{where}: m must be 4, 8 or 16, got {m}")
     if not (isinstance(n, int) and 1 <= n < m):
         raise ValueError(f"{where}: n must satisfy 1 <= n < m, got n={n}, m={m}")
-
-
-def parse_pattern(pattern: str, where: str = "pattern") -> Pattern:
-    """The kind and parameters of a pattern string (grammar in the module docstring)."""
-    if not isinstance(pattern, str):
-        raise TypeError(f"{where}: pattern must be a string such as '2:4', 'unstructured' or 'block', got {pattern!r}")
-    p = pattern.strip().lower()
-    m = re.fullmatch(r"(\d+):(\d+)", p)
-    if m:
-        n, mm = int(m.group(1)), int(m.group(2))
-        check_nm(n, mm, where)
-        return Pattern("nm", {"n": n, "m": mm})
-    if p == "unstructured":
-        return Pattern("unstructured", {})
-    m = re.fullmatch(r"block(?:(\d+)(?:x(\d+))?)?", p)
-    if m:
-        if m.group(1) is None:
-            return Pattern("block", {})
-        bh = int(m.group(1))
-        return Pattern("block", {"block": (bh, int(m.group(2) or bh))})
-    if p == "dense":
-        return Pattern("dense", {})
-    raise ValueError(f"{where}: unknown pattern {pattern!r}; use 'N:M' (e.g. '2:4'), 'unstructured', "
-                     "'block' / 'block32' / 'block16x32' or 'dense'")
-
-
-def pattern_string(kind: str, n: int | None = None, m: int | None = None, block=None) -> str:
-    """The canonical spelling of a pattern (inverse of parse_pattern)."""
-    if kind == "nm":
-        return f"{n}:{m}"
-    if kind == "block" and block is not None:
-        return f"block{block[0]}x{block[1]}"
-    if kind not in KINDS:
-        raise ValueError(f"pattern_string: unknown kind {kind!r}; one of {KINDS}")
-    return kind
 
 
 # ------------------------------------------------------------------ 2-D weight views

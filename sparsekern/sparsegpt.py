@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import ops
-from .patterns import as_2d, from_2d, parse_pattern
+from . import kinds, ops
+from .patterns import as_2d, from_2d
 from .prune import apply_mask, prunable_layers, prune_count, run_batch
 
 
@@ -87,19 +87,16 @@ def sparsegpt_weight(weight2d: torch.Tensor, hessian: torch.Tensor, pattern: str
                      block: tuple[int, int] = (32, 32)) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune and compensate one weight [out, in] given H [in, in]. Returns (new weight in
     the weight's dtype with zeros in place, bool mask)."""
-    kind, params = parse_pattern(pattern, "sparsegpt")
-    if kind not in ("nm", "unstructured", "block"):
+    kind, params = kinds.parse(pattern, "sparsegpt")
+    entry = kinds.KINDS[kind]
+    if not entry.prunable:
         raise ValueError(f"sparsegpt: pattern {pattern!r} is not prunable")
     rows, cols = weight2d.shape
     if hessian.shape != (cols, cols):
         raise ValueError(f"sparsegpt: hessian must be [{cols}, {cols}], got {tuple(hessian.shape)}")
-    if kind == "nm" and cols % params["m"]:
-        raise ValueError(f"sparsegpt: in_features ({cols}) is not divisible by m = {params['m']}")
-    if kind != "nm":
+    entry.check_shape(rows, cols, params, block, "sparsegpt")
+    if entry.needs_sparsity:
         prune_count(float(sparsity), 1, "sparsegpt")
-    bh, bw = params.get("block", block) if kind == "block" else (1, 1)
-    if kind == "block" and (rows % bh or cols % bw):
-        raise ValueError(f"sparsegpt: weight {tuple(weight2d.shape)} is not divisible by block {(bh, bw)}")
     W = weight2d.detach().to(torch.float64).clone()
     H = hessian.to(torch.float64).clone()
     dead = torch.diag(H) == 0
@@ -118,11 +115,8 @@ def sparsegpt_weight(weight2d: torch.Tensor, hessian: torch.Tensor, pattern: str
                          "(calibration data too small or degenerate for this layer)")
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     pruned = torch.zeros_like(W, dtype=torch.bool)
-    if kind == "nm":
-        n, m = params["n"], params["m"]
-        blocksize = max(m, blocksize // m * m)
-    elif kind == "block":
-        blocksize = max(bw, blocksize // bw * bw)
+    group = entry.sparsegpt_group(params, block)  # column blocks never cut a mask decision
+    blocksize = max(group, blocksize // group * group)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2].clone()
@@ -131,23 +125,8 @@ def sparsegpt_weight(weight2d: torch.Tensor, hessian: torch.Tensor, pattern: str
         Hinv1 = Hinv[i1:i2, i1:i2]
         d1 = torch.diag(Hinv1)
         mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        if kind == "unstructured":
-            tmp = W1.square() / d1.square()[None, :]
-            k = int(round(tmp.numel() * float(sparsity)))
-            if k:
-                mask1.view(-1)[torch.topk(tmp.reshape(-1), k, largest=False).indices] = True
         for i in range(i2 - i1):
-            if kind == "nm" and i % m == 0:
-                tmp = W1[:, i:i + m].square() / d1[i:i + m].square()[None, :]
-                idx = torch.sort(tmp, dim=1, stable=True).indices[:, : m - n]  # ties: lower column pruned
-                mask1[:, i:i + m].scatter_(1, idx, True)
-            if kind == "block" and i % bw == 0:
-                tmp = (W1[:, i:i + bw].square() / d1[i:i + bw].square()[None, :]).reshape(rows // bh, bh, bw).sum((1, 2))
-                k = int(round(tmp.numel() * float(sparsity)))
-                if k:
-                    drop = torch.zeros(rows // bh, dtype=torch.bool, device=W.device)
-                    drop[torch.topk(tmp, k, largest=False).indices] = True
-                    mask1[:, i:i + bw] = drop.repeat_interleave(bh)[:, None]
+            entry.sparsegpt_select(W1, d1, i, mask1, params, sparsity, block)
             w = W1[:, i]
             d = Hinv1[i, i]
             q = w.clone()

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import prune
+from . import kinds, prune
 from .nn import SPARSE_MODULES, Policy, SparseConv2d, SparseLinear
-from .patterns import KIND_OF_CODE, as_2d, parse_pattern, pattern_string
+from .patterns import as_2d
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -55,10 +55,11 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
     Returns (model, report): one row per layer (pattern, density, bytes before/after,
     backend and why, or why it was left dense).
     """
-    kind, _ = parse_pattern(pattern, "sparsify")
+    kind, params = kinds.parse(pattern, "sparsify")
+    entry = kinds.KINDS[kind]
     if method != "sparsegpt":
         prune.check_method(method, "sparsify")
-    if kind in ("unstructured", "block") and sparsity is None:
+    if entry.needs_sparsity and sparsity is None:
         raise ValueError(f"sparsify: pattern {pattern!r} needs sparsity= (fraction to remove)")
     if sparsity is not None:
         prune.prune_count(float(sparsity), 1, "sparsify")
@@ -88,14 +89,9 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
             continue
         try:
             if isinstance(mod, nn.Conv2d):
-                SparseConv2d.check_supported(mod, pattern)
-            elif kind == "nm" and w.shape[1] % parse_pattern(pattern)[1]["m"]:
-                raise ValueError(f"in_features={w.shape[1]} is not divisible by m")
-            if kind == "block":
-                bh, bw = parse_pattern(pattern)[1].get("block", block)
-                rows, cols = as_2d(w).shape
-                if rows % bh or cols % bw:
-                    raise ValueError(f"weight 2-D shape {(rows, cols)} is not divisible by block {(bh, bw)}")
+                SparseConv2d.check_supported(mod, pattern, block)
+            else:
+                entry.check_shape(w.shape[0], w.shape[1], params, block, "sparsify")
         except (ValueError, TypeError) as e:
             report.append({**row, "status": "dense", "reason": str(e)})
             continue
@@ -159,24 +155,6 @@ def _contiguous_conv_weight(module, state_dict, prefix, local_metadata):
         state_dict[key] = t.contiguous()
 
 
-def _detect_pattern(mask2d: torch.Tensor) -> str:
-    """The most compact format that holds the mask exactly: N:M when (nearly) every group
-    keeps its n (a 90%-sparse mask also "fits" 4:8, but would store 50% of the values),
-    else block when the mask is made of whole blocks, else the bitmask."""
-    density = float(mask2d.float().mean())
-    for n, m in ((2, 4), (1, 4), (4, 8), (2, 8), (1, 8), (8, 16)):
-        if mask2d.shape[1] % m == 0 and n / m <= density * 1.1 + 1e-9 and \
-                bool((mask2d.reshape(mask2d.shape[0], -1, m).sum(-1) <= n).all()):
-            return f"{n}:{m}"
-    for b in (64, 32, 16, 8):
-        rows, cols = mask2d.shape
-        if rows % b == 0 and cols % b == 0:
-            blocks = mask2d.reshape(rows // b, b, cols // b, b)
-            if bool((blocks.all(3).all(1) == blocks.any(3).any(1)).all()):
-                return f"block{b}"
-    return "unstructured"
-
-
 def from_torch_prune(model: nn.Module, policy: Policy | None = None, trainable: bool = False):
     """Swap every Linear/Conv2d carrying a torch.nn.utils.prune mask (weight_mask, also
     set by sparsekern.prune) for a sparse module: N:M when the mask is N:M, block when it
@@ -187,7 +165,7 @@ def from_torch_prune(model: nn.Module, policy: Policy | None = None, trainable: 
             continue
         mask = mod.weight_mask.bool()
         m2d = as_2d(mask)
-        pattern = _detect_pattern(m2d)
+        pattern = kinds.detect_pattern(m2d)
         if isinstance(mod, nn.Conv2d):
             try:
                 SparseConv2d.check_supported(mod, pattern)
@@ -199,9 +177,10 @@ def from_torch_prune(model: nn.Module, policy: Policy | None = None, trainable: 
                     report.append({"layer": name, "status": "dense", "reason": str(e)})
                     continue
         cls = SparseConv2d if isinstance(mod, nn.Conv2d) else SparseLinear
-        kind, params = parse_pattern(pattern)
+        kind, params = kinds.parse(pattern)
         sparsity = 1.0 - float(mask.float().mean())
-        new = cls.from_dense(mod, pattern, mask=mask, sparsity=sparsity, block=params.get("block", (32, 32)),
+        new = cls.from_dense(mod, pattern, mask=mask, sparsity=sparsity,
+                             block=kinds.KINDS[kind].block_of(params, (32, 32)) or (32, 32),
                              trainable=trainable, policy=policy)
         new.train(mod.training)
         set_module(model, name, new)
@@ -253,16 +232,8 @@ def dense_state_dict(sparse_model_or_state: nn.Module | dict, template: nn.Modul
                  if isinstance(layer, nn.Conv2d) else
                  SparseLinear(layer.in_features, layer.out_features, layer.bias is not None, "dense"))
         sub = {kk[len(prefix):]: v for kk, v in sd.items() if kk.startswith(prefix) and "." not in kk[len(prefix):]}
-        probe.pattern = _pattern_of_meta(meta)
+        probe.pattern = kinds.pattern_of_meta(meta)
         probe.load_state_dict(sub)
         dense = probe.to_dense()
         out[prefix + "weight"] = dense.weight.detach()
     return out
-
-
-def _pattern_of_meta(meta: torch.Tensor) -> str:
-    """The pattern string of a saved `weight_meta` buffer (kind codes: patterns.KIND_CODES)."""
-    kind = KIND_OF_CODE.get(int(meta[0]))
-    if kind is None:
-        raise ValueError(f"dense_state_dict: weight_meta holds an unknown kind code {int(meta[0])}")
-    return pattern_string(kind, *(int(v) for v in meta[1:3])) if kind == "nm" else kind

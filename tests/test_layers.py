@@ -13,12 +13,13 @@ PKG = pathlib.Path(__file__).resolve().parents[1] / "sparsekern"
 
 # Bottom to top; a module may import modules of its own layer or below.
 LAYERS = [
-    {"patterns"},                                   # grammar, kinds, 2-D views, bit layouts
+    {"patterns"},                                   # 2-D views, bit layouts
     {"reference", "_extension"},                    # pure-torch references; loading the extension
     {"triton", "semi_structured", "tuning"},        # backends: Triton kernels, 2:4 GEMMs; measured timings
     {"ops"},                                        # the one door: checks, dispatch, fakes, autograd
     {"formats"},                                    # typed compressed weights over ops
     {"prune"},                                      # scores, masks, calibration, torch-prune-style functions
+    {"kinds"},                                      # the registry of pattern kinds (grammar, format, masks)
     {"sparsegpt"},                                  # reconstruction
     {"nn", "sparsify"},                             # modules and swap
     {"parallel"},                                   # tensor parallelism, DCP, FSDP2 helpers
@@ -42,6 +43,12 @@ def _top(dotted: str) -> str:
     return dotted.split(".")[0]
 
 
+def _is_module(name: str) -> bool:
+    """A Python module, a subpackage or a compiled extension (sparsekern._C) of the package."""
+    return (PKG / f"{name}.py").is_file() or (PKG / name / "__init__.py").is_file() or \
+        any(PKG.glob(f"{name}.*.so")) or any(PKG.glob(f"{name}.*.pyd"))
+
+
 def _imports(module: str, path: pathlib.Path):
     """(imported sparsekern module, imported names, line) for every import in the file."""
     tree = ast.parse(path.read_text(), str(path))
@@ -61,9 +68,11 @@ def _imports(module: str, path: pathlib.Path):
             else:
                 continue
             names = [a.name for a in node.names]
-            if not target:  # from sparsekern import ops, formats
+            if not target:  # from sparsekern import ops, formats / from .. import NMWeight
                 for n in names:
-                    yield n, [], node.lineno
+                    # A name that is not a module of the package comes from its face
+                    # (sparsekern/__init__.py, the app layer), whatever it re-exports.
+                    yield (n if _is_module(n) else "__init__"), [], node.lineno
             else:
                 yield target, names, node.lineno
 
@@ -83,6 +92,16 @@ def test_every_module_has_a_layer():
     units = {_top(m) for m, _ in _modules()}
     missing = sorted(units - set(LAYER_OF))
     assert not missing, f"modules with no layer (add them to LAYERS and docs/ARCHITECTURE.md): {missing}"
+
+
+def test_a_name_from_the_package_face_counts_as_the_app_layer(tmp_path):
+    """`from .. import NMWeight` inside a low module imports the package face (the app layer),
+    not a module called NMWeight that no layer knows."""
+    src = tmp_path / "ops.py"
+    src.write_text("from . import NMWeight\nfrom . import formats\n")
+    found = [t for t, _, _ in _imports("ops", src)]
+    assert found == ["__init__", "formats"], found
+    assert LAYER_OF["__init__"] > LAYER_OF[_top("ops")]
 
 
 def test_no_import_cycles():

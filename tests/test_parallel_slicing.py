@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsekern import formats
+from sparsekern import formats, kinds
 from sparsekern.parallel import layout, unshard_state_dict
 
 
@@ -87,7 +87,7 @@ def test_cut_and_join_round_trip(case, parts):
     f = make()
     dense = f.to_dense()
     out, k = f.shape
-    row_step = f.block[0] if f.KIND == "block" else 1
+    row_step = kinds.kind_of(f).shard_step(0, {}, getattr(f, "block", None))
     for dim, size, unit in ((1, k, step), (0, out, row_step)):
         units = -(-size // unit)
         cuts = sorted({min(size, round(i * units / parts) * unit) for i in range(parts + 1)})
@@ -136,13 +136,13 @@ def test_unshard_state_dict_undoes_the_stacks(case, dim, world):
     f = CASES[case][0]()
     if dim == 0 and f.shape[0] % world:
         f = f.slice_rows(0, f.shape[0] - f.shape[0] % world)
-    if f.KIND == "block" and dim == 0 and (f.shape[0] // world) % f.block[0]:
+    if dim == 0 and (f.shape[0] // world) % kinds.kind_of(f).shard_step(0, {}, getattr(f, "block", None)):
         pytest.skip("the rows per rank would cut a block")
     if dim == 1 and (f.shape[1] // world) % CASES[case][1]:
         f = f.slice_cols(0, f.shape[1] // (world * CASES[case][1]) * world * CASES[case][1])
     shards = [layout.cut(f, dim, r, world) for r in range(world)]
     sd = {"other.weight": torch.ones(3), "layer.weight_tp": torch.tensor([dim, world]),
-          "layer.weight_meta": torch.cat([torch.tensor([{"nm": 1, "unstructured": 2, "block": 3}[f.KIND]]), f.meta()]),
+          "layer.weight_meta": kinds.meta_of(f),
           "layer.weight_tp_shapes": torch.stack([layout.shape_row(s) for s in shards]),
           "layer.bias": torch.zeros(f.shape[0])}
     for name in f.TENSOR_NAMES:

@@ -10,8 +10,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from .. import ops
-from ..formats import BitmaskWeight, BlockWeight, NMWeight
+from .. import kinds, ops
+from ..formats import NMWeight
 from .common import interleaved, quantiles, rel_err, time_variants, tolerance
 
 F = torch.nn.functional
@@ -33,21 +33,30 @@ class Built:
 
 
 def _mask(w, pattern, density, gen):
-    if pattern.startswith("block"):
-        b = int(pattern[5:])
-        keep = torch.rand(w.shape[0] // b, w.shape[1] // b, generator=gen, device=gen.device) < density
-        return keep.repeat_interleave(b, 0).repeat_interleave(b, 1)
-    return torch.rand(w.shape, generator=gen, device=gen.device) < density
+    """A random keep-mask of the pattern (about `density` kept; N:M keeps its n of m)."""
+    scores = torch.rand(w.shape, generator=gen, device=gen.device)
+    return kinds.make_mask(scores, pattern, sparsity=1.0 - density, where="bench case")
 
 
 def sparse_format(w, pattern, density, gen):
-    if ":" in pattern:
-        n, m = map(int, pattern.split(":"))
-        return NMWeight.from_dense(w, n, m)
-    if pattern == "unstructured":
-        return BitmaskWeight.from_dense(w, _mask(w, pattern, density, gen))
-    b = int(pattern[5:])
-    return BlockWeight.from_dense(w, (b, b), _mask(w, pattern, density, gen))
+    """The pattern's format of `w` under a random mask (kinds.compress)."""
+    return kinds.compress(w, pattern, _mask(w, pattern, density, gen))
+
+
+def _torch_sparse(layout: str):
+    """A builder of torch's own sparse matmul (CSR or BSR) over the masked weight."""
+    def build(w, d, g, pattern):
+        wd = w * _mask(w, pattern, d, g)
+        block = kinds.parse(pattern).entry.block_of(kinds.parse(pattern).params, None)
+        S = wd.to_sparse_csr() if layout == "csr" else wd.to_sparse_bsr(block)
+        nb = sum(t.numel() * t.element_size() for t in (S.values(), S.col_indices(), S.crow_indices()))
+        return Built(lambda x: torch.sparse.mm(S, x.t()).t(), nb, wd)
+    return build
+
+
+# torch's own sparse layout that holds each kind, a peer in every sweep of that kind.
+TORCH_SPARSE_PEERS = {"unstructured": ("torch.csr", _torch_sparse("csr")),
+                      "block": ("torch.bsr", _torch_sparse("bsr"))}
 
 
 def providers(device: str, pattern: str):
@@ -78,23 +87,10 @@ def providers(device: str, pattern: str):
                 return Built(lambda x: F.linear(x, S), int(wd.numel() * wd.element_size() * 0.5625), wd)
 
             out["torch.semi_structured"] = semi
-    if pattern == "unstructured":
-        def csr(w, d, g):
-            wd = w * _mask(w, pattern, d, g)
-            S = wd.to_sparse_csr()
-            nb = sum(t.numel() * t.element_size() for t in (S.values(), S.col_indices(), S.crow_indices()))
-            return Built(lambda x: torch.sparse.mm(S, x.t()).t(), nb, wd)
-
-        out["torch.csr"] = csr
-    if pattern.startswith("block"):
-        def bsr(w, d, g):
-            b = int(pattern[5:])
-            wd = w * _mask(w, pattern, d, g)
-            S = wd.to_sparse_bsr((b, b))
-            nb = sum(t.numel() * t.element_size() for t in (S.values(), S.col_indices(), S.crow_indices()))
-            return Built(lambda x: torch.sparse.mm(S, x.t()).t(), nb, wd)
-
-        out["torch.bsr"] = bsr
+    peer = TORCH_SPARSE_PEERS.get(kinds.parse(pattern).kind)
+    if peer is not None:
+        name, build = peer
+        out[name] = lambda w, d, g: build(w, d, g, pattern)
     return out
 
 

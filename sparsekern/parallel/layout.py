@@ -34,12 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import formats
-from ..patterns import KIND_OF_CODE
-
-# Columns a row-wise cut must keep whole, per format kind (and the words for errors).
-STEP_WHAT = {"nm": "an N:M group of {m} columns", "unstructured": "a 64-column bitmask word",
-             "block": "a {bh}x{bw} block", "dense": "nothing"}
+from .. import kinds
 
 
 def cut(weight, dim: int, rank: int, world: int):
@@ -73,11 +68,7 @@ def local_meta(meta_ints: list[int], dim: int, world: int) -> list[int]:
 
 
 def format_class(meta: torch.Tensor):
-    code = int(meta[0])
-    kind = KIND_OF_CODE.get(code)
-    if kind is None:
-        raise ValueError(f"weight_meta holds an unknown kind code {code}")
-    return None if kind == "dense" else formats.FORMAT_OF_CODE[code]
+    return kinds.kind_of_code(int(meta[0])).format
 
 
 def shape_row(fmt) -> torch.Tensor:

@@ -32,9 +32,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor import parallel as tp
 
-from .. import ops
+from .. import kinds, ops
 from ..nn import DEFAULT_POLICY, Policy, SparseConv2d, SparseLinear
-from ..patterns import KIND_CODES, parse_pattern
 from . import layout
 
 _STYLE_DIM = {"ColwiseParallel": 0, "RowwiseParallel": 1}
@@ -101,7 +100,7 @@ class TPSparseLinear(SparseLinear):
         f = self.weight_format()
         if isinstance(f, torch.Tensor):
             return self.weight_meta.detach().clone()
-        ints = [KIND_CODES[f.KIND]] + f.meta().tolist()
+        ints = kinds.meta_of(f).tolist()
         return torch.tensor(ints[:-1] + [self.global_in_features], dtype=torch.int64)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -305,26 +304,28 @@ def _problem(module, world: int, dim: int, mesh):
         return ValueError, ("the layer is trainable (masked fine-tuning); call freeze() first -- tensor parallelism "
                             "shards the compressed inference weight (fine-tune under FSDP2, docs/PARALLEL.md)")
     out, k = module.out_features, module.in_features
-    kind, params = parse_pattern(module.pattern)
     f = module.weight_format()
-    block = f.block if getattr(f, "KIND", None) == "block" else params.get("block")
+    # The stored weight says what a cut must keep whole (a dense-backend layer: nothing).
+    entry = kinds.kind_of(f)
+    params = {} if isinstance(f, torch.Tensor) else kinds.parse(f.pattern).params
+    block = entry.block_of(params, None)
+    words = dict(m=params.get("m"), bh=block[0] if block else 0, bw=block[1] if block else 0)
     if dim == 0:
         if out % world:
             return ValueError, (f"out_features={out} is not divisible by the world size {world} (column-wise "
                                 "sharding gives every rank the same number of output rows)")
-        if kind == "block" and block and (out // world) % block[0]:
-            return ValueError, (f"{out // world} output rows per rank ({out} / {world}) would cut a "
-                                f"{block[0]}x{block[1]} block")
+        step = entry.shard_step(0, params, block)
+        if (out // world) % step:
+            return ValueError, (f"{out // world} output rows per rank ({out} / {world}) would cut "
+                                f"{entry.shard_what.format(**words)}")
         return None
     if k % world:
         return ValueError, (f"in_features={k} is not divisible by the world size {world} (row-wise sharding "
                             "gives every rank the same number of input columns)")
-    step = {"nm": params.get("m", 1), "unstructured": 64, "block": block[1] if block else 1}.get(kind, 1)
+    step = entry.shard_step(1, params, block)
     if (k // world) % step:
-        what = layout.STEP_WHAT[kind].format(m=params.get("m"), bh=block[0] if block else 0,
-                                             bw=block[1] if block else 0)
-        return ValueError, (f"{k // world} input columns per rank ({k} / {world}) would cut {what}; "
-                            f"in_features / world size must be a multiple of {step}")
+        return ValueError, (f"{k // world} input columns per rank ({k} / {world}) would cut "
+                            f"{entry.shard_what.format(**words)}; in_features / world size must be a multiple of {step}")
     return None
 
 

@@ -79,6 +79,10 @@ def score(weight: torch.Tensor, method: str = "l1", *, grad: torch.Tensor | None
     return from_2d(as_2d(w).abs().float() * an, w.shape)
 
 
+# Named group tuples: name -> (tuple length, the (rows, cols) of one group from its ints).
+_NAMED_GROUPS = {"nm": (2, lambda m: (1, int(m))), "block": (3, lambda bh, bw: (int(bh), int(bw)))}
+
+
 def _group_shape(group, rows: int, cols: int) -> tuple[int, int]:
     if group in ("row", "channel"):
         return 1, cols
@@ -86,10 +90,10 @@ def _group_shape(group, rows: int, cols: int) -> tuple[int, int]:
         return rows, 1
     if group == "layer":
         return rows, cols
-    if isinstance(group, tuple) and len(group) == 2 and group[0] == "nm":
-        return 1, int(group[1])
-    if isinstance(group, tuple) and len(group) == 3 and group[0] == "block":
-        return int(group[1]), int(group[2])
+    if isinstance(group, tuple) and group and group[0] in _NAMED_GROUPS:
+        size, shape = _NAMED_GROUPS[group[0]]
+        if len(group) == size:
+            return shape(*group[1:])
     if isinstance(group, tuple) and len(group) == 2 and all(isinstance(g, int) for g in group):
         return group
     raise ValueError(f"group_score: unknown group {group!r}; use 'row', 'column', 'channel', 'layer', "
