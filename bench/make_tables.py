@@ -29,18 +29,25 @@ wrote them, so a folder added later shows up without a change here:
   (suite ncu); anything else is shown as a plain table of its fields; rows with "error"
   are listed as "did not run".
 
-Which run a README table shows: the newest (environment date) results file that has rows of
-its kind on its device; a folder whose name contains "quick" (or whose environment says
-quick) is used only when no full run has such rows. docs/RESULTS.md shows every file, every
-row.
+Where the tables go: the README holds one, `summary` (per machine, the newest full run with
+model rows: each model's best sparsekern variant beside every peer variant of that run, a
+peer being a variant named "dense..." or "torch..." other than the baseline and its repeat,
+PEER_PREFIXES). docs/RESULTS.md holds the rest: `ops` (which backend exists for which op, and
+"built, not yet run on a GPU" for a GPU backend no committed GPU run has run), the newest run
+of each kind (the newest results file, by environment date, that has rows of that kind on its
+device; a folder whose name contains "quick", or whose environment says quick, only when no
+full run has such rows), and `all-results`: every file, every row, each under an anchor the
+README's links point to (run_anchors).
 
 Speed-ups: dense median / this median from the same run, with the range the p20-p80 spreads
-allow (dense p20 / this p80 to dense p80 / this p20). When that range contains 1, or the
-difference is within a noise floor the row carries (two identical runs in the same loop),
-the row reads "no difference" instead of a ratio.
+allow (dense p20 / this p80 to dense p80 / this p20), or the row's own per-round p20-p80 and
+verdict where the benchmark compared it (sparsekern.bench.common.compare). When that range
+contains 1, or the difference is within a noise floor the row carries (two identical runs in
+the same loop), the row reads "no difference" instead of a ratio. Every speed-up is written by
+sparsekern.reporting.ratio_text, the one formatter the demo and the benchmark suite use too.
 
-This script imports the package (for the dispatch table ops.OPS); the package never imports
-from bench/.
+This script imports the package (the speed-up formatter, the dispatch table ops.OPS, the
+pattern kinds); the package never imports from bench/.
 """
 from __future__ import annotations
 
@@ -55,6 +62,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from sparsekern.reporting import ratio_text  # noqa: E402  (the one speed-up format)
+
 RESULTS = os.path.join(ROOT, "bench", "results")
 MARKER = re.compile(r"<!-- table:([a-z0-9-]+) -->\n(.*?)<!-- /table -->", re.S)
 KERNEL_OPS = ("linear", "nm_linear", "bitmask_linear", "block_linear", "conv2d", "nm_conv2d")
@@ -186,17 +196,6 @@ def newest(runs: list[Run], kind: str, gpu: bool | None) -> Run | None:
 
 
 # -------------------------------------------------------------------------- formatting
-def ratio(x: float) -> str:
-    """Two significant digits at most: 0.067, 0.67, 1.8, 7.5, 12."""
-    if x < 0.1:
-        return f"{x:.2g}"
-    if x >= 10:
-        return f"{x:.0f}"
-    if x >= 1:
-        return f"{x:.1f}"
-    return f"{x:.2f}"
-
-
 def num(v: float, digits: int = 3) -> str:
     """`digits` significant digits, plain notation."""
     if v == 0:
@@ -217,7 +216,8 @@ def spread(r: dict, scale: float = 1.0) -> str:
 
 def speedup_cell(r: dict, ref: dict | None) -> str:
     """'1.8x (1.6–2.0)', or 'no difference (0.90–1.3)' when the spreads or the row's
-    noise floor cannot tell the two apart; the reference row itself reads 'reference'.
+    noise floor cannot tell the two apart; the reference row itself reads '1 (baseline)'
+    (sparsekern.reporting.ratio_text writes every cell).
 
     A row that carries its own comparison (sparsekern.bench.common.compare: `speedup`,
     `speedup_p20`/`speedup_p80` of the per-round paired ratios, `verdict`) is shown as the
@@ -225,14 +225,13 @@ def speedup_cell(r: dict, ref: dict | None) -> str:
     allow, and "no difference" when that range contains 1 or the difference is within the
     row's noise floor (`noise_floor` / `noise_floor_rel`: relative, `noise_floor_ms`)."""
     if ref is r or r.get("variant") == r.get("baseline", object()):
-        return "reference"
+        return ratio_text(1.0, "baseline")
     if "verdict" in r and all(isinstance(r.get(k), (int, float)) for k in ("speedup_p20", "speedup_p80")):
-        x = r.get("speedup", r.get("speedup_vs_dense"))
-        rng = f" ({ratio(r['speedup_p20'])}–{ratio(r['speedup_p80'])})"
-        return f"no difference{rng}" if r["verdict"] == "no difference" else f"{ratio(x)}x{rng}"
+        return ratio_text(r.get("speedup", r.get("speedup_vs_dense")), r["verdict"], r["speedup_p20"],
+                          r["speedup_p80"])
     if ref is None:
         x = r.get("speedup_vs_dense")
-        return f"{ratio(x)}x (no spread: reference row not found)" if isinstance(x, (int, float)) else ""
+        return f"{ratio_text(x)} (no spread: reference row not found)" if isinstance(x, (int, float)) else ""
     x = ref["median_ms"] / r["median_ms"]
     lo = hi = None
     if all(isinstance(d.get(k), (int, float)) and d.get(k) > 0 for d in (r, ref) for k in ("p20_ms", "p80_ms")):
@@ -245,10 +244,7 @@ def speedup_cell(r: dict, ref: dict | None) -> str:
     floor_ms = r.get("noise_floor_ms")
     if isinstance(floor_ms, (int, float)) and abs(ref["median_ms"] - r["median_ms"]) <= floor_ms:
         inside = True
-    rng = f" ({ratio(lo)}–{ratio(hi)})" if lo is not None else ""
-    if inside:
-        return f"no difference{rng}"
-    return f"{ratio(x)}x{rng}"
+    return ratio_text(x, "no difference" if inside else None, lo, hi)
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -269,12 +265,18 @@ def pattern_text(r: dict) -> str:
 
 
 def op_of(r: dict) -> str:
-    """The sparsekern op a kernel row ran (the suite writes op 'linear' and the pattern)."""
+    """The sparsekern op a kernel row ran. The suite writes op 'linear' and the pattern: the
+    op is the one the pattern's format declares (sparsekern.kinds, formats' OP); 'linear'
+    for dense or a pattern no kind reads."""
     if r.get("op") != "linear":
         return str(r.get("op"))
-    p = str(r.get("pattern", ""))
-    return "nm_linear" if ":" in p else "bitmask_linear" if p == "unstructured" else \
-        "block_linear" if p.startswith("block") else "linear"
+    from sparsekern import kinds
+
+    try:
+        fmt = kinds.parse(str(r.get("pattern", ""))).entry.format
+    except (TypeError, ValueError):
+        return "linear"
+    return getattr(fmt, "OP", "") or "linear"
 
 
 LABELS = {"shape": "weight (out x in)", "model_shape": "case", "dtype": "dtype"}
@@ -354,6 +356,24 @@ def render_kernels(run: Run) -> str:
                     if floor else []) +
                    ([num(r["eager_us"] / 1e3) if isinstance(r.get("eager_us"), (int, float)) else ""] if eager else []))
     return f"{caption}\n\n{table(header, out)}".strip()
+
+
+# A model variant whose name starts with one of these is a peer: what a user would run
+# instead of sparsekern ("dense channels-last", "dense bf16", "torch int8 dynamic"), timed in
+# the same loop; new peers show up in every table without a change here.
+PEER_PREFIXES = ("dense", "torch")
+
+
+def variant_role(r: dict) -> str:
+    """A model row's role: 'baseline' (what x dense divides by), 'repeat' (the baseline timed
+    again, for the noise floor), 'peer' (named PEER_PREFIXES, or a row with a `peer` field:
+    sparsekern.bench.peers) or 'sparse' (a sparsekern variant)."""
+    v = str(r.get("variant", ""))
+    if v == r.get("baseline", "dense"):
+        return "baseline"
+    if v.endswith("(again)"):
+        return "repeat"
+    return "peer" if r.get("peer") or v.startswith(PEER_PREFIXES) else "sparse"
 
 
 def render_models(run: Run) -> str:
@@ -614,18 +634,17 @@ def t_cpu_goals(runs):
             s, lo, hi = s / peer[0]["speedup"], lo / peer[0]["speedup"], hi / peer[0]["speedup"]
         verdict = "met" if s >= target else ("not met (no difference from dense)"
                                             if r.get("verdict") == "no difference" and not against else "not met")
-        # Two decimals for the measured figure: at ratio()'s two digits a 1.96x that misses a
-        # 2x target would read "2.0x, not met".
-        out.append(f"| {what} | {pattern} | ≥ {target:g}x | {s:.2f}x ({ratio(lo)}–{ratio(hi)}) | {verdict} | {where} |")
+        # Three digits: at the tables' two a 1.96x that misses a 2x target would read "2.0x, not met".
+        out.append(f"| {what} | {pattern} | ≥ {target:g}x | {ratio_text(s, None, lo, hi, digits=3)} | {verdict} "
+                   f"| {where} |")
     # Never slower: every sparse model row of the model run, against 0.97x.
     run = src["models"]
     if run is not None:
-        model_rows = [r for r in run.rows if r.get("op") == "model" and "speedup" in r
-                      and r.get("variant") not in ("dense", "dense (again)", "dense channels-last")]
+        model_rows = [r for r in run.of("model") if "speedup" in r and variant_role(r) == "sparse"]
         below = [r for r in model_rows if r["speedup"] < 0.97 and r.get("verdict") != "no difference"]
         worst = min(model_rows, key=lambda r: r["speedup"]) if model_rows else None
         if worst is not None:
-            text = (f"lowest {ratio(worst['speedup'])}x ({worst['model']} {worst['variant']} {worst['metric']})"
+            text = (f"lowest {ratio_text(worst['speedup'])} ({worst['model']} {worst['variant']} {worst['metric']})"
                     + (f"; {len(below)} of {len(model_rows)} rows below 0.97x beyond the noise" if below else
                        f"; no row below 0.97x beyond the noise ({len(model_rows)} rows)"))
             out.append(f"| never slower: every model row | all | ≥ 0.97x | {text} | {'not met' if below else 'met'} "
@@ -702,10 +721,87 @@ def t_gpu(runs):
             "weight stored dense (x cuBLAS).")
 
 
+def run_anchors(runs) -> dict[str, str]:
+    """The id of each run's section in docs/RESULTS.md: its folder's name, with the file's
+    name after it where a folder holds several results files."""
+    folders = [os.path.dirname(r.path) for r in runs]
+    out = {}
+    for r, folder in zip(runs, folders):
+        name = os.path.basename(folder)
+        if folders.count(folder) > 1:
+            name += "-" + os.path.splitext(os.path.basename(r.path))[0]
+        out[r.path] = re.sub(r"[^a-z0-9_-]", "-", name.lower())
+    return out
+
+
+def run_link(run: Run, runs) -> str:
+    """A markdown link, from the README, to a run's section of docs/RESULTS.md."""
+    anchor = run_anchors(runs)[run.path]
+    return f"[{os.path.basename(os.path.dirname(run.path))}](docs/RESULTS.md#{anchor})"
+
+
 def t_all_results(runs):
     if not runs:
         return "No results files yet."
-    return "\n\n".join(f"### `{os.path.dirname(r.path)}`\n\n{render_run(r, heading='#### ')}" for r in runs)
+    ids = run_anchors(runs)
+    return "\n\n".join(f'<a id="{ids[r.path]}"></a>\n\n### `{os.path.dirname(r.path)}`\n\n'
+                       f"{render_run(r, heading='#### ')}" for r in runs)
+
+
+def t_summary(runs):
+    """The README's one table: per hardware (the newest full model-level run on each device),
+    model and workload, the best sparsekern variant beside every peer the run timed (variants
+    named PEER_PREFIXES), each as x dense, the fastest marked, with a link to the run."""
+    newest_per_hw: dict = {}
+    for run in runs:  # newest first
+        if run.quick or not run.of("model"):
+            continue
+        newest_per_hw.setdefault((run.gpu, run.env.get("device_name") or run.env.get("cpu")), run)
+    out = []
+    models: dict[str, str] = {}
+    for (gpu, name), run in newest_per_hw.items():
+        th = run.env.get("threads")
+        hw = name if gpu else f"{name}, {th} thread{'' if th == 1 else 's'}"
+        rows = [r for r in run.of("model") if isinstance(r.get("speedup", r.get("speedup_vs_dense")), (int, float))]
+        for key in dict.fromkeys((r.get("model"), r.get("metric"), r.get("batch")) for r in rows):
+            mine = [r for r in rows if (r.get("model"), r.get("metric"), r.get("batch")) == key]
+            sparse = [r for r in mine if variant_role(r) == "sparse"]
+            peers = [r for r in mine if variant_role(r) == "peer"]
+            if not sparse:
+                continue
+            best = max(sparse, key=_speedup)
+            group = [(best, f"sparsekern {best['variant']}" + (f" (best of {len(sparse)})" if len(sparse) > 1 else ""))]
+            group += [(p, f"peer: {p['variant']}") for p in sorted(peers, key=_speedup, reverse=True)]
+            fastest = max((r for r, _ in group), key=_speedup)
+            for r, label in group:
+                out.append([hw, str(key[0]), f"{key[1]}, batch {key[2]}", label, _summary_cell(r),
+                            "yes" if r is fastest else "", run_link(run, runs)])
+            if best.get("model_desc"):
+                models.setdefault(str(key[0]), best["model_desc"])
+    if not out:
+        return "No model-level results yet."
+    gpu_note = ("" if any(gpu for gpu, _ in newest_per_hw) else
+                " The GPU runs so far time kernels, not models: [GPU](docs/RESULTS.md#gpu)." if any(r.gpu for r in runs)
+                else " No GPU run yet: the CUDA, Triton and 2:4 tensor-core kernels are built, not yet run on a GPU.")
+    header = ["hardware", "model", "workload", "variant", "x dense (p20–p80)", "fastest here", "full run"]
+    return (table(header, out) +
+            "\n\nx dense: the model's dense fp32 time (variant `dense`) over the variant's, timed interleaved in the "
+            "same run, with the p20–p80 of the per-round ratios; \"no difference\" where the run cannot tell it from "
+            "dense. Each group shows the fastest of sparsekern's variants (the others, the slower ones included, "
+            "are in the full run) and every peer the run timed (other ways to run the model: variants named "
+            "dense… or torch…); \"fastest here\" is the highest median ratio of the "
+            "group, so compare the ranges." + gpu_note +
+            ("\n\nModels: " + "; ".join(f"{m}: {d}" for m, d in models.items()) + "." if models else ""))
+
+
+def _speedup(r: dict) -> float:
+    return r.get("speedup", r.get("speedup_vs_dense"))
+
+
+def _summary_cell(r: dict) -> str:
+    if all(isinstance(r.get(k), (int, float)) for k in ("speedup_p20", "speedup_p80")):
+        return ratio_text(_speedup(r), r.get("verdict"), r["speedup_p20"], r["speedup_p80"], digits=3)
+    return ratio_text(_speedup(r), r.get("verdict"), digits=3)
 
 
 def t_ops(runs):
@@ -726,22 +822,36 @@ def t_ops(runs):
                 return v
         return ""
 
-    def yes(b):
-        return "yes" if b else "—"
+    ran = _ran_on_gpu(runs)
+
+    def gpu(name, built, providers):
+        """A GPU backend's cell: '—' when not built, else whether a committed GPU run ran it."""
+        if not built:
+            return "—"
+        return "yes, ran on a GPU" if any((name, p) in ran for p in providers) else "built, not yet run on a GPU"
     out = []
     for name, s in ops.OPS.items():
-        tri = "—"
-        if s.triton:
-            tri = "yes" + (f" (square blocks {', '.join(map(str, blocks))})" if s.triton_limit and blocks else
-                           " (with limits: `ops.explain_backend`)" if s.triton_limit else "")
-        out.append([f"`{name}`", what(name), yes(s.cpp) if s.cpp else "— (reference GEMM)", yes(s.cuda), tri,
-                    yes(s.semi_structured)])
+        tri = gpu(name, bool(s.triton), ("triton",))
+        if s.triton and s.triton_limit:
+            tri += (f" (square blocks {', '.join(map(str, blocks))})" if blocks else
+                    " (with limits: `ops.explain_backend`)")
+        out.append([f"`{name}`", what(name), "yes" if s.cpp else "— (reference GEMM)", gpu(name, s.cuda, ("cuda",)),
+                    tri, gpu(name, s.semi_structured, ("cusparselt", "cutlass"))])
     dtypes = ", ".join(str(d).split(".")[-1] for d in ops.KERNEL_DTYPES)
     return (table(["op", "for", "CPU (C++)", "CUDA C++", "Triton", "2:4 tensor-core GEMMs (cuSPARSELt, CUTLASS)"],
                   out) +
-            f"\n\nGenerated from `sparsekern.ops.OPS`. Compiled backends take {dtypes}; other dtypes "
-            "(float64 included) and anything no backend can run here go to the pure-torch reference "
-            "(`sparsekern/reference.py`). The 2:4 GEMMs serve bf16/fp16 `nm_linear` at large batch on CUDA.")
+            f"\n\nGenerated from `sparsekern.ops.OPS` and the committed GPU runs: \"built, not yet run on a GPU\" "
+            "is a GPU path that compiles (CUDA C++), is tested under Triton's CPU interpreter (Triton) or is called "
+            "through torch (the 2:4 GEMMs), but that no committed run has run on a GPU. "
+            f"Compiled backends take {dtypes}; other dtypes (float64 included) and anything no backend can run "
+            "here go to the pure-torch reference (`sparsekern/reference.py`). The 2:4 GEMMs serve bf16/fp16 "
+            "`nm_linear` at large batch on CUDA.")
+
+
+def _ran_on_gpu(runs) -> set[tuple[str, str]]:
+    """(op, provider) of every row a committed GPU run holds without an error."""
+    return {(op_of(r), str(r.get("provider"))) for run in runs if run.gpu for r in run.rows
+            if "error" not in r and r.get("provider")}
 
 
 def _triton_blocks() -> tuple:
@@ -769,6 +879,7 @@ TABLES = {
     "quality": t_quality,              # one-shot pruning quality
     "gpu": t_gpu,                      # the newest GPU run, everything in it
     "all-results": t_all_results,      # every results file, every row (docs/RESULTS.md)
+    "summary": t_summary,              # the README's table: best model speed-ups beside the peers
     "ops": t_ops,                      # the dispatch table, ops.OPS
 }
 

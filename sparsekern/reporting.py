@@ -2,9 +2,11 @@
 sparsekern.selection, and one figure helper that the demo and the benchmark suite share.
 
 - `markdown_table(rows, columns)`: one row per dict, columns (header, key, format).
-- `ratio_text(speedup, verdict)`, `spread_text(p20, p80)`: a speed-up as printed everywhere
-  ("1.52x", or "no difference (1.01x)" when it is inside the run's noise floor) and a
-  p20-p80 range.
+- `ratio_text(speedup, verdict, p20, p80)`: a speed-up as printed everywhere (the demo, the
+  benchmark suite's summaries, the bench scripts and the README/docs tables of
+  bench/make_tables.py): "1.5x (1.4–1.6)", "no difference (0.97–1.1)" when the run cannot
+  tell it from its baseline, "1 (baseline)"; `ratio_number(x)` is its number alone.
+- `spread_text(p20, p80)`: a p20-p80 range of a timing.
 - `format_sweep`, `write_sweep`, `plot_sweep`: `selection.sweep` rows as a table, files, plot.
 - `format_sensitivity`, `plot_sensitivity`: `selection.sensitivity` as a table and plot.
 - `save_plot(path, draw, ...)`: make a figure, let `draw(axes)` fill it, lay it out so
@@ -36,17 +38,38 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
     return "\n".join(lines)
 
 
-def ratio_text(speedup: float | None, verdict: str | None = None) -> str:
-    """A speed-up over the baseline as printed in every table: "1.52x", "0.80x",
-    "no difference (1.01x)" when the run's verdict says it is inside the noise floor, and
-    "1 (baseline)" for the baseline itself."""
-    if speedup is None:
-        return ""
+def ratio_number(x: float, digits: int = 2) -> str:
+    """A ratio to `digits` significant digits in plain notation (digits=2: 0.012, 0.67, 1.0,
+    1.8, 12, 140): timings on a shared machine do not support more."""
+    if x == 0 or x != x or x in (float("inf"), float("-inf")):
+        return f"{x:g}"
+    if abs(x) >= 10 ** (digits - 1):
+        return f"{x:.0f}"
+    return f"{x:#.{digits}g}".rstrip(".")
+
+
+def ratio_text(speedup: float | None, verdict: str | None = None, p20: float | None = None,
+               p80: float | None = None, digits: int = 2) -> str:
+    """A speed-up over the baseline (baseline time / this time; above 1 is faster), the one
+    way every table prints it:
+
+    - "1.5x (1.4–1.6)": with the p20–p80 range of the ratio when both ends are given;
+      "1.5x" without;
+    - "no difference (0.97–1.1)", or "no difference (1.0x)" without a range, when the
+      verdict is "no difference" (the ratio is inside the run's noise floor, or its range
+      contains 1: sparsekern.bench.common.verdict);
+    - "1 (baseline)" for the baseline itself (verdict "baseline"); "" for no speed-up.
+
+    `digits` significant digits (ratio_number)."""
     if verdict == "baseline":
         return "1 (baseline)"
+    if speedup is None:
+        return ""
+    num = lambda v: ratio_number(v, digits)  # noqa: E731
+    rng = f"{num(p20)}–{num(p80)}" if p20 is not None and p80 is not None else None
     if verdict == "no difference":
-        return f"no difference ({speedup:.2f}x)"
-    return f"{speedup:.2f}x"
+        return f"no difference ({rng or num(speedup) + 'x'})"
+    return f"{num(speedup)}x" + (f" ({rng})" if rng else "")
 
 
 def spread_text(p20: float | None, p80: float | None, spec: str = ".3g") -> str:

@@ -1,9 +1,11 @@
 """README and docs tables are generated from bench/results/ (bench/make_tables.py): the
 committed files agree with the JSON, a hand edit or a hand-typed figure fails, every row of a
-run is shown, the noise rule holds, and folders added later (model rows, a GPU run) show up
-without a change to the script."""
+run is shown, the noise rule holds, and folders added later (model rows, a GPU run, new peer
+variants) show up without a change to the script. The README stays short: one generated
+summary table, its links resolve in docs/RESULTS.md, and the quick start's two commands."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import make_tables as mt  # noqa: E402
+from sparsekern import reporting  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "bench", "make_tables.py")
 
@@ -47,18 +50,24 @@ def test_check_fails_on_a_hand_edit_and_on_a_hand_typed_figure(tmp_path):
     root = _tree(tmp_path)
     write_tables(root)
     assert check("--root", str(root)).returncode == 0
-    readme = root / "README.md"
-    text = readme.read_text()
-    start = text.index("<!-- table:cpu-kernels -->")
-    row = text.index("| 2:4", start)
-    edited = text[:row] + text[row:].replace("x (", "5x (", 1)  # a better number typed into the table
-    readme.write_text(edited)
-    r = check("--root", str(root))
-    assert r.returncode == 1 and "README.md" in r.stderr
-    readme.write_text(text.replace("## Benchmarks\n", "## Benchmarks\n\nThe 2:4 kernel is 1.83x faster.\n"))
-    r = check("--root", str(root))
-    assert r.returncode == 1 and "1.83x" in r.stderr
-    readme.write_text(text)
+    for page, marker in (("README.md", "summary"), ("docs/RESULTS.md", "cpu-kernels")):
+        path = root / page
+        text = path.read_text()
+        start = text.index(f"<!-- table:{marker} -->")
+        row = text.index("\n| ", start) + 1
+        row = text.index("\n| ", row + 1) + 1  # the first row after the header
+        row = text.index("\n| ", row + 1) + 1
+        edited = text[:row] + text[row:].replace("x (", "5x (", 1)  # a better number typed into the table
+        assert edited != text
+        path.write_text(edited)
+        r = check("--root", str(root))
+        assert r.returncode == 1 and page in r.stderr
+        path.write_text(text.replace("## Quick start\n", "The 2:4 kernel is 1.83x faster.\n\n## Quick start\n")
+                        if page == "README.md" else text + "\nThe 2:4 kernel is 1.83x faster.\n")
+        r = check("--root", str(root))
+        assert r.returncode == 1 and "1.83x" in r.stderr
+        path.write_text(text)
+    assert check("--root", str(root)).returncode == 0
     (root / "bench" / "results" / "cpu-linear-20261128" / "cpu_linear.json").unlink()
     assert check("--root", str(root)).returncode == 1  # the JSON changed: the README must follow
 
@@ -96,8 +105,11 @@ def test_noise_rule():
     # a noise floor from two identical runs widens "no difference"
     assert mt.speedup_cell(_row(9.0, 8.9, 9.1), dense).startswith("1.1x")
     assert mt.speedup_cell(_row(9.0, 8.9, 9.1, noise_floor_rel=0.15), dense).startswith("no difference")
-    assert mt.speedup_cell(dense, dense) == "reference"
-    assert [mt.ratio(x) for x in (0.0123, 0.666, 1.83, 7.45, 12.4)] == ["0.012", "0.67", "1.8", "7.5", "12"]
+    assert mt.speedup_cell(dense, dense) == "1 (baseline)"
+    # a row the benchmark compared itself: its verdict and per-round range, the same formatter
+    judged = _row(9.0, 8.0, 10.0, speedup=1.11, speedup_p20=0.97, speedup_p80=1.2, verdict="no difference")
+    assert mt.speedup_cell(judged, dense) == "no difference (0.97–1.2)" == \
+        reporting.ratio_text(1.11, "no difference", 0.97, 1.2)
 
 
 def _write(path, env, rows):
@@ -153,7 +165,7 @@ def test_folders_added_later_show_up(tmp_path):
     shown = _table_rows(models)
     assert len(shown) == 8 and "load average 1.5" in models and "HF LlamaForCausalLM, tiny" in models
     cells = {(c[1], c[3]): c[6] for c in shown}
-    assert cells[("2:4", "1")] == "2.0x (1.9–2.1)" and cells[("dense", "8")] == "reference"
+    assert cells[("2:4", "1")] == "2.0x (1.9–2.1)" and cells[("dense", "8")] == "1 (baseline)"
     assert cells[("unstructured 70%", "1")].startswith("no difference")  # the suite's own verdict
     assert cells[("dense (again)", "1")].startswith("no difference")
     assert "rows<=1: sparse 28" in models
@@ -167,7 +179,9 @@ def test_folders_added_later_show_up(tmp_path):
     write_tables(root)
     assert check("--root", str(root)).returncode == 0
     readme = (root / "README.md").read_text()
-    assert "cpu-models-20990102" in readme and "NVIDIA H100" in readme
+    assert "cpu-models-20990102" in readme and "Test CPU" in readme  # the summary: a new machine
+    assert "No GPU run yet" not in readme and "time kernels, not models" in readme
+    assert "NVIDIA H100" in (root / "docs" / "RESULTS.md").read_text()
 
 
 def test_limits_table_and_the_goal_against_a_peer_variant(tmp_path):
@@ -203,16 +217,100 @@ def test_limits_table_and_the_goal_against_a_peer_variant(tmp_path):
     assert "2:4" in never[3] and "channels-last" not in never[3]  # the peer is not a sparse row
 
 
-def test_ops_table_follows_the_dispatch_table():
+def test_ops_table_follows_the_dispatch_table_and_says_what_has_run_on_a_gpu(tmp_path):
     from sparsekern import ops
 
-    md = mt.TABLES["ops"]([])
+    not_run = "built, not yet run on a GPU"
+    md = mt.TABLES["ops"](mt.load_runs())
     shown = {c[0].strip("`"): c for c in _table_rows(md)}
     assert set(shown) == set(ops.OPS)
     for name, spec in ops.OPS.items():
         c = shown[name]
-        assert c[2].startswith("yes") == spec.cpp and c[3].startswith("yes") == spec.cuda
-        assert c[4].startswith("yes") == (spec.triton is not None) and (c[5] == "yes") == spec.semi_structured
+        assert c[2].startswith("yes") == spec.cpp
+        # no committed run comes from a GPU: no GPU cell may say "yes"
+        assert (c[3] == not_run) == spec.cuda and (c[3] == "—") == (not spec.cuda)
+        assert c[4].startswith(not_run) == (spec.triton is not None)
+        assert (c[5] == not_run) == spec.semi_structured
+    assert not any(c.startswith("yes") for row in shown.values() for c in row[3:])
+    # a GPU run that timed nm_linear's CUDA kernel and cuSPARSELt turns those two cells to "yes"
+    env = {"date": "2099-01-03T00:00:00+00:00", "commit": "abc", "device": "cuda", "gpu": "NVIDIA H100",
+           "device_name": "NVIDIA H100", "cuda": "13.0"}
+    rows = [{"op": "nm_linear", "provider": p, "pattern": "2:4", "density": 0.5, "dtype": "bfloat16",
+             "shape": "4096x4096", "batch": 1, "us": 40.0} for p in ("cublas", "cuda", "cusparselt")]
+    rows.append({"op": "nm_linear", "provider": "triton", "pattern": "2:4", "error": "RuntimeError: boom"})
+    _write(str(tmp_path / "bench" / "results" / "h100-20990103" / "bench.json"), env, rows)
+    shown = {c[0].strip("`"): c for c in _table_rows(mt.TABLES["ops"](
+        mt.load_runs(str(tmp_path / "bench" / "results"), str(tmp_path))))}
+    assert shown["nm_linear"][3:] == ["yes, ran on a GPU", not_run, "yes, ran on a GPU"]  # triton failed
+    assert shown["bitmask_linear"][3] == not_run
+
+
+def _model_rows(model, metric, batch, variants):
+    """Rows as the models suite writes them: (variant, speed-up, verdict) with a dense
+    baseline and its repeat."""
+    rows = []
+    for variant, sp, verdict in [("dense", 1.0, "baseline"), ("dense (again)", 0.99, "no difference")] + variants:
+        rows.append({"op": "model", "model": model, "variant": variant, "baseline": "dense", "metric": metric,
+                     "batch": batch, "median_ms": 100.0 / sp, "p20_ms": 95.0 / sp, "p80_ms": 105.0 / sp,
+                     "speedup": sp, "speedup_p20": sp * 0.9, "speedup_p80": sp * 1.1, "noise_floor": 0.01,
+                     "verdict": verdict, "model_desc": f"{model}, tiny"})
+    return rows
+
+
+def test_summary_shows_the_best_variant_beside_every_peer_new_peers_included(tmp_path):
+    """Peer variants the models suite adds later ("dense bf16", "torch int8 dynamic") become
+    summary rows without a change to the script, a peer that wins is marked fastest, and
+    the never-slower goal does not count peers as sparse rows."""
+    env = {"date": "2099-01-02T00:00:00+00:00", "commit": "abc123def456", "device": "cpu", "threads": 2,
+           "cpu": "Test CPU", "device_name": "Test CPU"}
+    rows = _model_rows("llama", "decode_tokens_per_s", 1, [
+        ("2:4", 1.4, "faster"), ("unstructured 70%", 1.6, "faster"), ("dense bf16", 1.9, "faster"),
+        ("torch int8 dynamic", 0.5, "slower")])
+    rows += _model_rows("resnet50", "images_per_s", 4,
+                        [("2:4", 1.3, "faster"), ("dense channels-last", 1.2, "faster")])
+    rows.append({"op": "model", "model": "vit", "variant": "2:4", "error": "RuntimeError: boom"})
+    _write(str(tmp_path / "bench" / "results" / "cpu-models-20990102" / "results.json"), env, rows)
+    qenv = dict(env, date="2099-01-03T00:00:00+00:00", cpu="Other CPU", device_name="Other CPU")
+    _write(str(tmp_path / "bench" / "results" / "cpu-quick-20990103" / "results.json"), qenv,
+           _model_rows("llama", "decode_tokens_per_s", 1, [("2:4", 9.0, "faster")]))  # a quick run: left out
+    runs = mt.load_runs(str(tmp_path / "bench" / "results"), str(tmp_path))
+    md = mt.TABLES["summary"](runs)
+    shown = _table_rows(md)
+    got = [(c[1], c[3], c[4], c[5]) for c in shown]
+    assert got == [("llama", "sparsekern unstructured 70% (best of 2)", "1.60x (1.44–1.76)", ""),
+                   ("llama", "peer: dense bf16", "1.90x (1.71–2.09)", "yes"),
+                   ("llama", "peer: torch int8 dynamic", "0.500x (0.450–0.550)", ""),
+                   ("resnet50", "sparsekern 2:4", "1.30x (1.17–1.43)", "yes"),
+                   ("resnet50", "peer: dense channels-last", "1.20x (1.08–1.32)", "")]
+    assert all(c[0] == "Test CPU, 2 threads" for c in shown)
+    assert all(c[6] == "[cpu-models-20990102](docs/RESULTS.md#cpu-models-20990102)" for c in shown)
+    assert "No GPU run yet" in md and "built, not yet run on a GPU" in md and "llama, tiny" in md
+    never = {c[0]: c for c in _table_rows(mt.TABLES["cpu-goals"](runs))}["never slower: every model row"]
+    assert "3 rows" in never[3] and "int8" not in never[3] and never[4] == "met"
+
+
+def test_readme_is_short_and_its_links_resolve():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    assert len(text.splitlines()) < 200
+    assert text.count("<!-- table:") == 1 and "<!-- table:summary -->" in text  # run tables live in RESULTS.md
+    # .ci/run reads the quick start's first bash block and needs exactly its two commands
+    quick = text[text.index("## Quick start"):]
+    block = quick[quick.index("```bash\n") + 8:]
+    assert len(block[:block.index("```")].strip().splitlines()) == 2
+    results = open(os.path.join(ROOT, "docs", "RESULTS.md")).read()
+    ids = set(re.findall(r'<a id="([^"]+)"></a>', results))
+    slugs = {re.sub(r"[^a-z0-9 _-]", "", h.strip().lower()).replace(" ", "-")
+             for h in re.findall(r"^#+ (.*)$", results, re.M)}
+    links = re.findall(r"\]\(docs/RESULTS\.md#([^)]+)\)", text)
+    assert links and set(links) <= ids | slugs
+    for target in re.findall(r"\]\(((?:docs|bench)/[^)#]+)", text):
+        assert os.path.exists(os.path.join(ROOT, target)), target
+
+
+def test_kernel_rows_name_the_op_their_pattern_runs():
+    assert [mt.op_of({"op": "linear", "pattern": p}) for p in ("2:4", "unstructured", "block32", "dense", "?")] == \
+        ["nm_linear", "bitmask_linear", "block_linear", "linear", "linear"]
+    assert mt.op_of({"op": "nm_conv2d", "pattern": "2:4"}) == "nm_conv2d"
 
 
 def test_unknown_marker_and_unclosed_marker_are_errors():

@@ -15,12 +15,27 @@ def test_markdown_table_hand_checked():
 
 
 def test_ratio_and_spread_text():
-    assert reporting.ratio_text(1.523, "faster") == "1.52x"
+    """The one speed-up format (the demo, the suite's summaries, the bench scripts and the
+    README/docs tables all print through it)."""
+    assert reporting.ratio_text(1.523, "faster") == "1.5x"
     assert reporting.ratio_text(0.8, "slower") == "0.80x"
-    assert reporting.ratio_text(1.012, "no difference") == "no difference (1.01x)"
+    assert reporting.ratio_text(1.012, "no difference") == "no difference (1.0x)"
     assert reporting.ratio_text(1.0, "baseline") == "1 (baseline)"
-    assert reporting.ratio_text(1.3) == "1.30x" and reporting.ratio_text(None) == ""
+    assert reporting.ratio_text(1.3) == "1.3x" and reporting.ratio_text(None) == ""
+    assert reporting.ratio_text(2.0, "faster", 1.83, 2.2) == "2.0x (1.8–2.2)"
+    assert reporting.ratio_text(1.05, "no difference", 0.95, 1.16) == "no difference (0.95–1.2)"
+    assert reporting.ratio_text(1.96, None, 1.8, 2.1, digits=3) == "1.96x (1.80–2.10)"  # not "2.0x" below 2
+    assert [reporting.ratio_number(x) for x in (0.0123, 0.666, 0.999, 1.83, 7.45, 9.96, 12.4, 140.2)] == \
+        ["0.012", "0.67", "1.0", "1.8", "7.5", "10", "12", "140"]
     assert reporting.spread_text(0.1234, 0.2) == "0.123-0.2" and reporting.spread_text(None, 1.0) == ""
+
+
+def test_bench_console_columns_use_the_same_numbers():
+    from sparsekern.bench import common
+
+    r = {"speedup": 1.523, "speedup_p20": 1.41, "speedup_p80": 1.6, "noise_floor": 0.012, "verdict": "faster"}
+    assert common.ratio_text(r).split() == ["1.5", "1.4-1.6", "1.2%", "faster"]
+    assert common.ratio_text(dict(r, noise_floor=None)).split() == ["1.5", "1.4-1.6", "faster"]
 
 
 def test_format_sweep_and_sensitivity():

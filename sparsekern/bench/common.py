@@ -21,6 +21,7 @@ Timing you can trust (used by the suite, the scripts in bench/ and the demo):
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import math
 import os
@@ -32,7 +33,18 @@ import time
 
 import torch
 
-from .. import __version__, _extension
+from .. import _extension
+from ..reporting import ratio_number
+
+
+def version() -> str:
+    """The installed sparsekern's version (its package metadata, which setup.py takes from
+    sparsekern.__version__; read here rather than imported from the package face, a higher
+    layer), or "unknown" for a source tree that was never installed."""
+    try:
+        return importlib.metadata.version("sparsekern")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def commit() -> str:
@@ -64,7 +76,7 @@ def environment(device: str = "cpu") -> dict:
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit(),
-        "sparsekern": __version__,
+        "sparsekern": version(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": device,
@@ -138,8 +150,12 @@ def write_json(path: str, env: dict, rows: list[dict]) -> None:
 
 
 def ratio_text(r: dict) -> str:
-    """A compared row's x dense, per-round p20-p80, noise floor and verdict, for printed tables."""
-    return (f"{r['speedup']:>7.2f} {r['speedup_p20']:>6.2f}-{r['speedup_p80']:<7.2f} {r['noise_floor']:>6.3f} "
+    """A compared row (compare()) as the bench scripts' console columns: x dense, the per-round
+    p20-p80, the noise floor and the verdict; the numbers as reporting.ratio_number writes
+    every speed-up (reporting.ratio_text is the one-cell form the tables use)."""
+    floor = r.get("noise_floor")
+    rng = f"{ratio_number(r['speedup_p20'])}-{ratio_number(r['speedup_p80'])}"
+    return (f"{ratio_number(r['speedup']):>7} {rng:>14} {'' if floor is None else f'{floor:.1%}':>6} "
             f"{r['verdict']}")
 
 
