@@ -113,9 +113,9 @@ inline void check_bias(const char* op, const at::Tensor& x, const c10::optional<
                     out_features, "], got ", bias->sizes());
 }
 
-// The optional `panels` of nm_linear and nm_conv2d: the weight [O, K] pre-packed for the CPU
-// 2:4 GEMM kernel (nm24_panels.h, NMWeight.gemm_panels); backends that do not read it still
-// check it, so every backend takes the same calls.
+// The optional `panels` of the CPU-only ops nm_linear_cpu and nm_conv2d_cpu: the weight [O, K]
+// pre-packed for the CPU 2:4 GEMM kernel (nm24_panels.h, NMWeight.gemm_panels). Not part of
+// the shared schemas: no other backend sees it.
 inline void check_nm24_panels(const char* op, const at::Tensor& x, int64_t n, int64_t m, int64_t O, int64_t K,
                               const c10::optional<at::Tensor>& panels) {
   if (!panels.has_value()) return;
@@ -151,7 +151,7 @@ inline void check_nm_linear_args(const at::Tensor& x, const at::Tensor& values, 
 inline void check_bitmask_linear_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
                                       const at::Tensor& offsets, int64_t in_features,
                                       const c10::optional<at::Tensor>& bias,
-                                      const c10::optional<at::Tensor>& columns) {
+                                      const c10::optional<at::Tensor>& columns = c10::nullopt) {
   const char* op = "bitmask_linear";
   TORCH_CHECK_VALUE(in_features > 0, op, ": in_features must be positive, got ", in_features);
   check_x(op, x, in_features);
@@ -167,8 +167,8 @@ inline void check_bitmask_linear_args(const at::Tensor& x, const at::Tensor& val
                     ": offsets must have shape [", bitmask.size(0), ", ", tiles, "], got ", offsets.sizes());
   check_bias(op, x, bias, bitmask.size(0));
   if (columns.has_value()) {
-    // An optional index (BitmaskWeight.column_index) that a kernel may read instead of the
-    // bitmask; backends that do not use it still check it, so every backend takes the same calls.
+    // The index (BitmaskWeight.column_index) that the CPU kernels may read instead of the
+    // bitmask: an argument of the CPU-only op bitmask_linear_cpu, not of the shared schema.
     check_index_tensor(op, x, *columns, "columns", c10::kShort);
     TORCH_CHECK_VALUE(columns->dim() == 1 && columns->numel() == values.numel(), op,
                       ": columns must be 1-D with one entry per kept value (", values.numel(), "), got ",

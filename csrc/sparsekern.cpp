@@ -53,23 +53,35 @@ static std::string build_info() {
 
 TORCH_LIBRARY(sparsekern, m) {
   // ---- N:M (values [out, in*N/M] + packed in-group indices, see formats.py) ----
-  // `panels` (here and in nm_conv2d): optional, the 2:4 weight pre-packed for the CPU GEMM
-  // kernel (nm24_pack_panels, layout in nm24_panels.h); every backend checks it, the CPU one
-  // reads it from 17 rows (output pixels) on AVX-512 CPUs.
-  m.def("nm_linear(Tensor x, Tensor values, Tensor indices, int n, int m, int in_features, Tensor? bias, "
-        "Tensor? panels=None) -> Tensor");
+  // nm_linear and nm_conv2d: the schemas every backend (CPU, CUDA, Triton, the 2:4 GEMMs,
+  // fakes) takes. Their CPU kernels run the decode algorithm (kNmAlgoDecode).
+  m.def("nm_linear(Tensor x, Tensor values, Tensor indices, int n, int m, int in_features, Tensor? bias) -> Tensor");
   m.def("nm24_pack_panels(Tensor values, Tensor indices, int in_features) -> Tensor");
   // Convolution [N, C, H, W] * N:M weight [out, kh*kw*C] (input channels fastest, patterns.as_2d)
   // -> [N, out, OH, OW] (CPU: channels-last memory).
   m.def("nm_conv2d(Tensor x, Tensor values, Tensor indices, int n, int m, int[] weight_shape, int[] stride, "
-        "int[] padding, int[] dilation, Tensor? bias, Tensor? panels=None) -> Tensor");
+        "int[] padding, int[] dilation, Tensor? bias) -> Tensor");
+  // CPU only: the same ops with the CPU's own arguments, which no other backend sees.
+  // `algo` is the decision made in Python (sparsekern/dispatch_rules.py, nm_cpu_algo):
+  // 0 = decode kernels (rows up to 16, decompressed tiles into the BLAS GEMM above),
+  // 1 = the 2:4 weight-stationary GEMM kernel (nm_gemm_impl.h, AVX2 and AVX-512); the kernel
+  // does not choose again. `panels`: the 2:4 weight pre-packed for that GEMM
+  // (nm24_pack_panels, layout in nm24_panels.h, NMWeight.gemm_panels), read with algo 1 only.
+  m.def("nm_linear_cpu(Tensor x, Tensor values, Tensor indices, int n, int m, int in_features, Tensor? bias, "
+        "int algo, Tensor? panels=None) -> Tensor");
+  m.def("nm_conv2d_cpu(Tensor x, Tensor values, Tensor indices, int n, int m, int[] weight_shape, int[] stride, "
+        "int[] padding, int[] dilation, Tensor? bias, int algo, Tensor? panels=None) -> Tensor");
   m.def("nm_compress(Tensor weight, Tensor? mask, int n, int m) -> (Tensor, Tensor)");
   m.def("nm_decompress(Tensor values, Tensor indices, int n, int m, int in_features) -> Tensor");
   // Score |w| * |grad| * act_norm[col] -> N:M mask -> compressed weight, in one pass.
   m.def("nm_score_compress(Tensor weight, Tensor? grad, Tensor? act_norm, int n, int m) -> (Tensor, Tensor)");
   // ---- Bitmask (unstructured): packed values + 64-bit mask words + per-tile offsets ----
-  m.def("bitmask_linear(Tensor x, Tensor values, Tensor bitmask, Tensor offsets, int in_features, Tensor? bias, "
-        "Tensor? columns=None) -> Tensor");
+  m.def("bitmask_linear(Tensor x, Tensor values, Tensor bitmask, Tensor offsets, int in_features, Tensor? bias) "
+        "-> Tensor");
+  // CPU only: with the 16-bit column of each kept value (BitmaskWeight.column_index), which
+  // the CPU kernels read instead of the mask where sparsekern/dispatch_rules.py says so.
+  m.def("bitmask_linear_cpu(Tensor x, Tensor values, Tensor bitmask, Tensor offsets, int in_features, "
+        "Tensor? bias, Tensor columns) -> Tensor");
   m.def("bitmask_compress(Tensor weight, Tensor? mask) -> (Tensor, Tensor, Tensor)");
   m.def("bitmask_decompress(Tensor values, Tensor bitmask, Tensor offsets, int in_features) -> Tensor");
   // ---- Block (BSR): crow_indices, col_indices, values [nnzb, bh, bw] ----

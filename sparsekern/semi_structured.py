@@ -2,7 +2,8 @@
 tensor-core GEMMs read, cached, and run as two backends of nm_linear.
 
 Backends (sparsekern.ops tries them first for bfloat16/float16 2:4 weights on CUDA tensors;
-each says why it is skipped: small batch, pattern, shape, GPU, torch build, measurements):
+each says why it is skipped: pattern, shape, GPU, torch build here (`why_not`); small batch
+and measurements in sparsekern/dispatch_rules.py):
 
   "cusparselt"  torch._cslt_sparse_mm on torch._cslt_compress(W) (cuSPARSELt; its packed layout
                 is opaque and made on the GPU from the dense weight)
@@ -40,14 +41,9 @@ from typing import Optional
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import reference, tuning
-from .patterns import check_nm24_panels
+from . import reference
 
 BACKENDS = ("cusparselt", "cutlass")
-# Batch buckets (sparsekern.ops.batch_bucket) that go to the 2:4 GEMMs when nothing was
-# measured: rows > 64. Below, the decode kernel reads the weight once for all rows; the GEMMs
-# tile for large M and leave most of a tensor-core tile empty (a guess until measured).
-LARGE_BATCH_BUCKETS = (256, -1)
 _DTYPES = (torch.bfloat16, torch.float16)
 _PAD_ROWS = 8  # rows of x are padded to a multiple of this (both libraries' dense minimum)
 
@@ -141,7 +137,7 @@ def prepare(weight, backends=BACKENDS) -> list[str]:
         return done
     out, k = weight.values.shape[0], weight.in_features
     for b in backends:
-        if _static_why_not(b, weight.values.device, weight.values.dtype, 2, 4, out, k) is None:
+        if why_not(b, weight.values.device, weight.values.dtype, 2, 4, out, k) is None:
             (cusparselt_weight if b == "cusparselt" else cutlass_weight)(weight.values, weight.indices, k)
             done.append(b)
     return done
@@ -153,7 +149,10 @@ def clear_cache() -> None:
 
 
 # ------------------------------------------------------------------------- dispatch
-def _static_why_not(backend, device, dtype, n, m, out, k) -> str | None:
+def why_not(backend: str, device: torch.device, dtype: torch.dtype, n: int, m: int, out: int, k: int) -> str | None:
+    """None when `backend` can run nm_linear on this GPU for a [out, k] n:m weight in `dtype`,
+    else why not. Whether it should (batch bucket, measurements) is sparsekern/dispatch_rules.py's
+    semi_structured_verdict."""
     if dtype not in _DTYPES:
         return f"{backend} takes bfloat16/float16 weights, not {dtype}"
     if (n, m) != (2, 4):
@@ -176,34 +175,6 @@ def _static_why_not(backend, device, dtype, n, m, out, k) -> str | None:
     return None
 
 
-def _bucket_text(bucket: int) -> str:
-    return "rows above 256" if bucket == -1 else f"rows <= {bucket}"
-
-
-def why_not(backend: str, device: torch.device, dtype: torch.dtype, extra, order=(), prefer: bool = True) -> str | None:
-    """None when `backend` should run nm_linear for this key; else why not. `extra` is
-    nm_linear's dispatch key: (batch bucket, (n, m, out, in)), or (batch bucket,) without the
-    weight. prefer=False (the backend was forced) asks only whether it can run."""
-    bucket = extra[0]
-    shape = extra[1] if len(extra) > 1 else None
-    if shape is None:
-        return "needs the weight to decide (pattern and shape): pass it to explain_backend"
-    n, m, out, k = shape
-    why = _static_why_not(backend, device, dtype, n, m, out, k)
-    if why is not None or not prefer:
-        return why
-    name = torch.cuda.get_device_name(device)
-    if tuning.prefers("nm_linear", backend, name, dtype, bucket, (out, k), order):
-        return None
-    measured = tuning.verdict("nm_linear", backend, name, dtype, bucket, (out, k), order)
-    if measured is not None:
-        return measured
-    if bucket not in LARGE_BATCH_BUCKETS:
-        return (f"batch bucket {_bucket_text(bucket)}: the decode kernel reads the weight once for all rows "
-                f"(2:4 GEMMs from 65 rows until measured otherwise)")
-    return None
-
-
 # ------------------------------------------------------------------------ the ops
 def _flat(x: torch.Tensor, in_features: int):
     x2 = x.reshape(-1, in_features)
@@ -216,9 +187,7 @@ def _flat(x: torch.Tensor, in_features: int):
 
 @torch.library.custom_op("sparsekern_cusparselt::nm_linear", mutates_args=())
 def _cusparselt_nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
-                          in_features: int, bias: Optional[torch.Tensor],
-                          panels: Optional[torch.Tensor] = None) -> torch.Tensor:
-    check_nm24_panels(x, n, m, values.shape[0], in_features, panels)  # a CPU kernel's layout, not read here
+                          in_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
     out = values.shape[0]
     x2, rows = _flat(x, in_features)
     if rows == 0:
@@ -230,9 +199,7 @@ def _cusparselt_nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.
 
 @torch.library.custom_op("sparsekern_cutlass::nm_linear", mutates_args=())
 def _cutlass_nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
-                       in_features: int, bias: Optional[torch.Tensor],
-                       panels: Optional[torch.Tensor] = None) -> torch.Tensor:
-    check_nm24_panels(x, n, m, values.shape[0], in_features, panels)  # a CPU kernel's layout, not read here
+                       in_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
     out = values.shape[0]
     x2, rows = _flat(x, in_features)
     if rows == 0:

@@ -1,11 +1,11 @@
-"""Measured backend choice on GPUs: a table of median times per (op, GPU, dtype, batch bucket,
-weight shape) and backend, read by sparsekern.ops' dispatch.
+"""Measured backend timings on GPUs: a table of median times per (op, GPU, dtype, batch bucket,
+weight shape) and backend. The table only stores; sparsekern/dispatch_rules.py decides from it
+(`measured_verdict`, `fastest_within` with its TUNING_NOISE margin).
 
-Without measurements the dispatcher's static rules decide (sparsekern/ops.py: the backend
-order, sparsekern/semi_structured.py: large-batch buckets go to the 2:4 sparse tensor-core
-GEMMs). With them, a backend that can run but measured slower than another one for the same
-key is passed over, and explain_backend says so with both times ("measured: cuda 0.0123 ms,
-cusparselt 0.0410 ms").
+Without measurements the static rules of sparsekern/dispatch_rules.py decide (the backend
+order; large-batch buckets go to the 2:4 sparse tensor-core GEMMs). With them, a backend that
+can run but measured slower than another one for the same key is passed over, and
+explain_backend says so with both times ("measured: cuda 0.0123 ms, cusparselt 0.0410 ms").
 
 Where timings come from: bench/bench_gpu_linear.py times every provider with CUDA events
 around CUDA-graph replays on weights rotated beyond L2 and writes them with `--tuning-out`;
@@ -15,16 +15,12 @@ directly (tests inject timings that way). Host wall-clock time is never used.
 Keys: op ("nm_linear"), device name as torch.cuda.get_device_name reports it, dtype name
 ("bfloat16"), batch bucket (sparsekern.ops.batch_bucket: 1, 4, 16, 64, 256 or -1 above),
 weight shape (out, in) or None for "any shape" (a row for the exact shape wins over it).
-The choice (`choose`) is a pure function of the medians: the fastest, unless the first
-backend in dispatch order is within `NOISE` of it (noise is not a reason to switch).
 """
 from __future__ import annotations
 
 import json
 import os
 from typing import Iterable
-
-NOISE = 0.03  # relative: two runs of one kernel on a lent H100 differ by about this much
 
 # (op, device name, dtype name, bucket, shape or None) -> {backend: median ms}
 _TABLE: dict[tuple, dict[str, float]] = {}
@@ -88,18 +84,6 @@ def _maybe_load_env() -> None:
             load(path)
 
 
-def choose(medians_ms: dict[str, float], order: Iterable[str] = (), noise: float = NOISE) -> str:
-    """The backend to run: the fastest median, except that the earliest backend of `order`
-    within `noise` (relative) of the fastest keeps its place."""
-    if not medians_ms:
-        raise ValueError("tuning.choose: no timings")
-    best = min(medians_ms, key=medians_ms.get)
-    for b in order:
-        if b in medians_ms and medians_ms[b] <= medians_ms[best] * (1 + noise):
-            return b
-    return best
-
-
 def lookup(op: str, device_name: str, dtype, bucket: int, shape) -> dict[str, float] | None:
     """Medians for the key (the exact shape first, then the shape-free row), or None."""
     _maybe_load_env()
@@ -108,23 +92,3 @@ def lookup(op: str, device_name: str, dtype, bucket: int, shape) -> dict[str, fl
         if med:
             return med
     return None
-
-
-def verdict(op: str, backend: str, device_name: str, dtype, bucket: int, shape,
-            order: Iterable[str] = ()) -> str | None:
-    """None when the table has nothing against `backend` for this key (it was not measured,
-    or it measured fastest); else the reason it is passed over, with the times."""
-    med = lookup(op, device_name, dtype, bucket, shape)
-    if not med or backend not in med:
-        return None
-    chosen = choose(med, order)
-    if chosen == backend:
-        return None
-    times = ", ".join(f"{b} {t:.4f} ms" for b, t in sorted(med.items(), key=lambda kv: kv[1]))
-    return f"measured slower on {device_name} for this batch bucket ({times})"
-
-
-def prefers(op: str, backend: str, device_name: str, dtype, bucket: int, shape, order: Iterable[str] = ()) -> bool:
-    """True when the table measured `backend` and chose it for this key."""
-    med = lookup(op, device_name, dtype, bucket, shape)
-    return bool(med) and backend in med and choose(med, order) == backend

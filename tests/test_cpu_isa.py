@@ -100,8 +100,8 @@ CHILD = textwrap.dedent(
     B = BitmaskWeight.from_dense(torch.randn(21, 100, generator=gen), torch.rand(21, 100, generator=gen) < 0.1)
     for cols in (torch.full_like(B.column_index(), -1), torch.full_like(B.column_index(), 32767)):
         for batch in (1, 2, 4, 8, 20):  # row-major kernels, then the lanes kernel (and a 4-row tail)
-            y = torch.ops.sparsekern.bitmask_linear(torch.randn(batch, 100, generator=gen), B.values, B.bitmask,
-                                                    B.offsets, 100, None, cols)
+            y = torch.ops.sparsekern.bitmask_linear_cpu(torch.randn(batch, 100, generator=gen), B.values, B.bitmask,
+                                                        B.offsets, 100, None, cols)
             if tuple(y.shape) != (batch, 21) or not torch.isfinite(y).all():
                 failures.append(f"raw bitmask_linear with out-of-range columns, batch {batch}: {tuple(y.shape)}")
     # Kernels that load a row's values 8 or 16 at a time and expand them under the row's
@@ -232,7 +232,7 @@ PANELS_CHILD = textwrap.dedent(
     bias = torch.randn(O, generator=gen)
     size = nm24_panels_bytes(O, K)
     ref = x.double() @ W.to_dense().double().t() + bias.double()
-    run = lambda panels: torch.ops.sparsekern.nm_linear(x, W.values, W.indices, 2, 4, K, bias, panels)
+    run = lambda panels: torch.ops.sparsekern.nm_linear_cpu(x, W.values, W.indices, 2, 4, K, bias, 1, panels)
     for order in ("panels", "chunks"):
         os.environ["SPARSEKERN_WS_ORDER"] = order  # read per call
         err = ((run(W.gemm_panels()).double() - ref).norm() / ref.norm()).item()

@@ -1,6 +1,9 @@
 """The dispatch table: explain_backend is what runs (checked independently, with the
 profiler's record of which custom op executed), forcing a backend, batch buckets, and
 reasons that say why a backend was passed over."""
+import pathlib
+import re
+
 import pytest
 import torch
 
@@ -11,7 +14,7 @@ from sparsekern.patterns import pack_bitmask
 
 
 def _calls(device):
-    """(op, key args for explain_backend, thunk) for every op, on fresh random data."""
+    """{op: (key args for explain_backend, thunk)} for every op, on fresh random data."""
     w = torch.randn(32, 64, device=device)
     x = torch.randn(5, 64, device=device)
     nm = NMWeight.from_dense(w, 2, 4)
@@ -22,9 +25,11 @@ def _calls(device):
     s = torch.zeros(64, device=device)
     h = torch.zeros(64, 64, device=device)
     xc = torch.randn(2, 16, 5, 4, device=device)  # nm's 64 columns as a 2x2 kernel over 16 channels
-    return [
+    x20 = torch.randn(20, 64, device=device)  # from 17 rows: the CPU's 2:4 GEMM kernel (nm_linear_cpu)
+    calls = [
         ("nm_linear", (x, nm), lambda: ops.nm_linear(x, nm)),
-        ("nm_conv2d", (xc, nm), lambda: ops.nm_conv2d(xc, nm, 2, None, 1, 1)),
+        ("nm_linear", (x20, nm), lambda: ops.nm_linear(x20, nm)),
+        ("nm_conv2d", (xc, nm, 2, None, 1, 1), lambda: ops.nm_conv2d(xc, nm, 2, None, 1, 1)),
         ("bitmask_linear", (x, bm), lambda: ops.bitmask_linear(x, bm)),
         ("block_linear", (x, blk), lambda: ops.block_linear(x, blk)),
         ("masked_linear", (x,), lambda: ops.masked_linear(x, w, bits)),
@@ -42,6 +47,10 @@ def _calls(device):
         ("nm_score_compress", (w,), lambda: ops.nm_score_compress(w, 2, 4)),
         ("hessian_accumulate", (h, x), lambda: ops.hessian_accumulate(h, x)),
     ]
+    out = {}
+    for op, key, thunk in calls:
+        out.setdefault(op, []).append((key, thunk))
+    return out
 
 
 def _custom_ops_run(thunk) -> set[str]:
@@ -51,26 +60,30 @@ def _custom_ops_run(thunk) -> set[str]:
 
 
 def test_every_op_is_in_the_table_and_every_backend_it_names_exists():
-    assert set(ops.OPS) == {op for op, _, _ in _calls("cpu")}
+    assert set(ops.OPS) == set(_calls("cpu"))
     for spec in ops.OPS.values():
         assert callable(spec.reference)
 
 
-@pytest.mark.parametrize("op_index", range(18))
+@pytest.mark.parametrize("op", sorted(ops.OPS))  # every op of the table: a new one without a call fails
 @pytest.mark.parametrize("backend", [None, "cpp", "reference"])
-def test_explain_backend_is_what_runs(op_index, backend):
-    """Independent of the table: the profiler records which compiled op executed, if any."""
-    op, key, thunk = _calls("cpu")[op_index]
-    with ops.use_backend(backend):
-        chosen, why = ops.explain_backend(op, *key)
-        ran = _custom_ops_run(thunk)
-    assert why
-    if chosen == "cpp":
-        assert f"sparsekern::{op}" in ran, f"{op}: explain says cpp ({why}) but {ran or 'no compiled op'} ran"
-    else:
-        assert not any(name.endswith("::" + op) for name in ran), f"{op}: explain says {chosen} but {ran} ran"
-    if backend is not None and ops.OPS[op].cpp:
-        assert chosen == backend
+def test_explain_backend_is_what_runs(op, backend):
+    """Independent of the table: the profiler records which compiled op executed, if any
+    (the op, or its CPU-only op with the C++ kernel's own arguments)."""
+    names = {op} | ({ops.OPS[op].cpu_op} if ops.OPS[op].cpu_op else set())
+    for key, thunk in _calls("cpu")[op]:
+        with ops.use_backend(backend):
+            chosen, why = ops.explain_backend(op, *key)
+            ran = _custom_ops_run(thunk)
+        assert why
+        if chosen == "cpp":
+            assert any(f"sparsekern::{n}" in ran for n in names), \
+                f"{op}: explain says cpp ({why}) but {ran or 'no compiled op'} ran"
+        else:
+            assert not any(name.endswith("::" + n) for name in ran for n in names), \
+                f"{op}: explain says {chosen} but {ran} ran"
+        if backend is not None and ops.OPS[op].cpp:
+            assert chosen == backend
 
 
 def test_automatic_choice_on_cpu_is_the_compiled_kernel_when_built():
@@ -78,9 +91,10 @@ def test_automatic_choice_on_cpu_is_the_compiled_kernel_when_built():
 
     if not _extension.LOADED:
         pytest.skip(f"extension not loaded: {_extension.LOAD_ERROR}")
-    for op, key, _ in _calls("cpu"):
+    for op, calls in _calls("cpu").items():
         expect = "cpp" if ops.OPS[op].cpp else "reference"
-        assert ops.backend_for(op, *key) == expect, op
+        for key, _ in calls:
+            assert ops.backend_for(op, *key) == expect, op
 
 
 def test_float64_runs_the_reference_and_says_why():
@@ -113,7 +127,7 @@ def test_batch_buckets():
     x1, x3, x300 = torch.randn(1, 64), torch.randn(3, 64), torch.randn(2, 150, 64)
     key = ops.OPS["nm_linear"].key
     assert key(x1)[1] != key(x3)[1] != key(x300)[1]
-    assert key(x300)[1] == (ops.batch_bucket(300),)
+    assert key(x300)[1].bucket == ops.batch_bucket(300) and key(x300)[1].shape is None
 
 
 @pytest.mark.parametrize("device,backend", pairs("nm_linear"))
@@ -124,3 +138,70 @@ def test_explanation_follows_the_block_shape_and_device(device, backend):
     a = BlockWeight.from_dense(torch.randn(32, 64, device=device), (16, 16))
     b = BlockWeight.from_dense(torch.randn(32, 64, device=device), (4, 8))
     assert ops.OPS["block_linear"].key(x, a)[1] != ops.OPS["block_linear"].key(x, b)[1]
+
+
+# ------------------------------------------------------- every registered op is covered
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Ops timed by no benchmark, and why (a new op must have a case or a line here).
+NOT_BENCHMARKED = {
+    "nm_compress": "one-time conversion (NMWeight.from_dense), not on the inference path",
+    "bitmask_compress": "one-time conversion (BitmaskWeight.from_dense), not on the inference path",
+    "block_compress": "one-time conversion (BlockWeight.from_dense), not on the inference path",
+    "block_decompress": "runs inside the decompress path of a layer (timed as that path), not alone",
+}
+# Ops whose tests name them through their format only, and where.
+TESTED_THROUGH = {"block_decompress": "BlockWeight.to_dense (tests/test_formats.py)"}
+
+
+def _words(paths) -> set[str]:
+    text = "\n".join(p.read_text() for p in paths)
+    return set(re.findall(r"[A-Za-z_][A-Za-z_0-9]*", text))
+
+
+def test_every_registered_op_has_its_reference_fake_autograd_tests_and_benchmark():
+    """Walks the table (and the compiled library's schemas): no op is silently left out."""
+    from sparsekern import _extension, reference
+    from sparsekern.ops import registration
+
+    tests = _words(p for p in (ROOT / "tests").glob("test_*.py") if p.name not in ("test_dispatch.py",
+                                                                                   "test_opcheck.py"))
+    opcheck = _words([ROOT / "tests" / "test_opcheck.py"])
+    bench = _words(list((ROOT / "sparsekern" / "bench").glob("*.py")) + list((ROOT / "bench").glob("*.py")))
+    missing = []
+    for name, spec in ops.OPS.items():
+        if getattr(reference, name, None) is not spec.reference:
+            missing.append(f"{name}: no reference.{name} (sparsekern/reference.py) as its OpSpec.reference")
+        for op in [name] + ([spec.cpu_op] if spec.cpu_op else []):
+            if op not in registration.FAKES:
+                missing.append(f"{op}: no fake kernel (sparsekern/ops/registration.py FAKES)")
+            if spec.differentiable != (op in registration.AUTOGRAD):
+                missing.append(f"{op}: OpSpec.differentiable={spec.differentiable} but AUTOGRAD "
+                               f"{'lacks' if spec.differentiable else 'has'} it")
+            if (spec.cpp or spec.cuda) and op not in opcheck:
+                missing.append(f"{op}: not in tests/test_opcheck.py's samples")
+        if name not in tests and name not in TESTED_THROUGH:
+            missing.append(f"{name}: no test names it (tests/test_{name}.py or the family's)")
+        if name not in bench and name not in NOT_BENCHMARKED:
+            missing.append(f"{name}: no benchmark case (sparsekern/bench/, bench/) and no NOT_BENCHMARKED reason")
+    assert not missing, "\n".join(missing)
+    if _extension.LOADED:  # every schema of the library is in the table (or a table op's CPU-only op)
+        import torch
+
+        compiled = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
+                    if n.startswith("sparsekern::")}
+        known = set(registration.compiled_ops()) | {"build_info", "cpu_fma_probe"}
+        assert compiled and compiled <= known, f"schemas with no table entry: {sorted(compiled - known)}"
+
+
+def test_every_threshold_names_the_run_it_came_from():
+    """dispatch_rules holds every threshold and margin once, each with its stored run."""
+    from sparsekern import dispatch_rules
+
+    thresholds = {n for n, v in vars(dispatch_rules).items()
+                  if n.isupper() and n != "EVIDENCE"
+                  and not n.startswith(("NM_ALGO", "BACKEND_ORDER", "KERNEL_DTYPES", "BATCH_BUCKETS"))
+                  and not isinstance(v, type)}
+    assert thresholds <= set(dispatch_rules.EVIDENCE), sorted(thresholds - set(dispatch_rules.EVIDENCE))
+    for name, measured in dispatch_rules.EVIDENCE.items():
+        if measured.run.startswith("bench/results/"):
+            assert (ROOT / measured.run / "README.md").exists(), f"{name}: {measured.run} is not a stored run"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from sparsekern import _extension, ops, semi_structured, tuning
+from sparsekern import _extension, dispatch_rules, ops, tuning
 
 H100 = "NVIDIA H100 80GB HBM3"
 BF16 = torch.bfloat16
@@ -47,22 +47,23 @@ def nm(n=2, m=4, out=4096, k=4096):
 
 # ---------------------------------------------------------------- the table, pure
 def test_choose_takes_the_fastest_unless_the_first_in_order_is_within_noise():
-    assert tuning.choose({"cuda": 1.0, "cusparselt": 0.5}) == "cusparselt"
-    assert tuning.choose({"cuda": 1.0, "cusparselt": 0.99}, order=("cuda",)) == "cuda"
-    assert tuning.choose({"cuda": 1.0, "cusparselt": 0.9}, order=("cuda",)) == "cusparselt"
+    assert dispatch_rules.fastest_within({"cuda": 1.0, "cusparselt": 0.5}) == "cusparselt"
+    assert dispatch_rules.fastest_within({"cuda": 1.0, "cusparselt": 0.99}, order=("cuda",)) == "cuda"
+    assert dispatch_rules.fastest_within({"cuda": 1.0, "cusparselt": 0.9}, order=("cuda",)) == "cusparselt"
     with pytest.raises(ValueError):
-        tuning.choose({})
+        dispatch_rules.fastest_within({})
 
 
 def test_verdict_names_both_times_and_prefers_the_exact_shape(table):
     table.record("nm_linear", H100, BF16, 16, None, {"cuda": 0.010, "cusparselt": 0.020})
     table.record("nm_linear", H100, BF16, 16, (8192, 8192), {"cuda": 0.050, "cusparselt": 0.030})
-    why = table.verdict("nm_linear", "cusparselt", H100, BF16, 16, (4096, 4096))
+    verdict = dispatch_rules.measured_verdict
+    why = verdict("nm_linear", "cusparselt", H100, BF16, 16, (4096, 4096))
     assert "measured slower" in why and "cuda 0.0100 ms" in why and "cusparselt 0.0200 ms" in why
-    assert table.verdict("nm_linear", "cuda", H100, BF16, 16, (4096, 4096)) is None
-    assert table.verdict("nm_linear", "cusparselt", H100, BF16, 16, (8192, 8192)) is None
-    assert table.verdict("nm_linear", "cuda", H100, BF16, 16, (8192, 8192)) is not None
-    assert table.verdict("nm_linear", "cuda", "NVIDIA H200", BF16, 16, None) is None  # other card: no data
+    assert verdict("nm_linear", "cuda", H100, BF16, 16, (4096, 4096)) is None
+    assert verdict("nm_linear", "cusparselt", H100, BF16, 16, (8192, 8192)) is None
+    assert verdict("nm_linear", "cuda", H100, BF16, 16, (8192, 8192)) is not None
+    assert verdict("nm_linear", "cuda", "NVIDIA H200", BF16, 16, None) is None  # other card: no data
     with pytest.raises(ValueError, match="positive"):
         table.record("nm_linear", H100, BF16, 1, None, {"cuda": -1})
 
@@ -167,5 +168,5 @@ def test_gemm_ops_are_registered_with_the_shared_fake(gpu):
 
 
 def test_the_default_large_batch_buckets_are_the_documented_ones():
-    assert semi_structured.LARGE_BATCH_BUCKETS == (256, -1)
-    assert [ops.batch_bucket(r) in semi_structured.LARGE_BATCH_BUCKETS for r in (64, 65)] == [False, True]
+    assert dispatch_rules.SEMI_STRUCTURED_BUCKETS == (256, -1)
+    assert [ops.batch_bucket(r) in dispatch_rules.SEMI_STRUCTURED_BUCKETS for r in (64, 65)] == [False, True]

@@ -15,7 +15,7 @@ PKG = pathlib.Path(__file__).resolve().parents[1] / "sparsekern"
 LAYERS = [
     {"patterns"},                                   # 2-D views, bit layouts
     {"reference", "_extension"},                    # pure-torch references; loading the extension
-    {"triton", "semi_structured", "tuning"},        # backends: Triton kernels, 2:4 GEMMs; measured timings
+    {"triton", "semi_structured", "tuning", "dispatch_rules"},  # backends; measured timings; every dispatch rule
     {"ops"},                                        # the one door: checks, dispatch, fakes, autograd
     {"formats"},                                    # typed compressed weights over ops
     {"prune"},                                      # scores, masks, calibration, torch-prune-style functions

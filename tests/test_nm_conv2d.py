@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from backends import pairs, running
 from conftest import assert_linear_close
-from sparsekern import _extension, ops, reference
+from sparsekern import _extension, dispatch_rules, ops, reference
 from sparsekern.formats import BitmaskWeight, NMWeight
 from sparsekern.patterns import as_2d, nm24_panels_bytes
 
@@ -57,7 +57,7 @@ def test_nm_conv2d_matches_fp64(device, backend, geometry, n, m, dtype, with_bia
 @pytest.mark.parametrize("pre_packed", [True, False])
 def test_both_orders_of_the_weight_stationary_kernel(order, pre_packed, monkeypatch, poison):
     monkeypatch.setenv("SPARSEKERN_WS_ORDER", order)
-    monkeypatch.setattr(ops, "CPU_GEMM_PANELS", pre_packed)
+    monkeypatch.setattr(dispatch_rules, "CPU_GEMM_PANELS", pre_packed)
     f, x, bias, dense4, (s, p, d) = _conv_case(CHUNKED, 2, 4, torch.float32, True, channels_last=True)
     with running("cpp", "nm_conv2d", x, f):
         y = ops.nm_conv2d(x, f, 3, bias, s, p, d)
@@ -66,25 +66,32 @@ def test_both_orders_of_the_weight_stationary_kernel(order, pre_packed, monkeypa
                         what=f"nm_conv2d in {order}, pre-packed {pre_packed}")
     reads = bool(_extension.BUILD_INFO.get("cpu_avx2_runtime"))  # the AVX2 and AVX-512 kernels read them
     assert f.derived_nbytes == (nm24_panels_bytes(*f.shape) if pre_packed and reads else 0)
-    assert ("gemm_panels" in ops.explain_backend("nm_conv2d", x, f)[1]) == (pre_packed and reads)
+    assert ("gemm_panels" in ops.explain_backend("nm_conv2d", x, f, 3, bias, s, p, d)[1]) == (pre_packed and reads)
     if pre_packed and reads:  # the kernel read them: zeroed bytes leave only the bias
         zeros = torch.zeros(nm24_panels_bytes(*f.shape), dtype=torch.uint8)
-        y0 = torch.ops.sparsekern.nm_conv2d(x, f.values, f.indices, 2, 4, [24, 16, 3, 3], [s, s], [p, p], [d, d],
-                                            bias, zeros)
+        y0 = torch.ops.sparsekern.nm_conv2d_cpu(x, f.values, f.indices, 2, 4, [24, 16, 3, 3], [s, s], [p, p],
+                                                [d, d], bias, dispatch_rules.NM_ALGO_GEMM, zeros)
         torch.testing.assert_close(y0, bias.view(1, -1, 1, 1).expand_as(y0), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
-def test_bad_panels_are_refused(backend):
+@pytest.mark.skipif(not _extension.BUILD_INFO.get("cpu_avx2_runtime"),
+                    reason="the 2:4 GEMM kernel runs on AVX2/AVX-512 CPUs only")
+def test_bad_panels_are_refused():
+    """panels reach only the CPU-only op nm_conv2d_cpu, with the algorithm chosen in Python."""
     f, x, bias, _, (s, p, d) = _conv_case(GEOMETRIES[1], 2, 4, torch.float32, True)
-    run = torch.ops.sparsekern.nm_conv2d if backend == "cpp" else reference.nm_conv2d
     args = (x, f.values, f.indices, 2, 4, [12, 16, 3, 3], [s, s], [p, p], [d, d], bias)
+    run = torch.ops.sparsekern.nm_conv2d_cpu
+    gemm = dispatch_rules.NM_ALGO_GEMM
     good = reference.nm24_pack_panels(f.values, f.indices, f.in_features)
     for panels, match in ((good[:-72], "panels must be 1-D with"), (good.view(torch.int8), "panels"),
                           (good.view(8, -1), "panels must be 1-D with")):
         with pytest.raises((TypeError, ValueError), match=match):
-            run(*args, panels)
-    torch.testing.assert_close(run(*args, good), run(*args), rtol=1e-5, atol=1e-5)
+            run(*args, gemm, panels)
+    with pytest.raises(ValueError, match="panels are read by algo 1"):
+        run(*args, dispatch_rules.NM_ALGO_DECODE, good)
+    want = torch.ops.sparsekern.nm_conv2d(*args)
+    torch.testing.assert_close(run(*args, gemm, good), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run(*args, gemm, None), want, rtol=1e-5, atol=1e-5)
 
 
 def test_gradients_match_the_reference():

@@ -3,8 +3,9 @@ kernel (csrc/cpu/nm_gemm_impl.h with AVX2, avx512::nm24_gemm on AVX-512 CPUs; bo
 also in tests/test_cpu_isa.py) and the decompress + GEMM path that every other N:M (and the
 portable build) takes.
 
-SPARSEKERN_NM_GEMM (read by the C++ op on every call): "direct" forces the 2:4 kernel,
-"tile" the decompress + GEMM path; unset, the op picks by batch."""
+The algorithm is chosen in sparsekern/dispatch_rules.py (nm_cpu_algo) and passed to the C++
+kernel (the CPU-only op nm_linear_cpu, argument `algo`). SPARSEKERN_NM_GEMM (read there on every
+call): "tile" never takes the 2:4 kernel; "direct" or unset, from 17 rows."""
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 
 from conftest import assert_linear_close, needs_extension
 from linear_cases import lowp_torch_linear, ref64
-from sparsekern import _extension, ops, reference
+from sparsekern import _extension, dispatch_rules, ops, reference
 from sparsekern.formats import NMWeight
 from sparsekern.patterns import nm24_panels_bytes
 
@@ -27,6 +28,7 @@ READS_PANELS = bool(_extension.BUILD_INFO.get("cpu_avx2_runtime"))
 KS = [4 * 37, 520, 1100]
 BATCHES = [17, 33, 64, 127, 130, 300]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+GEMM = dispatch_rules.NM_ALGO_GEMM
 
 
 def _check(x, W, bias, dtype, what):
@@ -48,7 +50,7 @@ def test_nm24_gemm_matches_fp64(mode, dtype, k, batch, with_bias, panels, poison
         monkeypatch.setenv("SPARSEKERN_NM_GEMM", "direct")
     else:
         monkeypatch.delenv("SPARSEKERN_NM_GEMM", raising=False)
-    monkeypatch.setattr(ops, "CPU_GEMM_PANELS", panels)
+    monkeypatch.setattr(dispatch_rules, "CPU_GEMM_PANELS", panels)
     o = 37  # not a multiple of the kernel's 3-row block
     W = NMWeight.from_dense(torch.randn(o, k, dtype=dtype), 2, 4)
     # 3-D x for odd batches: [batch, 1, k] -> flattened rows inside the op
@@ -62,7 +64,7 @@ def test_nm24_gemm_matches_fp64(mode, dtype, k, batch, with_bias, panels, poison
 
 @pytest.mark.parametrize("batch", [17, 64, 300])
 def test_nm24_gemm_agrees_with_tile_gemm_path(batch, poison, monkeypatch):
-    # The direct kernel reads the pre-packed weight here (ops.CPU_GEMM_PANELS):
+    # The direct kernel reads the pre-packed weight here (dispatch_rules.CPU_GEMM_PANELS):
     # 1001 rows are ten 96-row panels and a partial one of 41 rows.
     # Many output rows: several panels, both threads, and the old path on the same input.
     W = NMWeight.from_dense(torch.randn(1001, 520), 2, 4)
@@ -91,7 +93,7 @@ def test_nm24_gemm_nan_and_inf_stay_in_their_columns(panels, monkeypatch):
     # not pick up an inf/NaN of x from a column the row does not keep, packed per call or
     # ahead (the pre-packed padding slots point at the zero column too).
     monkeypatch.setenv("SPARSEKERN_NM_GEMM", "direct")
-    monkeypatch.setattr(ops, "CPU_GEMM_PANELS", panels)
+    monkeypatch.setattr(dispatch_rules, "CPU_GEMM_PANELS", panels)
     k = 4 * 37
     w = torch.randn(7, k)
     mask = torch.zeros(7, k, dtype=torch.bool)
@@ -185,7 +187,7 @@ def test_pre_packed_weight_in_both_kernel_orders(order, o, k, batch, poison, mon
     assert W.derived_nbytes == (nm24_panels_bytes(o, k) if READS_PANELS else 0)
     if READS_PANELS:  # and the kernel read it: zeroed bytes give zeros
         zeros = torch.zeros(nm24_panels_bytes(o, k), dtype=torch.uint8)
-        assert not torch.ops.sparsekern.nm_linear(x, W.values, W.indices, 2, 4, k, None, zeros).any()
+        assert not torch.ops.sparsekern.nm_linear_cpu(x, W.values, W.indices, 2, 4, k, None, GEMM, zeros).any()
         assert y.abs().sum() > 0
 
 
@@ -203,7 +205,7 @@ def test_gemm_panels_of_inference_tensors_and_misaligned_views(monkeypatch):
     buf = torch.zeros(good.numel() + 1, dtype=torch.uint8)
     buf[1:] = good
     odd = buf[1:]
-    y_odd = torch.ops.sparsekern.nm_linear(x, W.values, W.indices, 2, 4, 520, None, odd)
+    y_odd = torch.ops.sparsekern.nm_linear_cpu(x, W.values, W.indices, 2, 4, 520, None, GEMM, odd)
     assert_linear_close(y_odd, ref64(x, W.to_dense(), None), torch.float32, what="odd offset")
 
 
@@ -221,30 +223,53 @@ def test_tampered_panels_stay_inside_x(monkeypatch):
         monkeypatch.setenv("SPARSEKERN_WS_ORDER", order)
         for _ in range(3):
             junk = torch.randint(0, 256, (size,), dtype=torch.uint8)
-            y = torch.ops.sparsekern.nm_linear(x, W.values, W.indices, 2, 4, 1028, bias, junk)
+            y = torch.ops.sparsekern.nm_linear_cpu(x, W.values, W.indices, 2, 4, 1028, bias, GEMM, junk)
             assert y.shape == (130, 100)
     monkeypatch.delenv("SPARSEKERN_WS_ORDER")
     zeros = torch.zeros(size, dtype=torch.uint8)
-    y = torch.ops.sparsekern.nm_linear(x, W.values, W.indices, 2, 4, 1028, bias, zeros)
+    y = torch.ops.sparsekern.nm_linear_cpu(x, W.values, W.indices, 2, 4, 1028, bias, GEMM, zeros)
     torch.testing.assert_close(y, bias.expand(130, 100), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
-def test_bad_panels_are_refused_by_every_backend(backend):
+@pytest.mark.skipif(not READS_PANELS, reason="the 2:4 GEMM kernel runs on AVX2/AVX-512 CPUs only")
+def test_bad_panels_and_algorithms_are_refused():
+    """panels reach only the CPU-only op nm_linear_cpu (no other backend sees them), with the
+    algorithm chosen in Python; the kernel checks both and does not choose again."""
     W = NMWeight.from_dense(torch.randn(30, 64), 2, 4)
     x = torch.randn(20, 64)
     good = reference.nm24_pack_panels(W.values, W.indices, 64)
-    run = torch.ops.sparsekern.nm_linear if backend == "cpp" else reference.nm_linear
+    run = torch.ops.sparsekern.nm_linear_cpu
     bad = [(good.view(torch.int8), "panels"), (good[:-1], "panels must be 1-D with"),
            (good.view(2, -1), "panels must be 1-D with"), (torch.zeros(0, dtype=torch.uint8), "panels must be 1-D with")]
     for panels, match in bad:
         with pytest.raises((TypeError, ValueError), match=match):
-            run(x, W.values, W.indices, 2, 4, 64, None, panels)
+            run(x, W.values, W.indices, 2, 4, 64, None, GEMM, panels)
     W28 = NMWeight.from_dense(torch.randn(30, 64), 2, 8)
     with pytest.raises(ValueError, match="panels is a 2:4 layout"):
-        run(x, W28.values, W28.indices, 2, 8, 64, None, good)
-    torch.testing.assert_close(run(x, W.values, W.indices, 2, 4, 64, None, good), x @ W.to_dense().t(),
-                               rtol=1e-4, atol=1e-4)
+        run(x, W28.values, W28.indices, 2, 8, 64, None, GEMM, good)
+    with pytest.raises(ValueError, match="algo 1 .* runs 2:4 weights"):
+        run(x, W28.values, W28.indices, 2, 8, 64, None, GEMM, None)
+    with pytest.raises(ValueError, match="panels are read by algo 1"):
+        run(x, W.values, W.indices, 2, 4, 64, None, dispatch_rules.NM_ALGO_DECODE, good)
+    with pytest.raises(ValueError, match="algo must be"):
+        run(x, W.values, W.indices, 2, 4, 64, None, 7, None)
+    for rows in (1, 5, 20):  # the kernel runs the algorithm it is given, at any batch
+        for algo, panels in ((GEMM, good), (GEMM, None), (dispatch_rules.NM_ALGO_DECODE, None)):
+            torch.testing.assert_close(run(x[:rows], W.values, W.indices, 2, 4, 64, None, algo, panels),
+                                       x[:rows] @ W.to_dense().t(), rtol=1e-4, atol=1e-4)
+
+
+def test_the_algorithm_follows_the_rules(monkeypatch):
+    """What dispatch_rules.nm_cpu_algo says is what the key (and explain_backend) says."""
+    W = NMWeight.from_dense(torch.randn(30, 64), 2, 4)
+    monkeypatch.delenv("SPARSEKERN_NM_GEMM", raising=False)
+    for rows in (1, 16, 17, 300):
+        want = GEMM if rows >= dispatch_rules.NM24_GEMM_MIN_ROWS and READS_PANELS else dispatch_rules.NM_ALGO_DECODE
+        key = ops.OPS["nm_linear"].key(torch.randn(rows, 64), W)[1]
+        assert key.cpu_algo == want, rows
+        assert dispatch_rules.NM_ALGO_NAMES[want] in ops.explain_backend("nm_linear", torch.randn(rows, 64), W)[1]
+    monkeypatch.setenv("SPARSEKERN_NM_GEMM", "tile")
+    assert ops.OPS["nm_linear"].key(torch.randn(300, 64), W)[1].cpu_algo == dispatch_rules.NM_ALGO_DECODE
 
 
 def test_pack_panels_refuses_bad_arguments():

@@ -4,11 +4,15 @@ import pytest
 import torch
 
 from conftest import DEVICES, needs_extension
-from sparsekern import ops
+from sparsekern import _extension, dispatch_rules, ops
 from sparsekern.patterns import pack_bitmask
 from sparsekern.formats import BitmaskWeight, BlockWeight, NMWeight
 
 pytestmark = needs_extension
+
+DECODE, GEMM = dispatch_rules.NM_ALGO_DECODE, dispatch_rules.NM_ALGO_GEMM
+GEMM_RUNS = bool(_extension.BUILD_INFO.get("cpu_avx2_runtime"))  # the 2:4 GEMM kernel: AVX2/AVX-512 CPUs
+CPU_ONLY = {spec.cpu_op for spec in ops.OPS.values() if spec.cpu_op}
 
 
 def _samples(device):
@@ -27,21 +31,29 @@ def _samples(device):
     xc = torch.randn(2, 8, 5, 6, device=device)
     return {
         "nm_linear": [(x, nm.values, nm.indices, 2, 4, 64, b), (xg, nm.values, nm.indices, 2, 4, 64, None),
-                      # 20 rows: the CPU kernel reads the pre-packed weight (AVX-512); every backend checks it
-                      (x20, nm.values, nm.indices, 2, 4, 64, b, nm.gemm_panels()),
-                      (x20.clone().requires_grad_(), nm.values, nm.indices, 2, 4, 64, None, nm.gemm_panels())],
+                      (x20, nm.values, nm.indices, 2, 4, 64, b)],
+        # CPU only: the algorithm chosen in Python (1: the 2:4 GEMM kernel, AVX2/AVX-512 CPUs) and
+        # the pre-packed weight it reads
+        "nm_linear_cpu": [(x, nm.values, nm.indices, 2, 4, 64, b, DECODE)] + ([] if not GEMM_RUNS else [
+            (x20, nm.values, nm.indices, 2, 4, 64, b, GEMM, nm.gemm_panels()),
+            (x20.clone().requires_grad_(), nm.values, nm.indices, 2, 4, 64, None, GEMM, nm.gemm_panels()),
+            (xg, nm.values, nm.indices, 2, 4, 64, None, GEMM, None)]),
         "nm24_pack_panels": [(nm.values, nm.indices, 64), (conv.values, conv.indices, 72)],
         "nm_conv2d": [(xc, conv.values, conv.indices, 2, 4, [16, 8, 3, 3], [1, 1], [1, 1], [1, 1], b),
                       (xc.repeat(3, 1, 1, 1).requires_grad_(), conv.values, conv.indices, 2, 4, [16, 8, 3, 3],
-                       [2, 1], [0, 1], [1, 2], None),
-                      (xc, conv.values, conv.indices, 2, 4, [16, 8, 3, 3], [1, 1], [1, 1], [1, 1], b,
-                       conv.gemm_panels())],
+                       [2, 1], [0, 1], [1, 2], None)],
+        "nm_conv2d_cpu": [(xc, conv.values, conv.indices, 2, 4, [16, 8, 3, 3], [1, 1], [1, 1], [1, 1], b, DECODE)] + (
+            [] if not GEMM_RUNS else [
+                (xc, conv.values, conv.indices, 2, 4, [16, 8, 3, 3], [1, 1], [1, 1], [1, 1], b, GEMM,
+                 conv.gemm_panels()),
+                (xc.clone().requires_grad_(), conv.values, conv.indices, 2, 4, [16, 8, 3, 3], [2, 1], [0, 1], [1, 2],
+                 None, GEMM, None)]),
         "nm_compress": [(w, None, 2, 4), (w, nm.mask(), 2, 4)],
         "nm_decompress": [(nm.values, nm.indices, 2, 4, 64)],
         "bitmask_linear": [(x, bmw.values, bmw.bitmask, bmw.offsets, 64, b),
-                           (xg, bmw.values, bmw.bitmask, bmw.offsets, 64, None),
-                           (x[:1], bmw.values, bmw.bitmask, bmw.offsets, 64, b, bmw.column_index()),
-                           (xg[:1], bmw.values, bmw.bitmask, bmw.offsets, 64, None, bmw.column_index())],
+                           (xg, bmw.values, bmw.bitmask, bmw.offsets, 64, None)],
+        "bitmask_linear_cpu": [(x[:1], bmw.values, bmw.bitmask, bmw.offsets, 64, b, bmw.column_index()),
+                               (xg[:1], bmw.values, bmw.bitmask, bmw.offsets, 64, None, bmw.column_index())],
         "bitmask_compress": [(w, mask), (w, None)],
         "bitmask_decompress": [(bmw.values, bmw.bitmask, bmw.offsets, 64)],
         "block_linear": [(x, blk.crow_indices, blk.col_indices, blk.values, 64, b),
@@ -63,7 +75,7 @@ def _cases():
         dev = device.values[0] if hasattr(device, "values") else device
         marks = device.marks if hasattr(device, "marks") else ()
         for op in _samples("cpu"):
-            if dev == "cuda" and not ops.OPS[op].cuda:
+            if dev == "cuda" and (op in CPU_ONLY or not ops.OPS[op].cuda):
                 continue
             yield pytest.param(op, dev, marks=marks, id=f"{op}-{dev}")
 
@@ -104,7 +116,7 @@ def test_torch_compile_fullgraph(device, fmt):
         W = NMWeight.from_dense(torch.randn(32, 72, device=device), 2, 4)
         fn = lambda x: torch.relu(ops.nm_conv2d(x.reshape(-1, 8, 4, 2), W, 3, b, 1, 1)) * 2  # noqa: E731
     compiled = torch.compile(fn, fullgraph=True)
-    for batch in (1, 5):
+    for batch in (1, 5, 20):  # 20 rows: the CPU's 2:4 GEMM kernel for nm (nm_linear_cpu)
         x = torch.randn(batch, 64, device=device)
         torch.testing.assert_close(compiled(x), fn(x), rtol=1e-5, atol=1e-5)
 

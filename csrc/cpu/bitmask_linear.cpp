@@ -57,9 +57,9 @@ bool use_bitmask_gemm() {
 // (4096x4096 fp32, 2 threads: 4.6 ms against 7.3 ms at 30% kept, 4.3 against 3.9 at 10%).
 constexpr double kAvx512MinDensity = 0.2;
 
-at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
-                              const at::Tensor& offsets, int64_t in_features, const c10::optional<at::Tensor>& bias,
-                              const c10::optional<at::Tensor>& columns) {
+at::Tensor bitmask_linear_columns(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
+                                  const at::Tensor& offsets, int64_t in_features,
+                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& columns) {
   check_bitmask_linear_args(x, values, bitmask, offsets, in_features, bias, columns);
   // Formats refuse bits past in_features; a raw call with them would unmask x past its end
   // in the AVX-512 kernels. Free when in_features is a multiple of 64.
@@ -263,10 +263,24 @@ at::Tensor bitmask_decompress_cpu(const at::Tensor& values, const at::Tensor& bi
   return out;
 }
 
+// The shared schema (every backend's): the mask kernels, no column index.
+at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
+                              const at::Tensor& offsets, int64_t in_features, const c10::optional<at::Tensor>& bias) {
+  return bitmask_linear_columns(x, values, bitmask, offsets, in_features, bias, c10::nullopt);
+}
+
+// bitmask_linear_cpu (the CPU-only op): with BitmaskWeight.column_index.
+at::Tensor bitmask_linear_with_columns(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
+                                       const at::Tensor& offsets, int64_t in_features,
+                                       const c10::optional<at::Tensor>& bias, const at::Tensor& columns) {
+  return bitmask_linear_columns(x, values, bitmask, offsets, in_features, bias, columns);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("bitmask_linear", &bitmask_linear_cpu);
+  m.impl("bitmask_linear_cpu", &bitmask_linear_with_columns);
   m.impl("bitmask_compress", &bitmask_compress_cpu);
   m.impl("bitmask_decompress", &bitmask_decompress_cpu);
 }

@@ -23,23 +23,23 @@ void nm_decompress_row(const VT* v, const uint8_t* ix, int64_t kept, int64_t n, 
   }
 }
 
-// Large batches of 2:4: the weight-stationary AVX2 kernel (nm_gemm_impl.h), which does
-// half the multiply-adds of the dense GEMM, instead of decompressed tiles through the BLAS
-// GEMM. SPARSEKERN_NM_GEMM (read per call, a benchmarking switch): "tile" forces the
-// decompress + GEMM path, "direct" forces the new kernel at any batch above
-// kDirectMaxBatch; unset: the new kernel from kNm24GemmMinBatch rows (where it measured
-// faster, bench/bench_cpu_gemm.py).
-constexpr int64_t kNm24GemmMinBatch = 17;
+// The algorithm of nm_linear_cpu / nm_conv2d_cpu, chosen in Python (sparsekern/dispatch_rules.py
+// NM_ALGO_*, nm_cpu_algo: which rows, patterns, CPUs and switches take the GEMM); the kernels
+// run what they are told and do not choose again.
+constexpr int64_t kNmAlgoDecode = 0;  // row kernels up to kDirectMaxBatch rows, decompressed tiles above
+constexpr int64_t kNmAlgoGemm = 1;    // the 2:4 weight-stationary GEMM kernel (nm_gemm_impl.h)
 
-bool use_nm24_gemm(int64_t B) {
-  if (!cpu_has_avx2()) return false;  // portable builds keep the decompress + GEMM path
-  const char* mode = std::getenv("SPARSEKERN_NM_GEMM");
-  if (mode && std::strcmp(mode, "tile") == 0) return false;
-  if (mode && std::strcmp(mode, "direct") == 0) return true;
-  // On AVX-512 CPUs the kernel runs with 16-lane vectors (avx512::nm24_gemm): the AVX2
-  // one lost to MKL's AVX-512 GEMM (0.73x, bench/results/cpu-gemm-20261128), this one
-  // beats the AVX-512 tiles at every shape and batch measured (bench/bench_cpu_gemm.py).
-  return B >= kNm24GemmMinBatch;
+void check_nm_algo(const char* op, int64_t algo, int64_t n, int64_t m, const c10::optional<at::Tensor>& panels) {
+  TORCH_CHECK_VALUE(algo == kNmAlgoDecode || algo == kNmAlgoGemm, op, ": algo must be 0 (decode) or 1 (the 2:4 GEMM), got ",
+                    algo);
+  if (algo == kNmAlgoGemm) {
+    TORCH_CHECK_VALUE(n == 2 && m == 4, op, ": algo 1 (the 2:4 GEMM kernel) runs 2:4 weights, got ", n, ":", m);
+    TORCH_CHECK(cpu_has_avx2(), op, ": algo 1 (the 2:4 GEMM kernel) needs an AVX2 CPU (this build runs the ",
+                "portable kernels here, SPARSEKERN_CPU_ISA may cap them); pass algo 0");
+  } else {
+    TORCH_CHECK_VALUE(!panels.has_value(), op, ": panels are read by algo 1 (the 2:4 GEMM kernel) only, got algo ",
+                      algo);
+  }
 }
 
 }  // namespace
@@ -90,10 +90,11 @@ at::Tensor aligned_panels(const c10::optional<at::Tensor>& panels) {
   return packed;
 }
 
-at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, int64_t n,
-                         int64_t m, int64_t in_features, const c10::optional<at::Tensor>& bias,
-                         const c10::optional<at::Tensor>& panels) {
+at::Tensor nm_linear_algo(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, int64_t n,
+                          int64_t m, int64_t in_features, const c10::optional<at::Tensor>& bias, int64_t algo,
+                          const c10::optional<at::Tensor>& panels) {
   check_nm_linear_args(x, values, indices, n, m, in_features, bias, panels);
+  check_nm_algo("nm_linear", algo, n, m, panels);
   const int64_t K = in_features, O = values.size(0), kept = values.size(1);
   auto vals = values.contiguous();
   auto idx = indices.contiguous();
@@ -103,7 +104,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   c10::optional<at::Tensor> bias_left = bias;  // what finish_linear still adds
   if (B == 0 || O == 0) {
     out = at::zeros({B, O}, x2.options());
-  } else if (B > kDirectMaxBatch && n == 2 && m == 4 && use_nm24_gemm(B)) {
+  } else if (algo == kNmAlgoGemm) {
     out = at::empty({B, O}, x2.options());
     // `panels` (NMWeight.gemm_panels): the weight packed ahead for the kernel (AVX2 and AVX-512).
     const at::Tensor packed = aligned_panels(panels);
@@ -153,15 +154,15 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
 // nm_conv2d: the convolution of x [N, C, H, W] with the N:M weight [O, kh * kw * C] (input
 // channels fastest within each tap: patterns.as_2d), as one product over channels-last
 // patches: rows are output pixels (n, oh, ow), columns the taps' channels. 2:4 from 17
-// rows runs the weight-stationary kernel with the x tiles gathered straight from the
+// rows runs the weight-stationary kernel (algo 1, chosen by sparsekern/dispatch_rules.py) with the x tiles gathered straight from the
 // channels-last input, tap by tap (LaneRows): no padded copy, no im2col matrix. Anything
 // else builds the patch matrix with one strided copy and runs nm_linear's kernels on it.
 // The result is [N, O, OH, OW] in channels-last memory (the next convolution reads it
 // without a copy).
-at::Tensor nm_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, int64_t n,
-                         int64_t m, at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding,
-                         at::IntArrayRef dilation, const c10::optional<at::Tensor>& bias,
-                         const c10::optional<at::Tensor>& panels) {
+at::Tensor nm_conv2d_algo(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, int64_t n,
+                          int64_t m, at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation, const c10::optional<at::Tensor>& bias, int64_t algo,
+                          const c10::optional<at::Tensor>& panels) {
   const char* op = "nm_conv2d";
   check_nm_params(op, n, m);
   const ConvGeometry g = check_conv_geometry(op, x, weight_shape, stride, padding, dilation);
@@ -178,6 +179,7 @@ at::Tensor nm_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at
                     indices.sizes());
   check_bias(op, x, bias, O);
   check_nm24_panels(op, x, n, m, O, K, panels);
+  check_nm_algo(op, algo, n, m, panels);
   auto vals = values.contiguous();
   auto idx = indices.contiguous();
   auto xl = x.permute({0, 2, 3, 1});  // [N, H, W, C]: contiguous when x is channels-last
@@ -185,7 +187,7 @@ at::Tensor nm_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at
   auto out = at::empty({g.N, O, g.OH, g.OW}, x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
   if (rows == 0 || O == 0) {
     out.zero_();
-  } else if (rows > kDirectMaxBatch && n == 2 && m == 4 && use_nm24_gemm(rows)) {
+  } else if (algo == kNmAlgoGemm) {
     xl = xl.to(at::kFloat).contiguous();
     const LaneRows src{xl.data_ptr<float>(), rows, g.kh * g.kw, g.C, g.H, g.W, g.OH, g.OW, g.kw,
                        g.sh, g.sw, g.ph, g.pw, g.dh, g.dw};
@@ -201,11 +203,24 @@ at::Tensor nm_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at
                     .reshape({rows, K});
     // [N, OH, OW, O] is the memory of the channels-last result. The bias goes in there, so
     // a bf16/fp16 result is rounded once.
-    out.permute({0, 2, 3, 1}).reshape({rows, O}).copy_(nm_linear_cpu(cols, vals, idx, n, m, K, bias, c10::nullopt));
+    out.permute({0, 2, 3, 1}).reshape({rows, O}).copy_(nm_linear_algo(cols, vals, idx, n, m, K, bias, kNmAlgoDecode, c10::nullopt));
     return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
   }
   if (bias.has_value()) out.add_(bias->to(at::kFloat).view({1, O, 1, 1}));
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+// The shared schemas (every backend's): the decode algorithm, no CPU-only arguments.
+at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, int64_t n,
+                         int64_t m, int64_t in_features, const c10::optional<at::Tensor>& bias) {
+  return nm_linear_algo(x, values, indices, n, m, in_features, bias, kNmAlgoDecode, c10::nullopt);
+}
+
+at::Tensor nm_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, int64_t n,
+                         int64_t m, at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, const c10::optional<at::Tensor>& bias) {
+  return nm_conv2d_algo(x, values, indices, n, m, weight_shape, stride, padding, dilation, bias, kNmAlgoDecode,
+                        c10::nullopt);
 }
 
 // Shared by nm_compress (mask or |w|) and nm_score_compress (score |w| * |grad| *
@@ -441,6 +456,8 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("nm_linear", &nm_linear_cpu);
   m.impl("nm24_pack_panels", &nm24_pack_panels_cpu);
   m.impl("nm_conv2d", &nm_conv2d_cpu);
+  m.impl("nm_linear_cpu", &nm_linear_algo);
+  m.impl("nm_conv2d_cpu", &nm_conv2d_algo);
   m.impl("nm_compress", &nm_compress_cpu);
   m.impl("nm_score_compress", &nm_score_compress_cpu);
   m.impl("nm_decompress", &nm_decompress_cpu);

@@ -238,10 +238,8 @@ void gemm_path(const at::Tensor& x2, const at::Tensor& v, const at::Tensor& bm, 
 }
 
 at::Tensor bitmask_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
-                               const at::Tensor& offsets, int64_t in_features, const c10::optional<at::Tensor>& bias,
-                               const c10::optional<at::Tensor>& columns) {
-  // `columns` (a CPU decode index) is checked like every backend's, and not read here.
-  check_bitmask_linear_args(x, values, bitmask, offsets, in_features, bias, columns);
+                               const at::Tensor& offsets, int64_t in_features, const c10::optional<at::Tensor>& bias) {
+  check_bitmask_linear_args(x, values, bitmask, offsets, in_features, bias, c10::nullopt);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t K = in_features, O = bitmask.size(0);
   auto x2 = x.reshape({-1, K}).contiguous();

@@ -412,10 +412,8 @@ void gemm_path(const at::Tensor& x2, const at::Tensor& v, const at::Tensor& ix, 
 }
 
 at::Tensor nm_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, int64_t n,
-                          int64_t m, int64_t in_features, const c10::optional<at::Tensor>& bias,
-                          const c10::optional<at::Tensor>& panels) {
-  // `panels` (a CPU kernel's layout) is checked like every backend's, and not read here.
-  check_nm_linear_args(x, values, indices, n, m, in_features, bias, panels);
+                          int64_t m, int64_t in_features, const c10::optional<at::Tensor>& bias) {
+  check_nm_linear_args(x, values, indices, n, m, in_features, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t K = in_features, O = values.size(0);
   TORCH_CHECK_VALUE(K < (int64_t{1} << 31), "nm_linear: in_features must be below 2^31, got ", K);

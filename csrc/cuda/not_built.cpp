@@ -16,9 +16,9 @@ namespace {
 }
 
 at::Tensor nm_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
-                     const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&) { not_built("nm_linear"); }
+                     const c10::optional<at::Tensor>&) { not_built("nm_linear"); }
 at::Tensor bitmask_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                          const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&) {
+                          const c10::optional<at::Tensor>&) {
   not_built("bitmask_linear");
 }
 at::Tensor masked_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&) {

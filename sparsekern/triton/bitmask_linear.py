@@ -57,9 +57,7 @@ _bitmask_linear_tuned = triton.autotune(configs=autotune_configs(), key=["N", "K
 
 @triton_op("sparsekern_triton::bitmask_linear", mutates_args=())
 def _bitmask_linear_op(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, offsets: torch.Tensor,
-                       in_features: int, bias: torch.Tensor | None,
-                       columns: torch.Tensor | None = None) -> torch.Tensor:
-    # `columns` (BitmaskWeight.column_index) serves a CPU kernel; this kernel walks the masks.
+                       in_features: int, bias: torch.Tensor | None) -> torch.Tensor:
     N = bitmask.shape[0]
 
     def launch(x2, y, M, K, bm):

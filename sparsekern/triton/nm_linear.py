@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..patterns import check_nm24_panels, nm_index_bits
+from ..patterns import nm_index_bits
 from ._common import autotune_configs, autotuning, batch_bucket, dot_meta, linear_config, mma, run_linear
 
 
@@ -78,9 +78,7 @@ _nm_linear_tuned = triton.autotune(configs=autotune_configs(), key=["N", "K", "M
 
 @triton_op("sparsekern_triton::nm_linear", mutates_args=())
 def _nm_linear_op(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int, in_features: int,
-                  bias: torch.Tensor | None, panels: torch.Tensor | None = None) -> torch.Tensor:
-    # `panels` (NMWeight.gemm_panels) serves a CPU kernel; checked as every backend checks it.
-    check_nm24_panels(x, n, m, values.shape[0], in_features, panels)
+                  bias: torch.Tensor | None) -> torch.Tensor:
     N = values.shape[0]
 
     def launch(x2, y, M, K, bm):

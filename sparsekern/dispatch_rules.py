@@ -1,0 +1,204 @@
+"""Every rule, threshold and noise margin that decides what runs, on the CPU and the GPU.
+
+One module, so a threshold lives once, next to the run it came from (`EVIDENCE`: the stored
+run under bench/results/ and the figures that set it, as data). Who reads what:
+
+  sparsekern.ops        the backend order per device (`BACKEND_ORDER`), batch buckets
+                        (`batch_bucket`), the CPU kernels' algorithm (`nm_cpu_algo`, passed to
+                        the C++ kernels as their `algo` argument: they do not choose again),
+                        the pre-packed and derived CPU layouts (`uses_gemm_panels`,
+                        `uses_column_index`), measured GPU timings (`measured_verdict`) and the
+                        2:4 sparse tensor-core GEMMs' batch rule (`semi_structured_verdict`)
+  sparsekern.tuning     `TUNING_NOISE` (the margin of `fastest_within` over measured medians)
+  sparsekern.nn         `PATH_NOISE` (choose_path: the sparse path keeps ties within it)
+
+Still inside the C++ kernels (not yet passed as arguments): the row-kernel / tile split at 16
+rows (kDirectMaxBatch, csrc/cpu/sparse_rows.h), the bitmask weight-stationary kernel's
+limits (csrc/cpu/bitmask_linear.cpp) and the CUDA decode/GEMM split (kDecodeMaxRows).
+
+Switches for benchmarking, read per call: SPARSEKERN_NM_GEMM=tile|direct (`nm_cpu_algo`).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, NamedTuple
+
+import torch
+
+from . import _extension, tuning
+
+
+class Measured(NamedTuple):
+    """Where a threshold came from: the stored run (bench/results/<run>/README.md says how
+    it was measured) and the figures that set it."""
+
+    run: str
+    figures: dict
+
+
+# ------------------------------------------------------------------ backend order
+BACKEND_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cusparselt", "cutlass", "cuda", "triton", "reference")}
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Upper edges of the batch buckets (rows of x); rows above the last share one bucket (-1).
+BATCH_BUCKETS = (1, 4, 16, 64, 256)
+
+
+def batch_bucket(rows: int) -> int:
+    """The upper edge of the bucket `rows` falls in (BATCH_BUCKETS), or -1 above the last."""
+    for edge in BATCH_BUCKETS:
+        if rows <= edge:
+            return edge
+    return -1
+
+
+def bucket_min_rows(bucket: int) -> int:
+    """The fewest rows of a batch bucket (0 for the first)."""
+    if bucket == -1:
+        return BATCH_BUCKETS[-1] + 1
+    i = BATCH_BUCKETS.index(bucket)
+    return BATCH_BUCKETS[i - 1] + 1 if i else 0
+
+
+# ------------------------------------------------------------------ noise margins
+# Relative margins within which the earlier (preferred) candidate keeps its place.
+PATH_NOISE = 0.02    # sparsekern.nn.choose_path: "sparse" wins ties with the dense paths
+TUNING_NOISE = 0.03  # measured GPU medians: two runs of one kernel on a lent H100 differ by about this
+
+
+def fastest_within(times: dict[str, float], order: Iterable[str] = (), noise: float = TUNING_NOISE) -> str:
+    """The candidate to run: the fastest time, except that the earliest of `order` within
+    `noise` (relative) of the fastest keeps its place (noise is not a reason to switch)."""
+    if not times:
+        raise ValueError("fastest_within: no timings")
+    best = min(times, key=times.get)
+    for b in order:
+        if b in times and times[b] <= times[best] * (1 + noise):
+            return b
+    return best
+
+
+# ------------------------------------------------------------------ CPU: N:M kernels
+# The algorithm argument of the CPU-only ops nm_linear_cpu / nm_conv2d_cpu (csrc/cpu/nm_linear.cpp
+# kNmAlgoDecode / kNmAlgoGemm).
+NM_ALGO_DECODE = 0  # row kernels up to 16 rows, decompressed tiles into the BLAS GEMM above
+NM_ALGO_GEMM = 1    # the 2:4 weight-stationary GEMM kernel (AVX2 and AVX-512 CPUs)
+NM_ALGO_NAMES = {NM_ALGO_DECODE: "decode", NM_ALGO_GEMM: "2:4 GEMM"}
+# From this many rows (output pixels for nm_conv2d) 2:4 runs the GEMM kernel on AVX2/AVX-512.
+# nm_linear decides by batch bucket: it must start one.
+NM24_GEMM_MIN_ROWS = 17
+assert NM24_GEMM_MIN_ROWS - 1 in BATCH_BUCKETS, "NM24_GEMM_MIN_ROWS must start a batch bucket"
+# Whether the GEMM kernel reads the weight pre-packed (NMWeight.gemm_panels, built on first use
+# and kept with the weight, 6 bytes per kept value, fp32 weights only) instead of packing it at
+# every call. False keeps the memory.
+CPU_GEMM_PANELS = True
+
+
+def nm_cpu_algo(n: int, m: int, rows: int | None) -> int:
+    """The CPU algorithm for an N:M product over `rows` rows (None: not known, the decode
+    algorithm). SPARSEKERN_NM_GEMM (read per call): "tile" never takes the GEMM, "direct" takes
+    it from NM24_GEMM_MIN_ROWS rows as the default does."""
+    if (n, m) != (2, 4) or rows is None or rows < NM24_GEMM_MIN_ROWS:
+        return NM_ALGO_DECODE
+    if not _extension.BUILD_INFO.get("cpu_avx2_runtime"):  # portable builds keep the tiles
+        return NM_ALGO_DECODE
+    if os.environ.get("SPARSEKERN_NM_GEMM") == "tile":
+        return NM_ALGO_DECODE
+    return NM_ALGO_GEMM
+
+
+def uses_gemm_panels(algo: int, dtype: torch.dtype) -> bool:
+    """Whether the CPU GEMM kernel gets NMWeight.gemm_panels. Not under torch.compile: a
+    traced graph holds no cache, so it would pack the weight at every call."""
+    # fp32 only: the layout holds fp32 values, 1.5x a dense bf16/fp16 weight's bytes.
+    return algo == NM_ALGO_GEMM and CPU_GEMM_PANELS and dtype == torch.float32 and \
+        not torch.compiler.is_compiling()
+
+
+# ------------------------------------------------------------------ CPU: bitmask kernels
+# The CPU bitmask kernels read the column of each kept value (BitmaskWeight.column_index,
+# 2 bytes per kept value) instead of the mask up to these densities, per batch bucket.
+COLUMN_INDEX_MAX_DENSITY = {1: 0.2, 4: 0.1, 16: 0.2, 64: 0.2}  # AVX-512: batch bucket -> density
+COLUMN_INDEX_MAX_DENSITY_AVX2 = {1: 0.5, 4: 0.5}              # AVX2 only (gathers of x)
+
+
+def uses_column_index(device: torch.device, dtype: torch.dtype, bucket: int, density: float, in_features: int,
+                      max_in: int) -> bool:
+    """Whether bitmask_linear on the C++ backend passes BitmaskWeight.column_index (max_in:
+    the largest in_features its 16-bit columns address)."""
+    if not (device.type == "cpu" and dtype in KERNEL_DTYPES and in_features <= max_in):
+        return False
+    if _extension.BUILD_INFO.get("cpu_avx512_runtime"):
+        limits = COLUMN_INDEX_MAX_DENSITY
+    elif _extension.BUILD_INFO.get("cpu_avx2_runtime"):
+        limits = COLUMN_INDEX_MAX_DENSITY_AVX2
+    else:
+        return False
+    return bucket in limits and density <= limits[bucket]
+
+
+# ------------------------------------------------------------------ GPU
+# Batch buckets that go to the 2:4 sparse tensor-core GEMMs (cuSPARSELt, CUTLASS) when nothing
+# was measured: rows > 64. Below, the decode kernel reads the weight once for all rows; the
+# GEMMs tile for large M and leave most of a tensor-core tile empty (a guess until measured).
+SEMI_STRUCTURED_BUCKETS = (256, -1)
+
+
+def measured_verdict(op: str, backend: str, device_name: str, dtype, bucket: int | None, shape,
+                     order: Iterable[str] = ()) -> str | None:
+    """Why the measured timings (sparsekern.tuning) pass over `backend` for this key, or None
+    (not measured, no batch bucket, or it measured fastest within TUNING_NOISE)."""
+    if bucket is None:
+        return None
+    med = tuning.lookup(op, device_name, dtype, bucket, shape)
+    if not med or backend not in med or fastest_within(med, order) == backend:
+        return None
+    times = ", ".join(f"{b} {t:.4f} ms" for b, t in sorted(med.items(), key=lambda kv: kv[1]))
+    return f"measured slower on {device_name} for this batch bucket ({times})"
+
+
+def _bucket_text(bucket: int) -> str:
+    return "rows above 256" if bucket == -1 else f"rows <= {bucket}"
+
+
+def semi_structured_verdict(op: str, backend: str, device_name: str, dtype, bucket: int, shape,
+                            order: Iterable[str] = ()) -> str | None:
+    """None when a 2:4 sparse tensor-core GEMM (that can run) should run: measured fastest for
+    the key, or, unmeasured, a bucket of SEMI_STRUCTURED_BUCKETS; else why not."""
+    med = tuning.lookup(op, device_name, dtype, bucket, shape)
+    if med and backend in med and fastest_within(med, order) == backend:
+        return None
+    measured = measured_verdict(op, backend, device_name, dtype, bucket, shape, order)
+    if measured is not None:
+        return measured
+    if bucket not in SEMI_STRUCTURED_BUCKETS:
+        return (f"batch bucket {_bucket_text(bucket)}: the decode kernel reads the weight once for all rows "
+                f"(2:4 GEMMs from 65 rows until measured otherwise)")
+    return None
+
+
+# ------------------------------------------------------------------ where each came from
+EVIDENCE: dict[str, Measured] = {
+    # The AVX2 16-row-tile GEMM lost to MKL's AVX-512 GEMM; the 16-lane AVX-512 kernel beats
+    # the AVX-512 tiles at every shape and batch measured from 32 rows (bench/bench_cpu_gemm.py).
+    "NM24_GEMM_MIN_ROWS": Measured("bench/results/cpu-gemm-20261128d", {
+        "avx2 kernel vs MKL AVX-512 (earlier run cpu-gemm-20261128)": 0.73,
+        "shape": "4096x4096 fp32, 2 threads, 128 rows"}),
+    # In-process interleaved, weights streaming from memory: pre-packed vs packing per call.
+    "CPU_GEMM_PANELS": Measured("bench/results/cpu-gemm-20261128e", {
+        "128 rows, Llama-style 2048x2048/5632x2048/2048x5632 and 4096x4096, x dense": {
+            "packing per call": (0.95, 1.30), "pre-packed": (1.16, 1.48)},
+        "788 rows (ViT-B's layers), x dense": {"packing per call": (0.90, 1.02), "pre-packed": (0.97, 1.06)},
+        "extra bytes": "6 per kept value (0.75x a dense fp32 weight)"}),
+    # 4096x4096 fp32 rotated over 24-40 weights, 2 threads, interleaved with the mask kernels:
+    # column index / mask kernel speed at 10% / 20% kept (30% kept in the last entry).
+    "COLUMN_INDEX_MAX_DENSITY": Measured("bench/results/cpu-linear-20261128g", {
+        "rows 1": (1.30, 1.19), "rows 2": (2.0, 1.00), "rows 4": (1.22, 0.70), "rows 8": (2.06, 1.44),
+        "rows 16": (2.18, 2.04), "rows 32": (2.33, 1.65), "30% kept, rows 1/2/4": (1.03, 1.66, 0.99)}),
+    # SPARSEKERN_CPU_ISA=avx2, same setup: column index / mask kernel at 10%, 20%, 30%, 50% kept.
+    "COLUMN_INDEX_MAX_DENSITY_AVX2": Measured("bench/results/cpu-avx2-linear-20261128b", {
+        "rows 1": (3.59, 2.20, 1.91, 1.47), "rows 4": (1.90, 1.60, 1.39, 1.44)}),
+    "SEMI_STRUCTURED_BUCKETS": Measured("not measured yet (bench/gpu_check.sh measures it)", {}),
+    "TUNING_NOISE": Measured("not stored yet (two runs of one kernel on a lent H100)", {"spread": 0.03}),
+    "PATH_NOISE": Measured("bench/results/cpu-models-20261128q", {"margin": 0.02}),
+}

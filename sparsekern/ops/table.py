@@ -1,0 +1,227 @@
+"""The dispatch table: one `OpSpec` per op, and each op's typed dispatch key.
+
+A key is what a decision depends on besides the device and dtype of the tensor that decides
+(`OpSpec.key(*public_args) -> (tensor, key)`). Each op has its own NamedTuple, whose fields
+say what they mean (no positions that mean different things per op). Ops whose decision
+depends on nothing else use `NoKey` through `plain_key(arg)`, which names the argument whose
+device and dtype decide. Rules and thresholds behind the fields: sparsekern/dispatch_rules.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+from .. import dispatch_rules as rules
+from .. import reference
+from ..patterns import conv_output_size
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+
+
+# ------------------------------------------------------------------ typed keys
+class NoKey(NamedTuple):
+    """The decision depends only on the deciding tensor's device and dtype."""
+
+
+class RowsKey(NamedTuple):
+    """masked_linear and its gradients: the batch bucket of rows (rules.batch_bucket)."""
+
+    bucket: int
+
+
+class NmShape(NamedTuple):
+    n: int
+    m: int
+    out_features: int
+    in_features: int
+
+
+class NmLinearKey(NamedTuple):
+    """nm_linear: the batch bucket; given the weight, its pattern and shape (the 2:4 GEMM
+    backends and the measured timings depend on them), the CPU algorithm passed to the C++
+    kernel (rules.NM_ALGO_*) and whether it reads the pre-packed weight (NMWeight.gemm_panels)."""
+
+    bucket: int
+    shape: NmShape | None = None
+    cpu_algo: int = rules.NM_ALGO_DECODE
+    panels: bool = False
+
+    @property
+    def out_in(self):
+        return None if self.shape is None else (self.shape.out_features, self.shape.in_features)
+
+
+class NmConv2dKey(NamedTuple):
+    """nm_conv2d: the CPU algorithm (by output pixels; None when the geometry was not given to
+    explain_backend) and whether the pre-packed weight is read."""
+
+    cpu_algo: int | None = None
+    panels: bool = False
+
+
+class BitmaskLinearKey(NamedTuple):
+    """bitmask_linear: the batch bucket; given the weight, whether the C++ kernel reads the
+    column index (BitmaskWeight.column_index) instead of the mask."""
+
+    bucket: int
+    column_index: bool | None = None
+
+
+class BlockLinearKey(NamedTuple):
+    """block_linear: the batch bucket and the block shape (the Triton kernel takes square blocks)."""
+
+    bucket: int
+    block: tuple | None = None
+
+
+def plain_key(arg: str, index: int) -> Callable:
+    """The key function of an op decided by the device and dtype of its argument `arg`
+    (position `index` of its public arguments) alone."""
+    def key(*args):
+        return args[index], NoKey()
+    key.__name__ = f"key_by_{arg}"
+    return key
+
+
+def rows_key(x, *rest):
+    return x, RowsKey(rules.batch_bucket(_rows(x)))
+
+
+def nm_linear_key(x, weight=None, bias=None):
+    bucket = rules.batch_bucket(_rows(x))
+    if weight is None:
+        return x, NmLinearKey(bucket)
+    shape = NmShape(weight.n, weight.m, weight.shape[0], weight.in_features)
+    algo = rules.NM_ALGO_DECODE
+    if x.device.type == "cpu" and x.dtype in rules.KERNEL_DTYPES:
+        # by the bucket, not the row count: a compiled graph guards on the bucket, as the
+        # decision does (the GEMM's first row count is a bucket edge)
+        algo = rules.nm_cpu_algo(weight.n, weight.m, rules.bucket_min_rows(bucket))
+    return x, NmLinearKey(bucket, shape, algo, rules.uses_gemm_panels(algo, x.dtype))
+
+
+def nm_conv2d_key(x, weight=None, kernel_size=None, bias=None, stride=1, padding=0, dilation=1):
+    if weight is None or kernel_size is None:
+        return x, NmConv2dKey()
+    pix = None
+    if x.device.type == "cpu" and x.dtype in rules.KERNEL_DTYPES and x.dim() == 4:
+        pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+        pix = x.shape[0]
+        for size, k, s, p, d in zip(x.shape[2:], pair(kernel_size), pair(stride), pair(padding), pair(dilation)):
+            pix = pix * conv_output_size(size, k, s, p, d)
+    algo = rules.nm_cpu_algo(weight.n, weight.m, pix)
+    return x, NmConv2dKey(algo, rules.uses_gemm_panels(algo, x.dtype))
+
+
+def bitmask_linear_key(x, weight=None, bias=None):
+    bucket = rules.batch_bucket(_rows(x))
+    if weight is None:
+        return x, BitmaskLinearKey(bucket)
+    return x, BitmaskLinearKey(bucket, rules.uses_column_index(x.device, x.dtype, bucket, weight.density,
+                                                               weight.in_features, weight.COLUMN_INDEX_MAX_IN))
+
+
+def block_linear_key(x, weight=None, bias=None):
+    return x, BlockLinearKey(rules.batch_bucket(_rows(x)), None if weight is None else tuple(weight.block))
+
+
+# ------------------------------------------------------------------ notes and limits
+_PANELS_NOTE = "reads NMWeight.gemm_panels (the 2:4 weight pre-packed for the GEMM kernel, 6 bytes per kept value)"
+
+
+def nm_note(backend: str, key) -> str:
+    """The C++ kernel's algorithm (and pre-packed weight), added to the decision's reason."""
+    if backend != "cpp" or getattr(key, "cpu_algo", None) is None:
+        return ""
+    text = f"; algorithm: {rules.NM_ALGO_NAMES[key.cpu_algo]}"
+    return text + ("; " + _PANELS_NOTE if key.panels else "")
+
+
+def bitmask_note(backend: str, key: BitmaskLinearKey) -> str:
+    if backend == "cpp" and key.column_index:
+        return "; reads BitmaskWeight.column_index (a 16-bit column per kept value) instead of the mask"
+    return ""
+
+
+def triton_block_limit(key: BlockLinearKey) -> str | None:
+    from ..triton.block_linear import SUPPORTED_BLOCKS
+
+    block = key.block
+    if block is None or (block[0] == block[1] and block[0] in SUPPORTED_BLOCKS):
+        return None
+    return f"Triton block_linear takes square blocks of {SUPPORTED_BLOCKS}, not {block}"
+
+
+# ------------------------------------------------------------------ the table
+@dataclass(frozen=True)
+class OpSpec:
+    """What implements an op. `key(*public_args)` returns (the tensor whose device and dtype
+    decide, the op's typed key); `triton_limit(key)` why the Triton kernel cannot take these
+    arguments, or None; `note(backend, key)` text added to the decision's reason.
+    `cpu_op`: the CPU-only op with the CPU kernel's own arguments (the algorithm chosen in
+    sparsekern/dispatch_rules.py, pre-packed or derived layouts) that no other backend sees;
+    the C++ backend runs it where the key asks for them. `differentiable`: autograd registered."""
+
+    name: str
+    reference: Callable
+    key: Callable
+    cpp: bool = True
+    cuda: bool = False
+    triton: str | None = None  # family module in sparsekern.triton
+    triton_limit: Callable | None = None
+    semi_structured: bool = False  # the 2:4 GEMM backends "cusparselt" and "cutlass"
+    note: Callable | None = None
+    cpu_op: str | None = None
+    differentiable: bool = False
+
+
+def _nm_linear_cpu_reference(x, values, indices, n, m, in_features, bias, algo, panels=None):
+    return reference.nm_linear(x, values, indices, n, m, in_features, bias)
+
+
+def _nm_conv2d_cpu_reference(x, values, indices, n, m, weight_shape, stride, padding, dilation, bias, algo,
+                             panels=None):
+    return reference.nm_conv2d(x, values, indices, n, m, weight_shape, stride, padding, dilation, bias)
+
+
+def _bitmask_linear_cpu_reference(x, values, bitmask, offsets, in_features, bias, columns):
+    return reference.bitmask_linear(x, values, bitmask, offsets, in_features, bias)
+
+
+# The references of the CPU-only ops (the public op's reference, the CPU arguments dropped).
+CPU_OP_REFERENCES = {"nm_linear_cpu": _nm_linear_cpu_reference, "nm_conv2d_cpu": _nm_conv2d_cpu_reference,
+                     "bitmask_linear_cpu": _bitmask_linear_cpu_reference}
+
+OPS: dict[str, OpSpec] = {s.name: s for s in (
+    OpSpec("nm_linear", reference.nm_linear, nm_linear_key, cuda=True, triton="nm_linear", semi_structured=True,
+           note=nm_note, cpu_op="nm_linear_cpu", differentiable=True),
+    OpSpec("nm24_pack_panels", reference.nm24_pack_panels, plain_key("values", 0)),
+    # The CPU convolution; on a GPU sparse convolutions run as patches through nm_linear.
+    OpSpec("nm_conv2d", reference.nm_conv2d, nm_conv2d_key, note=nm_note, cpu_op="nm_conv2d_cpu",
+           differentiable=True),
+    OpSpec("bitmask_linear", reference.bitmask_linear, bitmask_linear_key, cuda=True, triton="bitmask_linear",
+           note=bitmask_note, cpu_op="bitmask_linear_cpu", differentiable=True),
+    OpSpec("block_linear", reference.block_linear, block_linear_key, triton="block_linear",
+           triton_limit=triton_block_limit, differentiable=True),
+    OpSpec("masked_linear", reference.masked_linear, rows_key, cuda=True, triton="masked_linear",
+           differentiable=True),
+    OpSpec("masked_linear_grad_input", reference.masked_linear_grad_input, rows_key, cuda=True,
+           triton="masked_linear"),
+    # On CPU the reference (one BLAS GEMM and a mask) is the implementation.
+    OpSpec("masked_linear_grad_weight", reference.masked_linear_grad_weight, plain_key("x", 1), cpp=False,
+           triton="masked_linear"),
+    OpSpec("nm_compress", reference.nm_compress, plain_key("weight", 0)),
+    OpSpec("nm_decompress", reference.nm_decompress, plain_key("values", 0), cuda=True),
+    OpSpec("bitmask_compress", reference.bitmask_compress, plain_key("weight", 0)),
+    OpSpec("bitmask_decompress", reference.bitmask_decompress, plain_key("values", 0), cuda=True),
+    OpSpec("block_compress", reference.block_compress, plain_key("weight", 0)),
+    OpSpec("block_decompress", reference.block_decompress, plain_key("values", 1)),
+    OpSpec("group_score", reference.group_score, plain_key("weight", 0), triton="scoring"),
+    OpSpec("act_norm_accumulate", reference.act_norm_accumulate, plain_key("x", 1), triton="scoring"),
+    OpSpec("nm_score_compress", reference.nm_score_compress, plain_key("weight", 0), triton="scoring"),
+    OpSpec("hessian_accumulate", reference.hessian_accumulate, plain_key("x", 1)),
+)}
