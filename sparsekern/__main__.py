@@ -93,9 +93,13 @@ def cmd_prune(a) -> int:
         if a.method == "taylor":
             raise SystemExit("prune: method 'taylor' needs a loss; use the Python API (sparsekern.sparsify)")
         model, report = sparsify(obj.eval(), a.pattern, a.method, sparsity=a.sparsity, calibration=calib,
-                                 min_features=a.min_features, show_progress=True)
+                                 min_features=a.min_features, show_progress=True, quantize=a.quantize,
+                                 group_size=a.group_size)
         torch.save(model, out)
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if a.quantize:
+            raise SystemExit("prune: --quantize stores compressed sparse modules; a bare state dict is pruned in "
+                             "place (zeros) and stays float. Save the module with torch.save(model, path)")
         if a.method in ("wanda", "taylor"):
             raise SystemExit(f"prune: method {a.method!r} needs the model (activations or gradients), "
                              "not a bare state dict; save the module with torch.save(model, path)")
@@ -149,6 +153,10 @@ def main(argv=None) -> int:
     pp.add_argument("--calibration", default=None, help=".pt file with one input tensor, batches along dim 0")
     pp.add_argument("--calibration-batch", type=int, default=32)
     pp.add_argument("--min-features", type=int, default=128)
+    pp.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                    help="store the kept values as int8 (a scale per row) or int4 (a scale per --group-size kept "
+                         "values, N:M only); modules only")
+    pp.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64 or 128 (default 128)")
     pp.add_argument("--out", default=None)
     pp.add_argument("--report", default=None)
     argv = sys.argv[1:] if argv is None else argv

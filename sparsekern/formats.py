@@ -46,12 +46,13 @@ Block (BSR) -- BlockWeight, block shape (bh, bw) dividing (out, in):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
-from . import ops
+from . import ops, precisions
 from .patterns import (BITMASK_TILE_COLS, check_nm, nm_index_bits, pack_bits, popcount64, unpack_bitmask,
                        unpack_bits)
 
@@ -69,33 +70,50 @@ def _stamp(t: torch.Tensor):
 
 
 def _check_weight(name: str, weight, mask) -> None:
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{name}: weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dim() != 2:
-        raise ValueError(f"{name}: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
-    if weight.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name}: weight must be a floating tensor (float32/bfloat16/float16), got {weight.dtype}")
+    """from_dense's checks: ops' own argument checks (one definition), and finiteness, which
+    a compressed format needs and the compress ops do not check."""
+    ops.check_dense_weight(name, weight)
+    ops.check_mask(name, mask, weight)
     if weight.numel() and not bool(torch.isfinite(weight).all()):
         raise ValueError(f"{name}: weight has NaN or inf; sparse formats need finite weights")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"{name}: mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
-        if mask.shape != weight.shape:
-            raise ValueError(f"{name}: mask shape {tuple(mask.shape)} must equal weight shape {tuple(weight.shape)}")
-        if mask.device != weight.device:
-            raise ValueError(f"{name}: mask is on {mask.device} but weight is on {weight.device}")
 
 
 def _meta(*ints: int) -> torch.Tensor:
     return torch.tensor(list(ints), dtype=torch.int64)
 
 
+# Ints a quantized format appends to its meta: precision code, group size, compute dtype code.
+QUANT_META_INTS = 3
+
+
 def _meta_ints(d: dict, count: int, where: str) -> list[int]:
+    """The meta ints of a saved format: `count` for float values, QUANT_META_INTS more for
+    quantized ones."""
     meta = d.get("meta")
-    if not isinstance(meta, torch.Tensor) or meta.dtype != torch.int64 or meta.numel() != count:
-        raise ValueError(f"{where}: meta must be an int64 tensor of {count} ints, got "
-                         f"{getattr(meta, 'shape', type(meta).__name__)} {getattr(meta, 'dtype', '')}")
+    if not isinstance(meta, torch.Tensor) or meta.dtype != torch.int64 or \
+            meta.numel() not in (count, count + QUANT_META_INTS):
+        raise ValueError(f"{where}: meta must be an int64 tensor of {count} (or {count + QUANT_META_INTS} for "
+                         f"quantized values) ints, got {getattr(meta, 'shape', type(meta).__name__)} "
+                         f"{getattr(meta, 'dtype', '')}")
     return [int(v) for v in meta.tolist()]
+
+
+def _quant_fields(ints: list[int], count: int, d: dict, where: str) -> dict:
+    """The quantization fields of a format from its meta ints past the first `count` (none:
+    float values) and its tensors."""
+    if len(ints) == count:
+        return {}
+    if len(ints) != count + QUANT_META_INTS:
+        raise ValueError(f"{where}: meta must hold {count} or {count + QUANT_META_INTS} ints, got {len(ints)}")
+    code, group, dcode = ints[count:]
+    prec = precisions.precision_of_code(code, where)
+    dtype = precisions.FLOAT_DTYPE_OF_CODE.get(dcode)
+    if prec.name == "fp" or dtype is None:
+        raise ValueError(f"{where}: meta holds precision {prec.name!r} and dtype code {dcode}; a quantized format "
+                         "needs int8 or int4 and a float dtype code")
+    if "scales" not in d:
+        raise ValueError(f"{where}: quantized ({prec.name}) values need their scales tensor")
+    return {"scales": d["scales"], "precision": prec.name, "group_size": group, "compute_dtype": dtype}
 
 
 class _Format:
@@ -118,7 +136,11 @@ class _Format:
     sparsekern.kinds that names this class."""
 
     OP: str = ""
-    TENSOR_NAMES: tuple[str, ...] = ()
+    TENSOR_NAMES: tuple[str, ...] = ()  # of a format with float values; quantized ones add "scales"
+    # True when `values` is [out, kept per row] (groups of kept values along a row are
+    # contiguous: int4 needs it); False when values are ragged per row (int8 only).
+    ROW_VALUES: bool = False
+    META_INTS: int = 0  # meta() ints of a format with float values
 
     def __setattr__(self, name, value):
         # Any new tensor or int invalidates the check; only validate() (or a format built by
@@ -138,18 +160,118 @@ class _Format:
         return self
 
     def kernel_args(self) -> tuple:
-        """The format's tensors and ints in the order its op's schema takes them."""
+        """The format's tensors and ints in the order its op's schema takes them. Quantized
+        values are handed over dequantized (no kernel reads int8/int4 values yet: each call
+        pays one dequantization of the kept values)."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------ value precision
+    @property
+    def quantized(self) -> bool:
+        """True when the values are stored int8 or int4 (sparsekern.precisions)."""
+        return self.__dict__.get("scales") is not None
+
+    @property
+    def value_precision(self) -> "precisions.Precision":
+        return precisions.precision(self.precision if self.quantized else None, type(self).__name__)
+
+    def tensor_names(self) -> tuple[str, ...]:
+        """The names of this object's tensors (TENSOR_NAMES, plus "scales" when quantized)."""
+        return self.TENSOR_NAMES + (("scales",) if self.quantized else ())
+
+    @classmethod
+    def tensor_names_of(cls, meta_ints: list[int]) -> tuple[str, ...]:
+        """The tensor names of a saved format with these meta ints (after the kind code)."""
+        return cls.TENSOR_NAMES + (("scales",) if len(meta_ints) > cls.META_INTS else ())
+
+    def _quant_meta(self) -> list[int]:
+        if not self.quantized:
+            return []
+        return [self.value_precision.code, int(self.group_size), precisions.FLOAT_DTYPE_CODES[self.compute_dtype]]
+
+    def _values_rows(self) -> torch.Tensor:
+        """int64 [values.numel()]: the output row of each float value (ragged formats)."""
+        raise NotImplementedError
+
+    def _fp_values_shape(self) -> tuple[int, ...]:
+        """The shape of the values when stored as floats."""
+        return tuple(self.values.shape)
+
+    def _float_values(self) -> torch.Tensor:
+        """The values as floats in the compute dtype (dequantized when quantized)."""
+        if not self.quantized:
+            return self.values
+        prec = self.value_precision
+        if self.ROW_VALUES:
+            rows, k = self._fp_values_shape()
+            return prec.dequantize(self.values, self.scales, k, self.compute_dtype, self.group_size)
+        return precisions.dequantize_ragged_int8(self.values.reshape(-1), self.scales, self._values_rows(),
+                                                 self.compute_dtype).view(self.values.shape)
+
+    def quantize(self, precision: str | None, group_size: int = 0, scales: torch.Tensor | None = None):
+        """A copy with the values stored in `precision` ("int8": one scale per output row;
+        "int4": one per group_size kept values of a row, N:M only; None: this object).
+        scales: fixed scales (float32 [rows] for int8, [rows, groups] for int4) instead of
+        the values' max, as SparseGPT's joint quantization chose them. Layouts:
+        sparsekern/precisions.py and docs/FORMATS.md."""
+        where = f"{type(self).__name__}.quantize"
+        prec = precisions.precision(precision, where)
+        if prec.name == "fp":
+            return self
+        if self.quantized:
+            raise ValueError(f"{where}: the values are already {self.precision}; call dequantized() first")
+        group_size = prec.check_group_size(group_size, where)
+        v = self.values
+        if self.ROW_VALUES:
+            stored, scales = prec.quantize(v, group_size, scales)
+        elif prec.name == "int8":
+            stored, scales = precisions.quantize_ragged_int8(v.reshape(-1), self._values_rows(), self.shape[0], scales)
+            stored = stored.view(v.shape)
+        else:
+            raise ValueError(f"{where}: {prec.name} groups kept values along a row, which {type(self).__name__} does "
+                             "not store contiguously; N:M (NMWeight) supports int4, every format supports int8")
+        out = dataclasses.replace(self, values=stored, scales=scales, precision=prec.name, group_size=group_size,
+                                  compute_dtype=v.dtype)
+        return out._valid() if self.is_validated else out
+
+    def dequantized(self):
+        """This weight with float values in its compute dtype (itself when not quantized)."""
+        if not self.quantized:
+            return self
+        out = dataclasses.replace(self, values=self._float_values(), scales=None, precision="fp", group_size=0,
+                                  compute_dtype=None)
+        return out._valid() if self.is_validated else out
+
+    def _checked_values(self, where: str) -> torch.Tensor:
+        """The values as validate() reads their shape: the stored tensor, or, for quantized
+        values (checked here against their precision), a float stand-in of the float shape
+        that allocates nothing."""
+        if not self.quantized:
+            return self.values
+        if self.precision not in precisions.PRECISIONS or self.precision == "fp":
+            raise ValueError(f"{where}: unknown value precision {self.precision!r}")
+        if self.compute_dtype not in precisions.FLOAT_DTYPE_CODES:
+            raise ValueError(f"{where}: compute_dtype must be a float dtype, got {self.compute_dtype}")
+        prec = self.value_precision
+        prec.check_group_size(self.group_size, where)
+        shape = self._fp_values_shape()
+        if self.ROW_VALUES:
+            prec.check(self.values, self.scales, shape[0], shape[1], self.group_size, where)
+        elif prec.name == "int8":
+            precisions.check_ragged_int8(self.values, self.scales, self.shape[0], self.values.numel(), where)
+        else:
+            raise ValueError(f"{where}: {prec.name} values need a format with values by row (N:M)")
+        return torch.zeros((), dtype=self.compute_dtype, device=self.values.device).expand(shape)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Plain tensors (and an int64 `meta` tensor) that fully describe the weight."""
-        d = {k: getattr(self, k) for k in self.TENSOR_NAMES}
+        d = {k: getattr(self, k) for k in self.tensor_names()}
         d["meta"] = self.meta()
         return d
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (getattr(self, k) for k in self.TENSOR_NAMES))
+        return sum(t.numel() * t.element_size() for t in (getattr(self, k) for k in self.tensor_names()))
 
     # Indexes derived from the tensors and cached on this object for a kernel (not in
     # tensors(), nbytes or a state_dict): __dict__ key -> (sources, their stamps, the index).
@@ -179,7 +301,9 @@ class _Format:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.values.dtype
+        """The float dtype the weight computes in (quantized values: the dtype they were
+        quantized from)."""
+        return self.compute_dtype if self.quantized else self.values.dtype
 
     @property
     def device(self) -> torch.device:
@@ -189,19 +313,31 @@ class _Format:
         """A copy on another device and/or with values in another float dtype."""
         if dtype is not None and dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{type(self).__name__}.to: dtype must be floating, got {dtype}")
-        kw = {k: getattr(self, k).to(device) for k in self.TENSOR_NAMES}
+        kw = {k: getattr(self, k).to(device) for k in self.tensor_names()}
         if dtype is not None:
-            kw["values"] = kw["values"].to(dtype)
+            if self.quantized:
+                kw["compute_dtype"] = dtype  # the stored values stay; they dequantize to dtype
+            else:
+                kw["values"] = kw["values"].to(dtype)
         out = self._replace(**kw)
         return out._valid() if self.is_validated else out
 
     def __repr__(self) -> str:
+        values = f", values={self.precision}" + (f" (group {self.group_size})" if self.group_size else "") \
+            if self.quantized else ""
         return (f"{type(self).__name__}(shape={tuple(self.shape)}, {self.pattern}, density={self.density:.4f}, "
-                f"dtype={self.dtype}, nbytes={self.nbytes})")
+                f"dtype={self.dtype}{values}, nbytes={self.nbytes})")
+
+    def _replace(self, **kw):
+        """A copy with some fields replaced (not validated)."""
+        return dataclasses.replace(self, **kw)
 
     def _check_cut(self, start: int, stop: int, axis: int, step: int, what: str, where: str) -> None:
         """[start, stop) must be a non-empty range of rows (axis 0) or columns (axis 1) whose
         ends fall on multiples of `step` (the end of the weight is always a legal cut)."""
+        if self.quantized:
+            raise ValueError(f"{where}: cutting quantized ({self.precision}) values is not supported; cut "
+                             "dequantized() and quantize the parts")
         size = self.shape[axis]
         if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= size):
             raise ValueError(f"{where}: [{start}, {stop}) is not a non-empty range inside [0, {size})")
@@ -215,6 +351,8 @@ class _Format:
         parts = list(parts)
         if not parts or not all(isinstance(p, cls) for p in parts):
             raise TypeError(f"{where}: expected a non-empty sequence of {cls.__name__}")
+        if any(p.quantized for p in parts):
+            raise ValueError(f"{where}: joining quantized values is not supported; join dequantized() parts")
         if len({p.dtype for p in parts}) != 1 or len({str(p.device) for p in parts}) != 1:
             raise ValueError(f"{where}: parts must share one dtype and one device")
         return parts
@@ -228,40 +366,51 @@ class NMWeight(_Format):
     n: int
     m: int
     in_features: int
+    scales: torch.Tensor | None = None  # quantized values only (sparsekern/precisions.py)
+    precision: str = "fp"
+    group_size: int = 0
+    compute_dtype: torch.dtype | None = None
 
     OP = "nm_linear"
     TENSOR_NAMES = ("values", "indices")
+    ROW_VALUES, META_INTS = True, 3
     _DERIVED = ("_gemm_panels",)
 
     def kernel_args(self) -> tuple:
-        return (self.values, self.indices, self.n, self.m, self.in_features)
+        return (self._float_values(), self.indices, self.n, self.m, self.in_features)
+
+    def _fp_values_shape(self):
+        return (self.indices.shape[0], self.in_features // self.m * self.n)
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, n: int = 2, m: int = 4, mask: torch.Tensor | None = None) -> "NMWeight":
+    def from_dense(cls, weight: torch.Tensor, n: int = 2, m: int = 4, mask: torch.Tensor | None = None,
+                   quantize: str | None = None, group_size: int = 0) -> "NMWeight":
         """Compress `weight` [out, in] to N:M along `in`. Without a mask keep the n
         largest |w| of each group of m (ties: lower column); a mask must keep at most
-        n of every m (fewer is padded with zeros)."""
+        n of every m (fewer is padded with zeros). quantize: None, "int8" or "int4" (with
+        group_size 32, 64 or 128): the kept values' precision (_Format.quantize)."""
+        precisions.precision(quantize, "NMWeight.from_dense").check_group_size(group_size, "NMWeight.from_dense")
         check_nm(n, m, "NMWeight.from_dense")
         _check_weight("NMWeight.from_dense", weight, mask)
         if weight.shape[1] % m:
             raise ValueError(f"NMWeight.from_dense: in_features (weight.shape[1] = {weight.shape[1]}) must be "
                              f"divisible by m = {m}")
         values, indices = ops.nm_compress(weight.detach(), mask, n, m)
-        return cls(values, indices, n, m, weight.shape[1])._valid()
+        return cls(values, indices, n, m, weight.shape[1])._valid().quantize(quantize, group_size)
 
     def to_dense(self) -> torch.Tensor:
-        return ops.nm_decompress(self.values, self.indices, self.n, self.m, self.in_features)
+        return ops.nm_decompress(self._float_values(), self.indices, self.n, self.m, self.in_features)
 
     def mask(self) -> torch.Tensor:
         """bool [out, in]: the N:M positions (including zero-valued padding slots)."""
-        out, kept = self.values.shape
+        out, kept = self._fp_values_shape()
         idx = unpack_bits(self.indices, nm_index_bits(self.m), kept).reshape(out, -1, self.n)
         mask = torch.zeros(out, self.in_features // self.m, self.m, dtype=torch.bool, device=self.device)
         return mask.scatter_(-1, idx, True).reshape(out, self.in_features)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.values.shape[0], self.in_features)
+        return (self.indices.shape[0], self.in_features)
 
     @property
     def density(self) -> float:
@@ -272,7 +421,7 @@ class NMWeight(_Format):
         return f"{self.n}:{self.m}"
 
     def meta(self) -> torch.Tensor:
-        return _meta(self.n, self.m, self.in_features)
+        return _meta(self.n, self.m, self.in_features, *self._quant_meta())
 
     def gemm_panels(self) -> torch.Tensor:
         """uint8: this 2:4 weight pre-packed for the CPU GEMM kernel (ops.nm24_pack_panels,
@@ -285,16 +434,15 @@ class NMWeight(_Format):
         if (self.n, self.m) != (2, 4):
             raise ValueError(f"NMWeight.gemm_panels: a 2:4 layout, this weight is {self.pattern}")
         v, ix = self.values, self.indices
-        return self._derived("_gemm_panels", (v, ix), lambda: ops.nm24_pack_panels(v.detach(), ix, self.in_features))
-
-    def _replace(self, **kw) -> "NMWeight":
-        return NMWeight(kw["values"], kw["indices"], self.n, self.m, self.in_features)
+        return self._derived("_gemm_panels", (v, ix),
+                             lambda: ops.nm24_pack_panels(self._float_values().detach(), ix, self.in_features))
 
     @classmethod
     def from_tensors(cls, d: dict[str, torch.Tensor], validate: bool = True,
                      meta_ints: list[int] | None = None) -> "NMWeight":
-        n, m, k = meta_ints or _meta_ints(d, 3, "NMWeight")
-        w = cls(d["values"], d["indices"], n, m, k)
+        ints = meta_ints or _meta_ints(d, 3, "NMWeight")
+        n, m, k = ints[:3]
+        w = cls(d["values"], d["indices"], n, m, k, **_quant_fields(ints, 3, d, "NMWeight"))
         return w.validate() if validate else w._valid()
 
     def validate(self) -> "NMWeight":
@@ -303,7 +451,7 @@ class NMWeight(_Format):
         if self.in_features <= 0 or self.in_features % self.m:
             raise ValueError(f"{where}: in_features ({self.in_features}) must be a positive multiple of m ({self.m})")
         kept = self.in_features // self.m * self.n
-        v, ix = self.values, self.indices
+        v, ix = self._checked_values(where), self.indices
         if v.dim() != 2 or v.shape[1] != kept or v.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"{where}: values must be a float tensor of shape [out, {kept}], got "
                              f"{tuple(v.shape)} {v.dtype}")
@@ -370,27 +518,40 @@ class BitmaskWeight(_Format):
     bitmask: torch.Tensor
     offsets: torch.Tensor
     in_features: int
+    scales: torch.Tensor | None = None  # quantized values only (sparsekern/precisions.py)
+    precision: str = "fp"
+    group_size: int = 0
+    compute_dtype: torch.dtype | None = None
 
     OP = "bitmask_linear"
     TENSOR_NAMES = ("values", "bitmask", "offsets")
+    META_INTS = 1
     _DERIVED = ("_column_index",)
 
     def kernel_args(self) -> tuple:
-        return (self.values, self.bitmask, self.offsets, self.in_features)
+        return (self._float_values(), self.bitmask, self.offsets, self.in_features)
+
+    def _values_rows(self) -> torch.Tensor:
+        rows = self.bitmask.shape[0]
+        return torch.repeat_interleave(torch.arange(rows, device=self.device), self._row_starts().diff(),
+                                       output_size=self.values.numel())
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> "BitmaskWeight":
-        """Compress `weight` [out, in], keeping `mask` (default: the nonzeros)."""
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None,
+                   quantize: str | None = None) -> "BitmaskWeight":
+        """Compress `weight` [out, in], keeping `mask` (default: the nonzeros). quantize:
+        None or "int8" (one scale per output row)."""
+        precisions.precision(quantize, "BitmaskWeight.from_dense")
         _check_weight("BitmaskWeight.from_dense", weight, mask)
         if weight.shape[1] == 0:
             raise ValueError("BitmaskWeight.from_dense: weight must have at least one column")
         if weight.numel() >= 2**31:
             raise ValueError("BitmaskWeight.from_dense: more than 2^31-1 elements; split the weight")
         values, bitmask, offsets = ops.bitmask_compress(weight.detach(), mask)
-        return cls(values, bitmask, offsets, weight.shape[1])._valid()
+        return cls(values, bitmask, offsets, weight.shape[1])._valid().quantize(quantize)
 
     def to_dense(self) -> torch.Tensor:
-        return ops.bitmask_decompress(self.values, self.bitmask, self.offsets, self.in_features)
+        return ops.bitmask_decompress(self._float_values(), self.bitmask, self.offsets, self.in_features)
 
     def mask(self) -> torch.Tensor:
         return unpack_bitmask(self.bitmask, self.in_features)
@@ -409,23 +570,20 @@ class BitmaskWeight(_Format):
         return "unstructured"
 
     def meta(self) -> torch.Tensor:
-        return _meta(self.in_features)
-
-    def _replace(self, **kw) -> "BitmaskWeight":
-        return BitmaskWeight(kw["values"], kw["bitmask"], kw["offsets"], self.in_features)
+        return _meta(self.in_features, *self._quant_meta())
 
     @classmethod
     def from_tensors(cls, d: dict[str, torch.Tensor], validate: bool = True,
                      meta_ints: list[int] | None = None) -> "BitmaskWeight":
-        (k,) = meta_ints or _meta_ints(d, 1, "BitmaskWeight")
-        w = cls(d["values"], d["bitmask"], d["offsets"], k)
+        ints = meta_ints or _meta_ints(d, 1, "BitmaskWeight")
+        w = cls(d["values"], d["bitmask"], d["offsets"], ints[0], **_quant_fields(ints, 1, d, "BitmaskWeight"))
         return w.validate() if validate else w._valid()
 
     def validate(self) -> "BitmaskWeight":
         where = "BitmaskWeight"
         k = self.in_features
         words, tiles = math.ceil(k / 64), math.ceil(k / BITMASK_TILE_COLS)
-        v, bm, off = self.values, self.bitmask, self.offsets
+        v, bm, off = self._checked_values(where), self.bitmask, self.offsets
         if k <= 0 or bm.dtype != torch.int64 or bm.dim() != 2 or bm.shape[1] != words:
             raise ValueError(f"{where}: bitmask must be int64 [out, {words}] for in_features={k}, got "
                              f"{tuple(bm.shape)} {bm.dtype}")
@@ -541,26 +699,41 @@ class BlockWeight(_Format):
     col_indices: torch.Tensor
     values: torch.Tensor
     in_features: int
+    scales: torch.Tensor | None = None  # quantized values only (sparsekern/precisions.py)
+    precision: str = "fp"
+    group_size: int = 0
+    compute_dtype: torch.dtype | None = None
 
     OP = "block_linear"
     TENSOR_NAMES = ("crow_indices", "col_indices", "values")
+    META_INTS = 1
 
     def kernel_args(self) -> tuple:
-        return (self.crow_indices, self.col_indices, self.values, self.in_features)
+        return (self.crow_indices, self.col_indices, self._float_values(), self.in_features)
+
+    def _values_rows(self) -> torch.Tensor:
+        nb, bh, bw = self.values.shape
+        crow = self.crow_indices
+        block_rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff(),
+                                             output_size=nb)
+        rows = block_rows[:, None] * bh + torch.arange(bh, device=crow.device)[None, :]
+        return rows[:, :, None].expand(nb, bh, bw).reshape(-1)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, block: tuple[int, int] = (32, 32),
-                   mask: torch.Tensor | None = None) -> "BlockWeight":
+                   mask: torch.Tensor | None = None, quantize: str | None = None) -> "BlockWeight":
         """Compress `weight` [out, in] to blocks of `block` = (rows, cols). A block is
         kept when `mask` (default: weight != 0) keeps anything in it; elements of a kept
-        block that the mask drops are stored as zeros."""
+        block that the mask drops are stored as zeros. quantize: None or "int8" (one scale
+        per output row)."""
+        precisions.precision(quantize, "BlockWeight.from_dense")
         _check_weight("BlockWeight.from_dense", weight, mask)
         bh, bw = cls.check_block(block, "BlockWeight.from_dense")
         if weight.shape[0] % bh or weight.shape[1] % bw:
             raise ValueError(f"BlockWeight.from_dense: weight shape {tuple(weight.shape)} must be divisible by "
                              f"block {block}")
         crow, col, values = ops.block_compress(weight.detach(), mask, bh, bw)
-        return cls(crow, col, values, weight.shape[1])._valid()
+        return cls(crow, col, values, weight.shape[1])._valid().quantize(quantize)
 
     @staticmethod
     def check_block(block, where: str) -> tuple[int, int]:
@@ -570,7 +743,7 @@ class BlockWeight(_Format):
         return int(block[0]), int(block[1])
 
     def to_dense(self) -> torch.Tensor:
-        return ops.block_decompress(self.crow_indices, self.col_indices, self.values, self.in_features)
+        return ops.block_decompress(self.crow_indices, self.col_indices, self._float_values(), self.in_features)
 
     def mask(self) -> torch.Tensor:
         """bool [out, in]: the kept blocks."""
@@ -595,21 +768,18 @@ class BlockWeight(_Format):
         return f"block{self.block[0]}x{self.block[1]}"
 
     def meta(self) -> torch.Tensor:
-        return _meta(self.in_features)
-
-    def _replace(self, **kw) -> "BlockWeight":
-        return BlockWeight(kw["crow_indices"], kw["col_indices"], kw["values"], self.in_features)
+        return _meta(self.in_features, *self._quant_meta())
 
     @classmethod
     def from_tensors(cls, d: dict[str, torch.Tensor], validate: bool = True,
                      meta_ints: list[int] | None = None) -> "BlockWeight":
-        (k,) = meta_ints or _meta_ints(d, 1, "BlockWeight")
-        w = cls(d["crow_indices"], d["col_indices"], d["values"], k)
+        ints = meta_ints or _meta_ints(d, 1, "BlockWeight")
+        w = cls(d["crow_indices"], d["col_indices"], d["values"], ints[0], **_quant_fields(ints, 1, d, "BlockWeight"))
         return w.validate() if validate else w._valid()
 
     def validate(self) -> "BlockWeight":
         where = "BlockWeight"
-        crow, col, v = self.crow_indices, self.col_indices, self.values
+        crow, col, v = self.crow_indices, self.col_indices, self._checked_values(where)
         if v.dim() != 3 or v.dtype not in _FLOAT_DTYPES or v.shape[1] <= 0 or v.shape[2] <= 0:
             raise ValueError(f"{where}: values must be float [nnz_blocks, bh, bw], got {tuple(v.shape)} {v.dtype}")
         if self.in_features <= 0 or self.in_features % v.shape[2]:

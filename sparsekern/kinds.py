@@ -97,8 +97,11 @@ class Kind:
     def check_mask(self, mask2d: torch.Tensor, params: dict, pattern: str) -> None:
         """Raises ValueError when a 2-D keep-mask cannot be held by this kind."""
 
-    def compress(self, w2d: torch.Tensor, mask2d: torch.Tensor, params: dict, block):
-        """The format object for a 2-D weight and its mask."""
+    def compress(self, w2d: torch.Tensor, mask2d: torch.Tensor, params: dict, block, quantize: str | None = None,
+                 group_size: int = 0, scales: torch.Tensor | None = None):
+        """The format object for a 2-D weight and its mask, its kept values stored in
+        `quantize` (None, "int8", "int4": sparsekern/precisions.py; scales: fixed scales,
+        _Format.quantize)."""
         raise NotImplementedError
 
     def block_of(self, params: dict, block):
@@ -172,8 +175,9 @@ class NMKind(Kind):
         if mask2d.shape[1] % m or bool((mask2d.reshape(mask2d.shape[0], -1, m).sum(-1) > n).any()):
             raise ValueError(f"mask does not fit pattern {pattern!r}: some group of {m} inputs keeps more than {n}")
 
-    def compress(self, w2d, mask2d, params, block):
-        return formats.NMWeight.from_dense(w2d, params["n"], params["m"], mask=mask2d)
+    def compress(self, w2d, mask2d, params, block, quantize=None, group_size=0, scales=None):
+        return formats.NMWeight.from_dense(w2d, params["n"], params["m"], mask=mask2d).quantize(quantize, group_size,
+                                                                                              scales)
 
     def sparsegpt_group(self, params, block):
         return params["m"]
@@ -204,8 +208,8 @@ class UnstructuredKind(Kind):
         _need_sparsity(self, sparsity, where, "weights")
         return prune.unstructured_mask(scores, sparsity)
 
-    def compress(self, w2d, mask2d, params, block):
-        return formats.BitmaskWeight.from_dense(w2d, mask2d)
+    def compress(self, w2d, mask2d, params, block, quantize=None, group_size=0, scales=None):
+        return formats.BitmaskWeight.from_dense(w2d, mask2d).quantize(quantize, group_size, scales)
 
     def sparsegpt_select(self, W1, d1, i, mask1, params, sparsity, block):
         if i:
@@ -260,8 +264,9 @@ class BlockKind(Kind):
         if rows % bh or cols % bw:
             raise ValueError(f"{where}: weight 2-D shape {(rows, cols)} is not divisible by block {(bh, bw)}")
 
-    def compress(self, w2d, mask2d, params, block):
-        return formats.BlockWeight.from_dense(w2d, self.block_of(params, block), mask2d)
+    def compress(self, w2d, mask2d, params, block, quantize=None, group_size=0, scales=None):
+        return formats.BlockWeight.from_dense(w2d, self.block_of(params, block), mask2d).quantize(quantize, group_size,
+                                                                                                  scales)
 
     def sparsegpt_group(self, params, block):
         return self.block_of(params, block)[1]
@@ -294,7 +299,10 @@ class DenseKind(Kind):
     def mask(self, scores, params, sparsity, block, where="mask"):
         return torch.ones_like(scores, dtype=torch.bool)
 
-    def compress(self, w2d, mask2d, params, block):
+    def compress(self, w2d, mask2d, params, block, quantize=None, group_size=0, scales=None):
+        if quantize is not None:
+            raise ValueError("pattern 'dense' keeps a float tensor; quantize a dense layer with torch's own int8 "
+                             "(torch.ao.quantization.quantize_dynamic), or pick a sparse pattern")
         return w2d * mask2d
 
 
@@ -367,11 +375,14 @@ def detect_pattern(mask2d: torch.Tensor) -> str:
     raise ValueError("detect_pattern: no registered kind holds this mask")
 
 
-def compress(weight2d: torch.Tensor, pattern: str, mask: torch.Tensor, block: tuple[int, int] = (32, 32)):
+def compress(weight2d: torch.Tensor, pattern: str, mask: torch.Tensor, block: tuple[int, int] = (32, 32),
+             quantize: str | None = None, group_size: int = 0, scales: torch.Tensor | None = None):
     """The format object of `pattern` for a 2-D weight and its bool mask; pattern "dense"
-    gives the masked dense tensor. `block` is the block shape when the pattern names none."""
+    gives the masked dense tensor. `block` is the block shape when the pattern names none;
+    `quantize` the kept values' precision (None, "int8", "int4" with group_size; scales:
+    fixed scales, as SparseGPT's joint quantization chose them)."""
     kind, params = parse(pattern, "kinds.compress")
-    return KINDS[kind].compress(weight2d, mask, params, block)
+    return KINDS[kind].compress(weight2d, mask, params, block, quantize, group_size, scales)
 
 
 def make_mask(scores: torch.Tensor, pattern: str, sparsity=None, block: tuple[int, int] = (32, 32),

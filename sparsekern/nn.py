@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import kinds, ops, prune
+from . import dispatch_rules, kinds, ops, precisions, prune
 from .patterns import as_2d, conv_output_size, from_2d, pack_bitmask, unpack_bitmask
 
 
@@ -81,7 +81,7 @@ class Policy:
 DEFAULT_POLICY = Policy()
 
 
-def choose_path(times_ms: dict[str, float], rows: int, noise: float = 0.02) -> PathChoice:
+def choose_path(times_ms: dict[str, float], rows: int, noise: float = dispatch_rules.PATH_NOISE) -> PathChoice:
     """The fastest path by measured time (measure_paths); "sparse" when it is within `noise`
     (relative) of the fastest, since it keeps only the compressed bytes (a pure function of the measurements,
     tested with injected timings). The reason gives sparse's speed against the best dense path."""
@@ -195,7 +195,7 @@ class _SparseMixin:
         cls = kinds.KIND_OF_CODE[self._meta_ints[0]].format
         if cls is None:
             return self.weight_dense
-        tensors = {k: self._buffers["weight_" + k] for k in cls.TENSOR_NAMES}
+        tensors = {k: self._buffers["weight_" + k] for k in cls.tensor_names_of(self._meta_ints[1:])}
         if torch.compiler.is_compiling():
             return cls.from_tensors(tensors, validate=False, meta_ints=self._meta_ints[1:])
         # One format object per set of buffers (they are replaced, never mutated, by .to(),
@@ -249,10 +249,18 @@ class _SparseMixin:
             self._adopt_format(self._build_format(w2d, mask), policy or DEFAULT_POLICY)
         return self
 
-    def _build_format(self, w2d: torch.Tensor, mask: torch.Tensor):
+    def _build_format(self, w2d: torch.Tensor, mask: torch.Tensor, scales: torch.Tensor | None = None):
         """The pattern's format object for a 2-D weight and mask (a masked dense tensor for
         pattern 'dense')."""
-        return kinds.compress(w2d, self.pattern, mask, self._block)
+        precision, group_size = self.__dict__.get("_quantize", (None, 0))
+        return kinds.compress(w2d, self.pattern, mask, self._block, precision, group_size, scales)
+
+    def _set_quantize(self, quantize: str | None, group_size: int, where: str) -> None:
+        """The precision this module stores its kept values in when it builds a format
+        (sparsekern/precisions.py); group_size applies to int4 only."""
+        prec = precisions.precision(quantize, where)
+        group = prec.check_group_size(group_size if prec.grouped else 0, where)
+        self.__dict__["_quantize"] = (None if prec.name == "fp" else prec.name, group)
 
     def _sparse_backend(self, fmt, batch: int) -> str:
         """The backend the format's op runs for `batch` rows of input on this layer."""
@@ -323,7 +331,7 @@ class _SparseMixin:
 
     def _share_key(self, f, bucket: int, policy: Policy) -> tuple:
         """What makes two layers' measurements interchangeable (see Policy.share)."""
-        return (type(self).__name__, self._geometry(), kinds.kind_of(f).name, f.pattern, round(float(f.density), 2), f.dtype,
+        return (type(self).__name__, self._geometry(), kinds.kind_of(f).name, f.pattern, f.value_precision.name, round(float(f.density), 2), f.dtype,
                 str(f.device), self.bias is not None, policy.dense_copy, policy.cold, policy.reps, bucket)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
@@ -353,7 +361,8 @@ class _SparseMixin:
                                          f"floating {self._dense_shape()}")
                     f = dense
                 else:
-                    f = cls.from_tensors({n: new["weight_" + n] for n in cls.TENSOR_NAMES}, meta_ints=meta_ints[1:])
+                    f = cls.from_tensors({n: new["weight_" + n] for n in cls.tensor_names_of(meta_ints[1:])},
+                                         meta_ints=meta_ints[1:])
                     if tuple(f.shape) != (self._dense_shape()[0], self._in2d):
                         raise ValueError(f"the weight has shape {tuple(f.shape)}, this layer needs "
                                          f"{(self._dense_shape()[0], self._in2d)}")
@@ -371,9 +380,11 @@ class _SparseMixin:
             self.__dict__.pop("_dense_copy", None)
             self.backend = "dense" if cls is None else self._sparse_backend(f, 1)
             self.reason = "loaded from a state dict"
+            if cls is not None and f.quantized:
+                self.__dict__["_quantize"] = (f.precision, f.group_size)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
-    def _init_weight(self, w2d, mask, trainable, policy):
+    def _init_weight(self, w2d, mask, trainable, policy, value_scales=None):
         pattern = kinds.parse(self.pattern)
         pattern.entry.check_mask(mask, pattern.params, self.pattern)
         if trainable:
@@ -384,7 +395,7 @@ class _SparseMixin:
             self.register_buffer("weight_mask_bits", pack_bitmask(mask))
             self.backend, self.reason = "masked", "trainable: masked_linear in training mode"
         else:
-            self._adopt_format(self._build_format(w2d.detach(), mask), policy or DEFAULT_POLICY)
+            self._adopt_format(self._build_format(w2d.detach(), mask, value_scales), policy or DEFAULT_POLICY)
 
     def held_nbytes(self) -> int:
         """Bytes this module keeps beside its parameters and buffers: indexes derived from the
@@ -425,7 +436,9 @@ class _SparseMixin:
             density = float("nan") if f.is_meta else float((f != 0).float().mean())
         else:
             density = f.density
-        text = f"pattern={self.pattern}, density={density:.3f}, backend={self.backend}, compressed_bytes={nbytes}"
+        values = "" if isinstance(f, torch.Tensor) or not f.quantized else \
+            f", values={f.precision}" + (f" (group {f.group_size})" if f.group_size else "")
+        text = f"pattern={self.pattern}, density={density:.3f}{values}, backend={self.backend}, compressed_bytes={nbytes}"
         if not isinstance(f, torch.Tensor) and f.derived_nbytes:
             text += f", derived_index_bytes={f.derived_nbytes}"  # BitmaskWeight.column_index, NMWeight.gemm_panels
         if self._dense_copy_nbytes():
@@ -456,7 +469,7 @@ class SparseLinear(_SparseMixin, nn.Module):
     def from_format(cls, weight, bias: torch.Tensor | None = None, policy: Policy | None = None) -> "SparseLinear":
         """A SparseLinear over an already compressed weight (NMWeight, BitmaskWeight or
         BlockWeight of shape [out, in]), e.g. one shard of a larger layer."""
-        if getattr(weight, "OP", None) not in ("nm_linear", "bitmask_linear", "block_linear"):
+        if not isinstance(weight, kinds.FORMATS):
             raise TypeError(f"SparseLinear.from_format: weight must be a sparsekern format, got {type(weight).__name__}")
         weight.validate()
         out, k = weight.shape
@@ -467,14 +480,20 @@ class SparseLinear(_SparseMixin, nn.Module):
         mod = cls(k, out, bias is not None, weight.pattern, block, device=weight.device, dtype=weight.dtype)
         if bias is not None:
             mod.bias.data.copy_(bias.detach())
+        if weight.quantized:
+            mod.__dict__["_quantize"] = (weight.precision, weight.group_size)
         mod._adopt_format(weight, policy or DEFAULT_POLICY)
         return mod
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, pattern: str = "2:4", mask: torch.Tensor | None = None,
                    method: str = "l1", sparsity: float | None = None, block: tuple[int, int] = (32, 32),
-                   trainable: bool = False, policy: Policy | None = None, grad=None, act_norm=None) -> "SparseLinear":
-        """Prune (unless `mask` is given) and compress `linear`'s weight."""
+                   trainable: bool = False, policy: Policy | None = None, grad=None, act_norm=None,
+                   quantize: str | None = None, group_size: int = 128,
+                   value_scales: torch.Tensor | None = None) -> "SparseLinear":
+        """Prune (unless `mask` is given) and compress `linear`'s weight; quantize: the kept
+        values' precision (None, "int8", "int4" with group_size 32/64/128); value_scales:
+        fixed scales for them (as sparsegpt_prune_model(quantize=...) chose them)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SparseLinear.from_dense: expected nn.Linear, got {type(linear).__name__}")
         where = "SparseLinear.from_dense"
@@ -490,9 +509,10 @@ class SparseLinear(_SparseMixin, nn.Module):
             raise ValueError(f"SparseLinear.from_dense: mask must be bool of shape {tuple(w.shape)}")
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, pattern, block,
                   device=w.device, dtype=w.dtype)
+        mod._set_quantize(quantize, group_size, where)
         if linear.bias is not None:
             mod.bias.data.copy_(linear.bias.detach())
-        mod._init_weight(w, mask, trainable, policy)
+        mod._init_weight(w, mask, trainable, policy, value_scales)
         return mod
 
     def _weight_shape(self):
@@ -571,7 +591,10 @@ class SparseConv2d(_SparseMixin, nn.Module):
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, pattern: str = "2:4", mask: torch.Tensor | None = None, method: str = "l1",
                    sparsity: float | None = None, block=(32, 32), trainable: bool = False,
-                   policy: Policy | None = None, grad=None, act_norm=None) -> "SparseConv2d":
+                   policy: Policy | None = None, grad=None, act_norm=None, quantize: str | None = None,
+                   group_size: int = 128, value_scales: torch.Tensor | None = None) -> "SparseConv2d":
+        """Prune (unless `mask` is given) and compress `conv`'s weight; quantize as for
+        SparseLinear.from_dense."""
         where = "SparseConv2d.from_dense"
         cls.check_supported(conv, pattern, block)
         kind, params = kinds.parse(pattern, where)
@@ -586,10 +609,11 @@ class SparseConv2d(_SparseMixin, nn.Module):
             raise ValueError(f"SparseConv2d.from_dense: mask must be bool of shape {tuple(w.shape)}")
         mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                   conv.bias is not None, pattern, block, device=w.device, dtype=w.dtype)
+        mod._set_quantize(quantize, group_size, where)
         if conv.bias is not None:
             mod.bias.data.copy_(conv.bias.detach())
         w2d, m2d = as_2d(w), as_2d(mask)
-        mod._init_weight(w2d, m2d, trainable, policy)
+        mod._init_weight(w2d, m2d, trainable, policy, value_scales)
         return mod
 
     def _weight_shape(self):

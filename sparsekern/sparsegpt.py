@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import kinds, ops
+from . import kinds, ops, precisions
 from .patterns import as_2d, from_2d
 from .prune import apply_mask, prunable_layers, prune_count, run_batch
 
@@ -87,6 +87,72 @@ def sparsegpt_weight(weight2d: torch.Tensor, hessian: torch.Tensor, pattern: str
                      block: tuple[int, int] = (32, 32)) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune and compensate one weight [out, in] given H [in, in]. Returns (new weight in
     the weight's dtype with zeros in place, bool mask)."""
+    new, mask, _ = sparsegpt_quantized_weight(weight2d, hessian, pattern, sparsity, blocksize, percdamp, block)
+    return new, mask
+
+
+class _Quantizer:
+    """SparseGPT's joint quantization (paper section 3.5): every weight the sweep freezes is
+    also put on the grid the format will store (sparsekern/precisions.py), so the error that
+    the optimal-brain-surgeon update pushes onto later columns includes the rounding, and
+    later mask decisions see it. The scales are fixed as the sweep reaches them and handed
+    to the format (`_Format.quantize(scales=...)`), so the stored values are exactly the ones
+    compensated for:
+      int8: one scale per row, max|w| / 127 of the row before the sweep;
+      int4 (N:M only): one scale per group of group_size kept values of a row; with N:M
+            such a group is a fixed run of group_size * m / n columns, and its scale is
+            max|w| / 7 over that run's weights when the sweep reaches its first column
+            (the most current weights, as GPTQ does)."""
+
+    def __init__(self, precision: str, group_size: int, W: torch.Tensor, entry, params: dict, where: str):
+        self.prec = precisions.precision(precision, where)
+        self.group_size = self.prec.check_group_size(group_size if self.prec.grouped else 0, where)
+        rows, cols = W.shape
+        if self.prec.grouped:
+            if not entry.format or not entry.format.ROW_VALUES:
+                raise ValueError(f"{where}: {self.prec.name} needs a format with values by row (N:M), got pattern "
+                                 f"kind {entry.name!r}")
+            if self.group_size % params["n"]:
+                raise ValueError(f"{where}: group_size {self.group_size} must be a multiple of n={params['n']} so a "
+                                 "group of kept values is a whole number of N:M groups")
+            self.span = self.group_size // params["n"] * params["m"]  # columns of one group of kept values
+            self.scales = torch.ones(rows, -(-cols // self.span), dtype=torch.float64, device=W.device)
+        else:
+            self.span = 0
+            self.scales = (W.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+            self.scales = torch.where(W.abs().amax(1) > 0, self.scales, torch.ones_like(self.scales))
+
+    def start_column(self, j: int, W1: torch.Tensor, i: int) -> None:
+        """At global column j (local i of the current block W1): fix the group's scale."""
+        if self.span and j % self.span == 0:
+            # Column blocks are whole runs (sparsegpt_quantized_weight), so W1 holds the run
+            # with every update the sweep has made so far.
+            amax = W1[:, i:i + self.span].abs().amax(1)
+            self.scales[:, j // self.span] = torch.where(amax > 0, amax / 7, torch.ones_like(amax))
+
+    def __call__(self, w: torch.Tensor, j: int) -> torch.Tensor:
+        """Column j's weights w on the grid (float64)."""
+        if self.span:
+            s, qmax = self.scales[:, j // self.span], 7
+        else:
+            s, qmax = self.scales, 127
+        # float32 scales, as the format stores them, so the grids agree bit for bit
+        s = s.to(torch.float32).to(torch.float64)
+        return torch.round(w / s).clamp(-qmax, qmax) * s
+
+    def stored_scales(self) -> torch.Tensor:
+        return self.scales.to(torch.float32)
+
+
+def sparsegpt_quantized_weight(weight2d: torch.Tensor, hessian: torch.Tensor, pattern: str = "unstructured",
+                               sparsity: float = 0.5, blocksize: int = 128, percdamp: float = 0.01,
+                               block: tuple[int, int] = (32, 32), quantize: str | None = None,
+                               group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """sparsegpt_weight with the kept weights quantized inside the sweep (`quantize`: "int8",
+    "int4" with group_size 32/64/128 for N:M; None: pruning only). Returns (new weight in
+    the weight's dtype, on the grid, zeros in place; bool mask; the float32 scales to store
+    with it, or None), so that `kinds.compress(new, pattern, mask, quantize=quantize,
+    group_size=group_size, scales=scales)` stores exactly the compensated values."""
     kind, params = kinds.parse(pattern, "sparsegpt")
     entry = kinds.KINDS[kind]
     if not entry.prunable:
@@ -114,8 +180,11 @@ def sparsegpt_weight(weight2d: torch.Tensor, hessian: torch.Tensor, pattern: str
         raise ValueError("sparsegpt: the Hessian is not positive definite even with 100x dampening "
                          "(calibration data too small or degenerate for this layer)")
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    quant = None if quantize is None else _Quantizer(quantize, group_size, W, entry, params, "sparsegpt")
     pruned = torch.zeros_like(W, dtype=torch.bool)
     group = entry.sparsegpt_group(params, block)  # column blocks never cut a mask decision
+    if quant is not None and quant.span:
+        group = quant.span  # nor a run of int4 columns (a multiple of the N:M group)
     blocksize = max(group, blocksize // group * group)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -129,7 +198,11 @@ def sparsegpt_weight(weight2d: torch.Tensor, hessian: torch.Tensor, pattern: str
             entry.sparsegpt_select(W1, d1, i, mask1, params, sparsity, block)
             w = W1[:, i]
             d = Hinv1[i, i]
-            q = w.clone()
+            if quant is not None:
+                quant.start_column(i1 + i, W1, i)
+                q = quant(w, i1 + i)
+            else:
+                q = w.clone()
             q[mask1[:, i]] = 0
             Q1[:, i] = q
             err = (w - q) / d
@@ -139,18 +212,24 @@ def sparsegpt_weight(weight2d: torch.Tensor, hessian: torch.Tensor, pattern: str
         pruned[:, i1:i2] = mask1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     mask = ~pruned
-    return (W * mask).to(weight2d.dtype), mask
+    return (W * mask).to(weight2d.dtype), mask, None if quant is None else quant.stored_scales()
 
 
 def sparsegpt_prune_model(model: nn.Module, calibration, pattern: str = "unstructured", sparsity=0.5,
                           layers: list[str] | None = None, blocksize: int = 128, percdamp: float = 0.01,
-                          block: tuple[int, int] = (32, 32), show_progress: bool = True) -> dict[str, torch.Tensor]:
+                          block: tuple[int, int] = (32, 32), show_progress: bool = True, quantize: str | None = None,
+                          group_size: int = 0, scales_out: dict | None = None) -> dict[str, torch.Tensor]:
     """Prune the model's Linear/Conv2d layers (or `layers`) in forward order with SparseGPT,
     updating their weights in place and recording the masks like torch.nn.utils.prune.
     calibration: iterable of batches as the model's forward takes them (tensors, tuples,
     dicts such as tokenizer output) or a callable returning one. sparsity: a fraction, or
     {layer: fraction} (e.g. selection.allocate's per-layer amounts; layers not named are
-    left alone). Returns {layer: mask}."""
+    left alone). quantize / group_size: quantize the kept weights inside the sweep
+    (sparsegpt_quantized_weight); each layer's weight is left on the grid and its scales
+    are put in `scales_out[layer]` for the format that stores it. Returns {layer: mask}."""
+    if quantize is not None and scales_out is None:
+        raise ValueError("sparsegpt_prune_model: quantize needs scales_out= (a dict that receives each layer's "
+                         "scales, to store the weights on the grid they were compensated on)")
     if isinstance(sparsity, dict):
         layers = [n for n in (layers or sparsity) if n in sparsity and sparsity[n] > 0]
     targets = dict(prunable_layers(model)) if layers is None else {n: model.get_submodule(n) for n in layers}
@@ -190,7 +269,8 @@ def sparsegpt_prune_model(model: nn.Module, calibration, pattern: str = "unstruc
         try:
             H, _ = layer_inputs_hessian(model, mod, calibration, cols2d)
             w2d = as_2d(mod.weight.detach())
-            new2d, mask2d = sparsegpt_weight(w2d, H, pattern, amount, blocksize, percdamp, block)
+            new2d, mask2d, scales = sparsegpt_quantized_weight(w2d, H, pattern, amount, blocksize, percdamp, block,
+                                                               quantize, group_size)
         except ValueError as e:
             raise ValueError(f"sparsegpt: layer {name!r}: {e}") from e
         with torch.no_grad():
@@ -199,5 +279,7 @@ def sparsegpt_prune_model(model: nn.Module, calibration, pattern: str = "unstruc
         mask = from_2d(mask2d, mod.weight.shape)
         apply_mask(mod, mask)
         masks[name] = mask
+        if scales is not None:
+            scales_out[name] = scales
         del H
     return masks

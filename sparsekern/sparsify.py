@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import kinds, prune
+from . import kinds, precisions, prune
 from .nn import SPARSE_MODULES, Policy, SparseConv2d, SparseLinear
 from .patterns import as_2d
 
@@ -33,7 +33,8 @@ def _matches(name: str, patterns) -> bool:
 def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsity: float | None = None,
              calibration: Iterable | None = None, loss_fn: Callable | None = None, include=None, exclude=None,
              min_features: int = 128, block: tuple[int, int] = (32, 32), trainable: bool = False,
-             policy: Policy | None = None, show_progress: bool = True, channels_last: bool | None = None):
+             policy: Policy | None = None, show_progress: bool = True, channels_last: bool | None = None,
+             quantize: str | None = None, group_size: int = 128):
     """Score, mask and swap every eligible nn.Linear / nn.Conv2d for a sparse module, in place.
 
     pattern: "2:4" / "N:M", "unstructured" (with sparsity), "block" (with sparsity, block).
@@ -52,6 +53,11 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
     every weight channels-last the activations stay so from the first convolution on, and
     dense oneDNN convolutions run faster so on the CPU anyway. Those rows of the report
     carry "layout": "channels_last". True: always; False: never.
+    quantize: store the kept values as "int8" (one scale per output row) or "int4" (one
+    scale per group_size = 32/64/128 kept values of a row; N:M patterns only), or None
+    (the weight's dtype). With method="sparsegpt" the kept weights are quantized inside
+    the sweep (joint: the reconstruction compensates the rounding too); otherwise after
+    pruning. Layouts: sparsekern/precisions.py.
     Returns (model, report): one row per layer (pattern, density, bytes before/after,
     backend and why, or why it was left dense).
     """
@@ -59,6 +65,15 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
     entry = kinds.KINDS[kind]
     if method != "sparsegpt":
         prune.check_method(method, "sparsify")
+    prec = precisions.precision(quantize, "sparsify")
+    group_size = prec.check_group_size(group_size if prec.grouped else 0, "sparsify")
+    quantize = None if prec.name == "fp" else prec.name
+    if prec.grouped and not (entry.format is not None and entry.format.ROW_VALUES):
+        raise ValueError(f"sparsify: quantize={quantize!r} needs an N:M pattern (groups of kept values along a row), "
+                         f"got {pattern!r}; use quantize='int8'")
+    if quantize is not None and entry.format is None:
+        raise ValueError("sparsify: pattern 'dense' keeps float weights; for a dense int8 model use "
+                         "torch.ao.quantization.quantize_dynamic")
     if entry.needs_sparsity and sparsity is None:
         raise ValueError(f"sparsify: pattern {pattern!r} needs sparsity= (fraction to remove)")
     if sparsity is not None:
@@ -97,6 +112,7 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
             continue
         candidates.append((name, mod))
     grads = norms = None
+    value_scales: dict = {}
     if method == "wanda":
         norms = prune.collect_activation_norms(model, calibration, show_progress=show_progress)
     if method == "taylor":
@@ -105,17 +121,20 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
         from .sparsegpt import sparsegpt_prune_model
 
         sparsegpt_prune_model(model, calibration, pattern, 0.5 if sparsity is None else sparsity,
-                              layers=[n for n, _ in candidates], block=block, show_progress=show_progress)
+                              layers=[n for n, _ in candidates], block=block, show_progress=show_progress,
+                              quantize=quantize, group_size=group_size, scales_out=value_scales)
 
     for name, mod in tqdm(candidates, "sparsify", disable=not show_progress, mininterval=1.0):
         cls = SparseConv2d if isinstance(mod, nn.Conv2d) else SparseLinear
         dense_bytes = mod.weight.numel() * mod.weight.element_size()
         new = cls.from_dense(mod, pattern, method=method, sparsity=sparsity, block=block, trainable=trainable,
                              policy=policy, grad=None if grads is None else grads[name],
-                             act_norm=None if norms is None else norms[name])
+                             act_norm=None if norms is None else norms[name], quantize=quantize,
+                             group_size=group_size, value_scales=value_scales.get(name))
         new.train(mod.training)
         set_module(model, name, new)
         report.append({"layer": name, "type": type(mod).__name__, "status": "sparse", "pattern": pattern,
+                       "values": quantize or str(mod.weight.dtype).replace("torch.", ""),
                        "density": float(new.mask().float().mean()), "bytes_before": dense_bytes,
                        "bytes_after": new.weight_nbytes(), "backend": new.backend, "reason": new.reason})
     if channels_last is None:

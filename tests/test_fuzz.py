@@ -21,7 +21,8 @@ import pytest
 import torch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-FORMATS = ["nm24", "nm28", "bitmask", "block"]
+# name[_precision]: the quantized ones also fuzz their stored values and scales
+FORMATS = ["nm24", "nm28", "bitmask", "block", "nm24_int8", "nm24_int4", "bitmask_int8", "block_int8"]
 
 WORKER = textwrap.dedent(r'''
     import io, sys, torch
@@ -31,6 +32,8 @@ WORKER = textwrap.dedent(r'''
     from sparsekern.nn import Policy, SparseLinear
 
     fmt_name, device = sys.argv[1], sys.argv[2]
+    fmt_name, _, precision = fmt_name.partition("_")
+    precision = precision or None
     torch.manual_seed(0)
     OUT, IN = 48, 1088  # bitmask: 17 words, 3 offset tiles; block: 3 x 34 blocks of 16
     w = torch.randn(OUT, IN, device=device)
@@ -42,13 +45,21 @@ WORKER = textwrap.dedent(r'''
         W = BitmaskWeight.from_dense(w, torch.rand(OUT, IN, device=device) < 0.3)
     else:
         W = BlockWeight.from_dense(w, (16, 32), torch.rand(OUT, IN, device=device) < 0.02)
+    W = W.quantize(precision, 64 if precision == "int4" else 0)
     x = torch.randn(3, IN, device=device)
     lin = torch.nn.Linear(IN, OUT).to(device)
     pattern = {"nm24": "2:4", "nm28": "2:8", "bitmask": "unstructured", "block": "block16x32"}[fmt_name]
     mod = SparseLinear.from_dense(lin, pattern, mask=W.mask(), sparsity=0.5, block=(16, 32),
-                                  policy=Policy("sparse"))
+                                  policy=Policy("sparse"), quantize=precision, group_size=64)
 
     def mutations(t):
+        if t.is_floating_point():  # scales
+            for how, v in (("nan", float("nan")), ("negative", -1.0), ("zero", 0.0), ("inf", float("inf"))):
+                yield how, torch.full_like(t, v)
+            yield "shorter", t.reshape(-1)[:-1] if t.numel() > 1 else t[:0]
+            yield "longer", torch.cat([t.reshape(-1), t.reshape(-1)[:1]])
+            yield "int32", t.to(torch.int32)
+            return
         info = torch.iinfo(t.dtype) if not t.is_floating_point() and t.dtype != torch.bool else None
         yield "max", torch.full_like(t, info.max) if info else None
         yield "min", torch.full_like(t, info.min) if info else None
@@ -75,7 +86,7 @@ WORKER = textwrap.dedent(r'''
         except (ValueError, TypeError, RuntimeError, KeyError, IndexError) as e:
             print("REFUSED", case, type(e).__name__, str(e).splitlines()[0][:200], flush=True)
 
-    names = [n for n in W.TENSOR_NAMES if not W.tensors()[n].is_floating_point()] + ["meta"]
+    names = [n for n in W.tensor_names() if n == "scales" or not W.tensors()[n].is_floating_point()] + ["meta"]
     for name in names:
         for how, bad in mutations(W.tensors()[name]):
             if bad is None:
@@ -87,15 +98,16 @@ WORKER = textwrap.dedent(r'''
             run(f"{fmt_name}/{device}/from_tensors/{name}/{how}", via_from_tensors)
             if name != "meta":
                 def via_constructor(d=d):
-                    V = type(W)(**{k: d[k] for k in W.TENSOR_NAMES}, **{k: getattr(W, k) for k in
-                                ("n", "m", "in_features") if hasattr(W, k)})
+                    V = type(W)(**{k: d[k] for k in W.tensor_names()}, **{k: getattr(W, k) for k in
+                                ("n", "m", "in_features", "precision", "group_size", "compute_dtype")
+                                if hasattr(W, k)})
                     check_forward(lambda: ops.sparse_linear(x, V), V.to_dense)
                 run(f"{fmt_name}/{device}/constructor/{name}/{how}", via_constructor)
             sd = dict(mod.state_dict()); key = "weight_" + name
             sd[key] = bad
             def via_state_dict(sd=sd):
                 m2 = SparseLinear.from_dense(lin, pattern, mask=W.mask(), sparsity=0.5, block=(16, 32),
-                                             policy=Policy("sparse"))
+                                             policy=Policy("sparse"), quantize=precision, group_size=64)
                 m2.load_state_dict(sd)
                 check_forward(lambda: m2(x) - m2.bias, lambda: m2.weight_format().to_dense())
             run(f"{fmt_name}/{device}/load_state_dict/{name}/{how}", via_state_dict)
@@ -103,7 +115,7 @@ WORKER = textwrap.dedent(r'''
                 buf = io.BytesIO(); torch.save(sd, buf); buf.seek(0)
                 loaded = torch.load(buf, weights_only=True)
                 m2 = SparseLinear.from_dense(lin, pattern, mask=W.mask(), sparsity=0.5, block=(16, 32),
-                                             policy=Policy("sparse"))
+                                             policy=Policy("sparse"), quantize=precision, group_size=64)
                 m2.load_state_dict(loaded)
                 check_forward(lambda: m2(x) - m2.bias, lambda: m2.weight_format().to_dense())
             run(f"{fmt_name}/{device}/torch.load/{name}/{how}", via_weights_only)
@@ -135,8 +147,13 @@ def test_tampered_weights_never_crash(tmp_path, fmt, device):
                "ok": sum(line.startswith("OK") for line in lines)}
     print(json.dumps(summary))
     # Every out-of-range value must be refused; the valid-by-chance ones ran and matched shape.
+    # Quantized values are legal at every int8 byte (and int4 nibble but 0), so their own
+    # extreme fillings may run; a tampered scale never may.
     for line in lines:
-        if line.startswith("OK") and any(h in line for h in ("/max", "/min", "/minus1", "/float", "/shorter")):
+        if line.startswith("OK") and "/values/" in line and any(h in line for h in ("/max", "/min", "/minus1")):
+            continue
+        if line.startswith("OK") and any(h in line for h in ("/max", "/min", "/minus1", "/float", "/shorter", "/nan",
+                                                             "/negative", "/zero", "/inf")):
             case = line.split()[1]
             # meta "max"/"min": in_features becomes absurd or negative: must be refused
             pytest.fail(f"tampering accepted: {case}")

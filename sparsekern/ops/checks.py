@@ -58,9 +58,13 @@ def check_bitmask(op: str, bitmask, rows: int, cols: int, device) -> None:
 
 
 def check_dense_weight(op: str, weight) -> None:
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError(f"{op}: weight must be a 2-D floating tensor [out, in], got "
-                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    """A dense weight: a tensor (TypeError), 2-D (ValueError), floating (TypeError)."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{op}: weight must be a 2-D floating tensor [out, in], got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be a 2-D floating tensor [out, in], got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"{op}: weight must be a 2-D floating tensor [out, in], got {weight.dtype}")
 
 
 def check_mask(op: str, mask, weight: torch.Tensor) -> None:

@@ -1,0 +1,239 @@
+"""Quantized values in every format (sparsekern/precisions.py): the grids, the layouts, the
+checks, state dicts, SparseGPT's joint quantization and the model-level API."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from sparsekern import BitmaskWeight, BlockWeight, NMWeight, kinds, ops, precisions, sparsify
+from sparsekern.nn import Policy, SparseLinear
+from sparsekern.sparsegpt import sparsegpt_quantized_weight, sparsegpt_weight
+
+
+def _formats(out=40, k=192):
+    torch.manual_seed(0)
+    w = torch.randn(out, k, dtype=torch.float64).float()
+    blocks = (torch.rand(out // 8, k // 16) < 0.4).repeat_interleave(8, 0).repeat_interleave(16, 1)
+    return {"2:4": NMWeight.from_dense(w, 2, 4), "4:8": NMWeight.from_dense(w, 4, 8),
+            "unstructured": BitmaskWeight.from_dense(w, torch.rand(out, k) < 0.3),
+            "block8x16": BlockWeight.from_dense(w, (8, 16), blocks)}
+
+
+CASES = [(name, "int8", 0) for name in ("2:4", "4:8", "unstructured", "block8x16")] + \
+        [("2:4", "int4", 32), ("2:4", "int4", 64), ("4:8", "int4", 128)]
+
+
+def test_int4_nibbles_hand_checked():
+    """Low nibble first, stored as q + 8; an odd row pads its last high nibble with 8."""
+    v = torch.tensor([[7.0, -7.0, 3.5]])
+    q, s = precisions.PRECISIONS["int4"].quantize(v, 32)
+    assert s.tolist() == [[1.0]]
+    assert q.tolist() == [[(7 + 8) | ((-7 + 8) << 4), (4 + 8) | (8 << 4)]]  # 3.5 rounds half to even: 4
+    back = precisions.PRECISIONS["int4"].dequantize(q, s, 3, torch.float32, 32)
+    assert back.tolist() == [[7.0, -7.0, 4.0]]
+
+
+def test_int8_hand_checked():
+    q, s = precisions.PRECISIONS["int8"].quantize(torch.tensor([[254.0, -127.0, 1.0], [0.0, 0.0, 0.0]]))
+    assert s.tolist() == [2.0, 1.0]  # an all-zero row gets scale 1
+    assert q.tolist() == [[127, -64, 0], [0, 0, 0]]  # -63.5 rounds half to even; 0.5 to 0
+
+
+@pytest.mark.parametrize("name,precision,group", CASES)
+def test_values_on_the_grid_and_the_op(name, precision, group):
+    W = _formats()[name]
+    Q = W.quantize(precision, group)
+    assert Q.quantized and Q.precision == precision and Q.dtype == W.dtype and Q.is_validated
+    dense, qdense = W.to_dense().double(), Q.to_dense().double()
+    assert torch.equal(qdense != 0, (qdense != 0) & (dense != 0))  # nothing appears where nothing was kept
+    # Each value is within half a step of its scale: a step is scale (int8: per row; int4:
+    # per group of kept values, at most the row's max / 7).
+    step = (dense.abs().amax(1) / (127 if precision == "int8" else 7)).clamp_min(1e-12)
+    assert bool(((qdense - dense).abs() <= step[:, None] / 2 + 1e-6).all())
+    assert Q.nbytes < W.nbytes * (0.4 if precision == "int8" else 0.3)
+    x = torch.randn(5, W.shape[1])
+    y = ops.sparse_linear(x, Q)
+    torch.testing.assert_close(y.double(), x.double() @ qdense.T, rtol=1e-5, atol=1e-5)
+    # the op ran on the format's own kernel (values dequantized per call), not the reference
+    assert ops.explain_backend(W.OP, x, Q)[0] == "cpp"
+
+
+@pytest.mark.parametrize("name,precision,group", CASES)
+def test_tensors_round_trip_and_bytes(name, precision, group):
+    Q = _formats()[name].quantize(precision, group)
+    d = Q.tensors()
+    assert set(d) == set(Q.tensor_names()) | {"meta"} and "scales" in d
+    back = type(Q).from_tensors(d)
+    assert back.precision == precision and back.group_size == group and back.dtype == Q.dtype
+    assert torch.equal(back.to_dense(), Q.to_dense())
+    buf = io.BytesIO()
+    torch.save(d, buf)
+    buf.seek(0)
+    assert torch.equal(type(Q).from_tensors(torch.load(buf, weights_only=True)).to_dense(), Q.to_dense())
+    assert Q.dequantized().precision == "fp" and torch.equal(Q.dequantized().to_dense(), Q.to_dense())
+
+
+def test_to_changes_the_compute_dtype_not_the_stored_values():
+    Q = _formats()["2:4"].quantize("int8")
+    B = Q.to(dtype=torch.bfloat16)
+    assert B.values.dtype == torch.int8 and B.dtype == torch.bfloat16
+    assert torch.equal(B.to_dense(), Q.to_dense().to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("name", ["unstructured", "block8x16"])
+def test_int4_needs_values_by_row(name):
+    with pytest.raises(ValueError, match="supports int4"):
+        _formats()[name].quantize("int4", 64)
+
+
+@pytest.mark.parametrize("precision,group,match", [("int3", 0, "unknown value precision"),
+                                                   ("int4", 48, "group_size must be one of"),
+                                                   ("int8", 64, "group_size applies to int4 only")])
+def test_bad_precision_arguments(precision, group, match):
+    with pytest.raises(ValueError, match=match):
+        _formats()["2:4"].quantize(precision, group)
+
+
+def test_quantizing_twice_is_refused():
+    with pytest.raises(ValueError, match="already int8"):
+        _formats()["2:4"].quantize("int8").quantize("int8")
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d.update(scales=d["scales"].double()), "scales must be float32"),
+    (lambda d: d.update(scales=-d["scales"]), "finite and positive"),
+    (lambda d: d.update(scales=d["scales"][:-1]), "scales must be float32 of shape"),
+    (lambda d: d.update(values=d["values"].float()), "values must be"),
+    (lambda d: d.pop("scales"), "need their scales"),
+    (lambda d: d.update(meta=torch.cat([d["meta"][:-3], torch.tensor([9, 0, 0])])), "unknown value precision code"),
+    (lambda d: d.update(meta=torch.cat([d["meta"][:-1], torch.tensor([7])])), "float dtype code"),
+    (lambda d: d.update(meta=d["meta"][:-1]), "meta must be an int64 tensor"),
+])
+def test_corrupt_quantized_tensors_are_refused(edit, match):
+    d = dict(_formats()["2:4"].quantize("int8").tensors())
+    edit(d)
+    with pytest.raises(ValueError, match=match):
+        NMWeight.from_tensors(d)
+
+
+def test_an_int4_nibble_zero_is_refused():
+    d = dict(_formats()["2:4"].quantize("int4", 32).tensors())
+    d["values"] = d["values"].clone()
+    d["values"][0, 0] = 0
+    with pytest.raises(ValueError, match="nibble 0"):
+        NMWeight.from_tensors(d)
+
+
+def test_cutting_quantized_values_says_how():
+    Q = _formats()["2:4"].quantize("int8")
+    with pytest.raises(ValueError, match="dequantized"):
+        Q.slice_rows(0, 8)
+    with pytest.raises(ValueError, match="dequantized"):
+        NMWeight.cat_rows([Q, Q])
+
+
+def test_fixed_scales_store_exactly_the_given_grid():
+    W = _formats()["2:4"]
+    s = torch.full((W.shape[0],), 0.01)
+    Q = W.quantize("int8", scales=s)
+    assert torch.equal(Q.scales, s)
+    assert bool((Q.to_dense().abs() <= 1.27 + 1e-6).all())  # clamped to the grid's reach
+    with pytest.raises(ValueError, match="scales must be a tensor of shape"):
+        W.quantize("int8", scales=torch.ones(3))
+
+
+# ------------------------------------------------------------------ SparseGPT joint
+def _problem(rows=48, cols=512):
+    torch.manual_seed(1)
+    w = torch.randn(rows, cols, dtype=torch.float64).float()
+    mix = torch.eye(cols) + 0.3 * torch.randn(cols, cols) / cols ** 0.5  # correlated inputs
+    x = torch.randn(1536, cols) @ mix
+    return w, x, (x.T @ x).double()
+
+
+def _out_err(x, w, w2):
+    return float((x @ (w2 - w).T).pow(2).mean() / (x @ w.T).pow(2).mean())
+
+
+@pytest.mark.parametrize("pattern,precision,group", [("2:4", "int8", 0), ("2:4", "int4", 128), ("2:4", "int4", 32),
+                                                     ("4:8", "int4", 64), ("unstructured", "int8", 0)])
+def test_joint_sparsegpt_stores_exactly_what_it_compensated(pattern, precision, group):
+    w, x, H = _problem()
+    new, mask, scales = sparsegpt_quantized_weight(w, H, pattern, 0.5, quantize=precision, group_size=group)
+    f = kinds.compress(new, pattern, mask, quantize=precision, group_size=group, scales=scales)
+    assert torch.equal(f.to_dense(), new)
+    kinds.parse(pattern).entry.check_mask(mask, kinds.parse(pattern).params, pattern)
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_joint_int4_beats_quantizing_after_pruning(group):
+    """The sweep compensates the rounding too, so the layer's output error is lower than
+    SparseGPT's pruning followed by round-to-nearest (SparseGPT paper, section 3.5)."""
+    w, x, H = _problem()
+    new, mask, scales = sparsegpt_quantized_weight(w, H, "2:4", quantize="int4", group_size=group)
+    joint = _out_err(x, w, new)
+    pruned, pmask = sparsegpt_weight(w, H, "2:4")
+    after = _out_err(x, w, kinds.compress(pruned, "2:4", pmask, quantize="int4", group_size=group).to_dense())
+    assert joint < after, (joint, after)
+
+
+def test_joint_int4_refuses_a_pattern_without_rows_of_values():
+    w, x, H = _problem(16, 128)
+    with pytest.raises(ValueError, match="values by row"):
+        sparsegpt_quantized_weight(w, H, "unstructured", quantize="int4", group_size=32)
+    with pytest.raises(ValueError, match="multiple of n=3"):
+        sparsegpt_quantized_weight(w, H, "3:8", quantize="int4", group_size=32)
+
+
+# ------------------------------------------------------------------ modules and sparsify
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 384), nn.ReLU(), nn.Linear(384, 128)).eval()
+
+
+@pytest.mark.parametrize("pattern,precision", [("2:4", "int8"), ("2:4", "int4"), ("unstructured", "int8"),
+                                               ("block", "int8")])
+@pytest.mark.parametrize("method", ["l1", "sparsegpt"])
+def test_sparsify_quantized_round_trips_through_a_state_dict(pattern, precision, method):
+    model = _mlp()
+    cal = [torch.randn(16, 256) for _ in range(3)]
+    kw = dict(sparsity=0.5, block=(16, 16), show_progress=False, quantize=precision, group_size=64)
+    m, report = sparsify(copy.deepcopy(model), pattern, method, calibration=cal, **kw)
+    assert all(r["values"] == precision for r in report if r["status"] == "sparse")
+    assert "values=" + precision in sparsify_explain(m)
+    x = torch.randn(4, 256)
+    y = m(x)
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    fresh, _ = sparsify(copy.deepcopy(model), pattern, **kw)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(fresh(x), y)
+    # checkpoint bytes of the pruned layers against the fp32 weights
+    dense_bytes = sum(r["bytes_before"] for r in report if r["status"] == "sparse")
+    stored = sum(r["bytes_after"] for r in report if r["status"] == "sparse")
+    assert stored < dense_bytes * (0.45 if precision == "int8" else 0.2)
+
+
+def sparsify_explain(m):
+    from sparsekern import explain
+    return explain(m)
+
+
+@pytest.mark.parametrize("pattern,precision,match", [("unstructured", "int4", "needs an N:M pattern"),
+                                                     ("dense", "int8", "quantize_dynamic"),
+                                                     ("2:4", "fp8", "unknown value precision")])
+def test_sparsify_refuses_what_cannot_be_stored(pattern, precision, match):
+    with pytest.raises(ValueError, match=match):
+        sparsify(_mlp(), pattern, sparsity=0.5, quantize=precision, show_progress=False)
+
+
+def test_a_quantized_layer_runs_every_path_alike():
+    lin = _mlp()[0]
+    x = torch.randn(3, 256)
+    outs = [SparseLinear.from_dense(lin, "2:4", quantize="int8", policy=Policy(b))(x) for b in ("sparse", "dense")]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
