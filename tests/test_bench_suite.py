@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sparsekern import _extension, models
-from sparsekern.bench import cases, common, plots, profile, run
+from sparsekern.bench import cases, common, peers, plots, profile, run
 from sparsekern.bench.common import environment, quantiles, write_json
 
 # What the README table script reads from every timed row of every suite.
@@ -134,13 +134,37 @@ def test_models_suite_rows_have_the_table_fields(tmp_path, monkeypatch):
               "--out", str(tmp_path)])
     data = json.load(open(tmp_path / "results.json"))
     rows = data["rows"]
-    assert not [r for r in rows if "error" in r], [r["error"] for r in rows if "error" in r]
+    assert not [r for r in rows if "error" in r and not r.get("skipped")], [r["error"] for r in rows if "error" in r]
+    skipped = {(r["model"], r["variant"]): r for r in rows if r.get("skipped")}
+    for r in skipped.values():  # a peer that cannot run here says why, with its fields
+        assert r["peer"] == r["variant"] in peers.PEERS and r["error"] and r["precision"] and "median_ms" not in r
+    if not torch.cuda.is_available():
+        assert "cuda only" in skipped[("llama", "torch 2:4 semi-structured")]["error"]
+    assert "changes only" in skipped[("resnet50", "torch int8 dynamic")]["error"]  # convolutions: not its peer
+    rows = [r for r in rows if not r.get("skipped")]
     for r in rows:
         assert TABLE_FIELDS <= set(r), TABLE_FIELDS - set(r)
         assert r["op"] == "model" and r["value"] > 0 and r["rel_err"] <= r["tolerance"]
     got = {(r["model"], r["variant"], r["metric"]) for r in rows}
     assert ("llama", "dense (again)", "decode_tokens_per_s") in got and ("llama", "2:4", "prefill_tokens_per_s") in got
     assert ("resnet50", "2:4", "images_per_s") in got and ("resnet50", "dense channels-last", "images_per_s") in got
+    # the peers, timed in the same loop, checked against the fp32 model with their own tolerance
+    for peer, model in [("dense bf16", "llama"), ("torch int8 dynamic", "llama"), ("dense bf16", "resnet50"),
+                        ("dense bf16 channels-last", "resnet50")]:
+        for metric in {m for mo, _, m in got if mo == model}:
+            r = next(x for x in rows if (x["model"], x["variant"], x["metric"]) == (model, peer, metric))
+            assert r["peer"] == peer and r["precision"] and r["reference"] == "fp32 dense"
+            assert 0 < r["rel_err"] <= r["tolerance"] == peers.PEERS[peer].rel_tol and r["sparse_layers"] == 0
+            assert r["param_bytes"] > 0 and r["weight_bytes"] > 0 and r["baseline"] == "dense"
+    by = {(r["model"], r["variant"], r["metric"]): r for r in rows}
+    int8, bf16, dense = (by[("llama", v, "decode_tokens_per_s")] for v in ("torch int8 dynamic", "dense bf16", "dense"))
+    assert int8["param_bytes"] < bf16["param_bytes"] < dense["param_bytes"]  # packed int8 weights counted
+    assert int8["weight_bytes"] < bf16["weight_bytes"] < dense["weight_bytes"]  # bytes each decode call reads
+    assert int8["layer_gflop_per_s"] is None and "profile_note" in int8
+    for r in rows:  # every timed row against each peer of its loop: x dense bf16 = its median over ours
+        if r["model"] == "llama" and r["variant"] != "dense bf16":
+            peer = by[("llama", "dense bf16", r["metric"])]
+            assert r["speedup_vs_dense_bf16"] == pytest.approx(peer["median_ms"] / r["median_ms"])
     for r in rows:  # the profile beside every variant's timing (not the noise-floor repeat)
         if r["variant"] == "dense (again)":
             assert "share_other" not in r
@@ -148,7 +172,8 @@ def test_models_suite_rows_have_the_table_fields(tmp_path, monkeypatch):
         shares = [r[f"share_{c}"] for c in profile.CATEGORIES]
         assert min(shares) >= 0 and abs(sum(shares) - 1) < 1e-6
         assert r["weight_bytes"] > 0 and r["kept_macs"] > 0 and r["weight_gb_per_s"] > 0
-        if _extension.LOADED:  # the C++ operators (the reference backend's torch ops count as what they are)
+        # the C++ operators (the reference backend's torch ops count as what they are); peers run none
+        if _extension.LOADED and not r.get("peer"):
             assert (r["share_sparse"] > 0) == (r["sparse_layers"] > 0), r
     env = data["environment"]
     assert env["gemm_gflops"] > 0
@@ -159,6 +184,7 @@ def test_models_suite_rows_have_the_table_fields(tmp_path, monkeypatch):
     assert data["environment"]["threads"] == 1 and data["environment"]["machine"]["cpus"] >= 1
     text = open(tmp_path / "summary.md").read()
     assert "## Models" in text and "1 (baseline)" in text and "noise floor" in text
+    assert "| x peers |" in text and "x dense bf16" in text and "## Peers that did not run here" in text
     assert "## llama 2:4" in open(tmp_path / "explain.txt").read()
     if __import__("importlib").util.find_spec("matplotlib"):
         assert os.path.getsize(tmp_path / "models_speedup.png") > 1000
@@ -247,7 +273,8 @@ def test_check_model_refuses_a_variant_that_is_off():
 
 
 def test_suite_arguments_are_checked():
-    for bad in (["--rounds", "1"], ["--models", "gpt5"], ["--threads", "zero"], ["--suite", "nope"]):
+    for bad in (["--rounds", "1"], ["--models", "gpt5"], ["--threads", "zero"], ["--suite", "nope"],
+                ["--peers", "fp8 magic"]):
         with pytest.raises(SystemExit):
             run.main(bad)
 

@@ -5,7 +5,8 @@
 `summary_markdown(env, rows)` -> markdown tables; `draw(rows, env, out_dir)` -> PNGs:
 speed-up against batch per pattern, speed-up against density (batch 1), the fraction of
 the measured copy bandwidth reached (memory-bound roofline) at batch 1, and the models'
-speed-ups with their p20-p80 and the noise floor (models_speedup.png).
+speed-ups with their p20-p80 and the noise floor (models_speedup.png), the peers (rows with
+`peer`: what a user runs instead, sparsekern.bench.peers) hatched beside sparsekern's.
 
 Speed-ups print as reporting.ratio_text: "no difference (1.01x)" when the run's verdict
 (common.compare) puts them inside the noise floor. Rows stored before verdicts existed
@@ -19,6 +20,7 @@ import sys
 from collections import defaultdict
 
 from ..reporting import markdown_table, ratio_text, save_plot, spread_text
+from . import peers
 
 # Mask-generation ops; runs stored before the rename of group_norm to group_score keep
 # their old row name.
@@ -55,7 +57,8 @@ def summary_markdown(env: dict, rows: list[dict]) -> str:
            f"sparsekern {env.get('sparsekern')} commit `{env.get('commit')}`, torch {env.get('torch')}, "
            f"Triton {env.get('triton')}, {env.get('threads')} threads, {env.get('date')}; "
            f"measured copy bandwidth {env.get('copy_gbs', 0):.1f} GB/s.{_load(env)} Every row passed its "
-           "correctness check (fp64 reference, the test suite's tolerance) before it was timed. Variants are timed "
+           "correctness check (fp64 reference, the test suite's tolerance; a peer: the fp32 model, its own loose "
+           "tolerance) before it was timed. Variants are timed "
            "interleaved (round-robin); speed-ups are ratios of medians against the baseline of the same loop "
            "(p20-p80 of the per-round ratios in brackets), and the baseline is timed twice: the difference of "
            "the two is the noise floor. A ratio within the noise floor (at least 2%) of 1, or whose per-round "
@@ -80,11 +83,18 @@ def summary_markdown(env: dict, rows: list[dict]) -> str:
             ("noise floor", _floor, ""), ("sparse layers", "sparse_layers", "d"),
             ("params MB", lambda r: r["param_bytes"] / 2**20, ".1f"),
             ("held MB", lambda r: r["held_bytes"] / 2**20 if "held_bytes" in r else float("nan"), ".1f"),
-            ("first call s", "first_call_s", ".1f"), ("paths", "paths", "")]), "",
-            "first call s: the variant's first call of that workload (correctness check), where each sparse layer "
-            "measures its paths for the batch bucket; held MB: what the sparse layers keep beside params (indexes "
-            "derived for a kernel, such as NMWeight.gemm_panels, and dense copies), after all workloads ran; paths: "
-            "what the layers chose per bucket (sparsekern.explain in explain.txt).", ""]
+            ("weight GB/s", "weight_gb_per_s", ".1f"), ("rel err", "rel_err", ".1e"),
+            ("x peers", peers.ratios_text, ""),
+            ("first call s", "first_call_s", ".1f"), ("paths", "paths", "")]),
+            "", "x dense: against the fp32 dense model of the same loop; x peers: against each peer (what a user "
+            "runs instead: sparsekern.bench.peers) timed in the same loop; a peer row's paths column names the "
+            "kernels that run its layers, its rel err is against the fp32 model (a 2:4 peer: with the same masks). params MB: the "
+            "weights as stored (packed quantized weights included); weight GB/s: the weight bytes the layers read "
+            "per call over the median. first call s: the variant's first call of that workload (correctness "
+            "check), where each sparse layer measures its paths for the batch bucket; held MB: what the sparse "
+            "layers keep beside params (indexes derived for a kernel, such as NMWeight.gemm_panels, and dense "
+            "copies), after all workloads ran; paths: what the layers chose per bucket (sparsekern.explain in "
+            "explain.txt).", ""]
     masks = [r for r in rows if r.get("op") in MASK_OPS and "median_ms" in r]
     if masks:
         out += ["## Mask generation", "", markdown_table(masks, [
@@ -96,10 +106,14 @@ def summary_markdown(env: dict, rows: list[dict]) -> str:
             ("note", "note", "")]), ""]
     qual = [r for r in rows if r.get("op") == "quality" and "value" in r]
     if qual:
-        out += ["## Pruning quality (one-shot)", "", markdown_table(qual, [
+        out += ["## Pruning quality (one-shot), and the peers' quality", "", markdown_table(qual, [
             ("model", "model", ""), ("metric", "metric", ""), ("method", "method", ""), ("pattern", "pattern", ""),
             ("value", "value", ".4f")]), ""]
-    errs = [r for r in rows if "error" in r]
+    skipped = [r for r in rows if "error" in r and r.get("skipped")]
+    if skipped:
+        out += ["## Peers that did not run here", ""] + [
+            f"- {r.get('model', '')} {r.get('peer', r.get('variant', ''))}: {r['error']}" for r in skipped] + [""]
+    errs = [r for r in rows if "error" in r and not r.get("skipped")]
     if errs:
         what = [(r.get("provider", r.get("model")), r.get("pattern", r.get("variant")), r.get("shape")) for r in errs]
         out += ["## Did not run", ""] + [f"- {' '.join(str(w) for w in ws if w)}: {r['error']}"
@@ -125,13 +139,17 @@ def draw_models(rows: list[dict], env: dict, path: str) -> bool:
             hi = [max(0.0, r.get("speedup_p80", s) - s) for s, r in zip(sp, rs)]
             colors = ["0.6" if r.get("verdict") == "no difference" else ("tab:green" if s > 1 else "tab:red")
                       for s, r in zip(sp, rs)]
-            ax.barh(range(len(rs)), sp, xerr=[lo, hi], color=colors, capsize=2)
+            bars = ax.barh(range(len(rs)), sp, xerr=[lo, hi], color=colors, capsize=2)
+            for bar, r in zip(bars, rs):  # the peers (what a user runs instead), hatched
+                if r.get("peer"):
+                    bar.set_hatch("///")
+                    bar.set_edgecolor("k")
             ax.set_yticks(range(len(rs)), labels, fontsize=7)
             ax.invert_yaxis()
             floor = max((r.get("noise_floor") or 0 for r in rs), default=0)
             ax.axvspan(1 - max(floor, 0.02), 1 + max(floor, 0.02), color="0.85", zorder=0)
             ax.axvline(1.0, color="k", lw=0.8)
-            ax.set_xlabel("speed-up over dense (grey: no difference)")
+            ax.set_xlabel("speed-up over fp32 dense (grey: no difference; hatched: peers)")
             ax.set_title(f"{name} ({env.get('device_name')})", fontsize=8)
 
     return save_plot(path, fill, nrows=len(names), figsize=(7, 1.2 + 0.28 * sum(

@@ -9,6 +9,12 @@ similarity of the pruned model's sentence embeddings (mean pooling, normalised, 
 model's sentence-transformers config says) to the dense model's, for magnitude, wanda and
 sparsegpt at 50% unstructured, 2:4 and 4:8, one-shot (no fine-tuning). Digits: test
 accuracy of the demo's MLP and CNN pruned the same ways, one-shot.
+
+Beside them, in the same run, the peers a user would run instead (sparsekern.bench.peers:
+dense bf16, torch int8 dynamic, torchao int8/int4 weight-only, torch's 2:4 semi-structured
+on a GPU), measured the same way: rows with method = the peer's name, `peer` set, pattern
+"dense" (or "2:4" for the semi-structured peer); a peer that cannot run here is a row with
+`error` and skipped=True.
 """
 from __future__ import annotations
 
@@ -22,10 +28,11 @@ import torch
 from tqdm import tqdm
 
 from .. import prune
-from ..models import accuracy, digits, trained
+from ..models import accuracy, digits, param_bytes, trained
 from ..patterns import as_2d
 from ..reporting import save_plot
 from ..sparsegpt import sparsegpt_prune_model
+from . import peers
 
 STDLIB = ["json", "collections", "argparse", "subprocess", "re", "os", "pathlib", "unittest", "logging", "email",
           "http.client", "urllib.request", "asyncio", "threading", "socket", "datetime", "decimal", "fractions",
@@ -75,13 +82,41 @@ def load_minilm():
 
 @torch.no_grad()
 def embed(model, batches):
-    """Normalised mean-pooled sentence embeddings of the tokenised batches."""
+    """Normalised mean-pooled sentence embeddings of the tokenised batches (float32, whatever
+    the model's precision)."""
     outs = []
     for b in batches:
-        h = model(**b).last_hidden_state
+        h = model(**b).last_hidden_state.float()
         m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
         outs.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
     return torch.cat(outs)
+
+
+def peer_rows(base, evaluate, common: dict, device: str = "cpu", names=None, exclude=()) -> list[dict]:
+    """The quality of each peer (sparsekern.bench.peers) of the fp32 model `base`:
+    evaluate(model, peer) -> the metric's value (the peer casts floating inputs:
+    `peer.cast`). Rows: `common` (model, metric), method = the peer's name, pattern (its
+    weights': "dense" or "2:4"), value, the peer's fields and param_bytes (its weights as
+    stored); a peer that cannot run here: a skipped row with the reason (one that fails: an
+    error row)."""
+    rows = []
+    for name in peers.names(quality=True) if names is None else names:
+        peer = peers.PEERS[name]
+        row = {**common, "method": name, "pattern": peer.pattern}
+        try:
+            m, _ = peers.build(peer, base, device, exclude=exclude)
+        except peers.NotApplicable:
+            continue
+        except peers.Unavailable as e:
+            rows.append(peers.skipped_row(peer, e, row))
+            continue
+        try:
+            value = float(evaluate(m, peer))
+        except Exception as e:  # noqa: BLE001 - a peer that fails is a row saying why
+            rows.append({**row, **peers.fields(peer), "error": f"{type(e).__name__}: {e}"[:400]})
+            continue
+        rows.append({**row, "value": value, **peers.fields(peer), "param_bytes": param_bytes(m)})
+    return rows
 
 
 def prune_one_shot(model, method, pattern, sparsity, calib, layers):
@@ -103,8 +138,10 @@ def prune_one_shot(model, method, pattern, sparsity, calib, layers):
     return model
 
 
-def quality_minilm(quick: bool, show_progress: bool = True) -> list[dict]:
-    """Cosine similarity to the dense embeddings for every method and pattern (rows)."""
+def quality_minilm(quick: bool, show_progress: bool = True, methods=METHODS, patterns=PATTERNS,
+                   peer_names=None) -> list[dict]:
+    """Cosine similarity to the dense embeddings for every method and pattern, and for every
+    peer (peer_names: default all of sparsekern.bench.peers; [] for none) (rows)."""
     model, tok = load_minilm()
     sents = english_sentences()
     n_cal, n_eval = (64, 128) if quick else (128, 512)
@@ -123,7 +160,7 @@ def quality_minilm(quick: bool, show_progress: bool = True) -> list[dict]:
     ref = embed(model, ev_b)
     layers = [n for n, m in prune.prunable_layers(model) if not n.startswith("pooler")]
     rows = []
-    work = [(m, p) for p in PATTERNS for m in METHODS]
+    work = [(m, p) for p in patterns for m in methods]
     for method, (pname, pattern, sparsity) in tqdm(work, "MiniLM", disable=not show_progress, mininterval=1.0):
         t0 = time.perf_counter()
         m = prune_one_shot(copy.deepcopy(model), method, pattern, sparsity, cal_b, layers)
@@ -132,65 +169,92 @@ def quality_minilm(quick: bool, show_progress: bool = True) -> list[dict]:
         rows.append({"model": "all-MiniLM-L6-v2", "metric": "cosine_to_dense", "method": method, "pattern": pname,
                      "value": cos, "sparsity": prune.sparsity(m)["total"], "calibration": n_cal, "eval": n_eval,
                      "prune_seconds": prune_s, "threads": torch.get_num_threads()})
+    rows += peer_rows(model, lambda m, peer: (embed(m, ev_b) * ref).sum(-1).mean(),
+                      {"model": "all-MiniLM-L6-v2", "metric": "cosine_to_dense", "calibration": n_cal, "eval": n_eval},
+                      names=peer_names, exclude=[n for n, _ in prune.prunable_layers(model) if n not in layers])
     return rows
 
 
-def quality_digits(quick: bool) -> list[dict]:
-    """Test accuracy of the demo's digits models for every method and pattern (rows)."""
+def quality_digits(quick: bool, kinds=("mlp", "cnn"), methods=METHODS, peer_names=None) -> list[dict]:
+    """Test accuracy of the demo's digits models for every method and pattern, and for every
+    peer (peer_names: default all; [] for none) (rows)."""
     data = digits("cpu")
     xtr, ytr, xte, yte = data
     rows = []
-    for kind in ("mlp", "cnn"):
+    for kind in kinds:
         base, _ = trained(kind, data, 15 if quick else 30, "cpu", show=False)
         calib = [xtr[i:i + 128] for i in range(0, 512, 128)]
         layers = [n for n, l in prune.prunable_layers(base) if as_2d(l.weight).shape[1] % 8 == 0
                   and l.weight.shape[1] % 8 == 0]
         rows.append({"model": f"digits-{kind}", "metric": "accuracy", "method": "dense", "pattern": "-",
                      "value": accuracy(base, xte, yte)})
-        for method in METHODS:
+        for method in methods:
             for pname, pattern, sparsity in PATTERNS:
                 m = prune_one_shot(copy.deepcopy(base), method, pattern, sparsity, calib, layers)
                 rows.append({"model": f"digits-{kind}", "metric": "accuracy", "method": method, "pattern": pname,
                              "value": accuracy(m, xte, yte)})
+        rows += peer_rows(base, lambda m, peer: accuracy(m, peer.cast(xte), yte),
+                          {"model": f"digits-{kind}", "metric": "accuracy"}, names=peer_names)
     return rows
 
 
+def _peers_text(rs, metric) -> str:
+    """One line: each peer's value, and the peers that did not run here."""
+    fmt = (lambda v: f"{v:.4f}") if metric.startswith("cos") else (lambda v: f"{v:.1f}")
+    ran = [f"{r['method']} {fmt(r['value'])}" for r in rs if r.get("peer") and "value" in r]
+    skipped = [f"{r['method']} ({r['error']})" for r in rs if r.get("peer") and "error" in r]
+    return ("peers (what a user runs instead, same evaluation): " + (", ".join(ran) or "none ran") +
+            ("; did not run here: " + "; ".join(skipped) if skipped else ""))
+
+
 def markdown(rows, env) -> str:
-    """One table per model: methods against patterns."""
+    """One table per model: methods against patterns, then a line with the peers' values."""
     out = [f"# Pruning quality, one-shot ({env.get('cpu')}, torch {env.get('torch')}, commit `{env.get('commit')}`)", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
-        rs = [r for r in rows if r["model"] == model]
-        metric = rs[0]["metric"]
+        everything = [r for r in rows if r["model"] == model]
+        rs = [r for r in everything if "value" in r and not r.get("peer")]
+        metric = everything[0]["metric"]
         pats = list(dict.fromkeys(r["pattern"] for r in rs if r["method"] != "dense"))
         dense = [r["value"] for r in rs if r["method"] == "dense"]
-        out += [f"## {model}: {metric}" + (f" (dense {dense[0]:.2f})" if dense else ""), "",
-                "| method | " + " | ".join(pats) + " |", "|---|" + "---|" * len(pats)]
-        for method in METHODS:
+        out += [f"## {model}: {metric}" + (f" (dense {dense[0]:.2f})" if dense else ""), ""]
+        if pats:
+            out += ["| method | " + " | ".join(pats) + " |", "|---|" + "---|" * len(pats)]
+        for method in [m for m in METHODS if any(r["method"] == m for r in rs)]:
             vals = {r["pattern"]: r["value"] for r in rs if r["method"] == method}
-            out.append(f"| {method} | " + " | ".join(f"{vals[p]:.4f}" if metric.startswith("cos") else f"{vals[p]:.1f}"
+            out.append(f"| {method} | " + " | ".join("" if p not in vals else f"{vals[p]:.4f}"
+                                                     if metric.startswith("cos") else f"{vals[p]:.1f}"
                                                      for p in pats) + " |")
         secs = {r["pattern"]: r["prune_seconds"] for r in rs if r.get("method") == "sparsegpt" and "prune_seconds" in r}
         if secs:
             out.append("sparsegpt pruning time (all encoder layers, sequential calibration): " +
                        ", ".join(f"{p} {v:.0f} s" for p, v in secs.items()))
+        if any(r.get("peer") for r in everything):
+            out += ["", _peers_text(everything, metric)]
         out.append("")
     return "\n".join(out)
 
 
 def plot(rows, path) -> bool:
-    """Bars per method and pattern, one panel per model; False without matplotlib."""
-    models = list(dict.fromkeys(r["model"] for r in rows))
+    """Bars per method and pattern, one panel per model, and each peer's value as a dashed
+    line across the panel (labelled); False without matplotlib."""
+    models = list(dict.fromkeys(r["model"] for r in rows if "value" in r))
 
     def draw(axes):
         for ax, model in zip(axes, models):
-            rs = [r for r in rows if r["model"] == model and r["method"] != "dense"]
+            ok = [r for r in rows if r["model"] == model and "value" in r]
+            rs = [r for r in ok if r["method"] in METHODS]
+            peer_rs = [r for r in ok if r.get("peer")]
             pats = list(dict.fromkeys(r["pattern"] for r in rs))
-            for j, method in enumerate(METHODS):
-                vals = [next(r["value"] for r in rs if r["method"] == method and r["pattern"] == p) for p in pats]
+            for j, method in enumerate([m for m in METHODS if any(r["method"] == m for r in rs)]):
+                vals = [next((r["value"] for r in rs if r["method"] == method and r["pattern"] == p), 0.0)
+                        for p in pats]
                 ax.bar([i + 0.27 * (j - 1) for i in range(len(pats))], vals, 0.27, label=method)
+            for k, r in enumerate(peer_rs):  # what a user runs instead, across the panel
+                ax.axhline(r["value"], color=f"C{4 + k}", ls="--", lw=1, label=f"{r['method']} (peer)")
             ax.set_xticks(range(len(pats)), pats, fontsize=8)
-            ax.set_title(f"{model}: {rs[0]['metric']}", fontsize=9)
-            ax.set_ylim(min(r["value"] for r in rs) * 0.95, max(r["value"] for r in rs) * 1.01)
-            ax.legend(fontsize=7, ncols=len(METHODS), loc="upper center", bbox_to_anchor=(0.5, -0.1))  # below the bars
+            ax.set_title(f"{model}: {ok[0]['metric']}", fontsize=9)
+            vals = [r["value"] for r in rs + peer_rs]
+            ax.set_ylim(min(vals) * 0.95, max(vals) * 1.01)
+            ax.legend(fontsize=7, ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))  # below the bars
 
     return save_plot(path, draw, ncols=len(models), figsize=(4.2 * len(models), 3.6))

