@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import dispatch_rules, kinds, ops, precisions, prune
+from . import dispatch_rules, kinds, memory, ops, precisions, prune
 from .patterns import as_2d, conv_output_size, from_2d, pack_bitmask, unpack_bitmask
 
 
@@ -62,20 +62,32 @@ class Policy:
     module type and geometry, format, pattern, density to 1%, dtype, device, bias and
     policy): a transformer's 4 x 7 linears are measured as 3 shapes, so each measurement
     can afford more repetitions and one noisy sample no longer flips one layer of many.
+    derived_budget: the bytes of layouts derived from the compressed weight for a kernel
+    (NMWeight.gemm_panels: 6 bytes per kept value; BitmaskWeight.column_index: 2) that a
+    layer keeps between calls, as a fraction of its stored weight's bytes. Above it the
+    layout is built for the call and dropped, so the compressed weight stays the one
+    resident layout: the 2:4 panels (1.4x an fp32 2:4 weight's bytes) are packed per call
+    (measured 5-15% slower at 128-788 rows than kept, bench/results/cpu-gemm-20261128e),
+    the bitmask column index (under 0.5x at fp32) stays. None keeps every derived layout
+    (fastest, most memory).
     """
 
     def __init__(self, backend: str = "auto", dense_copy: bool = False, reps: int = 5, cold: bool = True,
-                 share: bool = True):
+                 share: bool = True, derived_budget: float | None = 0.5):
         if backend not in ("auto", "sparse", "dense"):
             raise ValueError(f"Policy: backend must be 'auto', 'sparse' or 'dense', got {backend!r}")
         if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
             raise ValueError(f"Policy: reps must be a positive int, got {reps!r}")
         self.backend, self.dense_copy, self.reps, self.cold = backend, bool(dense_copy), reps, bool(cold)
         self.share = bool(share)
+        if derived_budget is not None and (isinstance(derived_budget, bool) or
+                                           not isinstance(derived_budget, (int, float)) or derived_budget < 0):
+            raise ValueError(f"Policy: derived_budget must be a fraction >= 0 or None, got {derived_budget!r}")
+        self.derived_budget = None if derived_budget is None else float(derived_budget)
 
     def __repr__(self) -> str:
         return (f"Policy({self.backend!r}, dense_copy={self.dense_copy}, reps={self.reps}, cold={self.cold}, "
-                f"share={self.share})")
+                f"share={self.share}, derived_budget={self.derived_budget})")
 
 
 DEFAULT_POLICY = Policy()
@@ -283,7 +295,15 @@ class _SparseMixin:
         f = self._packed() if self.trainable else self.weight_format()
         if isinstance(f, torch.Tensor):
             return torch.nn.functional.linear(x2, f, bias)
-        return ops.sparse_linear(x2, f, bias)
+        return self._within_budget(f, ops.sparse_linear(x2, f, bias))
+
+    def _within_budget(self, f, out):
+        """Drops f's derived layouts when they exceed the policy's derived_budget (Policy);
+        returns `out`, the result of the call that built them."""
+        budget = getattr(self, "_policy", DEFAULT_POLICY).derived_budget
+        if budget is not None and not torch.compiler.is_compiling() and f.derived_nbytes > budget * f.nbytes:
+            f.release_derived()
+        return out
 
     def _dense_weight(self, path: str, f) -> torch.Tensor:
         """The dense [out, in2d] weight for path "decompress" (made now) or "dense_copy"
@@ -317,6 +337,8 @@ class _SparseMixin:
                 if not policy.dense_copy:
                     candidates.pop("dense_copy")
                 choice = choose_path(measure_paths(candidates, f.device, policy.reps, policy.cold), rows)
+                del candidates
+                memory.release_freed_memory()  # the dense weights built to measure the paths
                 if key is not None:
                     _SHARED_CHOICES[key] = choice
             self.bucket_choices[bucket] = choice
@@ -439,8 +461,11 @@ class _SparseMixin:
         values = "" if isinstance(f, torch.Tensor) or not f.quantized else \
             f", values={f.precision}" + (f" (group {f.group_size})" if f.group_size else "")
         text = f"pattern={self.pattern}, density={density:.3f}{values}, backend={self.backend}, compressed_bytes={nbytes}"
-        if not isinstance(f, torch.Tensor) and f.derived_nbytes:
-            text += f", derived_index_bytes={f.derived_nbytes}"  # BitmaskWeight.column_index, NMWeight.gemm_panels
+        budget = getattr(self, "_policy", DEFAULT_POLICY).derived_budget
+        if not isinstance(f, torch.Tensor) and (f.derived_nbytes or budget is not None):
+            # BitmaskWeight.column_index, NMWeight.gemm_panels: kept up to the policy's budget
+            limit = "unlimited" if budget is None else int(budget * f.nbytes)
+            text += f", derived_index_bytes={f.derived_nbytes} (budget {limit})"
         if self._dense_copy_nbytes():
             text += f", dense_copy_bytes={self._dense_copy_nbytes()}"
         if self.bucket_choices:
@@ -531,7 +556,7 @@ class SparseLinear(_SparseMixin, nn.Module):
 
     def _linear_path(self, path: str, x: torch.Tensor, f) -> torch.Tensor:
         if path == "sparse":
-            return ops.sparse_linear(x, f, self.bias)
+            return self._within_budget(f, ops.sparse_linear(x, f, self.bias))
         return torch.nn.functional.linear(x, self._dense_weight(path, f), self.bias)
 
     def to_dense(self) -> nn.Linear:
@@ -647,8 +672,9 @@ class SparseConv2d(_SparseMixin, nn.Module):
         if path == "sparse":
             if f.OP == "nm_linear" and ops.backend_for("nm_conv2d", x, f) == "cpp":
                 # The C++ convolution gathers its patches from the channels-last input itself.
-                return ops.nm_conv2d(x, f, self.kernel_size, self.bias, self.stride, self.padding, self.dilation)
-            return self._conv(x, lambda cols: ops.sparse_linear(cols, f, self.bias))
+                return self._within_budget(
+                    f, ops.nm_conv2d(x, f, self.kernel_size, self.bias, self.stride, self.padding, self.dilation))
+            return self._within_budget(f, self._conv(x, lambda cols: ops.sparse_linear(cols, f, self.bias)))
         return self._dense_conv(x, self._to4d(self._dense_weight(path, f)))
 
     def _out_hw(self, h: int, w: int) -> tuple[int, int]:

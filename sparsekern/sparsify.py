@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import kinds, precisions, prune
+from . import kinds, memory, precisions, prune
 from .nn import SPARSE_MODULES, Policy, SparseConv2d, SparseLinear
 from .patterns import as_2d
 
@@ -144,6 +144,7 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
                             for m in model.modules())
     if channels_last:
         _dense_convs_channels_last(model, report)
+    memory.release_freed_memory()  # the dense weights just freed (sparsekern/memory.py)
     return model, report
 
 

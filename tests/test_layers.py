@@ -13,7 +13,7 @@ PKG = pathlib.Path(__file__).resolve().parents[1] / "sparsekern"
 
 # Bottom to top; a module may import modules of its own layer or below.
 LAYERS = [
-    {"patterns", "precisions"},                     # 2-D views, bit layouts; value precisions
+    {"patterns", "precisions", "memory"},           # 2-D views, bit layouts; value precisions; freed memory
     {"reference", "_extension"},                    # pure-torch references; loading the extension
     {"triton", "semi_structured", "tuning", "dispatch_rules"},  # backends; measured timings; every dispatch rule
     {"ops"},                                        # the one door: checks, dispatch, fakes, autograd

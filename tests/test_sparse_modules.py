@@ -425,3 +425,33 @@ def test_identical_layers_share_one_measurement(monkeypatch):
     with torch.no_grad():
         c(x)
     assert len(calls) == 4
+
+
+@pytest.mark.parametrize("budget,kept", [(0.5, False), (None, True)])
+def test_derived_layouts_stay_within_the_policy_budget(budget, kept):
+    """The 2:4 GEMM's pre-packed panels (6 bytes per kept value, 1.4x an fp32 2:4 weight) are
+    packed for the call and dropped under the default budget, so the compressed weight is
+    the one resident layout; derived_budget=None keeps them. Same output either way."""
+    from sparsekern import dispatch_rules
+    from sparsekern.nn import Policy, SparseLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 96)
+    x = torch.randn(64, 256)
+    layer = SparseLinear.from_dense(lin, "2:4", policy=Policy("sparse", derived_budget=budget)).eval()
+    f = layer.weight_format()
+    with torch.no_grad():
+        y = layer(x)
+    uses_panels = dispatch_rules.uses_gemm_panels(dispatch_rules.nm_cpu_algo(2, 4, 64), torch.float32)
+    if not uses_panels:
+        pytest.skip("this CPU's 2:4 kernel reads no pre-packed panels")
+    assert (f.derived_nbytes > 0) == kept
+    assert ("derived_index_bytes=0 " in layer.describe()) != kept
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, f.to_dense(), lin.bias), rtol=1e-4, atol=1e-4)
+
+
+def test_a_bad_derived_budget_is_refused():
+    from sparsekern.nn import Policy
+
+    with pytest.raises(ValueError, match="derived_budget"):
+        Policy(derived_budget=-1)
