@@ -252,6 +252,25 @@ class _SparseMixin:
         self.reason = ("forced by Policy('sparse')" if policy.backend == "sparse" else
                        "per batch bucket: the fastest path, measured the first time a bucket is seen")
 
+    def quantize_values(self, precision: str | None, group_size: int = 128):
+        """Stores the kept values in `precision` ("int8", "int4" with group_size; None: float
+        again), round to nearest on the current values (quantize after pruning; for joint
+        quantization prune with sparsify(method="sparsegpt", quantize=...)). In place;
+        returns self. A trainable layer quantizes its eval copy (its training weight stays
+        float)."""
+        where = f"{type(self).__name__}.quantize_values"
+        self._set_quantize(precision, group_size, where)
+        if self.trainable:
+            self.__dict__.pop("_packed_version", None)
+            return self
+        f = self.weight_format()
+        if isinstance(f, torch.Tensor):
+            raise ValueError(f"{where}: this layer holds a dense weight (pattern 'dense' or Policy('dense')); "
+                             "quantize a dense layer with torch.ao.quantization.quantize_dynamic")
+        prec, group = self._quantize
+        self._adopt_format(f.dequantized().quantize(prec, group), getattr(self, "_policy", DEFAULT_POLICY))
+        return self
+
     def freeze(self, policy: Policy | None = None):
         """Drop the dense training weight; keep only the compressed (or chosen) weight."""
         if self.trainable:

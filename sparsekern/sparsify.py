@@ -209,6 +209,19 @@ def from_torch_prune(model: nn.Module, policy: Policy | None = None, trainable: 
     return model, report
 
 
+def quantize_values(model: nn.Module, precision: str | None, group_size: int = 128) -> nn.Module:
+    """Stores the kept values of every sparse layer in `precision` ("int8": a scale per output
+    row; "int4": a scale per group_size kept values of a row, N:M layers only; None: float),
+    round to nearest, after pruning. In place; returns the model. Joint quantization, where
+    SparseGPT compensates the rounding too, is sparsify(..., method="sparsegpt",
+    quantize=...)."""
+    for mod in model.modules():
+        if isinstance(mod, SPARSE_MODULES):
+            mod.quantize_values(precision, group_size)
+    memory.release_freed_memory()
+    return model
+
+
 def explain(model: nn.Module) -> str:
     """One line per sparse layer: pattern, density, backend and why it was chosen."""
     lines = []

@@ -221,7 +221,7 @@ def test_minilm_quality_of_the_peers(monkeypatch):
     monkeypatch.setattr(quality, "english_sentences",
                         lambda: [f"Sentence number {i} is about the {w} of things." for i, w in
                                  enumerate(["order", "size", "colour", "weight"] * 50)])
-    rows = quality.quality_minilm(True, show_progress=False, methods=(),
+    rows = quality.quality_minilm(True, show_progress=False, methods=(), quantized=(),
                                   peer_names=["dense bf16", "torch int8 dynamic"])
     by = {r["method"]: r for r in rows}
     assert set(by) == {"dense bf16", "torch int8 dynamic"}

@@ -237,3 +237,26 @@ def test_a_quantized_layer_runs_every_path_alike():
     x = torch.randn(3, 256)
     outs = [SparseLinear.from_dense(lin, "2:4", quantize="int8", policy=Policy(b))(x) for b in ("sparse", "dense")]
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_values_after_pruning_rounds_each_layer():
+    from sparsekern import quantize_values
+
+    model, x = _mlp(), torch.randn(4, 256)
+    m, _ = sparsify(copy.deepcopy(model), "2:4", show_progress=False)
+    y_fp = m(x)
+    quantize_values(m, "int4", 64)
+    for name in ("0", "2"):
+        f = m.get_submodule(name).weight_format()
+        assert f.precision == "int4" and f.group_size == 64
+    assert 0 < float((m(x) - y_fp).norm() / y_fp.norm()) < 0.2
+    quantize_values(m, None)
+    assert m.get_submodule("0").weight_format().precision == "fp"
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        quantize_values(m, "int4", 100)
+
+
+def test_quantize_values_refuses_a_dense_layer():
+    layer = SparseLinear.from_dense(_mlp()[0], "2:4", policy=Policy("dense"))
+    with pytest.raises(ValueError, match="dense weight"):
+        layer.quantize_values("int8")

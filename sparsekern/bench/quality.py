@@ -29,6 +29,8 @@ from tqdm import tqdm
 
 from .. import prune
 from ..models import accuracy, digits, param_bytes, trained
+from ..precisions import PRECISIONS
+from ..sparsify import quantize_values, sparsify
 from ..patterns import as_2d
 from ..reporting import save_plot
 from ..sparsegpt import sparsegpt_prune_model
@@ -41,6 +43,15 @@ STDLIB = ["json", "collections", "argparse", "subprocess", "re", "os", "pathlib"
           "calendar", "contextlib", "enum", "ipaddress", "smtplib", "ftplib", "xml.etree.ElementTree", "html.parser"]
 PATTERNS = [("unstructured 50%", "unstructured", 0.5), ("2:4", "2:4", None), ("4:8", "4:8", None)]
 METHODS = ["magnitude", "wanda", "sparsegpt"]
+# Quantized values on top of SparseGPT, through the sparse modules as users run them
+# (sparsify): "joint" quantizes the kept weights inside the sweep, "after" rounds them to
+# nearest once pruning is done (sparsekern.quantize_values); "sparsegpt (modules)" is the same
+# pruning without quantization, the reference of the same calibration. (method, quantize, group
+# size, joint)
+QUANTIZED = [("sparsegpt (modules)", None, 0, False),
+             ("sparsegpt+int8 joint", "int8", 0, True), ("sparsegpt+int8 after", "int8", 0, False),
+             ("sparsegpt+int4 g128 joint", "int4", 128, True), ("sparsegpt+int4 g128 after", "int4", 128, False)]
+QUANTIZED_PATTERNS = [("2:4", "2:4", None), ("unstructured 50%", "unstructured", 0.5)]
 
 
 def english_sentences() -> list[str]:
@@ -139,7 +150,7 @@ def prune_one_shot(model, method, pattern, sparsity, calib, layers):
 
 
 def quality_minilm(quick: bool, show_progress: bool = True, methods=METHODS, patterns=PATTERNS,
-                   peer_names=None) -> list[dict]:
+                   peer_names=None, quantized=QUANTIZED) -> list[dict]:
     """Cosine similarity to the dense embeddings for every method and pattern, and for every
     peer (peer_names: default all of sparsekern.bench.peers; [] for none) (rows)."""
     model, tok = load_minilm()
@@ -169,9 +180,38 @@ def quality_minilm(quick: bool, show_progress: bool = True, methods=METHODS, pat
         rows.append({"model": "all-MiniLM-L6-v2", "metric": "cosine_to_dense", "method": method, "pattern": pname,
                      "value": cos, "sparsity": prune.sparsity(m)["total"], "calibration": n_cal, "eval": n_eval,
                      "prune_seconds": prune_s, "threads": torch.get_num_threads()})
+    rows += quantized_rows(model, cal_b, lambda m: float((embed(m, ev_b) * ref).sum(-1).mean()), layers,
+                           {"model": "all-MiniLM-L6-v2", "metric": "cosine_to_dense", "calibration": n_cal,
+                            "eval": n_eval}, show_progress, variants=quantized)
     rows += peer_rows(model, lambda m, peer: (embed(m, ev_b) * ref).sum(-1).mean(),
                       {"model": "all-MiniLM-L6-v2", "metric": "cosine_to_dense", "calibration": n_cal, "eval": n_eval},
                       names=peer_names, exclude=[n for n, _ in prune.prunable_layers(model) if n not in layers])
+    return rows
+
+
+def quantized_rows(model, calib, evaluate, layers, common: dict, show_progress: bool = True,
+                   variants=QUANTIZED, patterns=QUANTIZED_PATTERNS) -> list[dict]:
+    """SparseGPT with quantized values (QUANTIZED), through sparsify's sparse modules: the
+    metric, the pruned layers' stored bytes against their fp32 bytes, and the time."""
+    rows = []
+    work = [(v, p) for p in patterns for v in variants
+            if v[1] is None or not PRECISIONS[v[1]].grouped or ":" in p[1]]  # int4: N:M only
+    for (method, precision, group, joint), (pname, pattern, sparsity) in tqdm(
+            work, "quantized", disable=not show_progress, mininterval=1.0):
+        t0 = time.perf_counter()
+        m, report = sparsify(copy.deepcopy(model), pattern, "sparsegpt", sparsity=sparsity, calibration=calib,
+                             include=layers, quantize=precision if joint else None, group_size=group or 128,
+                             show_progress=False)
+        if precision is not None and not joint:
+            quantize_values(m, precision, group or 128)
+            report = [{**r, "bytes_after": m.get_submodule(r["layer"]).weight_nbytes()} if r["status"] == "sparse"
+                      else r for r in report]
+        seconds = time.perf_counter() - t0
+        swapped = [r for r in report if r["status"] == "sparse"]
+        rows.append({**common, "method": method, "pattern": pname, "value": evaluate(m),
+                     "values": precision or "fp32", "group_size": group, "joint": joint, "layers": len(swapped),
+                     "stored_over_fp32": sum(r["bytes_after"] for r in swapped) / sum(r["bytes_before"] for r in swapped),
+                     "prune_seconds": seconds, "threads": torch.get_num_threads()})
     return rows
 
 
@@ -219,7 +259,7 @@ def markdown(rows, env) -> str:
         out += [f"## {model}: {metric}" + (f" (dense {dense[0]:.2f})" if dense else ""), ""]
         if pats:
             out += ["| method | " + " | ".join(pats) + " |", "|---|" + "---|" * len(pats)]
-        for method in [m for m in METHODS if any(r["method"] == m for r in rs)]:
+        for method in [m for m in METHODS + [q[0] for q in QUANTIZED] if any(r["method"] == m for r in rs)]:
             vals = {r["pattern"]: r["value"] for r in rs if r["method"] == method}
             out.append(f"| {method} | " + " | ".join("" if p not in vals else f"{vals[p]:.4f}"
                                                      if metric.startswith("cos") else f"{vals[p]:.1f}"
