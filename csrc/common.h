@@ -196,6 +196,70 @@ inline void check_block_linear_args(const at::Tensor& x, const at::Tensor& crow,
   check_bias(op, x, bias, (crow.size(0) - 1) * values.size(1));
 }
 
+// nm_linear_q: an N:M weight with quantized values (sparsekern/precisions.py). bits 8: values
+// int8 [out, kept], scales float32 [out]; bits 4: values uint8 [out, ceil(kept / 2)] (two
+// per byte, low nibble first, stored q + 8), scales float32 [out, ceil(kept / group_size)],
+// group_size 32, 64 or 128 kept values of a row.
+inline void check_nm_linear_q_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
+                                   const at::Tensor& scales, int64_t n, int64_t m, int64_t in_features, int64_t bits,
+                                   int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  const char* op = "nm_linear_q";
+  check_nm_params(op, n, m);
+  TORCH_CHECK_VALUE(in_features > 0 && in_features % m == 0, op, ": in_features (", in_features,
+                    ") must be a positive multiple of m (", m, ")");
+  check_x(op, x, in_features);
+  TORCH_CHECK_VALUE(bits == 8 || bits == 4, op, ": bits must be 8 (int8) or 4 (int4), got ", bits);
+  const int64_t kept = in_features / m * n;
+  const int64_t O = indices.dim() == 2 ? indices.size(0) : -1;
+  check_index_tensor(op, x, indices, "indices", c10::kByte);
+  TORCH_CHECK_VALUE(indices.dim() == 2 && indices.size(1) == nm_index_row_bytes(kept, m), op,
+                    ": indices must have shape [out, ", nm_index_row_bytes(kept, m), "], got ", indices.sizes());
+  if (bits == 8) {
+    TORCH_CHECK_VALUE(group_size == 0, op, ": group_size must be 0 for bits 8 (one scale per row), got ", group_size);
+    check_index_tensor(op, x, values, "values", c10::kChar);
+    TORCH_CHECK_VALUE(values.dim() == 2 && values.size(0) == O && values.size(1) == kept, op,
+                      ": values must be int8 of shape [", O, ", ", kept, "], got ", values.sizes());
+    check_index_tensor(op, x, scales, "scales", c10::kFloat);
+    TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == O, op, ": scales must have shape [", O, "], got ",
+                      scales.sizes());
+  } else {
+    TORCH_CHECK_VALUE(group_size == 32 || group_size == 64 || group_size == 128, op,
+                      ": group_size must be 32, 64 or 128 for bits 4, got ", group_size);
+    check_index_tensor(op, x, values, "values", c10::kByte);
+    TORCH_CHECK_VALUE(values.dim() == 2 && values.size(0) == O && values.size(1) == (kept + 1) / 2, op,
+                      ": values must be uint8 of shape [", O, ", ", (kept + 1) / 2, "] (two int4 per byte), got ",
+                      values.sizes());
+    const int64_t groups = (kept + group_size - 1) / group_size;
+    check_index_tensor(op, x, scales, "scales", c10::kFloat);
+    TORCH_CHECK_VALUE(scales.dim() == 2 && scales.size(0) == O && scales.size(1) == groups, op,
+                      ": scales must have shape [", O, ", ", groups, "], got ", scales.sizes());
+  }
+  check_bias(op, x, bias, O);
+}
+
+// bitmask_linear_q: a bitmask weight with int8 values [nnz] and float32 scales [out].
+inline void check_bitmask_linear_q_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
+                                        const at::Tensor& offsets, const at::Tensor& scales, int64_t in_features,
+                                        const c10::optional<at::Tensor>& bias) {
+  const char* op = "bitmask_linear_q";
+  TORCH_CHECK_VALUE(in_features > 0, op, ": in_features must be positive, got ", in_features);
+  check_x(op, x, in_features);
+  check_index_tensor(op, x, values, "values", c10::kChar);
+  check_index_tensor(op, x, bitmask, "bitmask", c10::kLong);
+  check_index_tensor(op, x, offsets, "offsets", c10::kInt);
+  check_index_tensor(op, x, scales, "scales", c10::kFloat);
+  TORCH_CHECK_VALUE(values.dim() == 1, op, ": values must be 1-D, got ", values.sizes());
+  const int64_t words = (in_features + 63) / 64;
+  const int64_t tiles = (in_features + kBitmaskTileCols - 1) / kBitmaskTileCols;
+  TORCH_CHECK_VALUE(bitmask.dim() == 2 && bitmask.size(1) == words, op, ": bitmask must have shape [out, ", words,
+                    "], got ", bitmask.sizes());
+  TORCH_CHECK_VALUE(offsets.dim() == 2 && offsets.size(0) == bitmask.size(0) && offsets.size(1) == tiles, op,
+                    ": offsets must have shape [", bitmask.size(0), ", ", tiles, "], got ", offsets.sizes());
+  TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == bitmask.size(0), op, ": scales must have shape [",
+                    bitmask.size(0), "], got ", scales.sizes());
+  check_bias(op, x, bias, bitmask.size(0));
+}
+
 // x_features: which weight dimension x's last dimension must match (1 for the forward
 // x @ W^T, 0 for the input gradient grad_out @ W).
 inline void check_masked_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight,

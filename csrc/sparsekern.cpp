@@ -84,6 +84,15 @@ TORCH_LIBRARY(sparsekern, m) {
         "Tensor? bias, Tensor columns) -> Tensor");
   m.def("bitmask_compress(Tensor weight, Tensor? mask) -> (Tensor, Tensor, Tensor)");
   m.def("bitmask_decompress(Tensor values, Tensor bitmask, Tensor offsets, int in_features) -> Tensor");
+  // ---- Quantized values (sparsekern/precisions.py), read packed, dequantized in registers ----
+  // N:M: bits 8: values int8 [out, kept], scales float32 [out] (group_size 0); bits 4: values
+  // uint8 [out, ceil(kept / 2)] (low nibble first, q + 8), scales float32 [out, ceil(kept /
+  // group_size)], group_size 32/64/128. x in the weight's compute dtype; fp32 accumulation.
+  m.def("nm_linear_q(Tensor x, Tensor values, Tensor indices, Tensor scales, int n, int m, int in_features, "
+        "int bits, int group_size, Tensor? bias) -> Tensor");
+  // Bitmask: values int8 [nnz], scales float32 [out].
+  m.def("bitmask_linear_q(Tensor x, Tensor values, Tensor bitmask, Tensor offsets, Tensor scales, int in_features, "
+        "Tensor? bias) -> Tensor");
   // ---- Block (BSR): crow_indices, col_indices, values [nnzb, bh, bw] ----
   m.def("block_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, int in_features, Tensor? bias) -> Tensor");
   m.def("block_compress(Tensor weight, Tensor? mask, int block_rows, int block_cols) -> (Tensor, Tensor, Tensor)");

@@ -160,9 +160,10 @@ class _Format:
         return self
 
     def kernel_args(self) -> tuple:
-        """The format's tensors and ints in the order its op's schema takes them. Quantized
-        values are handed over dequantized (no kernel reads int8/int4 values yet: each call
-        pays one dequantization of the kept values)."""
+        """The format's tensors and ints in the order its op's schema (self.OP) takes them.
+        Quantized N:M and bitmask values are handed over as stored, with their scales (their
+        ops nm_linear_q / bitmask_linear_q dequantize in registers); quantized block values
+        dequantized (block_linear: each call pays one dequantization of the kept values)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ value precision
@@ -358,6 +359,17 @@ class _Format:
         return parts
 
 
+class _OpName:
+    """A format's OP: the op its float values run through, or, for a weight whose values are
+    quantized (int8/int4), the op that reads them packed. On the class: the float op."""
+
+    def __init__(self, plain: str, quantized: str):
+        self.plain, self.quantized = plain, quantized
+
+    def __get__(self, obj, cls=None) -> str:
+        return self.quantized if obj is not None and obj.quantized else self.plain
+
+
 # ------------------------------------------------------------------------------- N:M
 @dataclass(repr=False, eq=False)
 class NMWeight(_Format):
@@ -371,13 +383,16 @@ class NMWeight(_Format):
     group_size: int = 0
     compute_dtype: torch.dtype | None = None
 
-    OP = "nm_linear"
+    OP = _OpName("nm_linear", "nm_linear_q")
     TENSOR_NAMES = ("values", "indices")
     ROW_VALUES, META_INTS = True, 3
     _DERIVED = ("_gemm_panels",)
 
     def kernel_args(self) -> tuple:
-        return (self._float_values(), self.indices, self.n, self.m, self.in_features)
+        if self.quantized:  # nm_linear_q's: values and scales as stored, bits, group_size
+            return (self.values, self.indices, self.scales, self.n, self.m, self.in_features,
+                    self.value_precision.bits, int(self.group_size))
+        return (self.values, self.indices, self.n, self.m, self.in_features)
 
     def _fp_values_shape(self):
         return (self.indices.shape[0], self.in_features // self.m * self.n)
@@ -433,6 +448,9 @@ class NMWeight(_Format):
         over 16 output pixels); ops.CPU_GEMM_PANELS turns it off."""
         if (self.n, self.m) != (2, 4):
             raise ValueError(f"NMWeight.gemm_panels: a 2:4 layout, this weight is {self.pattern}")
+        if self.quantized:
+            raise ValueError(f"NMWeight.gemm_panels: a float 2:4 layout; this weight's values are {self.precision} "
+                             "(nm_linear_q reads them packed)")
         v, ix = self.values, self.indices
         return self._derived("_gemm_panels", (v, ix),
                              lambda: ops.nm24_pack_panels(self._float_values().detach(), ix, self.in_features))
@@ -523,13 +541,15 @@ class BitmaskWeight(_Format):
     group_size: int = 0
     compute_dtype: torch.dtype | None = None
 
-    OP = "bitmask_linear"
+    OP = _OpName("bitmask_linear", "bitmask_linear_q")
     TENSOR_NAMES = ("values", "bitmask", "offsets")
     META_INTS = 1
     _DERIVED = ("_column_index",)
 
     def kernel_args(self) -> tuple:
-        return (self._float_values(), self.bitmask, self.offsets, self.in_features)
+        if self.quantized:  # bitmask_linear_q's: int8 values as stored and their row scales
+            return (self.values, self.bitmask, self.offsets, self.scales, self.in_features)
+        return (self.values, self.bitmask, self.offsets, self.in_features)
 
     def _values_rows(self) -> torch.Tensor:
         rows = self.bitmask.shape[0]

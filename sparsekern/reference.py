@@ -101,6 +101,44 @@ def nm_conv2d(x, values, indices, n: int, m: int, weight_shape, stride, padding,
                                       tuple(stride), tuple(padding), tuple(dilation))
 
 
+# ----------------------------------------------------------- quantized values
+def _dequant_dtype(x: torch.Tensor) -> torch.dtype:
+    # float64 for the oracle (q * s exactly), float32 otherwise (as the kernels compute it)
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def nm_q_values(values, scales, kept: int, bits: int, group_size: int, dtype=torch.float32) -> torch.Tensor:
+    """The [out, kept] float values of an N:M weight's quantized values (sparsekern/precisions.py
+    layouts): bits 8 int8 [out, kept] * scales [out]; bits 4 nibbles (low first, stored q + 8)
+    [out, ceil(kept / 2)] * scales [out, ceil(kept / group_size)]. Computed in `dtype`."""
+    if bits == 8:
+        return values.to(dtype) * scales.to(dtype)[:, None]
+    b = values.to(torch.int32)
+    q = torch.stack([b & 15, b >> 4], -1).reshape(values.shape[0], -1)[:, :kept] - 8
+    s = scales.to(dtype).repeat_interleave(group_size, 1)[:, :kept]
+    return q.to(dtype) * s
+
+
+def nm_linear_q(x, values, indices, scales, n: int, m: int, in_features: int, bits: int, group_size: int,
+                bias=None):
+    """nm_linear with quantized values: the weight dequantized (fp32, fp64 for an fp64 x), then x @ W^T + b."""
+    kept = in_features // m * n
+    w = nm_q_values(values, scales, kept, bits, group_size, _dequant_dtype(x))
+    return _linear(x, nm_decompress(w, indices, n, m, in_features), bias)
+
+
+def bitmask_q_values(values, bitmask, scales, in_features: int, dtype=torch.float32) -> torch.Tensor:
+    """The [nnz] float values of a bitmask weight's int8 values (one scale per output row)."""
+    rows_of = unpack_bitmask(bitmask, in_features).nonzero()[:, 0]
+    return values.to(dtype) * scales.to(dtype)[rows_of]
+
+
+def bitmask_linear_q(x, values, bitmask, offsets, scales, in_features: int, bias=None):
+    """bitmask_linear with int8 values and a float32 scale per output row."""
+    w = bitmask_q_values(values, bitmask, scales, in_features, _dequant_dtype(x))
+    return _linear(x, bitmask_decompress(w, bitmask, offsets, in_features), bias)
+
+
 # ------------------------------------------------------------------------- bitmask
 def bitmask_compress(weight: torch.Tensor, mask: torch.Tensor | None):
     out, k = weight.shape

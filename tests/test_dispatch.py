@@ -26,7 +26,13 @@ def _calls(device):
     h = torch.zeros(64, 64, device=device)
     xc = torch.randn(2, 16, 5, 4, device=device)  # nm's 64 columns as a 2x2 kernel over 16 channels
     x20 = torch.randn(20, 64, device=device)  # from 17 rows: the CPU's 2:4 GEMM kernel (nm_linear_cpu)
+    q8 = NMWeight.from_dense(w, 2, 4, quantize="int8")
+    q4 = NMWeight.from_dense(w, 2, 4, quantize="int4", group_size=32)
+    bq = BitmaskWeight.from_dense(w, torch.rand(32, 64, device=device) < 0.3, quantize="int8")
     calls = [
+        ("nm_linear_q", (x, q8), lambda: ops.nm_linear_q(x, q8)),
+        ("nm_linear_q", (x20, q4), lambda: ops.sparse_linear(x20, q4)),
+        ("bitmask_linear_q", (x, bq), lambda: ops.sparse_linear(x, bq)),
         ("nm_linear", (x, nm), lambda: ops.nm_linear(x, nm)),
         ("nm_linear", (x20, nm), lambda: ops.nm_linear(x20, nm)),
         ("nm_conv2d", (xc, nm, 2, None, 1, 1), lambda: ops.nm_conv2d(xc, nm, 2, None, 1, 1)),

@@ -29,7 +29,13 @@ def _samples(device):
     wg = w.clone().requires_grad_()
     conv = NMWeight.from_dense(torch.randn(16, 72, device=device), 2, 4)  # [out, 3 * 3 * 8]
     xc = torch.randn(2, 8, 5, 6, device=device)
+    q8 = NMWeight.from_dense(w, 2, 4, quantize="int8")
+    q4 = NMWeight.from_dense(w, 2, 4, quantize="int4", group_size=32)
+    bq = BitmaskWeight.from_dense(w, torch.rand(16, 64, device=device) < 0.4, quantize="int8")
     return {
+        "nm_linear_q": [(x, *q8.kernel_args(), b), (xg, *q4.kernel_args(), None), (x20, *q8.kernel_args(), b),
+                        (x20.clone().requires_grad_(), *q4.kernel_args(), b.clone().requires_grad_())],
+        "bitmask_linear_q": [(x, *bq.kernel_args(), b), (xg, *bq.kernel_args(), None)],
         "nm_linear": [(x, nm.values, nm.indices, 2, 4, 64, b), (xg, nm.values, nm.indices, 2, 4, 64, None),
                       (x20, nm.values, nm.indices, 2, 4, 64, b)],
         # CPU only: the algorithm chosen in Python (1: the 2:4 GEMM kernel, AVX2/AVX-512 CPUs) and
@@ -95,7 +101,7 @@ def test_opcheck(op, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("fmt", ["nm", "bitmask", "block", "masked", "conv"])
+@pytest.mark.parametrize("fmt", ["nm", "bitmask", "block", "masked", "conv", "nm_q", "bitmask_q"])
 def test_torch_compile_fullgraph(device, fmt):
     torch._dynamo.reset()
     w = torch.randn(32, 64, device=device)
@@ -109,6 +115,12 @@ def test_torch_compile_fullgraph(device, fmt):
     elif fmt == "block":
         W = BlockWeight.from_dense(w, (16, 16), torch.rand_like(w) < 0.02)
         fn = lambda x: torch.relu(ops.block_linear(x, W, b)) * 2  # noqa: E731
+    elif fmt == "nm_q":
+        W = NMWeight.from_dense(w, 2, 4, quantize="int4", group_size=32)
+        fn = lambda x: torch.relu(ops.nm_linear_q(x, W, b)) * 2  # noqa: E731
+    elif fmt == "bitmask_q":
+        W = BitmaskWeight.from_dense(w, torch.rand_like(w) < 0.3, quantize="int8")
+        fn = lambda x: torch.relu(ops.bitmask_linear_q(x, W, b)) * 2  # noqa: E731
     elif fmt == "masked":
         bits = pack_bitmask(torch.rand_like(w) < 0.5)
         fn = lambda x: torch.relu(ops.masked_linear(x, w, bits, b)) * 2  # noqa: E731

@@ -54,6 +54,10 @@ def _torch_sparse(layout: str):
     return build
 
 
+# Value precisions timed beside the float format: (precision, group_size).
+QUANTIZED = (("int8", 0), ("int4", 128))
+
+
 # torch's own sparse layout that holds each kind, a peer in every sweep of that kind.
 TORCH_SPARSE_PEERS = {"unstructured": ("torch.csr", _torch_sparse("csr")),
                       "block": ("torch.bsr", _torch_sparse("bsr"))}
@@ -68,6 +72,19 @@ def providers(device: str, pattern: str):
         return Built(lambda x: ops.sparse_linear(x, W), W.nbytes, W.to_dense())
 
     out["sparsekern"] = sk
+    # Quantized values (nm_linear_q / bitmask_linear_q read them packed; block dequantizes per
+    # call): int8 in every format, int4 (group 128) where the format stores a row's values
+    # contiguously (ROW_VALUES: N:M).
+    fmt_cls = kinds.parse(pattern).entry.format
+    for prec, group in QUANTIZED:
+        if fmt_cls is None or (group and not getattr(fmt_cls, "ROW_VALUES", False)):
+            continue
+
+        def skq(w, d, g, prec=prec, group=group):
+            W = sparse_format(w, pattern, d, g).quantize(prec, group)
+            return Built(lambda x: ops.sparse_linear(x, W), W.nbytes, W.to_dense())
+
+        out[f"sparsekern.{prec}"] = skq
     if device == "cuda":
         def tri(w, d, g):
             W = sparse_format(w, pattern, d, g)

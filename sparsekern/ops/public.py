@@ -20,8 +20,11 @@ def nm_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torc
 
     x [..., in] (float32/bfloat16/float16/float64, the weight's dtype), weight NMWeight of
     shape [out, in], bias [out] or None -> y [..., out] in x's dtype, fp32 accumulation.
-    Differentiable in x, weight.values and bias.
+    Differentiable in x, weight.values and bias. A quantized NMWeight (int8/int4 values, its
+    OP is "nm_linear_q") runs nm_linear_q.
     """
+    if getattr(weight, "OP", None) == "nm_linear_q":
+        return nm_linear_q(x, weight, bias)
     check_format("nm_linear", weight, "NMWeight")
     check_x("nm_linear", x, weight.in_features, weight.dtype, weight.device)
     check_bias("nm_linear", bias, weight.shape[0], x)
@@ -33,7 +36,9 @@ def nm_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torc
 
 def bitmask_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T + bias with W a BitmaskWeight (unstructured). Shapes, dtypes and
-    gradients as nm_linear."""
+    gradients as nm_linear. A quantized BitmaskWeight runs bitmask_linear_q."""
+    if getattr(weight, "OP", None) == "bitmask_linear_q":
+        return bitmask_linear_q(x, weight, bias)
     check_format("bitmask_linear", weight, "BitmaskWeight")
     check_x("bitmask_linear", x, weight.in_features, weight.dtype, weight.device)
     check_bias("bitmask_linear", bias, weight.shape[0], x)
@@ -41,6 +46,37 @@ def bitmask_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) ->
     if d.cpu_run is not None and key.column_index:
         return d.cpu_run(x, *weight.kernel_args(), bias, weight.column_index())
     return d.run(x, *weight.kernel_args(), bias)
+
+
+def _check_quantized(op: str, weight, cls_name: str) -> None:
+    if getattr(weight, "OP", None) == op.removesuffix("_q") and type(weight).__name__ == cls_name:
+        raise TypeError(f"{op}: weight must be a {cls_name} with quantized values (W.quantize('int8')), got float "
+                        f"values; run {op.removesuffix('_q')} (or sparse_linear) for those")
+    check_format(op, weight, cls_name)
+
+
+def nm_linear_q(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias with W an NMWeight whose kept values are stored int8 (one scale per
+    output row) or int4 (one scale per 32/64/128 kept values of a row, two values per byte),
+    read as stored and dequantized in registers (sparsekern/precisions.py).
+
+    x [..., in] in the weight's compute dtype (W.dtype: float32/bfloat16/float16, or float64
+    for the reference), bias [out] or None -> y [..., out] in x's dtype, fp32 accumulation.
+    Differentiable in x and bias (the values are integers).
+    """
+    _check_quantized("nm_linear_q", weight, "NMWeight")
+    check_x("nm_linear_q", x, weight.in_features, weight.dtype, weight.device)
+    check_bias("nm_linear_q", bias, weight.shape[0], x)
+    return run("nm_linear_q", (x, weight), x, *weight.kernel_args(), bias)
+
+
+def bitmask_linear_q(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias with W a BitmaskWeight whose kept values are int8 with one scale
+    per output row, dequantized in registers. Shapes, dtypes and gradients as nm_linear_q."""
+    _check_quantized("bitmask_linear_q", weight, "BitmaskWeight")
+    check_x("bitmask_linear_q", x, weight.in_features, weight.dtype, weight.device)
+    check_bias("bitmask_linear_q", bias, weight.shape[0], x)
+    return run("bitmask_linear_q", (x, weight), x, *weight.kernel_args(), bias)
 
 
 def block_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -59,6 +95,8 @@ def nm_conv2d(x: torch.Tensor, weight, kernel_size, bias: torch.Tensor | None = 
     Differentiable in x, weight.values and bias.
     """
     op = "nm_conv2d"
+    if getattr(weight, "OP", None) == "nm_linear_q":
+        weight = weight.dequantized()  # no quantized convolution kernel: values dequantized per call
     check_format(op, weight, "NMWeight", fmt_op="nm_linear")
     kh, kw = check_pair("kernel_size", kernel_size, 1, op)
     stride, padding, dilation = (check_pair("stride", stride, 1, op), check_pair("padding", padding, 0, op),
@@ -91,11 +129,13 @@ def nm_conv2d(x: torch.Tensor, weight, kernel_size, bias: torch.Tensor | None = 
     return d.run(*args)
 
 
-_LINEAR = {"nm_linear": nm_linear, "bitmask_linear": bitmask_linear, "block_linear": block_linear}
+_LINEAR = {"nm_linear": nm_linear, "bitmask_linear": bitmask_linear, "block_linear": block_linear,
+           "nm_linear_q": nm_linear_q, "bitmask_linear_q": bitmask_linear_q}
 
 
 def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T + bias for any sparsekern format: the op the format declares (weight.OP)."""
+    """x @ W^T + bias for any sparsekern format: the op the format declares (weight.OP; a
+    quantized NMWeight or BitmaskWeight declares nm_linear_q or bitmask_linear_q)."""
     fn = _LINEAR.get(getattr(weight, "OP", None))
     if fn is None:
         raise TypeError(f"sparse_linear: weight must be an NMWeight, BitmaskWeight or BlockWeight, got "

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .. import _extension
+from .. import _extension, reference
 from .. import dispatch_rules as rules
 from ..patterns import BITMASK_TILE_COLS, as_2d, conv_output_size, from_2d, nm24_panels_bytes, nm_index_bits, \
     unpack_bitmask, unpack_bits
@@ -71,6 +71,17 @@ def _fake_bitmask_linear_cpu(x, values, bitmask, offsets, in_features, bias, col
     return _fake_bitmask_linear(x, values, bitmask, offsets, in_features, bias)
 
 
+def _fake_nm_linear_q(x, values, indices, scales, n, m, in_features, bits, group_size, bias):
+    torch._check(x.shape[-1] == in_features, lambda: "nm_linear_q: x.shape[-1] must equal in_features")
+    torch._check(bits in (4, 8), lambda: "nm_linear_q: bits must be 8 or 4")
+    return x.new_empty(_out_shape(x, indices.shape[0]))
+
+
+def _fake_bitmask_linear_q(x, values, bitmask, offsets, scales, in_features, bias):
+    torch._check(x.shape[-1] == in_features, lambda: "bitmask_linear_q: x.shape[-1] must equal in_features")
+    return x.new_empty(_out_shape(x, bitmask.shape[0]))
+
+
 def _fake_block_linear(x, crow_indices, col_indices, values, in_features, bias):
     torch._check(x.shape[-1] == in_features, lambda: "block_linear: x.shape[-1] must equal in_features")
     return x.new_empty(_out_shape(x, (crow_indices.shape[0] - 1) * values.shape[1]))
@@ -105,6 +116,8 @@ FAKES: dict[str, Callable] = {
     "nm_conv2d": _fake_nm_conv2d,
     "bitmask_linear": _fake_bitmask_linear,
     "block_linear": _fake_block_linear,
+    "nm_linear_q": _fake_nm_linear_q,
+    "bitmask_linear_q": _fake_bitmask_linear_q,
     "masked_linear": _fake_masked_linear,
     "masked_linear_grad_input": lambda grad_out, weight, bitmask: grad_out.new_empty(
         _out_shape(grad_out, weight.shape[1])),
@@ -201,6 +214,32 @@ def _block_backward(ctx, grad):
     return gx, None, None, gv, None, _grad_bias(ctx, grad, 5)
 
 
+def _q_setup(fmt_len: int):
+    def setup(ctx, inputs, output):
+        ctx.fmt = inputs[1:1 + fmt_len]  # the format's tensors and ints (no gradient to integer values)
+    return setup
+
+
+def _nm_q_backward(ctx, grad):
+    values, indices, scales, n, m, k, bits, group_size = ctx.fmt
+    gx = None
+    if ctx.needs_input_grad[0]:
+        dt = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        w = reference.nm_q_values(values, scales, k // m * n, bits, group_size, dt)
+        gx = grad @ nm_decompress(w, indices, n, m, k).to(grad.dtype)
+    return gx, None, None, None, None, None, None, None, None, _grad_bias(ctx, grad, 9)
+
+
+def _bitmask_q_backward(ctx, grad):
+    values, bitmask, offsets, scales, k = ctx.fmt
+    gx = None
+    if ctx.needs_input_grad[0]:
+        dt = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        w = reference.bitmask_q_values(values, bitmask, scales, k, dt)
+        gx = grad @ bitmask_decompress(w, bitmask, offsets, k).to(grad.dtype)
+    return gx, None, None, None, None, None, _grad_bias(ctx, grad, 6)
+
+
 def _masked_setup(ctx, inputs, output):
     x, weight, bitmask, _ = inputs
     ctx.save_for_backward(x if ctx.needs_input_grad[1] else None,
@@ -229,6 +268,8 @@ AUTOGRAD: dict[str, tuple[Callable, Callable]] = {
     "bitmask_linear": (_bitmask_backward, _sparse_setup(1, 4)),
     "bitmask_linear_cpu": (_cpu_args(_bitmask_backward, 1), _sparse_setup(1, 4)),
     "block_linear": (_block_backward, _sparse_setup(3, 4)),
+    "nm_linear_q": (_nm_q_backward, _q_setup(8)),
+    "bitmask_linear_q": (_bitmask_q_backward, _q_setup(5)),
     "masked_linear": (_masked_backward, _masked_setup),
 }
 

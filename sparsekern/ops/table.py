@@ -28,7 +28,8 @@ class NoKey(NamedTuple):
 
 
 class RowsKey(NamedTuple):
-    """masked_linear and its gradients: the batch bucket of rows (rules.batch_bucket)."""
+    """masked_linear and its gradients, the quantized linear ops: the batch bucket of rows
+    (rules.batch_bucket)."""
 
     bucket: int
 
@@ -88,6 +89,12 @@ def plain_key(arg: str, index: int) -> Callable:
 
 
 def rows_key(x, *rest):
+    return x, RowsKey(rules.batch_bucket(_rows(x)))
+
+
+def q_linear_key(x, weight=None, bias=None):
+    """nm_linear_q / bitmask_linear_q: the batch bucket (the C++ kernels take 1-16 rows
+    directly and tiles above; nothing else of the weight changes the decision)."""
     return x, RowsKey(rules.batch_bucket(_rows(x)))
 
 
@@ -205,6 +212,9 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
            differentiable=True),
     OpSpec("bitmask_linear", reference.bitmask_linear, bitmask_linear_key, cuda=True, triton="bitmask_linear",
            note=bitmask_note, cpu_op="bitmask_linear_cpu", differentiable=True),
+    # Quantized values read packed (int8; N:M also int4), dequantized in registers.
+    OpSpec("nm_linear_q", reference.nm_linear_q, q_linear_key, differentiable=True),
+    OpSpec("bitmask_linear_q", reference.bitmask_linear_q, q_linear_key, differentiable=True),
     OpSpec("block_linear", reference.block_linear, block_linear_key, triton="block_linear",
            triton_limit=triton_block_limit, differentiable=True),
     OpSpec("masked_linear", reference.masked_linear, rows_key, cuda=True, triton="masked_linear",

@@ -1,0 +1,251 @@
+"""nm_linear_q: N:M weights with int8 / int4 values read packed (C++ kernels of every
+instruction set, the reference) against fp64 on the dequantized weight."""
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from backends import pairs, running
+from conftest import assert_linear_close, needs_extension
+from linear_cases import DTYPES, SHAPES, lowp_torch_linear, ref64
+from sparsekern import ops, reference
+from sparsekern.formats import NMWeight
+
+NM = [(2, 4), (1, 4), (4, 8)]
+PRECISIONS = [("int8", 0), ("int4", 32), ("int4", 128)]
+
+
+def _weight(o, k, n, m, precision, group, dtype=torch.float32):
+    return NMWeight.from_dense(torch.randn(o, k), n, m, quantize=precision, group_size=group).to(dtype=dtype)
+
+
+def exact_dense(W) -> torch.Tensor:
+    """The fp64 dense weight the stored values stand for: q * s exactly (W.to_dense() rounds
+    it to the compute dtype; the kernels multiply in fp32)."""
+    values, indices, scales, n, m, k, bits, group = W.kernel_args()
+    w = reference.nm_q_values(values, scales, k // m * n, bits, group, torch.float64)
+    return reference.nm_decompress(w, indices, n, m, k)
+
+
+@pytest.mark.parametrize("device,backend", pairs("nm_linear_q"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,k,o", SHAPES)
+@pytest.mark.parametrize("n,m", NM)
+@pytest.mark.parametrize("precision,group", PRECISIONS)
+def test_nm_linear_q_matches_fp64(device, backend, dtype, lead, k, o, n, m, precision, group, poison):
+    if k % m:
+        k = k // m * m + m
+    W = _weight(o, k, n, m, precision, group, dtype).to(device)
+    assert W.OP == "nm_linear_q" and W.quantized
+    x = torch.randn(*lead, k, device=device, dtype=dtype)
+    bias = torch.randn(o, device=device, dtype=dtype)
+    with running(backend, "nm_linear_q", x, W):
+        y = ops.nm_linear_q(x, W, bias)
+    dense = exact_dense(W)
+    assert_linear_close(y, ref64(x, dense, bias), dtype, lowp_torch_linear(x, dense.to(dtype), bias),
+                        f"nm_linear_q {n}:{m} {precision}/{group} {device} {dtype} x{tuple(x.shape)}")
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 8, 16, 17, 40])
+@pytest.mark.parametrize("precision,group", PRECISIONS)
+def test_nm24_fast_paths_and_tails(batch, precision, group, poison):
+    # K = 32c + 8 / + 12 / + 4: the vector kernels' tail pieces; 4 and 36: a single partial
+    # piece (36 at 1:4 below: an odd number of kept values, the last int4 byte half used).
+    for k in (1024, 1032, 1036, 4, 36):
+        W = _weight(19, k, 2, 4, precision, group)
+        x = torch.randn(batch, k)
+        with running("cpp", "nm_linear_q", x, W):
+            y = ops.nm_linear_q(x, W)
+        assert_linear_close(y, ref64(x, exact_dense(W), None), torch.float32, what=f"2:4 {precision} B={batch} K={k}")
+    W = _weight(7, 36, 1, 4, precision, group)  # kept = 9 per row
+    x = torch.randn(batch, 36)
+    assert_linear_close(ops.nm_linear_q(x, W), ref64(x, exact_dense(W), None), torch.float32, what="1:4 odd kept")
+
+
+def test_sparse_linear_routes_by_the_formats_op():
+    w = torch.randn(24, 64)
+    x = torch.randn(3, 64)
+    fp, q8, q4 = (NMWeight.from_dense(w, 2, 4), NMWeight.from_dense(w, 2, 4, quantize="int8"),
+                  NMWeight.from_dense(w, 2, 4, quantize="int4", group_size=32))
+    assert (fp.OP, q8.OP, q4.OP, NMWeight.OP) == ("nm_linear", "nm_linear_q", "nm_linear_q", "nm_linear")
+    assert q8.kernel_args()[2] is q8.scales and q8.kernel_args()[6:] == (8, 0)
+    assert q4.kernel_args()[6:] == (4, 32) and q4.kernel_args()[0].dtype == torch.uint8
+    for W in (q8, q4):
+        # the packed values go to the kernel: no float copy of them is made per call
+        assert ops.explain_backend(W.OP, x, W)[0] == "cpp"
+        y = ops.sparse_linear(x, W)
+        torch.testing.assert_close(y.double(), x.double() @ W.to_dense().double().T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ops.nm_linear(x, W), y)  # nm_linear forwards a quantized weight
+
+
+def test_gemm_panels_are_never_built_for_quantized_values():
+    W = NMWeight.from_dense(torch.randn(32, 64), 2, 4, quantize="int8")
+    with pytest.raises(ValueError, match="gemm_panels: a float 2:4 layout"):
+        W.gemm_panels()
+    ops.sparse_linear(torch.randn(40, 64), W)  # the large-batch path
+    assert W.derived_nbytes == 0
+
+
+def test_reference_backend_gives_the_same_answer():
+    W = _weight(24, 64, 2, 4, "int4", 32)
+    x = torch.randn(5, 64)
+    y = ops.nm_linear_q(x, W)
+    with ops.use_backend("reference"):
+        yr = ops.nm_linear_q(x, W)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_dequantizes_as_the_precision_registry():
+    W = _weight(6, 64, 2, 4, "int4", 32)
+    ours = reference.nm_q_values(W.values, W.scales, 32, 4, 32, torch.float32)
+    torch.testing.assert_close(ours, W.value_precision.dequantize(W.values, W.scales, 32, torch.float32, 32))
+
+
+@pytest.mark.parametrize("precision,group", PRECISIONS)
+@pytest.mark.parametrize("rows", [1, 20])
+def test_gradients_for_x_and_bias(precision, group, rows):
+    W = _weight(12, 64, 2, 4, precision, group)
+    x = torch.randn(rows, 64, requires_grad=True)
+    b = torch.randn(12, requires_grad=True)
+    g = torch.randn(rows, 12)
+    (ops.nm_linear_q(x, W, b) * g).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_()
+    (torch.nn.functional.linear(x64, exact_dense(W), b64) * g.double()).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad.double(), b64.grad, rtol=1e-5, atol=1e-5)
+
+
+@needs_extension
+@pytest.mark.parametrize("batch", [1, 3, 8, 40])
+@pytest.mark.parametrize("precision,group", PRECISIONS)
+def test_rows_never_see_their_neighbours_scales(batch, precision, group):
+    # Every other row's scales are inf: rows computed four at a time, or values read 16 at a
+    # time, must not mix them into the finite rows.
+    W = _weight(40, 96, 2, 4, precision, group)
+    scales = W.scales.clone()
+    scales[1::2] = float("inf")
+    x = torch.randn(batch, 96)
+    y = torch.ops.sparsekern.nm_linear_q(x, W.values, W.indices, scales, *W.kernel_args()[3:], None)
+    even = torch.arange(0, 40, 2)
+    assert torch.isfinite(y[:, even]).all()
+    assert_linear_close(y[:, even], ref64(x, exact_dense(W), None)[:, even], torch.float32, what=f"B={batch}")
+
+
+def test_nm_conv2d_takes_a_quantized_weight():
+    W = NMWeight.from_dense(torch.randn(8, 2 * 2 * 16), 2, 4, quantize="int8")
+    x = torch.randn(2, 16, 5, 5)
+    y = ops.nm_conv2d(x, W, 2)
+    dense = W.to_dense().reshape(8, 2, 2, 16).permute(0, 3, 1, 2)
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, dense), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------ bad input
+def test_bad_inputs():
+    W = _weight(8, 16, 2, 4, "int8", 0)
+    fp = NMWeight.from_dense(torch.randn(8, 16), 2, 4)
+    with pytest.raises(TypeError, match="nm_linear_q: weight must be a NMWeight with quantized values"):
+        ops.nm_linear_q(torch.randn(2, 16), fp)
+    with pytest.raises(TypeError, match="nm_linear_q: weight must be a sparsekern.formats.NMWeight"):
+        ops.nm_linear_q(torch.randn(2, 16), torch.randn(8, 16))
+    with pytest.raises(ValueError, match=r"nm_linear_q: x.shape\[-1\] \(12\) must equal in_features \(16\)"):
+        ops.nm_linear_q(torch.randn(2, 12), W)
+    with pytest.raises(TypeError, match="nm_linear_q: x dtype"):
+        ops.nm_linear_q(torch.randn(2, 16, dtype=torch.float16), W)
+    with pytest.raises(TypeError, match="nm_linear_q: x must be a floating"):
+        ops.nm_linear_q(torch.ones(2, 16, dtype=torch.int64), W)
+    with pytest.raises(TypeError, match="nm_linear_q: x must be a torch.Tensor"):
+        ops.nm_linear_q([1.0] * 16, W)
+    with pytest.raises(ValueError, match="nm_linear_q: bias must have shape"):
+        ops.nm_linear_q(torch.randn(2, 16), W, torch.randn(7))
+    with pytest.raises(TypeError, match="nm_linear_q: bias dtype"):
+        ops.nm_linear_q(torch.randn(2, 16), W, torch.randn(8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="nm_linear_q: x is on meta"):
+        ops.nm_linear_q(torch.randn(2, 16, device="meta"), W)
+    bad = dataclasses.replace(W, scales=-W.scales)  # a new object: not validated yet
+    with pytest.raises(ValueError, match="nm_linear_q: weight is not a valid NMWeight.*scales"):
+        ops.nm_linear_q(torch.randn(2, 16), bad)
+
+
+@needs_extension
+def test_compiled_op_checks_arguments_itself():
+    """The C++ entry point refuses every bad argument with a message naming it."""
+    q8 = _weight(8, 64, 2, 4, "int8", 0)
+    q4 = _weight(8, 64, 2, 4, "int4", 32)
+    op = torch.ops.sparsekern.nm_linear_q
+    x = torch.randn(2, 64)
+    cases = [
+        ((x, q8.values, q8.indices, q8.scales, 2, 4, 64, 5, 0, None), ValueError, "bits must be 8"),
+        ((x, q8.values, q8.indices, q8.scales, 2, 4, 64, 8, 32, None), ValueError, "group_size must be 0"),
+        ((x, q4.values, q4.indices, q4.scales, 2, 4, 64, 4, 48, None), ValueError, "group_size must be 32, 64 or 128"),
+        ((x, q8.values.float(), q8.indices, q8.scales, 2, 4, 64, 8, 0, None), TypeError, "values must be Char"),
+        ((x, q4.values.to(torch.int8), q4.indices, q4.scales, 2, 4, 64, 4, 32, None), TypeError, "values must be Byte"),
+        ((x, q8.values[:, :5], q8.indices, q8.scales, 2, 4, 64, 8, 0, None), ValueError, "values must be int8 of shape"),
+        ((x, q4.values[:, :3], q4.indices, q4.scales, 2, 4, 64, 4, 32, None), ValueError, "values must be uint8 of shape"),
+        ((x, q8.values, q8.indices, q8.scales[:3], 2, 4, 64, 8, 0, None), ValueError, "scales must have shape"),
+        ((x, q4.values, q4.indices, q4.scales[:, :0], 2, 4, 64, 4, 32, None), ValueError, "scales must have shape"),
+        ((x, q8.values, q8.indices, q8.scales.double(), 2, 4, 64, 8, 0, None), TypeError, "scales must be Float"),
+        ((x, q8.values, q8.indices[:, :1], q8.scales, 2, 4, 64, 8, 0, None), ValueError, "indices must have shape"),
+        ((x, q8.values, q8.indices.int(), q8.scales, 2, 4, 64, 8, 0, None), TypeError, "indices must be Byte"),
+        ((x, q8.values, q8.indices, q8.scales, 4, 4, 64, 8, 0, None), ValueError, "n must satisfy"),
+        ((torch.randn(2, 60), q8.values, q8.indices, q8.scales, 2, 4, 64, 8, 0, None), ValueError, r"x.shape\[-1\] \(60\)"),
+        ((torch.randn(2, 62), q8.values, q8.indices, q8.scales, 2, 4, 62, 8, 0, None), ValueError, "in_features \\(62\\) must be"),
+        ((x.long(), q8.values, q8.indices, q8.scales, 2, 4, 64, 8, 0, None), TypeError, "x must be float32"),
+        ((x, q8.values, q8.indices, q8.scales, 2, 4, 64, 8, 0, torch.randn(3)), ValueError, "bias must have shape"),
+    ]
+    for args, exc, msg in cases:
+        with pytest.raises(exc, match="nm_linear_q: " + msg):
+            op(*args)
+
+
+# ------------------------------------------------------------- every ISA build
+CHILD = textwrap.dedent("""
+    import sys, torch, sparsekern
+    from sparsekern import ops, reference
+    from sparsekern.formats import NMWeight
+    def exact_dense(W):
+        values, indices, scales, n, m, k, bits, group = W.kernel_args()
+        w = reference.nm_q_values(values, scales, k // m * n, bits, group, torch.float64)
+        return reference.nm_decompress(w, indices, n, m, k)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    torch.manual_seed(0)
+    bad = []
+    for o, k in ((13, 1036), (9, 64), (5, 36)):
+        for n, m in ((2, 4), (1, 4), (4, 8)):
+            if k % m:
+                continue
+            for q, g in (("int8", 0), ("int4", 32), ("int4", 128)):
+                for dtype in (torch.float32, torch.bfloat16):
+                    W = NMWeight.from_dense(torch.randn(o, k), n, m, quantize=q, group_size=g).to(dtype=dtype)
+                    for b in (1, 2, 4, 5, 16, 17):
+                        x = torch.randn(b, k, dtype=dtype)
+                        dense = exact_dense(W)
+                        ref = x.double() @ dense.T
+                        y = ops.nm_linear_q(x, W)
+                        lowp = torch.nn.functional.linear(x, dense.to(dtype))
+                        rel = lambda t: ((t.double() - ref).norm() / ref.norm()).item()
+                        tol = 1e-5 if dtype == torch.float32 else 2 * rel(lowp) + 1e-6
+                        if not rel(y) <= tol:
+                            bad.append((o, k, n, m, q, g, str(dtype), b, rel(y)))
+    print(bad)
+    sys.exit(1 if bad else 0)
+""")
+
+
+@needs_extension
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_every_isa_build(isa):
+    from sparsekern import _extension
+
+    if isa == "avx512" and not _extension.BUILD_INFO.get("cpu_avx512_runtime"):
+        pytest.skip("this CPU has no AVX-512")
+    if isa == "avx2" and not _extension.BUILD_INFO.get("cpu_avx2_runtime"):
+        pytest.skip("this CPU has no AVX2")
+    env = {**os.environ, "SPARSEKERN_CPU_ISA": isa}
+    r = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"SPARSEKERN_CPU_ISA={isa}: {r.stdout[-2000:]} {r.stderr[-2000:]}"
