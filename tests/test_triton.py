@@ -164,6 +164,68 @@ def test_triton_gradients_reach_x_values_and_bias(op, dtype):
             torch.testing.assert_close(xg.grad.float(), xr.grad.float(), rtol=5e-2, atol=5e-2)
 
 
+def _q_exact_dense(W) -> torch.Tensor:
+    """fp64 dense weight of a quantized format's values, q * s exactly."""
+    if W.OP == "nm_linear_q":
+        values, indices, scales, n, m, k, bits, group = W.kernel_args()
+        return reference.nm_decompress(reference.nm_q_values(values, scales, k // m * n, bits, group, torch.float64),
+                                       indices, n, m, k)
+    values, bitmask, offsets, scales, k = W.kernel_args()
+    return reference.bitmask_decompress(reference.bitmask_q_values(values, bitmask, scales, k, torch.float64),
+                                        bitmask, offsets, k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("n,m,k,precision,group", [(2, 4, 72, "int8", 0), (2, 4, 200, "int4", 32),
+                                                   (1, 4, 36, "int4", 64), (4, 8, 136, "int8", 0),
+                                                   (2, 4, 264, "int4", 128)])
+def test_triton_nm_linear_q(device, dtype, batch, n, m, k, precision, group, poison):
+    W = NMWeight.from_dense(torch.randn(37, k, device=device), n, m, quantize=precision, group_size=group).to(
+        dtype=dtype)
+    x = torch.randn(batch, k, device=device, dtype=dtype)
+    b = torch.randn(37, device=device, dtype=dtype)
+    dense = _q_exact_dense(W)
+    with running("triton", "nm_linear_q", x, W):
+        y = ops.sparse_linear(x, W, b)
+    assert_linear_close(y, ref64(x, dense, b), dtype, lowp_torch_linear(x, dense.to(dtype), b),
+                        f"triton nm_linear_q {n}:{m} {precision}/{group} B={batch} {dtype}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("k,density", [(100, 0.3), (530, 0.1), (7, 0.5)])
+def test_triton_bitmask_linear_q(device, dtype, batch, k, density, poison):
+    W = BitmaskWeight.from_dense(torch.randn(33, k, device=device), torch.rand(33, k, device=device) < density,
+                                 quantize="int8").to(dtype=dtype)
+    x = torch.randn(batch, k, device=device, dtype=dtype)
+    dense = _q_exact_dense(W)
+    with running("triton", "bitmask_linear_q", x, W):
+        y = ops.sparse_linear(x, W)
+    assert_linear_close(y, ref64(x, dense, None), dtype, lowp_torch_linear(x, dense.to(dtype), None),
+                        f"triton bitmask_linear_q {density} B={batch} {dtype}")
+
+
+@pytest.mark.parametrize("op", ["nm_linear_q", "bitmask_linear_q"])
+def test_triton_quantized_gradients_reach_x_and_bias(op):
+    device = DEVICES[0]
+    w = torch.randn(32, 64, device=device)
+    W = (NMWeight.from_dense(w, 2, 4, quantize="int4", group_size=32) if op == "nm_linear_q" else
+         BitmaskWeight.from_dense(w, torch.rand(32, 64, device=device) < 0.3, quantize="int8"))
+    x = torch.randn(5, 64, device=device, requires_grad=True)
+    b = torch.randn(32, device=device, requires_grad=True)
+    g = torch.randn(5, 32, device=device)
+    with running("triton", op, x, W):
+        (getattr(ops, op)(x, W, b) * g).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_()
+    (torch.nn.functional.linear(x64, _q_exact_dense(W), b64) * g.double()).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad.double(), b64.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_triton_runs_only_what_it_supports():
     """A block shape the Triton kernel cannot take is refused when Triton is forced, with
     the reason; automatic dispatch on a GPU then runs the next backend and says so."""
@@ -189,6 +251,15 @@ def test_triton_ops_fake_tensor_check():
                           (x, W.values, W.indices, 2, 4, 64, None), test_utils=["test_schema", "test_faketensor"])
     torch.library.opcheck(torch.ops.sparsekern_triton.group_score.default, (w, None, None, 1, 64, 2),
                           test_utils=["test_schema", "test_faketensor"])
+    q = NMWeight.from_dense(w, 2, 4, quantize="int4", group_size=32)
+    bq = BitmaskWeight.from_dense(w, torch.rand(16, 64) < 0.3, quantize="int8")
+    with ops.use_backend("triton"):
+        ops.nm_linear_q(x, q)
+        ops.bitmask_linear_q(x, bq)
+    torch.library.opcheck(torch.ops.sparsekern_triton.nm_linear_q.default, (x, *q.kernel_args(), None),
+                          test_utils=["test_schema", "test_faketensor"])
+    torch.library.opcheck(torch.ops.sparsekern_triton.bitmask_linear_q.default, (x, *bq.kernel_args(), None),
+                          test_utils=["test_schema", "test_faketensor"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="opcheck aot-dispatch and torch.compile of triton_op need a GPU")
@@ -201,6 +272,13 @@ def test_triton_ops_full_opcheck_and_compile_on_gpu():
         torch.library.opcheck(torch.ops.sparsekern_triton.nm_linear.default, (x, W.values, W.indices, 2, 4, 128, None))
         f = torch.compile(lambda x: ops.nm_linear(x, W), fullgraph=True)
         torch.testing.assert_close(f(x), ops.nm_linear(x, W))
+        for Q in (NMWeight.from_dense(w.float(), 2, 4, quantize="int4", group_size=64).to(dtype=torch.bfloat16),
+                  BitmaskWeight.from_dense(w.float(), torch.rand(64, 128, device="cuda") < 0.3,
+                                           quantize="int8").to(dtype=torch.bfloat16)):
+            ops.sparse_linear(x, Q)
+            torch.library.opcheck(getattr(torch.ops.sparsekern_triton, Q.OP).default, (x, *Q.kernel_args(), None))
+            fq = torch.compile(lambda x, Q=Q: ops.sparse_linear(x, Q), fullgraph=True)
+            torch.testing.assert_close(fq(x), ops.sparse_linear(x, Q))
 
 
 def test_triton_bad_inputs_get_the_same_errors_as_every_backend():

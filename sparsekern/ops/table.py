@@ -213,8 +213,8 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
     OpSpec("bitmask_linear", reference.bitmask_linear, bitmask_linear_key, cuda=True, triton="bitmask_linear",
            note=bitmask_note, cpu_op="bitmask_linear_cpu", differentiable=True),
     # Quantized values read packed (int8; N:M also int4), dequantized in registers.
-    OpSpec("nm_linear_q", reference.nm_linear_q, q_linear_key, differentiable=True),
-    OpSpec("bitmask_linear_q", reference.bitmask_linear_q, q_linear_key, differentiable=True),
+    OpSpec("nm_linear_q", reference.nm_linear_q, q_linear_key, triton="linear_q", differentiable=True),
+    OpSpec("bitmask_linear_q", reference.bitmask_linear_q, q_linear_key, triton="linear_q", differentiable=True),
     OpSpec("block_linear", reference.block_linear, block_linear_key, triton="block_linear",
            triton_limit=triton_block_limit, differentiable=True),
     OpSpec("masked_linear", reference.masked_linear, rows_key, cuda=True, triton="masked_linear",

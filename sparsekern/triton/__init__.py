@@ -9,6 +9,7 @@ autograd: sparsekern.ops defines those once per op and registers them on every b
   nm_linear.py       nm_linear       N:M weight decompressed in registers, then tl.dot
   bitmask_linear.py  bitmask_linear  bitmask expanded on chip ("load as sparse, compute as dense")
   block_linear.py    block_linear    BSR, skipping zero blocks (square blocks of SUPPORTED_BLOCKS)
+  linear_q.py        nm_linear_q, bitmask_linear_q   int8/int4 values dequantized in registers
   masked_linear.py   masked_linear, masked_linear_grad_input, masked_linear_grad_weight
   scoring.py         group_score, act_norm_accumulate, nm_score_compress
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import importlib
 import os
 
-FAMILIES = ("nm_linear", "bitmask_linear", "block_linear", "masked_linear", "scoring")
+FAMILIES = ("nm_linear", "bitmask_linear", "block_linear", "masked_linear", "scoring", "linear_q")
 
 
 def interpreting() -> bool:
