@@ -249,3 +249,16 @@ def test_every_isa_build(isa):
     env = {**os.environ, "SPARSEKERN_CPU_ISA": isa}
     r = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"SPARSEKERN_CPU_ISA={isa}: {r.stdout[-2000:]} {r.stderr[-2000:]}"
+
+
+def test_benchmark_providers_pass_their_check():
+    from sparsekern.bench import cases
+
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(64, 96, generator=gen), torch.randn(3, 96, generator=gen)
+    for pattern, density, names in (("2:4", 0.5, {"sparsekern.int8", "sparsekern.int4"}),
+                                    ("unstructured", 0.3, {"sparsekern.int8"})):
+        provs = cases.providers("cpu", pattern, quantized=True)
+        assert names <= set(provs) and not names & set(cases.providers("cpu", pattern))
+        for name in names:
+            assert cases.check(provs[name](w, density, gen), x, name) < 1e-5

@@ -63,8 +63,10 @@ TORCH_SPARSE_PEERS = {"unstructured": ("torch.csr", _torch_sparse("csr")),
                       "block": ("torch.bsr", _torch_sparse("bsr"))}
 
 
-def providers(device: str, pattern: str):
-    """name -> builder(w, density, gen) -> Built, for the providers that run this pattern here."""
+def providers(device: str, pattern: str, quantized: bool = False):
+    """name -> builder(w, density, gen) -> Built, for the providers that run this pattern here.
+    quantized: also the format with int8 / int4 values (QUANTIZED), "sparsekern.int8" and
+    "sparsekern.int4"."""
     out = {}
 
     def sk(w, d, g):
@@ -76,7 +78,7 @@ def providers(device: str, pattern: str):
     # call): int8 in every format, int4 (group 128) where the format stores a row's values
     # contiguously (ROW_VALUES: N:M).
     fmt_cls = kinds.parse(pattern).entry.format
-    for prec, group in QUANTIZED:
+    for prec, group in QUANTIZED if quantized else ():
         if fmt_cls is None or (group and not getattr(fmt_cls, "ROW_VALUES", False)):
             continue
 
@@ -137,11 +139,12 @@ DENSE, DENSE_AGAIN = "torch.dense", "torch.dense (again)"
 
 
 def linear_sweep(device: str, dtype: torch.dtype, shapes: dict, batches: list[int], patterns: list, reps: int,
-                 rotate_mib: int, env: dict, show_progress: bool = True) -> list[dict]:
+                 rotate_mib: int, env: dict, show_progress: bool = True, quantized: bool = False) -> list[dict]:
     """Every (shape, pattern, provider, batch) against dense F.linear in the same loop:
     per batch, every provider checked against the fp64 reference, then all of them and
     dense twice ("torch.dense (again)": the noise floor of that cell) timed interleaved,
-    `reps` rounds (common.interleaved), each sample one pass over the rotated weights."""
+    `reps` rounds (common.interleaved), each sample one pass over the rotated weights.
+    quantized: the int8 / int4 formats too (providers)."""
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
     work = [(sn, s, p, d) for sn, s in shapes.items() for p, d in patterns]
@@ -152,7 +155,7 @@ def linear_sweep(device: str, dtype: torch.dtype, shapes: dict, batches: list[in
         weights = [torch.randn(N, K, device=device, dtype=dtype, generator=gen) for _ in range(copies)]
         built = {DENSE: [Built((lambda x, w=w: F.linear(x, w)), w.numel() * w.element_size(), w) for w in weights]}
         base = {"op": "linear", "pattern": pattern, "density": density, "shape": f"{N}x{K}", "model_shape": sname}
-        for name, make in providers(device, pattern).items():
+        for name, make in providers(device, pattern, quantized).items():
             try:
                 built[name] = [make(w, density, gen) for w in weights]
             except Exception as e:  # noqa: BLE001 - a peer that does not run here is reported, not fatal
