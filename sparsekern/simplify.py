@@ -6,8 +6,9 @@ BatchNorm.
 - `prune_channels(model, amount, example_input)`: removes output channels of Linear/Conv2d
   and the matching inputs of their consumers (BatchNorm included); the result computes
   exactly what the original computes when those channels are cut at the consumers'
-  inputs (`channel_cut_reference`). Channels tied by residual additions or concatenation
-  are left alone and reported.
+  inputs (`channel_cut_reference`). Channels are followed through BatchNorm, activations,
+  pooling, nn.Flatten/flatten and flattening views (`_channel_plan`); channels tied by
+  residual additions, concatenation or anything else are left alone and reported.
 - `fold_batchnorm(model)`: Conv/Linear followed by BatchNorm (eval) becomes one layer.
 
 Per-layer sparsity from measured metric drops (sensitivity, allocate, sweep) is in
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from typing import Callable, Iterable
 
 import torch
@@ -96,29 +98,187 @@ def remove_layers(model: nn.Module, names: list[str], example_input) -> nn.Modul
 
 
 # ---------------------------------------------------------------------- channel pruning
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+# elementwise: the output has the input's shape and element i depends on element i only
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.Hardswish, nn.ELU,
-                 nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-_PASS_FUNCTIONS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.gelu, torch.nn.functional.silu,
-                   torch.tanh, torch.sigmoid, torch.nn.functional.dropout, torch.nn.functional.max_pool2d,
-                   torch.nn.functional.avg_pool2d, torch.nn.functional.adaptive_avg_pool2d}
+                 nn.Mish, nn.Hardsigmoid, nn.Hardtanh, nn.SELU, nn.CELU, nn.Softplus,
+                 nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
+_PASS_FUNCTIONS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6, torch.nn.functional.gelu,
+                   torch.nn.functional.silu, torch.nn.functional.hardswish, torch.nn.functional.leaky_relu,
+                   torch.nn.functional.elu, torch.nn.functional.mish, torch.tanh, torch.sigmoid,
+                   torch.nn.functional.dropout}
 _PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous"}
+# pooling over the last two dimensions: channels pass when they are not among those two
+_POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_POOL_FUNCTIONS = {torch.nn.functional.max_pool2d, torch.nn.functional.avg_pool2d,
+                   torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.adaptive_max_pool2d}
+# reductions over explicit dimensions (x.mean((2, 3)) as a global pool)
+_REDUCE_FUNCTIONS = {torch.mean: "mean", torch.sum: "sum", torch.amax: "amax"}
+_REDUCE_METHODS = {"mean", "sum", "amax"}
+# subclasses of Linear/Conv2d/BatchNorm that compute what their torch base computes (BatchNormAct2d
+# then applies its `drop` and `act` children, checked to be elementwise): traced as one module
+_SAME_AS_BASE = {"timm.layers.linear.Linear", "timm.layers.norm_act.BatchNormAct2d"}
 
 
-def _channel_plan(model: nn.Module, example_input):
-    """For each Linear/Conv2d producer: (bns, consumers, spatial) or a reason it is tied."""
+def _known_subclass(m: nn.Module) -> bool:
+    name = f"{type(m).__module__}.{type(m).__qualname__}"
+    return name in _SAME_AS_BASE and all(isinstance(c, _PASS_MODULES) for c in m.children())
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with the subclasses in _SAME_AS_BASE kept as modules (timm's
+    Linear head and BatchNormAct2d), so their weights can be cut like torch's."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return super().is_leaf_module(m, qualname) or _known_subclass(m)
+
+
+def _trace(model: nn.Module, example_input) -> fx.GraphModule:
+    """The model traced (sharing its modules), each tensor node with its shape
+    (node.meta["tensor_meta"]). Shapes are found in eval mode, so tracing never changes
+    BatchNorm statistics; the modules' modes are restored."""
     try:
-        gm = fx.symbolic_trace(model)
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        gm = fx.GraphModule(tracer.root, graph)
     except Exception as e:  # noqa: BLE001 - any tracing failure means we cannot analyse it
         raise ValueError(f"prune_channels: the model cannot be traced with torch.fx ({type(e).__name__}: {e})")
     from torch.fx.passes.shape_prop import ShapeProp
 
     args = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
-    ShapeProp(gm).propagate(*args)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*args)
+    finally:
+        for m, t in modes:
+            m.training = t
+    return gm
+
+
+def _shape(node) -> tuple | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _arg(node: fx.Node, i: int, name: str, default):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _dims(d, ndim: int) -> list[int] | None:
+    """Normalized dimension list of an int/tuple/list argument; None when not literal ints."""
+    ds = list(d) if isinstance(d, (tuple, list)) else [d]
+    if not ds or not all(isinstance(x, int) for x in ds):
+        return None
+    return [x % ndim for x in ds]
+
+
+def _only_input(u: fx.Node, src: fx.Node) -> bool:
+    """src is u's first argument and nowhere else among its arguments."""
+    seen = []
+    fx.node.map_arg((u.args[1:], u.kwargs), lambda n: seen.append(n) or n)
+    return bool(u.args) and u.args[0] is src and src not in seen
+
+
+def _metadata_read(u: fx.Node, cdim: int, ndim: int) -> str | None:
+    """For x.size(...), x.shape, x.dim(): None when it reads no channel count (a harmless
+    user), else why it is not."""
+    if u.op == "call_method" and u.target == "dim" or \
+            u.op == "call_function" and u.target is getattr and u.args[1] in ("ndim", "dtype", "device"):
+        return None
+    whole = (u.op == "call_method" and u.target == "size" and _arg(u, 1, "dim", None) is None) or \
+        (u.op == "call_function" and u.target is getattr and u.args[1] == "shape")
+    if u.op == "call_method" and u.target == "size" and not whole:
+        d = _dims(_arg(u, 1, "dim", None), ndim)
+        return None if d is not None and cdim not in d else "its channel count is read (size of the channel dim)"
+    if whole:
+        for v in u.users:
+            if not (v.op == "call_function" and v.target is operator.getitem and isinstance(v.args[1], int)
+                    and v.args[1] % ndim != cdim):
+                return "its shape is read as a whole or at the channel dim"
+        return None
+    return "not a metadata read"
+
+
+def _follow(u: fx.Node, src: fx.Node, cdim: int, sp: int):
+    """Where the channels of src (at dimension cdim, each a block of sp consecutive
+    entries) are in u's output: (cdim, sp), or a str saying why they cannot be followed."""
+    shape, out = _shape(src), _shape(u)
+    if shape is None or out is None:
+        return f"{u.op} {u.target!r} does not map a tensor to a tensor"
+    ndim = len(shape)
+    if u.op == "call_function" and u.target is torch.flatten or u.op == "call_method" and u.target == "flatten" \
+            or u.op == "call_module" and isinstance(u.meta.get("_sk_module"), nn.Flatten):
+        if u.op == "call_module":
+            m = u.meta["_sk_module"]
+            start, end = m.start_dim, m.end_dim
+        else:
+            start, end = _arg(u, 1, "start_dim", 0), _arg(u, 2, "end_dim", -1)
+        if not isinstance(start, int) or not isinstance(end, int):
+            return "flatten with computed dimensions"
+        start, end = start % ndim, end % ndim
+        if end < start or start == end:
+            return (cdim, sp)
+        if cdim < start:
+            return (cdim, sp)
+        if cdim > end:
+            return (cdim - (end - start), sp)
+        if cdim != start:
+            return f"flatten from dim {start} mixes the channels (channel dim {cdim})"
+        return (cdim, sp * math.prod(shape[start + 1:end + 1]))
+    if (u.op == "call_method" and u.target in ("view", "reshape")) or \
+            (u.op == "call_function" and u.target is torch.reshape):
+        sizes = list(u.args[1:]) if u.op == "call_method" else [_arg(u, 1, "shape", None)]
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+            sizes = list(sizes[0])
+        if len(out) == cdim + 1 and len(sizes) == cdim + 1 and isinstance(sizes[cdim], int) and sizes[cdim] == -1 \
+                and out[:cdim] == shape[:cdim]:
+            return (cdim, sp * math.prod(shape[cdim + 1:]))
+        return (f"{u.target if u.op == 'call_method' else 'reshape'} to {tuple(out)} with sizes "
+                f"{[s if isinstance(s, int) else '?' for s in sizes]}: only a flatten from the channel dim "
+                f"({cdim}) with -1 there follows the channels")
+    if (u.op == "call_module" and isinstance(u.meta.get("_sk_module"), _POOL_MODULES)) or \
+            (u.op == "call_function" and u.target in _POOL_FUNCTIONS):
+        return (cdim, sp) if cdim < ndim - 2 else "pooling over the channel dim"
+    if (u.op == "call_function" and u.target in _REDUCE_FUNCTIONS) or \
+            (u.op == "call_method" and u.target in _REDUCE_METHODS):
+        dims = _dims(_arg(u, 1, "dim", None), ndim)
+        keep = _arg(u, 2, "keepdim", False)
+        if dims is None or not isinstance(keep, bool) or cdim in dims:
+            return "a reduction over the channel dim (or over every dim)"
+        return (cdim if keep else cdim - sum(d < cdim for d in set(dims)), sp)
+    if (u.op == "call_method" and u.target == "squeeze") or (u.op == "call_function" and u.target is torch.squeeze):
+        dims = _dims(_arg(u, 1, "dim", None), ndim)
+        if dims is None or cdim in dims:
+            return "squeeze without a dim, or of the channel dim (one kept channel would vanish)"
+        return (cdim - sum(d < cdim and shape[d] == 1 for d in set(dims)), sp)
+    if (u.op == "call_module" and isinstance(u.meta.get("_sk_module"), _PASS_MODULES)) or \
+            (u.op == "call_function" and u.target in _PASS_FUNCTIONS) or \
+            (u.op == "call_method" and u.target in _PASS_METHODS):
+        return (cdim, sp) if out == shape else f"{u.target!r} changes the shape"
+    what = u.target if u.op != "call_function" else getattr(u.target, "__name__", str(u.target))
+    return f"its output reaches {u.op} {what!r} (residual add, concat or output)"
+
+
+def _channel_plan(model: nn.Module, example_input):
+    """For each Linear/Conv2d producer: (batchnorms, consumers), each a list of (name, sp)
+    where sp is how many consecutive inputs of that layer each output channel of the
+    producer became (a flatten of H x W makes H*W); or the reason it is tied.
+
+    The channels are followed from the producer's output (dim 1 of a Conv2d, the last dim
+    of a Linear) through BatchNorm (channels at dim 1), elementwise activations and
+    dropout, 2-D pooling and reductions over other dims, squeeze of other dims, flatten
+    (function, method or nn.Flatten) and view/reshape that flatten from the channel dim
+    with -1 there (x.view(x.size(0), -1)), and reads of the shape at other dims. A
+    Linear consumer must take them in its last dim, a Conv2d consumer at dim 1 unflattened."""
+    gm = _trace(model, example_input)
     mods = dict(gm.named_modules())
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+            node.meta["_sk_module"] = mods[node.target]
     plans, tied = {}, {}
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(mods[node.target], PRUNABLE):
@@ -130,37 +290,49 @@ def _channel_plan(model: nn.Module, example_input):
         if calls[node.target] != 1:
             tied[node.target] = "module called more than once"
             continue
+        out = _shape(node)
+        if out is None:
+            tied[node.target] = "no output shape"
+            continue
+        nout = prod.weight.shape[0]
         bns, consumers, reason = [], [], None
-        stack = [(u, 1) for u in node.users]
+        stack = [(u, node, len(out) - (3 if isinstance(prod, nn.Conv2d) else 1), 1) for u in node.users]
         while stack and reason is None:
-            u, sp = stack.pop()
+            u, src, cdim, sp = stack.pop()
+            shape = _shape(src)
             tgt = mods.get(u.target) if u.op == "call_module" else None
-            if u.op == "call_module" and isinstance(tgt, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            if shape is None or not _only_input(u, src):
+                reason = f"its output reaches {u.op} {getattr(u.target, '__name__', u.target)!r} " \
+                         f"(residual add, concat or output)"
+            elif (meta := _metadata_read(u, cdim, len(shape))) != "not a metadata read":
+                reason = meta  # None for x.size(0), x.shape[0]: unchanged by the surgery
+            elif isinstance(tgt, _BATCHNORMS) and (type(tgt).forward in (nn.BatchNorm1d.forward,
+                                                                         nn.BatchNorm2d.forward)
+                                                   or _known_subclass(tgt)):
                 if calls[u.target] != 1:
                     reason = "shared BatchNorm"
-                bns.append(u.target)
-                stack += [(v, sp) for v in u.users]
-            elif u.op == "call_module" and isinstance(tgt, PRUNABLE):
+                elif cdim != 1 or tgt.num_features != nout * sp:
+                    reason = f"BatchNorm {u.target} does not normalize its channels at dim 1"
+                bns.append((u.target, sp))
+                stack += [(v, u, cdim, sp) for v in u.users]
+            elif isinstance(tgt, PRUNABLE):
                 if isinstance(tgt, nn.Conv2d) and tgt.groups != 1:
                     reason = f"consumer {u.target} is a grouped convolution"
                 elif calls[u.target] != 1:
                     reason = f"consumer {u.target} is called more than once"
+                elif isinstance(tgt, nn.Conv2d) and (sp != 1 or cdim != len(shape) - 3):
+                    reason = f"consumer {u.target} does not take the channels as its input channels"
+                elif isinstance(tgt, nn.Linear) and cdim != len(shape) - 1:
+                    reason = f"consumer {u.target} does not take the channels in its last dim"
+                elif tgt.weight.shape[1] != nout * sp:
+                    reason = f"consumer {u.target} has {tgt.weight.shape[1]} inputs, not {nout} x {sp}"
                 consumers.append((u.target, sp))
-            elif (u.op == "call_module" and isinstance(tgt, _PASS_MODULES)) or \
-                    (u.op == "call_function" and u.target in _PASS_FUNCTIONS) or \
-                    (u.op == "call_method" and u.target in _PASS_METHODS):
-                stack += [(v, sp) for v in u.users]
-            elif (u.op == "call_function" and u.target is torch.flatten) or \
-                    (u.op == "call_method" and u.target == "flatten"):
-                shape = u.args[0].meta["tensor_meta"].shape
-                start = u.args[1] if len(u.args) > 1 else u.kwargs.get("start_dim", 0)
-                if start != 1 or len(shape) < 3:
-                    reason = f"flatten from dim {start}"
-                else:
-                    stack += [(v, sp * math.prod(shape[2:])) for v in u.users]
             else:
-                what = u.target if u.op != "call_function" else getattr(u.target, "__name__", str(u.target))
-                reason = f"its output reaches {u.op} {what!r} (residual add, concat or output)"
+                nxt = _follow(u, src, cdim, sp)
+                if isinstance(nxt, str):
+                    reason = nxt
+                else:
+                    stack += [(v, u, *nxt) for v in u.users]
         if reason is None and not consumers:
             reason = "no Linear/Conv2d consumes its output"
         if reason:
@@ -178,6 +350,11 @@ def _keep_channels(weight: torch.Tensor, amount, norm: str, round_to: int) -> to
         keep = min(out, math.ceil(keep / round_to) * round_to)
     g = group_score(weight, "row", norm=norm).reshape(-1)
     return torch.sort(torch.topk(g, keep).indices).values
+
+
+def _columns(idx: torch.Tensor, sp: int) -> torch.Tensor:
+    """The inputs of a consumer that kept channels idx feed, each channel a block of sp."""
+    return idx.repeat_interleave(sp) * sp + torch.arange(sp).repeat(len(idx))
 
 
 def channel_cut_reference(model: nn.Module, kept: dict[str, torch.Tensor], example_input) -> nn.Module:
@@ -202,7 +379,8 @@ def prune_channels(model: nn.Module, amount, example_input, method: str = "l2", 
                    exclude: Iterable[str] = ()) -> dict:
     """Physically remove the `amount` weakest output channels (L1 or L2 group norm of
     each row, `method` "l1"/"l2") of every Linear/Conv2d whose channels feed only other
-    Linear/Conv2d layers (through BatchNorm, activations, pooling, dropout, flatten).
+    Linear/Conv2d layers (through BatchNorm, activations, pooling, dropout, nn.Flatten,
+    flatten and view/reshape from the channel dim: see _channel_plan).
     Kept counts are rounded up to a multiple of `round_to` (GPU-friendly). Modifies the
     model in place and returns {"kept": {layer: kept indices}, "skipped": {layer: why},
     "report": rows}."""
@@ -230,18 +408,18 @@ def prune_channels(model: nn.Module, amount, example_input, method: str = "l2", 
                 p.out_features = len(idx)
             else:
                 p.out_channels = len(idx)
-            for bn_name in plans[prod][0]:
-                bn = mods[bn_name]
+            for bn_name, sp in plans[prod][0]:
+                bn, cols = mods[bn_name], _columns(idx, sp).to(dev)
                 for attr in ("weight", "bias"):
                     if getattr(bn, attr) is not None:
-                        setattr(bn, attr, nn.Parameter(getattr(bn, attr)[idx_d].clone()))
+                        setattr(bn, attr, nn.Parameter(getattr(bn, attr)[cols].clone()))
                 for attr in ("running_mean", "running_var"):
                     if getattr(bn, attr) is not None:
-                        setattr(bn, attr, getattr(bn, attr)[idx_d].clone())
-                bn.num_features = len(idx)
+                        setattr(bn, attr, getattr(bn, attr)[cols].clone())
+                bn.num_features = len(cols)
             for cname, sp in plans[prod][1]:
                 c = mods[cname]
-                cols = (idx.repeat_interleave(sp) * sp + torch.arange(sp).repeat(len(idx))).to(dev)
+                cols = _columns(idx, sp).to(dev)
                 c.weight = nn.Parameter(c.weight[:, cols].clone())
                 if isinstance(c, nn.Linear):
                     c.in_features = c.weight.shape[1]
