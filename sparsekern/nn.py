@@ -20,7 +20,9 @@ Layouts of the compressed tensors: sparsekern/formats.py.
 """
 from __future__ import annotations
 
+import itertools
 import math
+import sys
 import time
 from typing import NamedTuple
 
@@ -175,6 +177,58 @@ def measure_paths(runners: dict, device: torch.device, reps: int, cold: bool) ->
                     fn()
                     times[p].append((time.perf_counter() - t) * 1e3)
     return {p: min(ts) for p, ts in times.items()}
+
+
+# ------------------------------------------------------- layers a sparse module replaces
+def is_conv1d(module) -> bool:
+    """True for transformers' Conv1D (GPT-2 and its family): a Linear that stores its weight
+    [in, out] and computes x @ W + b. Recognised without importing transformers (a model that
+    holds one has imported it)."""
+    cls = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return cls is not None and isinstance(module, cls)
+
+
+def linear_of(module: nn.Module) -> nn.Linear:
+    """An nn.Linear that computes what `module` computes: an nn.Linear itself; for a
+    transformers Conv1D, a new nn.Linear over its weight transposed (a copy, same device,
+    dtype and training mode; a torch.nn.utils.prune `weight_mask` comes along transposed)."""
+    if isinstance(module, nn.Linear):
+        return module
+    if not is_conv1d(module):
+        raise TypeError(f"linear_of: expected nn.Linear or transformers' Conv1D, got {type(module).__name__}")
+    w = module.weight.detach()
+    lin = nn.Linear(w.shape[0], w.shape[1], module.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w.t())
+        if module.bias is not None:
+            lin.bias.copy_(module.bias.detach())
+    if hasattr(module, "weight_mask"):
+        lin.register_buffer("weight_mask", module.weight_mask.t().contiguous())
+    return lin.train(module.training)
+
+
+def sparse_shell(layer: nn.Module, pattern: str, block: tuple[int, int] = (32, 32)) -> "SparseLinear | SparseConv2d":
+    """An empty sparse module in `layer`'s place: its geometry, bias, device and dtype, for
+    `pattern`, holding no weight yet (load_state_dict adopts the compressed tensors and checks
+    them). `layer`: nn.Linear, transformers' Conv1D (the shell is transposed=True) or
+    nn.Conv2d (settings SparseConv2d does not cover raise ValueError); TypeError otherwise."""
+    w = layer.weight
+    kind, params = kinds.parse(pattern, "sparse_shell")
+    block = kinds.KINDS[kind].block_of(params, block) or block
+    if isinstance(layer, nn.Conv2d):
+        SparseConv2d.check_supported(layer, "dense")
+        return SparseConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                            layer.dilation, layer.bias is not None, pattern, block, device=w.device, dtype=w.dtype)
+    if is_conv1d(layer):
+        shell = SparseLinear(w.shape[0], w.shape[1], layer.bias is not None, pattern, block, device=w.device,
+                             dtype=w.dtype)
+        shell.transposed = True
+        return shell
+    if isinstance(layer, nn.Linear):
+        return SparseLinear(layer.in_features, layer.out_features, layer.bias is not None, pattern, block,
+                            device=w.device, dtype=w.dtype)
+    raise TypeError(f"sparse_shell: a {type(layer).__name__} has no sparse counterpart "
+                    "(nn.Linear, transformers' Conv1D and nn.Conv2d do)")
 
 
 # ---------------------------------------------------------------------------- modules
@@ -389,8 +443,13 @@ class _SparseMixin:
                               f"but this layer's pattern is {self.pattern!r}")
                 return
             names = [k for k in state_dict if k.startswith(prefix + "weight_") and k != prefix + "weight_mask_bits"]
-            dev = saved.device if self.bias is None else self.bias.device
-            new = {k[len(prefix):]: state_dict[k].detach().clone().to(dev) for k in names}
+            dev = self._device()
+            if local_metadata.get("assign_to_params_buffers", False) or dev is None or dev.type == "meta":
+                # load_state_dict(assign=True), or a layer built on the meta device (structure
+                # only): the saved tensors become the buffers where they are.
+                new = {k[len(prefix):]: state_dict[k].detach() for k in names}
+            else:
+                new = {k[len(prefix):]: state_dict[k].detach().clone().to(dev) for k in names}
             # Validate before adopting anything: a corrupt or hostile file leaves the layer as it was.
             try:
                 meta_ints = [int(v) for v in new["weight_meta"].reshape(-1).tolist()]
@@ -424,6 +483,26 @@ class _SparseMixin:
             if cls is not None and f.quantized:
                 self.__dict__["_quantize"] = (f.precision, f.group_size)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    def take_pattern_of_weight(self):
+        """Spells this layer's `pattern` as its stored weight does (a shell built from a saved
+        weight_meta, which records the kind, learns the block shape from the tensors); returns
+        self."""
+        f = None if self.trainable else self.weight_format()
+        if f is not None and not isinstance(f, torch.Tensor):
+            kind, params = kinds.parse(f.pattern)
+            self.pattern, self._block = f.pattern, kinds.KINDS[kind].block_of(params, self._block) or self._block
+        return self
+
+    def _device(self) -> torch.device | None:
+        """Where this layer's tensors live: its bias, else its stored weight (weight_meta is
+        an index, not a place)."""
+        if self.bias is not None:
+            return self.bias.device
+        for k, t in itertools.chain(self._parameters.items(), self._buffers.items()):
+            if t is not None and k != "weight_meta":
+                return t.device
+        return None
 
     def _init_weight(self, w2d, mask, trainable, policy, value_scales=None):
         pattern = kinds.parse(self.pattern)
@@ -496,7 +575,15 @@ class _SparseMixin:
 
 
 class SparseLinear(_SparseMixin, nn.Module):
-    """nn.Linear with a compressed weight. Build with `SparseLinear.from_dense(linear, ...)`."""
+    """nn.Linear with a compressed weight. Build with `SparseLinear.from_dense(linear, ...)`.
+
+    `transposed` is True when the layer it replaced was transformers' Conv1D, which stores
+    its weight [in, out]: the compressed weight is [out, in] as for any Linear, to_dense()
+    gives an nn.Linear, and sparsekern.dense_state_dict gives the weight back as Conv1D
+    stores it. Not saved in the state dict: sparsekern.load reads it off the layer it
+    replaces."""
+
+    transposed = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, pattern: str = "2:4",
                  block: tuple[int, int] = (32, 32), device=None, dtype=None):
@@ -537,9 +624,16 @@ class SparseLinear(_SparseMixin, nn.Module):
                    value_scales: torch.Tensor | None = None) -> "SparseLinear":
         """Prune (unless `mask` is given) and compress `linear`'s weight; quantize: the kept
         values' precision (None, "int8", "int4" with group_size 32/64/128); value_scales:
-        fixed scales for them (as sparsegpt_prune_model(quantize=...) chose them)."""
+        fixed scales for them (as sparsegpt_prune_model(quantize=...) chose them).
+        `linear` may also be transformers' Conv1D (a mask is then given in its [in, out]
+        layout; the result is transposed=True)."""
+        transposed = is_conv1d(linear)
+        if transposed:
+            linear = linear_of(linear)
+            mask = None if mask is None else mask.t().contiguous()
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"SparseLinear.from_dense: expected nn.Linear, got {type(linear).__name__}")
+            raise TypeError(f"SparseLinear.from_dense: expected nn.Linear or transformers' Conv1D, "
+                            f"got {type(linear).__name__}")
         where = "SparseLinear.from_dense"
         kind, params = kinds.parse(pattern, where)
         w = linear.weight.detach()
@@ -557,6 +651,7 @@ class SparseLinear(_SparseMixin, nn.Module):
         if linear.bias is not None:
             mod.bias.data.copy_(linear.bias.detach())
         mod._init_weight(w, mask, trainable, policy, value_scales)
+        mod.transposed = transposed
         return mod
 
     def _weight_shape(self):
@@ -579,7 +674,8 @@ class SparseLinear(_SparseMixin, nn.Module):
         return torch.nn.functional.linear(x, self._dense_weight(path, f), self.bias)
 
     def to_dense(self) -> nn.Linear:
-        """A plain nn.Linear with the zeros in place."""
+        """A plain nn.Linear with the zeros in place (also for a transposed layer: it computes
+        what the Conv1D did)."""
         w = self.dense_weight_2d()
         lin = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=w.device, dtype=w.dtype)
         with torch.no_grad():
@@ -589,7 +685,8 @@ class SparseLinear(_SparseMixin, nn.Module):
         return lin
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.describe()}"
+        conv1d = ", replaces a Conv1D (weight [in, out])" if self.transposed else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}{conv1d}, {self.describe()}"
 
 
 class SparseConv2d(_SparseMixin, nn.Module):

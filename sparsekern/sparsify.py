@@ -2,6 +2,7 @@
 sparse state dict into a dense model."""
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import itertools
 from typing import Callable, Iterable
@@ -10,8 +11,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import kinds, memory, precisions, prune
-from .nn import SPARSE_MODULES, Policy, SparseConv2d, SparseLinear
+from . import kinds, memory, precisions, prune, serialization
+from .nn import SPARSE_MODULES, Policy, SparseConv2d, SparseLinear, is_conv1d, linear_of, sparse_shell
 from .patterns import as_2d
 
 
@@ -34,8 +35,9 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
              calibration: Iterable | None = None, loss_fn: Callable | None = None, include=None, exclude=None,
              min_features: int = 128, block: tuple[int, int] = (32, 32), trainable: bool = False,
              policy: Policy | None = None, show_progress: bool = True, channels_last: bool | None = None,
-             quantize: str | None = None, group_size: int = 128):
-    """Score, mask and swap every eligible nn.Linear / nn.Conv2d for a sparse module, in place.
+             quantize: str | None = None, group_size: int = 128, untie: bool = False):
+    """Score, mask and swap every eligible nn.Linear / nn.Conv2d (and transformers' Conv1D,
+    GPT-2's layers, whose weight is stored [in, out]) for a sparse module, in place.
 
     pattern: "2:4" / "N:M", "unstructured" (with sparsity), "block" (with sparsity, block).
     method: l1, l2, random, taylor (calibration + loss_fn(model, batch)), wanda (calibration),
@@ -58,8 +60,20 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
     (the weight's dtype). With method="sparsegpt" the kept weights are quantized inside
     the sweep (joint: the reconstruction compensates the rounding too); otherwise after
     pruning. Layouts: sparsekern/precisions.py.
-    Returns (model, report): one row per layer (pattern, density, bytes before/after,
-    backend and why, or why it was left dense).
+    untie: a layer whose weight is tied to another module's (a language model's lm_head and
+    its embedding) stays dense by default, so the tie holds; untie=True prunes it on its own
+    (the other module keeps the dense weight) and sets a Hugging Face config's
+    tie_word_embeddings to False, so tie_weights() leaves it alone. A layer reached by several
+    paths (one module object) is swapped once, under all of them.
+    A model on the meta device (no values yet) is refused: load its weights first, or load a
+    saved sparse model into it with sparsekern.load.
+    Returns (model, report): one row per module that holds a weight, in model order:
+    "sparse" (pattern, density, bytes before/after, backend and why), "dense" (a float
+    weight left as it is, and why: too small, excluded, tied, not a layer sparsify swaps,
+    ...) or "skipped" (no float weight to prune: already quantized, on the meta device,
+    already sparse). A Hugging Face model records the sparse layers in
+    config.quantization_config, so save_pretrained writes them to config.json and
+    sparsekern.load(ModelClass, folder) loads the model back (docs/SAVING.md).
     """
     kind, params = kinds.parse(pattern, "sparsify")
     entry = kinds.KINDS[kind]
@@ -83,34 +97,42 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
     if method == "taylor" and loss_fn is None:
         raise ValueError("sparsify: method 'taylor' needs loss_fn=(model, batch) -> loss")
     candidates, report = [], []
-    # nn.MultiheadAttention reads out_proj.weight directly, so its projection must stay nn.Linear.
-    mha_children = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
-                    for c, _ in m.named_children()}
-    for name, mod in model.named_modules():
-        if not isinstance(mod, prune.PRUNABLE) or isinstance(mod, SPARSE_MODULES):
+    walk = _walk(model, include, exclude, untie)
+    for name, mod, row, reason in walk:
+        report.append(row)
+        if reason is not None:
+            row.update(status="dense" if row.pop("float", True) else "skipped", reason=reason)
             continue
-        if include is not None and not _matches(name, include):
-            continue
-        row = {"layer": name, "type": type(mod).__name__}
-        if _matches(name, exclude):
-            report.append({**row, "status": "dense", "reason": "excluded"})
-            continue
-        if name in mha_children:
-            report.append({**row, "status": "dense", "reason": "nn.MultiheadAttention reads its weight directly"})
-            continue
-        w = mod.weight
-        if min(w.shape[0], w[0].numel()) < min_features:
-            report.append({**row, "status": "dense", "reason": f"smaller than min_features={min_features}"})
+        out, inp = _out_in(mod)
+        if min(out, inp) < min_features:
+            row.update(status="dense", reason=f"smaller than min_features={min_features}")
             continue
         try:
             if isinstance(mod, nn.Conv2d):
                 SparseConv2d.check_supported(mod, pattern, block)
             else:
-                entry.check_shape(w.shape[0], w.shape[1], params, block, "sparsify")
+                entry.check_shape(out, inp, params, block, "sparsify")
         except (ValueError, TypeError) as e:
-            report.append({**row, "status": "dense", "reason": str(e)})
+            row.update(status="dense", reason=str(e))
             continue
-        candidates.append((name, mod))
+        candidates.append((name, mod, row))
+    meta = [r["layer"] for r in report if r.get("on_meta")]
+    if meta and not candidates:
+        raise ValueError(f"sparsify: the model's weights are on the meta device ({len(meta)} layers, e.g. "
+                         f"{meta[0]!r}): built without values (torch.device('meta'), init_empty_weights), there is "
+                         "nothing to prune. Load the weights first (from_pretrained, or to_empty() and "
+                         "load_state_dict), then sparsify; to load a saved sparse model into it, use "
+                         "sparsekern.load(model, path)")
+    # transformers' Conv1D (weight [in, out]) becomes the nn.Linear it computes, so scores,
+    # calibration and SparseGPT see one kind of layer; the sparse module records the transpose.
+    conv1d = set()
+    for i, (name, mod, row) in enumerate(candidates):
+        if is_conv1d(mod):
+            lin = linear_of(mod)
+            for alias in row.get("shared_with", []) + [name]:
+                set_module(model, alias, lin)
+            candidates[i] = (name, lin, row)
+            conv1d.add(name)
     grads = norms = None
     value_scales: dict = {}
     if method == "wanda":
@@ -121,10 +143,10 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
         from .sparsegpt import sparsegpt_prune_model
 
         sparsegpt_prune_model(model, calibration, pattern, 0.5 if sparsity is None else sparsity,
-                              layers=[n for n, _ in candidates], block=block, show_progress=show_progress,
+                              layers=[n for n, _, _ in candidates], block=block, show_progress=show_progress,
                               quantize=quantize, group_size=group_size, scales_out=value_scales)
 
-    for name, mod in tqdm(candidates, "sparsify", disable=not show_progress, mininterval=1.0):
+    for name, mod, row in tqdm(candidates, "sparsify", disable=not show_progress, mininterval=1.0):
         cls = SparseConv2d if isinstance(mod, nn.Conv2d) else SparseLinear
         dense_bytes = mod.weight.numel() * mod.weight.element_size()
         new = cls.from_dense(mod, pattern, method=method, sparsity=sparsity, block=block, trainable=trainable,
@@ -132,11 +154,13 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
                              act_norm=None if norms is None else norms[name], quantize=quantize,
                              group_size=group_size, value_scales=value_scales.get(name))
         new.train(mod.training)
-        set_module(model, name, new)
-        report.append({"layer": name, "type": type(mod).__name__, "status": "sparse", "pattern": pattern,
-                       "values": quantize or str(mod.weight.dtype).replace("torch.", ""),
-                       "density": float(new.mask().float().mean()), "bytes_before": dense_bytes,
-                       "bytes_after": new.weight_nbytes(), "backend": new.backend, "reason": new.reason})
+        if name in conv1d:
+            new.transposed = True
+        for alias in row.get("shared_with", []) + [name]:  # one compressed weight for every path to it
+            set_module(model, alias, new)
+        row.update(status="sparse", pattern=pattern, values=quantize or str(mod.weight.dtype).replace("torch.", ""),
+                   density=float(new.mask().float().mean()), bytes_before=dense_bytes,
+                   bytes_after=new.weight_nbytes(), backend=new.backend, reason=new.reason)
     if channels_last is None:
         # (a trainable module holds its weight as a Parameter, a frozen one as buffers)
         channels_last = any(isinstance(m, SparseConv2d) and
@@ -145,7 +169,92 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
     if channels_last:
         _dense_convs_channels_last(model, report)
     memory.release_freed_memory()  # the dense weights just freed (sparsekern/memory.py)
+    serialization.record_in_config(model)  # Hugging Face: save_pretrained writes it to config.json
     return model, report
+
+
+SWAPPED = "nn.Linear, nn.Conv2d and transformers' Conv1D"
+
+
+def _out_in(mod: nn.Module) -> tuple[int, int]:
+    """(outputs, inputs per output) of a layer sparsify swaps."""
+    w = mod.weight
+    return (w.shape[1], w.shape[0]) if is_conv1d(mod) else (w.shape[0], w[0].numel())
+
+
+def _quantized(mod: nn.Module) -> str | None:
+    """Why `mod` holds no float weight sparsify could prune (torch.ao quantized modules,
+    integer or quantized weight tensors, e.g. bitsandbytes' Int8Params), or None."""
+    w = getattr(mod, "weight", None)
+    if callable(w) and not isinstance(w, torch.Tensor):  # torch.ao quantized modules: weight() unpacks
+        with contextlib.suppress(Exception):
+            w = w()
+    where = type(mod).__module__
+    if ".quantized" in where or (isinstance(w, torch.Tensor) and (w.is_quantized or not w.is_floating_point())):
+        dtype = str(w.dtype).replace("torch.", "") if isinstance(w, torch.Tensor) else "?"
+        return (f"already quantized ({where}.{type(mod).__name__}, weight {dtype}): sparsify prunes float weights; "
+                "run it on the float model, with quantize='int8' (or 'int4') to store the kept values quantized")
+    return None
+
+
+def _walk(model: nn.Module, include, exclude, untie: bool):
+    """(name, module, report row, reason it stays as it is or None) for every module of
+    `model` that holds a weight, once per module (a module reached by several paths lists
+    them in row["shared_with"]); tied weights are kept dense unless `untie`."""
+    paths: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(mod), []).append(name)
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}  # parameter -> (its names, its modules)
+    for name, mod in model.named_modules(remove_duplicate=False):
+        for k, p in mod.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((f"{name}.{k}" if name else k, mod))
+    # nn.MultiheadAttention reads out_proj.weight directly, so its projection must stay nn.Linear.
+    mha_children = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+                    for c, _ in m.named_children()}
+    for name, mod in model.named_modules():
+        holds = next(mod.parameters(recurse=False), None) is not None or hasattr(mod, "weight")
+        if not holds:
+            continue
+        row = {"layer": name, "type": type(mod).__name__}
+        if len(paths[id(mod)]) > 1:
+            row["shared_with"] = [p for p in paths[id(mod)] if p != name]
+        if isinstance(mod, SPARSE_MODULES):
+            yield name, mod, {**row, "float": False}, f"already sparse ({mod.pattern})"
+            continue
+        reason = _quantized(mod)
+        if reason is not None:
+            yield name, mod, {**row, "float": False}, reason
+            continue
+        linear_like = isinstance(mod, prune.PRUNABLE) or is_conv1d(mod)
+        if not linear_like:
+            yield name, mod, row, f"not a layer sparsify swaps ({SWAPPED} are)"
+            continue
+        if mod.weight.is_meta:
+            yield name, mod, {**row, "float": False, "on_meta": True}, (
+                "weight on the meta device (not loaded): load the weights, then sparsify; sparsekern.load "
+                "loads a saved sparse model into it")
+            continue
+        if include is not None and not _matches(name, include):
+            yield name, mod, row, "not matched by include="
+            continue
+        if _matches(name, exclude):
+            yield name, mod, row, "excluded"
+            continue
+        if name in mha_children:
+            yield name, mod, row, "nn.MultiheadAttention reads its weight directly"
+            continue
+        tied = [n for n, m in owners.get(id(mod.weight), []) if m is not mod]
+        if tied:
+            if not untie:
+                yield name, mod, row, (f"weight tied to {', '.join(tied)}: kept dense so the tie holds "
+                                       "(sparsify(..., untie=True) prunes it on its own and unties)")
+                continue
+            row["tied"] = f"untied from {', '.join(tied)} (they keep the dense weight)"
+            for _, cfg in serialization.hf_configs(model):
+                if getattr(cfg, "tie_word_embeddings", False):  # else tie_weights() would tie them again
+                    cfg.tie_word_embeddings = False
+                    row["tied"] += "; config.tie_word_embeddings set to False"
+        yield name, mod, row, None
 
 
 def _dense_convs_channels_last(model: nn.Module, report: list[dict]) -> None:
@@ -206,6 +315,7 @@ def from_torch_prune(model: nn.Module, policy: Policy | None = None, trainable: 
         set_module(model, name, new)
         report.append({"layer": name, "status": "sparse", "pattern": pattern, "density": 1 - sparsity,
                        "backend": new.backend, "reason": new.reason})
+    serialization.record_in_config(model)
     return model, report
 
 
@@ -219,6 +329,7 @@ def quantize_values(model: nn.Module, precision: str | None, group_size: int = 1
         if isinstance(mod, SPARSE_MODULES):
             mod.quantize_values(precision, group_size)
     memory.release_freed_memory()
+    serialization.record_in_config(model)
     return model
 
 
@@ -243,7 +354,9 @@ def dense_state_dict(sparse_model_or_state: nn.Module | dict, template: nn.Modul
             if isinstance(mod, SPARSE_MODULES):
                 prefix = name + "." if name else ""
                 dense = mod.to_dense()
-                out[prefix + "weight"] = dense.weight.detach()
+                # A layer that replaced transformers' Conv1D gives its weight as Conv1D stores it.
+                out[prefix + "weight"] = dense.weight.detach().t() if getattr(mod, "transposed", False) else \
+                    dense.weight.detach()
                 if dense.bias is not None:
                     out[prefix + "bias"] = dense.bias.detach()
         for k, v in sparse_model_or_state.state_dict().items():
@@ -260,13 +373,10 @@ def dense_state_dict(sparse_model_or_state: nn.Module | dict, template: nn.Modul
             continue
         prefix = k[: -len("weight_meta")]
         layer = mods[prefix[:-1]]
-        probe = (SparseConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                              layer.dilation, layer.bias is not None, "dense")
-                 if isinstance(layer, nn.Conv2d) else
-                 SparseLinear(layer.in_features, layer.out_features, layer.bias is not None, "dense"))
+        probe = sparse_shell(layer, kinds.pattern_of_meta(meta))
         sub = {kk[len(prefix):]: v for kk, v in sd.items() if kk.startswith(prefix) and "." not in kk[len(prefix):]}
-        probe.pattern = kinds.pattern_of_meta(meta)
         probe.load_state_dict(sub)
         dense = probe.to_dense()
-        out[prefix + "weight"] = dense.weight.detach()
+        out[prefix + "weight"] = dense.weight.detach().t() if getattr(probe, "transposed", False) else \
+            dense.weight.detach()
     return out

@@ -21,7 +21,7 @@ LAYERS = [
     {"prune"},                                      # scores, masks, calibration, torch-prune-style functions
     {"kinds"},                                      # the registry of pattern kinds (grammar, format, masks)
     {"sparsegpt"},                                  # reconstruction
-    {"nn", "sparsify"},                             # modules and swap
+    {"nn", "sparsify", "serialization"},            # modules and swap; loading saved sparse models
     {"parallel"},                                   # tensor parallelism, DCP, FSDP2 helpers
     {"simplify", "selection"},                      # surgery; sensitivity, allocation, sweeps
     {"reporting"},                                  # tables and plots
