@@ -6,21 +6,32 @@
 #   bench/gpu_check.sh OUT_DIR             on the lent machine (e.g. bench/gpu_check.sh "$OUT")
 #   bench/gpu_check.sh --dry-run OUT_DIR   here, no GPU: every step with a CPU stand-in (< 2 min; CI)
 #
-# Steps (timeout in seconds; each is cut to what is left of the whole-run budget):
-#   env        10  nvidia-smi (read only), versions, tools                  -> summary.log
+# Steps (timeout in seconds; each is cut to what is left of the whole-run budget). The timeouts
+# add up to 420 s of the 470 s budget: 50 s spare, which covers the 5 s grace (`--kill-after`)
+# of every step that overruns; a slow step costs only its own results, never a later step's.
+#   env        20  nvidia-smi (read only), versions, tools (cold torch + Triton import)  -> summary.log
 #   build     120  sm_90a only, 16 jobs, -Xptxas=-v resource report,       -> build.log
 #                  parsed into a table (bench/ptxas_report.py; spills fail)
 #                  A failed build skips the CUDA C++ parts; Triton still runs.
-#   tests      90  pytest -k "cuda or gpu or cusparselt", no -x, 8 workers  -> tests.log
-#   smoke      70  edge shapes against fp64 (bench/gpu_smoke.py)            -> smoke.log
-#   sanitizer  60  compute-sanitizer memcheck, PYTORCH_NO_CUDA_MEMORY_CACHING=1, every CUDA
-#                  and Triton kernel (bench/sanitize_case.py)               -> sanitizer.log
-#   bench     115  decode + large batch + masked + Llama e2e (bench/bench_gpu_linear.py)
+#   tests      90  first the GPU kernel files (test_gpu_kernels, test_cusparselt, test_triton,
+#                  test_gpu_dispatch, test_gpu_triton), then every other test with "cuda", "gpu"
+#                  or "cusparselt" in its id; never the "cuda-reference" cases (plain torch on
+#                  CUDA); no -x, 8 workers when xdist is there, -v (a result per line as it ends)
+#                                                                           -> tests.log
+#   smoke      45  edge shapes against fp64 (bench/gpu_smoke.py --budget-s) -> smoke.log
+#   sanitizer  45  compute-sanitizer memcheck, PYTORCH_NO_CUDA_MEMORY_CACHING=1, every CUDA
+#                  and Triton kernel, a line per case (bench/sanitize_case.py --budget-s)
+#                                                                           -> sanitizer.log
+#   bench     100  decode + large batch with peers + masked + Llama e2e (bench/bench_gpu_linear.py)
 #                                                  -> bench.log, bench.json, tuning.json
 #   ncu       (optional, only with >= 45 s left) Nsight Compute on the two decode kernels at
 #                  batch 1                                                  -> bench.log
 # The last lines printed are the summary (also summary.log). Exit status: 0 when every step
 # that ran passed. Unpack OUT_DIR under bench/results/<card>-<date>/ and commit it.
+#
+# GPU_CHECK_SLOW_STEP=name:seconds[,name:seconds] makes those steps sleep that long before their
+# command (inside the step's timeout): a simulated slow step, to see that the later steps still
+# run and report (e.g. GPU_CHECK_SLOW_STEP=tests:999 bench/gpu_check.sh --dry-run /tmp/gc).
 set -uo pipefail
 
 DRY=0
@@ -33,6 +44,8 @@ PY=${PYTHON:-python3}
 command -v "$PY" > /dev/null || PY=python
 BUDGET=${GPU_CHECK_BUDGET_S:-470}     # the whole run; 8 minutes is 480
 DRY_LIMIT=120                         # the dry run must finish within this (CI)
+KILL_GRACE=5                          # timeout --kill-after: a step can overrun its timeout by this
+SLOW=${GPU_CHECK_SLOW_STEP:-}
 START=$(date +%s)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export PY DRY OUT
@@ -40,13 +53,15 @@ SUMMARY="$OUT/summary.log"
 : > "$SUMMARY"
 
 # name:timeout, in order. The sum must fit the budget (checked below, and by the dry run).
-PLAN="env:10 build:120 tests:90 smoke:70 sanitizer:60 bench:115"
+PLAN="env:20 build:120 tests:90 smoke:45 sanitizer:45 bench:100"
 NCU_MIN=45
 planned=0
-for s in $PLAN; do planned=$(( planned + ${s#*:} )); done
+nsteps=0
+for s in $PLAN; do planned=$(( planned + ${s#*:} )); nsteps=$(( nsteps + 1 )); done
 
 log() { echo "$*" | tee -a "$SUMMARY"; }
 budget_of() { for s in $PLAN; do [ "${s%%:*}" = "$1" ] && echo "${s#*:}"; done; }
+slow_of() { local s; for s in ${SLOW//,/ }; do [ "${s%%:*}" = "$1" ] && echo "${s#*:}"; done; }
 elapsed() { echo $(( $(date +%s) - START )); }
 
 declare -A RESULT
@@ -64,9 +79,16 @@ step() {
   log "::: $name (timeout ${budget} s, at $(elapsed) s)"
   echo "\$ $*" >> "$logf"
   # a shell function runs in a child bash (timeout runs programs only)
-  if declare -F "$1" > /dev/null; then set -- bash -c "$(declare -f "$1"); $1"; fi
+  # a step function may read STEP_S, its timeout
+  if declare -F "$1" > /dev/null; then set -- bash -c "STEP_S=$budget; $(declare -f "$1"); $1"; fi
+  local slow
+  slow=$(slow_of "$name")
+  if [ -n "$slow" ]; then
+    log "::: $name: GPU_CHECK_SLOW_STEP, sleeping ${slow} s first"
+    set -- bash -c 'sleep "$0" && exec "$@"' "$slow" "$@"
+  fi
   t0=$(date +%s)
-  timeout --signal=TERM --kill-after=5 "$budget" "$@" >> "$logf" 2>&1
+  timeout --signal=TERM --kill-after=$KILL_GRACE "$budget" "$@" >> "$logf" 2>&1
   rc=$?
   if (( rc == 124 || rc == 137 )); then res="TIMEOUT after ${budget} s"; FAILED=1
   elif (( rc == 0 )); then res="ok"
@@ -77,9 +99,11 @@ step() {
 }
 
 log "gpu_check $( ((DRY)) && echo '--dry-run ')-> $OUT; budget ${BUDGET} s, steps planned ${planned} s: $PLAN"
-if (( planned > BUDGET )); then
-  log "PLAN TOO LONG: the steps' timeouts add up to ${planned} s > budget ${BUDGET} s"; exit 2
+if (( planned + nsteps * KILL_GRACE > BUDGET )); then
+  log "PLAN TOO LONG: the steps' timeouts add up to ${planned} s (+ ${KILL_GRACE} s kill grace each) > budget ${BUDGET} s"
+  exit 2
 fi
+log "spare: $(( BUDGET - planned )) s ($(( BUDGET - planned - nsteps * KILL_GRACE )) s after every step's kill grace)"
 
 # ------------------------------------------------------------------------------ env
 env_info() {
@@ -146,19 +170,54 @@ else
 fi
 
 # ---------------------------------------------------------------------------- tests
-SELECT="(cuda or gpu or cusparselt) and not gpu_check"
+# First the files that test our GPU kernels (a timeout later keeps them), then the rest of
+# the GPU selection. "cuda-reference" ids test plain torch on CUDA: left out.
+FIRST="tests/test_gpu_kernels.py tests/test_cusparselt.py tests/test_triton.py tests/test_gpu_dispatch.py tests/test_gpu_triton.py"
+REST_K="(cuda or gpu or cusparselt) and not cuda-reference"
+IGNORE="--ignore=tests/test_gpu_check.py --ignore=tests/test_gpu_layout.py"
+for f in $FIRST; do IGNORE="$IGNORE --ignore=$f"; done
 XDIST=""
 $PY -c "import xdist" 2> /dev/null && XDIST="-n 8"
+export FIRST REST_K IGNORE XDIST
 if ((DRY)); then
-  step tests "$OUT/tests.log" $PY -m pytest tests -q -p no:cacheprovider --collect-only -k "$SELECT"
+  # one collection (one interpreter) of both selections: module names match -k too
+  sel="(($REST_K)"
+  for f in $FIRST; do sel="$sel or ${f#tests/}"; done
+  sel="$sel) and not cuda-reference and not test_gpu_check.py and not test_gpu_layout.py"
+  step tests "$OUT/tests.log" $PY -m pytest tests -q -p no:cacheprovider --collect-only -k "$sel"
 elif ((BUILT)); then
-  # -v: one line per test as it ends, so a timeout keeps every result so far
-  step tests "$OUT/tests.log" $PY -m pytest tests -v --tb=short -p no:cacheprovider -rfE $XDIST -k "$SELECT"
+  gpu_tests() {
+    # -v: one line per test as it ends, so a cut keeps every result so far. Each part runs
+    # under its own timeout inside the step's, so the step ends with its summary lines: a
+    # part cut short says so and does not fail the step (its results above still count).
+    local t0 rc rc2 left
+    t0=$(date +%s)
+    echo "--- first: $FIRST"
+    timeout --kill-after=3 $(( STEP_S - 12 )) $PY -m pytest $FIRST -v --tb=short -p no:cacheprovider -rfE $XDIST \
+      -k "not cuda-reference"
+    rc=$?
+    (( rc == 124 || rc == 137 )) && { echo "--- first: cut after $(( $(date +%s) - t0 )) s"; rc=0; }
+    left=$(( STEP_S - ($(date +%s) - t0) - 6 ))
+    if (( left < 10 )); then echo "--- rest: not run, ${left} s left"; return $rc; fi
+    echo "--- rest: -k \"$REST_K\" (${left} s)"
+    timeout --kill-after=3 $left $PY -m pytest tests $IGNORE -v --tb=short -p no:cacheprovider -rfE $XDIST -k "$REST_K"
+    rc2=$?
+    (( rc2 == 124 || rc2 == 137 )) && { echo "--- rest: cut after ${left} s"; rc2=0; }
+    (( rc2 == 5 )) && rc2=0  # nothing selected
+    return $(( rc ? rc : rc2 ))
+  }
+  step tests "$OUT/tests.log" gpu_tests
 else
   step tests "$OUT/tests.log" $PY -m pytest tests/test_triton.py tests/test_cusparselt.py tests/test_gpu_dispatch.py \
-    tests/test_gpu_triton.py -v --tb=short -p no:cacheprovider -rfE $XDIST
+    tests/test_gpu_triton.py -v --tb=short -p no:cacheprovider -rfE $XDIST -k "not cuda-reference"
 fi
-grep -E "tests collected|^(FAILED|ERROR) |=+ .*(passed|failed|error)" "$OUT/tests.log" | tail -12 | tee -a "$SUMMARY"
+# xdist prints "[gw3] [ 40%] FAILED tests/...": match FAILED/ERROR anywhere in the line
+{ grep -E "^--- |tests collected|[0-9]+ passed|[0-9]+ failed|=+ .*(passed|failed|error)" "$OUT/tests.log" | tail -8
+  # "FAILED tests/x.py::t - msg" (-rfE), "[gw3] [ 40%] FAILED tests/x.py::t" (xdist) and
+  # "tests/x.py::t FAILED [ 40%]" (-v, all a cut run leaves): one line per test id
+  grep -oE "(FAILED|ERROR) tests/[^ ]+|tests/[^ ]+ (FAILED|ERROR)" "$OUT/tests.log" \
+    | sed -E 's/^(tests\/[^ ]+) (FAILED|ERROR)$/\2 \1/' | sort -u | head -15
+} | tee -a "$SUMMARY"
 
 # ---------------------------------------------------------------------------- smoke
 NOCUDA=""
@@ -166,9 +225,9 @@ NOCUDA=""
 if ((DRY)); then
   step smoke "$OUT/smoke.log" $PY bench/gpu_smoke.py --dry-run
 else
-  step smoke "$OUT/smoke.log" $PY bench/gpu_smoke.py $NOCUDA
+  step smoke "$OUT/smoke.log" $PY bench/gpu_smoke.py $NOCUDA --budget-s $(( $(budget_of smoke) - 10 ))
 fi
-grep -E "^FAIL|^gpu_smoke:" "$OUT/smoke.log" | tail -12 | tee -a "$SUMMARY"
+grep -E "^FAIL|^SKIP|^gpu_smoke:" "$OUT/smoke.log" | tail -12 | tee -a "$SUMMARY"
 
 # ------------------------------------------------------------------------ sanitizer
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
@@ -178,11 +237,13 @@ if ((DRY)); then
   step sanitizer "$OUT/sanitizer.log" $PY bench/sanitize_case.py --dry-run
 elif [ -n "$SAN" ]; then
   step sanitizer "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck \
-    --error-exitcode 9 --print-limit 30 $PY bench/sanitize_case.py $NOCUDA
+    --error-exitcode 9 --print-limit 30 $PY bench/sanitize_case.py $NOCUDA --budget-s $(( $(budget_of sanitizer) - 12 ))
 else
   log "compute-sanitizer not found"; RESULT[sanitizer]="not found"; FAILED=1
 fi
-grep -E "ERROR SUMMARY|sanitize_case:|Invalid|out of bounds" "$OUT/sanitizer.log" | tail -5 | tee -a "$SUMMARY"
+{ grep -E "sanitize_case: .*(FAIL|SKIPPED)|Invalid|out of bounds" "$OUT/sanitizer.log" | head -6
+  grep -E "ERROR SUMMARY|sanitize_case: (ok|FAILED)|sanitize_case: \[" "$OUT/sanitizer.log" | tail -2
+} | tee -a "$SUMMARY"
 
 # ---------------------------------------------------------------------------- bench
 bench_budget=$(budget_of bench)
@@ -196,12 +257,14 @@ if ((DRY)); then
     log "bench plan: ${bench_planned} s of its ${bench_budget} s step"
   fi
 else
-  # stop starting new shapes 25 s before the step's end (masked + e2e still run)
+  # stop starting new shapes 40 s before the step's end (masked + e2e still run)
   step bench "$OUT/bench.log" $PY bench/bench_gpu_linear.py --out "$OUT/bench.json" --tuning-out "$OUT/tuning.json" \
     --budget-s $(( bench_budget - 40 ))
 fi
-grep -E "^(linear|masked|e2e) " "$OUT/bench.log" | grep -E "cuda|cusparselt|e2e|dispatched|error" | head -40 \
-  | tee -a "$SUMMARY"
+rm -f "$OUT"/*.tmp  # a write the timeout cut short
+{ grep -E "^linear " "$OUT/bench.log" | grep -E " 4096x4096 | error" | head -36
+  grep -E "^(masked|e2e) |^linear .*: [0-9.]+ s$" "$OUT/bench.log" | head -16
+} | tee -a "$SUMMARY"
 
 # ------------------------------------------------------------------------------ ncu
 NCU=$(command -v ncu || true)
@@ -220,10 +283,13 @@ total=$(elapsed)
 log ""
 log "=== gpu_check summary ($total s of ${BUDGET} s budget)"
 for s in env build tests smoke sanitizer bench ncu; do log "  $s: ${RESULT[$s]:-not run}"; done
+rm -f "$OUT"/*.tmp
 files=$(find "$OUT" -type f | wc -l)
 log "  files in $OUT: $files (limit 8): $(cd "$OUT" && ls | tr '\n' ' ')"
 (( files <= 8 )) || { log "TOO MANY FILES for the device tool (8)"; FAILED=1; }
-if ((DRY)) && (( total > DRY_LIMIT )); then
+slow_total=0
+for s in ${SLOW//,/ }; do slow_total=$(( slow_total + ${s#*:} )); done
+if ((DRY)) && (( total > DRY_LIMIT + slow_total )); then
   log "DRY RUN TOO SLOW: ${total} s > ${DRY_LIMIT} s"; FAILED=1
 fi
 log "gpu_check: exit $FAILED"

@@ -5,11 +5,15 @@
 
 Cases: batch 70000 (large-batch paths: cuSPARSELt/CUTLASS, decompress + cuBLAS, Triton);
 K = 513 and 1100 (tails: bitmask, the generic N:M kernel where K % 64 != 0); m = 8 and 16;
+quantized values (nm_linear_q int8 and int4 groups, bitmask_linear_q int8; Triton);
 non-contiguous x (a strided view); M*N > 2^31 output elements and M*K > 2^31 input elements
 (int64 offsets, checked on sampled rows); torch.compile with the batch changing 1 -> 5 -> 17
 (C++/CUDA op and Triton op, dynamic shapes, no recompile storm); opcheck on the Triton ops
 (aot-dispatch and compile: not seen working on the CPU interpreter, see CONVENTIONS.md).
-Each case names the backend that ran (ops.explain_backend). Exit status 1 if any case fails.
+Each case names the backend that ran (ops.explain_backend; a forced backend that did not run
+fails). --budget-s skips what would not finish in time (the two cold torch.compile cases need
+~15 s each) so the summary line always comes before the step's timeout. Exit status 1 if any
+case fails.
 """
 from __future__ import annotations
 
@@ -31,10 +35,20 @@ def rel(y, ref):
 
 
 class Runner:
-    def __init__(self, device, dry):
+    def __init__(self, device, dry, budget_s=0.0):
         self.device, self.dry, self.results = device, dry, []
+        self.start, self.budget_s = time.perf_counter(), budget_s
 
-    def case(self, name, fn):
+    def left(self) -> float:
+        return self.budget_s - (time.perf_counter() - self.start) if self.budget_s else float("inf")
+
+    def case(self, name, fn, needs_s=0.0):
+        """Runs one case; skipped (a SKIP line, not a failure) when less than needs_s of the
+        --budget-s time is left, so the summary line comes before the step's timeout."""
+        if self.left() < needs_s:
+            self.results.append((name, "SKIP"))
+            print(f"SKIP {name}: {max(self.left(), 0):.0f} s of --budget-s left, needs ~{needs_s:.0f} s", flush=True)
+            return
         t0 = time.perf_counter()
         try:
             note = fn()
@@ -57,13 +71,15 @@ def check(y, ref, dtype, what):
     return err
 
 
-def linear_case(op, W, x, dtype, backend=None):
+def linear_case(op, W, x, dtype, backend=None, public=None):
     """y through ops (forced backend if given) against fp64; returns a note with the backend."""
     from sparsekern import ops
 
     with ops.use_backend(backend):
         ran, _ = ops.explain_backend(op, x, W)
-        y = getattr(ops, op)(x, W)
+        if backend is not None and ran != backend:
+            raise AssertionError(f"{op}: asked for {backend}, dispatch says {ran}")
+        y = getattr(ops, public or op)(x, W)
     ref = F.linear(x.double(), W.to_dense().double())
     return f"{ran} rel {check(y, ref, dtype, op):.1e}"
 
@@ -89,6 +105,8 @@ def main(argv=None):
     p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile cases")
     p.add_argument("--no-cuda", action="store_true", help="the CUDA C++ kernels were not built: Triton and the "
                    "library paths only")
+    p.add_argument("--budget-s", type=float, default=0, help="skip cases that would not finish within this many "
+                   "seconds of the start (0: no limit); the cold torch.compile cases need ~15 s each")
     a = p.parse_args(argv)
     if a.dry_run:
         import os
@@ -102,10 +120,11 @@ def main(argv=None):
     dev = "cpu" if a.dry_run else "cuda"
     dry = a.dry_run
     bf16 = torch.bfloat16
-    r = Runner(dev, dry)
+    r = Runner(dev, dry, a.budget_s)
     torch.manual_seed(0)
     native = "cpp" if dry else ("triton" if a.no_cuda else "cuda")
-    backends = list(dict.fromkeys([None, native] + ([] if dry else ["triton"])))
+    # the dry run: the CPU kernels only ("auto" is the same kernel there)
+    backends = [native] if dry else list(dict.fromkeys([None, native, "triton"]))
 
     def rnd(*shape, dtype=bf16):
         return torch.randn(*shape, device=dev, dtype=dtype)
@@ -140,6 +159,23 @@ def main(argv=None):
             for be in backends:
                 r.case(f"nm_linear {n}:{m} {str(dtype)[6:]} K={k} batch {bsz} backend {be or 'auto'}",
                        lambda be=be, x=x, Wn=Wn, dtype=dtype: linear_case("nm_linear", Wn, x, dtype, be))
+
+    # -------- quantized values (Triton nm_linear_q / bitmask_linear_q; the CPU kernels in the dry run)
+    qbackends = ["cpp"] if dry else [None, "triton"]
+    for (kind, n, m, k, prec, group) in (("nm", 2, 4, 1100, "int8", 0), ("nm", 2, 4, 1024, "int4", 128),
+                                         ("nm", 4, 8, 1104, "int4", 32), ("bm", 0, 0, 1100, "int8", 0)):
+        if kind == "nm":
+            Wq = NMWeight.from_dense(torch.randn(96, k, device=dev), n, m, quantize=prec, group_size=group).to(dtype=bf16)
+        else:
+            Wq = BitmaskWeight.from_dense(torch.randn(96, k, device=dev), torch.rand(96, k, device=dev) < 0.3,
+                                          quantize=prec).to(dtype=bf16)
+        for bsz in ((1, 33) if dry else (1, 33, 700)):
+            x = rnd(bsz, k)
+            for be in qbackends:
+                label = f"{n}:{m}" if kind == "nm" else "30%"
+                r.case(f"{Wq.OP} {label} {prec}{'/' + str(group) if group else ''} K={k} batch {bsz} "
+                       f"backend {be or 'auto'}",
+                       lambda be=be, x=x, Wq=Wq: linear_case(Wq.OP, Wq, x, bf16, be, public="sparse_linear"))
 
     # -------- non-contiguous x
     base = rnd(9, 2 * 512)
@@ -182,7 +218,7 @@ def main(argv=None):
                         y = f(x)
                         notes.append(f"B={bsz} rel {check(y, F.linear(x.double(), W24.to_dense().double()), bf16, 'compile'):.1e}")
                 return f"{be}: " + ", ".join(notes)
-            r.case(f"torch.compile nm_linear batch 1->5->17 backend {be}", compiled)
+            r.case(f"torch.compile nm_linear batch 1->5->17 backend {be}", compiled, needs_s=15)
 
         def triton_opcheck():
             x = rnd(4, 512)
@@ -194,10 +230,12 @@ def main(argv=None):
             torch.library.opcheck(torch.ops.sparsekern_triton.bitmask_linear.default,
                                   (x, Wbm.values, Wbm.bitmask, Wbm.offsets, 512, None))
             return "schema, fake, aot-dispatch"
-        r.case("opcheck Triton nm_linear and bitmask_linear", triton_opcheck)
+        r.case("opcheck Triton nm_linear and bitmask_linear", triton_opcheck, needs_s=15)
 
-    failed = [n for n, s in r.results if s != "PASS"]
-    print(f"gpu_smoke: {len(r.results) - len(failed)} passed, {len(failed)} failed"
+    failed = [n for n, s in r.results if s == "FAIL"]
+    skipped = [n for n, s in r.results if s == "SKIP"]
+    print(f"gpu_smoke: {len(r.results) - len(failed) - len(skipped)} passed, {len(failed)} failed, "
+          f"{len(skipped)} skipped for time ({time.perf_counter() - r.start:.0f} s)"
           + (": " + "; ".join(failed) if failed else ""))
     return 1 if failed else 0
 

@@ -4,7 +4,9 @@
 //
 // For random 2:4 weights in the NMWeight layout (sparsekern/formats.py) it stages x into a
 // simulated shared-memory slice with xs_index, lets each of a warp's 32 lanes load its values
-// and index bytes at nm24_value_offset / nm24_meta_offset, builds A fragments with
+// and index bytes at nm24_value_offset / nm24_meta_offset (checking that a quad's value loads
+// are 64 adjacent bytes), transposes the index bytes in each quad round by round as the kernel's
+// shuffles do (nm24_quad_src/dst, nm24_meta_piece/place), builds A fragments with
 // nm24_dense_pair / nm24_nibble and B fragments from the slice, and multiplies them the way
 // mma.sync.m16n8k16 does according to the PTX ISA fragment tables (encoded here independently
 // of the kernel). The result must equal x @ W^T computed densely. It also checks that the
@@ -119,21 +121,43 @@ bool run_case(int O, int K, int B, int KS, int split, int r0, int NT, bool pad, 
   const int nss = int((k1 - k0 + kSuperCols - 1) / kSuperCols);
   for (int ss = 0; ss < nss; ++ss) {
     const int64_t c0 = k0 + int64_t(ss) * kSuperCols;
-    uint32_t vals[32][2][16] = {}, meta[32][2][2] = {};
+    uint32_t vals[32][2][16] = {}, raw[32][2][2] = {}, meta[32][2][2] = {};
     for (int lane = 0; lane < 32; ++lane) {
-      const int g = lane >> 2, q = lane & 3;
-      const bool cols_ok = c0 + 64 * q + 64 <= k1;
+      const int q = lane & 3;
       for (int h = 0; h < 2; ++h) {
-        const int r = r0 + g + 8 * h;
-        if (!cols_ok || r >= O) continue;
+        const int r = r0 + (lane >> 2) + 8 * h;
+        if (r >= O) continue;
         for (int i = 0; i < 4; ++i) {
+          if (!nm24_chunk_ok(c0, i, k1)) continue;
           const int64_t off = nm24_value_offset(c0, q, i);
           if (off % 8) return std::printf("value offset %lld not 16-byte aligned\n", (long long)off), false;
           std::memcpy(&vals[lane][h][4 * i], &w.values[size_t(r) * (K / 2) + off], 16);
         }
+        if (!nm24_chunk_ok(c0, q, k1)) continue;
         const int64_t moff = nm24_meta_offset(c0, q);
         if (moff % 8) return std::printf("meta offset %lld not 8-byte aligned\n", (long long)moff), false;
-        std::memcpy(meta[lane][h], &w.idx[size_t(r) * (K / 8) + moff], 8);
+        std::memcpy(raw[lane][h], &w.idx[size_t(r) * (K / 8) + moff], 8);
+      }
+    }
+    // a quad's four lanes read 64 adjacent bytes of one row per value load (whole sectors)
+    for (int lane = 0; lane < 32; lane += 4)
+      for (int i = 0; i < 4; ++i)
+        for (int q = 1; q < 4; ++q)
+          if (nm24_value_offset(c0, q, i) != nm24_value_offset(c0, q - 1, i) + 8)
+            return std::printf("value load %d: lanes of a quad not adjacent\n", i), false;
+    // the quad's index transpose, round by round, as the kernel's shuffles do it
+    for (int rd = 0; rd < 4; ++rd) {
+      uint32_t sent[32];
+      for (int lane = 0; lane < 32; ++lane) {
+        const int dst = nm24_quad_dst(lane & 3, rd);
+        sent[lane] = nm24_meta_piece(raw[lane][0][0], raw[lane][0][1], dst) |
+                     (nm24_meta_piece(raw[lane][1][0], raw[lane][1][1], dst) << 16);
+      }
+      for (int lane = 0; lane < 32; ++lane) {
+        const int src = nm24_quad_src(lane & 3, rd), from = (lane & ~3) | src;
+        if (nm24_quad_dst(src, rd) != (lane & 3)) return std::printf("shuffle round %d: sender mismatch\n", rd), false;
+        nm24_meta_place(meta[lane][0][0], meta[lane][0][1], sent[from] & 0xffffu, src);
+        nm24_meta_place(meta[lane][1][0], meta[lane][1][1], sent[from] >> 16, src);
       }
     }
     for (int j = 0; j < 16; ++j) {
@@ -151,7 +175,7 @@ bool run_case(int O, int K, int B, int KS, int split, int r0, int NT, bool pad, 
         int slot_of[32];
         for (int lane = 0; lane < 32; ++lane) {
           const int g = lane >> 2, q = lane & 3;
-          const int cl = ss * kSuperCols + 64 * q + 4 * j;
+          const int cl = ss * kSuperCols + int(nm24_group_col(0, q, j));
           if (nm24_group_col(c0, q, j) - k0 != cl) return std::printf("group column mismatch\n"), false;
           const int e = xs_index(nt * 8 + g, cl, RS);
           if (e % 4) return std::printf("B fragment read not 8-byte aligned\n"), false;

@@ -1,11 +1,12 @@
 """The CUDA decode kernels' index arithmetic, checked on the CPU.
 
 tests/gpu_layout_emulator.cpp includes csrc/cuda/decode_layout.cuh (the functions
-nm24_mma_kernel calls to find its loads, build tensor-core fragments and address the swizzled
-x slice) and plays a warp through the PTX ISA's mma.m16n8k16 fragment tables against a dense
-product, including padded 2:4 groups, row and K tails, splits of K and every batch tile width,
-and checks that the kernel's shared-memory reads are free of bank conflicts. No GPU needed; a
-host C++ compiler is (CI has one: it builds the extension)."""
+nm24_mma_kernel calls to find its loads, transpose index bytes within a quad, build
+tensor-core fragments and address the padded x slice) and plays a warp through the PTX ISA's
+mma.m16n8k16 fragment tables against a dense product, including padded 2:4 groups, row and K
+tails, splits of K and every batch tile width, and checks that a quad's value loads are 64
+adjacent bytes and that the kernel's shared-memory reads are free of bank conflicts. No GPU
+needed; a host C++ compiler is (CI has one: it builds the extension)."""
 import os
 import shutil
 import subprocess

@@ -10,7 +10,8 @@
 // are copied by the whole warp with 16-byte loads into a per-warp shared buffer. Each lane
 // then walks its word's set bits: value from the buffer, x from the slice, fp32 FMAs. Work
 // and bytes scale with the kept elements, not with K. The next step's words are loaded
-// before the current step's values are used. K is split to fill the GPU, as in nm_linear.
+// before the current step's values are used, across rows too (the last step of a row
+// fetches the next row's first words). K is split to fill the GPU, as in nm_linear.
 //
 // Larger batches: the weight decompressed (bitmask_decompress kernel) in bounded tiles, then
 // cuBLAS.
@@ -76,23 +77,35 @@ __global__ void bitmask_warp_kernel(
   }
   __syncthreads();
 
+  // The warp's rows one after another; the first step of the next row (its mask words and tile
+  // offset) is loaded during the last step of this one, so no row starts with two dependent
+  // round trips (words, then values): only the values' one.
+  const int64_t r_first = static_cast<int64_t>(blockIdx.x) * kRows + warp * kRowsPerWarp;
+  unsigned long long word = 0ull;
+  int64_t base = 0;
+  if (r_first < O) {
+    word = w_begin + lane < w_end ? static_cast<unsigned long long>(bitmask[r_first * words + w_begin + lane]) : 0ull;
+    base = offsets[r_first * tiles + w_begin / kBitmaskTileWords];  // w_begin is a multiple of 8: a tile start
+  }
 #pragma unroll 1
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-    const int64_t r = static_cast<int64_t>(blockIdx.x) * kRows + warp * kRowsPerWarp + rr;
+    const int64_t r = r_first + rr;
     if (r >= O) break;
-    const int64_t* mrow = bitmask + r * words;
+    const bool has_next_row = rr + 1 < kRowsPerWarp && r + 1 < O;
     float acc[BT];
 #pragma unroll
     for (int b = 0; b < BT; ++b) acc[b] = 0.f;
-    int64_t w0 = w_begin;
-    unsigned long long word = (w0 + lane < w_end) ? static_cast<unsigned long long>(mrow[w0 + lane]) : 0ull;
-    int64_t base = offsets[r * tiles + w0 / kBitmaskTileWords];  // w0 is a multiple of 8: a tile start
 #pragma unroll 1
-    for (; w0 < w_end; w0 += kBitmaskStepWords) {
-      // Prefetch the next step's word and first-value offset while this step's values travel.
+    for (int64_t w0 = w_begin; w0 < w_end; w0 += kBitmaskStepWords) {
+      // Prefetch the next step's word and first-value offset (this row's next step, else the
+      // next row's first) while this step's values travel.
       const int64_t wn = w0 + kBitmaskStepWords;
-      const unsigned long long next = wn + lane < w_end ? static_cast<unsigned long long>(mrow[wn + lane]) : 0ull;
-      const int64_t next_base = wn < w_end ? offsets[r * tiles + wn / kBitmaskTileWords] : 0;
+      const bool same_row = wn < w_end;
+      const int64_t nr = same_row ? r : r + 1, nw = same_row ? wn : w_begin;
+      const bool have_next = same_row || has_next_row;
+      const unsigned long long next =
+          have_next && nw + lane < w_end ? static_cast<unsigned long long>(bitmask[nr * words + nw + lane]) : 0ull;
+      const int64_t next_base = have_next ? offsets[nr * tiles + nw / kBitmaskTileWords] : 0;
       const int cnt = __popcll(word);
       const int excl = warp_exclusive_scan(cnt, lane);
       const int total = __shfl_sync(0xffffffffu, excl + cnt, 31);

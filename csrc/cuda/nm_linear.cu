@@ -7,7 +7,8 @@
 //   Nm24Mma   2:4, bf16/fp16, K % 64 == 0, rows of x <= kDecodeMaxRows: the decode kernel. A CTA
 //             (4 warps) owns 64 output rows x one K slice x up to 32 batch rows; x's slice is
 //             staged in shared memory once; each warp streams its 16 rows' values and indices with
-//             16-byte (values) and 8-byte (indices) loads, two 256-column super-steps in flight,
+//             16-byte (values: a quad's four lanes read 64 adjacent bytes per load) and 8-byte
+//             (indices, transposed in the quad by shuffles) loads, two 256-column super-steps in flight,
 //             expands them in registers into bf16/fp16 tensor-core fragments and multiplies with
 //             mma.sync m16n8k16 (fp32 accumulation; batch rows are the n = 8 side). K is split so
 //             that a layer fills the GPU (>= 2 CTAs per SM); partial sums go to an fp32 buffer and
@@ -110,20 +111,18 @@ __global__ void __launch_bounds__(32 * kMmaWarps) nm24_mma_kernel(
 
   auto load = [&](Nm24Stage& s, int ss) {
     const int64_t c0 = k0 + static_cast<int64_t>(ss) * kSuperCols;
-    const bool cols_ok = c0 + 64 * q + 64 <= k1;  // k1 - c0 is a multiple of 64
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t r = r_lo + 8 * h;
-      if (cols_ok && r < O) {
-        const T* vrow = values + r * kept;
+      const bool row_ok = r < O;
+      const T* vrow = values + (row_ok ? r : 0) * kept;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) s.v[h][i] = ld_stream16(vrow + layout::nm24_value_offset(c0, q, i));
-        s.m[h] = ld_stream8(idx + r * ib + layout::nm24_meta_offset(c0, q));
-      } else {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) s.v[h][i] = make_uint4(0u, 0u, 0u, 0u);
-        s.m[h] = make_uint2(0u, 0u);
-      }
+      for (int i = 0; i < 4; ++i)
+        s.v[h][i] = row_ok && layout::nm24_chunk_ok(c0, i, k1)
+                        ? ld_stream16(vrow + layout::nm24_value_offset(c0, q, i))
+                        : make_uint4(0u, 0u, 0u, 0u);
+      s.m[h] = row_ok && layout::nm24_chunk_ok(c0, q, k1) ? ld_stream8(idx + r * ib + layout::nm24_meta_offset(c0, q))
+                                                          : make_uint2(0u, 0u);
     }
   };
 
@@ -134,7 +133,17 @@ __global__ void __launch_bounds__(32 * kMmaWarps) nm24_mma_kernel(
     for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
 
   auto compute = [&](const Nm24Stage& s, int ss) {
-    const int cl = ss * kSuperCols + 64 * q;  // slice column of the lane's first group
+    // The quad's index bytes, transposed so that the lane holds its own groups' nibbles.
+    uint32_t mlo[2] = {0u, 0u}, mhi[2] = {0u, 0u};
+#pragma unroll
+    for (int rd = 0; rd < 4; ++rd) {
+      const int dst = layout::nm24_quad_dst(q, rd), src = layout::nm24_quad_src(q, rd);
+      const uint32_t send = layout::nm24_meta_piece(s.m[0].x, s.m[0].y, dst) |
+                            (layout::nm24_meta_piece(s.m[1].x, s.m[1].y, dst) << 16);
+      const uint32_t got = rd == 0 ? send : __shfl_sync(0xffffffffu, send, (lane & ~3) | src);
+      layout::nm24_meta_place(mlo[0], mhi[0], got & 0xffffu, src);
+      layout::nm24_meta_place(mlo[1], mhi[1], got >> 16, src);
+    }
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
       uint32_t vlo, vhi;
@@ -150,13 +159,14 @@ __global__ void __launch_bounds__(32 * kMmaWarps) nm24_mma_kernel(
         default:
           vlo = vhi = 0u;
       }
-      const uint32_t nlo = layout::nm24_nibble(s.m[0].x, s.m[0].y, j);
-      const uint32_t nhi = layout::nm24_nibble(s.m[1].x, s.m[1].y, j);
+      const uint32_t nlo = layout::nm24_nibble(mlo[0], mhi[0], j);
+      const uint32_t nhi = layout::nm24_nibble(mlo[1], mhi[1], j);
+      const int cl = ss * kSuperCols + static_cast<int>(layout::nm24_group_col(0, q, j));  // slice column
       const uint32_t a[4] = {layout::nm24_dense_pair(vlo, nlo, 0), layout::nm24_dense_pair(vhi, nhi, 0),
                              layout::nm24_dense_pair(vlo, nlo, 1), layout::nm24_dense_pair(vhi, nhi, 1)};
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const uint2 bb = *reinterpret_cast<const uint2*>(xs + layout::xs_index(nt * 8 + g, cl + 4 * j, RS));
+        const uint2 bb = *reinterpret_cast<const uint2*>(xs + layout::xs_index(nt * 8 + g, cl, RS));
         MmaOp<T>::run(acc[nt], a, bb.x, bb.y);
       }
     }
