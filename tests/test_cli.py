@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from sparsekern.bench.common import NOISE_MIN
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -33,7 +35,14 @@ def test_demo_digits_part_writes_table_json_and_plot(tmp_path):
     by = {(x["model"], x["method"]): x for x in d["rows"]}
     assert by[("mlp", "dense")]["accuracy"] > 90 and by[("cnn", "2:4 l1")]["accuracy"] > by[("cnn", "dense")]["accuracy"] - 3
     assert by[("cnn", "channels 50%")]["param_bytes"] < 0.6 * by[("cnn", "dense")]["param_bytes"]
-    assert by[("cnn", "2:4 l1")]["verdict"] in ("faster", "slower", "no difference")
+    for (model, method), x in by.items():  # every verdict is the one its own numbers give
+        if method == "dense":
+            assert x["verdict"] == "baseline" and x["speedup"] == 1.0
+            continue
+        assert x["speedup"] == pytest.approx(by[(model, "dense")]["median_ms"] / x["median_ms"], rel=1e-9), method
+        assert x["speedup_p20"] <= x["speedup_p80"] and x["noise_floor"] == by[(model, "dense")]["noise_floor"]
+        inside = abs(x["speedup"] - 1) <= max(x["noise_floor"], NOISE_MIN) or x["speedup_p20"] <= 1 <= x["speedup_p80"]
+        assert x["verdict"] == ("no difference" if inside else "faster" if x["speedup"] > 1 else "slower"), (model, method, x)
     assert by[("cnn", "2:4 l1")]["paths"].startswith("4 layers, backend")
     assert "| model | method | quality |" in open(tmp_path / "demo.md").read()
     if __import__("importlib").util.find_spec("matplotlib"):

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -14,12 +15,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
 
 
+def check_env(tmp_path, **extra):
+    """The environment of the script: PYTHON is the interpreter running these tests (as
+    with `venv/bin/python -m pytest` and no activated venv), and a `python3`/`python` on
+    PATH that fails, so a step that ignores PYTHON fails here too."""
+    stub = tmp_path / "wrong-python"
+    stub.mkdir()
+    for name in ("python3", "python"):
+        (stub / name).write_text("#!/bin/sh\necho 'not the interpreter running the tests' >&2\nexit 4\n")
+        (stub / name).chmod(0o755)
+    return dict(os.environ, PYTHON=sys.executable, PATH=f"{stub}{os.pathsep}{os.environ.get('PATH', '')}", **extra)
+
+
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "gc"
     t0 = time.time()
     run = subprocess.run(["bash", SCRIPT, "--dry-run", str(out)], capture_output=True, text=True, timeout=240,
-                         cwd=ROOT)
+                         cwd=ROOT, env=check_env(tmp_path))
     took = time.time() - t0
     summary = (out / "summary.log").read_text()
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
@@ -40,7 +53,7 @@ def test_gpu_check_dry_run(tmp_path):
 
 
 def test_gpu_check_refuses_a_plan_over_budget(tmp_path):
-    env = dict(os.environ, GPU_CHECK_BUDGET_S="100")
+    env = check_env(tmp_path, GPU_CHECK_BUDGET_S="100")
     run = subprocess.run(["bash", SCRIPT, "--dry-run", str(tmp_path / "gc")], capture_output=True, text=True,
                          timeout=240, cwd=ROOT, env=env)
     assert run.returncode != 0 and "PLAN TOO LONG" in run.stdout
