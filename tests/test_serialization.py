@@ -235,4 +235,6 @@ def test_dense_state_dict_of_a_saved_gpt2_gives_conv1d_layouts():
     from_file = sparsekern.dense_state_dict(sparse.state_dict(), template=dense)
     for k in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.weight"):
         assert from_model[k].shape == dense.state_dict()[k].shape
+        # 2:4 along a row of the [out, in] view: along dim 0 of Conv1D's [in, out] weight
+        assert ((from_model[k].t().reshape(-1, 4) != 0).sum(1) <= 2).all()
         torch.testing.assert_close(from_file[k], from_model[k])
