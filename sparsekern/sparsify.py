@@ -116,7 +116,7 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
             row.update(status="dense", reason=str(e))
             continue
         candidates.append((name, mod, row))
-    meta = [r["layer"] for r in report if r.get("on_meta")]
+    meta = [r["layer"] for r in report if r.pop("on_meta", False)]
     if meta and not candidates:
         raise ValueError(f"sparsify: the model's weights are on the meta device ({len(meta)} layers, e.g. "
                          f"{meta[0]!r}): built without values (torch.device('meta'), init_empty_weights), there is "
@@ -185,7 +185,10 @@ def _out_in(mod: nn.Module) -> tuple[int, int]:
 def _quantized(mod: nn.Module) -> str | None:
     """Why `mod` holds no float weight sparsify could prune (torch.ao quantized modules,
     integer or quantized weight tensors, e.g. bitsandbytes' Int8Params), or None."""
-    w = getattr(mod, "weight", None)
+    try:
+        w = getattr(mod, "weight", None)
+    except Exception:
+        w = None
     if callable(w) and not isinstance(w, torch.Tensor):  # torch.ao quantized modules: weight() unpacks
         with contextlib.suppress(Exception):
             w = w()
@@ -212,7 +215,10 @@ def _walk(model: nn.Module, include, exclude, untie: bool):
     mha_children = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
                     for c, _ in m.named_children()}
     for name, mod in model.named_modules():
-        holds = next(mod.parameters(recurse=False), None) is not None or hasattr(mod, "weight")
+        try:
+            holds = next(mod.parameters(recurse=False), None) is not None or hasattr(mod, "weight")
+        except Exception:  # a `weight` property that raises: the module holds one all the same
+            holds = True
         if not holds:
             continue
         row = {"layer": name, "type": type(mod).__name__}
@@ -228,6 +234,9 @@ def _walk(model: nn.Module, include, exclude, untie: bool):
         linear_like = isinstance(mod, prune.PRUNABLE) or is_conv1d(mod)
         if not linear_like:
             yield name, mod, row, f"not a layer sparsify swaps ({SWAPPED} are)"
+            continue
+        if not isinstance(mod.weight, torch.Tensor):
+            yield name, mod, {**row, "float": False}, "no weight tensor (weight is None)"
             continue
         if mod.weight.is_meta:
             yield name, mod, {**row, "float": False, "on_meta": True}, (

@@ -238,3 +238,18 @@ def test_dense_state_dict_of_a_saved_gpt2_gives_conv1d_layouts():
         # 2:4 along a row of the [out, in] view: along dim 0 of Conv1D's [in, out] weight
         assert ((from_model[k].t().reshape(-1, 4) != 0).sum(1) <= 2).all()
         torch.testing.assert_close(from_file[k], from_model[k])
+
+
+def test_a_sharded_save_pretrained_folder_loads(tmp_path):
+    model, cls = _hf_model("llama")
+    sparse, _ = sparsekern.sparsify(model, "unstructured", sparsity=0.7, min_features=32, policy=SPARSE,
+                                    show_progress=False)
+    sparse.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    import transformers
+
+    loaded = sparsekern.load(getattr(transformers, cls), tmp_path)
+    ids = torch.randint(0, 96, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, sparse(ids).logits, rtol=1e-5, atol=1e-5)
+    assert loaded.config.quantization_config["layers"] == sparse.config.quantization_config["layers"]
