@@ -42,6 +42,15 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_avx512_bf16() {
+#if SPARSEKERN_AVX2_KERNELS
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
 std::tuple<double, double, int64_t> cpu_fma_probe(int64_t iterations) {
   TORCH_CHECK(iterations > 0 && iterations <= (int64_t(1) << 32),
               "sparsekern.cpu_fma_probe: iterations must be in [1, 2^32], got ", iterations);

@@ -11,6 +11,12 @@
 #include "sparse_rows.h"
 
 namespace sparsekern {
+
+// True when the bf16 dot-product 2:4 GEMM (nm_gemm_bf16.cpp, vdpbf16ps) can run here: the
+// AVX-512 kernels can (cpu_has_avx512(), so SPARSEKERN_CPU_ISA=avx2|generic turns it off too)
+// and the CPU has AVX512_BF16 (Zen 4 and later, Cooper Lake, Sapphire Rapids and later).
+bool cpu_has_avx512_bf16();
+
 namespace cpu {
 
 // x [..., K] as contiguous fp32 [B, K].
@@ -44,6 +50,13 @@ WsPlan ws_plan(int64_t B, int64_t K, int64_t O, int64_t weight_bytes, int64_t th
 // it instead of packing vals and idx. nm_linear.cpp, for nm_linear and nm_conv2d.
 void nm24_gemm_cpu(const LaneRows& src, const at::TensorOptions& options, const at::Tensor& vals,
                    const at::Tensor& idx, int64_t K, int64_t O, float* out, const uint8_t* prepacked = nullptr);
+
+// 2:4 bf16 weight times bf16 x [B, K] (row-major, contiguous) with bf16 dot products
+// (nm_gemm_bf16.h; needs cpu_has_avx512_bf16()): vals [O, K / 2] and idx as NMWeight's,
+// read as they are stored (no packed copy); writes fp32 [B, O] (no bias) to out.
+// nm_linear.cpp, for nm_linear's 2:4 GEMM (algo 1) on bf16 tensors.
+void nm24_gemm_bf16_cpu(const at::Tensor& x2, const at::Tensor& vals, const at::Tensor& idx, int64_t K, int64_t O,
+                        float* out);
 
 // Rows per panel of the weight-stationary kernels: a multiple of 3 (their row block), at
 // most 96, and at least 4 panels per thread so threads that share a core even out.

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "cpu_common.h"
+#include "nm_gemm_bf16.h"
 
 namespace sparsekern {
 namespace cpu {
@@ -79,7 +80,49 @@ void nm24_gemm_cpu(const LaneRows& src, const at::TensorOptions& options, const 
   });
 }
 
+void nm24_gemm_bf16_cpu(const at::Tensor& x2, const at::Tensor& vals, const at::Tensor& idx, int64_t K, int64_t O,
+                        float* out) {
+  namespace b16 = avx512bf16;
+  const int64_t B = x2.size(0);
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+  // Passes of up to 1024 lanes bound the transient pair tiles (6 bytes per element of x: 12
+  // MiB at K = 2048); each pass reads the weight once more.
+  constexpr int64_t kPassLanes = 1024;
+  const int64_t tile_words = b16::pair_tile_words(K);
+  const int64_t max_tiles = (std::min(B, kPassLanes) + b16::kLanes - 1) / b16::kLanes;
+  auto tiles = at::empty({max_tiles * tile_words}, x2.options().dtype(at::kInt));
+  uint32_t* tp = reinterpret_cast<uint32_t*>(tiles.data_ptr<int32_t>());
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
+  // Panels of up to 192 rows (each x slice the prefetcher brought in is read by more rows: 1.1x
+  // faster than 96 at 2048 x 2048, 128 rows, one thread), at least 4 per thread.
+  const int64_t panel_rows = std::max<int64_t>(3, std::min<int64_t>(192, ((O + 4 * nth - 1) / (4 * nth) + 2) / 3 * 3));
+  for (int64_t b0 = 0; b0 < B; b0 += kPassLanes) {
+    const int64_t lanes = std::min(kPassLanes, B - b0);
+    const int64_t units = (lanes + b16::kLanes - 1) / b16::kLanes * (b16::kLanes / 8);  // 8 lanes each, whole tiles
+    at::parallel_for(0, units, std::max<int64_t>(1, (int64_t(1) << 15) / (8 * K)), [&](int64_t u0, int64_t u1) {
+      b16::pair_tiles(xp + b0 * K, lanes, K, u0, u1, tp);
+    });
+    int64_t next = 0;
+    const Nm24Bf16Args g{reinterpret_cast<const uint16_t*>(vals.data_ptr<at::BFloat16>()), idx.data_ptr<uint8_t>(),
+                         vals.size(1), idx.size(1), K, O, tp, lanes, out + b0 * O, panel_rows,
+                         (O + panel_rows - 1) / panel_rows, &next};
+    at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) b16::nm24_gemm(g);
+    });
+  }
+}
+
 namespace {
+
+// Whether nm_linear's 2:4 GEMM (algo 1) runs the bf16 dot-product kernel: bf16 tensors, no
+// pre-packed fp32 panels, a CPU with AVX512_BF16. SPARSEKERN_NM_BF16=fma (read per call, a
+// benchmarking switch) runs the fp32 multiply-add kernel on the values converted instead.
+bool nm24_bf16_dot(int64_t algo, const at::Tensor& values, const c10::optional<at::Tensor>& panels) {
+  if (algo != kNmAlgoGemm || panels.has_value() || values.scalar_type() != at::kBFloat16 || !cpu_has_avx512_bf16())
+    return false;
+  const char* mode = std::getenv("SPARSEKERN_NM_BF16");
+  return !(mode && std::strcmp(mode, "fma") == 0);
+}
 
 // `panels` as the kernel reads it (uint16 and fp32 fields): contiguous, and copied when a
 // view starts at an odd byte offset. Undefined without panels.
@@ -98,12 +141,17 @@ at::Tensor nm_linear_algo(const at::Tensor& x, const at::Tensor& values, const a
   const int64_t K = in_features, O = values.size(0), kept = values.size(1);
   auto vals = values.contiguous();
   auto idx = indices.contiguous();
-  auto x2 = x_float_2d(x);
+  // The bf16 dot-product kernel reads x in bf16; every other kernel in fp32.
+  const bool bf16_dot = nm24_bf16_dot(algo, vals, panels);
+  auto x2 = bf16_dot ? x.reshape({-1, K}).contiguous() : x_float_2d(x);
   const int64_t B = x2.size(0);
   at::Tensor out;
   c10::optional<at::Tensor> bias_left = bias;  // what finish_linear still adds
   if (B == 0 || O == 0) {
-    out = at::zeros({B, O}, x2.options());
+    out = at::zeros({B, O}, x2.options().dtype(at::kFloat));
+  } else if (bf16_dot) {
+    out = at::empty({B, O}, x2.options().dtype(at::kFloat));
+    nm24_gemm_bf16_cpu(x2, vals, idx, K, O, out.data_ptr<float>());
   } else if (algo == kNmAlgoGemm) {
     out = at::empty({B, O}, x2.options());
     // `panels` (NMWeight.gemm_panels): the weight packed ahead for the kernel (AVX2 and AVX-512).

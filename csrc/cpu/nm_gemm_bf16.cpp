@@ -1,0 +1,265 @@
+// The 2:4 GEMM with bf16 dot products (vdpbf16ps): the scheme is in nm_gemm_bf16.h. Only
+// called when cpu_has_avx512_bf16() says the CPU has every extension of the target list
+// below (AVX-512 F/VL/BW/DQ and BF16: AMD Zen 4 and later, Intel Cooper Lake, Sapphire
+// Rapids and later).
+//
+// Same include rules as sparse_rows_avx2.cpp (rows_common_impl.h): every header is included
+// before the target pragma, nothing from a shared header (c10, std templates) is first
+// instantiated under it, and every helper lives in an unnamed namespace.
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "nm_gemm_bf16.h"
+#include "sparse_rows.h"  // SPARSEKERN_AVX2_KERNELS, avx2::lanes_to_rows
+
+#if SPARSEKERN_AVX2_KERNELS
+#include <immintrin.h>
+#pragma GCC push_options
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*() and trip this warning in its
+// own headers (a known false positive).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma,f16c,bmi,bmi2,popcnt")
+
+namespace sparsekern {
+namespace cpu {
+namespace avx512bf16 {
+namespace {
+
+constexpr int kRows = 3;                         // output rows per register block
+constexpr int64_t kKt = 64;                      // columns per K tile: 16 groups, a 24 KiB slice of a pair tile
+constexpr int64_t kGt = kKt / 4;                 // groups per K tile (even: a K tile starts on an index byte)
+constexpr int64_t kGroupWords = kPairs * kLanes; // uint32 words of one group of a pair tile
+constexpr int64_t kGroupBytes = kGroupWords * 4;
+constexpr int64_t kChunk = 512;                  // lanes per pass over a panel (8 tiles)
+static_assert(kGt == 8 || kGt == 16, "a row's K-tile slice is one vector of value pairs");
+
+// Index nibble (i0 | i1 << 2: a group's two 2-bit slots) -> its pair (a, b) in the order of
+// pair_tiles: (0,1) 0, (0,2) 1, (0,3) 2, (1,2) 3, (1,3) 4, (2,3) 5. A nibble whose indices do
+// not increase (no validated weight holds one) reads pair 0.
+alignas(16) constexpr uint8_t kPairOfNibble[16] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 3, 0, 0, 2, 4, 5, 0};
+
+// One row block's K-tile slice as the core reads it, decoded once per panel, K tile and pass
+// and read by every x tile of the pass: each row's value pairs as stored (uint32, group
+// order) and the byte offset of each group's x pair inside its group of a pair tile.
+struct BlockSlice {
+  uint32_t w[kRows][kGt];
+  uint16_t off[kRows][kGt];
+};
+
+inline void prefetch_lines(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
+}
+
+// Rows rows[0..2] (repeated rows for a short block), groups [g0, g0 + groups) into dst.
+// Masked loads: nothing past the K tile's groups is read; the entries past them are 0.
+inline void decode_block(const Nm24Bf16Args& a, const int64_t (&rows)[kRows], int64_t g0, int64_t groups,
+                         bool prefetch_next, BlockSlice* dst) {
+  const __mmask16 wmask = static_cast<__mmask16>((1u << groups) - 1);
+  const __mmask16 imask = static_cast<__mmask16>((1u << ((groups + 1) / 2)) - 1);
+  const __m128i table = _mm_load_si128(reinterpret_cast<const __m128i*>(kPairOfNibble));
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  for (int r = 0; r < kRows; ++r) {
+    const uint16_t* v = a.values + rows[r] * a.kept + 2 * g0;
+    const uint8_t* ix = a.indices + rows[r] * a.idx_row_bytes + g0 / 2;
+    if (prefetch_next) {  // this row's next K-tile slice (see the fp32 packers)
+      prefetch_lines(v + 2 * kGt, 4 * kGt);
+      _mm_prefetch(reinterpret_cast<const char*>(ix + kGt / 2), _MM_HINT_T0);
+    }
+    const __m128i bytes = _mm_maskz_loadu_epi8(imask, ix);  // kGt / 2 bytes: kGt nibbles, group order
+    const __m128i lo = _mm_and_si128(bytes, low4), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+    const __m128i pair = _mm_shuffle_epi8(table, _mm_unpacklo_epi8(lo, hi));
+    // pair p of a group starts p * 64 lanes * 4 bytes into it
+    const __m256i off = _mm256_slli_epi16(_mm256_cvtepu8_epi16(pair), 8);
+    if constexpr (kGt == 16) {
+      _mm512_storeu_si512(dst->w[r], _mm512_maskz_loadu_epi32(wmask, v));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst->off[r]), off);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst->w[r]), _mm256_maskz_loadu_epi32(static_cast<__mmask8>(wmask), v));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst->off[r]), _mm256_castsi256_si128(off));
+    }
+  }
+}
+
+// acc[r][16 v ..] (+)= over groups [0, groups) of row r's value pair . the x pair its index
+// picked in the K tile xt. Twelve named accumulators (see nm_gemm_impl.h); the block's data
+// through one pointer with constant displacements, so nothing spills.
+template <int V>
+inline void core(const BlockSlice* blk, int64_t groups, const uint32_t* xt, float* acc, bool first) {
+  __m512 c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23;
+#define SK_B16_LD(R, VV) c##R##VV = first || V <= VV ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + R * kLanes + 16 * VV)
+  SK_B16_LD(0, 0); SK_B16_LD(0, 1); SK_B16_LD(0, 2); SK_B16_LD(0, 3);
+  SK_B16_LD(1, 0); SK_B16_LD(1, 1); SK_B16_LD(1, 2); SK_B16_LD(1, 3);
+  SK_B16_LD(2, 0); SK_B16_LD(2, 1); SK_B16_LD(2, 2); SK_B16_LD(2, 3);
+#undef SK_B16_LD
+  const char* xg = reinterpret_cast<const char*>(xt);
+#define SK_B16_STEP(R)                                                                           \
+  {                                                                                              \
+    const char* xp = xg + blk->off[R][g];                                                        \
+    __asm__("" : "+r"(xp)); /* base+disp loads */                                                \
+    const __m512bh wb = (__m512bh)_mm512_set1_epi32(static_cast<int>(blk->w[R][g]));            \
+    c##R##0 = _mm512_dpbf16_ps(c##R##0, wb, (__m512bh)_mm512_loadu_si512(xp));                    \
+    if (V > 1) c##R##1 = _mm512_dpbf16_ps(c##R##1, wb, (__m512bh)_mm512_loadu_si512(xp + 64));    \
+    if (V > 2) c##R##2 = _mm512_dpbf16_ps(c##R##2, wb, (__m512bh)_mm512_loadu_si512(xp + 128));   \
+    if (V > 3) c##R##3 = _mm512_dpbf16_ps(c##R##3, wb, (__m512bh)_mm512_loadu_si512(xp + 192));   \
+  }
+  for (int64_t g = 0; g < groups; ++g, xg += kGroupBytes) {
+    SK_B16_STEP(0) SK_B16_STEP(1) SK_B16_STEP(2)
+  }
+#undef SK_B16_STEP
+#define SK_B16_ST(R, VV) if (V > VV) _mm512_storeu_ps(acc + R * kLanes + 16 * VV, c##R##VV)
+  SK_B16_ST(0, 0); SK_B16_ST(0, 1); SK_B16_ST(0, 2); SK_B16_ST(0, 3);
+  SK_B16_ST(1, 0); SK_B16_ST(1, 1); SK_B16_ST(1, 2); SK_B16_ST(1, 3);
+  SK_B16_ST(2, 0); SK_B16_ST(2, 1); SK_B16_ST(2, 2); SK_B16_ST(2, 3);
+#undef SK_B16_ST
+}
+
+// Output rows [r0, r1) of the pass: passes of up to kChunk lanes, K tiles in order (each
+// block's slice decoded into blk once), every tile of the pass over every row block, then the
+// partial sums into out.
+void panel(const Nm24Bf16Args& a, int64_t r0, int64_t r1, BlockSlice* blk, float* acc) {
+  const int64_t rows = r1 - r0, blocks = (rows + kRows - 1) / kRows;
+  const int64_t G = a.K / 4, tiles = (a.B + kLanes - 1) / kLanes, chunk_tiles = kChunk / kLanes;
+  const int64_t tile_words = pair_tile_words(a.K);
+  for (int64_t t0 = 0; t0 < tiles; t0 += chunk_tiles) {
+    const int64_t t1 = t0 + chunk_tiles < tiles ? t0 + chunk_tiles : tiles;
+    for (int64_t g0 = 0; g0 < G; g0 += kGt) {
+      const int64_t groups = G - g0 < kGt ? G - g0 : kGt;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t rr = r0 + b * kRows;
+        int64_t rs[kRows];
+        for (int r = 0; r < kRows; ++r) rs[r] = rr + r < r1 ? rr + r : rr;  // rows past the panel: never read back
+        decode_block(a, rs, g0, groups, g0 + kGt < G, blk + b);
+      }
+      for (int64_t t = t0; t < t1; ++t) {
+        const uint32_t* xt = a.tiles + t * tile_words + g0 * kGroupWords;
+        const int64_t lanes = a.B - t * kLanes;
+        const int V = lanes >= kLanes ? 4 : static_cast<int>((lanes + 15) / 16);
+        float* at = acc + (t - t0) * blocks * kRows * kLanes;
+        // The x slice read next (the next tile's, else the first tile's of the next K tile),
+        // fetched a share per row block: its pairs are read in index order, which the
+        // hardware prefetcher does not follow, and the first row block would wait for each line.
+        const int64_t next_g0 = t + 1 < t1 ? g0 : g0 + kGt;
+        const char* next = next_g0 < G ? reinterpret_cast<const char*>(a.tiles + (t + 1 < t1 ? t + 1 : t0) * tile_words +
+                                                                         next_g0 * kGroupWords)
+                                       : nullptr;
+        const int64_t next_bytes = (G - next_g0 < kGt ? G - next_g0 : kGt) * kGroupBytes;
+        const int64_t share = (next_bytes / 64 + blocks - 1) / blocks * 64;
+        for (int64_t b = 0; b < blocks; ++b) {
+          if (next && b * share < next_bytes)
+            prefetch_lines(next + b * share, next_bytes - b * share < share ? next_bytes - b * share : share);
+          float* ab = at + b * kRows * kLanes;
+          switch (V) {
+            case 4: core<4>(blk + b, groups, xt, ab, g0 == 0); break;
+            case 3: core<3>(blk + b, groups, xt, ab, g0 == 0); break;
+            case 2: core<2>(blk + b, groups, xt, ab, g0 == 0); break;
+            default: core<1>(blk + b, groups, xt, ab, g0 == 0); break;
+          }
+        }
+      }
+    }
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t lanes = a.B - t * kLanes < kLanes ? a.B - t * kLanes : kLanes;
+      avx2::lanes_to_rows(acc + (t - t0) * blocks * kRows * kLanes, rows, kLanes, lanes, a.out + t * kLanes * a.O + r0,
+                          a.O);
+    }
+  }
+}
+
+inline void transpose8x8(__m256 (&v)[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  v[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  v[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  v[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  v[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  v[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  v[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  v[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  v[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// The six pairs of one group for 8 lanes from its four columns (each lane's bf16 in the low
+// half of a 32-bit word), at dst (the group's first word, this lane block).
+inline void store_pairs(const __m256i c0, const __m256i c1, const __m256i c2, const __m256i c3, uint32_t* dst) {
+  const __m256i h1 = _mm256_slli_epi32(c1, 16), h2 = _mm256_slli_epi32(c2, 16), h3 = _mm256_slli_epi32(c3, 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 0 * kLanes), _mm256_or_si256(c0, h1));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 1 * kLanes), _mm256_or_si256(c0, h2));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * kLanes), _mm256_or_si256(c0, h3));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 3 * kLanes), _mm256_or_si256(c1, h2));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 4 * kLanes), _mm256_or_si256(c1, h3));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 5 * kLanes), _mm256_or_si256(c2, h3));
+}
+
+}  // namespace
+
+void pair_tiles(const uint16_t* x, int64_t B, int64_t K, int64_t u0, int64_t u1, uint32_t* tiles) {
+  const int64_t tile_words = pair_tile_words(K);
+  for (int64_t u = u0; u < u1; ++u) {  // 8 lanes of one tile
+    const int64_t lane0 = u * 8, t = lane0 / kLanes, l0 = lane0 % kLanes;
+    uint32_t* tile = tiles + t * tile_words + l0;
+    const uint16_t* src[8];
+    for (int i = 0; i < 8; ++i) src[i] = lane0 + i < B ? x + (lane0 + i) * K : nullptr;
+    // 8 columns (two groups) at a time: 8 lanes x 8 bf16, each widened to 32-bit words and
+    // transposed, so word l of v[c] is lane l's column c; the last group of an odd K / 4 alone.
+    for (int64_t c = 0; c < K; c += 8) {
+      const bool two = c + 8 <= K;
+      __m256 v[8];
+      for (int i = 0; i < 8; ++i) {
+        const __m128i h = !src[i] ? _mm_setzero_si128()
+                          : two   ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(src[i] + c))
+                                  : _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src[i] + c));
+        v[i] = _mm256_castsi256_ps(_mm256_cvtepu16_epi32(h));
+      }
+      transpose8x8(v);
+      uint32_t* dst = tile + (c / 4) * kGroupWords;
+      store_pairs(_mm256_castps_si256(v[0]), _mm256_castps_si256(v[1]), _mm256_castps_si256(v[2]),
+                  _mm256_castps_si256(v[3]), dst);
+      if (two)
+        store_pairs(_mm256_castps_si256(v[4]), _mm256_castps_si256(v[5]), _mm256_castps_si256(v[6]),
+                    _mm256_castps_si256(v[7]), dst + kGroupWords);
+    }
+  }
+}
+
+void nm24_gemm(const Nm24Bf16Args& a) {
+  const int64_t blocks = (a.panel_rows + kRows - 1) / kRows;
+  const int64_t tiles = (a.B + kLanes - 1) / kLanes;
+  const int64_t chunk_tiles = tiles < kChunk / kLanes ? tiles : kChunk / kLanes;
+  float* acc = static_cast<float*>(std::aligned_alloc(64, chunk_tiles * blocks * kRows * kLanes * sizeof(float)));
+  BlockSlice* blk = static_cast<BlockSlice*>(std::aligned_alloc(64, (blocks * sizeof(BlockSlice) + 63) / 64 * 64));
+  for (;;) {
+    const int64_t p = __atomic_fetch_add(a.next_panel, 1, __ATOMIC_RELAXED);
+    if (p >= a.panels) break;
+    const int64_t r0 = p * a.panel_rows, r1 = r0 + a.panel_rows < a.O ? r0 + a.panel_rows : a.O;
+    panel(a, r0, r1, blk, acc);
+  }
+  std::free(blk);
+  std::free(acc);
+}
+
+}  // namespace avx512bf16
+}  // namespace cpu
+}  // namespace sparsekern
+
+#pragma GCC pop_options
+
+#else  // no AVX-512 build: cpu_has_avx512_bf16() is false and these are never called
+
+namespace sparsekern {
+namespace cpu {
+namespace avx512bf16 {
+void pair_tiles(const uint16_t*, int64_t, int64_t, int64_t, int64_t, uint32_t*) { std::abort(); }
+void nm24_gemm(const Nm24Bf16Args&) { std::abort(); }
+}  // namespace avx512bf16
+}  // namespace cpu
+}  // namespace sparsekern
+
+#endif

@@ -1,0 +1,62 @@
+// The 2:4 weight-stationary GEMM for bf16 weights and bf16 activations with bf16 dot
+// products (AVX-512 BF16 `vdpbf16ps`), nm_gemm_bf16.cpp. nm_linear (algo 1, the 2:4 GEMM)
+// takes it where cpu_has_avx512_bf16() (cpu_common.h) says the CPU runs it; the op file owns
+// the threading and calls the two entry points below from every intra-op thread.
+//
+// The scheme (read nm_gemm_impl.h first: the fp32 kernel it follows):
+//   vdpbf16ps adds a[2i] * b[2i] + a[2i+1] * b[2i+1] into fp32 lane i. A 2:4 group keeps
+//   exactly two values, stored side by side in NMWeight.values: one group of one row is one
+//   bf16 pair, a 32-bit word read straight from the stored values (no packing, no copy of the
+//   weight: nothing is kept beside it). Its partner is the pair (x[4g + i0], x[4g + i1]) of
+//   every batch lane, which changes with the row's indices (i0 < i1, one of 6 pairs). So the
+//   activations are laid out once per call with all six:
+//   pair tiles: 64 batch lanes per tile, tile = [K / 4 groups][6 pairs][64 lanes] uint32,
+//               pair p of group g = (x[4g + a] | x[4g + b] << 16) for (a, b) = (0,1), (0,2),
+//               (0,3), (1,2), (1,3), (2,3); lanes past B are zero. 6 bytes per x element
+//               (the fp32 kernel's tiles take 4), transient, built from bf16 x [B, K].
+//   core: 3 output rows x 4 vectors of 16 lanes in 12 fp32 accumulators; per (row, group)
+//         one index nibble -> the pair's offset (a 16-entry table), one 32-bit broadcast of
+//         the stored value pair, four vdpbf16ps whose x operand is loaded from the tile (an
+//         L1 hit: a K tile of kKt columns is kKt / 4 * 1536 bytes). Two kept products per
+//         instruction lane: half the instructions of the fp32 kernel per kept value.
+//   acc / order: as the fp32 kernel: panels of output rows from a shared counter, passes of
+//         up to 512 lanes, K tiles in order, partial sums [tile][row][64] in a per-thread
+//         buffer, transposed once into out [B, O] (avx2::lanes_to_rows).
+// Numerics: bf16 x bf16 products (exact in fp32), each pair summed into an fp32 lane with
+// round-to-nearest-even; denormal inputs count as zero and denormal results are flushed
+// (the instruction's rule, also oneDNN's dense bf16 GEMM's). The indices of a group must
+// increase (every validated NMWeight); other indices read a wrong pair but never outside the
+// tile.
+#pragma once
+
+#include <cstdint>
+
+namespace sparsekern {
+namespace cpu {
+
+struct Nm24Bf16Args {
+  const uint16_t* values;   // [O, kept] bf16 bits, kept = K / 2: group g's pair at 2g
+  const uint8_t* indices;   // [O, idx_row_bytes], 2 bits per slot (one nibble per group)
+  int64_t kept, idx_row_bytes, K, O;
+  const uint32_t* tiles;    // ceil(B / 64) pair tiles (pair_tile_words(K) each)
+  int64_t B;                // lanes (rows of x) of this pass
+  float* out;               // [B, O] fp32 (this pass's first row)
+  int64_t panel_rows;       // output rows per panel (a multiple of 3)
+  int64_t panels;           // ceil(O / panel_rows)
+  int64_t* next_panel;      // shared counter, 0 before the first call
+};
+
+namespace avx512bf16 {
+constexpr int64_t kLanes = 64;  // batch lanes per pair tile
+constexpr int64_t kPairs = 6;   // pairs per 2:4 group of x
+// uint32 words of one pair tile.
+inline int64_t pair_tile_words(int64_t K) { return K / 4 * kPairs * kLanes; }
+// Pair tiles of lanes [8 u0, 8 u1) of bf16 x [B, K] (row-major, K a multiple of 4) into
+// tiles (tile t = tiles + t * pair_tile_words(K)); lanes past B are written zero.
+void pair_tiles(const uint16_t* x, int64_t B, int64_t K, int64_t u0, int64_t u1, uint32_t* tiles);
+// Output panels taken from *a.next_panel until all are done; call it from every thread.
+void nm24_gemm(const Nm24Bf16Args& a);
+}  // namespace avx512bf16
+
+}  // namespace cpu
+}  // namespace sparsekern

@@ -1,0 +1,192 @@
+"""nm_linear's 2:4 GEMM (algo 1, from 17 rows) on bf16 weights and bf16 activations with bf16
+dot products (vdpbf16ps, csrc/cpu/nm_gemm_bf16.cpp), against fp64 with the bf16 rule (our
+error at most 2x torch's own bf16 F.linear error).
+
+The kernel runs where the CPU has AVX512_BF16 (and the AVX-512 kernels are allowed:
+SPARSEKERN_CPU_ISA=avx2|generic turn it off). SPARSEKERN_NM_BF16=fma (read per call) runs
+the fp32 multiply-add kernel on the converted values instead, as before the bf16 kernel.
+Which one ran is seen in the result: vdpbf16ps counts denormal inputs as zero, the fp32
+kernel does not (test_the_bf16_dot_product_kernel_ran)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import assert_linear_close, needs_extension
+from linear_cases import lowp_torch_linear, ref64
+from sparsekern import _extension, ops
+from sparsekern.formats import NMWeight
+
+pytestmark = needs_extension
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# The extension's own answer where its build info has it (csrc/sparsekern.cpp), else the
+# same test from here: the AVX-512 kernels run and the CPU reports avx512_bf16.
+HAS_BF16_DOT = _extension.BUILD_INFO.get(
+    "cpu_avx512_bf16_runtime",
+    bool(_extension.BUILD_INFO.get("cpu_avx512_runtime")) and "avx512_bf16" in _cpu_flags())
+needs_bf16_dot = pytest.mark.skipif(not HAS_BF16_DOT, reason="this CPU has no AVX512_BF16 (or the AVX-512 kernels "
+                                    "are capped by SPARSEKERN_CPU_ISA): the bf16 dot-product kernel cannot run")
+
+
+@pytest.fixture
+def direct(monkeypatch):
+    monkeypatch.setenv("SPARSEKERN_NM_GEMM", "direct")
+    monkeypatch.delenv("SPARSEKERN_NM_BF16", raising=False)
+
+
+def _nm_linear(x, W, bias, fma=False):
+    old = os.environ.get("SPARSEKERN_NM_BF16")
+    os.environ["SPARSEKERN_NM_BF16"] = "fma" if fma else "dot"
+    try:
+        return ops.nm_linear(x, W, bias)
+    finally:
+        if old is None:
+            del os.environ["SPARSEKERN_NM_BF16"]
+        else:
+            os.environ["SPARSEKERN_NM_BF16"] = old
+
+
+# (out, in): K / 4 odd (a last group alone in its index byte, a K tile of 5 groups),
+# K not a multiple of the 64-column K tile, out not a multiple of the 3-row block or panel.
+SHAPES = [(37, 148), (130, 520), (64, 1100), (200, 2052), (1, 4)]
+ROWS = [17, 33, 64, 130, 300]
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("o,k", SHAPES)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bf16_dot_matches_fp64(o, k, rows, with_bias, direct, poison):
+    dtype = torch.bfloat16
+    W = NMWeight.from_dense(torch.randn(o, k, dtype=dtype), 2, 4)
+    # 3-D x for odd row counts: flattened inside the op
+    x = torch.randn(rows, k, dtype=dtype) if rows % 2 == 0 else torch.randn(rows, 1, k, dtype=dtype)
+    bias = torch.randn(o, dtype=dtype) if with_bias else None
+    assert ops.explain_backend("nm_linear", x, W)[0] == "cpp"
+    y = _nm_linear(x, W, bias)
+    dense = W.to_dense()
+    assert_linear_close(y, ref64(x, dense, bias), dtype, lowp_torch_linear(x, dense, bias),
+                        f"bf16 dot {o}x{k} rows={rows} bias={with_bias}")
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("rows", [17, 1100, 2100])
+def test_bf16_dot_over_several_passes_and_panels(rows, direct, poison):
+    # More than 1024 rows run in passes (the pair tiles are built per pass); 1001 outputs are
+    # several panels per thread with a short last one.
+    W = NMWeight.from_dense(torch.randn(1001, 36, dtype=torch.bfloat16), 2, 4)
+    x = torch.randn(rows, 36, dtype=torch.bfloat16)
+    y = _nm_linear(x, W, None)
+    dense = W.to_dense()
+    assert_linear_close(y, ref64(x, dense, None), torch.bfloat16, lowp_torch_linear(x, dense, None), f"rows={rows}")
+
+
+@needs_bf16_dot
+def test_bf16_dot_agrees_with_the_fp32_fma_kernel(direct):
+    W = NMWeight.from_dense(torch.randn(301, 1028, dtype=torch.bfloat16), 2, 4)
+    x = torch.randn(130, 1028, dtype=torch.bfloat16)
+    bias = torch.randn(301, dtype=torch.bfloat16)
+    y_dot, y_fma = _nm_linear(x, W, bias), _nm_linear(x, W, bias, fma=True)
+    # Both sum the same fp32-exact products in fp32, in other orders: at most a bf16 rounding apart.
+    torch.testing.assert_close(y_dot.float(), y_fma.float(), rtol=1e-2, atol=1e-2)
+
+
+def _denormal_case():
+    # Every kept weight 1, every x 2^-130 (a bf16 denormal): the fp32 kernel sums 32 kept
+    # products to 2^-125 (a normal number, exact in bf16); vdpbf16ps counts each denormal x
+    # as zero and returns 0.
+    k, o = 64, 5
+    W = NMWeight.from_dense(torch.ones(o, k, dtype=torch.bfloat16), 2, 4)
+    x = torch.full((20, k), 2.0 ** -130, dtype=torch.bfloat16)
+    assert x[0, 0].item() == 2.0 ** -130
+    return x, W, 2.0 ** -125
+
+
+@needs_bf16_dot
+def test_the_bf16_dot_product_kernel_ran(direct):
+    x, W, fp32_sum = _denormal_case()
+    assert ops.explain_backend("nm_linear", x, W)[0] == "cpp"
+    assert (_nm_linear(x, W, None) == 0).all(), "the bf16 dot-product kernel did not run"
+    assert (_nm_linear(x, W, None, fma=True).float() == fp32_sum).all(), "SPARSEKERN_NM_BF16=fma did not take the fp32 kernel"
+
+
+def test_capped_cpus_take_the_fp32_kernel():
+    # SPARSEKERN_CPU_ISA=avx2 (read once per process: a child) turns the AVX-512 kernels off,
+    # and with them the bf16 dot products: the denormal sum comes back.
+    code = (
+        "import os, torch, sparsekern; from sparsekern import ops; from sparsekern.formats import NMWeight\n"
+        "os.environ['SPARSEKERN_NM_GEMM'] = 'direct'\n"
+        "W = NMWeight.from_dense(torch.ones(5, 64, dtype=torch.bfloat16), 2, 4)\n"
+        "x = torch.full((20, 64), 2.0 ** -130, dtype=torch.bfloat16)\n"
+        "assert sparsekern._extension.BUILD_INFO['cpu_avx512_runtime'] is False\n"
+        "y = ops.nm_linear(x, W); assert (y.float() == 2.0 ** -125).all(), y\n"
+    )
+    env = dict(os.environ, SPARSEKERN_CPU_ISA="avx2")
+    env.pop("SPARSEKERN_NM_BF16", None)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+@needs_bf16_dot
+def test_bf16_dot_nan_and_inf_stay_in_their_columns(direct):
+    # Each row keeps columns 1 and 2 of every group: the pair (x1, x2) is read, never x0 or x3.
+    k = 4 * 37
+    mask = torch.zeros(7, k, dtype=torch.bool)
+    mask[:, 1::4] = True
+    mask[:, 2::4] = True
+    W = NMWeight.from_dense(torch.randn(7, k, dtype=torch.bfloat16), 2, 4, mask=mask)
+    x = torch.randn(40, k, dtype=torch.bfloat16)
+    x[:, 0] = float("inf")
+    x[:, k - 1] = float("nan")
+    x[5, 1] = float("nan")
+    y = _nm_linear(x, W, None)
+    assert torch.isnan(y[5]).all()
+    rest = torch.cat([y[:5], y[6:]])
+    assert torch.isfinite(rest).all()
+    xc = torch.nan_to_num(x, nan=0.0, posinf=0.0)
+    ref = ref64(xc, W.to_dense(), None)
+    low = lowp_torch_linear(xc, W.to_dense(), None)
+    assert_linear_close(rest, torch.cat([ref[:5], ref[6:]]), torch.bfloat16, torch.cat([low[:5], low[6:]]),
+                        "inf/NaN in unkept columns")
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("byte", [0x00, 0xFF, 0x1B, 0xE4])
+def test_indices_that_do_not_increase_stay_inside_x(byte):
+    # No validated NMWeight holds such indices; the raw CPU op must still read inside the
+    # tiles (a wrong pair, never a crash): every nibble maps to one of the six pairs.
+    o, k = 10, 132
+    values = torch.randn(o, k // 2, dtype=torch.bfloat16)
+    indices = torch.full((o, (k // 2 * 2 + 7) // 8), byte, dtype=torch.uint8)
+    x = torch.randn(40, k, dtype=torch.bfloat16)
+    y = torch.ops.sparsekern.nm_linear_cpu(x, values, indices, 2, 4, k, None, 1)
+    assert y.shape == (40, o) and torch.isfinite(y).all()
+
+
+@needs_bf16_dot
+def test_bf16_dot_keeps_other_dtypes_and_panels_on_their_kernels(direct):
+    # fp32 and fp16 weights, and a bf16 call given fp32 panels, keep the fp32 kernel: the
+    # denormal case returns the fp32 sum there.
+    x, W, fp32_sum = _denormal_case()
+    panels = torch.ops.sparsekern.nm24_pack_panels(W.values, W.indices, W.in_features)
+    y = torch.ops.sparsekern.nm_linear_cpu(x, W.values, W.indices, 2, 4, W.in_features, None, 1, panels)
+    assert (y.float() == fp32_sum).all()
+    for dtype in (torch.float32, torch.float16):
+        Wd = NMWeight.from_dense(torch.ones(5, 64, dtype=dtype), 2, 4)
+        xd = x.to(dtype) if dtype == torch.float32 else torch.full((20, 64), 2.0 ** -20, dtype=dtype)
+        want = fp32_sum if dtype == torch.float32 else 32 * 2.0 ** -20
+        assert (ops.nm_linear(xd, Wd).float() == want).all(), dtype
