@@ -6,7 +6,6 @@ training they share, and the byte counts both report.
   ~/.cache/sparsekern), `accuracy` scores them;
 - `LlamaStyle`: a Llama-style decoder (RMSNorm, rotary attention with a KV cache, SwiGLU);
 - `ViT`: a small vision transformer with nn.Linear projections (as timm's);
-- `resnet(depth)`: torchvision's ResNet;
 - real models as users build them, no weights downloaded: `hf_llama` (Hugging Face
   LlamaForCausalLM from a config), `timm_vit` (timm ViT), `tv_resnet` (torchvision ResNet);
 - `Workload` and the jobs the model-level benchmarks time: `llama_workloads` (decode with a
@@ -152,12 +151,6 @@ class ViTBlock(nn.Module):
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
-
-
-def resnet(depth=18, classes=100):
-    import torchvision
-
-    return getattr(torchvision.models, f"resnet{depth}")(num_classes=classes)
 
 
 # ------------------------------------------------------------ real models, built from configs

@@ -15,8 +15,6 @@ import triton.language as tl
 
 from . import interpreting
 
-TL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
 
 def on_device(t: torch.Tensor):
     """Launches go to the tensor's GPU, whatever the current device is (Triton launches on the
