@@ -283,6 +283,9 @@ class BlockKind(Kind):
             drop[torch.topk(tmp, k, largest=False).indices] = True
             mask1[:, i:i + bw] = drop.repeat_interleave(bh)[:, None]
 
+    def pattern_of_meta(self, meta_ints):
+        return self.name  # the block shape lives in the stored values' shape, not in the meta ints
+
     def shard_step(self, dim, params, block):
         b = params.get("block", block)
         if not b:

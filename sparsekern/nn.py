@@ -411,7 +411,10 @@ class _SparseMixin:
                     candidates.pop("dense_copy")
                 choice = choose_path(measure_paths(candidates, f.device, policy.reps, policy.cold), rows)
                 del candidates
-                memory.release_freed_memory()  # the dense weights built to measure the paths
+                # Buffers used only to measure (the cache-flush buffer, the dense weights of the
+                # other paths) are not kept: the next measurement allocates its flush buffer again.
+                _FLUSH.clear()
+                memory.release_freed_memory()
                 if key is not None:
                     _SHARED_CHOICES[key] = choice
             self.bucket_choices[bucket] = choice
@@ -427,7 +430,8 @@ class _SparseMixin:
     def _share_key(self, f, bucket: int, policy: Policy) -> tuple:
         """What makes two layers' measurements interchangeable (see Policy.share)."""
         return (type(self).__name__, self._geometry(), kinds.kind_of(f).name, f.pattern, f.value_precision.name, round(float(f.density), 2), f.dtype,
-                str(f.device), self.bias is not None, policy.dense_copy, policy.cold, policy.reps, bucket)
+                str(f.device), self.bias is not None, policy.dense_copy, policy.cold, policy.reps,
+                policy.derived_budget, bucket)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         # Compressed buffers change size with the data: adopt the saved tensors, check them.

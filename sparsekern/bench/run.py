@@ -2,6 +2,7 @@
 
     python -m sparsekern bench --suite kernels|models|masks|quality|all [--device cpu|cuda] [--quick] [--out DIR]
         [--rounds N] [--models llama,vit_base_patch16_224,resnet50] [--peers all|none|NAME,...] [--threads N|auto]
+    (--suite memory too)
 
 Suites:
   kernels  sparse linear ops against dense F.linear and torch's CSR/BSR (and Triton,
@@ -14,7 +15,9 @@ Suites:
            in the same interleaved loop; a peer that cannot run here is a skipped row saying why;
   masks    2:4 mask + compression and the N:M group score against the torch code a user
            would write (topk+gather, torch.ao.pruning, torch.linalg.vector_norm);
-  quality  one-shot pruning quality (sparsekern.bench.quality), the peers' quality beside it.
+  quality  one-shot pruning quality (sparsekern.bench.quality), the peers' quality beside it;
+  memory   resident memory of ViT-B/16 per variant and peer, one fresh process each
+           (sparsekern.bench.memory).
 
 Every result is checked against its fp64 reference with the test suite's tolerance before
 it is timed; variants are timed interleaved with the baseline twice (noise floor), see
@@ -67,9 +70,24 @@ BASELINE, AGAIN = "dense", "dense (again)"
 # can pick for dense convolutions (and the one sparsify() gives the dense convolutions of a
 # model whose convolutions it swaps): a peer beside the baseline, not the baseline.
 DENSE_CHANNELS_LAST = "dense channels-last"
+# Quantized values ("quantize") and the bf16 model ("dtype": sparsify runs on
+# copy.deepcopy(model).to(dtype), the model a bf16 user has; its peer is "dense bf16").
 VARIANTS = {"dense": None, DENSE_CHANNELS_LAST: "channels_last", "2:4": dict(pattern="2:4"),
             "unstructured 70%": dict(pattern="unstructured", sparsity=0.7),
-            "unstructured 90%": dict(pattern="unstructured", sparsity=0.9)}
+            "unstructured 90%": dict(pattern="unstructured", sparsity=0.9),
+            "2:4 int8": dict(pattern="2:4", quantize="int8"),
+            "unstructured 70% int8": dict(pattern="unstructured", sparsity=0.7, quantize="int8"),
+            "2:4 int4 g128": dict(pattern="2:4", quantize="int4", group_size=128),
+            "2:4 (bf16 model)": dict(pattern="2:4", dtype=torch.bfloat16)}
+
+
+def variant_precision(kw) -> str:
+    """The precision a variant computes in: its values' (int8, int4) or its model's dtype."""
+    if not isinstance(kw, dict):
+        return "fp32"
+    if kw.get("quantize"):
+        return kw["quantize"]
+    return str(kw.get("dtype", torch.float32)).replace("torch.", "").replace("bfloat16", "bf16")
 
 
 def model_specs(quick: bool) -> list[dict]:
@@ -89,11 +107,12 @@ def model_specs(quick: bool) -> list[dict]:
                                                  (", img 112, depth 4" if quick else ""),
          "build": lambda: models.timm_vit("vit_base_patch16_224", **vit_kw),
          "workloads": lambda m: [models.image_workload(m, 4, size)],
-         "variants": ["dense", "2:4"] if quick else ["dense", "2:4", "unstructured 70%"], "sparsify": {}},
+         "variants": ["dense", "2:4", "2:4 int8"] if quick else
+                     ["dense", "2:4", "unstructured 70%", "2:4 int8", "2:4 (bf16 model)"], "sparsify": {}},
         {"name": "resnet50", "desc": "torchvision resnet50, weights=None" + (", 112x112 images" if quick else ""),
          "build": lambda: models.tv_resnet(50), "workloads": lambda m: [models.image_workload(m, 4, size)],
          "variants": ["dense", DENSE_CHANNELS_LAST, "2:4"] if quick else
-                     ["dense", DENSE_CHANNELS_LAST, "2:4", "unstructured 70%"], "sparsify": {}},
+                     ["dense", DENSE_CHANNELS_LAST, "2:4", "unstructured 70%", "2:4 (bf16 model)"], "sparsify": {}},
     ]
 
 
@@ -163,7 +182,8 @@ def suite_models(a, env):
         for vname in spec["variants"]:
             kw = VARIANTS[vname]
             common = {"op": "model", "model": name, "model_desc": spec["desc"], "variant": vname,
-                      "device": env["device_name"], "baseline": BASELINE, "precision": "fp32"}
+                      "device": env["device_name"], "baseline": BASELINE, "precision": variant_precision(kw)}
+            dtype = kw.get("dtype") if isinstance(kw, dict) else None
             try:
                 t0 = time.perf_counter()
                 if kw is None:
@@ -171,13 +191,17 @@ def suite_models(a, env):
                 elif kw == "channels_last":
                     m, n_sparse, dense_state = copy.deepcopy(base).to(memory_format=torch.channels_last), 0, None
                 else:
-                    m, report = sparsify(copy.deepcopy(base), method="l1", show_progress=False,
-                                         **kw, **spec["sparsify"])
+                    src = copy.deepcopy(base) if dtype is None else copy.deepcopy(base).to(dtype)
+                    m, report = sparsify(src, method="l1", show_progress=False,
+                                         **{k: v for k, v in kw.items() if k != "dtype"}, **spec["sparsify"])
                     n_sparse = sum(r["status"] == "sparse" and r["backend"] != "dense" for r in report)
                     dense_state = dense_state_dict(m)
                 sparsify_s = time.perf_counter() - t0
                 wls = spec["workloads"](m)
-                chk = check_model(spec["workloads"], base, m, dense_state, f"{name} {vname}")
+                # a bf16 model is checked against the masked dense model in bf16 (torch's own error)
+                ref_base = base if dtype is None else copy.deepcopy(base).to(dtype)
+                chk = check_model(spec["workloads"], ref_base, m, dense_state, f"{name} {vname}")
+                del ref_base
                 for wl in wls:  # one more untimed call per workload: every bucket warm
                     wl.run()
             except Exception as e:  # noqa: BLE001 - a variant that fails is a row saying why
@@ -359,8 +383,25 @@ def suite_quality(a, env):
     return rows
 
 
+# ------------------------------------------------------------------------------ memory
+def suite_memory(a, env):
+    """Resident memory of ViT-B/16 (sparsekern.bench.memory): dense, sparse variants and the
+    peers, each built in a fresh process and run at batches 1, 4 and 64 (--quick: img 112),
+    resident bytes above the interpreter's against the dense fp32 model's."""
+    from . import memory
+
+    if a.device != "cpu":
+        return [{"op": "memory", "error": "the memory suite reads the process's resident set: CPU runs only"}]
+    rows = memory.measure(size=112 if a.quick else 224, threads=env["threads"])
+    for r in rows:
+        r.setdefault("op", "memory")
+        r.setdefault("metric", "resident_mb")
+    return rows
+
+
 # -------------------------------------------------------------------------------- main
-SUITES = {"kernels": suite_kernels, "models": suite_models, "masks": suite_masks, "quality": suite_quality}
+SUITES = {"kernels": suite_kernels, "models": suite_models, "masks": suite_masks, "quality": suite_quality,
+          "memory": suite_memory}
 
 
 def default_out() -> str:
