@@ -21,6 +21,10 @@ bool cpu_has_avx2();
 // CPU has AVX-512 F/VL/BW/DQ/VBMI2 and SPARSEKERN_CPU_ISA does not ask for "avx2" or
 // "generic".
 bool cpu_has_avx512();
+// True when the bf16 dot-product 2:4 GEMM (nm_gemm_bf16.cpp, vdpbf16ps) can run here: the
+// AVX-512 kernels can (cpu_has_avx512(), so SPARSEKERN_CPU_ISA=avx2|generic turns it off too)
+// and the CPU has AVX512_BF16 (Zen 4 and later, Cooper Lake, Sapphire Rapids and later).
+bool cpu_has_avx512_bf16();
 // The CPU's fp32 multiply-add roof, measured (csrc/cpu/cpu_common.cpp): every intra-op thread
 // runs `iterations` rounds of independent multiply-adds on the widest vector the kernels use
 // here (16, 8 or 1 lanes). Returns (seconds, fp32 FLOPs done, lanes); the bench's limits

@@ -46,7 +46,8 @@ static std::string build_info() {
   s += "\"cuda_version\": \"" SPARSEKERN_CUDA_VERSION "\", ";
   s += "\"cuda_archs\": \"" SPARSEKERN_CUDA_ARCHS "\", ";
   s += std::string("\"cpu_avx2_runtime\": ") + (cpu_has_avx2() ? "true" : "false") + ", ";
-  s += std::string("\"cpu_avx512_runtime\": ") + (cpu_has_avx512() ? "true" : "false");
+  s += std::string("\"cpu_avx512_runtime\": ") + (cpu_has_avx512() ? "true" : "false") + ", ";
+  s += std::string("\"cpu_avx512_bf16_runtime\": ") + (cpu_has_avx512_bf16() ? "true" : "false");
   s += "}";
   return s;
 }

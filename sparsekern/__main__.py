@@ -27,6 +27,7 @@ def info_dict() -> dict:
             "cpu_kernels": ext.cpu_kernels_available(),
             "cpu_avx2": bool(ext.BUILD_INFO.get("cpu_avx2_runtime")),
             "cpu_avx512": bool(ext.BUILD_INFO.get("cpu_avx512_runtime")),
+            "cpu_avx512_bf16": bool(ext.BUILD_INFO.get("cpu_avx512_bf16_runtime")),
             "cuda_kernels": ext.cuda_kernels_available(),
             "gpu": gpu,
             "triton": ext.triton_available(),
@@ -54,6 +55,8 @@ def print_info(as_json: bool = False) -> None:
         print("           pure-torch reference paths in use; rebuild: pip install --no-build-isolation -e .")
     print("usable now:")
     fast = "AVX-512 and AVX2" if u["cpu_avx512"] else "AVX2" if u["cpu_avx2"] else ""
+    if u["cpu_avx512_bf16"]:
+        fast += "; the bf16 2:4 GEMM with vdpbf16ps"
     print(f"  CPU kernels   {yes(u['cpu_kernels'])}" + (f"  ({fast} fast paths)" if fast else ""))
     gpu = u["gpu"]
     gpu_s = f"{gpu['name']} (sm_{gpu['capability'][0]}{gpu['capability'][1]})" if gpu else "no GPU"

@@ -16,7 +16,9 @@ Still inside the C++ kernels (not yet passed as arguments): the row-kernel / til
 rows (kDirectMaxBatch, csrc/cpu/sparse_rows.h), the bitmask weight-stationary kernel's
 limits (csrc/cpu/bitmask_linear.cpp) and the CUDA decode/GEMM split (kDecodeMaxRows).
 
-Switches for benchmarking, read per call: SPARSEKERN_NM_GEMM=tile|direct (`nm_cpu_algo`).
+Switches for benchmarking, read per call: SPARSEKERN_NM_GEMM=tile|direct (`nm_cpu_algo`);
+SPARSEKERN_NM_BF16=fma (read by the C++ 2:4 GEMM: bf16 weights on the fp32-FMA kernel instead
+of the vdpbf16ps one, csrc/cpu/nm_gemm_bf16.cpp).
 """
 from __future__ import annotations
 

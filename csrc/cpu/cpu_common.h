@@ -12,11 +12,6 @@
 
 namespace sparsekern {
 
-// True when the bf16 dot-product 2:4 GEMM (nm_gemm_bf16.cpp, vdpbf16ps) can run here: the
-// AVX-512 kernels can (cpu_has_avx512(), so SPARSEKERN_CPU_ISA=avx2|generic turns it off too)
-// and the CPU has AVX512_BF16 (Zen 4 and later, Cooper Lake, Sapphire Rapids and later).
-bool cpu_has_avx512_bf16();
-
 namespace cpu {
 
 // x [..., K] as contiguous fp32 [B, K].
