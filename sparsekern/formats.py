@@ -128,7 +128,9 @@ class _Format:
     Memory safety: the kernels read formats without bounds checks, so sparsekern.ops runs
     validated formats only (`is_validated`): from_dense's output, from_tensors' output, or
     any format after validate(), which checks every index and offset once. Reassigning a
-    field clears the flag; editing a tensor in place after validation is not tracked.
+    field clears the flag, and so does editing one of its tensors in place (their version
+    counters are stamped when it is set; `_stamp` says which edits are seen), so the next op
+    call validates again instead of letting a kernel read out of bounds.
 
     Each format declares the op that runs it once, and every other module reads it from
     here: OP (the sparse linear op, in sparsekern.ops) and `pattern` (the spelling users
@@ -151,12 +153,17 @@ class _Format:
 
     @property
     def is_validated(self) -> bool:
-        """True once validate() passed (or the format came from from_dense), and no field
-        was reassigned since. In-place edits of the tensors are not tracked."""
-        return self.__dict__.get("_validated", False)
+        """True once validate() passed (or the format came from from_dense), and since then
+        no field was reassigned and no tensor edited in place (an edit through `.data`, or of
+        an inference tensor, is not seen: _stamp)."""
+        stamps = self.__dict__.get("_validated", False)
+        return stamps is not False and stamps == self._tensor_stamps()
+
+    def _tensor_stamps(self) -> tuple:
+        return tuple(_stamp(getattr(self, k)) for k in self.tensor_names())
 
     def _valid(self):
-        object.__setattr__(self, "_validated", True)
+        object.__setattr__(self, "_validated", self._tensor_stamps())
         return self
 
     def kernel_args(self) -> tuple:

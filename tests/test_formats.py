@@ -217,3 +217,27 @@ def test_corrupt_tensors_are_refused_on_load():
     d["col_indices"] = d["col_indices"] + 5
     with pytest.raises(ValueError, match="col_indices out of range"):
         BlockWeight.from_tensors(d)
+
+
+@pytest.mark.parametrize("edit", ["offsets", "bitmask"])
+def test_an_in_place_edit_after_validation_is_refused_not_run(edit):
+    """issue 31: w.offsets.fill_(int32 max) after validation used to reach the kernel (a
+    segfault); the format's version stamps now send it through validate() again."""
+    w = BitmaskWeight.from_dense(torch.randn(64, 600), torch.rand(64, 600) < 0.3)
+    x = torch.randn(2, 600)
+    ops.bitmask_linear(x, w)
+    assert w.is_validated
+    t = getattr(w, edit)
+    t.fill_(torch.iinfo(t.dtype).max)
+    assert not w.is_validated
+    with pytest.raises(ValueError, match="not a valid BitmaskWeight"):
+        ops.bitmask_linear(x, w)
+
+
+def test_an_in_place_edit_that_stays_valid_is_validated_again_and_runs():
+    w = NMWeight.from_dense(torch.randn(16, 64))
+    x = torch.randn(3, 64)
+    w.values.mul_(2)
+    assert not w.is_validated
+    torch.testing.assert_close(ops.nm_linear(x, w), x @ w.to_dense().T, rtol=1e-5, atol=1e-5)
+    assert w.is_validated
