@@ -157,6 +157,10 @@ class _Format:
         no field was reassigned and no tensor edited in place (an edit through `.data`, or of
         an inference tensor, is not seen: _stamp)."""
         stamps = self.__dict__.get("_validated", False)
+        if torch.compiler.is_compiling():
+            # Version counters are symbolic while tracing (comparing them would guard on data);
+            # a traced graph runs the format it was traced with.
+            return stamps is not False
         return stamps is not False and stamps == self._tensor_stamps()
 
     def _tensor_stamps(self) -> tuple:
