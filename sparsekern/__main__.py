@@ -55,9 +55,8 @@ def print_info(as_json: bool = False) -> None:
         print("           pure-torch reference paths in use; rebuild: pip install --no-build-isolation -e .")
     print("usable now:")
     fast = "AVX-512 and AVX2" if u["cpu_avx512"] else "AVX2" if u["cpu_avx2"] else ""
-    if u["cpu_avx512_bf16"]:
-        fast += "; the bf16 2:4 GEMM with vdpbf16ps"
-    print(f"  CPU kernels   {yes(u['cpu_kernels'])}" + (f"  ({fast} fast paths)" if fast else ""))
+    bf16 = "; bf16 dot products (vdpbf16ps) in the 2:4 GEMM" if u["cpu_avx512_bf16"] else ""
+    print(f"  CPU kernels   {yes(u['cpu_kernels'])}" + (f"  ({fast} fast paths{bf16})" if fast else ""))
     gpu = u["gpu"]
     gpu_s = f"{gpu['name']} (sm_{gpu['capability'][0]}{gpu['capability'][1]})" if gpu else "no GPU"
     print(f"  CUDA kernels  {yes(u['cuda_kernels'])}  ({gpu_s})")

@@ -36,13 +36,14 @@ def _why_skip(device: str, backend: str) -> str | None:
     return None
 
 
-def pairs(op: str, backends=("cpp", "cuda", "reference"), devices=("cpu", "cuda")):
-    """pytest params (device, backend) for `op`, over the backends it implements."""
+def pairs(op: str, backends=("cpp", "cuda", "triton", "reference"), devices=("cpu", "cuda")):
+    """pytest params (device, backend) for `op`, over the backends it implements. Triton runs
+    on CUDA tensors here (its CPU interpreter cases stay in tests/test_triton.py: slow)."""
     spec = ops.OPS[op]
     out = []
     for device in devices:
         for backend in backends:
-            if device == "cpu" and backend == "cuda" or device == "cuda" and backend == "cpp":
+            if device == "cpu" and backend in ("cuda", "triton") or device == "cuda" and backend == "cpp":
                 continue
             implemented = backend == "reference" or getattr(spec, backend) not in (False, None)
             if not implemented:

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from backends import pairs
+from backends import pairs, running
 from sparsekern import ops
 from sparsekern.formats import BitmaskWeight, BlockWeight, NMWeight
 from sparsekern.patterns import pack_bitmask
@@ -136,14 +136,20 @@ def test_batch_buckets():
     assert key(x300)[1].bucket == ops.batch_bucket(300) and key(x300)[1].shape is None
 
 
-@pytest.mark.parametrize("device,backend", pairs("nm_linear"))
+@pytest.mark.parametrize("device,backend", pairs("block_linear"))
 def test_explanation_follows_the_block_shape_and_device(device, backend):
     """block_linear's decision depends on the block shape (the Triton kernel takes square
-    blocks of 16/32/64): the key holds it, so two layers never share a wrong decision."""
+    blocks of 16/32/64): the key holds it, so two layers never share a wrong decision; and
+    on each device the backend the explanation names is the one that runs, for both shapes."""
     x = torch.randn(3, 64, device=device)
     a = BlockWeight.from_dense(torch.randn(32, 64, device=device), (16, 16))
     b = BlockWeight.from_dense(torch.randn(32, 64, device=device), (4, 8))
     assert ops.OPS["block_linear"].key(x, a)[1] != ops.OPS["block_linear"].key(x, b)[1]
+    for w in (a, b):
+        with running(backend, "block_linear", x, w):
+            y = ops.block_linear(x, w)
+        assert y.device == x.device
+        torch.testing.assert_close(y.double(), x.double() @ w.to_dense().double().T, rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------- every registered op is covered
