@@ -104,6 +104,9 @@ def main(argv=None):
               f"{float(diff):.2e}")
         print("tensor-parallel output matches the single-process model" if bool(ok) else
               "MISMATCH between the tensor-parallel and the single-process model", flush=True)
+    # Both ranks leave together: gloo's transport threads can abort a rank (terminate called
+    # without an active exception) whose peer tore its connections down first.
+    dist.barrier()
     dist.destroy_process_group()
     if not bool(ok):
         raise SystemExit(1)
