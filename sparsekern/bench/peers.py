@@ -47,6 +47,7 @@ from torch import nn
 
 from .. import models
 from ..reporting import ratio_text
+from . import profile
 from .common import rel_err
 
 # A peer that converts less than this share of a model's layer weights (nn.Linear and
@@ -372,30 +373,15 @@ def layer_costs(model: nn.Module, run) -> dict:
     inner tensors), multiply-adds (output
     elements x weight columns; dense and kept are the same except for a 2:4 peer, whose kept
     ones are half) and layer calls. The fields of profile.layer_costs."""
-    costs = {"weight_bytes": 0, "dense_macs": 0, "kept_macs": 0.0, "layer_calls": 0}
-    handles = []
-
-    def hook(mod, _inp, out, cost):
-        nbytes, cols, kept = cost
-        macs = out.numel() * cols
-        costs["weight_bytes"] += nbytes
-        costs["dense_macs"] += macs
-        costs["kept_macs"] += macs * kept
-        costs["layer_calls"] += 1
-
-    for mod in model.modules():
+    def cost_of(mod):
         c = _layer_cost(mod)
-        if c is not None:
-            w = getattr(mod, "weight", None)
-            kept = 0.5 if isinstance(w, torch.Tensor) and type(w).__name__.startswith("SparseSemiStructured") else 1.0
-            handles.append(mod.register_forward_hook(lambda m, i, o, c=(*c, kept): hook(m, i, o, c)))
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    costs["kept_macs"] = int(round(costs["kept_macs"]))
-    return costs
+        if c is None:
+            return None
+        w = getattr(mod, "weight", None)
+        kept = 0.5 if isinstance(w, torch.Tensor) and type(w).__name__.startswith("SparseSemiStructured") else 1.0
+        return (*c, kept)
+
+    return profile.layer_costs(model, run, cost_of)
 
 
 def profile_fields(peer: Peer | str, model: nn.Module, run, median_ms: float, prof: dict) -> dict:

@@ -94,10 +94,12 @@ def _weight_cost(mod: nn.Module) -> tuple[int, int, float] | None:
     return None
 
 
-def layer_costs(model: nn.Module, run) -> dict:
+def layer_costs(model: nn.Module, run, cost_of=None) -> dict:
     """One call of run() with forward hooks on every Linear, ConvNd and sparse module:
     weight bytes read (each layer call reads its stored weight once), dense and kept
-    multiply-adds, layer calls."""
+    multiply-adds, layer calls. cost_of(module) -> (weight bytes, weight columns, kept
+    fraction) or None for a module that is not a layer (default: these modules' own;
+    sparsekern.bench.peers passes one that also reads torch's quantized Linear)."""
     costs = {"weight_bytes": 0, "dense_macs": 0, "kept_macs": 0, "layer_calls": 0}
     handles = []
 
@@ -110,7 +112,7 @@ def layer_costs(model: nn.Module, run) -> dict:
         costs["layer_calls"] += 1
 
     for mod in model.modules():
-        cost = _weight_cost(mod)
+        cost = (cost_of or _weight_cost)(mod)
         if cost is not None:
             handles.append(mod.register_forward_hook(lambda m, i, o, c=cost: hook(m, i, o, c)))
     try:
