@@ -38,6 +38,7 @@ class Precision:
     bits: int = 32
     grouped: bool = False  # takes a group_size
     storage: torch.dtype | None = None  # dtype of the stored values (None: a float dtype)
+    qmax: int = 0  # integer precisions: the grid is [-qmax, qmax]
 
     def check_group_size(self, group_size: int, where: str) -> int:
         if not self.grouped:
@@ -121,14 +122,18 @@ def _given(scales: torch.Tensor, shape: tuple, device) -> torch.Tensor:
     return s
 
 
-def _scale(amax: torch.Tensor, qmax: int) -> torch.Tensor:
-    # An all-zero row or group gets scale 1 (any scale gives q = 0); scales stay float32.
+def scale_for(amax: torch.Tensor, qmax: int) -> torch.Tensor:
+    """The float32 symmetric scale of values whose largest magnitude is `amax` on a grid of
+    [-qmax, qmax] (1 where amax is 0); SparseGPT's joint quantization fixes its scales with
+    it too."""
+    # An all-zero row or group gets scale 1 (any scale gives q = 0).
     s = amax.to(torch.float32) / qmax
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
 class Int8Values(Precision):
     name, code, bits, storage = "int8", 1, 8, torch.int8
+    qmax = 127
 
     def scales_shape(self, rows, k, group_size):
         return (rows,)
@@ -136,8 +141,8 @@ class Int8Values(Precision):
     def quantize(self, values, group_size=0, scales=None):
         v = values.to(torch.float32)
         s = _given(scales, (v.shape[0],), v.device) if scales is not None else \
-            _scale(v.abs().amax(1) if v.shape[1] else v.new_zeros(v.shape[0]), 127)
-        q = torch.round(v / s[:, None]).clamp_(-127, 127).to(torch.int8)
+            scale_for(v.abs().amax(1) if v.shape[1] else v.new_zeros(v.shape[0]), self.qmax)
+        q = torch.round(v / s[:, None]).clamp_(-self.qmax, self.qmax).to(torch.int8)
         return q, s
 
     def dequantize(self, stored, scales, k, dtype, group_size=0):
@@ -146,6 +151,7 @@ class Int8Values(Precision):
 
 class Int4Values(Precision):
     name, code, bits, storage = "int4", 2, 4, torch.uint8
+    qmax = 7
     grouped = True
 
     def stored_shape(self, rows, k):
@@ -157,9 +163,10 @@ class Int4Values(Precision):
     def quantize(self, values, group_size=128, scales=None):
         rows, k = values.shape
         groups = -(-k // group_size)
-        v = torch.nn.functional.pad(values.to(torch.float32), (0, groups * group_size - k)).view(rows, groups, group_size)
-        s = _given(scales, (rows, groups), v.device) if scales is not None else _scale(v.abs().amax(2), 7)
-        q = torch.round(v / s[:, :, None]).clamp_(-7, 7).to(torch.int32).view(rows, -1)[:, :k] + 8
+        v = torch.nn.functional.pad(values.to(torch.float32), (0, groups * group_size - k))
+        v = v.view(rows, groups, group_size)
+        s = _given(scales, (rows, groups), v.device) if scales is not None else scale_for(v.abs().amax(2), self.qmax)
+        q = torch.round(v / s[:, :, None]).clamp_(-self.qmax, self.qmax).to(torch.int32).view(rows, -1)[:, :k] + 8
         q = torch.nn.functional.pad(q, (0, k % 2), value=8).view(rows, -1, 2)
         return (q[:, :, 0] | (q[:, :, 1] << 4)).to(torch.uint8), s
 
@@ -212,8 +219,8 @@ def quantize_ragged_int8(values: torch.Tensor, rows_of: torch.Tensor, rows: int,
         s = _given(scales, (rows,), v.device)
     else:
         amax = torch.zeros(rows, dtype=torch.float32, device=v.device).scatter_reduce_(0, rows_of, v.abs(), "amax")
-        s = _scale(amax, 127)
-    return torch.round(v / s[rows_of]).clamp_(-127, 127).to(torch.int8), s
+        s = scale_for(amax, Int8Values.qmax)
+    return torch.round(v / s[rows_of]).clamp_(-Int8Values.qmax, Int8Values.qmax).to(torch.int8), s
 
 
 def dequantize_ragged_int8(stored: torch.Tensor, scales: torch.Tensor, rows_of: torch.Tensor,

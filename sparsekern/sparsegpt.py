@@ -116,32 +116,26 @@ class _Quantizer:
                 raise ValueError(f"{where}: group_size {self.group_size} must be a multiple of n={params['n']} so a "
                                  "group of kept values is a whole number of N:M groups")
             self.span = self.group_size // params["n"] * params["m"]  # columns of one group of kept values
-            self.scales = torch.ones(rows, -(-cols // self.span), dtype=torch.float64, device=W.device)
+            self.scales = torch.ones(rows, -(-cols // self.span), dtype=torch.float32, device=W.device)
         else:
             self.span = 0
-            self.scales = (W.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
-            self.scales = torch.where(W.abs().amax(1) > 0, self.scales, torch.ones_like(self.scales))
+            self.scales = precisions.scale_for(W.abs().amax(1), self.prec.qmax)
 
     def start_column(self, j: int, W1: torch.Tensor, i: int) -> None:
         """At global column j (local i of the current block W1): fix the group's scale."""
         if self.span and j % self.span == 0:
             # Column blocks are whole runs (sparsegpt_quantized_weight), so W1 holds the run
             # with every update the sweep has made so far.
-            amax = W1[:, i:i + self.span].abs().amax(1)
-            self.scales[:, j // self.span] = torch.where(amax > 0, amax / 7, torch.ones_like(amax))
+            self.scales[:, j // self.span] = precisions.scale_for(W1[:, i:i + self.span].abs().amax(1), self.prec.qmax)
 
     def __call__(self, w: torch.Tensor, j: int) -> torch.Tensor:
         """Column j's weights w on the grid (float64)."""
-        if self.span:
-            s, qmax = self.scales[:, j // self.span], 7
-        else:
-            s, qmax = self.scales, 127
         # float32 scales, as the format stores them, so the grids agree bit for bit
-        s = s.to(torch.float32).to(torch.float64)
-        return torch.round(w / s).clamp(-qmax, qmax) * s
+        s = (self.scales[:, j // self.span] if self.span else self.scales).to(torch.float64)
+        return torch.round(w / s).clamp(-self.prec.qmax, self.prec.qmax) * s
 
     def stored_scales(self) -> torch.Tensor:
-        return self.scales.to(torch.float32)
+        return self.scales
 
 
 def sparsegpt_quantized_weight(weight2d: torch.Tensor, hessian: torch.Tensor, pattern: str = "unstructured",
