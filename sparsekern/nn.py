@@ -374,8 +374,10 @@ class _SparseMixin:
         """Drops f's derived layouts when they exceed the policy's derived_budget (Policy);
         returns `out`, the result of the call that built them."""
         budget = getattr(self, "_policy", DEFAULT_POLICY).derived_budget
-        if budget is not None and not torch.compiler.is_compiling() and f.derived_nbytes > budget * f.nbytes:
-            f.release_derived()
+        if budget is not None and not torch.compiler.is_compiling():
+            derived = f.derived_nbytes  # 0 for most layers: no need to count the stored bytes
+            if derived and derived > budget * f.nbytes:
+                f.release_derived()
         return out
 
     def _dense_weight(self, path: str, f) -> torch.Tensor:
