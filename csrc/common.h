@@ -152,6 +152,18 @@ inline void check_nm_linear_args(const at::Tensor& x, const at::Tensor& values, 
   check_nm24_panels(op, x, n, m, values.size(0), in_features, panels);
 }
 
+// The bitmask [out, ceil(in/64)] and offsets [out, ceil(in/512)] of a bitmask weight
+// (sparsekern/formats.py: BitmaskWeight), for every op that reads one.
+inline void check_bitmask_shapes(const char* op, const at::Tensor& bitmask, const at::Tensor& offsets,
+                                 int64_t in_features) {
+  const int64_t words = (in_features + 63) / 64;
+  const int64_t tiles = (in_features + kBitmaskTileCols - 1) / kBitmaskTileCols;
+  TORCH_CHECK_VALUE(bitmask.dim() == 2 && bitmask.size(1) == words, op, ": bitmask must have shape [out, ", words,
+                    "], got ", bitmask.sizes());
+  TORCH_CHECK_VALUE(offsets.dim() == 2 && offsets.size(0) == bitmask.size(0) && offsets.size(1) == tiles, op,
+                    ": offsets must have shape [", bitmask.size(0), ", ", tiles, "], got ", offsets.sizes());
+}
+
 inline void check_bitmask_linear_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
                                       const at::Tensor& offsets, int64_t in_features,
                                       const c10::optional<at::Tensor>& bias,
@@ -163,12 +175,7 @@ inline void check_bitmask_linear_args(const at::Tensor& x, const at::Tensor& val
   check_index_tensor(op, x, bitmask, "bitmask", c10::kLong);
   check_index_tensor(op, x, offsets, "offsets", c10::kInt);
   TORCH_CHECK_VALUE(values.dim() == 1, op, ": values must be 1-D, got ", values.sizes());
-  const int64_t words = (in_features + 63) / 64;
-  const int64_t tiles = (in_features + kBitmaskTileCols - 1) / kBitmaskTileCols;
-  TORCH_CHECK_VALUE(bitmask.dim() == 2 && bitmask.size(1) == words, op, ": bitmask must have shape [out, ", words,
-                    "], got ", bitmask.sizes());
-  TORCH_CHECK_VALUE(offsets.dim() == 2 && offsets.size(0) == bitmask.size(0) && offsets.size(1) == tiles, op,
-                    ": offsets must have shape [", bitmask.size(0), ", ", tiles, "], got ", offsets.sizes());
+  check_bitmask_shapes(op, bitmask, offsets, in_features);
   check_bias(op, x, bias, bitmask.size(0));
   if (columns.has_value()) {
     // The index (BitmaskWeight.column_index) that the CPU kernels may read instead of the
@@ -253,12 +260,7 @@ inline void check_bitmask_linear_q_args(const at::Tensor& x, const at::Tensor& v
   check_index_tensor(op, x, offsets, "offsets", c10::kInt);
   check_index_tensor(op, x, scales, "scales", c10::kFloat);
   TORCH_CHECK_VALUE(values.dim() == 1, op, ": values must be 1-D, got ", values.sizes());
-  const int64_t words = (in_features + 63) / 64;
-  const int64_t tiles = (in_features + kBitmaskTileCols - 1) / kBitmaskTileCols;
-  TORCH_CHECK_VALUE(bitmask.dim() == 2 && bitmask.size(1) == words, op, ": bitmask must have shape [out, ", words,
-                    "], got ", bitmask.sizes());
-  TORCH_CHECK_VALUE(offsets.dim() == 2 && offsets.size(0) == bitmask.size(0) && offsets.size(1) == tiles, op,
-                    ": offsets must have shape [", bitmask.size(0), ", ", tiles, "], got ", offsets.sizes());
+  check_bitmask_shapes(op, bitmask, offsets, in_features);
   TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == bitmask.size(0), op, ": scales must have shape [",
                     bitmask.size(0), "], got ", scales.sizes());
   check_bias(op, x, bias, bitmask.size(0));

@@ -28,16 +28,6 @@ void bitmask_decompress_row(const VT* vals, const int64_t* words, int64_t nwords
   }
 }
 
-void check_bitmask_words(const char* op, const at::Tensor& bitmask, int64_t in_features) {
-  // Bits past in_features would index outside the row: refuse them rather than read there.
-  const int64_t tail = in_features % 64;
-  if (tail == 0 || bitmask.numel() == 0) return;
-  auto last = bitmask.select(1, bitmask.size(1) - 1);
-  const int64_t high = static_cast<int64_t>(~((uint64_t(1) << tail) - 1));
-  TORCH_CHECK_VALUE(at::bitwise_and(last, high).ne(0).sum().item<int64_t>() == 0, op,
-                    ": bitmask has bits set beyond in_features (", in_features, ")");
-}
-
 // From this batch the AVX-512 weight-stationary kernel runs (4096x4096 fp32, 2 threads: at
 // 30% kept 1.0x dense at 128 rows and 1.27x at 512, but 0.7x at 17-32 rows, where packing
 // its entries per K tile is not yet paid back by enough batch lanes).
@@ -63,7 +53,7 @@ at::Tensor bitmask_linear_columns(const at::Tensor& x, const at::Tensor& values,
   check_bitmask_linear_args(x, values, bitmask, offsets, in_features, bias, columns);
   // Formats refuse bits past in_features; a raw call with them would unmask x past its end
   // in the AVX-512 kernels. Free when in_features is a multiple of 64.
-  check_bitmask_words("bitmask_linear", bitmask, in_features);
+  check_bitmask_tail_bits("bitmask_linear", bitmask, in_features);
   const int64_t K = in_features, O = bitmask.size(0);
   auto vals = values.contiguous();
   auto bm = bitmask.contiguous();
@@ -224,7 +214,7 @@ at::Tensor bitmask_decompress_cpu(const at::Tensor& values, const at::Tensor& bi
                     ": bitmask must have shape [out, ", nw, "] for in_features=", in_features);
   TORCH_CHECK_VALUE(offsets.dim() == 2 && offsets.size(0) == bitmask.size(0) && offsets.size(1) == nt, op,
                     ": offsets must have shape [", bitmask.size(0), ", ", nt, "]");
-  check_bitmask_words(op, bitmask, in_features);
+  check_bitmask_tail_bits(op, bitmask, in_features);
   const int64_t O = bitmask.size(0);
   auto bm = bitmask.contiguous();
   auto off = offsets.contiguous();

@@ -14,6 +14,19 @@ namespace sparsekern {
 
 namespace cpu {
 
+// A bitmask weight's bits past in_features would unmask x past its end (and index outside
+// the row): refused, for every CPU op that reads a bitmask (free when in % 64 == 0).
+inline void check_bitmask_tail_bits(const char* op, const at::Tensor& bitmask, int64_t in_features) {
+  // Bits past in_features would index outside the row: refuse them rather than read there.
+  const int64_t tail = in_features % 64;
+  if (tail == 0 || bitmask.numel() == 0) return;
+  auto last = bitmask.select(1, bitmask.size(1) - 1);
+  const int64_t high = static_cast<int64_t>(~((uint64_t(1) << tail) - 1));
+  TORCH_CHECK_VALUE(at::bitwise_and(last, high).ne(0).sum().item<int64_t>() == 0, op,
+                    ": bitmask has bits set beyond in_features (", in_features, ")");
+}
+
+
 // x [..., K] as contiguous fp32 [B, K].
 at::Tensor x_float_2d(const at::Tensor& x);
 

@@ -15,16 +15,6 @@ namespace sparsekern {
 namespace cpu {
 namespace {
 
-void check_bitmask_tail(const char* op, const at::Tensor& bitmask, int64_t in_features) {
-  // Bits past in_features would unmask x past its end: refuse them (free at K % 64 == 0).
-  const int64_t tail = in_features % 64;
-  if (tail == 0 || bitmask.numel() == 0) return;
-  auto last = bitmask.select(1, bitmask.size(1) - 1);
-  const int64_t high = static_cast<int64_t>(~((uint64_t(1) << tail) - 1));
-  TORCH_CHECK_VALUE(at::bitwise_and(last, high).ne(0).sum().item<int64_t>() == 0, op,
-                    ": bitmask has bits set beyond in_features (", in_features, ")");
-}
-
 at::Tensor nm_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
                            const at::Tensor& scales, int64_t n, int64_t m, int64_t in_features, int64_t bits,
                            int64_t group_size, const c10::optional<at::Tensor>& bias) {
@@ -65,7 +55,7 @@ at::Tensor bitmask_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, c
                                 const at::Tensor& offsets, const at::Tensor& scales, int64_t in_features,
                                 const c10::optional<at::Tensor>& bias) {
   check_bitmask_linear_q_args(x, values, bitmask, offsets, scales, in_features, bias);
-  check_bitmask_tail("bitmask_linear_q", bitmask, in_features);
+  check_bitmask_tail_bits("bitmask_linear_q", bitmask, in_features);
   const int64_t K = in_features, O = bitmask.size(0);
   auto vals = values.contiguous();
   auto bm = bitmask.contiguous();
