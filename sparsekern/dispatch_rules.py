@@ -10,7 +10,8 @@ run under bench/results/ and the figures that set it, as data). Who reads what:
                         `uses_column_index`), measured GPU timings (`measured_verdict`) and the
                         2:4 sparse tensor-core GEMMs' batch rule (`semi_structured_verdict`)
   sparsekern.tuning     `TUNING_NOISE` (the margin of `fastest_within` over measured medians)
-  sparsekern.nn         `PATH_NOISE` (choose_path: the sparse path keeps ties within it)
+  sparsekern.nn         `PATH_NOISE` (choose_path: the sparse path keeps ties within it),
+                        `DENSE_COPY_MAX_BYTES` (the layers that may keep a dense copy)
 
 Still inside the C++ kernels (not yet passed as arguments): the row-kernel / tile split at 16
 rows (kDirectMaxBatch, csrc/cpu/sparse_rows.h), the bitmask weight-stationary kernel's
@@ -79,6 +80,13 @@ def fastest_within(times: dict[str, float], order: Iterable[str] = (), noise: fl
             return b
     return best
 
+
+# ------------------------------------------------------------------ sparse modules' paths
+# A sparse layer whose dense weight is at most this many bytes also measures a dense copy of
+# its weight per batch bucket (sparsekern.nn.Policy.dense_copy_max_bytes) and keeps it where
+# it wins: in small layers a kernel call's fixed cost is a large part of the time, and the
+# copy of a 256x256 fp32 weight costs 256 KiB.
+DENSE_COPY_MAX_BYTES = 256 << 10
 
 # ------------------------------------------------------------------ CPU: N:M kernels
 # The algorithm argument of the CPU-only ops nm_linear_cpu / nm_conv2d_cpu (csrc/cpu/nm_linear.cpp

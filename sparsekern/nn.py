@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 import sys
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
-from . import dispatch_rules, kinds, memory, ops, precisions, prune
+from . import decisions, dispatch_rules, kinds, memory, ops, precisions, prune
 from .patterns import as_2d, conv_output_size, from_2d, pack_bitmask, unpack_bitmask
 
 
@@ -39,9 +40,15 @@ from .patterns import as_2d, conv_output_size, from_2d, pack_bitmask, unpack_bit
 #                 C++ op decompresses tiles into a GEMM at large batch)
 #   "decompress"  the whole weight decompressed, then the dense op (dense work, no extra memory
 #                 kept; pays one decompression per call)
-#   "dense_copy"  a dense copy kept next to the compressed weight (Policy(dense_copy=True):
-#                 memory traded for speed; explain says so)
+#   "dense_copy"  a dense copy kept next to the compressed weight, rebuilt from it when it
+#                 changes (a candidate for layers whose dense weight is at most
+#                 Policy.dense_copy_max_bytes, for any layer under Policy(dense_copy=True): memory
+#                 traded for speed, explain says how much)
 PATHS = ("sparse", "decompress", "dense_copy")
+
+# Where a per-bucket choice came from (PathChoice.source).
+SOURCES = {"measured": "measured now", "shared": "shared: measured on an identical layer",
+           "cache": "read from the tuning cache"}
 
 
 class PathChoice(NamedTuple):
@@ -49,6 +56,8 @@ class PathChoice(NamedTuple):
     reason: str
     times_ms: dict
     shared: bool = False  # True: taken from an identical layer's measurement (Policy.share)
+    source: str = "measured"  # a key of SOURCES
+    measured_at: float | None = None  # seconds since the epoch (time.time()) of the measurement
 
 
 class Policy:
@@ -64,6 +73,12 @@ class Policy:
     module type and geometry, format, pattern, density to 1%, dtype, device, bias and
     policy): a transformer's 4 x 7 linears are measured as 3 shapes, so each measurement
     can afford more repetitions and one noisy sample no longer flips one layer of many.
+    dense_copy_max_bytes: a layer whose dense weight is at most this many bytes also measures
+    the "dense_copy" path, and keeps the copy where it wins a batch bucket (small layers, where
+    a kernel call's fixed cost can exceed the work; dispatch_rules.DENSE_COPY_MAX_BYTES); None:
+    only under dense_copy=True. cache: read and write the on-disk tuning cache
+    (sparsekern.decisions), so a choice measured once on this machine is not measured again
+    in another process.
     derived_budget: the bytes of layouts derived from the compressed weight for a kernel
     (NMWeight.gemm_panels: 6 bytes per kept value; BitmaskWeight.column_index: 2) that a
     layer keeps between calls, as a fraction of its stored weight's bytes. Above it the
@@ -75,7 +90,8 @@ class Policy:
     """
 
     def __init__(self, backend: str = "auto", dense_copy: bool = False, reps: int = 5, cold: bool = True,
-                 share: bool = True, derived_budget: float | None = 0.5):
+                 share: bool = True, derived_budget: float | None = 0.5,
+                 dense_copy_max_bytes: int | None = dispatch_rules.DENSE_COPY_MAX_BYTES, cache: bool = True):
         if backend not in ("auto", "sparse", "dense"):
             raise ValueError(f"Policy: backend must be 'auto', 'sparse' or 'dense', got {backend!r}")
         if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
@@ -86,10 +102,15 @@ class Policy:
                                            not isinstance(derived_budget, (int, float)) or derived_budget < 0):
             raise ValueError(f"Policy: derived_budget must be a fraction >= 0 or None, got {derived_budget!r}")
         self.derived_budget = None if derived_budget is None else float(derived_budget)
+        if dense_copy_max_bytes is not None and (isinstance(dense_copy_max_bytes, bool) or
+                                                 not isinstance(dense_copy_max_bytes, int) or dense_copy_max_bytes < 0):
+            raise ValueError(f"Policy: dense_copy_max_bytes must be an int >= 0 or None, got {dense_copy_max_bytes!r}")
+        self.dense_copy_max_bytes, self.cache = dense_copy_max_bytes, bool(cache)
 
     def __repr__(self) -> str:
         return (f"Policy({self.backend!r}, dense_copy={self.dense_copy}, reps={self.reps}, cold={self.cold}, "
-                f"share={self.share}, derived_budget={self.derived_budget})")
+                f"share={self.share}, derived_budget={self.derived_budget}, "
+                f"dense_copy_max_bytes={self.dense_copy_max_bytes}, cache={self.cache})")
 
 
 DEFAULT_POLICY = Policy()
@@ -112,6 +133,15 @@ def choose_path(times_ms: dict[str, float], rows: int, noise: float = dispatch_r
 
 # Choices shared between identical layers (Policy.share), keyed by _SparseMixin._share_key.
 _SHARED_CHOICES: dict[tuple, PathChoice] = {}
+# How many per-bucket measurements (measure_paths calls) this process made: a choice read
+# from the tuning cache or shared by an identical layer makes none.
+_MEASUREMENTS = [0]
+
+
+def measurement_count() -> int:
+    """Per-bucket path measurements made in this process so far (tests assert that a process
+    reading the tuning cache makes none)."""
+    return _MEASUREMENTS[0]
 
 
 def clear_shared_choices() -> None:
@@ -242,6 +272,7 @@ class _SparseMixin:
     def _set_format(self, fmt) -> None:
         self.bucket_choices: dict[int, PathChoice] = {}
         self.__dict__.pop("_dense_copy", None)
+        self._forget_calls()
         for name in list(self._buffers):
             if name.startswith("weight_") and name != "weight_mask_bits":
                 del self._buffers[name]
@@ -273,6 +304,69 @@ class _SparseMixin:
             cached = self.__dict__["_format_cache"] = (
                 key, cls.from_tensors(tensors, validate=False, meta_ints=self._meta_ints[1:]))
         return cached[1]
+
+    # ------------------------------------------------ the per-input-shape call cache
+    # An eval forward that already ran an input shape runs it again through one cached call
+    # (_KeptCall): the kernel with its arguments bound (ops.sparse_linear_call: checked and
+    # decided once) or F.linear on the kept dense copy. Before each use it checks what the
+    # formats' safety rests on (the version counters of the weight's tensors, as
+    # is_validated does: an in-place edit sends the call back through ops, which validates
+    # again and raises on bad indices) and the input's dtype and device; the shape is the key.
+    # Replacing a weight tensor or the bias, .to() and loading a state dict forget the calls.
+    def _forget_calls(self) -> None:
+        self.__dict__["_calls"] = {}
+
+    def __setattr__(self, name, value):
+        if name.startswith("weight") or name == "bias":
+            self.__dict__["_calls"] = {}
+        super().__setattr__(name, value)
+
+    def register_buffer(self, name, tensor, persistent: bool = True):
+        self.__dict__["_calls"] = {}
+        return super().register_buffer(name, tensor, persistent)
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__["_calls"] = {}
+        return super()._apply(fn, recurse)
+
+    def _keep_call(self, x: torch.Tensor, path: str, f) -> None:
+        """Caches the call that ran `x` on `path` for x's shape (see above), where one can be:
+        eager mode, no gradient wanted, a weight whose in-place edits are seen (no inference
+        tensors), and a call that holds nothing beyond the format's tensors and the derived
+        layouts its budget keeps."""
+        if torch.compiler.is_compiling() or path == "decompress" or isinstance(f, torch.Tensor):
+            return
+        bias = self.bias
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            return
+        tensors = tuple(getattr(f, n) for n in f.tensor_names())
+        if any(t.is_inference() for t in tensors):
+            return
+        if path == "sparse":
+            if self.__dict__.get("_derived_dropped"):
+                return  # its derived layout is built per call and dropped (Policy.derived_budget)
+            call = ops.sparse_linear_call(x, f, bias)
+            held = {id(t) for t in tensors}
+            if any(isinstance(a, torch.Tensor) and id(a) not in held for a in call.before_bias):
+                return  # e.g. a quantized block weight's values dequantized for the call
+            call = call.no_grad  # _kept_call runs it only where no gradient is wanted
+        else:
+            call = _DenseCall(self._dense_weight(path, f))
+        calls = self.__dict__.setdefault("_calls", {})
+        if len(calls) >= MAX_KEPT_CALLS:
+            calls.clear()
+        calls[x.shape] = _KeptCall(call, x.dtype, x.device, tensors, _versions(tensors), bias is not None)
+
+    def _kept_call(self, x: torch.Tensor):
+        """The cached call for x (see _keep_call) when it may run now, else None."""
+        kept = self.__dict__.get("_calls")
+        kept = kept.get(x.shape) if kept else None
+        if kept is None or x.dtype != kept.dtype or x.device != kept.device or \
+                _versions(kept.tensors) != kept.versions or torch.compiler.is_compiling():
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or (kept.has_bias and self._parameters["bias"].requires_grad)):
+            return None
+        return kept
 
     @property
     def trainable(self) -> bool:
@@ -374,21 +468,29 @@ class _SparseMixin:
         """Drops f's derived layouts when they exceed the policy's derived_budget (Policy);
         returns `out`, the result of the call that built them."""
         budget = getattr(self, "_policy", DEFAULT_POLICY).derived_budget
+        dropped = False
         if budget is not None and not torch.compiler.is_compiling():
             derived = f.derived_nbytes  # 0 for most layers: no need to count the stored bytes
             if derived and derived > budget * f.nbytes:
                 f.release_derived()
+                dropped = True
+        self.__dict__["_derived_dropped"] = dropped  # read by _keep_call right after this call
         return out
 
     def _dense_weight(self, path: str, f) -> torch.Tensor:
         """The dense [out, in2d] weight for path "decompress" (made now) or "dense_copy"
-        (made once and kept)."""
+        (made once and kept; made again when the compressed weight, the source of truth, was
+        replaced or edited in place)."""
         if path == "decompress":
             return f.to_dense()
+        stamps = _versions(tuple(getattr(f, n) for n in f.tensor_names()))
         copy = self.__dict__.get("_dense_copy")
-        if copy is None or copy[0] is not f:
-            copy = self.__dict__["_dense_copy"] = (f, f.to_dense())
+        if copy is None or copy[0] is not f or copy[2] != stamps or stamps is None:
+            copy = self.__dict__["_dense_copy"] = (f, f.to_dense(), stamps)
         return copy[1]
+
+    def _dense_nbytes(self, f) -> int:
+        return math.prod(f.shape) * f.dtype.itemsize
 
     def _path_for(self, rows: int, runners) -> str:
         """How to run an input of `rows` rows in eval mode: "sparse" unless Policy("auto")
@@ -403,28 +505,43 @@ class _SparseMixin:
             if torch.compiler.is_compiling():
                 return "sparse"  # measured eagerly only; a compiled graph keeps the kernel
             f = self.weight_format()
-            key = self._share_key(f, bucket, policy) if policy.share else None
-            shared = _SHARED_CHOICES.get(key) if key is not None else None
+            key = self._share_key(f, bucket, policy)
+            allowed = set(PATHS) if self._dense_copy_allowed(f, policy) else set(PATHS) - {"dense_copy"}
+            shared = _SHARED_CHOICES.get(key) if policy.share else None
+            stored = decisions.lookup(f.device, repr(key)) if policy.cache and shared is None else None
             if shared is not None:
-                choice = shared._replace(shared=True)
+                choice = shared._replace(shared=True, source="shared")
+            elif stored is not None and stored["path"] in allowed:
+                choice = PathChoice(stored["path"], stored["reason"], dict(stored["times_ms"]), source="cache",
+                                    measured_at=stored["measured_at"])
             else:
-                candidates = runners()
-                if not policy.dense_copy:
-                    candidates.pop("dense_copy")
+                candidates = {p: fn for p, fn in runners().items() if p in allowed}
+                _MEASUREMENTS[0] += 1
                 choice = choose_path(measure_paths(candidates, f.device, policy.reps, policy.cold), rows)
                 del candidates
                 # Buffers used only to measure (the cache-flush buffer, the dense weights of the
                 # other paths) are not kept: the next measurement allocates its flush buffer again.
                 _FLUSH.clear()
                 memory.release_freed_memory()
-                if key is not None:
-                    _SHARED_CHOICES[key] = choice
+                stamp = decisions.store(f.device, repr(key), choice.path, choice.reason, choice.times_ms) \
+                    if policy.cache else time.time()
+                choice = choice._replace(measured_at=stamp)
+            if policy.share and shared is None:
+                _SHARED_CHOICES[key] = choice
             self.bucket_choices[bucket] = choice
             if not isinstance(f, torch.Tensor) and all(c.path != "sparse" for c in self.bucket_choices.values()):
                 # The sparse path lost in every bucket seen so far: indexes built to measure it
                 # (NMWeight.gemm_panels, BitmaskWeight.column_index) are not kept.
                 f.release_derived()
+            if not policy.dense_copy and all(c.path != "dense_copy" for c in self.bucket_choices.values()):
+                self.__dict__.pop("_dense_copy", None)  # made to measure it; no bucket runs it
         return choice.path
+
+    def _dense_copy_allowed(self, f, policy: Policy) -> bool:
+        """Whether "dense_copy" is a candidate path: any layer under Policy(dense_copy=True),
+        else one whose dense weight is at most policy.dense_copy_max_bytes."""
+        return policy.dense_copy or (policy.dense_copy_max_bytes is not None and
+                                     self._dense_nbytes(f) <= policy.dense_copy_max_bytes)
 
     def _geometry(self) -> tuple:
         return (self._dense_shape(),)
@@ -433,7 +550,7 @@ class _SparseMixin:
         """What makes two layers' measurements interchangeable (see Policy.share)."""
         return (type(self).__name__, self._geometry(), kinds.kind_of(f).name, f.pattern, f.value_precision.name, round(float(f.density), 2), f.dtype,
                 str(f.device), self.bias is not None, policy.dense_copy, policy.cold, policy.reps,
-                policy.derived_budget, bucket)
+                policy.derived_budget, policy.dense_copy_max_bytes, bucket)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         # Compressed buffers change size with the data: adopt the saved tensors, check them.
@@ -484,6 +601,7 @@ class _SparseMixin:
             self._meta_ints = meta_ints
             self.bucket_choices = {}
             self.__dict__.pop("_dense_copy", None)
+            self._forget_calls()
             self.backend = "dense" if cls is None else self._sparse_backend(f, 1)
             self.reason = "loaded from a state dict"
             if cls is not None and f.quantized:
@@ -571,13 +689,59 @@ class _SparseMixin:
             limit = "unlimited" if budget is None else int(budget * f.nbytes)
             text += f", derived_index_bytes={f.derived_nbytes} (budget {limit})"
         if self._dense_copy_nbytes():
-            text += f", dense_copy_bytes={self._dense_copy_nbytes()}"
+            # The copy is derived from the compressed weight (rebuilt when it changes), never saved.
+            text += (f", dense_copy_bytes={self._dense_copy_nbytes()} (a dense copy kept beside the compressed "
+                     f"weight for the buckets that run it)")
         if self.bucket_choices:
             text += ", paths={" + "; ".join(
-                f"rows<={b if b > 0 else 'inf'}: {c.path} ({c.reason}{'; shared: measured on an identical layer' if c.shared else ''})"
+                f"rows<={b if b > 0 else 'inf'}: {c.path} ({c.reason}; {_source_text(c)})"
                 for b, c in sorted(
                     self.bucket_choices.items(), key=lambda kv: kv[0] if kv[0] > 0 else float("inf"))) + "}"
         return text
+
+
+def _source_text(choice: PathChoice) -> str:
+    """Where a per-bucket choice came from and when it was measured (explain's words)."""
+    when = "" if choice.measured_at is None else \
+        time.strftime(" %Y-%m-%d %H:%M:%S UTC", time.gmtime(choice.measured_at))
+    if choice.source == "measured":
+        return f"measured now,{when}" if when else "measured now"
+    return f"{SOURCES[choice.source]}, measured{when}" if when else SOURCES[choice.source]
+
+
+_version_of = operator.attrgetter("_version")
+
+
+def _versions(tensors: tuple) -> tuple | None:
+    """The in-place version counters of `tensors` (None when one is an inference tensor,
+    whose edits are not counted)."""
+    try:
+        return tuple(map(_version_of, tensors))
+    except RuntimeError:
+        return None
+
+
+# At most this many input shapes keep a cached call per layer (a model fed many sequence
+# lengths starts over instead of growing).
+MAX_KEPT_CALLS = 64
+
+
+class _KeptCall(NamedTuple):
+    call: Callable  # call(x, bias) -> y
+    dtype: torch.dtype
+    device: torch.device
+    tensors: tuple  # the weight's tensors, whose version counters ...
+    versions: tuple  # ... were these when the call was made
+    has_bias: bool
+
+
+class _DenseCall(NamedTuple):
+    """F.linear on a kept dense copy, as a call(x, bias)."""
+
+    weight: torch.Tensor
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, bias)
 
 
 class SparseLinear(_SparseMixin, nn.Module):
@@ -667,12 +831,17 @@ class SparseLinear(_SparseMixin, nn.Module):
         return (self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept = self._kept_call(x)
+        if kept is not None:
+            return kept.call(x, self._parameters["bias"] if kept.has_bias else None)
         if self.trainable or self.backend == "dense":
             return self._linear2d(x, self.bias)
         f = self.weight_format()
         rows = x.numel() // self.in_features if self.in_features else 0
         path = self._path_for(rows, lambda: {p: (lambda p=p: self._linear_path(p, x, f)) for p in PATHS})
-        return self._linear_path(path, x, f)
+        y = self._linear_path(path, x, f)
+        self._keep_call(x, path, f)
+        return y
 
     def _linear_path(self, path: str, x: torch.Tensor, f) -> torch.Tensor:
         if path == "sparse":

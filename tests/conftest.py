@@ -7,6 +7,10 @@ import torch
 # kernel is defined (sparsekern.triton is imported lazily, by the tests that use it).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# No test reads or writes the user's on-disk tuning cache (sparsekern.decisions): a choice
+# stored by an earlier run would stand in for the measurement a test makes or fakes.
+# tests/test_tuning_cache.py points it at a temporary folder.
+os.environ["SPARSEKERN_TUNING_CACHE"] = "off"
 
 import sparsekern
 

@@ -16,6 +16,7 @@ LAYERS = [
     {"patterns", "precisions", "memory"},           # 2-D views, bit layouts; value precisions; freed memory
     {"reference", "_extension"},                    # pure-torch references; loading the extension
     {"triton", "semi_structured", "tuning", "dispatch_rules"},  # backends; measured timings; every dispatch rule
+    {"decisions"},                                  # the on-disk cache of modules' per-bucket path choices
     {"ops"},                                        # the one door: checks, dispatch, fakes, autograd
     {"formats"},                                    # typed compressed weights over ops
     {"prune"},                                      # scores, masks, calibration, torch-prune-style functions

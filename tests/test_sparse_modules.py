@@ -87,13 +87,14 @@ def test_module_measures_each_bucket_once_and_runs_the_choice(monkeypatch):
     calls = []
 
     def fake_measure(runners, device, reps, cold):
-        assert set(runners) == {"sparse", "decompress"}  # no dense copy unless the policy asks
+        assert set(runners) == {"sparse", "decompress"}  # no dense copy unless the policy allows one
         calls.append(sorted(runners))
         rows = fake_measure.rows
         return {"sparse": 1.0, "decompress": 2.0} if rows <= 4 else {"sparse": 2.0, "decompress": 1.0}
 
     monkeypatch.setattr(sparsekern.nn, "measure_paths", fake_measure)
-    s = SparseLinear.from_dense(nn.Linear(64, 32), "unstructured", sparsity=0.5).eval()
+    s = SparseLinear.from_dense(nn.Linear(64, 32), "unstructured", sparsity=0.5,
+                                policy=Policy("auto", dense_copy_max_bytes=None)).eval()
     W = s.weight_format()
     for rows, path in ((1, "sparse"), (3, "sparse"), (100, "decompress"), (90, "decompress"), (1, "sparse")):
         fake_measure.rows = rows
@@ -127,7 +128,10 @@ def test_real_measurement_runs_every_path_on_the_input():
     with torch.no_grad():
         y = s(x)
     choice = s.bucket_choices[16]
-    assert set(choice.times_ms) == {"sparse", "decompress"} and all(t > 0 for t in choice.times_ms.values())
+    # a 32 KiB weight is under dispatch_rules.DENSE_COPY_MAX_BYTES: its dense copy is a candidate
+    assert set(choice.times_ms) == {"sparse", "decompress", "dense_copy"} and \
+        all(t > 0 for t in choice.times_ms.values())
+    assert (s.held_nbytes() >= 128 * 64 * 4) == (choice.path == "dense_copy")  # kept only where it runs
     torch.testing.assert_close(y, x @ s.weight_format().to_dense().T + s.bias, rtol=1e-5, atol=1e-5)
 
 

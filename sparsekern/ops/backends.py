@@ -31,6 +31,7 @@ def _below_autograd_unless_needed(op: Callable) -> Callable:
             return op(*args)
         with torch._C._AutoDispatchBelowAutograd():
             return op(*args)
+    call.op = op  # the op itself, for callers that know no gradient flows (ops.LinearCall)
     return call
 
 

@@ -4,6 +4,7 @@ Tensor layouts: sparsekern/formats.py. Schemas: csrc/sparsekern.cpp."""
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -15,6 +16,27 @@ from .dispatch import decide, run
 
 
 # --------------------------------------------------------------------- linear ops
+class LinearCall(NamedTuple):
+    """A sparse linear op as decided for one input's key: `call(x, bias)` runs
+    run(x, *before_bias, bias, *after_bias) (the schema's order)."""
+
+    run: Callable
+    before_bias: tuple
+    after_bias: tuple
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.run(x, *self.before_bias, bias, *self.after_bias)
+
+    def no_grad(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The same call where the caller knows no gradient is wanted: the op below autograd,
+        without asking each time."""
+        op = getattr(self.run, "op", None)
+        if op is None:
+            return self(x, bias)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(x, *self.before_bias, bias, *self.after_bias)
+
+
 def nm_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T + bias with W an NMWeight.
 
@@ -28,10 +50,15 @@ def nm_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torc
     check_format("nm_linear", weight, "NMWeight")
     check_x("nm_linear", x, weight.in_features, weight.dtype, weight.device)
     check_bias("nm_linear", bias, weight.shape[0], x)
+    return _nm_linear_call(x, weight)(x, bias)
+
+
+def _nm_linear_call(x: torch.Tensor, weight) -> "LinearCall":
     d, key = decide("nm_linear", (x, weight))
     if d.cpu_run is not None and key.cpu_algo != rules.NM_ALGO_DECODE:
-        return d.cpu_run(x, *weight.kernel_args(), bias, key.cpu_algo, weight.gemm_panels() if key.panels else None)
-    return d.run(x, *weight.kernel_args(), bias)
+        return LinearCall(d.cpu_run, weight.kernel_args(),
+                          (key.cpu_algo, weight.gemm_panels() if key.panels else None))
+    return LinearCall(d.run, weight.kernel_args(), ())
 
 
 def bitmask_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -42,10 +69,14 @@ def bitmask_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) ->
     check_format("bitmask_linear", weight, "BitmaskWeight")
     check_x("bitmask_linear", x, weight.in_features, weight.dtype, weight.device)
     check_bias("bitmask_linear", bias, weight.shape[0], x)
+    return _bitmask_linear_call(x, weight)(x, bias)
+
+
+def _bitmask_linear_call(x: torch.Tensor, weight) -> "LinearCall":
     d, key = decide("bitmask_linear", (x, weight))
     if d.cpu_run is not None and key.column_index:
-        return d.cpu_run(x, *weight.kernel_args(), bias, weight.column_index())
-    return d.run(x, *weight.kernel_args(), bias)
+        return LinearCall(d.cpu_run, weight.kernel_args(), (weight.column_index(),))
+    return LinearCall(d.run, weight.kernel_args(), ())
 
 
 def _check_quantized(op: str, weight, cls_name: str) -> None:
@@ -141,6 +172,29 @@ def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> 
         raise TypeError(f"sparse_linear: weight must be an NMWeight, BitmaskWeight or BlockWeight, got "
                         f"{type(weight).__name__}")
     return fn(x, weight, bias)
+
+
+_LINEAR_CALL = {"nm_linear": _nm_linear_call, "bitmask_linear": _bitmask_linear_call}
+
+
+def sparse_linear_call(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> LinearCall:
+    """What sparse_linear(x, weight, bias) runs, checked and decided once: the returned call
+    runs it for any input of x's decision key (same last size, dtype, device and batch bucket)
+    and any bias of the same shape, dtype and device, with no checks. The caller keeps it only
+    while the weight stays as checked (its tensors neither replaced nor edited in place: what
+    is_validated stamps) and calls it only where no gradient is needed (it runs below autograd)."""
+    fn = _LINEAR.get(getattr(weight, "OP", None))
+    if fn is None:
+        raise TypeError(f"sparse_linear_call: weight must be an NMWeight, BitmaskWeight or BlockWeight, got "
+                        f"{type(weight).__name__}")
+    op = weight.OP
+    check_format(op, weight, type(weight).__name__)
+    check_x(op, x, weight.in_features, weight.dtype, weight.device)
+    check_bias(op, bias, weight.shape[0], x)
+    make = _LINEAR_CALL.get(op)
+    if make is not None:
+        return make(x, weight)
+    return LinearCall(decide(op, (x, weight))[0].run, weight.kernel_args(), ())
 
 
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, bitmask: torch.Tensor,
