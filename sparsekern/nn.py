@@ -46,9 +46,9 @@ from .patterns import as_2d, conv_output_size, from_2d, pack_bitmask, unpack_bit
 #                 traded for speed, explain says how much)
 PATHS = ("sparse", "decompress", "dense_copy")
 
-# Where a per-bucket choice came from (PathChoice.source).
-SOURCES = {"measured": "measured now", "shared": "shared: measured on an identical layer",
-           "cache": "read from the tuning cache"}
+# Where a per-bucket choice came from (PathChoice.source; PathChoice.shared says whether an
+# identical layer in this process made it).
+SOURCES = {"measured": "measured in this process", "cache": "read from the tuning cache"}
 
 
 class PathChoice(NamedTuple):
@@ -510,7 +510,7 @@ class _SparseMixin:
             shared = _SHARED_CHOICES.get(key) if policy.share else None
             stored = decisions.lookup(f.device, repr(key)) if policy.cache and shared is None else None
             if shared is not None:
-                choice = shared._replace(shared=True, source="shared")
+                choice = shared._replace(shared=True)
             elif stored is not None and stored["path"] in allowed:
                 choice = PathChoice(stored["path"], stored["reason"], dict(stored["times_ms"]), source="cache",
                                     measured_at=stored["measured_at"])
@@ -704,9 +704,12 @@ def _source_text(choice: PathChoice) -> str:
     """Where a per-bucket choice came from and when it was measured (explain's words)."""
     when = "" if choice.measured_at is None else \
         time.strftime(" %Y-%m-%d %H:%M:%S UTC", time.gmtime(choice.measured_at))
-    if choice.source == "measured":
-        return f"measured now,{when}" if when else "measured now"
-    return f"{SOURCES[choice.source]}, measured{when}" if when else SOURCES[choice.source]
+    if choice.source == "cache":
+        text = f"read from the tuning cache, measured{when}"
+        return text + ("; shared with an identical layer" if choice.shared else "")
+    if choice.shared:
+        return f"shared: measured on an identical layer{',' + when if when else ''}"
+    return f"measured now,{when}" if when else "measured now"
 
 
 _version_of = operator.attrgetter("_version")

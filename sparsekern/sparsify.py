@@ -342,8 +342,44 @@ def quantize_values(model: nn.Module, precision: str | None, group_size: int = 1
     return model
 
 
+def tune(model: nn.Module, example_inputs, show_progress: bool = True) -> str:
+    """Makes every sparse layer's per-batch-bucket path choice ahead of time and stores it in
+    the on-disk tuning cache (sparsekern.decisions), so later processes on this machine read
+    it instead of measuring at their first call of each batch size.
+
+    example_inputs: one input of the model (a tensor, a tuple of positional arguments or a
+    dict of keyword arguments) or a list of them, one per batch size to prepare. Runs the
+    model on each in eval mode without gradients (a choice already in the cache is read, not
+    measured again) and restores its training mode. Returns explain(model)."""
+    inputs = list(example_inputs) if isinstance(example_inputs, list) else [example_inputs]
+    if not inputs:
+        raise ValueError("tune: example_inputs is empty; give an input of the model (or a list of them)")
+    layers = [m for m in model.modules() if isinstance(m, SPARSE_MODULES)]
+    bar = tqdm(total=len(layers) * len(inputs), desc="sparsekern.tune", unit="layer", disable=not show_progress)
+    hooks = [m.register_forward_hook(lambda *_: bar.update(1) if bar.n < bar.total else None) for m in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for inp in inputs:
+                if isinstance(inp, dict):
+                    model(**inp)
+                elif isinstance(inp, tuple):
+                    model(*inp)
+                else:
+                    model(inp)
+    finally:
+        for h in hooks:
+            h.remove()
+        bar.close()
+        model.train(was_training)
+    return explain(model)
+
+
 def explain(model: nn.Module) -> str:
-    """One line per sparse layer: pattern, density, backend and why it was chosen."""
+    """One line per sparse layer: pattern, density, backend and why it was chosen (per batch
+    bucket: the path, its measured times, whether it was measured now, shared by an identical
+    layer or read from the tuning cache, and when it was measured)."""
     lines = []
     for name, mod in model.named_modules():
         if isinstance(mod, SPARSE_MODULES):
