@@ -459,3 +459,112 @@ def test_a_bad_derived_budget_is_refused():
 
     with pytest.raises(ValueError, match="derived_budget"):
         Policy(derived_budget=-1)
+
+
+# ------------------------------------------------- the cached call per input shape (issue 31)
+def _no_checked_op(monkeypatch):
+    """Makes the checked ops door raise: a forward that still runs went through a kept call."""
+    def refuse(*a, **k):
+        raise AssertionError("went through ops.sparse_linear")
+
+    monkeypatch.setattr(sparsekern.ops, "sparse_linear", refuse)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "unstructured", "block"])
+def test_a_shape_seen_before_runs_through_one_cached_call(monkeypatch, pattern):
+    torch.manual_seed(0)
+    s = SparseLinear.from_dense(nn.Linear(96, 40), pattern, sparsity=0.5, block=(8, 16),
+                                policy=Policy("sparse")).eval()
+    x = torch.randn(3, 96)
+    ref = x.double() @ s.weight_format().to_dense().double().T + s.bias.double()
+    with torch.no_grad():
+        s(x)
+        _no_checked_op(monkeypatch)
+        y = s(x)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), pytest.raises(AssertionError, match="went through"):
+        s(torch.randn(5, 96))  # a new shape goes through the checked door
+
+
+def test_the_cached_call_is_not_taken_when_a_gradient_is_wanted(monkeypatch):
+    s = SparseLinear.from_dense(nn.Linear(64, 32), "2:4", policy=Policy("sparse")).eval()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        s(x)
+    xg = x.clone().requires_grad_()
+    s(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, s.weight_format().to_dense().sum(0).expand(2, -1))
+    assert s.bias.grad is not None
+
+
+def test_an_input_of_another_dtype_or_width_is_still_checked():
+    s = SparseLinear.from_dense(nn.Linear(64, 32), "2:4", policy=Policy("sparse")).eval()
+    with torch.no_grad():
+        s(torch.randn(2, 64))
+        with pytest.raises(TypeError, match="x dtype"):
+            s(torch.randn(2, 64, dtype=torch.float64))
+
+
+def test_an_in_place_edit_after_the_cached_call_is_validated_again():
+    s = SparseLinear.from_dense(nn.Linear(64, 32), "2:4", policy=Policy("sparse")).eval()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        s(x)
+        s.weight_indices.fill_(127)
+        with pytest.raises(ValueError, match="not a valid NMWeight"):
+            s(x)
+
+
+def test_a_replaced_bias_or_a_dtype_move_forgets_the_cached_calls():
+    s = SparseLinear.from_dense(nn.Linear(64, 32), "2:4", policy=Policy("sparse")).eval()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        s(x)
+        s.bias = nn.Parameter(torch.full((32,), 3.0))
+        torch.testing.assert_close(s(x), x @ s.weight_format().to_dense().T + 3.0)
+        s.to(torch.float64)
+        y = s(x.double())
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, x.double() @ s.weight_format().to_dense().T + 3.0)
+
+
+def test_a_small_layer_keeps_a_dense_copy_only_where_it_wins(monkeypatch):
+    """The dense copy is a candidate for layers up to DENSE_COPY_MAX_BYTES, kept where it
+    wins (explain gives its bytes), and made again from the compressed weight when that is
+    edited in place (the compressed weight stays the source of truth)."""
+    from sparsekern import dispatch_rules
+
+    monkeypatch.setattr(sparsekern.nn, "measure_paths",
+                        lambda runners, *a: {p: {"sparse": 2.0, "decompress": 3.0, "dense_copy": 1.0}[p]
+                                             for p in runners})
+    s = SparseLinear.from_dense(nn.Linear(64, 32), "unstructured", sparsity=0.5).eval()
+    assert 64 * 32 * 4 <= dispatch_rules.DENSE_COPY_MAX_BYTES
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        s(x)
+        assert s.bucket_choices[4].path == "dense_copy" and "dense_copy_bytes=8192" in s.describe()
+        assert s.state_dict().keys() == SparseLinear.from_dense(nn.Linear(64, 32), "unstructured",
+                                                                 sparsity=0.5).state_dict().keys()  # never saved
+        s.weight_values.mul_(2.0)
+        torch.testing.assert_close(s(x), x @ s.weight_format().to_dense().T + s.bias)
+    big = SparseLinear.from_dense(nn.Linear(1024, 512), "2:4").eval()  # 2 MiB dense: no copy measured
+    with torch.no_grad():
+        big(torch.randn(3, 1024))
+    assert big.bucket_choices[4].path != "dense_copy" and big.held_nbytes() == 0
+
+
+def test_a_dense_copy_that_no_bucket_runs_is_dropped(monkeypatch):
+    monkeypatch.setattr(sparsekern.nn, "measure_paths",
+                        lambda runners, *a: {p: {"sparse": 1.0, "decompress": 3.0, "dense_copy": 2.0}[p]
+                                             for p in runners})
+    s = SparseLinear.from_dense(nn.Linear(64, 32), "2:4").eval()
+    with torch.no_grad():
+        s(torch.randn(3, 64))
+    assert s.bucket_choices[4].path == "sparse" and "dense_copy_bytes" not in s.describe()
+
+
+def test_a_bad_dense_copy_limit_is_refused():
+    with pytest.raises(ValueError, match="dense_copy_max_bytes"):
+        Policy(dense_copy_max_bytes=-1)
+    with pytest.raises(ValueError, match="dense_copy_max_bytes"):
+        Policy(dense_copy_max_bytes=1.5)
