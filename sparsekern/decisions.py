@@ -2,7 +2,8 @@
 across processes, so a second process's first call measures nothing.
 
 Where: $SPARSEKERN_TUNING_CACHE if set (a folder; "off" or "0" disables the cache), else
-$XDG_CACHE_HOME/sparsekern, else ~/.cache/sparsekern. One JSON file per environment: the
+$SPARSEKERN_CACHE (sparsekern's cache folder), else $XDG_CACHE_HOME/sparsekern, else
+~/.cache/sparsekern. One JSON file per environment: the
 file name is a hash of `environment(device)` (CPU model or GPU name, the ISA the kernels
 run, torch threads, torch version, sparsekern version, the compiled extension's size and
 modification time, the dispatch rules' source), and the file repeats the environment, so
@@ -50,6 +51,9 @@ def cache_dir() -> pathlib.Path | None:
             return None
         if value.strip():
             return pathlib.Path(value).expanduser()
+    base = os.environ.get("SPARSEKERN_CACHE")  # sparsekern's cache folder (models.cache_dir reads it too)
+    if base:
+        return pathlib.Path(base).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (pathlib.Path(xdg) if xdg else pathlib.Path.home() / ".cache") / "sparsekern"
 

@@ -162,6 +162,9 @@ def test_the_cache_can_be_disabled(tmp_path, monkeypatch, fake_timings, off):
 
 def test_the_default_folder_is_the_users_cache_folder(monkeypatch, tmp_path):
     monkeypatch.delenv(decisions.ENV_VAR, raising=False)
+    monkeypatch.setenv("SPARSEKERN_CACHE", str(tmp_path / "sk"))
+    assert decisions.cache_dir() == tmp_path / "sk"
+    monkeypatch.delenv("SPARSEKERN_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert decisions.cache_dir() == tmp_path / "xdg" / "sparsekern"
     monkeypatch.delenv("XDG_CACHE_HOME")
