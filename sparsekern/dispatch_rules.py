@@ -82,11 +82,12 @@ def fastest_within(times: dict[str, float], order: Iterable[str] = (), noise: fl
 
 
 # ------------------------------------------------------------------ sparse modules' paths
-# A sparse layer whose dense weight is at most this many bytes also measures a dense copy of
-# its weight per batch bucket (sparsekern.nn.Policy.dense_copy_max_bytes) and keeps it where
-# it wins: in small layers a kernel call's fixed cost is a large part of the time, and the
-# copy of a 256x256 fp32 weight costs 256 KiB.
-DENSE_COPY_MAX_BYTES = 256 << 10
+# A sparse layer whose dense weight is at most this many bytes measures a dense copy of its
+# weight per batch bucket instead of decompressing per call (sparsekern.nn.Policy
+# .dense_copy_max_bytes) and keeps it where it wins: in small layers a kernel call's fixed
+# cost (EVIDENCE) is a large part of the time. A memory cap, not a speed threshold (the
+# measurement decides the speed): at most a 512x512 fp32 weight's bytes per layer.
+DENSE_COPY_MAX_BYTES = 1 << 20
 
 # ------------------------------------------------------------------ CPU: N:M kernels
 # The algorithm argument of the CPU-only ops nm_linear_cpu / nm_conv2d_cpu (csrc/cpu/nm_linear.cpp

@@ -342,20 +342,19 @@ class _SparseMixin:
         tensors = tuple(getattr(f, n) for n in f.tensor_names())
         if any(t.is_inference() for t in tensors):
             return
-        if path == "sparse":
-            if self.__dict__.get("_derived_dropped"):
-                return  # its derived layout is built per call and dropped (Policy.derived_budget)
-            call = ops.sparse_linear_call(x, f, bias)
-            held = {id(t) for t in tensors}
-            if any(isinstance(a, torch.Tensor) and id(a) not in held for a in call.before_bias):
-                return  # e.g. a quantized block weight's values dequantized for the call
-            call = call.no_grad  # _kept_call runs it only where no gradient is wanted
-        else:
-            call = _DenseCall(self._dense_weight(path, f))
+        if path == "sparse" and self.__dict__.get("_derived_dropped"):
+            return  # its derived layout is built per call and dropped (Policy.derived_budget)
+        call = self._call_to_keep(x, path, f, bias, tensors)
+        if call is None:
+            return
         calls = self.__dict__.setdefault("_calls", {})
         if len(calls) >= MAX_KEPT_CALLS:
             calls.clear()
         calls[x.shape] = _KeptCall(call, x.dtype, x.device, tensors, _versions(tensors), bias is not None)
+
+    def _call_to_keep(self, x, path: str, f, bias, tensors):
+        """call(x, bias) running `path` for inputs of x's shape, or None (SparseLinear, SparseConv2d)."""
+        return None
 
     def _kept_call(self, x: torch.Tensor):
         """The cached call for x (see _keep_call) when it may run now, else None."""
@@ -506,7 +505,9 @@ class _SparseMixin:
                 return "sparse"  # measured eagerly only; a compiled graph keeps the kernel
             f = self.weight_format()
             key = self._share_key(f, bucket, policy)
-            allowed = set(PATHS) if self._dense_copy_allowed(f, policy) else set(PATHS) - {"dense_copy"}
+            # With a dense copy allowed, "decompress" (the same dense product plus a
+            # decompression per call) could only win by the measurement's noise.
+            allowed = {"sparse", "dense_copy"} if self._dense_copy_allowed(f, policy) else {"sparse", "decompress"}
             shared = _SHARED_CHOICES.get(key) if policy.share else None
             stored = decisions.lookup(f.device, repr(key)) if policy.cache and shared is None else None
             if shared is not None:
@@ -747,6 +748,18 @@ class _DenseCall(NamedTuple):
         return torch.nn.functional.linear(x, self.weight, bias)
 
 
+class _DenseConvCall(NamedTuple):
+    """F.conv2d on a kept dense copy, as a call(x, bias)."""
+
+    weight: torch.Tensor
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.nn.functional.conv2d(x, self.weight, bias, self.stride, self.padding, self.dilation)
+
+
 class SparseLinear(_SparseMixin, nn.Module):
     """nn.Linear with a compressed weight. Build with `SparseLinear.from_dense(linear, ...)`.
 
@@ -851,6 +864,15 @@ class SparseLinear(_SparseMixin, nn.Module):
             return self._within_budget(f, ops.sparse_linear(x, f, self.bias))
         return torch.nn.functional.linear(x, self._dense_weight(path, f), self.bias)
 
+    def _call_to_keep(self, x, path: str, f, bias, tensors):
+        if path == "dense_copy":
+            return _DenseCall(self._dense_weight(path, f))
+        call = ops.sparse_linear_call(x, f, bias)
+        held = {id(t) for t in tensors}
+        if any(isinstance(a, torch.Tensor) and id(a) not in held for a in call.before_bias):
+            return None  # e.g. a quantized block weight's values dequantized for the call
+        return call.no_grad  # _kept_call runs it only where no gradient is wanted
+
     def to_dense(self) -> nn.Linear:
         """A plain nn.Linear with the zeros in place (also for a transposed layer: it computes
         what the Conv1D did)."""
@@ -945,6 +967,9 @@ class SparseConv2d(_SparseMixin, nn.Module):
         return (self.out_channels, self.in_channels, *self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept = self._kept_call(x)  # keyed by x's whole shape: channels checked when it was kept
+        if kept is not None:
+            return kept.call(x, self._parameters["bias"] if kept.has_bias else None)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"SparseConv2d: expected input [N, {self.in_channels}, H, W], got {tuple(x.shape)}")
         if self.trainable and self.training:
@@ -960,7 +985,19 @@ class SparseConv2d(_SparseMixin, nn.Module):
         # The bucket counts rows of the im2col matrix: images x output pixels.
         rows = x.shape[0] * math.prod(self._out_hw(x.shape[2], x.shape[3]))
         path = self._path_for(rows, lambda: {p: (lambda p=p: self._conv_path(p, x, f)) for p in PATHS})
-        return self._conv_path(path, x, f)
+        y = self._conv_path(path, x, f)
+        self._keep_call(x, path, f)
+        return y
+
+    def _call_to_keep(self, x, path: str, f, bias, tensors):
+        # The dense copy's convolution; the sparse path (patches, then the op) is not cached.
+        if path != "dense_copy":
+            return None
+        # A channels-last view of the kept [out, kh*kw*in] copy (no second copy), the layout
+        # sparsify gives the dense convolutions it keeps on the CPU.
+        kh, kw = self.kernel_size
+        w4 = self._dense_weight(path, f).view(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2)
+        return _DenseConvCall(w4, self.stride, self.padding, self.dilation)
 
     def _conv_path(self, path: str, x: torch.Tensor, f) -> torch.Tensor:
         if path == "sparse":
