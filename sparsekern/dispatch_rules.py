@@ -212,4 +212,11 @@ EVIDENCE: dict[str, Measured] = {
     "SEMI_STRUCTURED_BUCKETS": Measured("not measured yet (bench/gpu_check.sh measures it)", {}),
     "TUNING_NOISE": Measured("not stored yet (two runs of one kernel on a lent H100)", {"spread": 0.03}),
     "PATH_NOISE": Measured("bench/results/cpu-models-20261128q", {"margin": 0.02}),
+    # A memory cap (which layers may keep a dense copy), not a speed threshold: the per-bucket
+    # measurement decides whether the copy runs. Per-call CPU time in us, 64x256 fp32, 1 row,
+    # 1 thread (thread clock, busy machine), after the cached call per input shape:
+    "DENSE_COPY_MAX_BYTES": Measured("bench/results/cpu-overhead-20261206-percall", {
+        "F.linear": 3.6, "nn.Linear": 6.4, "2:4 kernel / module": (5.9, 9.5),
+        "bitmask 30% kernel / module": (6.4, 9.9), "block kernel / module": (12.5, 16.4),
+        "module with its dense copy": 7.2}),
 }
