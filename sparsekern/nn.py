@@ -358,10 +358,12 @@ class _SparseMixin:
 
     def _kept_call(self, x: torch.Tensor):
         """The cached call for x (see _keep_call) when it may run now, else None."""
+        if torch.compiler.is_compiling():
+            return None  # a traced graph runs the checked path (its guards are the checks)
         kept = self.__dict__.get("_calls")
         kept = kept.get(x.shape) if kept else None
         if kept is None or x.dtype != kept.dtype or x.device != kept.device or \
-                _versions(kept.tensors) != kept.versions or torch.compiler.is_compiling():
+                _versions(kept.tensors) != kept.versions:
             return None
         if torch.is_grad_enabled() and (x.requires_grad or (kept.has_bias and self._parameters["bias"].requires_grad)):
             return None

@@ -564,6 +564,16 @@ def test_a_dense_copy_that_no_bucket_runs_is_dropped(monkeypatch):
     assert s.bucket_choices[4].path == "sparse" and "dense_copy_bytes" not in s.describe()
 
 
+def test_torch_compile_after_eager_calls_keeps_the_checked_path():
+    """A layer that kept a call in eager mode still compiles with fullgraph and agrees."""
+    s = SparseLinear.from_dense(nn.Linear(64, 32), "2:4", policy=Policy("sparse")).eval()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        eager = s(x), s(x)
+        compiled = torch.compile(s, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager[1], rtol=1e-5, atol=1e-5)
+
+
 def test_a_bad_dense_copy_limit_is_refused():
     with pytest.raises(ValueError, match="dense_copy_max_bytes"):
         Policy(dense_copy_max_bytes=-1)
