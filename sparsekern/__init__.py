@@ -13,4 +13,5 @@ from .serialization import load  # noqa: E402
 from .sparsify import dense_state_dict, explain, from_torch_prune, quantize_values, sparsify, tune  # noqa: E402
 
 __all__ = ["formats", "ops", "reference", "nn", "prune", "simplify", "NMWeight", "BitmaskWeight", "BlockWeight",
-           "sparsify", "from_torch_prune", "quantize_values", "explain", "tune", "dense_state_dict", "load", "__version__"]
+           "sparsify", "from_torch_prune", "quantize_values", "explain", "tune", "dense_state_dict", "load",
+           "__version__"]

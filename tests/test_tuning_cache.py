@@ -241,7 +241,8 @@ SECOND_PROCESS = textwrap.dedent('''
         second, second_cpu = time.perf_counter() - t, time.thread_time() - c
     print(json.dumps({"measurements": sparsekern.nn.measurement_count(), "first_ms": first * 1e3,
                       "second_ms": second * 1e3, "lookup_ms": spent[0] * 1e3,
-                      "first_cpu_ms": first_cpu * 1e3, "second_cpu_ms": second_cpu * 1e3, "explain": sparsekern.explain(model)}))
+                      "first_cpu_ms": first_cpu * 1e3, "second_cpu_ms": second_cpu * 1e3,
+                      "explain": sparsekern.explain(model)}))
 ''')
 
 
