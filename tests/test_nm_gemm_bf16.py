@@ -83,6 +83,41 @@ def test_bf16_dot_matches_fp64(o, k, rows, with_bias, direct, poison):
                         f"bf16 dot {o}x{k} rows={rows} bias={with_bias}")
 
 
+def _kernel_that_ran(o, k, rows):
+    """"dot" or "fma": which kernel nm_linear takes for a bf16 weight [o, k] and x [rows, k],
+    seen in a result: every kept weight 1 and every x 2^-130 (a bf16 denormal), which
+    vdpbf16ps counts as zero and the fp32 kernel sums to a nonzero number."""
+    W = NMWeight.from_dense(torch.ones(o, k, dtype=torch.bfloat16), 2, 4)
+    y = ops.nm_linear(torch.full((rows, k), 2.0 ** -130, dtype=torch.bfloat16), W)
+    if (y == 0).all():
+        return "dot"
+    assert (y.float() > 0).all(), "neither kernel's result"
+    return "fma"
+
+
+# Odd shapes (issue 28): rows of one partial 16-lane vector past whole 64-lane tiles (17, 33,
+# 129), K that ends inside a 64-column K tile (100: 25 groups, the last alone in its index
+# byte; 1100; 4100: 64 whole K tiles and one group), prime out (7, 211, 1009: a short last
+# 3-row block, a short last panel).
+ODD_SHAPES = [(7, 100), (211, 1100), (1009, 68), (13, 4100)]
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("o,k", ODD_SHAPES)
+@pytest.mark.parametrize("rows", [17, 33, 129])
+def test_bf16_dot_odd_shapes_match_fp64(o, k, rows, direct, poison):
+    dtype = torch.bfloat16
+    W = NMWeight.from_dense(torch.randn(o, k, dtype=dtype), 2, 4)
+    x = torch.randn(rows, k, dtype=dtype)
+    bias = torch.randn(o, dtype=dtype)
+    assert ops.explain_backend("nm_linear", x, W)[0] == "cpp"
+    assert _kernel_that_ran(o, k, rows) == "dot", "the bf16 dot-product kernel did not run at this shape"
+    y = ops.nm_linear(x, W, bias)
+    dense = W.to_dense()
+    assert_linear_close(y, ref64(x, dense, bias), dtype, lowp_torch_linear(x, dense, bias),
+                        f"bf16 dot {o}x{k} rows={rows}")
+
+
 @needs_bf16_dot
 @pytest.mark.parametrize("rows", [17, 1100, 2100])
 def test_bf16_dot_over_several_passes_and_panels(rows, direct, poison):

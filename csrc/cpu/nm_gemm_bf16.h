@@ -23,7 +23,7 @@
 //         slice read next is prefetched a share per row block: the pairs are read in index
 //         order, which the hardware prefetcher does not follow; 1.3x faster with it). Two kept
 //         products per instruction lane: half the instructions of the fp32 kernel per kept value.
-//   acc / order: as the fp32 kernel: panels of up to 192 output rows from a shared counter,
+//   acc / order: as the fp32 kernel: panels of about 256 output rows from a shared counter,
 //         passes of up to 512 lanes, K tiles in order, partial sums [tile][row][64] in a per-thread
 //         buffer, transposed once into out [B, O] (avx2::lanes_to_rows).
 // Numerics: bf16 x bf16 products (exact in fp32), each pair summed into an fp32 lane with
@@ -45,7 +45,7 @@ struct Nm24Bf16Args {
   const uint32_t* tiles;    // ceil(B / 64) pair tiles (pair_tile_words(K) each)
   int64_t B;                // lanes (rows of x) of this pass
   float* out;               // [B, O] fp32 (this pass's first row)
-  int64_t panel_rows;       // output rows per panel (a multiple of 3)
+  int64_t panel_rows;       // output rows per panel (a multiple of 3: panel_rows_for)
   int64_t panels;           // ceil(O / panel_rows)
   int64_t* next_panel;      // shared counter, 0 before the first call
 };
@@ -60,6 +60,19 @@ inline int64_t pair_tile_words(int64_t K) { return K / 4 * kPairs * kLanes; }
 void pair_tiles(const uint16_t* x, int64_t B, int64_t K, int64_t u0, int64_t u1, uint32_t* tiles);
 // Output panels taken from *a.next_panel until all are done; call it from every thread.
 void nm24_gemm(const Nm24Bf16Args& a);
+// Rows per output panel for O outputs over `threads` threads: the fewest panels of about 256
+// rows (rounded up to a multiple of 3) whose count is a multiple of the threads, so each
+// thread gets the same share. A panel decodes its weight slices once per pass, and each x
+// slice brought into L1 is read by every row block of the panel, so small panels cost (timed
+// one-threaded on this kernel alone: 96-row panels slower than 192 at ViT-B's fc2, 768 x
+// 3072, and 18-row panels, what at least 4 panels per thread gave for 64 outputs, slower
+// than one panel).
+inline int64_t panel_rows_for(int64_t O, int64_t threads) {
+  constexpr int64_t kMaxRows = 256;
+  const int64_t per_thread = (O + threads * kMaxRows - 1) / (threads * kMaxRows);  // >= 1
+  const int64_t rows = (O + threads * per_thread - 1) / (threads * per_thread);
+  return rows < 3 ? 3 : (rows + 2) / 3 * 3;
+}
 }  // namespace avx512bf16
 
 }  // namespace cpu

@@ -93,9 +93,7 @@ void nm24_gemm_bf16_cpu(const at::Tensor& x2, const at::Tensor& vals, const at::
   auto tiles = at::empty({max_tiles * tile_words}, x2.options().dtype(at::kInt));
   uint32_t* tp = reinterpret_cast<uint32_t*>(tiles.data_ptr<int32_t>());
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
-  // Panels of up to 192 rows (each x slice the prefetcher brought in is read by more rows: 1.1x
-  // faster than 96 at 2048 x 2048, 128 rows, one thread), at least 4 per thread.
-  const int64_t panel_rows = std::max<int64_t>(3, std::min<int64_t>(192, ((O + 4 * nth - 1) / (4 * nth) + 2) / 3 * 3));
+  const int64_t panel_rows = b16::panel_rows_for(O, nth);  // see nm_gemm_bf16.h
   for (int64_t b0 = 0; b0 < B; b0 += kPassLanes) {
     const int64_t lanes = std::min(kPassLanes, B - b0);
     const int64_t units = (lanes + b16::kLanes - 1) / b16::kLanes * (b16::kLanes / 8);  // 8 lanes each, whole tiles

@@ -177,14 +177,16 @@ def _sync(device: str) -> None:
 
 
 def interleaved(calls: dict, rounds: int, device: str = "cpu", warmup: bool = True,
-                seed: int = 0) -> dict[str, list[float]]:
+                seed: int = 0, clock=time.perf_counter) -> dict[str, list[float]]:
     """Seconds per call of each variant, timed round-robin.
 
     calls: name -> a callable, or a list of callables (e.g. the same op over rotated weight
     copies): one sample is one pass over the list, divided by its length. Each round calls
     every variant once, in an order shuffled each round (random.Random(seed)); with `warmup`
     every variant is called once, untimed, first. On CUDA the device is synchronized around
-    each sample."""
+    each sample. `clock` reads seconds (time.thread_time counts only the calling thread's
+    CPU time: on a shared machine, single-threaded CPU runs without the time spent waiting
+    for a core)."""
     names = list(calls)
     fns = {k: (v if isinstance(v, (list, tuple)) else [v]) for k, v in calls.items()}
     if warmup:
@@ -197,11 +199,11 @@ def interleaved(calls: dict, rounds: int, device: str = "cpu", warmup: bool = Tr
         rng.shuffle(order)
         for k in order:
             _sync(device)
-            t = time.perf_counter()
+            t = clock()
             for f in fns[k]:
                 f()
             _sync(device)
-            out[k].append((time.perf_counter() - t) / len(fns[k]))
+            out[k].append((clock() - t) / len(fns[k]))
     return out
 
 
