@@ -233,7 +233,7 @@ EVIDENCE: dict[str, Measured] = {
     "NM24_INT8_DOT_MIN_ROWS": Measured("bench/results/cpu-gemm-int8-20261206", {
         "int8 GEMM / dequantized tiles, 128x2048x2048 ... 788x3072x768, 1 thread": (5.8, 7.9, 7.2, 8.5, 7.8, 5.2),
         "same, 2 threads (a loaded machine)": (2.7, 6.2, 5.1, 2.5, 3.3, 3.3),
-        "below 128 rows": "not measured: the rule starts at the first bucket above the decode kernels"}),
+        "17x2048x2048, 64x2048x2048, 17x768x3072, 1 thread": (29, 24, 19)}),
     "SEMI_STRUCTURED_BUCKETS": Measured("not measured yet (bench/gpu_check.sh measures it)", {}),
     "TUNING_NOISE": Measured("not stored yet (two runs of one kernel on a lent H100)", {"spread": 0.03}),
     "PATH_NOISE": Measured("bench/results/cpu-models-20261128q", {"margin": 0.02}),
