@@ -7,6 +7,7 @@
 #include <string>
 
 #include "common.h"
+#include "cpu/nm_gemm_int8.h"  // cpu_has_avx512_vnni
 
 #ifndef SPARSEKERN_VERSION
 #define SPARSEKERN_VERSION "unknown"
@@ -47,7 +48,8 @@ static std::string build_info() {
   s += "\"cuda_archs\": \"" SPARSEKERN_CUDA_ARCHS "\", ";
   s += std::string("\"cpu_avx2_runtime\": ") + (cpu_has_avx2() ? "true" : "false") + ", ";
   s += std::string("\"cpu_avx512_runtime\": ") + (cpu_has_avx512() ? "true" : "false") + ", ";
-  s += std::string("\"cpu_avx512_bf16_runtime\": ") + (cpu_has_avx512_bf16() ? "true" : "false");
+  s += std::string("\"cpu_avx512_bf16_runtime\": ") + (cpu_has_avx512_bf16() ? "true" : "false") + ", ";
+  s += std::string("\"cpu_avx512_vnni_runtime\": ") + (cpu::cpu_has_avx512_vnni() ? "true" : "false");
   s += "}";
   return s;
 }
@@ -91,6 +93,11 @@ TORCH_LIBRARY(sparsekern, m) {
   // group_size)], group_size 32/64/128. x in the weight's compute dtype; fp32 accumulation.
   m.def("nm_linear_q(Tensor x, Tensor values, Tensor indices, Tensor scales, int n, int m, int in_features, "
         "int bits, int group_size, Tensor? bias) -> Tensor");
+  // CPU only: `algo` chosen in Python (sparsekern/dispatch_rules.py, nm_q_cpu_algo): 0 = decode
+  // kernels (rows up to 16, dequantized tiles into the BLAS GEMM above), 1 = the 2:4 int8
+  // dot-product GEMM (csrc/cpu/nm_gemm_int8.h: x quantized per row, int32 sums, AVX512_VNNI).
+  m.def("nm_linear_q_cpu(Tensor x, Tensor values, Tensor indices, Tensor scales, int n, int m, int in_features, "
+        "int bits, int group_size, Tensor? bias, int algo) -> Tensor");
   // Bitmask: values int8 [nnz], scales float32 [out].
   m.def("bitmask_linear_q(Tensor x, Tensor values, Tensor bitmask, Tensor offsets, Tensor scales, int in_features, "
         "Tensor? bias) -> Tensor");

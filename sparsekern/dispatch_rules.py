@@ -4,7 +4,7 @@ One module, so a threshold lives once, next to the run it came from (`EVIDENCE`:
 run under bench/results/ and the figures that set it, as data). Who reads what:
 
   sparsekern.ops        the backend order per device (`BACKEND_ORDER`), batch buckets
-                        (`batch_bucket`), the CPU kernels' algorithm (`nm_cpu_algo`, passed to
+                        (`batch_bucket`), the CPU kernels' algorithm (`nm_cpu_algo`, `nm_q_cpu_algo`, passed to
                         the C++ kernels as their `algo` argument: they do not choose again),
                         the pre-packed and derived CPU layouts (`uses_gemm_panels`,
                         `uses_column_index`), measured GPU timings (`measured_verdict`) and the
@@ -18,6 +18,7 @@ rows (kDirectMaxBatch, csrc/cpu/sparse_rows.h), the bitmask weight-stationary ke
 limits (csrc/cpu/bitmask_linear.cpp) and the CUDA decode/GEMM split (kDecodeMaxRows).
 
 Switches for benchmarking, read per call: SPARSEKERN_NM_GEMM=tile|direct (`nm_cpu_algo`);
+SPARSEKERN_NM_Q_GEMM=tile (`nm_q_cpu_algo`: 2:4 int8 keeps the dequantized tiles);
 SPARSEKERN_NM_BF16=fma (read by the C++ 2:4 GEMM: bf16 weights on the fp32-FMA kernel instead
 of the vdpbf16ps one, csrc/cpu/nm_gemm_bf16.cpp).
 """
@@ -126,6 +127,32 @@ def uses_gemm_panels(algo: int, dtype: torch.dtype) -> bool:
         not torch.compiler.is_compiling()
 
 
+# ------------------------------------------------------------------ CPU: quantized N:M kernels
+# The algorithm argument of the CPU-only op nm_linear_q_cpu (csrc/cpu/linear_q.cpp kNmQAlgo*).
+NM_Q_ALGO_DECODE = 0    # row kernels up to 16 rows, dequantized tiles into the BLAS GEMM above
+NM_Q_ALGO_INT8_DOT = 1  # 2:4 int8: x quantized per row, int8 dot products (csrc/cpu/nm_gemm_int8.h)
+NM_Q_ALGO_NAMES = {NM_Q_ALGO_DECODE: "decode", NM_Q_ALGO_INT8_DOT: "2:4 int8 dot-product GEMM"}
+# From this many rows 2:4 int8 weights run the int8 dot-product GEMM where the CPU has
+# AVX512_VNNI (a batch bucket's first row count: the decision is made per bucket).
+NM24_INT8_DOT_MIN_ROWS = 17
+assert NM24_INT8_DOT_MIN_ROWS - 1 in BATCH_BUCKETS, "NM24_INT8_DOT_MIN_ROWS must start a batch bucket"
+
+
+def nm_q_cpu_algo(n: int, m: int, bits: int, rows: int | None) -> int:
+    """The CPU algorithm of nm_linear_q over `rows` rows (None: not known, the decode
+    algorithm). SPARSEKERN_NM_Q_GEMM (read per call): "tile" never takes the int8 GEMM (the
+    dequantized tiles into BLAS, for benchmarking); unset or "int8" takes it as the rule says.
+    The int8 GEMM quantizes x per row (nm_gemm_int8.h), as torch's dynamic quantization does
+    per tensor: its result differs from the dequantized weight's by that rounding."""
+    if (n, m) != (2, 4) or bits != 8 or rows is None or rows < NM24_INT8_DOT_MIN_ROWS:
+        return NM_Q_ALGO_DECODE
+    if not _extension.BUILD_INFO.get("cpu_avx512_vnni_runtime"):  # AVX2 and portable builds keep the tiles
+        return NM_Q_ALGO_DECODE
+    if os.environ.get("SPARSEKERN_NM_Q_GEMM") == "tile":
+        return NM_Q_ALGO_DECODE
+    return NM_Q_ALGO_INT8_DOT
+
+
 # ------------------------------------------------------------------ CPU: bitmask kernels
 # The CPU bitmask kernels read the column of each kept value (BitmaskWeight.column_index,
 # 2 bytes per kept value) instead of the mask up to these densities, per batch bucket.
@@ -209,6 +236,13 @@ EVIDENCE: dict[str, Measured] = {
     # SPARSEKERN_CPU_ISA=avx2, same setup: column index / mask kernel at 10%, 20%, 30%, 50% kept.
     "COLUMN_INDEX_MAX_DENSITY_AVX2": Measured("bench/results/cpu-avx2-linear-20261128b", {
         "rows 1": (3.59, 2.20, 1.91, 1.47), "rows 4": (1.90, 1.60, 1.39, 1.44)}),
+    # 2:4 int8 weights above 16 rows: the int8 dot-product GEMM against the dequantized tiles
+    # into MKL (the path before), interleaved, Llama prefill and ViT-B batch 4 shapes
+    # (bench/bench_cpu_gemm_int8.py; the lowest ratio over the six shapes, one thread and two).
+    "NM24_INT8_DOT_MIN_ROWS": Measured("bench/results/cpu-gemm-int8-20261206", {
+        "int8 GEMM / dequantized tiles, 128x2048x2048 ... 788x3072x768, 1 thread": (5.8, 7.9, 7.2, 8.5, 7.8, 5.2),
+        "same, 2 threads (a loaded machine)": (2.7, 6.2, 5.1, 2.5, 3.3, 3.3),
+        "17x2048x2048, 64x2048x2048, 17x768x3072, 1 thread": (29, 24, 19)}),
     "SEMI_STRUCTURED_BUCKETS": Measured("not measured yet (bench/gpu_check.sh measures it)", {}),
     "TUNING_NOISE": Measured("not stored yet (two runs of one kernel on a lent H100)", {"spread": 0.03}),
     "PATH_NOISE": Measured("bench/results/cpu-models-20261128q", {"margin": 0.02}),

@@ -127,6 +127,32 @@ def nm_linear_q(x, values, indices, scales, n: int, m: int, in_features: int, bi
     return _linear(x, nm_decompress(w, indices, n, m, in_features), bias)
 
 
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (q int8-valued [..., K] in x's dtype, scale [..., 1]): symmetric per row,
+    scale = max|x| / 127, q = round-half-even(x * (127 / max|x|)) in [-127, 127], computed in
+    float32 as csrc/cpu/nm_gemm_int8.h does (a row of zeros: q = 0, scale 0)."""
+    xf = x.float()
+    amax = xf.abs().amax(-1, keepdim=True)
+    # a tensor division (127.0 / amax would be amax.reciprocal() * 127, rounded twice)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(xf * inv).clamp(-127, 127)
+    return q, amax / 127.0
+
+
+def nm_linear_q_int8_dot(x, values, indices, scales, n: int, m: int, in_features: int, bias=None):
+    """nm_linear_q with int8 values as the int8 dot-product GEMM computes it: x quantized per
+    row (quantize_rows_int8), products summed exactly (fp64), times x's and the weight row's
+    scales, + bias; in x's dtype."""
+    q, xs = quantize_rows_int8(x)
+    kept = in_features // m * n
+    w = nm_decompress(nm_q_values(values, torch.ones_like(scales), kept, 8, 0, torch.float64), indices, n, m,
+                      in_features)
+    y = (q.double() @ w.T) * xs.double() * scales.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype)
+
+
 def bitmask_q_values(values, bitmask, scales, in_features: int, dtype=torch.float32) -> torch.Tensor:
     """The [nnz] float values of a bitmask weight's int8 values (one scale per output row)."""
     rows_of = unpack_bitmask(bitmask, in_features).nonzero()[:, 0]

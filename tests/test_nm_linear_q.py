@@ -1,5 +1,7 @@
 """nm_linear_q: N:M weights with int8 / int4 values read packed (C++ kernels of every
-instruction set, the reference) against fp64 on the dequantized weight."""
+instruction set, the reference) against fp64 on the dequantized weight; the 2:4 int8
+dot-product GEMM (csrc/cpu/nm_gemm_int8.h, x quantized per row) against fp64 of its own
+quantized math, and its error against torch's dynamic int8 linear's."""
 import dataclasses
 import os
 import subprocess
@@ -12,8 +14,9 @@ import torch
 from backends import pairs, running
 from conftest import assert_linear_close, needs_extension
 from linear_cases import DTYPES, SHAPES, lowp_torch_linear, ref64
-from sparsekern import ops, reference
+from sparsekern import _extension, dispatch_rules, ops, reference
 from sparsekern.formats import NMWeight
+from sparsekern.ops import dispatch
 
 NM = [(2, 4), (1, 4), (4, 8)]
 PRECISIONS = [("int8", 0), ("int4", 32), ("int4", 128)]
@@ -31,6 +34,22 @@ def exact_dense(W) -> torch.Tensor:
     return reference.nm_decompress(w, indices, n, m, k)
 
 
+def int8_dot_runs(x, W) -> bool:
+    """Whether the dispatch table sends this call to the 2:4 int8 dot-product GEMM."""
+    d, key = dispatch.decide("nm_linear_q", (x, W))
+    return d.backend == "cpp" and key.cpu_algo == dispatch_rules.NM_Q_ALGO_INT8_DOT
+
+
+def expected64(x, W, bias):
+    """fp64 of what the chosen kernel computes: x quantized per row first where the int8
+    dot-product GEMM runs, else x times the exact dequantized weight."""
+    if int8_dot_runs(x, W):
+        values, indices, scales, n, m, k, _, _ = W.kernel_args()
+        return reference.nm_linear_q_int8_dot(x.double(), values, indices, scales, n, m, k,
+                                              None if bias is None else bias.double())
+    return ref64(x, exact_dense(W), bias)
+
+
 @pytest.mark.parametrize("device,backend", pairs("nm_linear_q"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead,k,o", SHAPES)
@@ -46,7 +65,9 @@ def test_nm_linear_q_matches_fp64(device, backend, dtype, lead, k, o, n, m, prec
     with running(backend, "nm_linear_q", x, W):
         y = ops.nm_linear_q(x, W, bias)
     dense = exact_dense(W)
-    assert_linear_close(y, ref64(x, dense, bias), dtype, lowp_torch_linear(x, dense.to(dtype), bias),
+    with ops.use_backend(backend):
+        want = expected64(x, W, bias)
+    assert_linear_close(y, want, dtype, lowp_torch_linear(x, dense.to(dtype), bias),
                         f"nm_linear_q {n}:{m} {precision}/{group} {device} {dtype} x{tuple(x.shape)}")
 
 
@@ -60,7 +81,8 @@ def test_nm24_fast_paths_and_tails(batch, precision, group, poison):
         x = torch.randn(batch, k)
         with running("cpp", "nm_linear_q", x, W):
             y = ops.nm_linear_q(x, W)
-        assert_linear_close(y, ref64(x, exact_dense(W), None), torch.float32, what=f"2:4 {precision} B={batch} K={k}")
+            want = expected64(x, W, None)
+        assert_linear_close(y, want, torch.float32, what=f"2:4 {precision} B={batch} K={k}")
     W = _weight(7, 36, 1, 4, precision, group)  # kept = 9 per row
     x = torch.randn(batch, 36)
     assert_linear_close(ops.nm_linear_q(x, W), ref64(x, exact_dense(W), None), torch.float32, what="1:4 odd kept")
@@ -144,6 +166,137 @@ def test_nm_conv2d_takes_a_quantized_weight():
     torch.testing.assert_close(y, torch.nn.functional.conv2d(x, dense), rtol=1e-4, atol=1e-4)
 
 
+# --------------------------------------------------- the 2:4 int8 dot-product GEMM
+needs_vnni = pytest.mark.skipif(not _extension.BUILD_INFO.get("cpu_avx512_vnni_runtime"),
+                                reason="the int8 dot-product GEMM needs AVX512_VNNI (and the extension)")
+INT8_DOT = dispatch_rules.NM_Q_ALGO_INT8_DOT
+
+
+def _int8_dot(x, W, bias=None):
+    """The CPU op with the int8 GEMM's algorithm, called directly."""
+    return torch.ops.sparsekern.nm_linear_q_cpu(x, *W.kernel_args(), bias, INT8_DOT)
+
+
+@needs_vnni
+@pytest.mark.parametrize("rows", [17, 33, 129])
+@pytest.mark.parametrize("k,o", [(2048, 67), (1036, 31), (772, 97), (36, 5), (4, 33)])
+def test_int8_dot_matches_fp64_of_its_quantized_math(rows, k, o, poison):
+    # K = 1036, 772, 36, 4: a last group pair with one group (K / 4 odd) and a partial block of
+    # 16 group pairs; O = 67, 31, 97, 5, 33: partial 16-row blocks and 32-row panels.
+    W = _weight(o, k, 2, 4, "int8", 0)
+    x = torch.randn(rows, k) * torch.rand(rows, 1) * 10  # rows of different scales
+    bias = torch.randn(o)
+    with running("cpp", "nm_linear_q", x, W):
+        assert int8_dot_runs(x, W)
+        assert "int8 dot-product GEMM" in ops.explain_backend("nm_linear_q", x, W)[1]
+        y = ops.nm_linear_q(x, W, bias)
+    values, indices, scales, n, m, _, _, _ = W.kernel_args()
+    want = reference.nm_linear_q_int8_dot(x.double(), values, indices, scales, n, m, k, bias.double())
+    # int32 sums are exact: what is left is fp32 rounding of the scales and the result
+    assert_linear_close(y, want, torch.float32, what=f"int8 GEMM B={rows} K={k} O={o}")
+
+
+@needs_vnni
+@pytest.mark.parametrize("k,o", [(2048, 257), (768, 96)])
+def test_int8_dot_error_is_within_torch_dynamic_int8s(k, o):
+    """Against fp64 on the exact dequantized weight, the activation rounding costs no more
+    than torch's own dynamic int8 linear (per-tensor activations) on the same weight."""
+    W = _weight(o, k, 2, 4, "int8", 0)
+    x = torch.randn(40, k) + torch.randn(1, k)  # a shared offset: per-tensor scales lose more
+    dense = exact_dense(W)
+    ref = ref64(x, dense, None)
+    y = _int8_dot(x, W)
+    lin = torch.nn.Linear(k, o, bias=False)
+    lin.weight.data = dense.float()
+    old = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else old
+    try:
+        qlin = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
+        theirs = qlin(x)
+    finally:
+        torch.backends.quantized.engine = old
+    rel = lambda t: ((t.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert 1e-5 < rel(y) <= 2 * rel(theirs), (rel(y), rel(theirs))
+    # and the rounding it does is the activations' alone: half a step of each row's scale
+    q, xs = reference.quantize_rows_int8(x)
+    bound = (0.5 * xs.double() * dense.abs().sum(1)[None, :]).expand_as(ref)
+    assert ((y.double() - ref).abs() <= bound * 1.001 + 1e-4).all()
+
+
+@needs_vnni
+def test_int8_dot_rows_of_zeros_and_lone_values():
+    W = _weight(40, 64, 2, 4, "int8", 0)
+    x = torch.zeros(20, 64)
+    x[3, 5] = -7.0  # one value: q = -127 at its column, the row scale 7 / 127
+    x[4] = 1e-30    # tiny but non-zero: scale and q well defined
+    bias = torch.randn(40)
+    y = _int8_dot(x, W, bias)
+    torch.testing.assert_close(y[[0, 1, 2] + list(range(5, 20))], bias.expand(18, 40), rtol=0, atol=0)
+    dense = exact_dense(W)
+    torch.testing.assert_close(y[3].double(), -7.0 * dense[:, 5] + bias.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y[4].double(), 1e-30 * dense.sum(1) + bias.double(), rtol=1e-5, atol=1e-5)
+
+
+@needs_vnni
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int8_dot_low_precision_x_and_3d_input(dtype):
+    W = _weight(48, 256, 2, 4, "int8", 0, dtype)
+    x = torch.randn(3, 7, 256, dtype=dtype)
+    bias = torch.randn(48, dtype=dtype)
+    with running("cpp", "nm_linear_q", x, W):
+        assert int8_dot_runs(x, W)
+        y = ops.nm_linear_q(x, W, bias)
+    values, indices, scales, n, m, k, _, _ = W.kernel_args()
+    want = reference.nm_linear_q_int8_dot(x.double(), values, indices, scales, n, m, k, bias.double())
+    assert y.shape == (3, 7, 48) and y.dtype == dtype
+    assert_linear_close(y, want, dtype, lowp_torch_linear(x, exact_dense(W).to(dtype), bias), f"{dtype} 3-D")
+
+
+@needs_vnni
+def test_int8_dot_gradient_passes_the_rounding_straight_through():
+    W = _weight(24, 64, 2, 4, "int8", 0)
+    x = torch.randn(20, 64, requires_grad=True)
+    g = torch.randn(20, 24)
+    (ops.nm_linear_q(x, W) * g).sum().backward()
+    torch.testing.assert_close(x.grad.double(), g.double() @ exact_dense(W), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_dot_rule():
+    rule = dispatch_rules.nm_q_cpu_algo
+    vnni = bool(_extension.BUILD_INFO.get("cpu_avx512_vnni_runtime"))
+    assert rule(2, 4, 8, 16) == rule(2, 4, 8, None) == dispatch_rules.NM_Q_ALGO_DECODE
+    assert rule(2, 4, 8, 17) == (INT8_DOT if vnni else dispatch_rules.NM_Q_ALGO_DECODE)
+    for n, m, bits in ((2, 4, 4), (1, 4, 8), (4, 8, 8)):  # int4 and other patterns keep the tiles
+        assert rule(n, m, bits, 1000) == dispatch_rules.NM_Q_ALGO_DECODE
+    W = _weight(8, 64, 2, 4, "int8", 0)
+    x = torch.randn(20, 64)
+    os.environ["SPARSEKERN_NM_Q_GEMM"] = "tile"
+    try:
+        assert rule(2, 4, 8, 17) == dispatch_rules.NM_Q_ALGO_DECODE
+    finally:
+        del os.environ["SPARSEKERN_NM_Q_GEMM"]
+    ops.clear_decisions()
+    assert int8_dot_runs(x, W) == vnni
+    assert not int8_dot_runs(x[:16], W)
+
+
+@needs_extension
+def test_int8_dot_refuses_what_it_cannot_run():
+    op = torch.ops.sparsekern.nm_linear_q_cpu
+    x = torch.randn(20, 64)
+    q4 = _weight(8, 64, 2, 4, "int4", 32)
+    q14 = _weight(8, 64, 1, 4, "int8", 0)
+    q8 = _weight(8, 64, 2, 4, "int8", 0)
+    with pytest.raises(ValueError, match="nm_linear_q: algo 1 .* runs 2:4 weights with int8 values"):
+        op(x, *q4.kernel_args(), None, INT8_DOT)
+    with pytest.raises(ValueError, match="nm_linear_q: algo 1 .* runs 2:4 weights with int8 values"):
+        op(x, *q14.kernel_args(), None, INT8_DOT)
+    with pytest.raises(ValueError, match="nm_linear_q: algo must be 0 .* or 1"):
+        op(x, *q8.kernel_args(), None, 7)
+    with pytest.raises(ValueError, match=r"nm_linear_q: x.shape\[-1\] \(60\)"):
+        op(torch.randn(20, 60), *q8.kernel_args(), None, INT8_DOT)
+
+
 # ------------------------------------------------------------------------ bad input
 def test_bad_inputs():
     W = _weight(8, 16, 2, 4, "int8", 0)
@@ -205,7 +358,8 @@ def test_compiled_op_checks_arguments_itself():
 # ------------------------------------------------------------- every ISA build
 CHILD = textwrap.dedent("""
     import sys, torch, sparsekern
-    from sparsekern import ops, reference
+    from sparsekern import dispatch_rules, ops, reference
+    from sparsekern.ops import dispatch
     from sparsekern.formats import NMWeight
     def exact_dense(W):
         values, indices, scales, n, m, k, bits, group = W.kernel_args()
@@ -226,6 +380,10 @@ CHILD = textwrap.dedent("""
                         x = torch.randn(b, k, dtype=dtype)
                         dense = exact_dense(W)
                         ref = x.double() @ dense.T
+                        d, key = dispatch.decide("nm_linear_q", (x, W))
+                        if d.backend == "cpp" and key.cpu_algo == dispatch_rules.NM_Q_ALGO_INT8_DOT:
+                            v, i, s, n_, m_, k_, _, _ = W.kernel_args()
+                            ref = reference.nm_linear_q_int8_dot(x.double(), v, i, s, n_, m_, k_)
                         y = ops.nm_linear_q(x, W)
                         lowp = torch.nn.functional.linear(x, dense.to(dtype))
                         rel = lambda t: ((t.double() - ref).norm() / ref.norm()).item()
@@ -255,10 +413,12 @@ def test_benchmark_providers_pass_their_check():
     from sparsekern.bench import cases
 
     gen = torch.Generator().manual_seed(0)
-    w, x = torch.randn(64, 96, generator=gen), torch.randn(3, 96, generator=gen)
+    w = torch.randn(64, 96, generator=gen)
     for pattern, density, names in (("2:4", 0.5, {"sparsekern.int8", "sparsekern.int4"}),
                                     ("unstructured", 0.3, {"sparsekern.int8"})):
         provs = cases.providers("cpu", pattern, quantized=True)
         assert names <= set(provs) and not names & set(cases.providers("cpu", pattern))
         for name in names:
-            assert cases.check(provs[name](w, density, gen), x, name) < 1e-5
+            for rows in (3, 40):  # 40: 2:4 int8 checked against its int8 GEMM's own math where it runs
+                x = torch.randn(rows, 96, generator=gen)
+                assert cases.check(provs[name](w, density, gen), x, name) < 1e-5

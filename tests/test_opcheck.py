@@ -13,6 +13,8 @@ pytestmark = needs_extension
 DECODE, GEMM = dispatch_rules.NM_ALGO_DECODE, dispatch_rules.NM_ALGO_GEMM
 GEMM_RUNS = bool(_extension.BUILD_INFO.get("cpu_avx2_runtime"))  # the 2:4 GEMM kernel: AVX2/AVX-512 CPUs
 CPU_ONLY = {spec.cpu_op for spec in ops.OPS.values() if spec.cpu_op}
+INT8_DOT = dispatch_rules.NM_Q_ALGO_INT8_DOT
+INT8_DOT_RUNS = bool(_extension.BUILD_INFO.get("cpu_avx512_vnni_runtime"))  # the 2:4 int8 GEMM: AVX512_VNNI CPUs
 
 
 def _samples(device):
@@ -35,6 +37,10 @@ def _samples(device):
     return {
         "nm_linear_q": [(x, *q8.kernel_args(), b), (xg, *q4.kernel_args(), None), (x20, *q8.kernel_args(), b),
                         (x20.clone().requires_grad_(), *q4.kernel_args(), b.clone().requires_grad_())],
+        # CPU only: the algorithm chosen in Python (1: the 2:4 int8 dot-product GEMM, AVX512_VNNI CPUs)
+        "nm_linear_q_cpu": [(x, *q8.kernel_args(), b, DECODE)] + ([] if not INT8_DOT_RUNS else [
+            (x20, *q8.kernel_args(), b, INT8_DOT),
+            (x20.clone().requires_grad_(), *q8.kernel_args(), b.clone().requires_grad_(), INT8_DOT)]),
         "bitmask_linear_q": [(x, *bq.kernel_args(), b), (xg, *bq.kernel_args(), None)],
         "nm_linear": [(x, nm.values, nm.indices, 2, 4, 64, b), (xg, nm.values, nm.indices, 2, 4, 64, None),
                       (x20, nm.values, nm.indices, 2, 4, 64, b)],
@@ -101,7 +107,7 @@ def test_opcheck(op, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("fmt", ["nm", "bitmask", "block", "masked", "conv", "nm_q", "bitmask_q"])
+@pytest.mark.parametrize("fmt", ["nm", "bitmask", "block", "masked", "conv", "nm_q", "nm_q8", "bitmask_q"])
 def test_torch_compile_fullgraph(device, fmt):
     torch._dynamo.reset()
     w = torch.randn(32, 64, device=device)
@@ -117,6 +123,9 @@ def test_torch_compile_fullgraph(device, fmt):
         fn = lambda x: torch.relu(ops.block_linear(x, W, b)) * 2  # noqa: E731
     elif fmt == "nm_q":
         W = NMWeight.from_dense(w, 2, 4, quantize="int4", group_size=32)
+        fn = lambda x: torch.relu(ops.nm_linear_q(x, W, b)) * 2  # noqa: E731
+    elif fmt == "nm_q8":  # 20 rows: the 2:4 int8 dot-product GEMM (nm_linear_q_cpu) on AVX512_VNNI CPUs
+        W = NMWeight.from_dense(w, 2, 4, quantize="int8")
         fn = lambda x: torch.relu(ops.nm_linear_q(x, W, b)) * 2  # noqa: E731
     elif fmt == "bitmask_q":
         W = BitmaskWeight.from_dense(w, torch.rand_like(w) < 0.3, quantize="int8")

@@ -6,19 +6,68 @@
 // CPU has it, else AVX2, else portable), which stream the packed bytes. Above: tiles of
 // output rows dequantized into fp32 and multiplied by the BLAS GEMM (cpu_common.h
 // tiled_gemm), as the fp kernels' large-batch path ("load as sparse, compute as dense").
+// nm_linear_q_cpu's algorithm 1 (chosen in Python, sparsekern/dispatch_rules.py nm_q_cpu_algo):
+// 2:4 int8 weights through the int8 dot-product GEMM (nm_gemm_int8.h), x quantized per row.
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "cpu_common.h"
+#include "nm_gemm_int8.h"
 #include "rows_q.h"
 
 namespace sparsekern {
 namespace cpu {
 namespace {
 
-at::Tensor nm_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
-                           const at::Tensor& scales, int64_t n, int64_t m, int64_t in_features, int64_t bits,
-                           int64_t group_size, const c10::optional<at::Tensor>& bias) {
+// The algorithm of nm_linear_q_cpu, chosen in Python (sparsekern/dispatch_rules.py NM_Q_ALGO_*,
+// nm_q_cpu_algo); the kernels run what they are told and do not choose again.
+constexpr int64_t kNmQAlgoDecode = 0;   // row kernels up to kDirectMaxBatch rows, dequantized tiles above
+constexpr int64_t kNmQAlgoInt8Dot = 1;  // 2:4 int8: x quantized per row, int8 dot products (nm_gemm_int8.h)
+
+// x (any float dtype) -> fp32 [B, O] through the int8 dot-product GEMM (no bias).
+at::Tensor nm24_int8_dot(const at::Tensor& x2, const at::Tensor& vals, const at::Tensor& idx, const at::Tensor& sc,
+                         int64_t K, int64_t O) {
+  namespace v = avx512vnni;
+  const int64_t B = x2.size(0);
+  auto out = at::empty({B, O}, x2.options());
+  if (B == 0 || O == 0) return out.zero_();
+  const int64_t stride = v::xq_stride(K);
+  auto xq = at::empty({B, stride}, x2.options().dtype(at::kByte));
+  auto xs = at::empty({B}, x2.options());
+  const float* xp = x2.data_ptr<float>();
+  // Up to 2^20 elements of x on the calling thread: a second fork and join costs more than the
+  // quantization (a few percent of the GEMM) when the machine's cores are busy.
+  at::parallel_for(0, B, std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(K, 1)), [&](int64_t b0, int64_t b1) {
+    v::quantize_rows(xp, K, b0, b1, xq.data_ptr<uint8_t>(), xs.data_ptr<float>());
+  });
+  int64_t next = 0;
+  const Nm24Int8Args g{vals.data_ptr<int8_t>(), idx.data_ptr<uint8_t>(), sc.data_ptr<float>(), vals.size(1),
+                       idx.size(1), K, O, xq.data_ptr<uint8_t>(), xs.data_ptr<float>(), stride, B,
+                       out.data_ptr<float>(), (O + v::kPanelRows - 1) / v::kPanelRows, &next};
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+  at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) v::nm24_gemm(g);
+  });
+  return out;
+}
+
+at::Tensor nm_linear_q_algo(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
+                            const at::Tensor& scales, int64_t n, int64_t m, int64_t in_features, int64_t bits,
+                            int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t algo) {
   check_nm_linear_q_args(x, values, indices, scales, n, m, in_features, bits, group_size, bias);
+  TORCH_CHECK_VALUE(algo == kNmQAlgoDecode || algo == kNmQAlgoInt8Dot,
+                    "nm_linear_q: algo must be 0 (decode) or 1 (the 2:4 int8 dot-product GEMM), got ", algo);
+  if (algo == kNmQAlgoInt8Dot) {
+    TORCH_CHECK_VALUE(n == 2 && m == 4 && bits == 8, "nm_linear_q: algo 1 (the 2:4 int8 dot-product GEMM) runs 2:4 "
+                      "weights with int8 values, got ", n, ":", m, " with ", bits, "-bit values");
+    TORCH_CHECK(cpu_has_avx512_vnni(), "nm_linear_q: algo 1 (the 2:4 int8 dot-product GEMM) needs a CPU with "
+                "AVX512_VNNI (SPARSEKERN_CPU_ISA may cap it); pass algo 0");
+    auto x2 = x_float_2d(x);
+    auto out = nm24_int8_dot(x2, values.contiguous(), indices.contiguous(), scales.contiguous(), in_features,
+                             indices.size(0));
+    return finish_linear(out, x, bias);
+  }
   const int64_t K = in_features, O = indices.size(0), kept = K / m * n;
   auto vals = values.contiguous();
   auto idx = indices.contiguous();
@@ -49,6 +98,13 @@ at::Tensor nm_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, const 
     });
   }
   return finish_linear(out, x, bias_left);
+}
+
+// The shared schema (every backend's): the decode algorithm.
+at::Tensor nm_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
+                           const at::Tensor& scales, int64_t n, int64_t m, int64_t in_features, int64_t bits,
+                           int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  return nm_linear_q_algo(x, values, indices, scales, n, m, in_features, bits, group_size, bias, kNmQAlgoDecode);
 }
 
 at::Tensor bitmask_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
@@ -91,6 +147,7 @@ at::Tensor bitmask_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, c
 
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("nm_linear_q", &nm_linear_q_cpu);
+  m.impl("nm_linear_q_cpu", &nm_linear_q_algo);
   m.impl("bitmask_linear_q", &bitmask_linear_q_cpu);
 }
 

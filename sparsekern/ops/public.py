@@ -94,11 +94,20 @@ def nm_linear_q(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> to
     x [..., in] in the weight's compute dtype (W.dtype: float32/bfloat16/float16, or float64
     for the reference), bias [out] or None -> y [..., out] in x's dtype, fp32 accumulation.
     Differentiable in x and bias (the values are integers).
+
+    On CPUs with AVX512_VNNI, 2:4 int8 weights over more than 16 rows run the int8 dot-product
+    GEMM (sparsekern/dispatch_rules.py nm_q_cpu_algo): x is quantized per row to int8 on the
+    fly (symmetric, scale max|x| / 127), as torch's dynamic quantization does per tensor, so
+    the result carries that rounding too (reference.nm_linear_q_int8_dot); the gradient to x
+    passes it straight through.
     """
     _check_quantized("nm_linear_q", weight, "NMWeight")
     check_x("nm_linear_q", x, weight.in_features, weight.dtype, weight.device)
     check_bias("nm_linear_q", bias, weight.shape[0], x)
-    return run("nm_linear_q", (x, weight), x, *weight.kernel_args(), bias)
+    d, key = decide("nm_linear_q", (x, weight))
+    if d.cpu_run is not None and key.cpu_algo != rules.NM_Q_ALGO_DECODE:
+        return d.cpu_run(x, *weight.kernel_args(), bias, key.cpu_algo)
+    return d.run(x, *weight.kernel_args(), bias)
 
 
 def bitmask_linear_q(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:

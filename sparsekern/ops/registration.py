@@ -77,6 +77,13 @@ def _fake_nm_linear_q(x, values, indices, scales, n, m, in_features, bits, group
     return x.new_empty(_out_shape(x, indices.shape[0]))
 
 
+def _fake_nm_linear_q_cpu(x, values, indices, scales, n, m, in_features, bits, group_size, bias, algo):
+    torch._check(algo in rules.NM_Q_ALGO_NAMES, lambda: f"nm_linear_q: algo must be one of {sorted(rules.NM_Q_ALGO_NAMES)}")
+    torch._check(algo == rules.NM_Q_ALGO_DECODE or ((n, m) == (2, 4) and bits == 8),
+                 lambda: f"nm_linear_q: algo {algo} (the 2:4 int8 dot-product GEMM) runs 2:4 int8 weights")
+    return _fake_nm_linear_q(x, values, indices, scales, n, m, in_features, bits, group_size, bias)
+
+
 def _fake_bitmask_linear_q(x, values, bitmask, offsets, scales, in_features, bias):
     torch._check(x.shape[-1] == in_features, lambda: "bitmask_linear_q: x.shape[-1] must equal in_features")
     return x.new_empty(_out_shape(x, bitmask.shape[0]))
@@ -117,6 +124,7 @@ FAKES: dict[str, Callable] = {
     "bitmask_linear": _fake_bitmask_linear,
     "block_linear": _fake_block_linear,
     "nm_linear_q": _fake_nm_linear_q,
+    "nm_linear_q_cpu": _fake_nm_linear_q_cpu,
     "bitmask_linear_q": _fake_bitmask_linear_q,
     "masked_linear": _fake_masked_linear,
     "masked_linear_grad_input": lambda grad_out, weight, bitmask: grad_out.new_empty(
@@ -269,6 +277,8 @@ AUTOGRAD: dict[str, tuple[Callable, Callable]] = {
     "bitmask_linear_cpu": (_cpu_args(_bitmask_backward, 1), _sparse_setup(1, 4)),
     "block_linear": (_block_backward, _sparse_setup(3, 4)),
     "nm_linear_q": (_nm_q_backward, _q_setup(8)),
+    # the int8 GEMM's x rounding passes the gradient straight through (the dequantized weight's)
+    "nm_linear_q_cpu": (_cpu_args(_nm_q_backward, 1), _q_setup(8)),
     "bitmask_linear_q": (_bitmask_q_backward, _q_setup(5)),
     "masked_linear": (_masked_backward, _masked_setup),
 }

@@ -34,6 +34,14 @@ class RowsKey(NamedTuple):
     bucket: int
 
 
+class NmQLinearKey(NamedTuple):
+    """nm_linear_q: the batch bucket and, given the weight, the CPU algorithm passed to the C++
+    kernel (rules.NM_Q_ALGO_*: the 2:4 int8 dot-product GEMM or the decode kernels)."""
+
+    bucket: int
+    cpu_algo: int = rules.NM_Q_ALGO_DECODE
+
+
 class NmShape(NamedTuple):
     n: int
     m: int
@@ -98,6 +106,17 @@ def q_linear_key(x, weight=None, bias=None):
     return x, RowsKey(rules.batch_bucket(_rows(x)))
 
 
+def nm_linear_q_key(x, weight=None, bias=None):
+    """nm_linear_q: the batch bucket; given the weight, the CPU algorithm (by the bucket's first
+    row count, as nm_linear_key: a compiled graph guards on the bucket)."""
+    bucket = rules.batch_bucket(_rows(x))
+    algo = rules.NM_Q_ALGO_DECODE
+    if weight is not None and x.device.type == "cpu" and x.dtype in rules.KERNEL_DTYPES:
+        bits = weight.kernel_args()[6]
+        algo = rules.nm_q_cpu_algo(weight.n, weight.m, bits, rules.bucket_min_rows(bucket))
+    return x, NmQLinearKey(bucket, algo)
+
+
 def nm_linear_key(x, weight=None, bias=None):
     bucket = rules.batch_bucket(_rows(x))
     if weight is None:
@@ -146,6 +165,12 @@ def nm_note(backend: str, key) -> str:
         return ""
     text = f"; algorithm: {rules.NM_ALGO_NAMES[key.cpu_algo]}"
     return text + ("; " + _PANELS_NOTE if key.panels else "")
+
+
+def nm_q_note(backend: str, key: NmQLinearKey) -> str:
+    if backend != "cpp":
+        return ""
+    return f"; algorithm: {rules.NM_Q_ALGO_NAMES[key.cpu_algo]}"
 
 
 def bitmask_note(backend: str, key: BitmaskLinearKey) -> str:
@@ -199,9 +224,17 @@ def _bitmask_linear_cpu_reference(x, values, bitmask, offsets, in_features, bias
     return reference.bitmask_linear(x, values, bitmask, offsets, in_features, bias)
 
 
-# The references of the CPU-only ops (the public op's reference, the CPU arguments dropped).
+def _nm_linear_q_cpu_reference(x, values, indices, scales, n, m, in_features, bits, group_size, bias, algo):
+    if algo == rules.NM_Q_ALGO_INT8_DOT:  # x quantized per row first, as the kernel does
+        return reference.nm_linear_q_int8_dot(x, values, indices, scales, n, m, in_features, bias)
+    return reference.nm_linear_q(x, values, indices, scales, n, m, in_features, bits, group_size, bias)
+
+
+# The references of the CPU-only ops (the public op's reference, the CPU arguments dropped, or
+# the algorithm's own numerics where it changes them).
 CPU_OP_REFERENCES = {"nm_linear_cpu": _nm_linear_cpu_reference, "nm_conv2d_cpu": _nm_conv2d_cpu_reference,
-                     "bitmask_linear_cpu": _bitmask_linear_cpu_reference}
+                     "bitmask_linear_cpu": _bitmask_linear_cpu_reference,
+                     "nm_linear_q_cpu": _nm_linear_q_cpu_reference}
 
 OPS: dict[str, OpSpec] = {s.name: s for s in (
     OpSpec("nm_linear", reference.nm_linear, nm_linear_key, cuda=True, triton="nm_linear", semi_structured=True,
@@ -213,7 +246,8 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
     OpSpec("bitmask_linear", reference.bitmask_linear, bitmask_linear_key, cuda=True, triton="bitmask_linear",
            note=bitmask_note, cpu_op="bitmask_linear_cpu", differentiable=True),
     # Quantized values read packed (int8; N:M also int4), dequantized in registers.
-    OpSpec("nm_linear_q", reference.nm_linear_q, q_linear_key, triton="linear_q", differentiable=True),
+    OpSpec("nm_linear_q", reference.nm_linear_q, nm_linear_q_key, triton="linear_q", note=nm_q_note,
+           cpu_op="nm_linear_q_cpu", differentiable=True),
     OpSpec("bitmask_linear_q", reference.bitmask_linear_q, q_linear_key, triton="linear_q", differentiable=True),
     OpSpec("block_linear", reference.block_linear, block_linear_key, triton="block_linear",
            triton_limit=triton_block_limit, differentiable=True),

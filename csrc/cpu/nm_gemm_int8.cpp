@@ -1,0 +1,239 @@
+// The 2:4 GEMM with int8 dot products (vpdpbusd): the scheme and the numerics are in
+// nm_gemm_int8.h. Only called when cpu_has_avx512_vnni() says the CPU has every extension of
+// the target list below (AVX-512 F/VL/BW/DQ and VNNI: AMD Zen 4 and later, Intel Cascade Lake,
+// Ice Lake, Sapphire Rapids and later).
+//
+// Same include rules as sparse_rows_avx2.cpp (rows_common_impl.h): every header is included
+// before the target pragma, nothing from a shared header (c10, std templates) is first
+// instantiated under it, and every helper lives in an unnamed namespace.
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "../common.h"  // cpu_has_avx512
+#include "nm_gemm_int8.h"
+#include "sparse_rows.h"  // SPARSEKERN_AVX2_KERNELS
+
+namespace sparsekern {
+namespace cpu {
+
+bool cpu_has_avx512_vnni() {
+#if SPARSEKERN_AVX2_KERNELS
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
+  return has;
+#else
+  return false;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace sparsekern
+
+#if SPARSEKERN_AVX2_KERNELS
+#include <immintrin.h>
+#pragma GCC push_options
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*() and trip this warning in its
+// own headers (a known false positive; -Wuninitialized from _mm512_reduce_add_epi32).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512vnni,avx2,fma,f16c,bmi,bmi2,popcnt")
+
+namespace sparsekern {
+namespace cpu {
+namespace avx512vnni {
+namespace {
+
+constexpr int64_t kBlockRows = 16;               // output rows per vector
+constexpr int kBlocks = kPanelRows / kBlockRows; // row blocks per panel (2: the core's register block)
+constexpr int kBatchRows = 10;                   // batch rows per core pass: 2 x 10 accumulators
+static_assert(kBlocks == 2, "the core holds two row blocks");
+
+// A panel decoded for the core: per group pair its kPanelRows value dwords and byte-shuffle
+// controls, and each row's compensation -128 * (sum of its values).
+struct Panel {
+  int32_t* w;     // [G2][kPanelRows]
+  int32_t* ctrl;  // [G2][kPanelRows]
+  alignas(64) int32_t comp[kPanelRows];
+};
+
+// 16 x 16 int32 transpose: r[i] holds row i's 16 entries; afterwards r[c] holds column c.
+inline void transpose16x16(__m512i (&r)[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // u[4i + k], 128-bit lane L: rows 4i..4i+3 of column 4L + k
+  for (int k = 0; k < 4; ++k) {
+    const __m512i a = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x88), b = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xDD);
+    const __m512i c = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x88), d = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xDD);
+    r[k] = _mm512_shuffle_i32x4(a, c, 0x88);
+    r[4 + k] = _mm512_shuffle_i32x4(b, d, 0x88);
+    r[8 + k] = _mm512_shuffle_i32x4(a, c, 0xDD);
+    r[12 + k] = _mm512_shuffle_i32x4(b, d, 0xDD);
+  }
+}
+
+// Index bytes (one per dword lane, i0 | i1 << 2 | i2 << 4 | i3 << 6) -> the vpshufb control
+// that picks x bytes i0, i1, 4 + i2, 4 + i3 of the group pair's 8.
+inline __m512i shuffle_control(__m512i b) {
+  const __m512i i0 = _mm512_and_si512(b, _mm512_set1_epi32(0x3));
+  const __m512i i1 = _mm512_and_si512(_mm512_slli_epi32(b, 6), _mm512_set1_epi32(0x300));
+  const __m512i i2 = _mm512_and_si512(_mm512_slli_epi32(b, 12), _mm512_set1_epi32(0x30000));
+  const __m512i i3 = _mm512_and_si512(_mm512_slli_epi32(b, 18), _mm512_set1_epi32(0x3000000));
+  return _mm512_or_si512(_mm512_or_si512(_mm512_or_si512(i0, i1), _mm512_or_si512(i2, i3)),
+                         _mm512_set1_epi32(0x04040000));
+}
+
+// Rows [r0, r0 + kPanelRows) (those past O as zeros) into p. Group pairs 16 at a time: each
+// row's 64 value bytes and 16 index bytes (masked loads: nothing past the row is read), the
+// 16 x 16 blocks transposed to group-pair order.
+void decode_panel(const Nm24Int8Args& a, int64_t r0, Panel* p) {
+  const int64_t G2 = (a.K + 7) / 8;
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i sums[kPanelRows];
+  for (int j = 0; j < kPanelRows; ++j) sums[j] = _mm512_setzero_si512();
+  for (int64_t g0 = 0; g0 < G2; g0 += 16) {
+    const int64_t vbytes = a.kept - 4 * g0 < 64 ? a.kept - 4 * g0 : 64;
+    const int64_t ibytes = a.idx_row_bytes - g0 < 16 ? a.idx_row_bytes - g0 : 16;
+    const __mmask64 vmask = vbytes >= 64 ? ~__mmask64(0) : (__mmask64(1) << vbytes) - 1;
+    const __mmask16 imask = static_cast<__mmask16>((1u << ibytes) - 1);
+    const int64_t pairs = G2 - g0 < 16 ? G2 - g0 : 16;
+    for (int blk = 0; blk < kBlocks; ++blk) {
+      __m512i w[16], c[16];
+      for (int i = 0; i < 16; ++i) {
+        const int j = blk * 16 + i;
+        const int64_t r = r0 + j;
+        if (r >= a.O) {
+          w[i] = c[i] = _mm512_setzero_si512();
+          continue;
+        }
+        w[i] = _mm512_maskz_loadu_epi8(vmask, a.values + r * a.kept + 4 * g0);
+        const __m128i ib = _mm_maskz_loadu_epi8(imask, a.indices + r * a.idx_row_bytes + g0);
+        c[i] = shuffle_control(_mm512_cvtepu8_epi32(ib));
+        sums[j] = _mm512_dpbusd_epi32(sums[j], ones, w[i]);
+      }
+      transpose16x16(w);
+      transpose16x16(c);
+      for (int64_t q = 0; q < pairs; ++q) {
+        _mm512_store_si512(p->w + (g0 + q) * kPanelRows + blk * 16, w[q]);
+        _mm512_store_si512(p->ctrl + (g0 + q) * kPanelRows + blk * 16, c[q]);
+      }
+    }
+  }
+  for (int j = 0; j < kPanelRows; ++j) p->comp[j] = -128 * _mm512_reduce_add_epi32(sums[j]);
+}
+
+// Batch rows [b0, b0 + kBatchRows) (rows past B repeat the last; never stored) of the panel at
+// output row r0: 2 x 10 int32 accumulators over every group pair, then scaled into out.
+void core(const Nm24Int8Args& a, const Panel* p, int64_t r0, int64_t b0) {
+  const int64_t G2 = (a.K + 7) / 8;
+  const uint8_t* xr[kBatchRows];
+  for (int i = 0; i < kBatchRows; ++i) xr[i] = a.xq + (b0 + i < a.B ? b0 + i : a.B - 1) * a.xq_stride;
+  const __m512i comp0 = _mm512_load_si512(p->comp), comp1 = _mm512_load_si512(p->comp + 16);
+#define SK_I8_ACC(I) __m512i a0##I = comp0, a1##I = comp1;
+  SK_I8_ACC(0) SK_I8_ACC(1) SK_I8_ACC(2) SK_I8_ACC(3) SK_I8_ACC(4)
+  SK_I8_ACC(5) SK_I8_ACC(6) SK_I8_ACC(7) SK_I8_ACC(8) SK_I8_ACC(9)
+#undef SK_I8_ACC
+  const int32_t* wp = p->w;
+  const int32_t* cp = p->ctrl;
+  for (int64_t g = 0; g < G2; ++g, wp += kPanelRows, cp += kPanelRows) {
+    const __m512i w0 = _mm512_load_si512(wp), w1 = _mm512_load_si512(wp + 16);
+    const __m512i c0 = _mm512_load_si512(cp), c1 = _mm512_load_si512(cp + 16);
+#define SK_I8_STEP(I)                                                                         \
+  {                                                                                          \
+    int64_t q8;                                                                              \
+    std::memcpy(&q8, xr[I] + 8 * g, 8);                                                      \
+    const __m512i xb = _mm512_set1_epi64(q8);                                                \
+    a0##I = _mm512_dpbusd_epi32(a0##I, _mm512_shuffle_epi8(xb, c0), w0);                     \
+    a1##I = _mm512_dpbusd_epi32(a1##I, _mm512_shuffle_epi8(xb, c1), w1);                     \
+  }
+    SK_I8_STEP(0) SK_I8_STEP(1) SK_I8_STEP(2) SK_I8_STEP(3) SK_I8_STEP(4)
+    SK_I8_STEP(5) SK_I8_STEP(6) SK_I8_STEP(7) SK_I8_STEP(8) SK_I8_STEP(9)
+#undef SK_I8_STEP
+  }
+  const int64_t rows = a.O - r0;
+  const __mmask16 m0 = rows >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << rows) - 1);
+  const __mmask16 m1 = rows >= 32 ? __mmask16(0xFFFF) : rows <= 16 ? __mmask16(0)
+                                                                   : static_cast<__mmask16>((1u << (rows - 16)) - 1);
+  const __m512 s0 = _mm512_maskz_loadu_ps(m0, a.scales + r0), s1 = _mm512_maskz_loadu_ps(m1, a.scales + r0 + 16);
+  auto finish = [&](int i, __m512i v0, __m512i v1) {
+    if (b0 + i >= a.B) return;
+    const __m512 xs = _mm512_set1_ps(a.x_scales[b0 + i]);
+    float* o = a.out + (b0 + i) * a.O + r0;
+    _mm512_mask_storeu_ps(o, m0, _mm512_mul_ps(_mm512_cvtepi32_ps(v0), _mm512_mul_ps(s0, xs)));
+    if (m1) _mm512_mask_storeu_ps(o + 16, m1, _mm512_mul_ps(_mm512_cvtepi32_ps(v1), _mm512_mul_ps(s1, xs)));
+  };
+  finish(0, a00, a10); finish(1, a01, a11); finish(2, a02, a12); finish(3, a03, a13); finish(4, a04, a14);
+  finish(5, a05, a15); finish(6, a06, a16); finish(7, a07, a17); finish(8, a08, a18); finish(9, a09, a19);
+}
+
+}  // namespace
+
+void quantize_rows(const float* x, int64_t K, int64_t b0, int64_t b1, uint8_t* xq, float* x_scales) {
+  const int64_t stride = xq_stride(K);
+  const __m512 sign = _mm512_set1_ps(-0.f);
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* xr = x + b * K;
+    uint8_t* q = xq + b * stride;
+    __m512 mx = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) mx = _mm512_max_ps(mx, _mm512_andnot_ps(sign, _mm512_loadu_ps(xr + k)));
+    const __mmask16 tail = static_cast<__mmask16>((1u << (K - k)) - 1);
+    if (K > k) mx = _mm512_max_ps(mx, _mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(tail, xr + k)));
+    const float amax = _mm512_reduce_max_ps(mx);
+    // scale amax / 127; the multiplier 127 / amax (0 for a row of zeros: every q is 0)
+    x_scales[b] = amax / 127.f;
+    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), off = _mm512_set1_epi32(128);
+    auto quant = [&](__m512 v) {
+      // vcvtps2dq rounds half to even (the default MXCSR mode)
+      const __m512i i = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), lo), hi);
+      return _mm512_cvtepi32_epi8(_mm512_add_epi32(i, off));
+    };
+    for (k = 0; k + 16 <= K; k += 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), quant(_mm512_loadu_ps(xr + k)));
+    if (K > k) _mm_mask_storeu_epi8(q + k, tail, quant(_mm512_maskz_loadu_ps(tail, xr + k)));
+    for (int64_t c = K; c < stride; ++c) q[c] = 128;  // x = 0 past K (its weights are 0 too)
+  }
+}
+
+void nm24_gemm(const Nm24Int8Args& a) {
+  const int64_t G2 = (a.K + 7) / 8;
+  Panel p;
+  p.w = static_cast<int32_t*>(std::aligned_alloc(64, G2 * kPanelRows * sizeof(int32_t)));
+  p.ctrl = static_cast<int32_t*>(std::aligned_alloc(64, G2 * kPanelRows * sizeof(int32_t)));
+  for (;;) {
+    const int64_t panel = __atomic_fetch_add(a.next_panel, 1, __ATOMIC_RELAXED);
+    if (panel >= a.panels) break;
+    const int64_t r0 = panel * kPanelRows;
+    decode_panel(a, r0, &p);
+    for (int64_t b0 = 0; b0 < a.B; b0 += kBatchRows) core(a, &p, r0, b0);
+  }
+  std::free(p.ctrl);
+  std::free(p.w);
+}
+
+}  // namespace avx512vnni
+}  // namespace cpu
+}  // namespace sparsekern
+
+#pragma GCC pop_options
+
+#else  // no AVX-512 build: cpu_has_avx512_vnni() is false and these are never called
+
+namespace sparsekern {
+namespace cpu {
+namespace avx512vnni {
+void quantize_rows(const float*, int64_t, int64_t, int64_t, uint8_t*, float*) { std::abort(); }
+void nm24_gemm(const Nm24Int8Args&) { std::abort(); }
+}  // namespace avx512vnni
+}  // namespace cpu
+}  // namespace sparsekern
+
+#endif

@@ -1,0 +1,65 @@
+// The 2:4 int8 GEMM with int8 dot products (AVX-512 VNNI `vpdpbusd`), nm_gemm_int8.cpp:
+// nm_linear_q's algorithm 1 (sparsekern/dispatch_rules.py NM_Q_ALGO_INT8_DOT) for 2:4 weights
+// with int8 values, taken where cpu_has_avx512_vnni() says the CPU runs it. linear_q.cpp owns
+// the threading and calls the entry points below from every intra-op thread.
+//
+// Numerics (as torch's dynamic quantization, with a finer activation scale):
+//   x is quantized per row on the fly: s_x[b] = max_k |x[b, k]| / 127, q = round-half-even(x *
+//   (127 / max)) in [-127, 127] (fp32 multiply, then vcvtps2dq), stored as u8 q + 128 (the
+//   unsigned operand of vpdpbusd). Each output is the exact int32 sum over the kept values
+//   sum_k (q + 128) * w - 128 * sum_k w, the compensation precomputed per output row, then
+//   y = float(acc) * (s_x[b] * s_w[o]) in fp32. A row of zeros gives zeros. int32 cannot wrap
+//   below 2^31 / (255 * 128) = 65793 kept values per row (in_features 131586).
+//
+// The scheme: vpdpbusd adds 4 u8 x s8 products into each int32 lane. A 2:4 group pair (8
+// columns) of one row keeps 4 int8 values, stored side by side in NMWeight.values: one dword.
+// Its partner is the 4 x bytes its indices pick out of the 8, which depends on the row. So
+// the vector runs over 16 output rows:
+//   decode (per panel of 32 rows, once per call): each group pair's 32 value dwords and 32
+//     byte-shuffle controls (the row's index byte i0 | i1 << 2 | i2 << 4 | i3 << 6 becomes
+//     the bytes i0, i1, 4 + i2, 4 + i3), group pair by group pair, [G2][32] int32 each;
+//   core: per group pair and batch row, the row's 8 x bytes broadcast to every qword
+//     (vpbroadcastq, one load), one vpshufb per 16 output rows puts each row's 4 x bytes
+//     in its lane, one vpdpbusd: 2 row blocks x 10 batch rows in 20 int32 accumulators held
+//     over all of K; the finished vectors are 16 consecutive outputs of a batch row, stored
+//     straight into out [B, O] (scales applied in fp32).
+// The indices of a group must increase (every validated NMWeight); other indices read other
+// bytes of the same 8 columns, never outside x.
+#pragma once
+
+#include <cstdint>
+
+namespace sparsekern {
+namespace cpu {
+
+// True when nm_gemm_int8.cpp's kernels can run here: the AVX-512 kernels can
+// (cpu_has_avx512(), so SPARSEKERN_CPU_ISA=avx2|generic turns it off too) and the CPU has
+// AVX512_VNNI (Zen 4 and later, Cascade Lake, Ice Lake, Sapphire Rapids and later).
+bool cpu_has_avx512_vnni();
+
+struct Nm24Int8Args {
+  const int8_t* values;    // [O, kept] int8, kept = K / 2: group pair p's four values at 4p
+  const uint8_t* indices;  // [O, idx_row_bytes], 2 bits per slot: group pair p's byte at p
+  const float* scales;     // [O] the weight's row scales
+  int64_t kept, idx_row_bytes, K, O;
+  const uint8_t* xq;       // [B, xq_stride] u8 (quantize_rows), columns past K hold 128
+  const float* x_scales;   // [B]
+  int64_t xq_stride, B;
+  float* out;              // [B, O] fp32 (no bias)
+  int64_t panels;          // ceil(O / kPanelRows)
+  int64_t* next_panel;     // shared counter, 0 before the first call
+};
+
+namespace avx512vnni {
+constexpr int64_t kPanelRows = 32;  // output rows per panel (two 16-row blocks)
+// Row stride of the quantized x: K rounded up to a group pair (8 columns).
+inline int64_t xq_stride(int64_t K) { return (K + 7) / 8 * 8; }
+// Rows [b0, b1) of fp32 x [B, K] (row-major) quantized as above into xq [B, xq_stride(K)]
+// and x_scales [B].
+void quantize_rows(const float* x, int64_t K, int64_t b0, int64_t b1, uint8_t* xq, float* x_scales);
+// Output panels taken from *a.next_panel until all are done; call it from every thread.
+void nm24_gemm(const Nm24Int8Args& a);
+}  // namespace avx512vnni
+
+}  // namespace cpu
+}  // namespace sparsekern
