@@ -310,8 +310,20 @@ def sparse_layer_bytes(model: torch.nn.Module) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------ model-level comparisons
+def int8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
+    """torch's one-line int8 dynamic quantization of model's nn.Linear layers, on the x86
+    engine where it exists (what a user of an x86 CPU sets: fbgemm + onednn)."""
+    import warnings
+
+    if "x86" in torch.backends.quantized.supported_engines:
+        torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
 def check_model(make_workloads, base: torch.nn.Module, model: torch.nn.Module, dense_state: dict | None,
-                what: str) -> dict:
+                what: str, activations_quantized: bool = False) -> dict:
     """Every workload of `model` (a sparse variant of `base`, or base itself) against the
     fp64 masked dense reference: a float64 copy of `base` holding `dense_state` (the
     variant's weights decompressed, zeros in place), with the test suite's tolerance
@@ -319,6 +331,9 @@ def check_model(make_workloads, base: torch.nn.Module, model: torch.nn.Module, d
     fp32 at least 1e-5). make_workloads(model) -> list of models.Workload. The variant's
     first call of each workload is timed and returned (`first_call_s`): it is where sparse
     layers measure their paths for that batch bucket. Raises when the variant is off.
+    activations_quantized: the variant's int8 kernels may quantize activations per row (the
+    2:4 int8 dot-product GEMM does), so the bound is also at least 2x the error of torch's
+    int8 dynamic quantization of the same weights (int8_dynamic on the reference model).
     Returns {"rel_err", "torch_rel_err", "tolerance", "first_call_s"}."""
     import copy
 
@@ -332,15 +347,20 @@ def check_model(make_workloads, base: torch.nn.Module, model: torch.nn.Module, d
     if dense_state is not None:
         ref.load_state_dict(dense_state)
     torch_outs = [wl.run() for wl in make_workloads(ref)]
+    int8_outs = ([wl.run() for wl in make_workloads(int8_dynamic(copy.deepcopy(ref).float()))]
+                 if activations_quantized else [None] * len(torch_outs))
     ref.double()
     worst = (0.0, 0.0, 0.0)
-    for y, torch_out, wl64 in zip(outs, torch_outs, make_workloads(ref)):
+    for y, torch_out, int8_out, wl64 in zip(outs, torch_outs, int8_outs, make_workloads(ref)):
         r64 = wl64.run()
         torch_err = rel_err(torch_out, r64)
+        if int8_out is not None:
+            torch_err = max(torch_err, rel_err(int8_out, r64))
         err, tol = rel_err(y, r64), tolerance(dtype, torch_err)
         if not err <= tol:
             raise RuntimeError(f"{what} {wl64.metric}: relative error {err:.2e} against the fp64 masked dense "
-                               f"reference exceeds {tol:.1e} (2x torch's own {torch_err:.1e}); not timing it")
+                               f"reference exceeds {tol:.1e} (2x torch's own {torch_err:.1e}"
+                               f"{', int8 dynamic included' if int8_out is not None else ''}); not timing it")
         worst = max(worst, (err, torch_err, tol))
     del ref
     return {"rel_err": worst[0], "torch_rel_err": worst[1], "tolerance": worst[2], "first_call_s": first_s}

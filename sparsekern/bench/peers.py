@@ -39,7 +39,6 @@ import copy
 import dataclasses
 import re
 import time
-import warnings
 from typing import Callable
 
 import torch
@@ -48,7 +47,7 @@ from torch import nn
 from .. import models
 from ..reporting import ratio_text
 from . import profile
-from .common import rel_err
+from .common import int8_dynamic, rel_err
 
 # A peer that converts less than this share of a model's layer weights (nn.Linear and
 # convolutions) is not what a user would run instead: quantize_dynamic on ResNet-50 converts
@@ -147,11 +146,7 @@ def _bf16_channels_last(model, opts):
 
 
 def _int8_dynamic(model, opts):
-    if "x86" in torch.backends.quantized.supported_engines:
-        torch.backends.quantized.engine = "x86"  # what a user of an x86 CPU sets (fbgemm + onednn)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
-        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8), None
+    return int8_dynamic(model), None
 
 
 def _torchao(config):
