@@ -105,9 +105,11 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def("block_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, int in_features, Tensor? bias) -> Tensor");
   m.def("block_compress(Tensor weight, Tensor? mask, int block_rows, int block_cols) -> (Tensor, Tensor, Tensor)");
   m.def("block_decompress(Tensor crow_indices, Tensor col_indices, Tensor values, int in_features) -> Tensor");
-  // ---- Masked dense weight (training): x @ (W*M)^T without materialising W*M ----
+  // ---- Masked dense weight (training): x @ (W*M)^T, its input and weight gradients ----
   m.def("masked_linear(Tensor x, Tensor weight, Tensor bitmask, Tensor? bias) -> Tensor");
   m.def("masked_linear_grad_input(Tensor grad_out, Tensor weight, Tensor bitmask) -> Tensor");
+  // (grad_out^T @ x) * M [out, in] in x's dtype (CPU; on CUDA the Triton op of that name).
+  m.def("masked_linear_grad_weight(Tensor grad_out, Tensor x, Tensor bitmask) -> Tensor");
   // ---- Fused scoring reductions (pruning toolkit) ----
   // Per (block_rows x block_cols) group of the score e = |w| * |grad| * act_norm[col]:
   // p=1 sum(e), p=2 sqrt(sum(e^2)); float32 [rows/block_rows, cols/block_cols].

@@ -31,7 +31,7 @@ def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsity: float | None = None,
+def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsity: float | dict | None = None,
              calibration: Iterable | None = None, loss_fn: Callable | None = None, include=None, exclude=None,
              min_features: int = 128, block: tuple[int, int] = (32, 32), trainable: bool = False,
              policy: Policy | None = None, show_progress: bool = True, channels_last: bool | None = None,
@@ -40,6 +40,9 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
     GPT-2's layers, whose weight is stored [in, out]) for a sparse module, in place.
 
     pattern: "2:4" / "N:M", "unstructured" (with sparsity), "block" (with sparsity, block).
+    sparsity: the fraction to remove, or {layer name: fraction} per layer (an allocation from
+    sparsekern.selection: owl_allocation, allocate); layers the dict leaves out, or gives 0,
+    stay dense.
     method: l1, l2, random, taylor (calibration + loss_fn(model, batch)), wanda (calibration),
     sparsegpt (calibration; prunes with reconstruction, layer by layer, see sparsekern.sparsegpt).
     include / exclude: fnmatch patterns on module names. Layers with fewer than
@@ -90,7 +93,10 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
                          "torch.ao.quantization.quantize_dynamic")
     if entry.needs_sparsity and sparsity is None:
         raise ValueError(f"sparsify: pattern {pattern!r} needs sparsity= (fraction to remove)")
-    if sparsity is not None:
+    per_layer = sparsity if isinstance(sparsity, dict) else None
+    if per_layer is not None:
+        _check_per_layer_sparsity(model, per_layer, entry.needs_sparsity, pattern)
+    elif sparsity is not None:
         prune.prune_count(float(sparsity), 1, "sparsify")
     if method in ("wanda", "taylor", "sparsegpt") and calibration is None:
         raise ValueError(f"sparsify: method {method!r} needs calibration= (an iterable of batches)")
@@ -102,6 +108,9 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
         report.append(row)
         if reason is not None:
             row.update(status="dense" if row.pop("float", True) else "skipped", reason=reason)
+            continue
+        if per_layer is not None and not per_layer.get(name, 0):
+            row.update(status="dense", reason="no sparsity for this layer in sparsity= (a dict)")
             continue
         out, inp = _out_in(mod)
         if min(out, inp) < min_features:
@@ -142,14 +151,15 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
     if method == "sparsegpt":
         from .sparsegpt import sparsegpt_prune_model
 
-        sparsegpt_prune_model(model, calibration, pattern, 0.5 if sparsity is None else sparsity,
+        sparsegpt_prune_model(model, calibration, pattern, 0.5 if sparsity is None else sparsity,  # dict: per layer
                               layers=[n for n, _, _ in candidates], block=block, show_progress=show_progress,
                               quantize=quantize, group_size=group_size, scales_out=value_scales)
 
     for name, mod, row in tqdm(candidates, "sparsify", disable=not show_progress, mininterval=1.0):
         cls = SparseConv2d if isinstance(mod, nn.Conv2d) else SparseLinear
         dense_bytes = mod.weight.numel() * mod.weight.element_size()
-        new = cls.from_dense(mod, pattern, method=method, sparsity=sparsity, block=block, trainable=trainable,
+        new = cls.from_dense(mod, pattern, method=method, block=block, trainable=trainable,
+                             sparsity=per_layer[name] if per_layer is not None else sparsity,
                              policy=policy, grad=None if grads is None else grads[name],
                              act_norm=None if norms is None else norms[name], quantize=quantize,
                              group_size=group_size, value_scales=value_scales.get(name))
@@ -174,6 +184,22 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
 
 
 SWAPPED = "nn.Linear, nn.Conv2d and transformers' Conv1D"
+
+
+def _check_per_layer_sparsity(model: nn.Module, per_layer: dict, needs_sparsity: bool, pattern: str) -> None:
+    """A {layer name: sparsity} dict: for a pattern that takes a sparsity, names of the
+    model's modules, fractions in [0, 1)."""
+    if not needs_sparsity:
+        raise ValueError(f"sparsify: a per-layer sparsity dict needs a pattern that takes a sparsity (unstructured, "
+                         f"block), got pattern {pattern!r}")
+    modules = dict(model.named_modules())
+    unknown = [n for n in per_layer if n not in modules]
+    if unknown:
+        raise ValueError(f"sparsify: sparsity= names no module of the model: {unknown[:5]}")
+    for name, value in per_layer.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"sparsify: sparsity[{name!r}] must be a number, got {value!r}")
+        prune.prune_count(float(value), 1, f"sparsify (sparsity[{name!r}])")
 
 
 def _out_in(mod: nn.Module) -> tuple[int, int]:

@@ -59,6 +59,70 @@ def test_grad_input_op(device, backend):
     torch.testing.assert_close(gx.double(), g.double() @ (w * mask).double(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device,backend", pairs("masked_linear_grad_weight"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,k,o", SHAPES)
+def test_grad_weight_op_matches_fp64(device, backend, dtype, lead, k, o, poison):
+    x = torch.randn(*lead, k, device=device, dtype=dtype)
+    g = torch.randn(*lead, o, device=device, dtype=dtype)
+    mask = torch.rand(o, k, device=device) < 0.5
+    with running(backend, "masked_linear_grad_weight", g, x):
+        gw = ops.masked_linear_grad_weight(g, x, pack_bitmask(mask))
+    assert gw.dtype == dtype and gw.shape == (o, k)
+    assert (gw[~mask] == 0).all(), "pruned positions must get a zero gradient"
+    ref = (g.reshape(-1, o).double().t() @ x.reshape(-1, k).double()) * mask
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(gw.double(), ref, rtol=tol, atol=tol * (1 + ref.abs().max().item()))
+
+
+@pytest.mark.parametrize("device,backend", pairs("masked_linear"))
+def test_pruned_inf_and_nan_weights_do_not_reach_the_output(device, backend):
+    # a pruned weight is never read: W*M at a pruned inf is 0, not inf * 0 = NaN
+    o, k = 9, 200  # three full mask words and a tail
+    w = torch.randn(o, k, device=device)
+    mask = torch.rand(o, k, device=device) < 0.5
+    w_bad = w.clone()
+    w_bad[~mask] = float("inf")
+    w_bad[~mask & (torch.rand(o, k, device=device) < 0.5)] = float("nan")
+    x, g = torch.randn(4, k, device=device), torch.randn(4, o, device=device)
+    bits = pack_bitmask(mask)
+    with running(backend, "masked_linear", x), running(backend, "masked_linear_grad_input", g):
+        y = ops.masked_linear(x, w_bad, bits)
+        gx = ops.masked_linear_grad_input(g, w_bad, bits)
+    if backend == "reference":  # the reference multiplies by the mask: inf * 0 = NaN
+        return
+    torch.testing.assert_close(y.double(), x.double() @ (w * mask).double().t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx.double(), g.double() @ (w * mask).double(), rtol=1e-5, atol=1e-5)
+
+
+def test_grad_weight_bad_inputs():
+    bm = pack_bitmask(torch.rand(8, 70) < 0.5)
+    with pytest.raises(ValueError, match="leading shape"):
+        ops.masked_linear_grad_weight(torch.randn(3, 8), torch.randn(2, 70), bm)
+    with pytest.raises(TypeError, match="share dtype"):
+        ops.masked_linear_grad_weight(torch.randn(2, 8), torch.randn(2, 70, dtype=torch.float64), bm)
+    with pytest.raises(ValueError, match="bitmask must have shape"):
+        ops.masked_linear_grad_weight(torch.randn(2, 8), torch.randn(2, 70), bm[:, :1])
+    with pytest.raises(TypeError, match="grad_out must be a floating"):
+        ops.masked_linear_grad_weight(torch.ones(2, 8, dtype=torch.int64), torch.randn(2, 70), bm)
+
+
+def test_grad_weight_kernel_checks_its_arguments():
+    """The C++ entry point refuses what the Python wrapper would (called directly)."""
+    if not ops.explain_backend("masked_linear_grad_weight", torch.randn(2, 8), torch.randn(2, 70))[0] == "cpp":
+        pytest.skip("the C++ kernel is not what runs here")
+    op = torch.ops.sparsekern.masked_linear_grad_weight
+    bm = pack_bitmask(torch.rand(8, 70) < 0.5)
+    with pytest.raises(ValueError, match="masked_linear_grad_weight: grad_out .* leading shape"):
+        op(torch.randn(3, 8), torch.randn(2, 70), bm)
+    with pytest.raises(ValueError, match="masked_linear_grad_weight: bitmask must have shape"):
+        op(torch.randn(2, 8), torch.randn(2, 70), bm[:, :1])
+    with pytest.raises(TypeError, match="masked_linear_grad_weight: bitmask must be Long"):
+        op(torch.randn(2, 8), torch.randn(2, 70), bm.int())
+    with pytest.raises(TypeError, match="masked_linear_grad_weight: grad_out dtype"):
+        op(torch.randn(2, 8, dtype=torch.float64), torch.randn(2, 70), bm)
+
+
 def test_bad_inputs():
     w = torch.randn(8, 70)
     bm = pack_bitmask(torch.rand(8, 70) < 0.5)

@@ -74,6 +74,8 @@ def _samples(device):
         "block_decompress": [(blk.crow_indices, blk.col_indices, blk.values, 64)],
         "masked_linear": [(x, w, bits, b), (xg, wg, bits, b.clone().requires_grad_())],
         "masked_linear_grad_input": [(x[:, :16].contiguous(), w, bits)],
+        "masked_linear_grad_weight": [(x[:, :16].contiguous(), x, bits), (torch.randn(2, 3, 16, device=device),
+                                                                        torch.randn(2, 3, 64, device=device), bits)],
         "nm_score_compress": [(w, torch.randn_like(w), torch.rand(64, device=device), 2, 4), (w, None, None, 4, 8)],
         "group_score": [(w, None, None, 1, 64, 1), (w, torch.randn_like(w), torch.rand(64, device=device), 4, 8, 2)],
         "act_norm_accumulate": [(torch.rand(64, device=device), torch.randn(2, 5, 64, device=device))],

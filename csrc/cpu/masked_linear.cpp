@@ -1,7 +1,20 @@
-// CPU kernels of masked_linear (training-time op): x @ (W*M)^T and its input gradient,
-// with M a packed bitmask [out, ceil(in/64)] (bit j of word w is column 64w+j). W*M is
-// never built whole: one tile of masked rows at a time meets the BLAS GEMM.
+// CPU kernels of masked fine-tuning (the training-time ops), with M a packed bitmask
+// [out, ceil(in/64)] (bit j of word w is column 64w+j):
+//
+//   masked_linear             y  = x @ (W*M)^T + b   one masking pass builds W*M (fp32), one addmm
+//   masked_linear_grad_input  gx = g @ (W*M)         the same pass again, one mm
+//   masked_linear_grad_weight gw = (g^T @ x) * M     one mm, then the mask applied in place
+//
+// As on the GPU path (csrc/cuda/masked_linear.cu), every product is one BLAS call on the
+// whole weight and the mask costs one pass over [out, in]. The earlier kernel multiplied
+// 128-row tiles of W*M into the BLAS (grad_input as 64 rank-128 updates of gx on an 8192-row
+// weight) and masked the weight gradient with a bool mask unpacked in torch (four passes);
+// bench/results/cpu-training-20261206 has the training step before and after. W*M is not
+// kept from the forward to the backward: the ops keep their schemas, and the recomputation is
+// one more pass over the weight, small against the step's three GEMMs at training batches.
 #include <torch/library.h>
+
+#include <cstring>
 
 #include "cpu_common.h"
 
@@ -9,25 +22,87 @@ namespace sparsekern {
 namespace cpu {
 namespace {
 
-constexpr int64_t kMaskTile = 128;
+// For each byte of a mask word, the 8 lanes it selects as all-ones / all-zero 32-bit masks:
+// an fp32 row is then masked by AND, 8 lanes at a time, which the compiler vectorises on
+// any x86 target (a per-bit select through variable shifts does not vectorise before AVX2).
+struct ByteLaneMasks {
+  alignas(32) uint32_t lanes[256][8];
+  ByteLaneMasks() {
+    for (int b = 0; b < 256; ++b)
+      for (int j = 0; j < 8; ++j) lanes[b][j] = ((b >> j) & 1) ? 0xffffffffu : 0u;
+  }
+};
 
-template <typename T>
-void masked_row(const T* w, const int64_t* words, int64_t K, float* dst) {
-  for (int64_t c = 0; c < K; ++c) {
+const ByteLaneMasks& byte_lane_masks() {
+  static const ByteLaneMasks table;
+  return table;
+}
+
+// dst[c] = src[c] if bit c of the row's mask words is set, else 0, for c < K (fp32; dst may
+// be src: each element is read before it is written).
+void mask_row_f32(const float* src, const int64_t* words, int64_t K, float* dst, const ByteLaneMasks& t) {
+  int64_t c0 = 0;
+  for (; c0 + 64 <= K; c0 += 64) {
+    const uint64_t word = static_cast<uint64_t>(words[c0 >> 6]);
+    for (int byte = 0; byte < 8; ++byte) {
+      const uint32_t* m = t.lanes[(word >> (8 * byte)) & 0xff];
+      const int64_t c = c0 + 8 * byte;
+      uint32_t v[8];
+      std::memcpy(v, src + c, sizeof(v));
+      for (int j = 0; j < 8; ++j) v[j] &= m[j];
+      std::memcpy(dst + c, v, sizeof(v));
+    }
+  }
+  for (int64_t c = c0; c < K; ++c) {
     const bool keep = (static_cast<uint64_t>(words[c >> 6]) >> (c & 63)) & 1;
-    dst[c] = keep ? static_cast<float>(w[c]) : 0.f;
+    dst[c] = keep ? src[c] : 0.f;
   }
 }
 
-// Fills buf [r1-r0, K] with rows r0..r1 of W*M in fp32.
-void masked_tile(const at::Tensor& w, const at::Tensor& bm, int64_t r0, int64_t r1, float* buf) {
-  const int64_t K = w.size(1), nw = bm.size(1);
-  SPARSEKERN_DISPATCH_FLOATS(w.scalar_type(), "masked_linear", [&] {
-    const scalar_t* wp = w.data_ptr<scalar_t>();
-    const int64_t* bp = bm.data_ptr<int64_t>();
-    at::parallel_for(r0, r1, 8, [&](int64_t a, int64_t b) {
-      for (int64_t r = a; r < b; ++r) masked_row(wp + r * K, bp + r * nw, K, buf + (r - r0) * K);
+template <typename T>
+void mask_row_convert(const T* src, const int64_t* words, int64_t K, float* dst) {
+  for (int64_t c = 0; c < K; ++c) {
+    const bool keep = (static_cast<uint64_t>(words[c >> 6]) >> (c & 63)) & 1;
+    dst[c] = keep ? static_cast<float>(src[c]) : 0.f;
+  }
+}
+
+// Rows per task of a masking pass: about 64K elements, so a small layer stays on one thread.
+int64_t mask_grain(int64_t K) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, K)); }
+
+// W*M as a new contiguous fp32 [O, K] tensor, in one parallel pass over the weight.
+at::Tensor masked_weight_f32(const at::Tensor& w, const at::Tensor& bm) {
+  const int64_t O = w.size(0), K = w.size(1), nw = bm.size(1);
+  auto out = at::empty({O, K}, w.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  float* op = out.data_ptr<float>();
+  const int64_t* bp = bm.data_ptr<int64_t>();
+  if (w.scalar_type() == at::kFloat) {
+    const float* wp = w.data_ptr<float>();
+    const auto& t = byte_lane_masks();
+    at::parallel_for(0, O, mask_grain(K), [&](int64_t a, int64_t b) {
+      for (int64_t r = a; r < b; ++r) mask_row_f32(wp + r * K, bp + r * nw, K, op + r * K, t);
     });
+  } else {
+    SPARSEKERN_DISPATCH_FLOATS(w.scalar_type(), "masked_linear", [&] {
+      const scalar_t* wp = w.data_ptr<scalar_t>();
+      at::parallel_for(0, O, mask_grain(K), [&](int64_t a, int64_t b) {
+        for (int64_t r = a; r < b; ++r) mask_row_convert(wp + r * K, bp + r * nw, K, op + r * K);
+      });
+    });
+  }
+  return out;
+}
+
+// g [O, K] fp32 contiguous *= M, in place.
+void mask_in_place(at::Tensor& g, const at::Tensor& bm) {
+  const int64_t O = g.size(0), K = g.size(1), nw = bm.size(1);
+  if (g.numel() == 0) return;
+  float* gp = g.data_ptr<float>();
+  const int64_t* bp = bm.data_ptr<int64_t>();
+  const auto& t = byte_lane_masks();
+  at::parallel_for(0, O, mask_grain(K), [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) mask_row_f32(gp + r * K, bp + r * nw, K, gp + r * K, t);
   });
 }
 
@@ -35,43 +110,38 @@ at::Tensor masked_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
                              const c10::optional<at::Tensor>& bias) {
   check_masked_linear_args("masked_linear", x, weight, bitmask, 1);
   check_bias("masked_linear", x, bias, weight.size(0));
-  auto w = weight.contiguous();
-  auto bm = bitmask.contiguous();
   auto x2 = x_float_2d(x);
-  const int64_t O = w.size(0);
+  auto wm = masked_weight_f32(weight.contiguous(), bitmask.contiguous());
   at::Tensor out;
-  c10::optional<at::Tensor> bias_left = bias;  // what finish_linear still adds
-  if (x2.size(0) == 0 || O == 0) {
-    out = at::zeros({x2.size(0), O}, x2.options());
-  } else {
-    out = tiled_gemm(x2, O, [&](int64_t r0, int64_t r1, float* buf) { masked_tile(w, bm, r0, r1, buf); }, bias);
-    bias_left = c10::nullopt;
-  }
-  return finish_linear(out, x, bias_left);
+  if (bias.has_value()) out = at::addmm(bias->to(at::kFloat), x2, wm.t());  // as F.linear adds it
+  else out = at::mm(x2, wm.t());
+  return finish_linear(out, x, c10::nullopt);
 }
 
 at::Tensor masked_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& weight,
                                         const at::Tensor& bitmask) {
   check_masked_linear_args("masked_linear_grad_input", grad_out, weight, bitmask, 0);
-  auto w = weight.contiguous();
-  auto bm = bitmask.contiguous();
   auto g2 = x_float_2d(grad_out);
-  const int64_t O = w.size(0), K = w.size(1);
-  auto gx = at::zeros({g2.size(0), K}, g2.options());
-  if (g2.size(0) > 0) {
-    auto buf = at::empty({std::min(kMaskTile, O), K}, g2.options());
-    for (int64_t r0 = 0; r0 < O; r0 += kMaskTile) {
-      const int64_t r1 = std::min(O, r0 + kMaskTile);
-      auto part = buf.narrow(0, 0, r1 - r0);
-      masked_tile(w, bm, r0, r1, part.data_ptr<float>());
-      gx.addmm_(g2.narrow(1, r0, r1 - r0), part);
-    }
-  }
-  auto sizes = grad_out.sizes().vec();
-  sizes.back() = K;
-  at::Tensor r = gx.to(grad_out.scalar_type());
-  r.resize_(sizes);  // not a view of a temporary (see finish_linear)
-  return r;
+  auto wm = masked_weight_f32(weight.contiguous(), bitmask.contiguous());
+  return finish_linear(at::mm(g2, wm), grad_out, c10::nullopt);
+}
+
+at::Tensor masked_linear_grad_weight_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& bitmask) {
+  const char* op = "masked_linear_grad_weight";
+  TORCH_CHECK_VALUE(grad_out.dim() >= 1 && x.dim() >= 1, op, ": grad_out and x must have at least one dimension");
+  TORCH_CHECK_VALUE(grad_out.sizes().slice(0, grad_out.dim() - 1) == x.sizes().slice(0, x.dim() - 1), op,
+                    ": grad_out ", grad_out.sizes(), " and x ", x.sizes(), " must share their leading shape");
+  check_same(op, x, grad_out, "grad_out");
+  check_index_tensor(op, x, bitmask, "bitmask", c10::kLong);
+  const int64_t O = grad_out.size(-1), K = x.size(-1);
+  TORCH_CHECK_VALUE(bitmask.dim() == 2 && bitmask.size(0) == O && bitmask.size(1) == (K + 63) / 64, op,
+                    ": bitmask must have shape [", O, ", ", (K + 63) / 64, "] (one bit per weight element), got ",
+                    bitmask.sizes());
+  auto g2 = x_float_2d(grad_out);
+  auto x2 = x_float_2d(x);
+  auto gw = at::mm(g2.t(), x2);  // [O, K], fresh and contiguous
+  mask_in_place(gw, bitmask.contiguous());
+  return gw.to(x.scalar_type());
 }
 
 }  // namespace
@@ -79,6 +149,7 @@ at::Tensor masked_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Te
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("masked_linear", &masked_linear_cpu);
   m.impl("masked_linear_grad_input", &masked_linear_grad_input_cpu);
+  m.impl("masked_linear_grad_weight", &masked_linear_grad_weight_cpu);
 }
 
 }  // namespace cpu

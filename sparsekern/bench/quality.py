@@ -298,3 +298,127 @@ def plot(rows, path) -> bool:
             ax.legend(fontsize=7, ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))  # below the bars
 
     return save_plot(path, draw, ncols=len(models), figsize=(4.2 * len(models), 3.6))
+
+
+# ------------------------------------------------------------ per-layer allocation (MiniLM)
+ALLOCATION_METHODS = ("wanda", "sparsegpt")
+ALLOCATION_SPARSITIES = (0.5, 0.7)
+# Sensitivity grid (magnitude, one layer at a time); its top bounds what allocate can reach.
+SENSITIVITY_GRID = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def minilm_data(quick: bool, bs: int = 32):
+    """(model, calibration batches, evaluation batches, their sizes) of the quality suite's
+    MiniLM runs: the same disjoint split of standard-library sentences as quality_minilm
+    (seed 0, calibration first), max 64 tokens, batches of `bs`."""
+    model, tok = load_minilm()
+    sents = english_sentences()
+    n_cal, n_eval = (64, 128) if quick else (128, 512)
+    if len(sents) < n_cal + n_eval:
+        raise RuntimeError(f"quality: only {len(sents)} sentences found in the standard library docstrings")
+    perm = torch.randperm(len(sents), generator=torch.Generator().manual_seed(0)).tolist()
+    texts = [sents[i] for i in perm]
+
+    def batches(part):
+        return [dict(tok(part[i:i + bs], padding=True, truncation=True, max_length=64, return_tensors="pt"))
+                for i in range(0, len(part), bs)]
+
+    return model, batches(texts[:n_cal]), batches(texts[n_cal:n_cal + n_eval]), n_cal, n_eval
+
+
+def prune_allocated(model, method: str, alloc: dict, calib):
+    """Unstructured pruning of each layer of `alloc` to its own sparsity, one-shot, in place:
+    method magnitude, wanda (the dense model's input norms) or sparsegpt (sequential, per-layer
+    sparsities)."""
+    if method == "sparsegpt":
+        sparsegpt_prune_model(model, calib, "unstructured", dict(alloc), layers=list(alloc), show_progress=False)
+        return model
+    norms = prune.collect_activation_norms(model, calib, show_progress=False) if method == "wanda" else None
+    for name, s in alloc.items():
+        if method == "wanda":
+            prune.wanda_prune(model, name=name, amount=float(s), act_norms=norms)
+        else:
+            prune.l1_prune(model, name=name, amount=float(s))
+    return model
+
+
+def quality_allocation(quick: bool, show_progress: bool = True, methods=ALLOCATION_METHODS,
+                       sparsities=ALLOCATION_SPARSITIES, lams=(0.08,), outlier_m: float = 5.0) -> list[dict]:
+    """Uniform against non-uniform layer sparsities on MiniLM (cosine to the dense embeddings
+    on the held-out sentences): "uniform" (every encoder layer at the target), "owl lam=..."
+    (selection.owl_allocation: one sparsity per encoder block from its outlier ratio,
+    M = outlier_m) and "sensitivity" (selection.sensitivity, magnitude over SENSITIVITY_GRID
+    one layer at a time, scored by cosine to the dense embeddings of the first calibration
+    batch, then selection.allocate). Every allocation is measured on the calibration
+    sentences only; the evaluation sentences are disjoint. Rows: allocation, method, target,
+    the pruned layers' achieved sparsity (parameter-weighted), the per-layer allocation."""
+    from .. import selection
+
+    model, cal_b, ev_b, n_cal, n_eval = minilm_data(quick)
+    ref = embed(model, ev_b)
+    score_b = cal_b[:1]  # sensitivity scores on one calibration batch: 36 layers x the grid of evaluations
+    cal_ref = embed(model, score_b)
+    layers = [n for n, _ in prune.prunable_layers(model) if not n.startswith("pooler")]
+    params = {n: model.get_submodule(n).weight.numel() for n in layers}
+    t0 = time.perf_counter()
+    sens = selection.sensitivity(model, lambda m: float((embed(m, score_b) * cal_ref).sum(-1).mean()),
+                                 SENSITIVITY_GRID[1::2] if quick else SENSITIVITY_GRID, layers=layers,
+                                 show_progress=show_progress)
+    sens_s = time.perf_counter() - t0
+    ratios = selection.outlier_ratios(model, cal_b, outlier_m, layers, show_progress=False)
+    allocations = {}
+    for target in sparsities:
+        allocations[("uniform", target)] = ({n: float(target) for n in layers}, 0.0)
+        for lam in lams:
+            t0 = time.perf_counter()
+            per_block = selection.owl_sparsities({g: v["outlier_ratio"] for g, v in ratios.items()},
+                                                 {g: v["params"] for g, v in ratios.items()}, target, lam)
+            alloc = {n: per_block[g] for g, v in ratios.items() for n in v["layers"]}
+            allocations[(f"owl lam={lam:g}", target)] = (alloc, time.perf_counter() - t0)
+        if max(sens["sparsities"]) >= target:
+            allocations[("sensitivity", target)] = (selection.allocate(sens, target), sens_s)
+    common = {"model": "all-MiniLM-L6-v2", "metric": "cosine_to_dense", "calibration": n_cal, "eval": n_eval,
+              "threads": torch.get_num_threads()}
+    rows = []
+    work = [(a, t, meth) for (a, t) in allocations for meth in methods]
+    for name, target, method in tqdm(work, "allocation", disable=not show_progress, mininterval=1.0):
+        alloc, alloc_s = allocations[(name, target)]
+        t0 = time.perf_counter()
+        m = prune_allocated(copy.deepcopy(model), method, alloc, cal_b)
+        prune_s = time.perf_counter() - t0
+        zeros = sum(int((m.get_submodule(n).weight == 0).sum()) for n in layers)
+        rows.append({**common, "allocation": name, "method": method, "target_sparsity": target,
+                     "value": float((embed(m, ev_b) * ref).sum(-1).mean()),
+                     "sparsity": zeros / sum(params.values()), "prune_seconds": prune_s, "allocation_seconds": alloc_s,
+                     "min_layer_sparsity": min(alloc.values()), "max_layer_sparsity": max(alloc.values()),
+                     "layer_sparsity": alloc})
+    rows.append({**common, "allocation": "outlier ratios", "outlier_m": outlier_m,
+                 "outlier_ratio": {g: v["outlier_ratio"] for g, v in ratios.items()}})
+    return rows
+
+
+def allocation_markdown(rows, env) -> str:
+    """One table per pruning method: allocations against target sparsities (cosine, and the
+    achieved sparsity of the encoder layers), then the blocks' outlier ratios."""
+    rs = [r for r in rows if "value" in r]
+    targets = sorted(dict.fromkeys(r["target_sparsity"] for r in rs))
+    out = [f"# Layer sparsity allocation, MiniLM one-shot ({env.get('cpu')}, torch {env.get('torch')}, "
+           f"commit `{env.get('commit')}`)", "",
+           f"Cosine to the dense embeddings on {rs[0]['eval']} held-out sentences (calibration: {rs[0]['calibration']} "
+           "disjoint sentences); in brackets the encoder layers' achieved sparsity.", ""]
+    for method in dict.fromkeys(r["method"] for r in rs):
+        out += [f"## {method}", "", "| allocation | " + " | ".join(f"{t:.0%}" for t in targets) + " |",
+                "|---|" + "---|" * len(targets)]
+        for alloc in dict.fromkeys(r["allocation"] for r in rs):
+            cells = []
+            for t in targets:
+                r = next((r for r in rs if r["method"] == method and r["allocation"] == alloc
+                          and r["target_sparsity"] == t), None)
+                cells.append("" if r is None else f"{r['value']:.4f} ({r['sparsity']:.3f})")
+            out.append(f"| {alloc} | " + " | ".join(cells) + " |")
+        out.append("")
+    for r in rows:
+        if "outlier_ratio" in r:
+            out.append(f"Outlier ratios (share of wanda scores above {r['outlier_m']:g}x their block's mean): " +
+                       ", ".join(f"{g} {v:.4f}" for g, v in r["outlier_ratio"].items()))
+    return "\n".join(out) + "\n"

@@ -208,7 +208,8 @@ def sparse_linear_call(x: torch.Tensor, weight, bias: torch.Tensor | None = None
 
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, bitmask: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ (W*M)^T + bias without materialising W*M (the training-time op).
+    """y = x @ (W*M)^T + bias (the training-time op): W*M built in one masking pass per call,
+    then one dense GEMM; the mask is never stored expanded.
 
     weight [out, in] dense, bitmask int64 [out, ceil(in/64)] (patterns.pack_bitmask of a
     bool mask). Differentiable in x, weight (gradient masked) and bias.

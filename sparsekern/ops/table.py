@@ -255,8 +255,7 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
            differentiable=True),
     OpSpec("masked_linear_grad_input", reference.masked_linear_grad_input, rows_key, cuda=True,
            triton="masked_linear"),
-    # On CPU the reference (one BLAS GEMM and a mask) is the implementation.
-    OpSpec("masked_linear_grad_weight", reference.masked_linear_grad_weight, plain_key("x", 1), cpp=False,
+    OpSpec("masked_linear_grad_weight", reference.masked_linear_grad_weight, plain_key("x", 1),
            triton="masked_linear"),
     OpSpec("nm_compress", reference.nm_compress, plain_key("weight", 0)),
     OpSpec("nm_decompress", reference.nm_decompress, plain_key("values", 0), cuda=True),
