@@ -94,6 +94,13 @@ TORCH_LIBRARY(sparsekern, m) {
   // Bitmask: values int8 [nnz], scales float32 [out].
   m.def("bitmask_linear_q(Tensor x, Tensor values, Tensor bitmask, Tensor offsets, Tensor scales, int in_features, "
         "Tensor? bias) -> Tensor");
+  // CPU only: `algo` chosen in Python (sparsekern/dispatch_rules.py, q_cpu_algo) for up to 16
+  // rows: 0 = x in fp32 (as above), 1 = x quantized per row to int8 and integer dot products
+  // (csrc/cpu/rows_q.h kQAlgoInt8Act).
+  m.def("nm_linear_q_cpu(Tensor x, Tensor values, Tensor indices, Tensor scales, int n, int m, int in_features, "
+        "int bits, int group_size, Tensor? bias, int algo) -> Tensor");
+  m.def("bitmask_linear_q_cpu(Tensor x, Tensor values, Tensor bitmask, Tensor offsets, Tensor scales, "
+        "int in_features, Tensor? bias, int algo) -> Tensor");
   // ---- Block (BSR): crow_indices, col_indices, values [nnzb, bh, bw] ----
   m.def("block_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, int in_features, Tensor? bias) -> Tensor");
   m.def("block_compress(Tensor weight, Tensor? mask, int block_rows, int block_cols) -> (Tensor, Tensor, Tensor)");

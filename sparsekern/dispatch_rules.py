@@ -17,6 +17,7 @@ rows (kDirectMaxBatch, csrc/cpu/sparse_rows.h), the bitmask weight-stationary ke
 limits (csrc/cpu/bitmask_linear.cpp) and the CUDA decode/GEMM split (kDecodeMaxRows).
 
 Switches for benchmarking, read per call: SPARSEKERN_NM_GEMM=tile|direct (`nm_cpu_algo`);
+SPARSEKERN_Q_ACT=int8|exact (`q_cpu_algo`);
 SPARSEKERN_NM_BF16=fma (read by the C++ 2:4 GEMM: bf16 weights on the fp32-FMA kernel instead
 of the vdpbf16ps one, csrc/cpu/nm_gemm_bf16.cpp).
 """
@@ -115,6 +116,34 @@ def uses_gemm_panels(algo: int, dtype: torch.dtype) -> bool:
     # fp32 only: the layout holds fp32 values, 1.5x a dense bf16/fp16 weight's bytes.
     return algo == NM_ALGO_GEMM and CPU_GEMM_PANELS and dtype == torch.float32 and \
         not torch.compiler.is_compiling()
+
+
+# ------------------------------------------------------------------ CPU: quantized decode
+# nm_linear_q_cpu / bitmask_linear_q_cpu's `algo` (csrc/cpu/rows_q.h kQAlgo*), for up to 16
+# rows of x (the decode kernels; above, the dequantized tiles run either way):
+Q_ALGO_EXACT = 0     # x in fp32, the int8/int4 weights dequantized in registers: exact products
+Q_ALGO_INT8_ACT = 1  # each row of x quantized to int8 first (symmetric, one scale per row, as
+#                      torch's dynamic quantization does), then integer dot products (VNNI)
+Q_ALGO_NAMES = {Q_ALGO_EXACT: "fp32 activations", Q_ALGO_INT8_ACT: "int8 activations (integer dot products)"}
+Q_DECODE_MAX_ROWS = 16  # kDirectMaxBatch (csrc/cpu/sparse_rows.h)
+
+# Whether int8 activations are the default for quantized weights' decode. They change the
+# numbers (each x row rounded to 255 levels, as torch's quantize_dynamic does), so the exact
+# path stays the default and SPARSEKERN_Q_ACT=int8 asks for them; bench/bench_decode_q.py
+# measures both (bench/results/cpu-decode-q-20261206/).
+Q_INT8_ACT_DEFAULT = False
+
+
+def q_cpu_algo(rows: int | None) -> int:
+    """The CPU decode algorithm of nm_linear_q / bitmask_linear_q over `rows` rows of x (None:
+    not known). SPARSEKERN_Q_ACT (read per call): "int8" takes int8 activations up to
+    Q_DECODE_MAX_ROWS rows, "exact" never; unset: Q_INT8_ACT_DEFAULT."""
+    if rows is not None and rows > Q_DECODE_MAX_ROWS:
+        return Q_ALGO_EXACT
+    choice = os.environ.get("SPARSEKERN_Q_ACT")
+    if choice == "int8" or (choice is None and Q_INT8_ACT_DEFAULT):
+        return Q_ALGO_INT8_ACT
+    return Q_ALGO_EXACT
 
 
 # ------------------------------------------------------------------ CPU: bitmask kernels

@@ -77,6 +77,17 @@ def _fake_nm_linear_q(x, values, indices, scales, n, m, in_features, bits, group
     return x.new_empty(_out_shape(x, indices.shape[0]))
 
 
+def _fake_nm_linear_q_cpu(x, values, indices, scales, n, m, in_features, bits, group_size, bias, algo):
+    torch._check(algo in (rules.Q_ALGO_EXACT, rules.Q_ALGO_INT8_ACT), lambda: "nm_linear_q: algo must be 0 or 1")
+    return _fake_nm_linear_q(x, values, indices, scales, n, m, in_features, bits, group_size, bias)
+
+
+def _fake_bitmask_linear_q_cpu(x, values, bitmask, offsets, scales, in_features, bias, algo):
+    torch._check(algo in (rules.Q_ALGO_EXACT, rules.Q_ALGO_INT8_ACT),
+                 lambda: "bitmask_linear_q: algo must be 0 or 1")
+    return _fake_bitmask_linear_q(x, values, bitmask, offsets, scales, in_features, bias)
+
+
 def _fake_bitmask_linear_q(x, values, bitmask, offsets, scales, in_features, bias):
     torch._check(x.shape[-1] == in_features, lambda: "bitmask_linear_q: x.shape[-1] must equal in_features")
     return x.new_empty(_out_shape(x, bitmask.shape[0]))
@@ -118,6 +129,8 @@ FAKES: dict[str, Callable] = {
     "block_linear": _fake_block_linear,
     "nm_linear_q": _fake_nm_linear_q,
     "bitmask_linear_q": _fake_bitmask_linear_q,
+    "nm_linear_q_cpu": _fake_nm_linear_q_cpu,
+    "bitmask_linear_q_cpu": _fake_bitmask_linear_q_cpu,
     "masked_linear": _fake_masked_linear,
     "masked_linear_grad_input": lambda grad_out, weight, bitmask: grad_out.new_empty(
         _out_shape(grad_out, weight.shape[1])),
@@ -270,6 +283,9 @@ AUTOGRAD: dict[str, tuple[Callable, Callable]] = {
     "block_linear": (_block_backward, _sparse_setup(3, 4)),
     "nm_linear_q": (_nm_q_backward, _q_setup(8)),
     "bitmask_linear_q": (_bitmask_q_backward, _q_setup(5)),
+    # int8 activations (algo 1): the gradient of the exact product (straight through the rounding)
+    "nm_linear_q_cpu": (_cpu_args(_nm_q_backward, 1), _q_setup(8)),
+    "bitmask_linear_q_cpu": (_cpu_args(_bitmask_q_backward, 1), _q_setup(5)),
     "masked_linear": (_masked_backward, _masked_setup),
 }
 
