@@ -35,7 +35,10 @@ from torch import nn
 
 from sparsekern import _extension, dispatch_rules, ops
 from sparsekern.bench.cases import copy_bandwidth_gbs
-from sparsekern.bench.common import compare, environment, interleaved, pick_threads, write_json
+import random
+import time
+
+from sparsekern.bench.common import compare, environment, pick_threads, write_json
 from sparsekern.formats import BitmaskWeight, NMWeight
 from sparsekern.reporting import markdown_table
 
@@ -110,14 +113,20 @@ def main(argv=None):
     p.add_argument("--rotate-mib", type=int, default=128, help="bytes of each provider's rotated copies (MiB)")
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names of SHAPES")
     p.add_argument("--threads", default="2", help="intra-op threads (default 2, as issue 28's goals), or auto")
+    p.add_argument("--clock", default="wall", choices=["wall", "thread"],
+                   help="wall (perf_counter) or thread (CPU time of this thread; with --threads 1 on a shared "
+                        "machine, leaves out the time others held the CPU)")
     p.add_argument("--quick", action="store_true", help="5 rounds, 64 MiB rotation")
     p.add_argument("--out", default=None, help="JSON file for the rows")
     a = p.parse_args(argv)
+    if a.clock == "thread" and a.threads != "1":
+        p.error("--clock thread measures one thread: use it with --threads 1")
     if a.quick:
         a.rounds, a.rotate_mib = 5, 64
     _, why = pick_threads(a.threads if a.threads == "auto" else int(a.threads))
     env = environment("cpu")
     env["threads_choice"] = why
+    env["clock"] = a.clock
     env["copy_gbs"] = copy_bw = copy_bandwidth_gbs("cpu")
     env["q_act_vector_kernels"] = bool(_extension.BUILD_INFO.get("cpu_avx512_runtime"))
     print(f"sparsekern {env['sparsekern']} ({env['commit']}), torch {env['torch']}, {env['cpu']}, "
@@ -161,7 +170,7 @@ def main(argv=None):
             meta.setdefault(name, "")
             rows.append({"shape": shape, "out": o, "in": k, "provider": name, "batch": 1, "weight_bytes": nbytes,
                          "copies": copies, "rel_err": err, "algorithm": algo or "", "dtype_x": "float32"})
-        samples = interleaved(calls, a.rounds)
+        samples = interleaved_clock(calls, a.rounds, time.thread_time if a.clock == "thread" else time.perf_counter)
         n_copies = {r["provider"]: r["copies"] for r in rows if r["shape"] == shape}
         samples = {kk: [s / n_copies[kk] for s in v] for kk, v in samples.items()}
         res = compare(samples, BASELINE, AGAIN)
@@ -195,6 +204,25 @@ def main(argv=None):
         write_json(a.out, env, rows + model)
         print(f"wrote {a.out}")
     return rows
+
+
+def interleaved_clock(calls: dict, rounds: int, clock, seed: int = 0) -> dict[str, list[float]]:
+    """sparsekern.bench.common.interleaved with a choice of clock: time.perf_counter (wall), or
+    time.thread_time (the calling thread's CPU time: with one intra-op thread, the time the op
+    ran, not the time other processes of a shared machine held the CPU)."""
+    names = list(calls)
+    for k in names:
+        calls[k]()
+    out = {k: [] for k in names}
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        order = list(names)
+        rng.shuffle(order)
+        for k in order:
+            t = clock()
+            calls[k]()
+            out[k].append(clock() - t)
+    return out
 
 
 def table(rows):

@@ -555,20 +555,23 @@ void nm24_act_rows(const NmQRowsArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
-// Output rows [r, r + R) for batch rows [b0, b0 + B) of an int8 bitmask weight.
-template <int R, int B>
+// Output rows [r, r + R) for batch rows [b0, b0 + B) of an int8 bitmask weight. The mask's
+// bits past K are zero (check_bitmask_tail_bits). Slack: every row may load 64 values at any
+// of its positions (bitmask_act_slack), so the loads need no mask; else each load is masked
+// to the values that exist (the last rows of the weight).
+template <int R, int B, bool Slack>
 void bitmask_act_step(const BitmaskQRowsArgs& a, int64_t r, int64_t b0) {
   const uint64_t* words[R];
-  int64_t p[R];
+  const int8_t* p[R];
   for (int j = 0; j < R; ++j) {
     words[j] = reinterpret_cast<const uint64_t*>(a.bitmask + (r + j) * a.words);
-    p[j] = a.offsets[(r + j) * a.tiles];
+    p[j] = a.values + a.offsets[(r + j) * a.tiles];
   }
   const uint8_t* xb[B];
   for (int b = 0; b < B; ++b) xb[b] = a.xq.u8 + (b0 + b) * a.xq.ld;
+  const int8_t* const end = a.values + a.nnz;
   const __m512i ones = _mm512_set1_epi8(1);
   const int64_t steps = (a.K + 63) / 64;
-  const uint64_t last = a.K % 64 ? _bzhi_u64(~0ull, static_cast<unsigned>(a.K % 64)) : ~0ull;
   double total[R][B] = {};
   for (int64_t s0 = 0; s0 < steps; s0 += kActFlushSteps) {
     const int64_t s1 = std::min(steps, s0 + kActFlushSteps);
@@ -578,42 +581,76 @@ void bitmask_act_step(const BitmaskQRowsArgs& a, int64_t r, int64_t b0) {
       for (int b = 0; b < B; ++b) acc[j][b] = _mm512_setzero_si512();
     }
     for (int64_t s = s0; s < s1; ++s) {
+      __m512i x[B];
+      for (int b = 0; b < B; ++b) x[b] = _mm512_loadu_si512(xb[b] + 64 * s);
       for (int j = 0; j < R; ++j) {
-        if ((s & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(words[j] + s) + 512, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(a.values + p[j]) + 1024, _MM_HINT_T0);
-        const uint64_t k = words[j][s] & (s + 1 == steps ? last : ~0ull);
-        const int64_t cnt = _mm_popcnt_u64(k);
-        // A tampered offsets never reads outside values (validated formats always have them).
-        const int64_t avail = p[j] >= 0 && p[j] < a.nnz ? std::min<int64_t>(cnt, a.nnz - p[j]) : 0;
-        const __m512i w = _mm512_maskz_expand_epi8(k, _mm512_maskz_loadu_epi8(low_bytes(avail), a.values + p[j]));
-        p[j] += cnt;
+        _mm_prefetch(reinterpret_cast<const char*>(p[j]) + 1024, _MM_HINT_T0);
+        const uint64_t k = words[j][s];
+        __m512i v;
+        if constexpr (Slack) v = _mm512_loadu_si512(p[j]);
+        else v = _mm512_maskz_loadu_epi8(low_bytes(end - p[j]), p[j]);
+        const __m512i w = _mm512_maskz_expand_epi8(k, v);
+        p[j] += _mm_popcnt_u64(k);
         comp[j] = _mm512_dpbusd_epi32(comp[j], ones, w);
-        for (int b = 0; b < B; ++b) acc[j][b] = _mm512_dpbusd_epi32(acc[j][b], _mm512_loadu_si512(xb[b] + 64 * s), w);
+        for (int b = 0; b < B; ++b) acc[j][b] = _mm512_dpbusd_epi32(acc[j][b], x[b], w);
       }
     }
     for (int j = 0; j < R; ++j)
-      for (int b = 0; b < B; ++b)
-        total[j][b] += _mm512_reduce_add_ps(act_lanes_sum(acc[j][b], comp[j]));
+      for (int b = 0; b < B; ++b) total[j][b] += _mm512_reduce_add_ps(act_lanes_sum(acc[j][b], comp[j]));
   }
   for (int j = 0; j < R; ++j)
     for (int b = 0; b < B; ++b)
       a.out[(b0 + b) * a.O + r + j] = static_cast<float>(total[j][b] * a.scales[r + j] * a.xq.scale[b0 + b]);
 }
 
+// Rows [r, r + R) may each load 64 values at any of their positions: a row's values start at
+// offsets[row, 0] and number at most K, so [start, start + K + 64) inside values is enough
+// whatever the mask says.
+inline bool bitmask_act_slack(const BitmaskQRowsArgs& a, int64_t r, int R) {
+  for (int j = 0; j < R; ++j) {
+    const int64_t start = a.offsets[(r + j) * a.tiles];
+    if (start < 0 || start + a.K + 64 > a.nnz) return false;
+  }
+  return true;
+}
+
+template <int R, int B>
+void bitmask_act_rows_of(const BitmaskQRowsArgs& a, int64_t r, int64_t b0) {
+  if (bitmask_act_slack(a, r, R)) {
+    bitmask_act_step<R, B, true>(a, r, b0);
+    return;
+  }
+  // Near the end of values (or tampered offsets): masked loads, and a start outside values
+  // reads nothing (the portable loop, which checks every value).
+  for (int j = 0; j < R; ++j) {
+    const int64_t start = a.offsets[(r + j) * a.tiles];
+    if (start < 0 || start > a.nnz) {
+      BitmaskQRowsArgs one = a;
+      one.B = B;
+      one.xq.u8 = a.xq.u8 + b0 * a.xq.ld;
+      one.xq.scale = a.xq.scale + b0;
+      one.out = a.out + b0 * a.O;
+      bitmask_q_rows_act_portable(one, r, r + R);
+      return;
+    }
+  }
+  bitmask_act_step<R, B, false>(a, r, b0);
+}
+
 void bitmask_act_rows(const BitmaskQRowsArgs& a, int64_t r0, int64_t r1) {
   if (a.B == 1) {
     int64_t r = r0;
-    for (; r + kActRowsB1 <= r1; r += kActRowsB1) bitmask_act_step<kActRowsB1, 1>(a, r, 0);
-    for (; r < r1; ++r) bitmask_act_step<1, 1>(a, r, 0);
+    for (; r + kActRowsB1 <= r1; r += kActRowsB1) bitmask_act_rows_of<kActRowsB1, 1>(a, r, 0);
+    for (; r < r1; ++r) bitmask_act_rows_of<1, 1>(a, r, 0);
     return;
   }
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t b0 = 0; b0 < a.B; b0 += kActBatchTile) {
       switch (std::min<int64_t>(kActBatchTile, a.B - b0)) {
-        case 1: bitmask_act_step<1, 1>(a, r, b0); break;
-        case 2: bitmask_act_step<1, 2>(a, r, b0); break;
-        case 3: bitmask_act_step<1, 3>(a, r, b0); break;
-        default: bitmask_act_step<1, 4>(a, r, b0); break;
+        case 1: bitmask_act_rows_of<1, 1>(a, r, b0); break;
+        case 2: bitmask_act_rows_of<1, 2>(a, r, b0); break;
+        case 3: bitmask_act_rows_of<1, 3>(a, r, b0); break;
+        default: bitmask_act_rows_of<1, 4>(a, r, b0); break;
       }
     }
   }
