@@ -127,7 +127,7 @@ def main(argv=None):
     env = environment("cpu")
     env["threads_choice"] = why
     env["clock"] = a.clock
-    env["copy_gbs"] = copy_bw = copy_bandwidth_gbs("cpu")
+    env["copy_gbs"] = copy_bw = copy_bandwidth_gbs("cpu") if a.clock == "wall" else copy_bandwidth_thread_gbs()
     env["q_act_vector_kernels"] = bool(_extension.BUILD_INFO.get("cpu_avx512_runtime"))
     print(f"sparsekern {env['sparsekern']} ({env['commit']}), torch {env['torch']}, {env['cpu']}, "
           f"{env['threads']} threads ({why}), load average {env['machine']['loadavg']}; copy bandwidth "
@@ -204,6 +204,19 @@ def main(argv=None):
         write_json(a.out, env, rows + model)
         print(f"wrote {a.out}")
     return rows
+
+
+def copy_bandwidth_thread_gbs(mib: int = 256, reps: int = 7) -> float:
+    """copy_bandwidth_gbs on the thread-CPU-time clock (one thread): bytes read + written per
+    second of the fastest of `reps` copies."""
+    src = torch.randn(mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.thread_time()
+        dst.copy_(src)
+        best = min(best, time.thread_time() - t)
+    return 2 * src.numel() * 4 / best / 1e9
 
 
 def interleaved_clock(calls: dict, rounds: int, clock, seed: int = 0) -> dict[str, list[float]]:

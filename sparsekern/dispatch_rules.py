@@ -232,4 +232,9 @@ EVIDENCE: dict[str, Measured] = {
     "SEMI_STRUCTURED_BUCKETS": Measured("not measured yet (bench/gpu_check.sh measures it)", {}),
     "TUNING_NOISE": Measured("not stored yet (two runs of one kernel on a lent H100)", {"spread": 0.03}),
     "PATH_NOISE": Measured("bench/results/cpu-models-20261128q", {"margin": 0.02}),
+    # Not a measured edge: the C++ decode kernels' rows (kDirectMaxBatch), mirrored here.
+    "Q_DECODE_MAX_ROWS": Measured("csrc/cpu/sparse_rows.h kDirectMaxBatch (not measured)", {}),
+    # Numerics, not speed, keep the exact path the default (the int8 algorithm's speed at
+    # batch 1 is in the run; figures: x torch int8 dynamic, one thread, CPU time).
+    "Q_INT8_ACT_DEFAULT": Measured("bench/results/cpu-decode-q-20261206", {}),
 }

@@ -85,7 +85,7 @@ inline __m512 nm_q_piece(const NmQRowsArgs& a, const uint8_t* v, int64_t r, int6
 inline float nm_q_row_scale(const NmQRowsArgs& a, int64_t r) { return a.bits == 8 ? a.scales[r] : 1.f; }
 
 // ---- 2:4, one batch row, R weight rows per step -------------------------------------------
-constexpr int kQB1Rows = 4;
+constexpr int kQB1Rows = 1;
 constexpr int64_t kQB1PrefetchBytes = 4096;
 template <int R, int Bits>
 void nm24_q_b1_step(const NmQRowsArgs& a, int64_t r) {
@@ -384,7 +384,10 @@ namespace avx512 {
 namespace {
 
 constexpr int64_t kActFlushSteps = 8192;
-constexpr int kActRowsB1 = 4;    // weight rows per step for one batch row (independent chains)
+// One weight row at a time, also for one batch row: interleaving 4 rows (8 streams: values and
+// indexes) streamed 0.6x the bytes per second of one row at a time from memory (8192 x 4096,
+// one thread, bench/results/cpu-decode-q-20261206/README.md), though it ran faster from cache.
+constexpr int64_t kActPrefetchBytes = 2048;
 constexpr int kActBatchTile = 4;  // batch rows per pass over a weight row (it stays in L1)
 
 struct ActLaneTables {
@@ -468,12 +471,9 @@ void nm24_act_step(const NmQRowsArgs& a, int64_t r, int64_t b0) {
   auto step = [&](int64_t s, auto tail_tag, __m512i(&acc)[R][B], __m512i(&comp)[R]) {
     constexpr bool Tail = decltype(tail_tag)::value;
     for (int j = 0; j < R; ++j) {
-      _mm_prefetch(reinterpret_cast<const char*>(v[j] + kStepBytes * s) + 2048, _MM_HINT_T0);
-      if constexpr (Bits == 4) {
-        if ((s & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(ix[j] + 16 * s) + 1024, _MM_HINT_T0);
-      } else {
-        if ((s & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(ix[j] + 16 * s) + 512, _MM_HINT_T0);
-      }
+      _mm_prefetch(reinterpret_cast<const char*>(v[j] + kStepBytes * s) + kActPrefetchBytes, _MM_HINT_T0);
+      if ((s & (Bits == 4 ? 1 : 3)) == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(ix[j] + 16 * s) + kActPrefetchBytes / 4, _MM_HINT_T0);
       const __m128i idx16 = Tail ? _mm_maskz_loadu_epi8(static_cast<__mmask16>(low_bytes(a.idx_row_bytes - 16 * s)),
                                                         ix[j] + 16 * s)
                                  : _mm_loadu_si128(reinterpret_cast<const __m128i*>(ix[j] + 16 * s));
@@ -538,9 +538,7 @@ void nm24_act_step(const NmQRowsArgs& a, int64_t r, int64_t b0) {
 template <int Bits>
 void nm24_act_rows(const NmQRowsArgs& a, int64_t r0, int64_t r1) {
   if (a.B == 1) {
-    int64_t r = r0;
-    for (; r + kActRowsB1 <= r1; r += kActRowsB1) nm24_act_step<kActRowsB1, 1, Bits>(a, r, 0);
-    for (; r < r1; ++r) nm24_act_step<1, 1, Bits>(a, r, 0);
+    for (int64_t r = r0; r < r1; ++r) nm24_act_step<1, 1, Bits>(a, r, 0);
     return;
   }
   for (int64_t r = r0; r < r1; ++r) {
@@ -584,7 +582,7 @@ void bitmask_act_step(const BitmaskQRowsArgs& a, int64_t r, int64_t b0) {
       __m512i x[B];
       for (int b = 0; b < B; ++b) x[b] = _mm512_loadu_si512(xb[b] + 64 * s);
       for (int j = 0; j < R; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(p[j]) + 1024, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(p[j]) + kActPrefetchBytes, _MM_HINT_T0);
         const uint64_t k = words[j][s];
         __m512i v;
         if constexpr (Slack) v = _mm512_loadu_si512(p[j]);
@@ -639,9 +637,7 @@ void bitmask_act_rows_of(const BitmaskQRowsArgs& a, int64_t r, int64_t b0) {
 
 void bitmask_act_rows(const BitmaskQRowsArgs& a, int64_t r0, int64_t r1) {
   if (a.B == 1) {
-    int64_t r = r0;
-    for (; r + kActRowsB1 <= r1; r += kActRowsB1) bitmask_act_rows_of<kActRowsB1, 1>(a, r, 0);
-    for (; r < r1; ++r) bitmask_act_rows_of<1, 1>(a, r, 0);
+    for (int64_t r = r0; r < r1; ++r) bitmask_act_rows_of<1, 1>(a, r, 0);
     return;
   }
   for (int64_t r = r0; r < r1; ++r) {
