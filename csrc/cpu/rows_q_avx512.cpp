@@ -7,7 +7,8 @@
 // per batch row (lane numbers from the 32-bit index word by a variable shift, as the fp 2:4
 // kernel), and one FMA finishes them. int8's row scale multiplies the finished sum; int4's
 // group scale (groups of 32/64/128 slots, so a piece never straddles two) each 16 weights.
-// One batch row takes four weight rows per step (eight streams in flight, x loaded once).
+// One batch row takes one weight row at a time (kQB1Rows: four interleaved rows' streams read
+// memory more slowly, see kActPrefetchBytes' note).
 // Bitmask int8, 1 to 4 batch rows: per 16 columns the mask piece expands the row's next
 // popcount values into their lanes (an in-register expand of a 16-byte load where the row
 // has the slack, else the expanding load), then conversion and one FMA per batch row.
@@ -85,7 +86,7 @@ inline __m512 nm_q_piece(const NmQRowsArgs& a, const uint8_t* v, int64_t r, int6
 inline float nm_q_row_scale(const NmQRowsArgs& a, int64_t r) { return a.bits == 8 ? a.scales[r] : 1.f; }
 
 // ---- 2:4, one batch row, R weight rows per step -------------------------------------------
-constexpr int kQB1Rows = 1;
+constexpr int kQB1Rows = 1;  // weight rows per step (one: see the file's note)
 constexpr int64_t kQB1PrefetchBytes = 4096;
 template <int R, int Bits>
 void nm24_q_b1_step(const NmQRowsArgs& a, int64_t r) {
