@@ -93,14 +93,18 @@ TORCH_LIBRARY(sparsekern, m) {
   // group_size)], group_size 32/64/128. x in the weight's compute dtype; fp32 accumulation.
   m.def("nm_linear_q(Tensor x, Tensor values, Tensor indices, Tensor scales, int n, int m, int in_features, "
         "int bits, int group_size, Tensor? bias) -> Tensor");
-  // CPU only: `algo` chosen in Python (sparsekern/dispatch_rules.py, nm_q_cpu_algo): 0 = decode
-  // kernels (rows up to 16, dequantized tiles into the BLAS GEMM above), 1 = the 2:4 int8
-  // dot-product GEMM (csrc/cpu/nm_gemm_int8.h: x quantized per row, int32 sums, AVX512_VNNI).
-  m.def("nm_linear_q_cpu(Tensor x, Tensor values, Tensor indices, Tensor scales, int n, int m, int in_features, "
-        "int bits, int group_size, Tensor? bias, int algo) -> Tensor");
   // Bitmask: values int8 [nnz], scales float32 [out].
   m.def("bitmask_linear_q(Tensor x, Tensor values, Tensor bitmask, Tensor offsets, Tensor scales, int in_features, "
         "Tensor? bias) -> Tensor");
+  // CPU only: `algo` chosen in Python (sparsekern/dispatch_rules.py, q_cpu_algo / nm_q_cpu_algo;
+  // csrc/cpu/rows_q.h kQAlgo*): 0 = x in fp32 (decode rows up to 16, dequantized tiles into the
+  // BLAS GEMM above), 1 = up to 16 rows of x quantized per row to int8 and integer dot products,
+  // 2 = 2:4 int8 weights through the int8 dot-product GEMM (csrc/cpu/nm_gemm_int8.h: x quantized
+  // per row, int32 sums, AVX512_VNNI).
+  m.def("nm_linear_q_cpu(Tensor x, Tensor values, Tensor indices, Tensor scales, int n, int m, int in_features, "
+        "int bits, int group_size, Tensor? bias, int algo) -> Tensor");
+  m.def("bitmask_linear_q_cpu(Tensor x, Tensor values, Tensor bitmask, Tensor offsets, Tensor scales, "
+        "int in_features, Tensor? bias, int algo) -> Tensor");
   // ---- Block (BSR): crow_indices, col_indices, values [nnzb, bh, bw] ----
   m.def("block_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, int in_features, Tensor? bias) -> Tensor");
   m.def("block_compress(Tensor weight, Tensor? mask, int block_rows, int block_cols) -> (Tensor, Tensor, Tensor)");

@@ -19,6 +19,7 @@ limits (csrc/cpu/bitmask_linear.cpp) and the CUDA decode/GEMM split (kDecodeMaxR
 
 Switches for benchmarking, read per call: SPARSEKERN_NM_GEMM=tile|direct (`nm_cpu_algo`);
 SPARSEKERN_NM_Q_GEMM=tile (`nm_q_cpu_algo`: 2:4 int8 keeps the dequantized tiles);
+SPARSEKERN_Q_ACT=int8|exact (`q_cpu_algo`);
 SPARSEKERN_NM_BF16=fma (read by the C++ 2:4 GEMM: bf16 weights on the fp32-FMA kernel instead
 of the vdpbf16ps one, csrc/cpu/nm_gemm_bf16.cpp).
 """
@@ -127,30 +128,54 @@ def uses_gemm_panels(algo: int, dtype: torch.dtype) -> bool:
         not torch.compiler.is_compiling()
 
 
-# ------------------------------------------------------------------ CPU: quantized N:M kernels
-# The algorithm argument of the CPU-only op nm_linear_q_cpu (csrc/cpu/linear_q.cpp kNmQAlgo*).
-NM_Q_ALGO_DECODE = 0    # row kernels up to 16 rows, dequantized tiles into the BLAS GEMM above
-NM_Q_ALGO_INT8_DOT = 1  # 2:4 int8: x quantized per row, int8 dot products (csrc/cpu/nm_gemm_int8.h)
-NM_Q_ALGO_NAMES = {NM_Q_ALGO_DECODE: "decode", NM_Q_ALGO_INT8_DOT: "2:4 int8 dot-product GEMM"}
+# ------------------------------------------------------------------ CPU: quantized kernels
+# nm_linear_q_cpu / bitmask_linear_q_cpu's `algo` (csrc/cpu/rows_q.h kQAlgo*):
+Q_ALGO_EXACT = 0     # x in fp32, the int8/int4 weights dequantized in registers (decode, up to 16
+#                      rows) or in tiles into the BLAS GEMM (above): exact products
+Q_ALGO_INT8_ACT = 1  # up to 16 rows: each row of x quantized to int8 first (symmetric, one scale
+#                      per row, as torch's dynamic quantization does), then integer dot products (VNNI)
+Q_ALGO_INT8_DOT = 2  # 2:4 int8 weights: x quantized per row, the int8 dot-product GEMM
+#                      (csrc/cpu/nm_gemm_int8.h)
+Q_ALGO_NAMES = {Q_ALGO_EXACT: "fp32 activations", Q_ALGO_INT8_ACT: "int8 activations (integer dot products)",
+                Q_ALGO_INT8_DOT: "2:4 int8 dot-product GEMM"}
+Q_DECODE_MAX_ROWS = 16  # kDirectMaxBatch (csrc/cpu/sparse_rows.h)
+
+# Whether int8 activations are the default for quantized weights' decode. They change the
+# numbers (each x row rounded to 255 levels, as torch's quantize_dynamic does), so the exact
+# path stays the default and SPARSEKERN_Q_ACT=int8 asks for them; bench/bench_decode_q.py
+# measures both (bench/results/cpu-decode-q-20261206/).
+Q_INT8_ACT_DEFAULT = False
+
 # From this many rows 2:4 int8 weights run the int8 dot-product GEMM where the CPU has
 # AVX512_VNNI (a batch bucket's first row count: the decision is made per bucket).
 NM24_INT8_DOT_MIN_ROWS = 17
 assert NM24_INT8_DOT_MIN_ROWS - 1 in BATCH_BUCKETS, "NM24_INT8_DOT_MIN_ROWS must start a batch bucket"
 
 
+def q_cpu_algo(rows: int | None) -> int:
+    """The CPU decode algorithm of nm_linear_q / bitmask_linear_q over `rows` rows of x (None:
+    not known). SPARSEKERN_Q_ACT (read per call): "int8" takes int8 activations up to
+    Q_DECODE_MAX_ROWS rows, "exact" never; unset: Q_INT8_ACT_DEFAULT."""
+    if rows is not None and rows > Q_DECODE_MAX_ROWS:
+        return Q_ALGO_EXACT
+    choice = os.environ.get("SPARSEKERN_Q_ACT")
+    if choice == "int8" or (choice is None and Q_INT8_ACT_DEFAULT):
+        return Q_ALGO_INT8_ACT
+    return Q_ALGO_EXACT
+
+
 def nm_q_cpu_algo(n: int, m: int, bits: int, rows: int | None) -> int:
-    """The CPU algorithm of nm_linear_q over `rows` rows (None: not known, the decode
-    algorithm). SPARSEKERN_NM_Q_GEMM (read per call): "tile" never takes the int8 GEMM (the
-    dequantized tiles into BLAS, for benchmarking); unset or "int8" takes it as the rule says.
-    The int8 GEMM quantizes x per row (nm_gemm_int8.h), as torch's dynamic quantization does
-    per tensor: its result differs from the dequantized weight's by that rounding."""
-    if (n, m) != (2, 4) or bits != 8 or rows is None or rows < NM24_INT8_DOT_MIN_ROWS:
-        return NM_Q_ALGO_DECODE
-    if not _extension.BUILD_INFO.get("cpu_avx512_vnni_runtime"):  # AVX2 and portable builds keep the tiles
-        return NM_Q_ALGO_DECODE
-    if os.environ.get("SPARSEKERN_NM_Q_GEMM") == "tile":
-        return NM_Q_ALGO_DECODE
-    return NM_Q_ALGO_INT8_DOT
+    """The CPU algorithm of nm_linear_q over `rows` rows (None: not known, the decode rule).
+    2:4 int8 weights from NM24_INT8_DOT_MIN_ROWS rows take the int8 dot-product GEMM where the
+    CPU has AVX512_VNNI; SPARSEKERN_NM_Q_GEMM=tile (read per call) keeps the dequantized tiles
+    into BLAS (for benchmarking). The int8 GEMM quantizes x per row (nm_gemm_int8.h), as
+    torch's dynamic quantization does per tensor: its result differs from the dequantized
+    weight's by that rounding. Otherwise q_cpu_algo."""
+    if ((n, m) == (2, 4) and bits == 8 and rows is not None and rows >= NM24_INT8_DOT_MIN_ROWS
+            and _extension.BUILD_INFO.get("cpu_avx512_vnni_runtime")  # AVX2 and portable builds: tiles
+            and os.environ.get("SPARSEKERN_NM_Q_GEMM") != "tile"):
+        return Q_ALGO_INT8_DOT
+    return q_cpu_algo(rows)
 
 
 # ------------------------------------------------------------------ CPU: bitmask kernels
@@ -253,4 +278,11 @@ EVIDENCE: dict[str, Measured] = {
         "F.linear": 3.6, "nn.Linear": 6.4, "2:4 kernel / module": (5.9, 9.5),
         "bitmask 30% kernel / module": (6.4, 9.9), "block kernel / module": (12.5, 16.4),
         "module with its dense copy": 7.2}),
+    # Not a measured edge: the C++ decode kernels' rows (kDirectMaxBatch), mirrored here.
+    "Q_DECODE_MAX_ROWS": Measured("csrc/cpu/sparse_rows.h kDirectMaxBatch (not measured)", {}),
+    # Numerics, not speed, keep the exact path the default (the int8 algorithm's speed at
+    # batch 1 is in the run; figures: x torch int8 dynamic, one thread, CPU time).
+    "Q_INT8_ACT_DEFAULT": Measured("bench/results/cpu-decode-q-20261206", {
+        "decode step, x torch int8 dynamic (exact, int8 activations)": {
+            "2:4 int8": (0.97, 1.40), "70% int8": (0.32, 1.47), "2:4 int4 g128": (0.87, 2.06)}}),
 }

@@ -37,7 +37,7 @@ def exact_dense(W) -> torch.Tensor:
 def int8_dot_runs(x, W) -> bool:
     """Whether the dispatch table sends this call to the 2:4 int8 dot-product GEMM."""
     d, key = dispatch.decide("nm_linear_q", (x, W))
-    return d.backend == "cpp" and key.cpu_algo == dispatch_rules.NM_Q_ALGO_INT8_DOT
+    return d.backend == "cpp" and key.cpu_algo == dispatch_rules.Q_ALGO_INT8_DOT
 
 
 def expected64(x, W, bias):
@@ -169,7 +169,7 @@ def test_nm_conv2d_takes_a_quantized_weight():
 # --------------------------------------------------- the 2:4 int8 dot-product GEMM
 needs_vnni = pytest.mark.skipif(not _extension.BUILD_INFO.get("cpu_avx512_vnni_runtime"),
                                 reason="the int8 dot-product GEMM needs AVX512_VNNI (and the extension)")
-INT8_DOT = dispatch_rules.NM_Q_ALGO_INT8_DOT
+INT8_DOT = dispatch_rules.Q_ALGO_INT8_DOT
 
 
 def _int8_dot(x, W, bias=None):
@@ -264,15 +264,15 @@ def test_int8_dot_gradient_passes_the_rounding_straight_through():
 def test_int8_dot_rule():
     rule = dispatch_rules.nm_q_cpu_algo
     vnni = bool(_extension.BUILD_INFO.get("cpu_avx512_vnni_runtime"))
-    assert rule(2, 4, 8, 16) == rule(2, 4, 8, None) == dispatch_rules.NM_Q_ALGO_DECODE
-    assert rule(2, 4, 8, 17) == (INT8_DOT if vnni else dispatch_rules.NM_Q_ALGO_DECODE)
+    assert rule(2, 4, 8, 16) == rule(2, 4, 8, None) == dispatch_rules.Q_ALGO_EXACT
+    assert rule(2, 4, 8, 17) == (INT8_DOT if vnni else dispatch_rules.Q_ALGO_EXACT)
     for n, m, bits in ((2, 4, 4), (1, 4, 8), (4, 8, 8)):  # int4 and other patterns keep the tiles
-        assert rule(n, m, bits, 1000) == dispatch_rules.NM_Q_ALGO_DECODE
+        assert rule(n, m, bits, 1000) == dispatch_rules.Q_ALGO_EXACT
     W = _weight(8, 64, 2, 4, "int8", 0)
     x = torch.randn(20, 64)
     os.environ["SPARSEKERN_NM_Q_GEMM"] = "tile"
     try:
-        assert rule(2, 4, 8, 17) == dispatch_rules.NM_Q_ALGO_DECODE
+        assert rule(2, 4, 8, 17) == dispatch_rules.Q_ALGO_EXACT
     finally:
         del os.environ["SPARSEKERN_NM_Q_GEMM"]
     ops.clear_decisions()
@@ -287,11 +287,11 @@ def test_int8_dot_refuses_what_it_cannot_run():
     q4 = _weight(8, 64, 2, 4, "int4", 32)
     q14 = _weight(8, 64, 1, 4, "int8", 0)
     q8 = _weight(8, 64, 2, 4, "int8", 0)
-    with pytest.raises(ValueError, match="nm_linear_q: algo 1 .* runs 2:4 weights with int8 values"):
+    with pytest.raises(ValueError, match="nm_linear_q: algo 2 .* runs 2:4 weights with int8 values"):
         op(x, *q4.kernel_args(), None, INT8_DOT)
-    with pytest.raises(ValueError, match="nm_linear_q: algo 1 .* runs 2:4 weights with int8 values"):
+    with pytest.raises(ValueError, match="nm_linear_q: algo 2 .* runs 2:4 weights with int8 values"):
         op(x, *q14.kernel_args(), None, INT8_DOT)
-    with pytest.raises(ValueError, match="nm_linear_q: algo must be 0 .* or 1"):
+    with pytest.raises(ValueError, match="nm_linear_q: algo must be 0 .* or 2"):
         op(x, *q8.kernel_args(), None, 7)
     with pytest.raises(ValueError, match=r"nm_linear_q: x.shape\[-1\] \(60\)"):
         op(torch.randn(20, 60), *q8.kernel_args(), None, INT8_DOT)
@@ -381,7 +381,7 @@ CHILD = textwrap.dedent("""
                         dense = exact_dense(W)
                         ref = x.double() @ dense.T
                         d, key = dispatch.decide("nm_linear_q", (x, W))
-                        if d.backend == "cpp" and key.cpu_algo == dispatch_rules.NM_Q_ALGO_INT8_DOT:
+                        if d.backend == "cpp" and key.cpu_algo == dispatch_rules.Q_ALGO_INT8_DOT:
                             v, i, s, n_, m_, k_, _, _ = W.kernel_args()
                             ref = reference.nm_linear_q_int8_dot(x.double(), v, i, s, n_, m_, k_)
                         y = ops.nm_linear_q(x, W)

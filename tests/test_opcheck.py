@@ -11,9 +11,10 @@ from sparsekern.formats import BitmaskWeight, BlockWeight, NMWeight
 pytestmark = needs_extension
 
 DECODE, GEMM = dispatch_rules.NM_ALGO_DECODE, dispatch_rules.NM_ALGO_GEMM
+Q_EXACT, Q_INT8_ACT = dispatch_rules.Q_ALGO_EXACT, dispatch_rules.Q_ALGO_INT8_ACT
 GEMM_RUNS = bool(_extension.BUILD_INFO.get("cpu_avx2_runtime"))  # the 2:4 GEMM kernel: AVX2/AVX-512 CPUs
 CPU_ONLY = {spec.cpu_op for spec in ops.OPS.values() if spec.cpu_op}
-INT8_DOT = dispatch_rules.NM_Q_ALGO_INT8_DOT
+INT8_DOT = dispatch_rules.Q_ALGO_INT8_DOT
 INT8_DOT_RUNS = bool(_extension.BUILD_INFO.get("cpu_avx512_vnni_runtime"))  # the 2:4 int8 GEMM: AVX512_VNNI CPUs
 
 
@@ -42,6 +43,10 @@ def _samples(device):
             (x20, *q8.kernel_args(), b, INT8_DOT),
             (x20.clone().requires_grad_(), *q8.kernel_args(), b.clone().requires_grad_(), INT8_DOT)]),
         "bitmask_linear_q": [(x, *bq.kernel_args(), b), (xg, *bq.kernel_args(), None)],
+        # CPU only: the decode algorithm chosen in Python (dispatch_rules.Q_ALGO_*: 1 = int8 activations)
+        "nm_linear_q_cpu": [(x, *q8.kernel_args(), b, Q_INT8_ACT), (xg, *q4.kernel_args(), None, Q_INT8_ACT),
+                            (x20, *q8.kernel_args(), b, Q_EXACT)],
+        "bitmask_linear_q_cpu": [(x, *bq.kernel_args(), b, Q_INT8_ACT), (xg, *bq.kernel_args(), None, Q_INT8_ACT)],
         "nm_linear": [(x, nm.values, nm.indices, 2, 4, 64, b), (xg, nm.values, nm.indices, 2, 4, 64, None),
                       (x20, nm.values, nm.indices, 2, 4, 64, b)],
         # CPU only: the algorithm chosen in Python (1: the 2:4 GEMM kernel, AVX2/AVX-512 CPUs) and

@@ -6,11 +6,13 @@
 // CPU has it, else AVX2, else portable), which stream the packed bytes. Above: tiles of
 // output rows dequantized into fp32 and multiplied by the BLAS GEMM (cpu_common.h
 // tiled_gemm), as the fp kernels' large-batch path ("load as sparse, compute as dense").
-// nm_linear_q_cpu's algorithm 1 (chosen in Python, sparsekern/dispatch_rules.py nm_q_cpu_algo):
-// 2:4 int8 weights through the int8 dot-product GEMM (nm_gemm_int8.h), x quantized per row.
+// The algorithm is chosen in Python (sparsekern/dispatch_rules.py q_cpu_algo, rows_q.h kQAlgo*):
+// exact (x in fp32), int8 activations for the decode rows, or, for 2:4 int8 weights above
+// kDirectMaxBatch rows, the int8 dot-product GEMM (nm_gemm_int8.h, x quantized per row).
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
 
 #include "cpu_common.h"
 #include "nm_gemm_int8.h"
@@ -20,12 +22,26 @@ namespace sparsekern {
 namespace cpu {
 namespace {
 
-// The algorithm of nm_linear_q_cpu, chosen in Python (sparsekern/dispatch_rules.py NM_Q_ALGO_*,
-// nm_q_cpu_algo); the kernels run what they are told and do not choose again.
-constexpr int64_t kNmQAlgoDecode = 0;   // row kernels up to kDirectMaxBatch rows, dequantized tiles above
-constexpr int64_t kNmQAlgoInt8Dot = 1;  // 2:4 int8: x quantized per row, int8 dot products (nm_gemm_int8.h)
+// kQAlgoInt8Act (rows_q.h): x's rows quantized to int8 once, before the threads split the
+// output rows. Returns the tensors that own the bytes and scales.
+std::pair<at::Tensor, at::Tensor> quantize_activations(const at::Tensor& x2, QuantizedActivations& q) {
+  const int64_t B = x2.size(0), K = x2.size(1);
+  q.ld = q_act_row_bytes(K);
+  auto u8 = at::empty({B, q.ld}, x2.options().dtype(at::kByte));
+  auto scale = at::empty({B}, x2.options());
+  quantize_activation_rows(x2.data_ptr<float>(), B, K, u8.data_ptr<uint8_t>(), q.ld, scale.data_ptr<float>());
+  q.u8 = u8.data_ptr<uint8_t>();
+  q.scale = scale.data_ptr<float>();
+  return {u8, scale};
+}
 
-// x (any float dtype) -> fp32 [B, O] through the int8 dot-product GEMM (no bias).
+void check_q_algo(const char* op, int64_t algo) {
+  TORCH_CHECK_VALUE(algo == kQAlgoExact || algo == kQAlgoInt8Act || algo == kQAlgoInt8Dot, op, ": algo must be ",
+                    kQAlgoExact, " (exact), ", kQAlgoInt8Act, " (int8 activations) or ", kQAlgoInt8Dot,
+                    " (the 2:4 int8 dot-product GEMM), got ", algo);
+}
+
+// x (any float dtype) -> fp32 [B, O] through the 2:4 int8 dot-product GEMM (no bias).
 at::Tensor nm24_int8_dot(const at::Tensor& x2, const at::Tensor& vals, const at::Tensor& idx, const at::Tensor& sc,
                          int64_t K, int64_t O) {
   namespace v = avx512vnni;
@@ -52,17 +68,17 @@ at::Tensor nm24_int8_dot(const at::Tensor& x2, const at::Tensor& vals, const at:
   return out;
 }
 
-at::Tensor nm_linear_q_algo(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
-                            const at::Tensor& scales, int64_t n, int64_t m, int64_t in_features, int64_t bits,
-                            int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t algo) {
+at::Tensor nm_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
+                           const at::Tensor& scales, int64_t n, int64_t m, int64_t in_features, int64_t bits,
+                           int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t algo = kQAlgoExact) {
+  check_q_algo("nm_linear_q", algo);
   check_nm_linear_q_args(x, values, indices, scales, n, m, in_features, bits, group_size, bias);
-  TORCH_CHECK_VALUE(algo == kNmQAlgoDecode || algo == kNmQAlgoInt8Dot,
-                    "nm_linear_q: algo must be 0 (decode) or 1 (the 2:4 int8 dot-product GEMM), got ", algo);
-  if (algo == kNmQAlgoInt8Dot) {
-    TORCH_CHECK_VALUE(n == 2 && m == 4 && bits == 8, "nm_linear_q: algo 1 (the 2:4 int8 dot-product GEMM) runs 2:4 "
-                      "weights with int8 values, got ", n, ":", m, " with ", bits, "-bit values");
-    TORCH_CHECK(cpu_has_avx512_vnni(), "nm_linear_q: algo 1 (the 2:4 int8 dot-product GEMM) needs a CPU with "
-                "AVX512_VNNI (SPARSEKERN_CPU_ISA may cap it); pass algo 0");
+  if (algo == kQAlgoInt8Dot) {
+    TORCH_CHECK_VALUE(n == 2 && m == 4 && bits == 8, "nm_linear_q: algo ", kQAlgoInt8Dot, " (the 2:4 int8 "
+                      "dot-product GEMM) runs 2:4 weights with int8 values, got ", n, ":", m, " with ", bits,
+                      "-bit values");
+    TORCH_CHECK(cpu_has_avx512_vnni(), "nm_linear_q: algo ", kQAlgoInt8Dot, " (the 2:4 int8 dot-product GEMM) "
+                "needs a CPU with AVX512_VNNI (SPARSEKERN_CPU_ISA may cap it); pass algo ", kQAlgoExact);
     auto x2 = x_float_2d(x);
     auto out = nm24_int8_dot(x2, values.contiguous(), indices.contiguous(), scales.contiguous(), in_features,
                              indices.size(0));
@@ -91,6 +107,16 @@ at::Tensor nm_linear_q_algo(const at::Tensor& x, const at::Tensor& values, const
     a.out = out.data_ptr<float>();
     const bool wide = avx512_nm_q_pattern(n, m) && cpu_has_avx512();
     const bool avx2 = cpu_has_avx2();
+    if (algo == kQAlgoInt8Act) {
+      const auto held = quantize_activations(x2, a.xq);
+      const bool vnni = cpu_has_avx512() && avx512_q_act_vector();
+      parallel_rows(O, rows_grain(K, B), [&](int64_t r0, int64_t r1) {
+        if (vnni) avx512::nm_q_rows_act(a, r0, r1);
+        else if (avx2) avx2::nm_q_rows_act(a, r0, r1);
+        else generic::nm_q_rows_act(a, r0, r1);
+      });
+      return finish_linear(out, x, bias_left);
+    }
     parallel_rows(O, rows_grain(K, B), [&](int64_t r0, int64_t r1) {
       if (wide) avx512::nm_q_rows(a, r0, r1);
       else if (avx2) avx2::nm_q_rows(a, r0, r1);
@@ -100,16 +126,12 @@ at::Tensor nm_linear_q_algo(const at::Tensor& x, const at::Tensor& values, const
   return finish_linear(out, x, bias_left);
 }
 
-// The shared schema (every backend's): the decode algorithm.
-at::Tensor nm_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
-                           const at::Tensor& scales, int64_t n, int64_t m, int64_t in_features, int64_t bits,
-                           int64_t group_size, const c10::optional<at::Tensor>& bias) {
-  return nm_linear_q_algo(x, values, indices, scales, n, m, in_features, bits, group_size, bias, kNmQAlgoDecode);
-}
-
 at::Tensor bitmask_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
                                 const at::Tensor& offsets, const at::Tensor& scales, int64_t in_features,
-                                const c10::optional<at::Tensor>& bias) {
+                                const c10::optional<at::Tensor>& bias, int64_t algo = kQAlgoExact) {
+  check_q_algo("bitmask_linear_q", algo);
+  TORCH_CHECK_VALUE(algo != kQAlgoInt8Dot, "bitmask_linear_q: algo ", kQAlgoInt8Dot, " (the 2:4 int8 dot-product "
+                    "GEMM) runs 2:4 weights only");
   check_bitmask_linear_q_args(x, values, bitmask, offsets, scales, in_features, bias);
   check_bitmask_tail_bits("bitmask_linear_q", bitmask, in_features);
   const int64_t K = in_features, O = bitmask.size(0);
@@ -134,6 +156,16 @@ at::Tensor bitmask_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, c
     out = at::empty({B, O}, x2.options());
     a.out = out.data_ptr<float>();
     const bool wide = cpu_has_avx512(), avx2 = cpu_has_avx2();
+    if (algo == kQAlgoInt8Act) {
+      const auto held = quantize_activations(x2, a.xq);
+      const bool vnni = wide && avx512_q_act_vector();
+      parallel_rows(O, rows_grain(K, B), [&](int64_t r0, int64_t r1) {
+        if (vnni) avx512::bitmask_q_rows_act(a, r0, r1);
+        else if (avx2) avx2::bitmask_q_rows_act(a, r0, r1);
+        else generic::bitmask_q_rows_act(a, r0, r1);
+      });
+      return finish_linear(out, x, bias_left);
+    }
     parallel_rows(O, rows_grain(K, B), [&](int64_t r0, int64_t r1) {
       if (wide) avx512::bitmask_q_rows(a, r0, r1);
       else if (avx2) avx2::bitmask_q_rows(a, r0, r1);
@@ -146,9 +178,29 @@ at::Tensor bitmask_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, c
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
-  m.impl("nm_linear_q", &nm_linear_q_cpu);
-  m.impl("nm_linear_q_cpu", &nm_linear_q_algo);
-  m.impl("bitmask_linear_q", &bitmask_linear_q_cpu);
+  m.impl("nm_linear_q", [](const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
+                           const at::Tensor& scales, int64_t n, int64_t m, int64_t in_features, int64_t bits,
+                           int64_t group_size, const c10::optional<at::Tensor>& bias) {
+    return nm_linear_q_cpu(x, values, indices, scales, n, m, in_features, bits, group_size, bias);
+  });
+  m.impl("bitmask_linear_q", [](const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
+                                const at::Tensor& offsets, const at::Tensor& scales, int64_t in_features,
+                                const c10::optional<at::Tensor>& bias) {
+    return bitmask_linear_q_cpu(x, values, bitmask, offsets, scales, in_features, bias);
+  });
+  // The CPU-only ops with the algorithm chosen in Python (rows_q.h kQAlgo*): int8 activations
+  // apply up to kDirectMaxBatch rows (larger batches take the tiles), the int8 dot-product GEMM
+  // to any rows of 2:4 int8 weights.
+  m.impl("nm_linear_q_cpu", [](const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
+                               const at::Tensor& scales, int64_t n, int64_t m, int64_t in_features, int64_t bits,
+                               int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t algo) {
+    return nm_linear_q_cpu(x, values, indices, scales, n, m, in_features, bits, group_size, bias, algo);
+  });
+  m.impl("bitmask_linear_q_cpu", [](const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
+                                    const at::Tensor& offsets, const at::Tensor& scales, int64_t in_features,
+                                    const c10::optional<at::Tensor>& bias, int64_t algo) {
+    return bitmask_linear_q_cpu(x, values, bitmask, offsets, scales, in_features, bias, algo);
+  });
 }
 
 }  // namespace cpu

@@ -1,5 +1,5 @@
 // The 2:4 int8 GEMM with int8 dot products (AVX-512 VNNI `vpdpbusd`), nm_gemm_int8.cpp:
-// nm_linear_q's algorithm 1 (sparsekern/dispatch_rules.py NM_Q_ALGO_INT8_DOT) for 2:4 weights
+// nm_linear_q's algorithm 2 (sparsekern/dispatch_rules.py Q_ALGO_INT8_DOT) for 2:4 weights
 // with int8 values, taken where cpu_has_avx512_vnni() says the CPU runs it. linear_q.cpp owns
 // the threading and calls the entry points below from every intra-op thread.
 //

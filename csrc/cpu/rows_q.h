@@ -17,6 +17,36 @@
 namespace sparsekern {
 namespace cpu {
 
+// The algorithms of the quantized ops, chosen in Python (sparsekern/dispatch_rules.py, Q_ALGO_* and
+// q_cpu_algo) and passed as the CPU ops' `algo` argument:
+//   kQAlgoExact    x stays fp32; the weights are dequantized to fp32 in registers.
+//   kQAlgoInt8Act  each row of x is quantized to int8 first, as torch's dynamic quantization
+//                  does (symmetric, one scale per row: q = round(x * (127 / max|x|)), stored
+//                  u8 = q + 128), and the products are integer dot products: on AVX-512 with
+//                  VNNI and VBMI, vpdpbusd of the stored int8/int4 weights with the activation
+//                  bytes of their columns (vpermt2b for 2:4, vpexpandb of the weights for the
+//                  bitmask). Exact integer sums; the row's 128 offset is taken back per weight
+//                  row (128 * sum of its weights, summed by the same instruction). Other CPUs
+//                  and patterns run the portable integer loop (same numbers).
+//   kQAlgoInt8Dot  2:4 int8 weights, any rows (chosen above kDirectMaxBatch): x quantized per
+//                  row, the int8 dot-product GEMM of nm_gemm_int8.h.
+constexpr int64_t kQAlgoExact = 0;
+constexpr int64_t kQAlgoInt8Act = 1;
+constexpr int64_t kQAlgoInt8Dot = 2;
+
+// Activation rows quantized for kQAlgoInt8Act: u8 [B, ld], ld = q_act_row_bytes(K) (columns
+// past K hold 128, the byte of 0.0, so a kernel may read whole 128-column steps), and the
+// scale of each row (x ~ (u8 - 128) * scale; NaN when the row holds an inf or a NaN, so the
+// output is NaN as the exact path's would be).
+struct QuantizedActivations {
+  const uint8_t* u8 = nullptr;
+  const float* scale = nullptr;
+  int64_t ld = 0;
+};
+inline int64_t q_act_row_bytes(int64_t K) { return (K + 127) / 128 * 128; }
+// x fp32 [B, K] -> u8 [B, ld] and scale [B] (portable; every ISA's kernels read the same bytes).
+void quantize_activation_rows(const float* x, int64_t B, int64_t K, uint8_t* u8, int64_t ld, float* scale);
+
 // N:M weight [O, K] with quantized values.
 //   bits 8: values int8 [O, kept], scales float32 [O] (v = q * s[r]).
 //   bits 4: values uint8 [O, ceil(kept / 2)], slot s in byte s / 2, low nibble first, stored
@@ -31,6 +61,7 @@ struct NmQRowsArgs {
   const float* x;           // row-major [B, K] fp32
   int64_t B;
   float* out;               // [B, O] fp32
+  QuantizedActivations xq{};  // the int8-activation algorithm only (kQAlgoInt8Act)
 };
 
 // Bitmask weight with int8 values [nnz] (row-major order of the kept elements) and one
@@ -44,6 +75,7 @@ struct BitmaskQRowsArgs {
   const float* x;           // row-major [B, K] fp32
   int64_t B;
   float* out;               // [B, O] fp32
+  QuantizedActivations xq{};  // the int8-activation algorithm only (kQAlgoInt8Act)
 };
 
 // Row r dequantized into dense fp32 [K] (the fill of the large-batch tiles and the slow
@@ -56,13 +88,24 @@ void bitmask_q_row_dense(const BitmaskQRowsArgs& a, int64_t r, float* dst);
   /* output rows [r0, r1) of out, B <= kDirectMaxBatch */                \
   void nm_q_rows(const NmQRowsArgs& a, int64_t r0, int64_t r1);          \
   void bitmask_q_rows(const BitmaskQRowsArgs& a, int64_t r0, int64_t r1); \
+  /* kQAlgoInt8Act: the same rows from a.xq */                           \
+  void nm_q_rows_act(const NmQRowsArgs& a, int64_t r0, int64_t r1);      \
+  void bitmask_q_rows_act(const BitmaskQRowsArgs& a, int64_t r0, int64_t r1); \
   }
+
+// kQAlgoInt8Act's portable integer loops (any N:M, any bits, the bitmask): the generic and
+// AVX2 builds, and the AVX-512 one where it has no vector kernel.
+void nm_q_rows_act_portable(const NmQRowsArgs& a, int64_t r0, int64_t r1);
+void bitmask_q_rows_act_portable(const BitmaskQRowsArgs& a, int64_t r0, int64_t r1);
 
 SPARSEKERN_DECLARE_Q_ROWS(avx512)  // 2:4 N:M only (other N:M: the AVX2 kernels), any bitmask
 SPARSEKERN_DECLARE_Q_ROWS(avx2)
 SPARSEKERN_DECLARE_Q_ROWS(generic)
 
 inline bool avx512_nm_q_pattern(int64_t n, int64_t m) { return n == 2 && m == 4; }
+// Whether the AVX-512 build's kQAlgoInt8Act kernels run here (VNNI and VBMI besides
+// cpu_has_avx512()); otherwise its nm_q_rows_act / bitmask_q_rows_act run the portable loops.
+bool avx512_q_act_vector();
 
 }  // namespace cpu
 }  // namespace sparsekern

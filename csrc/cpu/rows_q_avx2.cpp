@@ -20,6 +20,8 @@ namespace cpu {
 namespace avx2 {
 void nm_q_rows(const NmQRowsArgs& a, int64_t r0, int64_t r1) { generic::nm_q_rows(a, r0, r1); }
 void bitmask_q_rows(const BitmaskQRowsArgs& a, int64_t r0, int64_t r1) { generic::bitmask_q_rows(a, r0, r1); }
+void nm_q_rows_act(const NmQRowsArgs& a, int64_t r0, int64_t r1) { nm_q_rows_act_portable(a, r0, r1); }
+void bitmask_q_rows_act(const BitmaskQRowsArgs& a, int64_t r0, int64_t r1) { bitmask_q_rows_act_portable(a, r0, r1); }
 }  // namespace avx2
 }  // namespace cpu
 }  // namespace sparsekern

@@ -7,7 +7,8 @@
 // per batch row (lane numbers from the 32-bit index word by a variable shift, as the fp 2:4
 // kernel), and one FMA finishes them. int8's row scale multiplies the finished sum; int4's
 // group scale (groups of 32/64/128 slots, so a piece never straddles two) each 16 weights.
-// One batch row takes four weight rows per step (eight streams in flight, x loaded once).
+// One batch row takes one weight row at a time (kQB1Rows: four interleaved rows' streams read
+// memory more slowly, see kActPrefetchBytes' note).
 // Bitmask int8, 1 to 4 batch rows: per 16 columns the mask piece expands the row's next
 // popcount values into their lanes (an in-register expand of a 16-byte load where the row
 // has the slack, else the expanding load), then conversion and one FMA per batch row.
@@ -85,7 +86,7 @@ inline __m512 nm_q_piece(const NmQRowsArgs& a, const uint8_t* v, int64_t r, int6
 inline float nm_q_row_scale(const NmQRowsArgs& a, int64_t r) { return a.bits == 8 ? a.scales[r] : 1.f; }
 
 // ---- 2:4, one batch row, R weight rows per step -------------------------------------------
-constexpr int kQB1Rows = 4;
+constexpr int kQB1Rows = 1;  // weight rows per step (one: see the file's note)
 constexpr int64_t kQB1PrefetchBytes = 4096;
 template <int R, int Bits>
 void nm24_q_b1_step(const NmQRowsArgs& a, int64_t r) {
@@ -353,6 +354,328 @@ void bitmask_q_rows(const BitmaskQRowsArgs& a, int64_t r0, int64_t r1) {
 }  // namespace avx512
 }  // namespace cpu
 }  // namespace sparsekern
+
+// ---- kQAlgoInt8Act: int8 activations, integer dot products (VNNI + VBMI) -------------------
+// Each 64-lane step pairs 64 stored weights (bytes, signed) with the 64 activation bytes (u8 =
+// q + 128) of their columns and adds 4-product groups into 16 int32 lanes (vpdpbusd). The same
+// instruction with all-ones activations sums the weights; 128 times that sum is taken back at
+// the end, which also cancels any step lane whose activation is the padding byte 128. So a
+// step costs the weight load and its lane work once per weight row, then one permute (2:4) or
+// load (bitmask) and one vpdpbusd per batch row: a handful of instructions per 64 weights,
+// where the exact path spends about seven per 16.
+//   2:4: one step is 64 kept slots = 128 columns = two zmm of activation bytes; the lane of slot
+//     t is (t / 2) * 4 + its 2-bit index, built from the step's 16 index bytes (vpmultishiftqb
+//     puts each slot's bits at the bottom of its byte, then (& 3) | base), and vpermt2b picks
+//     the bytes. int4 unpacks 32 bytes into low nibbles (even slots) then high nibbles (odd
+//     slots) and builds its lanes in that order, so nothing is interleaved.
+//   Bitmask: one step is one 64-column mask word; vpexpandb spreads the word's popcount kept
+//     values into their columns, and the activation bytes are read as they lie.
+// int32 lanes: a step adds at most 4 * 255 * 127 to one, so the sums go to fp64 every
+// kActFlushSteps steps (far below 2^31). int4 folds each group's int32 sums into fp32 with
+// the group scale (groups of 32 slots share a step: lanes 0-3 and 8-11 are the even and odd
+// slots of its first 32, lanes 4-7 and 12-15 of its second).
+#pragma GCC push_options
+// gcc's _mm512_reduce_add_ps starts from _mm256_undefined_pd (a false alarm)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512vbmi,avx512vbmi2,avx512vnni,bmi,bmi2,popcnt")
+
+namespace sparsekern {
+namespace cpu {
+namespace avx512 {
+namespace {
+
+constexpr int64_t kActFlushSteps = 8192;
+// One weight row at a time, also for one batch row: interleaving 4 rows (8 streams: values and
+// indexes) streamed 0.6x the bytes per second of one row at a time from memory (8192 x 4096,
+// one thread, bench/results/cpu-decode-q-20261206/README.md), though it ran faster from cache.
+constexpr int64_t kActPrefetchBytes = 2048;
+constexpr int kActBatchTile = 4;  // batch rows per pass over a weight row (it stays in L1)
+
+struct ActLaneTables {
+  alignas(64) uint8_t base8[64], shift8[64], base4[64], shift4[64];
+  alignas(64) int32_t dword4[16];
+  ActLaneTables() {
+    for (int p = 0; p < 64; ++p) {
+      base8[p] = static_cast<uint8_t>((p / 2) * 4);         // slot p
+      shift8[p] = static_cast<uint8_t>(2 * (p % 8));        // qword p / 8 = index bytes 2(p/8), +1
+      base4[p] = static_cast<uint8_t>(4 * (p % 32));        // slot 2p, or 2(p - 32) + 1
+      shift4[p] = static_cast<uint8_t>(4 * (p % 8) + (p >= 32 ? 2 : 0));  // qword: index dword (p/8)&3
+    }
+    for (int d = 0; d < 16; ++d) dword4[d] = (d / 2) & 3;
+  }
+};
+const ActLaneTables& act_lane_tables() {
+  static const ActLaneTables t;
+  return t;
+}
+
+inline __mmask64 low_bytes(int64_t cnt) {
+  return cnt >= 64 ? ~__mmask64{0} : cnt <= 0 ? __mmask64{0} : _bzhi_u64(~0ull, static_cast<unsigned>(cnt));
+}
+
+// vpermt2b lanes of one 2:4 step from its 16 index bytes (natural slot order for int8; even
+// slots then odd slots for int4).
+template <int Bits>
+inline __m512i nm24_act_lanes(__m128i idx16, const ActLaneTables& t) {
+  __m512i ctl, sel;
+  if constexpr (Bits == 8) {
+    ctl = _mm512_cvtepu16_epi64(idx16);
+    sel = _mm512_multishift_epi64_epi8(_mm512_load_si512(t.shift8), ctl);
+    return _mm512_ternarylogic_epi32(sel, _mm512_set1_epi8(3), _mm512_load_si512(t.base8), 0xEA);
+  } else {
+    ctl = _mm512_permutexvar_epi32(_mm512_load_si512(t.dword4), _mm512_zextsi128_si512(idx16));
+    sel = _mm512_multishift_epi64_epi8(_mm512_load_si512(t.shift4), ctl);
+    return _mm512_ternarylogic_epi32(sel, _mm512_set1_epi8(3), _mm512_load_si512(t.base4), 0xEA);
+  }
+}
+
+// The 64 weights of step s as signed bytes, in the lane order of nm24_act_lanes<Bits>. Tail:
+// only `bytes` stored bytes are read (the rest 0, whose slots' lanes point at padding).
+template <int Bits, bool Tail>
+inline __m512i nm24_act_weights(const uint8_t* v, int64_t s, int64_t bytes) {
+  if constexpr (Bits == 8) {
+    return Tail ? _mm512_maskz_loadu_epi8(low_bytes(bytes), v + 64 * s) : _mm512_loadu_si512(v + 64 * s);
+  } else {
+    const __m256i b = Tail ? _mm256_maskz_loadu_epi8(static_cast<__mmask32>(low_bytes(bytes)), v + 32 * s)
+                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 32 * s));
+    const __m512i w = _mm512_inserti64x4(_mm512_zextsi256_si512(b), _mm256_srli_epi16(b, 4), 1);
+    return _mm512_sub_epi8(_mm512_and_si512(w, _mm512_set1_epi8(15)), _mm512_set1_epi8(8));
+  }
+}
+
+// sum(w * u) - 128 * sum(w) per lane, as fp32.
+inline __m512 act_lanes_sum(__m512i acc, __m512i comp) {
+  return _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_slli_epi32(comp, 7)));
+}
+
+// Output rows [r, r + R) for batch rows [b0, b0 + B) of a 2:4 weight.
+template <int R, int B, int Bits>
+void nm24_act_step(const NmQRowsArgs& a, int64_t r, int64_t b0) {
+  const ActLaneTables& t = act_lane_tables();
+  const int64_t full = a.K / 128, steps = (a.K + 127) / 128;
+  constexpr int64_t kStepBytes = Bits == 8 ? 64 : 32;
+  const uint8_t* v[R];
+  const uint8_t* ix[R];
+  for (int j = 0; j < R; ++j) {
+    v[j] = a.values + (r + j) * a.val_row_bytes;
+    ix[j] = a.indices + (r + j) * a.idx_row_bytes;
+  }
+  const uint8_t* xb[B];
+  for (int b = 0; b < B; ++b) xb[b] = a.xq.u8 + (b0 + b) * a.xq.ld;
+  const __m512i ones = _mm512_set1_epi8(1);
+  double total[R][B] = {};
+  __m512 facc[R][B];  // int4: group-scaled sums
+  for (int j = 0; j < R; ++j)
+    for (int b = 0; b < B; ++b) facc[j][b] = _mm512_setzero_ps();
+  const int64_t gs = a.group_size;
+
+  auto step = [&](int64_t s, auto tail_tag, __m512i(&acc)[R][B], __m512i(&comp)[R]) {
+    constexpr bool Tail = decltype(tail_tag)::value;
+    for (int j = 0; j < R; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(v[j] + kStepBytes * s) + kActPrefetchBytes, _MM_HINT_T0);
+      if ((s & (Bits == 4 ? 1 : 3)) == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(ix[j] + 16 * s) + kActPrefetchBytes / 4, _MM_HINT_T0);
+      const __m128i idx16 = Tail ? _mm_maskz_loadu_epi8(static_cast<__mmask16>(low_bytes(a.idx_row_bytes - 16 * s)),
+                                                        ix[j] + 16 * s)
+                                 : _mm_loadu_si128(reinterpret_cast<const __m128i*>(ix[j] + 16 * s));
+      const __m512i lanes = nm24_act_lanes<Bits>(idx16, t);
+      const __m512i w = nm24_act_weights<Bits, Tail>(v[j], s, a.val_row_bytes - kStepBytes * s);
+      comp[j] = _mm512_dpbusd_epi32(comp[j], ones, w);
+      for (int b = 0; b < B; ++b) {
+        const __m512i xs = _mm512_permutex2var_epi8(_mm512_loadu_si512(xb[b] + 128 * s), lanes,
+                                                    _mm512_loadu_si512(xb[b] + 128 * s + 64));
+        acc[j][b] = _mm512_dpbusd_epi32(acc[j][b], xs, w);
+      }
+    }
+  };
+  auto run_steps = [&](int64_t s0, int64_t s1, __m512i(&acc)[R][B], __m512i(&comp)[R]) {
+    const int64_t f = std::min(s1, full);
+    for (int64_t s = s0; s < f; ++s) step(s, std::false_type{}, acc, comp);
+    for (int64_t s = std::max(s0, f); s < s1; ++s) step(s, std::true_type{}, acc, comp);
+  };
+  auto zero = [&](__m512i(&acc)[R][B], __m512i(&comp)[R]) {
+    for (int j = 0; j < R; ++j) {
+      comp[j] = _mm512_setzero_si512();
+      for (int b = 0; b < B; ++b) acc[j][b] = _mm512_setzero_si512();
+    }
+  };
+
+  __m512i acc[R][B], comp[R];
+  if constexpr (Bits == 8) {
+    for (int64_t s0 = 0; s0 < steps; s0 += kActFlushSteps) {
+      zero(acc, comp);
+      run_steps(s0, std::min(steps, s0 + kActFlushSteps), acc, comp);
+      for (int j = 0; j < R; ++j)
+        for (int b = 0; b < B; ++b) total[j][b] += _mm512_reduce_add_ps(act_lanes_sum(acc[j][b], comp[j]));
+    }
+  } else {
+    // One fold per group (gs 64, 128: one or two steps) or per step (gs 32: two groups).
+    const int64_t per_fold = gs >= 64 ? gs / 64 : 1;
+    for (int64_t s0 = 0; s0 < steps; s0 += per_fold) {
+      zero(acc, comp);
+      run_steps(s0, std::min(steps, s0 + per_fold), acc, comp);
+      for (int j = 0; j < R; ++j) {
+        const float* sc = a.scales + (r + j) * a.groups;
+        __m512 scale;
+        if (gs >= 64) {
+          scale = _mm512_set1_ps(sc[s0 * 64 / gs]);
+        } else {  // the step's second group may not exist (its slots are then padding)
+          const int64_t g = 2 * s0;
+          scale = _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(sc[g]), _mm512_set1_ps(sc[std::min(g + 1, a.groups - 1)]));
+        }
+        for (int b = 0; b < B; ++b) facc[j][b] = _mm512_fmadd_ps(act_lanes_sum(acc[j][b], comp[j]), scale, facc[j][b]);
+      }
+    }
+    for (int j = 0; j < R; ++j)
+      for (int b = 0; b < B; ++b) total[j][b] = _mm512_reduce_add_ps(facc[j][b]);
+  }
+  for (int j = 0; j < R; ++j) {
+    const double row_scale = Bits == 8 ? a.scales[r + j] : 1.0;
+    for (int b = 0; b < B; ++b)
+      a.out[(b0 + b) * a.O + r + j] = static_cast<float>(total[j][b] * row_scale * a.xq.scale[b0 + b]);
+  }
+}
+
+template <int Bits>
+void nm24_act_rows(const NmQRowsArgs& a, int64_t r0, int64_t r1) {
+  if (a.B == 1) {
+    for (int64_t r = r0; r < r1; ++r) nm24_act_step<1, 1, Bits>(a, r, 0);
+    return;
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t b0 = 0; b0 < a.B; b0 += kActBatchTile) {
+      switch (std::min<int64_t>(kActBatchTile, a.B - b0)) {
+        case 1: nm24_act_step<1, 1, Bits>(a, r, b0); break;
+        case 2: nm24_act_step<1, 2, Bits>(a, r, b0); break;
+        case 3: nm24_act_step<1, 3, Bits>(a, r, b0); break;
+        default: nm24_act_step<1, 4, Bits>(a, r, b0); break;
+      }
+    }
+  }
+}
+
+// Output rows [r, r + R) for batch rows [b0, b0 + B) of an int8 bitmask weight. The mask's
+// bits past K are zero (check_bitmask_tail_bits). Slack: every row may load 64 values at any
+// of its positions (bitmask_act_slack), so the loads need no mask; else each load is masked
+// to the values that exist (the last rows of the weight).
+template <int R, int B, bool Slack>
+void bitmask_act_step(const BitmaskQRowsArgs& a, int64_t r, int64_t b0) {
+  const uint64_t* words[R];
+  const int8_t* p[R];
+  for (int j = 0; j < R; ++j) {
+    words[j] = reinterpret_cast<const uint64_t*>(a.bitmask + (r + j) * a.words);
+    p[j] = a.values + a.offsets[(r + j) * a.tiles];
+  }
+  const uint8_t* xb[B];
+  for (int b = 0; b < B; ++b) xb[b] = a.xq.u8 + (b0 + b) * a.xq.ld;
+  const int8_t* const end = a.values + a.nnz;
+  const __m512i ones = _mm512_set1_epi8(1);
+  const int64_t steps = (a.K + 63) / 64;
+  double total[R][B] = {};
+  for (int64_t s0 = 0; s0 < steps; s0 += kActFlushSteps) {
+    const int64_t s1 = std::min(steps, s0 + kActFlushSteps);
+    __m512i acc[R][B], comp[R];
+    for (int j = 0; j < R; ++j) {
+      comp[j] = _mm512_setzero_si512();
+      for (int b = 0; b < B; ++b) acc[j][b] = _mm512_setzero_si512();
+    }
+    for (int64_t s = s0; s < s1; ++s) {
+      __m512i x[B];
+      for (int b = 0; b < B; ++b) x[b] = _mm512_loadu_si512(xb[b] + 64 * s);
+      for (int j = 0; j < R; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(p[j]) + kActPrefetchBytes, _MM_HINT_T0);
+        const uint64_t k = words[j][s];
+        __m512i v;
+        if constexpr (Slack) v = _mm512_loadu_si512(p[j]);
+        else v = _mm512_maskz_loadu_epi8(low_bytes(end - p[j]), p[j]);
+        const __m512i w = _mm512_maskz_expand_epi8(k, v);
+        p[j] += _mm_popcnt_u64(k);
+        comp[j] = _mm512_dpbusd_epi32(comp[j], ones, w);
+        for (int b = 0; b < B; ++b) acc[j][b] = _mm512_dpbusd_epi32(acc[j][b], x[b], w);
+      }
+    }
+    for (int j = 0; j < R; ++j)
+      for (int b = 0; b < B; ++b) total[j][b] += _mm512_reduce_add_ps(act_lanes_sum(acc[j][b], comp[j]));
+  }
+  for (int j = 0; j < R; ++j)
+    for (int b = 0; b < B; ++b)
+      a.out[(b0 + b) * a.O + r + j] = static_cast<float>(total[j][b] * a.scales[r + j] * a.xq.scale[b0 + b]);
+}
+
+// Rows [r, r + R) may each load 64 values at any of their positions: a row's values start at
+// offsets[row, 0] and number at most K, so [start, start + K + 64) inside values is enough
+// whatever the mask says.
+inline bool bitmask_act_slack(const BitmaskQRowsArgs& a, int64_t r, int R) {
+  for (int j = 0; j < R; ++j) {
+    const int64_t start = a.offsets[(r + j) * a.tiles];
+    if (start < 0 || start + a.K + 64 > a.nnz) return false;
+  }
+  return true;
+}
+
+template <int R, int B>
+void bitmask_act_rows_of(const BitmaskQRowsArgs& a, int64_t r, int64_t b0) {
+  if (bitmask_act_slack(a, r, R)) {
+    bitmask_act_step<R, B, true>(a, r, b0);
+    return;
+  }
+  // Near the end of values (or tampered offsets): masked loads, and a start outside values
+  // reads nothing (the portable loop, which checks every value).
+  for (int j = 0; j < R; ++j) {
+    const int64_t start = a.offsets[(r + j) * a.tiles];
+    if (start < 0 || start > a.nnz) {
+      BitmaskQRowsArgs one = a;
+      one.B = B;
+      one.xq.u8 = a.xq.u8 + b0 * a.xq.ld;
+      one.xq.scale = a.xq.scale + b0;
+      one.out = a.out + b0 * a.O;
+      bitmask_q_rows_act_portable(one, r, r + R);
+      return;
+    }
+  }
+  bitmask_act_step<R, B, false>(a, r, b0);
+}
+
+void bitmask_act_rows(const BitmaskQRowsArgs& a, int64_t r0, int64_t r1) {
+  if (a.B == 1) {
+    for (int64_t r = r0; r < r1; ++r) bitmask_act_rows_of<1, 1>(a, r, 0);
+    return;
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t b0 = 0; b0 < a.B; b0 += kActBatchTile) {
+      switch (std::min<int64_t>(kActBatchTile, a.B - b0)) {
+        case 1: bitmask_act_rows_of<1, 1>(a, r, b0); break;
+        case 2: bitmask_act_rows_of<1, 2>(a, r, b0); break;
+        case 3: bitmask_act_rows_of<1, 3>(a, r, b0); break;
+        default: bitmask_act_rows_of<1, 4>(a, r, b0); break;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void nm_q_rows_act(const NmQRowsArgs& a, int64_t r0, int64_t r1) {
+  if (!avx512_q_act_vector() || !avx512_nm_q_pattern(a.n, a.m)) return nm_q_rows_act_portable(a, r0, r1);
+  if (a.bits == 8) nm24_act_rows<8>(a, r0, r1);
+  else nm24_act_rows<4>(a, r0, r1);
+}
+
+void bitmask_q_rows_act(const BitmaskQRowsArgs& a, int64_t r0, int64_t r1) {
+  if (!avx512_q_act_vector()) return bitmask_q_rows_act_portable(a, r0, r1);
+  bitmask_act_rows(a, r0, r1);
+}
+
+}  // namespace avx512
+
+bool avx512_q_act_vector() {
+  static const bool has = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
+                          __builtin_cpu_supports("avx512vbmi2");
+  return has;
+}
+}  // namespace cpu
+}  // namespace sparsekern
+#pragma GCC pop_options
 #pragma GCC pop_options
 #else
 namespace sparsekern {
@@ -361,7 +684,10 @@ namespace avx512 {
 // Never called: cpu_has_avx512() is false without these kernels.
 void nm_q_rows(const NmQRowsArgs&, int64_t, int64_t) { std::abort(); }
 void bitmask_q_rows(const BitmaskQRowsArgs&, int64_t, int64_t) { std::abort(); }
+void nm_q_rows_act(const NmQRowsArgs&, int64_t, int64_t) { std::abort(); }
+void bitmask_q_rows_act(const BitmaskQRowsArgs&, int64_t, int64_t) { std::abort(); }
 }  // namespace avx512
+bool avx512_q_act_vector() { return false; }
 }  // namespace cpu
 }  // namespace sparsekern
 #endif

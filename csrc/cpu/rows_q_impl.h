@@ -144,6 +144,12 @@ void bitmask_q_rows(const BitmaskQRowsArgs& a, int64_t r0, int64_t r1) {
   q_expanded_rows(a.x, a.B, a.K, a.out, a.O, r0, r1, [&](int64_t r, float* row) { bitmask_q_row_dense(a, r, row); });
 }
 
+// kQAlgoInt8Act: the portable integer loops (no AVX2 integer kernel yet).
+void nm_q_rows_act(const NmQRowsArgs& a, int64_t r0, int64_t r1) { nm_q_rows_act_portable(a, r0, r1); }
+void bitmask_q_rows_act(const BitmaskQRowsArgs& a, int64_t r0, int64_t r1) {
+  bitmask_q_rows_act_portable(a, r0, r1);
+}
+
 }  // namespace SK_ISA_NS
 }  // namespace cpu
 }  // namespace sparsekern

@@ -46,7 +46,7 @@ def _quantized_expected(W) -> Callable[[torch.Tensor], torch.Tensor] | None:
         from ..ops.dispatch import decide
 
         d, key = decide("nm_linear_q", (x, W))
-        if d.backend != "cpp" or key.cpu_algo != dispatch_rules.NM_Q_ALGO_INT8_DOT:
+        if d.backend != "cpp" or key.cpu_algo != dispatch_rules.Q_ALGO_INT8_DOT:
             return None
         values, indices, scales, n, m, k, _, _ = W.kernel_args()
         return reference.nm_linear_q_int8_dot(x.double(), values, indices, scales, n, m, k)

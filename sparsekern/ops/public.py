@@ -105,7 +105,7 @@ def nm_linear_q(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> to
     check_x("nm_linear_q", x, weight.in_features, weight.dtype, weight.device)
     check_bias("nm_linear_q", bias, weight.shape[0], x)
     d, key = decide("nm_linear_q", (x, weight))
-    if d.cpu_run is not None and key.cpu_algo != rules.NM_Q_ALGO_DECODE:
+    if d.cpu_run is not None and key.cpu_algo != rules.Q_ALGO_EXACT:
         return d.cpu_run(x, *weight.kernel_args(), bias, key.cpu_algo)
     return d.run(x, *weight.kernel_args(), bias)
 
@@ -116,7 +116,10 @@ def bitmask_linear_q(x: torch.Tensor, weight, bias: torch.Tensor | None = None) 
     _check_quantized("bitmask_linear_q", weight, "BitmaskWeight")
     check_x("bitmask_linear_q", x, weight.in_features, weight.dtype, weight.device)
     check_bias("bitmask_linear_q", bias, weight.shape[0], x)
-    return run("bitmask_linear_q", (x, weight), x, *weight.kernel_args(), bias)
+    d, key = decide("bitmask_linear_q", (x, weight))
+    if d.cpu_run is not None and key.cpu_algo != rules.Q_ALGO_EXACT:
+        return d.cpu_run(x, *weight.kernel_args(), bias, key.cpu_algo)
+    return d.run(x, *weight.kernel_args(), bias)
 
 
 def block_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:

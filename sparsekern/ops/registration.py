@@ -78,10 +78,16 @@ def _fake_nm_linear_q(x, values, indices, scales, n, m, in_features, bits, group
 
 
 def _fake_nm_linear_q_cpu(x, values, indices, scales, n, m, in_features, bits, group_size, bias, algo):
-    torch._check(algo in rules.NM_Q_ALGO_NAMES, lambda: f"nm_linear_q: algo must be one of {sorted(rules.NM_Q_ALGO_NAMES)}")
-    torch._check(algo == rules.NM_Q_ALGO_DECODE or ((n, m) == (2, 4) and bits == 8),
+    torch._check(algo in rules.Q_ALGO_NAMES, lambda: f"nm_linear_q: algo must be one of {sorted(rules.Q_ALGO_NAMES)}")
+    torch._check(algo != rules.Q_ALGO_INT8_DOT or ((n, m) == (2, 4) and bits == 8),
                  lambda: f"nm_linear_q: algo {algo} (the 2:4 int8 dot-product GEMM) runs 2:4 int8 weights")
     return _fake_nm_linear_q(x, values, indices, scales, n, m, in_features, bits, group_size, bias)
+
+
+def _fake_bitmask_linear_q_cpu(x, values, bitmask, offsets, scales, in_features, bias, algo):
+    torch._check(algo in (rules.Q_ALGO_EXACT, rules.Q_ALGO_INT8_ACT),
+                 lambda: "bitmask_linear_q: algo must be 0 or 1")
+    return _fake_bitmask_linear_q(x, values, bitmask, offsets, scales, in_features, bias)
 
 
 def _fake_bitmask_linear_q(x, values, bitmask, offsets, scales, in_features, bias):
@@ -124,8 +130,9 @@ FAKES: dict[str, Callable] = {
     "bitmask_linear": _fake_bitmask_linear,
     "block_linear": _fake_block_linear,
     "nm_linear_q": _fake_nm_linear_q,
-    "nm_linear_q_cpu": _fake_nm_linear_q_cpu,
     "bitmask_linear_q": _fake_bitmask_linear_q,
+    "nm_linear_q_cpu": _fake_nm_linear_q_cpu,
+    "bitmask_linear_q_cpu": _fake_bitmask_linear_q_cpu,
     "masked_linear": _fake_masked_linear,
     "masked_linear_grad_input": lambda grad_out, weight, bitmask: grad_out.new_empty(
         _out_shape(grad_out, weight.shape[1])),
@@ -277,9 +284,11 @@ AUTOGRAD: dict[str, tuple[Callable, Callable]] = {
     "bitmask_linear_cpu": (_cpu_args(_bitmask_backward, 1), _sparse_setup(1, 4)),
     "block_linear": (_block_backward, _sparse_setup(3, 4)),
     "nm_linear_q": (_nm_q_backward, _q_setup(8)),
-    # the int8 GEMM's x rounding passes the gradient straight through (the dequantized weight's)
-    "nm_linear_q_cpu": (_cpu_args(_nm_q_backward, 1), _q_setup(8)),
     "bitmask_linear_q": (_bitmask_q_backward, _q_setup(5)),
+    # int8 activations (algos 1 and 2): the gradient of the exact product (straight through the
+    # rounding of x)
+    "nm_linear_q_cpu": (_cpu_args(_nm_q_backward, 1), _q_setup(8)),
+    "bitmask_linear_q_cpu": (_cpu_args(_bitmask_q_backward, 1), _q_setup(5)),
     "masked_linear": (_masked_backward, _masked_setup),
 }
 

@@ -34,12 +34,12 @@ class RowsKey(NamedTuple):
     bucket: int
 
 
-class NmQLinearKey(NamedTuple):
-    """nm_linear_q: the batch bucket and, given the weight, the CPU algorithm passed to the C++
-    kernel (rules.NM_Q_ALGO_*: the 2:4 int8 dot-product GEMM or the decode kernels)."""
+class QLinearKey(NamedTuple):
+    """nm_linear_q / bitmask_linear_q: the batch bucket and the CPU algorithm passed to the C++
+    kernel (rules.Q_ALGO_*: the decode activations' precision, or the 2:4 int8 dot-product GEMM)."""
 
     bucket: int
-    cpu_algo: int = rules.NM_Q_ALGO_DECODE
+    cpu_algo: int = rules.Q_ALGO_EXACT
 
 
 class NmShape(NamedTuple):
@@ -102,19 +102,26 @@ def rows_key(x, *rest):
 
 def q_linear_key(x, weight=None, bias=None):
     """nm_linear_q / bitmask_linear_q: the batch bucket (the C++ kernels take 1-16 rows
-    directly and tiles above; nothing else of the weight changes the decision)."""
-    return x, RowsKey(rules.batch_bucket(_rows(x)))
+    directly and tiles above; nothing else of the weight changes the decision) and, on the
+    CPU, the decode algorithm (rules.q_cpu_algo: fp32 or int8 activations)."""
+    bucket = rules.batch_bucket(_rows(x))
+    algo = rules.Q_ALGO_EXACT
+    if x.device.type == "cpu" and x.dtype in rules.KERNEL_DTYPES:
+        algo = rules.q_cpu_algo(rules.bucket_min_rows(bucket) if bucket != -1 else None)
+        if bucket == -1:  # above the last bucket edge: the tiles
+            algo = rules.Q_ALGO_EXACT
+    return x, QLinearKey(bucket, algo)
 
 
 def nm_linear_q_key(x, weight=None, bias=None):
     """nm_linear_q: the batch bucket; given the weight, the CPU algorithm (by the bucket's first
-    row count, as nm_linear_key: a compiled graph guards on the bucket)."""
-    bucket = rules.batch_bucket(_rows(x))
-    algo = rules.NM_Q_ALGO_DECODE
+    row count, as nm_linear_key: a compiled graph guards on the bucket): the 2:4 int8
+    dot-product GEMM or, as q_linear_key, the decode activations' precision."""
+    x, key = q_linear_key(x)
     if weight is not None and x.device.type == "cpu" and x.dtype in rules.KERNEL_DTYPES:
         bits = weight.kernel_args()[6]
-        algo = rules.nm_q_cpu_algo(weight.n, weight.m, bits, rules.bucket_min_rows(bucket))
-    return x, NmQLinearKey(bucket, algo)
+        key = key._replace(cpu_algo=rules.nm_q_cpu_algo(weight.n, weight.m, bits, rules.bucket_min_rows(key.bucket)))
+    return x, key
 
 
 def nm_linear_key(x, weight=None, bias=None):
@@ -167,15 +174,16 @@ def nm_note(backend: str, key) -> str:
     return text + ("; " + _PANELS_NOTE if key.panels else "")
 
 
-def nm_q_note(backend: str, key: NmQLinearKey) -> str:
-    if backend != "cpp":
-        return ""
-    return f"; algorithm: {rules.NM_Q_ALGO_NAMES[key.cpu_algo]}"
-
-
 def bitmask_note(backend: str, key: BitmaskLinearKey) -> str:
     if backend == "cpp" and key.column_index:
         return "; reads BitmaskWeight.column_index (a 16-bit column per kept value) instead of the mask"
+    return ""
+
+
+def q_note(backend: str, key: QLinearKey) -> str:
+    """The C++ algorithm of the quantized linear ops, added to the decision's reason."""
+    if backend == "cpp" and key.cpu_algo != rules.Q_ALGO_EXACT:
+        return f"; algorithm: {rules.Q_ALGO_NAMES[key.cpu_algo]}"
     return ""
 
 
@@ -225,16 +233,21 @@ def _bitmask_linear_cpu_reference(x, values, bitmask, offsets, in_features, bias
 
 
 def _nm_linear_q_cpu_reference(x, values, indices, scales, n, m, in_features, bits, group_size, bias, algo):
-    if algo == rules.NM_Q_ALGO_INT8_DOT:  # x quantized per row first, as the kernel does
+    if algo == rules.Q_ALGO_INT8_DOT:  # x quantized per row first, as the kernel does
         return reference.nm_linear_q_int8_dot(x, values, indices, scales, n, m, in_features, bias)
     return reference.nm_linear_q(x, values, indices, scales, n, m, in_features, bits, group_size, bias)
 
 
+def _bitmask_linear_q_cpu_reference(x, values, bitmask, offsets, scales, in_features, bias, algo):
+    return reference.bitmask_linear_q(x, values, bitmask, offsets, scales, in_features, bias)
+
+
 # The references of the CPU-only ops (the public op's reference, the CPU arguments dropped, or
-# the algorithm's own numerics where it changes them).
+# the algorithm's own numerics where the int8 GEMM changes them).
 CPU_OP_REFERENCES = {"nm_linear_cpu": _nm_linear_cpu_reference, "nm_conv2d_cpu": _nm_conv2d_cpu_reference,
                      "bitmask_linear_cpu": _bitmask_linear_cpu_reference,
-                     "nm_linear_q_cpu": _nm_linear_q_cpu_reference}
+                     "nm_linear_q_cpu": _nm_linear_q_cpu_reference,
+                     "bitmask_linear_q_cpu": _bitmask_linear_q_cpu_reference}
 
 OPS: dict[str, OpSpec] = {s.name: s for s in (
     OpSpec("nm_linear", reference.nm_linear, nm_linear_key, cuda=True, triton="nm_linear", semi_structured=True,
@@ -246,9 +259,10 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
     OpSpec("bitmask_linear", reference.bitmask_linear, bitmask_linear_key, cuda=True, triton="bitmask_linear",
            note=bitmask_note, cpu_op="bitmask_linear_cpu", differentiable=True),
     # Quantized values read packed (int8; N:M also int4), dequantized in registers.
-    OpSpec("nm_linear_q", reference.nm_linear_q, nm_linear_q_key, triton="linear_q", note=nm_q_note,
-           cpu_op="nm_linear_q_cpu", differentiable=True),
-    OpSpec("bitmask_linear_q", reference.bitmask_linear_q, q_linear_key, triton="linear_q", differentiable=True),
+    OpSpec("nm_linear_q", reference.nm_linear_q, nm_linear_q_key, triton="linear_q", cpu_op="nm_linear_q_cpu",
+           note=q_note, differentiable=True),
+    OpSpec("bitmask_linear_q", reference.bitmask_linear_q, q_linear_key, triton="linear_q",
+           cpu_op="bitmask_linear_q_cpu", note=q_note, differentiable=True),
     OpSpec("block_linear", reference.block_linear, block_linear_key, triton="block_linear",
            triton_limit=triton_block_limit, differentiable=True),
     OpSpec("masked_linear", reference.masked_linear, rows_key, cuda=True, triton="masked_linear",
