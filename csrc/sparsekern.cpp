@@ -57,7 +57,7 @@ static std::string build_info() {
 TORCH_LIBRARY(sparsekern, m) {
   // ---- N:M (values [out, in*N/M] + packed in-group indices, see formats.py) ----
   // nm_linear and nm_conv2d: the schemas every backend (CPU, CUDA, Triton, the 2:4 GEMMs,
-  // fakes) takes. Their CPU kernels run the decode algorithm (kNmAlgoDecode).
+  // fakes) takes. Their CPU kernels run the row kernels (algo 0 below) at every batch.
   m.def("nm_linear(Tensor x, Tensor values, Tensor indices, int n, int m, int in_features, Tensor? bias) -> Tensor");
   m.def("nm24_pack_panels(Tensor values, Tensor indices, int in_features) -> Tensor");
   // Convolution [N, C, H, W] * N:M weight [out, kh*kw*C] (input channels fastest, patterns.as_2d)
@@ -66,8 +66,8 @@ TORCH_LIBRARY(sparsekern, m) {
         "int[] padding, int[] dilation, Tensor? bias) -> Tensor");
   // CPU only: the same ops with the CPU's own arguments, which no other backend sees.
   // `algo` is the decision made in Python (sparsekern/dispatch_rules.py, nm_cpu_algo):
-  // 0 = decode kernels (rows up to 16, decompressed tiles into the BLAS GEMM above),
-  // 1 = the 2:4 weight-stationary GEMM kernel (nm_gemm_impl.h, AVX2 and AVX-512); the kernel
+  // 0 = the row kernels (in batch tiles of 16 rows), 1 = the 2:4 weight-stationary GEMM kernel
+  // (nm_gemm_impl.h, AVX2 and AVX-512), 2 = decompressed tiles into the BLAS GEMM; the kernel
   // does not choose again. `panels`: the 2:4 weight pre-packed for that GEMM
   // (nm24_pack_panels, layout in nm24_panels.h, NMWeight.gemm_panels), read with algo 1 only.
   m.def("nm_linear_cpu(Tensor x, Tensor values, Tensor indices, int n, int m, int in_features, Tensor? bias, "
@@ -81,10 +81,13 @@ TORCH_LIBRARY(sparsekern, m) {
   // ---- Bitmask (unstructured): packed values + 64-bit mask words + per-tile offsets ----
   m.def("bitmask_linear(Tensor x, Tensor values, Tensor bitmask, Tensor offsets, int in_features, Tensor? bias) "
         "-> Tensor");
-  // CPU only: with the 16-bit column of each kept value (BitmaskWeight.column_index), which
-  // the CPU kernels read instead of the mask where sparsekern/dispatch_rules.py says so.
+  // CPU only: the 16-bit column of each kept value (BitmaskWeight.column_index), which the row
+  // kernels read instead of the mask where dispatch_rules says so, and `algo`, the decision
+  // made in Python (sparsekern/dispatch_rules.py, bitmask_cpu_algo): 0 = the row kernels (in
+  // batch tiles of 16 rows), 1 = decompressed tiles into the BLAS GEMM, 2 = the AVX-512
+  // weight-stationary kernel. The shared schema above runs algo 0 without the columns.
   m.def("bitmask_linear_cpu(Tensor x, Tensor values, Tensor bitmask, Tensor offsets, int in_features, "
-        "Tensor? bias, Tensor columns) -> Tensor");
+        "Tensor? bias, Tensor? columns, int algo=0) -> Tensor");
   m.def("bitmask_compress(Tensor weight, Tensor? mask) -> (Tensor, Tensor, Tensor)");
   m.def("bitmask_decompress(Tensor values, Tensor bitmask, Tensor offsets, int in_features) -> Tensor");
   // ---- Quantized values (sparsekern/precisions.py), read packed, dequantized in registers ----
@@ -107,6 +110,11 @@ TORCH_LIBRARY(sparsekern, m) {
         "int in_features, Tensor? bias, int algo) -> Tensor");
   // ---- Block (BSR): crow_indices, col_indices, values [nnzb, bh, bw] ----
   m.def("block_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, int in_features, Tensor? bias) -> Tensor");
+  // CPU only: `algo`, the decision made in Python (sparsekern/dispatch_rules.py, block_cpu_algo):
+  // 0 = the row kernel, 1 = per block row one BLAS GEMM over its kept blocks, 2 = decompressed
+  // tiles into the BLAS GEMM. The shared schema above runs algo 0.
+  m.def("block_linear_cpu(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, int in_features, "
+        "Tensor? bias, int algo) -> Tensor");
   m.def("block_compress(Tensor weight, Tensor? mask, int block_rows, int block_cols) -> (Tensor, Tensor, Tensor)");
   m.def("block_decompress(Tensor crow_indices, Tensor col_indices, Tensor values, int in_features) -> Tensor");
   // ---- Masked dense weight (training): x @ (W*M)^T, its input and weight gradients ----

@@ -4,7 +4,7 @@ One module, so a threshold lives once, next to the run it came from (`EVIDENCE`:
 run under bench/results/ and the figures that set it, as data). Who reads what:
 
   sparsekern.ops        the backend order per device (`BACKEND_ORDER`), batch buckets
-                        (`batch_bucket`), the CPU kernels' algorithm (`nm_cpu_algo`, `nm_q_cpu_algo`, passed to
+                        (`batch_bucket`), the CPU kernels' algorithm (`*_cpu_algo`, passed to
                         the C++ kernels as their `algo` argument: they do not choose again),
                         the pre-packed and derived CPU layouts (`uses_gemm_panels`,
                         `uses_column_index`), measured GPU timings (`measured_verdict`) and the
@@ -13,12 +13,13 @@ run under bench/results/ and the figures that set it, as data). Who reads what:
   sparsekern.nn         `PATH_NOISE` (choose_path: the sparse path keeps ties within it),
                         `DENSE_COPY_MAX_BYTES` (the layers that may keep a dense copy)
 
-Still inside the C++ kernels (not yet passed as arguments): the row-kernel / tile split at 16
-rows (kDirectMaxBatch, csrc/cpu/sparse_rows.h), the bitmask weight-stationary kernel's
-limits (csrc/cpu/bitmask_linear.cpp) and the CUDA decode/GEMM split (kDecodeMaxRows).
+The CPU kernels' algorithms (`nm_cpu_algo`, `bitmask_cpu_algo`, `block_cpu_algo`) reach the
+C++ kernels as the `algo` argument of the CPU-only ops (nm_linear_cpu, nm_conv2d_cpu,
+bitmask_linear_cpu, block_linear_cpu); the shared schemas' CPU kernels run the row kernels.
 
-Switches for benchmarking, read per call: SPARSEKERN_NM_GEMM=tile|direct (`nm_cpu_algo`);
-SPARSEKERN_NM_Q_GEMM=tile (`nm_q_cpu_algo`: 2:4 int8 keeps the dequantized tiles);
+Switches for benchmarking, read per call: SPARSEKERN_NM_GEMM=tile|direct (`nm_cpu_algo`),
+SPARSEKERN_BITMASK_GEMM=tile (`bitmask_cpu_algo`), SPARSEKERN_BLOCK_GEMM=tile (`block_cpu_algo`),
+SPARSEKERN_NM_Q_GEMM=tile (`nm_q_cpu_algo`: 2:4 int8 keeps the dequantized tiles),
 SPARSEKERN_Q_ACT=int8|exact (`q_cpu_algo`);
 SPARSEKERN_NM_BF16=fma (read by the C++ 2:4 GEMM: bf16 weights on the fp32-FMA kernel instead
 of the vdpbf16ps one, csrc/cpu/nm_gemm_bf16.cpp).
@@ -93,10 +94,16 @@ DENSE_COPY_MAX_BYTES = 1 << 20
 
 # ------------------------------------------------------------------ CPU: N:M kernels
 # The algorithm argument of the CPU-only ops nm_linear_cpu / nm_conv2d_cpu (csrc/cpu/nm_linear.cpp
-# kNmAlgoDecode / kNmAlgoGemm).
-NM_ALGO_DECODE = 0  # row kernels up to 16 rows, decompressed tiles into the BLAS GEMM above
+# kNmAlgoRows / kNmAlgoGemm / kNmAlgoTiles).
+NM_ALGO_DECODE = 0  # the row kernels (in batch tiles of 16 rows above 16)
 NM_ALGO_GEMM = 1    # the 2:4 weight-stationary GEMM kernel (AVX2 and AVX-512 CPUs)
-NM_ALGO_NAMES = {NM_ALGO_DECODE: "decode", NM_ALGO_GEMM: "2:4 GEMM"}
+NM_ALGO_TILES = 2   # the weight decompressed a tile at a time into the BLAS GEMM
+NM_ALGO_NAMES = {NM_ALGO_DECODE: "decode", NM_ALGO_GEMM: "2:4 GEMM", NM_ALGO_TILES: "decompressed tiles + BLAS"}
+# The row kernels of every sparse CPU op (N:M, bitmask, block) take up to this many rows; above
+# it the tiles or a GEMM kernel run (the row kernels' cost grows with the rows, a GEMM's does not).
+# It ends a batch bucket: the decision is made per bucket.
+CPU_ROWS_MAX_ROWS = 16
+assert CPU_ROWS_MAX_ROWS in BATCH_BUCKETS, "CPU_ROWS_MAX_ROWS must end a batch bucket"
 # From this many rows (output pixels for nm_conv2d) 2:4 runs the GEMM kernel on AVX2/AVX-512.
 # nm_linear decides by batch bucket: it must start one.
 NM24_GEMM_MIN_ROWS = 17
@@ -107,17 +114,20 @@ assert NM24_GEMM_MIN_ROWS - 1 in BATCH_BUCKETS, "NM24_GEMM_MIN_ROWS must start a
 CPU_GEMM_PANELS = True
 
 
+def _cpu_isa(name: str) -> bool:
+    return bool(_extension.BUILD_INFO.get(f"cpu_{name}_runtime"))
+
+
 def nm_cpu_algo(n: int, m: int, rows: int | None) -> int:
-    """The CPU algorithm for an N:M product over `rows` rows (None: not known, the decode
-    algorithm). SPARSEKERN_NM_GEMM (read per call): "tile" never takes the GEMM, "direct" takes
-    it from NM24_GEMM_MIN_ROWS rows as the default does."""
-    if (n, m) != (2, 4) or rows is None or rows < NM24_GEMM_MIN_ROWS:
+    """The CPU algorithm for an N:M product over `rows` rows (None: not known, the row
+    kernels). SPARSEKERN_NM_GEMM (read per call): "tile" never takes the 2:4 GEMM (the tiles
+    run instead), "direct" takes it from NM24_GEMM_MIN_ROWS rows as the default does."""
+    if rows is None or rows <= CPU_ROWS_MAX_ROWS:
         return NM_ALGO_DECODE
-    if not _extension.BUILD_INFO.get("cpu_avx2_runtime"):  # portable builds keep the tiles
-        return NM_ALGO_DECODE
-    if os.environ.get("SPARSEKERN_NM_GEMM") == "tile":
-        return NM_ALGO_DECODE
-    return NM_ALGO_GEMM
+    if (n, m) == (2, 4) and rows >= NM24_GEMM_MIN_ROWS and _cpu_isa("avx2") \
+            and os.environ.get("SPARSEKERN_NM_GEMM") != "tile":  # portable builds keep the tiles
+        return NM_ALGO_GEMM
+    return NM_ALGO_TILES
 
 
 def uses_gemm_panels(algo: int, dtype: torch.dtype) -> bool:
@@ -138,7 +148,7 @@ Q_ALGO_INT8_DOT = 2  # 2:4 int8 weights: x quantized per row, the int8 dot-produ
 #                      (csrc/cpu/nm_gemm_int8.h)
 Q_ALGO_NAMES = {Q_ALGO_EXACT: "fp32 activations", Q_ALGO_INT8_ACT: "int8 activations (integer dot products)",
                 Q_ALGO_INT8_DOT: "2:4 int8 dot-product GEMM"}
-Q_DECODE_MAX_ROWS = 16  # kDirectMaxBatch (csrc/cpu/sparse_rows.h)
+Q_DECODE_MAX_ROWS = CPU_ROWS_MAX_ROWS  # linear_q.cpp's decode kernels (kDirectMaxBatch, sparse_rows.h)
 
 # Whether int8 activations are the default for quantized weights' decode. They change the
 # numbers (each x row rounded to 255 levels, as torch's quantize_dynamic does), so the exact
@@ -198,6 +208,57 @@ def uses_column_index(device: torch.device, dtype: torch.dtype, bucket: int, den
     else:
         return False
     return bucket in limits and density <= limits[bucket]
+
+
+# The algorithm argument of the CPU-only op bitmask_linear_cpu (csrc/cpu/bitmask_linear.cpp
+# kBitmaskAlgo*).
+BITMASK_ALGO_DECODE = 0  # the row kernels (in batch tiles of 16 rows above 16)
+BITMASK_ALGO_TILES = 1   # the weight decompressed a tile at a time into the BLAS GEMM
+BITMASK_ALGO_GEMM = 2    # the AVX-512 weight-stationary kernel (one multiply-add per kept value, 16 lanes)
+BITMASK_ALGO_NAMES = {BITMASK_ALGO_DECODE: "decode", BITMASK_ALGO_TILES: "decompressed tiles + BLAS",
+                      BITMASK_ALGO_GEMM: "weight-stationary GEMM"}
+# Above CPU_ROWS_MAX_ROWS rows, weights denser than this run the tiles (a dense GEMM over
+# decompressed tiles beats rows/16 sparse passes), sparser ones the row kernels.
+BITMASK_TILES_MIN_DENSITY = 0.25
+# The weight-stationary kernel from this many rows (a bucket start) up to this density.
+# SPARSEKERN_BITMASK_GEMM=tile (read per call, a benchmarking switch) turns it off.
+BITMASK_GEMM_MIN_ROWS = 65
+BITMASK_GEMM_MAX_DENSITY = 0.5
+assert BITMASK_GEMM_MIN_ROWS - 1 in BATCH_BUCKETS, "BITMASK_GEMM_MIN_ROWS must start a batch bucket"
+
+
+def bitmask_cpu_algo(rows: int | None, density: float) -> int:
+    """The CPU algorithm for a bitmask product over `rows` rows (None: not known, the row
+    kernels) of a weight keeping `density` of its entries."""
+    if rows is None or rows <= CPU_ROWS_MAX_ROWS:
+        return BITMASK_ALGO_DECODE
+    if rows >= BITMASK_GEMM_MIN_ROWS and density <= BITMASK_GEMM_MAX_DENSITY and _cpu_isa("avx512") \
+            and os.environ.get("SPARSEKERN_BITMASK_GEMM") != "tile":
+        return BITMASK_ALGO_GEMM
+    return BITMASK_ALGO_TILES if density > BITMASK_TILES_MIN_DENSITY else BITMASK_ALGO_DECODE
+
+
+# ------------------------------------------------------------------ CPU: block kernels
+# The algorithm argument of the CPU-only op block_linear_cpu (csrc/cpu/block_linear.cpp
+# kBlockAlgo*).
+BLOCK_ALGO_DECODE = 0    # the row kernels, one block row at a time (in batch tiles of 16 rows above 16)
+BLOCK_ALGO_ROW_GEMM = 1  # per block row, one BLAS GEMM over its kept blocks only
+BLOCK_ALGO_TILES = 2     # the weight decompressed a tile at a time into the BLAS GEMM
+BLOCK_ALGO_NAMES = {BLOCK_ALGO_DECODE: "decode", BLOCK_ALGO_ROW_GEMM: "per-block-row GEMMs",
+                    BLOCK_ALGO_TILES: "decompressed tiles + BLAS"}
+# Above CPU_ROWS_MAX_ROWS rows: the per-block-row GEMMs up to this fraction of blocks kept, the
+# tiles above it. SPARSEKERN_BLOCK_GEMM=tile (read per call, a benchmarking switch) forces the tiles.
+BLOCK_ROW_GEMM_MAX_DENSITY = 0.3
+
+
+def block_cpu_algo(rows: int | None, density: float) -> int:
+    """The CPU algorithm for a block (BSR) product over `rows` rows (None: not known, the row
+    kernels) of a weight keeping `density` of its blocks."""
+    if rows is None or rows <= CPU_ROWS_MAX_ROWS:
+        return BLOCK_ALGO_DECODE
+    if density <= BLOCK_ROW_GEMM_MAX_DENSITY and os.environ.get("SPARSEKERN_BLOCK_GEMM") != "tile":
+        return BLOCK_ALGO_ROW_GEMM
+    return BLOCK_ALGO_TILES
 
 
 # ------------------------------------------------------------------ GPU
@@ -268,6 +329,19 @@ EVIDENCE: dict[str, Measured] = {
         "int8 GEMM / dequantized tiles, 128x2048x2048 ... 788x3072x768, 1 thread": (5.8, 7.9, 7.2, 8.5, 7.8, 5.2),
         "same, 2 threads (a loaded machine)": (2.7, 6.2, 5.1, 2.5, 3.3, 3.3),
         "17x2048x2048, 64x2048x2048, 17x768x3072, 1 thread": (29, 24, 19)}),
+    # The row kernels against the tiles and GEMMs (the old kDirectMaxBatch in csrc/cpu/sparse_rows.h).
+    "CPU_ROWS_MAX_ROWS": Measured("not stored as a run (figures moved from csrc/cpu/sparse_rows.h)", {}),
+    "BITMASK_TILES_MIN_DENSITY": Measured("not stored as a run (moved from csrc/cpu/sparse_rows.h kGemmMinDensity)",
+                                          {}),
+    # 4096x4096 fp32, 2 threads: weight-stationary kernel / dense at 30% kept; and at 70% kept,
+    # 128 rows, it against the tiles (moved from csrc/cpu/bitmask_linear.cpp).
+    "BITMASK_GEMM_MIN_ROWS": Measured("not stored as a run (figures moved from csrc/cpu/bitmask_linear.cpp)", {
+        "30% kept, rows 17-32": 0.7, "30% kept, rows 128": 1.0, "30% kept, rows 512": 1.27}),
+    "BITMASK_GEMM_MAX_DENSITY": Measured("not stored as a run (figures moved from csrc/cpu/bitmask_linear.cpp)", {
+        "70% kept, 128 rows, vs dense": {"weight-stationary": 0.66, "tiles": 0.79}}),
+    # 4096x4096 fp32 32x32 blocks, 2 threads, 128 rows: ms per call (moved from csrc/cpu/block_linear.cpp).
+    "BLOCK_ROW_GEMM_MAX_DENSITY": Measured("not stored as a run (figures moved from csrc/cpu/block_linear.cpp)", {
+        "10% kept": {"per-block-row GEMMs": 15, "tiles": 26}}),
     "SEMI_STRUCTURED_BUCKETS": Measured("not measured yet (bench/gpu_check.sh measures it)", {}),
     "TUNING_NOISE": Measured("not stored yet (two runs of one kernel on a lent H100)", {"spread": 0.03}),
     "PATH_NOISE": Measured("bench/results/cpu-models-20261128q", {"margin": 0.02}),

@@ -173,3 +173,49 @@ def test_rows_never_see_their_neighbours_values(device, backend, dtype, batch):
     with running(backend, "bitmask_linear", x, W2):
         y = ops.bitmask_linear(x, W2)
     assert_even_rows_ignore_odd_neighbours(y, x, W.to_dense(), dtype, f"batch {batch} {dtype}")
+
+
+@pytest.mark.parametrize("device,backend", [p for p in pairs("bitmask_linear") if p.id == "cpu-cpp"])
+@pytest.mark.parametrize("density", [0.1, 0.4, 0.8])
+@pytest.mark.parametrize("batch", [1, 5, 16, 40, 70])
+def test_every_cpu_algorithm_matches_fp64_at_any_batch(device, backend, density, batch, poison):
+    """bitmask_linear_cpu runs the algorithm it is given (dispatch_rules.bitmask_cpu_algo
+    chooses it), whatever the batch and density: the row kernels in 16-row tiles, the tiles, and
+    the weight-stationary kernel where the CPU has AVX-512."""
+    from sparsekern import dispatch_rules as rules
+
+    w = torch.randn(37, 200)
+    W = BitmaskWeight.from_dense(w, torch.rand(37, 200) < density)
+    x, bias = torch.randn(batch, 200), torch.randn(37)
+    algos = [rules.BITMASK_ALGO_DECODE, rules.BITMASK_ALGO_TILES] + ([rules.BITMASK_ALGO_GEMM] if _avx512() else [])
+    for algo in algos:
+        y = torch.ops.sparsekern.bitmask_linear_cpu(x, W.values, W.bitmask, W.offsets, 200, bias, None, algo)
+        assert_linear_close(y, ref64(x, W.to_dense(), bias), torch.float32, what=f"algo {algo}")
+
+
+@pytest.mark.parametrize("device,backend", [p for p in pairs("bitmask_linear") if p.id == "cpu-cpp"])
+def test_cpu_op_refuses_an_unknown_algorithm(device, backend):
+    W = BitmaskWeight.from_dense(torch.randn(6, 64), torch.rand(6, 64) < 0.3)
+    for algo in (-1, 3, 99):
+        with pytest.raises(ValueError, match="bitmask_linear: algo must be 0"):
+            torch.ops.sparsekern.bitmask_linear_cpu(torch.randn(2, 64), W.values, W.bitmask, W.offsets, 64, None,
+                                                    None, algo)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 17, 64, 65, 300])
+@pytest.mark.parametrize("density", [0.1, 0.4, 0.8])
+def test_the_algorithm_follows_the_rules(rows, density, monkeypatch):
+    """What dispatch_rules.bitmask_cpu_algo says (by batch bucket) is what the key and
+    explain_backend say, and SPARSEKERN_BITMASK_GEMM=tile turns the weight-stationary kernel off."""
+    from sparsekern import dispatch_rules as rules
+
+    W = BitmaskWeight.from_dense(torch.randn(30, 64), torch.rand(30, 64) < density)
+    x = torch.randn(rows, 64)
+    monkeypatch.delenv("SPARSEKERN_BITMASK_GEMM", raising=False)
+    want = rules.bitmask_cpu_algo(rules.bucket_min_rows(rules.batch_bucket(rows)), W.density)
+    if rows <= rules.CPU_ROWS_MAX_ROWS:
+        assert want == rules.BITMASK_ALGO_DECODE
+    assert ops.OPS["bitmask_linear"].key(x, W)[1].cpu_algo == want
+    assert rules.BITMASK_ALGO_NAMES[want] in ops.explain_backend("bitmask_linear", x, W)[1]
+    monkeypatch.setenv("SPARSEKERN_BITMASK_GEMM", "tile")
+    assert ops.OPS["bitmask_linear"].key(x, W)[1].cpu_algo != rules.BITMASK_ALGO_GEMM

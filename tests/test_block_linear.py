@@ -56,3 +56,41 @@ def test_bad_inputs():
         ops.block_linear(torch.randn(2, 8), W)
     with pytest.raises(TypeError, match="x dtype"):
         ops.block_linear(torch.randn(2, 16, dtype=torch.float16), W)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in pairs("block_linear") if p.id == "cpu-cpp"])
+@pytest.mark.parametrize("batch", [1, 16, 17, 40])
+@pytest.mark.parametrize("density", [0.1, 0.6])
+def test_every_cpu_algorithm_matches_fp64_at_any_batch(device, backend, batch, density, poison):
+    """block_linear_cpu runs the algorithm it is given (dispatch_rules.block_cpu_algo chooses
+    it), at any batch: the row kernel, the per-block-row GEMMs, the tiles."""
+    from sparsekern import dispatch_rules as rules
+
+    keep = torch.rand(4, 6) < density
+    W = BlockWeight.from_dense(torch.randn(64, 96), (16, 16), keep.repeat_interleave(16, 0).repeat_interleave(16, 1))
+    x, bias = torch.randn(batch, 96), torch.randn(64)
+    for algo in rules.BLOCK_ALGO_NAMES:
+        y = torch.ops.sparsekern.block_linear_cpu(x, *W.kernel_args(), bias, algo)
+        assert_linear_close(y, ref64(x, W.to_dense(), bias), torch.float32, what=f"algo {algo}")
+    for algo in (-1, 3):
+        with pytest.raises(ValueError, match="block_linear: algo must be 0"):
+            torch.ops.sparsekern.block_linear_cpu(x, *W.kernel_args(), bias, algo)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 17, 300])
+@pytest.mark.parametrize("density", [0.1, 0.6])
+def test_the_algorithm_follows_the_rules(rows, density, monkeypatch):
+    """What dispatch_rules.block_cpu_algo says is what the key and explain_backend say."""
+    from sparsekern import dispatch_rules as rules
+
+    keep = torch.rand(4, 6) < density
+    W = BlockWeight.from_dense(torch.randn(64, 96), (16, 16), keep.repeat_interleave(16, 0).repeat_interleave(16, 1))
+    x = torch.randn(rows, 96)
+    monkeypatch.delenv("SPARSEKERN_BLOCK_GEMM", raising=False)
+    want = rules.block_cpu_algo(rules.bucket_min_rows(rules.batch_bucket(rows)), W.density)
+    expect = rules.BLOCK_ALGO_DECODE if rows <= rules.CPU_ROWS_MAX_ROWS else \
+        rules.BLOCK_ALGO_ROW_GEMM if W.density <= rules.BLOCK_ROW_GEMM_MAX_DENSITY else rules.BLOCK_ALGO_TILES
+    assert want == expect
+    assert ops.OPS["block_linear"].key(x, W)[1].cpu_algo == want
+    monkeypatch.setenv("SPARSEKERN_BLOCK_GEMM", "tile")
+    assert ops.OPS["block_linear"].key(x, W)[1].cpu_algo != rules.BLOCK_ALGO_ROW_GEMM

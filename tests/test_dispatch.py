@@ -211,7 +211,8 @@ def test_every_threshold_names_the_run_it_came_from():
 
     thresholds = {n for n, v in vars(dispatch_rules).items()
                   if n.isupper() and n != "EVIDENCE"
-                  and not n.startswith(("NM_ALGO", "Q_ALGO", "BACKEND_ORDER", "KERNEL_DTYPES", "BATCH_BUCKETS"))
+                  and not n.startswith(("NM_ALGO", "Q_ALGO", "BITMASK_ALGO", "BLOCK_ALGO", "BACKEND_ORDER",
+                                          "KERNEL_DTYPES", "BATCH_BUCKETS"))
                   and not isinstance(v, type)}
     assert thresholds <= set(dispatch_rules.EVIDENCE), sorted(thresholds - set(dispatch_rules.EVIDENCE))
     for name, measured in dispatch_rules.EVIDENCE.items():

@@ -254,7 +254,8 @@ def test_bad_panels_and_algorithms_are_refused():
     with pytest.raises(ValueError, match="algo must be"):
         run(x, W.values, W.indices, 2, 4, 64, None, 7, None)
     for rows in (1, 5, 20):  # the kernel runs the algorithm it is given, at any batch
-        for algo, panels in ((GEMM, good), (GEMM, None), (dispatch_rules.NM_ALGO_DECODE, None)):
+        for algo, panels in ((GEMM, good), (GEMM, None), (dispatch_rules.NM_ALGO_DECODE, None),
+                             (dispatch_rules.NM_ALGO_TILES, None)):
             torch.testing.assert_close(run(x[:rows], W.values, W.indices, 2, 4, 64, None, algo, panels),
                                        x[:rows] @ W.to_dense().t(), rtol=1e-4, atol=1e-4)
 
@@ -264,12 +265,14 @@ def test_the_algorithm_follows_the_rules(monkeypatch):
     W = NMWeight.from_dense(torch.randn(30, 64), 2, 4)
     monkeypatch.delenv("SPARSEKERN_NM_GEMM", raising=False)
     for rows in (1, 16, 17, 300):
-        want = GEMM if rows >= dispatch_rules.NM24_GEMM_MIN_ROWS and READS_PANELS else dispatch_rules.NM_ALGO_DECODE
+        want = dispatch_rules.NM_ALGO_DECODE if rows <= dispatch_rules.CPU_ROWS_MAX_ROWS else \
+            GEMM if rows >= dispatch_rules.NM24_GEMM_MIN_ROWS and READS_PANELS else dispatch_rules.NM_ALGO_TILES
         key = ops.OPS["nm_linear"].key(torch.randn(rows, 64), W)[1]
         assert key.cpu_algo == want, rows
         assert dispatch_rules.NM_ALGO_NAMES[want] in ops.explain_backend("nm_linear", torch.randn(rows, 64), W)[1]
     monkeypatch.setenv("SPARSEKERN_NM_GEMM", "tile")
-    assert ops.OPS["nm_linear"].key(torch.randn(300, 64), W)[1].cpu_algo == dispatch_rules.NM_ALGO_DECODE
+    assert ops.OPS["nm_linear"].key(torch.randn(300, 64), W)[1].cpu_algo == dispatch_rules.NM_ALGO_TILES
+    assert ops.OPS["nm_linear"].key(torch.randn(16, 64), W)[1].cpu_algo == dispatch_rules.NM_ALGO_DECODE
 
 
 def test_pack_panels_refuses_bad_arguments():

@@ -51,7 +51,9 @@ def _samples(device):
                       (x20, nm.values, nm.indices, 2, 4, 64, b)],
         # CPU only: the algorithm chosen in Python (1: the 2:4 GEMM kernel, AVX2/AVX-512 CPUs) and
         # the pre-packed weight it reads
-        "nm_linear_cpu": [(x, nm.values, nm.indices, 2, 4, 64, b, DECODE)] + ([] if not GEMM_RUNS else [
+        "nm_linear_cpu": [(x, nm.values, nm.indices, 2, 4, 64, b, DECODE),
+                          (x20, nm.values, nm.indices, 2, 4, 64, b, dispatch_rules.NM_ALGO_TILES)] + (
+                          [] if not GEMM_RUNS else [
             (x20, nm.values, nm.indices, 2, 4, 64, b, GEMM, nm.gemm_panels()),
             (x20.clone().requires_grad_(), nm.values, nm.indices, 2, 4, 64, None, GEMM, nm.gemm_panels()),
             (xg, nm.values, nm.indices, 2, 4, 64, None, GEMM, None)]),
@@ -69,12 +71,21 @@ def _samples(device):
         "nm_decompress": [(nm.values, nm.indices, 2, 4, 64)],
         "bitmask_linear": [(x, bmw.values, bmw.bitmask, bmw.offsets, 64, b),
                            (xg, bmw.values, bmw.bitmask, bmw.offsets, 64, None)],
+        # CPU only: the column index and the algorithm chosen in Python (dispatch_rules.bitmask_cpu_algo)
         "bitmask_linear_cpu": [(x[:1], bmw.values, bmw.bitmask, bmw.offsets, 64, b, bmw.column_index()),
-                               (xg[:1], bmw.values, bmw.bitmask, bmw.offsets, 64, None, bmw.column_index())],
+                               (xg[:1], bmw.values, bmw.bitmask, bmw.offsets, 64, None, bmw.column_index()),
+                               (x20, bmw.values, bmw.bitmask, bmw.offsets, 64, b, None,
+                                dispatch_rules.BITMASK_ALGO_TILES),
+                               (x20.clone().requires_grad_(), bmw.values, bmw.bitmask, bmw.offsets, 64, None, None,
+                                dispatch_rules.BITMASK_ALGO_DECODE)],
         "bitmask_compress": [(w, mask), (w, None)],
         "bitmask_decompress": [(bmw.values, bmw.bitmask, bmw.offsets, 64)],
         "block_linear": [(x, blk.crow_indices, blk.col_indices, blk.values, 64, b),
                          (xg, blk.crow_indices, blk.col_indices, blk.values, 64, None)],
+        # CPU only: the algorithm chosen in Python (dispatch_rules.block_cpu_algo)
+        "block_linear_cpu": [(x20, blk.crow_indices, blk.col_indices, blk.values, 64, b, algo)
+                             for algo in dispatch_rules.BLOCK_ALGO_NAMES] + [
+            (xg, blk.crow_indices, blk.col_indices, blk.values, 64, None, dispatch_rules.BLOCK_ALGO_DECODE)],
         "block_compress": [(w, None, 8, 16)],
         "block_decompress": [(blk.crow_indices, blk.col_indices, blk.values, 64)],
         "masked_linear": [(x, w, bits, b), (xg, wg, bits, b.clone().requires_grad_())],

@@ -28,19 +28,20 @@ void bitmask_decompress_row(const VT* vals, const int64_t* words, int64_t nwords
   }
 }
 
-// From this batch the AVX-512 weight-stationary kernel runs (4096x4096 fp32, 2 threads: at
-// 30% kept 1.0x dense at 128 rows and 1.27x at 512, but 0.7x at 17-32 rows, where packing
-// its entries per K tile is not yet paid back by enough batch lanes).
-// SPARSEKERN_BITMASK_GEMM=tile (read per call, a benchmarking switch) turns it off,
-// leaving the paths that run without AVX-512.
-constexpr int64_t kBitmaskGemmMinBatch = 64;
-// Up to this density: above it the decompressed tiles into the BLAS GEMM were faster (70%
-// kept, 128 rows: 0.66x dense against 0.79x for the tiles; at 50% kept the two were within
-// this machine's noise of each other).
-constexpr double kBitmaskGemmMaxDensity = 0.5;
-bool use_bitmask_gemm() {
-  const char* mode = std::getenv("SPARSEKERN_BITMASK_GEMM");
-  return !(mode && std::strcmp(mode, "tile") == 0);
+// The algorithm of bitmask_linear_cpu, chosen in Python (sparsekern/dispatch_rules.py
+// BITMASK_ALGO_*, bitmask_cpu_algo: which rows, densities, CPUs and switches take which); the
+// kernel runs what it is told and does not choose again.
+constexpr int64_t kBitmaskAlgoRows = 0;   // the row kernels, in batch tiles of kDirectMaxBatch rows
+constexpr int64_t kBitmaskAlgoTiles = 1;  // decompressed weight tiles into the BLAS GEMM (tiled_gemm)
+constexpr int64_t kBitmaskAlgoGemm = 2;   // the AVX-512 weight-stationary kernel (bitmask_gemm)
+
+void check_bitmask_algo(const char* op, int64_t algo) {
+  TORCH_CHECK_VALUE(algo == kBitmaskAlgoRows || algo == kBitmaskAlgoTiles || algo == kBitmaskAlgoGemm, op,
+                    ": algo must be 0 (row kernels), 1 (decompressed tiles) or 2 (the weight-stationary GEMM), got ",
+                    algo);
+  TORCH_CHECK(algo != kBitmaskAlgoGemm || cpu_has_avx512(), op,
+              ": algo 2 (the weight-stationary GEMM kernel) needs an AVX-512 CPU (SPARSEKERN_CPU_ISA may cap it); "
+              "pass algo 0 or 1");
 }
 
 // Density from which the AVX-512 kernel beats the AVX2 broadcast kernel at 5..8 batch rows
@@ -49,8 +50,10 @@ constexpr double kAvx512MinDensity = 0.2;
 
 at::Tensor bitmask_linear_columns(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
                                   const at::Tensor& offsets, int64_t in_features,
-                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& columns) {
+                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& columns,
+                                  int64_t algo) {
   check_bitmask_linear_args(x, values, bitmask, offsets, in_features, bias, columns);
+  check_bitmask_algo("bitmask_linear", algo);
   // Formats refuse bits past in_features; a raw call with them would unmask x past its end
   // in the AVX-512 kernels. Free when in_features is a multiple of 64.
   check_bitmask_tail_bits("bitmask_linear", bitmask, in_features);
@@ -68,8 +71,7 @@ at::Tensor bitmask_linear_columns(const at::Tensor& x, const at::Tensor& values,
   c10::optional<at::Tensor> bias_left = bias;  // what finish_linear still adds
   if (B == 0 || O == 0) {
     out = at::zeros({B, O}, x2.options());
-  } else if (B >= kBitmaskGemmMinBatch && vals.numel() <= kBitmaskGemmMaxDensity * O * K && cpu_has_avx512() &&
-             use_bitmask_gemm()) {
+  } else if (algo == kBitmaskAlgoGemm) {
     // Weight-stationary AVX-512 kernel: one multiply-add per kept value and 16 batch lanes.
     out = at::empty({B, O}, x2.options());
     const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
@@ -82,10 +84,10 @@ at::Tensor bitmask_linear_columns(const at::Tensor& x, const at::Tensor& values,
                       bm.size(1), off.size(1), K, O, xT.defined() ? xT.data_ptr<float>() : nullptr, B,
                       out.data_ptr<float>(), plan.panel_rows, plan.panels, &next};
     if (plan.chunked) g.chunked = WsChunks{&src, plan.chunk_lanes, plan.chunks, &next_chunk};
-    at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
+    parallel_chunks(nth, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) avx512::bitmask_gemm(g);
     });
-  } else if (B > kDirectMaxBatch && vals.numel() > kGemmMinDensity * O * K) {
+  } else if (algo == kBitmaskAlgoTiles) {
     // Dense enough that a dense GEMM over decompressed tiles beats B/16 sparse passes.
     SPARSEKERN_DISPATCH_FLOATS(vals.scalar_type(), "bitmask_linear", [&] {
       const scalar_t* v = vals.data_ptr<scalar_t>();
@@ -104,7 +106,8 @@ at::Tensor bitmask_linear_columns(const at::Tensor& x, const at::Tensor& values,
         bias_left = c10::nullopt;
       }
     });
-  } else if (cpu_has_avx512() && (B <= 4 || (B <= 8 && vals.numel() >= kAvx512MinDensity * O * K))) {
+  } else if (B <= kDirectMaxBatch && cpu_has_avx512() &&
+             (B <= 4 || (B <= 8 && vals.numel() >= kAvx512MinDensity * O * K))) {
     // Expanding loads (AVX-512) with row-major x; above this the AVX2 broadcast kernel
     // below does fewer multiply-adds (one per kept value and 8 or 16 batch lanes) and wins.
     out = at::empty({B, O}, x2.options());
@@ -253,24 +256,18 @@ at::Tensor bitmask_decompress_cpu(const at::Tensor& values, const at::Tensor& bi
   return out;
 }
 
-// The shared schema (every backend's): the mask kernels, no column index.
+// The shared schema (every backend's): the row kernels at every batch, the mask (the ops layer
+// runs bitmask_linear_cpu with the algorithm dispatch_rules chose and the column index).
 at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
                               const at::Tensor& offsets, int64_t in_features, const c10::optional<at::Tensor>& bias) {
-  return bitmask_linear_columns(x, values, bitmask, offsets, in_features, bias, c10::nullopt);
-}
-
-// bitmask_linear_cpu (the CPU-only op): with BitmaskWeight.column_index.
-at::Tensor bitmask_linear_with_columns(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
-                                       const at::Tensor& offsets, int64_t in_features,
-                                       const c10::optional<at::Tensor>& bias, const at::Tensor& columns) {
-  return bitmask_linear_columns(x, values, bitmask, offsets, in_features, bias, columns);
+  return bitmask_linear_columns(x, values, bitmask, offsets, in_features, bias, c10::nullopt, kBitmaskAlgoRows);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("bitmask_linear", &bitmask_linear_cpu);
-  m.impl("bitmask_linear_cpu", &bitmask_linear_with_columns);
+  m.impl("bitmask_linear_cpu", &bitmask_linear_columns);
   m.impl("bitmask_compress", &bitmask_compress_cpu);
   m.impl("bitmask_decompress", &bitmask_decompress_cpu);
 }

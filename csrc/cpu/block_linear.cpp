@@ -2,9 +2,6 @@
 // Layout: sparsekern/formats.py (BlockWeight). Inner loops: block_rows_impl.h.
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "cpu_common.h"
 
 namespace sparsekern {
@@ -26,20 +23,20 @@ void check_bsr_structure(const char* op, const at::Tensor& crow, const at::Tenso
   }
 }
 
-// Large batches: GEMMs over each block row's kept blocks up to this fraction of blocks
-// kept; above it, decompressed weight tiles into one GEMM (4096x4096 fp32 32x32 blocks,
-// 2 threads: at 10% kept 15 ms against 26 ms for the tiles at 128 rows; at 50% kept the
-// tiles were as fast or faster). SPARSEKERN_BLOCK_GEMM=tile (read
-// per call, a benchmarking switch) forces the tiles.
-constexpr double kBlockRowGemmMaxDensity = 0.3;
-bool use_block_row_gemm() {
-  const char* mode = std::getenv("SPARSEKERN_BLOCK_GEMM");
-  return !(mode && std::strcmp(mode, "tile") == 0);
-}
+// The algorithm of block_linear_cpu, chosen in Python (sparsekern/dispatch_rules.py
+// BLOCK_ALGO_*, block_cpu_algo: which rows, densities and switches take which); the kernel runs
+// what it is told and does not choose again.
+constexpr int64_t kBlockAlgoRows = 0;     // the row kernel, one block row at a time (block_rows_impl.h)
+constexpr int64_t kBlockAlgoRowGemm = 1;  // per block row, one BLAS GEMM over its kept blocks
+constexpr int64_t kBlockAlgoTiles = 2;    // decompressed weight tiles into the BLAS GEMM (tiled_gemm)
 
-at::Tensor block_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
-                            const at::Tensor& values, int64_t in_features, const c10::optional<at::Tensor>& bias) {
+at::Tensor block_linear_algo(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                             const at::Tensor& values, int64_t in_features, const c10::optional<at::Tensor>& bias,
+                             int64_t algo) {
   check_block_linear_args(x, crow, col, values, in_features, bias);
+  TORCH_CHECK_VALUE(algo == kBlockAlgoRows || algo == kBlockAlgoRowGemm || algo == kBlockAlgoTiles,
+                    "block_linear: algo must be 0 (row kernel), 1 (per-block-row GEMMs) or 2 (decompressed tiles), ",
+                    "got ", algo);
   const int64_t bh = values.size(1), bw = values.size(2), K = in_features;
   const int64_t nbr = crow.size(0) - 1, O = nbr * bh;
   check_bsr_structure("block_linear", crow, col, values.size(0), K / bw);
@@ -52,8 +49,7 @@ at::Tensor block_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const a
   c10::optional<at::Tensor> bias_left = bias;  // what finish_linear still adds
   if (B == 0 || O == 0) {
     out = at::zeros({B, O}, x2.options());
-  } else if (B > kDirectMaxBatch && use_block_row_gemm() &&
-             values.size(0) <= kBlockRowGemmMaxDensity * nbr * (K / bw)) {
+  } else if (algo == kBlockAlgoRowGemm) {
     // Per block row, one GEMM over its kept blocks only: the x columns they read gathered
     // side by side [B, n*bw], times their values side by side [bh, n*bw]. The multiply-adds
     // follow the kept blocks (the tiles below do the dense count).
@@ -75,7 +71,7 @@ at::Tensor block_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const a
         at::mm_out(o, xg, wg.t());
       }
     });
-  } else if (B > kDirectMaxBatch) {
+  } else if (algo == kBlockAlgoTiles) {
     SPARSEKERN_DISPATCH_FLOATS(vals.scalar_type(), "block_linear", [&] {
       const scalar_t* v = vals.data_ptr<scalar_t>();
       const int64_t* c = cr.data_ptr<int64_t>();
@@ -102,6 +98,13 @@ at::Tensor block_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const a
     });
   }
   return finish_linear(out, x, bias_left);
+}
+
+// The shared schema (every backend's): the row kernel at every batch (the ops layer runs
+// block_linear_cpu with the algorithm dispatch_rules chose).
+at::Tensor block_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                            const at::Tensor& values, int64_t in_features, const c10::optional<at::Tensor>& bias) {
+  return block_linear_algo(x, crow, col, values, in_features, bias, kBlockAlgoRows);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_compress_cpu(const at::Tensor& weight,
@@ -166,6 +169,7 @@ at::Tensor block_decompress_cpu(const at::Tensor& crow, const at::Tensor& col, c
 
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("block_linear", &block_linear_cpu);
+  m.impl("block_linear_cpu", &block_linear_algo);
   m.impl("block_compress", &block_compress_cpu);
   m.impl("block_decompress", &block_decompress_cpu);
 }

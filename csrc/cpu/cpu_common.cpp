@@ -130,7 +130,7 @@ at::Tensor lane_tiles(const LaneRows& src, int64_t L, const at::TensorOptions& o
   auto xT = at::empty({tiles * (K + 1) + extra_cols, L}, options);
   float* dst = xT.data_ptr<float>();
   std::fill(dst + tiles * (K + 1) * L, dst + (tiles * (K + 1) + extra_cols) * L, 0.f);
-  at::parallel_for(0, tiles, std::max<int64_t>(1, (int64_t(1) << 16) / ((K + 1) * L)), [&](int64_t t0, int64_t t1) {
+  parallel_chunks(tiles, std::max<int64_t>(1, (int64_t(1) << 16) / ((K + 1) * L)), [&](int64_t t0, int64_t t1) {
     std::vector<const float*> rows(src.positions * L);
     for (int64_t t = t0; t < t1; ++t) {
       lane_rows(src, t * L, L, rows.data());
@@ -194,7 +194,7 @@ at::Tensor tiled_gemm(const at::Tensor& x2, int64_t O, const FillRows& fill, con
     const int64_t r1 = std::min(O, r0 + tile);
     auto part = buf.narrow(0, 0, r1 - r0);
     float* p = part.data_ptr<float>();
-    at::parallel_for(r0, r1, 1, [&](int64_t a, int64_t b) { fill(a, b, p + (a - r0) * K); });
+    parallel_chunks(r1 - r0, 1, [&](int64_t a, int64_t b) { fill(r0 + a, r0 + b, p + a * K); });
     // Straight into the output's columns (BLAS writes with leading dimension O): no
     // temporary, no copy.
     auto cols = out.narrow(1, r0, r1 - r0);

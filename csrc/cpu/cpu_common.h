@@ -95,9 +95,19 @@ inline int64_t rows_grain(int64_t K, int64_t B) {
   return std::max<int64_t>(16, (int64_t(1) << 17) / per_row);
 }
 
-// Runs fn over [0, n) on the intra-op thread pool.
+// Runs fn over [0, n) in chunks of at least `grain` (about 8 per thread), taken from one shared
+// counter by the calling thread and at::get_num_threads() - 1 pool workers; returns when every
+// chunk is done, without waiting for a worker that never ran (a thread the OS parked behind
+// another process leaves its share to the others, where at::parallel_for's fixed ranges and
+// end barrier wait for it). fn must be plain computation over its range: ATen ops inside run
+// single-threaded, and fn must not depend on which thread runs it. An exception from fn is
+// rethrown here. Runs inline with one thread, a single chunk, or inside a parallel region.
+// chunk_pool.cpp.
+void parallel_chunks(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+
+// The row loops of the CPU kernels: parallel_chunks.
 inline void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
-  at::parallel_for(0, n, grain, fn);
+  parallel_chunks(n, grain, fn);
 }
 
 #define SPARSEKERN_DISPATCH_FLOATS(TYPE, NAME, ...) \

@@ -25,18 +25,19 @@ void nm_decompress_row(const VT* v, const uint8_t* ix, int64_t kept, int64_t n, 
 }
 
 // The algorithm of nm_linear_cpu / nm_conv2d_cpu, chosen in Python (sparsekern/dispatch_rules.py
-// NM_ALGO_*, nm_cpu_algo: which rows, patterns, CPUs and switches take the GEMM); the kernels
+// NM_ALGO_*, nm_cpu_algo: which rows, patterns, CPUs and switches take which); the kernels
 // run what they are told and do not choose again.
-constexpr int64_t kNmAlgoDecode = 0;  // row kernels up to kDirectMaxBatch rows, decompressed tiles above
-constexpr int64_t kNmAlgoGemm = 1;    // the 2:4 weight-stationary GEMM kernel (nm_gemm_impl.h)
+constexpr int64_t kNmAlgoRows = 0;   // the row kernels (nm_rows_impl.h), in batch tiles of kDirectMaxBatch rows
+constexpr int64_t kNmAlgoGemm = 1;   // the 2:4 weight-stationary GEMM kernel (nm_gemm_impl.h)
+constexpr int64_t kNmAlgoTiles = 2;  // decompressed weight tiles into the BLAS GEMM (tiled_gemm)
 
 void check_nm_algo(const char* op, int64_t algo, int64_t n, int64_t m, const c10::optional<at::Tensor>& panels) {
-  TORCH_CHECK_VALUE(algo == kNmAlgoDecode || algo == kNmAlgoGemm, op, ": algo must be 0 (decode) or 1 (the 2:4 GEMM), got ",
-                    algo);
+  TORCH_CHECK_VALUE(algo == kNmAlgoRows || algo == kNmAlgoGemm || algo == kNmAlgoTiles, op,
+                    ": algo must be 0 (row kernels), 1 (the 2:4 GEMM) or 2 (decompressed tiles), got ", algo);
   if (algo == kNmAlgoGemm) {
     TORCH_CHECK_VALUE(n == 2 && m == 4, op, ": algo 1 (the 2:4 GEMM kernel) runs 2:4 weights, got ", n, ":", m);
     TORCH_CHECK(cpu_has_avx2(), op, ": algo 1 (the 2:4 GEMM kernel) needs an AVX2 CPU (this build runs the ",
-                "portable kernels here, SPARSEKERN_CPU_ISA may cap them); pass algo 0");
+                "portable kernels here, SPARSEKERN_CPU_ISA may cap them); pass algo 0 or 2");
   } else {
     TORCH_CHECK_VALUE(!panels.has_value(), op, ": panels are read by algo 1 (the 2:4 GEMM kernel) only, got algo ",
                       algo);
@@ -72,7 +73,7 @@ void nm24_gemm_cpu(const LaneRows& src, const at::TensorOptions& options, const 
                  plan.panels, &next};
   g.prepacked = prepacked;
   if (plan.chunked) g.chunked = WsChunks{&src, plan.chunk_lanes, plan.chunks, &next_chunk};
-  at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
+  parallel_chunks(nth, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       if (wide) avx512::nm24_gemm(g);
       else avx2::nm24_gemm(g);
@@ -97,14 +98,14 @@ void nm24_gemm_bf16_cpu(const at::Tensor& x2, const at::Tensor& vals, const at::
   for (int64_t b0 = 0; b0 < B; b0 += kPassLanes) {
     const int64_t lanes = std::min(kPassLanes, B - b0);
     const int64_t units = (lanes + b16::kLanes - 1) / b16::kLanes * (b16::kLanes / 8);  // 8 lanes each, whole tiles
-    at::parallel_for(0, units, std::max<int64_t>(1, (int64_t(1) << 15) / (8 * K)), [&](int64_t u0, int64_t u1) {
+    parallel_chunks(units, std::max<int64_t>(1, (int64_t(1) << 15) / (8 * K)), [&](int64_t u0, int64_t u1) {
       b16::pair_tiles(xp + b0 * K, lanes, K, u0, u1, tp);
     });
     int64_t next = 0;
     const Nm24Bf16Args g{reinterpret_cast<const uint16_t*>(vals.data_ptr<at::BFloat16>()), idx.data_ptr<uint8_t>(),
                          vals.size(1), idx.size(1), K, O, tp, lanes, out + b0 * O, panel_rows,
                          (O + panel_rows - 1) / panel_rows, &next};
-    at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
+    parallel_chunks(nth, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) b16::nm24_gemm(g);
     });
   }
@@ -156,14 +157,14 @@ at::Tensor nm_linear_algo(const at::Tensor& x, const at::Tensor& values, const a
     const at::Tensor packed = aligned_panels(panels);
     nm24_gemm_cpu(LaneRows{x2.data_ptr<float>(), B, 1, K}, x2.options(), vals, idx, K, O, out.data_ptr<float>(),
                   packed.defined() ? packed.data_ptr<uint8_t>() : nullptr);
-  } else if (B > kDirectMaxBatch && avx512_nm_pattern(n, m) && cpu_has_avx512()) {
+  } else if (algo == kNmAlgoTiles && avx512_nm_pattern(n, m) && cpu_has_avx512()) {
     // Tiles expanded by the AVX-512 kernel, then the BLAS GEMM.
     NmRowsArgs a{vals.data_ptr(), idx.data_ptr<uint8_t>(), nullptr, vals.scalar_type(), kept, idx.size(1), n, m, K, O,
                  nullptr, 0, 0, nullptr};
     out = tiled_gemm(
         x2, O, [&](int64_t r0, int64_t r1, float* buf) { avx512::nm_dense_rows(a, r0, r1, buf); }, bias);
     bias_left = c10::nullopt;
-  } else if (B > kDirectMaxBatch) {
+  } else if (algo == kNmAlgoTiles) {
     SPARSEKERN_DISPATCH_FLOATS(vals.scalar_type(), "nm_linear", [&] {
       const scalar_t* v = vals.data_ptr<scalar_t>();
       const uint8_t* ix = idx.data_ptr<uint8_t>();
@@ -173,26 +174,31 @@ at::Tensor nm_linear_algo(const at::Tensor& x, const at::Tensor& values, const a
       }, bias);
       bias_left = c10::nullopt;
     });
-  } else if (avx512_nm_pattern(n, m) && cpu_has_avx512()) {
-    out = at::empty({B, O}, x2.options());
-    NmRowsArgs a{vals.data_ptr(), idx.data_ptr<uint8_t>(), nullptr, vals.scalar_type(), kept, idx.size(1), n, m, K, O,
-                 x2.data_ptr<float>(), B, 0, out.data_ptr<float>()};
-    parallel_rows(O, rows_grain(K, B), [&](int64_t r0, int64_t r1) { avx512::nm_rows(a, r0, r1); });
   } else {
+    // The row kernels, in batch tiles of at most kDirectMaxBatch rows (the widest they take):
+    // tile b0's rows of the output are rows b0.. of out, written in place.
     out = at::empty({B, O}, x2.options());
+    const bool wide = avx512_nm_pattern(n, m) && cpu_has_avx512();
     const bool avx2 = cpu_has_avx2();
-    // The AVX2 N:M kernels read row-major x at every batch (in tiles of 8 rows).
-    const int64_t BP = avx2 ? 0 : lanes_for_batch(B);
-    auto xin = BP ? x_lanes(x2, BP) : x2;
     // Slot s of every row belongs to the group starting at column (s / n) * m (read by
     // the AVX2 kernel for N:M other than 2:4).
-    auto slot_base = at::div(at::arange(kept, idx.options().dtype(at::kInt)), n, "floor").mul_(m);
-    NmRowsArgs a{vals.data_ptr(), idx.data_ptr<uint8_t>(), slot_base.data_ptr<int32_t>(), vals.scalar_type(), kept, idx.size(1), n, m, K, O,
-                 xin.data_ptr<float>(), B, BP, out.data_ptr<float>()};
-    parallel_rows(O, rows_grain(K, B), [&](int64_t r0, int64_t r1) {
-      if (avx2) avx2::nm_rows(a, r0, r1);
-      else generic::nm_rows(a, r0, r1);
-    });
+    at::Tensor slot_base;
+    if (!wide) slot_base = at::div(at::arange(kept, idx.options().dtype(at::kInt)), n, "floor").mul_(m);
+    for (int64_t b0 = 0; b0 < B; b0 += kDirectMaxBatch) {
+      const int64_t bt = std::min(kDirectMaxBatch, B - b0);
+      auto xt = x2.narrow(0, b0, bt);
+      // The AVX-512 and AVX2 N:M kernels read row-major x at every batch (in tiles of 8 rows).
+      const int64_t BP = wide || avx2 ? 0 : lanes_for_batch(bt);
+      auto xin = BP ? x_lanes(xt, BP) : xt;
+      NmRowsArgs a{vals.data_ptr(), idx.data_ptr<uint8_t>(), wide ? nullptr : slot_base.data_ptr<int32_t>(),
+                   vals.scalar_type(), kept, idx.size(1), n, m, K, O, xin.data_ptr<float>(), bt, BP,
+                   out.data_ptr<float>() + b0 * O};
+      parallel_rows(O, rows_grain(K, bt), [&](int64_t r0, int64_t r1) {
+        if (wide) avx512::nm_rows(a, r0, r1);
+        else if (avx2) avx2::nm_rows(a, r0, r1);
+        else generic::nm_rows(a, r0, r1);
+      });
+    }
   }
   return finish_linear(out, x, bias_left);
 }
@@ -249,23 +255,24 @@ at::Tensor nm_conv2d_algo(const at::Tensor& x, const at::Tensor& values, const a
                     .reshape({rows, K});
     // [N, OH, OW, O] is the memory of the channels-last result. The bias goes in there, so
     // a bf16/fp16 result is rounded once.
-    out.permute({0, 2, 3, 1}).reshape({rows, O}).copy_(nm_linear_algo(cols, vals, idx, n, m, K, bias, kNmAlgoDecode, c10::nullopt));
+    out.permute({0, 2, 3, 1}).reshape({rows, O}).copy_(nm_linear_algo(cols, vals, idx, n, m, K, bias, algo, c10::nullopt));
     return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
   }
   if (bias.has_value()) out.add_(bias->to(at::kFloat).view({1, O, 1, 1}));
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
-// The shared schemas (every backend's): the decode algorithm, no CPU-only arguments.
+// The shared schemas (every backend's), no CPU-only arguments: the row kernels at every batch
+// (the ops layer runs nm_linear_cpu / nm_conv2d_cpu with the algorithm dispatch_rules chose).
 at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, int64_t n,
                          int64_t m, int64_t in_features, const c10::optional<at::Tensor>& bias) {
-  return nm_linear_algo(x, values, indices, n, m, in_features, bias, kNmAlgoDecode, c10::nullopt);
+  return nm_linear_algo(x, values, indices, n, m, in_features, bias, kNmAlgoRows, c10::nullopt);
 }
 
 at::Tensor nm_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, int64_t n,
                          int64_t m, at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding,
                          at::IntArrayRef dilation, const c10::optional<at::Tensor>& bias) {
-  return nm_conv2d_algo(x, values, indices, n, m, weight_shape, stride, padding, dilation, bias, kNmAlgoDecode,
+  return nm_conv2d_algo(x, values, indices, n, m, weight_shape, stride, padding, dilation, bias, kNmAlgoRows,
                         c10::nullopt);
 }
 

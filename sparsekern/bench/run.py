@@ -2,6 +2,7 @@
 
     python -m sparsekern bench --suite kernels|models|masks|quality|all [--device cpu|cuda] [--quick] [--out DIR]
         [--rounds N] [--models llama,vit_base_patch16_224,resnet50] [--peers all|none|NAME,...] [--threads N|auto]
+        [--busy]
     (--suite memory too)
 
 Suites:
@@ -32,10 +33,13 @@ a 2-core CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import datetime
 import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -224,32 +228,74 @@ def suite_models(a, env):
         chosen = getattr(a, "peers", None)
         built += build_peers(spec, base, dev, spec.get("peers", peers.names()) if chosen is None else chosen, rows,
                              pcommon)
-        t0 = time.perf_counter()
-        results = time_workloads({v: wls for v, _, wls, _, _ in built}, rounds, dev, BASELINE, AGAIN)
-        print(f"   timed {len(results)} workloads x {len(built) + 1} variants, {rounds} rounds, in "
-              f"{time.perf_counter() - t0:.0f} s; noise floor " +
-              ", ".join(f"{r[BASELINE]['noise_floor']:.1%}" for r in results), flush=True)
-        for i, res in enumerate(results):
-            for v, m, wls, common, first_s in built[:1] + [(AGAIN, *built[0][1:])] + built[1:]:
-                r, wl = res[v], wls[i]
-                # where the time goes, and the rates against the roofs (after the timed rounds)
-                prof = {}
-                if v != AGAIN and dev == "cpu":
-                    try:
-                        prof = profile.workload_profile(m, wl.run, r["median_ms"])
-                        if common.get("peer"):  # packed quantized weights as stored, not as profile counts them
-                            prof = peers.profile_fields(common["peer"], m, wl.run, r["median_ms"], prof)
-                    except Exception as e:  # noqa: BLE001 - the timed row stands; say why it has no profile
-                        prof = {"profile_error": f"{type(e).__name__}: {e}"[:300]}
-                rows.append({**common, "variant": v, "metric": wl.metric, "batch": wl.batch,
-                             "units_per_call": wl.units, **r, "value": wl.units / (r["median_ms"] * 1e-3),
-                             "value_p20": wl.units / (r["p80_ms"] * 1e-3), "value_p80": wl.units / (r["p20_ms"] * 1e-3),
-                             "speedup_vs_dense": r["speedup"], "first_call_s": first_s[i],
-                             "held_bytes": models.held_bytes(m),
-                             "paths": common.get("paths") or path_summary(m, wl.rows), **prof})
+        for load in (LOADS if getattr(a, "busy", False) else (None,)):
+            load_row = {} if load is None else {"load": load}
+            t0 = time.perf_counter()
+            with one_core_busy() if load == BUSY else contextlib.nullcontext():
+                results = time_workloads({v: wls for v, _, wls, _, _ in built}, rounds, dev, BASELINE, AGAIN)
+            print(f"   timed {len(results)} workloads x {len(built) + 1} variants, {rounds} rounds"
+                  f"{'' if load is None else ', ' + load}, in {time.perf_counter() - t0:.0f} s; noise floor " +
+                  ", ".join(f"{r[BASELINE]['noise_floor']:.1%}" for r in results), flush=True)
+            add_model_rows(rows, results, built, dev, load_row)
         peers.add_peer_ratios(rows[first_row:])
+        if getattr(a, "busy", False):
+            add_speedup_kept(rows[first_row:])
         del base, built
     return rows
+
+
+# The --busy loads: each model's loop timed quiet, then with one core held by another process.
+QUIET, BUSY = "quiet", "one core busy"
+LOADS = (QUIET, BUSY)
+
+
+@contextlib.contextmanager
+def one_core_busy():
+    """A process spinning on one core for the block (the last core this process may run on,
+    os.sched_setaffinity): the "one core busy" load of the models suite (--busy), as a CPU
+    inference server shares its cores with other work."""
+    core = sorted(os.sched_getaffinity(0))[-1]
+    spinner = subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{core}}})\n"
+                                "while True:\n    pass"])
+    try:
+        time.sleep(0.2)  # the spinner running before the first timed call
+        yield core
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def add_speedup_kept(rows: list[dict]) -> None:
+    """On each "one core busy" row: `speedup_kept`, its speed-up over dense under that load
+    divided by its quiet one (same model, variant and metric)."""
+    quiet = {(r.get("model"), r.get("variant"), r.get("metric")): r.get("speedup")
+             for r in rows if r.get("load") == QUIET}
+    for r in rows:
+        q = quiet.get((r.get("model"), r.get("variant"), r.get("metric")))
+        if r.get("load") == BUSY and q and r.get("speedup"):
+            r["speedup_kept"] = r["speedup"] / q
+
+
+def add_model_rows(rows: list[dict], results: list[dict], built: list, dev: str, load_row: dict) -> None:
+    """The rows of one timed loop of the models suite (profiles for the quiet loop only)."""
+    for i, res in enumerate(results):
+        for v, m, wls, common, first_s in built[:1] + [(AGAIN, *built[0][1:])] + built[1:]:
+            r, wl = res[v], wls[i]
+            # where the time goes, and the rates against the roofs (after the timed rounds)
+            prof = {}
+            if v != AGAIN and dev == "cpu" and load_row.get("load", QUIET) == QUIET:
+                try:
+                    prof = profile.workload_profile(m, wl.run, r["median_ms"])
+                    if common.get("peer"):  # packed quantized weights as stored, not as profile counts them
+                        prof = peers.profile_fields(common["peer"], m, wl.run, r["median_ms"], prof)
+                except Exception as e:  # noqa: BLE001 - the timed row stands; say why it has no profile
+                    prof = {"profile_error": f"{type(e).__name__}: {e}"[:300]}
+            rows.append({**common, **load_row, "variant": v, "metric": wl.metric, "batch": wl.batch,
+                         "units_per_call": wl.units, **r, "value": wl.units / (r["median_ms"] * 1e-3),
+                         "value_p20": wl.units / (r["p80_ms"] * 1e-3), "value_p80": wl.units / (r["p20_ms"] * 1e-3),
+                         "speedup_vs_dense": r["speedup"], "first_call_s": first_s[i],
+                         "held_bytes": models.held_bytes(m),
+                         "paths": common.get("paths") or path_summary(m, wl.rows), **prof})
 
 
 # ------------------------------------------------------------------------------- masks
@@ -451,6 +497,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--threads", default="auto",
                    help="intra-op threads: a number, or auto (torch's default; 1 when the machine is already "
                         "busier than its CPUs, see common.pick_threads)")
+    p.add_argument("--busy", action="store_true",
+                   help="models suite: time each model quiet and again with one core held by a spinning process "
+                        "(rows say their `load`; busy rows give `speedup_kept`, busy speed-up / quiet speed-up)")
     p.add_argument("--no-progress", dest="show_progress", action="store_false", help="no progress bars")
     a = p.parse_args(argv)
     if a.threads != "auto" and not (a.threads.isdigit() and int(a.threads) >= 1):

@@ -55,7 +55,7 @@ def nm_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torc
 
 def _nm_linear_call(x: torch.Tensor, weight) -> "LinearCall":
     d, key = decide("nm_linear", (x, weight))
-    if d.cpu_run is not None and key.cpu_algo != rules.NM_ALGO_DECODE:
+    if d.cpu_run is not None:  # the C++ kernel with the algorithm dispatch_rules chose
         return LinearCall(d.cpu_run, weight.kernel_args(),
                           (key.cpu_algo, weight.gemm_panels() if key.panels else None))
     return LinearCall(d.run, weight.kernel_args(), ())
@@ -74,8 +74,9 @@ def bitmask_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) ->
 
 def _bitmask_linear_call(x: torch.Tensor, weight) -> "LinearCall":
     d, key = decide("bitmask_linear", (x, weight))
-    if d.cpu_run is not None and key.column_index:
-        return LinearCall(d.cpu_run, weight.kernel_args(), (weight.column_index(),))
+    if d.cpu_run is not None and key.cpu_algo is not None:  # the algorithm dispatch_rules chose
+        return LinearCall(d.cpu_run, weight.kernel_args(),
+                          (weight.column_index() if key.column_index else None, key.cpu_algo))
     return LinearCall(d.run, weight.kernel_args(), ())
 
 
@@ -127,7 +128,10 @@ def block_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> t
     check_format("block_linear", weight, "BlockWeight")
     check_x("block_linear", x, weight.in_features, weight.dtype, weight.device)
     check_bias("block_linear", bias, weight.shape[0], x)
-    return run("block_linear", (x, weight), x, *weight.kernel_args(), bias)
+    d, key = decide("block_linear", (x, weight))
+    if d.cpu_run is not None and key.cpu_algo is not None:  # the algorithm dispatch_rules chose
+        return d.cpu_run(x, *weight.kernel_args(), bias, key.cpu_algo)
+    return d.run(x, *weight.kernel_args(), bias)
 
 
 def nm_conv2d(x: torch.Tensor, weight, kernel_size, bias: torch.Tensor | None = None, stride=1, padding=0,
@@ -167,7 +171,7 @@ def nm_conv2d(x: torch.Tensor, weight, kernel_size, bias: torch.Tensor | None = 
     values, indices, n, m, _ = weight.kernel_args()
     d, key = decide(op, (x, weight, (kh, kw), bias, stride, padding, dilation))
     args = (x, values, indices, n, m, shape, list(stride), list(padding), list(dilation), bias)
-    if d.cpu_run is not None and key.cpu_algo not in (None, rules.NM_ALGO_DECODE):
+    if d.cpu_run is not None and key.cpu_algo is not None:
         return d.cpu_run(*args, key.cpu_algo, weight.gemm_panels() if key.panels else None)
     return d.run(*args)
 

@@ -39,7 +39,7 @@ def _fake_nm_linear(x, values, indices, n, m, in_features, bias):
 
 def _check_algo(op: str, algo: int, n: int, m: int) -> None:
     torch._check(algo in rules.NM_ALGO_NAMES, lambda: f"{op}: algo must be one of {sorted(rules.NM_ALGO_NAMES)}")
-    torch._check(algo == rules.NM_ALGO_DECODE or (n, m) == (2, 4),
+    torch._check(algo != rules.NM_ALGO_GEMM or (n, m) == (2, 4),
                  lambda: f"{op}: algo {algo} (the 2:4 GEMM kernel) runs 2:4 weights, got {n}:{m}")
 
 
@@ -65,8 +65,10 @@ def _fake_bitmask_linear(x, values, bitmask, offsets, in_features, bias):
     return x.new_empty(_out_shape(x, bitmask.shape[0]))
 
 
-def _fake_bitmask_linear_cpu(x, values, bitmask, offsets, in_features, bias, columns):
-    torch._check(columns.shape[0] == values.shape[0],
+def _fake_bitmask_linear_cpu(x, values, bitmask, offsets, in_features, bias, columns, algo=0):
+    torch._check(algo in rules.BITMASK_ALGO_NAMES,
+                 lambda: f"bitmask_linear: algo must be one of {sorted(rules.BITMASK_ALGO_NAMES)}")
+    torch._check(columns is None or columns.shape[0] == values.shape[0],
                  lambda: "bitmask_linear: columns must hold one entry per kept value")
     return _fake_bitmask_linear(x, values, bitmask, offsets, in_features, bias)
 
@@ -100,6 +102,12 @@ def _fake_block_linear(x, crow_indices, col_indices, values, in_features, bias):
     return x.new_empty(_out_shape(x, (crow_indices.shape[0] - 1) * values.shape[1]))
 
 
+def _fake_block_linear_cpu(x, crow_indices, col_indices, values, in_features, bias, algo):
+    torch._check(algo in rules.BLOCK_ALGO_NAMES,
+                 lambda: f"block_linear: algo must be one of {sorted(rules.BLOCK_ALGO_NAMES)}")
+    return _fake_block_linear(x, crow_indices, col_indices, values, in_features, bias)
+
+
 def _fake_masked_linear(x, weight, bitmask, bias):
     torch._check(x.shape[-1] == weight.shape[1], lambda: "masked_linear: x.shape[-1] must equal in_features")
     return x.new_empty(_out_shape(x, weight.shape[0]))
@@ -129,6 +137,7 @@ FAKES: dict[str, Callable] = {
     "nm_conv2d": _fake_nm_conv2d,
     "bitmask_linear": _fake_bitmask_linear,
     "block_linear": _fake_block_linear,
+    "block_linear_cpu": _fake_block_linear_cpu,
     "nm_linear_q": _fake_nm_linear_q,
     "bitmask_linear_q": _fake_bitmask_linear_q,
     "nm_linear_q_cpu": _fake_nm_linear_q_cpu,
@@ -281,8 +290,9 @@ AUTOGRAD: dict[str, tuple[Callable, Callable]] = {
     "nm_conv2d": (_nm_conv2d_backward, _nm_conv2d_setup),
     "nm_conv2d_cpu": (_cpu_args(_nm_conv2d_backward, 2), _nm_conv2d_setup),
     "bitmask_linear": (_bitmask_backward, _sparse_setup(1, 4)),
-    "bitmask_linear_cpu": (_cpu_args(_bitmask_backward, 1), _sparse_setup(1, 4)),
+    "bitmask_linear_cpu": (_cpu_args(_bitmask_backward, 2), _sparse_setup(1, 4)),
     "block_linear": (_block_backward, _sparse_setup(3, 4)),
+    "block_linear_cpu": (_cpu_args(_block_backward, 1), _sparse_setup(3, 4)),
     "nm_linear_q": (_nm_q_backward, _q_setup(8)),
     "bitmask_linear_q": (_bitmask_q_backward, _q_setup(5)),
     # int8 activations (algos 1 and 2): the gradient of the exact product (straight through the

@@ -74,17 +74,21 @@ class NmConv2dKey(NamedTuple):
 
 class BitmaskLinearKey(NamedTuple):
     """bitmask_linear: the batch bucket; given the weight, whether the C++ kernel reads the
-    column index (BitmaskWeight.column_index) instead of the mask."""
+    column index (BitmaskWeight.column_index) instead of the mask, and the CPU algorithm passed
+    to it (rules.BITMASK_ALGO_*)."""
 
     bucket: int
     column_index: bool | None = None
+    cpu_algo: int | None = None
 
 
 class BlockLinearKey(NamedTuple):
-    """block_linear: the batch bucket and the block shape (the Triton kernel takes square blocks)."""
+    """block_linear: the batch bucket and the block shape (the Triton kernel takes square
+    blocks); given the weight, the CPU algorithm passed to the C++ kernel (rules.BLOCK_ALGO_*)."""
 
     bucket: int
     block: tuple | None = None
+    cpu_algo: int | None = None
 
 
 def plain_key(arg: str, index: int) -> Callable:
@@ -154,12 +158,21 @@ def bitmask_linear_key(x, weight=None, bias=None):
     bucket = rules.batch_bucket(_rows(x))
     if weight is None:
         return x, BitmaskLinearKey(bucket)
+    algo = None
+    if x.device.type == "cpu" and x.dtype in rules.KERNEL_DTYPES:  # by the bucket, as nm_linear_key
+        algo = rules.bitmask_cpu_algo(rules.bucket_min_rows(bucket), weight.density)
     return x, BitmaskLinearKey(bucket, rules.uses_column_index(x.device, x.dtype, bucket, weight.density,
-                                                               weight.in_features, weight.COLUMN_INDEX_MAX_IN))
+                                                               weight.in_features, weight.COLUMN_INDEX_MAX_IN), algo)
 
 
 def block_linear_key(x, weight=None, bias=None):
-    return x, BlockLinearKey(rules.batch_bucket(_rows(x)), None if weight is None else tuple(weight.block))
+    bucket = rules.batch_bucket(_rows(x))
+    if weight is None:
+        return x, BlockLinearKey(bucket)
+    algo = None
+    if x.device.type == "cpu" and x.dtype in rules.KERNEL_DTYPES:  # by the bucket, as nm_linear_key
+        algo = rules.block_cpu_algo(rules.bucket_min_rows(bucket), weight.density)
+    return x, BlockLinearKey(bucket, tuple(weight.block), algo)
 
 
 # ------------------------------------------------------------------ notes and limits
@@ -175,9 +188,18 @@ def nm_note(backend: str, key) -> str:
 
 
 def bitmask_note(backend: str, key: BitmaskLinearKey) -> str:
-    if backend == "cpp" and key.column_index:
-        return "; reads BitmaskWeight.column_index (a 16-bit column per kept value) instead of the mask"
-    return ""
+    if backend != "cpp" or key.cpu_algo is None:
+        return ""
+    text = f"; algorithm: {rules.BITMASK_ALGO_NAMES[key.cpu_algo]}"
+    if key.column_index:
+        text += "; reads BitmaskWeight.column_index (a 16-bit column per kept value) instead of the mask"
+    return text
+
+
+def block_note(backend: str, key: BlockLinearKey) -> str:
+    if backend != "cpp" or key.cpu_algo is None:
+        return ""
+    return f"; algorithm: {rules.BLOCK_ALGO_NAMES[key.cpu_algo]}"
 
 
 def q_note(backend: str, key: QLinearKey) -> str:
@@ -228,7 +250,7 @@ def _nm_conv2d_cpu_reference(x, values, indices, n, m, weight_shape, stride, pad
     return reference.nm_conv2d(x, values, indices, n, m, weight_shape, stride, padding, dilation, bias)
 
 
-def _bitmask_linear_cpu_reference(x, values, bitmask, offsets, in_features, bias, columns):
+def _bitmask_linear_cpu_reference(x, values, bitmask, offsets, in_features, bias, columns, algo=0):
     return reference.bitmask_linear(x, values, bitmask, offsets, in_features, bias)
 
 
@@ -242,10 +264,15 @@ def _bitmask_linear_q_cpu_reference(x, values, bitmask, offsets, scales, in_feat
     return reference.bitmask_linear_q(x, values, bitmask, offsets, scales, in_features, bias)
 
 
+def _block_linear_cpu_reference(x, crow_indices, col_indices, values, in_features, bias, algo):
+    return reference.block_linear(x, crow_indices, col_indices, values, in_features, bias)
+
+
 # The references of the CPU-only ops (the public op's reference, the CPU arguments dropped, or
 # the algorithm's own numerics where the int8 GEMM changes them).
 CPU_OP_REFERENCES = {"nm_linear_cpu": _nm_linear_cpu_reference, "nm_conv2d_cpu": _nm_conv2d_cpu_reference,
                      "bitmask_linear_cpu": _bitmask_linear_cpu_reference,
+                     "block_linear_cpu": _block_linear_cpu_reference,
                      "nm_linear_q_cpu": _nm_linear_q_cpu_reference,
                      "bitmask_linear_q_cpu": _bitmask_linear_q_cpu_reference}
 
@@ -264,7 +291,7 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
     OpSpec("bitmask_linear_q", reference.bitmask_linear_q, q_linear_key, triton="linear_q",
            cpu_op="bitmask_linear_q_cpu", note=q_note, differentiable=True),
     OpSpec("block_linear", reference.block_linear, block_linear_key, triton="block_linear",
-           triton_limit=triton_block_limit, differentiable=True),
+           triton_limit=triton_block_limit, note=block_note, cpu_op="block_linear_cpu", differentiable=True),
     OpSpec("masked_linear", reference.masked_linear, rows_key, cuda=True, triton="masked_linear",
            differentiable=True),
     OpSpec("masked_linear_grad_input", reference.masked_linear_grad_input, rows_key, cuda=True,

@@ -1,0 +1,110 @@
+"""The Llama-style decoder's linears at decode batch 1, quiet and with one core busy (issue 31).
+
+The 28 linears of one decode step (hidden 2048, intermediate 5632, 4 layers: q, k, v, o,
+gate, up, down; a SiLU after each, so torch's own parallel regions run between them) at batch
+1: dense (F.linear) against sparsekern 2:4 (ops.nm_linear), 90% and 70% unstructured
+(ops.bitmask_linear), timed interleaved (round-robin), median ms per step. Phases: quiet, one
+core busy (a process spinning on the last core this process may use, pinned with
+os.sched_setaffinity), quiet again, busy again. Prints each phase and, per variant, the mean
+speed-up over dense quiet and busy and the share of the quiet speed-up kept under load;
+--out FILE writes them as JSON.
+
+    python bench/bench_cpu_busy.py [--rounds 20] [--out results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from sparsekern import ops
+from sparsekern.formats import BitmaskWeight, NMWeight
+
+H, I, LAYERS = 2048, 5632, 4
+SHAPES = [(H, H)] * 4 + [(I, H), (I, H), (H, I)]  # q, k, v, o, gate, up, down (out, in)
+VARIANTS = {"2:4": ("nm", None), "90%": ("bitmask", 0.1), "70%": ("bitmask", 0.3)}
+
+
+def spinner() -> subprocess.Popen:
+    core = sorted(os.sched_getaffinity(0))[-1]
+    return subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{core}}})\nwhile True:\n    pass"])
+
+
+def main() -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    torch.manual_seed(0)
+    dense = [[torch.randn(o, i) * 0.02 for o, i in SHAPES] for _ in range(LAYERS)]
+
+    def compress(kind, keep, w):
+        return NMWeight.from_dense(w, 2, 4) if kind == "nm" else BitmaskWeight.from_dense(w, torch.rand_like(w) < keep)
+
+    sparse = {v: [[compress(k, keep, w) for w in layer] for layer in dense] for v, (k, keep) in VARIANTS.items()}
+    xs = {H: torch.randn(1, H), I: torch.randn(1, I)}
+    for v, layers in sparse.items():  # checked against the dense product of the same weights first
+        for w in layers[0]:
+            x = xs[w.shape[1]]
+            y = ops.nm_linear(x, w) if VARIANTS[v][0] == "nm" else ops.bitmask_linear(x, w)
+            torch.testing.assert_close(y, x @ w.to_dense().t(), rtol=1e-4, atol=1e-4)
+
+    def step(weights, linear):
+        def run():
+            for layer in weights:
+                for w in layer:
+                    F.silu(linear(xs[w.shape[1]], w))
+        return run
+
+    runs = {"dense": step(dense, F.linear),
+            **{v: step(sparse[v], ops.nm_linear if VARIANTS[v][0] == "nm" else ops.bitmask_linear) for v in VARIANTS}}
+    for r in runs.values():
+        r(), r()
+    res = {}
+    phases = ["quiet", "busy", "quiet2", "busy2"]
+    with tqdm(total=len(phases) * a.rounds, desc="rounds") as bar:
+        for phase in phases:
+            sp = spinner() if phase.startswith("busy") else None
+            if sp:
+                time.sleep(0.2)
+            try:
+                t = {k: [] for k in runs}
+                for _ in range(a.rounds):
+                    for k, r in runs.items():
+                        t0 = time.perf_counter()
+                        r()
+                        t[k].append((time.perf_counter() - t0) * 1e3)
+                    bar.update()
+                res[phase] = {k: statistics.median(v) for k, v in t.items()}
+            finally:
+                if sp:
+                    sp.kill()
+                    sp.wait()
+    for phase, r in res.items():
+        d = r["dense"]
+        print(f"{phase:7s} dense {d:7.2f} ms  " +
+              "  ".join(f"{k} {v:7.2f} ms {d / v:4.2f}x" for k, v in r.items() if k != "dense"))
+    summary = {}
+    for v in VARIANTS:
+        q = statistics.mean(res[p]["dense"] / res[p][v] for p in ("quiet", "quiet2"))
+        b = statistics.mean(res[p]["dense"] / res[p][v] for p in ("busy", "busy2"))
+        summary[v] = {"speedup_quiet": q, "speedup_busy": b, "kept": b / q}
+        print(f"{v}: quiet {q:.2f}x, busy {b:.2f}x, kept {b / q:.0%}")
+    out = {"median_ms_per_step": res, "summary": summary, "threads": torch.get_num_threads(),
+           "loadavg": os.getloadavg()}
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()

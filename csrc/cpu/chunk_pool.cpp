@@ -1,0 +1,196 @@
+// parallel_chunks (cpu_common.h): the thread pool of the CPU kernels' parallel loops.
+//
+// Why not at::parallel_for: with the OpenMP backend it splits [0, n) into one fixed range per
+// thread, and the region ends at a barrier that every thread of the team must reach. When
+// another process holds one of the cores, the thread the OS parks there holds its whole range
+// (and, even with none, the barrier) until it next gets a time slice, a few milliseconds later:
+// a decode step of tens of short regions then waits a slice in most of them. Here the calling
+// thread and the workers take chunks from one shared counter, and the call returns once every
+// chunk is done: a worker that was not running leaves its chunks to the others and is not
+// waited for. The calling thread starts at once (no wake-up on the critical path).
+//
+// The protocol. One job at a time (a mutex; a second caller runs its loop inline). The claim
+// word packs the job's epoch (24 bits), its chunk count (20 bits) and the next chunk (20 bits):
+// a thread claims chunk c of epoch e with one compare-exchange on it, so a late worker that
+// saw an older epoch can never claim a chunk of a newer job, nor one past its count. The
+// caller publishes the job's fields before the claim word (release) and returns only when
+// `done` equals the count: a job's fields stay valid while any of its chunks is claimed.
+// Workers spin briefly after a job (back-to-back calls of a decode step find them awake), then
+// sleep on a futex.
+#include "cpu_common.h"
+
+#include <c10/util/ParallelGuard.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <exception>
+#include <mutex>
+#include <thread>
+
+namespace sparsekern {
+namespace cpu {
+namespace {
+
+constexpr int kEpochBits = 24, kCountBits = 20;
+constexpr uint64_t kCountMask = (uint64_t(1) << kCountBits) - 1;
+
+inline uint64_t claim_word(uint64_t epoch, uint64_t count, uint64_t next) {
+  return (epoch << (2 * kCountBits)) | (count << kCountBits) | next;
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// How long a worker spins for the next job before it sleeps. SPARSEKERN_POOL_SPIN_US (read
+// once, a benchmarking switch) overrides it.
+int64_t spin_ns() {
+  static const int64_t ns = [] {
+    const char* s = std::getenv("SPARSEKERN_POOL_SPIN_US");
+    return s ? std::max<int64_t>(0, std::atoll(s)) * 1000 : int64_t(200) * 1000;
+  }();
+  return ns;
+}
+
+thread_local bool t_in_pool_job = false;
+
+struct ChunkPool {
+  std::mutex job_lock;                     // one job at a time
+  std::atomic<uint64_t> claim{0};          // epoch | count | next (claim_word)
+  std::atomic<int64_t> done{0};            // chunks finished in the current job
+  std::atomic<uint32_t> wake{0};           // futex word: bumped at every job
+  std::atomic<int> sleepers{0};
+  std::atomic<int> participants{0};        // workers asked to take part (a hint: see worker_loop)
+  uint64_t epoch = 0;
+  // The current job (valid while one of its chunks is claimed and not done).
+  const std::function<void(int64_t, int64_t)>* fn = nullptr;
+  int64_t n = 0, chunk = 1;
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::mutex error_lock;
+  int workers = 0;  // started (guarded by job_lock)
+
+  // Claims and runs chunks of `epoch` until none is left; true when it ran one.
+  void run_chunks(uint64_t e) {
+    uint64_t w = claim.load(std::memory_order_acquire);
+    for (;;) {
+      if ((w >> (2 * kCountBits)) != (e & ((uint64_t(1) << kEpochBits) - 1))) return;
+      const uint64_t next = w & kCountMask, count = (w >> kCountBits) & kCountMask;
+      if (next >= count) return;
+      if (!claim.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+      const int64_t b = int64_t(next) * chunk, end = std::min(n, b + chunk);
+      if (!failed.load(std::memory_order_relaxed)) {
+        try {
+          (*fn)(b, end);
+        } catch (...) {
+          std::lock_guard<std::mutex> g(error_lock);
+          if (!failed.exchange(true)) error = std::current_exception();
+        }
+      }
+      done.fetch_add(1, std::memory_order_acq_rel);
+      w = claim.load(std::memory_order_acquire);
+    }
+  }
+
+  void worker_loop(int index) {
+    t_in_pool_job = true;
+    c10::ParallelGuard guard(true);  // ATen ops called from a chunk run inline, as in at::parallel_for
+    uint32_t seen = wake.load(std::memory_order_acquire);
+    for (;;) {
+      uint32_t now = wake.load(std::memory_order_acquire);
+      if (now == seen) {
+        const auto t0 = std::chrono::steady_clock::now();
+        const auto limit = std::chrono::nanoseconds(spin_ns());
+        int spins = 0;
+        while ((now = wake.load(std::memory_order_acquire)) == seen) {
+          cpu_relax();
+          if (++spins % 64 == 0 && std::chrono::steady_clock::now() - t0 > limit) {
+            sleepers.fetch_add(1, std::memory_order_seq_cst);
+            if (wake.load(std::memory_order_seq_cst) == seen)
+              syscall(SYS_futex, reinterpret_cast<uint32_t*>(&wake), FUTEX_WAIT_PRIVATE, seen, nullptr, nullptr, 0);
+            sleepers.fetch_sub(1, std::memory_order_seq_cst);
+            spins = 0;
+          }
+        }
+      }
+      seen = now;
+      // The epoch is read from the claim word itself; a stale one claims nothing.
+      if (index >= participants.load(std::memory_order_relaxed)) continue;
+      run_chunks(claim.load(std::memory_order_acquire) >> (2 * kCountBits));
+    }
+  }
+
+  void start_workers(int wanted) {
+    for (; workers < wanted; ++workers) {
+      const int index = workers;
+      std::thread([this, index] { worker_loop(index); }).detach();
+    }
+  }
+};
+
+ChunkPool* g_pool = nullptr;
+std::once_flag g_pool_once;
+
+ChunkPool& pool() {
+  std::call_once(g_pool_once, [] {
+    g_pool = new ChunkPool();  // never deleted: detached workers use it until the process ends
+    // A forked child has none of the parent's threads: it starts a pool of its own.
+    pthread_atfork(nullptr, nullptr, [] { g_pool = new ChunkPool(); });
+  });
+  return *g_pool;
+}
+
+}  // namespace
+
+void parallel_chunks(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(1, grain);
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || n <= grain || t_in_pool_job || at::in_parallel_region()) {
+    fn(0, n);
+    return;
+  }
+  ChunkPool& p = pool();
+  std::unique_lock<std::mutex> lock(p.job_lock, std::try_to_lock);
+  if (!lock.owns_lock()) {  // another thread's job holds the pool
+    fn(0, n);
+    return;
+  }
+  // Chunks of at least `grain`, about 8 per thread (a parked thread leaves at most one
+  // chunk in flight), and never more than the claim word counts.
+  int64_t chunk = std::max(grain, (n + 8 * threads - 1) / (8 * threads));
+  chunk = std::max(chunk, (n + int64_t(kCountMask) - 1) / int64_t(kCountMask));
+  const int64_t count = (n + chunk - 1) / chunk;
+  p.start_workers(int(threads - 1));
+  p.participants.store(int(threads - 1), std::memory_order_relaxed);
+  p.fn = &fn;
+  p.n = n;
+  p.chunk = chunk;
+  p.failed.store(false, std::memory_order_relaxed);
+  p.error = nullptr;
+  p.done.store(0, std::memory_order_relaxed);
+  p.epoch = (p.epoch + 1) & ((uint64_t(1) << kEpochBits) - 1);
+  p.claim.store(claim_word(p.epoch, uint64_t(count), 0), std::memory_order_release);
+  p.wake.fetch_add(1, std::memory_order_seq_cst);
+  if (p.sleepers.load(std::memory_order_seq_cst) > 0)
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&p.wake), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
+  {
+    c10::ParallelGuard guard(true);
+    t_in_pool_job = true;
+    p.run_chunks(p.epoch);
+    t_in_pool_job = false;
+  }
+  // Only chunks a worker claimed are left: wait for them, not for the workers.
+  while (p.done.load(std::memory_order_acquire) < count) cpu_relax();
+  if (p.failed.load(std::memory_order_acquire)) std::rethrow_exception(p.error);
+}
+
+}  // namespace cpu
+}  // namespace sparsekern
