@@ -310,6 +310,18 @@ def sparse_layer_bytes(model: torch.nn.Module) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------ model-level comparisons
+def stores_integer_values(model: torch.nn.Module) -> bool:
+    """Whether any sparse layer of model keeps its values as integers (int8, int4)."""
+    from ..nn import SPARSE_MODULES
+
+    for mod in model.modules():
+        if isinstance(mod, SPARSE_MODULES) and not mod.trainable:
+            f = mod.weight_format()
+            if not isinstance(f, torch.Tensor) and f.value_precision.name != "fp":
+                return True
+    return False
+
+
 def int8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
     """torch's one-line int8 dynamic quantization of model's nn.Linear layers, on the x86
     engine where it exists (what a user of an x86 CPU sets: fbgemm + onednn)."""
@@ -323,7 +335,7 @@ def int8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def check_model(make_workloads, base: torch.nn.Module, model: torch.nn.Module, dense_state: dict | None,
-                what: str, activations_quantized: bool = False) -> dict:
+                what: str, activations_quantized: bool | None = None) -> dict:
     """Every workload of `model` (a sparse variant of `base`, or base itself) against the
     fp64 masked dense reference: a float64 copy of `base` holding `dense_state` (the
     variant's weights decompressed, zeros in place), with the test suite's tolerance
@@ -334,10 +346,13 @@ def check_model(make_workloads, base: torch.nn.Module, model: torch.nn.Module, d
     activations_quantized: the variant's int8 kernels may quantize activations per row (the
     2:4 int8 dot-product GEMM does), so the bound is also at least 2x the error of torch's
     int8 dynamic quantization of the same weights (int8_dynamic on the reference model).
+    None: whether any sparse layer of `model` stores integer values.
     Returns {"rel_err", "torch_rel_err", "tolerance", "first_call_s"}."""
     import copy
 
     dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else torch.float32
+    if activations_quantized is None:
+        activations_quantized = stores_integer_values(model)
     first_s, outs = [], []
     for wl in make_workloads(model):
         t = time.perf_counter()
