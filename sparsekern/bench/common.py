@@ -317,7 +317,7 @@ def stores_integer_values(model: torch.nn.Module) -> bool:
     for mod in model.modules():
         if isinstance(mod, SPARSE_MODULES) and not mod.trainable:
             f = mod.weight_format()
-            if not isinstance(f, torch.Tensor) and f.value_precision.name != "fp":
+            if not isinstance(f, torch.Tensor) and f.value_precision.qmax:  # an integer grid
                 return True
     return False
 
