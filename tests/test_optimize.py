@@ -385,3 +385,34 @@ def test_end_to_end_small_real_search(tmp_path):
     paths = write_report(str(tmp_path / "rep"), plan, rows)
     assert all((tmp_path / "rep" / p.split("/")[-1]).exists() for p in paths)
     assert "| fc1 |" in open(paths[2]).read()
+
+
+def test_cli_optimize(tmp_path, monkeypatch):
+    from sparsekern.__main__ import main
+
+    model = mlp()
+    torch.save(model, tmp_path / "mlp.pt")
+    x = torch.randn(16, 128)
+    torch.save(x, tmp_path / "x.pt")
+    (tmp_path / "mlp_eval.py").write_text(
+        "import torch\n"
+        f"X = torch.load({str(tmp_path / 'x.pt')!r})\n"
+        f"REF = torch.load({str(tmp_path / 'mlp.pt')!r}, weights_only=False)(X).detach()\n"
+        "def score(m):\n"
+        "    with torch.no_grad():\n"
+        "        return float(torch.nn.functional.cosine_similarity(m(X), REF, dim=-1).mean())\n"
+        "def inputs():\n"
+        "    return X\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    rc = main(["optimize", str(tmp_path / "mlp.pt"), "--eval", "mlp_eval:score", "--inputs", "mlp_eval:inputs",
+               "--floor", "0.98", "--menu", "2:4,dense int8", "--budget-s", "30", "--out", str(out)])
+    assert rc == 0
+    plan = Plan.load(str(out / "plan.json"))
+    assert plan.measured["score"] >= 0.98 * plan.dense["score"]
+    saved = torch.load(out / "model.pt", weights_only=False)
+    assert state_equal(saved.state_dict(), sparsekern.apply_plan(mlp(), plan).state_dict())
+    with pytest.raises(SystemExit, match="--eval"):
+        main(["optimize", str(tmp_path / "mlp.pt"), "--eval", "no_colon", "--inputs", "mlp_eval:inputs"])
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["optimize", str(tmp_path / "nope.pt"), "--eval", "mlp_eval:score", "--inputs", "mlp_eval:inputs"])
