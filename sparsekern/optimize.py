@@ -79,7 +79,10 @@ INT4_GROUP = 128
 METHODS = ("wanda", "l1")
 # The sparse module class for each layer type a menu option can replace.
 SPARSE_CLASS: dict[type, type] = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
-SENSITIVITY_SHARE = 0.6  # of budget_s, for measured sensitivities (the rest: capture, timing, verification)
+# Shares of budget_s: the latency stage ends by LATENCY_SHARE of it; the sensitivity stage
+# takes SENSITIVITY_SHARE of what is left (the rest: knapsack, recovery, verification).
+LATENCY_SHARE = 0.3
+SENSITIVITY_SHARE = 0.75
 KNAPSACK_BINS = 2000
 
 
@@ -449,29 +452,33 @@ def measure_latency(model: nn.Module, names: list[str], inputs: dict[str, torch.
                     deadline: float | None = None) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
     """{layer: {option: median ms}} for every option that builds on the layer, and
     {layer: the layer timed for it}: the options of one geometry timed round-robin on the
-    first such layer's captured input, with the dense layer among them."""
+    first such layer's captured input, with the dense layer among them. Geometries reached
+    after `deadline` are timed dense only, with few rounds (their layers stay dense)."""
     groups: dict[tuple, list[str]] = {}
     for n in names:
         groups.setdefault(_geometry(model.get_submodule(n), inputs[n]), []).append(n)
     out, timed_on = {}, {}
-    bar = tqdm(list(groups.values()), "optimize: latency", disable=not show_progress, mininterval=0.5)
+    # Most layers first: when the deadline cuts the stage, the geometries left are the rare ones.
+    bar = tqdm(sorted(groups.values(), key=len, reverse=True), "optimize: latency", disable=not show_progress,
+               mininterval=0.5)
     for members in bar:
         first = members[0]
         layer, x = model.get_submodule(first), inputs[first]
+        late = deadline is not None and time.perf_counter() > deadline
         calls = {}
-        for oname, opt in menu.items():
+        for oname, opt in ({DENSE: menu[DENSE]} if late else menu).items():
             try:
                 mod = build_option(layer, opt, act_norms.get(first), method)
             except (ValueError, TypeError, RuntimeError):
                 continue  # this option cannot hold this layer (shape, type, device)
             calls[oname] = (lambda mod=mod: mod(x))
-        n_rounds = rounds if deadline is None or time.perf_counter() < deadline else max(3, rounds // 3)
-        samples = interleaved(calls, n_rounds)
+        samples = interleaved(calls, 3 if late else rounds)
         ms = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
         for n in members:
             out[n], timed_on[n] = dict(ms), first
         best = min(ms, key=ms.get)
-        bar.set_postfix_str(f"{first}: best {best} {ms[DENSE] / ms[best]:.2f}x dense", refresh=False)
+        bar.set_postfix_str(f"{first}: best {best} {ms[DENSE] / ms[best]:.2f}x dense"
+                            + (" (past the deadline: dense only)" if late else ""), refresh=False)
     return out, timed_on
 
 
@@ -495,32 +502,37 @@ def _simulated(mod: nn.Module) -> nn.Module:
 @torch.no_grad()
 def measure_sensitivity(model: nn.Module, names: list[str], inputs: dict[str, torch.Tensor],
                         menu: dict[str, Option], options_of: dict[str, list[str]], eval_fn, dense_score: float,
-                        method: str, act_norms: dict, deadline: float | None, show_progress: bool = True, seed: int = 0):
-    """({layer: {option: score loss}}, {layer: {option: measured?}}, validation dict). The
-    loss is dense_score - eval_fn(model with only that layer changed), measured for the
-    pairs reached before `deadline` (a seeded shuffle, so every option is sampled); the
-    others get the proxy (output_error) times the median measured loss/proxy ratio of their
-    option (or of all options)."""
+                        method: str, act_norms: dict, deadline: float | None, show_progress: bool = True,
+                        seed: int = 0, measure_share: float = 0.7):
+    """({layer: {option: score loss}}, {layer: {option: measured?}}, validation dict).
+
+    The pairs are visited in a seeded shuffle (so a cut sample still covers every option).
+    Each gets the proxy (output_error); until `measure_share` of the time to `deadline`
+    also its measured loss, dense_score - eval_fn(model with only that layer changed).
+    Unmeasured pairs use the proxy times the median measured loss/proxy ratio of their
+    option (or of all options); pairs not reached by `deadline` get no loss (not offered)."""
     pairs = [(n, o) for n in names for o in options_of[n] if o != DENSE]
-    proxy: dict[tuple, float] = {}
-    for n, o in tqdm(pairs, "optimize: sensitivity proxy", disable=not show_progress, mininterval=0.5):
-        layer = model.get_submodule(n)
-        proxy[(n, o)] = output_error(layer, _simulated(build_option(layer, menu[o], act_norms.get(n), method)),
-                                     inputs[n])
     order = list(pairs)
     random.Random(seed).shuffle(order)
+    start = time.perf_counter()
+    measure_until = None if deadline is None else start + measure_share * max(0.0, deadline - start)
+    proxy: dict[tuple, float] = {}
     measured: dict[tuple, float] = {}
     bar = tqdm(order, "optimize: sensitivity", disable=not show_progress, mininterval=0.5)
     for n, o in bar:
-        if deadline is not None and time.perf_counter() > deadline:
+        now = time.perf_counter()
+        if deadline is not None and now > deadline:
             break
         layer = model.get_submodule(n)
-        set_module(model, n, _simulated(build_option(layer, menu[o], act_norms.get(n), method)))
-        try:
-            measured[(n, o)] = dense_score - float(eval_fn(model))
-        finally:
-            set_module(model, n, layer)
-        bar.set_postfix_str(f"{len(measured)} measured", refresh=False)
+        sim = _simulated(build_option(layer, menu[o], act_norms.get(n), method))
+        proxy[(n, o)] = output_error(layer, sim, inputs[n])
+        if measure_until is None or now < measure_until:
+            set_module(model, n, sim)
+            try:
+                measured[(n, o)] = dense_score - float(eval_fn(model))
+            finally:
+                set_module(model, n, layer)
+        bar.set_postfix_str(f"{len(measured)} measured, {len(proxy) - len(measured)} by proxy", refresh=False)
     bar.close()
 
     def ratios(keys):
@@ -534,14 +546,15 @@ def measure_sensitivity(model: nn.Module, names: list[str], inputs: dict[str, to
     for n, o in pairs:
         if (n, o) in measured:
             loss[n][o], is_measured[n][o] = measured[(n, o)], True
-        else:
-            r = per_option.get(o) if per_option.get(o) is not None else overall
-            # Without any measured ratio the proxy cannot be put in score units: such an
-            # option is treated as costing the whole budget (never chosen blindly).
-            loss[n][o] = proxy[(n, o)] * r if r is not None else float("inf")
-            is_measured[n][o] = False
+            continue
+        r = per_option.get(o) if per_option.get(o) is not None else overall
+        # Without a proxy, or without any measured ratio to put it in score units, the pair
+        # has no loss and is not offered (never chosen blindly).
+        if (n, o) in proxy and r is not None:
+            loss[n][o], is_measured[n][o] = proxy[(n, o)] * r, False
     keys = list(measured)
-    validation = {"measured_pairs": len(measured), "proxy_pairs": len(pairs) - len(measured),
+    validation = {"measured_pairs": len(measured), "proxy_pairs": len(proxy) - len(measured),
+                  "unreached_pairs": len(pairs) - len(proxy),
                   "proxy": "relative squared output error of the layer on its captured input",
                   "spearman_proxy_vs_measured": spearman([proxy[k] for k in keys], [measured[k] for k in keys]),
                   "loss_per_proxy": {o: r for o, r in per_option.items() if r is not None}}
@@ -639,7 +652,7 @@ def optimize(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_in
 
     if timings is None:
         timings, timed_on = measure_latency(model, names, inputs, menu, method, act_norms, rounds, show_progress,
-                                            deadline=t0 + 0.2 * budget_s)
+                                            deadline=t0 + LATENCY_SHARE * budget_s)
     else:
         timed_on = {n: "injected" for n in names}
         missing = [n for n in names if n not in timings or DENSE not in timings[n]]
