@@ -659,7 +659,9 @@ def optimize(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_in
         if missing:
             raise ValueError(f"optimize: timings lacks layers (or their 'dense' time): {missing[:3]}")
     t = stage_done("latency", t)
-    options_of = {n: [o for o in timings[n] if o in menu] for n in names}
+    # An option no faster than the dense layer is never chosen: its sensitivity is not worth measuring.
+    options_of = {n: [o for o in timings[n] if o in menu and (o == DENSE or timings[n][o] < timings[n][DENSE])]
+                  for n in names}
 
     if sensitivities is None:
         sens_deadline = t + SENSITIVITY_SHARE * max(0.0, deadline_all - t)

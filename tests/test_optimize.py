@@ -416,3 +416,14 @@ def test_cli_optimize(tmp_path, monkeypatch):
         main(["optimize", str(tmp_path / "mlp.pt"), "--eval", "no_colon", "--inputs", "mlp_eval:inputs"])
     with pytest.raises(SystemExit, match="no such file"):
         main(["optimize", str(tmp_path / "nope.pt"), "--eval", "mlp_eval:score", "--inputs", "mlp_eval:inputs"])
+
+
+def test_an_option_slower_than_dense_is_not_measured_nor_chosen():
+    model, x = mlp(), torch.randn(8, 128)
+    timings = {n: {DENSE: 1.0, "2:4": 0.5, "dense int8": 2.0} for n in LAYERS}
+    _, plan = sparsekern.optimize(model, cosine_eval(model, x), x, floor=0.5, menu=["2:4", "dense int8"],
+                                  timings=timings, time_model=fixed_time, show_progress=False)
+    for r in plan.layers:
+        assert "dense int8" not in r["sensitivity"] and "2:4" in r["sensitivity"]
+        assert r["measured"]["2:4"]  # a tiny model: every pair measured within the budget
+    assert set(plan.choices.values()) == {"2:4"}
