@@ -16,7 +16,8 @@ Stages (each shown by one progress bar with the stage and the best so far):
    kernels on the same amount of data, and the time saved goes into more rounds.
 3. sensitivity: eval_fn with only that layer changed, for every (layer, option) while the
    stage's share of `budget_s` lasts; the rest get a proxy (the layer's relative output
-   error on its captured input) scaled by the measured loss/proxy ratio of the same option.
+   error on its captured input) scaled by the measured loss/proxy ratio (the larger of the
+   option's and the overall one). Options no faster than the dense layer are skipped.
    The plan records which values were measured and the Spearman rank correlation of proxy
    against measurement over the measured pairs (the proxy's validation).
 4. knapsack: a multiple-choice knapsack (dynamic programming over the score loss,
@@ -509,8 +510,9 @@ def measure_sensitivity(model: nn.Module, names: list[str], inputs: dict[str, to
     The pairs are visited in a seeded shuffle (so a cut sample still covers every option).
     Each gets the proxy (output_error); until `measure_share` of the time to `deadline`
     also its measured loss, dense_score - eval_fn(model with only that layer changed).
-    Unmeasured pairs use the proxy times the median measured loss/proxy ratio of their
-    option (or of all options); pairs not reached by `deadline` get no loss (not offered)."""
+    Unmeasured pairs use the proxy times the larger of the median measured loss/proxy ratio
+    of their option and of all options; pairs not reached by `deadline` get no loss (not
+    offered)."""
     pairs = [(n, o) for n in names for o in options_of[n] if o != DENSE]
     order = list(pairs)
     random.Random(seed).shuffle(order)
@@ -547,7 +549,10 @@ def measure_sensitivity(model: nn.Module, names: list[str], inputs: dict[str, to
         if (n, o) in measured:
             loss[n][o], is_measured[n][o] = measured[(n, o)], True
             continue
-        r = per_option.get(o) if per_option.get(o) is not None else overall
+        # The larger of the option's ratio and the overall one: a ratio measured on a layer the
+        # score ignores (0) must not make the option look free elsewhere; overestimating a
+        # loss costs speed, never the floor.
+        r = max((v for v in (per_option.get(o), overall) if v is not None), default=None)
         # Without a proxy, or without any measured ratio to put it in score units, the pair
         # has no loss and is not offered (never chosen blindly).
         if (n, o) in proxy and r is not None:

@@ -427,3 +427,30 @@ def test_an_option_slower_than_dense_is_not_measured_nor_chosen():
         assert "dense int8" not in r["sensitivity"] and "2:4" in r["sensitivity"]
         assert r["measured"]["2:4"]  # a tiny model: every pair measured within the budget
     assert set(plan.choices.values()) == {"2:4"}
+
+
+def test_sensitivity_deadlines_leave_unreached_and_unscaled_pairs_unoffered():
+    import time as _time
+
+    from sparsekern.optimize import measure_sensitivity
+
+    model, x = mlp(), torch.randn(8, 128)
+    menu = default_menu()
+    inputs = {n: t for n, t in zip(LAYERS, [x, torch.relu(model.fc1(x)), torch.relu(model.fc2(torch.relu(model.fc1(x))))])}
+    options_of = {n: [DENSE, "2:4", "dense int8"] for n in LAYERS}
+    eval_fn = cosine_eval(model, x)
+    # past the deadline: no pair reached
+    loss, measured, v = measure_sensitivity(model, LAYERS, inputs, menu, options_of, eval_fn, 1.0, "l1", {},
+                                            deadline=_time.perf_counter() - 1, show_progress=False)
+    assert v["unreached_pairs"] == 6 and all(set(loss[n]) == {DENSE} for n in LAYERS)
+    # proxies but no measurement: no ratio puts them in score units, so none is offered
+    loss, measured, v = measure_sensitivity(model, LAYERS, inputs, menu, options_of, eval_fn, 1.0, "l1", {},
+                                            deadline=_time.perf_counter() + 600, measure_share=0.0,
+                                            show_progress=False)
+    assert v["proxy_pairs"] == 6 and v["measured_pairs"] == 0 and all(set(loss[n]) == {DENSE} for n in LAYERS)
+    # everything measured: the losses are eval_fn's
+    loss, measured, v = measure_sensitivity(model, LAYERS, inputs, menu, options_of, eval_fn, 1.0, "l1", {},
+                                            deadline=None, show_progress=False)
+    assert v["measured_pairs"] == 6 and all(measured[n]["2:4"] for n in LAYERS)
+    assert all(0 < loss[n]["2:4"] < 1 for n in LAYERS)
+    assert v["spearman_proxy_vs_measured"] is not None
