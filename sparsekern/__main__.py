@@ -1,4 +1,4 @@
-"""Command line: `python -m sparsekern info | demo | bench | prune` (`--help` on each)."""
+"""Command line: `python -m sparsekern info | demo | bench | prune | optimize` (`--help` on each)."""
 from __future__ import annotations
 
 import argparse
@@ -137,6 +137,58 @@ def cmd_prune(a) -> int:
     return 0
 
 
+def entry_point(spec: str, where: str):
+    """The object named by 'module:attribute' (a Python entry point), imported."""
+    import importlib
+
+    mod, sep, attr = spec.partition(":")
+    if not sep or not mod or not attr:
+        raise SystemExit(f"optimize: {where} must be 'module:function', got {spec!r}")
+    try:
+        obj = importlib.import_module(mod)
+    except ImportError as e:
+        raise SystemExit(f"optimize: {where}: cannot import {mod!r} ({e})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise SystemExit(f"optimize: {where}: {mod!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def cmd_optimize(a) -> int:
+    import torch
+
+    from .optimize import optimize, pareto_rows, write_report
+
+    if not os.path.isfile(a.model):
+        raise SystemExit(f"optimize: no such file: {a.model}")
+    model = torch.load(a.model, map_location="cpu", weights_only=False)  # a pickled module runs its pickle code
+    if not isinstance(model, torch.nn.Module):
+        raise SystemExit(f"optimize: {a.model} holds a {type(model).__name__}; expected a torch.save'd nn.Module")
+    eval_fn = entry_point(a.eval, "--eval")
+    if a.inputs.endswith(".pt") and os.path.isfile(a.inputs):
+        example = torch.load(a.inputs, map_location="cpu", weights_only=True)
+    else:
+        f = entry_point(a.inputs, "--inputs")
+        example = f() if callable(f) else f
+    calib = None
+    if a.calibration:
+        f = entry_point(a.calibration, "--calibration")
+        calib = list(f() if callable(f) else f)
+    menu = [m.strip() for m in a.menu.split(",")] if a.menu else None
+    optimized, plan = optimize(model, eval_fn, example, floor=a.floor, absolute=a.absolute, menu=menu,
+                               calibration=calib, budget_s=a.budget_s, method=a.method)
+    out = a.out or os.path.splitext(a.model)[0] + ".optimized"
+    os.makedirs(out, exist_ok=True)
+    torch.save(optimized, os.path.join(out, "model.pt"))
+    rows = pareto_rows(model, plan, eval_fn, example, calibration=calib, optimized=optimized) if a.report else []
+    paths = write_report(out, plan, rows)
+    print(f"optimize: {len(plan.choices)} of {len(plan.layers)} layers changed; score {plan.measured['score']:.4f} "
+          f"(floor {plan.target:.4f}); {plan.dense['latency_ms']:.2f} -> {plan.measured['latency_ms']:.2f} ms; wrote "
+          + ", ".join([os.path.join(out, "model.pt")] + paths))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sparsekern", description="sparsekern command line")
     sub = p.add_subparsers(dest="command", required=True)
@@ -161,6 +213,20 @@ def main(argv=None) -> int:
     pp.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64 or 128 (default 128)")
     pp.add_argument("--out", default=None)
     pp.add_argument("--report", default=None)
+    po = sub.add_parser("optimize", help="the fastest per-layer plan within a quality floor (sparsekern.optimize)")
+    po.add_argument("model", help="torch.save of an nn.Module")
+    po.add_argument("--eval", required=True, help="module:function, function(model) -> score (higher is better)")
+    po.add_argument("--inputs", required=True, help="module:function returning one example batch (tensor, tuple "
+                    "or dict of keyword arguments), or a .pt file holding a tensor")
+    po.add_argument("--floor", type=float, default=0.99, help="fraction of the dense score (default 0.99)")
+    po.add_argument("--absolute", action="store_true", help="--floor is the score itself, not a fraction")
+    po.add_argument("--calibration", default=None, help="module:function returning calibration batches")
+    po.add_argument("--menu", default=None, help="comma-separated option names (default: all that run here)")
+    po.add_argument("--method", default="wanda", choices=["wanda", "l1"])
+    po.add_argument("--budget-s", type=float, default=900.0, help="search time bound in seconds (default 900)")
+    po.add_argument("--report", action="store_true", help="also time and score dense, every uniform option and "
+                    "the peers (bf16, torch int8 dynamic) for the Pareto plot")
+    po.add_argument("--out", default=None, help="folder for model.pt, plan.json, report.* (default <model>.optimized)")
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "demo":  # its own parser too (sparsekern.demo.main)
         from .demo import main as demo_main
@@ -177,6 +243,8 @@ def main(argv=None) -> int:
             print_info(a.json)
         elif a.command == "prune":
             return cmd_prune(a)
+        elif a.command == "optimize":
+            return cmd_optimize(a)
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

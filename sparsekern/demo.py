@@ -186,6 +186,22 @@ def minilm_rows(device, quick, rounds, show, explains, peer_names=None, skipped=
         explains.append(f"## MiniLM {name}\n{explain(m)}\n")
         print(f"minilm {name}: pruned in {prune_s:.1f} s, cosine to dense {cos:.4f}, first calls "
               f"{sum(chk['first_call_s']):.1f} s (path measurement); {path_summary(m)}", flush=True)
+    # sparsekern.optimize: per-layer choices searched on the calibration text, scored here on held-out text
+    from .optimize import optimize as optimize_model
+
+    t, ref_cal = time.perf_counter(), embed(model, cal_b)
+    m, plan = optimize_model(copy.deepcopy(model), lambda m: float((embed(m, cal_b) * ref_cal).sum(-1).mean()),
+                             batches(cal[:n_batch], n_batch)[0], floor=0.95, calibration=cal_b,
+                             budget_s=120 if quick else 600, show_progress=show)
+    name, cos = "optimize (floor 0.95)", float((embed(m, ev_b) * ref).sum(-1).mean())
+    loads[name] = workloads(m)
+    infos[name] = {"quality_metric": "cosine to dense", "quality": cos, "param_bytes": param_bytes(m),
+                   "layer_bytes": None, "sparse_layers": len(plan.choices),
+                   "prune_s": time.perf_counter() - t, "paths": {i: path_summary(m, wl.rows)
+                                                                 for i, wl in enumerate(loads[name])}}
+    explains.append(f"## MiniLM {name}\n{plan.table()}\n")
+    print(f"minilm {name}: searched in {time.perf_counter() - t:.0f} s, {len(plan.choices)} layers changed, "
+          f"cosine to dense {cos:.4f}", flush=True)
     add_peers(model, device, lambda m, cast: workloads(m), lambda m, peer: (embed(m, ev_b) * ref).sum(-1).mean(),
               loads, infos, "minilm", "all-MiniLM-L6-v2", peer_names, skipped,
               exclude=[n for n, _ in prune.prunable_layers(model) if n not in layers])

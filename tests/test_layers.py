@@ -27,6 +27,7 @@ LAYERS = [
     {"simplify", "selection"},                      # surgery; sensitivity, allocation, sweeps
     {"reporting"},                                  # tables and plots
     {"models", "bench"},                            # benchmark models and the measurement suite
+    {"optimize"},                                   # per-layer search under a quality floor (times with bench)
     {"demo", "__main__", "__init__"},               # the app (and the package's front door)
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
