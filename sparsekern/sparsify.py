@@ -342,6 +342,20 @@ def quantize_values(model: nn.Module, precision: str | None, group_size: int = 1
     return model
 
 
+def freeze(model: nn.Module, policy: Policy | None = None) -> nn.Module:
+    """Converts every trainable sparse layer (sparsify(..., trainable=True), after
+    fine-tuning or sparsekern.recover) to its compressed inference module, in place: the
+    dense training weight is dropped and the masked weight compressed in the layer's pattern
+    and value precision (SparseLinear.freeze), so the model computes what the trained model
+    computes in eval mode. Returns the model."""
+    for mod in model.modules():
+        if isinstance(mod, SPARSE_MODULES) and mod.trainable:
+            mod.freeze(policy)
+    memory.release_freed_memory()
+    serialization.record_in_config(model)
+    return model
+
+
 def explain(model: nn.Module) -> str:
     """One line per sparse layer: pattern, density, backend and why it was chosen."""
     lines = []
