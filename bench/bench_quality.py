@@ -77,9 +77,10 @@ def main(argv=None):
 
 
 def recovery_main(a, env, argv):
+    import shlex
     import sys
 
-    command = "python bench/bench_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python bench/bench_quality.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     pats = quality.RECOVERY_PATTERNS
     if a.patterns:
         wanted = [w.strip() for w in a.patterns.split(",")]
@@ -99,6 +100,7 @@ def recovery_main(a, env, argv):
         with open(os.path.join(a.out, "results.json"), "w") as f:
             json.dump({"environment": env, "runs": runs, "rows": rows}, f, indent=1)
         command = "; ".join(r["command"] for r in runs)
+        env = runs[0]["environment"]  # where the rows were measured (the merge only joins them)
     else:
         def write(row):
             rows.append(row)
