@@ -170,6 +170,7 @@ def test_gradual_recover_reaches_the_pattern_on_the_cubic_schedule():
     densities = []
 
     def density(model):
+        model(torch.randn(2, 64))  # eval mode mid-ramp: a mask that does not fit 2:4 yet runs masked dense
         densities.append(float(sum((~m.mask()).sum() for _, m in masked_layers(model)) /
                                sum(m.mask().numel() for _, m in masked_layers(model))))
         return 0.0
@@ -186,6 +187,22 @@ def test_gradual_recover_reaches_the_pattern_on_the_cubic_schedule():
     y = student.eval()(x)
     sparsekern.freeze(student)
     assert not masked_layers(student)
+    torch.testing.assert_close(student(x), y, rtol=1e-5, atol=1e-6)
+
+
+def test_gradual_quantized_trains_float_until_the_pattern_then_on_the_grid():
+    teacher = teacher_mlp()
+    student, _ = sparsify_gradual(copy.deepcopy(teacher), "2:4", min_features=32, quantize="int8",
+                                  show_progress=False)
+    layer = student[0]
+    assert not layer.mask_fits_pattern() and layer.training_weight() is layer.weight
+    recover(student, teacher, batches(), steps=8, lr=1e-3, gradual=GradualPruning(start=0, end=4, every=2),
+            eval_fn=lambda m: float(m(torch.randn(2, 64)).sum()), eval_every=1, show_progress=False)
+    assert layer.mask_fits_pattern() and layer.training_weight() is not layer.weight
+    x = torch.randn(4, 64)
+    y = student(x)
+    sparsekern.freeze(student)
+    assert student[0].weight_format().quantized
     torch.testing.assert_close(student(x), y, rtol=1e-5, atol=1e-6)
 
 
