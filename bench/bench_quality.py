@@ -12,6 +12,12 @@ only), beside torch's int8 dynamic and dense bf16 peers (sparsekern.bench.qualit
 sparsities at 50% and 70% unstructured, wanda and sparsegpt (sparsekern.bench.quality.
 quality_allocation); writes allocation.json and allocation.md instead.
 
+--recovery: MiniLM only, at 2:4, 50%, 70% and 2:4+int8: one-shot SparseGPT, the same followed by
+sparsekern.recover for --steps steps (distillation from the dense model, masks kept), and
+gradual pruning from dense over the same steps, each converted back to the compressed modules,
+beside torch's int8 dynamic and dense bf16 (sparsekern.bench.quality.quality_recovery). Writes
+results.json (after every row: the run is long) and README.md in --out.
+
 Writes quality.json, quality.md and quality.png (default folder bench/out/quality).
 """
 from __future__ import annotations
@@ -35,11 +41,30 @@ def main(argv=None):
                    help="MiniLM only: SparseGPT with quantized values, joint against after, and the peers")
     p.add_argument("--allocation", action="store_true",
                    help="MiniLM only: uniform, OWL and sensitivity layer sparsities at 50%% and 70%% unstructured")
+    p.add_argument("--recovery", action="store_true",
+                   help="MiniLM only: one-shot, one-shot + recovery and gradual at 2:4, 50%%, 70%%, 2:4+int8")
+    p.add_argument("--steps", type=int, default=300, help="--recovery: optimizer steps of each recovery")
+    p.add_argument("--lr", type=float, default=5e-4, help="--recovery: AdamW learning rate")
+    p.add_argument("--patterns", default=None,
+                   help="--recovery: comma-separated pattern names to run (default all: "
+                        + ", ".join(r[0] for r in quality.RECOVERY_PATTERNS) + ")")
+    p.add_argument("--batch-size", type=int, default=32, help="--recovery: training sentences per step")
+    p.add_argument("--variants", default="one-shot + recovery,gradual",
+                   help="--recovery: comma-separated, of 'one-shot', 'one-shot + recovery', 'gradual'")
+    p.add_argument("--no-peers", action="store_true", help="--recovery: leave out the peers' rows")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="--recovery: merge the rows of these results.json files (runs split over processes) "
+                        "into --out/results.json and recovery.md; runs nothing")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     env = environment("cpu")
     torch.manual_seed(0)
     if a.allocation:
         return allocation(a, env)
+    if a.recovery:
+        return recovery_main(a, env, argv)
     if a.compression:
         rows = quality.quality_minilm(a.quick, methods=("sparsegpt",), patterns=[("2:4", "2:4", None)],
                                       peer_names=["torch int8 dynamic", "dense bf16"])
@@ -69,6 +94,50 @@ def allocation(a, env):
         f.write(text)
     print(text)
     print(f"wrote {a.out}/allocation.json, allocation.md")
+    return rows
+
+
+def recovery_main(a, env, argv):
+    import shlex
+    import sys
+
+    command = "python bench/bench_quality.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    pats = quality.RECOVERY_PATTERNS
+    if a.patterns:
+        wanted = [w.strip() for w in a.patterns.split(",")]
+        unknown = [w for w in wanted if w not in {r[0] for r in pats}]
+        if unknown:
+            raise SystemExit(f"--patterns: unknown {unknown}; known: {[r[0] for r in pats]}")
+        pats = [r for r in pats if r[0] in wanted]
+    os.makedirs(a.out, exist_ok=True)
+    rows = []
+    if a.merge:
+        runs = []
+        for path in a.merge:
+            with open(path) as f:
+                run = json.load(f)
+            runs.append({"command": run["command"], "environment": run["environment"]})
+            rows += run["rows"]
+        with open(os.path.join(a.out, "results.json"), "w") as f:
+            json.dump({"environment": env, "runs": runs, "rows": rows}, f, indent=1)
+        command = "; ".join(r["command"] for r in runs)
+        env = runs[0]["environment"]  # where the rows were measured (the merge only joins them)
+    else:
+        def write(row):
+            rows.append(row)
+            with open(os.path.join(a.out, "results.json"), "w") as f:
+                json.dump({"environment": env, "command": command, "rows": rows}, f, indent=1)
+            print({k: v for k, v in row.items() if k not in ("history", "train_text", "loss", "schedule")},
+                  flush=True)
+
+        variants = [v.strip() for v in a.variants.split(",")]
+        quality.quality_recovery(a.steps, a.lr, a.batch_size, quick=a.quick, patterns=pats, variants=variants,
+                                 peer_names=() if a.no_peers else ("torch int8 dynamic", "dense bf16"),
+                                 on_row=write)
+    text = quality.recovery_markdown(rows, env, command)
+    with open(os.path.join(a.out, "recovery.md"), "w") as f:
+        f.write(text)
+    print(text)
     return rows
 
 

@@ -10,9 +10,10 @@ from . import _extension, formats, ops, reference  # noqa: E402
 from . import nn, prune, simplify  # noqa: E402
 from .formats import BitmaskWeight, BlockWeight, NMWeight  # noqa: E402
 from .serialization import load  # noqa: E402
-from .sparsify import dense_state_dict, explain, from_torch_prune, quantize_values, sparsify, tune  # noqa: E402
+from .sparsify import dense_state_dict, explain, freeze, from_torch_prune, quantize_values, sparsify, tune  # noqa: E402
+from .recover import recover  # noqa: E402
 from .optimize import Plan, apply_plan, optimize  # noqa: E402
 
 __all__ = ["formats", "ops", "reference", "nn", "prune", "simplify", "NMWeight", "BitmaskWeight", "BlockWeight",
-           "sparsify", "from_torch_prune", "quantize_values", "explain", "tune", "dense_state_dict", "load",
-           "optimize", "apply_plan", "Plan", "__version__"]
+           "sparsify", "from_torch_prune", "quantize_values", "freeze", "recover", "explain", "tune",
+           "dense_state_dict", "load", "optimize", "apply_plan", "Plan", "__version__"]

@@ -57,9 +57,11 @@ BASELINE, AGAIN = "dense", "dense (again)"
 # MiniLM variants: (method, pattern name, pattern, sparsity)
 MINILM_VARIANTS = [("magnitude", "2:4", "2:4", None), ("wanda", "2:4", "2:4", None), ("sparsegpt", "2:4", "2:4", None),
                    ("magnitude", "50%", "unstructured", 0.5), ("wanda", "50%", "unstructured", 0.5),
-                   ("sparsegpt", "50%", "unstructured", 0.5)]
+                   ("sparsegpt", "50%", "unstructured", 0.5), ("sparsegpt", "2:4 + recovery", "2:4", None)]
 MINILM_QUICK = [("magnitude", "50%", "unstructured", 0.5), ("wanda", "2:4", "2:4", None),
-                ("sparsegpt", "2:4", "2:4", None)]
+                ("sparsegpt", "2:4", "2:4", None), ("sparsegpt", "2:4 + recovery", "2:4", None)]
+# "+ recovery": sparsekern.recover for this many steps (quick, full) of 16 training sentences
+MINILM_RECOVERY_STEPS = (10, 200)
 # decoder sizes (models.hf_llama arguments) and variants (sparsify arguments)
 DECODER_FULL = dict(hidden=2048, intermediate=5632, layers=4, heads=16, vocab=32000)
 DECODER_QUICK = dict(hidden=2048, intermediate=5632, layers=1, heads=16, vocab=8000)
@@ -129,7 +131,9 @@ def _timing_rows(results, loads, infos, part, model_name):
 # ------------------------------------------------------------------------------ MiniLM
 def minilm_rows(device, quick, rounds, show, explains, peer_names=None, skipped=None) -> list[dict]:
     """all-MiniLM-L6-v2 pruned one-shot and swapped; see the module docstring."""
-    from .bench.quality import embed, english_sentences, load_minilm, prune_one_shot
+    from .bench.quality import embed, english_sentences, load_minilm, mean_pooled, prune_one_shot
+    from .recover import recover
+    from .sparsify import freeze
 
     t0 = time.perf_counter()
     model, tok = load_minilm()
@@ -145,6 +149,7 @@ def minilm_rows(device, quick, rounds, show, explains, peer_names=None, skipped=
                                                  return_tensors="pt").items()} for i in range(0, len(texts), bs)]
 
     cal_b, ev_b = batches(cal), batches(ev)
+    train_b = batches([sents[i] for i in perm[n_cal + n_eval:]], 16)  # disjoint from both
     one, many = batches(ev[:1])[0], batches(ev[:n_batch], n_batch)[0]
     ref = embed(model, ev_b)
     layers = [n for n, _ in prune.prunable_layers(model) if not n.startswith("pooler")]
@@ -169,8 +174,13 @@ def minilm_rows(device, quick, rounds, show, explains, peer_names=None, skipped=
         name = f"{pname} {method}"
         t = time.perf_counter()
         m = prune_one_shot(copy.deepcopy(model), method, pattern, sparsity, cal_b, layers)
+        if pname.endswith("+ recovery"):  # distil from the dense model, masks kept, then compress
+            recover(m, model, train_b, MINILM_RECOVERY_STEPS[not quick], 5e-4, hidden="encoder.layer.?",
+                    output=lambda out, b: mean_pooled(out.last_hidden_state, b["attention_mask"]), show_progress=show)
+            freeze(m)
         prune_s = time.perf_counter() - t
         m, report = from_torch_prune(m)  # the masks become compressed weights, default policy
+        report = report or [{"status": "sparse"} for mod in m.modules() if hasattr(mod, "weight_meta")]
         m.eval()
         chk = check_model(workloads, model, m, dense_state_dict(m), f"MiniLM {name}")
         cos = float((embed(m, ev_b) * ref).sum(-1).mean())

@@ -262,6 +262,19 @@ def sparse_shell(layer: nn.Module, pattern: str, block: tuple[int, int] = (32, 3
 
 
 # ---------------------------------------------------------------------------- modules
+class _StraightThrough(torch.autograd.Function):
+    """Forward: `quantized` (the weight as stored); backward: the gradient passes to
+    `weight` unchanged (the straight-through estimator of quantization-aware training)."""
+
+    @staticmethod
+    def forward(ctx, weight, quantized):
+        return quantized
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 class _SparseMixin:
     """State shared by SparseLinear and SparseConv2d: compressed buffers, backend, modes."""
 
@@ -424,10 +437,64 @@ class _SparseMixin:
         """Drop the dense training weight; keep only the compressed (or chosen) weight."""
         if self.trainable:
             w2d, mask = self.weight.detach(), self.mask()
+            pattern = kinds.parse(self.pattern)
+            pattern.entry.check_mask(mask, pattern.params, self.pattern)  # set_mask may have left another
             del self._parameters["weight"]
             del self._buffers["weight_mask_bits"]
             self._adopt_format(self._build_format(w2d, mask), policy or DEFAULT_POLICY)
         return self
+
+    def set_mask(self, mask: torch.Tensor, weight: torch.Tensor | None = None):
+        """Replaces a trainable layer's mask (bool, the weight's 2-D shape [out, in2d]; True =
+        kept) and, when given, its weight values first; the weight is zeroed where the mask
+        drops it. Gradual pruning moves through masks that need not fit the pattern yet (a
+        2:4 layer starts dense); freeze() refuses one that does not. Returns self."""
+        where = f"{type(self).__name__}.set_mask"
+        if not self.trainable:
+            raise ValueError(f"{where}: the layer is not trainable (build it with trainable=True)")
+        shape = tuple(self.weight.shape)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != shape:
+            raise ValueError(f"{where}: mask must be a bool tensor of shape {shape}")
+        with torch.no_grad():
+            if weight is not None:
+                if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != shape:
+                    raise ValueError(f"{where}: weight must be a tensor of shape {shape}")
+                self.weight.copy_(weight)
+            self.weight.mul_(mask.to(self.weight.device))
+            self.weight_mask_bits = pack_bitmask(mask.to(self.weight.device))
+        self.__dict__.pop("_packed_version", None)
+        return self
+
+    def training_weight(self) -> torch.Tensor:
+        """The weight a trainable layer's training forward multiplies: its Parameter, or, for a
+        layer that stores quantized values (quantize="int8"/"int4"), the values its compressed
+        copy will hold (the format built from the masked weight, dequantized) with a
+        straight-through gradient: quantization-aware training, so the trained weights are
+        those that land on the grid."""
+        if self.__dict__.get("_quantize", (None, 0))[0] is None or not self.mask_fits_pattern():
+            return self.weight  # float until gradual pruning has reached the pattern
+        with torch.no_grad():
+            fmt = self._build_format(self.weight.detach(), self.mask())
+            on_grid = as_2d(fmt.to_dense()).reshape(self.weight.shape).to(self.weight.dtype)
+        return _StraightThrough.apply(self.weight, on_grid)
+
+    def mask_fits_pattern(self) -> bool:
+        """Whether a trainable layer's mask fits its pattern (gradual pruning moves through
+        masks that do not yet); True for a frozen layer."""
+        if not self.trainable:
+            return True
+        bits = self.weight_mask_bits
+        key = (bits.data_ptr(), bits._version)
+        cached = self.__dict__.get("_fits_cache")
+        if cached is None or cached[0] != key:
+            pattern = kinds.parse(self.pattern)
+            try:
+                pattern.entry.check_mask(self.mask(), pattern.params, self.pattern)
+                fits = True
+            except ValueError:
+                fits = False
+            cached = self.__dict__["_fits_cache"] = (key, fits)
+        return cached[1]
 
     def _build_format(self, w2d: torch.Tensor, mask: torch.Tensor, scales: torch.Tensor | None = None):
         """The pattern's format object for a 2-D weight and mask (a masked dense tensor for
@@ -449,9 +516,12 @@ class _SparseMixin:
 
     def _packed(self):
         """Compressed copy for eval mode of a trainable module, rebuilt when the weight changed."""
-        version = (self.weight._version, self.weight.data_ptr(), self.weight.dtype, self.weight.device)
+        version = (self.weight._version, self.weight.data_ptr(), self.weight.dtype, self.weight.device,
+                   self.weight_mask_bits.data_ptr(), self.weight_mask_bits._version)
         if getattr(self, "_packed_version", None) != version:
-            self._packed_fmt = self._build_format(self.weight.detach(), self.mask())
+            # A mask gradual pruning has not brought to the pattern yet: the masked dense weight.
+            self._packed_fmt = self._build_format(self.weight.detach(), self.mask()) if self.mask_fits_pattern() \
+                else self.weight.detach() * self.mask().to(self.weight.dtype)
             self._packed_version = version
         return self._packed_fmt
 
@@ -459,7 +529,7 @@ class _SparseMixin:
         """x2 [..., in2d] through the weight on its sparse op, whatever the mode (the
         training op for a trainable module in training mode)."""
         if self.trainable and self.training:
-            return ops.masked_linear(x2, self.weight, self.weight_mask_bits, bias)
+            return ops.masked_linear(x2, self.training_weight(), self.weight_mask_bits, bias)
         f = self._packed() if self.trainable else self.weight_format()
         if isinstance(f, torch.Tensor):
             return torch.nn.functional.linear(x2, f, bias)
@@ -652,6 +722,8 @@ class _SparseMixin:
         compressed copy its eval mode runs (built at its first eval call)."""
         if self.trainable:
             f = self.__dict__.get("_packed_fmt")
+            if isinstance(f, torch.Tensor):  # a masked dense weight (a gradual-pruning mask)
+                return f.numel() * f.element_size()
             return 0 if f is None else f.nbytes + f.derived_nbytes
         f = self.weight_format()
         return (0 if isinstance(f, torch.Tensor) else f.derived_nbytes) + self._dense_copy_nbytes()
@@ -977,7 +1049,7 @@ class SparseConv2d(_SparseMixin, nn.Module):
         if self.trainable and self.training:
             # Masked fine-tuning: the dense convolution of W*M (autograd masks the weight's
             # gradient through the product), which is what oneDNN/cuDNN run fastest.
-            w4 = self._to4d(self.weight * self.mask().to(self.weight.dtype))
+            w4 = self._to4d(self.training_weight() * self.mask().to(self.weight.dtype))
             return self._dense_conv(x, w4)
         f = None if self.trainable else self.weight_format()
         if isinstance(f, torch.Tensor):  # backend "dense": the original convolution

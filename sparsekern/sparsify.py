@@ -402,6 +402,20 @@ def tune(model: nn.Module, example_inputs, show_progress: bool = True) -> str:
     return explain(model)
 
 
+def freeze(model: nn.Module, policy: Policy | None = None) -> nn.Module:
+    """Converts every trainable sparse layer (sparsify(..., trainable=True), after
+    fine-tuning or sparsekern.recover) to its compressed inference module, in place: the
+    dense training weight is dropped and the masked weight compressed in the layer's pattern
+    and value precision (SparseLinear.freeze), so the model computes what the trained model
+    computes in eval mode. Returns the model."""
+    for mod in model.modules():
+        if isinstance(mod, SPARSE_MODULES) and mod.trainable:
+            mod.freeze(policy)
+    memory.release_freed_memory()
+    serialization.record_in_config(model)
+    return model
+
+
 def explain(model: nn.Module) -> str:
     """One line per sparse layer: pattern, density, backend and why it was chosen (per batch
     bucket: the path, its measured times, whether it was measured now, shared by an identical

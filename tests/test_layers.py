@@ -25,6 +25,7 @@ LAYERS = [
     {"nn", "sparsify", "serialization"},            # modules and swap; loading saved sparse models
     {"parallel"},                                   # tensor parallelism, DCP, FSDP2 helpers
     {"simplify", "selection"},                      # surgery; sensitivity, allocation, sweeps
+    {"recover"},                                    # distillation with masks kept, gradual pruning
     {"reporting"},                                  # tables and plots
     {"models", "bench"},                            # benchmark models and the measurement suite
     {"optimize"},                                   # per-layer search under a quality floor (times with bench)

@@ -19,6 +19,7 @@ on a GPU), measured the same way: rows with method = the peer's name, `peer` set
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import os
 import re
@@ -30,7 +31,8 @@ from tqdm import tqdm
 from .. import prune
 from ..models import accuracy, digits, param_bytes, trained
 from ..precisions import PRECISIONS
-from ..sparsify import quantize_values, sparsify
+from ..recover import GradualPruning, recover, sparsify_gradual
+from ..sparsify import freeze, quantize_values, sparsify
 from ..patterns import as_2d
 from ..reporting import save_plot
 from ..sparsegpt import sparsegpt_prune_model
@@ -54,12 +56,35 @@ QUANTIZED = [("sparsegpt (modules)", None, 0, False),
 QUANTIZED_PATTERNS = [("2:4", "2:4", None), ("unstructured 50%", "unstructured", 0.5)]
 
 
-def english_sentences() -> list[str]:
-    """Distinct English sentences (6 to 40 words) from the standard library's docstrings."""
+# Training text of the recovery rows: docstrings of other standard-library modules (plus the
+# sentences of STDLIB outside the calibration and held-out sets); no training sentence is a
+# calibration or held-out one (checked when the rows are built).
+TRAIN_STDLIB = ["io", "math", "time", "struct", "array", "copy", "pprint", "configparser", "optparse", "getopt",
+                "glob", "fnmatch", "gzip", "bz2", "lzma", "hashlib", "hmac", "secrets", "uuid", "base64", "mailbox",
+                "mimetypes", "codecs", "locale", "gettext", "traceback", "warnings", "weakref", "types", "abc",
+                "numbers", "operator", "queue", "sched", "selectors", "signal", "multiprocessing",
+                "concurrent.futures", "ssl", "urllib.parse", "http.server", "http.cookies", "xmlrpc.client", "wave",
+                "pdb", "doctest", "timeit", "trace", "importlib", "pkgutil", "ast", "dis", "tokenize", "symtable",
+                "sysconfig", "platform", "shelve", "dbm", "plistlib", "netrc", "filecmp", "fileinput", "stat",
+                "linecache", "code", "cmd", "shlex", "quopri", "reprlib", "graphlib", "contextvars", "zoneinfo",
+                "socketserver", "imaplib", "poplib", "mailcap", "pydoc", "runpy", "compileall", "tabnanny",
+                "pickletools", "copyreg", "sqlite3.dbapi2", "logging.handlers", "logging.config", "email.message",
+                "email.utils", "email.policy", "unittest.mock", "asyncio.streams", "asyncio.tasks", "json.decoder",
+                "collections.abc", "importlib.metadata", "importlib.resources", "concurrent.futures.thread"]
+# Recovery rows (name, pattern, sparsity, value precision); one-shot SparseGPT, then
+# recovery at a fixed budget of steps, and gradual pruning over the same budget.
+RECOVERY_PATTERNS = [("2:4", "2:4", None, None), ("unstructured 50%", "unstructured", 0.5, None),
+                     ("unstructured 70%", "unstructured", 0.7, None), ("2:4+int8", "2:4", None, "int8")]
+RECOVERY_VARIANTS = ("one-shot + recovery", "gradual")
+
+
+def english_sentences(modules=STDLIB) -> list[str]:
+    """Distinct English sentences (6 to 40 words) from the docstrings of the standard
+    library's `modules` (default STDLIB)."""
     import warnings
 
     seen, out = set(), []
-    for name in STDLIB:
+    for name in modules:
         try:
             mod = importlib.import_module(name)
         except ImportError:
@@ -213,6 +238,147 @@ def quantized_rows(model, calib, evaluate, layers, common: dict, show_progress: 
                      "stored_over_fp32": sum(r["bytes_after"] for r in swapped) / sum(r["bytes_before"] for r in swapped),
                      "prune_seconds": seconds, "threads": torch.get_num_threads()})
     return rows
+
+
+def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Normalised mean of the token states over the real tokens (the sentence embedding)."""
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
+
+
+def quality_recovery(steps: int = 300, lr: float = 5e-4, batch_size: int = 32, quick: bool = False,
+                     patterns=RECOVERY_PATTERNS, variants=RECOVERY_VARIANTS, peer_names=("torch int8 dynamic",
+                                                                                          "dense bf16"),
+                     show_progress: bool = True, on_row=None) -> list[dict]:
+    """all-MiniLM-L6-v2 at each pattern: one-shot SparseGPT ("one-shot"), the same followed
+    by sparsekern.recover for `steps` steps ("one-shot + recovery"), and gradual magnitude
+    pruning from dense over the same steps ("gradual"), each converted back to the compressed
+    inference modules (sparsekern.freeze) before it is measured; cosine of the sentence
+    embeddings to the dense model's on held-out text, beside the peers. Recovery: AdamW at
+    `lr`, warm-up then cosine decay, batches of `batch_size` training sentences, loss = the
+    normalised MSE of the sentence embeddings + SquareHead terms on the 6 encoder layers'
+    outputs. on_row(row) is called as each row is done (rows are long to make)."""
+    model, tok = load_minilm()
+    sents = english_sentences()
+    n_cal, n_eval, n_val = (32, 64, 32) if quick else (128, 512, 64)
+    perm = torch.randperm(len(sents), generator=torch.Generator().manual_seed(0)).tolist()
+    cal = [sents[i] for i in perm[:n_cal]]
+    ev = [sents[i] for i in perm[n_cal:n_cal + n_eval]]
+    used = set(cal) | set(ev)
+    pool = list(dict.fromkeys(s for s in [sents[i] for i in perm[n_cal + n_eval:]] + english_sentences(TRAIN_STDLIB)
+                              if s not in used))
+    pool = [pool[i] for i in torch.randperm(len(pool), generator=torch.Generator().manual_seed(1)).tolist()]
+    val, train = pool[:n_val], pool[n_val:]
+    if used & set(train) or used & set(val):
+        raise RuntimeError("quality_recovery: training text overlaps the calibration or held-out text")
+    text = (f"docstring sentences of {len(TRAIN_STDLIB)} other standard-library modules (quality.TRAIN_STDLIB) "
+            f"and of the suite's modules outside the calibration and held-out sets: {len(train)} sentences, "
+            f"{n_val} more for the progress metric; none is a calibration or held-out sentence")
+
+    def batches(texts, bs=32):
+        return [dict(tok(texts[i:i + bs], padding=True, truncation=True, max_length=64, return_tensors="pt"))
+                for i in range(0, len(texts), bs)]
+
+    cal_b, ev_b, val_b, train_b = batches(cal), batches(ev), batches(val), batches(train, batch_size)
+    ref, val_ref = embed(model, ev_b), embed(model, val_b)
+    layers = [n for n, _ in prune.prunable_layers(model) if not n.startswith("pooler")]
+    common = {"model": "all-MiniLM-L6-v2", "metric": "cosine_to_dense", "calibration": n_cal, "eval": n_eval,
+              "eval_text": "docstring sentences of quality.STDLIB (held out)", "threads": torch.get_num_threads()}
+    recipe = {"steps": steps, "lr": lr, "batch_size": batch_size, "optimizer": "AdamW", "schedule":
+              "warm-up 5% then cosine to 0", "loss": "normalised MSE of the sentence embeddings + SquareHead on "
+              "encoder.layer.0-5 outputs", "train_text": text, "train_sentences": len(train)}
+    rows: list[dict] = []
+
+    def emit(row):
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    def cosine(m, refs=ref, bs=ev_b):
+        return float((embed(m, bs) * refs).sum(-1).mean())
+
+    def run_recovery(m, gradual=None):
+        t0 = time.perf_counter()
+        rep = recover(m, model, train_b, steps, lr, output=lambda out, b: mean_pooled(out.last_hidden_state,
+                                                                                        b["attention_mask"]),
+                      hidden="encoder.layer.?", gradual=gradual, eval_fn=lambda mm: cosine(mm, val_ref, val_b),
+                      eval_every=max(1, steps // 6), show_progress=show_progress)
+        seconds = time.perf_counter() - t0
+        trained = cosine(m)
+        freeze(m)  # the compressed inference modules, as a user would ship them
+        return rep, seconds, trained
+
+    exclude = [n for n, _ in prune.prunable_layers(model) if n not in layers]
+    for row in peer_rows(model, lambda m, peer: (embed(m, ev_b) * ref).sum(-1).mean(), common,
+                         names=list(peer_names), exclude=exclude):
+        emit(row)
+
+    def one_shot_recovered(pname, pattern, sparsity, values, base):
+        t0 = time.perf_counter()
+        m, _ = sparsify(copy.deepcopy(model), pattern, "sparsegpt", sparsity=sparsity, calibration=cal_b,
+                        include=layers, trainable=True, quantize=values, show_progress=False)
+        prune_s = time.perf_counter() - t0
+        m.eval()
+        emit({**base, "method": "one-shot", "value": cosine(m), "steps": 0, "prune_seconds": prune_s})
+        if "one-shot + recovery" not in variants:
+            return
+        rep, seconds, trained = run_recovery(m)
+        emit({**base, "method": "one-shot + recovery", "value": cosine(m), "value_before_freeze": trained,
+              **recipe, "recovery_seconds": seconds, "seconds_per_step": rep.seconds_per_step,
+              "best_step": rep.best_step, "restored_best": rep.restored_best,
+              "history": [{k: h[k] for k in ("step", "loss", "metric") if k in h} for h in rep.history
+                          if "metric" in h]})
+
+    def gradual(pname, pattern, sparsity, values, base):
+        g, _ = sparsify_gradual(copy.deepcopy(model), pattern, sparsity, include=layers, quantize=values,
+                                show_progress=False)
+        schedule = GradualPruning(sparsity=sparsity, start=0, end=(3 * steps) // 5, every=max(1, steps // 20))
+        rep, seconds, trained = run_recovery(g, schedule)
+        emit({**base, "method": "gradual", "value": cosine(g), "value_before_freeze": trained, **recipe,
+              "gradual": dataclasses.asdict(schedule), "recovery_seconds": seconds,
+              "seconds_per_step": rep.seconds_per_step, "best_step": rep.best_step,
+              "restored_best": rep.restored_best,
+              "history": [{k: h[k] for k in ("step", "loss", "metric") if k in h} for h in rep.history
+                          if "metric" in h]})
+
+    # Every pattern's one-shot + recovery first, then the gradual rows: the run is long, and
+    # the rows come out in the order they matter.
+    work = [(fn, p) for name, fn in (("one-shot + recovery", one_shot_recovered), ("gradual", gradual))
+            if name in variants or (name == "one-shot + recovery" and "one-shot" in variants) for p in patterns]
+    for fn, (pname, pattern, sparsity, values) in tqdm(work, "MiniLM recovery", disable=not show_progress):
+        base = {**common, "pattern": pname, "values": values or "fp32"}
+        try:
+            fn(pname, pattern, sparsity, values, base)
+        except Exception as e:  # noqa: BLE001 - a variant that fails is a row saying why; the others still run
+            emit({**base, "method": "gradual" if fn is gradual else "one-shot + recovery",
+                  "error": f"{type(e).__name__}: {e}"[:400]})
+    return rows
+
+
+def recovery_markdown(rows, env, command: str = "") -> str:
+    """Patterns against methods (one-shot, one-shot + recovery, gradual), the peers below."""
+    rs = [r for r in rows if "value" in r and not r.get("peer")]
+    pats = list(dict.fromkeys(r["pattern"] for r in rs))
+    methods = list(dict.fromkeys(r["method"] for r in rs))
+    out = [f"# all-MiniLM-L6-v2: cosine to dense on held-out text, one-shot and recovered "
+           f"({env.get('cpu')}, torch {env.get('torch')}, commit `{env.get('commit')}`)", ""]
+    if command:
+        out += [f"Command: `{command}`", ""]
+    out += ["| pattern | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for p in pats:
+        vals = {r["method"]: r["value"] for r in rs if r["pattern"] == p}
+        out.append(f"| {p} | " + " | ".join(f"{vals[m]:.4f}" if m in vals else "" for m in methods) + " |")
+    rec = [r for r in rs if r.get("steps")]
+    if rec:
+        r0 = rec[0]
+        out += ["", f"Recovery: {r0['steps']} steps, batch {r0['batch_size']}, {r0['optimizer']} lr {r0['lr']}, "
+                    f"{r0['schedule']}; loss: {r0['loss']}; {r0['threads']} threads.",
+                f"Training text: {r0['train_text']}.",
+                "Seconds per step (median, shared machine): " + ", ".join(
+                    f"{r['pattern']} {r['method']} {r['seconds_per_step']:.2f}" for r in rec)]
+    if any(r.get("peer") for r in rows):
+        out += ["", _peers_text(rows, "cosine")]
+    return "\n".join(out) + "\n"
 
 
 def quality_digits(quick: bool, kinds=("mlp", "cnn"), methods=METHODS, peer_names=None) -> list[dict]:
