@@ -29,10 +29,13 @@ wrote them, so a folder added later shows up without a change here:
   (suite ncu); anything else is shown as a plain table of its fields; rows with "error"
   are listed as "did not run".
 
-Where the tables go: the README holds one, `summary` (per machine, the newest full run with
+Where the tables go: the README holds two, `summary` (per machine, the newest full run with
 model rows: each model's best sparsekern variant beside every peer variant of that run, a
 peer being a variant named "dense..." or "torch..." other than the baseline and its repeat,
-PEER_PREFIXES). docs/RESULTS.md holds the rest: `ops` (which backend exists for which op, and
+PEER_PREFIXES) and `quality-summary` (a real model's held-out quality after one-shot
+pruning, recovery and an optimize plan, beside the peers of the same runs). A folder whose
+JSON is not in that shape (a one-off probe) is shown with each file flattened into rows,
+one per nested record (flatten_records). docs/RESULTS.md holds the rest: `ops` (which backend exists for which op, and
 "built, not yet run on a GPU" for a GPU backend no committed GPU run has run), the newest run
 of each kind (the newest results file, by environment date, that has rows of that kind on its
 device; a folder whose name contains "quick", or whose environment says quick, only when no
@@ -85,6 +88,7 @@ class Run:
         folder = os.path.basename(os.path.dirname(path))
         self.quick = "quick" in folder or bool(env.get("quick"))
         self.gpu = env.get("device") == "cuda" or bool(env.get("gpu"))
+        self.flat = False  # rows flattened from a file without an environment (load_runs)
         self.date = str(env.get("date") or env.get("timestamp") or "")
         if not self.date:
             m = re.search(r"(\d{8})", folder)
@@ -95,6 +99,10 @@ class Run:
 
     def caption(self) -> str:
         e = self.env
+        if self.flat:
+            return (f"Run: `{self.path}`, {self.date or 'undated'}: a file without the suite's environment record "
+                    f"(the command, machine and commit are in `{os.path.dirname(self.path)}/README.md`); each row is "
+                    "one record of the file.")
         machine = e.get("gpu") or e.get("device_name") or e.get("cpu") or "unknown machine"
         parts = [f"`{self.path}`", f"commit `{e.get('commit', 'unknown')}`"]
         if self.gpu:
@@ -148,7 +156,7 @@ def load_runs(results_dir: str = RESULTS, root: str | None = None) -> list[Run]:
     root = root or os.path.dirname(os.path.dirname(os.path.abspath(results_dir)))
     tracked = _tracked(root)
     UNTRACKED.clear()
-    runs = []
+    runs, others = [], []
     for path in sorted(glob.glob(os.path.join(results_dir, "**", "*.json"), recursive=True)):
         if tracked is not None and os.path.normpath(path) not in tracked:
             UNTRACKED.append(os.path.relpath(path, root))
@@ -160,8 +168,30 @@ def load_runs(results_dir: str = RESULTS, root: str | None = None) -> list[Run]:
             continue
         if isinstance(d, dict) and isinstance(d.get("environment"), dict) and isinstance(d.get("rows"), list):
             runs.append(Run(path, d["environment"], d["rows"], root))
+        elif isinstance(d, dict):
+            others.append((path, d))
+    # A folder with no results file in the suite's shape (a one-off probe's JSON) is still
+    # shown: each of its files flattened into rows, one per nested record; other JSON beside a
+    # real results file (plans, goals, tuning tables) is that run's by-product and is skipped.
+    have = {os.path.dirname(r.path) for r in runs}
+    for path, d in others:
+        if os.path.dirname(os.path.relpath(path, root).replace(os.sep, "/")) not in have:
+            run = Run(path, {}, flatten_records(d), root)
+            run.flat = True
+            runs.append(run)
     runs.sort(key=lambda r: (r.date, r.path), reverse=True)  # newest first
     return runs
+
+
+def flatten_records(d: dict, where: str = "") -> list[dict]:
+    """A nested JSON object as rows: each object reached through nested objects becomes one
+    row of its plain fields, named by its path (`before / summary / 2:4`)."""
+    plain = {k: v for k, v in d.items() if not isinstance(v, dict)}
+    rows = [{"record": where or "(top level)", **plain}] if plain else []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            rows += flatten_records(v, f"{where} / {k}" if where else str(k))
+    return rows
 
 
 def row_kind(r: dict) -> str:
@@ -432,8 +462,12 @@ def render_overhead(run: Run) -> str:
 
 
 def render_quality(run: Run) -> str:
+    """Per model and metric, methods against patterns; rows without a pattern (an allocation
+    comparison: allocation, target, achieved sparsity) as a plain table of their fields."""
     rows = run.of("quality")
     parts = []
+    plain = [r for r in rows if "pattern" not in r]
+    rows = [r for r in rows if "pattern" in r]
     for model, metric in dict.fromkeys((r["model"], r["metric"]) for r in rows):
         mine = [r for r in rows if r["model"] == model and r["metric"] == metric]
         fmt = (lambda v: f"{v:.1f}") if metric == "accuracy" else (lambda v: f"{v:.3f}")
@@ -446,6 +480,8 @@ def render_quality(run: Run) -> str:
             title += f" (dense {fmt(dense[0]['value'])})"
         parts.append(title + "\n\n" + table(["method"] + patterns, [
             [m] + [fmt(cell[(m, p)]) if (m, p) in cell else "" for p in patterns] for m in methods]))
+    if plain:
+        parts.append(rows_table(plain))
     return "\n\n".join(parts)
 
 
@@ -480,12 +516,19 @@ def render_e2e(run: Run) -> str:
 
 
 def render_other(run: Run, kind: str) -> str:
-    rows = run.of(kind)
-    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in META_KEYS]
+    return rows_table(run.of(kind))
+
+
+def rows_table(rows: list[dict], meta: bool = False) -> str:
+    """Rows of any shape as a plain table of their fields (the run's metadata left out unless
+    `meta`); a long per-layer dict or list reads as its number of entries (the JSON has them)."""
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if meta or k not in META_KEYS]
 
     def cell(v):
         if isinstance(v, float):
             return num(v)
+        if isinstance(v, (dict, list)) and len(json.dumps(v)) > 120:
+            return f"{len(v)} entries (in the JSON)"
         return "" if v is None else str(v)
     return table(keys, [[cell(r.get(k)) for k in keys] for r in rows])
 
@@ -525,7 +568,11 @@ def render_run(run: Run, kind: str | None = None, heading: str = "") -> str:
         for other in ("other", "note"):
             if run.of(other):
                 parts.append(f"{heading}Other rows" if other == "other" else f"{heading}Notes")
-                parts.append(render_other(run, other))
+                if run.flat:  # records of different shapes: a table per shape
+                    shapes = dict.fromkeys(tuple(r) for r in run.of(other))
+                    parts += [rows_table([r for r in run.of(other) if tuple(r) == s], meta=True) for s in shapes]
+                else:
+                    parts.append(render_other(run, other))
     errs = render_errors(run)
     if errs and (kind is None or any(_error_kind(r) == kind for r in run.of("error"))):
         parts.append(errs)
@@ -794,6 +841,55 @@ def t_summary(runs):
             ("\n\nModels: " + "; ".join(f"{m}: {d}" for m, d in models.items()) + "." if models else ""))
 
 
+def t_quality_summary(runs):
+    """The README's second table: quality of a real model (cosine to dense on held-out text)
+    after sparsekern's one-shot pruning, one-shot + recovery, and an optimize plan, each beside
+    the peers the same run measured (rows with a `peer` field, or kind "peer"); per sparsekern
+    row, the peers of its run that score higher. Sources: the newest full quality run with a
+    recovery row (its one-shot and recovery rows) and the newest run with a "plan" row."""
+    groups = []  # (run, [(row, label, value, is_peer)])
+    rec = next((r for r in runs if not r.quick and any("recovery" in str(x.get("method", "")) for x in r.of("quality"))),
+               None)
+    if rec is not None:
+        rows = [x for x in rec.of("quality") if isinstance(x.get("value"), (int, float))]
+        mine = [(x, f"sparsekern {x['method']}, {x.get('pattern', '')}", x["value"], False) for x in rows
+                if not x.get("peer") and x.get("method") != "dense"]
+        peers = [(x, f"peer: {x['peer']}", x["value"], True) for x in rows if x.get("peer")]
+        groups.append((rec, mine + peers))
+    opt = next((r for r in runs if not r.quick and any(x.get("kind") == "plan" for x in r.rows)), None)
+    if opt is not None:
+        rows = sorted((x for x in opt.rows if x.get("kind") in ("plan", "peer") and isinstance(x.get("score"), (int, float))),
+                      key=lambda x: x["kind"] == "peer")  # sparsekern's plan first, then the peers, as above
+        groups.append((opt, [(x, f"sparsekern optimize {x['variant']}" if x["kind"] == "plan" else
+                              f"peer: {x['variant']}", x["score"], x["kind"] == "peer") for x in rows]))
+    if not groups:
+        return "No quality results with recovery or an optimize plan yet."
+    out = []
+    for run, group in groups:
+        for row, label, value, is_peer in group:
+            above = [f"{lab[len('peer: '):]} ({value_p:.4f})" for _, lab, value_p, p in group if p and value_p > value]
+            out.append([str(row.get("model") or _run_model(run)), label, f"{value:.4f}",
+                        "" if is_peer else (", ".join(above) or "none"), _held_out(row, run), run_link(run, runs)])
+    header = ["model", "variant", "cosine to dense", "peers of the same run scoring higher", "held-out text",
+              "full run"]
+    return (table(header, out) +
+            "\n\nCosine to dense: mean cosine of the sentence embeddings to the dense fp32 model's on held-out "
+            "sentences no step saw (calibration, training and the plan's search used other text); one "
+            "evaluation per row, no spread. Compare rows of the same run only: the runs hold out different "
+            "sentences. Speed, recovery budget and what each goal asked for: the linked runs.")
+
+
+def _run_model(run) -> str:
+    """The model a run measured, where its rows do not name it (the optimize report)."""
+    return str(run.env.get("model") or next((x["model"] for x in run.rows if x.get("model")), "") or
+               "not in the JSON (the run's README names it)")
+
+
+def _held_out(row: dict, run) -> str:
+    n = row.get("eval") or run.env.get("held_out_sentences")
+    return f"{n} sentences" if n else ""
+
+
 def _speedup(r: dict) -> float:
     return r.get("speedup", r.get("speedup_vs_dense"))
 
@@ -880,6 +976,7 @@ TABLES = {
     "gpu": t_gpu,                      # the newest GPU run, everything in it
     "all-results": t_all_results,      # every results file, every row (docs/RESULTS.md)
     "summary": t_summary,              # the README's table: best model speed-ups beside the peers
+    "quality-summary": t_quality_summary,  # the README's second: real-model quality beside the peers
     "ops": t_ops,                      # the dispatch table, ops.OPS
 }
 

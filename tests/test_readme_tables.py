@@ -1,8 +1,8 @@
 """README and docs tables are generated from bench/results/ (bench/make_tables.py): the
 committed files agree with the JSON, a hand edit or a hand-typed figure fails, every row of a
 run is shown, the noise rule holds, and folders added later (model rows, a GPU run, new peer
-variants) show up without a change to the script. The README stays short: one generated
-summary table, its links resolve in docs/RESULTS.md, and the quick start's two commands."""
+variants) show up without a change to the script. The README stays short: two generated
+summary tables (speed, quality), its links resolve in docs/RESULTS.md, and the quick start's two commands."""
 import json
 import os
 import re
@@ -291,8 +291,9 @@ def test_summary_shows_the_best_variant_beside_every_peer_new_peers_included(tmp
 
 def test_readme_is_short_and_its_links_resolve():
     text = open(os.path.join(ROOT, "README.md")).read()
-    assert len(text.splitlines()) < 200
-    assert text.count("<!-- table:") == 1 and "<!-- table:summary -->" in text  # run tables live in RESULTS.md
+    assert len(text.splitlines()) < 235
+    # two summaries (speed, quality); every run's own tables live in RESULTS.md
+    assert text.count("<!-- table:") == 2 and "<!-- table:summary -->" in text and "<!-- table:quality-summary -->" in text
     # .ci/run reads the quick start's first bash block and needs exactly its two commands
     quick = text[text.index("## Quick start"):]
     block = quick[quick.index("```bash\n") + 8:]
@@ -339,3 +340,33 @@ def test_in_a_checkout_only_results_added_to_git_count(tmp_path):
     subprocess.run(["git", "add", "-A"], cwd=root, check=True)
     assert "cpu-models-20990102" in mt.TABLES["cpu-models"](mt.load_runs(results, str(root)))
     assert mt.UNTRACKED == []
+
+
+def test_quality_summary_shows_recovery_and_plan_beside_the_peers_that_score_higher(tmp_path):
+    """The README's quality table: every one-shot and recovery row of the newest recovery run
+    and the optimize plan, each with the peers of its own run that score higher; a folder of
+    JSON in another shape is still listed, flattened."""
+    env = {"date": "2099-01-02T00:00:00+00:00", "commit": "abc123def456", "device": "cpu", "threads": 1,
+           "cpu": "Test CPU", "device_name": "Test CPU"}
+    base = {"op": "quality", "model": "tiny", "metric": "cosine_to_dense", "eval": 64}
+    rows = [dict(base, method="one-shot", pattern="2:4", value=0.80),
+            dict(base, method="one-shot + recovery", pattern="2:4", value=0.95),
+            dict(base, method="torch int8 dynamic", pattern="dense", value=0.90, peer="torch int8 dynamic")]
+    results = tmp_path / "bench" / "results"
+    _write(str(results / "quality-20990102-recovery" / "results.json"), env, rows)
+    _write(str(results / "optimize-20990103" / "report.json"), dict(env, date="2099-01-03T00:00:00+00:00",
+                                                                       held_out_sentences=32),
+           [{"variant": "plan", "kind": "plan", "score": 0.97, "latency_ms": 5.0},
+            {"variant": "dense bf16", "kind": "peer", "score": 0.99, "latency_ms": 9.0}])
+    os.makedirs(results / "probe-20990104")
+    with open(results / "probe-20990104" / "probe.json", "w") as f:
+        json.dump({"before": {"commit": "abc", "ms": {"dense": 2.0, "2:4": 1.5}}}, f)
+    runs = mt.load_runs(str(results), str(tmp_path))
+    shown = {(c[1], c[2]): c[3] for c in _table_rows(mt.TABLES["quality-summary"](runs))}
+    assert shown == {("sparsekern one-shot, 2:4", "0.8000"): "torch int8 dynamic (0.9000)",
+                     ("sparsekern one-shot + recovery, 2:4", "0.9500"): "none",
+                     ("peer: torch int8 dynamic", "0.9000"): "",
+                     ("sparsekern optimize plan", "0.9700"): "dense bf16 (0.9900)",
+                     ("peer: dense bf16", "0.9900"): ""}
+    every = mt.TABLES["all-results"](runs)
+    assert "probe-20990104" in every and "| before / ms | 2.00 | 1.50 |" in every and "| before | abc |" in every
