@@ -382,7 +382,12 @@ def tune(model: nn.Module, example_inputs, show_progress: bool = True) -> str:
         raise ValueError("tune: example_inputs is empty; give an input of the model (or a list of them)")
     layers = [m for m in model.modules() if isinstance(m, SPARSE_MODULES)]
     bar = tqdm(total=len(layers) * len(inputs), desc="sparsekern.tune", unit="layer", disable=not show_progress)
-    hooks = [m.register_forward_hook(lambda *_: bar.update(1) if bar.n < bar.total else None) for m in layers]
+
+    def count(*_) -> None:  # returns None: a forward hook's return value would replace the output
+        if bar.n < bar.total:
+            bar.update(1)
+
+    hooks = [m.register_forward_hook(count) for m in layers]
     was_training = model.training
     model.eval()
     try:
