@@ -58,7 +58,8 @@ def cache_dir() -> pathlib.Path | None:
     return (pathlib.Path(xdg) if xdg else pathlib.Path.home() / ".cache") / "sparsekern"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform reports."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -85,7 +86,7 @@ def _static_environment() -> dict:
         rules = hashlib.sha1(pathlib.Path(dispatch_rules.__file__).read_bytes()).hexdigest()[:12]
         isa = ",".join(k[4:-8] for k, v in sorted(_extension.BUILD_INFO.items())
                        if k.startswith("cpu_") and k.endswith("_runtime") and v)
-        _STATIC_ENV.update({"cpu": _cpu_model(), "isa": isa or "portable", "torch": torch.__version__,
+        _STATIC_ENV.update({"cpu": cpu_model(), "isa": isa or "portable", "torch": torch.__version__,
                             "sparsekern": version, "kernels": kernels, "dispatch_rules": rules})
     return _STATIC_ENV
 

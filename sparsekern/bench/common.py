@@ -34,6 +34,7 @@ import time
 import torch
 
 from .. import _extension
+from ..decisions import cpu_model
 from ..reporting import ratio_number
 
 
@@ -60,14 +61,7 @@ def commit() -> str:
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return cpu_model()
 
 
 def environment(device: str = "cpu") -> dict:
