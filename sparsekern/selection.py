@@ -208,10 +208,10 @@ def owl_allocation(model: nn.Module, calibration, target_sparsity: float, lam: f
 
 
 def _group_key(group, op: str) -> Callable[[str], str]:
-    if group == "block":
-        return block_of
-    if group == "layer":
-        return lambda name: name
     if callable(group):
         return group
+    # OWL's groups: a transformer block's layers together (its paper's unit), or each layer alone
+    groupings = {"block": block_of, "layer": lambda name: name}
+    if isinstance(group, str) and group in groupings:
+        return groupings[group]
     raise ValueError(f"{op}: group must be 'block', 'layer' or a callable name -> group, got {group!r}")

@@ -177,7 +177,9 @@ def test_the_choice_lives_in_dispatch_rules(monkeypatch):
     assert "int8 activations" not in ops.explain_backend("nm_linear_q", x1, W)[1]
     monkeypatch.setenv("SPARSEKERN_Q_ACT", "int8")
     assert dispatch_rules.q_cpu_algo(16) == INT8_ACT
-    # above the decode rows the dequantized tiles run, with x in fp32
+    # above the decode rows the dequantized tiles run, with x in fp32 (2:4 int8 weights take the
+    # int8 dot-product GEMM there unless SPARSEKERN_NM_Q_GEMM=tile: test_nm_linear_q.py)
+    monkeypatch.setenv("SPARSEKERN_NM_Q_GEMM", "tile")
     assert dispatch_rules.q_cpu_algo(17) == dispatch_rules.Q_ALGO_EXACT
     assert "int8 activations" not in ops.explain_backend("nm_linear_q", x17, W)[1]
     torch.testing.assert_close(ops.nm_linear_q(x17, W), x17 @ W.to_dense().t(), rtol=1e-5, atol=1e-4)

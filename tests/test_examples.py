@@ -12,12 +12,17 @@ import time
 import pytest
 import torch
 
+import sparsekern
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_example(script, *args):
+    # the example imports the sparsekern under test (a checkout need not be installed)
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(sparsekern.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), "--tiny", *args],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+                       capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 

@@ -20,6 +20,8 @@ import textwrap
 import pytest
 import torch
 
+import sparsekern
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # name[_precision]: the quantized ones also fuzz their stored values and scales
 FORMATS = ["nm24", "nm28", "bitmask", "block", "nm24_int8", "nm24_int4", "bitmask_int8", "block_int8"]
@@ -148,7 +150,10 @@ WORKER = textwrap.dedent(r'''
 def test_tampered_weights_never_crash(tmp_path, fmt, device):
     script = tmp_path / "fuzz_worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # the worker imports the sparsekern under test (a checkout need not be installed)
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(sparsekern.__file__)))
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p))
     try:
         proc = subprocess.run([sys.executable, str(script), fmt, device], capture_output=True, text=True,
                               timeout=300, env=env)
