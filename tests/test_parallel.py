@@ -628,7 +628,10 @@ def test_shard_then_prune_equals_prune_then_shard(tp_results):
 def test_example_tp_sparse_decoder_under_torchrun():
     """examples/tp_sparse_decoder.py under `torchrun --nproc_per_node 2` on gloo."""
     pytest.importorskip("transformers")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the ranks import the sparsekern under test (a checkout need not be installed)
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(sparsekern.__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "examples", "tp_sparse_decoder.py"), "--tiny"]
     try:

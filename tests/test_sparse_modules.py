@@ -101,7 +101,7 @@ def test_module_measures_each_bucket_once_and_runs_the_choice(monkeypatch):
         x = torch.randn(rows, 64)
         with torch.no_grad():
             y, ran = _ops_run(lambda: s(x))
-        assert ("sparsekern::bitmask_linear" in ran) == (path == "sparse"), (rows, ran)
+        assert any(op.startswith("sparsekern::bitmask_linear") for op in ran) == (path == "sparse"), (rows, ran)
         torch.testing.assert_close(y, x @ W.to_dense().T + s.bias, rtol=1e-5, atol=1e-5)
     assert len(calls) == 3  # buckets <=1, <=4, <=256, each measured once
     assert {b: c.path for b, c in s.bucket_choices.items()} == {1: "sparse", 4: "sparse", 256: "decompress"}
