@@ -254,3 +254,17 @@ def test_demo_digits_part_times_and_plots_the_peers(tmp_path, monkeypatch):
         assert (tmp_path / "demo.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="unknown peer"):
         demo.run("cpu", quick=True, out=str(tmp_path / "x"), parts=["digits"], peers=["fp8 magic"])
+
+
+def test_peer_ratios_compare_within_one_load():
+    # the models suite's --busy run times each model quiet and with one core busy: a row is
+    # compared with the peer of its own loop, never with the other load's
+    rows = []
+    for load, peer_ms, ms in (("quiet", 10.0, 20.0), ("one core busy", 40.0, 20.0)):
+        common = {"model": "m", "metric": "decode", "load": load}
+        rows += [{**common, "variant": "torch int8 dynamic", "peer": "torch int8 dynamic", "median_ms": peer_ms},
+                 {**common, "variant": "2:4", "median_ms": ms}]
+    peers.add_peer_ratios(rows)
+    quiet, busy = rows[1], rows[3]
+    assert quiet["speedup_vs_torch_int8_dynamic"] == pytest.approx(0.5)
+    assert busy["speedup_vs_torch_int8_dynamic"] == pytest.approx(2.0)

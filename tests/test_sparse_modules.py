@@ -598,3 +598,19 @@ def test_a_small_convolution_keeps_a_dense_copy_where_it_wins(monkeypatch):
         s.weight_values.mul_(-1.0)  # the compressed weight is the source of truth
         torch.testing.assert_close(s(x).double(), torch.nn.functional.conv2d(
             x.double(), s.to_dense().weight.double(), s.bias.double(), padding=1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pattern,kw", [("2:4", {"quantize": "int8"}), ("2:4", {"quantize": "int4", "group_size": 32}),
+                                        ("unstructured", {"sparsity": 0.6, "quantize": "int8"}),
+                                        ("block16", {"sparsity": 0.5}), ("2:4", {}), ("unstructured", {"sparsity": 0.7})])
+@pytest.mark.parametrize("rows", [1, 40])
+def test_cached_call_runs_what_the_op_runs(pattern, kw, rows):
+    # The module's cached per-shape call (after its first call of a shape) must run the op's
+    # own algorithm: the same bits as ops.sparse_linear (the 2:4 int8 GEMM's activation
+    # rounding makes a different algorithm visible).
+    s = SparseLinear.from_dense(nn.Linear(128, 48), pattern, policy=Policy("sparse"), **kw).eval()
+    x = torch.randn(rows, 128)
+    with torch.no_grad():
+        first, second = s(x), s(x)
+    want = sparsekern.ops.sparse_linear(x, s.weight_format(), s.bias)
+    assert torch.equal(first, want) and torch.equal(second, want)

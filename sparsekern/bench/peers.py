@@ -399,11 +399,11 @@ def profile_fields(peer: Peer | str, model: nn.Module, run, median_ms: float, pr
 
 
 # -------------------------------------------------------------------------------- ratios
-def add_peer_ratios(rows: list[dict], group=("model", "metric"), name: str = "variant") -> None:
+def add_peer_ratios(rows: list[dict], group=("model", "metric", "load"), name: str = "variant") -> None:
     """In place: every timed row (with median_ms) gets `speedup_vs_<slug(peer)>` = the peer's
     median / this median, for each peer row (a row with `peer`) timed in the same group
-    (same model and workload: the same interleaved loop). The ratios against fp32 dense
-    stay in `speedup`."""
+    (same model, workload and load — quiet or one core busy: the same interleaved loop). The
+    ratios against fp32 dense stay in `speedup`."""
     timed = [r for r in rows if "median_ms" in r]
     for r in timed:
         for p in timed:

@@ -105,10 +105,16 @@ def nm_linear_q(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> to
     _check_quantized("nm_linear_q", weight, "NMWeight")
     check_x("nm_linear_q", x, weight.in_features, weight.dtype, weight.device)
     check_bias("nm_linear_q", bias, weight.shape[0], x)
-    d, key = decide("nm_linear_q", (x, weight))
+    return _q_linear_call("nm_linear_q", x, weight)(x, bias)
+
+
+def _q_linear_call(op: str, x: torch.Tensor, weight) -> "LinearCall":
+    """nm_linear_q / bitmask_linear_q as decided for x: the CPU-only op with the algorithm
+    dispatch_rules chose, where it is not the shared schema's exact one."""
+    d, key = decide(op, (x, weight))
     if d.cpu_run is not None and key.cpu_algo != rules.Q_ALGO_EXACT:
-        return d.cpu_run(x, *weight.kernel_args(), bias, key.cpu_algo)
-    return d.run(x, *weight.kernel_args(), bias)
+        return LinearCall(d.cpu_run, weight.kernel_args(), (key.cpu_algo,))
+    return LinearCall(d.run, weight.kernel_args(), ())
 
 
 def bitmask_linear_q(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,10 +123,7 @@ def bitmask_linear_q(x: torch.Tensor, weight, bias: torch.Tensor | None = None) 
     _check_quantized("bitmask_linear_q", weight, "BitmaskWeight")
     check_x("bitmask_linear_q", x, weight.in_features, weight.dtype, weight.device)
     check_bias("bitmask_linear_q", bias, weight.shape[0], x)
-    d, key = decide("bitmask_linear_q", (x, weight))
-    if d.cpu_run is not None and key.cpu_algo != rules.Q_ALGO_EXACT:
-        return d.cpu_run(x, *weight.kernel_args(), bias, key.cpu_algo)
-    return d.run(x, *weight.kernel_args(), bias)
+    return _q_linear_call("bitmask_linear_q", x, weight)(x, bias)
 
 
 def block_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -128,10 +131,14 @@ def block_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> t
     check_format("block_linear", weight, "BlockWeight")
     check_x("block_linear", x, weight.in_features, weight.dtype, weight.device)
     check_bias("block_linear", bias, weight.shape[0], x)
+    return _block_linear_call(x, weight)(x, bias)
+
+
+def _block_linear_call(x: torch.Tensor, weight) -> "LinearCall":
     d, key = decide("block_linear", (x, weight))
     if d.cpu_run is not None and key.cpu_algo is not None:  # the algorithm dispatch_rules chose
-        return d.cpu_run(x, *weight.kernel_args(), bias, key.cpu_algo)
-    return d.run(x, *weight.kernel_args(), bias)
+        return LinearCall(d.cpu_run, weight.kernel_args(), (key.cpu_algo,))
+    return LinearCall(d.run, weight.kernel_args(), ())
 
 
 def nm_conv2d(x: torch.Tensor, weight, kernel_size, bias: torch.Tensor | None = None, stride=1, padding=0,
@@ -190,7 +197,11 @@ def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> 
     return fn(x, weight, bias)
 
 
-_LINEAR_CALL = {"nm_linear": _nm_linear_call, "bitmask_linear": _bitmask_linear_call}
+# Every op of _LINEAR: the call its public function makes (the same algorithm, decided once).
+_LINEAR_CALL = {"nm_linear": _nm_linear_call, "bitmask_linear": _bitmask_linear_call,
+                "block_linear": _block_linear_call,
+                "nm_linear_q": lambda x, weight: _q_linear_call("nm_linear_q", x, weight),
+                "bitmask_linear_q": lambda x, weight: _q_linear_call("bitmask_linear_q", x, weight)}
 
 
 def sparse_linear_call(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> LinearCall:
@@ -207,10 +218,7 @@ def sparse_linear_call(x: torch.Tensor, weight, bias: torch.Tensor | None = None
     check_format(op, weight, type(weight).__name__)
     check_x(op, x, weight.in_features, weight.dtype, weight.device)
     check_bias(op, bias, weight.shape[0], x)
-    make = _LINEAR_CALL.get(op)
-    if make is not None:
-        return make(x, weight)
-    return LinearCall(decide(op, (x, weight))[0].run, weight.kernel_args(), ())
+    return _LINEAR_CALL[op](x, weight)
 
 
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, bitmask: torch.Tensor,
