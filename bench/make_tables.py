@@ -796,20 +796,23 @@ def t_all_results(runs):
 
 
 def t_summary(runs):
-    """The README's one table: per hardware (the newest full model-level run on each device),
-    model and workload, the best sparsekern variant beside every peer the run timed (variants
-    named PEER_PREFIXES), each as x dense, the fastest marked, with a link to the run."""
-    newest_per_hw: dict = {}
+    """The README's one table: per hardware and model (the newest full model-level run of that
+    model on each device) and workload, the best sparsekern variant beside every peer the run
+    timed (variants named PEER_PREFIXES), each as x dense, the fastest marked, with a link to
+    the run. Quiet rows only (a --busy run also times each model with one core busy)."""
+    newest: dict = {}
     for run in runs:  # newest first
         if run.quick or not run.of("model"):
             continue
-        newest_per_hw.setdefault((run.gpu, run.env.get("device_name") or run.env.get("cpu")), run)
+        for model in dict.fromkeys(r.get("model") for r in run.of("model")):
+            newest.setdefault((run.gpu, run.env.get("device_name") or run.env.get("cpu"), model), run)
     out = []
     models: dict[str, str] = {}
-    for (gpu, name), run in newest_per_hw.items():
+    for (gpu, name, model), run in newest.items():
         th = run.env.get("threads")
         hw = name if gpu else f"{name}, {th} thread{'' if th == 1 else 's'}"
-        rows = [r for r in run.of("model") if isinstance(r.get("speedup", r.get("speedup_vs_dense")), (int, float))]
+        rows = [r for r in run.of("model") if isinstance(r.get("speedup", r.get("speedup_vs_dense")), (int, float))
+                and r.get("model") == model and r.get("load", "quiet") == "quiet"]
         for key in dict.fromkeys((r.get("model"), r.get("metric"), r.get("batch")) for r in rows):
             mine = [r for r in rows if (r.get("model"), r.get("metric"), r.get("batch")) == key]
             sparse = [r for r in mine if variant_role(r) == "sparse"]
@@ -827,7 +830,7 @@ def t_summary(runs):
                 models.setdefault(str(key[0]), best["model_desc"])
     if not out:
         return "No model-level results yet."
-    gpu_note = ("" if any(gpu for gpu, _ in newest_per_hw) else
+    gpu_note = ("" if any(gpu for gpu, _, _ in newest) else
                 " The GPU runs so far time kernels, not models: [GPU](docs/RESULTS.md#gpu)." if any(r.gpu for r in runs)
                 else " No GPU run yet: the CUDA, Triton and 2:4 tensor-core kernels are built, not yet run on a GPU.")
     header = ["hardware", "model", "workload", "variant", "x dense (p20–p80)", "fastest here", "full run"]
