@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import math
 import os
+import time
 import warnings
 
 import torch
@@ -35,10 +36,7 @@ from torch import nn
 
 from sparsekern import _extension, dispatch_rules, ops
 from sparsekern.bench.cases import copy_bandwidth_gbs
-import random
-import time
-
-from sparsekern.bench.common import compare, environment, pick_threads, write_json
+from sparsekern.bench.common import compare, environment, interleaved, pick_threads, write_json
 from sparsekern.formats import BitmaskWeight, NMWeight
 from sparsekern.reporting import markdown_table
 
@@ -170,7 +168,7 @@ def main(argv=None):
             meta.setdefault(name, "")
             rows.append({"shape": shape, "out": o, "in": k, "provider": name, "batch": 1, "weight_bytes": nbytes,
                          "copies": copies, "rel_err": err, "algorithm": algo or "", "dtype_x": "float32"})
-        samples = interleaved_clock(calls, a.rounds, time.thread_time if a.clock == "thread" else time.perf_counter)
+        samples = interleaved(calls, a.rounds, clock=time.thread_time if a.clock == "thread" else time.perf_counter)
         n_copies = {r["provider"]: r["copies"] for r in rows if r["shape"] == shape}
         samples = {kk: [s / n_copies[kk] for s in v] for kk, v in samples.items()}
         res = compare(samples, BASELINE, AGAIN)
@@ -217,25 +215,6 @@ def copy_bandwidth_thread_gbs(mib: int = 256, reps: int = 7) -> float:
         dst.copy_(src)
         best = min(best, time.thread_time() - t)
     return 2 * src.numel() * 4 / best / 1e9
-
-
-def interleaved_clock(calls: dict, rounds: int, clock, seed: int = 0) -> dict[str, list[float]]:
-    """sparsekern.bench.common.interleaved with a choice of clock: time.perf_counter (wall), or
-    time.thread_time (the calling thread's CPU time: with one intra-op thread, the time the op
-    ran, not the time other processes of a shared machine held the CPU)."""
-    names = list(calls)
-    for k in names:
-        calls[k]()
-    out = {k: [] for k in names}
-    rng = random.Random(seed)
-    for _ in range(rounds):
-        order = list(names)
-        rng.shuffle(order)
-        for k in order:
-            t = clock()
-            calls[k]()
-            out[k].append(clock() - t)
-    return out
 
 
 def table(rows):
