@@ -25,34 +25,9 @@ import torch
 
 from sparsekern.bench.common import environment
 from sparsekern.bench.quality import embed, english_sentences, load_minilm
-from sparsekern.optimize import Plan, apply_plan, optimize, pareto_rows, write_report
+from sparsekern.optimize import Plan, apply_plan, optimize, pareto_rows, state_dicts_equal, write_report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def state_equal(a: dict, b: dict) -> bool:
-    """Two state dicts hold the same tensors bit for bit (quantized ones by scale and ints;
-    packed dynamic-int8 weights unpacked)."""
-    if a.keys() != b.keys():
-        return False
-    for k in a:
-        va, vb = a[k], b[k]
-        if isinstance(va, tuple):
-            if not state_equal(dict(enumerate(va)), dict(enumerate(vb))):
-                return False
-        elif isinstance(va, torch.Tensor):
-            if va.is_quantized:
-                if va.q_scale() != vb.q_scale() or not torch.equal(va.int_repr(), vb.int_repr()):
-                    return False
-            elif va.dtype != vb.dtype or va.shape != vb.shape or not torch.equal(va, vb):
-                return False
-        elif "PackedParams" in type(va).__name__:
-            if not state_equal(dict(enumerate(torch.ops.quantized.linear_unpack(va))),
-                               dict(enumerate(torch.ops.quantized.linear_unpack(vb)))):
-                return False
-        elif va != vb:
-            return False
-    return True
 
 
 def main(argv=None):
@@ -104,7 +79,7 @@ def main(argv=None):
     fresh = apply_plan(load_minilm()[0], Plan.load(plan_path))
     with torch.no_grad():
         same_outputs = torch.equal(fresh(**example).last_hidden_state, optimized(**example).last_hidden_state)
-    reproduced = {"state_dict_equal": state_equal(fresh.state_dict(), optimized.state_dict()),
+    reproduced = {"state_dict_equal": state_dicts_equal(fresh.state_dict(), optimized.state_dict()),
                   "outputs_equal": bool(same_outputs)}
     print(f"re-applied plan: {reproduced}", flush=True)
     del fresh

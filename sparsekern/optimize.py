@@ -372,6 +372,35 @@ def apply_choices(model: nn.Module, choices: dict[str, str], options: dict[str, 
     return model
 
 
+def state_dicts_equal(a: dict, b: dict) -> bool:
+    """Two state dicts hold the same entries bit for bit: tensors by dtype, shape and values,
+    quantized tensors by scale and integers, torch's packed dynamic-int8 weights unpacked
+    (what apply_plan reproduces). Raises TypeError for an entry it has no rule for."""
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        va, vb = a[k], b[k]
+        if isinstance(va, tuple):
+            if not state_dicts_equal(dict(enumerate(va)), dict(enumerate(vb))):
+                return False
+        elif isinstance(va, torch.Tensor):
+            if va.is_quantized:
+                if not (va.q_scale() == vb.q_scale() and torch.equal(va.int_repr(), vb.int_repr())):
+                    return False
+            elif va.dtype != vb.dtype or va.shape != vb.shape or not torch.equal(va, vb):
+                return False
+        elif isinstance(va, torch.dtype) or va is None or isinstance(va, (int, float, str)):
+            if va != vb:
+                return False
+        elif hasattr(va, "__getstate__") and "PackedParams" in type(va).__name__:
+            if not state_dicts_equal(dict(enumerate(torch.ops.quantized.linear_unpack(va))),
+                               dict(enumerate(torch.ops.quantized.linear_unpack(vb)))):
+                return False
+        else:
+            raise TypeError(f"state_dicts_equal: no rule for {k}: {type(va)}")
+    return True
+
+
 def apply_plan(model: nn.Module, plan: Plan, recover: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
     """The plan applied to `model` (a fresh copy of the dense model it was found on), in
     place, without searching: the same options and activation norms give the same compressed

@@ -14,7 +14,8 @@ from torch import nn
 import sparsekern
 from sparsekern import kinds, precisions
 from sparsekern.optimize import (DENSE, MENU_SPELLINGS, Option, Plan, apply_choices, backoff, build_option,
-                                 candidate_layers, default_menu, knapsack, pareto_rows, spearman, target_score, write_report)
+                                 candidate_layers, default_menu, knapsack, pareto_rows, spearman, state_dicts_equal,
+                                 target_score, write_report)
 
 
 # ------------------------------------------------------------------------------ knapsack
@@ -236,32 +237,6 @@ def test_optimize_absolute_floor():
     assert set(plan.choices) == set(LAYERS)  # 0.3 predicted loss within 1 - 0.2
 
 
-def state_equal(a: dict, b: dict) -> bool:
-    if a.keys() != b.keys():
-        return False
-    for k in a:
-        va, vb = a[k], b[k]
-        if isinstance(va, tuple):
-            if not state_equal(dict(enumerate(va)), dict(enumerate(vb))):
-                return False
-        elif isinstance(va, torch.Tensor):
-            if va.is_quantized:
-                if not (va.q_scale() == vb.q_scale() and torch.equal(va.int_repr(), vb.int_repr())):
-                    return False
-            elif va.dtype != vb.dtype or va.shape != vb.shape or not torch.equal(va, vb):
-                return False
-        elif isinstance(va, torch.dtype) or va is None or isinstance(va, (int, float, str)):
-            if va != vb:
-                return False
-        elif hasattr(va, "__getstate__") and "PackedParams" in type(va).__name__:
-            if not state_equal(dict(enumerate(torch.ops.quantized.linear_unpack(va))),
-                               dict(enumerate(torch.ops.quantized.linear_unpack(vb)))):
-                return False
-        else:
-            raise AssertionError(f"state_equal: no rule for {k}: {type(va)}")
-    return True
-
-
 def test_plan_json_round_trip_and_apply_plan_bit_for_bit(tmp_path):
     model, x = mlp(), torch.randn(8, 128)
     opts = ("2:4", "unstructured 50% int8", "dense int8")
@@ -275,7 +250,7 @@ def test_plan_json_round_trip_and_apply_plan_bit_for_bit(tmp_path):
     assert again == plan
     assert json.loads(again.to_json()) == json.loads(plan.to_json())
     fresh = sparsekern.apply_plan(mlp(), again)
-    assert state_equal(fresh.state_dict(), out.state_dict())
+    assert state_dicts_equal(fresh.state_dict(), out.state_dict())
     with torch.no_grad():
         assert torch.equal(fresh(x), out(x))
     # a different calibration would give other wanda masks: the plan's stored norms are what count
@@ -288,7 +263,7 @@ def test_apply_plan_reproduces_quantized_dense_int8():
     out, plan = plan_for(model, x, floor=0.5, options=("dense int8",), sens={n: {"dense int8": 0.0} for n in LAYERS})
     assert set(plan.choices.values()) == {"dense int8"}
     fresh = sparsekern.apply_plan(mlp(), Plan.from_json(plan.to_json()))
-    assert state_equal(fresh.state_dict(), out.state_dict())
+    assert state_dicts_equal(fresh.state_dict(), out.state_dict())
 
 
 def test_plan_from_bad_json():
@@ -378,7 +353,7 @@ def test_end_to_end_small_real_search(tmp_path):
         assert r["latency_ms"][DENSE] > 0 and all(v > 0 for v in r["latency_ms"].values())
         assert set(r["sensitivity"]) >= {DENSE}
     fresh = sparsekern.apply_plan(mlp(), Plan.from_json(plan.to_json()))
-    assert state_equal(fresh.state_dict(), out.state_dict())
+    assert state_dicts_equal(fresh.state_dict(), out.state_dict())
     rows = pareto_rows(model, plan, cosine_eval(model, held_out), x, rounds=3, optimized=out, show_progress=False)
     kinds_seen = {r["kind"] for r in rows}
     assert {"dense", "uniform", "plan"} <= kinds_seen
@@ -411,7 +386,7 @@ def test_cli_optimize(tmp_path, monkeypatch):
     plan = Plan.load(str(out / "plan.json"))
     assert plan.measured["score"] >= 0.98 * plan.dense["score"]
     saved = torch.load(out / "model.pt", weights_only=False)
-    assert state_equal(saved.state_dict(), sparsekern.apply_plan(mlp(), plan).state_dict())
+    assert state_dicts_equal(saved.state_dict(), sparsekern.apply_plan(mlp(), plan).state_dict())
     with pytest.raises(SystemExit, match="--eval"):
         main(["optimize", str(tmp_path / "mlp.pt"), "--eval", "no_colon", "--inputs", "mlp_eval:inputs"])
     with pytest.raises(SystemExit, match="no such file"):
