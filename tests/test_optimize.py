@@ -340,10 +340,28 @@ def test_candidate_layers_skip_small_and_tied():
 
 
 # ------------------------------------------------------------------------ real, end to end
+class WideMLP(nn.Module):
+    """Layers above dispatch_rules.DENSE_COPY_MAX_BYTES: a sparse module of a smaller layer may
+    keep a dense copy and tie with dense, leaving the search no option worth measuring."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(512, 1024)
+        self.fc2 = nn.Linear(1024, 512)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def wide_mlp():
+    torch.manual_seed(0)
+    return WideMLP().eval()
+
+
 def test_end_to_end_small_real_search(tmp_path):
-    """Real timings, real sensitivities, real verification on a tiny MLP (a few seconds)."""
-    model, x = mlp(), torch.randn(64, 128)
-    held_out = torch.randn(64, 128)
+    """Real timings, real sensitivities, real verification on a small MLP (a few seconds)."""
+    model, x = wide_mlp(), torch.randn(64, 512)
+    held_out = torch.randn(64, 512)
     out, plan = sparsekern.optimize(model, cosine_eval(model, x), x, floor=0.97,
                                     menu=["2:4", "unstructured 50%", "dense int8"], budget_s=60, rounds=3,
                                     show_progress=False)
@@ -352,7 +370,7 @@ def test_end_to_end_small_real_search(tmp_path):
     for r in plan.layers:
         assert r["latency_ms"][DENSE] > 0 and all(v > 0 for v in r["latency_ms"].values())
         assert set(r["sensitivity"]) >= {DENSE}
-    fresh = sparsekern.apply_plan(mlp(), Plan.from_json(plan.to_json()))
+    fresh = sparsekern.apply_plan(wide_mlp(), Plan.from_json(plan.to_json()))
     assert state_dicts_equal(fresh.state_dict(), out.state_dict())
     rows = pareto_rows(model, plan, cosine_eval(model, held_out), x, rounds=3, optimized=out, show_progress=False)
     kinds_seen = {r["kind"] for r in rows}
