@@ -150,11 +150,14 @@ Q_ALGO_NAMES = {Q_ALGO_EXACT: "fp32 activations", Q_ALGO_INT8_ACT: "int8 activat
                 Q_ALGO_INT8_DOT: "2:4 int8 dot-product GEMM"}
 Q_DECODE_MAX_ROWS = CPU_ROWS_MAX_ROWS  # linear_q.cpp's decode kernels (kDirectMaxBatch, sparse_rows.h)
 
-# Whether int8 activations are the default for quantized weights' decode. They change the
-# numbers (each x row rounded to 255 levels, as torch's quantize_dynamic does), so the exact
-# path stays the default and SPARSEKERN_Q_ACT=int8 asks for them; bench/bench_decode_q.py
-# measures both (bench/results/cpu-decode-q-20261206/).
-Q_INT8_ACT_DEFAULT = False
+# Whether int8 activations are the default for quantized weights' decode where the CPU has
+# AVX512_VNNI (its vpdpbusd kernels; the AVX2 and portable integer loops are not measured to
+# win, so those CPUs keep the exact path). They round each x row to 255 levels, as torch's
+# quantize_dynamic does (per tensor there), and read a quarter of the bytes of x per kept
+# value, so the decode kernels stream the weight bytes at about torch's int8 rate instead of
+# a fraction of it; bench/bench_decode_q.py measures both. SPARSEKERN_Q_ACT=exact keeps the
+# exact products.
+Q_INT8_ACT_DEFAULT = True
 
 # From this many rows 2:4 int8 weights run the int8 dot-product GEMM where the CPU has
 # AVX512_VNNI (a batch bucket's first row count: the decision is made per bucket).
@@ -162,16 +165,31 @@ NM24_INT8_DOT_MIN_ROWS = 17
 assert NM24_INT8_DOT_MIN_ROWS - 1 in BATCH_BUCKETS, "NM24_INT8_DOT_MIN_ROWS must start a batch bucket"
 
 
+def q_activations_int8(device: torch.device) -> bool:
+    """Whether nm_linear_q / bitmask_linear_q multiply activations rounded per row to int8 on
+    `device`, on every path, so a layer's numbers do not depend on the path or batch size its
+    dispatch picks: the integer kernels quantize x themselves; the others (the tiles, a
+    module's dense copy, the reference backend, the training forward) multiply
+    precisions.round_activation_rows(x). SPARSEKERN_Q_ACT (read per call): "int8" yes on a
+    CPU, "exact" no (fp32 activations, exact products; the int8 GEMM is then not used either);
+    unset: Q_INT8_ACT_DEFAULT where the CPU has AVX512_VNNI. GPUs: no (exact products)."""
+    if torch.device(device).type != "cpu":
+        return False
+    choice = os.environ.get("SPARSEKERN_Q_ACT")
+    if choice is not None and choice not in ("int8", "exact"):
+        raise ValueError(f"SPARSEKERN_Q_ACT must be 'int8' or 'exact', got {choice!r}")
+    if choice is not None:
+        return choice == "int8"
+    return bool(Q_INT8_ACT_DEFAULT and _extension.BUILD_INFO.get("cpu_avx512_vnni_runtime"))
+
+
 def q_cpu_algo(rows: int | None) -> int:
     """The CPU decode algorithm of nm_linear_q / bitmask_linear_q over `rows` rows of x (None:
-    not known). SPARSEKERN_Q_ACT (read per call): "int8" takes int8 activations up to
-    Q_DECODE_MAX_ROWS rows, "exact" never; unset: Q_INT8_ACT_DEFAULT."""
+    not known): int8 activations up to Q_DECODE_MAX_ROWS rows where q_activations_int8 holds,
+    else the exact products (above those rows the tiles, which then multiply the rounded x)."""
     if rows is not None and rows > Q_DECODE_MAX_ROWS:
         return Q_ALGO_EXACT
-    choice = os.environ.get("SPARSEKERN_Q_ACT")
-    if choice == "int8" or (choice is None and Q_INT8_ACT_DEFAULT):
-        return Q_ALGO_INT8_ACT
-    return Q_ALGO_EXACT
+    return Q_ALGO_INT8_ACT if q_activations_int8(torch.device("cpu")) else Q_ALGO_EXACT
 
 
 def nm_q_cpu_algo(n: int, m: int, bits: int, rows: int | None) -> int:
@@ -183,6 +201,7 @@ def nm_q_cpu_algo(n: int, m: int, bits: int, rows: int | None) -> int:
     weight's by that rounding. Otherwise q_cpu_algo."""
     if ((n, m) == (2, 4) and bits == 8 and rows is not None and rows >= NM24_INT8_DOT_MIN_ROWS
             and _extension.BUILD_INFO.get("cpu_avx512_vnni_runtime")  # AVX2 and portable builds: tiles
+            and q_activations_int8(torch.device("cpu"))
             and os.environ.get("SPARSEKERN_NM_Q_GEMM") != "tile"):
         return Q_ALGO_INT8_DOT
     return q_cpu_algo(rows)
@@ -354,8 +373,8 @@ EVIDENCE: dict[str, Measured] = {
         "module with its dense copy": 7.2}),
     # Not a measured edge: the C++ decode kernels' rows (kDirectMaxBatch), mirrored here.
     "Q_DECODE_MAX_ROWS": Measured("csrc/cpu/sparse_rows.h kDirectMaxBatch (not measured)", {}),
-    # Numerics, not speed, keep the exact path the default (the int8 algorithm's speed at
-    # batch 1 is in the run; figures: x torch int8 dynamic, one thread, CPU time).
+    # The int8 algorithm's speed at batch 1 against the exact one (figures: x torch int8
+    # dynamic, one thread, CPU time, a shared machine).
     "Q_INT8_ACT_DEFAULT": Measured("bench/results/cpu-decode-q-20261206", {
         "decode step, x torch int8 dynamic (exact, int8 activations)": {
             "2:4 int8": (0.97, 1.40), "70% int8": (0.32, 1.47), "2:4 int4 g128": (0.87, 2.06)}}),

@@ -144,6 +144,13 @@ class _Format:
     ROW_VALUES: bool = False
     META_INTS: int = 0  # meta() ints of a format with float values
 
+    @classmethod
+    def op_name(cls, quantized: bool) -> str:
+        """The op a weight of this format runs through, with float or quantized values (OP of
+        an instance says which applies to it)."""
+        op = next(k.__dict__["OP"] for k in cls.__mro__ if "OP" in k.__dict__)
+        return getattr(op, "quantized" if quantized else "plain", op)
+
     def __setattr__(self, name, value):
         # Any new tensor or int invalidates the check; only validate() (or a format built by
         # sparsekern's own compress kernels) sets it. The ops run validated formats only.

@@ -478,6 +478,16 @@ class _SparseMixin:
             on_grid = as_2d(fmt.to_dense()).reshape(self.weight.shape).to(self.weight.dtype)
         return _StraightThrough.apply(self.weight, on_grid)
 
+    def _training_rounds_activations(self, device) -> bool:
+        """Whether the training forward rounds x per row to int8 (straight through): where the
+        compressed layer this trains into will (ops.rounds_activations), so quantization-aware
+        training sees the activations inference multiplies, and freeze keeps the output."""
+        precision = self.__dict__.get("_quantize", (None, 0))[0]
+        if precision is None or not self.mask_fits_pattern() or isinstance(self, SparseConv2d):
+            return False
+        fmt_cls = kinds.parse(self.pattern).entry.format
+        return fmt_cls is not None and ops.rounds_activations(fmt_cls.op_name(quantized=True), device)
+
     def mask_fits_pattern(self) -> bool:
         """Whether a trainable layer's mask fits its pattern (gradual pruning moves through
         masks that do not yet); True for a frozen layer."""
@@ -529,6 +539,8 @@ class _SparseMixin:
         """x2 [..., in2d] through the weight on its sparse op, whatever the mode (the
         training op for a trainable module in training mode)."""
         if self.trainable and self.training:
+            if self._training_rounds_activations(x2.device):
+                x2 = precisions.round_activation_rows(x2)  # as the compressed layer's kernels will
             return ops.masked_linear(x2, self.training_weight(), self.weight_mask_bits, bias)
         f = self._packed() if self.trainable else self.weight_format()
         if isinstance(f, torch.Tensor):
@@ -817,8 +829,11 @@ class _DenseCall(NamedTuple):
     """F.linear on a kept dense copy, as a call(x, bias)."""
 
     weight: torch.Tensor
+    round_rows: bool = False  # a quantized weight's x rounded as its integer kernels round it
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.round_rows:
+            x = precisions.round_activation_rows(x)
         return torch.nn.functional.linear(x, self.weight, bias)
 
 
@@ -936,11 +951,12 @@ class SparseLinear(_SparseMixin, nn.Module):
     def _linear_path(self, path: str, x: torch.Tensor, f) -> torch.Tensor:
         if path == "sparse":
             return self._within_budget(f, ops.sparse_linear(x, f, self.bias))
-        return torch.nn.functional.linear(x, self._dense_weight(path, f), self.bias)
+        # a quantized weight's x rounded as its integer kernels round it, so every path agrees
+        return _DenseCall(self._dense_weight(path, f), ops.rounds_activations(f, x.device))(x, self.bias)
 
     def _call_to_keep(self, x, path: str, f, bias, tensors):
         if path == "dense_copy":
-            return _DenseCall(self._dense_weight(path, f))
+            return _DenseCall(self._dense_weight(path, f), ops.rounds_activations(f, x.device))
         call = ops.sparse_linear_call(x, f, bias)
         held = {id(t) for t in tensors}
         if any(isinstance(a, torch.Tensor) and id(a) not in held for a in call.before_bias):
@@ -1055,7 +1071,11 @@ class SparseConv2d(_SparseMixin, nn.Module):
         if isinstance(f, torch.Tensor):  # backend "dense": the original convolution
             return self._dense_conv(x, f)
         if self.trainable:  # eval mode of a trainable module: its compressed copy
-            return self._conv(x, lambda cols: self._linear2d(cols, self.bias))
+            g = self._packed()
+            if isinstance(g, torch.Tensor):
+                return self._conv(x, lambda cols: torch.nn.functional.linear(cols, g, self.bias))
+            g = g.dequantized()  # exact products, as the training forward and _conv_path
+            return self._conv(x, lambda cols: ops.sparse_linear(cols, g, self.bias))
         # The bucket counts rows of the im2col matrix: images x output pixels.
         rows = x.shape[0] * math.prod(self._out_hw(x.shape[2], x.shape[3]))
         path = self._path_for(rows, lambda: {p: (lambda p=p: self._conv_path(p, x, f)) for p in PATHS})
@@ -1079,6 +1099,13 @@ class SparseConv2d(_SparseMixin, nn.Module):
                 # The C++ convolution gathers its patches from the channels-last input itself.
                 return self._within_budget(
                     f, ops.nm_conv2d(x, f, self.kernel_size, self.bias, self.stride, self.padding, self.dilation))
+            if f.quantized:
+                # Convolutions multiply x exactly on every path (the dense ones run F.conv2d),
+                # so integer values are dequantized per call rather than run by the quantized
+                # linear ops, whose integer kernels would round each patch row
+                # (ops.rounds_activations).
+                g = f.dequantized()
+                return self._conv(x, lambda cols: ops.sparse_linear(cols, g, self.bias))
             return self._within_budget(f, self._conv(x, lambda cols: ops.sparse_linear(cols, f, self.bias)))
         return self._dense_conv(x, self._to4d(self._dense_weight(path, f)))
 

@@ -239,3 +239,18 @@ def check_ragged_int8(stored: torch.Tensor, scales, rows: int, numel: int, where
         raise ValueError(f"{where}: scales are on {scales.device} but values on {stored.device}")
     if scales.numel() and not bool((torch.isfinite(scales) & (scales > 0)).all()):
         raise ValueError(f"{where}: int8 scales must be finite and positive (corrupt)")
+
+
+def round_activation_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., k] with each row (last dimension) rounded to the symmetric int8 grid of its own
+    scale, in x's dtype: q = round(x * 127 / max|x|) in [-127, 127], times max|x| / 127 (a
+    row of zeros stays zero), computed in fp32 as the int8-activation kernels quantize x
+    (csrc/cpu/rows_q.h, nm_gemm_int8.h). A product with it is the kernels' integer product up
+    to fp32 rounding, so paths that multiply x in floats (tiles, a dense copy, the training
+    forward) give what the integer kernels give. The gradient passes straight through."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(xf * inv).clamp_(-127, 127)
+    rounded = (q * torch.where(amax > 0, amax / 127.0, torch.zeros_like(amax))).to(x.dtype)
+    return x + (rounded - x).detach() if x.requires_grad else rounded

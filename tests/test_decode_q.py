@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from conftest import needs_extension
-from sparsekern import dispatch_rules, ops, reference
+from sparsekern import _extension, dispatch_rules, ops, precisions, reference
 from sparsekern.formats import BitmaskWeight, NMWeight
 
 pytestmark = needs_extension
@@ -182,11 +182,52 @@ def test_the_choice_lives_in_dispatch_rules(monkeypatch):
     monkeypatch.setenv("SPARSEKERN_NM_Q_GEMM", "tile")
     assert dispatch_rules.q_cpu_algo(17) == dispatch_rules.Q_ALGO_EXACT
     assert "int8 activations" not in ops.explain_backend("nm_linear_q", x17, W)[1]
-    torch.testing.assert_close(ops.nm_linear_q(x17, W), x17 @ W.to_dense().t(), rtol=1e-5, atol=1e-4)
+    # the tiles multiply x rounded as the int8 kernels round it (ops.rounds_activations)
+    xr = precisions.round_activation_rows(x17)
+    torch.testing.assert_close(ops.nm_linear_q(x17, W), xr @ W.to_dense().t(), rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(ops.nm_linear_q(x17, W), x17 @ W.to_dense().t(), rtol=1e-5, atol=1e-4)
     # the exact algorithm stays exact
     monkeypatch.setenv("SPARSEKERN_Q_ACT", "exact")
     torch.testing.assert_close(ops.nm_linear_q(x1, W), (x1.double() @ nm_dense64(W).t()).float(), rtol=1e-5,
                                atol=1e-5)
+
+
+def test_the_default_is_int8_activations_where_vnni_runs_them(monkeypatch):
+    """Unset SPARSEKERN_Q_ACT: decode rows take int8 activations on an AVX512_VNNI CPU (the
+    vpdpbusd kernels), the exact products elsewhere; above the decode rows never."""
+    monkeypatch.delenv("SPARSEKERN_Q_ACT", raising=False)
+    monkeypatch.delenv("SPARSEKERN_NM_Q_GEMM", raising=False)
+    vnni = bool(_extension.BUILD_INFO.get("cpu_avx512_vnni_runtime"))
+    want = INT8_ACT if (vnni and dispatch_rules.Q_INT8_ACT_DEFAULT) else dispatch_rules.Q_ALGO_EXACT
+    for rows in (None, 1, dispatch_rules.Q_DECODE_MAX_ROWS):
+        assert dispatch_rules.q_cpu_algo(rows) == want
+    assert dispatch_rules.q_cpu_algo(dispatch_rules.Q_DECODE_MAX_ROWS + 1) != INT8_ACT
+    B = BitmaskWeight.from_dense(torch.randn(16, 64), torch.rand(16, 64) < 0.3, quantize="int8")
+    x1 = torch.randn(1, 64)
+    assert ("int8 activations" in ops.explain_backend("bitmask_linear_q", x1, B)[1]) == (want == INT8_ACT)
+
+
+def test_round_activation_rows_is_the_kernels_quantization():
+    """precisions.round_activation_rows (what the float paths multiply) is q * scale of the
+    kernels' quantization, row by row; zero rows stay zero; the gradient passes through."""
+    x = torch.randn(5, 67, dtype=torch.float64).float() * torch.tensor([1.0, 1e-3, 50.0, 0.0, 1.0])[:, None]
+    q, scale = quantize_rows(x)
+    got = precisions.round_activation_rows(x)
+    assert got.dtype == x.dtype
+    torch.testing.assert_close(got.double(), q * scale[:, None], rtol=1e-6, atol=0)
+    assert bool((got[3] == 0).all()) and not torch.equal(got, x)
+    xb = x.to(torch.bfloat16)
+    assert precisions.round_activation_rows(xb).dtype == torch.bfloat16
+    xg = x.clone().requires_grad_()
+    precisions.round_activation_rows(xg).mul(torch.arange(67.0)).sum().backward()
+    torch.testing.assert_close(xg.grad, torch.arange(67.0).expand(5, 67))
+
+
+def test_a_bad_q_act_setting_is_refused(monkeypatch):
+    monkeypatch.setenv("SPARSEKERN_Q_ACT", "int4")
+    with pytest.raises(ValueError, match="SPARSEKERN_Q_ACT"):
+        dispatch_rules.q_activations_int8(torch.device("cpu"))
+    assert not dispatch_rules.q_activations_int8(torch.device("meta"))  # only CPUs round: not read there
 
 
 def test_bad_algo_is_refused():

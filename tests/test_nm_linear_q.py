@@ -18,6 +18,15 @@ from sparsekern import _extension, dispatch_rules, ops, reference
 from sparsekern.formats import NMWeight
 from sparsekern.ops import dispatch
 
+
+@pytest.fixture(autouse=True)
+def exact_products(monkeypatch):
+    """This file checks the exact algorithm (fp32 activations, weights dequantized in
+    registers) to fp32's tolerance, so it asks for it: the decode default on AVX512_VNNI CPUs
+    is the int8-activation algorithm (dispatch_rules.Q_INT8_ACT_DEFAULT), whose own references
+    and tolerances are in tests/test_decode_q.py. Child processes inherit the setting."""
+    monkeypatch.setenv("SPARSEKERN_Q_ACT", "exact")
+
 NM = [(2, 4), (1, 4), (4, 8)]
 PRECISIONS = [("int8", 0), ("int4", 32), ("int4", 128)]
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sparsekern import BitmaskWeight, BlockWeight, NMWeight, kinds, ops, precisions, sparsify
-from sparsekern.nn import Policy, SparseLinear
+from sparsekern.nn import PATHS, Policy, SparseLinear
 from sparsekern.sparsegpt import sparsegpt_quantized_weight, sparsegpt_weight
 
 
@@ -57,7 +57,10 @@ def test_values_on_the_grid_and_the_op(name, precision, group):
     assert Q.nbytes < W.nbytes * (0.4 if precision == "int8" else 0.3)
     x = torch.randn(5, W.shape[1])
     y = ops.sparse_linear(x, Q)
-    torch.testing.assert_close(y.double(), x.double() @ qdense.T, rtol=1e-5, atol=1e-5)
+    # where the op multiplies int8-rounded activations (its integer kernels, or its other paths
+    # with x rounded the same way), the product of the rounded x, else of x
+    xr = precisions.round_activation_rows(x) if ops.rounds_activations(Q, x.device) else x
+    torch.testing.assert_close(y.double(), xr.double() @ qdense.T, rtol=1e-5, atol=1e-5)
     # the op ran on the format's own kernel (values dequantized per call), not the reference
     assert ops.explain_backend(W.OP, x, Q)[0] == "cpp"
 
@@ -232,11 +235,28 @@ def test_sparsify_refuses_what_cannot_be_stored(pattern, precision, match):
         sparsify(_mlp(), pattern, sparsity=0.5, quantize=precision, show_progress=False)
 
 
-def test_a_quantized_layer_runs_every_path_alike():
+@pytest.mark.parametrize("pattern,sparsity,precision", [("2:4", None, "int8"), ("2:4", None, "int4"),
+                                                         ("unstructured", 0.6, "int8")])
+def test_a_quantized_layer_runs_every_path_alike(pattern, sparsity, precision):
+    """Whatever path the dispatch measures fastest for a batch bucket (the kernels, the
+    decompressed weight, a dense copy), a quantized layer gives the same numbers: the paths
+    that multiply floats round x as the integer kernels do (ops.rounds_activations), so the
+    output depends neither on the path nor on the batch size."""
     lin = _mlp()[0]
-    x = torch.randn(3, 256)
-    outs = [SparseLinear.from_dense(lin, "2:4", quantize="int8", policy=Policy(b))(x) for b in ("sparse", "dense")]
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    layer = SparseLinear.from_dense(lin, pattern, sparsity=sparsity, quantize=precision, policy=Policy("sparse"))
+    f = layer.weight_format()
+    x = torch.randn(40, 256)
+    for rows in (1, 3, 17, 40):  # the decode kernels; above 16 rows the GEMM (2:4 int8) or the tiles
+        outs = {p: layer._linear_path(p, x[:rows], f) for p in PATHS}
+        for p in PATHS:
+            torch.testing.assert_close(outs[p], outs["sparse"], rtol=1e-5, atol=1e-5, msg=f"{p} at {rows} rows")
+        torch.testing.assert_close(outs["sparse"][:1], layer(x[:1]), rtol=1e-5, atol=1e-5)  # batch invariant
+    # Policy("dense") stores the dequantized weight as a plain float layer: exact products of x
+    dense = SparseLinear.from_dense(lin, pattern, sparsity=sparsity, quantize=precision, policy=Policy("dense"))
+    xr = precisions.round_activation_rows(x) if ops.rounds_activations(f, x.device) else x
+    torch.testing.assert_close(outs["sparse"], dense(xr), rtol=1e-5, atol=1e-5)
+    if ops.rounds_activations(f, x.device):
+        assert not torch.allclose(dense(x), outs["sparse"], rtol=1e-5, atol=1e-5), "no rounding: cannot fail"
 
 
 def test_quantize_values_after_pruning_rounds_each_layer():

@@ -52,7 +52,7 @@ from .dispatch import Decision, backend_for, clear_decisions, explain_backend, u
 from .public import (act_norm_accumulate, bitmask_compress, bitmask_decompress, bitmask_linear, block_compress,
                      block_decompress, block_linear, bitmask_linear_q, group_score, hessian_accumulate, masked_linear,
                      masked_linear_grad_input, masked_linear_grad_weight, nm24_pack_panels, nm_compress, nm_conv2d,
-                     nm_decompress, nm_linear, nm_linear_q, nm_score_compress, sparse_linear,
+                     nm_decompress, nm_linear, nm_linear_q, nm_score_compress, rounds_activations, sparse_linear,
                      sparse_linear_call, LinearCall)
 from .table import OPS, OpSpec
 
@@ -67,7 +67,7 @@ __all__ = [
     "explain_backend", "group_score", "hessian_accumulate", "masked_linear", "masked_linear_grad_input",
     "masked_linear_grad_weight", "nm24_pack_panels", "nm_compress", "nm_conv2d", "nm_decompress", "nm_linear",
     "nm_linear_q",
-    "nm_score_compress", "sparse_linear", "sparse_linear_call", "LinearCall", "use_backend",
+    "nm_score_compress", "rounds_activations", "sparse_linear", "sparse_linear_call", "LinearCall", "use_backend",
 ]
 
 

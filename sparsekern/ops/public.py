@@ -9,6 +9,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .. import dispatch_rules as rules
+from .. import precisions
 from ..patterns import check_nm
 from .checks import (check_bias, check_bitmask, check_dense_weight, check_finite, check_format, check_mask,
                      check_masked_weight, check_pair, check_score_inputs, check_x)
@@ -23,8 +24,14 @@ class LinearCall(NamedTuple):
     run: Callable
     before_bias: tuple
     after_bias: tuple
+    # x is rounded per row to int8 first (precisions.round_activation_rows): a quantized op's
+    # path that multiplies floats, where its integer kernels round x themselves
+    # (rules.q_activations_int8)
+    round_rows: bool = False
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.round_rows:
+            x = precisions.round_activation_rows(x)
         return self.run(x, *self.before_bias, bias, *self.after_bias)
 
     def no_grad(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -33,6 +40,8 @@ class LinearCall(NamedTuple):
         op = getattr(self.run, "op", None)
         if op is None:
             return self(x, bias)
+        if self.round_rows:
+            x = precisions.round_activation_rows(x)
         with torch._C._AutoDispatchBelowAutograd():
             return op(x, *self.before_bias, bias, *self.after_bias)
 
@@ -96,11 +105,12 @@ def nm_linear_q(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> to
     for the reference), bias [out] or None -> y [..., out] in x's dtype, fp32 accumulation.
     Differentiable in x and bias (the values are integers).
 
-    On CPUs with AVX512_VNNI, 2:4 int8 weights over more than 16 rows run the int8 dot-product
-    GEMM (sparsekern/dispatch_rules.py nm_q_cpu_algo): x is quantized per row to int8 on the
-    fly (symmetric, scale max|x| / 127), as torch's dynamic quantization does per tensor, so
-    the result carries that rounding too (reference.nm_linear_q_int8_dot); the gradient to x
-    passes it straight through.
+    On CPUs with AVX512_VNNI (rules.q_activations_int8), x is rounded per row to int8
+    (symmetric, scale max|x| / 127), as torch's dynamic quantization does per tensor: the
+    decode kernels and, for 2:4 int8 weights over more than 16 rows, the int8 dot-product GEMM
+    (nm_q_cpu_algo, reference.nm_linear_q_int8_dot) quantize x themselves, and the other paths
+    multiply precisions.round_activation_rows(x), so the result carries that rounding on every
+    path; the gradient to x passes it straight through. SPARSEKERN_Q_ACT=exact: exact products.
     """
     _check_quantized("nm_linear_q", weight, "NMWeight")
     check_x("nm_linear_q", x, weight.in_features, weight.dtype, weight.device)
@@ -114,7 +124,22 @@ def _q_linear_call(op: str, x: torch.Tensor, weight) -> "LinearCall":
     d, key = decide(op, (x, weight))
     if d.cpu_run is not None and key.cpu_algo != rules.Q_ALGO_EXACT:
         return LinearCall(d.cpu_run, weight.kernel_args(), (key.cpu_algo,))
-    return LinearCall(d.run, weight.kernel_args(), ())
+    # the exact products: of the rounded x where the integer kernels would round it
+    return LinearCall(d.run, weight.kernel_args(), (), rounds_activations(weight, x.device))
+
+
+# The ops whose integer kernels multiply int8 activations (rules.q_activations_int8).
+_ROUNDING_OPS = ("nm_linear_q", "bitmask_linear_q")
+
+
+def rounds_activations(weight, device) -> bool:
+    """Whether `weight`'s op (a format, or an op name) multiplies activations rounded per row
+    to int8 on `device`, on every path (rules.q_activations_int8): a path that multiplies
+    floats (a module's dense copy, the tiles, the training forward) rounds x with
+    precisions.round_activation_rows first. False for float values, block weights and
+    convolutions (no integer kernels)."""
+    op = weight if isinstance(weight, str) else getattr(weight, "OP", None)
+    return op in _ROUNDING_OPS and rules.q_activations_int8(device)
 
 
 def bitmask_linear_q(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
