@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import sys
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
@@ -162,7 +163,7 @@ def read_state_dict(source) -> dict[str, torch.Tensor]:
     file (read with weights_only=True); or a folder as save_pretrained writes it (one file
     or shards with their index)."""
     if isinstance(source, Mapping):
-        return dict(source)
+        return _with_metadata(source)
     path = os.fspath(source)
     if os.path.isdir(path):
         for name in HF_WEIGHT_FILES:
@@ -183,10 +184,74 @@ def read_state_dict(source) -> dict[str, torch.Tensor]:
 
         return load_file(path)
     sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) or _is_dynamic_int8_entry(k, v)
+                                              for k, v in sd.items()):
         raise ValueError(f"sparsekern.load: {source!s} does not hold a state dict (a mapping of names to tensors); "
                          "give the state dict itself, e.g. sparsekern.load(model, checkpoint['model'])")
-    return dict(sd)
+    return _with_metadata(sd)
+
+
+def _with_metadata(sd: Mapping) -> dict:
+    """A copy of the state dict `sd` that keeps its `_metadata` (the modules' state-dict
+    versions, which torch's quantized modules read when they load)."""
+    out = OrderedDict(sd)
+    meta = getattr(sd, "_metadata", None)
+    if meta is not None:
+        out._metadata = meta
+    return out
+
+
+# ------------------------------------------------------------------ torch's dynamic int8 Linear
+# sparsify(quantize_dense=True) leaves the layers it does not prune as torch's dynamic int8
+# Linear (torch.ao.nn.quantized.dynamic.Linear, what quantize_dynamic makes). Its state dict
+# holds, beside scale and zero_point, these two entries, which are not tensors.
+_PACKED = "._packed_params._packed_params"
+_PACKED_DTYPE = "._packed_params.dtype"
+
+
+def _is_dynamic_int8_entry(key: str, value) -> bool:
+    return (key.endswith(_PACKED) and isinstance(value, tuple)) or \
+        (key.endswith(_PACKED_DTYPE) and isinstance(value, torch.dtype))
+
+
+def dynamic_int8_linear(linear: nn.Linear) -> nn.Module:
+    """torch's dynamic int8 Linear of `linear` (int8 weights with one scale, activations
+    quantized per call; the x86 engine's kernels), as quantize_dynamic converts it."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+        out = torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)[0]
+    return out.train(linear.training)
+
+
+def _swap_in_dynamic_int8(model: nn.Module, sd: dict) -> None:
+    """torch's dynamic int8 Linear (empty, to be loaded) in place of every nn.Linear the
+    checkpoint holds as one."""
+    import warnings
+
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for key, value in sd.items():
+        if not (key.endswith(_PACKED) and isinstance(value, tuple)):
+            continue
+        name = key[: -len(_PACKED)]
+        layer = modules.get(name)
+        if type(layer) is not nn.Linear:
+            continue  # already converted, or an unexpected key: load_state_dict reports it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            shell = torch.ao.nn.quantized.dynamic.Linear(layer.in_features, layer.out_features,
+                                                         bias_=layer.bias is not None, dtype=torch.qint8)
+        for alias, mod in modules.items():
+            if mod is layer:
+                model.set_submodule(alias, shell.train(layer.training))
+        # A state dict without torch's versions (a plain dict): the layout this torch writes.
+        meta = getattr(sd, "_metadata", None)
+        if meta is None and isinstance(sd, OrderedDict):
+            meta = sd._metadata = OrderedDict()
+        if meta is not None:
+            for sub, mod in shell.named_modules(prefix=name):
+                meta.setdefault(sub, {}).setdefault("version", type(mod)._version)
 
 
 def _aliases(model: nn.Module) -> dict[str, list[str]]:
@@ -244,7 +309,8 @@ def load(model, source, strict: bool = True):
     Every layer the checkpoint holds compressed (a `<layer>.weight_meta` key) becomes a
     SparseLinear / SparseConv2d of the saved pattern and precision; the compressed tensors
     are adopted at their saved size and validated (a corrupt file raises and names the
-    layer). strict: raise on keys the model lacks or misses (a tied weight saved once
+    layer). An nn.Linear saved as torch's dynamic int8 Linear (sparsify(quantize_dense=True);
+    a state dict or torch.save file: safetensors holds tensors only) becomes one again. strict: raise on keys the model lacks or misses (a tied weight saved once
     counts as present). Returns the model.
     """
     if isinstance(model, type):
@@ -256,6 +322,7 @@ def load(model, source, strict: bool = True):
                          "weight and its mask, no pattern recorded); freeze() the sparse layers before saving, or "
                          "sparsify(..., trainable=True) the model again and call load_state_dict")
     shells = _swap_in_shells(model, sd)
+    _swap_in_dynamic_int8(model, sd)
     aliases = _aliases(model)
     assign = any(t.is_meta for t in _tensors(model))
     result = model.load_state_dict(sd, strict=False, assign=assign)

@@ -35,7 +35,7 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
              calibration: Iterable | None = None, loss_fn: Callable | None = None, include=None, exclude=None,
              min_features: int = 128, block: tuple[int, int] = (32, 32), trainable: bool = False,
              policy: Policy | None = None, show_progress: bool = True, channels_last: bool | None = None,
-             quantize: str | None = None, group_size: int = 128, untie: bool = False):
+             quantize: str | None = None, group_size: int = 128, untie: bool = False, quantize_dense: bool = False):
     """Score, mask and swap every eligible nn.Linear / nn.Conv2d (and transformers' Conv1D,
     GPT-2's layers, whose weight is stored [in, out]) for a sparse module, in place.
 
@@ -63,6 +63,14 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
     (the weight's dtype). With method="sparsegpt" the kept weights are quantized inside
     the sweep (joint: the reconstruction compensates the rounding too); otherwise after
     pruning. Layouts: sparsekern/precisions.py.
+    quantize_dense: with quantize="int8" or "int4", the nn.Linear layers on the CPU that stay
+    dense (excluded, too small, a shape the pattern does not fit; not a tied weight, whose tie
+    would break) become torch's dynamic int8 Linear (what quantize_dynamic makes: int8
+    weights, activations quantized per call), so the whole model is compressed, as a
+    language model's lm_head must be for decode to stream fewer bytes than torch int8's
+    one-liner. Their report rows say "values": "int8 (torch dynamic)". sparsekern.load
+    restores them from a state dict or a torch.save file (not safetensors: torch's packed
+    weights are not plain tensors).
     untie: a layer whose weight is tied to another module's (a language model's lm_head and
     its embedding) stays dense by default, so the tie holds; untie=True prunes it on its own
     (the other module keeps the dense weight) and sets a Hugging Face config's
@@ -88,6 +96,9 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
     if prec.grouped and not (entry.format is not None and entry.format.ROW_VALUES):
         raise ValueError(f"sparsify: quantize={quantize!r} needs an N:M pattern (groups of kept values along a row), "
                          f"got {pattern!r}; use quantize='int8'")
+    if quantize_dense and quantize is None:
+        raise ValueError("sparsify: quantize_dense=True converts the layers left dense to int8 alongside quantized "
+                         "sparse ones; give quantize='int8' or 'int4' too")
     if quantize is not None and entry.format is None:
         raise ValueError("sparsify: pattern 'dense' keeps float weights; for a dense int8 model use "
                          "torch.ao.quantization.quantize_dynamic")
@@ -171,6 +182,8 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
         row.update(status="sparse", pattern=pattern, values=quantize or str(mod.weight.dtype).replace("torch.", ""),
                    density=float(new.mask().float().mean()), bytes_before=dense_bytes,
                    bytes_after=new.weight_nbytes(), backend=new.backend, reason=new.reason)
+    if quantize_dense:
+        _dense_linears_int8(model, report)
     if channels_last is None:
         # (a trainable module holds its weight as a Parameter, a frozen one as buffers)
         channels_last = any(isinstance(m, SparseConv2d) and
@@ -184,6 +197,28 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
 
 
 SWAPPED = "nn.Linear, nn.Conv2d and transformers' Conv1D"
+
+
+def _dense_linears_int8(model: nn.Module, report: list[dict]) -> None:
+    """sparsify(quantize_dense=True): each report row "dense" that is a float32 nn.Linear on
+    the CPU, not tied, becomes torch's dynamic int8 Linear (every path to it)."""
+    for row in report:
+        if row.get("status") != "dense" or "tied" in row.get("reason", ""):
+            continue
+        name = row["layer"]
+        mod = model.get_submodule(name)
+        if type(mod) is not nn.Linear:
+            continue
+        if mod.weight.device.type != "cpu" or mod.weight.dtype != torch.float32:
+            row["reason"] += (f"; not converted to int8 (quantize_dense): torch's dynamic int8 runs float32 "
+                              f"layers on the CPU, this one is {mod.weight.dtype} on {mod.weight.device.type}")
+            continue
+        new = serialization.dynamic_int8_linear(mod)
+        for alias in row.get("shared_with", []) + [name]:
+            set_module(model, alias, new)
+        row.update(values="int8 (torch dynamic)", bytes_before=mod.weight.numel() * mod.weight.element_size(),
+                   bytes_after=mod.weight.numel() + (0 if mod.bias is None else mod.bias.numel() * 4),
+                   reason=row["reason"] + "; int8 through torch's dynamic quantization (quantize_dense=True)")
 
 
 def _check_per_layer_sparsity(model: nn.Module, per_layer: dict, needs_sparsity: bool, pattern: str) -> None:

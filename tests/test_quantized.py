@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import sparsekern
 from sparsekern import BitmaskWeight, BlockWeight, NMWeight, kinds, ops, precisions, sparsify
 from sparsekern.nn import PATHS, Policy, SparseLinear
 from sparsekern.sparsegpt import sparsegpt_quantized_weight, sparsegpt_weight
@@ -280,3 +281,52 @@ def test_quantize_values_refuses_a_dense_layer():
     layer = SparseLinear.from_dense(_mlp()[0], "2:4", policy=Policy("dense"))
     with pytest.raises(ValueError, match="dense weight"):
         layer.quantize_values("int8")
+
+
+def _lm(vocab=300, dim=128):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(dim, 256), nn.ReLU(), nn.Linear(256, dim), nn.Linear(dim, vocab)).eval()
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantize_dense_turns_the_layers_left_dense_into_torch_int8(tmp_path, precision):
+    """sparsify(quantize_dense=True): the layers it leaves dense (here the excluded head and a
+    layer under min_features) run torch's dynamic int8, so the whole model is compressed; the
+    model saves and loads back with sparsekern.load (torch.save: weights_only)."""
+    model = _lm()
+    x = torch.randn(5, 128)
+    kept_dense, _ = sparsify(copy.deepcopy(model), "2:4", quantize=precision, exclude=["3"], show_progress=False)
+    with torch.no_grad():
+        ref = kept_dense(x)  # the same sparse layers, the head in fp32
+    m, report = sparsify(copy.deepcopy(model), "2:4", quantize=precision, exclude=["3"], quantize_dense=True,
+                         show_progress=False)
+    rows = {r["layer"]: r for r in report}
+    assert rows["0"]["status"] == rows["2"]["status"] == "sparse"
+    assert rows["3"]["status"] == "dense" and rows["3"]["values"] == "int8 (torch dynamic)"
+    assert rows["3"]["bytes_after"] < rows["3"]["bytes_before"] / 3
+    head = m.get_submodule("3")
+    assert type(head).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    with torch.no_grad():
+        y = m(x)
+    err = float((y - ref).norm() / ref.norm())
+    assert 0 < err < 0.02, err  # the head's int8 rounding, and only that
+    # saved and loaded into the model as built: the int8 head and the sparse layers come back
+    path = tmp_path / "m.pt"
+    torch.save(m.state_dict(), path)
+    loaded = sparsekern.load(_lm(), path)
+    assert type(loaded.get_submodule("3")) is type(head)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), y, rtol=1e-5, atol=1e-5)
+    plain = sparsekern.load(_lm(), dict(m.state_dict()))  # a plain dict: no torch state-dict versions
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_dense_is_refused_without_quantize_and_keeps_ties():
+    with pytest.raises(ValueError, match="quantize_dense"):
+        sparsify(_lm(), "2:4", quantize_dense=True, show_progress=False)
+    tied = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 128))
+    tied[1].weight = tied[0].weight
+    m, report = sparsify(tied, "2:4", quantize="int8", quantize_dense=True, show_progress=False)
+    assert all(r.get("values") != "int8 (torch dynamic)" for r in report)
+    assert m[0].weight is m[1].weight  # the tie holds: nothing converted
