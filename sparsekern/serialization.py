@@ -225,6 +225,11 @@ def dynamic_int8_linear(linear: nn.Linear) -> nn.Module:
     return out.train(linear.training)
 
 
+def is_dynamic_int8_linear(mod: nn.Module) -> bool:
+    """Whether `mod` is torch's dynamic int8 Linear (what dynamic_int8_linear makes)."""
+    return isinstance(mod, torch.ao.nn.quantized.dynamic.Linear)
+
+
 def _swap_in_dynamic_int8(model: nn.Module, sd: dict) -> None:
     """torch's dynamic int8 Linear (empty, to be loaded) in place of every nn.Linear the
     checkpoint holds as one."""

@@ -484,8 +484,16 @@ def dense_state_dict(sparse_model_or_state: nn.Module | dict, template: nn.Modul
                     dense.weight.detach()
                 if dense.bias is not None:
                     out[prefix + "bias"] = dense.bias.detach()
+            elif serialization.is_dynamic_int8_linear(mod):  # quantize_dense: its int8 weight, dequantized
+                prefix = name + "." if name else ""
+                weight, bias = mod._weight_bias()
+                out[prefix + "weight"] = weight.dequantize()
+                if bias is not None:
+                    out[prefix + "bias"] = bias.detach()
+        dynamic = tuple(n + "." for n, m in sparse_model_or_state.named_modules()
+                        if serialization.is_dynamic_int8_linear(m))
         for k, v in sparse_model_or_state.state_dict().items():
-            if not k.split(".")[-1].startswith("weight_"):
+            if not k.split(".")[-1].startswith("weight_") and not k.startswith(dynamic):
                 out.setdefault(k, v)
         return out
     if template is None:
