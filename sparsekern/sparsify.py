@@ -459,11 +459,17 @@ def freeze(model: nn.Module, policy: Policy | None = None) -> nn.Module:
 def explain(model: nn.Module) -> str:
     """One line per sparse layer: pattern, density, backend and why it was chosen (per batch
     bucket: the path, its measured times, whether it was measured now, shared by an identical
-    layer or read from the tuning cache, and when it was measured)."""
+    layer or read from the tuning cache, and when it was measured); and one per layer that
+    runs torch's dynamic int8 (sparsify(quantize_dense=True))."""
     lines = []
     for name, mod in model.named_modules():
         if isinstance(mod, SPARSE_MODULES):
             lines.append(f"{name}: {type(mod).__name__} {mod.describe()} -- {mod.reason}")
+        elif serialization.is_dynamic_int8_linear(mod):
+            lines.append(f"{name}: torch dynamic int8 Linear in_features={mod.in_features}, "
+                         f"out_features={mod.out_features}, values=int8 (one scale per tensor), "
+                         f"bytes={mod.in_features * mod.out_features} -- a layer left dense, "
+                         f"quantized by torch (quantize_dense=True): torch's quantized::linear_dynamic")
     return "\n".join(lines) if lines else "no sparse layers"
 
 

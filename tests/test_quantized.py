@@ -306,6 +306,7 @@ def test_quantize_dense_turns_the_layers_left_dense_into_torch_int8(tmp_path, pr
     assert rows["3"]["bytes_after"] < rows["3"]["bytes_before"] / 3
     head = m.get_submodule("3")
     assert type(head).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    assert "3: torch dynamic int8 Linear" in sparsekern.explain(m)
     with torch.no_grad():
         y = m(x)
     err = float((y - ref).norm() / ref.norm())
