@@ -57,9 +57,15 @@ BASELINE, AGAIN = "dense", "dense (again)"
 # MiniLM variants: (method, pattern name, pattern, sparsity)
 MINILM_VARIANTS = [("magnitude", "2:4", "2:4", None), ("wanda", "2:4", "2:4", None), ("sparsegpt", "2:4", "2:4", None),
                    ("magnitude", "50%", "unstructured", 0.5), ("wanda", "50%", "unstructured", 0.5),
-                   ("sparsegpt", "50%", "unstructured", 0.5), ("sparsegpt", "2:4 + recovery", "2:4", None)]
+                   ("sparsegpt", "50%", "unstructured", 0.5), ("sparsegpt", "2:4 + recovery", "2:4", None),
+                   ("sparsegpt", "2:4 + int8 joint", "2:4", None)]
 MINILM_QUICK = [("magnitude", "50%", "unstructured", 0.5), ("wanda", "2:4", "2:4", None),
-                ("sparsegpt", "2:4", "2:4", None), ("sparsegpt", "2:4 + recovery", "2:4", None)]
+                ("sparsegpt", "2:4", "2:4", None), ("sparsegpt", "2:4 + recovery", "2:4", None),
+                ("sparsegpt", "2:4 + int8 joint", "2:4", None)]
+# Quantized MiniLM variants: sparsify(method="sparsegpt", quantize=...) quantizes the kept values
+# inside the sweep (joint), and quantize_dense=True gives the layer it does not prune (the
+# pooler) torch's dynamic int8, as the int8 peer converts every nn.Linear.
+MINILM_QUANTIZED = {"2:4 + int8 joint": "int8"}
 # "+ recovery": sparsekern.recover for this many steps (quick, full) of 16 training sentences
 MINILM_RECOVERY_STEPS = (10, 200)
 # decoder sizes (models.hf_llama arguments) and variants (sparsify arguments)
@@ -173,13 +179,20 @@ def minilm_rows(device, quick, rounds, show, explains, peer_names=None, skipped=
     for method, pname, pattern, sparsity in tqdm(variants, "MiniLM", disable=not show, mininterval=1.0):
         name = f"{pname} {method}"
         t = time.perf_counter()
-        m = prune_one_shot(copy.deepcopy(model), method, pattern, sparsity, cal_b, layers)
-        if pname.endswith("+ recovery"):  # distil from the dense model, masks kept, then compress
-            recover(m, model, train_b, MINILM_RECOVERY_STEPS[not quick], 5e-4, hidden="encoder.layer.?",
-                    output=lambda out, b: mean_pooled(out.last_hidden_state, b["attention_mask"]), show_progress=show)
-            freeze(m)
-        prune_s = time.perf_counter() - t
-        m, report = from_torch_prune(m)  # the masks become compressed weights, default policy
+        if pname in MINILM_QUANTIZED:
+            m, report = sparsify(copy.deepcopy(model), pattern, method=method, sparsity=sparsity, calibration=cal_b,
+                                 include=layers, quantize=MINILM_QUANTIZED[pname], quantize_dense=True,
+                                 show_progress=False)
+            prune_s = time.perf_counter() - t
+        else:
+            m = prune_one_shot(copy.deepcopy(model), method, pattern, sparsity, cal_b, layers)
+            if pname.endswith("+ recovery"):  # distil from the dense model, masks kept, then compress
+                recover(m, model, train_b, MINILM_RECOVERY_STEPS[not quick], 5e-4, hidden="encoder.layer.?",
+                        output=lambda out, b: mean_pooled(out.last_hidden_state, b["attention_mask"]),
+                        show_progress=show)
+                freeze(m)
+            prune_s = time.perf_counter() - t
+            m, report = from_torch_prune(m)  # the masks become compressed weights, default policy
         report = report or [{"status": "sparse"} for mod in m.modules() if hasattr(mod, "weight_meta")]
         m.eval()
         chk = check_model(workloads, model, m, dense_state_dict(m), f"MiniLM {name}")
