@@ -96,11 +96,11 @@ def nm_linear_q(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> to
     for the reference), bias [out] or None -> y [..., out] in x's dtype, fp32 accumulation.
     Differentiable in x and bias (the values are integers).
 
-    On CPUs with AVX512_VNNI, 2:4 int8 weights over more than 16 rows run the int8 dot-product
-    GEMM (sparsekern/dispatch_rules.py nm_q_cpu_algo): x is quantized per row to int8 on the
-    fly (symmetric, scale max|x| / 127), as torch's dynamic quantization does per tensor, so
-    the result carries that rounding too (reference.nm_linear_q_int8_dot); the gradient to x
-    passes it straight through.
+    On CPUs with AVX512_VNNI, 2:4 int8 and int4 weights over more than 16 rows run the int8
+    dot-product GEMM (sparsekern/dispatch_rules.py nm_q_cpu_algo): x is quantized per row to
+    int8 on the fly (symmetric, scale max|x| / 127), as torch's dynamic quantization does per
+    tensor, so the result carries that rounding too (reference.nm_linear_q_int8_dot,
+    nm_linear_q_int4_dot); the gradient to x passes it straight through.
     """
     _check_quantized("nm_linear_q", weight, "NMWeight")
     check_x("nm_linear_q", x, weight.in_features, weight.dtype, weight.device)
