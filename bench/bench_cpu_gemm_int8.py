@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import time
 import warnings
 
 import torch
@@ -74,7 +75,7 @@ def _quantized_dynamic(D):
     return torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
 
 
-def run_case(b, k, o, rounds, rotate_mib, int4_groups, tiles, env):
+def run_case(b, k, o, rounds, rotate_mib, int4_groups, tiles, env, clock=time.perf_counter):
     torch.manual_seed(0)
     x = torch.randn(b, k)
     xb = x.to(torch.bfloat16)
@@ -123,7 +124,7 @@ def run_case(b, k, o, rounds, rotate_mib, int4_groups, tiles, env):
             assert _rel(y, own) < 1e-5, f"{name} {b}x{k}x{o}: {_rel(y, own):.2e} from its quantized math"
         elif name.startswith("sparsekern") or name == "torch.dense_fp32":
             assert errors[name] < 1e-5, f"{name} {b}x{k}x{o}: relative error {errors[name]:.2e}"
-    samples = interleaved(calls, rounds)
+    samples = interleaved(calls, rounds, clock=clock)
     res = compare(samples, "torch.int8_dynamic", "torch.int8_dynamic.again")
     fp32 = res["torch.dense_fp32"]["median_ms"]
     flop = 2.0 * b * o * k
@@ -154,6 +155,9 @@ def main(argv=None):
     p.add_argument("--int4-groups", default="128", help="int4 group sizes, comma-separated (32, 64, 128)")
     p.add_argument("--tiles", action="store_true", help="also time the dequantized tiles (the path before)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    p.add_argument("--thread-clock", action="store_true",
+                   help="time with the calling thread's CPU clock (time.thread_time; --threads 1 only): "
+                        "on a shared machine it leaves out the time spent waiting for a core")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     if a.threads:
@@ -165,12 +169,16 @@ def main(argv=None):
           f"fp32 FMA probe {env['fp32_fma_probe_gflop_per_s']:.0f} GFLOP/s ({lanes} lanes)")
     rows = []
     groups = [int(g) for g in a.int4_groups.split(",") if g]
+    if a.thread_clock and torch.get_num_threads() != 1:
+        p.error("--thread-clock needs --threads 1 (other threads' work is not on the calling thread's clock)")
     env["rotate_mib"] = a.rotate_mib
+    env["clock"] = "thread_time" if a.thread_clock else "perf_counter"
     print(f"{'case':>14} {'provider':>26} {'median ms':>10} {'p20':>8} {'p80':>8} {'GOP/s':>7} {'err':>8} "
           f"{'x fp32':>7} {'x int8dyn':>9} {'ratio p20-p80':>14} {'noise':>6} verdict")
     for case in tqdm(a.cases.split(","), desc="cases", disable=None):
         b, k, o = map(int, case.split("x"))
-        case_rows, why = run_case(b, k, o, a.rounds, a.rotate_mib, groups, a.tiles, env)
+        case_rows, why = run_case(b, k, o, a.rounds, a.rotate_mib, groups, a.tiles, env,
+                                  time.thread_time if a.thread_clock else time.perf_counter)
         for name, reason in why.items():
             print(f"  {name}: {reason}")
         for r in case_rows:
