@@ -237,6 +237,24 @@ def test_int8_dot_rows_of_zeros_and_lone_values():
 
 
 @needs_vnni
+@pytest.mark.parametrize("precision,group", [("int8", 0), ("int4", 32)])
+def test_int8_dot_rows_holding_nan_or_inf_give_nan(precision, group):
+    """A NaN or an inf anywhere in a row of x makes that row's outputs NaN, as the exact path
+    does (a NaN must not vanish in the row's max|x|); the other rows stay exact."""
+    W = _weight(40, 96, 2, 4, precision, group)
+    x = torch.randn(20, 96)
+    x[0, 5] = float("nan")   # NaN early in the row, finite values after it
+    x[1, 95] = float("inf")  # in the last partial piece of 16
+    x[2, 40] = float("nan")
+    x[2, 0] = 100.0          # NaN after the row's largest value
+    x[3, 17] = -float("inf")
+    y = _int8_dot(x, W)
+    assert torch.isnan(y[:4]).all()
+    want = reference.nm_linear_q_dot(x[4:].double(), *W.kernel_args())
+    assert_linear_close(y[4:], want, torch.float32, what="finite rows")
+
+
+@needs_vnni
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_int8_dot_low_precision_x_and_3d_input(dtype):
     W = _weight(48, 256, 2, 4, "int8", 0, dtype)

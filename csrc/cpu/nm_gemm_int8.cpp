@@ -315,14 +315,27 @@ void quantize_rows(const float* x, int64_t K, int64_t b0, int64_t b1, uint8_t* x
     const float* xr = x + b * K;
     uint8_t* q = xq + b * stride;
     __m512 mx = _mm512_setzero_ps();
+    // vmaxps drops a NaN operand, so non-finite values are counted on their own (fpclass:
+    // QNaN 0x01, +inf 0x08, -inf 0x10, SNaN 0x80)
+    __mmask16 nonfinite = 0;
     int64_t k = 0;
-    for (; k + 16 <= K; k += 16) mx = _mm512_max_ps(mx, _mm512_andnot_ps(sign, _mm512_loadu_ps(xr + k)));
+    for (; k + 16 <= K; k += 16) {
+      const __m512 v = _mm512_loadu_ps(xr + k);
+      nonfinite |= _mm512_fpclass_ps_mask(v, 0x99);
+      mx = _mm512_max_ps(mx, _mm512_andnot_ps(sign, v));
+    }
     const __mmask16 tail = static_cast<__mmask16>((1u << (K - k)) - 1);
-    if (K > k) mx = _mm512_max_ps(mx, _mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(tail, xr + k)));
+    if (K > k) {
+      const __m512 v = _mm512_maskz_loadu_ps(tail, xr + k);
+      nonfinite |= _mm512_fpclass_ps_mask(v, 0x99);
+      mx = _mm512_max_ps(mx, _mm512_andnot_ps(sign, v));
+    }
     const float amax = _mm512_reduce_max_ps(mx);
-    // scale amax / 127; the multiplier 127 / amax (0 for a row of zeros: every q is 0)
-    x_scales[b] = amax / 127.f;
-    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    // scale amax / 127; the multiplier 127 / amax (0 for a row of zeros: every q is 0). A row
+    // holding an inf or a NaN: every q 0 and the scale NaN, so its outputs are NaN, as the
+    // exact path's (and rows_q.h quantize_activation_rows') would be.
+    x_scales[b] = nonfinite ? __builtin_nanf("") : amax / 127.f;
+    const __m512 inv = _mm512_set1_ps(!nonfinite && amax > 0.f ? 127.f / amax : 0.f);
     const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), off = _mm512_set1_epi32(128);
     auto quant = [&](__m512 v) {
       // vcvtps2dq rounds half to even (the default MXCSR mode)
