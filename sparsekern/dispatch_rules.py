@@ -335,7 +335,11 @@ EVIDENCE: dict[str, Measured] = {
     # 2:4 int4 weights above 16 rows take the same GEMM (nibbles expanded in registers, scales
     # per group): it against the dequantized tiles into MKL and against dense fp32, interleaved
     # (bench/bench_cpu_gemm_int8.py --tiles), Llama prefill shapes.
-    "NM24_INT8_DOT_BITS": Measured("bench/results/cpu-gemm-int4-20261206", {}),
+    "NM24_INT8_DOT_BITS": Measured("bench/results/cpu-gemm-int4-20261206", {
+        "int4 GEMM / int4 tiles, 128x2048x2048, 128x2048x5632, 128x5632x2048, 1 thread":
+            {"g32": (8.1, 8.6, 8.4), "g128": (9.1, 9.2, 9.2)},
+        "int4 tiles / dense fp32, same": {"g32": (0.58, 0.65, 0.63), "g128": (0.59, 0.66, 0.63)},
+        "int4 g128 GEMM / torch int8 dynamic, same": (1.22, 1.27, 1.28)}),
     # The row kernels against the tiles and GEMMs (the old kDirectMaxBatch in csrc/cpu/sparse_rows.h).
     "CPU_ROWS_MAX_ROWS": Measured("not stored as a run (figures moved from csrc/cpu/sparse_rows.h)", {}),
     "BITMASK_TILES_MIN_DENSITY": Measured("not stored as a run (moved from csrc/cpu/sparse_rows.h kGemmMinDensity)",
