@@ -19,7 +19,7 @@ bitmask_linear_cpu, block_linear_cpu); the shared schemas' CPU kernels run the r
 
 Switches for benchmarking, read per call: SPARSEKERN_NM_GEMM=tile|direct (`nm_cpu_algo`),
 SPARSEKERN_BITMASK_GEMM=tile (`bitmask_cpu_algo`), SPARSEKERN_BLOCK_GEMM=tile (`block_cpu_algo`),
-SPARSEKERN_NM_Q_GEMM=tile (`nm_q_cpu_algo`: 2:4 int8 keeps the dequantized tiles),
+SPARSEKERN_NM_Q_GEMM=tile (`nm_q_cpu_algo`: 2:4 int8/int4 keep the dequantized tiles),
 SPARSEKERN_Q_ACT=int8|exact (`q_cpu_algo`);
 SPARSEKERN_NM_BF16=fma (read by the C++ 2:4 GEMM: bf16 weights on the fp32-FMA kernel instead
 of the vdpbf16ps one, csrc/cpu/nm_gemm_bf16.cpp).
@@ -144,10 +144,13 @@ Q_ALGO_EXACT = 0     # x in fp32, the int8/int4 weights dequantized in registers
 #                      rows) or in tiles into the BLAS GEMM (above): exact products
 Q_ALGO_INT8_ACT = 1  # up to 16 rows: each row of x quantized to int8 first (symmetric, one scale
 #                      per row, as torch's dynamic quantization does), then integer dot products (VNNI)
-Q_ALGO_INT8_DOT = 2  # 2:4 int8 weights: x quantized per row, the int8 dot-product GEMM
-#                      (csrc/cpu/nm_gemm_int8.h)
+Q_ALGO_INT8_DOT = 2  # 2:4 int8 or int4 weights: x quantized per row, the int8 dot-product GEMM
+#                      (csrc/cpu/nm_gemm_int8.h; int4 nibbles expanded to int8 in registers,
+#                      int32 sums per scale group). rows_q.h kQAlgoInt8Dot mirrors it.
 Q_ALGO_NAMES = {Q_ALGO_EXACT: "fp32 activations", Q_ALGO_INT8_ACT: "int8 activations (integer dot products)",
                 Q_ALGO_INT8_DOT: "2:4 int8 dot-product GEMM"}
+# The value precisions (bits) the 2:4 int8 dot-product GEMM runs.
+NM24_INT8_DOT_BITS = (8, 4)
 Q_DECODE_MAX_ROWS = CPU_ROWS_MAX_ROWS  # linear_q.cpp's decode kernels (kDirectMaxBatch, sparse_rows.h)
 
 # Whether int8 activations are the default for quantized weights' decode where the CPU has
@@ -159,7 +162,7 @@ Q_DECODE_MAX_ROWS = CPU_ROWS_MAX_ROWS  # linear_q.cpp's decode kernels (kDirectM
 # exact products.
 Q_INT8_ACT_DEFAULT = True
 
-# From this many rows 2:4 int8 weights run the int8 dot-product GEMM where the CPU has
+# From this many rows 2:4 int8 and int4 weights run the int8 dot-product GEMM where the CPU has
 # AVX512_VNNI (a batch bucket's first row count: the decision is made per bucket).
 NM24_INT8_DOT_MIN_ROWS = 17
 assert NM24_INT8_DOT_MIN_ROWS - 1 in BATCH_BUCKETS, "NM24_INT8_DOT_MIN_ROWS must start a batch bucket"
@@ -194,12 +197,12 @@ def q_cpu_algo(rows: int | None) -> int:
 
 def nm_q_cpu_algo(n: int, m: int, bits: int, rows: int | None) -> int:
     """The CPU algorithm of nm_linear_q over `rows` rows (None: not known, the decode rule).
-    2:4 int8 weights from NM24_INT8_DOT_MIN_ROWS rows take the int8 dot-product GEMM where the
-    CPU has AVX512_VNNI; SPARSEKERN_NM_Q_GEMM=tile (read per call) keeps the dequantized tiles
-    into BLAS (for benchmarking). The int8 GEMM quantizes x per row (nm_gemm_int8.h), as
-    torch's dynamic quantization does per tensor: its result differs from the dequantized
-    weight's by that rounding. Otherwise q_cpu_algo."""
-    if ((n, m) == (2, 4) and bits == 8 and rows is not None and rows >= NM24_INT8_DOT_MIN_ROWS
+    2:4 int8 and int4 weights (NM24_INT8_DOT_BITS) from NM24_INT8_DOT_MIN_ROWS rows take the
+    int8 dot-product GEMM where the CPU has AVX512_VNNI; SPARSEKERN_NM_Q_GEMM=tile (read per
+    call) keeps the dequantized tiles into BLAS (for benchmarking). The int8 GEMM quantizes x
+    per row (nm_gemm_int8.h), as torch's dynamic quantization does per tensor: its result
+    differs from the dequantized weight's by that rounding. Otherwise q_cpu_algo."""
+    if ((n, m) == (2, 4) and bits in NM24_INT8_DOT_BITS and rows is not None and rows >= NM24_INT8_DOT_MIN_ROWS
             and _extension.BUILD_INFO.get("cpu_avx512_vnni_runtime")  # AVX2 and portable builds: tiles
             and q_activations_int8(torch.device("cpu"))
             and os.environ.get("SPARSEKERN_NM_Q_GEMM") != "tile"):
@@ -348,6 +351,14 @@ EVIDENCE: dict[str, Measured] = {
         "int8 GEMM / dequantized tiles, 128x2048x2048 ... 788x3072x768, 1 thread": (5.8, 7.9, 7.2, 8.5, 7.8, 5.2),
         "same, 2 threads (a loaded machine)": (2.7, 6.2, 5.1, 2.5, 3.3, 3.3),
         "17x2048x2048, 64x2048x2048, 17x768x3072, 1 thread": (29, 24, 19)}),
+    # 2:4 int4 weights above 16 rows take the same GEMM (nibbles expanded in registers, scales
+    # per group): it against the dequantized tiles into MKL and against dense fp32, interleaved
+    # (bench/bench_cpu_gemm_int8.py --tiles), Llama prefill shapes.
+    "NM24_INT8_DOT_BITS": Measured("bench/results/cpu-gemm-int4-20261206", {
+        "int4 GEMM / int4 tiles, 128x2048x2048, 128x2048x5632, 128x5632x2048, 1 thread":
+            {"g32": (8.1, 8.6, 8.4), "g128": (9.1, 9.2, 9.2)},
+        "int4 tiles / dense fp32, same": {"g32": (0.58, 0.65, 0.63), "g128": (0.59, 0.66, 0.63)},
+        "int4 g128 GEMM / torch int8 dynamic, same": (1.22, 1.27, 1.28)}),
     # The row kernels against the tiles and GEMMs (the old kDirectMaxBatch in csrc/cpu/sparse_rows.h).
     "CPU_ROWS_MAX_ROWS": Measured("not stored as a run (figures moved from csrc/cpu/sparse_rows.h)", {}),
     "BITMASK_TILES_MIN_DENSITY": Measured("not stored as a run (moved from csrc/cpu/sparse_rows.h kGemmMinDensity)",

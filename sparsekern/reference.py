@@ -153,6 +153,30 @@ def nm_linear_q_int8_dot(x, values, indices, scales, n: int, m: int, in_features
     return y.to(x.dtype)
 
 
+def nm_linear_q_int4_dot(x, values, indices, scales, n: int, m: int, in_features: int, group_size: int,
+                         bias=None):
+    """nm_linear_q with int4 values as the int8 dot-product GEMM computes it: x quantized per
+    row (quantize_rows_int8), each group's products summed exactly and times its scale (fp64:
+    a nibble times an fp32 scale, and sums of such products, are exact or nearly so), times x's
+    row scale, + bias; in x's dtype."""
+    q, xs = quantize_rows_int8(x)
+    kept = in_features // m * n
+    w = nm_decompress(nm_q_values(values, scales, kept, 4, group_size, torch.float64), indices, n, m, in_features)
+    y = (q.double() @ w.T) * xs.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype)
+
+
+def nm_linear_q_dot(x, values, indices, scales, n: int, m: int, in_features: int, bits: int, group_size: int,
+                    bias=None):
+    """The 2:4 int8 dot-product GEMM's math for either value precision (arguments in
+    NMWeight.kernel_args() order): nm_linear_q_int8_dot or nm_linear_q_int4_dot."""
+    if bits == 8:
+        return nm_linear_q_int8_dot(x, values, indices, scales, n, m, in_features, bias)
+    return nm_linear_q_int4_dot(x, values, indices, scales, n, m, in_features, group_size, bias)
+
+
 def bitmask_q_values(values, bitmask, scales, in_features: int, dtype=torch.float32) -> torch.Tensor:
     """The [nnz] float values of a bitmask weight's int8 values (one scale per output row)."""
     rows_of = unpack_bitmask(bitmask, in_features).nonzero()[:, 0]

@@ -1,7 +1,8 @@
 """nm_linear_q: N:M weights with int8 / int4 values read packed (C++ kernels of every
 instruction set, the reference) against fp64 on the dequantized weight; the 2:4 int8
-dot-product GEMM (csrc/cpu/nm_gemm_int8.h, x quantized per row) against fp64 of its own
-quantized math, and its error against torch's dynamic int8 linear's."""
+dot-product GEMM (csrc/cpu/nm_gemm_int8.h, x quantized per row; int8 values, and int4 values
+with their group scales) against fp64 of its own quantized math, and its error against torch's
+dynamic int8 linear's."""
 import dataclasses
 import os
 import subprocess
@@ -20,12 +21,15 @@ from sparsekern.ops import dispatch
 
 
 @pytest.fixture(autouse=True)
-def exact_products(monkeypatch):
+def exact_products(monkeypatch, request):
     """This file checks the exact algorithm (fp32 activations, weights dequantized in
     registers) to fp32's tolerance, so it asks for it: the decode default on AVX512_VNNI CPUs
     is the int8-activation algorithm (dispatch_rules.Q_INT8_ACT_DEFAULT), whose own references
-    and tolerances are in tests/test_decode_q.py. Child processes inherit the setting."""
-    monkeypatch.setenv("SPARSEKERN_Q_ACT", "exact")
+    and tolerances are in tests/test_decode_q.py. The int8 dot-product GEMM's tests (named
+    test_int8_dot_* / test_int4_dot_*) ask for int8 activations, which that GEMM multiplies.
+    Child processes inherit the setting."""
+    dot = request.node.name.startswith(("test_int8_dot", "test_int4_dot"))
+    monkeypatch.setenv("SPARSEKERN_Q_ACT", "int8" if dot else "exact")
 
 NM = [(2, 4), (1, 4), (4, 8)]
 PRECISIONS = [("int8", 0), ("int4", 32), ("int4", 128)]
@@ -53,9 +57,7 @@ def expected64(x, W, bias):
     """fp64 of what the chosen kernel computes: x quantized per row first where the int8
     dot-product GEMM runs, else x times the exact dequantized weight."""
     if int8_dot_runs(x, W):
-        values, indices, scales, n, m, k, _, _ = W.kernel_args()
-        return reference.nm_linear_q_int8_dot(x.double(), values, indices, scales, n, m, k,
-                                              None if bias is None else bias.double())
+        return reference.nm_linear_q_dot(x.double(), *W.kernel_args(), None if bias is None else bias.double())
     return ref64(x, exact_dense(W), bias)
 
 
@@ -247,6 +249,24 @@ def test_int8_dot_rows_of_zeros_and_lone_values():
 
 
 @needs_vnni
+@pytest.mark.parametrize("precision,group", [("int8", 0), ("int4", 32)])
+def test_int8_dot_rows_holding_nan_or_inf_give_nan(precision, group):
+    """A NaN or an inf anywhere in a row of x makes that row's outputs NaN, as the exact path
+    does (a NaN must not vanish in the row's max|x|); the other rows stay exact."""
+    W = _weight(40, 96, 2, 4, precision, group)
+    x = torch.randn(20, 96)
+    x[0, 5] = float("nan")   # NaN early in the row, finite values after it
+    x[1, 95] = float("inf")  # in the last partial piece of 16
+    x[2, 40] = float("nan")
+    x[2, 0] = 100.0          # NaN after the row's largest value
+    x[3, 17] = -float("inf")
+    y = _int8_dot(x, W)
+    assert torch.isnan(y[:4]).all()
+    want = reference.nm_linear_q_dot(x[4:].double(), *W.kernel_args())
+    assert_linear_close(y[4:], want, torch.float32, what="finite rows")
+
+
+@needs_vnni
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_int8_dot_low_precision_x_and_3d_input(dtype):
     W = _weight(48, 256, 2, 4, "int8", 0, dtype)
@@ -273,37 +293,188 @@ def test_int8_dot_gradient_passes_the_rounding_straight_through():
 def test_int8_dot_rule():
     rule = dispatch_rules.nm_q_cpu_algo
     vnni = bool(_extension.BUILD_INFO.get("cpu_avx512_vnni_runtime"))
-    assert rule(2, 4, 8, 16) == rule(2, 4, 8, None) == dispatch_rules.Q_ALGO_EXACT
-    assert rule(2, 4, 8, 17) == (INT8_DOT if vnni else dispatch_rules.Q_ALGO_EXACT)
-    for n, m, bits in ((2, 4, 4), (1, 4, 8), (4, 8, 8)):  # int4 and other patterns keep the tiles
+    decode = dispatch_rules.q_cpu_algo(16)  # up to 16 rows: the decode rule (int8 activations here)
+    assert rule(2, 4, 8, 16) == rule(2, 4, 8, None) == rule(2, 4, 4, 16) == rule(2, 4, 4, None) == decode != INT8_DOT
+    for bits in (8, 4):
+        assert rule(2, 4, bits, 17) == (INT8_DOT if vnni else dispatch_rules.Q_ALGO_EXACT)
+    for n, m, bits in ((1, 4, 8), (4, 8, 8), (1, 4, 4), (4, 8, 4)):  # other patterns keep the tiles
         assert rule(n, m, bits, 1000) == dispatch_rules.Q_ALGO_EXACT
+    os.environ["SPARSEKERN_Q_ACT"] = "exact"  # exact products asked for: never the int8 GEMM
+    try:
+        assert rule(2, 4, 8, 17) == rule(2, 4, 4, 1000) == dispatch_rules.Q_ALGO_EXACT
+    finally:
+        os.environ["SPARSEKERN_Q_ACT"] = "int8"
     W = _weight(8, 64, 2, 4, "int8", 0)
     x = torch.randn(20, 64)
     os.environ["SPARSEKERN_NM_Q_GEMM"] = "tile"
     try:
-        assert rule(2, 4, 8, 17) == dispatch_rules.Q_ALGO_EXACT
+        assert rule(2, 4, 8, 17) == rule(2, 4, 4, 17) == dispatch_rules.Q_ALGO_EXACT
     finally:
         del os.environ["SPARSEKERN_NM_Q_GEMM"]
     ops.clear_decisions()
-    assert int8_dot_runs(x, W) == vnni
-    assert not int8_dot_runs(x[:16], W)
+    for W in (W, _weight(8, 64, 2, 4, "int4", 64)):
+        assert int8_dot_runs(x, W) == vnni
+        assert not int8_dot_runs(x[:16], W)
 
 
 @needs_extension
 def test_int8_dot_refuses_what_it_cannot_run():
     op = torch.ops.sparsekern.nm_linear_q_cpu
     x = torch.randn(20, 64)
-    q4 = _weight(8, 64, 2, 4, "int4", 32)
     q14 = _weight(8, 64, 1, 4, "int8", 0)
+    q14_4 = _weight(8, 64, 1, 4, "int4", 32)
     q8 = _weight(8, 64, 2, 4, "int8", 0)
-    with pytest.raises(ValueError, match="nm_linear_q: algo 2 .* runs 2:4 weights with int8 values"):
-        op(x, *q4.kernel_args(), None, INT8_DOT)
-    with pytest.raises(ValueError, match="nm_linear_q: algo 2 .* runs 2:4 weights with int8 values"):
+    q4 = _weight(8, 64, 2, 4, "int4", 32)
+    with pytest.raises(ValueError, match="nm_linear_q: algo 2 .* runs 2:4 weights with int8 or int4 values"):
         op(x, *q14.kernel_args(), None, INT8_DOT)
+    with pytest.raises(ValueError, match="nm_linear_q: algo 2 .* runs 2:4 weights with int8 or int4 values"):
+        op(x, *q14_4.kernel_args(), None, INT8_DOT)
+    with pytest.raises(ValueError, match="nm_linear_q: group_size must be 32, 64 or 128"):
+        op(x, q4.values, q4.indices, q4.scales, 2, 4, 64, 4, 48, None, INT8_DOT)
+    with pytest.raises(ValueError, match="nm_linear_q: scales must have shape"):
+        op(x, q4.values, q4.indices, q4.scales[:, :0], 2, 4, 64, 4, 32, None, INT8_DOT)
+    with pytest.raises(ValueError, match="nm_linear_q: values must be uint8 of shape"):
+        op(x, q4.values[:, :3], q4.indices, q4.scales, 2, 4, 64, 4, 32, None, INT8_DOT)
     with pytest.raises(ValueError, match="nm_linear_q: algo must be 0 .* or 2"):
         op(x, *q8.kernel_args(), None, 7)
     with pytest.raises(ValueError, match=r"nm_linear_q: x.shape\[-1\] \(60\)"):
         op(torch.randn(20, 60), *q8.kernel_args(), None, INT8_DOT)
+
+
+# ------------------------------------ the same GEMM on int4 values (group scales)
+@needs_vnni
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("rows", [17, 40, 129])
+@pytest.mark.parametrize("k,o", [(2048, 67), (1036, 31), (772, 97), (36, 5), (4, 33), (392, 16)])
+def test_int4_dot_matches_fp64_of_its_quantized_math(group, rows, k, o, poison):
+    # kept = K / 2: 1024 (whole groups), 518 / 386 / 18 / 2 / 196 (a shorter last group at every
+    # group size; 1036 and 772 also a last group pair holding one 2:4 group), K = 4: one group
+    # pair; O = 67, 31, 97, 5, 33: partial 16-row blocks and 32-row panels; O = 16: one block;
+    # rows 17, 40, 129: partial passes of the core's 6 batch rows.
+    W = _weight(o, k, 2, 4, "int4", group)
+    x = torch.randn(rows, k) * torch.rand(rows, 1) * 10  # rows of different scales
+    bias = torch.randn(o)
+    with running("cpp", "nm_linear_q", x, W):
+        assert int8_dot_runs(x, W)
+        assert "int8 dot-product GEMM" in ops.explain_backend("nm_linear_q", x, W)[1]
+        y = ops.nm_linear_q(x, W, bias)
+    values, indices, scales, n, m, _, _, _ = W.kernel_args()
+    want = reference.nm_linear_q_int4_dot(x.double(), values, indices, scales, n, m, k, group, bias.double())
+    # int32 sums per group are exact: what is left is fp32 rounding of the scales and sums
+    assert_linear_close(y, want, torch.float32, what=f"int4 GEMM g{group} B={rows} K={k} O={o}")
+
+
+@needs_vnni
+def test_int4_dot_scales_are_per_group_and_row():
+    """Each group's scale reaches only its own group's products: with every scale 1 except
+    one (row, group), the result moves by exactly that group's products."""
+    W = _weight(40, 512, 2, 4, "int4", 32)  # kept 256: 8 groups per row
+    x = torch.randn(20, 512)
+    values, indices, _, n, m, k, bits, group = W.kernel_args()
+    ones = torch.ones_like(W.scales)
+    base = torch.ops.sparsekern.nm_linear_q_cpu(x, values, indices, ones, n, m, k, bits, group, None, INT8_DOT)
+    for r, g in ((0, 0), (17, 5), (39, 7)):
+        sc = ones.clone()
+        sc[r, g] = 3.0
+        y = torch.ops.sparsekern.nm_linear_q_cpu(x, values, indices, sc, n, m, k, bits, group, None, INT8_DOT)
+        want = reference.nm_linear_q_int4_dot(x.double(), values, indices, sc, n, m, k, group)
+        assert_linear_close(y, want, torch.float32, what=f"scale at row {r} group {g}")
+        others = torch.ones(40, dtype=torch.bool)
+        others[r] = False
+        torch.testing.assert_close(y[:, others], base[:, others], rtol=0, atol=0)
+        assert not torch.equal(y[:, r], base[:, r])
+
+
+@needs_vnni
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("k,o", [(2048, 257), (768, 96)])
+def test_int4_dot_error_is_within_torch_dynamic_int8s(group, k, o):
+    """Against fp64 on the exact dequantized int4 weight, the activation rounding costs no more
+    than torch's own dynamic int8 linear (per-tensor activations, the weight re-quantized per
+    row to int8) on the same weight; and no more than half a step of each row's scale."""
+    W = _weight(o, k, 2, 4, "int4", group)
+    x = torch.randn(40, k) + torch.randn(1, k)  # a shared offset: per-tensor scales lose more
+    dense = exact_dense(W)
+    ref = ref64(x, dense, None)
+    y = _int8_dot(x, W)
+    lin = torch.nn.Linear(k, o, bias=False)
+    lin.weight.data = dense.float()
+    old = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else old
+    try:
+        qlin = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
+        theirs = qlin(x)
+    finally:
+        torch.backends.quantized.engine = old
+    rel = lambda t: ((t.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert 1e-5 < rel(y) <= 2 * rel(theirs), (rel(y), rel(theirs))
+    q, xs = reference.quantize_rows_int8(x)
+    bound = (0.5 * xs.double() * dense.abs().sum(1)[None, :]).expand_as(ref)
+    assert ((y.double() - ref).abs() <= bound * 1.001 + 1e-4).all()
+
+
+@needs_vnni
+def test_int4_dot_rows_of_zeros_lone_values_and_inf_scales():
+    W = _weight(40, 320, 2, 4, "int4", 64)  # kept 160: groups of 64, 64 and 32
+    x = torch.zeros(20, 320)
+    x[3, 5] = -7.0  # one value: q = -127 at its column, the row scale 7 / 127
+    x[4] = 1e-30    # tiny but non-zero: scale and q well defined
+    bias = torch.randn(40)
+    y = _int8_dot(x, W, bias)
+    torch.testing.assert_close(y[[0, 1, 2] + list(range(5, 20))], bias.expand(18, 40), rtol=0, atol=0)
+    dense = exact_dense(W)
+    torch.testing.assert_close(y[3].double(), -7.0 * dense[:, 5] + bias.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y[4].double(), 1e-30 * dense.sum(1) + bias.double(), rtol=1e-5, atol=1e-5)
+    # every other row's scales inf: the 16-row vectors must not mix them into the finite rows
+    scales = W.scales.clone()
+    scales[1::2] = float("inf")
+    xr = torch.randn(20, 320)
+    values, indices, _, n, m, k, bits, group = W.kernel_args()
+    yi = torch.ops.sparsekern.nm_linear_q_cpu(xr, values, indices, scales, n, m, k, bits, group, None, INT8_DOT)
+    even = torch.arange(0, 40, 2)
+    want = reference.nm_linear_q_int4_dot(xr.double(), values, indices, W.scales, n, m, k, group)
+    assert torch.isfinite(yi[:, even]).all()
+    assert_linear_close(yi[:, even], want[:, even], torch.float32, what="finite rows beside inf scales")
+
+
+@needs_vnni
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_dot_low_precision_x_and_3d_input(dtype):
+    W = _weight(48, 256, 2, 4, "int4", 32, dtype)
+    x = torch.randn(3, 7, 256, dtype=dtype)
+    bias = torch.randn(48, dtype=dtype)
+    with running("cpp", "nm_linear_q", x, W):
+        assert int8_dot_runs(x, W)
+        y = ops.nm_linear_q(x, W, bias)
+    want = reference.nm_linear_q_dot(x.double(), *W.kernel_args(), bias.double())
+    assert y.shape == (3, 7, 48) and y.dtype == dtype
+    assert_linear_close(y, want, dtype, lowp_torch_linear(x, exact_dense(W).to(dtype), bias), f"{dtype} 3-D")
+
+
+@needs_vnni
+def test_int4_dot_gradient_passes_the_rounding_straight_through():
+    W = _weight(24, 64, 2, 4, "int4", 32)
+    x = torch.randn(20, 64, requires_grad=True)
+    g = torch.randn(20, 24)
+    with running("cpp", "nm_linear_q", x, W):
+        assert int8_dot_runs(x, W)
+        (ops.nm_linear_q(x, W) * g).sum().backward()
+    torch.testing.assert_close(x.grad.double(), g.double() @ exact_dense(W), rtol=1e-5, atol=1e-5)
+
+
+def test_int4_dot_reference_is_the_int8_one_on_int4_values():
+    """The two references agree where both apply: int4 values with one scale per row (every
+    group of a row given the row's scale) are int8 values with that row scale."""
+    W = _weight(12, 256, 2, 4, "int4", 32)
+    values, indices, scales, n, m, k, bits, group = W.kernel_args()
+    row_scale = torch.rand(12) + 0.5
+    q = reference.nm_q_values(values, torch.ones_like(scales), k // 2, 4, group, torch.float64).to(torch.int8)
+    x = torch.randn(5, 256, dtype=torch.float64)
+    y4 = reference.nm_linear_q_int4_dot(x, values, indices, row_scale[:, None].expand_as(scales), n, m, k, group)
+    y8 = reference.nm_linear_q_int8_dot(x, q, indices, row_scale, n, m, k)
+    torch.testing.assert_close(y4, y8, rtol=1e-12, atol=1e-12)
+    exact = reference.nm_linear_q(x, values, indices, row_scale[:, None].expand_as(scales), n, m, k, bits, group)
+    assert not torch.allclose(y4, exact, rtol=1e-6, atol=1e-6)  # x's rounding shows
 
 
 # ------------------------------------------------------------------------ bad input
@@ -391,8 +562,7 @@ CHILD = textwrap.dedent("""
                         ref = x.double() @ dense.T
                         d, key = dispatch.decide("nm_linear_q", (x, W))
                         if d.backend == "cpp" and key.cpu_algo == dispatch_rules.Q_ALGO_INT8_DOT:
-                            v, i, s, n_, m_, k_, _, _ = W.kernel_args()
-                            ref = reference.nm_linear_q_int8_dot(x.double(), v, i, s, n_, m_, k_)
+                            ref = reference.nm_linear_q_dot(x.double(), *W.kernel_args())
                         y = ops.nm_linear_q(x, W)
                         lowp = torch.nn.functional.linear(x, dense.to(dtype))
                         rel = lambda t: ((t.double() - ref).norm() / ref.norm()).item()

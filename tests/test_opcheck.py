@@ -38,14 +38,15 @@ def _samples(device):
     return {
         "nm_linear_q": [(x, *q8.kernel_args(), b), (xg, *q4.kernel_args(), None), (x20, *q8.kernel_args(), b),
                         (x20.clone().requires_grad_(), *q4.kernel_args(), b.clone().requires_grad_())],
-        # CPU only: the algorithm chosen in Python (1: the 2:4 int8 dot-product GEMM, AVX512_VNNI CPUs)
-        "nm_linear_q_cpu": [(x, *q8.kernel_args(), b, DECODE)] + ([] if not INT8_DOT_RUNS else [
-            (x20, *q8.kernel_args(), b, INT8_DOT),
-            (x20.clone().requires_grad_(), *q8.kernel_args(), b.clone().requires_grad_(), INT8_DOT)]),
-        "bitmask_linear_q": [(x, *bq.kernel_args(), b), (xg, *bq.kernel_args(), None)],
-        # CPU only: the decode algorithm chosen in Python (dispatch_rules.Q_ALGO_*: 1 = int8 activations)
+        # CPU only: the algorithm chosen in Python (dispatch_rules.Q_ALGO_*: 1 = int8 activations,
+        # 2 = the 2:4 int8 dot-product GEMM for int8 and int4 values, AVX512_VNNI CPUs)
         "nm_linear_q_cpu": [(x, *q8.kernel_args(), b, Q_INT8_ACT), (xg, *q4.kernel_args(), None, Q_INT8_ACT),
-                            (x20, *q8.kernel_args(), b, Q_EXACT)],
+                            (x20, *q8.kernel_args(), b, Q_EXACT)] + ([] if not INT8_DOT_RUNS else [
+            (x20, *q8.kernel_args(), b, INT8_DOT),
+            (x20.clone().requires_grad_(), *q8.kernel_args(), b.clone().requires_grad_(), INT8_DOT),
+            (x20, *q4.kernel_args(), b, INT8_DOT),
+            (x20.clone().requires_grad_(), *q4.kernel_args(), b.clone().requires_grad_(), INT8_DOT)]),
+        "bitmask_linear_q": [(x, *bq.kernel_args(), b), (xg, *bq.kernel_args(), None)],
         "bitmask_linear_q_cpu": [(x, *bq.kernel_args(), b, Q_INT8_ACT), (xg, *bq.kernel_args(), None, Q_INT8_ACT)],
         "nm_linear": [(x, nm.values, nm.indices, 2, 4, 64, b), (xg, nm.values, nm.indices, 2, 4, 64, None),
                       (x20, nm.values, nm.indices, 2, 4, 64, b)],

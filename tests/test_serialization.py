@@ -186,6 +186,9 @@ def test_save_pretrained_comes_back_in_one_call_in_a_fresh_process(tmp_path, kin
     ids = torch.randint(0, 96, (2, 9))
     with torch.no_grad():
         torch.save({"ids": ids, "logits": sparse(ids).logits}, tmp_path / "expected.pt")
+    # 18 rows: 2:4 int4 runs the int8 dot-product GEMM (x quantized per row) on the sparse path,
+    # and the loaded model measures its paths: every one rounds x the same way
+    tol = 1e-5
     out = run_fresh(f"""
         import torch, transformers, sparsekern
         from sparsekern.nn import SparseLinear
@@ -194,7 +197,7 @@ def test_save_pretrained_comes_back_in_one_call_in_a_fresh_process(tmp_path, kin
         model = sparsekern.load(transformers.{cls}, path)
         n = sum(isinstance(m, SparseLinear) for m in model.modules())
         with torch.no_grad():
-            torch.testing.assert_close(model(expected["ids"]).logits, expected["logits"], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(model(expected["ids"]).logits, expected["logits"], rtol={tol}, atol={tol})
         print("sparse layers", n)
         try:
             transformers.{cls}.from_pretrained(path)

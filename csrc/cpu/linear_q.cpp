@@ -7,8 +7,8 @@
 // output rows dequantized into fp32 and multiplied by the BLAS GEMM (cpu_common.h
 // tiled_gemm), as the fp kernels' large-batch path ("load as sparse, compute as dense").
 // The algorithm is chosen in Python (sparsekern/dispatch_rules.py q_cpu_algo, rows_q.h kQAlgo*):
-// exact (x in fp32), int8 activations for the decode rows, or, for 2:4 int8 weights above
-// kDirectMaxBatch rows, the int8 dot-product GEMM (nm_gemm_int8.h, x quantized per row).
+// exact (x in fp32), int8 activations for the decode rows, or, for 2:4 int8 and int4 weights
+// above kDirectMaxBatch rows, the int8 dot-product GEMM (nm_gemm_int8.h, x quantized per row).
 #include <torch/library.h>
 
 #include <algorithm>
@@ -41,9 +41,10 @@ void check_q_algo(const char* op, int64_t algo) {
                     " (the 2:4 int8 dot-product GEMM), got ", algo);
 }
 
-// x (any float dtype) -> fp32 [B, O] through the 2:4 int8 dot-product GEMM (no bias).
+// x (any float dtype) -> fp32 [B, O] through the 2:4 int8 dot-product GEMM (no bias): int8
+// values (bits 8) or int4 values expanded to int8 in the kernel (bits 4, scales per group).
 at::Tensor nm24_int8_dot(const at::Tensor& x2, const at::Tensor& vals, const at::Tensor& idx, const at::Tensor& sc,
-                         int64_t K, int64_t O) {
+                         int64_t K, int64_t O, int64_t bits, int64_t group_size) {
   namespace v = avx512vnni;
   const int64_t B = x2.size(0);
   auto out = at::empty({B, O}, x2.options());
@@ -58,10 +59,20 @@ at::Tensor nm24_int8_dot(const at::Tensor& x2, const at::Tensor& vals, const at:
     v::quantize_rows(xp, K, b0, b1, xq.data_ptr<uint8_t>(), xs.data_ptr<float>());
   });
   int64_t next = 0;
+  const int64_t panels = (O + v::kPanelRows - 1) / v::kPanelRows;
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+  if (bits == 4) {
+    const Nm24Int4Args g{vals.data_ptr<uint8_t>(), idx.data_ptr<uint8_t>(), sc.data_ptr<float>(), K / 2,
+                         vals.size(1), idx.size(1), K, O, group_size, sc.size(1), xq.data_ptr<uint8_t>(),
+                         xs.data_ptr<float>(), stride, B, out.data_ptr<float>(), panels, &next};
+    at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) v::nm24_int4_gemm(g);
+    });
+    return out;
+  }
   const Nm24Int8Args g{vals.data_ptr<int8_t>(), idx.data_ptr<uint8_t>(), sc.data_ptr<float>(), vals.size(1),
                        idx.size(1), K, O, xq.data_ptr<uint8_t>(), xs.data_ptr<float>(), stride, B,
-                       out.data_ptr<float>(), (O + v::kPanelRows - 1) / v::kPanelRows, &next};
-  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+                       out.data_ptr<float>(), panels, &next};
   at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) v::nm24_gemm(g);
   });
@@ -74,14 +85,13 @@ at::Tensor nm_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, const 
   check_q_algo("nm_linear_q", algo);
   check_nm_linear_q_args(x, values, indices, scales, n, m, in_features, bits, group_size, bias);
   if (algo == kQAlgoInt8Dot) {
-    TORCH_CHECK_VALUE(n == 2 && m == 4 && bits == 8, "nm_linear_q: algo ", kQAlgoInt8Dot, " (the 2:4 int8 "
-                      "dot-product GEMM) runs 2:4 weights with int8 values, got ", n, ":", m, " with ", bits,
-                      "-bit values");
+    TORCH_CHECK_VALUE(n == 2 && m == 4, "nm_linear_q: algo ", kQAlgoInt8Dot, " (the 2:4 int8 dot-product GEMM) "
+                      "runs 2:4 weights with int8 or int4 values, got ", n, ":", m);
     TORCH_CHECK(cpu_has_avx512_vnni(), "nm_linear_q: algo ", kQAlgoInt8Dot, " (the 2:4 int8 dot-product GEMM) "
                 "needs a CPU with AVX512_VNNI (SPARSEKERN_CPU_ISA may cap it); pass algo ", kQAlgoExact);
     auto x2 = x_float_2d(x);
     auto out = nm24_int8_dot(x2, values.contiguous(), indices.contiguous(), scales.contiguous(), in_features,
-                             indices.size(0));
+                             indices.size(0), bits, group_size);
     return finish_linear(out, x, bias);
   }
   const int64_t K = in_features, O = indices.size(0), kept = K / m * n;

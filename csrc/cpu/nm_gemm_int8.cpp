@@ -174,6 +174,138 @@ void core(const Nm24Int8Args& a, const Panel* p, int64_t r0, int64_t b0) {
   finish(5, a05, a15); finish(6, a06, a16); finish(7, a07, a17); finish(8, a08, a18); finish(9, a09, a19);
 }
 
+// ------------------------------------------------------------------ int4 values
+constexpr int kBatchRows4 = 10;  // batch rows per int4 core pass (core4 names 10): 2 x 10 int32 sums
+
+// A panel of int4 rows decoded for the core: the int8 panel's value dwords (nibbles expanded to
+// signed int8) and shuffle controls, and per scale group the 32 rows' compensations and scales.
+struct Panel4 {
+  int32_t* w;      // [G2][kPanelRows]
+  int32_t* ctrl;   // [G2][kPanelRows]
+  int32_t* comp;   // [groups][kPanelRows]: -128 * (sum of the group's values)
+  float* scale;    // [groups][kPanelRows] (0 past O)
+};
+
+// 32 packed bytes (64 nibbles, low first, stored q + 8) -> 64 signed int8 q in slot order; the
+// slots past `valid` (a mask of the 64) are 0, so they add nothing and compensate nothing.
+inline __m512i expand_nibbles(__m256i packed, __mmask64 valid) {
+  const __m512i w16 = _mm512_cvtepu8_epi16(packed);  // byte i in word i
+  const __m512i lo = _mm512_and_si512(w16, _mm512_set1_epi16(0x000F));
+  const __m512i hi = _mm512_and_si512(_mm512_slli_epi16(w16, 4), _mm512_set1_epi16(0x0F00));
+  return _mm512_maskz_sub_epi8(valid, _mm512_or_si512(lo, hi), _mm512_set1_epi8(8));
+}
+
+// Rows [r0, r0 + kPanelRows) (those past O as zeros) into p, 16 group pairs (64 kept values,
+// 32 packed bytes) of every row at a time, as decode_panel.
+void decode_panel4(const Nm24Int4Args& a, int64_t r0, Panel4* p) {
+  const int64_t G2 = (a.K + 7) / 8, pairs_per_group = a.group_size / 4;
+  const __m512i ones = _mm512_set1_epi8(1);
+  std::memset(p->comp, 0, a.groups * kPanelRows * sizeof(int32_t));
+  for (int j = 0; j < kPanelRows; ++j) {
+    const int64_t r = r0 + j;
+    for (int64_t g = 0; g < a.groups; ++g) p->scale[g * kPanelRows + j] = r < a.O ? a.scales[r * a.groups + g] : 0.f;
+  }
+  for (int64_t g0 = 0; g0 < G2; g0 += 16) {
+    const int64_t vals = a.kept - 4 * g0 < 64 ? a.kept - 4 * g0 : 64;
+    const int64_t vbytes = a.val_row_bytes - 2 * g0 < 32 ? a.val_row_bytes - 2 * g0 : 32;
+    const int64_t ibytes = a.idx_row_bytes - g0 < 16 ? a.idx_row_bytes - g0 : 16;
+    const __mmask64 valid = vals >= 64 ? ~__mmask64(0) : (__mmask64(1) << vals) - 1;
+    const __mmask32 vmask = vbytes >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << vbytes) - 1);
+    const __mmask16 imask = static_cast<__mmask16>((1u << ibytes) - 1);
+    const int64_t pairs = G2 - g0 < 16 ? G2 - g0 : 16;
+    for (int blk = 0; blk < kBlocks; ++blk) {
+      __m512i w[16], c[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t r = r0 + blk * 16 + i;
+        if (r >= a.O) {
+          w[i] = c[i] = _mm512_setzero_si512();
+          continue;
+        }
+        w[i] = expand_nibbles(_mm256_maskz_loadu_epi8(vmask, a.values + r * a.val_row_bytes + 2 * g0), valid);
+        const __m128i ib = _mm_maskz_loadu_epi8(imask, a.indices + r * a.idx_row_bytes + g0);
+        c[i] = shuffle_control(_mm512_cvtepu8_epi32(ib));
+      }
+      transpose16x16(w);
+      transpose16x16(c);
+      for (int64_t q = 0; q < pairs; ++q) {
+        _mm512_store_si512(p->w + (g0 + q) * kPanelRows + blk * 16, w[q]);
+        _mm512_store_si512(p->ctrl + (g0 + q) * kPanelRows + blk * 16, c[q]);
+        int32_t* cg = p->comp + (g0 + q) / pairs_per_group * kPanelRows + blk * 16;
+        _mm512_store_si512(cg, _mm512_dpbusd_epi32(_mm512_load_si512(cg), ones, w[q]));
+      }
+    }
+  }
+  const __m512i shift = _mm512_set1_epi32(-128);
+  for (int64_t i = 0; i < a.groups * kPanelRows; i += 16)
+    _mm512_store_si512(p->comp + i, _mm512_mullo_epi32(_mm512_load_si512(p->comp + i), shift));
+}
+
+// Batch rows [b0, b0 + kBatchRows4) (rows past B repeat the last; never stored) of the int4
+// panel at output row r0: one loop over the group pairs as core(), 2 x 10 int32 sums started
+// from each group's compensation and, at the group's last pair, converted, multiplied by the
+// group's scales and added into fp32 sums [10][32] held in L1; x's scale at the end. (A loop
+// over the groups around a loop over their pairs makes GCC copy every accumulator each step.)
+void core4(const Nm24Int4Args& a, const Panel4* p, int64_t r0, int64_t b0) {
+  const int64_t G2 = (a.K + 7) / 8, pairs_per_group = a.group_size / 4;
+  const uint8_t* xr[kBatchRows4];
+  for (int i = 0; i < kBatchRows4; ++i) xr[i] = a.xq + (b0 + i < a.B ? b0 + i : a.B - 1) * a.xq_stride;
+  alignas(64) float sums[kBatchRows4][kPanelRows];
+  std::memset(sums, 0, sizeof(sums));
+  __m512i comp0 = _mm512_load_si512(p->comp), comp1 = _mm512_load_si512(p->comp + 16);
+#define SK_I4_ACC(I) __m512i a0##I = comp0, a1##I = comp1;
+  SK_I4_ACC(0) SK_I4_ACC(1) SK_I4_ACC(2) SK_I4_ACC(3) SK_I4_ACC(4)
+  SK_I4_ACC(5) SK_I4_ACC(6) SK_I4_ACC(7) SK_I4_ACC(8) SK_I4_ACC(9)
+#undef SK_I4_ACC
+  const int32_t* wp = p->w;
+  const int32_t* cp = p->ctrl;
+  int64_t group = 0, group_end = pairs_per_group < G2 ? pairs_per_group : G2;
+  for (int64_t q = 0; q < G2; ++q, wp += kPanelRows, cp += kPanelRows) {
+    const __m512i w0 = _mm512_load_si512(wp), w1 = _mm512_load_si512(wp + 16);
+    const __m512i c0 = _mm512_load_si512(cp), c1 = _mm512_load_si512(cp + 16);
+#define SK_I4_STEP(I)                                                                         \
+  {                                                                                          \
+    int64_t q8;                                                                              \
+    std::memcpy(&q8, xr[I] + 8 * q, 8);                                                      \
+    const __m512i xb = _mm512_set1_epi64(q8);                                                \
+    a0##I = _mm512_dpbusd_epi32(a0##I, _mm512_shuffle_epi8(xb, c0), w0);                     \
+    a1##I = _mm512_dpbusd_epi32(a1##I, _mm512_shuffle_epi8(xb, c1), w1);                     \
+  }
+    SK_I4_STEP(0) SK_I4_STEP(1) SK_I4_STEP(2) SK_I4_STEP(3) SK_I4_STEP(4)
+    SK_I4_STEP(5) SK_I4_STEP(6) SK_I4_STEP(7) SK_I4_STEP(8) SK_I4_STEP(9)
+#undef SK_I4_STEP
+    if (q + 1 == group_end) {
+      const __m512 s0 = _mm512_load_ps(p->scale + group * kPanelRows);
+      const __m512 s1 = _mm512_load_ps(p->scale + group * kPanelRows + 16);
+#define SK_I4_FLUSH(I)                                                                                 \
+  _mm512_store_ps(sums[I], _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0##I), s0, _mm512_load_ps(sums[I])));  \
+  _mm512_store_ps(sums[I] + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1##I), s1, _mm512_load_ps(sums[I] + 16)));
+      SK_I4_FLUSH(0) SK_I4_FLUSH(1) SK_I4_FLUSH(2) SK_I4_FLUSH(3) SK_I4_FLUSH(4)
+      SK_I4_FLUSH(5) SK_I4_FLUSH(6) SK_I4_FLUSH(7) SK_I4_FLUSH(8) SK_I4_FLUSH(9)
+#undef SK_I4_FLUSH
+      ++group;
+      group_end = group_end + pairs_per_group < G2 ? group_end + pairs_per_group : G2;
+      if (group < a.groups) {
+        comp0 = _mm512_load_si512(p->comp + group * kPanelRows);
+        comp1 = _mm512_load_si512(p->comp + group * kPanelRows + 16);
+      }
+#define SK_I4_RESET(I) a0##I = comp0; a1##I = comp1;
+      SK_I4_RESET(0) SK_I4_RESET(1) SK_I4_RESET(2) SK_I4_RESET(3) SK_I4_RESET(4)
+      SK_I4_RESET(5) SK_I4_RESET(6) SK_I4_RESET(7) SK_I4_RESET(8) SK_I4_RESET(9)
+#undef SK_I4_RESET
+    }
+  }
+  const int64_t rows = a.O - r0;
+  const __mmask16 m0 = rows >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << rows) - 1);
+  const __mmask16 m1 = rows >= 32 ? __mmask16(0xFFFF) : rows <= 16 ? __mmask16(0)
+                                                                   : static_cast<__mmask16>((1u << (rows - 16)) - 1);
+  for (int i = 0; i < kBatchRows4 && b0 + i < a.B; ++i) {
+    const __m512 xs = _mm512_set1_ps(a.x_scales[b0 + i]);
+    float* o = a.out + (b0 + i) * a.O + r0;
+    _mm512_mask_storeu_ps(o, m0, _mm512_mul_ps(_mm512_load_ps(sums[i]), xs));
+    if (m1) _mm512_mask_storeu_ps(o + 16, m1, _mm512_mul_ps(_mm512_load_ps(sums[i] + 16), xs));
+  }
+}
+
 }  // namespace
 
 void quantize_rows(const float* x, int64_t K, int64_t b0, int64_t b1, uint8_t* xq, float* x_scales) {
@@ -183,14 +315,27 @@ void quantize_rows(const float* x, int64_t K, int64_t b0, int64_t b1, uint8_t* x
     const float* xr = x + b * K;
     uint8_t* q = xq + b * stride;
     __m512 mx = _mm512_setzero_ps();
+    // vmaxps drops a NaN operand, so non-finite values are counted on their own (fpclass:
+    // QNaN 0x01, +inf 0x08, -inf 0x10, SNaN 0x80)
+    __mmask16 nonfinite = 0;
     int64_t k = 0;
-    for (; k + 16 <= K; k += 16) mx = _mm512_max_ps(mx, _mm512_andnot_ps(sign, _mm512_loadu_ps(xr + k)));
+    for (; k + 16 <= K; k += 16) {
+      const __m512 v = _mm512_loadu_ps(xr + k);
+      nonfinite |= _mm512_fpclass_ps_mask(v, 0x99);
+      mx = _mm512_max_ps(mx, _mm512_andnot_ps(sign, v));
+    }
     const __mmask16 tail = static_cast<__mmask16>((1u << (K - k)) - 1);
-    if (K > k) mx = _mm512_max_ps(mx, _mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(tail, xr + k)));
+    if (K > k) {
+      const __m512 v = _mm512_maskz_loadu_ps(tail, xr + k);
+      nonfinite |= _mm512_fpclass_ps_mask(v, 0x99);
+      mx = _mm512_max_ps(mx, _mm512_andnot_ps(sign, v));
+    }
     const float amax = _mm512_reduce_max_ps(mx);
-    // scale amax / 127; the multiplier 127 / amax (0 for a row of zeros: every q is 0)
-    x_scales[b] = amax / 127.f;
-    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    // scale amax / 127; the multiplier 127 / amax (0 for a row of zeros: every q is 0). A row
+    // holding an inf or a NaN: every q 0 and the scale NaN, so its outputs are NaN, as the
+    // exact path's (and rows_q.h quantize_activation_rows') would be.
+    x_scales[b] = nonfinite ? __builtin_nanf("") : amax / 127.f;
+    const __m512 inv = _mm512_set1_ps(!nonfinite && amax > 0.f ? 127.f / amax : 0.f);
     const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), off = _mm512_set1_epi32(128);
     auto quant = [&](__m512 v) {
       // vcvtps2dq rounds half to even (the default MXCSR mode)
@@ -219,6 +364,26 @@ void nm24_gemm(const Nm24Int8Args& a) {
   std::free(p.w);
 }
 
+void nm24_int4_gemm(const Nm24Int4Args& a) {
+  const int64_t G2 = (a.K + 7) / 8;
+  Panel4 p;
+  p.w = static_cast<int32_t*>(std::aligned_alloc(64, G2 * kPanelRows * sizeof(int32_t)));
+  p.ctrl = static_cast<int32_t*>(std::aligned_alloc(64, G2 * kPanelRows * sizeof(int32_t)));
+  p.comp = static_cast<int32_t*>(std::aligned_alloc(64, a.groups * kPanelRows * sizeof(int32_t)));
+  p.scale = static_cast<float*>(std::aligned_alloc(64, a.groups * kPanelRows * sizeof(float)));
+  for (;;) {
+    const int64_t panel = __atomic_fetch_add(a.next_panel, 1, __ATOMIC_RELAXED);
+    if (panel >= a.panels) break;
+    const int64_t r0 = panel * kPanelRows;
+    decode_panel4(a, r0, &p);
+    for (int64_t b0 = 0; b0 < a.B; b0 += kBatchRows4) core4(a, &p, r0, b0);
+  }
+  std::free(p.scale);
+  std::free(p.comp);
+  std::free(p.ctrl);
+  std::free(p.w);
+}
+
 }  // namespace avx512vnni
 }  // namespace cpu
 }  // namespace sparsekern
@@ -232,6 +397,7 @@ namespace cpu {
 namespace avx512vnni {
 void quantize_rows(const float*, int64_t, int64_t, int64_t, uint8_t*, float*) { std::abort(); }
 void nm24_gemm(const Nm24Int8Args&) { std::abort(); }
+void nm24_int4_gemm(const Nm24Int4Args&) { std::abort(); }
 }  // namespace avx512vnni
 }  // namespace cpu
 }  // namespace sparsekern

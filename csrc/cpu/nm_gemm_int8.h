@@ -8,7 +8,8 @@
 //   (127 / max)) in [-127, 127] (fp32 multiply, then vcvtps2dq), stored as u8 q + 128 (the
 //   unsigned operand of vpdpbusd). Each output is the exact int32 sum over the kept values
 //   sum_k (q + 128) * w - 128 * sum_k w, the compensation precomputed per output row, then
-//   y = float(acc) * (s_x[b] * s_w[o]) in fp32. A row of zeros gives zeros. int32 cannot wrap
+//   y = float(acc) * (s_x[b] * s_w[o]) in fp32. A row of zeros gives zeros; a row holding an
+//   inf or a NaN gives NaN (its scale is NaN, as rows_q.h's quantizer makes it). int32 cannot wrap
 //   below 2^31 / (255 * 128) = 65793 kept values per row (in_features 131586).
 //
 // The scheme: vpdpbusd adds 4 u8 x s8 products into each int32 lane. A 2:4 group pair (8
@@ -25,6 +26,16 @@
 //     straight into out [B, O] (scales applied in fp32).
 // The indices of a group must increase (every validated NMWeight); other indices read other
 // bytes of the same 8 columns, never outside x.
+//
+// int4 values (the same algorithm, nm24_int4_gemm): the panel decode expands each row's
+// nibbles (stored q + 8, low nibble first) to signed int8 q in registers, so the panel and the
+// vpshufb / vpdpbusd core are the int8 kernel's. The scale changes every group of 32/64/128
+// kept values (8/16/32 group pairs; a row's last group may be shorter), so the int32 sums run
+// per group: each starts from the group's compensation -128 * (sum of its values), and at the
+// group's end is converted and multiplied by the group scales of the 16 rows into fp32
+// accumulators (one FMA); the row's activation scale multiplies the finished sum. int32
+// cannot wrap: a group's sum is at most 128 * 255 * 8 in magnitude. The int32 sums of 2 row
+// blocks x 10 batch rows live in registers, their fp32 sums in L1.
 #pragma once
 
 #include <cstdint>
@@ -50,6 +61,21 @@ struct Nm24Int8Args {
   int64_t* next_panel;     // shared counter, 0 before the first call
 };
 
+// 2:4 weights with int4 values (sparsekern/precisions.py): as Nm24Int8Args, values packed two
+// per byte and one scale per group of group_size kept values.
+struct Nm24Int4Args {
+  const uint8_t* values;   // [O, val_row_bytes]: slot s in byte s / 2, low nibble first, stored q + 8
+  const uint8_t* indices;  // [O, idx_row_bytes], 2 bits per slot: group pair p's byte at p
+  const float* scales;     // [O, groups]: slot s scaled by scales[r, s / group_size]
+  int64_t kept, val_row_bytes, idx_row_bytes, K, O, group_size, groups;
+  const uint8_t* xq;       // [B, xq_stride] u8 (quantize_rows), columns past K hold 128
+  const float* x_scales;   // [B]
+  int64_t xq_stride, B;
+  float* out;              // [B, O] fp32 (no bias)
+  int64_t panels;          // ceil(O / kPanelRows)
+  int64_t* next_panel;     // shared counter, 0 before the first call
+};
+
 namespace avx512vnni {
 constexpr int64_t kPanelRows = 32;  // output rows per panel (two 16-row blocks)
 // Row stride of the quantized x: K rounded up to a group pair (8 columns).
@@ -59,6 +85,8 @@ inline int64_t xq_stride(int64_t K) { return (K + 7) / 8 * 8; }
 void quantize_rows(const float* x, int64_t K, int64_t b0, int64_t b1, uint8_t* xq, float* x_scales);
 // Output panels taken from *a.next_panel until all are done; call it from every thread.
 void nm24_gemm(const Nm24Int8Args& a);
+// The same for int4 values (group sizes 32, 64 and 128).
+void nm24_int4_gemm(const Nm24Int4Args& a);
 }  // namespace avx512vnni
 
 }  // namespace cpu

@@ -37,7 +37,7 @@ class Built:
 
 def _quantized_expected(W) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The fp64 reference of nm_linear_q where the dispatch table sends x to the int8
-    dot-product GEMM (reference.nm_linear_q_int8_dot), else None (x @ W^T is the reference)."""
+    dot-product GEMM (reference.nm_linear_q_dot), else None (x @ W^T is the reference)."""
     if W.OP != "nm_linear_q":
         return None
 
@@ -48,8 +48,7 @@ def _quantized_expected(W) -> Callable[[torch.Tensor], torch.Tensor] | None:
         d, key = decide("nm_linear_q", (x, W))
         if d.backend != "cpp" or key.cpu_algo != dispatch_rules.Q_ALGO_INT8_DOT:
             return None
-        values, indices, scales, n, m, k, _, _ = W.kernel_args()
-        return reference.nm_linear_q_int8_dot(x.double(), values, indices, scales, n, m, k)
+        return reference.nm_linear_q_dot(x.double(), *W.kernel_args())
     return expected
 
 

@@ -107,8 +107,9 @@ def nm_linear_q(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> to
 
     On CPUs with AVX512_VNNI (rules.q_activations_int8), x is rounded per row to int8
     (symmetric, scale max|x| / 127), as torch's dynamic quantization does per tensor: the
-    decode kernels and, for 2:4 int8 weights over more than 16 rows, the int8 dot-product GEMM
-    (nm_q_cpu_algo, reference.nm_linear_q_int8_dot) quantize x themselves, and the other paths
+    decode kernels and, for 2:4 int8 and int4 weights over more than 16 rows, the int8
+    dot-product GEMM (nm_q_cpu_algo, reference.nm_linear_q_int8_dot / nm_linear_q_int4_dot)
+    quantize x themselves, and the other paths
     multiply precisions.round_activation_rows(x), so the result carries that rounding on every
     path; the gradient to x passes it straight through. SPARSEKERN_Q_ACT=exact: exact products.
     """

@@ -81,8 +81,8 @@ def _fake_nm_linear_q(x, values, indices, scales, n, m, in_features, bits, group
 
 def _fake_nm_linear_q_cpu(x, values, indices, scales, n, m, in_features, bits, group_size, bias, algo):
     torch._check(algo in rules.Q_ALGO_NAMES, lambda: f"nm_linear_q: algo must be one of {sorted(rules.Q_ALGO_NAMES)}")
-    torch._check(algo != rules.Q_ALGO_INT8_DOT or ((n, m) == (2, 4) and bits == 8),
-                 lambda: f"nm_linear_q: algo {algo} (the 2:4 int8 dot-product GEMM) runs 2:4 int8 weights")
+    torch._check(algo != rules.Q_ALGO_INT8_DOT or (n, m) == (2, 4),
+                 lambda: f"nm_linear_q: algo {algo} (the 2:4 int8 dot-product GEMM) runs 2:4 int8 or int4 weights")
     return _fake_nm_linear_q(x, values, indices, scales, n, m, in_features, bits, group_size, bias)
 
 

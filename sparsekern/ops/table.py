@@ -256,7 +256,7 @@ def _bitmask_linear_cpu_reference(x, values, bitmask, offsets, in_features, bias
 
 def _nm_linear_q_cpu_reference(x, values, indices, scales, n, m, in_features, bits, group_size, bias, algo):
     if algo == rules.Q_ALGO_INT8_DOT:  # x quantized per row first, as the kernel does
-        return reference.nm_linear_q_int8_dot(x, values, indices, scales, n, m, in_features, bias)
+        return reference.nm_linear_q_dot(x, values, indices, scales, n, m, in_features, bits, group_size, bias)
     return reference.nm_linear_q(x, values, indices, scales, n, m, in_features, bits, group_size, bias)
 
 
