@@ -668,12 +668,13 @@ void bitmask_act_step(const BitmaskQRowsArgs& a, int64_t r, int64_t b0) {
       a.out[(b0 + b) * a.O + r + j] = static_cast<float>(total[j][b] * a.scales[r + j] * a.xq.scale[b0 + b]);
 }
 
-// One batch row of an int8 bitmask weight, output row r: two steps per iteration into separate
-// accumulators (vpdpbusd's 4-cycle chains overlap), and no weight-sum vpdpbusd per step: the
-// row's values lie contiguous in [start, p), so 128 * their sum is taken back once per row
-// from one vpdpbusd per 64 values (about a third of the steps at 70% sparsity). Integer sums
-// are exact (int32 lanes flushed to int64 every kActFlushSteps steps), so the result is the
-// portable loop's to the last bit. Slack as bitmask_act_step.
+// One batch row of an int8 bitmask weight, output row r: four steps per iteration into their
+// own accumulators (vpdpbusd's 4-cycle chains overlap), and no weight-sum vpdpbusd per step:
+// the row's values lie contiguous in [start, p), so 128 * their sum is taken back once per row
+// (one vpsadbw per 64 values, about a third of the steps at 70% sparsity). Integer sums are
+// exact (int32 lanes flushed to int64 every kActFlushSteps steps), so the result is the
+// portable loop's to the last bit. Slack as bitmask_act_step. Measured against
+// bitmask_act_step<1, 1, true>: bench/results/cpu-decode-q-20261206b/README.md.
 template <bool Slack>
 void bitmask_act_b1_row(const BitmaskQRowsArgs& a, int64_t r) {
   const uint64_t* words = reinterpret_cast<const uint64_t*>(a.bitmask + r * a.words);
