@@ -791,6 +791,40 @@ void bitmask_act_rows(const BitmaskQRowsArgs& a, int64_t r0, int64_t r1) {
 
 }  // namespace
 
+// quantize_activation_rows (rows_q_generic.cpp) with 16 lanes: the same fp32 multiply and
+// round-half-to-even conversion (vcvtps2dq under the default rounding mode is what the portable
+// loop's nearbyint does), so the bytes are the same; the portable loop calls libm's nearbyintf
+// per value, which cost about as much as streaming a 2048-column layer's weights.
+void quantize_activation_rows(const float* x, int64_t B, int64_t K, uint8_t* u8, int64_t ld, float* scale) {
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xb = x + b * K;
+    uint8_t* qb = u8 + b * ld;
+    __m512 amax = _mm512_setzero_ps();
+    __mmask16 non_finite = 0;
+    for (int64_t c = 0; c < K; c += 16) {
+      const __mmask16 k = first_lanes(K - c);
+      const __m512 v = _mm512_maskz_loadu_ps(k, xb + c);
+      non_finite |= _mm512_fpclass_ps_mask(v, 0x99);  // QNaN | SNaN | +inf | -inf
+      amax = _mm512_max_ps(amax, _mm512_and_ps(v, abs_mask));
+    }
+    const bool finite = non_finite == 0;
+    const float m = finite ? _mm512_reduce_max_ps(amax) : 0.f;
+    const float inv = finite && m > 0.f ? 127.f / m : 0.f;
+    scale[b] = finite ? (m > 0.f ? m / 127.f : 0.f) : std::nanf("");
+    const __m512 vinv = _mm512_set1_ps(inv);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), offset = _mm512_set1_epi32(128);
+    for (int64_t c = 0; c < K; c += 16) {
+      const __mmask16 k = first_lanes(K - c);
+      // a non-finite row's bytes are never used (its scale is NaN): inv 0 makes them 128 here
+      const __m512 v = finite ? _mm512_maskz_loadu_ps(k, xb + c) : _mm512_setzero_ps();
+      const __m512i q = _mm512_min_epi32(hi, _mm512_max_epi32(lo, _mm512_cvtps_epi32(_mm512_mul_ps(v, vinv))));
+      _mm_mask_storeu_epi8(qb + c, k, _mm512_cvtepi32_epi8(_mm512_add_epi32(q, offset)));
+    }
+    std::memset(qb + K, 128, static_cast<size_t>(ld - K));
+  }
+}
+
 void nm_q_rows_act(const NmQRowsArgs& a, int64_t r0, int64_t r1) {
   if (!avx512_q_act_vector() || !avx512_nm_q_pattern(a.n, a.m)) return nm_q_rows_act_portable(a, r0, r1);
   if (a.bits == 8) nm24_act_rows<8>(a, r0, r1);
@@ -822,6 +856,7 @@ void nm_q_rows(const NmQRowsArgs&, int64_t, int64_t) { std::abort(); }
 void bitmask_q_rows(const BitmaskQRowsArgs&, int64_t, int64_t) { std::abort(); }
 void nm_q_rows_act(const NmQRowsArgs&, int64_t, int64_t) { std::abort(); }
 void bitmask_q_rows_act(const BitmaskQRowsArgs&, int64_t, int64_t) { std::abort(); }
+void quantize_activation_rows(const float*, int64_t, int64_t, uint8_t*, int64_t, float*) { std::abort(); }
 }  // namespace avx512
 bool avx512_q_act_vector() { return false; }
 }  // namespace cpu
