@@ -169,6 +169,46 @@ def test_rows_with_zeros_and_non_finite_values(poison, int8_activations):
         assert torch.isnan(y[2]).all()
 
 
+@pytest.mark.parametrize("o,k", [(37, 1), (37, 63), (37, 64), (37, 65), (37, 257), (37, 1061), (5, 600_000)])
+def test_bitmask_batch_one_is_the_exact_integer_sum(o, k, poison, int8_activations):
+    """One row of x: the kernel's integer sum of q_x * q_w is exact (the AVX-512 path takes the
+    weight sum once per row from the contiguous values, rows_q_avx512.cpp bitmask_act_b1_row),
+    and the output is fp32((sum * row scale) * x scale) to the bit, as the portable loop's.
+    Rows with no kept value (the first, the middle, the last: its values start at the end of
+    values), rows with every column kept; K of one column, partial and whole 64-column words,
+    and, with 600000 columns, past one flush of the int32 lanes (8192 words)."""
+    mask = torch.rand(o, k) < 0.3
+    mask[[0, o // 2, o - 1]] = False
+    mask[[1, o - 2]] = True
+    W = BitmaskWeight.from_dense(torch.randn(o, k), mask, quantize="int8")
+    x = torch.randn(1, k)
+    assert_int8_act_runs("bitmask_linear_q", x, W)
+    y = ops.bitmask_linear_q(x, W)
+    values, bitmask, offsets, scales, _ = W.kernel_args()
+    q_w = reference.bitmask_decompress(values.double(), bitmask, offsets, k)  # integers, fp64
+    q_x, sx = quantize_rows(x)
+    total = q_x @ q_w.t()  # exact: |sum| < 2^53
+    want = ((total * scales.double()[None, :]) * sx[:, None]).float()
+    assert torch.equal(y[:, [0, o // 2, o - 1]], torch.zeros(1, 3)), "a row with no kept value is not 0"
+    assert torch.equal(y, want), f"K={k}: {int((y != want).sum())} outputs differ, worst {(y - want).abs().max()}"
+
+
+@pytest.mark.parametrize("group", [64, 128])
+@pytest.mark.parametrize("k", [128, 256, 384, 388, 640])
+def test_nm24_int4_batch_one_step_pairs(group, k, poison, int8_activations):
+    """One row of x, 2:4 int4 (rows_q_avx512.cpp nm24_q4_act_b1_row: two 128-column steps per
+    iteration, a group per step or per pair): odd and even step counts, with and without the
+    partial last step, and an all-zero weight row."""
+    w = torch.randn(67, k)
+    w[3] = 0.0
+    W = NMWeight.from_dense(w, 2, 4, quantize="int4", group_size=group)
+    x = torch.randn(1, k)
+    assert_int8_act_runs("nm_linear_q", x, W)
+    y = ops.nm_linear_q(x, W)
+    check_int8_act(y, x, nm_dense64(W), None, f"2:4 int4/{group} B=1 K={k}")
+    assert torch.equal(y[0, 3], torch.tensor(0.0))
+
+
 def test_the_choice_lives_in_dispatch_rules(monkeypatch):
     W = NMWeight.from_dense(torch.randn(16, 64), 2, 4, quantize="int8")
     x1, x17 = torch.randn(1, 64), torch.randn(17, 64)

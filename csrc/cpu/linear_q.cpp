@@ -29,7 +29,8 @@ std::pair<at::Tensor, at::Tensor> quantize_activations(const at::Tensor& x2, Qua
   q.ld = q_act_row_bytes(K);
   auto u8 = at::empty({B, q.ld}, x2.options().dtype(at::kByte));
   auto scale = at::empty({B}, x2.options());
-  quantize_activation_rows(x2.data_ptr<float>(), B, K, u8.data_ptr<uint8_t>(), q.ld, scale.data_ptr<float>());
+  (cpu_has_avx512() ? avx512::quantize_activation_rows : quantize_activation_rows)(
+      x2.data_ptr<float>(), B, K, u8.data_ptr<uint8_t>(), q.ld, scale.data_ptr<float>());
   q.u8 = u8.data_ptr<uint8_t>();
   q.scale = scale.data_ptr<float>();
   return {u8, scale};

@@ -46,6 +46,10 @@ struct QuantizedActivations {
 inline int64_t q_act_row_bytes(int64_t K) { return (K + 127) / 128 * 128; }
 // x fp32 [B, K] -> u8 [B, ld] and scale [B] (portable; every ISA's kernels read the same bytes).
 void quantize_activation_rows(const float* x, int64_t B, int64_t K, uint8_t* u8, int64_t ld, float* scale);
+// The same bytes and scales with AVX-512 (only called when cpu_has_avx512()).
+namespace avx512 {
+void quantize_activation_rows(const float* x, int64_t B, int64_t K, uint8_t* u8, int64_t ld, float* scale);
+}
 
 // N:M weight [O, K] with quantized values.
 //   bits 8: values int8 [O, kept], scales float32 [O] (v = q * s[r]).

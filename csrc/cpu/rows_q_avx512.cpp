@@ -370,6 +370,11 @@ void bitmask_q_rows(const BitmaskQRowsArgs& a, int64_t r0, int64_t r1) {
 //     slots) and builds its lanes in that order, so nothing is interleaved.
 //   Bitmask: one step is one 64-column mask word; vpexpandb spreads the word's popcount kept
 //     values into their columns, and the activation bytes are read as they lie.
+//     One batch row (bitmask_act_b1_row): four steps per iteration into their own accumulators,
+//     and the weight sum from the row's contiguous values once per row instead of a vpdpbusd
+//     per step. vpexpandb with a mask from memory costs about 3 cycles per step on Zen 4
+//     (measured), the largest part of the step: the per-step work left around it is what
+//     this path trims.
 // int32 lanes: a step adds at most 4 * 255 * 127 to one, so the sums go to fp64 every
 // kActFlushSteps steps (far below 2^31). int4 folds each group's int32 sums into fp32 with
 // the group scale (groups of 32 slots share a step: lanes 0-3 and 8-11 are the even and odd
@@ -423,7 +428,9 @@ inline __m512i nm24_act_lanes(__m128i idx16, const ActLaneTables& t) {
     sel = _mm512_multishift_epi64_epi8(_mm512_load_si512(t.shift8), ctl);
     return _mm512_ternarylogic_epi32(sel, _mm512_set1_epi8(3), _mm512_load_si512(t.base8), 0xEA);
   } else {
-    ctl = _mm512_permutexvar_epi32(_mm512_load_si512(t.dword4), _mm512_zextsi128_si512(idx16));
+    // dword4 reads dwords 0-3 only: the cast's upper lanes (undefined) are never used, and
+    // a zero extension would cost a shuffle.
+    ctl = _mm512_permutexvar_epi32(_mm512_load_si512(t.dword4), _mm512_castsi128_si512(idx16));
     sel = _mm512_multishift_epi64_epi8(_mm512_load_si512(t.shift4), ctl);
     return _mm512_ternarylogic_epi32(sel, _mm512_set1_epi8(3), _mm512_load_si512(t.base4), 0xEA);
   }
@@ -436,9 +443,12 @@ inline __m512i nm24_act_weights(const uint8_t* v, int64_t s, int64_t bytes) {
   if constexpr (Bits == 8) {
     return Tail ? _mm512_maskz_loadu_epi8(low_bytes(bytes), v + 64 * s) : _mm512_loadu_si512(v + 64 * s);
   } else {
-    const __m256i b = Tail ? _mm256_maskz_loadu_epi8(static_cast<__mmask32>(low_bytes(bytes)), v + 32 * s)
-                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 32 * s));
-    const __m512i w = _mm512_inserti64x4(_mm512_zextsi256_si512(b), _mm256_srli_epi16(b, 4), 1);
+    constexpr int64_t kNib = 0x0004000400040004;  // a 4-bit shift in each 16-bit lane
+    // The 32 bytes in both halves (a broadcast load: no shuffle), the upper half shifted down
+    // a nibble by a per-lane shift.
+    const __m512i b = Tail ? _mm512_broadcast_i64x4(_mm256_maskz_loadu_epi8(static_cast<__mmask32>(low_bytes(bytes)), v + 32 * s))
+                           : _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 32 * s)));
+    const __m512i w = _mm512_srlv_epi16(b, _mm512_set_epi64(kNib, kNib, kNib, kNib, 0, 0, 0, 0));
     return _mm512_sub_epi8(_mm512_and_si512(w, _mm512_set1_epi8(15)), _mm512_set1_epi8(8));
   }
 }
@@ -536,8 +546,64 @@ void nm24_act_step(const NmQRowsArgs& a, int64_t r, int64_t b0) {
   }
 }
 
+// ---- 2:4 int4, one batch row ---------------------------------------------------------------
+// nm24_act_step's step for one batch row, two steps per iteration with their own int32
+// accumulators, folded into fp32 per group (64 or 128 slots: one or two steps). From memory it
+// streamed 2:4 int4 about 10% faster than nm24_act_step<1, 1, 4> (one thread, 2048 x 2048, this
+// commit's README in bench/results/cpu-decode-q-20261206b); 2:4 int8 ran slower that way, so
+// it keeps nm24_act_step. Step s of row (v, ix) into (acc, comp); Tail: the row's last, partial
+// step (masked loads).
+template <bool Tail>
+inline void nm24_q4_act_b1_one(const NmQRowsArgs& a, const uint8_t* v, const uint8_t* ix, const uint8_t* xb,
+                               int64_t s, const ActLaneTables& t, __m512i& acc, __m512i& comp) {
+  _mm_prefetch(reinterpret_cast<const char*>(v + 32 * s) + kActPrefetchBytes, _MM_HINT_T0);
+  if ((s & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(ix + 16 * s) + kActPrefetchBytes / 4, _MM_HINT_T0);
+  const __m128i idx16 = Tail ? _mm_maskz_loadu_epi8(static_cast<__mmask16>(low_bytes(a.idx_row_bytes - 16 * s)), ix + 16 * s)
+                             : _mm_loadu_si128(reinterpret_cast<const __m128i*>(ix + 16 * s));
+  const __m512i lanes = nm24_act_lanes<4>(idx16, t);
+  const __m512i w = nm24_act_weights<4, Tail>(v, s, a.val_row_bytes - 32 * s);
+  comp = _mm512_dpbusd_epi32(comp, _mm512_set1_epi8(1), w);
+  const __m512i xs = _mm512_permutex2var_epi8(_mm512_loadu_si512(xb + 128 * s), lanes, _mm512_loadu_si512(xb + 128 * s + 64));
+  acc = _mm512_dpbusd_epi32(acc, xs, w);
+}
+
+// sum(w * u) - 128 * sum(w) of step s (s < steps), as fp32 lanes.
+inline __m512 nm24_q4_act_b1_sum(const NmQRowsArgs& a, const uint8_t* v, const uint8_t* ix, const uint8_t* xb,
+                                 int64_t s, int64_t full, const ActLaneTables& t) {
+  __m512i acc = _mm512_setzero_si512(), comp = _mm512_setzero_si512();
+  if (s < full) nm24_q4_act_b1_one<false>(a, v, ix, xb, s, t, acc, comp);
+  else nm24_q4_act_b1_one<true>(a, v, ix, xb, s, t, acc, comp);
+  return act_lanes_sum(acc, comp);
+}
+
+// Output row r for batch row 0; groups of 64 or 128 slots.
+void nm24_q4_act_b1_row(const NmQRowsArgs& a, int64_t r) {
+  const ActLaneTables& t = act_lane_tables();
+  const int64_t full = a.K / 128, steps = (a.K + 127) / 128;
+  const uint8_t* v = a.values + r * a.val_row_bytes;
+  const uint8_t* ix = a.indices + r * a.idx_row_bytes;
+  const uint8_t* xb = a.xq.u8;
+  const float* sc = a.scales + r * a.groups;
+  __m512 facc0 = _mm512_setzero_ps(), facc1 = _mm512_setzero_ps();
+  for (int64_t s = 0; s < steps; s += 2) {
+    const __m512 sum0 = nm24_q4_act_b1_sum(a, v, ix, xb, s, full, t);
+    const __m512 sum1 = s + 1 < steps ? nm24_q4_act_b1_sum(a, v, ix, xb, s + 1, full, t) : _mm512_setzero_ps();
+    if (a.group_size == 128) {  // one group: steps s and s + 1 (the row's last group may be one step)
+      facc0 = _mm512_fmadd_ps(_mm512_add_ps(sum0, sum1), _mm512_set1_ps(sc[s / 2]), facc0);
+    } else {  // 64: a group per step
+      facc0 = _mm512_fmadd_ps(sum0, _mm512_set1_ps(sc[s]), facc0);
+      if (s + 1 < steps) facc1 = _mm512_fmadd_ps(sum1, _mm512_set1_ps(sc[s + 1]), facc1);
+    }
+  }
+  a.out[r] = _mm512_reduce_add_ps(_mm512_add_ps(facc0, facc1)) * a.xq.scale[0];
+}
+
 template <int Bits>
 void nm24_act_rows(const NmQRowsArgs& a, int64_t r0, int64_t r1) {
+  if (Bits == 4 && a.B == 1 && (a.group_size == 64 || a.group_size == 128)) {
+    for (int64_t r = r0; r < r1; ++r) nm24_q4_act_b1_row(a, r);
+    return;
+  }
   if (a.B == 1) {
     for (int64_t r = r0; r < r1; ++r) nm24_act_step<1, 1, Bits>(a, r, 0);
     return;
@@ -602,6 +668,74 @@ void bitmask_act_step(const BitmaskQRowsArgs& a, int64_t r, int64_t b0) {
       a.out[(b0 + b) * a.O + r + j] = static_cast<float>(total[j][b] * a.scales[r + j] * a.xq.scale[b0 + b]);
 }
 
+// One batch row of an int8 bitmask weight, output row r: four steps per iteration into their
+// own accumulators (vpdpbusd's 4-cycle chains overlap), and no weight-sum vpdpbusd per step:
+// the row's values lie contiguous in [start, p), so 128 * their sum is taken back once per row
+// (one vpsadbw per 64 values, about a third of the steps at 70% sparsity). Integer sums are
+// exact (int32 lanes flushed to int64 every kActFlushSteps steps), so the result is the
+// portable loop's to the last bit. Slack as bitmask_act_step. Measured against
+// bitmask_act_step<1, 1, true>: bench/results/cpu-decode-q-20261206b/README.md.
+template <bool Slack>
+void bitmask_act_b1_row(const BitmaskQRowsArgs& a, int64_t r) {
+  const uint64_t* words = reinterpret_cast<const uint64_t*>(a.bitmask + r * a.words);
+  const int8_t* const start = a.values + a.offsets[r * a.tiles];
+  const int8_t* const end = a.values + a.nnz;
+  const int8_t* p = start;
+  const uint8_t* xb = a.xq.u8;
+  const int64_t steps = (a.K + 63) / 64;
+  auto weights = [&](const int8_t* q, uint64_t k) {
+    const __m512i v = Slack ? _mm512_loadu_si512(q) : _mm512_maskz_loadu_epi8(low_bytes(end - q), q);
+    return _mm512_maskz_expand_epi8(k, v);
+  };
+  auto widen_sum = [](__m512i acc) {  // int32 lanes -> their int64 sum
+    return _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc)),
+                                                    _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc, 1))));
+  };
+  int64_t dot = 0;  // sum over kept columns of w * (q + 128)
+  for (int64_t s0 = 0; s0 < steps; s0 += kActFlushSteps) {
+    const int64_t s1 = std::min(steps, s0 + kActFlushSteps);
+    __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512(), acc2 = acc0, acc3 = acc0;
+    int64_t s = s0;
+    for (; s + 4 <= s1; s += 4) {
+      _mm_prefetch(reinterpret_cast<const char*>(p) + kActPrefetchBytes, _MM_HINT_T0);
+      const uint64_t k0 = words[s], k1 = words[s + 1], k2 = words[s + 2], k3 = words[s + 3];
+      const int8_t* p1 = p + _mm_popcnt_u64(k0);
+      const int8_t* p2 = p1 + _mm_popcnt_u64(k1);
+      const int8_t* p3 = p2 + _mm_popcnt_u64(k2);
+      acc0 = _mm512_dpbusd_epi32(acc0, _mm512_loadu_si512(xb + 64 * s), weights(p, k0));
+      acc1 = _mm512_dpbusd_epi32(acc1, _mm512_loadu_si512(xb + 64 * s + 64), weights(p1, k1));
+      acc2 = _mm512_dpbusd_epi32(acc2, _mm512_loadu_si512(xb + 64 * s + 128), weights(p2, k2));
+      acc3 = _mm512_dpbusd_epi32(acc3, _mm512_loadu_si512(xb + 64 * s + 192), weights(p3, k3));
+      p = p3 + _mm_popcnt_u64(k3);
+    }
+    for (; s < s1; ++s) {
+      const uint64_t k0 = words[s];
+      acc0 = _mm512_dpbusd_epi32(acc0, _mm512_loadu_si512(xb + 64 * s), weights(p, k0));
+      p += _mm_popcnt_u64(k0);
+    }
+    acc0 = _mm512_add_epi32(acc0, acc2);
+    acc1 = _mm512_add_epi32(acc1, acc3);
+    dot += widen_sum(_mm512_add_epi32(acc0, acc1));
+  }
+  // The row's weight sum: its values [start, p) (all inside values: Slack, or the masked loads
+  // of the non-Slack rows read no further than end).
+  // vpsadbw of the bytes flipped to u8 (w + 128) sums them into int64 lanes (a one-cycle add
+  // chain); each 64-byte chunk, the masked tail's zeros included, adds 64 * 128 too much.
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), zero = _mm512_setzero_si512();
+  __m512i wsum = zero;
+  const int64_t n = std::min<int64_t>(p - start, end - start);
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64)
+    wsum = _mm512_add_epi64(wsum, _mm512_sad_epu8(_mm512_xor_si512(_mm512_loadu_si512(start + i), flip), zero));
+  if (i < n) {
+    wsum = _mm512_add_epi64(
+        wsum, _mm512_sad_epu8(_mm512_xor_si512(_mm512_maskz_loadu_epi8(low_bytes(n - i), start + i), flip), zero));
+    i += 64;
+  }
+  const int64_t wtotal = _mm512_reduce_add_epi64(wsum) - 128 * i;
+  a.out[r] = static_cast<float>(static_cast<double>(dot - 128 * wtotal) * a.scales[r] * a.xq.scale[0]);
+}
+
 // Rows [r, r + R) may each load 64 values at any of their positions: a row's values start at
 // offsets[row, 0] and number at most K, so [start, start + K + 64) inside values is enough
 // whatever the mask says.
@@ -616,7 +750,8 @@ inline bool bitmask_act_slack(const BitmaskQRowsArgs& a, int64_t r, int R) {
 template <int R, int B>
 void bitmask_act_rows_of(const BitmaskQRowsArgs& a, int64_t r, int64_t b0) {
   if (bitmask_act_slack(a, r, R)) {
-    bitmask_act_step<R, B, true>(a, r, b0);
+    if (R == 1 && B == 1 && a.B == 1) bitmask_act_b1_row<true>(a, r);
+    else bitmask_act_step<R, B, true>(a, r, b0);
     return;
   }
   // Near the end of values (or tampered offsets): masked loads, and a start outside values
@@ -633,7 +768,8 @@ void bitmask_act_rows_of(const BitmaskQRowsArgs& a, int64_t r, int64_t b0) {
       return;
     }
   }
-  bitmask_act_step<R, B, false>(a, r, b0);
+  if (R == 1 && B == 1 && a.B == 1) bitmask_act_b1_row<false>(a, r);
+  else bitmask_act_step<R, B, false>(a, r, b0);
 }
 
 void bitmask_act_rows(const BitmaskQRowsArgs& a, int64_t r0, int64_t r1) {
@@ -654,6 +790,40 @@ void bitmask_act_rows(const BitmaskQRowsArgs& a, int64_t r0, int64_t r1) {
 }
 
 }  // namespace
+
+// quantize_activation_rows (rows_q_generic.cpp) with 16 lanes: the same fp32 multiply and
+// round-half-to-even conversion (vcvtps2dq under the default rounding mode is what the portable
+// loop's nearbyint does), so the bytes are the same; the portable loop calls libm's nearbyintf
+// per value, which cost about as much as streaming a 2048-column layer's weights.
+void quantize_activation_rows(const float* x, int64_t B, int64_t K, uint8_t* u8, int64_t ld, float* scale) {
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xb = x + b * K;
+    uint8_t* qb = u8 + b * ld;
+    __m512 amax = _mm512_setzero_ps();
+    __mmask16 non_finite = 0;
+    for (int64_t c = 0; c < K; c += 16) {
+      const __mmask16 k = first_lanes(K - c);
+      const __m512 v = _mm512_maskz_loadu_ps(k, xb + c);
+      non_finite |= _mm512_fpclass_ps_mask(v, 0x99);  // QNaN | SNaN | +inf | -inf
+      amax = _mm512_max_ps(amax, _mm512_and_ps(v, abs_mask));
+    }
+    const bool finite = non_finite == 0;
+    const float m = finite ? _mm512_reduce_max_ps(amax) : 0.f;
+    const float inv = finite && m > 0.f ? 127.f / m : 0.f;
+    scale[b] = finite ? (m > 0.f ? m / 127.f : 0.f) : std::nanf("");
+    const __m512 vinv = _mm512_set1_ps(inv);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), offset = _mm512_set1_epi32(128);
+    for (int64_t c = 0; c < K; c += 16) {
+      const __mmask16 k = first_lanes(K - c);
+      // a non-finite row's bytes are never used (its scale is NaN): inv 0 makes them 128 here
+      const __m512 v = finite ? _mm512_maskz_loadu_ps(k, xb + c) : _mm512_setzero_ps();
+      const __m512i q = _mm512_min_epi32(hi, _mm512_max_epi32(lo, _mm512_cvtps_epi32(_mm512_mul_ps(v, vinv))));
+      _mm_mask_storeu_epi8(qb + c, k, _mm512_cvtepi32_epi8(_mm512_add_epi32(q, offset)));
+    }
+    std::memset(qb + K, 128, static_cast<size_t>(ld - K));
+  }
+}
 
 void nm_q_rows_act(const NmQRowsArgs& a, int64_t r0, int64_t r1) {
   if (!avx512_q_act_vector() || !avx512_nm_q_pattern(a.n, a.m)) return nm_q_rows_act_portable(a, r0, r1);
@@ -686,6 +856,7 @@ void nm_q_rows(const NmQRowsArgs&, int64_t, int64_t) { std::abort(); }
 void bitmask_q_rows(const BitmaskQRowsArgs&, int64_t, int64_t) { std::abort(); }
 void nm_q_rows_act(const NmQRowsArgs&, int64_t, int64_t) { std::abort(); }
 void bitmask_q_rows_act(const BitmaskQRowsArgs&, int64_t, int64_t) { std::abort(); }
+void quantize_activation_rows(const float*, int64_t, int64_t, uint8_t*, int64_t, float*) { std::abort(); }
 }  // namespace avx512
 bool avx512_q_act_vector() { return false; }
 }  // namespace cpu

@@ -55,10 +55,17 @@ void quantize_activation_rows(const float* x, int64_t B, int64_t K, uint8_t* u8,
     }
     // One fp32 multiply and a round-half-to-even conversion per value (what vcvtps2dq does
     // under the default rounding mode), so a torch emulation reproduces the bytes exactly.
+    // The rounding adds and subtracts 1.5 * 2^23: |x * inv| <= 127, so the sum lies where fp32's
+    // step is 1 and the add rounds to an integer as nearbyint would, without a libm call per
+    // value (NaN stays NaN, as before).
     const float inv = finite && amax > 0.f ? 127.f / amax : 0.f;
     scale[b] = finite ? (amax > 0.f ? amax / 127.f : 0.f) : std::nanf("");
+    // (This file is built for baseline x86-64, without FMA, so the multiply is never fused
+    // into the add.)
+    constexpr float kRound = 12582912.f;  // 1.5 * 2^23
     for (int64_t c = 0; c < K; ++c) {
-      const float q = std::nearbyint(xb[c] * inv);
+      const float product = xb[c] * inv;
+      const float q = (product + kRound) - kRound;
       qb[c] = static_cast<uint8_t>(static_cast<int>(std::min(127.f, std::max(-127.f, q))) + 128);
     }
     std::fill(qb + K, qb + ld, uint8_t{128});
