@@ -270,18 +270,18 @@ def test_bf16_dot_nan_bias_stays_in_its_output(direct):
 
 @needs_bf16_dot
 @pytest.mark.parametrize("rows", [17, 200, 1100])
-def test_bf16_dot_same_result_on_torchs_threads_and_the_chunk_pool(rows, direct, monkeypatch):
-    # Two threads, on OpenMP (the default) and on the chunk pool (SPARSEKERN_NM_BF16_THREADS=
-    # pool): each output panel is summed in the same order whichever thread takes it.
+def test_bf16_dot_same_result_on_the_chunk_pool_and_torchs_threads(rows, direct, monkeypatch):
+    # Two threads, on the chunk pool (the default) and on OpenMP (SPARSEKERN_NM_BF16_THREADS=
+    # omp): each output panel is summed in the same order whichever thread takes it.
     W = NMWeight.from_dense(torch.randn(1001, 260, dtype=torch.bfloat16), 2, 4)
     x = torch.randn(rows, 260, dtype=torch.bfloat16)
     bias = torch.randn(1001, dtype=torch.bfloat16)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        y_omp = _nm_linear(x, W, bias)
-        monkeypatch.setenv("SPARSEKERN_NM_BF16_THREADS", "pool")
         y_pool = _nm_linear(x, W, bias)
+        monkeypatch.setenv("SPARSEKERN_NM_BF16_THREADS", "omp")
+        y_omp = _nm_linear(x, W, bias)
     finally:
         torch.set_num_threads(threads)
     assert _kernel_that_ran(1001, 260, rows) == "dot"

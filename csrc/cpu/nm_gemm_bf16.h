@@ -29,8 +29,8 @@
 //         passes of up to 512 lanes, K tiles in order, partial sums [tile][row][64] in a per-thread
 //         buffer, transposed once into out [B, O] in bf16 (the bias added in fp32 first, then
 //         rounded to nearest even as torch rounds: no fp32 output for torch to convert).
-//   threads: nm_linear.cpp runs nm24_gemm on torch's OpenMP team (at::parallel_for), not the
-//         chunk pool (SPARSEKERN_NM_BF16_THREADS=pool: see there).
+//   threads: nm_linear.cpp runs nm24_gemm on the chunk pool, with no OpenMP region in the call
+//         (SPARSEKERN_NM_BF16_THREADS=omp: torch's team instead; see there).
 // Numerics: bf16 x bf16 products (exact in fp32), each pair summed into an fp32 lane with
 // round-to-nearest-even; denormal inputs count as zero and denormal results are flushed
 // (the instruction's rule, also oneDNN's dense bf16 GEMM's). The indices of a group must

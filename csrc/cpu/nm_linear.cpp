@@ -95,17 +95,18 @@ void nm24_gemm_bf16_cpu(const at::Tensor& x2, const at::Tensor& vals, const at::
   uint32_t* tp = reinterpret_cast<uint32_t*>(tiles.data_ptr<int32_t>());
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
   const int64_t panel_rows = b16::panel_rows_for(O, nth);  // see nm_gemm_bf16.h
-  // Threads: torch's own (at::parallel_for, OpenMP), not the chunk pool. The bf16 layers sit
-  // between torch's bf16 ops, after which the OpenMP workers spin for milliseconds; pool
-  // workers then share those cores with them and this call waits for their chunks (timed with
-  // two threads: several times slower than on the OpenMP team). The panels are still taken
-  // from a shared counter. SPARSEKERN_NM_BF16_THREADS=pool (read per call, a benchmarking
-  // switch) runs it on the chunk pool.
-  const char* pool_mode = std::getenv("SPARSEKERN_NM_BF16_THREADS");
-  const bool on_pool = pool_mode && std::strcmp(pool_mode, "pool") == 0;
+  // Threads: the chunk pool, and no OpenMP region anywhere in the call (the kernel writes the
+  // bf16 output itself). Timed with two threads on the shared machine (cpu-gemm-bf16-20261206b):
+  // torch's OpenMP team (at::parallel_for) ran these calls at about half the pool's speed:
+  // its end barrier waits for a worker the OS has parked. The old fp32 output's conversion
+  // by torch was an OpenMP region inside every call, after which the OpenMP worker spins on
+  // the core the next call's pool worker needs. SPARSEKERN_NM_BF16_THREADS=omp (read per
+  // call, a benchmarking switch) runs it on the OpenMP team.
+  const char* threads_mode = std::getenv("SPARSEKERN_NM_BF16_THREADS");
+  const bool on_omp = threads_mode && std::strcmp(threads_mode, "omp") == 0;
   auto run_parallel = [&](int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
-    if (on_pool) parallel_chunks(n, grain, fn);
-    else at::parallel_for(0, n, grain, fn);
+    if (on_omp) at::parallel_for(0, n, grain, fn);
+    else parallel_chunks(n, grain, fn);
   };
   for (int64_t b0 = 0; b0 < B; b0 += kPassLanes) {
     const int64_t lanes = std::min(kPassLanes, B - b0);
