@@ -262,6 +262,8 @@ def test_bf16_dot_nan_bias_stays_in_its_output(direct):
     bias = torch.randn(21, dtype=torch.bfloat16)
     bias[4] = float("nan")
     bias[19] = float("inf")
+    assert ops.explain_backend("nm_linear", x, W)[0] == "cpp"
+    assert _kernel_that_ran(21, 64, 33) == "dot"
     y = _nm_linear(x, W, bias)
     assert torch.isnan(y[:, 4]).all() and (y[:, 19] == float("inf")).all()
     keep = [c for c in range(21) if c not in (4, 19)]

@@ -97,10 +97,10 @@ void nm24_gemm_bf16_cpu(const at::Tensor& x2, const at::Tensor& vals, const at::
   const int64_t panel_rows = b16::panel_rows_for(O, nth);  // see nm_gemm_bf16.h
   // Threads: the chunk pool, and no OpenMP region anywhere in the call (the kernel writes the
   // bf16 output itself). Timed with two threads on the shared machine (cpu-gemm-bf16-20261206b):
-  // torch's OpenMP team (at::parallel_for) ran these calls at about half the pool's speed:
-  // its end barrier waits for a worker the OS has parked. The old fp32 output's conversion
-  // by torch was an OpenMP region inside every call, after which the OpenMP worker spins on
-  // the core the next call's pool worker needs. SPARSEKERN_NM_BF16_THREADS=omp (read per
+  // torch's OpenMP team (at::parallel_for) ran these calls at about half the pool's speed
+  // (likely its end barrier waiting for a worker the OS has parked; not measured directly).
+  // The old fp32 output's conversion by torch was an OpenMP region inside every call, after
+  // which (likely) the OpenMP worker spins on the core the next call's pool worker needs. SPARSEKERN_NM_BF16_THREADS=omp (read per
   // call, a benchmarking switch) runs it on the OpenMP team.
   const char* threads_mode = std::getenv("SPARSEKERN_NM_BF16_THREADS");
   const bool on_omp = threads_mode && std::strcmp(threads_mode, "omp") == 0;
