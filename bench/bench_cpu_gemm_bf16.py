@@ -19,6 +19,8 @@ error at most 2x torch's own bf16 F.linear error):
   torch.dense_bf16        F.linear(x, W) in bf16, W the pruned weight stored dense (oneDNN)
   torch.dense_bf16.again  the same call again: the run's noise floor
   cpp.nm24_bf16_dot       ops.nm_linear on the bf16 NMWeight: the vdpbf16ps kernel
+  cpp.nm24_bf16_dot.omp   the same with its threads on torch's OpenMP team instead of the
+                          chunk pool (SPARSEKERN_NM_BF16_THREADS=omp; only with more than one thread)
   cpp.nm24_bf16_fma       the same under SPARSEKERN_NM_BF16=fma: the fp32 multiply-add kernel
                           on the converted values (the path before the bf16 kernel)
 
@@ -101,6 +103,10 @@ def run_case(name, rows, o, k, rounds, rotate_mib, with_fma, peak, env, clock=ti
         "torch.dense_bf16.again": [lambda D=D: F.linear(x, D) for D in Ds],
         "cpp.nm24_bf16_dot": [_with_env("SPARSEKERN_NM_BF16", "dot", lambda W=W: ops.nm_linear(x, W)) for W in Ws],
     }
+    if torch.get_num_threads() > 1:
+        calls["cpp.nm24_bf16_dot.omp"] = [
+            _with_env("SPARSEKERN_NM_BF16_THREADS", "omp", _with_env("SPARSEKERN_NM_BF16", "dot", lambda W=W: ops.nm_linear(x, W)))
+            for W in Ws]
     if with_fma:
         calls["cpp.nm24_bf16_fma"] = [_with_env("SPARSEKERN_NM_BF16", "fma", lambda W=W: ops.nm_linear(x, W))
                                       for W in Ws]

@@ -22,7 +22,8 @@ SPARSEKERN_BITMASK_GEMM=tile (`bitmask_cpu_algo`), SPARSEKERN_BLOCK_GEMM=tile (`
 SPARSEKERN_NM_Q_GEMM=tile (`nm_q_cpu_algo`: 2:4 int8/int4 keep the dequantized tiles),
 SPARSEKERN_Q_ACT=int8|exact (`q_cpu_algo`);
 SPARSEKERN_NM_BF16=fma (read by the C++ 2:4 GEMM: bf16 weights on the fp32-FMA kernel instead
-of the vdpbf16ps one, csrc/cpu/nm_gemm_bf16.cpp).
+of the vdpbf16ps one, csrc/cpu/nm_gemm_bf16.cpp); SPARSEKERN_NM_BF16_THREADS=omp (that kernel's
+threads on torch's OpenMP team instead of the chunk pool, csrc/cpu/nm_linear.cpp).
 """
 from __future__ import annotations
 

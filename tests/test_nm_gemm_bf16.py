@@ -225,3 +225,68 @@ def test_bf16_dot_keeps_other_dtypes_and_panels_on_their_kernels(direct):
         xd = x.to(dtype) if dtype == torch.float32 else torch.full((20, 64), 2.0 ** -20, dtype=dtype)
         want = fp32_sum if dtype == torch.float32 else 32 * 2.0 ** -20
         assert (ops.nm_linear(xd, Wd).float() == want).all(), dtype
+
+
+# The kernel writes the bf16 output itself (bias added in fp32, then rounded to nearest even,
+# as torch's conversion of an fp32 result does). Integer inputs make every fp32 sum exact,
+# so the only rounding is that last one and the result must equal fp64's, rounded by torch,
+# bit for bit. Shapes: out not a multiple of 8 (the transposed tails), rows not a multiple of
+# 8 or 16, K not a multiple of 64.
+@needs_bf16_dot
+@pytest.mark.parametrize("o,k,rows", [(13, 68, 19), (40, 200, 70), (211, 1100, 129)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bf16_dot_output_is_torchs_rounding_of_the_exact_sum(o, k, rows, with_bias, direct, poison):
+    g = torch.Generator().manual_seed(o * k + rows)
+    dense = torch.randint(-15, 16, (o, k), generator=g).to(torch.bfloat16)
+    W = NMWeight.from_dense(dense, 2, 4)
+    x = torch.randint(-15, 16, (rows, k), generator=g).to(torch.bfloat16)
+    # a bias of odd integers past bf16's 8 significant bits: the sums round, ties included
+    bias = (torch.randint(-2000, 2000, (o,), generator=g) * 2 + 1).float() if with_bias else None
+    assert ops.explain_backend("nm_linear", x, W)[0] == "cpp"
+    assert _kernel_that_ran(o, k, rows) == "dot"
+    # a bf16 bias is what nm_linear takes; its exact fp32 value is added in the kernel
+    b16 = bias.to(torch.bfloat16) if with_bias else None
+    y = _nm_linear(x, W, b16)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, o)
+    exact = x.double() @ W.to_dense().double().t()
+    if with_bias:
+        exact = exact + b16.double()
+    assert exact.abs().max() < 2**24  # every partial sum exact in fp32
+    assert torch.equal(y, exact.float().to(torch.bfloat16))
+
+
+@needs_bf16_dot
+def test_bf16_dot_nan_bias_stays_in_its_output(direct):
+    W = NMWeight.from_dense(torch.randn(21, 64, dtype=torch.bfloat16), 2, 4)
+    x = torch.randn(33, 64, dtype=torch.bfloat16)
+    bias = torch.randn(21, dtype=torch.bfloat16)
+    bias[4] = float("nan")
+    bias[19] = float("inf")
+    assert ops.explain_backend("nm_linear", x, W)[0] == "cpp"
+    assert _kernel_that_ran(21, 64, 33) == "dot"
+    y = _nm_linear(x, W, bias)
+    assert torch.isnan(y[:, 4]).all() and (y[:, 19] == float("inf")).all()
+    keep = [c for c in range(21) if c not in (4, 19)]
+    assert torch.isfinite(y[:, keep]).all()
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("rows", [17, 200, 1100])
+def test_bf16_dot_same_result_on_the_chunk_pool_and_torchs_threads(rows, direct, monkeypatch):
+    # Two threads, on the chunk pool (the default) and on OpenMP (SPARSEKERN_NM_BF16_THREADS=
+    # omp): each output panel is summed in the same order whichever thread takes it.
+    W = NMWeight.from_dense(torch.randn(1001, 260, dtype=torch.bfloat16), 2, 4)
+    x = torch.randn(rows, 260, dtype=torch.bfloat16)
+    bias = torch.randn(1001, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y_pool = _nm_linear(x, W, bias)
+        monkeypatch.setenv("SPARSEKERN_NM_BF16_THREADS", "omp")
+        y_omp = _nm_linear(x, W, bias)
+    finally:
+        torch.set_num_threads(threads)
+    assert _kernel_that_ran(1001, 260, rows) == "dot"
+    assert torch.equal(y_omp, y_pool)
+    dense = W.to_dense()
+    assert_linear_close(y_omp, ref64(x, dense, bias), torch.bfloat16, lowp_torch_linear(x, dense, bias), f"rows={rows}")

@@ -61,10 +61,11 @@ void nm24_gemm_cpu(const LaneRows& src, const at::TensorOptions& options, const 
 
 // 2:4 bf16 weight times bf16 x [B, K] (row-major, contiguous) with bf16 dot products
 // (nm_gemm_bf16.h; needs cpu_has_avx512_bf16()): vals [O, K / 2] and idx as NMWeight's,
-// read as they are stored (no packed copy); writes fp32 [B, O] (no bias) to out.
-// nm_linear.cpp, for nm_linear's 2:4 GEMM (algo 1) on bf16 tensors.
+// read as they are stored (no packed copy); writes bf16 [B, O] to out, bias (fp32 [O], or
+// nullptr) added before the rounding. nm_linear.cpp, for nm_linear's 2:4 GEMM (algo 1) on
+// bf16 tensors.
 void nm24_gemm_bf16_cpu(const at::Tensor& x2, const at::Tensor& vals, const at::Tensor& idx, int64_t K, int64_t O,
-                        float* out);
+                        const float* bias, at::BFloat16* out);
 
 // Rows per panel of the weight-stationary kernels: a multiple of 3 (their row block), at
 // most 96, and at least 4 panels per thread so threads that share a core even out.

@@ -17,15 +17,20 @@
 //   decode: per panel, K tile (64 columns) and pass, each 3-row block's slice once: the value
 //         pairs copied as stored and each index nibble turned into its pair's byte offset (a
 //         byte shuffle over 16 nibbles), read by every x tile of the pass.
-//   core: 3 output rows x 4 vectors of 16 lanes in 12 fp32 accumulators; per (row, group)
-//         one offset load, one 32-bit broadcast of the value pair, four vdpbf16ps whose x
-//         operand is loaded from the tile (an L1 hit: a K tile's slice is 24 KiB, and the
+//   core: 3 output rows x 4 vectors of 16 lanes in 12 fp32 accumulators; each row's 16 value
+//         pairs of the K tile in one register; per (row, group) one offset load, one vpermd
+//         that broadcasts the group's pair (a broadcast load here cost 1.1x: the load ports,
+//         not the vector pipes, bound this loop), four vdpbf16ps whose x operand is loaded
+//         from the tile (an L1 hit: a K tile's slice is 24 KiB, and the
 //         slice read next is prefetched a share per row block: the pairs are read in index
 //         order, which the hardware prefetcher does not follow; 1.3x faster with it). Two kept
 //         products per instruction lane: half the instructions of the fp32 kernel per kept value.
 //   acc / order: as the fp32 kernel: panels of about 256 output rows from a shared counter,
 //         passes of up to 512 lanes, K tiles in order, partial sums [tile][row][64] in a per-thread
-//         buffer, transposed once into out [B, O] (avx2::lanes_to_rows).
+//         buffer, transposed once into out [B, O] in bf16 (the bias added in fp32 first, then
+//         rounded to nearest even as torch rounds: no fp32 output for torch to convert).
+//   threads: nm_linear.cpp runs nm24_gemm on the chunk pool, with no OpenMP region in the call
+//         (SPARSEKERN_NM_BF16_THREADS=omp: torch's team instead; see there).
 // Numerics: bf16 x bf16 products (exact in fp32), each pair summed into an fp32 lane with
 // round-to-nearest-even; denormal inputs count as zero and denormal results are flushed
 // (the instruction's rule, also oneDNN's dense bf16 GEMM's). The indices of a group must
@@ -44,7 +49,8 @@ struct Nm24Bf16Args {
   int64_t kept, idx_row_bytes, K, O;
   const uint32_t* tiles;    // ceil(B / 64) pair tiles (pair_tile_words(K) each)
   int64_t B;                // lanes (rows of x) of this pass
-  float* out;               // [B, O] fp32 (this pass's first row)
+  uint16_t* out;            // [B, O] bf16 bits (this pass's first row)
+  const float* bias;        // [O] fp32 added before the rounding to bf16, or nullptr
   int64_t panel_rows;       // output rows per panel (a multiple of 3: panel_rows_for)
   int64_t panels;           // ceil(O / panel_rows)
   int64_t* next_panel;      // shared counter, 0 before the first call

@@ -82,7 +82,7 @@ void nm24_gemm_cpu(const LaneRows& src, const at::TensorOptions& options, const 
 }
 
 void nm24_gemm_bf16_cpu(const at::Tensor& x2, const at::Tensor& vals, const at::Tensor& idx, int64_t K, int64_t O,
-                        float* out) {
+                        const float* bias, at::BFloat16* out) {
   namespace b16 = avx512bf16;
   const int64_t B = x2.size(0);
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
@@ -95,17 +95,31 @@ void nm24_gemm_bf16_cpu(const at::Tensor& x2, const at::Tensor& vals, const at::
   uint32_t* tp = reinterpret_cast<uint32_t*>(tiles.data_ptr<int32_t>());
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
   const int64_t panel_rows = b16::panel_rows_for(O, nth);  // see nm_gemm_bf16.h
+  // Threads: the chunk pool, and no OpenMP region anywhere in the call (the kernel writes the
+  // bf16 output itself). Timed with two threads on the shared machine (cpu-gemm-bf16-20261206b):
+  // torch's OpenMP team (at::parallel_for) ran these calls at about half the pool's speed
+  // (likely its end barrier waiting for a worker the OS has parked; not measured directly).
+  // The old fp32 output's conversion by torch was an OpenMP region inside every call, after
+  // which (likely) the OpenMP worker spins on the core the next call's pool worker needs. SPARSEKERN_NM_BF16_THREADS=omp (read per
+  // call, a benchmarking switch) runs it on the OpenMP team.
+  const char* threads_mode = std::getenv("SPARSEKERN_NM_BF16_THREADS");
+  const bool on_omp = threads_mode && std::strcmp(threads_mode, "omp") == 0;
+  auto run_parallel = [&](int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+    if (on_omp) at::parallel_for(0, n, grain, fn);
+    else parallel_chunks(n, grain, fn);
+  };
   for (int64_t b0 = 0; b0 < B; b0 += kPassLanes) {
     const int64_t lanes = std::min(kPassLanes, B - b0);
     const int64_t units = (lanes + b16::kLanes - 1) / b16::kLanes * (b16::kLanes / 8);  // 8 lanes each, whole tiles
-    parallel_chunks(units, std::max<int64_t>(1, (int64_t(1) << 15) / (8 * K)), [&](int64_t u0, int64_t u1) {
+    run_parallel(units, std::max<int64_t>(1, (int64_t(1) << 15) / (8 * K)), [&](int64_t u0, int64_t u1) {
       b16::pair_tiles(xp + b0 * K, lanes, K, u0, u1, tp);
     });
     int64_t next = 0;
     const Nm24Bf16Args g{reinterpret_cast<const uint16_t*>(vals.data_ptr<at::BFloat16>()), idx.data_ptr<uint8_t>(),
-                         vals.size(1), idx.size(1), K, O, tp, lanes, out + b0 * O, panel_rows,
+                         vals.size(1), idx.size(1), K, O, tp, lanes, reinterpret_cast<uint16_t*>(out + b0 * O), bias,
+                         panel_rows,
                          (O + panel_rows - 1) / panel_rows, &next};
-    parallel_chunks(nth, 1, [&](int64_t t0, int64_t t1) {
+    run_parallel(nth, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) b16::nm24_gemm(g);
     });
   }
@@ -149,8 +163,12 @@ at::Tensor nm_linear_algo(const at::Tensor& x, const at::Tensor& values, const a
   if (B == 0 || O == 0) {
     out = at::zeros({B, O}, x2.options().dtype(at::kFloat));
   } else if (bf16_dot) {
-    out = at::empty({B, O}, x2.options().dtype(at::kFloat));
-    nm24_gemm_bf16_cpu(x2, vals, idx, K, O, out.data_ptr<float>());
+    // bf16 out with the bias added in fp32 before the rounding, as finish_linear would
+    out = at::empty({B, O}, x2.options());
+    const at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    nm24_gemm_bf16_cpu(x2, vals, idx, K, O, bias32.defined() ? bias32.data_ptr<float>() : nullptr,
+                       out.data_ptr<at::BFloat16>());
+    bias_left = c10::nullopt;
   } else if (algo == kNmAlgoGemm) {
     out = at::empty({B, O}, x2.options());
     // `panels` (NMWeight.gemm_panels): the weight packed ahead for the kernel (AVX2 and AVX-512).
