@@ -116,7 +116,8 @@ def recovery_main(a, env, argv):
         for path in a.merge:
             with open(path) as f:
                 run = json.load(f)
-            runs.append({"command": run["command"], "environment": run["environment"]})
+            # a merged file lists its own runs: they join as they are
+            runs += run["runs"] if "runs" in run else [{"command": run["command"], "environment": run["environment"]}]
             rows += run["rows"]
         with open(os.path.join(a.out, "results.json"), "w") as f:
             json.dump({"environment": env, "runs": runs, "rows": rows}, f, indent=1)

@@ -855,8 +855,10 @@ def t_quality_summary(runs):
                None)
     if rec is not None:
         rows = [x for x in rec.of("quality") if isinstance(x.get("value"), (int, float))]
-        mine = [(x, f"sparsekern {x['method']}, {x.get('pattern', '')}", x["value"], False) for x in rows
-                if not x.get("peer") and x.get("method") != "dense"]
+        mine = [(x, f"sparsekern {x['method']}, {x.get('pattern', '')}" +
+                 (f", {x['steps']} steps" if "recovery" in str(x["method"]) and x.get("steps") else ""),
+                 x["value"], False) for x in rows if not x.get("peer") and x.get("method") != "dense"]
+        mine = [m for i, m in enumerate(mine) if (m[1], m[2]) not in {(o[1], o[2]) for o in mine[:i]}]  # merged runs
         peers = [(x, f"peer: {x['peer']}", x["value"], True) for x in rows if x.get("peer")]
         groups.append((rec, mine + peers))
     opt = next((r for r in runs if not r.quick and any(x.get("kind") == "plan" for x in r.rows)), None)
