@@ -207,12 +207,10 @@ def test_int8_dot_matches_fp64_of_its_quantized_math(rows, k, o, poison):
     assert_linear_close(y, want, torch.float32, what=f"int8 GEMM B={rows} K={k} O={o}")
 
 
-@needs_vnni
-@pytest.mark.parametrize("k,o", [(2048, 257), (768, 96)])
-def test_int8_dot_error_is_within_torch_dynamic_int8s(k, o):
-    """Against fp64 on the exact dequantized weight, the activation rounding costs no more
-    than torch's own dynamic int8 linear (per-tensor activations) on the same weight."""
-    W = _weight(o, k, 2, 4, "int8", 0)
+def _assert_dot_error_within_torch_int8(W, k: int, o: int) -> None:
+    """The int8 dot-product GEMM's error against fp64 on the exact dequantized weight W: above
+    the fp32 noise, at most 2x torch's own dynamic int8 linear (per-tensor activations) on the
+    same weight, and at most half a step of each row's activation scale per |weight|."""
     x = torch.randn(40, k) + torch.randn(1, k)  # a shared offset: per-tensor scales lose more
     dense = exact_dense(W)
     ref = ref64(x, dense, None)
@@ -228,10 +226,17 @@ def test_int8_dot_error_is_within_torch_dynamic_int8s(k, o):
         torch.backends.quantized.engine = old
     rel = lambda t: ((t.double() - ref).norm() / ref.norm()).item()  # noqa: E731
     assert 1e-5 < rel(y) <= 2 * rel(theirs), (rel(y), rel(theirs))
-    # and the rounding it does is the activations' alone: half a step of each row's scale
     q, xs = reference.quantize_rows_int8(x)
     bound = (0.5 * xs.double() * dense.abs().sum(1)[None, :]).expand_as(ref)
     assert ((y.double() - ref).abs() <= bound * 1.001 + 1e-4).all()
+
+
+@needs_vnni
+@pytest.mark.parametrize("k,o", [(2048, 257), (768, 96)])
+def test_int8_dot_error_is_within_torch_dynamic_int8s(k, o):
+    """Against fp64 on the exact dequantized weight, the activation rounding costs no more
+    than torch's own dynamic int8 linear (per-tensor activations) on the same weight."""
+    _assert_dot_error_within_torch_int8(_weight(o, k, 2, 4, "int8", 0), k, o)
 
 
 @needs_vnni
@@ -392,25 +397,7 @@ def test_int4_dot_error_is_within_torch_dynamic_int8s(group, k, o):
     """Against fp64 on the exact dequantized int4 weight, the activation rounding costs no more
     than torch's own dynamic int8 linear (per-tensor activations, the weight re-quantized per
     row to int8) on the same weight; and no more than half a step of each row's scale."""
-    W = _weight(o, k, 2, 4, "int4", group)
-    x = torch.randn(40, k) + torch.randn(1, k)  # a shared offset: per-tensor scales lose more
-    dense = exact_dense(W)
-    ref = ref64(x, dense, None)
-    y = _int8_dot(x, W)
-    lin = torch.nn.Linear(k, o, bias=False)
-    lin.weight.data = dense.float()
-    old = torch.backends.quantized.engine
-    torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else old
-    try:
-        qlin = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
-        theirs = qlin(x)
-    finally:
-        torch.backends.quantized.engine = old
-    rel = lambda t: ((t.double() - ref).norm() / ref.norm()).item()  # noqa: E731
-    assert 1e-5 < rel(y) <= 2 * rel(theirs), (rel(y), rel(theirs))
-    q, xs = reference.quantize_rows_int8(x)
-    bound = (0.5 * xs.double() * dense.abs().sum(1)[None, :]).expand_as(ref)
-    assert ((y.double() - ref).abs() <= bound * 1.001 + 1e-4).all()
+    _assert_dot_error_within_torch_int8(_weight(o, k, 2, 4, "int4", group), k, o)
 
 
 @needs_vnni
