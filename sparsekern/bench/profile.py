@@ -88,6 +88,10 @@ def _weight_cost(mod: nn.Module) -> tuple[int, int, float] | None:
         if isinstance(fmt, torch.Tensor):  # dense backend (masked dense weight): every multiply-add runs
             return mod.weight_nbytes(), fmt[0].numel(), 1.0
         return mod.weight_nbytes(), fmt.shape[1], float(fmt.density)
+    if isinstance(mod, torch.ao.nn.quantized.Linear):  # torch's int8 Linear (sparsify(quantize_dense=True))
+        from ..models import quantized_linear_bytes
+
+        return quantized_linear_bytes(mod, bias=False), mod.in_features, 1.0
     if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         w = mod.weight
         return w.numel() * w.element_size(), w[0].numel(), 1.0
