@@ -164,6 +164,15 @@ def test_triton_gradients_reach_x_values_and_bias(op, dtype):
             torch.testing.assert_close(xg.grad.float(), xr.grad.float(), rtol=5e-2, atol=5e-2)
 
 
+@pytest.fixture
+def exact_products(monkeypatch):
+    """The Triton quantized kernels multiply x exactly. On a GPU that is the dispatch's rule
+    too; on CPU tensors (the interpreter) the dispatch rounds x per row to int8 first where
+    the CPU has AVX512_VNNI (dispatch_rules.q_activations_int8), so these tests ask for the
+    exact products there, to check the kernels themselves."""
+    monkeypatch.setenv("SPARSEKERN_Q_ACT", "exact")
+
+
 def _q_exact_dense(W) -> torch.Tensor:
     """fp64 dense weight of a quantized format's values, q * s exactly."""
     if W.OP == "nm_linear_q":
@@ -175,6 +184,7 @@ def _q_exact_dense(W) -> torch.Tensor:
                                         bitmask, offsets, k)
 
 
+@pytest.mark.usefixtures("exact_products")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", BATCHES)
@@ -193,6 +203,7 @@ def test_triton_nm_linear_q(device, dtype, batch, n, m, k, precision, group, poi
                         f"triton nm_linear_q {n}:{m} {precision}/{group} B={batch} {dtype}")
 
 
+@pytest.mark.usefixtures("exact_products")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", BATCHES)
@@ -208,6 +219,7 @@ def test_triton_bitmask_linear_q(device, dtype, batch, k, density, poison):
                         f"triton bitmask_linear_q {density} B={batch} {dtype}")
 
 
+@pytest.mark.usefixtures("exact_products")
 @pytest.mark.parametrize("op", ["nm_linear_q", "bitmask_linear_q"])
 def test_triton_quantized_gradients_reach_x_and_bias(op):
     device = DEVICES[0]
