@@ -30,6 +30,16 @@ def _seed():
 
 
 @pytest.fixture
+def exact_products(monkeypatch):
+    """Asks nm_linear_q / bitmask_linear_q for exact products (fp32 activations, weights
+    dequantized in registers), for tests of those kernels to fp32's tolerance: the default
+    on AVX512_VNNI CPUs rounds x per row to int8 on every path
+    (dispatch_rules.q_activations_int8), tested with its own references in
+    tests/test_decode_q.py. Child processes inherit the setting."""
+    monkeypatch.setenv("SPARSEKERN_Q_ACT", "exact")
+
+
+@pytest.fixture
 def poison():
     """Makes every uninitialised allocation (torch.empty, at::empty in the kernels) come
     back filled with NaN, so an output element a kernel forgets to write shows up."""

@@ -16,13 +16,8 @@ from sparsekern import ops, reference
 from sparsekern.formats import BitmaskWeight
 
 
-@pytest.fixture(autouse=True)
-def exact_products(monkeypatch):
-    """This file checks the exact algorithm (fp32 activations, weights dequantized in
-    registers) to fp32's tolerance, so it asks for it: the decode default on AVX512_VNNI CPUs
-    is the int8-activation algorithm (dispatch_rules.Q_INT8_ACT_DEFAULT), whose own references
-    and tolerances are in tests/test_decode_q.py. Child processes inherit the setting."""
-    monkeypatch.setenv("SPARSEKERN_Q_ACT", "exact")
+# This file checks the exact algorithm to fp32's tolerance (conftest.exact_products).
+pytestmark = pytest.mark.usefixtures("exact_products")
 
 
 def _weight(o, k, density, dtype=torch.float32):

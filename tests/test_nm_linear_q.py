@@ -21,7 +21,7 @@ from sparsekern.ops import dispatch
 
 
 @pytest.fixture(autouse=True)
-def exact_products(monkeypatch, request):
+def products_under_test(monkeypatch, request):
     """This file checks the exact algorithm (fp32 activations, weights dequantized in
     registers) to fp32's tolerance, so it asks for it: the decode default on AVX512_VNNI CPUs
     is the int8-activation algorithm (dispatch_rules.Q_INT8_ACT_DEFAULT), whose own references
@@ -239,10 +239,11 @@ def test_int8_dot_error_is_within_torch_dynamic_int8s(k, o):
     _assert_dot_error_within_torch_int8(_weight(o, k, 2, 4, "int8", 0), k, o)
 
 
-@needs_vnni
-def test_int8_dot_rows_of_zeros_and_lone_values():
-    W = _weight(40, 64, 2, 4, "int8", 0)
-    x = torch.zeros(20, 64)
+def _assert_zero_and_lone_value_rows(W) -> None:
+    """The int8 dot-product GEMM on rows of x that are zero (the bias alone), hold one value
+    (q = -127 at its column) or are tiny but non-zero (scale and q well defined), with a bias."""
+    k = W.in_features
+    x = torch.zeros(20, k)
     x[3, 5] = -7.0  # one value: q = -127 at its column, the row scale 7 / 127
     x[4] = 1e-30    # tiny but non-zero: scale and q well defined
     bias = torch.randn(40)
@@ -251,6 +252,11 @@ def test_int8_dot_rows_of_zeros_and_lone_values():
     dense = exact_dense(W)
     torch.testing.assert_close(y[3].double(), -7.0 * dense[:, 5] + bias.double(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y[4].double(), 1e-30 * dense.sum(1) + bias.double(), rtol=1e-5, atol=1e-5)
+
+
+@needs_vnni
+def test_int8_dot_rows_of_zeros_and_lone_values():
+    _assert_zero_and_lone_value_rows(_weight(40, 64, 2, 4, "int8", 0))
 
 
 @needs_vnni
@@ -403,15 +409,7 @@ def test_int4_dot_error_is_within_torch_dynamic_int8s(group, k, o):
 @needs_vnni
 def test_int4_dot_rows_of_zeros_lone_values_and_inf_scales():
     W = _weight(40, 320, 2, 4, "int4", 64)  # kept 160: groups of 64, 64 and 32
-    x = torch.zeros(20, 320)
-    x[3, 5] = -7.0  # one value: q = -127 at its column, the row scale 7 / 127
-    x[4] = 1e-30    # tiny but non-zero: scale and q well defined
-    bias = torch.randn(40)
-    y = _int8_dot(x, W, bias)
-    torch.testing.assert_close(y[[0, 1, 2] + list(range(5, 20))], bias.expand(18, 40), rtol=0, atol=0)
-    dense = exact_dense(W)
-    torch.testing.assert_close(y[3].double(), -7.0 * dense[:, 5] + bias.double(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(y[4].double(), 1e-30 * dense.sum(1) + bias.double(), rtol=1e-5, atol=1e-5)
+    _assert_zero_and_lone_value_rows(W)
     # every other row's scales inf: the 16-row vectors must not mix them into the finite rows
     scales = W.scales.clone()
     scales[1::2] = float("inf")

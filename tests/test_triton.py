@@ -164,15 +164,6 @@ def test_triton_gradients_reach_x_values_and_bias(op, dtype):
             torch.testing.assert_close(xg.grad.float(), xr.grad.float(), rtol=5e-2, atol=5e-2)
 
 
-@pytest.fixture
-def exact_products(monkeypatch):
-    """The Triton quantized kernels multiply x exactly. On a GPU that is the dispatch's rule
-    too; on CPU tensors (the interpreter) the dispatch rounds x per row to int8 first where
-    the CPU has AVX512_VNNI (dispatch_rules.q_activations_int8), so these tests ask for the
-    exact products there, to check the kernels themselves."""
-    monkeypatch.setenv("SPARSEKERN_Q_ACT", "exact")
-
-
 def _q_exact_dense(W) -> torch.Tensor:
     """fp64 dense weight of a quantized format's values, q * s exactly."""
     if W.OP == "nm_linear_q":
@@ -184,6 +175,9 @@ def _q_exact_dense(W) -> torch.Tensor:
                                         bitmask, offsets, k)
 
 
+# The Triton quantized kernels multiply x exactly (as the dispatch does on a GPU); on CPU
+# tensors under the interpreter the dispatch would round x first, so these tests ask for the
+# exact products (conftest.exact_products) to check the kernels themselves.
 @pytest.mark.usefixtures("exact_products")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)

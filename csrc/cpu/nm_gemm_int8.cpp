@@ -130,6 +130,21 @@ void decode_panel(const Nm24Int8Args& a, int64_t r0, Panel* p) {
   for (int j = 0; j < kPanelRows; ++j) p->comp[j] = -128 * _mm512_reduce_add_epi32(sums[j]);
 }
 
+// The core loops of both kernels (core, core4), for batch row I of 10: accumulators a0I/a1I
+// (the panel's two 16-row blocks) started from the compensation comp0/comp1, and one step of
+// group pair `pair`: the row's 8 x bytes broadcast, each lane's 4 picked by the shuffle
+// controls c0/c1, multiplied with the value dwords w0/w1. Macros, not functions: the 20
+// accumulators must stay in registers (a helper call made GCC spill them).
+#define SK_DOT_ACC(I) __m512i a0##I = comp0, a1##I = comp1;
+#define SK_DOT_STEP(I, pair)                                                                  \
+  {                                                                                          \
+    int64_t q8;                                                                              \
+    std::memcpy(&q8, xr[I] + 8 * (pair), 8);                                                 \
+    const __m512i xb = _mm512_set1_epi64(q8);                                                \
+    a0##I = _mm512_dpbusd_epi32(a0##I, _mm512_shuffle_epi8(xb, c0), w0);                     \
+    a1##I = _mm512_dpbusd_epi32(a1##I, _mm512_shuffle_epi8(xb, c1), w1);                     \
+  }
+
 // Batch rows [b0, b0 + kBatchRows) (rows past B repeat the last; never stored) of the panel at
 // output row r0: 2 x 10 int32 accumulators over every group pair, then scaled into out.
 void core(const Nm24Int8Args& a, const Panel* p, int64_t r0, int64_t b0) {
@@ -137,26 +152,15 @@ void core(const Nm24Int8Args& a, const Panel* p, int64_t r0, int64_t b0) {
   const uint8_t* xr[kBatchRows];
   for (int i = 0; i < kBatchRows; ++i) xr[i] = a.xq + (b0 + i < a.B ? b0 + i : a.B - 1) * a.xq_stride;
   const __m512i comp0 = _mm512_load_si512(p->comp), comp1 = _mm512_load_si512(p->comp + 16);
-#define SK_I8_ACC(I) __m512i a0##I = comp0, a1##I = comp1;
-  SK_I8_ACC(0) SK_I8_ACC(1) SK_I8_ACC(2) SK_I8_ACC(3) SK_I8_ACC(4)
-  SK_I8_ACC(5) SK_I8_ACC(6) SK_I8_ACC(7) SK_I8_ACC(8) SK_I8_ACC(9)
-#undef SK_I8_ACC
+  SK_DOT_ACC(0) SK_DOT_ACC(1) SK_DOT_ACC(2) SK_DOT_ACC(3) SK_DOT_ACC(4)
+  SK_DOT_ACC(5) SK_DOT_ACC(6) SK_DOT_ACC(7) SK_DOT_ACC(8) SK_DOT_ACC(9)
   const int32_t* wp = p->w;
   const int32_t* cp = p->ctrl;
   for (int64_t g = 0; g < G2; ++g, wp += kPanelRows, cp += kPanelRows) {
     const __m512i w0 = _mm512_load_si512(wp), w1 = _mm512_load_si512(wp + 16);
     const __m512i c0 = _mm512_load_si512(cp), c1 = _mm512_load_si512(cp + 16);
-#define SK_I8_STEP(I)                                                                         \
-  {                                                                                          \
-    int64_t q8;                                                                              \
-    std::memcpy(&q8, xr[I] + 8 * g, 8);                                                      \
-    const __m512i xb = _mm512_set1_epi64(q8);                                                \
-    a0##I = _mm512_dpbusd_epi32(a0##I, _mm512_shuffle_epi8(xb, c0), w0);                     \
-    a1##I = _mm512_dpbusd_epi32(a1##I, _mm512_shuffle_epi8(xb, c1), w1);                     \
-  }
-    SK_I8_STEP(0) SK_I8_STEP(1) SK_I8_STEP(2) SK_I8_STEP(3) SK_I8_STEP(4)
-    SK_I8_STEP(5) SK_I8_STEP(6) SK_I8_STEP(7) SK_I8_STEP(8) SK_I8_STEP(9)
-#undef SK_I8_STEP
+    SK_DOT_STEP(0, g) SK_DOT_STEP(1, g) SK_DOT_STEP(2, g) SK_DOT_STEP(3, g) SK_DOT_STEP(4, g)
+    SK_DOT_STEP(5, g) SK_DOT_STEP(6, g) SK_DOT_STEP(7, g) SK_DOT_STEP(8, g) SK_DOT_STEP(9, g)
   }
   const int64_t rows = a.O - r0;
   const __mmask16 m0 = rows >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << rows) - 1);
@@ -252,27 +256,16 @@ void core4(const Nm24Int4Args& a, const Panel4* p, int64_t r0, int64_t b0) {
   alignas(64) float sums[kBatchRows4][kPanelRows];
   std::memset(sums, 0, sizeof(sums));
   __m512i comp0 = _mm512_load_si512(p->comp), comp1 = _mm512_load_si512(p->comp + 16);
-#define SK_I4_ACC(I) __m512i a0##I = comp0, a1##I = comp1;
-  SK_I4_ACC(0) SK_I4_ACC(1) SK_I4_ACC(2) SK_I4_ACC(3) SK_I4_ACC(4)
-  SK_I4_ACC(5) SK_I4_ACC(6) SK_I4_ACC(7) SK_I4_ACC(8) SK_I4_ACC(9)
-#undef SK_I4_ACC
+  SK_DOT_ACC(0) SK_DOT_ACC(1) SK_DOT_ACC(2) SK_DOT_ACC(3) SK_DOT_ACC(4)
+  SK_DOT_ACC(5) SK_DOT_ACC(6) SK_DOT_ACC(7) SK_DOT_ACC(8) SK_DOT_ACC(9)
   const int32_t* wp = p->w;
   const int32_t* cp = p->ctrl;
   int64_t group = 0, group_end = pairs_per_group < G2 ? pairs_per_group : G2;
   for (int64_t q = 0; q < G2; ++q, wp += kPanelRows, cp += kPanelRows) {
     const __m512i w0 = _mm512_load_si512(wp), w1 = _mm512_load_si512(wp + 16);
     const __m512i c0 = _mm512_load_si512(cp), c1 = _mm512_load_si512(cp + 16);
-#define SK_I4_STEP(I)                                                                         \
-  {                                                                                          \
-    int64_t q8;                                                                              \
-    std::memcpy(&q8, xr[I] + 8 * q, 8);                                                      \
-    const __m512i xb = _mm512_set1_epi64(q8);                                                \
-    a0##I = _mm512_dpbusd_epi32(a0##I, _mm512_shuffle_epi8(xb, c0), w0);                     \
-    a1##I = _mm512_dpbusd_epi32(a1##I, _mm512_shuffle_epi8(xb, c1), w1);                     \
-  }
-    SK_I4_STEP(0) SK_I4_STEP(1) SK_I4_STEP(2) SK_I4_STEP(3) SK_I4_STEP(4)
-    SK_I4_STEP(5) SK_I4_STEP(6) SK_I4_STEP(7) SK_I4_STEP(8) SK_I4_STEP(9)
-#undef SK_I4_STEP
+    SK_DOT_STEP(0, q) SK_DOT_STEP(1, q) SK_DOT_STEP(2, q) SK_DOT_STEP(3, q) SK_DOT_STEP(4, q)
+    SK_DOT_STEP(5, q) SK_DOT_STEP(6, q) SK_DOT_STEP(7, q) SK_DOT_STEP(8, q) SK_DOT_STEP(9, q)
     if (q + 1 == group_end) {
       const __m512 s0 = _mm512_load_ps(p->scale + group * kPanelRows);
       const __m512 s1 = _mm512_load_ps(p->scale + group * kPanelRows + 16);
@@ -401,5 +394,8 @@ void nm24_int4_gemm(const Nm24Int4Args&) { std::abort(); }
 }  // namespace avx512vnni
 }  // namespace cpu
 }  // namespace sparsekern
+
+#undef SK_DOT_STEP
+#undef SK_DOT_ACC
 
 #endif
