@@ -47,7 +47,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=5e-4, help="--recovery: AdamW learning rate")
     p.add_argument("--patterns", default=None,
                    help="--recovery: comma-separated pattern names to run (default all: "
-                        + ", ".join(r[0] for r in quality.RECOVERY_PATTERNS) + ")")
+                        + ", ".join(r[0] for r in quality.RECOVERY_PATTERNS).replace("%", "%%") + ")")
     p.add_argument("--batch-size", type=int, default=32, help="--recovery: training sentences per step")
     p.add_argument("--variants", default="one-shot + recovery,gradual",
                    help="--recovery: comma-separated, of 'one-shot', 'one-shot + recovery', 'gradual'")

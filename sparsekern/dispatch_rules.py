@@ -19,8 +19,9 @@ bitmask_linear_cpu, block_linear_cpu); the shared schemas' CPU kernels run the r
 
 Switches for benchmarking, read per call: SPARSEKERN_NM_GEMM=tile|direct (`nm_cpu_algo`),
 SPARSEKERN_BITMASK_GEMM=tile (`bitmask_cpu_algo`), SPARSEKERN_BLOCK_GEMM=tile (`block_cpu_algo`),
-SPARSEKERN_NM_Q_GEMM=tile (`nm_q_cpu_algo`: 2:4 int8/int4 keep the dequantized tiles),
-SPARSEKERN_Q_ACT=int8|exact (`q_cpu_algo`);
+SPARSEKERN_NM_Q_GEMM=tile (`nm_q_cpu_algo`, `q_cpu_algo`: quantized weights above the decode rows
+keep the dequantized tiles instead of the int8 GEMMs),
+SPARSEKERN_Q_ACT=int8|exact (`q_activations_int8`, read by `q_cpu_algo` and `nm_q_cpu_algo`);
 SPARSEKERN_NM_BF16=fma (read by the C++ 2:4 GEMM: bf16 weights on the fp32-FMA kernel instead
 of the vdpbf16ps one, csrc/cpu/nm_gemm_bf16.cpp); SPARSEKERN_NM_BF16_THREADS=omp (that kernel's
 threads on torch's OpenMP team instead of the chunk pool, csrc/cpu/nm_linear.cpp).
@@ -148,8 +149,14 @@ Q_ALGO_INT8_ACT = 1  # up to 16 rows: each row of x quantized to int8 first (sym
 Q_ALGO_INT8_DOT = 2  # 2:4 int8 or int4 weights: x quantized per row, the int8 dot-product GEMM
 #                      (csrc/cpu/nm_gemm_int8.h; int4 nibbles expanded to int8 in registers,
 #                      int32 sums per scale group). rows_q.h kQAlgoInt8Dot mirrors it.
+Q_ALGO_INT8_EXPAND = 3  # int8 values of any other N:M and of the bitmask: x quantized per row, the
+#                         values expanded into a dense int8 weight for the call, torch's int8 GEMM
+#                         (torch._int_mm: oneDNN's VNNI kernels), then the scales. Dense work, but
+#                         integer: bench/results/cpu-models-20261206d ran 70% int8 prefill on the
+#                         fp32 tiles at 0.2x torch's dynamic int8 (and 0.87x dense fp32).
 Q_ALGO_NAMES = {Q_ALGO_EXACT: "fp32 activations", Q_ALGO_INT8_ACT: "int8 activations (integer dot products)",
-                Q_ALGO_INT8_DOT: "2:4 int8 dot-product GEMM"}
+                Q_ALGO_INT8_DOT: "2:4 int8 dot-product GEMM",
+                Q_ALGO_INT8_EXPAND: "int8 values expanded + torch's int8 GEMM"}
 # The value precisions (bits) the 2:4 int8 dot-product GEMM runs.
 NM24_INT8_DOT_BITS = (8, 4)
 Q_DECODE_MAX_ROWS = CPU_ROWS_MAX_ROWS  # linear_q.cpp's decode kernels (kDirectMaxBatch, sparse_rows.h)
@@ -187,13 +194,22 @@ def q_activations_int8(device: torch.device) -> bool:
     return bool(Q_INT8_ACT_DEFAULT and _extension.BUILD_INFO.get("cpu_avx512_vnni_runtime"))
 
 
-def q_cpu_algo(rows: int | None) -> int:
-    """The CPU decode algorithm of nm_linear_q / bitmask_linear_q over `rows` rows of x (None:
-    not known): int8 activations up to Q_DECODE_MAX_ROWS rows where q_activations_int8 holds,
-    else the exact products (above those rows the tiles, which then multiply the rounded x)."""
-    if rows is not None and rows > Q_DECODE_MAX_ROWS:
+def q_cpu_algo(rows: int | None, bits: int = 8) -> int:
+    """The CPU algorithm of nm_linear_q / bitmask_linear_q over `rows` rows of x (None: not
+    known) with `bits`-bit values, where q_activations_int8 holds (else the exact products):
+    int8 activations up to Q_DECODE_MAX_ROWS rows; above them, int8 values expanded for torch's
+    int8 GEMM (Q_ALGO_INT8_EXPAND) where the CPU has AVX512_VNNI (elsewhere, for int4 values,
+    whose scales change along a row, and under SPARSEKERN_NM_Q_GEMM=tile, the tiles, which then
+    multiply the rounded x).
+    nm_q_cpu_algo puts 2:4 weights on their own int8 GEMM first."""
+    if not q_activations_int8(torch.device("cpu")):
         return Q_ALGO_EXACT
-    return Q_ALGO_INT8_ACT if q_activations_int8(torch.device("cpu")) else Q_ALGO_EXACT
+    if rows is None or rows <= Q_DECODE_MAX_ROWS:
+        return Q_ALGO_INT8_ACT
+    if (bits == 8 and _extension.BUILD_INFO.get("cpu_avx512_vnni_runtime")
+            and os.environ.get("SPARSEKERN_NM_Q_GEMM") != "tile"):
+        return Q_ALGO_INT8_EXPAND
+    return Q_ALGO_EXACT
 
 
 def nm_q_cpu_algo(n: int, m: int, bits: int, rows: int | None) -> int:
@@ -202,13 +218,14 @@ def nm_q_cpu_algo(n: int, m: int, bits: int, rows: int | None) -> int:
     int8 dot-product GEMM where the CPU has AVX512_VNNI; SPARSEKERN_NM_Q_GEMM=tile (read per
     call) keeps the dequantized tiles into BLAS (for benchmarking). The int8 GEMM quantizes x
     per row (nm_gemm_int8.h), as torch's dynamic quantization does per tensor: its result
-    differs from the dequantized weight's by that rounding. Otherwise q_cpu_algo."""
+    differs from the dequantized weight's by that rounding. Otherwise q_cpu_algo (other int8
+    N:M weights above the decode rows: the expanded int8 weight)."""
     if ((n, m) == (2, 4) and bits in NM24_INT8_DOT_BITS and rows is not None and rows >= NM24_INT8_DOT_MIN_ROWS
             and _extension.BUILD_INFO.get("cpu_avx512_vnni_runtime")  # AVX2 and portable builds: tiles
             and q_activations_int8(torch.device("cpu"))
             and os.environ.get("SPARSEKERN_NM_Q_GEMM") != "tile"):
         return Q_ALGO_INT8_DOT
-    return q_cpu_algo(rows)
+    return q_cpu_algo(rows, bits)
 
 
 # ------------------------------------------------------------------ CPU: bitmask kernels

@@ -189,6 +189,18 @@ def bitmask_linear_q(x, values, bitmask, offsets, scales, in_features: int, bias
     return _linear(x, bitmask_decompress(w, bitmask, offsets, in_features), bias)
 
 
+def bitmask_linear_q_int8_dot(x, values, bitmask, offsets, scales, in_features: int, bias=None):
+    """bitmask_linear_q as its int8 GEMM computes it (dispatch_rules.Q_ALGO_INT8_EXPAND): x
+    quantized per row (quantize_rows_int8), products summed exactly (fp64), times x's and the
+    weight row's scales, + bias; in x's dtype."""
+    q, xs = quantize_rows_int8(x)
+    w = bitmask_decompress(values.to(torch.float64), bitmask, offsets, in_features)
+    y = (q.double() @ w.T) * xs.double() * scales.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype)
+
+
 # ------------------------------------------------------------------------- bitmask
 def bitmask_compress(weight: torch.Tensor, mask: torch.Tensor | None):
     out, k = weight.shape

@@ -49,6 +49,7 @@ WORKER = textwrap.dedent(r'''
         W = BlockWeight.from_dense(w, (16, 32), torch.rand(OUT, IN, device=device) < 0.02)
     W = W.quantize(precision, 64 if precision == "int4" else 0)
     x = torch.randn(3, IN, device=device)
+    x20 = torch.randn(20, IN, device=device)
     lin = torch.nn.Linear(IN, OUT).to(device)
     pattern = {"nm24": "2:4", "nm28": "2:8", "bitmask": "unstructured", "block": "block16x32"}[fmt_name]
     mod = SparseLinear.from_dense(lin, pattern, mask=W.mask(), sparsity=0.5, block=(16, 32),
@@ -132,6 +133,8 @@ WORKER = textwrap.dedent(r'''
                 ops.sparse_linear(x, V)  # validated and run once
                 getattr(V, name).copy_(bad)
                 check_forward(lambda: ops.sparse_linear(x, V), V.to_dense)
+                # and the large-batch kernels (tiles, the GEMMs, the expanded int8 weight)
+                assert ops.sparse_linear(x20, V).shape == (x20.shape[0], OUT)
             run(f"{fmt_name}/{device}/in_place_format/{name}/{how}", in_place_format)
             def in_place_module(name=name, bad=bad):
                 m2 = SparseLinear.from_dense(lin, pattern, mask=W.mask(), sparsity=0.5, block=(16, 32),

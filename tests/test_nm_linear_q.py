@@ -308,8 +308,9 @@ def test_int8_dot_rule():
     assert rule(2, 4, 8, 16) == rule(2, 4, 8, None) == rule(2, 4, 4, 16) == rule(2, 4, 4, None) == decode != INT8_DOT
     for bits in (8, 4):
         assert rule(2, 4, bits, 17) == (INT8_DOT if vnni else dispatch_rules.Q_ALGO_EXACT)
-    for n, m, bits in ((1, 4, 8), (4, 8, 8), (1, 4, 4), (4, 8, 4)):  # other patterns keep the tiles
-        assert rule(n, m, bits, 1000) == dispatch_rules.Q_ALGO_EXACT
+    expand = dispatch_rules.Q_ALGO_INT8_EXPAND if vnni else dispatch_rules.Q_ALGO_EXACT
+    for n, m, bits in ((1, 4, 8), (4, 8, 8), (1, 4, 4), (4, 8, 4)):  # other patterns: not this GEMM
+        assert rule(n, m, bits, 1000) == (expand if bits == 8 else dispatch_rules.Q_ALGO_EXACT)
     os.environ["SPARSEKERN_Q_ACT"] = "exact"  # exact products asked for: never the int8 GEMM
     try:
         assert rule(2, 4, 8, 17) == rule(2, 4, 4, 1000) == dispatch_rules.Q_ALGO_EXACT
@@ -346,7 +347,7 @@ def test_int8_dot_refuses_what_it_cannot_run():
         op(x, q4.values, q4.indices, q4.scales[:, :0], 2, 4, 64, 4, 32, None, INT8_DOT)
     with pytest.raises(ValueError, match="nm_linear_q: values must be uint8 of shape"):
         op(x, q4.values[:, :3], q4.indices, q4.scales, 2, 4, 64, 4, 32, None, INT8_DOT)
-    with pytest.raises(ValueError, match="nm_linear_q: algo must be 0 .* or 2"):
+    with pytest.raises(ValueError, match="nm_linear_q: algo must be 0 .* or 3"):
         op(x, *q8.kernel_args(), None, 7)
     with pytest.raises(ValueError, match=r"nm_linear_q: x.shape\[-1\] \(60\)"):
         op(torch.randn(20, 60), *q8.kernel_args(), None, INT8_DOT)

@@ -15,6 +15,7 @@ Q_EXACT, Q_INT8_ACT = dispatch_rules.Q_ALGO_EXACT, dispatch_rules.Q_ALGO_INT8_AC
 GEMM_RUNS = bool(_extension.BUILD_INFO.get("cpu_avx2_runtime"))  # the 2:4 GEMM kernel: AVX2/AVX-512 CPUs
 CPU_ONLY = {spec.cpu_op for spec in ops.OPS.values() if spec.cpu_op}
 INT8_DOT = dispatch_rules.Q_ALGO_INT8_DOT
+INT8_EXPAND = dispatch_rules.Q_ALGO_INT8_EXPAND  # torch's int8 GEMM: any CPU
 INT8_DOT_RUNS = bool(_extension.BUILD_INFO.get("cpu_avx512_vnni_runtime"))  # the 2:4 int8 GEMM: AVX512_VNNI CPUs
 
 
@@ -34,20 +35,26 @@ def _samples(device):
     xc = torch.randn(2, 8, 5, 6, device=device)
     q8 = NMWeight.from_dense(w, 2, 4, quantize="int8")
     q4 = NMWeight.from_dense(w, 2, 4, quantize="int4", group_size=32)
+    q48 = NMWeight.from_dense(w, 4, 8, quantize="int8")
     bq = BitmaskWeight.from_dense(w, torch.rand(16, 64, device=device) < 0.4, quantize="int8")
     return {
         "nm_linear_q": [(x, *q8.kernel_args(), b), (xg, *q4.kernel_args(), None), (x20, *q8.kernel_args(), b),
                         (x20.clone().requires_grad_(), *q4.kernel_args(), b.clone().requires_grad_())],
         # CPU only: the algorithm chosen in Python (dispatch_rules.Q_ALGO_*: 1 = int8 activations,
-        # 2 = the 2:4 int8 dot-product GEMM for int8 and int4 values, AVX512_VNNI CPUs)
+        # 2 = the 2:4 int8 dot-product GEMM for int8 and int4 values, AVX512_VNNI CPUs, 3 = int8
+        # values expanded for torch's int8 GEMM)
         "nm_linear_q_cpu": [(x, *q8.kernel_args(), b, Q_INT8_ACT), (xg, *q4.kernel_args(), None, Q_INT8_ACT),
-                            (x20, *q8.kernel_args(), b, Q_EXACT)] + ([] if not INT8_DOT_RUNS else [
+                            (x20, *q8.kernel_args(), b, Q_EXACT), (x20, *q48.kernel_args(), b, INT8_EXPAND),
+                            (x20.clone().requires_grad_(), *q8.kernel_args(), None, INT8_EXPAND)] + (
+                            [] if not INT8_DOT_RUNS else [
             (x20, *q8.kernel_args(), b, INT8_DOT),
             (x20.clone().requires_grad_(), *q8.kernel_args(), b.clone().requires_grad_(), INT8_DOT),
             (x20, *q4.kernel_args(), b, INT8_DOT),
             (x20.clone().requires_grad_(), *q4.kernel_args(), b.clone().requires_grad_(), INT8_DOT)]),
         "bitmask_linear_q": [(x, *bq.kernel_args(), b), (xg, *bq.kernel_args(), None)],
-        "bitmask_linear_q_cpu": [(x, *bq.kernel_args(), b, Q_INT8_ACT), (xg, *bq.kernel_args(), None, Q_INT8_ACT)],
+        "bitmask_linear_q_cpu": [(x, *bq.kernel_args(), b, Q_INT8_ACT), (xg, *bq.kernel_args(), None, Q_INT8_ACT),
+                                 (x20, *bq.kernel_args(), b, INT8_EXPAND),
+                                 (x20.clone().requires_grad_(), *bq.kernel_args(), None, INT8_EXPAND)],
         "nm_linear": [(x, nm.values, nm.indices, 2, 4, 64, b), (xg, nm.values, nm.indices, 2, 4, 64, None),
                       (x20, nm.values, nm.indices, 2, 4, 64, b)],
         # CPU only: the algorithm chosen in Python (1: the 2:4 GEMM kernel, AVX2/AVX-512 CPUs) and

@@ -8,7 +8,10 @@
 // tiled_gemm), as the fp kernels' large-batch path ("load as sparse, compute as dense").
 // The algorithm is chosen in Python (sparsekern/dispatch_rules.py q_cpu_algo, rows_q.h kQAlgo*):
 // exact (x in fp32), int8 activations for the decode rows, or, for 2:4 int8 and int4 weights
-// above kDirectMaxBatch rows, the int8 dot-product GEMM (nm_gemm_int8.h, x quantized per row).
+// above kDirectMaxBatch rows, the int8 dot-product GEMM (nm_gemm_int8.h, x quantized per row),
+// or, for other int8 weights there, the values expanded to a dense int8 weight for torch's int8
+// GEMM (kQAlgoInt8Expand).
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -37,9 +40,51 @@ std::pair<at::Tensor, at::Tensor> quantize_activations(const at::Tensor& x2, Qua
 }
 
 void check_q_algo(const char* op, int64_t algo) {
-  TORCH_CHECK_VALUE(algo == kQAlgoExact || algo == kQAlgoInt8Act || algo == kQAlgoInt8Dot, op, ": algo must be ",
-                    kQAlgoExact, " (exact), ", kQAlgoInt8Act, " (int8 activations) or ", kQAlgoInt8Dot,
-                    " (the 2:4 int8 dot-product GEMM), got ", algo);
+  TORCH_CHECK_VALUE(algo == kQAlgoExact || algo == kQAlgoInt8Act || algo == kQAlgoInt8Dot || algo == kQAlgoInt8Expand,
+                    op, ": algo must be ", kQAlgoExact, " (exact), ", kQAlgoInt8Act, " (int8 activations), ",
+                    kQAlgoInt8Dot, " (the 2:4 int8 dot-product GEMM) or ", kQAlgoInt8Expand,
+                    " (int8 values expanded for torch's int8 GEMM), got ", algo);
+}
+
+// kQAlgoInt8Expand (rows_q.h): x (fp32 [B, K]) quantized per row, the weight's int8 values
+// expanded by `expand(r0, r1, dst)` into a dense int8 [O, K] made for this call and freed
+// after it (O * K bytes), at::_int_mm (torch's int8 GEMM: exact int32 sums), then each sum
+// times its x row's and weight row's scales -> fp32 [B, O] (no bias).
+at::Tensor int8_expand_gemm(const at::Tensor& x2, const at::Tensor& wscales, int64_t O,
+                            const std::function<void(int64_t, int64_t, int8_t*)>& expand) {
+  const int64_t B = x2.size(0), K = x2.size(1);
+  auto out = at::empty({B, O}, x2.options());
+  if (B == 0 || O == 0) return out.zero_();
+  if (K == 0) return out.zero_();
+  // The activation bytes of kQAlgoInt8Act (q + 128, one scale per row) with no column padding,
+  // then q itself: x ^ 0x80 read as int8 is x - 128.
+  auto xq = at::empty({B, K}, x2.options().dtype(at::kByte));
+  auto xs = at::empty({B}, x2.options());
+  const float* xp = x2.data_ptr<float>();
+  uint8_t* qp = xq.data_ptr<uint8_t>();
+  float* sp = xs.data_ptr<float>();
+  at::parallel_for(0, B, std::max<int64_t>(1, (int64_t(1) << 20) / K), [&](int64_t b0, int64_t b1) {
+    (cpu_has_avx512() ? avx512::quantize_activation_rows : quantize_activation_rows)(
+        xp + b0 * K, b1 - b0, K, qp + b0 * K, K, sp + b0);
+    for (int64_t i = b0 * K; i < b1 * K; ++i) qp[i] ^= 0x80;
+  });
+  auto w8 = at::empty({O, K}, x2.options().dtype(at::kChar));
+  int8_t* wp = w8.data_ptr<int8_t>();
+  parallel_rows(O, rows_grain(K, 1), [&](int64_t r0, int64_t r1) { expand(r0, r1, wp); });
+  // torch 2.14's CPU _int_mm leaves its output unwritten for K = 1 and N > 1 (what the
+  // allocation held comes back): that one-column product is formed here instead.
+  const auto sums = K == 1 ? xq.view(at::kChar).to(at::kInt) * w8.view({1, O}).to(at::kInt)
+                           : at::_int_mm(xq.view(at::kChar), w8.t());
+  const int32_t* acc = sums.data_ptr<int32_t>();
+  const float* ws = wscales.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B, std::max<int64_t>(1, (int64_t(1) << 16) / O), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float s = sp[b];
+      for (int64_t o = 0; o < O; ++o) op[b * O + o] = static_cast<float>(acc[b * O + o]) * s * ws[o];
+    }
+  });
+  return out;
 }
 
 // x (any float dtype) -> fp32 [B, O] through the 2:4 int8 dot-product GEMM (no bias): int8
@@ -104,6 +149,12 @@ at::Tensor nm_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, const 
   NmQRowsArgs a{reinterpret_cast<const uint8_t*>(vals.data_ptr()), idx.data_ptr<uint8_t>(), sc.data_ptr<float>(),
                 bits, bits == 4 ? group_size : 0, bits == 4 ? (kept + group_size - 1) / group_size : 1,
                 n, m, kept, vals.size(1), idx.size(1), K, O, x2.data_ptr<float>(), B, nullptr};
+  if (algo == kQAlgoInt8Expand) {
+    TORCH_CHECK_VALUE(bits == 8, "nm_linear_q: algo ", kQAlgoInt8Expand, " (int8 values expanded for torch's int8 "
+                      "GEMM) runs int8 values (bits 8), got bits ", bits);
+    auto out = int8_expand_gemm(x2, sc, O, [&](int64_t r0, int64_t r1, int8_t* dst) { nm_q_rows_int8(a, r0, r1, dst); });
+    return finish_linear(out, x, bias);
+  }
   at::Tensor out;
   c10::optional<at::Tensor> bias_left = bias;
   if (B == 0 || O == 0) {
@@ -154,6 +205,14 @@ at::Tensor bitmask_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, c
   const int64_t B = x2.size(0);
   BitmaskQRowsArgs a{vals.data_ptr<int8_t>(), bm.data_ptr<int64_t>(), off.data_ptr<int32_t>(), sc.data_ptr<float>(),
                      bm.size(1), off.size(1), K, O, vals.numel(), x2.data_ptr<float>(), B, nullptr};
+  if (algo == kQAlgoInt8Expand) {
+    const bool wide = cpu_has_avx512();
+    auto out = int8_expand_gemm(x2, sc, O, [&](int64_t r0, int64_t r1, int8_t* dst) {
+      if (wide) avx512::bitmask_q_rows_int8(a, r0, r1, dst);
+      else bitmask_q_rows_int8(a, r0, r1, dst);
+    });
+    return finish_linear(out, x, bias);
+  }
   at::Tensor out;
   c10::optional<at::Tensor> bias_left = bias;
   if (B == 0 || O == 0 || vals.numel() == 0) {
@@ -201,7 +260,7 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   });
   // The CPU-only ops with the algorithm chosen in Python (rows_q.h kQAlgo*): int8 activations
   // apply up to kDirectMaxBatch rows (larger batches take the tiles), the int8 dot-product GEMM
-  // to any rows of 2:4 int8 weights.
+  // to any rows of 2:4 int8 and int4 weights, the expanded int8 weight to any rows of int8 ones.
   m.impl("nm_linear_q_cpu", [](const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
                                const at::Tensor& scales, int64_t n, int64_t m, int64_t in_features, int64_t bits,
                                int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t algo) {

@@ -30,9 +30,14 @@ namespace cpu {
 //                  and patterns run the portable integer loop (same numbers).
 //   kQAlgoInt8Dot  2:4 int8 weights, any rows (chosen above kDirectMaxBatch): x quantized per
 //                  row, the int8 dot-product GEMM of nm_gemm_int8.h.
+//   kQAlgoInt8Expand  int8 values (any N:M, the bitmask), any rows (chosen above
+//                  kDirectMaxBatch): x quantized per row to int8 (kQAlgoInt8Act's bytes less 128),
+//                  the values expanded into a dense int8 weight for the call (q_rows_int8
+//                  below), torch's int8 GEMM (at::_int_mm), then x's and the row's scales.
 constexpr int64_t kQAlgoExact = 0;
 constexpr int64_t kQAlgoInt8Act = 1;
 constexpr int64_t kQAlgoInt8Dot = 2;
+constexpr int64_t kQAlgoInt8Expand = 3;
 
 // Activation rows quantized for kQAlgoInt8Act: u8 [B, ld], ld = q_act_row_bytes(K) (columns
 // past K hold 128, the byte of 0.0, so a kernel may read whole 128-column steps), and the
@@ -86,6 +91,16 @@ struct BitmaskQRowsArgs {
 // paths): shared by every ISA (rows_q_generic.cpp).
 void nm_q_row_dense(const NmQRowsArgs& a, int64_t r, float* dst);
 void bitmask_q_row_dense(const BitmaskQRowsArgs& a, int64_t r, float* dst);
+
+// kQAlgoInt8Expand: rows [r0, r1) of an int8-valued weight (bits 8) written as dense int8 into
+// dst [O, K] (row-major, 0 where pruned). Portable; the bitmask also with AVX-512 VBMI2
+// (avx512::bitmask_q_rows_int8, when avx512_q_act_vector()). A tampered index or offset never
+// reads outside the values nor writes outside the row.
+void nm_q_rows_int8(const NmQRowsArgs& a, int64_t r0, int64_t r1, int8_t* dst);
+void bitmask_q_rows_int8(const BitmaskQRowsArgs& a, int64_t r0, int64_t r1, int8_t* dst);
+namespace avx512 {
+void bitmask_q_rows_int8(const BitmaskQRowsArgs& a, int64_t r0, int64_t r1, int8_t* dst);
+}
 
 #define SPARSEKERN_DECLARE_Q_ROWS(NS)                                     \
   namespace NS {                                                         \

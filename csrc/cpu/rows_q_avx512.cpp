@@ -825,6 +825,36 @@ void quantize_activation_rows(const float* x, int64_t B, int64_t K, uint8_t* u8,
   }
 }
 
+// One vpexpandb load per 64 columns: the word's kept values land on its set bits, zeros
+// elsewhere (what the portable loop writes one value at a time). A word whose values would
+// reach past the stored ones (a tampered offset or mask) takes the portable, bounded loop.
+void bitmask_q_rows_int8(const BitmaskQRowsArgs& a, int64_t r0, int64_t r1, int8_t* dst) {
+  if (!avx512_q_act_vector()) return cpu::bitmask_q_rows_int8(a, r0, r1, dst);
+  for (int64_t r = r0; r < r1; ++r) {
+    int8_t* row = dst + r * a.K;
+    int64_t p = a.tiles ? a.offsets[r * a.tiles] : 0;
+    const int64_t* words = a.bitmask + r * a.words;
+    for (int64_t w = 0; w < a.words && w * 64 < a.K; ++w) {
+      const uint64_t bits = static_cast<uint64_t>(words[w]);
+      const int64_t count = __builtin_popcountll(bits);
+      const int64_t left = a.K - w * 64;
+      const __mmask64 cols = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
+      if (p >= 0 && p + count <= a.nnz) {
+        _mm512_mask_storeu_epi8(row + w * 64, cols, _mm512_maskz_expandloadu_epi8(bits, a.values + p));
+      } else {
+        _mm512_mask_storeu_epi8(row + w * 64, cols, _mm512_setzero_si512());
+        uint64_t b = bits;
+        for (int64_t q = p; b; ++q) {
+          const int64_t c = w * 64 + __builtin_ctzll(b);
+          b &= b - 1;
+          if (c < a.K && q >= 0 && q < a.nnz) row[c] = a.values[q];
+        }
+      }
+      p += count;
+    }
+  }
+}
+
 void nm_q_rows_act(const NmQRowsArgs& a, int64_t r0, int64_t r1) {
   if (!avx512_q_act_vector() || !avx512_nm_q_pattern(a.n, a.m)) return nm_q_rows_act_portable(a, r0, r1);
   if (a.bits == 8) nm24_act_rows<8>(a, r0, r1);
@@ -857,6 +887,7 @@ void bitmask_q_rows(const BitmaskQRowsArgs&, int64_t, int64_t) { std::abort(); }
 void nm_q_rows_act(const NmQRowsArgs&, int64_t, int64_t) { std::abort(); }
 void bitmask_q_rows_act(const BitmaskQRowsArgs&, int64_t, int64_t) { std::abort(); }
 void quantize_activation_rows(const float*, int64_t, int64_t, uint8_t*, int64_t, float*) { std::abort(); }
+void bitmask_q_rows_int8(const BitmaskQRowsArgs&, int64_t, int64_t, int8_t*) { std::abort(); }
 }  // namespace avx512
 bool avx512_q_act_vector() { return false; }
 }  // namespace cpu

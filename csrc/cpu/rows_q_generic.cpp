@@ -43,6 +43,43 @@ void bitmask_q_row_dense(const BitmaskQRowsArgs& a, int64_t r, float* dst) {
   }
 }
 
+void nm_q_rows_int8(const NmQRowsArgs& a, int64_t r0, int64_t r1, int8_t* dst) {
+  const int bits = nm_index_bits(a.m);
+  const int64_t groups = a.n ? a.kept / a.n : 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    int8_t* row = dst + r * a.K;
+    std::memset(row, 0, static_cast<size_t>(a.K));
+    const int8_t* v = reinterpret_cast<const int8_t*>(a.values + r * a.val_row_bytes);
+    const uint8_t* ix = a.indices + r * a.idx_row_bytes;
+    // group by group (no division per value); & (m - 1): an index past the group stays in it
+    for (int64_t g = 0, s = 0; g < groups; ++g) {
+      int8_t* grp = row + g * a.m;
+      for (int64_t j = 0; j < a.n; ++j, ++s) {
+        const int idx = bits == 2 ? (ix[s >> 2] >> ((s & 3) * 2)) & 3 : (ix[s >> 1] >> ((s & 1) * 4)) & 15;
+        grp[idx & (a.m - 1)] = v[s];
+      }
+    }
+  }
+}
+
+void bitmask_q_rows_int8(const BitmaskQRowsArgs& a, int64_t r0, int64_t r1, int8_t* dst) {
+  for (int64_t r = r0; r < r1; ++r) {
+    int8_t* row = dst + r * a.K;
+    std::memset(row, 0, static_cast<size_t>(a.K));
+    int64_t p = a.tiles ? a.offsets[r * a.tiles] : 0;
+    const int64_t* words = a.bitmask + r * a.words;
+    for (int64_t w = 0; w < a.words; ++w) {
+      uint64_t bits = static_cast<uint64_t>(words[w]);
+      while (bits) {
+        const int64_t c = w * 64 + __builtin_ctzll(bits);
+        bits &= bits - 1;
+        if (c < a.K && p >= 0 && p < a.nnz) row[c] = a.values[p];
+        ++p;
+      }
+    }
+  }
+}
+
 void quantize_activation_rows(const float* x, int64_t B, int64_t K, uint8_t* u8, int64_t ld, float* scale) {
   for (int64_t b = 0; b < B; ++b) {
     const float* xb = x + b * K;

@@ -36,19 +36,23 @@ class Built:
 
 
 def _quantized_expected(W) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The fp64 reference of nm_linear_q where the dispatch table sends x to the int8
-    dot-product GEMM (reference.nm_linear_q_dot), else None (x @ W^T is the reference)."""
-    if W.OP != "nm_linear_q":
+    """The fp64 reference of nm_linear_q / bitmask_linear_q where the dispatch table sends x to
+    an int8 GEMM that quantizes x per row first (the 2:4 int8 dot-product GEMM, the expanded
+    int8 weight: the CPU op's reference for that algorithm), else None (x @ W^T is the
+    reference)."""
+    if not W.quantized:
         return None
 
     def expected(x):
-        from .. import dispatch_rules, reference
+        from .. import dispatch_rules
         from ..ops.dispatch import decide
+        from ..ops.table import CPU_OP_REFERENCES, OPS
 
-        d, key = decide("nm_linear_q", (x, W))
-        if d.backend != "cpp" or key.cpu_algo != dispatch_rules.Q_ALGO_INT8_DOT:
+        d, key = decide(W.OP, (x, W))
+        if d.backend != "cpp" or getattr(key, "cpu_algo", None) not in (dispatch_rules.Q_ALGO_INT8_DOT,
+                                                       dispatch_rules.Q_ALGO_INT8_EXPAND):
             return None
-        return reference.nm_linear_q_dot(x.double(), *W.kernel_args())
+        return CPU_OP_REFERENCES[OPS[W.OP].cpu_op](x.double(), *W.kernel_args(), None, key.cpu_algo)
     return expected
 
 

@@ -83,12 +83,14 @@ def _fake_nm_linear_q_cpu(x, values, indices, scales, n, m, in_features, bits, g
     torch._check(algo in rules.Q_ALGO_NAMES, lambda: f"nm_linear_q: algo must be one of {sorted(rules.Q_ALGO_NAMES)}")
     torch._check(algo != rules.Q_ALGO_INT8_DOT or (n, m) == (2, 4),
                  lambda: f"nm_linear_q: algo {algo} (the 2:4 int8 dot-product GEMM) runs 2:4 int8 or int4 weights")
+    torch._check(algo != rules.Q_ALGO_INT8_EXPAND or bits == 8,
+                 lambda: f"nm_linear_q: algo {algo} (int8 values expanded for torch's int8 GEMM) runs int8 values")
     return _fake_nm_linear_q(x, values, indices, scales, n, m, in_features, bits, group_size, bias)
 
 
 def _fake_bitmask_linear_q_cpu(x, values, bitmask, offsets, scales, in_features, bias, algo):
-    torch._check(algo in (rules.Q_ALGO_EXACT, rules.Q_ALGO_INT8_ACT),
-                 lambda: "bitmask_linear_q: algo must be 0 or 1")
+    bitmask_algos = (rules.Q_ALGO_EXACT, rules.Q_ALGO_INT8_ACT, rules.Q_ALGO_INT8_EXPAND)
+    torch._check(algo in bitmask_algos, lambda: f"bitmask_linear_q: algo must be one of {bitmask_algos}")
     return _fake_bitmask_linear_q(x, values, bitmask, offsets, scales, in_features, bias)
 
 

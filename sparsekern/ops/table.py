@@ -36,7 +36,7 @@ class RowsKey(NamedTuple):
 
 class QLinearKey(NamedTuple):
     """nm_linear_q / bitmask_linear_q: the batch bucket and the CPU algorithm passed to the C++
-    kernel (rules.Q_ALGO_*: the decode activations' precision, or the 2:4 int8 dot-product GEMM)."""
+    kernel (rules.Q_ALGO_*: the decode activations' precision, or an int8 GEMM)."""
 
     bucket: int
     cpu_algo: int = rules.Q_ALGO_EXACT
@@ -105,15 +105,14 @@ def rows_key(x, *rest):
 
 
 def q_linear_key(x, weight=None, bias=None):
-    """nm_linear_q / bitmask_linear_q: the batch bucket (the C++ kernels take 1-16 rows
-    directly and tiles above; nothing else of the weight changes the decision) and, on the
-    CPU, the decode algorithm (rules.q_cpu_algo: fp32 or int8 activations)."""
+    """nm_linear_q / bitmask_linear_q: the batch bucket and, on the CPU, the algorithm by the
+    bucket's first row count (rules.q_cpu_algo for int8 values, all a bitmask weight holds:
+    fp32 or int8 activations up to 16 rows, the expanded int8 weight or the tiles above);
+    nm_linear_q_key refines it by the weight."""
     bucket = rules.batch_bucket(_rows(x))
     algo = rules.Q_ALGO_EXACT
     if x.device.type == "cpu" and x.dtype in rules.KERNEL_DTYPES:
-        algo = rules.q_cpu_algo(rules.bucket_min_rows(bucket) if bucket != -1 else None)
-        if bucket == -1:  # above the last bucket edge: the tiles
-            algo = rules.Q_ALGO_EXACT
+        algo = rules.q_cpu_algo(rules.bucket_min_rows(bucket))
     return x, QLinearKey(bucket, algo)
 
 
@@ -255,12 +254,14 @@ def _bitmask_linear_cpu_reference(x, values, bitmask, offsets, in_features, bias
 
 
 def _nm_linear_q_cpu_reference(x, values, indices, scales, n, m, in_features, bits, group_size, bias, algo):
-    if algo == rules.Q_ALGO_INT8_DOT:  # x quantized per row first, as the kernel does
+    if algo in (rules.Q_ALGO_INT8_DOT, rules.Q_ALGO_INT8_EXPAND):  # x quantized per row first, as the op does
         return reference.nm_linear_q_dot(x, values, indices, scales, n, m, in_features, bits, group_size, bias)
     return reference.nm_linear_q(x, values, indices, scales, n, m, in_features, bits, group_size, bias)
 
 
 def _bitmask_linear_q_cpu_reference(x, values, bitmask, offsets, scales, in_features, bias, algo):
+    if algo == rules.Q_ALGO_INT8_EXPAND:  # x quantized per row first, as the op does
+        return reference.bitmask_linear_q_int8_dot(x, values, bitmask, offsets, scales, in_features, bias)
     return reference.bitmask_linear_q(x, values, bitmask, offsets, scales, in_features, bias)
 
 
