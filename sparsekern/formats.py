@@ -749,13 +749,26 @@ class BlockWeight(_Format):
     def kernel_args(self) -> tuple:
         return (self.crow_indices, self.col_indices, self._float_values(), self.in_features)
 
+    def _block_rows(self) -> torch.Tensor:
+        """int64 [blocks]: the block row of each kept block."""
+        crow = self.crow_indices
+        return torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff(),
+                                       output_size=self.values.shape[0])
+
     def _values_rows(self) -> torch.Tensor:
         nb, bh, bw = self.values.shape
-        crow = self.crow_indices
-        block_rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff(),
-                                             output_size=nb)
-        rows = block_rows[:, None] * bh + torch.arange(bh, device=crow.device)[None, :]
+        rows = self._block_rows()[:, None] * bh + torch.arange(bh, device=self.device)[None, :]
         return rows[:, :, None].expand(nb, bh, bw).reshape(-1)
+
+    def _float_values(self) -> torch.Tensor:
+        """As _Format's (stored * the row's scale, in fp32, then the compute dtype: the same
+        numbers), with each block's bh row scales broadcast along its columns instead of an
+        index per value: what every block_linear call on int8 values pays first."""
+        if not self.quantized:
+            return self.values
+        bh = self.values.shape[1]
+        scale = self.scales.view(-1, bh)[self._block_rows()]  # [blocks, bh]
+        return (self.values.to(torch.float32) * scale[:, :, None]).to(self.compute_dtype)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, block: tuple[int, int] = (32, 32),
