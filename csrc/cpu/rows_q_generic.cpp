@@ -26,21 +26,29 @@ void nm_q_row_dense(const NmQRowsArgs& a, int64_t r, float* dst) {
   }
 }
 
-void bitmask_q_row_dense(const BitmaskQRowsArgs& a, int64_t r, float* dst) {
-  std::fill(dst, dst + a.K, 0.f);
+namespace {
+// put(column, index into values) for each kept value of bitmask row r: a tampered mask or
+// offsets never read outside the values nor write past the row (those are skipped).
+template <typename Put>
+void bitmask_row_kept(const BitmaskQRowsArgs& a, int64_t r, const Put& put) {
   int64_t p = a.tiles ? a.offsets[r * a.tiles] : 0;
-  const float sc = a.scales[r];
   const int64_t* words = a.bitmask + r * a.words;
   for (int64_t w = 0; w < a.words; ++w) {
     uint64_t bits = static_cast<uint64_t>(words[w]);
     while (bits) {
       const int64_t c = w * 64 + __builtin_ctzll(bits);
       bits &= bits - 1;
-      // A tampered mask or offsets never read outside values nor write past the row.
-      if (c < a.K && p >= 0 && p < a.nnz) dst[c] = static_cast<float>(a.values[p]) * sc;
+      if (c < a.K && p >= 0 && p < a.nnz) put(c, p);
       ++p;
     }
   }
+}
+}  // namespace
+
+void bitmask_q_row_dense(const BitmaskQRowsArgs& a, int64_t r, float* dst) {
+  std::fill(dst, dst + a.K, 0.f);
+  const float sc = a.scales[r];
+  bitmask_row_kept(a, r, [&](int64_t c, int64_t p) { dst[c] = static_cast<float>(a.values[p]) * sc; });
 }
 
 void nm_q_rows_int8(const NmQRowsArgs& a, int64_t r0, int64_t r1, int8_t* dst) {
@@ -66,17 +74,7 @@ void bitmask_q_rows_int8(const BitmaskQRowsArgs& a, int64_t r0, int64_t r1, int8
   for (int64_t r = r0; r < r1; ++r) {
     int8_t* row = dst + r * a.K;
     std::memset(row, 0, static_cast<size_t>(a.K));
-    int64_t p = a.tiles ? a.offsets[r * a.tiles] : 0;
-    const int64_t* words = a.bitmask + r * a.words;
-    for (int64_t w = 0; w < a.words; ++w) {
-      uint64_t bits = static_cast<uint64_t>(words[w]);
-      while (bits) {
-        const int64_t c = w * 64 + __builtin_ctzll(bits);
-        bits &= bits - 1;
-        if (c < a.K && p >= 0 && p < a.nnz) row[c] = a.values[p];
-        ++p;
-      }
-    }
+    bitmask_row_kept(a, r, [&](int64_t c, int64_t p) { row[c] = a.values[p]; });
   }
 }
 
