@@ -207,6 +207,29 @@ inline void check_block_linear_args(const at::Tensor& x, const at::Tensor& crow,
   check_bias(op, x, bias, (crow.size(0) - 1) * values.size(1));
 }
 
+// block_linear_q_cpu: a block weight with int8 values [nnzb, bh, bw] and scales float32 [out].
+inline void check_block_linear_q_args(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                                      const at::Tensor& values, const at::Tensor& scales, int64_t in_features,
+                                      const c10::optional<at::Tensor>& bias) {
+  const char* op = "block_linear_q";
+  check_x(op, x, in_features);
+  check_index_tensor(op, x, values, "values", c10::kChar);
+  check_index_tensor(op, x, crow, "crow_indices", c10::kLong);
+  check_index_tensor(op, x, col, "col_indices", c10::kLong);
+  check_index_tensor(op, x, scales, "scales", c10::kFloat);
+  TORCH_CHECK_VALUE(values.dim() == 3, op, ": values must have shape [nnz_blocks, block_rows, block_cols], got ",
+                    values.sizes());
+  TORCH_CHECK_VALUE(crow.dim() == 1 && crow.size(0) >= 1, op, ": crow_indices must be 1-D and non-empty");
+  TORCH_CHECK_VALUE(col.dim() == 1 && col.size(0) == values.size(0), op, ": col_indices must have ",
+                    values.size(0), " entries (one per block), got ", col.sizes());
+  TORCH_CHECK_VALUE(values.size(1) > 0 && values.size(2) > 0 && in_features % values.size(2) == 0, op,
+                    ": in_features (", in_features, ") must be a multiple of the block width (", values.size(2), ")");
+  const int64_t out = (crow.size(0) - 1) * values.size(1);
+  TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == out, op, ": scales must have shape [", out, "], got ",
+                    scales.sizes());
+  check_bias(op, x, bias, out);
+}
+
 // nm_linear_q: an N:M weight with quantized values (sparsekern/precisions.py). bits 8: values
 // int8 [out, kept], scales float32 [out]; bits 4: values uint8 [out, ceil(kept / 2)] (two
 // per byte, low nibble first, stored q + 8), scales float32 [out, ceil(kept / group_size)],

@@ -115,6 +115,17 @@ TORCH_LIBRARY(sparsekern, m) {
   // tiles into the BLAS GEMM. The shared schema above runs algo 0.
   m.def("block_linear_cpu(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, int in_features, "
         "Tensor? bias, int algo) -> Tensor");
+  // Block with int8 values [nnzb, bh, bw] and a float32 scale per output row (the CPU's kernels;
+  // on other devices sparsekern runs block_linear on the dequantized values).
+  m.def("block_linear_q(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor scales, "
+        "int in_features, Tensor? bias) -> Tensor");
+  // CPU only: a block weight with int8 values [nnzb, bh, bw] and a float32 scale per output row
+  // (sparsekern/precisions.py), read as stored; `algo` as nm_linear_q_cpu's (rows_q.h kQAlgo*):
+  // 0 = x in fp32 (the row kernel up to 16 rows, dequantized tiles into the BLAS GEMM above),
+  // 3 = x quantized per row, the values expanded to a dense int8 weight, torch's int8 GEMM.
+  // Other devices run block_linear on the dequantized values.
+  m.def("block_linear_q_cpu(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor scales, "
+        "int in_features, Tensor? bias, int algo) -> Tensor");
   m.def("block_compress(Tensor weight, Tensor? mask, int block_rows, int block_cols) -> (Tensor, Tensor, Tensor)");
   m.def("block_decompress(Tensor crow_indices, Tensor col_indices, Tensor values, int in_features) -> Tensor");
   // ---- Masked dense weight (training): x @ (W*M)^T, its input and weight gradients ----

@@ -179,9 +179,8 @@ class _Format:
 
     def kernel_args(self) -> tuple:
         """The format's tensors and ints in the order its op's schema (self.OP) takes them.
-        Quantized N:M and bitmask values are handed over as stored, with their scales (their
-        ops nm_linear_q / bitmask_linear_q dequantize in registers); quantized block values
-        dequantized (block_linear: each call pays one dequantization of the kept values)."""
+        Quantized values are handed over as stored, with their scales (their ops nm_linear_q,
+        bitmask_linear_q and block_linear_q read them packed)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ value precision
@@ -742,12 +741,14 @@ class BlockWeight(_Format):
     group_size: int = 0
     compute_dtype: torch.dtype | None = None
 
-    OP = "block_linear"
+    OP = _OpName("block_linear", "block_linear_q")
     TENSOR_NAMES = ("crow_indices", "col_indices", "values")
     META_INTS = 1
 
     def kernel_args(self) -> tuple:
-        return (self.crow_indices, self.col_indices, self._float_values(), self.in_features)
+        if self.quantized:  # block_linear_q's: int8 values as stored and their row scales
+            return (self.crow_indices, self.col_indices, self.values, self.scales, self.in_features)
+        return (self.crow_indices, self.col_indices, self.values, self.in_features)
 
     def _block_rows(self) -> torch.Tensor:
         """int64 [blocks]: the block row of each kept block."""
@@ -763,7 +764,7 @@ class BlockWeight(_Format):
     def _float_values(self) -> torch.Tensor:
         """As _Format's (stored * the row's scale, in fp32, then the compute dtype: the same
         numbers), with each block's bh row scales broadcast along its columns instead of an
-        index per value: what every block_linear call on int8 values pays first."""
+        index per value (to_dense, and block_linear on int8 values off the CPU, per call)."""
         if not self.quantized:
             return self.values
         bh = self.values.shape[1]

@@ -201,6 +201,32 @@ def bitmask_linear_q_int8_dot(x, values, bitmask, offsets, scales, in_features: 
     return y.to(x.dtype)
 
 
+def block_q_values(crow_indices, values, scales, dtype=torch.float32) -> torch.Tensor:
+    """The float values [blocks, bh, bw] of a block weight's int8 values (one scale per output row)."""
+    bh = values.shape[1]
+    rows = torch.repeat_interleave(torch.arange(crow_indices.numel() - 1, device=values.device),
+                                   crow_indices.diff(), output_size=values.shape[0])
+    return values.to(dtype) * scales.to(dtype).view(-1, bh)[rows][:, :, None]
+
+
+def block_linear_q(x, crow_indices, col_indices, values, scales, in_features: int, bias=None):
+    """block_linear with int8 values and a float32 scale per output row."""
+    w = block_q_values(crow_indices, values, scales, _dequant_dtype(x))
+    return block_linear(x, crow_indices, col_indices, w, in_features, bias)
+
+
+def block_linear_q_int8_dot(x, crow_indices, col_indices, values, scales, in_features: int, bias=None):
+    """block_linear_q as its int8 GEMM computes it (dispatch_rules.Q_ALGO_INT8_EXPAND): x
+    quantized per row (quantize_rows_int8), products summed exactly (fp64), times x's and the
+    weight row's scales, + bias; in x's dtype."""
+    q, xs = quantize_rows_int8(x)
+    w = block_decompress(crow_indices, col_indices, values.to(torch.float64), in_features)
+    y = (q.double() @ w.T) * xs.double() * scales.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype)
+
+
 # ------------------------------------------------------------------------- bitmask
 def bitmask_compress(weight: torch.Tensor, mask: torch.Tensor | None):
     out, k = weight.shape

@@ -29,10 +29,12 @@ def _calls(device):
     q8 = NMWeight.from_dense(w, 2, 4, quantize="int8")
     q4 = NMWeight.from_dense(w, 2, 4, quantize="int4", group_size=32)
     bq = BitmaskWeight.from_dense(w, torch.rand(32, 64, device=device) < 0.3, quantize="int8")
+    kq = BlockWeight.from_dense(w, (8, 16), torch.rand(32, 64, device=device) < 0.2, quantize="int8")
     calls = [
         ("nm_linear_q", (x, q8), lambda: ops.nm_linear_q(x, q8)),
         ("nm_linear_q", (x20, q4), lambda: ops.sparse_linear(x20, q4)),
         ("bitmask_linear_q", (x, bq), lambda: ops.sparse_linear(x, bq)),
+        ("block_linear_q", (x, kq), lambda: ops.sparse_linear(x, kq)),
         ("nm_linear", (x, nm), lambda: ops.nm_linear(x, nm)),
         ("nm_linear", (x20, nm), lambda: ops.nm_linear(x20, nm)),
         ("nm_conv2d", (xc, nm, 2, None, 1, 1), lambda: ops.nm_conv2d(xc, nm, 2, None, 1, 1)),

@@ -1,10 +1,11 @@
-"""The expanded-int8 algorithm of nm_linear_q / bitmask_linear_q on the CPU
+"""The expanded-int8 algorithm of nm_linear_q / bitmask_linear_q / block_linear_q on the CPU
 (dispatch_rules.Q_ALGO_INT8_EXPAND, csrc/cpu/rows_q.h kQAlgoInt8Expand): above the decode rows,
-int8 values of any N:M pattern but 2:4 (which has its own int8 GEMM) and of the bitmask are
+int8 values of any N:M pattern but 2:4 (which has its own int8 GEMM), of the bitmask and of
+blocks are
 expanded into a dense int8 weight for the call, x is quantized per row, and torch's int8 GEMM
 (torch._int_mm) sums the products exactly.
 
-Reference: fp64 of that math (reference.nm_linear_q_int8_dot, bitmask_linear_q_int8_dot): x
+Reference: fp64 of that math (reference.nm_linear_q_int8_dot, bitmask_linear_q_int8_dot, block_linear_q_int8_dot): x
 quantized per row as the kernels do, exact sums, times both scales. int32 sums are exact, so
 the tolerance is fp32's. Every case asserts the dispatch chose the algorithm, and outputs and
 the expanded weight are poisoned (an unwritten byte of either shows)."""
@@ -15,7 +16,7 @@ from backends import running
 from conftest import assert_linear_close, needs_extension
 from linear_cases import lowp_torch_linear
 from sparsekern import _extension, dispatch_rules, ops
-from sparsekern.formats import BitmaskWeight, NMWeight
+from sparsekern.formats import BitmaskWeight, BlockWeight, NMWeight
 from sparsekern.ops import dispatch
 from sparsekern.ops.table import CPU_OP_REFERENCES, OPS
 
@@ -42,6 +43,13 @@ def _nm(o, k, n, m, dtype=torch.float32):
     return NMWeight.from_dense(torch.randn(o, k), n, m, quantize="int8").to(dtype=dtype)
 
 
+def _block(o, k, block, density, dtype=torch.float32):
+    bh, bw = block
+    o, k = max(bh, o // bh * bh), max(bw, k // bw * bw)
+    keep = (torch.rand(o // bh, k // bw) < density).repeat_interleave(bh, 0).repeat_interleave(bw, 1)
+    return BlockWeight.from_dense(torch.randn(o, k), block, keep, quantize="int8").to(dtype=dtype)
+
+
 def _algo(x, W) -> int:
     d, key = dispatch.decide(W.OP, (x, W))
     assert d.backend == "cpp", d.reason
@@ -66,6 +74,8 @@ WEIGHTS = {
     "1:4": lambda o, k: _nm(o, k // 4 * 4 or 4, 1, 4),
     "4:8": lambda o, k: _nm(o, k // 8 * 8 or 8, 4, 8),
     "2:8": lambda o, k: _nm(o, k // 8 * 8 or 8, 2, 8),
+    "block 1x1 40%": lambda o, k: _block(o, k, (1, 1), 0.4),
+    "block 3x5 30%": lambda o, k: _block(o, k, (3, 5), 0.3),
 }
 
 
@@ -76,7 +86,7 @@ WEIGHTS = {
 def test_matches_fp64_of_its_quantized_math(kind, k, o, rows, poison):
     # K = 1, 67, 1061: partial 64-column words of the bitmask; O = 1 and primes
     W = WEIGHTS[kind](o, k)
-    k = W.in_features
+    k, o = W.in_features, W.shape[0]
     x = torch.randn(rows, k) * torch.rand(rows, 1) * 10  # rows of different scales
     bias = torch.randn(o)
     with running("cpp", W.OP, x, W):
@@ -89,21 +99,22 @@ def test_matches_fp64_of_its_quantized_math(kind, k, o, rows, poison):
 @pytest.mark.parametrize("kind", sorted(WEIGHTS))
 def test_the_op_called_directly_on_any_cpu(kind, poison):
     W = WEIGHTS[kind](33, 130)
-    x = torch.randn(20, W.in_features)
+    x = torch.randn(20, W.in_features)  # (a block weight's shape is rounded to its blocks)
     assert_linear_close(_direct(x, W), _expected(x, W, None), torch.float32, what=kind)
 
 
-@pytest.mark.parametrize("kind", ["bitmask 30%", "4:8"])
+@pytest.mark.parametrize("kind", ["bitmask 30%", "4:8", "block 3x5 30%"])
 def test_rows_of_zeros_nan_and_inf(kind):
     """Zero rows give the bias alone; a NaN or an inf anywhere in a row makes that row NaN, as
     the exact path does; the other rows stay exact."""
     W = WEIGHTS[kind](24, 96)
-    x = torch.randn(20, 96)
+    o, k = W.shape
+    x = torch.randn(20, k)
     x[0, 5] = float("nan")
-    x[1, 95] = float("inf")
+    x[1, k - 1] = float("inf")
     x[2, 40], x[2, 0] = float("nan"), 100.0
     x[3] = 0.0
-    bias = torch.randn(24)
+    bias = torch.randn(o)
     y = _direct(x, W, bias)
     assert torch.isnan(y[:3]).all()
     torch.testing.assert_close(y[3], bias, rtol=0, atol=0)

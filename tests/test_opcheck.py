@@ -37,6 +37,7 @@ def _samples(device):
     q4 = NMWeight.from_dense(w, 2, 4, quantize="int4", group_size=32)
     q48 = NMWeight.from_dense(w, 4, 8, quantize="int8")
     bq = BitmaskWeight.from_dense(w, torch.rand(16, 64, device=device) < 0.4, quantize="int8")
+    kq = BlockWeight.from_dense(w, (8, 16), torch.rand(16, 64, device=device) < 0.2, quantize="int8")
     return {
         "nm_linear_q": [(x, *q8.kernel_args(), b), (xg, *q4.kernel_args(), None), (x20, *q8.kernel_args(), b),
                         (x20.clone().requires_grad_(), *q4.kernel_args(), b.clone().requires_grad_())],
@@ -55,6 +56,11 @@ def _samples(device):
         "bitmask_linear_q_cpu": [(x, *bq.kernel_args(), b, Q_INT8_ACT), (xg, *bq.kernel_args(), None, Q_INT8_ACT),
                                  (x20, *bq.kernel_args(), b, INT8_EXPAND),
                                  (x20.clone().requires_grad_(), *bq.kernel_args(), None, INT8_EXPAND)],
+        "block_linear_q": [(x, *kq.kernel_args(), b), (xg, *kq.kernel_args(), None)],
+        # CPU only: 0 = x in fp32 (the row kernel up to 16 rows, tiles above), 3 = the expanded int8 weight
+        "block_linear_q_cpu": [(x, *kq.kernel_args(), b, Q_EXACT), (x20, *kq.kernel_args(), b, Q_EXACT),
+                               (x20, *kq.kernel_args(), b, INT8_EXPAND),
+                               (x20.clone().requires_grad_(), *kq.kernel_args(), None, INT8_EXPAND)],
         "nm_linear": [(x, nm.values, nm.indices, 2, 4, 64, b), (xg, nm.values, nm.indices, 2, 4, 64, None),
                       (x20, nm.values, nm.indices, 2, 4, 64, b)],
         # CPU only: the algorithm chosen in Python (1: the 2:4 GEMM kernel, AVX2/AVX-512 CPUs) and

@@ -2,6 +2,8 @@
 // Layout: sparsekern/formats.py (BlockWeight). Inner loops: block_rows_impl.h.
 #include <torch/library.h>
 
+#include <cstring>
+
 #include "cpu_common.h"
 
 namespace sparsekern {
@@ -100,6 +102,70 @@ at::Tensor block_linear_algo(const at::Tensor& x, const at::Tensor& crow, const 
   return finish_linear(out, x, bias_left);
 }
 
+// block_linear_q_cpu (the schema in csrc/sparsekern.cpp): int8 values [nnzb, bh, bw], one
+// float32 scale per output row. algo 0 (rows_q.h kQAlgoExact): up to kDirectMaxBatch rows the
+// row kernel reads the int8 values as stored (block_rows_impl.h, the scale on each finished
+// row sum); above, tiles of rows dequantized into the BLAS GEMM. algo 3 (kQAlgoInt8Expand): x
+// quantized per row, the values expanded to a dense int8 weight, torch's int8 GEMM.
+constexpr int64_t kQAlgoExactBlock = 0, kQAlgoInt8ExpandBlock = 3;  // rows_q.h kQAlgoExact, kQAlgoInt8Expand
+
+at::Tensor block_linear_q_algo(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                               const at::Tensor& values, const at::Tensor& scales, int64_t in_features,
+                               const c10::optional<at::Tensor>& bias, int64_t algo) {
+  check_block_linear_q_args(x, crow, col, values, scales, in_features, bias);
+  TORCH_CHECK_VALUE(algo == kQAlgoExactBlock || algo == kQAlgoInt8ExpandBlock, "block_linear_q: algo must be ",
+                    kQAlgoExactBlock, " (x in fp32) or ", kQAlgoInt8ExpandBlock,
+                    " (int8 values expanded for torch's int8 GEMM), got ", algo);
+  const int64_t bh = values.size(1), bw = values.size(2), K = in_features;
+  const int64_t nbr = crow.size(0) - 1, O = nbr * bh;
+  check_bsr_structure("block_linear_q", crow, col, values.size(0), K / bw);
+  auto vals = values.contiguous();
+  auto cr = crow.contiguous();
+  auto cl = col.contiguous();
+  auto sc = scales.contiguous();
+  auto x2 = x_float_2d(x);
+  const int64_t B = x2.size(0);
+  const int8_t* v = vals.data_ptr<int8_t>();
+  const int64_t* c = cr.data_ptr<int64_t>();
+  const int64_t* ci = cl.data_ptr<int64_t>();
+  const float* s = sc.data_ptr<float>();
+  // Row r of the weight dequantized at its columns (the caller zeroes the rest).
+  auto row_values = [&](int64_t r, float* dst) {
+    const int64_t br = r / bh, i = r % bh;
+    for (int64_t blk = c[br]; blk < c[br + 1]; ++blk)
+      for (int64_t j = 0; j < bw; ++j) dst[ci[blk] * bw + j] = v[(blk * bh + i) * bw + j] * s[r];
+  };
+  at::Tensor out;
+  c10::optional<at::Tensor> bias_left = bias;
+  if (B == 0 || O == 0) {
+    out = at::zeros({B, O}, x2.options());
+  } else if (algo == kQAlgoInt8ExpandBlock) {
+    out = int8_expand_gemm(x2, sc, O, [&](int64_t r0, int64_t r1, int8_t* dst) {
+      std::fill(dst + r0 * K, dst + r1 * K, int8_t(0));
+      for (int64_t r = r0; r < r1; ++r) {  // each kept block's bw bytes of the row, as stored
+        const int64_t br = r / bh, i = r % bh;
+        for (int64_t blk = c[br]; blk < c[br + 1]; ++blk)
+          std::memcpy(dst + r * K + ci[blk] * bw, v + (blk * bh + i) * bw, static_cast<size_t>(bw));
+      }
+    });
+  } else if (B > kDirectMaxBatch) {
+    out = tiled_gemm(x2, O, [&](int64_t r0, int64_t r1, float* buf) {
+      std::fill(buf, buf + (r1 - r0) * K, 0.f);
+      for (int64_t r = r0; r < r1; ++r) row_values(r, buf + (r - r0) * K);
+    }, bias);
+    bias_left = c10::nullopt;
+  } else {
+    out = at::empty({B, O}, x2.options());
+    BlockRowsArgs a{v, c, ci, at::kChar, bh, bw, K, O, x2.data_ptr<float>(), B, out.data_ptr<float>(), s};
+    const bool avx2 = cpu_has_avx2();
+    parallel_rows(nbr, 1, [&](int64_t b0, int64_t b1) {
+      if (avx2) avx2::block_rows(a, b0, b1);
+      else generic::block_rows(a, b0, b1);
+    });
+  }
+  return finish_linear(out, x, bias_left);
+}
+
 // The shared schema (every backend's): the row kernel at every batch (the ops layer runs
 // block_linear_cpu with the algorithm dispatch_rules chose).
 at::Tensor block_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
@@ -170,6 +236,12 @@ at::Tensor block_decompress_cpu(const at::Tensor& crow, const at::Tensor& col, c
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("block_linear", &block_linear_cpu);
   m.impl("block_linear_cpu", &block_linear_algo);
+  m.impl("block_linear_q", [](const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                              const at::Tensor& values, const at::Tensor& scales, int64_t in_features,
+                              const c10::optional<at::Tensor>& bias) {
+    return block_linear_q_algo(x, crow, col, values, scales, in_features, bias, kQAlgoExactBlock);
+  });
+  m.impl("block_linear_q_cpu", &block_linear_q_algo);
   m.impl("block_compress", &block_compress_cpu);
   m.impl("block_decompress", &block_decompress_cpu);
 }

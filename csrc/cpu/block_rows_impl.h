@@ -42,7 +42,8 @@ void block_rows_t(const BlockRowsArgs& a, int64_t br0, int64_t br1) {
       }
     }
     for (int64_t b = 0; b < a.B; ++b)
-      for (int64_t i = 0; i < bh; ++i) a.out[b * a.O + br * bh + i] = acc[b * bh + i];
+      for (int64_t i = 0; i < bh; ++i)
+        a.out[b * a.O + br * bh + i] = a.scales ? acc[b * bh + i] * a.scales[br * bh + i] : acc[b * bh + i];
   }
   delete[] wrow;
   delete[] acc;
@@ -55,7 +56,10 @@ struct BlockF {
 
 }  // namespace
 
-void block_rows(const BlockRowsArgs& a, int64_t br0, int64_t br1) { by_dtype<BlockF>(a.dtype, a, br0, br1); }
+void block_rows(const BlockRowsArgs& a, int64_t br0, int64_t br1) {
+  if (a.dtype == c10::kChar) return block_rows_t<int8_t>(a, br0, br1);  // int8 values, row scales
+  by_dtype<BlockF>(a.dtype, a, br0, br1);
+}
 
 }  // namespace SK_ISA_NS
 }  // namespace cpu

@@ -88,6 +88,15 @@ at::Tensor tiled_gemm(const at::Tensor& x2, int64_t O, const FillRows& fill,
 // out fp32 [B, O] -> + bias, x's dtype, shape [..., O].
 at::Tensor finish_linear(const at::Tensor& out, const at::Tensor& x, const c10::optional<at::Tensor>& bias);
 
+// The int8 GEMM of the quantized ops' kQAlgoInt8Expand (rows_q.h; linear_q.cpp): x (fp32 [B, K])
+// quantized per row to int8 (symmetric, one scale per row, the bytes of kQAlgoInt8Act less
+// 128), the weight's int8 values expanded by expand(r0, r1, dst) into output rows [r0, r1) of
+// a dense int8 [O, K] made for the call and freed after it (O * K bytes; 0 where pruned),
+// at::_int_mm (torch's int8 GEMM: exact int32 sums), then each sum times its x row's and its
+// weight row's scale (wscales float32 [O]) -> fp32 [B, O], no bias.
+at::Tensor int8_expand_gemm(const at::Tensor& x2, const at::Tensor& wscales, int64_t O,
+                            const std::function<void(int64_t, int64_t, int8_t*)>& expand);
+
 // Output rows per task of a direct kernel: at least 16, and enough that a task does about
 // 2^17 multiply-adds (weight columns x batch rows). A tiny layer then runs on one thread:
 // waking a second one costs more than its share of the work.

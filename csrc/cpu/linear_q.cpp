@@ -46,47 +46,6 @@ void check_q_algo(const char* op, int64_t algo) {
                     " (int8 values expanded for torch's int8 GEMM), got ", algo);
 }
 
-// kQAlgoInt8Expand (rows_q.h): x (fp32 [B, K]) quantized per row, the weight's int8 values
-// expanded by `expand(r0, r1, dst)` into a dense int8 [O, K] made for this call and freed
-// after it (O * K bytes), at::_int_mm (torch's int8 GEMM: exact int32 sums), then each sum
-// times its x row's and weight row's scales -> fp32 [B, O] (no bias).
-at::Tensor int8_expand_gemm(const at::Tensor& x2, const at::Tensor& wscales, int64_t O,
-                            const std::function<void(int64_t, int64_t, int8_t*)>& expand) {
-  const int64_t B = x2.size(0), K = x2.size(1);
-  auto out = at::empty({B, O}, x2.options());
-  if (B == 0 || O == 0) return out.zero_();
-  if (K == 0) return out.zero_();
-  // The activation bytes of kQAlgoInt8Act (q + 128, one scale per row) with no column padding,
-  // then q itself: x ^ 0x80 read as int8 is x - 128.
-  auto xq = at::empty({B, K}, x2.options().dtype(at::kByte));
-  auto xs = at::empty({B}, x2.options());
-  const float* xp = x2.data_ptr<float>();
-  uint8_t* qp = xq.data_ptr<uint8_t>();
-  float* sp = xs.data_ptr<float>();
-  at::parallel_for(0, B, std::max<int64_t>(1, (int64_t(1) << 20) / K), [&](int64_t b0, int64_t b1) {
-    (cpu_has_avx512() ? avx512::quantize_activation_rows : quantize_activation_rows)(
-        xp + b0 * K, b1 - b0, K, qp + b0 * K, K, sp + b0);
-    for (int64_t i = b0 * K; i < b1 * K; ++i) qp[i] ^= 0x80;
-  });
-  auto w8 = at::empty({O, K}, x2.options().dtype(at::kChar));
-  int8_t* wp = w8.data_ptr<int8_t>();
-  parallel_rows(O, rows_grain(K, 1), [&](int64_t r0, int64_t r1) { expand(r0, r1, wp); });
-  // torch 2.14's CPU _int_mm leaves its output unwritten for K = 1 and N > 1 (what the
-  // allocation held comes back): that one-column product is formed here instead.
-  const auto sums = K == 1 ? xq.view(at::kChar).to(at::kInt) * w8.view({1, O}).to(at::kInt)
-                           : at::_int_mm(xq.view(at::kChar), w8.t());
-  const int32_t* acc = sums.data_ptr<int32_t>();
-  const float* ws = wscales.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, B, std::max<int64_t>(1, (int64_t(1) << 16) / O), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const float s = sp[b];
-      for (int64_t o = 0; o < O; ++o) op[b * O + o] = static_cast<float>(acc[b * O + o]) * s * ws[o];
-    }
-  });
-  return out;
-}
-
 // x (any float dtype) -> fp32 [B, O] through the 2:4 int8 dot-product GEMM (no bias): int8
 // values (bits 8) or int4 values expanded to int8 in the kernel (bits 4, scales per group).
 at::Tensor nm24_int8_dot(const at::Tensor& x2, const at::Tensor& vals, const at::Tensor& idx, const at::Tensor& sc,
@@ -246,6 +205,44 @@ at::Tensor bitmask_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, c
 }
 
 }  // namespace
+
+// kQAlgoInt8Expand (rows_q.h; declared in cpu_common.h, also run by block_linear_q_cpu).
+at::Tensor int8_expand_gemm(const at::Tensor& x2, const at::Tensor& wscales, int64_t O,
+                            const std::function<void(int64_t, int64_t, int8_t*)>& expand) {
+  const int64_t B = x2.size(0), K = x2.size(1);
+  auto out = at::empty({B, O}, x2.options());
+  if (B == 0 || O == 0) return out.zero_();
+  if (K == 0) return out.zero_();
+  // The activation bytes of kQAlgoInt8Act (q + 128, one scale per row) with no column padding,
+  // then q itself: x ^ 0x80 read as int8 is x - 128.
+  auto xq = at::empty({B, K}, x2.options().dtype(at::kByte));
+  auto xs = at::empty({B}, x2.options());
+  const float* xp = x2.data_ptr<float>();
+  uint8_t* qp = xq.data_ptr<uint8_t>();
+  float* sp = xs.data_ptr<float>();
+  at::parallel_for(0, B, std::max<int64_t>(1, (int64_t(1) << 20) / K), [&](int64_t b0, int64_t b1) {
+    (cpu_has_avx512() ? avx512::quantize_activation_rows : quantize_activation_rows)(
+        xp + b0 * K, b1 - b0, K, qp + b0 * K, K, sp + b0);
+    for (int64_t i = b0 * K; i < b1 * K; ++i) qp[i] ^= 0x80;
+  });
+  auto w8 = at::empty({O, K}, x2.options().dtype(at::kChar));
+  int8_t* wp = w8.data_ptr<int8_t>();
+  parallel_rows(O, rows_grain(K, 1), [&](int64_t r0, int64_t r1) { expand(r0, r1, wp); });
+  // torch 2.14's CPU _int_mm leaves its output unwritten for K = 1 and N > 1 (what the
+  // allocation held comes back): that one-column product is formed here instead.
+  const auto sums = K == 1 ? xq.view(at::kChar).to(at::kInt) * w8.view({1, O}).to(at::kInt)
+                           : at::_int_mm(xq.view(at::kChar), w8.t());
+  const int32_t* acc = sums.data_ptr<int32_t>();
+  const float* ws = wscales.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B, std::max<int64_t>(1, (int64_t(1) << 16) / O), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float s = sp[b];
+      for (int64_t o = 0; o < O; ++o) op[b * O + o] = static_cast<float>(acc[b * O + o]) * s * ws[o];
+    }
+  });
+  return out;
+}
 
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("nm_linear_q", [](const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,

@@ -23,6 +23,7 @@ namespace SK_ISA_NS {
 namespace {
 
 inline float to_f32(float v) { return v; }
+inline float to_f32(int8_t v) { return static_cast<float>(v); }
 inline float to_f32(c10::BFloat16 v) {
   uint32_t bits = static_cast<uint32_t>(v.x) << 16;
   float f;

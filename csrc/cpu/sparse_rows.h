@@ -85,7 +85,7 @@ inline std::pair<int64_t, int64_t> bitmask_kept_span(const BitmaskRowsArgs& a, i
 }
 
 struct BlockRowsArgs {
-  const void* values;       // [nnzb, bh, bw] in `dtype`
+  const void* values;       // [nnzb, bh, bw] in `dtype` (a float dtype, or int8 with `scales`)
   const int64_t* crow;      // [O/bh + 1]
   const int64_t* col;       // [nnzb]
   c10::ScalarType dtype;
@@ -93,6 +93,7 @@ struct BlockRowsArgs {
   const float* x;           // row-major [B, K]
   int64_t B;
   float* out;               // [B, O] fp32, O = (crow entries - 1) * bh
+  const float* scales = nullptr;  // int8 values: [O], each output row's sum times its scale
 };
 
 // One x tile of the weight-stationary kernels ([K + 1][L] fp32, K = positions * C, L a

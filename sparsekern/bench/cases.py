@@ -98,9 +98,9 @@ def providers(device: str, pattern: str, quantized: bool = False):
         return Built(lambda x: ops.sparse_linear(x, W), W.nbytes, W.to_dense())
 
     out["sparsekern"] = sk
-    # Quantized values (nm_linear_q / bitmask_linear_q read them packed; block dequantizes per
-    # call): int8 in every format, int4 (group 128) where the format stores a row's values
-    # contiguously (ROW_VALUES: N:M).
+    # Quantized values (nm_linear_q, bitmask_linear_q and block_linear_q read them packed): int8
+    # in every format, int4 (group 128) where the format stores a row's values contiguously
+    # (ROW_VALUES: N:M).
     fmt_cls = kinds.parse(pattern).entry.format
     for prec, group in QUANTIZED if quantized else ():
         if fmt_cls is None or (group and not getattr(fmt_cls, "ROW_VALUES", False)):

@@ -130,15 +130,15 @@ def _q_linear_call(op: str, x: torch.Tensor, weight) -> "LinearCall":
 
 
 # The ops whose integer kernels multiply int8 activations (rules.q_activations_int8).
-_ROUNDING_OPS = ("nm_linear_q", "bitmask_linear_q")
+_ROUNDING_OPS = ("nm_linear_q", "bitmask_linear_q", "block_linear_q")
 
 
 def rounds_activations(weight, device) -> bool:
     """Whether `weight`'s op (a format, or an op name) multiplies activations rounded per row
     to int8 on `device`, on every path (rules.q_activations_int8): a path that multiplies
     floats (a module's dense copy, the tiles, the training forward) rounds x with
-    precisions.round_activation_rows first. False for float values, block weights and
-    convolutions (no integer kernels)."""
+    precisions.round_activation_rows first. False for float values and convolutions (no
+    integer kernels)."""
     op = weight if isinstance(weight, str) else getattr(weight, "OP", None)
     return op in _ROUNDING_OPS and rules.q_activations_int8(device)
 
@@ -153,11 +153,33 @@ def bitmask_linear_q(x: torch.Tensor, weight, bias: torch.Tensor | None = None) 
 
 
 def block_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W^T + bias with W a BlockWeight (BSR). Shapes, dtypes and gradients as nm_linear."""
+    """y = x @ W^T + bias with W a BlockWeight (BSR). Shapes, dtypes and gradients as nm_linear.
+    A quantized BlockWeight runs block_linear_q."""
+    if getattr(weight, "OP", None) == "block_linear_q":
+        return block_linear_q(x, weight, bias)
     check_format("block_linear", weight, "BlockWeight")
     check_x("block_linear", x, weight.in_features, weight.dtype, weight.device)
     check_bias("block_linear", bias, weight.shape[0], x)
     return _block_linear_call(x, weight)(x, bias)
+
+
+def block_linear_q(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias with W a BlockWeight whose kept values are stored int8 (one scale per
+    output row). On the CPU the C++ kernels read them as stored: the row kernel up to 16 rows,
+    above them (where rules.q_activations_int8 holds and the CPU has AVX512_VNNI) x quantized
+    per row and torch's int8 GEMM over the values expanded for the call, so x is rounded per
+    row on every path, as nm_linear_q's docstring says; else dequantized tiles. Other devices
+    run block_linear on the values dequantized for the call. Differentiable in x and bias."""
+    _check_quantized("block_linear_q", weight, "BlockWeight")
+    check_x("block_linear_q", x, weight.in_features, weight.dtype, weight.device)
+    check_bias("block_linear_q", bias, weight.shape[0], x)
+    return _block_linear_q_call(x, weight)(x, bias)
+
+
+def _block_linear_q_call(x: torch.Tensor, weight) -> "LinearCall":
+    if x.device.type != "cpu":  # no quantized block kernel there: the float one, values dequantized per call
+        return _block_linear_call(x, weight.dequantized())
+    return _q_linear_call("block_linear_q", x, weight)
 
 
 def _block_linear_call(x: torch.Tensor, weight) -> "LinearCall":
@@ -210,12 +232,13 @@ def nm_conv2d(x: torch.Tensor, weight, kernel_size, bias: torch.Tensor | None = 
 
 
 _LINEAR = {"nm_linear": nm_linear, "bitmask_linear": bitmask_linear, "block_linear": block_linear,
-           "nm_linear_q": nm_linear_q, "bitmask_linear_q": bitmask_linear_q}
+           "nm_linear_q": nm_linear_q, "bitmask_linear_q": bitmask_linear_q, "block_linear_q": block_linear_q}
 
 
 def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T + bias for any sparsekern format: the op the format declares (weight.OP; a
-    quantized NMWeight or BitmaskWeight declares nm_linear_q or bitmask_linear_q)."""
+    quantized NMWeight, BitmaskWeight or BlockWeight declares nm_linear_q, bitmask_linear_q or
+    block_linear_q)."""
     fn = _LINEAR.get(getattr(weight, "OP", None))
     if fn is None:
         raise TypeError(f"sparse_linear: weight must be an NMWeight, BitmaskWeight or BlockWeight, got "
@@ -227,7 +250,8 @@ def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> 
 _LINEAR_CALL = {"nm_linear": _nm_linear_call, "bitmask_linear": _bitmask_linear_call,
                 "block_linear": _block_linear_call,
                 "nm_linear_q": lambda x, weight: _q_linear_call("nm_linear_q", x, weight),
-                "bitmask_linear_q": lambda x, weight: _q_linear_call("bitmask_linear_q", x, weight)}
+                "bitmask_linear_q": lambda x, weight: _q_linear_call("bitmask_linear_q", x, weight),
+                "block_linear_q": _block_linear_q_call}
 
 
 def sparse_linear_call(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> LinearCall:

@@ -110,6 +110,17 @@ def _fake_block_linear_cpu(x, crow_indices, col_indices, values, in_features, bi
     return _fake_block_linear(x, crow_indices, col_indices, values, in_features, bias)
 
 
+def _fake_block_linear_q(x, crow_indices, col_indices, values, scales, in_features, bias):
+    torch._check(x.shape[-1] == in_features, lambda: "block_linear_q: x.shape[-1] must equal in_features")
+    return x.new_empty(_out_shape(x, (crow_indices.shape[0] - 1) * values.shape[1]))
+
+
+def _fake_block_linear_q_cpu(x, crow_indices, col_indices, values, scales, in_features, bias, algo):
+    block_algos = (rules.Q_ALGO_EXACT, rules.Q_ALGO_INT8_EXPAND)
+    torch._check(algo in block_algos, lambda: f"block_linear_q: algo must be one of {block_algos}")
+    return _fake_block_linear_q(x, crow_indices, col_indices, values, scales, in_features, bias)
+
+
 def _fake_masked_linear(x, weight, bitmask, bias):
     torch._check(x.shape[-1] == weight.shape[1], lambda: "masked_linear: x.shape[-1] must equal in_features")
     return x.new_empty(_out_shape(x, weight.shape[0]))
@@ -140,6 +151,8 @@ FAKES: dict[str, Callable] = {
     "bitmask_linear": _fake_bitmask_linear,
     "block_linear": _fake_block_linear,
     "block_linear_cpu": _fake_block_linear_cpu,
+    "block_linear_q": _fake_block_linear_q,
+    "block_linear_q_cpu": _fake_block_linear_q_cpu,
     "nm_linear_q": _fake_nm_linear_q,
     "bitmask_linear_q": _fake_bitmask_linear_q,
     "nm_linear_q_cpu": _fake_nm_linear_q_cpu,
@@ -266,6 +279,16 @@ def _bitmask_q_backward(ctx, grad):
     return gx, None, None, None, None, None, _grad_bias(ctx, grad, 6)
 
 
+def _block_q_backward(ctx, grad):
+    crow, col, values, scales, k = ctx.fmt
+    gx = None
+    if ctx.needs_input_grad[0]:
+        dt = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        w = reference.block_q_values(crow, values, scales, dt)
+        gx = grad @ block_decompress(crow, col, w, k).to(grad.dtype)
+    return gx, None, None, None, None, None, _grad_bias(ctx, grad, 6)
+
+
 def _masked_setup(ctx, inputs, output):
     x, weight, bitmask, _ = inputs
     ctx.save_for_backward(x if ctx.needs_input_grad[1] else None,
@@ -301,6 +324,8 @@ AUTOGRAD: dict[str, tuple[Callable, Callable]] = {
     # rounding of x)
     "nm_linear_q_cpu": (_cpu_args(_nm_q_backward, 1), _q_setup(8)),
     "bitmask_linear_q_cpu": (_cpu_args(_bitmask_q_backward, 1), _q_setup(5)),
+    "block_linear_q": (_block_q_backward, _q_setup(5)),
+    "block_linear_q_cpu": (_cpu_args(_block_q_backward, 1), _q_setup(5)),
     "masked_linear": (_masked_backward, _masked_setup),
 }
 

@@ -116,6 +116,16 @@ def q_linear_key(x, weight=None, bias=None):
     return x, QLinearKey(bucket, algo)
 
 
+def block_linear_q_key(x, weight=None, bias=None):
+    """block_linear_q: the batch bucket and, on the CPU, q_linear_key's algorithm where its
+    block kernel has it (the int8 GEMM over the expanded values), else x in fp32 (the row
+    kernel, the tiles)."""
+    x, key = q_linear_key(x)
+    if key.cpu_algo != rules.Q_ALGO_INT8_EXPAND:
+        key = key._replace(cpu_algo=rules.Q_ALGO_EXACT)
+    return x, key
+
+
 def nm_linear_q_key(x, weight=None, bias=None):
     """nm_linear_q: the batch bucket; given the weight, the CPU algorithm (by the bucket's first
     row count, as nm_linear_key: a compiled graph guards on the bucket): the 2:4 int8
@@ -265,6 +275,12 @@ def _bitmask_linear_q_cpu_reference(x, values, bitmask, offsets, scales, in_feat
     return reference.bitmask_linear_q(x, values, bitmask, offsets, scales, in_features, bias)
 
 
+def _block_linear_q_cpu_reference(x, crow_indices, col_indices, values, scales, in_features, bias, algo):
+    if algo == rules.Q_ALGO_INT8_EXPAND:  # x quantized per row first, as the op does
+        return reference.block_linear_q_int8_dot(x, crow_indices, col_indices, values, scales, in_features, bias)
+    return reference.block_linear_q(x, crow_indices, col_indices, values, scales, in_features, bias)
+
+
 def _block_linear_cpu_reference(x, crow_indices, col_indices, values, in_features, bias, algo):
     return reference.block_linear(x, crow_indices, col_indices, values, in_features, bias)
 
@@ -275,7 +291,8 @@ CPU_OP_REFERENCES = {"nm_linear_cpu": _nm_linear_cpu_reference, "nm_conv2d_cpu":
                      "bitmask_linear_cpu": _bitmask_linear_cpu_reference,
                      "block_linear_cpu": _block_linear_cpu_reference,
                      "nm_linear_q_cpu": _nm_linear_q_cpu_reference,
-                     "bitmask_linear_q_cpu": _bitmask_linear_q_cpu_reference}
+                     "bitmask_linear_q_cpu": _bitmask_linear_q_cpu_reference,
+                     "block_linear_q_cpu": _block_linear_q_cpu_reference}
 
 OPS: dict[str, OpSpec] = {s.name: s for s in (
     OpSpec("nm_linear", reference.nm_linear, nm_linear_key, cuda=True, triton="nm_linear", semi_structured=True,
@@ -293,6 +310,10 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
            cpu_op="bitmask_linear_q_cpu", note=q_note, differentiable=True),
     OpSpec("block_linear", reference.block_linear, block_linear_key, triton="block_linear",
            triton_limit=triton_block_limit, note=block_note, cpu_op="block_linear_cpu", differentiable=True),
+    # Block int8 values read as stored (the CPU's kernels; elsewhere sparsekern.ops.block_linear_q
+    # runs block_linear on the dequantized values).
+    OpSpec("block_linear_q", reference.block_linear_q, block_linear_q_key, cpu_op="block_linear_q_cpu",
+           note=q_note, differentiable=True),
     OpSpec("masked_linear", reference.masked_linear, rows_key, cuda=True, triton="masked_linear",
            differentiable=True),
     OpSpec("masked_linear_grad_input", reference.masked_linear_grad_input, rows_key, cuda=True,
