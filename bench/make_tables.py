@@ -856,7 +856,7 @@ def t_quality_summary(runs):
     if rec is not None:
         rows = [x for x in rec.of("quality") if isinstance(x.get("value"), (int, float))]
         mine = [(x, f"sparsekern {x['method']}, {x.get('pattern', '')}" +
-                 (f", {x['steps']} steps" if "recovery" in str(x["method"]) and x.get("steps") else ""),
+                 (f", {x['steps']} steps" if x.get("steps") else ""),
                  x["value"], False) for x in rows if not x.get("peer") and x.get("method") != "dense"]
         mine = [m for i, m in enumerate(mine) if (m[1], m[2]) not in {(o[1], o[2]) for o in mine[:i]}]  # merged runs
         peers = [(x, f"peer: {x['peer']}", x["value"], True) for x in rows if x.get("peer")]
