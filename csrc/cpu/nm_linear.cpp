@@ -95,13 +95,11 @@ void nm24_gemm_bf16_cpu(const at::Tensor& x2, const at::Tensor& vals, const at::
   uint32_t* tp = reinterpret_cast<uint32_t*>(tiles.data_ptr<int32_t>());
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
   const int64_t panel_rows = b16::panel_rows_for(O, nth);  // see nm_gemm_bf16.h
-  // Threads: the chunk pool, and no OpenMP region anywhere in the call (the kernel writes the
-  // bf16 output itself). Timed with two threads on the shared machine (cpu-gemm-bf16-20261206b):
-  // torch's OpenMP team (at::parallel_for) ran these calls at about half the pool's speed
-  // (likely its end barrier waiting for a worker the OS has parked; not measured directly).
-  // The old fp32 output's conversion by torch was an OpenMP region inside every call, after
-  // which (likely) the OpenMP worker spins on the core the next call's pool worker needs. SPARSEKERN_NM_BF16_THREADS=omp (read per
-  // call, a benchmarking switch) runs it on the OpenMP team.
+  // Threads: parallel_chunks, chunks from a shared counter (chunk_pool.cpp: torch's OpenMP
+  // team while its workers join promptly, else the chunk pool); the kernel writes the bf16
+  // output itself. SPARSEKERN_NM_BF16_THREADS=omp (read per call, a benchmarking switch) runs
+  // it through at::parallel_for's fixed ranges instead: on the shared machine
+  // (cpu-gemm-bf16-20261206b) about half the speed, a parked thread holding its range.
   const char* threads_mode = std::getenv("SPARSEKERN_NM_BF16_THREADS");
   const bool on_omp = threads_mode && std::strcmp(threads_mode, "omp") == 0;
   auto run_parallel = [&](int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
