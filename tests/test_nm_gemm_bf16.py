@@ -290,3 +290,33 @@ def test_bf16_dot_same_result_on_the_chunk_pool_and_torchs_threads(rows, direct,
     assert torch.equal(y_omp, y_pool)
     dense = W.to_dense()
     assert_linear_close(y_omp, ref64(x, dense, bias), torch.bfloat16, lowp_torch_linear(x, dense, bias), f"rows={rows}")
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("kernel,stride,padding", [(1, 1, 0), (3, 1, 1), (3, 2, 1), (1, 2, 0)])
+def test_bf16_convolution_runs_the_bf16_dot_kernel(kernel, stride, padding, channels_last, direct, poison):
+    # A bf16 nm_conv2d of 2:4 from 17 output pixels: its patch matrix through the bf16 GEMM
+    # (before: x and the output converted to fp32 around the fp32 kernel). Seen as in
+    # _kernel_that_ran: denormal x sums to zero in vdpbf16ps only. The result is channels-last.
+    c, o = 16, 24
+    x = torch.full((2, c, 9, 7), 2.0 ** -130, dtype=torch.bfloat16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ones = NMWeight.from_dense(torch.ones(o, kernel * kernel * c, dtype=torch.bfloat16), 2, 4)
+    y = ops.nm_conv2d(x, ones, kernel, None, stride, padding, 1)
+    assert ops.explain_backend("nm_conv2d", x, ones, kernel, None, stride, padding, 1)[0] == "cpp"
+    assert (y == 0).all() and y.dtype == torch.bfloat16
+    # and the values: random weight, bias, against fp64
+    w = torch.randn(o, c, kernel, kernel, dtype=torch.bfloat16)
+    f = NMWeight.from_dense(w.permute(0, 2, 3, 1).reshape(o, -1), 2, 4)
+    dense4 = f.to_dense().reshape(o, kernel, kernel, c).permute(0, 3, 1, 2)
+    xr = torch.randn(2, c, 9, 7, dtype=torch.bfloat16)
+    if channels_last:
+        xr = xr.contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(o, dtype=torch.bfloat16)
+    y = ops.nm_conv2d(xr, f, kernel, bias, stride, padding, 1)
+    assert y.is_contiguous(memory_format=torch.channels_last) and y.shape[2] * y.shape[3] * 2 >= 17
+    ref = torch.nn.functional.conv2d(xr.double(), dense4.double(), bias.double(), stride, padding)
+    lowp = torch.nn.functional.conv2d(xr, dense4, bias, stride, padding)
+    assert_linear_close(y, ref, torch.bfloat16, lowp, f"bf16 conv k{kernel} s{stride} p{padding}")

@@ -62,3 +62,47 @@ def test_an_error_in_a_chunk_reaches_the_caller():
         with pytest.raises(ValueError, match="nm_decompress: indices hold an in-group index >= m"):
             torch.ops.sparsekern.nm_decompress(W.values.float(), bad, 2, 8, 64)
     torch.testing.assert_close(torch.ops.sparsekern.nm_decompress(W.values, W.indices, 2, 8, 64), W.to_dense())
+
+
+# Run in a child process: SPARSEKERN_POOL is read once per process. Each product is computed
+# with one thread, then with two on the threads the mode picks (torch's OpenMP team, the pool,
+# or auto: the team while its workers join promptly), several times in a row (a team job right
+# after a pool job and the reverse when auto switches); a chunk that raises reaches the caller.
+_MODES_SCRIPT = r"""
+import torch
+from sparsekern import ops
+from sparsekern.formats import BitmaskWeight, NMWeight
+gen = torch.Generator().manual_seed(0)
+cases = []
+for rows in (3, 300):  # the row kernels and the weight-stationary GEMMs
+    x = torch.randn(rows, 256, generator=gen)
+    cases.append((x, NMWeight.from_dense(torch.randn(700, 256, generator=gen), 2, 4)))
+    cases.append((x, BitmaskWeight.from_dense(torch.randn(700, 256, generator=gen),
+                                              torch.rand(700, 256, generator=gen) < 0.2)))
+cases.append((torch.randn(300, 256, generator=gen).bfloat16(),
+              NMWeight.from_dense(torch.randn(700, 256, generator=gen).bfloat16(), 2, 4)))
+run = lambda x, W: ops.nm_linear(x, W) if isinstance(W, NMWeight) else ops.bitmask_linear(x, W)
+torch.set_num_threads(1)
+want = [run(x, W) for x, W in cases]
+torch.set_num_threads(2)
+for _ in range(20):
+    for (x, W), y in zip(cases, want):
+        assert torch.equal(run(x, W), y), (tuple(x.shape), type(W).__name__, x.dtype)
+W = NMWeight.from_dense(torch.randn(2000, 64, generator=gen), 2, 8)
+bad = W.indices.clone()
+bad[1999, 0] = 0xFF  # in-group index 15 >= m, in the last chunk
+try:
+    torch.ops.sparsekern.nm_decompress(W.values.float(), bad, 2, 8, 64)
+    raise SystemExit("no error from the corrupt index")
+except ValueError as e:
+    assert "nm_decompress: indices hold an in-group index >= m" in str(e), e
+assert torch.equal(torch.ops.sparsekern.nm_decompress(W.values, W.indices, 2, 8, 64), W.to_dense())
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("mode", ["auto", "omp", "pool"])
+def test_same_results_and_errors_on_every_thread_mode(mode):
+    env = {**os.environ, "SPARSEKERN_POOL": mode}
+    done = subprocess.run([sys.executable, "-c", _MODES_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr

@@ -17,6 +17,19 @@
 // `done` equals the count: a job's fields stay valid while any of its chunks is claimed.
 // Workers spin briefly after a job (back-to-back calls of a decode step find them awake), then
 // sleep on a futex.
+//
+// Two pools on two cores: the team first. torch runs its own operators (norms, activations,
+// attention, dense GEMMs) on its OpenMP team, and libgomp's idle worker spins after each
+// region (about 4 ms of CPU here with the default OMP_WAIT_POLICY, on the core the pool's
+// worker then needs). A sparse layer that follows such an operator ran its pool job on one
+// core and a half: 1.5x slower in ViT-B and the Llama prefill than alone
+// (bench/results/cpu-models-20261206e). So a job runs on torch's OpenMP team, with the same
+// chunks from one shared counter (the spinning worker takes them at once, no core is
+// contended), while the team's workers join it promptly. A worker that joins late (kLateJoinNs)
+// was not running: another process holds its core, and the region's end barrier would wait
+// for it in every job; the jobs of the next kPoolForNs then run on the pool, which does not
+// wait for a parked worker, and the team is tried again after that. SPARSEKERN_POOL=pool|omp
+// (read once, a benchmarking switch) fixes one of the two.
 #include "cpu_common.h"
 
 #include <c10/util/ParallelGuard.h>
@@ -30,6 +43,7 @@
 #include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <string>
 #include <thread>
 
 namespace sparsekern {
@@ -60,6 +74,58 @@ int64_t spin_ns() {
 }
 
 thread_local bool t_in_pool_job = false;
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// A futex wake of a sleeping OpenMP worker takes tens of microseconds; a worker that joins a
+// millisecond late waited for a time slice (shorter than the few milliseconds of a slice).
+constexpr int64_t kLateJoinNs = 1000 * 1000;
+// How long the pool runs the jobs after a late join before the team is tried again (a late
+// join costs up to a slice: tried a few times a second, that is a few percent on a busy machine).
+constexpr int64_t kPoolForNs = 200 * 1000 * 1000;
+
+enum class Threads { kAuto, kPool, kTeam };
+
+Threads threads_mode() {
+  static const Threads mode = [] {
+    const char* s = std::getenv("SPARSEKERN_POOL");
+    if (s && std::string(s) == "pool") return Threads::kPool;
+    if (s && std::string(s) == "omp") return Threads::kTeam;
+    return Threads::kAuto;
+  }();
+  return mode;
+}
+
+// steady-clock ns until which jobs run on the pool (a team worker joined late before it).
+std::atomic<int64_t> g_pool_until_ns{0};
+
+// The job on torch's OpenMP team: every thread takes chunks from one counter. Returns the
+// latest join of a thread after the region started, in ns.
+int64_t run_on_team(int64_t n, int64_t chunk, int64_t count, int64_t threads,
+                    const std::function<void(int64_t, int64_t)>& fn) {
+  std::atomic<int64_t> next{0}, latest_join{0};
+  std::atomic<bool> failed{false};
+  const int64_t t0 = now_ns();
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    const int64_t joined = now_ns() - t0;
+    int64_t seen = latest_join.load(std::memory_order_relaxed);
+    while (joined > seen && !latest_join.compare_exchange_weak(seen, joined, std::memory_order_relaxed)) {
+    }
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < count && !failed.load(std::memory_order_relaxed);
+         c = next.fetch_add(1, std::memory_order_relaxed)) {
+      try {
+        fn(c * chunk, std::min(n, (c + 1) * chunk));
+      } catch (...) {
+        failed.store(true, std::memory_order_relaxed);  // the others stop; parallel_for rethrows this
+        throw;
+      }
+    }
+  });
+  return latest_join.load(std::memory_order_relaxed);
+}
 
 struct ChunkPool {
   std::mutex job_lock;                     // one job at a time
@@ -155,6 +221,15 @@ void parallel_chunks(int64_t n, int64_t grain, const std::function<void(int64_t,
   const int64_t threads = at::get_num_threads();
   if (threads <= 1 || n <= grain || t_in_pool_job || at::in_parallel_region()) {
     fn(0, n);
+    return;
+  }
+  const Threads mode = threads_mode();
+  if (mode == Threads::kTeam ||
+      (mode == Threads::kAuto && now_ns() >= g_pool_until_ns.load(std::memory_order_relaxed))) {
+    const int64_t chunk = std::max(grain, (n + 8 * threads - 1) / (8 * threads));
+    const int64_t late = run_on_team(n, chunk, (n + chunk - 1) / chunk, threads, fn);
+    if (mode == Threads::kAuto && late > kLateJoinNs)
+      g_pool_until_ns.store(now_ns() + kPoolForNs, std::memory_order_relaxed);
     return;
   }
   ChunkPool& p = pool();

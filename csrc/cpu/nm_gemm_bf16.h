@@ -29,8 +29,9 @@
 //         passes of up to 512 lanes, K tiles in order, partial sums [tile][row][64] in a per-thread
 //         buffer, transposed once into out [B, O] in bf16 (the bias added in fp32 first, then
 //         rounded to nearest even as torch rounds: no fp32 output for torch to convert).
-//   threads: nm_linear.cpp runs nm24_gemm on the chunk pool, with no OpenMP region in the call
-//         (SPARSEKERN_NM_BF16_THREADS=omp: torch's team instead; see there).
+//   threads: nm_linear.cpp runs nm24_gemm through parallel_chunks (torch's OpenMP team, or the
+//         chunk pool while a core is held elsewhere: chunk_pool.cpp), panels from a shared
+//         counter (SPARSEKERN_NM_BF16_THREADS=omp: at::parallel_for's fixed ranges; see there).
 // Numerics: bf16 x bf16 products (exact in fp32), each pair summed into an fp32 lane with
 // round-to-nearest-even; denormal inputs count as zero and denormal results are flushed
 // (the instruction's rule, also oneDNN's dense bf16 GEMM's). The indices of a group must

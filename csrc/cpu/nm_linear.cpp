@@ -95,13 +95,11 @@ void nm24_gemm_bf16_cpu(const at::Tensor& x2, const at::Tensor& vals, const at::
   uint32_t* tp = reinterpret_cast<uint32_t*>(tiles.data_ptr<int32_t>());
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
   const int64_t panel_rows = b16::panel_rows_for(O, nth);  // see nm_gemm_bf16.h
-  // Threads: the chunk pool, and no OpenMP region anywhere in the call (the kernel writes the
-  // bf16 output itself). Timed with two threads on the shared machine (cpu-gemm-bf16-20261206b):
-  // torch's OpenMP team (at::parallel_for) ran these calls at about half the pool's speed
-  // (likely its end barrier waiting for a worker the OS has parked; not measured directly).
-  // The old fp32 output's conversion by torch was an OpenMP region inside every call, after
-  // which (likely) the OpenMP worker spins on the core the next call's pool worker needs. SPARSEKERN_NM_BF16_THREADS=omp (read per
-  // call, a benchmarking switch) runs it on the OpenMP team.
+  // Threads: parallel_chunks, chunks from a shared counter (chunk_pool.cpp: torch's OpenMP
+  // team while its workers join promptly, else the chunk pool); the kernel writes the bf16
+  // output itself. SPARSEKERN_NM_BF16_THREADS=omp (read per call, a benchmarking switch) runs
+  // it through at::parallel_for's fixed ranges instead: on the shared machine
+  // (cpu-gemm-bf16-20261206b) about half the speed, a parked thread holding its range.
   const char* threads_mode = std::getenv("SPARSEKERN_NM_BF16_THREADS");
   const bool on_omp = threads_mode && std::strcmp(threads_mode, "omp") == 0;
   auto run_parallel = [&](int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
@@ -221,11 +219,22 @@ at::Tensor nm_linear_algo(const at::Tensor& x, const at::Tensor& values, const a
   return finish_linear(out, x, bias_left);
 }
 
+// The im2col matrix [rows, K] of x as [N, H, W, C] (xl), columns in (kh, kw, C) order, in x's
+// dtype: a view where x is channels-last and the convolution 1x1 of stride 1 without padding.
+at::Tensor conv_columns(const at::Tensor& xl, const ConvGeometry& g, int64_t rows, int64_t K) {
+  auto xp = ((g.ph || g.pw) ? at::constant_pad_nd(xl, {0, 0, g.pw, g.pw, g.ph, g.ph}) : xl).contiguous();
+  const auto st = xp.strides();
+  return xp.as_strided({g.N, g.OH, g.OW, g.kh, g.kw, g.C},
+                       {st[0], st[1] * g.sh, st[2] * g.sw, st[1] * g.dh, st[2] * g.dw, st[3]})
+      .reshape({rows, K});
+}
+
 // nm_conv2d: the convolution of x [N, C, H, W] with the N:M weight [O, kh * kw * C] (input
 // channels fastest within each tap: patterns.as_2d), as one product over channels-last
 // patches: rows are output pixels (n, oh, ow), columns the taps' channels. 2:4 from 17
 // rows runs the weight-stationary kernel (algo 1, chosen by sparsekern/dispatch_rules.py) with the x tiles gathered straight from the
-// channels-last input, tap by tap (LaneRows): no padded copy, no im2col matrix. Anything
+// channels-last input, tap by tap (LaneRows): no padded copy, no im2col matrix; bf16 x and
+// weights there run the bf16 2:4 GEMM on the patch matrix instead (nm24_bf16_dot). Anything
 // else builds the patch matrix with one strided copy and runs nm_linear's kernels on it.
 // The result is [N, O, OH, OW] in channels-last memory (the next convolution reads it
 // without a copy).
@@ -254,6 +263,16 @@ at::Tensor nm_conv2d_algo(const at::Tensor& x, const at::Tensor& values, const a
   auto idx = indices.contiguous();
   auto xl = x.permute({0, 2, 3, 1});  // [N, H, W, C]: contiguous when x is channels-last
   const int64_t rows = g.N * g.OH * g.OW;
+  if (rows > 0 && O > 0 && nm24_bf16_dot(algo, vals, panels)) {
+    // bf16 x and weight on a CPU with vdpbf16ps: the columns of x in bf16 (a view for a 1x1
+    // convolution of stride 1 on channels-last x, a copy otherwise) into the bf16 2:4 GEMM,
+    // whose bf16 [rows, O] result, bias in, is the memory of the channels-last output: no fp32
+    // x, no fp32 output and no conversions (ResNet-50's bf16 convolutions ran the fp32 kernel).
+    auto cols = conv_columns(xl, g, rows, K);
+    return nm_linear_algo(cols, vals, idx, n, m, K, bias, algo, c10::nullopt)
+        .view({g.N, g.OH, g.OW, O})
+        .permute({0, 3, 1, 2});
+  }
   auto out = at::empty({g.N, O, g.OH, g.OW}, x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
   if (rows == 0 || O == 0) {
     out.zero_();
@@ -266,11 +285,7 @@ at::Tensor nm_conv2d_algo(const at::Tensor& x, const at::Tensor& values, const a
                   packed.defined() ? packed.data_ptr<uint8_t>() : nullptr);
   } else {
     // In x's dtype: nm_linear's kernels take x in the values' dtype.
-    auto xp = ((g.ph || g.pw) ? at::constant_pad_nd(xl, {0, 0, g.pw, g.pw, g.ph, g.ph}) : xl).contiguous();
-    const auto st = xp.strides();
-    auto cols = xp.as_strided({g.N, g.OH, g.OW, g.kh, g.kw, g.C},
-                              {st[0], st[1] * g.sh, st[2] * g.sw, st[1] * g.dh, st[2] * g.dw, st[3]})
-                    .reshape({rows, K});
+    auto cols = conv_columns(xl, g, rows, K);
     // [N, OH, OW, O] is the memory of the channels-last result. The bias goes in there, so
     // a bf16/fp16 result is rounded once.
     out.permute({0, 2, 3, 1}).reshape({rows, O}).copy_(nm_linear_algo(cols, vals, idx, n, m, K, bias, algo, c10::nullopt));
