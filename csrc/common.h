@@ -189,12 +189,9 @@ inline void check_bitmask_linear_args(const at::Tensor& x, const at::Tensor& val
   }
 }
 
-inline void check_block_linear_args(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
-                                    const at::Tensor& values, int64_t in_features,
-                                    const c10::optional<at::Tensor>& bias) {
-  const char* op = "block_linear";
-  check_x(op, x, in_features);
-  check_same(op, x, values, "values");
+// The BSR index tensors and the values' shape, shared by block_linear and block_linear_q.
+inline void check_bsr_args(const char* op, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                           const at::Tensor& values, int64_t in_features) {
   check_index_tensor(op, x, crow, "crow_indices", c10::kLong);
   check_index_tensor(op, x, col, "col_indices", c10::kLong);
   TORCH_CHECK_VALUE(values.dim() == 3, op, ": values must have shape [nnz_blocks, block_rows, block_cols], got ",
@@ -204,6 +201,15 @@ inline void check_block_linear_args(const at::Tensor& x, const at::Tensor& crow,
                     values.size(0), " entries (one per block), got ", col.sizes());
   TORCH_CHECK_VALUE(values.size(1) > 0 && values.size(2) > 0 && in_features % values.size(2) == 0, op,
                     ": in_features (", in_features, ") must be a multiple of the block width (", values.size(2), ")");
+}
+
+inline void check_block_linear_args(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                                    const at::Tensor& values, int64_t in_features,
+                                    const c10::optional<at::Tensor>& bias) {
+  const char* op = "block_linear";
+  check_x(op, x, in_features);
+  check_same(op, x, values, "values");
+  check_bsr_args(op, x, crow, col, values, in_features);
   check_bias(op, x, bias, (crow.size(0) - 1) * values.size(1));
 }
 
@@ -214,16 +220,8 @@ inline void check_block_linear_q_args(const at::Tensor& x, const at::Tensor& cro
   const char* op = "block_linear_q";
   check_x(op, x, in_features);
   check_index_tensor(op, x, values, "values", c10::kChar);
-  check_index_tensor(op, x, crow, "crow_indices", c10::kLong);
-  check_index_tensor(op, x, col, "col_indices", c10::kLong);
   check_index_tensor(op, x, scales, "scales", c10::kFloat);
-  TORCH_CHECK_VALUE(values.dim() == 3, op, ": values must have shape [nnz_blocks, block_rows, block_cols], got ",
-                    values.sizes());
-  TORCH_CHECK_VALUE(crow.dim() == 1 && crow.size(0) >= 1, op, ": crow_indices must be 1-D and non-empty");
-  TORCH_CHECK_VALUE(col.dim() == 1 && col.size(0) == values.size(0), op, ": col_indices must have ",
-                    values.size(0), " entries (one per block), got ", col.sizes());
-  TORCH_CHECK_VALUE(values.size(1) > 0 && values.size(2) > 0 && in_features % values.size(2) == 0, op,
-                    ": in_features (", in_features, ") must be a multiple of the block width (", values.size(2), ")");
+  check_bsr_args(op, x, crow, col, values, in_features);
   const int64_t out = (crow.size(0) - 1) * values.size(1);
   TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == out, op, ": scales must have shape [", out, "], got ",
                     scales.sizes());
