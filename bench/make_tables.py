@@ -849,7 +849,8 @@ def t_quality_summary(runs):
     after sparsekern's one-shot pruning, one-shot + recovery, and an optimize plan, each beside
     the peers the same run measured (rows with a `peer` field, or kind "peer"); per sparsekern
     row, the peers of its run that score higher. Sources: the newest full quality run with a
-    recovery row (its one-shot and recovery rows) and the newest run with a "plan" row."""
+    recovery row (its one-shot and recovery rows, each method and pattern at its longest budget;
+    docs/RESULTS.md keeps every row) and the newest run with a "plan" row."""
     groups = []  # (run, [(row, label, value, is_peer)])
     rec = next((r for r in runs if not r.quick and any("recovery" in str(x.get("method", "")) for x in r.of("quality"))),
                None)
@@ -859,6 +860,12 @@ def t_quality_summary(runs):
                  (f", {x['steps']} steps" if x.get("steps") else ""),
                  x["value"], False) for x in rows if not x.get("peer") and x.get("method") != "dense"]
         mine = [m for i, m in enumerate(mine) if (m[1], m[2]) not in {(o[1], o[2]) for o in mine[:i]}]  # merged runs
+        # of a method and pattern trained for several budgets (merged runs), the longest budget only
+        longest = {}
+        for m in mine:
+            key = (m[0]["method"], m[0].get("pattern"))
+            longest[key] = max(longest.get(key, 0), m[0].get("steps") or 0)
+        mine = [m for m in mine if (m[0].get("steps") or 0) == longest[(m[0]["method"], m[0].get("pattern"))]]
         peers = [(x, f"peer: {x['peer']}", x["value"], True) for x in rows if x.get("peer")]
         groups.append((rec, mine + peers))
     opt = next((r for r in runs if not r.quick and any(x.get("kind") == "plan" for x in r.rows)), None)
