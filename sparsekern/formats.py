@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops, precisions
+from . import ops, precisions, reference
 from .patterns import (BITMASK_TILE_COLS, check_nm, nm_index_bits, pack_bits, popcount64, unpack_bitmask,
                        unpack_bits)
 
@@ -767,9 +767,7 @@ class BlockWeight(_Format):
         index per value (to_dense, and block_linear on int8 values off the CPU, per call)."""
         if not self.quantized:
             return self.values
-        bh = self.values.shape[1]
-        scale = self.scales.view(-1, bh)[self._block_rows()]  # [blocks, bh]
-        return (self.values.to(torch.float32) * scale[:, :, None]).to(self.compute_dtype)
+        return reference.block_q_values(self.crow_indices, self.values, self.scales).to(self.compute_dtype)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, block: tuple[int, int] = (32, 32),

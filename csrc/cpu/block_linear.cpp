@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "cpu_common.h"
+#include "rows_q.h"  // kQAlgo*
 
 namespace sparsekern {
 namespace cpu {
@@ -107,14 +108,12 @@ at::Tensor block_linear_algo(const at::Tensor& x, const at::Tensor& crow, const 
 // row kernel reads the int8 values as stored (block_rows_impl.h, the scale on each finished
 // row sum); above, tiles of rows dequantized into the BLAS GEMM. algo 3 (kQAlgoInt8Expand): x
 // quantized per row, the values expanded to a dense int8 weight, torch's int8 GEMM.
-constexpr int64_t kQAlgoExactBlock = 0, kQAlgoInt8ExpandBlock = 3;  // rows_q.h kQAlgoExact, kQAlgoInt8Expand
-
 at::Tensor block_linear_q_algo(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                                const at::Tensor& values, const at::Tensor& scales, int64_t in_features,
                                const c10::optional<at::Tensor>& bias, int64_t algo) {
   check_block_linear_q_args(x, crow, col, values, scales, in_features, bias);
-  TORCH_CHECK_VALUE(algo == kQAlgoExactBlock || algo == kQAlgoInt8ExpandBlock, "block_linear_q: algo must be ",
-                    kQAlgoExactBlock, " (x in fp32) or ", kQAlgoInt8ExpandBlock,
+  TORCH_CHECK_VALUE(algo == kQAlgoExact || algo == kQAlgoInt8Expand, "block_linear_q: algo must be ",
+                    kQAlgoExact, " (x in fp32) or ", kQAlgoInt8Expand,
                     " (int8 values expanded for torch's int8 GEMM), got ", algo);
   const int64_t bh = values.size(1), bw = values.size(2), K = in_features;
   const int64_t nbr = crow.size(0) - 1, O = nbr * bh;
@@ -139,7 +138,7 @@ at::Tensor block_linear_q_algo(const at::Tensor& x, const at::Tensor& crow, cons
   c10::optional<at::Tensor> bias_left = bias;
   if (B == 0 || O == 0) {
     out = at::zeros({B, O}, x2.options());
-  } else if (algo == kQAlgoInt8ExpandBlock) {
+  } else if (algo == kQAlgoInt8Expand) {
     out = int8_expand_gemm(x2, sc, O, [&](int64_t r0, int64_t r1, int8_t* dst) {
       std::fill(dst + r0 * K, dst + r1 * K, int8_t(0));
       for (int64_t r = r0; r < r1; ++r) {  // each kept block's bw bytes of the row, as stored
@@ -239,7 +238,7 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("block_linear_q", [](const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                               const at::Tensor& values, const at::Tensor& scales, int64_t in_features,
                               const c10::optional<at::Tensor>& bias) {
-    return block_linear_q_algo(x, crow, col, values, scales, in_features, bias, kQAlgoExactBlock);
+    return block_linear_q_algo(x, crow, col, values, scales, in_features, bias, kQAlgoExact);
   });
   m.impl("block_linear_q_cpu", &block_linear_q_algo);
   m.impl("block_compress", &block_compress_cpu);

@@ -211,8 +211,7 @@ at::Tensor int8_expand_gemm(const at::Tensor& x2, const at::Tensor& wscales, int
                             const std::function<void(int64_t, int64_t, int8_t*)>& expand) {
   const int64_t B = x2.size(0), K = x2.size(1);
   auto out = at::empty({B, O}, x2.options());
-  if (B == 0 || O == 0) return out.zero_();
-  if (K == 0) return out.zero_();
+  if (B == 0 || O == 0 || K == 0) return out.zero_();
   // The activation bytes of kQAlgoInt8Act (q + 128, one scale per row) with no column padding,
   // then q itself: x ^ 0x80 read as int8 is x - 128.
   auto xq = at::empty({B, K}, x2.options().dtype(at::kByte));
