@@ -30,6 +30,12 @@ bool cpu_has_avx512_bf16();
 // here (16, 8 or 1 lanes). Returns (seconds, fp32 FLOPs done, lanes); the bench's limits
 // suite divides the two for the compute roof it compares kernels and MKL with.
 std::tuple<double, double, int64_t> cpu_fma_probe(int64_t iterations);
+// Writes back and evicts the bytes of each CPU tensor's storage from every cache level (one
+// CLFLUSH per 64-byte line): the cold start of the per-bucket path measurement
+// (sparsekern/nn.py measure_paths). Only the weight then comes from memory, as it does in a
+// model larger than the last-level cache, while the code, the input and the threads stay as
+// warm as between two layers (a flush buffer written instead evicts them all).
+void cpu_evict_from_cache(const std::vector<at::Tensor>& tensors);
 
 // Bits used per in-group index in the N:M format: 2 for M=4, 4 for M=8 and M=16.
 inline int nm_index_bits(int64_t m) { return m == 4 ? 2 : 4; }

@@ -146,6 +146,8 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def("build_info() -> str", &build_info);
   // The CPU's measured fp32 multiply-add roof: (seconds, FLOPs, lanes); see common.h.
   m.def("cpu_fma_probe(int iterations) -> (float, float, int)", &cpu_fma_probe);
+  // The path measurement's cold start on a CPU: the tensors' bytes evicted from the caches.
+  m.def("cpu_evict_from_cache(Tensor[] tensors) -> ()", &cpu_evict_from_cache);
 }
 
 }  // namespace sparsekern

@@ -71,6 +71,18 @@ def bucket_min_rows(bucket: int) -> int:
 # ------------------------------------------------------------------ noise margins
 # Relative margins within which the earlier (preferred) candidate keeps its place.
 PATH_NOISE = 0.02    # sparsekern.nn.choose_path: "sparse" wins ties with the dense paths
+# How sparsekern.nn.measure_paths starts each timed call cold (part of the tuning cache's
+# environment, through this file's hash: choices measured another way are not reused).
+PATH_COLD_START = "CPU: the layer's weight tensors evicted from the caches; GPU: a flush buffer twice L2"
+# measure_paths runs Policy.reps rounds at least, and more (up to PATH_MAX_REPS) while the
+# rounds took less than PATH_MIN_MEASURE_MS per path.
+PATH_MIN_MEASURE_MS = 10.0
+PATH_MAX_REPS = 40
+# Relative time added to a path's measurement before choose_path compares it. "decompress"
+# makes a dense weight per call: measured alone it reuses the block the allocator just freed,
+# warm in cache, while in a model it is not (EVIDENCE: alone it is the fastest path of the
+# 1536x384 layer, in the model the slowest).
+PATH_HANDICAP = {"decompress": 0.25}
 TUNING_NOISE = 0.03  # measured GPU medians: two runs of one kernel on a lent H100 differ by about this
 
 
@@ -393,6 +405,20 @@ EVIDENCE: dict[str, Measured] = {
     "SEMI_STRUCTURED_BUCKETS": Measured("not measured yet (bench/gpu_check.sh measures it)", {}),
     "TUNING_NOISE": Measured("not stored yet (two runs of one kernel on a lent H100)", {"spread": 0.03}),
     "PATH_NOISE": Measured("bench/results/cpu-models-20261128q", {"margin": 0.02}),
+    # all-MiniLM-L6-v2 2:4, 20 rows, 2 threads (bench/bench_path_measurement.py): ms per call of
+    # each path in the model (layers forced onto it, the model run whole) and alone (the
+    # fastest of 5 rounds, min-max over 5 trials) with each cold start.
+    "PATH_COLD_START": Measured("bench/results/cpu-paths-20261206", {
+        "384x384 sparse / dense copy": {"in the model": (0.127, 0.110), "alone, weights evicted":
+                                        ((0.118, 0.175), (0.097, 0.111)),
+                                        "alone, flush buffer": ((0.306, 0.337), (0.193, 0.225))}}),
+    "PATH_MIN_MEASURE_MS": Measured("bench/results/cpu-paths-20261206", {
+        "384x384 sparse, alone, weights evicted": {"5 rounds": (0.118, 0.175), "adaptive": (0.116, 0.118)}}),
+    "PATH_MAX_REPS": Measured("bench/results/cpu-paths-20261206", {
+        "rounds of a 0.1 ms layer within PATH_MIN_MEASURE_MS x 3 paths": "about 40"}),
+    "PATH_HANDICAP": Measured("bench/results/cpu-paths-20261206", {
+        "1536x384 sparse / decompress": {"in the model": (0.375, 0.407),
+                                         "alone, weights evicted": ((0.346, 0.359), (0.331, 0.335))}}),
     # A memory cap (which layers may keep a dense copy), not a speed threshold: the per-bucket
     # measurement decides whether the copy runs. Per-call CPU time in us, 64x256 fp32, 1 row,
     # 1 thread (thread clock, busy machine), after the cached call per input shape:

@@ -157,6 +157,7 @@ class _Format:
         object.__setattr__(self, name, value)
         if name != "_validated":
             object.__setattr__(self, "_validated", False)
+            self.__dict__.pop("_keeps_derived", None)  # a new tensor may change nbytes
 
     @property
     def is_validated(self) -> bool:
@@ -317,6 +318,31 @@ class _Format:
         for key in self._DERIVED:
             self.__dict__.pop(key, None)
 
+    def derived_layout_nbytes(self, key: str) -> int:
+        """The bytes the derived index `key` (one of _DERIVED) takes once built, computed
+        from the shapes without building it."""
+        raise KeyError(f"{type(self).__name__} derives no {key!r}")
+
+    def set_derived_budget(self, fraction: float | None) -> None:
+        """The bytes the derived indexes may take, as a fraction of nbytes (None: no limit).
+        A sparse module sets its Policy.derived_budget here; sparsekern.ops then asks for a
+        derived index only where keeps_derived() says it is kept, and the kernel reads the
+        compressed tensors instead of one built for a single call and dropped."""
+        if self.__dict__.get("_derived_budget", None) != fraction:
+            # Through __dict__: a setting of this object, not a field (it must not clear is_validated).
+            self.__dict__["_derived_budget"] = fraction
+            self.__dict__.pop("_keeps_derived", None)
+
+    def keeps_derived(self, key: str) -> bool:
+        """Whether the derived index `key` fits this weight's budget (set_derived_budget)."""
+        budget = self.__dict__.get("_derived_budget")
+        if budget is None:
+            return True
+        keeps = self.__dict__.setdefault("_keeps_derived", {})
+        if key not in keeps:  # shapes change only when a field is set, which clears this
+            keeps[key] = self.derived_layout_nbytes(key) <= budget * self.nbytes
+        return keeps[key]
+
     @property
     def dtype(self) -> torch.dtype:
         """The float dtype the weight computes in (quantized values: the dtype they were
@@ -471,6 +497,16 @@ class NMWeight(_Format):
         v, ix = self.values, self.indices
         return self._derived("_gemm_panels", (v, ix),
                              lambda: ops.nm24_pack_panels(self._float_values().detach(), ix, self.in_features))
+
+    # csrc/nm24_panels.h (Nm24Panels::bytes): 72-byte quads, 16 per K tile of 128 columns, per
+    # block of 3 output rows.
+    _PANEL_K_TILE, _PANEL_BLOCK_ROWS, _PANEL_BLOCK_BYTES = 128, 3, 16 * 72
+
+    def derived_layout_nbytes(self, key: str) -> int:
+        if key != "_gemm_panels":
+            return super().derived_layout_nbytes(key)
+        k_tiles = -(-self.in_features // self._PANEL_K_TILE)
+        return k_tiles * -(-self.shape[0] // self._PANEL_BLOCK_ROWS) * self._PANEL_BLOCK_BYTES
 
     @classmethod
     def from_tensors(cls, d: dict[str, torch.Tensor], validate: bool = True,
@@ -667,6 +703,11 @@ class BitmaskWeight(_Format):
         bm = self.bitmask
         return self._derived("_column_index", (bm,),
                              lambda: unpack_bitmask(bm, self.in_features).nonzero()[:, 1].to(torch.int16))
+
+    def derived_layout_nbytes(self, key: str) -> int:
+        if key != "_column_index":
+            return super().derived_layout_nbytes(key)
+        return 2 * self.values.numel()  # int16 per kept value
 
     def _row_starts(self) -> torch.Tensor:
         """int64 [out + 1]: index in `values` of each row's first kept element, then nnz."""

@@ -305,7 +305,7 @@ def test_a_layer_keeps_the_pre_packed_weight_only_while_it_runs_sparse(winner, m
     from sparsekern import models
     from sparsekern import nn as sknn
 
-    def timed(runners, device, reps, cold):
+    def timed(runners, device, reps, cold, evict=None):
         for fn in runners.values():
             fn()
         return {p: (1.0 if p == winner else 2.0) for p in runners}

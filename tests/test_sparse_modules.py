@@ -67,7 +67,9 @@ def test_unsupported_conv_settings_are_refused():
     ({"sparse": 2.0, "decompress": 1.0}, "decompress"),                   # dense faster
     ({"sparse": 1.01, "decompress": 1.0}, "sparse"),                      # equal within noise
     ({"sparse": 1.1, "decompress": 1.0, "dense_copy": 0.5}, "dense_copy"),  # the kept copy wins
-    ({"sparse": 1.0, "decompress": 0.97}, "decompress"),                  # beyond noise
+    ({"sparse": 1.0, "decompress": 0.75}, "decompress"),                  # beyond noise and its handicap
+    ({"sparse": 1.0, "decompress": 0.85}, "sparse"),                      # within decompress's handicap
+    ({"sparse": 1.0, "dense_copy": 0.97}, "dense_copy"),                  # beyond noise
 ])
 def test_choose_path_with_injected_timings(timings, expect):
     choice = sparsekern.nn.choose_path(timings, rows=8)
@@ -86,7 +88,7 @@ def test_module_measures_each_bucket_once_and_runs_the_choice(monkeypatch):
     must measure once per bucket, run what it chose, and explain it."""
     calls = []
 
-    def fake_measure(runners, device, reps, cold):
+    def fake_measure(runners, device, reps, cold, evict=None):
         assert set(runners) == {"sparse", "decompress"}  # no dense copy unless the policy allows one
         calls.append(sorted(runners))
         rows = fake_measure.rows
@@ -111,7 +113,7 @@ def test_module_measures_each_bucket_once_and_runs_the_choice(monkeypatch):
 
 def test_dense_copy_is_a_candidate_only_when_the_policy_trades_memory(monkeypatch):
     monkeypatch.setattr(sparsekern.nn, "measure_paths",
-                        lambda runners, *a: {p: {"sparse": 3.0, "decompress": 2.0, "dense_copy": 1.0}[p]
+                        lambda runners, *a, **k: {p: {"sparse": 3.0, "decompress": 2.0, "dense_copy": 1.0}[p]
                                              for p in runners})
     s = SparseLinear.from_dense(nn.Linear(64, 32), "2:4", policy=Policy("auto", dense_copy=True)).eval()
     x = torch.randn(20, 64)
@@ -119,6 +121,36 @@ def test_dense_copy_is_a_candidate_only_when_the_policy_trades_memory(monkeypatc
         y = s(x)
     assert s.bucket_choices[64].path == "dense_copy" and "dense_copy_bytes=8192" in s.describe()
     torch.testing.assert_close(y, x @ s.weight_format().to_dense().T + s.bias)
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.sparsekern, "cpu_evict_from_cache"), reason="extension not built")
+def test_the_cold_start_evicts_the_weight_tensors_and_leaves_them_intact(monkeypatch):
+    """measure_paths' CPU cold start: the layer's weight tensors (here the compressed ones and
+    the bias) go to sparsekern.cpu_evict_from_cache before every timed call; eviction changes
+    no byte, views, empty and non-contiguous tensors included; a GPU tensor is refused by name."""
+    evict = torch.ops.sparsekern.cpu_evict_from_cache
+    a = torch.randn(300, 7)
+    views = [a, a[:, 1:5], a.t(), torch.empty(0), torch.zeros(3, dtype=torch.int8)[1:]]
+    before = [v.clone() for v in views]
+    evict(views)
+    for v, b in zip(views, before):
+        assert torch.equal(v, b)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"tensors\[1\] must be a CPU tensor"):
+            evict([a, a.cuda()])
+
+    seen = []
+    real = torch.ops.sparsekern.cpu_evict_from_cache
+    monkeypatch.setattr(sparsekern.nn, "_evict_op", lambda: lambda ts: (seen.append(ts), real(ts)))
+    s = SparseLinear.from_dense(nn.Linear(128, 64), "2:4", policy=Policy("auto", reps=2)).eval()
+    with torch.no_grad():
+        s(torch.randn(3, 128))
+    f = s.weight_format()
+    assert seen and all(any(t.data_ptr() == f.values.data_ptr() for t in ts) for ts in seen)
+    assert all(any(t.data_ptr() == s.bias.data_ptr() for t in ts) for ts in seen)
+    assert set(s.bucket_choices[4].times_ms) == {"sparse", "dense_copy"}
+    rounds = len(seen) // 2  # two paths per round
+    assert 2 <= rounds <= sparsekern.dispatch_rules.PATH_MAX_REPS
 
 
 def test_real_measurement_runs_every_path_on_the_input():
@@ -408,7 +440,7 @@ def test_identical_layers_share_one_measurement(monkeypatch):
     does not share, measures for itself."""
     calls = []
 
-    def fake_measure(runners, device, reps, cold):
+    def fake_measure(runners, device, reps, cold, evict=None):
         calls.append(reps)
         return {"sparse": 1.0, "decompress": 2.0}
 
@@ -435,24 +467,56 @@ def test_identical_layers_share_one_measurement(monkeypatch):
 @pytest.mark.parametrize("budget,kept", [(0.5, False), (None, True)])
 def test_derived_layouts_stay_within_the_policy_budget(budget, kept):
     """The 2:4 GEMM's pre-packed panels (6 bytes per kept value, 1.4x an fp32 2:4 weight) are
-    packed for the call and dropped under the default budget, so the compressed weight is
-    the one resident layout; derived_budget=None keeps them. Same output either way."""
+    never packed under the default budget: the kernel reads the compressed weight, the one
+    resident layout (packing them for one call and dropping them had cost more than the
+    kernel at 20 rows). derived_budget=None keeps them. Same output either way."""
     from sparsekern import dispatch_rules
     from sparsekern.nn import Policy, SparseLinear
 
     torch.manual_seed(0)
-    lin = torch.nn.Linear(256, 96)
+    lin = torch.nn.Linear(256, 97)  # 97 rows: a partial 3-row block of the panels
     x = torch.randn(64, 256)
     layer = SparseLinear.from_dense(lin, "2:4", policy=Policy("sparse", derived_budget=budget)).eval()
     f = layer.weight_format()
-    with torch.no_grad():
-        y = layer(x)
     uses_panels = dispatch_rules.uses_gemm_panels(dispatch_rules.nm_cpu_algo(2, 4, 64), torch.float32)
     if not uses_panels:
         pytest.skip("this CPU's 2:4 kernel reads no pre-packed panels")
-    assert (f.derived_nbytes > 0) == kept
+    with torch.no_grad():
+        y, ran = _ops_run(lambda: layer(x))
+        y2, ran2 = _ops_run(lambda: layer(x))
+    assert any("nm24_pack_panels" in op for op in ran) == kept and not any("nm24_pack_panels" in op for op in ran2)
+    assert (f.derived_nbytes > 0) == kept and f.keeps_derived("_gemm_panels") == kept
     assert ("derived_index_bytes=0 " in layer.describe()) != kept
+    if kept:  # the size predicted from the shapes is the size built
+        assert f.derived_nbytes == f.derived_layout_nbytes("_gemm_panels")
     torch.testing.assert_close(y, torch.nn.functional.linear(x, f.to_dense(), lin.bias), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y2, y)
+
+
+def test_a_column_index_over_the_budget_is_never_built():
+    """A bf16 bitmask weight at 10% density: its 16-bit column index is 0.6x the compressed
+    bytes, over the default budget (0.5), so the decode kernel reads the mask instead of an
+    index built for one call; the predicted size is the built size."""
+    from sparsekern import dispatch_rules
+    from sparsekern.formats import BitmaskWeight
+    from sparsekern.nn import Policy, SparseLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 64).to(torch.bfloat16)
+    layer = SparseLinear.from_dense(lin, "unstructured", sparsity=0.9, policy=Policy("sparse")).eval()
+    f = layer.weight_format()
+    assert isinstance(f, BitmaskWeight)
+    if not dispatch_rules.uses_column_index(f.device, f.dtype, 1, f.density, f.in_features, f.COLUMN_INDEX_MAX_IN):
+        pytest.skip("this CPU's bitmask kernels read no column index at this density")
+    x = torch.randn(1, 512, dtype=torch.bfloat16)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = layer(x)
+    ran = {e.name for e in prof.events()}
+    assert "sparsekern::bitmask_linear_cpu" in ran and "aten::nonzero" not in ran, ran  # nonzero() builds the index
+    assert not f.keeps_derived("_column_index") and f.derived_nbytes == 0
+    free = BitmaskWeight.from_dense(f.to_dense())  # no budget set: builds the index when asked
+    assert free.derived_layout_nbytes("_column_index") == free.column_index().numel() * 2
+    torch.testing.assert_close(y.float(), (x.float() @ f.to_dense().float().T + lin.bias.float()), rtol=2e-2, atol=2e-2)
 
 
 def test_a_bad_derived_budget_is_refused():
@@ -536,7 +600,7 @@ def test_a_small_layer_keeps_a_dense_copy_only_where_it_wins(monkeypatch):
     from sparsekern import dispatch_rules
 
     monkeypatch.setattr(sparsekern.nn, "measure_paths",
-                        lambda runners, *a: {p: {"sparse": 2.0, "decompress": 3.0, "dense_copy": 1.0}[p]
+                        lambda runners, *a, **k: {p: {"sparse": 2.0, "decompress": 3.0, "dense_copy": 1.0}[p]
                                              for p in runners})
     s = SparseLinear.from_dense(nn.Linear(64, 32), "unstructured", sparsity=0.5).eval()
     assert 64 * 32 * 4 <= dispatch_rules.DENSE_COPY_MAX_BYTES
@@ -556,7 +620,7 @@ def test_a_small_layer_keeps_a_dense_copy_only_where_it_wins(monkeypatch):
 
 def test_a_dense_copy_that_no_bucket_runs_is_dropped(monkeypatch):
     monkeypatch.setattr(sparsekern.nn, "measure_paths",
-                        lambda runners, *a: {p: {"sparse": 1.0, "decompress": 3.0, "dense_copy": 2.0}[p]
+                        lambda runners, *a, **k: {p: {"sparse": 1.0, "decompress": 3.0, "dense_copy": 2.0}[p]
                                              for p in runners})
     s = SparseLinear.from_dense(nn.Linear(64, 32), "2:4").eval()
     with torch.no_grad():
@@ -583,7 +647,7 @@ def test_a_bad_dense_copy_limit_is_refused():
 
 def test_a_small_convolution_keeps_a_dense_copy_where_it_wins(monkeypatch):
     monkeypatch.setattr(sparsekern.nn, "measure_paths",
-                        lambda runners, *a: {p: {"sparse": 2.0, "decompress": 3.0, "dense_copy": 1.0}[p]
+                        lambda runners, *a, **k: {p: {"sparse": 2.0, "decompress": 3.0, "dense_copy": 1.0}[p]
                                              for p in runners})
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, 3, padding=1)

@@ -33,7 +33,7 @@ def fake_timings(monkeypatch):
     """Injected timings (sparse wins): measuring is counted, not timed."""
     calls = []
 
-    def fake_measure(runners, device, reps, cold):
+    def fake_measure(runners, device, reps, cold, evict=None):
         calls.append(sorted(runners))
         return {p: {"sparse": 1.0, "decompress": 2.0, "dense_copy": 3.0}[p] for p in runners}
 

@@ -7,6 +7,10 @@
 #include <mutex>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 namespace sparsekern {
 
 // True when sparse_rows_avx2.cpp holds AVX2 kernels and this CPU has every extension it
@@ -48,6 +52,29 @@ bool cpu_has_avx512_bf16() {
   return has;
 #else
   return false;
+#endif
+}
+
+void cpu_evict_from_cache(const std::vector<at::Tensor>& tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK_VALUE(t.defined(), "sparsekern.cpu_evict_from_cache: tensors[", i, "] is undefined");
+    TORCH_CHECK_VALUE(t.device().is_cpu(), "sparsekern.cpu_evict_from_cache: tensors[", i,
+                      "] must be a CPU tensor, got one on ", t.device());
+  }
+#if defined(__x86_64__) || defined(__i386__)
+  for (const at::Tensor& t : tensors) {
+    if (!t.has_storage()) continue;
+    const char* base = static_cast<const char*>(t.storage().data());
+    const size_t nbytes = t.storage().nbytes();
+    if (base == nullptr || nbytes == 0) continue;
+    const uintptr_t first = reinterpret_cast<uintptr_t>(base) & ~uintptr_t(63);
+    const uintptr_t end = reinterpret_cast<uintptr_t>(base) + nbytes;
+    for (uintptr_t line = first; line < end; line += 64) _mm_clflush(reinterpret_cast<const void*>(line));
+  }
+  _mm_mfence();  // the evictions are done before the timed call starts
+#else
+  TORCH_CHECK(false, "sparsekern.cpu_evict_from_cache: evicting cache lines is implemented for x86 CPUs only");
 #endif
 }
 

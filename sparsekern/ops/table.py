@@ -147,7 +147,8 @@ def nm_linear_key(x, weight=None, bias=None):
         # by the bucket, not the row count: a compiled graph guards on the bucket, as the
         # decision does (the GEMM's first row count is a bucket edge)
         algo = rules.nm_cpu_algo(weight.n, weight.m, rules.bucket_min_rows(bucket))
-    return x, NmLinearKey(bucket, shape, algo, rules.uses_gemm_panels(algo, x.dtype))
+    return x, NmLinearKey(bucket, shape, algo,
+                          rules.uses_gemm_panels(algo, x.dtype) and weight.keeps_derived("_gemm_panels"))
 
 
 def nm_conv2d_key(x, weight=None, kernel_size=None, bias=None, stride=1, padding=0, dilation=1):
@@ -160,7 +161,7 @@ def nm_conv2d_key(x, weight=None, kernel_size=None, bias=None, stride=1, padding
         for size, k, s, p, d in zip(x.shape[2:], pair(kernel_size), pair(stride), pair(padding), pair(dilation)):
             pix = pix * conv_output_size(size, k, s, p, d)
     algo = rules.nm_cpu_algo(weight.n, weight.m, pix)
-    return x, NmConv2dKey(algo, rules.uses_gemm_panels(algo, x.dtype))
+    return x, NmConv2dKey(algo, rules.uses_gemm_panels(algo, x.dtype) and weight.keeps_derived("_gemm_panels"))
 
 
 def bitmask_linear_key(x, weight=None, bias=None):
@@ -170,8 +171,9 @@ def bitmask_linear_key(x, weight=None, bias=None):
     algo = None
     if x.device.type == "cpu" and x.dtype in rules.KERNEL_DTYPES:  # by the bucket, as nm_linear_key
         algo = rules.bitmask_cpu_algo(rules.bucket_min_rows(bucket), weight.density)
-    return x, BitmaskLinearKey(bucket, rules.uses_column_index(x.device, x.dtype, bucket, weight.density,
-                                                               weight.in_features, weight.COLUMN_INDEX_MAX_IN), algo)
+    columns = rules.uses_column_index(x.device, x.dtype, bucket, weight.density, weight.in_features,
+                                      weight.COLUMN_INDEX_MAX_IN) and weight.keeps_derived("_column_index")
+    return x, BitmaskLinearKey(bucket, columns, algo)
 
 
 def block_linear_key(x, weight=None, bias=None):
