@@ -307,10 +307,14 @@ class _Format:
             self.__dict__[key] = cached = (sources, stamps, build())
         return cached[2]
 
+    def derived_tensors(self) -> list[torch.Tensor]:
+        """The derived indexes built so far (none: an empty list)."""
+        return [c[2] for c in map(self.__dict__.get, self._DERIVED) if c]
+
     @property
     def derived_nbytes(self) -> int:
         """Bytes of the derived indexes built so far; 0 when none is."""
-        return sum(c[2].numel() * c[2].element_size() for c in map(self.__dict__.get, self._DERIVED) if c)
+        return sum(t.numel() * t.element_size() for t in self.derived_tensors())
 
     def release_derived(self) -> None:
         """Drops the derived indexes (derived_nbytes becomes 0); the next call that needs one

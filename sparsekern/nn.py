@@ -201,9 +201,8 @@ def measure_paths(runners: dict, device: torch.device, reps: int, cold: bool, ev
     tensors' cache lines evicted (sparsekern.cpu_evict_from_cache), so the weight comes from
     memory as in a model larger than the cache, while the code, the input and the threads stay
     as warm as between two layers. A flush buffer written before the call evicts all of them
-    too, and then charges each path its own cold start: on all-MiniLM-L6-v2 at 20 rows it made
-    the 2:4 kernel look 2.3x slower than the dense copy, within 10% warm. Elsewhere (a GPU, no
-    `evict`) the flush buffer."""
+    too, and charges each path its own cold start, the sparse path's most (the figures:
+    dispatch_rules.EVIDENCE["PATH_COLD_START"]). Elsewhere (a GPU, no `evict`) the flush buffer."""
     times = {p: [] for p in runners}
     cuda = device.type == "cuda"
     evict_op = _evict_op() if evict is not None and device.type == "cpu" else None
@@ -664,7 +663,7 @@ class _SparseMixin:
         kept dense copy and the bias (measure_paths evicts them before each timed call)."""
         tensors = [f] if isinstance(f, torch.Tensor) else [getattr(f, n) for n in f.tensor_names()]
         if not isinstance(f, torch.Tensor):
-            tensors += [c[2] for c in map(f.__dict__.get, f._DERIVED) if c]
+            tensors += f.derived_tensors()
         copy = self.__dict__.get("_dense_copy")
         if copy is not None:
             tensors.append(copy[1])
