@@ -314,6 +314,26 @@ def block_cpu_algo(rows: int | None, density: float) -> int:
 
 
 # ------------------------------------------------------------------ GPU
+# The CUDA decode kernels (csrc/cuda/nm_linear.cu, bitmask_linear.cu) run any batch in tiles
+# of 8 to 32 rows, reading the weight once per tile. Above these many rows, unless the GPU
+# timing table (sparsekern.tuning) measured otherwise, the dispatch passes over them for the
+# next backend (BACKEND_ORDER: Triton, then the reference's GEMM on the decompressed weight,
+# cuBLAS). Batch bucket edges: a decision per bucket. A guess until measured (the kernels
+# decided 64 and 32 rows inside C++ before, never run on a GPU).
+CUDA_DECODE_MAX_ROWS = {"nm_linear": 64, "bitmask_linear": 16}
+assert all(v in BATCH_BUCKETS for v in CUDA_DECODE_MAX_ROWS.values()), "CUDA_DECODE_MAX_ROWS must end a batch bucket"
+
+
+def cuda_decode_verdict(op: str, bucket: int | None) -> str | None:
+    """Why the CUDA decode kernel of `op` should not run a batch of this bucket (None: it
+    should, or the op has no such limit)."""
+    limit = CUDA_DECODE_MAX_ROWS.get(op)
+    if limit is None or bucket is None or (bucket != -1 and bucket <= limit):
+        return None
+    return (f"{_bucket_text(bucket)}: above {limit} rows the decode kernel reads the weight once per batch tile; "
+            "a GEMM on the decompressed weight runs it (dispatch_rules.CUDA_DECODE_MAX_ROWS)")
+
+
 # Batch buckets that go to the 2:4 sparse tensor-core GEMMs (cuSPARSELt, CUTLASS) when nothing
 # was measured: rows > 64. Below, the decode kernel reads the weight once for all rows; the
 # GEMMs tile for large M and leave most of a tensor-core tile empty (a guess until measured).
@@ -331,6 +351,16 @@ def measured_verdict(op: str, backend: str, device_name: str, dtype, bucket: int
         return None
     times = ", ".join(f"{b} {t:.4f} ms" for b, t in sorted(med.items(), key=lambda kv: kv[1]))
     return f"measured slower on {device_name} for this batch bucket ({times})"
+
+
+def cuda_kernel_verdict(op: str, device_name: str, dtype, bucket: int | None, shape,
+                        order: Iterable[str] = ()) -> str | None:
+    """Why the compiled CUDA kernel should not run this key: where the timing table measured
+    the key, its verdict (measured_verdict); elsewhere the decode kernels' batch limit
+    (cuda_decode_verdict). None: it should run."""
+    if bucket is not None and tuning.lookup(op, device_name, dtype, bucket, shape):
+        return measured_verdict(op, "cuda", device_name, dtype, bucket, shape, order)
+    return cuda_decode_verdict(op, bucket)
 
 
 def _bucket_text(bucket: int) -> str:
@@ -403,6 +433,8 @@ EVIDENCE: dict[str, Measured] = {
     "BLOCK_ROW_GEMM_MAX_DENSITY": Measured("not stored as a run (figures moved from csrc/cpu/block_linear.cpp)", {
         "10% kept": {"per-block-row GEMMs": 15, "tiles": 26}}),
     "SEMI_STRUCTURED_BUCKETS": Measured("not measured yet (bench/gpu_check.sh measures it)", {}),
+    "CUDA_DECODE_MAX_ROWS": Measured("not measured yet (moved from csrc/cuda kDecodeMaxRows; bench/gpu_check.sh "
+                                     "times the CUDA kernels per batch bucket)", {}),
     "TUNING_NOISE": Measured("not stored yet (two runs of one kernel on a lent H100)", {"spread": 0.03}),
     "PATH_NOISE": Measured("bench/results/cpu-models-20261128q", {"margin": 0.02}),
     # all-MiniLM-L6-v2 2:4, 20 rows, 2 threads (bench/bench_path_measurement.py): ms per call of

@@ -96,24 +96,55 @@ def test_large_buckets_run_cusparselt_first(gpu):
         assert "cuSPARSELt" in why
 
 
-def test_cutlass_when_cusparselt_is_missing_and_cuda_when_the_shape_does_not_fit(gpu, monkeypatch):
+def test_cutlass_when_cusparselt_is_missing_and_a_gemm_when_the_shape_does_not_fit(gpu, monkeypatch):
     monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: False)
     backend, why = ops.explain_backend("nm_linear", fake_x(512, 4096), nm())
     assert backend == "cutlass" and "no cuSPARSELt" in why
     ops.clear_decisions()
+    # 512 rows: not the decode kernel (dispatch_rules.CUDA_DECODE_MAX_ROWS) but the next in
+    # order, Triton's GEMM over the weight decompressed in tiles
     backend, why = ops.explain_backend("nm_linear", fake_x(512, 4096), nm(out=4104))
-    assert backend == "cuda" and "out % 32" in why
+    assert backend == "triton" and "out % 32" in why and "CUDA_DECODE_MAX_ROWS" in why
+
+
+@pytest.mark.parametrize("op,weight,last_decode_rows", [("nm_linear", nm(4, 8), 64),
+                                                        ("bitmask_linear", None, 16)])
+def test_the_cuda_decode_kernels_run_up_to_their_limit_and_a_gemm_above(gpu, op, weight, last_decode_rows):
+    """The batch limit of the CUDA decode kernels is decided in dispatch_rules, per bucket; the
+    GPU timing table overrides it where it measured the key."""
+    assert dispatch_rules.CUDA_DECODE_MAX_ROWS[op] == last_decode_rows
+    w = weight if weight is not None else SimpleNamespace(shape=(4096, 4096), in_features=4096, density=0.3,
+                                                           COLUMN_INDEX_MAX_IN=1 << 15)
+    for rows, decode in ((1, True), (last_decode_rows, True), (last_decode_rows + 1, False), (4096, False)):
+        ops.clear_decisions()
+        backend, why = ops.explain_backend(op, fake_x(rows, 4096), w)
+        assert (backend == "cuda") == decode, (rows, backend, why)
+        if not decode:
+            assert backend in ("triton", "reference") and "CUDA_DECODE_MAX_ROWS" in why
+    assert dispatch_rules.cuda_decode_verdict(op, None) is None
+    assert dispatch_rules.cuda_decode_verdict("block_linear", -1) is None  # no limit declared
+
+
+def test_the_timing_table_overrides_the_decode_limit(gpu, table):
+    bucket = 256
+    table.record("nm_linear", H100, BF16, bucket, (4096, 4096), {"cuda": 0.010, "triton": 0.020})
+    backend, why = ops.explain_backend("nm_linear", fake_x(200, 4096), nm(4, 8))
+    assert backend == "cuda", why
+    ops.clear_decisions()
+    table.record("nm_linear", H100, BF16, bucket, (4096, 4096), {"cuda": 0.030, "triton": 0.020})
+    backend, why = ops.explain_backend("nm_linear", fake_x(200, 4096), nm(4, 8))
+    assert backend == "triton" and "measured slower" in why
 
 
 @pytest.mark.parametrize("n,m,dtype,needle", [(4, 8, BF16, "2:4 only"), (2, 4, torch.float32, "bfloat16/float16")])
 def test_patterns_and_dtypes_the_gemms_do_not_take(gpu, n, m, dtype, needle):
     backend, why = ops.explain_backend("nm_linear", fake_x(512, 4096, dtype), nm(n, m))
-    assert backend == "cuda" and needle in why
+    assert backend == "triton" and needle in why  # above the CUDA decode kernel's rows: Triton's GEMM
 
 
 def test_without_the_weight_the_gemms_pass_and_say_they_need_it(gpu):
     backend, why = ops.explain_backend("nm_linear", fake_x(512, 4096))
-    assert backend == "cuda" and "needs the weight" in why
+    assert backend == "triton" and "needs the weight" in why
 
 
 def test_measured_timings_override_the_static_rule_both_ways(gpu, table):

@@ -2,7 +2,8 @@
 // bitmask_decompress. Layout: sparsekern/formats.py (BitmaskWeight). Predictions:
 // docs/GPU_KERNELS.md (nothing here has run on a GPU yet).
 //
-// Decode (rows of x <= kDecodeMaxRows), BitmaskWarp: a CTA (4 warps) owns 16 output rows x one
+// BitmaskWarp, at any batch (in tiles of BT rows; which batch sizes run here at all is decided
+// in Python: sparsekern/dispatch_rules.py CUDA_DECODE_MAX_ROWS): a CTA (4 warps) owns 16 output rows x one
 // K slice x up to BT batch rows; x's slice sits in shared memory as fp32 [col][BT]. A warp
 // takes a row and walks it in steps of 32 words (2048 columns): lane l loads word w0 + l
 // (coalesced 8-byte loads), a warp prefix sum of the popcounts gives each lane the index of
@@ -13,8 +14,7 @@
 // before the current step's values are used, across rows too (the last step of a row
 // fetches the next row's first words). K is split to fill the GPU, as in nm_linear.
 //
-// Larger batches: the weight decompressed (bitmask_decompress kernel) in bounded tiles, then
-// cuBLAS.
+// Larger batches run a GEMM on the decompressed weight, chosen by the dispatch.
 #include <torch/library.h>
 
 #include "cuda_common.cuh"
@@ -26,7 +26,6 @@ namespace {
 using layout::kBitmaskStepCols;
 using layout::kBitmaskStepWords;
 
-constexpr int64_t kDecodeMaxRows = 32;
 constexpr int kWarps = 4;
 constexpr int kRowsPerWarp = 4;
 constexpr int kRows = kWarps * kRowsPerWarp;
@@ -233,23 +232,6 @@ void launch_bitmask_warp(const at::Tensor& x2, const at::Tensor& v, const at::Te
   if (splits > 1) launch_splitk_finalize<T>(partial, bias, out.data_ptr<T>(), splits, B, O, stream);
 }
 
-template <typename T>
-void gemm_path(const at::Tensor& x2, const at::Tensor& v, const at::Tensor& bm, const at::Tensor& off,
-               const c10::optional<at::Tensor>& bias, at::Tensor& out, int64_t O, int64_t K, cudaStream_t stream) {
-  const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(O, (int64_t{1} << 25) / K));
-  auto dense = at::empty({std::min(tile, O), K}, x2.options());
-  for (int64_t r = 0; r < O; r += tile) {
-    const int64_t rows = std::min(tile, O - r);
-    auto d = dense.narrow(0, 0, rows);
-    launch_bitmask_decompress<T>(v, bm, off, d.data_ptr<T>(), r, rows, K, stream);
-    auto o = out.narrow(1, r, rows);
-    if (bias.has_value())
-      at::addmm_out(o, bias->narrow(0, r, rows), x2, d.t());
-    else
-      at::mm_out(o, x2, d.t());
-  }
-}
-
 at::Tensor bitmask_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
                                const at::Tensor& offsets, int64_t in_features, const c10::optional<at::Tensor>& bias) {
   check_bitmask_linear_args(x, values, bitmask, offsets, in_features, bias, c10::nullopt);
@@ -261,14 +243,15 @@ at::Tensor bitmask_linear_cuda(const at::Tensor& x, const at::Tensor& values, co
   auto off = offsets.contiguous();
   auto bc = bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
   const int64_t B = x2.size(0);
+  // Batch tiles (8 rows above 4) go on the grid's z dimension, at most 65535 of them.
+  TORCH_CHECK_VALUE(B <= 65535 * 8, "bitmask_linear: the CUDA kernel takes at most ", 65535 * 8,
+                    " rows of x, got ", B);
   auto out = at::empty({B, O}, x2.options());
   if (B == 0 || O == 0) return reshape_output(out, x);
   auto stream = c10::cuda::getCurrentCUDAStream();
   SPARSEKERN_CUDA_DISPATCH(x2.scalar_type(), "bitmask_linear", [&] {
     const scalar_t* b = bc.has_value() ? bc->data_ptr<scalar_t>() : nullptr;
-    if (B > kDecodeMaxRows)
-      gemm_path<scalar_t>(x2, v, bm, off, bc, out, O, K, stream);
-    else if (B == 1)
+    if (B == 1)
       launch_bitmask_warp<scalar_t, 1>(x2, v, bm, off, b, out, B, O, K, stream);
     else if (B <= 4)
       launch_bitmask_warp<scalar_t, 4>(x2, v, bm, off, b, out, B, O, K, stream);

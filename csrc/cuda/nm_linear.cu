@@ -3,8 +3,11 @@
 // Predicted speeds and the arithmetic behind them: docs/GPU_KERNELS.md (nothing here has run
 // on a GPU yet).
 //
-// Three paths, chosen on the host per call:
-//   Nm24Mma   2:4, bf16/fp16, K % 64 == 0, rows of x <= kDecodeMaxRows: the decode kernel. A CTA
+// Two kernels, chosen on the host per call by pattern and dtype (which batch sizes run here at
+// all is decided in Python: sparsekern/dispatch_rules.py CUDA_DECODE_MAX_ROWS; above it the
+// dispatch runs a GEMM on the decompressed weight instead, and 2:4 bf16/fp16 normally runs
+// cuSPARSELt or CUTLASS there: sparsekern/semi_structured.py). Both take any batch, in tiles:
+//   Nm24Mma   2:4, bf16/fp16, K % 64 == 0: the decode kernel. A CTA
 //             (4 warps) owns 64 output rows x one K slice x up to 32 batch rows; x's slice is
 //             staged in shared memory once; each warp streams its 16 rows' values and indices with
 //             16-byte (values: a quad's four lanes read 64 adjacent bytes per load) and 8-byte
@@ -13,12 +16,9 @@
 //             mma.sync m16n8k16 (fp32 accumulation; batch rows are the n = 8 side). K is split so
 //             that a layer fills the GPU (>= 2 CTAs per SM); partial sums go to an fp32 buffer and
 //             one small kernel adds them with the bias.
-//   NmFma     every other N:M pattern and fp32 (rows <= kDecodeMaxRows): CUDA cores, x slice in
+//   NmFma     every other N:M pattern and fp32: CUDA cores, x slice in
 //             shared memory as fp32 [col][batch], lanes of a warp take consecutive groups of a
 //             row, indexing by shifts (m = 4/8/16), fp32 accumulation, same split-K.
-//   GEMM      rows > kDecodeMaxRows: the weight decompressed into a dense tile (bounded memory)
-//             by the nm_decompress kernel, then cuBLAS. (2:4 bf16/fp16 at these batches normally
-//             runs cuSPARSELt or CUTLASS instead: sparsekern/semi_structured.py, chosen in ops.py.)
 #include <torch/library.h>
 
 #include "cuda_common.cuh"
@@ -30,7 +30,6 @@ namespace {
 using layout::kSuperCols;
 using layout::kXPad;
 
-constexpr int64_t kDecodeMaxRows = 64;  // above: decompress + cuBLAS
 constexpr int kMmaWarps = 4;             // rows per CTA = 16 * kMmaWarps
 constexpr int kMmaRows = 16 * kMmaWarps;
 constexpr int kFmaWarps = 4;
@@ -399,28 +398,6 @@ void launch_nm_fma(const at::Tensor& x2, const at::Tensor& v, const at::Tensor& 
   if (splits > 1) launch_splitk_finalize<T>(partial, bias, out.data_ptr<T>(), splits, B, O, stream);
 }
 
-// Rows of the dense tile of the GEMM path: at most 2^25 elements (64 MiB in bf16) at a time.
-inline int64_t gemm_tile_rows(int64_t O, int64_t K) {
-  return std::max<int64_t>(1, std::min<int64_t>(O, (int64_t{1} << 25) / std::max<int64_t>(K, 1)));
-}
-
-template <typename T>
-void gemm_path(const at::Tensor& x2, const at::Tensor& v, const at::Tensor& ix, const c10::optional<at::Tensor>& bias,
-               at::Tensor& out, int64_t O, int64_t K, int64_t n, int64_t m, cudaStream_t stream) {
-  const int64_t tile = gemm_tile_rows(O, K);
-  auto dense = at::empty({std::min(tile, O), K}, x2.options());
-  for (int64_t r = 0; r < O; r += tile) {
-    const int64_t rows = std::min(tile, O - r);
-    auto d = dense.narrow(0, 0, rows);
-    launch_nm_decompress<T>(v, ix, d.data_ptr<T>(), r, rows, K, n, m, stream);
-    auto o = out.narrow(1, r, rows);
-    if (bias.has_value())
-      at::addmm_out(o, bias->narrow(0, r, rows), x2, d.t());
-    else
-      at::mm_out(o, x2, d.t());
-  }
-}
-
 at::Tensor nm_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, int64_t n,
                           int64_t m, int64_t in_features, const c10::optional<at::Tensor>& bias) {
   check_nm_linear_args(x, values, indices, n, m, in_features, bias);
@@ -433,6 +410,9 @@ at::Tensor nm_linear_cuda(const at::Tensor& x, const at::Tensor& values, const a
   auto ix = indices.contiguous();
   auto bc = bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
   const int64_t B = x2.size(0);
+  // Batch tiles (8 to 32 rows) go on the grid's z dimension, at most 65535 of them.
+  TORCH_CHECK_VALUE(B <= 65535 * 8, "nm_linear: the CUDA kernels take at most ", 65535 * 8,
+                    " rows of x, got ", B);
   auto out = at::empty({B, O}, x2.options());
   if (B == 0 || O == 0) return reshape_output(out, x);
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -441,9 +421,7 @@ at::Tensor nm_linear_cuda(const at::Tensor& x, const at::Tensor& values, const a
                       aligned_to(ix.data_ptr(), 8);
   SPARSEKERN_CUDA_DISPATCH(x2.scalar_type(), "nm_linear", [&] {
     const scalar_t* b = bc.has_value() ? bc->data_ptr<scalar_t>() : nullptr;
-    if (B > kDecodeMaxRows) {
-      gemm_path<scalar_t>(x2, v, ix, bc, out, O, K, n, m, stream);
-    } else if (mma_ok) {
+    if (mma_ok) {
       if constexpr (std::is_same_v<scalar_t, float>) {
         TORCH_CHECK(false, "nm_linear: internal error, fp32 on the tensor-core path");
       } else {

@@ -135,7 +135,9 @@ class Cuda(Backend):
         return None
 
     def prefers_not(self, spec, key, device, dtype):
-        return _measured(spec, self.name, key, device, dtype)
+        return rules.cuda_kernel_verdict(spec.name, torch.cuda.get_device_name(device), dtype,
+                                         getattr(key, "bucket", None), getattr(key, "out_in", None),
+                                         rules.BACKEND_ORDER["cuda"])
 
     def _op(self, name):
         return getattr(torch.ops.sparsekern, name).default
