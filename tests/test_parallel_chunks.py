@@ -66,6 +66,7 @@ def test_an_error_in_a_chunk_reaches_the_caller():
 
 # Run in a child process: SPARSEKERN_POOL is read once per process. Each product is computed
 # with one thread, then with two on the threads the mode picks (torch's OpenMP team, the pool,
+# the calling thread alone (inline),
 # or auto: the team while its workers join promptly), several times in a row (a team job right
 # after a pool job and the reverse when auto switches); a chunk that raises reaches the caller.
 _MODES_SCRIPT = r"""
@@ -101,7 +102,7 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("mode", ["auto", "omp", "pool"])
+@pytest.mark.parametrize("mode", ["auto", "omp", "pool", "inline"])
 def test_same_results_and_errors_on_every_thread_mode(mode):
     env = {**os.environ, "SPARSEKERN_POOL": mode}
     done = subprocess.run([sys.executable, "-c", _MODES_SCRIPT], env=env, capture_output=True, text=True, timeout=300)

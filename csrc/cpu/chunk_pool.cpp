@@ -29,7 +29,8 @@
 // was not running: another process holds its core, and the region's end barrier would wait
 // for it in every job; the jobs of the next kPoolForNs then run on the pool, which does not
 // wait for a parked worker, and the team is tried again after that. SPARSEKERN_POOL=pool|omp
-// (read once, a benchmarking switch) fixes one of the two.
+// (read once, a benchmarking switch) fixes one of the two; SPARSEKERN_POOL=inline runs every
+// job on the calling thread alone.
 #include "cpu_common.h"
 
 #include <c10/util/ParallelGuard.h>
@@ -87,13 +88,14 @@ constexpr int64_t kLateJoinNs = 1000 * 1000;
 // join costs up to a slice: tried a few times a second, that is a few percent on a busy machine).
 constexpr int64_t kPoolForNs = 200 * 1000 * 1000;
 
-enum class Threads { kAuto, kPool, kTeam };
+enum class Threads { kAuto, kPool, kTeam, kInline };
 
 Threads threads_mode() {
   static const Threads mode = [] {
     const char* s = std::getenv("SPARSEKERN_POOL");
     if (s && std::string(s) == "pool") return Threads::kPool;
     if (s && std::string(s) == "omp") return Threads::kTeam;
+    if (s && std::string(s) == "inline") return Threads::kInline;
     return Threads::kAuto;
   }();
   return mode;
@@ -219,11 +221,11 @@ void parallel_chunks(int64_t n, int64_t grain, const std::function<void(int64_t,
   if (n <= 0) return;
   grain = std::max<int64_t>(1, grain);
   const int64_t threads = at::get_num_threads();
-  if (threads <= 1 || n <= grain || t_in_pool_job || at::in_parallel_region()) {
+  const Threads mode = threads_mode();
+  if (threads <= 1 || n <= grain || t_in_pool_job || at::in_parallel_region() || mode == Threads::kInline) {
     fn(0, n);
     return;
   }
-  const Threads mode = threads_mode();
   if (mode == Threads::kTeam ||
       (mode == Threads::kAuto && now_ns() >= g_pool_until_ns.load(std::memory_order_relaxed))) {
     const int64_t chunk = std::max(grain, (n + 8 * threads - 1) / (8 * threads));
