@@ -83,9 +83,11 @@ TORCH_LIBRARY(sparsekern, m) {
         "-> Tensor");
   // CPU only: the 16-bit column of each kept value (BitmaskWeight.column_index), which the row
   // kernels read instead of the mask where dispatch_rules says so, and `algo`, the decision
-  // made in Python (sparsekern/dispatch_rules.py, bitmask_cpu_algo): 0 = the row kernels (in
+  // made in Python (sparsekern/dispatch_rules.py, bitmask_cpu_algo): 0 = the row kernels
+  // (AVX-512 expanding loads on a batch of up to 4 rows, else the broadcast lanes kernels in
   // batch tiles of 16 rows), 1 = decompressed tiles into the BLAS GEMM, 2 = the AVX-512
-  // weight-stationary kernel. The shared schema above runs algo 0 without the columns.
+  // weight-stationary kernel, 3 = the row kernels with the expanding loads up to 8 rows (AVX-512).
+  // The shared schema above runs algo 0 without the columns.
   m.def("bitmask_linear_cpu(Tensor x, Tensor values, Tensor bitmask, Tensor offsets, int in_features, "
         "Tensor? bias, Tensor? columns, int algo=0) -> Tensor");
   m.def("bitmask_compress(Tensor weight, Tensor? mask) -> (Tensor, Tensor, Tensor)");
@@ -100,10 +102,13 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def("bitmask_linear_q(Tensor x, Tensor values, Tensor bitmask, Tensor offsets, Tensor scales, int in_features, "
         "Tensor? bias) -> Tensor");
   // CPU only: `algo` chosen in Python (sparsekern/dispatch_rules.py, q_cpu_algo / nm_q_cpu_algo;
-  // csrc/cpu/rows_q.h kQAlgo*): 0 = x in fp32 (decode rows up to 16, dequantized tiles into the
-  // BLAS GEMM above), 1 = up to 16 rows of x quantized per row to int8 and integer dot products,
-  // 2 = 2:4 int8 weights through the int8 dot-product GEMM (csrc/cpu/nm_gemm_int8.h: x quantized
-  // per row, int32 sums, AVX512_VNNI).
+  // csrc/cpu/rows_q.h kQAlgo*), each at any rows (the kernel does not choose again): 0 = x in
+  // fp32, the decode row kernels (in batch tiles of 16 rows), 1 = x quantized per row to int8
+  // and integer dot products in the decode row kernels (batch tiles of 16 rows), 2 = 2:4 int8
+  // weights through the int8 dot-product GEMM (csrc/cpu/nm_gemm_int8.h: x quantized per row,
+  // int32 sums, AVX512_VNNI), 3 = int8 values expanded to a dense int8 weight for torch's int8
+  // GEMM, 4 = x in fp32, the weight dequantized a tile at a time into the BLAS GEMM. The shared
+  // schemas above run algo 0.
   m.def("nm_linear_q_cpu(Tensor x, Tensor values, Tensor indices, Tensor scales, int n, int m, int in_features, "
         "int bits, int group_size, Tensor? bias, int algo) -> Tensor");
   m.def("bitmask_linear_q_cpu(Tensor x, Tensor values, Tensor bitmask, Tensor offsets, Tensor scales, "
@@ -121,8 +126,9 @@ TORCH_LIBRARY(sparsekern, m) {
         "int in_features, Tensor? bias) -> Tensor");
   // CPU only: a block weight with int8 values [nnzb, bh, bw] and a float32 scale per output row
   // (sparsekern/precisions.py), read as stored; `algo` as nm_linear_q_cpu's (rows_q.h kQAlgo*):
-  // 0 = x in fp32 (the row kernel up to 16 rows, dequantized tiles into the BLAS GEMM above),
-  // 3 = x quantized per row, the values expanded to a dense int8 weight, torch's int8 GEMM.
+  // 0 = x in fp32, the row kernel (every batch at once), 3 = x quantized per row, the values
+  // expanded to a dense int8 weight, torch's int8 GEMM, 4 = x in fp32, dequantized tiles into
+  // the BLAS GEMM. The shared schema above runs algo 0.
   // Other devices run block_linear on the dequantized values.
   m.def("block_linear_q_cpu(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor scales, "
         "int in_features, Tensor? bias, int algo) -> Tensor");

@@ -13,9 +13,11 @@ run under bench/results/ and the figures that set it, as data). Who reads what:
   sparsekern.nn         `PATH_NOISE` (choose_path: the sparse path keeps ties within it),
                         `DENSE_COPY_MAX_BYTES` (the layers that may keep a dense copy)
 
-The CPU kernels' algorithms (`nm_cpu_algo`, `bitmask_cpu_algo`, `block_cpu_algo`) reach the
-C++ kernels as the `algo` argument of the CPU-only ops (nm_linear_cpu, nm_conv2d_cpu,
-bitmask_linear_cpu, block_linear_cpu); the shared schemas' CPU kernels run the row kernels.
+The CPU kernels' algorithms (`nm_cpu_algo`, `bitmask_cpu_algo`, `block_cpu_algo`, `q_cpu_algo`,
+`nm_q_cpu_algo`, `block_q_cpu_algo`) reach the C++ kernels as the `algo` argument of the
+CPU-only ops (nm_linear_cpu, nm_conv2d_cpu, bitmask_linear_cpu, block_linear_cpu,
+nm_linear_q_cpu, bitmask_linear_q_cpu, block_linear_q_cpu); each algorithm runs at any rows, and
+the shared schemas' CPU kernels run the row kernels.
 
 Switches for benchmarking, read per call: SPARSEKERN_NM_GEMM=tile|direct (`nm_cpu_algo`),
 SPARSEKERN_BITMASK_GEMM=tile (`bitmask_cpu_algo`), SPARSEKERN_BLOCK_GEMM=tile (`block_cpu_algo`),
@@ -153,11 +155,14 @@ def uses_gemm_panels(algo: int, dtype: torch.dtype) -> bool:
 
 
 # ------------------------------------------------------------------ CPU: quantized kernels
-# nm_linear_q_cpu / bitmask_linear_q_cpu's `algo` (csrc/cpu/rows_q.h kQAlgo*):
-Q_ALGO_EXACT = 0     # x in fp32, the int8/int4 weights dequantized in registers (decode, up to 16
-#                      rows) or in tiles into the BLAS GEMM (above): exact products
-Q_ALGO_INT8_ACT = 1  # up to 16 rows: each row of x quantized to int8 first (symmetric, one scale
-#                      per row, as torch's dynamic quantization does), then integer dot products (VNNI)
+# nm_linear_q_cpu / bitmask_linear_q_cpu / block_linear_q_cpu's `algo` (csrc/cpu/rows_q.h kQAlgo*):
+# Each runs at any rows (the kernels do not choose by the rows); q_cpu_algo / nm_q_cpu_algo /
+# block_q_cpu_algo choose by them.
+Q_ALGO_EXACT = 0     # x in fp32, the int8/int4 weights dequantized in registers by the decode row
+#                      kernels (in batch tiles of 16 rows): exact products. Chosen up to 16 rows
+Q_ALGO_INT8_ACT = 1  # each row of x quantized to int8 first (symmetric, one scale per row, as
+#                      torch's dynamic quantization does), then integer dot products (VNNI) in the
+#                      decode row kernels (batch tiles of 16 rows). Chosen up to 16 rows
 Q_ALGO_INT8_DOT = 2  # 2:4 int8 or int4 weights: x quantized per row, the int8 dot-product GEMM
 #                      (csrc/cpu/nm_gemm_int8.h; int4 nibbles expanded to int8 in registers,
 #                      int32 sums per scale group). rows_q.h kQAlgoInt8Dot mirrors it.
@@ -166,12 +171,21 @@ Q_ALGO_INT8_EXPAND = 3  # int8 values of any other N:M and of the bitmask: x qua
 #                         (torch._int_mm: oneDNN's VNNI kernels), then the scales. Dense work, but
 #                         integer: bench/results/cpu-models-20261206d ran 70% int8 prefill on the
 #                         fp32 tiles at 0.2x torch's dynamic int8 (and 0.87x dense fp32).
+Q_ALGO_EXACT_TILES = 4  # x in fp32, the weight dequantized a tile of output rows at a time into the
+#                         BLAS GEMM: exact products. Chosen above 16 rows where no int8 GEMM applies
 Q_ALGO_NAMES = {Q_ALGO_EXACT: "fp32 activations", Q_ALGO_INT8_ACT: "int8 activations (integer dot products)",
                 Q_ALGO_INT8_DOT: "2:4 int8 dot-product GEMM",
-                Q_ALGO_INT8_EXPAND: "int8 values expanded + torch's int8 GEMM"}
+                Q_ALGO_INT8_EXPAND: "int8 values expanded + torch's int8 GEMM",
+                Q_ALGO_EXACT_TILES: "fp32 activations, dequantized tiles + BLAS"}
+# The algorithms that multiply x in floats (where q_activations_int8 holds, the ops round x
+# per row first, so every path carries that rounding).
+Q_ALGOS_FLOAT_X = (Q_ALGO_EXACT, Q_ALGO_EXACT_TILES)
 # The value precisions (bits) the 2:4 int8 dot-product GEMM runs.
 NM24_INT8_DOT_BITS = (8, 4)
-Q_DECODE_MAX_ROWS = CPU_ROWS_MAX_ROWS  # linear_q.cpp's decode kernels (kDirectMaxBatch, sparse_rows.h)
+# Up to this many rows the quantized ops run the decode row kernels (Q_ALGO_EXACT /
+# Q_ALGO_INT8_ACT), above it a GEMM (the int8 ones or Q_ALGO_EXACT_TILES): the rows every sparse
+# CPU op's row kernels take before the tiles (was linear_q.cpp's own `B > kDirectMaxBatch`).
+Q_DECODE_MAX_ROWS = CPU_ROWS_MAX_ROWS
 
 # Whether int8 activations are the default for quantized weights' decode where the CPU has
 # AVX512_VNNI (its vpdpbusd kernels; the AVX2 and portable integer loops are not measured to
@@ -208,20 +222,31 @@ def q_activations_int8(device: torch.device) -> bool:
 
 def q_cpu_algo(rows: int | None, bits: int = 8) -> int:
     """The CPU algorithm of nm_linear_q / bitmask_linear_q over `rows` rows of x (None: not
-    known) with `bits`-bit values, where q_activations_int8 holds (else the exact products):
-    int8 activations up to Q_DECODE_MAX_ROWS rows; above them, int8 values expanded for torch's
-    int8 GEMM (Q_ALGO_INT8_EXPAND) where the CPU has AVX512_VNNI (elsewhere, for int4 values,
-    whose scales change along a row, and under SPARSEKERN_NM_Q_GEMM=tile, the tiles, which then
-    multiply the rounded x).
+    known, the decode rows) with `bits`-bit values. Up to Q_DECODE_MAX_ROWS rows the decode row
+    kernels: int8 activations where q_activations_int8 holds, else x in fp32. Above them, int8
+    values expanded for torch's int8 GEMM (Q_ALGO_INT8_EXPAND) where q_activations_int8 holds
+    and the CPU has AVX512_VNNI; elsewhere (exact products, int4 values, whose scales change
+    along a row, SPARSEKERN_NM_Q_GEMM=tile) the dequantized tiles into BLAS (Q_ALGO_EXACT_TILES,
+    which then multiply the rounded x where q_activations_int8 holds).
     nm_q_cpu_algo puts 2:4 weights on their own int8 GEMM first."""
+    decode = rows is None or rows <= Q_DECODE_MAX_ROWS
     if not q_activations_int8(torch.device("cpu")):
-        return Q_ALGO_EXACT
-    if rows is None or rows <= Q_DECODE_MAX_ROWS:
+        return Q_ALGO_EXACT if decode else Q_ALGO_EXACT_TILES
+    if decode:
         return Q_ALGO_INT8_ACT
     if (bits == 8 and _extension.BUILD_INFO.get("cpu_avx512_vnni_runtime")
             and os.environ.get("SPARSEKERN_NM_Q_GEMM") != "tile"):
         return Q_ALGO_INT8_EXPAND
-    return Q_ALGO_EXACT
+    return Q_ALGO_EXACT_TILES
+
+
+def block_q_cpu_algo(rows: int | None) -> int:
+    """The CPU algorithm of block_linear_q (int8 values) over `rows` rows of x: q_cpu_algo's
+    where the block kernels have it (the int8 GEMM over the expanded values, the dequantized
+    tiles), else x in fp32 through the block row kernel (it has no int8-activation kernel: the
+    op rounds x first where q_activations_int8 holds)."""
+    algo = q_cpu_algo(rows)
+    return Q_ALGO_EXACT if algo == Q_ALGO_INT8_ACT else algo
 
 
 def nm_q_cpu_algo(n: int, m: int, bits: int, rows: int | None) -> int:
@@ -264,11 +289,20 @@ def uses_column_index(device: torch.device, dtype: torch.dtype, bucket: int, den
 
 # The algorithm argument of the CPU-only op bitmask_linear_cpu (csrc/cpu/bitmask_linear.cpp
 # kBitmaskAlgo*).
-BITMASK_ALGO_DECODE = 0  # the row kernels (in batch tiles of 16 rows above 16)
+BITMASK_ALGO_DECODE = 0  # the row kernels: on AVX-512 the expanding loads (row-major x) for a batch of
+#                          up to 4 rows, else the broadcast lanes kernels (in batch tiles of 16 rows)
 BITMASK_ALGO_TILES = 1   # the weight decompressed a tile at a time into the BLAS GEMM
 BITMASK_ALGO_GEMM = 2    # the AVX-512 weight-stationary kernel (one multiply-add per kept value, 16 lanes)
+BITMASK_ALGO_DECODE_EXPAND8 = 3  # the row kernels with the AVX-512 expanding loads for a batch of up to
+#                                  8 rows (AVX-512 CPUs only), else as BITMASK_ALGO_DECODE
 BITMASK_ALGO_NAMES = {BITMASK_ALGO_DECODE: "decode", BITMASK_ALGO_TILES: "decompressed tiles + BLAS",
-                      BITMASK_ALGO_GEMM: "weight-stationary GEMM"}
+                      BITMASK_ALGO_GEMM: "weight-stationary GEMM",
+                      BITMASK_ALGO_DECODE_EXPAND8: "decode, AVX-512 expanding loads up to 8 rows"}
+# Up to CPU_ROWS_MAX_ROWS rows on AVX-512, weights keeping at least this fraction run the
+# expanding loads up to 8 rows (BITMASK_ALGO_DECODE_EXPAND8) rather than up to 4: at 5-8 rows
+# they beat the broadcast lanes kernel above it (EVIDENCE). The rows decide within the bucket
+# (5-8 of the 5-16 rows of batch bucket 16), so the kernel gets the rule as its algorithm.
+BITMASK_EXPAND_8_MIN_DENSITY = 0.2
 # Above CPU_ROWS_MAX_ROWS rows, weights denser than this run the tiles (a dense GEMM over
 # decompressed tiles beats rows/16 sparse passes), sparser ones the row kernels.
 BITMASK_TILES_MIN_DENSITY = 0.25
@@ -281,8 +315,14 @@ assert BITMASK_GEMM_MIN_ROWS - 1 in BATCH_BUCKETS, "BITMASK_GEMM_MIN_ROWS must s
 
 def bitmask_cpu_algo(rows: int | None, density: float) -> int:
     """The CPU algorithm for a bitmask product over `rows` rows (None: not known, the row
-    kernels) of a weight keeping `density` of its entries."""
-    if rows is None or rows <= CPU_ROWS_MAX_ROWS:
+    kernels) of a weight keeping `density` of its entries. Up to CPU_ROWS_MAX_ROWS rows the row
+    kernels, with the AVX-512 expanding loads up to 8 rows from BITMASK_EXPAND_8_MIN_DENSITY
+    (up to 4 below it); above, the weight-stationary GEMM, the tiles or the row kernels."""
+    if rows is None:
+        return BITMASK_ALGO_DECODE
+    if rows <= CPU_ROWS_MAX_ROWS:
+        if density >= BITMASK_EXPAND_8_MIN_DENSITY and _cpu_isa("avx512"):
+            return BITMASK_ALGO_DECODE_EXPAND8
         return BITMASK_ALGO_DECODE
     if rows >= BITMASK_GEMM_MIN_ROWS and density <= BITMASK_GEMM_MAX_DENSITY and _cpu_isa("avx512") \
             and os.environ.get("SPARSEKERN_BITMASK_GEMM") != "tile":
@@ -427,6 +467,12 @@ EVIDENCE: dict[str, Measured] = {
     # 128 rows, it against the tiles (moved from csrc/cpu/bitmask_linear.cpp).
     "BITMASK_GEMM_MIN_ROWS": Measured("not stored as a run (figures moved from csrc/cpu/bitmask_linear.cpp)", {
         "30% kept, rows 17-32": 0.7, "30% kept, rows 128": 1.0, "30% kept, rows 512": 1.27}),
+    # 4096x4096 fp32, 2 threads, 5-8 rows: ms per call of the AVX-512 expanding-load kernel and
+    # the AVX2 broadcast lanes kernel (figures moved from the comment beside it).
+    "BITMASK_EXPAND_8_MIN_DENSITY": Measured(
+        "not stored as a run (moved from csrc/cpu/bitmask_linear.cpp kAvx512MinDensity)", {
+            "30% kept": {"expanding loads": 4.6, "broadcast lanes": 7.3},
+            "10% kept": {"expanding loads": 4.3, "broadcast lanes": 3.9}}),
     "BITMASK_GEMM_MAX_DENSITY": Measured("not stored as a run (figures moved from csrc/cpu/bitmask_linear.cpp)", {
         "70% kept, 128 rows, vs dense": {"weight-stationary": 0.66, "tiles": 0.79}}),
     # 4096x4096 fp32 32x32 blocks, 2 threads, 128 rows: ms per call (moved from csrc/cpu/block_linear.cpp).
@@ -458,8 +504,9 @@ EVIDENCE: dict[str, Measured] = {
         "F.linear": 3.6, "nn.Linear": 6.4, "2:4 kernel / module": (5.9, 9.5),
         "bitmask 30% kernel / module": (6.4, 9.9), "block kernel / module": (12.5, 16.4),
         "module with its dense copy": 7.2}),
-    # Not a measured edge: the C++ decode kernels' rows (kDirectMaxBatch), mirrored here.
-    "Q_DECODE_MAX_ROWS": Measured("csrc/cpu/sparse_rows.h kDirectMaxBatch (not measured)", {}),
+    # Not a measured edge: the rows every CPU row kernel takes before the tiles (CPU_ROWS_MAX_ROWS).
+    "Q_DECODE_MAX_ROWS": Measured("not stored as a run (moved from csrc/cpu/linear_q.cpp and block_linear.cpp "
+                                  "`B > kDirectMaxBatch`; the row kernels' CPU_ROWS_MAX_ROWS)", {}),
     # The int8 algorithm's speed at batch 1 against the exact one (figures: x torch int8
     # dynamic, one thread, CPU time, a shared machine).
     "Q_INT8_ACT_DEFAULT": Measured("bench/results/cpu-decode-q-20261206", {

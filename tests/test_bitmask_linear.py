@@ -177,17 +177,20 @@ def test_rows_never_see_their_neighbours_values(device, backend, dtype, batch):
 
 @pytest.mark.parametrize("device,backend", [p for p in pairs("bitmask_linear") if p.id == "cpu-cpp"])
 @pytest.mark.parametrize("density", [0.1, 0.4, 0.8])
-@pytest.mark.parametrize("batch", [1, 5, 16, 40, 70])
+@pytest.mark.parametrize("batch", [1, 4, 5, 8, 9, 16, 40, 70])
 def test_every_cpu_algorithm_matches_fp64_at_any_batch(device, backend, density, batch, poison):
     """bitmask_linear_cpu runs the algorithm it is given (dispatch_rules.bitmask_cpu_algo
-    chooses it), whatever the batch and density: the row kernels in 16-row tiles, the tiles, and
-    the weight-stationary kernel where the CPU has AVX-512."""
+    chooses it), whatever the batch and density: the row kernels in 16-row tiles (with the
+    expanding loads up to 4 or, algorithm 3, 8 rows), the tiles, and the weight-stationary
+    kernel where the CPU has AVX-512."""
     from sparsekern import dispatch_rules as rules
 
     w = torch.randn(37, 200)
     W = BitmaskWeight.from_dense(w, torch.rand(37, 200) < density)
     x, bias = torch.randn(batch, 200), torch.randn(37)
-    algos = [rules.BITMASK_ALGO_DECODE, rules.BITMASK_ALGO_TILES] + ([rules.BITMASK_ALGO_GEMM] if _avx512() else [])
+    algos = [rules.BITMASK_ALGO_DECODE, rules.BITMASK_ALGO_TILES] + (
+        [rules.BITMASK_ALGO_GEMM, rules.BITMASK_ALGO_DECODE_EXPAND8] if _avx512() else [])
+    assert set(algos) == set(rules.BITMASK_ALGO_NAMES) or not _avx512()
     for algo in algos:
         y = torch.ops.sparsekern.bitmask_linear_cpu(x, W.values, W.bitmask, W.offsets, 200, bias, None, algo)
         assert_linear_close(y, ref64(x, W.to_dense(), bias), torch.float32, what=f"algo {algo}")
@@ -196,8 +199,8 @@ def test_every_cpu_algorithm_matches_fp64_at_any_batch(device, backend, density,
 @pytest.mark.parametrize("device,backend", [p for p in pairs("bitmask_linear") if p.id == "cpu-cpp"])
 def test_cpu_op_refuses_an_unknown_algorithm(device, backend):
     W = BitmaskWeight.from_dense(torch.randn(6, 64), torch.rand(6, 64) < 0.3)
-    for algo in (-1, 3, 99):
-        with pytest.raises(ValueError, match="bitmask_linear: algo must be 0"):
+    for algo in (-1, 4, 99):
+        with pytest.raises(ValueError, match=f"bitmask_linear: algo must be 0 .*, got {algo}"):
             torch.ops.sparsekern.bitmask_linear_cpu(torch.randn(2, 64), W.values, W.bitmask, W.offsets, 64, None,
                                                     None, algo)
 
@@ -214,8 +217,56 @@ def test_the_algorithm_follows_the_rules(rows, density, monkeypatch):
     monkeypatch.delenv("SPARSEKERN_BITMASK_GEMM", raising=False)
     want = rules.bitmask_cpu_algo(rules.bucket_min_rows(rules.batch_bucket(rows)), W.density)
     if rows <= rules.CPU_ROWS_MAX_ROWS:
-        assert want == rules.BITMASK_ALGO_DECODE
+        expand8 = W.density >= rules.BITMASK_EXPAND_8_MIN_DENSITY and _avx512()
+        assert want == (rules.BITMASK_ALGO_DECODE_EXPAND8 if expand8 else rules.BITMASK_ALGO_DECODE)
     assert ops.OPS["bitmask_linear"].key(x, W)[1].cpu_algo == want
     assert rules.BITMASK_ALGO_NAMES[want] in ops.explain_backend("bitmask_linear", x, W)[1]
     monkeypatch.setenv("SPARSEKERN_BITMASK_GEMM", "tile")
     assert ops.OPS["bitmask_linear"].key(x, W)[1].cpu_algo != rules.BITMASK_ALGO_GEMM
+
+
+@pytest.mark.parametrize("kept", [127, 128, 129])  # 0.2 of 10 x 64 entries is 128
+def test_the_expanding_loads_run_where_the_kernel_chose_them_before(kept):
+    """The choice the C++ row kernels made themselves until it moved to dispatch_rules
+    (AVX-512 expanding loads for B <= 4, or B <= 8 with nnz >= 0.2 * O * K; the broadcast lanes
+    kernels otherwise) is what the algorithm passed per batch bucket makes them run: algorithm
+    3 (BITMASK_ALGO_DECODE_EXPAND8) takes the expanding loads up to 8 rows, algorithm 0 up to 4."""
+    from sparsekern import dispatch_rules as rules
+
+    mask = torch.zeros(10 * 64, dtype=torch.bool)
+    mask[torch.randperm(10 * 64)[:kept]] = True
+    W = BitmaskWeight.from_dense(torch.randn(10, 64), mask.reshape(10, 64))
+    assert W.values.numel() == kept
+    for rows in (*range(1, 19), 40, 65, 300):
+        algo = ops.OPS["bitmask_linear"].key(torch.randn(rows, 64), W)[1].cpu_algo
+        expanding_rows = {rules.BITMASK_ALGO_DECODE: 4, rules.BITMASK_ALGO_DECODE_EXPAND8: 8}.get(algo, 0)
+        before = _avx512() and (rows <= 4 or (rows <= 8 and kept >= 0.2 * 10 * 64))
+        assert (rows <= expanding_rows and _avx512()) == before, (rows, kept, algo)
+
+
+def test_the_expanding_loads_up_to_8_rows_need_avx512():
+    """Capped to AVX2 (SPARSEKERN_CPU_ISA, read once per process: a child process), the rule
+    never passes algorithm 3 and the op refuses it, naming the algorithm and the CPU."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    child = textwrap.dedent("""
+        import torch
+        from sparsekern import dispatch_rules as rules, ops
+        from sparsekern.formats import BitmaskWeight
+        W = BitmaskWeight.from_dense(torch.randn(8, 64), torch.rand(8, 64) < 0.5)
+        assert rules.bitmask_cpu_algo(5, W.density) == rules.BITMASK_ALGO_DECODE
+        assert ops.OPS["bitmask_linear"].key(torch.randn(6, 64), W)[1].cpu_algo == rules.BITMASK_ALGO_DECODE
+        try:
+            torch.ops.sparsekern.bitmask_linear_cpu(torch.randn(6, 64), W.values, W.bitmask, W.offsets, 64, None,
+                                                    None, rules.BITMASK_ALGO_DECODE_EXPAND8)
+        except RuntimeError as e:
+            assert "algo 3" in str(e) and "AVX-512" in str(e), str(e)
+        else:
+            raise AssertionError("algo 3 ran without AVX-512")
+        """)
+    env = dict(os.environ, SPARSEKERN_CPU_ISA="avx2")
+    run = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]

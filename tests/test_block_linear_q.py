@@ -1,6 +1,6 @@
 """block_linear_q: block (BSR) weights with int8 values (one scale per output row) read as
 stored by the CPU kernels, against fp64: the row kernel up to 16 rows and the dequantized
-tiles above (exact products, this file's first half, under conftest.exact_products), and the
+tiles above (algorithm 4) (exact products, this file's first half, under conftest.exact_products), and the
 rounding of x on every path where int8 activations are the default (the second half). The int8
 GEMM over the expanded values (algorithm 3) is tested with the other formats' in
 tests/test_int8_expand.py."""
@@ -47,7 +47,7 @@ def test_matches_fp64_of_the_stored_values(rows, o, k, block, density, poison):
     x = torch.randn(rows, k)
     bias = torch.randn(o)
     y, algo = _run(x, W, bias)
-    assert algo == EXACT
+    assert algo == (EXACT if rows <= dispatch_rules.Q_DECODE_MAX_ROWS else dispatch_rules.Q_ALGO_EXACT_TILES)
     assert_linear_close(y, x.double() @ exact_dense(W).T + bias.double(), torch.float32,
                         what=f"block int8 {block} B={rows}")
 
@@ -89,7 +89,7 @@ def test_x_is_rounded_on_every_path_where_int8_activations_are_the_default(monke
     monkeypatch.setenv("SPARSEKERN_NM_Q_GEMM", "tile")  # the tiles above 16 rows: x rounded first too
     x = torch.randn(20, 96)
     y, algo = _run(x, W)
-    assert algo == EXACT
+    assert algo == dispatch_rules.Q_ALGO_EXACT_TILES
     assert_linear_close(y, precisions.round_activation_rows(x).double() @ exact_dense(W).T, torch.float32,
                         what="tiles")
 

@@ -220,8 +220,9 @@ def test_the_choice_lives_in_dispatch_rules(monkeypatch):
     # above the decode rows the dequantized tiles run, with x in fp32 (2:4 int8 weights take the
     # int8 dot-product GEMM there unless SPARSEKERN_NM_Q_GEMM=tile: test_nm_linear_q.py)
     monkeypatch.setenv("SPARSEKERN_NM_Q_GEMM", "tile")
-    assert dispatch_rules.q_cpu_algo(17) == dispatch_rules.Q_ALGO_EXACT
-    assert "int8 activations" not in ops.explain_backend("nm_linear_q", x17, W)[1]
+    assert dispatch_rules.q_cpu_algo(17) == dispatch_rules.Q_ALGO_EXACT_TILES
+    why = ops.explain_backend("nm_linear_q", x17, W)[1]
+    assert "int8 activations" not in why and "dequantized tiles" in why
     # the tiles multiply x rounded as the int8 kernels round it (ops.rounds_activations)
     xr = precisions.round_activation_rows(x17)
     torch.testing.assert_close(ops.nm_linear_q(x17, W), xr @ W.to_dense().t(), rtol=1e-5, atol=1e-4)

@@ -172,14 +172,16 @@ def test_tampered_in_place_never_reads_outside(name):
 def test_the_rule(monkeypatch):
     rule, nm_rule = dispatch_rules.q_cpu_algo, dispatch_rules.nm_q_cpu_algo
     above = dispatch_rules.Q_DECODE_MAX_ROWS + 1
-    want = EXPAND if VNNI else dispatch_rules.Q_ALGO_EXACT
+    tiles = dispatch_rules.Q_ALGO_EXACT_TILES  # x in fp32, the dequantized tiles into BLAS
+    want = EXPAND if VNNI else tiles
     assert rule(above) == rule(1000, 8) == nm_rule(4, 8, 8, above) == nm_rule(1, 4, 8, 1000) == want
-    assert rule(above, 4) == nm_rule(4, 8, 4, above) == dispatch_rules.Q_ALGO_EXACT  # int4: the tiles
+    assert rule(above, 4) == nm_rule(4, 8, 4, above) == tiles  # int4: the tiles
     assert rule(dispatch_rules.Q_DECODE_MAX_ROWS) == dispatch_rules.Q_ALGO_INT8_ACT
     if VNNI:
         assert nm_rule(2, 4, 8, above) == dispatch_rules.Q_ALGO_INT8_DOT  # 2:4's own GEMM first
     monkeypatch.setenv("SPARSEKERN_NM_Q_GEMM", "tile")
-    assert rule(above) == nm_rule(4, 8, 8, above) == dispatch_rules.Q_ALGO_EXACT
+    assert rule(above) == nm_rule(4, 8, 8, above) == tiles
     monkeypatch.delenv("SPARSEKERN_NM_Q_GEMM")
     monkeypatch.setenv("SPARSEKERN_Q_ACT", "exact")
-    assert rule(above) == nm_rule(4, 8, 8, above) == dispatch_rules.Q_ALGO_EXACT
+    assert rule(above) == nm_rule(4, 8, 8, above) == tiles
+    assert rule(dispatch_rules.Q_DECODE_MAX_ROWS) == rule(None) == dispatch_rules.Q_ALGO_EXACT  # the decode rows

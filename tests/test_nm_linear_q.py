@@ -306,21 +306,22 @@ def test_int8_dot_rule():
     vnni = bool(_extension.BUILD_INFO.get("cpu_avx512_vnni_runtime"))
     decode = dispatch_rules.q_cpu_algo(16)  # up to 16 rows: the decode rule (int8 activations here)
     assert rule(2, 4, 8, 16) == rule(2, 4, 8, None) == rule(2, 4, 4, 16) == rule(2, 4, 4, None) == decode != INT8_DOT
+    tiles = dispatch_rules.Q_ALGO_EXACT_TILES  # above 16 rows with x in fp32: the dequantized tiles
     for bits in (8, 4):
-        assert rule(2, 4, bits, 17) == (INT8_DOT if vnni else dispatch_rules.Q_ALGO_EXACT)
-    expand = dispatch_rules.Q_ALGO_INT8_EXPAND if vnni else dispatch_rules.Q_ALGO_EXACT
+        assert rule(2, 4, bits, 17) == (INT8_DOT if vnni else tiles)
+    expand = dispatch_rules.Q_ALGO_INT8_EXPAND if vnni else tiles
     for n, m, bits in ((1, 4, 8), (4, 8, 8), (1, 4, 4), (4, 8, 4)):  # other patterns: not this GEMM
-        assert rule(n, m, bits, 1000) == (expand if bits == 8 else dispatch_rules.Q_ALGO_EXACT)
+        assert rule(n, m, bits, 1000) == (expand if bits == 8 else tiles)
     os.environ["SPARSEKERN_Q_ACT"] = "exact"  # exact products asked for: never the int8 GEMM
     try:
-        assert rule(2, 4, 8, 17) == rule(2, 4, 4, 1000) == dispatch_rules.Q_ALGO_EXACT
+        assert rule(2, 4, 8, 17) == rule(2, 4, 4, 1000) == tiles
     finally:
         os.environ["SPARSEKERN_Q_ACT"] = "int8"
     W = _weight(8, 64, 2, 4, "int8", 0)
     x = torch.randn(20, 64)
     os.environ["SPARSEKERN_NM_Q_GEMM"] = "tile"
     try:
-        assert rule(2, 4, 8, 17) == rule(2, 4, 4, 17) == dispatch_rules.Q_ALGO_EXACT
+        assert rule(2, 4, 8, 17) == rule(2, 4, 4, 17) == tiles
     finally:
         del os.environ["SPARSEKERN_NM_Q_GEMM"]
     ops.clear_decisions()
@@ -347,7 +348,7 @@ def test_int8_dot_refuses_what_it_cannot_run():
         op(x, q4.values, q4.indices, q4.scales[:, :0], 2, 4, 64, 4, 32, None, INT8_DOT)
     with pytest.raises(ValueError, match="nm_linear_q: values must be uint8 of shape"):
         op(x, q4.values[:, :3], q4.indices, q4.scales, 2, 4, 64, 4, 32, None, INT8_DOT)
-    with pytest.raises(ValueError, match="nm_linear_q: algo must be 0 .* or 3"):
+    with pytest.raises(ValueError, match="nm_linear_q: algo must be 0 .* or 4 .*, got 7"):
         op(x, *q8.kernel_args(), None, 7)
     with pytest.raises(ValueError, match=r"nm_linear_q: x.shape\[-1\] \(60\)"):
         op(torch.randn(20, 60), *q8.kernel_args(), None, INT8_DOT)

@@ -16,6 +16,8 @@ GEMM_RUNS = bool(_extension.BUILD_INFO.get("cpu_avx2_runtime"))  # the 2:4 GEMM 
 CPU_ONLY = {spec.cpu_op for spec in ops.OPS.values() if spec.cpu_op}
 INT8_DOT = dispatch_rules.Q_ALGO_INT8_DOT
 INT8_EXPAND = dispatch_rules.Q_ALGO_INT8_EXPAND  # torch's int8 GEMM: any CPU
+Q_TILES = dispatch_rules.Q_ALGO_EXACT_TILES
+AVX512 = bool(_extension.BUILD_INFO.get("cpu_avx512_runtime"))
 INT8_DOT_RUNS = bool(_extension.BUILD_INFO.get("cpu_avx512_vnni_runtime"))  # the 2:4 int8 GEMM: AVX512_VNNI CPUs
 
 
@@ -43,9 +45,10 @@ def _samples(device):
                         (x20.clone().requires_grad_(), *q4.kernel_args(), b.clone().requires_grad_())],
         # CPU only: the algorithm chosen in Python (dispatch_rules.Q_ALGO_*: 1 = int8 activations,
         # 2 = the 2:4 int8 dot-product GEMM for int8 and int4 values, AVX512_VNNI CPUs, 3 = int8
-        # values expanded for torch's int8 GEMM)
+        # values expanded for torch's int8 GEMM, 4 = x in fp32 through dequantized tiles)
         "nm_linear_q_cpu": [(x, *q8.kernel_args(), b, Q_INT8_ACT), (xg, *q4.kernel_args(), None, Q_INT8_ACT),
                             (x20, *q8.kernel_args(), b, Q_EXACT), (x20, *q48.kernel_args(), b, INT8_EXPAND),
+                            (x20, *q4.kernel_args(), b, Q_TILES), (x20, *q8.kernel_args(), b, Q_INT8_ACT),
                             (x20.clone().requires_grad_(), *q8.kernel_args(), None, INT8_EXPAND)] + (
                             [] if not INT8_DOT_RUNS else [
             (x20, *q8.kernel_args(), b, INT8_DOT),
@@ -54,11 +57,13 @@ def _samples(device):
             (x20.clone().requires_grad_(), *q4.kernel_args(), b.clone().requires_grad_(), INT8_DOT)]),
         "bitmask_linear_q": [(x, *bq.kernel_args(), b), (xg, *bq.kernel_args(), None)],
         "bitmask_linear_q_cpu": [(x, *bq.kernel_args(), b, Q_INT8_ACT), (xg, *bq.kernel_args(), None, Q_INT8_ACT),
-                                 (x20, *bq.kernel_args(), b, INT8_EXPAND),
+                                 (x20, *bq.kernel_args(), b, INT8_EXPAND), (x20, *bq.kernel_args(), b, Q_TILES),
                                  (x20.clone().requires_grad_(), *bq.kernel_args(), None, INT8_EXPAND)],
         "block_linear_q": [(x, *kq.kernel_args(), b), (xg, *kq.kernel_args(), None)],
-        # CPU only: 0 = x in fp32 (the row kernel up to 16 rows, tiles above), 3 = the expanded int8 weight
+        # CPU only: 0 = x in fp32 through the row kernel, 3 = the expanded int8 weight, 4 = x in
+        # fp32 through dequantized tiles
         "block_linear_q_cpu": [(x, *kq.kernel_args(), b, Q_EXACT), (x20, *kq.kernel_args(), b, Q_EXACT),
+                               (x20, *kq.kernel_args(), b, Q_TILES),
                                (x20, *kq.kernel_args(), b, INT8_EXPAND),
                                (x20.clone().requires_grad_(), *kq.kernel_args(), None, INT8_EXPAND)],
         "nm_linear": [(x, nm.values, nm.indices, 2, 4, 64, b), (xg, nm.values, nm.indices, 2, 4, 64, None),
@@ -91,7 +96,8 @@ def _samples(device):
                                (x20, bmw.values, bmw.bitmask, bmw.offsets, 64, b, None,
                                 dispatch_rules.BITMASK_ALGO_TILES),
                                (x20.clone().requires_grad_(), bmw.values, bmw.bitmask, bmw.offsets, 64, None, None,
-                                dispatch_rules.BITMASK_ALGO_DECODE)],
+                                dispatch_rules.BITMASK_ALGO_DECODE)] + ([] if not AVX512 else [
+            (x20[:6], bmw.values, bmw.bitmask, bmw.offsets, 64, b, None, dispatch_rules.BITMASK_ALGO_DECODE_EXPAND8)]),
         "bitmask_compress": [(w, mask), (w, None)],
         "bitmask_decompress": [(bmw.values, bmw.bitmask, bmw.offsets, 64)],
         "block_linear": [(x, blk.crow_indices, blk.col_indices, blk.values, 64, b),

@@ -31,22 +31,30 @@ void bitmask_decompress_row(const VT* vals, const int64_t* words, int64_t nwords
 // The algorithm of bitmask_linear_cpu, chosen in Python (sparsekern/dispatch_rules.py
 // BITMASK_ALGO_*, bitmask_cpu_algo: which rows, densities, CPUs and switches take which); the
 // kernel runs what it is told and does not choose again.
-constexpr int64_t kBitmaskAlgoRows = 0;   // the row kernels, in batch tiles of kDirectMaxBatch rows
+constexpr int64_t kBitmaskAlgoRows = 0;   // the row kernels, AVX-512 expanding loads up to 4 rows
 constexpr int64_t kBitmaskAlgoTiles = 1;  // decompressed weight tiles into the BLAS GEMM (tiled_gemm)
 constexpr int64_t kBitmaskAlgoGemm = 2;   // the AVX-512 weight-stationary kernel (bitmask_gemm)
+constexpr int64_t kBitmaskAlgoRowsExpand8 = 3;  // the row kernels, AVX-512 expanding loads up to 8 rows
+
+// The row kernels of algo 0 and 3 (kBitmaskAlgoRows / kBitmaskAlgoRowsExpand8) on a whole
+// batch of at most this many rows: the AVX-512 expanding loads on row-major x (one kernel per
+// row count, bitmask_rows_direct up to 8). Past it, and on CPUs without AVX-512, the broadcast
+// lanes kernels in batch tiles of kDirectMaxBatch rows. The algorithm's definition, not a
+// threshold: which of the two runs is dispatch_rules' choice (BITMASK_EXPAND_8_MIN_DENSITY).
+int64_t expanding_rows_max(int64_t algo) { return algo == kBitmaskAlgoRowsExpand8 ? 8 : 4; }
 
 void check_bitmask_algo(const char* op, int64_t algo) {
-  TORCH_CHECK_VALUE(algo == kBitmaskAlgoRows || algo == kBitmaskAlgoTiles || algo == kBitmaskAlgoGemm, op,
-                    ": algo must be 0 (row kernels), 1 (decompressed tiles) or 2 (the weight-stationary GEMM), got ",
-                    algo);
+  TORCH_CHECK_VALUE(algo == kBitmaskAlgoRows || algo == kBitmaskAlgoTiles || algo == kBitmaskAlgoGemm ||
+                        algo == kBitmaskAlgoRowsExpand8,
+                    op, ": algo must be 0 (row kernels, expanding loads up to 4 rows), 1 (decompressed tiles), "
+                    "2 (the weight-stationary GEMM) or 3 (row kernels, expanding loads up to 8 rows), got ", algo);
   TORCH_CHECK(algo != kBitmaskAlgoGemm || cpu_has_avx512(), op,
               ": algo 2 (the weight-stationary GEMM kernel) needs an AVX-512 CPU (SPARSEKERN_CPU_ISA may cap it); "
               "pass algo 0 or 1");
+  TORCH_CHECK(algo != kBitmaskAlgoRowsExpand8 || cpu_has_avx512(), op,
+              ": algo 3 (the AVX-512 expanding-load row kernels up to 8 rows) needs an AVX-512 CPU "
+              "(SPARSEKERN_CPU_ISA may cap it); pass algo 0 or 1");
 }
-
-// Density from which the AVX-512 kernel beats the AVX2 broadcast kernel at 5..8 batch rows
-// (4096x4096 fp32, 2 threads: 4.6 ms against 7.3 ms at 30% kept, 4.3 against 3.9 at 10%).
-constexpr double kAvx512MinDensity = 0.2;
 
 at::Tensor bitmask_linear_columns(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
                                   const at::Tensor& offsets, int64_t in_features,
@@ -106,10 +114,9 @@ at::Tensor bitmask_linear_columns(const at::Tensor& x, const at::Tensor& values,
         bias_left = c10::nullopt;
       }
     });
-  } else if (B <= kDirectMaxBatch && cpu_has_avx512() &&
-             (B <= 4 || (B <= 8 && vals.numel() >= kAvx512MinDensity * O * K))) {
-    // Expanding loads (AVX-512) with row-major x; above this the AVX2 broadcast kernel
-    // below does fewer multiply-adds (one per kept value and 8 or 16 batch lanes) and wins.
+  } else if (B <= expanding_rows_max(algo) && cpu_has_avx512()) {
+    // Expanding loads (AVX-512) with row-major x; past the algorithm's rows the AVX2 broadcast
+    // kernel below does fewer multiply-adds (one per kept value and 8 or 16 batch lanes).
     out = at::empty({B, O}, x2.options());
     BitmaskRowsArgs a{vals.data_ptr(), bm.data_ptr<int64_t>(), off.data_ptr<int32_t>(), vals.scalar_type(),
                       bm.size(1), off.size(1), K, O, x2.data_ptr<float>(), B, 0, out.data_ptr<float>(),

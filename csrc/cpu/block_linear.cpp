@@ -104,16 +104,19 @@ at::Tensor block_linear_algo(const at::Tensor& x, const at::Tensor& crow, const 
 }
 
 // block_linear_q_cpu (the schema in csrc/sparsekern.cpp): int8 values [nnzb, bh, bw], one
-// float32 scale per output row. algo 0 (rows_q.h kQAlgoExact): up to kDirectMaxBatch rows the
-// row kernel reads the int8 values as stored (block_rows_impl.h, the scale on each finished
-// row sum); above, tiles of rows dequantized into the BLAS GEMM. algo 3 (kQAlgoInt8Expand): x
-// quantized per row, the values expanded to a dense int8 weight, torch's int8 GEMM.
+// float32 scale per output row. The algorithm is chosen in Python (sparsekern/dispatch_rules.py
+// block_q_cpu_algo) and runs at any rows: algo 0 (rows_q.h kQAlgoExact) the row kernel reads
+// the int8 values as stored (block_rows_impl.h, the scale on each finished row sum; as
+// block_linear's row kernel it takes every batch at once); algo 4 (kQAlgoExactTiles) tiles of
+// rows dequantized into the BLAS GEMM; algo 3 (kQAlgoInt8Expand) x quantized per row, the
+// values expanded to a dense int8 weight, torch's int8 GEMM.
 at::Tensor block_linear_q_algo(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                                const at::Tensor& values, const at::Tensor& scales, int64_t in_features,
                                const c10::optional<at::Tensor>& bias, int64_t algo) {
   check_block_linear_q_args(x, crow, col, values, scales, in_features, bias);
-  TORCH_CHECK_VALUE(algo == kQAlgoExact || algo == kQAlgoInt8Expand, "block_linear_q: algo must be ",
-                    kQAlgoExact, " (x in fp32) or ", kQAlgoInt8Expand,
+  TORCH_CHECK_VALUE(algo == kQAlgoExact || algo == kQAlgoExactTiles || algo == kQAlgoInt8Expand,
+                    "block_linear_q: algo must be ", kQAlgoExact, " (x in fp32, the row kernel), ", kQAlgoExactTiles,
+                    " (x in fp32, dequantized tiles into the BLAS GEMM) or ", kQAlgoInt8Expand,
                     " (int8 values expanded for torch's int8 GEMM), got ", algo);
   const int64_t bh = values.size(1), bw = values.size(2), K = in_features;
   const int64_t nbr = crow.size(0) - 1, O = nbr * bh;
@@ -147,7 +150,7 @@ at::Tensor block_linear_q_algo(const at::Tensor& x, const at::Tensor& crow, cons
           std::memcpy(dst + r * K + ci[blk] * bw, v + (blk * bh + i) * bw, static_cast<size_t>(bw));
       }
     });
-  } else if (B > kDirectMaxBatch) {
+  } else if (algo == kQAlgoExactTiles) {
     out = tiled_gemm(x2, O, [&](int64_t r0, int64_t r1, float* buf) {
       std::fill(buf, buf + (r1 - r0) * K, 0.f);
       for (int64_t r = r0; r < r1; ++r) row_values(r, buf + (r - r0) * K);

@@ -2,15 +2,18 @@
 // W's kept values stored int8 (or int4 for N:M) and dequantized in registers (rows_q.h).
 // Layouts: sparsekern/precisions.py, sparsekern/formats.py.
 //
-// Up to kDirectMaxBatch rows of x: the decode kernels (AVX-512 for 2:4 and bitmask where the
-// CPU has it, else AVX2, else portable), which stream the packed bytes. Above: tiles of
-// output rows dequantized into fp32 and multiplied by the BLAS GEMM (cpu_common.h
-// tiled_gemm), as the fp kernels' large-batch path ("load as sparse, compute as dense").
-// The algorithm is chosen in Python (sparsekern/dispatch_rules.py q_cpu_algo, rows_q.h kQAlgo*):
-// exact (x in fp32), int8 activations for the decode rows, or, for 2:4 int8 and int4 weights
-// above kDirectMaxBatch rows, the int8 dot-product GEMM (nm_gemm_int8.h, x quantized per row),
-// or, for other int8 weights there, the values expanded to a dense int8 weight for torch's int8
-// GEMM (kQAlgoInt8Expand).
+// The algorithm is chosen in Python (sparsekern/dispatch_rules.py q_cpu_algo / nm_q_cpu_algo,
+// rows_q.h kQAlgo*: which rows, bits and CPUs take which) and the kernels run what they are
+// told, at any batch; none chooses again by the rows:
+//   exact (kQAlgoExact) and int8 activations (kQAlgoInt8Act): the decode row kernels
+//     (AVX-512 for 2:4 and bitmask where the CPU has it, else AVX2, else portable), which
+//     stream the packed bytes, in batch tiles of at most kDirectMaxBatch rows;
+//   the exact tiles (kQAlgoExactTiles): tiles of output rows dequantized into fp32 and
+//     multiplied by the BLAS GEMM (cpu_common.h tiled_gemm), as the fp kernels' large-batch
+//     path ("load as sparse, compute as dense");
+//   the 2:4 int8 dot-product GEMM (kQAlgoInt8Dot, nm_gemm_int8.h, x quantized per row) for 2:4
+//     int8 and int4 weights, or the values expanded to a dense int8 weight for torch's int8
+//     GEMM (kQAlgoInt8Expand) for other int8 ones.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -40,10 +43,31 @@ std::pair<at::Tensor, at::Tensor> quantize_activations(const at::Tensor& x2, Qua
 }
 
 void check_q_algo(const char* op, int64_t algo) {
-  TORCH_CHECK_VALUE(algo == kQAlgoExact || algo == kQAlgoInt8Act || algo == kQAlgoInt8Dot || algo == kQAlgoInt8Expand,
-                    op, ": algo must be ", kQAlgoExact, " (exact), ", kQAlgoInt8Act, " (int8 activations), ",
-                    kQAlgoInt8Dot, " (the 2:4 int8 dot-product GEMM) or ", kQAlgoInt8Expand,
-                    " (int8 values expanded for torch's int8 GEMM), got ", algo);
+  TORCH_CHECK_VALUE(algo == kQAlgoExact || algo == kQAlgoInt8Act || algo == kQAlgoInt8Dot || algo == kQAlgoInt8Expand ||
+                        algo == kQAlgoExactTiles,
+                    op, ": algo must be ", kQAlgoExact, " (exact, the decode rows), ", kQAlgoInt8Act,
+                    " (int8 activations), ", kQAlgoInt8Dot, " (the 2:4 int8 dot-product GEMM), ", kQAlgoInt8Expand,
+                    " (int8 values expanded for torch's int8 GEMM) or ", kQAlgoExactTiles,
+                    " (exact, dequantized tiles into the BLAS GEMM), got ", algo);
+}
+
+// The decode row kernels (kQAlgoExact, kQAlgoInt8Act) over all B rows of x, in batch tiles of
+// at most kDirectMaxBatch rows (the widest they take): tile b0 reads rows b0.. of x (and of
+// its quantized bytes and scales) and writes rows b0.. of out in place. `rows(tile, r0, r1)`
+// runs output rows [r0, r1) of one tile.
+template <typename Args, typename Rows>
+void decode_in_batch_tiles(const Args& a, float* out, Rows rows) {
+  for (int64_t b0 = 0; b0 < a.B; b0 += kDirectMaxBatch) {
+    Args t = a;
+    t.B = std::min(kDirectMaxBatch, a.B - b0);
+    t.x = a.x + b0 * a.K;
+    t.out = out + b0 * a.O;
+    if (a.xq.u8 != nullptr) {
+      t.xq.u8 = a.xq.u8 + b0 * a.xq.ld;
+      t.xq.scale = a.xq.scale + b0;
+    }
+    parallel_rows(a.O, rows_grain(a.K, t.B), [&](int64_t r0, int64_t r1) { rows(t, r0, r1); });
+  }
 }
 
 // x (any float dtype) -> fp32 [B, O] through the 2:4 int8 dot-product GEMM (no bias): int8
@@ -118,30 +142,29 @@ at::Tensor nm_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, const 
   c10::optional<at::Tensor> bias_left = bias;
   if (B == 0 || O == 0) {
     out = at::zeros({B, O}, x2.options());
-  } else if (B > kDirectMaxBatch) {
+  } else if (algo == kQAlgoExactTiles) {
     out = tiled_gemm(x2, O, [&](int64_t r0, int64_t r1, float* buf) {
       for (int64_t r = r0; r < r1; ++r) nm_q_row_dense(a, r, buf + (r - r0) * K);
     }, bias);
     bias_left = c10::nullopt;
   } else {
     out = at::empty({B, O}, x2.options());
-    a.out = out.data_ptr<float>();
     const bool wide = avx512_nm_q_pattern(n, m) && cpu_has_avx512();
     const bool avx2 = cpu_has_avx2();
     if (algo == kQAlgoInt8Act) {
       const auto held = quantize_activations(x2, a.xq);
       const bool vnni = cpu_has_avx512() && avx512_q_act_vector();
-      parallel_rows(O, rows_grain(K, B), [&](int64_t r0, int64_t r1) {
-        if (vnni) avx512::nm_q_rows_act(a, r0, r1);
-        else if (avx2) avx2::nm_q_rows_act(a, r0, r1);
-        else generic::nm_q_rows_act(a, r0, r1);
+      decode_in_batch_tiles(a, out.data_ptr<float>(), [&](const NmQRowsArgs& t, int64_t r0, int64_t r1) {
+        if (vnni) avx512::nm_q_rows_act(t, r0, r1);
+        else if (avx2) avx2::nm_q_rows_act(t, r0, r1);
+        else generic::nm_q_rows_act(t, r0, r1);
       });
       return finish_linear(out, x, bias_left);
     }
-    parallel_rows(O, rows_grain(K, B), [&](int64_t r0, int64_t r1) {
-      if (wide) avx512::nm_q_rows(a, r0, r1);
-      else if (avx2) avx2::nm_q_rows(a, r0, r1);
-      else generic::nm_q_rows(a, r0, r1);
+    decode_in_batch_tiles(a, out.data_ptr<float>(), [&](const NmQRowsArgs& t, int64_t r0, int64_t r1) {
+      if (wide) avx512::nm_q_rows(t, r0, r1);
+      else if (avx2) avx2::nm_q_rows(t, r0, r1);
+      else generic::nm_q_rows(t, r0, r1);
     });
   }
   return finish_linear(out, x, bias_left);
@@ -176,29 +199,28 @@ at::Tensor bitmask_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, c
   c10::optional<at::Tensor> bias_left = bias;
   if (B == 0 || O == 0 || vals.numel() == 0) {
     out = at::zeros({B, O}, x2.options());
-  } else if (B > kDirectMaxBatch) {
+  } else if (algo == kQAlgoExactTiles) {
     out = tiled_gemm(x2, O, [&](int64_t r0, int64_t r1, float* buf) {
       for (int64_t r = r0; r < r1; ++r) bitmask_q_row_dense(a, r, buf + (r - r0) * K);
     }, bias);
     bias_left = c10::nullopt;
   } else {
     out = at::empty({B, O}, x2.options());
-    a.out = out.data_ptr<float>();
     const bool wide = cpu_has_avx512(), avx2 = cpu_has_avx2();
     if (algo == kQAlgoInt8Act) {
       const auto held = quantize_activations(x2, a.xq);
       const bool vnni = wide && avx512_q_act_vector();
-      parallel_rows(O, rows_grain(K, B), [&](int64_t r0, int64_t r1) {
-        if (vnni) avx512::bitmask_q_rows_act(a, r0, r1);
-        else if (avx2) avx2::bitmask_q_rows_act(a, r0, r1);
-        else generic::bitmask_q_rows_act(a, r0, r1);
+      decode_in_batch_tiles(a, out.data_ptr<float>(), [&](const BitmaskQRowsArgs& t, int64_t r0, int64_t r1) {
+        if (vnni) avx512::bitmask_q_rows_act(t, r0, r1);
+        else if (avx2) avx2::bitmask_q_rows_act(t, r0, r1);
+        else generic::bitmask_q_rows_act(t, r0, r1);
       });
       return finish_linear(out, x, bias_left);
     }
-    parallel_rows(O, rows_grain(K, B), [&](int64_t r0, int64_t r1) {
-      if (wide) avx512::bitmask_q_rows(a, r0, r1);
-      else if (avx2) avx2::bitmask_q_rows(a, r0, r1);
-      else generic::bitmask_q_rows(a, r0, r1);
+    decode_in_batch_tiles(a, out.data_ptr<float>(), [&](const BitmaskQRowsArgs& t, int64_t r0, int64_t r1) {
+      if (wide) avx512::bitmask_q_rows(t, r0, r1);
+      else if (avx2) avx2::bitmask_q_rows(t, r0, r1);
+      else generic::bitmask_q_rows(t, r0, r1);
     });
   }
   return finish_linear(out, x, bias_left);
@@ -254,9 +276,9 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
                                 const c10::optional<at::Tensor>& bias) {
     return bitmask_linear_q_cpu(x, values, bitmask, offsets, scales, in_features, bias);
   });
-  // The CPU-only ops with the algorithm chosen in Python (rows_q.h kQAlgo*): int8 activations
-  // apply up to kDirectMaxBatch rows (larger batches take the tiles), the int8 dot-product GEMM
-  // to any rows of 2:4 int8 and int4 weights, the expanded int8 weight to any rows of int8 ones.
+  // The CPU-only ops with the algorithm chosen in Python (rows_q.h kQAlgo*), each at any rows:
+  // the decode rows (fp32 or int8 activations, in batch tiles), the exact tiles, the int8
+  // dot-product GEMM of 2:4 int8 and int4 weights, the expanded int8 weight of int8 ones.
   m.impl("nm_linear_q_cpu", [](const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
                                const at::Tensor& scales, int64_t n, int64_t m, int64_t in_features, int64_t bits,
                                int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t algo) {

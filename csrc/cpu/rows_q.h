@@ -18,8 +18,10 @@ namespace sparsekern {
 namespace cpu {
 
 // The algorithms of the quantized ops, chosen in Python (sparsekern/dispatch_rules.py, Q_ALGO_* and
-// q_cpu_algo) and passed as the CPU ops' `algo` argument:
-//   kQAlgoExact    x stays fp32; the weights are dequantized to fp32 in registers.
+// q_cpu_algo) and passed as the CPU ops' `algo` argument; each runs at any rows of x (the rows
+// decide in Python which one runs, never here):
+//   kQAlgoExact    x stays fp32; the weights are dequantized to fp32 in registers by the decode
+//                  row kernels below, in batch tiles of at most kDirectMaxBatch rows.
 //   kQAlgoInt8Act  each row of x is quantized to int8 first, as torch's dynamic quantization
 //                  does (symmetric, one scale per row: q = round(x * (127 / max|x|)), stored
 //                  u8 = q + 128), and the products are integer dot products: on AVX-512 with
@@ -27,17 +29,22 @@ namespace cpu {
 //                  bytes of their columns (vpermt2b for 2:4, vpexpandb of the weights for the
 //                  bitmask). Exact integer sums; the row's 128 offset is taken back per weight
 //                  row (128 * sum of its weights, summed by the same instruction). Other CPUs
-//                  and patterns run the portable integer loop (same numbers).
-//   kQAlgoInt8Dot  2:4 int8 weights, any rows (chosen above kDirectMaxBatch): x quantized per
-//                  row, the int8 dot-product GEMM of nm_gemm_int8.h.
-//   kQAlgoInt8Expand  int8 values (any N:M, the bitmask), any rows (chosen above
-//                  kDirectMaxBatch): x quantized per row to int8 (kQAlgoInt8Act's bytes less 128),
-//                  the values expanded into a dense int8 weight for the call (q_rows_int8
-//                  below), torch's int8 GEMM (at::_int_mm), then x's and the row's scales.
+//                  and patterns run the portable integer loop (same numbers). The decode row
+//                  kernels, in batch tiles of at most kDirectMaxBatch rows.
+//   kQAlgoInt8Dot  2:4 int8 weights (chosen above the decode rows): x quantized per row, the
+//                  int8 dot-product GEMM of nm_gemm_int8.h.
+//   kQAlgoInt8Expand  int8 values (any N:M, the bitmask; chosen above the decode rows): x
+//                  quantized per row to int8 (kQAlgoInt8Act's bytes less 128), the values
+//                  expanded into a dense int8 weight for the call (q_rows_int8 below), torch's
+//                  int8 GEMM (at::_int_mm), then x's and the row's scales.
+//   kQAlgoExactTiles  x stays fp32; the weight dequantized a tile of output rows at a time
+//                  (*_q_row_dense below) into the BLAS GEMM (cpu_common.h tiled_gemm; chosen
+//                  above the decode rows where no int8 GEMM applies).
 constexpr int64_t kQAlgoExact = 0;
 constexpr int64_t kQAlgoInt8Act = 1;
 constexpr int64_t kQAlgoInt8Dot = 2;
 constexpr int64_t kQAlgoInt8Expand = 3;
+constexpr int64_t kQAlgoExactTiles = 4;
 
 // Activation rows quantized for kQAlgoInt8Act: u8 [B, ld], ld = q_act_row_bytes(K) (columns
 // past K hold 128, the byte of 0.0, so a kernel may read whole 128-column steps), and the
@@ -87,7 +94,7 @@ struct BitmaskQRowsArgs {
   QuantizedActivations xq{};  // the int8-activation algorithm only (kQAlgoInt8Act)
 };
 
-// Row r dequantized into dense fp32 [K] (the fill of the large-batch tiles and the slow
+// Row r dequantized into dense fp32 [K] (the fill of kQAlgoExactTiles' tiles and the slow
 // paths): shared by every ISA (rows_q_generic.cpp).
 void nm_q_row_dense(const NmQRowsArgs& a, int64_t r, float* dst);
 void bitmask_q_row_dense(const BitmaskQRowsArgs& a, int64_t r, float* dst);

@@ -32,10 +32,11 @@ namespace cpu {
 //   xT : [K, BP], BP = 8 or 16 lanes holding batch rows, unused lanes zero
 //        (the "broadcast" kernels: one weight value times a whole batch vector).
 constexpr int64_t kRowMajorMaxBatch = 4;
-// Above this batch the op files decompress tiles of rows and call the BLAS GEMM; bitmask
-// does so only above kGemmMinDensity, below it the direct kernel runs in batch tiles.
+// The widest batch the row kernels take: the op files run them in batch tiles of at most this
+// many rows. Which algorithm runs at which rows (the row kernels, tiles into the BLAS GEMM, a
+// GEMM kernel) is sparsekern/dispatch_rules.py's choice (CPU_ROWS_MAX_ROWS and the *_cpu_algo
+// rules), passed to the ops as `algo`.
 constexpr int64_t kDirectMaxBatch = 16;
-constexpr double kGemmMinDensity = 0.25;
 
 // 2:4: index byte (4 slots, 2 groups, 8 columns) -> the column of each slot within those 8
 // columns. One table (cpu_common.cpp) for every 2:4 kernel of every instruction set.

@@ -123,10 +123,12 @@ def _q_linear_call(op: str, x: torch.Tensor, weight) -> "LinearCall":
     """nm_linear_q / bitmask_linear_q as decided for x: the CPU-only op with the algorithm
     dispatch_rules chose, where it is not the shared schema's exact one."""
     d, key = decide(op, (x, weight))
+    # a path that multiplies x in floats takes the rounded x where the integer kernels would round it
+    round_rows = rounds_activations(weight, x.device)
     if d.cpu_run is not None and key.cpu_algo != rules.Q_ALGO_EXACT:
-        return LinearCall(d.cpu_run, weight.kernel_args(), (key.cpu_algo,))
-    # the exact products: of the rounded x where the integer kernels would round it
-    return LinearCall(d.run, weight.kernel_args(), (), rounds_activations(weight, x.device))
+        return LinearCall(d.cpu_run, weight.kernel_args(), (key.cpu_algo,),
+                          round_rows and key.cpu_algo in rules.Q_ALGOS_FLOAT_X)
+    return LinearCall(d.run, weight.kernel_args(), (), round_rows)
 
 
 # The ops whose integer kernels multiply int8 activations (rules.q_activations_int8).

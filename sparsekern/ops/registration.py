@@ -89,7 +89,7 @@ def _fake_nm_linear_q_cpu(x, values, indices, scales, n, m, in_features, bits, g
 
 
 def _fake_bitmask_linear_q_cpu(x, values, bitmask, offsets, scales, in_features, bias, algo):
-    bitmask_algos = (rules.Q_ALGO_EXACT, rules.Q_ALGO_INT8_ACT, rules.Q_ALGO_INT8_EXPAND)
+    bitmask_algos = (rules.Q_ALGO_EXACT, rules.Q_ALGO_INT8_ACT, rules.Q_ALGO_INT8_EXPAND, rules.Q_ALGO_EXACT_TILES)
     torch._check(algo in bitmask_algos, lambda: f"bitmask_linear_q: algo must be one of {bitmask_algos}")
     return _fake_bitmask_linear_q(x, values, bitmask, offsets, scales, in_features, bias)
 
@@ -116,7 +116,7 @@ def _fake_block_linear_q(x, crow_indices, col_indices, values, scales, in_featur
 
 
 def _fake_block_linear_q_cpu(x, crow_indices, col_indices, values, scales, in_features, bias, algo):
-    block_algos = (rules.Q_ALGO_EXACT, rules.Q_ALGO_INT8_EXPAND)
+    block_algos = (rules.Q_ALGO_EXACT, rules.Q_ALGO_INT8_EXPAND, rules.Q_ALGO_EXACT_TILES)
     torch._check(algo in block_algos, lambda: f"block_linear_q: algo must be one of {block_algos}")
     return _fake_block_linear_q(x, crow_indices, col_indices, values, scales, in_features, bias)
 

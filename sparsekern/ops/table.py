@@ -107,7 +107,7 @@ def rows_key(x, *rest):
 def q_linear_key(x, weight=None, bias=None):
     """nm_linear_q / bitmask_linear_q: the batch bucket and, on the CPU, the algorithm by the
     bucket's first row count (rules.q_cpu_algo for int8 values, all a bitmask weight holds:
-    fp32 or int8 activations up to 16 rows, the expanded int8 weight or the tiles above);
+    fp32 or int8 activations up to 16 rows, the expanded int8 weight or the exact tiles above);
     nm_linear_q_key refines it by the weight."""
     bucket = rules.batch_bucket(_rows(x))
     algo = rules.Q_ALGO_EXACT
@@ -117,12 +117,12 @@ def q_linear_key(x, weight=None, bias=None):
 
 
 def block_linear_q_key(x, weight=None, bias=None):
-    """block_linear_q: the batch bucket and, on the CPU, q_linear_key's algorithm where its
-    block kernel has it (the int8 GEMM over the expanded values), else x in fp32 (the row
-    kernel, the tiles)."""
+    """block_linear_q: the batch bucket and, on the CPU, the algorithm by the bucket's first row
+    count (rules.block_q_cpu_algo: the row kernel, the int8 GEMM over the expanded values, the
+    tiles)."""
     x, key = q_linear_key(x)
-    if key.cpu_algo != rules.Q_ALGO_INT8_EXPAND:
-        key = key._replace(cpu_algo=rules.Q_ALGO_EXACT)
+    if x.device.type == "cpu" and x.dtype in rules.KERNEL_DTYPES:
+        key = key._replace(cpu_algo=rules.block_q_cpu_algo(rules.bucket_min_rows(key.bucket)))
     return x, key
 
 
