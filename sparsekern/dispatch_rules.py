@@ -295,14 +295,20 @@ BITMASK_ALGO_TILES = 1   # the weight decompressed a tile at a time into the BLA
 BITMASK_ALGO_GEMM = 2    # the AVX-512 weight-stationary kernel (one multiply-add per kept value, 16 lanes)
 BITMASK_ALGO_DECODE_EXPAND8 = 3  # the row kernels with the AVX-512 expanding loads for a batch of up to
 #                                  8 rows (AVX-512 CPUs only), else as BITMASK_ALGO_DECODE
+BITMASK_ALGO_DECODE_B1_INDEXED = 4  # as BITMASK_ALGO_DECODE, and one row runs the AVX-512 indexed kernel
+#                                     (per 64-column word, shuffles instead of expanding loads)
 BITMASK_ALGO_NAMES = {BITMASK_ALGO_DECODE: "decode", BITMASK_ALGO_TILES: "decompressed tiles + BLAS",
                       BITMASK_ALGO_GEMM: "weight-stationary GEMM",
-                      BITMASK_ALGO_DECODE_EXPAND8: "decode, AVX-512 expanding loads up to 8 rows"}
+                      BITMASK_ALGO_DECODE_EXPAND8: "decode, AVX-512 expanding loads up to 8 rows",
+                      BITMASK_ALGO_DECODE_B1_INDEXED: "decode, the one-row indexed kernel"}
 # Up to CPU_ROWS_MAX_ROWS rows on AVX-512, weights keeping at least this fraction run the
 # expanding loads up to 8 rows (BITMASK_ALGO_DECODE_EXPAND8) rather than up to 4: at 5-8 rows
 # they beat the broadcast lanes kernel above it (EVIDENCE). The rows decide within the bucket
 # (5-8 of the 5-16 rows of batch bucket 16), so the kernel gets the rule as its algorithm.
 BITMASK_EXPAND_8_MIN_DENSITY = 0.2
+# One row on AVX-512, weights keeping at most this fraction run the indexed kernel
+# (BITMASK_ALGO_DECODE_B1_INDEXED) rather than the expanding loads (EVIDENCE).
+BITMASK_B1_INDEXED_MAX_DENSITY = 0.25
 # Above CPU_ROWS_MAX_ROWS rows, weights denser than this run the tiles (a dense GEMM over
 # decompressed tiles beats rows/16 sparse passes), sparser ones the row kernels.
 BITMASK_TILES_MIN_DENSITY = 0.25
@@ -317,9 +323,12 @@ def bitmask_cpu_algo(rows: int | None, density: float) -> int:
     """The CPU algorithm for a bitmask product over `rows` rows (None: not known, the row
     kernels) of a weight keeping `density` of its entries. Up to CPU_ROWS_MAX_ROWS rows the row
     kernels, with the AVX-512 expanding loads up to 8 rows from BITMASK_EXPAND_8_MIN_DENSITY
-    (up to 4 below it); above, the weight-stationary GEMM, the tiles or the row kernels."""
+    (up to 4 below it) and one row indexed up to BITMASK_B1_INDEXED_MAX_DENSITY; above, the
+    weight-stationary GEMM, the tiles or the row kernels."""
     if rows is None:
         return BITMASK_ALGO_DECODE
+    if rows <= 1 and density <= BITMASK_B1_INDEXED_MAX_DENSITY and _cpu_isa("avx512"):  # bucket 1 (0 or 1 rows)
+        return BITMASK_ALGO_DECODE_B1_INDEXED
     if rows <= CPU_ROWS_MAX_ROWS:
         if density >= BITMASK_EXPAND_8_MIN_DENSITY and _cpu_isa("avx512"):
             return BITMASK_ALGO_DECODE_EXPAND8
@@ -467,6 +476,11 @@ EVIDENCE: dict[str, Measured] = {
     # 128 rows, it against the tiles (moved from csrc/cpu/bitmask_linear.cpp).
     "BITMASK_GEMM_MIN_ROWS": Measured("not stored as a run (figures moved from csrc/cpu/bitmask_linear.cpp)", {
         "30% kept, rows 17-32": 0.7, "30% kept, rows 128": 1.0, "30% kept, rows 512": 1.27}),
+    # One row, the indexed kernel against the expanding loads (figures moved from the comment beside it).
+    "BITMASK_B1_INDEXED_MAX_DENSITY": Measured(
+        "not stored as a run (moved from csrc/cpu/sparse_rows_avx512.cpp kB1IndexedMaxDensity)", {
+            "4096x4096 fp32 streamed from memory, 2 threads, ms: indexed / expanding loads":
+                {"10% kept": (0.89, 1.75), "20% kept": (1.33, 1.69), "30% kept": "even"}}),
     # 4096x4096 fp32, 2 threads, 5-8 rows: ms per call of the AVX-512 expanding-load kernel and
     # the AVX2 broadcast lanes kernel (figures moved from the comment beside it).
     "BITMASK_EXPAND_8_MIN_DENSITY": Measured(

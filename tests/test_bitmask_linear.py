@@ -189,7 +189,8 @@ def test_every_cpu_algorithm_matches_fp64_at_any_batch(device, backend, density,
     W = BitmaskWeight.from_dense(w, torch.rand(37, 200) < density)
     x, bias = torch.randn(batch, 200), torch.randn(37)
     algos = [rules.BITMASK_ALGO_DECODE, rules.BITMASK_ALGO_TILES] + (
-        [rules.BITMASK_ALGO_GEMM, rules.BITMASK_ALGO_DECODE_EXPAND8] if _avx512() else [])
+        [rules.BITMASK_ALGO_GEMM, rules.BITMASK_ALGO_DECODE_EXPAND8, rules.BITMASK_ALGO_DECODE_B1_INDEXED]
+        if _avx512() else [])
     assert set(algos) == set(rules.BITMASK_ALGO_NAMES) or not _avx512()
     for algo in algos:
         y = torch.ops.sparsekern.bitmask_linear_cpu(x, W.values, W.bitmask, W.offsets, 200, bias, None, algo)
@@ -199,7 +200,7 @@ def test_every_cpu_algorithm_matches_fp64_at_any_batch(device, backend, density,
 @pytest.mark.parametrize("device,backend", [p for p in pairs("bitmask_linear") if p.id == "cpu-cpp"])
 def test_cpu_op_refuses_an_unknown_algorithm(device, backend):
     W = BitmaskWeight.from_dense(torch.randn(6, 64), torch.rand(6, 64) < 0.3)
-    for algo in (-1, 4, 99):
+    for algo in (-1, 5, 99):
         with pytest.raises(ValueError, match=f"bitmask_linear: algo must be 0 .*, got {algo}"):
             torch.ops.sparsekern.bitmask_linear_cpu(torch.randn(2, 64), W.values, W.bitmask, W.offsets, 64, None,
                                                     None, algo)
@@ -216,7 +217,9 @@ def test_the_algorithm_follows_the_rules(rows, density, monkeypatch):
     x = torch.randn(rows, 64)
     monkeypatch.delenv("SPARSEKERN_BITMASK_GEMM", raising=False)
     want = rules.bitmask_cpu_algo(rules.bucket_min_rows(rules.batch_bucket(rows)), W.density)
-    if rows <= rules.CPU_ROWS_MAX_ROWS:
+    if rows == 1 and W.density <= rules.BITMASK_B1_INDEXED_MAX_DENSITY and _avx512():
+        assert want == rules.BITMASK_ALGO_DECODE_B1_INDEXED
+    elif rows <= rules.CPU_ROWS_MAX_ROWS:
         expand8 = W.density >= rules.BITMASK_EXPAND_8_MIN_DENSITY and _avx512()
         assert want == (rules.BITMASK_ALGO_DECODE_EXPAND8 if expand8 else rules.BITMASK_ALGO_DECODE)
     assert ops.OPS["bitmask_linear"].key(x, W)[1].cpu_algo == want
@@ -239,9 +242,31 @@ def test_the_expanding_loads_run_where_the_kernel_chose_them_before(kept):
     assert W.values.numel() == kept
     for rows in (*range(1, 19), 40, 65, 300):
         algo = ops.OPS["bitmask_linear"].key(torch.randn(rows, 64), W)[1].cpu_algo
-        expanding_rows = {rules.BITMASK_ALGO_DECODE: 4, rules.BITMASK_ALGO_DECODE_EXPAND8: 8}.get(algo, 0)
+        expanding_rows = {rules.BITMASK_ALGO_DECODE: 4, rules.BITMASK_ALGO_DECODE_EXPAND8: 8,
+                          rules.BITMASK_ALGO_DECODE_B1_INDEXED: 4}.get(algo, 0)
         before = _avx512() and (rows <= 4 or (rows <= 8 and kept >= 0.2 * 10 * 64))
         assert (rows <= expanding_rows and _avx512()) == before, (rows, kept, algo)
+
+
+@pytest.mark.parametrize("kept", [159, 160, 161])  # 0.25 of 10 x 64 entries is 160
+def test_one_row_runs_the_indexed_kernel_where_the_kernel_chose_it_before(kept):
+    """The one-row choice the AVX-512 row kernel made itself until it moved to dispatch_rules
+    (the indexed kernel for nnz <= 0.25 * O * K) is the algorithm the key passes at one row
+    (BITMASK_ALGO_DECODE_B1_INDEXED); the indexed kernel and the expanding loads agree with
+    the fp64 product whichever runs."""
+    from sparsekern import dispatch_rules as rules
+
+    mask = torch.zeros(10 * 64, dtype=torch.bool)
+    mask[torch.randperm(10 * 64)[:kept]] = True
+    W = BitmaskWeight.from_dense(torch.randn(10, 64), mask.reshape(10, 64))
+    x = torch.randn(1, 64)
+    algo = ops.OPS["bitmask_linear"].key(x, W)[1].cpu_algo
+    before = _avx512() and kept <= 0.25 * 10 * 64
+    assert (algo == rules.BITMASK_ALGO_DECODE_B1_INDEXED) == before, (kept, algo)
+    if _avx512():
+        for a in (rules.BITMASK_ALGO_DECODE, rules.BITMASK_ALGO_DECODE_B1_INDEXED):
+            y = torch.ops.sparsekern.bitmask_linear_cpu(x, W.values, W.bitmask, W.offsets, 64, None, None, a)
+            assert_linear_close(y, ref64(x, W.to_dense(), None), torch.float32, what=f"algo {a}")
 
 
 def test_the_expanding_loads_up_to_8_rows_need_avx512():
@@ -266,6 +291,14 @@ def test_the_expanding_loads_up_to_8_rows_need_avx512():
             assert "algo 3" in str(e) and "AVX-512" in str(e), str(e)
         else:
             raise AssertionError("algo 3 ran without AVX-512")
+        assert rules.bitmask_cpu_algo(1, 0.1) == rules.BITMASK_ALGO_DECODE
+        try:
+            torch.ops.sparsekern.bitmask_linear_cpu(torch.randn(1, 64), W.values, W.bitmask, W.offsets, 64, None,
+                                                    None, rules.BITMASK_ALGO_DECODE_B1_INDEXED)
+        except RuntimeError as e:
+            assert "algo 4" in str(e) and "AVX-512" in str(e), str(e)
+        else:
+            raise AssertionError("algo 4 ran without AVX-512")
         """)
     env = dict(os.environ, SPARSEKERN_CPU_ISA="avx2")
     run = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=300)

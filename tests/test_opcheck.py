@@ -97,7 +97,9 @@ def _samples(device):
                                 dispatch_rules.BITMASK_ALGO_TILES),
                                (x20.clone().requires_grad_(), bmw.values, bmw.bitmask, bmw.offsets, 64, None, None,
                                 dispatch_rules.BITMASK_ALGO_DECODE)] + ([] if not AVX512 else [
-            (x20[:6], bmw.values, bmw.bitmask, bmw.offsets, 64, b, None, dispatch_rules.BITMASK_ALGO_DECODE_EXPAND8)]),
+            (x20[:6], bmw.values, bmw.bitmask, bmw.offsets, 64, b, None, dispatch_rules.BITMASK_ALGO_DECODE_EXPAND8),
+            (x20[:1], bmw.values, bmw.bitmask, bmw.offsets, 64, b, None,
+             dispatch_rules.BITMASK_ALGO_DECODE_B1_INDEXED)]),
         "bitmask_compress": [(w, mask), (w, None)],
         "bitmask_decompress": [(bmw.values, bmw.bitmask, bmw.offsets, 64)],
         "block_linear": [(x, blk.crow_indices, blk.col_indices, blk.values, 64, b),

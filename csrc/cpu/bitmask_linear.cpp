@@ -35,6 +35,7 @@ constexpr int64_t kBitmaskAlgoRows = 0;   // the row kernels, AVX-512 expanding 
 constexpr int64_t kBitmaskAlgoTiles = 1;  // decompressed weight tiles into the BLAS GEMM (tiled_gemm)
 constexpr int64_t kBitmaskAlgoGemm = 2;   // the AVX-512 weight-stationary kernel (bitmask_gemm)
 constexpr int64_t kBitmaskAlgoRowsExpand8 = 3;  // the row kernels, AVX-512 expanding loads up to 8 rows
+constexpr int64_t kBitmaskAlgoRowsB1Indexed = 4;  // as algo 0, and one row runs the indexed kernel
 
 // The row kernels of algo 0 and 3 (kBitmaskAlgoRows / kBitmaskAlgoRowsExpand8) on a whole
 // batch of at most this many rows: the AVX-512 expanding loads on row-major x (one kernel per
@@ -45,14 +46,18 @@ int64_t expanding_rows_max(int64_t algo) { return algo == kBitmaskAlgoRowsExpand
 
 void check_bitmask_algo(const char* op, int64_t algo) {
   TORCH_CHECK_VALUE(algo == kBitmaskAlgoRows || algo == kBitmaskAlgoTiles || algo == kBitmaskAlgoGemm ||
-                        algo == kBitmaskAlgoRowsExpand8,
+                        algo == kBitmaskAlgoRowsExpand8 || algo == kBitmaskAlgoRowsB1Indexed,
                     op, ": algo must be 0 (row kernels, expanding loads up to 4 rows), 1 (decompressed tiles), "
-                    "2 (the weight-stationary GEMM) or 3 (row kernels, expanding loads up to 8 rows), got ", algo);
+                    "2 (the weight-stationary GEMM), 3 (row kernels, expanding loads up to 8 rows) or 4 (as 0, "
+                    "one row on the indexed kernel), got ", algo);
   TORCH_CHECK(algo != kBitmaskAlgoGemm || cpu_has_avx512(), op,
               ": algo 2 (the weight-stationary GEMM kernel) needs an AVX-512 CPU (SPARSEKERN_CPU_ISA may cap it); "
               "pass algo 0 or 1");
   TORCH_CHECK(algo != kBitmaskAlgoRowsExpand8 || cpu_has_avx512(), op,
               ": algo 3 (the AVX-512 expanding-load row kernels up to 8 rows) needs an AVX-512 CPU "
+              "(SPARSEKERN_CPU_ISA may cap it); pass algo 0 or 1");
+  TORCH_CHECK(algo != kBitmaskAlgoRowsB1Indexed || cpu_has_avx512(), op,
+              ": algo 4 (the AVX-512 one-row indexed kernel) needs an AVX-512 CPU "
               "(SPARSEKERN_CPU_ISA may cap it); pass algo 0 or 1");
 }
 
@@ -122,6 +127,7 @@ at::Tensor bitmask_linear_columns(const at::Tensor& x, const at::Tensor& values,
                       bm.size(1), off.size(1), K, O, x2.data_ptr<float>(), B, 0, out.data_ptr<float>(),
                       vals.numel()};
     if (cols.defined() && B <= 4) a.columns = cols.data_ptr<int16_t>();  // the 1-to-4-row kernels
+    a.b1_indexed = algo == kBitmaskAlgoRowsB1Indexed;
     parallel_rows(O, rows_grain(K, B), [&](int64_t r0, int64_t r1) { avx512::bitmask_rows(a, r0, r1); });
   } else {
     // Direct sparse kernel, in batch tiles of at most kDirectMaxBatch rows: its cost grows

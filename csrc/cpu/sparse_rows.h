@@ -67,6 +67,7 @@ struct BitmaskRowsArgs {
   float* out;               // [B, O] fp32
   int64_t nnz = 0;          // kept values in all O rows, or 0 if unknown (a kernel that picks by density then takes its default)
   const int16_t* columns = nullptr;  // [nnz] column of each kept value (read as uint16), or null; needs nnz
+  bool b1_indexed = false;  // one row on AVX-512: the indexed kernel (bitmask_linear's algo 4); needs nnz
 };
 
 // Whether row r of a bitmask weight may read its values `lanes` at a time from anywhere in

@@ -548,12 +548,8 @@ void bitmask_rows_b1(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
-// Density up to which the one-row kernel below beats bitmask_rows_b1 (per-word shuffles
-// against per-piece expanding loads; 4096x4096 fp32 streamed from memory, 2 threads: 0.89
-// against 1.75 ms at 10% kept, 1.33 against 1.69 at 20%, even from 30%).
-constexpr double kB1IndexedMaxDensity = 0.25;
-
-// One batch row at low density (nnz given and at most kB1IndexedMaxDensity): per 64-column
+// One batch row at low density (BitmaskRowsArgs.b1_indexed: bitmask_linear's algo 4, which
+// sparsekern/dispatch_rules.py chooses up to BITMASK_B1_INDEXED_MAX_DENSITY): per 64-column
 // word, one byte compress of the lane numbers 0..63 under the word's mask lists its kept
 // columns; x's 64 columns sit in four registers, and two two-source permutes (bit 5 of the
 // column picks the pair) bring the kept ones beside their values. A word then costs a fixed
@@ -763,8 +759,7 @@ void bitmask_rows_t(const BitmaskRowsArgs& a, int64_t r0, int64_t r1) {
   }
   switch (a.B) {
     case 1:
-      if (a.nnz > 0 && a.nnz <= kB1IndexedMaxDensity * static_cast<double>(a.O) * static_cast<double>(a.K))
-        return bitmask_rows_b1_indexed<VT>(a, r0, r1);
+      if (a.b1_indexed && a.nnz > 0) return bitmask_rows_b1_indexed<VT>(a, r0, r1);
       // Not bitmask_rows_direct<VT, 1>: the same scheme, but 3-4% slower at one row (50% kept,
       // three alternating runs, each faster with this one), and its own prefetch spacing.
       return bitmask_rows_b1<VT>(a, r0, r1);
