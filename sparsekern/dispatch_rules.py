@@ -24,8 +24,9 @@ SPARSEKERN_BITMASK_GEMM=tile (`bitmask_cpu_algo`), SPARSEKERN_BLOCK_GEMM=tile (`
 SPARSEKERN_NM_Q_GEMM=tile (`nm_q_cpu_algo`, `q_cpu_algo`: quantized weights above the decode rows
 keep the dequantized tiles instead of the int8 GEMMs),
 SPARSEKERN_Q_ACT=int8|exact (`q_activations_int8`, read by `q_cpu_algo` and `nm_q_cpu_algo`);
-SPARSEKERN_NM_BF16=fma (read by the C++ 2:4 GEMM: bf16 weights on the fp32-FMA kernel instead
-of the vdpbf16ps one, csrc/cpu/nm_gemm_bf16.cpp); SPARSEKERN_NM_BF16_THREADS=omp (that kernel's
+SPARSEKERN_NM_BF16=fma (`nm_cpu_algo`: bf16 weights on the 2:4 GEMM's fp32-FMA kernel,
+NM_ALGO_GEMM_FP32, instead of the vdpbf16ps one, csrc/cpu/nm_gemm_bf16.cpp). Threading switches,
+read in C++: SPARSEKERN_NM_BF16_THREADS=omp (that kernel's
 threads on torch's OpenMP team instead of the chunk pool, csrc/cpu/nm_linear.cpp).
 """
 from __future__ import annotations
@@ -114,7 +115,10 @@ DENSE_COPY_MAX_BYTES = 1 << 20
 NM_ALGO_DECODE = 0  # the row kernels (in batch tiles of 16 rows above 16)
 NM_ALGO_GEMM = 1    # the 2:4 weight-stationary GEMM kernel (AVX2 and AVX-512 CPUs)
 NM_ALGO_TILES = 2   # the weight decompressed a tile at a time into the BLAS GEMM
-NM_ALGO_NAMES = {NM_ALGO_DECODE: "decode", NM_ALGO_GEMM: "2:4 GEMM", NM_ALGO_TILES: "decompressed tiles + BLAS"}
+NM_ALGO_GEMM_FP32 = 3  # the 2:4 GEMM's fp32 multiply-add kernel, bf16 values converted (NM_ALGO_GEMM runs
+#                        bf16 weights on the vdpbf16ps kernel where the CPU has AVX512_BF16)
+NM_ALGO_NAMES = {NM_ALGO_DECODE: "decode", NM_ALGO_GEMM: "2:4 GEMM", NM_ALGO_TILES: "decompressed tiles + BLAS",
+                 NM_ALGO_GEMM_FP32: "2:4 GEMM, fp32 multiply-adds"}
 # The row kernels of every sparse CPU op (N:M, bitmask, block) take up to this many rows; above
 # it the tiles or a GEMM kernel run (the row kernels' cost grows with the rows, a GEMM's does not).
 # It ends a batch bucket: the decision is made per bucket.
@@ -134,14 +138,17 @@ def _cpu_isa(name: str) -> bool:
     return bool(_extension.BUILD_INFO.get(f"cpu_{name}_runtime"))
 
 
-def nm_cpu_algo(n: int, m: int, rows: int | None) -> int:
+def nm_cpu_algo(n: int, m: int, rows: int | None, dtype: torch.dtype | None = None) -> int:
     """The CPU algorithm for an N:M product over `rows` rows (None: not known, the row
-    kernels). SPARSEKERN_NM_GEMM (read per call): "tile" never takes the 2:4 GEMM (the tiles
-    run instead), "direct" takes it from NM24_GEMM_MIN_ROWS rows as the default does."""
+    kernels) in `dtype`. SPARSEKERN_NM_GEMM (read per call): "tile" never takes the 2:4 GEMM
+    (the tiles run instead), "direct" takes it from NM24_GEMM_MIN_ROWS rows as the default does.
+    SPARSEKERN_NM_BF16=fma (read per call): bf16 on the 2:4 GEMM's fp32 kernel (NM_ALGO_GEMM_FP32)."""
     if rows is None or rows <= CPU_ROWS_MAX_ROWS:
         return NM_ALGO_DECODE
     if (n, m) == (2, 4) and rows >= NM24_GEMM_MIN_ROWS and _cpu_isa("avx2") \
             and os.environ.get("SPARSEKERN_NM_GEMM") != "tile":  # portable builds keep the tiles
+        if dtype == torch.bfloat16 and os.environ.get("SPARSEKERN_NM_BF16") == "fma":
+            return NM_ALGO_GEMM_FP32
         return NM_ALGO_GEMM
     return NM_ALGO_TILES
 

@@ -6,7 +6,8 @@ The kernel runs where the CPU has AVX512_BF16 (and the AVX-512 kernels are allow
 SPARSEKERN_CPU_ISA=avx2|generic turn it off). SPARSEKERN_NM_BF16=fma (read per call) runs
 the fp32 multiply-add kernel on the converted values instead, as before the bf16 kernel.
 Which one ran is seen in the result: vdpbf16ps counts denormal inputs as zero, the fp32
-kernel does not (test_the_bf16_dot_product_kernel_ran)."""
+kernel does not (test_the_bf16_dot_product_kernel_ran). The switch is read by
+dispatch_rules.nm_cpu_algo, which then passes algorithm 3 (NM_ALGO_GEMM_FP32)."""
 import os
 import subprocess
 import sys
@@ -157,6 +158,19 @@ def test_the_bf16_dot_product_kernel_ran(direct):
     assert ops.explain_backend("nm_linear", x, W)[0] == "cpp"
     assert (_nm_linear(x, W, None) == 0).all(), "the bf16 dot-product kernel did not run"
     assert (_nm_linear(x, W, None, fma=True).float() == fp32_sum).all(), "SPARSEKERN_NM_BF16=fma did not take the fp32 kernel"
+    from sparsekern import dispatch_rules as rules
+
+    os.environ["SPARSEKERN_NM_BF16"] = "fma"
+    try:
+        assert ops.OPS["nm_linear"].key(x, W)[1].cpu_algo == rules.NM_ALGO_GEMM_FP32
+        assert rules.NM_ALGO_NAMES[rules.NM_ALGO_GEMM_FP32] in ops.explain_backend("nm_linear", x, W)[1]
+    finally:
+        del os.environ["SPARSEKERN_NM_BF16"]
+    assert ops.OPS["nm_linear"].key(x, W)[1].cpu_algo == rules.NM_ALGO_GEMM
+    # the C++ op runs what it is given: algorithm 3 is the fp32 kernel, 1 the bf16 one
+    direct3 = torch.ops.sparsekern.nm_linear_cpu(x, W.values, W.indices, 2, 4, W.in_features, None, 3, None)
+    direct1 = torch.ops.sparsekern.nm_linear_cpu(x, W.values, W.indices, 2, 4, W.in_features, None, 1, None)
+    assert (direct3.float() == fp32_sum).all() and (direct1 == 0).all()
 
 
 def test_capped_cpus_take_the_fp32_kernel():

@@ -30,13 +30,19 @@ void nm_decompress_row(const VT* v, const uint8_t* ix, int64_t kept, int64_t n, 
 constexpr int64_t kNmAlgoRows = 0;   // the row kernels (nm_rows_impl.h), in batch tiles of kDirectMaxBatch rows
 constexpr int64_t kNmAlgoGemm = 1;   // the 2:4 weight-stationary GEMM kernel (nm_gemm_impl.h)
 constexpr int64_t kNmAlgoTiles = 2;  // decompressed weight tiles into the BLAS GEMM (tiled_gemm)
+constexpr int64_t kNmAlgoGemmFp32 = 3;  // the 2:4 GEMM's fp32 multiply-add kernel even on bf16 weights
+//                                         (their values converted; algo 1 runs vdpbf16ps on them)
+
+// Algorithms 1 and 3 both run the 2:4 weight-stationary GEMM.
+bool nm_gemm_algo(int64_t algo) { return algo == kNmAlgoGemm || algo == kNmAlgoGemmFp32; }
 
 void check_nm_algo(const char* op, int64_t algo, int64_t n, int64_t m, const c10::optional<at::Tensor>& panels) {
-  TORCH_CHECK_VALUE(algo == kNmAlgoRows || algo == kNmAlgoGemm || algo == kNmAlgoTiles, op,
-                    ": algo must be 0 (row kernels), 1 (the 2:4 GEMM) or 2 (decompressed tiles), got ", algo);
-  if (algo == kNmAlgoGemm) {
-    TORCH_CHECK_VALUE(n == 2 && m == 4, op, ": algo 1 (the 2:4 GEMM kernel) runs 2:4 weights, got ", n, ":", m);
-    TORCH_CHECK(cpu_has_avx2(), op, ": algo 1 (the 2:4 GEMM kernel) needs an AVX2 CPU (this build runs the ",
+  TORCH_CHECK_VALUE(algo == kNmAlgoRows || algo == kNmAlgoGemm || algo == kNmAlgoTiles || algo == kNmAlgoGemmFp32, op,
+                    ": algo must be 0 (row kernels), 1 (the 2:4 GEMM), 2 (decompressed tiles) or 3 (the 2:4 "
+                    "GEMM's fp32 kernel), got ", algo);
+  if (nm_gemm_algo(algo)) {
+    TORCH_CHECK_VALUE(n == 2 && m == 4, op, ": algo ", algo, " (the 2:4 GEMM kernel) runs 2:4 weights, got ", n, ":", m);
+    TORCH_CHECK(cpu_has_avx2(), op, ": algo ", algo, " (the 2:4 GEMM kernel) needs an AVX2 CPU (this build runs the ",
                 "portable kernels here, SPARSEKERN_CPU_ISA may cap them); pass algo 0 or 2");
   } else {
     TORCH_CHECK_VALUE(!panels.has_value(), op, ": panels are read by algo 1 (the 2:4 GEMM kernel) only, got algo ",
@@ -126,13 +132,11 @@ void nm24_gemm_bf16_cpu(const at::Tensor& x2, const at::Tensor& vals, const at::
 namespace {
 
 // Whether nm_linear's 2:4 GEMM (algo 1) runs the bf16 dot-product kernel: bf16 tensors, no
-// pre-packed fp32 panels, a CPU with AVX512_BF16. SPARSEKERN_NM_BF16=fma (read per call, a
-// benchmarking switch) runs the fp32 multiply-add kernel on the values converted instead.
+// pre-packed fp32 panels, a CPU with AVX512_BF16. Algorithm 3 (dispatch_rules.nm_cpu_algo,
+// under SPARSEKERN_NM_BF16=fma) runs the fp32 multiply-add kernel on the values converted instead.
 bool nm24_bf16_dot(int64_t algo, const at::Tensor& values, const c10::optional<at::Tensor>& panels) {
-  if (algo != kNmAlgoGemm || panels.has_value() || values.scalar_type() != at::kBFloat16 || !cpu_has_avx512_bf16())
-    return false;
-  const char* mode = std::getenv("SPARSEKERN_NM_BF16");
-  return !(mode && std::strcmp(mode, "fma") == 0);
+  return algo == kNmAlgoGemm && !panels.has_value() && values.scalar_type() == at::kBFloat16 &&
+         cpu_has_avx512_bf16();
 }
 
 // `panels` as the kernel reads it (uint16 and fp32 fields): contiguous, and copied when a
@@ -167,7 +171,7 @@ at::Tensor nm_linear_algo(const at::Tensor& x, const at::Tensor& values, const a
     nm24_gemm_bf16_cpu(x2, vals, idx, K, O, bias32.defined() ? bias32.data_ptr<float>() : nullptr,
                        out.data_ptr<at::BFloat16>());
     bias_left = c10::nullopt;
-  } else if (algo == kNmAlgoGemm) {
+  } else if (nm_gemm_algo(algo)) {
     out = at::empty({B, O}, x2.options());
     // `panels` (NMWeight.gemm_panels): the weight packed ahead for the kernel (AVX2 and AVX-512).
     const at::Tensor packed = aligned_panels(panels);
@@ -276,7 +280,7 @@ at::Tensor nm_conv2d_algo(const at::Tensor& x, const at::Tensor& values, const a
   auto out = at::empty({g.N, O, g.OH, g.OW}, x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
   if (rows == 0 || O == 0) {
     out.zero_();
-  } else if (algo == kNmAlgoGemm) {
+  } else if (nm_gemm_algo(algo)) {
     xl = xl.to(at::kFloat).contiguous();
     const LaneRows src{xl.data_ptr<float>(), rows, g.kh * g.kw, g.C, g.H, g.W, g.OH, g.OW, g.kw,
                        g.sh, g.sw, g.ph, g.pw, g.dh, g.dw};

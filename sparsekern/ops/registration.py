@@ -39,7 +39,7 @@ def _fake_nm_linear(x, values, indices, n, m, in_features, bias):
 
 def _check_algo(op: str, algo: int, n: int, m: int) -> None:
     torch._check(algo in rules.NM_ALGO_NAMES, lambda: f"{op}: algo must be one of {sorted(rules.NM_ALGO_NAMES)}")
-    torch._check(algo != rules.NM_ALGO_GEMM or (n, m) == (2, 4),
+    torch._check(algo not in (rules.NM_ALGO_GEMM, rules.NM_ALGO_GEMM_FP32) or (n, m) == (2, 4),
                  lambda: f"{op}: algo {algo} (the 2:4 GEMM kernel) runs 2:4 weights, got {n}:{m}")
 
 

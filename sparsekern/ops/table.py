@@ -146,7 +146,7 @@ def nm_linear_key(x, weight=None, bias=None):
     if x.device.type == "cpu" and x.dtype in rules.KERNEL_DTYPES:
         # by the bucket, not the row count: a compiled graph guards on the bucket, as the
         # decision does (the GEMM's first row count is a bucket edge)
-        algo = rules.nm_cpu_algo(weight.n, weight.m, rules.bucket_min_rows(bucket))
+        algo = rules.nm_cpu_algo(weight.n, weight.m, rules.bucket_min_rows(bucket), x.dtype)
     return x, NmLinearKey(bucket, shape, algo,
                           rules.uses_gemm_panels(algo, x.dtype) and weight.keeps_derived("_gemm_panels"))
 
@@ -160,7 +160,7 @@ def nm_conv2d_key(x, weight=None, kernel_size=None, bias=None, stride=1, padding
         pix = x.shape[0]
         for size, k, s, p, d in zip(x.shape[2:], pair(kernel_size), pair(stride), pair(padding), pair(dilation)):
             pix = pix * conv_output_size(size, k, s, p, d)
-    algo = rules.nm_cpu_algo(weight.n, weight.m, pix)
+    algo = rules.nm_cpu_algo(weight.n, weight.m, pix, x.dtype)
     return x, NmConv2dKey(algo, rules.uses_gemm_panels(algo, x.dtype) and weight.keeps_derived("_gemm_panels"))
 
 
