@@ -269,9 +269,9 @@ def test_one_row_runs_the_indexed_kernel_where_the_kernel_chose_it_before(kept):
             assert_linear_close(y, ref64(x, W.to_dense(), None), torch.float32, what=f"algo {a}")
 
 
-def test_the_expanding_loads_up_to_8_rows_need_avx512():
+def test_the_avx512_row_algorithms_are_refused_without_it():
     """Capped to AVX2 (SPARSEKERN_CPU_ISA, read once per process: a child process), the rule
-    never passes algorithm 3 and the op refuses it, naming the algorithm and the CPU."""
+    never passes algorithm 3 or 4 and the op refuses them, naming the algorithm and the CPU."""
     import os
     import subprocess
     import sys
@@ -282,23 +282,18 @@ def test_the_expanding_loads_up_to_8_rows_need_avx512():
         from sparsekern import dispatch_rules as rules, ops
         from sparsekern.formats import BitmaskWeight
         W = BitmaskWeight.from_dense(torch.randn(8, 64), torch.rand(8, 64) < 0.5)
-        assert rules.bitmask_cpu_algo(5, W.density) == rules.BITMASK_ALGO_DECODE
         assert ops.OPS["bitmask_linear"].key(torch.randn(6, 64), W)[1].cpu_algo == rules.BITMASK_ALGO_DECODE
-        try:
-            torch.ops.sparsekern.bitmask_linear_cpu(torch.randn(6, 64), W.values, W.bitmask, W.offsets, 64, None,
-                                                    None, rules.BITMASK_ALGO_DECODE_EXPAND8)
-        except RuntimeError as e:
-            assert "algo 3" in str(e) and "AVX-512" in str(e), str(e)
-        else:
-            raise AssertionError("algo 3 ran without AVX-512")
-        assert rules.bitmask_cpu_algo(1, 0.1) == rules.BITMASK_ALGO_DECODE
-        try:
-            torch.ops.sparsekern.bitmask_linear_cpu(torch.randn(1, 64), W.values, W.bitmask, W.offsets, 64, None,
-                                                    None, rules.BITMASK_ALGO_DECODE_B1_INDEXED)
-        except RuntimeError as e:
-            assert "algo 4" in str(e) and "AVX-512" in str(e), str(e)
-        else:
-            raise AssertionError("algo 4 ran without AVX-512")
+        # (rows, density the rule sees, the AVX-512 algorithm it must not pass)
+        for rows, density, algo in ((6, W.density, rules.BITMASK_ALGO_DECODE_EXPAND8),
+                                    (1, 0.1, rules.BITMASK_ALGO_DECODE_B1_INDEXED)):
+            assert rules.bitmask_cpu_algo(rows, density) == rules.BITMASK_ALGO_DECODE
+            try:
+                torch.ops.sparsekern.bitmask_linear_cpu(torch.randn(rows, 64), W.values, W.bitmask, W.offsets, 64,
+                                                        None, None, algo)
+            except RuntimeError as e:
+                assert f"algo {algo}" in str(e) and "AVX-512" in str(e), str(e)
+            else:
+                raise AssertionError(f"algo {algo} ran without AVX-512")
         """)
     env = dict(os.environ, SPARSEKERN_CPU_ISA="avx2")
     run = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=300)
