@@ -53,8 +53,8 @@ from dataclasses import dataclass
 import torch
 
 from . import ops, precisions, reference
-from .patterns import (BITMASK_TILE_COLS, check_nm, nm_index_bits, pack_bits, popcount64, unpack_bitmask,
-                       unpack_bits)
+from .patterns import (BITMASK_TILE_COLS, check_nm, nm24_panels_bytes, nm_index_bits, pack_bits, popcount64,
+                       unpack_bitmask, unpack_bits)
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -502,15 +502,10 @@ class NMWeight(_Format):
         return self._derived("_gemm_panels", (v, ix),
                              lambda: ops.nm24_pack_panels(self._float_values().detach(), ix, self.in_features))
 
-    # csrc/nm24_panels.h (Nm24Panels::bytes): 72-byte quads, 16 per K tile of 128 columns, per
-    # block of 3 output rows.
-    _PANEL_K_TILE, _PANEL_BLOCK_ROWS, _PANEL_BLOCK_BYTES = 128, 3, 16 * 72
-
     def derived_layout_nbytes(self, key: str) -> int:
         if key != "_gemm_panels":
             return super().derived_layout_nbytes(key)
-        k_tiles = -(-self.in_features // self._PANEL_K_TILE)
-        return k_tiles * -(-self.shape[0] // self._PANEL_BLOCK_ROWS) * self._PANEL_BLOCK_BYTES
+        return nm24_panels_bytes(self.shape[0], self.in_features)
 
     @classmethod
     def from_tensors(cls, d: dict[str, torch.Tensor], validate: bool = True,
