@@ -139,18 +139,27 @@ def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, amax / 127.0
 
 
+def _int8_rows_dot(x, w, row_scales, bias):
+    """The int8 GEMMs' math: x quantized per row (quantize_rows_int8), times the dense fp64
+    weight w [out, in] (int8-valued, or already scaled) summed exactly, times x's row scales
+    and `row_scales` [out] (None: w is scaled), + bias; in x's dtype."""
+    q, xs = quantize_rows_int8(x)
+    y = (q.double() @ w.T) * xs.double()
+    if row_scales is not None:
+        y = y * row_scales.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype)
+
+
 def nm_linear_q_int8_dot(x, values, indices, scales, n: int, m: int, in_features: int, bias=None):
     """nm_linear_q with int8 values as the int8 dot-product GEMM computes it: x quantized per
     row (quantize_rows_int8), products summed exactly (fp64), times x's and the weight row's
     scales, + bias; in x's dtype."""
-    q, xs = quantize_rows_int8(x)
     kept = in_features // m * n
     w = nm_decompress(nm_q_values(values, torch.ones_like(scales), kept, 8, 0, torch.float64), indices, n, m,
                       in_features)
-    y = (q.double() @ w.T) * xs.double() * scales.double()
-    if bias is not None:
-        y = y + bias.double()
-    return y.to(x.dtype)
+    return _int8_rows_dot(x, w, scales, bias)
 
 
 def nm_linear_q_int4_dot(x, values, indices, scales, n: int, m: int, in_features: int, group_size: int,
@@ -159,13 +168,9 @@ def nm_linear_q_int4_dot(x, values, indices, scales, n: int, m: int, in_features
     row (quantize_rows_int8), each group's products summed exactly and times its scale (fp64:
     a nibble times an fp32 scale, and sums of such products, are exact or nearly so), times x's
     row scale, + bias; in x's dtype."""
-    q, xs = quantize_rows_int8(x)
     kept = in_features // m * n
     w = nm_decompress(nm_q_values(values, scales, kept, 4, group_size, torch.float64), indices, n, m, in_features)
-    y = (q.double() @ w.T) * xs.double()
-    if bias is not None:
-        y = y + bias.double()
-    return y.to(x.dtype)
+    return _int8_rows_dot(x, w, None, bias)
 
 
 def nm_linear_q_dot(x, values, indices, scales, n: int, m: int, in_features: int, bits: int, group_size: int,
@@ -193,12 +198,7 @@ def bitmask_linear_q_int8_dot(x, values, bitmask, offsets, scales, in_features: 
     """bitmask_linear_q as its int8 GEMM computes it (dispatch_rules.Q_ALGO_INT8_EXPAND): x
     quantized per row (quantize_rows_int8), products summed exactly (fp64), times x's and the
     weight row's scales, + bias; in x's dtype."""
-    q, xs = quantize_rows_int8(x)
-    w = bitmask_decompress(values.to(torch.float64), bitmask, offsets, in_features)
-    y = (q.double() @ w.T) * xs.double() * scales.double()
-    if bias is not None:
-        y = y + bias.double()
-    return y.to(x.dtype)
+    return _int8_rows_dot(x, bitmask_decompress(values.to(torch.float64), bitmask, offsets, in_features), scales, bias)
 
 
 def block_q_values(crow_indices, values, scales, dtype=torch.float32) -> torch.Tensor:
@@ -219,12 +219,8 @@ def block_linear_q_int8_dot(x, crow_indices, col_indices, values, scales, in_fea
     """block_linear_q as its int8 GEMM computes it (dispatch_rules.Q_ALGO_INT8_EXPAND): x
     quantized per row (quantize_rows_int8), products summed exactly (fp64), times x's and the
     weight row's scales, + bias; in x's dtype."""
-    q, xs = quantize_rows_int8(x)
     w = block_decompress(crow_indices, col_indices, values.to(torch.float64), in_features)
-    y = (q.double() @ w.T) * xs.double() * scales.double()
-    if bias is not None:
-        y = y + bias.double()
-    return y.to(x.dtype)
+    return _int8_rows_dot(x, w, scales, bias)
 
 
 # ------------------------------------------------------------------------- bitmask

@@ -26,6 +26,31 @@ void check_bsr_structure(const char* op, const at::Tensor& crow, const at::Tenso
   }
 }
 
+// What block_linear and block_linear_q read, checked and made contiguous: the BSR structure
+// (check_bsr_structure), the values, index tensors and x as fp32 [B, K], and the sizes.
+struct BsrOperands {
+  at::Tensor vals, crow, col, x2;
+  int64_t bh, bw, K, nbr, O, B;
+};
+
+BsrOperands bsr_operands(const char* op, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                         const at::Tensor& values, int64_t in_features) {
+  const int64_t bh = values.size(1), bw = values.size(2), nbr = crow.size(0) - 1;
+  check_bsr_structure(op, crow, col, values.size(0), in_features / bw);
+  auto x2 = x_float_2d(x);
+  const int64_t B = x2.size(0);
+  return {values.contiguous(), crow.contiguous(), col.contiguous(), x2, bh, bw, in_features, nbr, nbr * bh, B};
+}
+
+// Output row r of a BSR weight, one kept block at a time: piece(col0, src) with src the block's
+// bw values of that row (values [nnzb, bh, bw]), which land at columns [col0, col0 + bw).
+template <typename T, typename Piece>
+inline void for_each_row_piece(const int64_t* crow, const int64_t* col, const T* values, int64_t bh, int64_t bw,
+                               int64_t r, const Piece& piece) {
+  const int64_t br = r / bh, i = r % bh;
+  for (int64_t blk = crow[br]; blk < crow[br + 1]; ++blk) piece(col[blk] * bw, values + (blk * bh + i) * bw);
+}
+
 // The algorithm of block_linear_cpu, chosen in Python (sparsekern/dispatch_rules.py
 // BLOCK_ALGO_*, block_cpu_algo: which rows, densities and switches take which); the kernel runs
 // what it is told and does not choose again.
@@ -40,14 +65,8 @@ at::Tensor block_linear_algo(const at::Tensor& x, const at::Tensor& crow, const 
   TORCH_CHECK_VALUE(algo == kBlockAlgoRows || algo == kBlockAlgoRowGemm || algo == kBlockAlgoTiles,
                     "block_linear: algo must be 0 (row kernel), 1 (per-block-row GEMMs) or 2 (decompressed tiles), ",
                     "got ", algo);
-  const int64_t bh = values.size(1), bw = values.size(2), K = in_features;
-  const int64_t nbr = crow.size(0) - 1, O = nbr * bh;
-  check_bsr_structure("block_linear", crow, col, values.size(0), K / bw);
-  auto vals = values.contiguous();
-  auto cr = crow.contiguous();
-  auto cl = col.contiguous();
-  auto x2 = x_float_2d(x);
-  const int64_t B = x2.size(0);
+  const auto [vals, cr, cl, x2, bh, bw, K, nbr, O, B] =
+      bsr_operands("block_linear", x, crow, col, values, in_features);
   at::Tensor out;
   c10::optional<at::Tensor> bias_left = bias;  // what finish_linear still adds
   if (B == 0 || O == 0) {
@@ -83,9 +102,9 @@ at::Tensor block_linear_algo(const at::Tensor& x, const at::Tensor& crow, const 
         std::fill(buf, buf + (r1 - r0) * K, 0.f);
         for (int64_t r = r0; r < r1; ++r) {
           float* dst = buf + (r - r0) * K;
-          const int64_t br = r / bh, i = r % bh;
-          for (int64_t blk = c[br]; blk < c[br + 1]; ++blk)
-            for (int64_t j = 0; j < bw; ++j) dst[ci[blk] * bw + j] = static_cast<float>(v[(blk * bh + i) * bw + j]);
+          for_each_row_piece(c, ci, v, bh, bw, r, [&](int64_t col0, const scalar_t* src) {
+            for (int64_t j = 0; j < bw; ++j) dst[col0 + j] = static_cast<float>(src[j]);
+          });
         }
       }, bias);
       bias_left = c10::nullopt;
@@ -118,25 +137,13 @@ at::Tensor block_linear_q_algo(const at::Tensor& x, const at::Tensor& crow, cons
                     "block_linear_q: algo must be ", kQAlgoExact, " (x in fp32, the row kernel), ", kQAlgoExactTiles,
                     " (x in fp32, dequantized tiles into the BLAS GEMM) or ", kQAlgoInt8Expand,
                     " (int8 values expanded for torch's int8 GEMM), got ", algo);
-  const int64_t bh = values.size(1), bw = values.size(2), K = in_features;
-  const int64_t nbr = crow.size(0) - 1, O = nbr * bh;
-  check_bsr_structure("block_linear_q", crow, col, values.size(0), K / bw);
-  auto vals = values.contiguous();
-  auto cr = crow.contiguous();
-  auto cl = col.contiguous();
+  const auto [vals, cr, cl, x2, bh, bw, K, nbr, O, B] =
+      bsr_operands("block_linear_q", x, crow, col, values, in_features);
   auto sc = scales.contiguous();
-  auto x2 = x_float_2d(x);
-  const int64_t B = x2.size(0);
   const int8_t* v = vals.data_ptr<int8_t>();
   const int64_t* c = cr.data_ptr<int64_t>();
   const int64_t* ci = cl.data_ptr<int64_t>();
   const float* s = sc.data_ptr<float>();
-  // Row r of the weight dequantized at its columns (the caller zeroes the rest).
-  auto row_values = [&](int64_t r, float* dst) {
-    const int64_t br = r / bh, i = r % bh;
-    for (int64_t blk = c[br]; blk < c[br + 1]; ++blk)
-      for (int64_t j = 0; j < bw; ++j) dst[ci[blk] * bw + j] = v[(blk * bh + i) * bw + j] * s[r];
-  };
   at::Tensor out;
   c10::optional<at::Tensor> bias_left = bias;
   if (B == 0 || O == 0) {
@@ -145,15 +152,20 @@ at::Tensor block_linear_q_algo(const at::Tensor& x, const at::Tensor& crow, cons
     out = int8_expand_gemm(x2, sc, O, [&](int64_t r0, int64_t r1, int8_t* dst) {
       std::fill(dst + r0 * K, dst + r1 * K, int8_t(0));
       for (int64_t r = r0; r < r1; ++r) {  // each kept block's bw bytes of the row, as stored
-        const int64_t br = r / bh, i = r % bh;
-        for (int64_t blk = c[br]; blk < c[br + 1]; ++blk)
-          std::memcpy(dst + r * K + ci[blk] * bw, v + (blk * bh + i) * bw, static_cast<size_t>(bw));
+        for_each_row_piece(c, ci, v, bh, bw, r, [&](int64_t col0, const int8_t* src) {
+          std::memcpy(dst + r * K + col0, src, static_cast<size_t>(bw));
+        });
       }
     });
   } else if (algo == kQAlgoExactTiles) {
     out = tiled_gemm(x2, O, [&](int64_t r0, int64_t r1, float* buf) {
       std::fill(buf, buf + (r1 - r0) * K, 0.f);
-      for (int64_t r = r0; r < r1; ++r) row_values(r, buf + (r - r0) * K);
+      for (int64_t r = r0; r < r1; ++r) {  // row r dequantized at its columns
+        float* dst = buf + (r - r0) * K;
+        for_each_row_piece(c, ci, v, bh, bw, r, [&](int64_t col0, const int8_t* src) {
+          for (int64_t j = 0; j < bw; ++j) dst[col0 + j] = src[j] * s[r];
+        });
+      }
     }, bias);
     bias_left = c10::nullopt;
   } else {

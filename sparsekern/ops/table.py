@@ -109,21 +109,23 @@ def q_linear_key(x, weight=None, bias=None):
     bucket's first row count (rules.q_cpu_algo for int8 values, all a bitmask weight holds:
     fp32 or int8 activations up to 16 rows, the expanded int8 weight or the exact tiles above);
     nm_linear_q_key refines it by the weight."""
-    bucket = rules.batch_bucket(_rows(x))
-    algo = rules.Q_ALGO_EXACT
-    if x.device.type == "cpu" and x.dtype in rules.KERNEL_DTYPES:
-        algo = rules.q_cpu_algo(rules.bucket_min_rows(bucket))
-    return x, QLinearKey(bucket, algo)
+    return x, _q_key(x, rules.q_cpu_algo)
 
 
 def block_linear_q_key(x, weight=None, bias=None):
     """block_linear_q: the batch bucket and, on the CPU, the algorithm by the bucket's first row
     count (rules.block_q_cpu_algo: the row kernel, the int8 GEMM over the expanded values, the
     tiles)."""
-    x, key = q_linear_key(x)
+    return x, _q_key(x, rules.block_q_cpu_algo)
+
+
+def _q_key(x, cpu_algo) -> QLinearKey:
+    """The batch bucket and, on the CPU, cpu_algo(the bucket's first row count)."""
+    bucket = rules.batch_bucket(_rows(x))
+    algo = rules.Q_ALGO_EXACT
     if x.device.type == "cpu" and x.dtype in rules.KERNEL_DTYPES:
-        key = key._replace(cpu_algo=rules.block_q_cpu_algo(rules.bucket_min_rows(key.bucket)))
-    return x, key
+        algo = cpu_algo(rules.bucket_min_rows(bucket))
+    return QLinearKey(bucket, algo)
 
 
 def nm_linear_q_key(x, weight=None, bias=None):
