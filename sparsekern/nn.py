@@ -575,7 +575,12 @@ class _SparseMixin:
         if self.trainable and self.training:
             if self._training_rounds_activations(x2.device):
                 x2 = precisions.round_activation_rows(x2)  # as the compressed layer's kernels will
-            return ops.masked_linear(x2, self.training_weight(), self.weight_mask_bits, bias)
+            weight = self.training_weight()
+            if torch.is_autocast_enabled(x2.device.type):
+                # Mixed precision, as autocast runs F.linear: the operands in the autocast
+                # dtype, cast differentiably, so the fp32 parameter gets an fp32 gradient.
+                x2, weight, bias = _autocast_operands(x2.device.type, x2, weight, bias)
+            return ops.masked_linear(x2, weight, self.weight_mask_bits, bias)
         f = self._packed() if self.trainable else self.weight_format()
         if isinstance(f, torch.Tensor):
             return torch.nn.functional.linear(x2, f, bias)
@@ -896,6 +901,14 @@ class _DenseConvCall(NamedTuple):
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return torch.nn.functional.conv2d(x, self.weight, bias, self.stride, self.padding, self.dilation)
+
+
+def _autocast_operands(device_type: str, *tensors):
+    """The floating tensors (fp32, fp16, bf16; not fp64, as autocast leaves it) cast to the
+    autocast dtype of device_type; None stays None."""
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                 else t for t in tensors)
 
 
 class SparseLinear(_SparseMixin, nn.Module):

@@ -134,3 +134,37 @@ def test_bad_inputs():
         ops.masked_linear(torch.randn(2, 69), w, bm)
     with pytest.raises(ValueError, match="weight must be a 2-D"):
         ops.masked_linear(torch.randn(2, 70), w[0], bm)
+
+
+def _gemm_input_dtypes(fn):
+    """The input dtypes of every aten::mm / aten::addmm that fn() runs."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return [tuple(d for d in e.input_dtypes if d and d != "Scalar") for e in prof.events() if e.name in ("aten::mm", "aten::addmm")]
+
+
+def test_cpu_bf16_operands_multiply_in_bf16_where_the_cpu_has_bf16_dot_products():
+    from test_nm_gemm_bf16 import HAS_BF16_DOT
+    torch.manual_seed(0)
+    o, k = 48, 200
+    w = torch.randn(o, k, dtype=torch.bfloat16)
+    mask = torch.rand(o, k) < 0.5
+    x = torch.randn(3, 5, k, dtype=torch.bfloat16)
+    b = torch.randn(o, dtype=torch.bfloat16)
+    g = torch.randn(3, 5, o, dtype=torch.bfloat16)
+    bm = pack_bitmask(mask)
+    calls = {"masked_linear": (x, w, bm, b), "masked_linear_grad_input": (g, w, bm),
+             "masked_linear_grad_weight": (g, x, bm)}
+    want = "c10::BFloat16" if HAS_BF16_DOT else "float"
+    for name, args in calls.items():
+        assert ops.explain_backend(name, *args)[0] == "cpp", name
+        dtypes = _gemm_input_dtypes(lambda: getattr(ops, name)(*args))
+        assert dtypes and all(all(d == want for d in ds) for ds in dtypes), (name, dtypes)
+    wm = (w * mask).double()
+    torch.testing.assert_close(ops.masked_linear(x, w, bm, b).double(), x.double() @ wm.t() + b.double(),
+                               rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(ops.masked_linear_grad_input(g, w, bm).double(), g.double() @ wm, rtol=2e-2, atol=5e-2)
+    gw = ops.masked_linear_grad_weight(g, x, bm)
+    assert gw.dtype == torch.bfloat16 and bool((gw[~mask] == 0).all())
+    torch.testing.assert_close(gw.double(), (g.reshape(-1, o).double().t() @ x.reshape(-1, k).double()) * mask,
+                               rtol=2e-2, atol=1e-1)

@@ -356,6 +356,8 @@ def _gradual_unstructured():
     ({"gradual": GradualPruning(end=10)}, "gradual.end"), ({"gradual": GradualPruning(every=0)}, "gradual.every"),
     ({"gradual": GradualPruning(method="wanda")}, "gradual.method"),
     ({"gradual": GradualPruning(initial=1.5)}, "gradual.initial"),
+    ({"autocast": torch.float32}, "autocast"), ({"autocast": "bf16"}, "autocast"),
+    ({"cache_teacher": "yes"}, "cache_teacher"), ({"teacher_cache_mb": -1}, "teacher_cache_mb"),
 ])
 def test_bad_arguments_raise_naming_them(kwargs, name):
     teacher = teacher_mlp()
@@ -391,3 +393,104 @@ def test_freeze_refuses_a_mask_that_does_not_fit_the_pattern():
     student, _ = sparsify_gradual(copy.deepcopy(teacher), "2:4", min_features=32, show_progress=False)
     with pytest.raises(ValueError, match="2:4"):
         sparsekern.freeze(student)  # still dense: gradual pruning never ran
+
+
+class CountingTeacher(nn.Module):
+    """The teacher MLP, counting its forward calls."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("hidden", [None, ["inner.2"]])
+def test_teacher_cache_skips_the_teacher_and_changes_nothing(hidden):
+    torch.manual_seed(0)
+    teacher = CountingTeacher(teacher_mlp())
+    start = copy.deepcopy(teacher)
+    start.inner = student_of(teacher.inner)
+    data = batches(4)
+    runs = {}
+    for cache in (False, True):
+        student = copy.deepcopy(start)
+        teacher.calls = 0
+        rep = recover(student, teacher, data, steps=10, lr=2e-3, hidden=hidden, cache_teacher=cache,
+                      show_progress=False)
+        runs[cache] = (teacher.calls, [h["loss"] for h in rep.history], student.state_dict(), rep.teacher_cache_mb)
+    assert runs[False][0] == 10 and runs[False][3] == 0.0
+    assert runs[True][0] == 4, "a cached batch ran the teacher again"
+    assert runs[True][3] > 0
+    assert runs[True][1] == runs[False][1], "the cached teacher outputs changed the losses"
+    for k, v in runs[False][2].items():
+        assert torch.equal(v, runs[True][2][k]), k
+    # None (the default) caches a list that the steps pass over more than once, not one they do not
+    for steps, calls in ((10, 4), (3, 3)):
+        teacher.calls = 0
+        recover(copy.deepcopy(start), teacher, data, steps=steps, lr=2e-3, show_progress=False)
+        assert teacher.calls == calls, steps
+    # a cap below one batch's outputs keeps nothing; an iterable (not a list) is never cached
+    teacher.calls = 0
+    rep = recover(copy.deepcopy(start), teacher, data, steps=8, lr=2e-3, teacher_cache_mb=1e-4, show_progress=False)
+    assert teacher.calls == 8 and rep.teacher_cache_mb == 0.0
+    teacher.calls = 0
+    recover(copy.deepcopy(start), teacher, iter_batches(data), steps=8, lr=2e-3, cache_teacher=True,
+            show_progress=False)
+    assert teacher.calls == 8
+
+
+class iter_batches:
+    """The batches as a re-iterable that is not a list."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __iter__(self):
+        return iter(self.data)
+
+
+def test_autocast_bf16_trains_in_bf16_keeps_fp32_parameters_and_masks():
+    torch.manual_seed(0)
+    teacher = teacher_mlp()
+    student = student_of(teacher)
+    masks = masks_of(student)
+    train, held = batches(), batches(3)
+    before = distill_loss(student, teacher, held)
+    seen = []
+    hook = student[0].register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    report = recover(student, teacher, train, steps=30, lr=3e-3, autocast=torch.bfloat16, show_progress=False)
+    hook.remove()
+    assert set(seen) == {torch.bfloat16}, "the sparse layer did not run in bf16 under autocast"
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert_masks_kept(student, masks, "autocast")
+    after = distill_loss(student, teacher, held)
+    assert after < 0.6 * before, f"distillation loss {before:.4f} -> {after:.4f} under bf16 autocast"
+    assert report.steps == 30
+
+
+def test_trainable_layer_under_autocast_matches_the_bf16_masked_reference():
+    torch.manual_seed(0)
+    teacher = teacher_mlp()
+    student = student_of(teacher)
+    layer = student[2]
+    layer.train()
+    x = torch.randn(37, 128, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    g = torch.randn_like(y)
+    y.backward(g)
+    # fp64 reference on the bf16-rounded operands (what autocast multiplies)
+    wm = (layer.weight.detach().to(torch.bfloat16).double() * layer.mask().double())
+    xb = x.detach().to(torch.bfloat16).double()
+    ref = xb @ wm.t() + layer.bias.detach().to(torch.bfloat16).double()
+    torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2)
+    assert layer.weight.grad.dtype == torch.float32
+    assert bool((layer.weight.grad[~layer.mask()] == 0).all()), "a pruned weight got a gradient"
+    gw_ref = (g.double().t() @ xb) * layer.mask().double()
+    torch.testing.assert_close(layer.weight.grad.double(), gw_ref, rtol=3e-2, atol=3e-2)
+    gx_ref = g.double() @ wm
+    torch.testing.assert_close(x.grad.double(), gx_ref, rtol=3e-2, atol=3e-2)
