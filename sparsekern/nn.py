@@ -505,11 +505,19 @@ class _SparseMixin:
         copy will hold (the format built from the masked weight, dequantized) with a
         straight-through gradient: quantization-aware training, so the trained weights are
         those that land on the grid."""
-        if self.__dict__.get("_quantize", (None, 0))[0] is None or not self.mask_fits_pattern():
+        name = self.__dict__.get("_quantize", (None, 0))[0]
+        if name is None or not self.mask_fits_pattern():
             return self.weight  # float until gradual pruning has reached the pattern
         with torch.no_grad():
-            fmt = self._build_format(self.weight.detach(), self.mask())
-            on_grid = as_2d(fmt.to_dense()).reshape(self.weight.shape).to(self.weight.dtype)
+            prec = precisions.precision(name)
+            if not prec.grouped:
+                # One scale per output row over the row's kept values, in every format: the
+                # masked weight's round trip is what the format would hold, bit for bit
+                # (pruned zeros do not move a row's max), without building it each step.
+                on_grid = prec.round_trip(as_2d(self.weight.detach()) * self.mask().to(self.weight.dtype))
+            else:  # int4's groups run along the format's kept values: the format decides them
+                on_grid = as_2d(self._build_format(self.weight.detach(), self.mask()).to_dense())
+            on_grid = on_grid.reshape(self.weight.shape).to(self.weight.dtype)
         return _StraightThrough.apply(self.weight, on_grid)
 
     def _training_rounds_activations(self, device) -> bool:

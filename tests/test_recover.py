@@ -494,3 +494,23 @@ def test_trainable_layer_under_autocast_matches_the_bf16_masked_reference():
     torch.testing.assert_close(layer.weight.grad.double(), gw_ref, rtol=3e-2, atol=3e-2)
     gx_ref = g.double() @ wm
     torch.testing.assert_close(x.grad.double(), gx_ref, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("pattern,sparsity", [("2:4", None), ("4:8", None), ("unstructured", 0.6),
+                                              ("block16", 0.5)])
+def test_int8_training_weight_is_the_formats_values_bit_for_bit(pattern, sparsity):
+    # int8's one scale per row lets training_weight round the masked weight itself instead of
+    # building the format each step; it must still be exactly what the format stores, also
+    # for weights that training moved (a row whose largest value was pruned, an all-zero row).
+    torch.manual_seed(0)
+    teacher = teacher_mlp()
+    student = student_of(teacher, pattern, sparsity, quantize="int8")
+    for _, layer in masked_layers(student):
+        with torch.no_grad():
+            layer.weight.mul_(torch.rand_like(layer.weight) * 3)
+            layer.weight[0].zero_()
+        w = layer.training_weight().detach()
+        fmt = kinds.compress(layer.weight.detach(), pattern, layer.mask(), layer._block, "int8", 0)
+        assert fmt.quantized
+        assert torch.equal(w, fmt.to_dense()), pattern
+        assert not torch.equal(w, layer.weight.detach() * layer.mask()), "no rounding happened: the test cannot fail"
