@@ -249,7 +249,8 @@ def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
 def quality_recovery(steps: int = 300, lr: float = 5e-4, batch_size: int = 32, quick: bool = False,
                      patterns=RECOVERY_PATTERNS, variants=RECOVERY_VARIANTS, peer_names=("torch int8 dynamic",
                                                                                           "dense bf16"),
-                     show_progress: bool = True, on_row=None, autocast: torch.dtype | None = None) -> list[dict]:
+                     show_progress: bool = True, on_row=None, autocast: torch.dtype | None = None,
+                     hidden_weight: float = 1.0) -> list[dict]:
     """all-MiniLM-L6-v2 at each pattern: one-shot SparseGPT ("one-shot"), the same followed
     by sparsekern.recover for `steps` steps ("one-shot + recovery"), and gradual magnitude
     pruning from dense over the same steps ("gradual"), each converted back to the compressed
@@ -257,7 +258,8 @@ def quality_recovery(steps: int = 300, lr: float = 5e-4, batch_size: int = 32, q
     embeddings to the dense model's on held-out text, beside the peers. Recovery: AdamW at
     `lr`, warm-up then cosine decay, batches of `batch_size` training sentences, loss = the
     normalised MSE of the sentence embeddings + SquareHead terms on the 6 encoder layers'
-    outputs; autocast: the student's mixed precision (recover's argument). on_row(row) is
+    outputs (hidden_weight: their weight beside the embeddings' 1); autocast: the student's
+    mixed precision (recover's argument). on_row(row) is
     called as each row is done (rows are long to make)."""
     model, tok = load_minilm()
     sents = english_sentences()
@@ -287,7 +289,8 @@ def quality_recovery(steps: int = 300, lr: float = 5e-4, batch_size: int = 32, q
               "eval_text": "docstring sentences of quality.STDLIB (held out)", "threads": torch.get_num_threads()}
     recipe = {"steps": steps, "lr": lr, "batch_size": batch_size, "optimizer": "AdamW", "schedule":
               "warm-up 5% then cosine to 0", "loss": "normalised MSE of the sentence embeddings + SquareHead on "
-              "encoder.layer.0-5 outputs", "train_text": text, "train_sentences": len(train),
+              "encoder.layer.0-5 outputs" + (f" (weight {hidden_weight:g})" if hidden_weight != 1.0 else ""),
+              "hidden_weight": hidden_weight, "train_text": text, "train_sentences": len(train),
               "autocast": str(autocast).replace("torch.", "") if autocast is not None else None}
     rows: list[dict] = []
 
@@ -304,7 +307,8 @@ def quality_recovery(steps: int = 300, lr: float = 5e-4, batch_size: int = 32, q
         rep = recover(m, model, train_b, steps, lr, output=lambda out, b: mean_pooled(out.last_hidden_state,
                                                                                         b["attention_mask"]),
                       hidden="encoder.layer.?", gradual=gradual, eval_fn=lambda mm: cosine(mm, val_ref, val_b),
-                      eval_every=max(1, steps // 6), autocast=autocast, show_progress=show_progress)
+                      eval_every=max(1, steps // 6), autocast=autocast, hidden_weight=hidden_weight,
+                      show_progress=show_progress)
         seconds = time.perf_counter() - t0
         trained = cosine(m)
         freeze(m)  # the compressed inference modules, as a user would ship them
