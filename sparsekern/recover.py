@@ -41,6 +41,7 @@ reporting, the benchmarks and the app. docs/RECOVERY.md explains the API.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import math
@@ -50,6 +51,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from . import kinds, prune
@@ -327,9 +329,9 @@ def recover(model: nn.Module, teacher: nn.Module, data: Iterable, steps: int, lr
     autocast: None (full precision) or torch.bfloat16 / torch.float16: the student's forward
     and backward run under torch.autocast at that dtype (mixed precision: the parameters, the
     optimizer and the loss stay fp32; the trainable sparse layers multiply in that dtype);
-    the teacher runs in full precision. On a CPU with bf16 dot products a MiniLM step ran
-    1.6x faster in bf16 (docs/RECOVERY.md); on a CPU attention then uses torch's math SDPA
-    backend, whose bf16 backward measured 5x faster than the flash one's here.
+    the teacher runs in full precision. On a CPU with bf16 dot products a masked MiniLM step
+    ran 1.5x faster in bf16 (bench/results/cpu-training-20261206b); on a CPU attention then
+    uses torch's math SDPA backend (mixed_precision).
     cache_teacher: keep the teacher's outputs (the compared output and the `hidden` modules')
     per batch, for data given as a list or tuple, so a batch seen again skips the teacher
     (its outputs are the same: the teacher runs in eval mode without gradients). None: cache
@@ -518,19 +520,19 @@ def _adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+@contextlib.contextmanager
 def mixed_precision(device_type: str, dtype: torch.dtype | None):
     """The context recover runs the student's forward in: nothing at full precision (dtype
-    None); torch.autocast at `dtype`, plus on a CPU the math SDPA backend (its bf16 backward
-    ran 5x faster than the CPU flash kernel's on MiniLM's attention here)."""
-    import contextlib
+    None); torch.autocast at `dtype`, plus on a CPU the math SDPA backend. Why: in bf16 the
+    CPU flash kernel's backward took 82 ms of a MiniLM training step (16 ms in fp32), and the
+    whole dense bf16 step ran 181 ms with the math backend against 240 ms with flash (Zen 4,
+    2 threads, 16 sentences)."""
     if dtype is None:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device_type, dtype=dtype))
-    if device_type == "cpu":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-    return stack
+        yield
+        return
+    math_sdpa = sdpa_kernel([SDPBackend.MATH]) if device_type == "cpu" else contextlib.nullcontext()
+    with torch.autocast(device_type, dtype=dtype), math_sdpa:
+        yield
 
 
 class _TeacherCache:

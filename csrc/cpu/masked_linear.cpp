@@ -76,6 +76,16 @@ void mask_row_convert(const T* src, const int64_t* words, int64_t K, float* dst)
 // Rows per task of a masking pass: about 64K elements, so a small layer stays on one thread.
 int64_t mask_grain(int64_t K) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, K)); }
 
+// dst rows = src rows masked by M ([O, K] contiguous, U the element's bit pattern; dst may be
+// src), in one parallel pass.
+template <typename U>
+void mask_rows(const U* src, const int64_t* bp, int64_t O, int64_t K, int64_t nw, U* dst) {
+  const auto& t = byte_lane_masks<U>();
+  at::parallel_for(0, O, mask_grain(K), [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) mask_row_bits(src + r * K, bp + r * nw, K, dst + r * K, t);
+  });
+}
+
 // W*M as a new contiguous fp32 [O, K] tensor, in one parallel pass over the weight.
 at::Tensor masked_weight_f32(const at::Tensor& w, const at::Tensor& bm) {
   const int64_t O = w.size(0), K = w.size(1), nw = bm.size(1);
@@ -84,12 +94,7 @@ at::Tensor masked_weight_f32(const at::Tensor& w, const at::Tensor& bm) {
   float* op = out.data_ptr<float>();
   const int64_t* bp = bm.data_ptr<int64_t>();
   if (w.scalar_type() == at::kFloat) {
-    const auto* wp = reinterpret_cast<const uint32_t*>(w.data_ptr<float>());
-    auto* dp = reinterpret_cast<uint32_t*>(op);
-    const auto& t = byte_lane_masks<uint32_t>();
-    at::parallel_for(0, O, mask_grain(K), [&](int64_t a, int64_t b) {
-      for (int64_t r = a; r < b; ++r) mask_row_bits(wp + r * K, bp + r * nw, K, dp + r * K, t);
-    });
+    mask_rows(reinterpret_cast<const uint32_t*>(w.data_ptr<float>()), bp, O, K, nw, reinterpret_cast<uint32_t*>(op));
   } else {
     SPARSEKERN_DISPATCH_FLOATS(w.scalar_type(), "masked_linear", [&] {
       const scalar_t* wp = w.data_ptr<scalar_t>();
@@ -103,32 +108,25 @@ at::Tensor masked_weight_f32(const at::Tensor& w, const at::Tensor& bm) {
 
 // W*M as a new contiguous bf16 [O, K] tensor (w bf16), in one parallel pass.
 at::Tensor masked_weight_bf16(const at::Tensor& w, const at::Tensor& bm) {
-  const int64_t O = w.size(0), K = w.size(1), nw = bm.size(1);
-  auto out = at::empty({O, K}, w.options());
+  auto out = at::empty({w.size(0), w.size(1)}, w.options());
   if (out.numel() == 0) return out;
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  auto* dp = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const int64_t* bp = bm.data_ptr<int64_t>();
-  const auto& t = byte_lane_masks<uint16_t>();
-  at::parallel_for(0, O, mask_grain(K), [&](int64_t a, int64_t b) {
-    for (int64_t r = a; r < b; ++r) mask_row_bits(wp + r * K, bp + r * nw, K, dp + r * K, t);
-  });
+  mask_rows(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), bm.data_ptr<int64_t>(), w.size(0),
+            w.size(1), bm.size(1), reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
   return out;
 }
 
 // g [O, K] contiguous (fp32 or bf16) *= M, in place.
 void mask_in_place(at::Tensor& g, const at::Tensor& bm) {
-  const int64_t O = g.size(0), K = g.size(1), nw = bm.size(1);
   if (g.numel() == 0) return;
+  const int64_t O = g.size(0), K = g.size(1), nw = bm.size(1);
   const int64_t* bp = bm.data_ptr<int64_t>();
-  auto run = [&](auto* gp, const auto& t) {
-    at::parallel_for(0, O, mask_grain(K), [&](int64_t a, int64_t b) {
-      for (int64_t r = a; r < b; ++r) mask_row_bits(gp + r * K, bp + r * nw, K, gp + r * K, t);
-    });
-  };
-  if (g.scalar_type() == at::kBFloat16) run(reinterpret_cast<uint16_t*>(g.data_ptr<at::BFloat16>()),
-                                            byte_lane_masks<uint16_t>());
-  else run(reinterpret_cast<uint32_t*>(g.data_ptr<float>()), byte_lane_masks<uint32_t>());
+  if (g.scalar_type() == at::kBFloat16) {
+    auto* gp = reinterpret_cast<uint16_t*>(g.data_ptr<at::BFloat16>());
+    mask_rows(gp, bp, O, K, nw, gp);
+  } else {
+    auto* gp = reinterpret_cast<uint32_t*>(g.data_ptr<float>());
+    mask_rows(gp, bp, O, K, nw, gp);
+  }
 }
 
 // bf16 operands on a CPU with bf16 dot products (AVX512_BF16; AMX parts have it too): the
