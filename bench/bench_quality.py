@@ -49,6 +49,8 @@ def main(argv=None):
                    help="--recovery: comma-separated pattern names to run (default all: "
                         + ", ".join(r[0] for r in quality.RECOVERY_PATTERNS).replace("%", "%%") + ")")
     p.add_argument("--batch-size", type=int, default=32, help="--recovery: training sentences per step")
+    p.add_argument("--calibration", type=int, default=None,
+                   help="--recovery: SparseGPT's calibration sentences (above 128: the rest from the training text)")
     p.add_argument("--hidden-weight", type=float, default=1.0,
                    help="--recovery: weight of the SquareHead terms beside the embeddings' term (1)")
     p.add_argument("--autocast", choices=("none", "bf16"), default="none",
@@ -139,7 +141,7 @@ def recovery_main(a, env, argv):
         quality.quality_recovery(a.steps, a.lr, a.batch_size, quick=a.quick, patterns=pats, variants=variants,
                                  peer_names=() if a.no_peers else ("torch int8 dynamic", "dense bf16"),
                                  on_row=write, autocast=torch.bfloat16 if a.autocast == "bf16" else None,
-                                 hidden_weight=a.hidden_weight)
+                                 hidden_weight=a.hidden_weight, calibration=a.calibration)
     text = quality.recovery_markdown(rows, env, command)
     with open(os.path.join(a.out, "recovery.md"), "w") as f:
         f.write(text)

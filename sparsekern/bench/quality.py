@@ -250,7 +250,7 @@ def quality_recovery(steps: int = 300, lr: float = 5e-4, batch_size: int = 32, q
                      patterns=RECOVERY_PATTERNS, variants=RECOVERY_VARIANTS, peer_names=("torch int8 dynamic",
                                                                                           "dense bf16"),
                      show_progress: bool = True, on_row=None, autocast: torch.dtype | None = None,
-                     hidden_weight: float = 1.0) -> list[dict]:
+                     hidden_weight: float = 1.0, calibration: int | None = None) -> list[dict]:
     """all-MiniLM-L6-v2 at each pattern: one-shot SparseGPT ("one-shot"), the same followed
     by sparsekern.recover for `steps` steps ("one-shot + recovery"), and gradual magnitude
     pruning from dense over the same steps ("gradual"), each converted back to the compressed
@@ -258,7 +258,9 @@ def quality_recovery(steps: int = 300, lr: float = 5e-4, batch_size: int = 32, q
     embeddings to the dense model's on held-out text, beside the peers. Recovery: AdamW at
     `lr`, warm-up then cosine decay, batches of `batch_size` training sentences, loss = the
     normalised MSE of the sentence embeddings + SquareHead terms on the 6 encoder layers'
-    outputs (hidden_weight: their weight beside the embeddings' 1); autocast: the student's
+    outputs (hidden_weight: their weight beside the embeddings' 1); calibration: SparseGPT's
+    calibration sentences, when more than the split's 128: the rest from the training text
+    (the held-out text stays the same sentences); autocast: the student's
     mixed precision (recover's argument). on_row(row) is
     called as each row is done (rows are long to make)."""
     model, tok = load_minilm()
@@ -282,10 +284,16 @@ def quality_recovery(steps: int = 300, lr: float = 5e-4, batch_size: int = 32, q
         return [dict(tok(texts[i:i + bs], padding=True, truncation=True, max_length=64, return_tensors="pt"))
                 for i in range(0, len(texts), bs)]
 
+    if calibration is not None and calibration > len(cal):
+        if calibration - len(cal) > len(train):
+            raise ValueError(f"quality_recovery: calibration={calibration} is more than the calibration and "
+                             f"training text hold ({len(cal) + len(train)} sentences)")
+        text += f"; SparseGPT's calibration adds the first {calibration - len(cal)} training sentences"
+        cal = cal + train[:calibration - len(cal)]  # training-side text, disjoint from the held-out text
     cal_b, ev_b, val_b, train_b = batches(cal), batches(ev), batches(val), batches(train, batch_size)
     ref, val_ref = embed(model, ev_b), embed(model, val_b)
     layers = [n for n, _ in prune.prunable_layers(model) if not n.startswith("pooler")]
-    common = {"model": "all-MiniLM-L6-v2", "metric": "cosine_to_dense", "calibration": n_cal, "eval": n_eval,
+    common = {"model": "all-MiniLM-L6-v2", "metric": "cosine_to_dense", "calibration": len(cal), "eval": n_eval,
               "eval_text": "docstring sentences of quality.STDLIB (held out)", "threads": torch.get_num_threads()}
     recipe = {"steps": steps, "lr": lr, "batch_size": batch_size, "optimizer": "AdamW", "schedule":
               "warm-up 5% then cosine to 0", "loss": "normalised MSE of the sentence embeddings + SquareHead on "
@@ -549,7 +557,7 @@ def quality_allocation(quick: bool, show_progress: bool = True, methods=ALLOCATI
             allocations[(f"owl lam={lam:g}", target)] = (alloc, time.perf_counter() - t0)
         if max(sens["sparsities"]) >= target:
             allocations[("sensitivity", target)] = (selection.allocate(sens, target), sens_s)
-    common = {"model": "all-MiniLM-L6-v2", "metric": "cosine_to_dense", "calibration": n_cal, "eval": n_eval,
+    common = {"model": "all-MiniLM-L6-v2", "metric": "cosine_to_dense", "calibration": len(cal), "eval": n_eval,
               "threads": torch.get_num_threads()}
     rows = []
     work = [(a, t, meth) for (a, t) in allocations for meth in methods]
