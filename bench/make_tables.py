@@ -856,16 +856,22 @@ def t_quality_summary(runs):
                None)
     if rec is not None:
         rows = [x for x in rec.of("quality") if isinstance(x.get("value"), (int, float))]
+        # merged runs that calibrated SparseGPT on different numbers of sentences name theirs
+        several_cal = len({x.get("calibration") for x in rows if not x.get("peer")}) > 1
         mine = [(x, f"sparsekern {x['method']}, {x.get('pattern', '')}" +
+                 (f", calibration {x['calibration']}" if several_cal and x.get("calibration") else "") +
                  (f", {x['steps']} steps" if x.get("steps") else ""),
                  x["value"], False) for x in rows if not x.get("peer") and x.get("method") != "dense"]
         mine = [m for i, m in enumerate(mine) if (m[1], m[2]) not in {(o[1], o[2]) for o in mine[:i]}]  # merged runs
-        # of a method and pattern trained for several budgets (merged runs), the longest budget only
+        # of a method, pattern and calibration trained for several budgets (merged runs), the longest budget only
         longest = {}
+
+        def budget_key(row):
+            return row["method"], row.get("pattern"), row.get("calibration") if several_cal else None
+
         for m in mine:
-            key = (m[0]["method"], m[0].get("pattern"))
-            longest[key] = max(longest.get(key, 0), m[0].get("steps") or 0)
-        mine = [m for m in mine if (m[0].get("steps") or 0) == longest[(m[0]["method"], m[0].get("pattern"))]]
+            longest[budget_key(m[0])] = max(longest.get(budget_key(m[0]), 0), m[0].get("steps") or 0)
+        mine = [m for m in mine if (m[0].get("steps") or 0) == longest[budget_key(m[0])]]
         peers = [(x, f"peer: {x['peer']}", x["value"], True) for x in rows if x.get("peer")]
         groups.append((rec, mine + peers))
     opt = next((r for r in runs if not r.quick and any(x.get("kind") == "plan" for x in r.rows)), None)
