@@ -42,6 +42,9 @@ const ByteLaneMasks<U>& byte_lane_masks() {
   return table;
 }
 
+// Whether column c is kept: bit c of the row's mask words.
+inline bool mask_bit(const int64_t* words, int64_t c) { return (static_cast<uint64_t>(words[c >> 6]) >> (c & 63)) & 1; }
+
 // dst[c] = src[c] if bit c of the row's mask words is set, else 0, for c < K, on the bit
 // patterns of the elements (fp32 as uint32_t, bf16 as uint16_t; dst may be src: each element
 // is read before it is written).
@@ -59,18 +62,12 @@ void mask_row_bits(const U* src, const int64_t* words, int64_t K, U* dst, const 
       std::memcpy(dst + c, v, sizeof(v));
     }
   }
-  for (int64_t c = c0; c < K; ++c) {
-    const bool keep = (static_cast<uint64_t>(words[c >> 6]) >> (c & 63)) & 1;
-    dst[c] = keep ? src[c] : U(0);
-  }
+  for (int64_t c = c0; c < K; ++c) dst[c] = mask_bit(words, c) ? src[c] : U(0);
 }
 
 template <typename T>
 void mask_row_convert(const T* src, const int64_t* words, int64_t K, float* dst) {
-  for (int64_t c = 0; c < K; ++c) {
-    const bool keep = (static_cast<uint64_t>(words[c >> 6]) >> (c & 63)) & 1;
-    dst[c] = keep ? static_cast<float>(src[c]) : 0.f;
-  }
+  for (int64_t c = 0; c < K; ++c) dst[c] = mask_bit(words, c) ? static_cast<float>(src[c]) : 0.f;
 }
 
 // Rows per task of a masking pass: about 64K elements, so a small layer stays on one thread.
