@@ -55,6 +55,8 @@ def main(argv=None):
                    help="--recovery: weight of the SquareHead terms beside the embeddings' term (1)")
     p.add_argument("--autocast", choices=("none", "bf16"), default="none",
                    help="--recovery: the student's mixed precision (recover(autocast=torch.bfloat16))")
+    p.add_argument("--length-grouped", action="store_true",
+                   help="--recovery: training batches of sentences of similar token counts (less padding)")
     p.add_argument("--variants", default="one-shot + recovery,gradual",
                    help="--recovery: comma-separated, of 'one-shot', 'one-shot + recovery', 'gradual'")
     p.add_argument("--no-peers", action="store_true", help="--recovery: leave out the peers' rows")
@@ -141,7 +143,8 @@ def recovery_main(a, env, argv):
         quality.quality_recovery(a.steps, a.lr, a.batch_size, quick=a.quick, patterns=pats, variants=variants,
                                  peer_names=() if a.no_peers else ("torch int8 dynamic", "dense bf16"),
                                  on_row=write, autocast=torch.bfloat16 if a.autocast == "bf16" else None,
-                                 hidden_weight=a.hidden_weight, calibration=a.calibration)
+                                 hidden_weight=a.hidden_weight, calibration=a.calibration,
+                                 length_grouped=a.length_grouped)
     text = quality.recovery_markdown(rows, env, command)
     with open(os.path.join(a.out, "recovery.md"), "w") as f:
         f.write(text)

@@ -319,9 +319,13 @@ BITMASK_B1_INDEXED_MAX_DENSITY = 0.25
 # Above CPU_ROWS_MAX_ROWS rows, weights denser than this run the tiles (a dense GEMM over
 # decompressed tiles beats rows/16 sparse passes), sparser ones the row kernels.
 BITMASK_TILES_MIN_DENSITY = 0.25
-# The weight-stationary kernel from this many rows (a bucket start) up to this density.
-# SPARSEKERN_BITMASK_GEMM=tile (read per call, a benchmarking switch) turns it off.
-BITMASK_GEMM_MIN_ROWS = 65
+# The weight-stationary kernel from this many rows (a bucket start) up to this density: at
+# 20-64 rows it led every other algorithm (1.1-3.6x dense on MiniLM's, BERT-base's and a
+# 4096x4096 layer at 10-50% kept), where the tiles ran 0.5-1.2x; at 17 rows the row kernels
+# led it by 5-20% (EVIDENCE). In a bucket where the row kernels read the column index
+# (COLUMN_INDEX_MAX_DENSITY), weights that sparse keep them. SPARSEKERN_BITMASK_GEMM=tile (read per call, a benchmarking
+# switch) turns it off.
+BITMASK_GEMM_MIN_ROWS = 17
 BITMASK_GEMM_MAX_DENSITY = 0.5
 assert BITMASK_GEMM_MIN_ROWS - 1 in BATCH_BUCKETS, "BITMASK_GEMM_MIN_ROWS must start a batch bucket"
 
@@ -341,6 +345,7 @@ def bitmask_cpu_algo(rows: int | None, density: float) -> int:
             return BITMASK_ALGO_DECODE_EXPAND8
         return BITMASK_ALGO_DECODE
     if rows >= BITMASK_GEMM_MIN_ROWS and density <= BITMASK_GEMM_MAX_DENSITY and _cpu_isa("avx512") \
+            and density > COLUMN_INDEX_MAX_DENSITY.get(batch_bucket(rows), 0.0) \
             and os.environ.get("SPARSEKERN_BITMASK_GEMM") != "tile":
         return BITMASK_ALGO_GEMM
     return BITMASK_ALGO_TILES if density > BITMASK_TILES_MIN_DENSITY else BITMASK_ALGO_DECODE
@@ -479,10 +484,21 @@ EVIDENCE: dict[str, Measured] = {
     "CPU_ROWS_MAX_ROWS": Measured("not stored as a run (figures moved from csrc/cpu/sparse_rows.h)", {}),
     "BITMASK_TILES_MIN_DENSITY": Measured("not stored as a run (moved from csrc/cpu/sparse_rows.h kGemmMinDensity)",
                                           {}),
-    # 4096x4096 fp32, 2 threads: weight-stationary kernel / dense at 30% kept; and at 70% kept,
-    # 128 rows, it against the tiles (moved from csrc/cpu/bitmask_linear.cpp).
-    "BITMASK_GEMM_MIN_ROWS": Measured("not stored as a run (figures moved from csrc/cpu/bitmask_linear.cpp)", {
-        "30% kept, rows 17-32": 0.7, "30% kept, rows 128": 1.0, "30% kept, rows 512": 1.27}),
+    # fp32, 2 threads, weights rotated from memory, x dense (same loop): the weight-stationary
+    # GEMM against the tiles the bucket ran before and the best row kernel. (The figures it
+    # replaced, from csrc/cpu/bitmask_linear.cpp, gave it 0.7x dense at 17-32 rows on a
+    # 4096x4096 30% weight; it runs 1.57-2.11x there now.) At 20% kept or less, the row
+    # kernels reading the column index led it at 17 rows and tied at 32 (low-density/).
+    "BITMASK_GEMM_MIN_ROWS": Measured("bench/results/cpu-bitmask-algos-20261207", {
+        "384x1536, 50% kept": {"rows 20": {"weight-stationary": 0.82, "tiles": 0.80, "rows": 0.53},
+                               "rows 46": {"weight-stationary": 1.07, "tiles": 0.90, "rows": 0.67}},
+        "1536x384, 30% kept": {"rows 17": {"weight-stationary": 1.63, "tiles": 1.06, "rows": 1.87},
+                               "rows 32": {"weight-stationary": 2.23, "tiles": 1.21, "rows": 2.01}},
+        "4096x4096, 30% kept (large/)": {"rows 17": {"weight-stationary": 1.57, "tiles": 0.85, "rows": 1.70},
+                                          "rows 32": {"weight-stationary": 2.11, "tiles": 0.89, "rows": 1.62}},
+        "384x1536, 10% kept (low-density/)": {"rows 17": {"weight-stationary": 1.34, "rows, column index": 2.28},
+                                              "rows 32": {"weight-stationary": 1.70, "rows, column index": 1.72},
+                                              "rows 64": {"weight-stationary": 2.09, "rows, column index": 1.34}}}),
     # One row, the indexed kernel against the expanding loads (figures moved from the comment beside it).
     "BITMASK_B1_INDEXED_MAX_DENSITY": Measured(
         "not stored as a run (moved from csrc/cpu/sparse_rows_avx512.cpp kB1IndexedMaxDensity)", {

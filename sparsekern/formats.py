@@ -337,6 +337,16 @@ class _Format:
             self.__dict__["_derived_budget"] = fraction
             self.__dict__.pop("_keeps_derived", None)
 
+    @property
+    def derived_budget(self) -> float | None:
+        """The fraction set by set_derived_budget (None: no limit, the default)."""
+        return self.__dict__.get("_derived_budget")
+
+    def budget_drops_derived(self) -> bool:
+        """Whether the budget (set_derived_budget) leaves out one of the derived indexes this
+        weight can have: a sparse module then also measures keeping it (nn "sparse_kept")."""
+        return any(not self.keeps_derived(key) for key in self._DERIVED)
+
     def keeps_derived(self, key: str) -> bool:
         """Whether the derived index `key` fits this weight's budget (set_derived_budget)."""
         budget = self.__dict__.get("_derived_budget")
@@ -506,6 +516,12 @@ class NMWeight(_Format):
         if key != "_gemm_panels":
             return super().derived_layout_nbytes(key)
         return nm24_panels_bytes(self.shape[0], self.in_features)
+
+    def budget_drops_derived(self) -> bool:
+        # The panels exist for fp32 2:4 values only (the kernel's fp32 layout): another
+        # pattern, precision or dtype has nothing a budget could drop.
+        return (self.n, self.m) == (2, 4) and not self.quantized and self.dtype == torch.float32 and \
+            super().budget_drops_derived()
 
     @classmethod
     def from_tensors(cls, d: dict[str, torch.Tensor], validate: bool = True,

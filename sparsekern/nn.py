@@ -37,14 +37,24 @@ from .patterns import as_2d, conv_output_size, from_2d, pack_bitmask, unpack_bit
 # ---------------------------------------------------------- per-batch-bucket paths
 # How a sparse module can run an input (the kernel backend of "sparse" is ops' choice):
 #   "sparse"      the compressed weight through its op (direct kernel at small batch; the
-#                 C++ op decompresses tiles into a GEMM at large batch)
+#                 C++ op decompresses tiles into a GEMM at large batch), keeping the layouts
+#                 derived for the kernel within Policy.derived_budget
+#   "sparse_kept" the same op with its derived layouts kept between calls beyond the budget
+#                 (NMWeight.gemm_panels: 1.4x an fp32 2:4 weight), a candidate under
+#                 Policy(never_slower=True) where the budget would drop one: packing the
+#                 panels per call costs more than the 2:4 GEMM saves at tens of rows
 #   "decompress"  the whole weight decompressed, then the dense op (dense work, no extra memory
 #                 kept; pays one decompression per call)
 #   "dense_copy"  a dense copy kept next to the compressed weight, rebuilt from it when it
 #                 changes (a candidate for layers whose dense weight is at most
 #                 Policy.dense_copy_max_bytes, for any layer under Policy(dense_copy=True): memory
 #                 traded for speed, explain says how much)
-PATHS = ("sparse", "decompress", "dense_copy")
+PATHS = ("sparse", "sparse_kept", "decompress", "dense_copy")
+# choose_path's preference among paths within the measurement noise of the fastest: the one
+# that keeps the least memory (the compressed weight alone, then a per-call dense weight,
+# then the derived layouts, then a whole dense copy).
+PATHS_BY_MEMORY = ("sparse", "decompress", "sparse_kept", "dense_copy")
+assert sorted(PATHS_BY_MEMORY) == sorted(PATHS)
 
 # Where a per-bucket choice came from (PathChoice.source; PathChoice.shared says whether an
 # identical layer in this process made it).
@@ -77,7 +87,14 @@ class Policy:
     dense_copy_max_bytes: a layer whose dense weight is at most this many bytes also measures
     the "dense_copy" path, and keeps the copy where it wins a batch bucket (small layers, where
     a kernel call's fixed cost can exceed the work; dispatch_rules.DENSE_COPY_MAX_BYTES); None:
-    only under dense_copy=True. cache: read and write the on-disk tuning cache
+    only under dense_copy=True. never_slower: where the compressed weight's own path loses
+    to the dense product in a bucket (by more than the measurement's noise), a layer may keep
+    more memory to stop losing: its derived layouts beyond derived_budget ("sparse_kept"), or
+    else a dense copy whatever its size ("dense_copy"; explain reports the bytes kept); where
+    it does not lose, nothing more is kept. False: a layer keeps only the compressed
+    weight (and the derived layouts within the budget; small layers' dense copies as
+    dense_copy_max_bytes says), and a losing large layer decompresses per call.
+    cache: read and write the on-disk tuning cache
     (sparsekern.decisions), so a choice measured once on this machine is not measured again
     in another process.
     derived_budget: the bytes of layouts derived from the compressed weight for a kernel
@@ -92,7 +109,8 @@ class Policy:
 
     def __init__(self, backend: str = "auto", dense_copy: bool = False, reps: int = 5, cold: bool = True,
                  share: bool = True, derived_budget: float | None = 0.5,
-                 dense_copy_max_bytes: int | None = dispatch_rules.DENSE_COPY_MAX_BYTES, cache: bool = True):
+                 dense_copy_max_bytes: int | None = dispatch_rules.DENSE_COPY_MAX_BYTES, cache: bool = True,
+                 never_slower: bool = True):
         if backend not in ("auto", "sparse", "dense"):
             raise ValueError(f"Policy: backend must be 'auto', 'sparse' or 'dense', got {backend!r}")
         if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
@@ -107,29 +125,41 @@ class Policy:
                                                  not isinstance(dense_copy_max_bytes, int) or dense_copy_max_bytes < 0):
             raise ValueError(f"Policy: dense_copy_max_bytes must be an int >= 0 or None, got {dense_copy_max_bytes!r}")
         self.dense_copy_max_bytes, self.cache = dense_copy_max_bytes, bool(cache)
+        if not isinstance(never_slower, bool):
+            raise ValueError(f"Policy: never_slower must be True or False, got {never_slower!r}")
+        self.never_slower = never_slower
 
     def __repr__(self) -> str:
         return (f"Policy({self.backend!r}, dense_copy={self.dense_copy}, reps={self.reps}, cold={self.cold}, "
                 f"share={self.share}, derived_budget={self.derived_budget}, "
-                f"dense_copy_max_bytes={self.dense_copy_max_bytes}, cache={self.cache})")
+                f"dense_copy_max_bytes={self.dense_copy_max_bytes}, cache={self.cache}, "
+                f"never_slower={self.never_slower})")
 
 
 DEFAULT_POLICY = Policy()
 
 
 def choose_path(times_ms: dict[str, float], rows: int, noise: float = dispatch_rules.PATH_NOISE) -> PathChoice:
-    """The fastest path by measured time (measure_paths); "sparse" when it is within `noise`
-    (relative) of the fastest, since it keeps only the compressed bytes (a pure function of the measurements,
-    tested with injected timings). The reason gives sparse's speed against the best dense path."""
+    """The fastest path by measured time (measure_paths), except that the first of
+    PATHS_BY_MEMORY within `noise` (relative) of the fastest is taken: "sparse" keeps only
+    the compressed bytes, and a path that keeps more must win by more than the noise. Keeping
+    the derived layouts ("sparse_kept") is for a layer whose "sparse" loses to the dense
+    product: where "sparse" is within the noise of the best dense path, it runs (a pure
+    function of the measurements, tested with injected timings). The reason gives sparse's
+    speed against the best dense path."""
     if not times_ms:
         raise ValueError("choose_path: no timings")
     # A path whose measurement alone is known to flatter it is charged its handicap (see
     # dispatch_rules.PATH_HANDICAP); the reason shows the times as measured.
     charged = {p: t * (1 + dispatch_rules.PATH_HANDICAP.get(p, 0.0)) for p, t in times_ms.items()}
+    dense_ref = [charged[p] for p in ("decompress", "dense_copy") if p in charged]
+    if "sparse_kept" in charged and "sparse" in charged and dense_ref and \
+            charged["sparse"] <= min(dense_ref) * (1 + noise):
+        # not slower than dense already: more memory would buy speed the policy did not ask for
+        charged.pop("sparse_kept")
     best = min(charged, key=charged.get)
-    if "sparse" in charged and charged["sparse"] <= charged[best] * (1 + noise):
-        best = "sparse"
-    dense = [times_ms[p] for p in times_ms if p != "sparse"]
+    best = next(p for p in PATHS_BY_MEMORY + (best,) if p in charged and charged[p] <= charged[best] * (1 + noise))
+    dense = [times_ms[p] for p in times_ms if p in ("decompress", "dense_copy")]  # as measured, not charged
     parts = ", ".join(f"{p} {t:.3f} ms" + (f" (charged +{dispatch_rules.PATH_HANDICAP[p]:.0%})"
                                             if dispatch_rules.PATH_HANDICAP.get(p) else "")
                       for p, t in sorted(times_ms.items(), key=lambda kv: kv[1]))
@@ -346,11 +376,18 @@ class _SparseMixin:
         return self._budgeted(cached[1])
 
     def _budgeted(self, f):
-        """f with this module's Policy.derived_budget set (formats.set_derived_budget), so the
+        """f with this module's derived budget set (formats.set_derived_budget), so the
         ops do not build a derived layout the module would drop after the call."""
         if not isinstance(f, torch.Tensor):
-            f.set_derived_budget(getattr(self, "_policy", DEFAULT_POLICY).derived_budget)
+            f.set_derived_budget(self._derived_budget())
         return f
+
+    def _derived_budget(self) -> float | None:
+        """The derived layouts this layer keeps, as a fraction of its compressed bytes: the
+        policy's derived_budget, or no limit once a batch bucket chose "sparse_kept"."""
+        if any(c.path == "sparse_kept" for c in self.bucket_choices.values()):
+            return None
+        return getattr(self, "_policy", DEFAULT_POLICY).derived_budget
 
     # ------------------------------------------------ the per-input-shape call cache
     # An eval forward that already ran an input shape runs it again through one cached call
@@ -595,10 +632,10 @@ class _SparseMixin:
         return self._within_budget(f, ops.sparse_linear(x2, f, bias))
 
     def _within_budget(self, f, out):
-        """Drops f's derived layouts when they exceed the policy's derived_budget (Policy):
-        ones built before the budget was lowered (_budgeted keeps the ops from building a
-        layout over it); returns `out`."""
-        budget = getattr(self, "_policy", DEFAULT_POLICY).derived_budget
+        """Drops f's derived layouts when they exceed this layer's derived budget
+        (_derived_budget): ones built before the budget was lowered (_budgeted keeps the ops
+        from building a layout over it); returns `out`."""
+        budget = self._derived_budget()
         dropped = False
         if budget is not None and not torch.compiler.is_compiling():
             derived = f.derived_nbytes  # 0 for most layers: no need to count the stored bytes
@@ -607,6 +644,19 @@ class _SparseMixin:
                 dropped = True
         self.__dict__["_derived_dropped"] = dropped  # read by _keep_call right after this call
         return out
+
+    def _sparse_call(self, path: str, f, call):
+        """call() (the op on the compressed weight) on path "sparse" or "sparse_kept". Once a
+        bucket runs "sparse_kept" both are the same call with every derived layout kept. While
+        the paths are measured, "sparse" runs within the policy's budget (the kernel that reads
+        the compressed tensors) and "sparse_kept" with its layouts built once and kept, and
+        neither drops what the other built."""
+        if self._derived_budget() is None:
+            return self._within_budget(f, call())
+        measuring = self.__dict__.get("_measuring", False)
+        f.set_derived_budget(None if path == "sparse_kept" else self._derived_budget())
+        out = call()
+        return out if measuring else self._within_budget(f, out)
 
     def _dense_weight(self, path: str, f) -> torch.Tensor:
         """The dense [out, in2d] weight for path "decompress" (made now) or "dense_copy"
@@ -623,10 +673,12 @@ class _SparseMixin:
     def _dense_nbytes(self, f) -> int:
         return math.prod(f.shape) * f.dtype.itemsize
 
-    def _path_for(self, rows: int, runners) -> str:
+    def _path_for(self, rows: int, runners, keeping_changes_call=None) -> str:
         """How to run an input of `rows` rows in eval mode: "sparse" unless Policy("auto")
         measured another path faster for this batch bucket. `runners()` gives the candidate
-        forwards on this very input; they are timed once per bucket (see measure_paths)."""
+        forwards on this very input; they are timed once per bucket (see measure_paths).
+        keeping_changes_call(): whether the op would read a derived layout the budget drops
+        for this input (ops.keeping_derived_changes_call; None: it may)."""
         policy = getattr(self, "_policy", DEFAULT_POLICY)
         if policy.backend != "auto" or self.trainable:
             return "sparse"
@@ -637,9 +689,7 @@ class _SparseMixin:
                 return "sparse"  # measured eagerly only; a compiled graph keeps the kernel
             f = self.weight_format()
             key = self._share_key(f, bucket, policy)
-            # With a dense copy allowed, "decompress" (the same dense product plus a
-            # decompression per call) could only win by the measurement's noise.
-            allowed = {"sparse", "dense_copy"} if self._dense_copy_allowed(f, policy) else {"sparse", "decompress"}
+            allowed = self._paths_allowed(f, policy, keeping_changes_call)
             shared = _SHARED_CHOICES.get(key) if policy.share else None
             stored = decisions.lookup(f.device, repr(key)) if policy.cache and shared is None else None
             if shared is not None:
@@ -650,9 +700,17 @@ class _SparseMixin:
             else:
                 candidates = {p: fn for p, fn in runners().items() if p in allowed}
                 _MEASUREMENTS[0] += 1
-                choice = choose_path(measure_paths(candidates, f.device, policy.reps, policy.cold,
-                                                   evict=lambda: self._weight_tensors(f)), rows)
+                self.__dict__["_measuring"] = True
+                try:
+                    choice = choose_path(measure_paths(candidates, f.device, policy.reps, policy.cold,
+                                                       evict=lambda: self._weight_tensors(f)), rows)
+                finally:
+                    self.__dict__["_measuring"] = False
                 del candidates
+                if choice.path == "sparse_kept" and not f.derived_nbytes:
+                    # Nothing derived to keep at this input (a kernel that packs no layout
+                    # here): the same call as "sparse", named so.
+                    choice = choice._replace(path="sparse")
                 # Buffers used only to measure (the cache-flush buffer, the dense weights of the
                 # other paths) are not kept: the next measurement allocates its flush buffer again.
                 _FLUSH.clear()
@@ -663,7 +721,12 @@ class _SparseMixin:
             if policy.share and shared is None:
                 _SHARED_CHOICES[key] = choice
             self.bucket_choices[bucket] = choice
-            if not isinstance(f, torch.Tensor) and all(c.path != "sparse" for c in self.bucket_choices.values()):
+            # The budget this bucket's choice leaves (the runners set their own): layouts built
+            # only to measure "sparse_kept" go unless a bucket keeps them.
+            if not isinstance(f, torch.Tensor):
+                self._within_budget(self._budgeted(f), None)
+            if not isinstance(f, torch.Tensor) and all(c.path not in ("sparse", "sparse_kept")
+                                                       for c in self.bucket_choices.values()):
                 # The sparse path lost in every bucket seen so far: indexes built to measure it
                 # (NMWeight.gemm_panels, BitmaskWeight.column_index) are not kept.
                 f.release_derived()
@@ -684,6 +747,19 @@ class _SparseMixin:
             tensors.append(self.bias)
         return [t.detach() for t in tensors if t is not None]
 
+    def _paths_allowed(self, f, policy: Policy, keeping_changes_call=None) -> set[str]:
+        """The PATHS measured for a new bucket under `policy`: "sparse"; "sparse_kept" under
+        never_slower where the budget drops a derived layout that the op would read here (and
+        no bucket keeps them yet);
+        "dense_copy" where a copy is allowed, else "decompress" (the same dense product plus a
+        decompression per call, which could only win by the measurement's noise)."""
+        allowed = {"sparse"}
+        if policy.never_slower and self._derived_budget() is not None and f.budget_drops_derived() and \
+                (keeping_changes_call is None or keeping_changes_call()):
+            allowed.add("sparse_kept")
+        allowed.add("dense_copy" if policy.never_slower or self._dense_copy_allowed(f, policy) else "decompress")
+        return allowed
+
     def _dense_copy_allowed(self, f, policy: Policy) -> bool:
         """Whether "dense_copy" is a candidate path: any layer under Policy(dense_copy=True),
         else one whose dense weight is at most policy.dense_copy_max_bytes."""
@@ -697,7 +773,7 @@ class _SparseMixin:
         """What makes two layers' measurements interchangeable (see Policy.share)."""
         return (type(self).__name__, self._geometry(), kinds.kind_of(f).name, f.pattern, f.value_precision.name, round(float(f.density), 2), f.dtype,
                 str(f.device), self.bias is not None, policy.dense_copy, policy.cold, policy.reps,
-                policy.derived_budget, policy.dense_copy_max_bytes, bucket)
+                policy.derived_budget, policy.dense_copy_max_bytes, policy.never_slower, bucket)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         # Compressed buffers change size with the data: adopt the saved tensors, check them.
@@ -836,7 +912,9 @@ class _SparseMixin:
         if not isinstance(f, torch.Tensor) and (f.derived_nbytes or budget is not None):
             # BitmaskWeight.column_index, NMWeight.gemm_panels: kept up to the policy's budget
             limit = "unlimited" if budget is None else int(budget * f.nbytes)
-            text += f", derived_index_bytes={f.derived_nbytes} (budget {limit})"
+            beyond = "; kept beyond it: a bucket runs sparse_kept" if budget is not None and \
+                self._derived_budget() is None else ""
+            text += f", derived_index_bytes={f.derived_nbytes} (budget {limit}{beyond})"
         if self._dense_copy_nbytes():
             # The copy is derived from the compressed weight (rebuilt when it changes), never saved.
             text += (f", dense_copy_bytes={self._dense_copy_nbytes()} (a dense copy kept beside the compressed "
@@ -1013,14 +1091,15 @@ class SparseLinear(_SparseMixin, nn.Module):
             return self._linear2d(x, self.bias)
         f = self.weight_format()
         rows = x.numel() // self.in_features if self.in_features else 0
-        path = self._path_for(rows, lambda: {p: (lambda p=p: self._linear_path(p, x, f)) for p in PATHS})
+        path = self._path_for(rows, lambda: {p: (lambda p=p: self._linear_path(p, x, f)) for p in PATHS},
+                              lambda: ops.keeping_derived_changes_call(f.OP, x, f))
         y = self._linear_path(path, x, f)
         self._keep_call(x, path, f)
         return y
 
     def _linear_path(self, path: str, x: torch.Tensor, f) -> torch.Tensor:
-        if path == "sparse":
-            return self._within_budget(f, ops.sparse_linear(x, f, self.bias))
+        if path in ("sparse", "sparse_kept"):
+            return self._sparse_call(path, f, lambda: ops.sparse_linear(x, f, self.bias))
         # a quantized weight's x rounded as its integer kernels round it, so every path agrees
         return _DenseCall(self._dense_weight(path, f), ops.rounds_activations(f, x.device))(x, self.bias)
 
@@ -1028,7 +1107,10 @@ class SparseLinear(_SparseMixin, nn.Module):
         if path == "dense_copy":
             return _DenseCall(self._dense_weight(path, f), ops.rounds_activations(f, x.device))
         call = ops.sparse_linear_call(x, f, bias)
-        held = {id(t) for t in tensors}
+        # The derived layouts a "sparse_kept" layer keeps are built from the tensors whose
+        # versions the kept call checks, so it may hold them too.
+        held = {id(t) for t in tensors} | ({id(t) for t in f.derived_tensors()} if self._derived_budget() is None
+                                           else set())
         if any(isinstance(a, torch.Tensor) and id(a) not in held for a in call.before_bias):
             return None  # e.g. a quantized block weight's values dequantized for the call
         return call.no_grad  # _kept_call runs it only where no gradient is wanted
@@ -1148,7 +1230,8 @@ class SparseConv2d(_SparseMixin, nn.Module):
             return self._conv(x, lambda cols: ops.sparse_linear(cols, g, self.bias))
         # The bucket counts rows of the im2col matrix: images x output pixels.
         rows = x.shape[0] * math.prod(self._out_hw(x.shape[2], x.shape[3]))
-        path = self._path_for(rows, lambda: {p: (lambda p=p: self._conv_path(p, x, f)) for p in PATHS})
+        path = self._path_for(rows, lambda: {p: (lambda p=p: self._conv_path(p, x, f)) for p in PATHS},
+                              self._conv_keeping_changes_call(x, f))
         y = self._conv_path(path, x, f)
         self._keep_call(x, path, f)
         return y
@@ -1164,11 +1247,11 @@ class SparseConv2d(_SparseMixin, nn.Module):
         return _DenseConvCall(w4, self.stride, self.padding, self.dilation)
 
     def _conv_path(self, path: str, x: torch.Tensor, f) -> torch.Tensor:
-        if path == "sparse":
+        if path in ("sparse", "sparse_kept"):
             if f.OP == "nm_linear" and ops.backend_for("nm_conv2d", x, f) == "cpp":
                 # The C++ convolution gathers its patches from the channels-last input itself.
-                return self._within_budget(
-                    f, ops.nm_conv2d(x, f, self.kernel_size, self.bias, self.stride, self.padding, self.dilation))
+                return self._sparse_call(path, f, lambda: ops.nm_conv2d(x, f, self.kernel_size, self.bias,
+                                                                        self.stride, self.padding, self.dilation))
             if f.quantized:
                 # Convolutions multiply x exactly on every path (the dense ones run F.conv2d),
                 # so integer values are dequantized per call rather than run by the quantized
@@ -1176,8 +1259,16 @@ class SparseConv2d(_SparseMixin, nn.Module):
                 # (ops.rounds_activations).
                 g = f.dequantized()
                 return self._conv(x, lambda cols: ops.sparse_linear(cols, g, self.bias))
-            return self._within_budget(f, self._conv(x, lambda cols: ops.sparse_linear(cols, f, self.bias)))
+            return self._sparse_call(path, f, lambda: self._conv(x, lambda cols: ops.sparse_linear(cols, f, self.bias)))
         return self._dense_conv(x, self._to4d(self._dense_weight(path, f)))
+
+    def _conv_keeping_changes_call(self, x: torch.Tensor, f):
+        """keeping_changes_call for _path_for: the C++ 2:4 convolution's (nm_conv2d) decision;
+        None (it may) for the im2col paths, whose rows are known only once the patches are."""
+        if f.OP == "nm_linear" and ops.backend_for("nm_conv2d", x, f) == "cpp":
+            return lambda: ops.keeping_derived_changes_call("nm_conv2d", x, f, self.kernel_size, self.bias,
+                                                            self.stride, self.padding, self.dilation)
+        return None
 
     def _out_hw(self, h: int, w: int) -> tuple[int, int]:
         return tuple(conv_output_size(size, *geo) for size, *geo in

@@ -222,6 +222,10 @@ def test_the_algorithm_follows_the_rules(rows, density, monkeypatch):
     elif rows <= rules.CPU_ROWS_MAX_ROWS:
         expand8 = W.density >= rules.BITMASK_EXPAND_8_MIN_DENSITY and _avx512()
         assert want == (rules.BITMASK_ALGO_DECODE_EXPAND8 if expand8 else rules.BITMASK_ALGO_DECODE)
+    elif _avx512():  # 17 rows on: the weight-stationary GEMM up to 50% kept (at 17-64 rows above
+        # the column index's 20%), bench/results/cpu-bitmask-algos-20261207
+        low = rules.COLUMN_INDEX_MAX_DENSITY[64] if rows <= 64 else 0.0
+        assert (want == rules.BITMASK_ALGO_GEMM) == (low < W.density <= rules.BITMASK_GEMM_MAX_DENSITY), want
     assert ops.OPS["bitmask_linear"].key(x, W)[1].cpu_algo == want
     assert rules.BITMASK_ALGO_NAMES[want] in ops.explain_backend("bitmask_linear", x, W)[1]
     monkeypatch.setenv("SPARSEKERN_BITMASK_GEMM", "tile")

@@ -313,10 +313,12 @@ def test_a_layer_keeps_the_pre_packed_weight_only_while_it_runs_sparse(winner, m
     monkeypatch.setattr(sknn, "measure_paths", timed)
     # derived_budget=None: keep what the kernel builds (the default budget drops the panels
     # after each call: tests/test_sparse_modules.py::test_derived_layouts_stay_within_the_policy_budget);
-    # dense_copy_max_bytes=0: this small layer measures "decompress", not a kept dense copy
+    # dense_copy_max_bytes=0, never_slower=False: this small layer measures "decompress", not
+    # a kept dense copy nor "sparse_kept" (derived_budget=None keeps the panels anyway)
     model, _ = sparsekern.sparsify(copy.deepcopy(torch.nn.Sequential(torch.nn.Linear(256, 192))), "2:4",
                                    method="l1", show_progress=False,
-                                   policy=sknn.Policy(derived_budget=None, dense_copy_max_bytes=0))
+                                   policy=sknn.Policy(derived_budget=None, dense_copy_max_bytes=0,
+                                                      never_slower=False))
     x = torch.randn(40, 256)
     with torch.no_grad():
         y = model(x)

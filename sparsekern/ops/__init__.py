@@ -50,7 +50,8 @@ from .checks import (check_bias, check_bitmask, check_dense_weight, check_finite
                      check_masked_weight, check_score_inputs, check_x)
 from .dispatch import Decision, backend_for, clear_decisions, explain_backend, use_backend
 from .public import (act_norm_accumulate, bitmask_compress, bitmask_decompress, bitmask_linear, block_compress,
-                     block_decompress, block_linear, block_linear_q, bitmask_linear_q, group_score, hessian_accumulate, masked_linear,
+                     block_decompress, block_linear, block_linear_q, bitmask_linear_q, group_score, hessian_accumulate,
+                     keeping_derived_changes_call, masked_linear,
                      masked_linear_grad_input, masked_linear_grad_weight, nm24_pack_panels, nm_compress, nm_conv2d,
                      nm_decompress, nm_linear, nm_linear_q, nm_score_compress, rounds_activations, sparse_linear,
                      sparse_linear_call, LinearCall)

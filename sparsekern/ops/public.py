@@ -273,6 +273,23 @@ def sparse_linear_call(x: torch.Tensor, weight, bias: torch.Tensor | None = None
     return _LINEAR_CALL[op](x, weight)
 
 
+def keeping_derived_changes_call(op: str, *key_args) -> bool:
+    """Whether `op` on key_args (x, a format object, then the op's other arguments) would read
+    a derived layout of the format (NMWeight.gemm_panels, BitmaskWeight.column_index) that
+    the format's derived budget leaves out: its dispatch key with the budget lifted differs
+    from the key under it. sparsekern.nn measures keeping the layout ("sparse_kept") only then."""
+    weight = key_args[1]
+    budget = weight.derived_budget
+    if budget is None:
+        return False
+    key = decide(op, key_args)[1]
+    weight.set_derived_budget(None)
+    try:
+        return decide(op, key_args)[1] != key
+    finally:
+        weight.set_derived_budget(budget)
+
+
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, bitmask: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ (W*M)^T + bias (the training-time op): W*M built in one masking pass per call,
