@@ -381,8 +381,8 @@ def length_grouped_batches(tok, texts: list[str], batch_size: int, seed: int = 2
     """Tokenized batches of `batch_size` sentences of similar token counts (sorted by count,
     cut into batches, the batches in a seeded random order), padded to their longest: with
     the training text's spread of lengths, batches of consecutive shuffled sentences are
-    about 2.1x their real tokens after padding, these about 1.0x, so a step costs about half
-    (the "group by length" of common training loops)."""
+    about 2.1x their real tokens after padding, these about 1.0x, and a MiniLM recovery step
+    went from 0.25 s to 0.14-0.16 s (the "group by length" of common training loops)."""
     counts = [len(ids) for ids in tok(texts, truncation=True, max_length=64)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: (counts[i], i))
     groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
