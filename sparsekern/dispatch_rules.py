@@ -322,10 +322,10 @@ BITMASK_TILES_MIN_DENSITY = 0.25
 # The weight-stationary kernel from this many rows (a bucket start) up to this density: at
 # 20-64 rows it led every other algorithm at 20-50% kept on MiniLM's, BERT-base's and a
 # 4096x4096 layer (0.82-2.9x dense; under 1x only at 20 rows, 50% kept, 384x1536 and
-# 384x384), where the tiles ran 0.49-1.2x; at 17 rows the row kernels
-# led it by 5-20% (EVIDENCE). In a bucket where the row kernels read the column index
-# (COLUMN_INDEX_MAX_DENSITY), weights that sparse keep them. SPARSEKERN_BITMASK_GEMM=tile (read per call, a benchmarking
-# switch) turns it off.
+# 384x384), where the tiles ran 0.49-1.2x; at 17 rows the row kernels led it by 5-20%
+# (EVIDENCE). In a bucket where the row kernels read the column index
+# (COLUMN_INDEX_MAX_DENSITY), weights that sparse keep them. SPARSEKERN_BITMASK_GEMM=tile
+# (read per call, a benchmarking switch) turns it off.
 BITMASK_GEMM_MIN_ROWS = 17
 BITMASK_GEMM_MAX_DENSITY = 0.5
 assert BITMASK_GEMM_MIN_ROWS - 1 in BATCH_BUCKETS, "BITMASK_GEMM_MIN_ROWS must start a batch bucket"

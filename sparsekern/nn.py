@@ -651,12 +651,9 @@ class _SparseMixin:
         the paths are measured, "sparse" runs within the policy's budget (the kernel that reads
         the compressed tensors) and "sparse_kept" with its layouts built once and kept, and
         neither drops what the other built."""
-        if self._derived_budget() is None:
-            return self._within_budget(f, call())
-        measuring = self.__dict__.get("_measuring", False)
         f.set_derived_budget(None if path == "sparse_kept" else self._derived_budget())
         out = call()
-        return out if measuring else self._within_budget(f, out)
+        return out if self.__dict__.get("_measuring", False) else self._within_budget(f, out)
 
     def _dense_weight(self, path: str, f) -> torch.Tensor:
         """The dense [out, in2d] weight for path "decompress" (made now) or "dense_copy"
@@ -750,9 +747,9 @@ class _SparseMixin:
     def _paths_allowed(self, f, policy: Policy, keeping_changes_call=None) -> set[str]:
         """The PATHS measured for a new bucket under `policy`: "sparse"; "sparse_kept" under
         never_slower where the budget drops a derived layout that the op would read here (and
-        no bucket keeps them yet);
-        "dense_copy" where a copy is allowed, else "decompress" (the same dense product plus a
-        decompression per call, which could only win by the measurement's noise)."""
+        no bucket keeps them yet); "dense_copy" where a copy is allowed, else "decompress" (the
+        same dense product plus a decompression per call, which could only win by the
+        measurement's noise)."""
         allowed = {"sparse"}
         if policy.never_slower and self._derived_budget() is not None and f.budget_drops_derived() and \
                 (keeping_changes_call is None or keeping_changes_call()):
