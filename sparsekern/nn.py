@@ -68,6 +68,11 @@ class PathChoice(NamedTuple):
     shared: bool = False  # True: taken from an identical layer's measurement (Policy.share)
     source: str = "measured"  # a key of SOURCES
     measured_at: float | None = None  # seconds since the epoch (time.time()) of the measurement
+    start: bool | str | None = None  # how each timed call started: a key of STARTS (Policy.cold, resolved)
+
+
+# How measure_paths starts each timed call (Policy.cold once resolved, _SparseMixin._measure_start).
+STARTS = {True: "weights from memory", "llc": "weights from the last-level cache", False: "weights warm"}
 
 
 class Policy:
@@ -77,9 +82,15 @@ class Policy:
     and run the fastest), "sparse" (always the compressed weight's op), "dense" (store and
     run a plain dense weight). dense_copy: also keep a dense copy of each weight (more
     memory) so "auto" may run it where it is faster. reps: timed calls per path. cold:
-    start each timed call with the layer's weights out of the caches (CPU: its weight tensors
-    evicted; GPU: L2 flushed), so a layer is measured as it runs inside a model whose weights
-    stream from memory, not hot in cache (measure_paths). share: a
+    True: start each timed call with the layer's weights out of the caches (CPU: its weight
+    tensors evicted; GPU: L2 flushed), so a layer is measured as it runs inside a model whose
+    weights stream from memory, not hot in cache (measure_paths). False: warm, as measured
+    alone. "auto" (default): True, except in a model whose weights fit in
+    dispatch_rules.WARM_MODEL_LLC_FRACTION of the last-level cache (note_model_footprint,
+    which sparsify, tune, freeze and load call): there each call starts with the weights in
+    that cache (CPU: a buffer twice the L2 written first; GPU: as warm), as they are between
+    two forwards of such a model. A small model measured from memory chose kernels that win
+    from memory and lose in cache (the digits MLP of the demo, 0.50-0.99x dense). share: a
     choice measured on one layer is reused by every identical layer in the process (same
     module type and geometry, format, pattern, density to 1%, dtype, device, bias and
     policy): a transformer's 4 x 7 linears are measured as 3 shapes, so each measurement
@@ -107,7 +118,7 @@ class Policy:
     (fastest, most memory).
     """
 
-    def __init__(self, backend: str = "auto", dense_copy: bool = False, reps: int = 5, cold: bool = True,
+    def __init__(self, backend: str = "auto", dense_copy: bool = False, reps: int = 5, cold: bool | str = "auto",
                  share: bool = True, derived_budget: float | None = 0.5,
                  dense_copy_max_bytes: int | None = dispatch_rules.DENSE_COPY_MAX_BYTES, cache: bool = True,
                  never_slower: bool = True):
@@ -115,7 +126,9 @@ class Policy:
             raise ValueError(f"Policy: backend must be 'auto', 'sparse' or 'dense', got {backend!r}")
         if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
             raise ValueError(f"Policy: reps must be a positive int, got {reps!r}")
-        self.backend, self.dense_copy, self.reps, self.cold = backend, bool(dense_copy), reps, bool(cold)
+        if cold not in (True, False, "auto") or isinstance(cold, (int, float)) and not isinstance(cold, bool):
+            raise ValueError(f"Policy: cold must be True, False or 'auto', got {cold!r}")
+        self.backend, self.dense_copy, self.reps, self.cold = backend, bool(dense_copy), reps, cold
         self.share = bool(share)
         if derived_budget is not None and (isinstance(derived_budget, bool) or
                                            not isinstance(derived_budget, (int, float)) or derived_budget < 0):
@@ -130,7 +143,7 @@ class Policy:
         self.never_slower = never_slower
 
     def __repr__(self) -> str:
-        return (f"Policy({self.backend!r}, dense_copy={self.dense_copy}, reps={self.reps}, cold={self.cold}, "
+        return (f"Policy({self.backend!r}, dense_copy={self.dense_copy}, reps={self.reps}, cold={self.cold!r}, "
                 f"share={self.share}, derived_budget={self.derived_budget}, "
                 f"dense_copy_max_bytes={self.dense_copy_max_bytes}, cache={self.cache}, "
                 f"never_slower={self.never_slower})")
@@ -185,17 +198,41 @@ def clear_shared_choices() -> None:
     _SHARED_CHOICES.clear()
 
 
-def _last_level_cache_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
-    for index in (3, 2):
+def _cpu_cache_bytes(level: int) -> int | None:
+    """The size of cpu0's unified or data cache of this level (sysfs), or None if unknown."""
+    for index in range(5):
         try:
-            with open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size") as f:
+            base = f"/sys/devices/system/cpu/cpu0/cache/index{index}"
+            with open(f"{base}/level") as f:
+                if int(f.read()) != level:
+                    continue
+            with open(f"{base}/type") as f:
+                if f.read().strip() == "Instruction":
+                    continue
+            with open(f"{base}/size") as f:
                 text = f.read().strip()
             return int(text[:-1]) << (20 if text.endswith("M") else 10) if text[-1] in "KM" else int(text)
         except (OSError, ValueError):
             continue
-    return 32 << 20
+    return None
+
+
+def _last_level_cache_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
+    return _cpu_cache_bytes(3) or _cpu_cache_bytes(2) or 32 << 20
+
+
+def _push_to_llc(device: torch.device) -> None:
+    """Moves what the last call read out of a CPU's private caches into the shared last-level
+    cache, by writing a buffer twice the L2 (1 MiB if unknown) first: the weights of a layer
+    in a model that fits the last-level cache come from there (Policy(cold="auto"))."""
+    key = ("llc", device)
+    buf = _FLUSH.get(key)
+    if buf is None:
+        l2 = _cpu_cache_bytes(2) if _cpu_cache_bytes(3) else None
+        buf = _FLUSH[key] = torch.zeros(2 * (l2 or 1 << 20) // 4, device=device)
+    buf.add_(1.0)
 
 
 _FLUSH: dict = {}
@@ -220,9 +257,11 @@ def _evict_op():
     return getattr(getattr(torch.ops, "sparsekern", None), "cpu_evict_from_cache", None)
 
 
-def measure_paths(runners: dict, device: torch.device, reps: int, cold: bool, evict=None) -> dict[str, float]:
+def measure_paths(runners: dict, device: torch.device, reps: int, cold: bool | str, evict=None) -> dict[str, float]:
     """Fastest of `reps` timed calls of each runner, in milliseconds: called round-robin
-    (interleaved) after a warm-up, each timed call preceded by a cold start when `cold`. The
+    (interleaved) after a warm-up, each timed call preceded by a cold start when `cold` is
+    True, by a start from the last-level cache when it is "llc" (CPU: _push_to_llc; a GPU's
+    L2 is its last level, so there it is warm), warm when False. The
     fastest, not the median: the work is the same every call, so a slower call measures
     something else (another process on a shared machine; the measurement is taken once, in
     the middle of a user's run), and a burst of it must not decide a layer's path.
@@ -248,7 +287,10 @@ def measure_paths(runners: dict, device: torch.device, reps: int, cold: bool, ev
                                 < dispatch_rules.PATH_MIN_MEASURE_MS * len(runners)):
             rounds += 1
             for p, fn in runners.items():
-                if cold and evict_op is not None:
+                if cold == "llc":
+                    if not cuda:
+                        _push_to_llc(device)
+                elif cold and evict_op is not None:
                     evict_op([t for t in evict() if t.device.type == "cpu"])
                 elif cold:
                     _flush_cache(device)
@@ -446,7 +488,7 @@ class _SparseMixin:
             return None  # a traced graph runs the checked path (its guards are the checks)
         kept = self.__dict__.get("_calls")
         kept = kept.get(x.shape) if kept else None
-        if kept is None or x.dtype != kept.dtype or x.device != kept.device or \
+        if kept is None or x.dtype is not kept.dtype or x.device != kept.device or \
                 _versions(kept.tensors) != kept.versions:
             return None
         if torch.is_grad_enabled() and (x.requires_grad or (kept.has_bias and self._parameters["bias"].requires_grad)):
@@ -685,7 +727,8 @@ class _SparseMixin:
             if torch.compiler.is_compiling():
                 return "sparse"  # measured eagerly only; a compiled graph keeps the kernel
             f = self.weight_format()
-            key = self._share_key(f, bucket, policy)
+            start = self._measure_start(policy, f.device)
+            key = self._share_key(f, bucket, policy, start)
             allowed = self._paths_allowed(f, policy, keeping_changes_call)
             shared = _SHARED_CHOICES.get(key) if policy.share else None
             stored = decisions.lookup(f.device, repr(key)) if policy.cache and shared is None else None
@@ -699,7 +742,7 @@ class _SparseMixin:
                 _MEASUREMENTS[0] += 1
                 self.__dict__["_measuring"] = True
                 try:
-                    choice = choose_path(measure_paths(candidates, f.device, policy.reps, policy.cold,
+                    choice = choose_path(measure_paths(candidates, f.device, policy.reps, start,
                                                        evict=lambda: self._weight_tensors(f)), rows)
                 finally:
                     self.__dict__["_measuring"] = False
@@ -715,6 +758,7 @@ class _SparseMixin:
                 stamp = decisions.store(f.device, repr(key), choice.path, choice.reason, choice.times_ms) \
                     if policy.cache else time.time()
                 choice = choice._replace(measured_at=stamp)
+            choice = choice._replace(start=start)
             if policy.share and shared is None:
                 _SHARED_CHOICES[key] = choice
             self.bucket_choices[bucket] = choice
@@ -766,10 +810,22 @@ class _SparseMixin:
     def _geometry(self) -> tuple:
         return (self._dense_shape(),)
 
-    def _share_key(self, f, bucket: int, policy: Policy) -> tuple:
+    def _measure_start(self, policy: Policy, device: torch.device) -> bool | str:
+        """How this layer's timed calls start (a key of STARTS): Policy.cold, with "auto"
+        resolved from the model footprint note_model_footprint left on the layer (none: a
+        layer on its own, measured from memory as before)."""
+        if policy.cold != "auto":
+            return policy.cold
+        footprint = self.__dict__.get("_model_weight_bytes")
+        if footprint is not None and \
+                footprint <= dispatch_rules.WARM_MODEL_LLC_FRACTION * _last_level_cache_bytes(device):
+            return "llc"
+        return True
+
+    def _share_key(self, f, bucket: int, policy: Policy, start: bool | str) -> tuple:
         """What makes two layers' measurements interchangeable (see Policy.share)."""
         return (type(self).__name__, self._geometry(), kinds.kind_of(f).name, f.pattern, f.value_precision.name, round(float(f.density), 2), f.dtype,
-                str(f.device), self.bias is not None, policy.dense_copy, policy.cold, policy.reps,
+                str(f.device), self.bias is not None, policy.dense_copy, start, policy.reps,
                 policy.derived_budget, policy.dense_copy_max_bytes, policy.never_slower, bucket)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
@@ -928,12 +984,13 @@ def _source_text(choice: PathChoice) -> str:
     """Where a per-bucket choice came from and when it was measured (explain's words)."""
     when = "" if choice.measured_at is None else \
         time.strftime(" %Y-%m-%d %H:%M:%S UTC", time.gmtime(choice.measured_at))
+    start = f", {STARTS[choice.start]}" if choice.start in STARTS else ""
     if choice.source == "cache":
-        text = f"read from the tuning cache, measured{when}"
+        text = f"read from the tuning cache, measured{when}{start}"
         return text + ("; shared with an identical layer" if choice.shared else "")
     if choice.shared:
-        return f"shared: measured on an identical layer{',' + when if when else ''}"
-    return f"measured now,{when}" if when else "measured now"
+        return f"shared: measured on an identical layer{',' + when if when else ''}{start}"
+    return (f"measured now,{when}" if when else "measured now") + start
 
 
 _version_of = operator.attrgetter("_version")
@@ -1322,3 +1379,36 @@ class SparseConv2d(_SparseMixin, nn.Module):
 
 
 SPARSE_MODULES = (SparseLinear, SparseConv2d)
+
+
+def model_weight_bytes(model: nn.Module) -> int:
+    """The bytes of weights a forward of `model` reads: every parameter and buffer once (a
+    sparse layer's compressed tensors, the dense layers, norms), torch's dynamic int8 Linear
+    layers at one byte per weight, and no embedding tables (a forward reads only the rows it
+    looks up)."""
+    skip = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+    seen: set[int] = set()
+    total = 0
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if id(t) in seen or id(t) in skip:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    for m in model.modules():
+        if hasattr(m, "_packed_params") and isinstance(getattr(m, "in_features", None), int):
+            total += m.in_features * m.out_features  # torch.ao dynamic int8 Linear: packed, not a parameter
+    return total
+
+
+def note_model_footprint(model: nn.Module) -> int:
+    """Tells every sparse layer of `model` how many bytes of weights the model reads per
+    forward (model_weight_bytes), from which Policy(cold="auto") decides how the layer's
+    paths are measured: from the last-level cache where the model fits in
+    dispatch_rules.WARM_MODEL_LLC_FRACTION of it, else from memory. Choices already made
+    stay. sparsify, tune, freeze and load call it; call it again after changing a model by
+    hand. Returns the bytes."""
+    total = model_weight_bytes(model)
+    for m in model.modules():
+        if isinstance(m, SPARSE_MODULES):
+            m.__dict__["_model_weight_bytes"] = total
+    return total

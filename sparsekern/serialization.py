@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import kinds
-from .nn import SPARSE_MODULES, sparse_shell
+from .nn import SPARSE_MODULES, note_model_footprint, sparse_shell
 
 QUANT_METHOD = "sparsekern"  # quantization_config.quant_method of a sparse model's config.json
 FORMAT_VERSION = 1
@@ -353,6 +353,7 @@ def load(model, source, strict: bool = True):
                            f"{left[:8]}{' ...' if len(left) > 8 else ''}; build the model on a device, or give "
                            "those tensors values (to_empty() and initialise them) before loading")
     record_in_config(model)
+    note_model_footprint(model)
     return model
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import kinds, memory, precisions, prune, serialization
-from .nn import SPARSE_MODULES, Policy, SparseConv2d, SparseLinear, is_conv1d, linear_of, sparse_shell
+from .nn import SPARSE_MODULES, Policy, SparseConv2d, SparseLinear, is_conv1d, linear_of, note_model_footprint, sparse_shell
 from .patterns import as_2d
 
 
@@ -193,6 +193,7 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
         _dense_convs_channels_last(model, report)
     memory.release_freed_memory()  # the dense weights just freed (sparsekern/memory.py)
     serialization.record_in_config(model)  # Hugging Face: save_pretrained writes it to config.json
+    note_model_footprint(model)  # how its layers measure their paths (Policy(cold="auto"))
     return model, report
 
 
@@ -386,6 +387,7 @@ def from_torch_prune(model: nn.Module, policy: Policy | None = None, trainable: 
         report.append({"layer": name, "status": "sparse", "pattern": pattern, "density": 1 - sparsity,
                        "backend": new.backend, "reason": new.reason})
     serialization.record_in_config(model)
+    note_model_footprint(model)
     return model, report
 
 
@@ -400,6 +402,7 @@ def quantize_values(model: nn.Module, precision: str | None, group_size: int = 1
             mod.quantize_values(precision, group_size)
     memory.release_freed_memory()
     serialization.record_in_config(model)
+    note_model_footprint(model)
     return model
 
 
@@ -422,6 +425,7 @@ def tune(model: nn.Module, example_inputs, show_progress: bool = True) -> str:
         if bar.n < bar.total:
             bar.update(1)
 
+    note_model_footprint(model)
     hooks = [m.register_forward_hook(count) for m in layers]
     was_training = model.training
     model.eval()
@@ -453,6 +457,7 @@ def freeze(model: nn.Module, policy: Policy | None = None) -> nn.Module:
             mod.freeze(policy)
     memory.release_freed_memory()
     serialization.record_in_config(model)
+    note_model_footprint(model)
     return model
 
 
