@@ -534,6 +534,10 @@ EVIDENCE: dict[str, Measured] = {
                                         "alone, flush buffer": ((0.306, 0.337), (0.193, 0.225))}}),
     "PATH_MIN_MEASURE_MS": Measured("bench/results/cpu-paths-20261206", {
         "384x384 sparse, alone, weights evicted": {"5 rounds": (0.118, 0.175), "adaptive": (0.116, 0.118)}}),
+    "WARM_MODEL_LLC_FRACTION": Measured("bench/results/demo-digits-20261207b", {
+        "digits MLP, 64 images, rows l1 70% / 2:4 x dense": {"measured from memory (CI demos)": ((0.56, 0.90), (0.50, 0.99)),
+                                                             "from the last-level cache": (0.94, 0.98)},
+        "digits CNN 2:4 x dense": {"from memory": (1.0, 1.1), "from the last-level cache": 1.2}}),
     "PATH_MAX_REPS": Measured("bench/results/cpu-paths-20261206", {
         "rounds of a 0.1 ms layer within PATH_MIN_MEASURE_MS x 3 paths": "about 40"}),
     "PATH_HANDICAP": Measured("bench/results/cpu-paths-20261206", {

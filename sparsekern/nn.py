@@ -1400,14 +1400,30 @@ def model_weight_bytes(model: nn.Module) -> int:
     return total
 
 
+def model_footprint(model: nn.Module) -> int:
+    """The most bytes of weights a forward of `model` can read: model_weight_bytes, with each
+    sparse layer counted at the larger of what it holds and its dense weight (a layer may
+    choose to run a dense copy, Policy.never_slower), so a model said to fit a cache fits it
+    whatever its layers choose."""
+    total = model_weight_bytes(model)
+    seen: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, SPARSE_MODULES) and id(m) not in seen and not m.trainable:
+            seen.add(id(m))
+            held = sum(t.numel() * t.element_size() for t in m.buffers(recurse=False))
+            f = m.weight_format()
+            total += max(0, math.prod(f.shape) * torch.finfo(f.dtype).bits // 8 - held)
+    return total
+
+
 def note_model_footprint(model: nn.Module) -> int:
-    """Tells every sparse layer of `model` how many bytes of weights the model reads per
-    forward (model_weight_bytes), from which Policy(cold="auto") decides how the layer's
+    """Tells every sparse layer of `model` the most bytes of weights the model reads per
+    forward (model_footprint), from which Policy(cold="auto") decides how the layer's
     paths are measured: from the last-level cache where the model fits in
     dispatch_rules.WARM_MODEL_LLC_FRACTION of it, else from memory. Choices already made
     stay. sparsify, tune, freeze and load call it; call it again after changing a model by
     hand. Returns the bytes."""
-    total = model_weight_bytes(model)
+    total = model_footprint(model)
     for m in model.modules():
         if isinstance(m, SPARSE_MODULES):
             m.__dict__["_model_weight_bytes"] = total

@@ -60,9 +60,11 @@ def test_sparsify_notes_the_footprint_and_a_small_model_measures_from_the_llc(mo
     seen = []
     monkeypatch.setattr(sknn, "measure_paths", _recording_measure(seen))
     model = sparsekern.sparsify(_mlp(), "2:4", min_features=8, show_progress=False)[0].eval()
-    footprint = sknn.model_weight_bytes(model)
+    footprint = sknn.model_footprint(model)
     layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
     assert all(m.__dict__["_model_weight_bytes"] == footprint for m in layers)
+    # each layer counted as its dense weight (the larger), the biases as they are
+    assert footprint == sum(m.in_features * m.out_features * 4 + m.out_features * 4 for m in layers)
     monkeypatch.setattr(sknn, "_last_level_cache_bytes", lambda device: 2 * footprint)
     with torch.no_grad():
         model(torch.randn(5, 64))
@@ -75,7 +77,7 @@ def test_a_model_larger_than_the_fraction_and_a_lone_layer_measure_from_memory(m
     seen = []
     monkeypatch.setattr(sknn, "measure_paths", _recording_measure(seen))
     model = sparsekern.sparsify(_mlp(), "2:4", min_features=8, show_progress=False)[0].eval()
-    footprint = sknn.model_weight_bytes(model)
+    footprint = sknn.model_footprint(model)
     # the model fits the cache, but not the fraction of it the rule allows
     llc = int(footprint / dispatch_rules.WARM_MODEL_LLC_FRACTION) - 1
     monkeypatch.setattr(sknn, "_last_level_cache_bytes", lambda device: llc)
@@ -145,7 +147,7 @@ def test_tune_and_freeze_note_the_footprint():
             m.__dict__.pop("_model_weight_bytes", None)
     sparsekern.freeze(model)
     layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
-    assert all(m.__dict__["_model_weight_bytes"] == sknn.model_weight_bytes(model) for m in layers)
+    assert all(m.__dict__["_model_weight_bytes"] == sknn.model_footprint(model) for m in layers)
     for m in layers:
         m.__dict__.pop("_model_weight_bytes")
     sparsekern.tune(model, torch.randn(2, 64), show_progress=False)
