@@ -80,9 +80,10 @@ PATH_COLD_START = "CPU: the layer's weight tensors evicted from the caches; GPU:
 # measure_paths runs Policy.reps rounds at least, and more (up to PATH_MAX_REPS) while the
 # rounds took less than PATH_MIN_MEASURE_MS per path.
 PATH_MIN_MEASURE_MS = 10.0
-# Policy(cold="auto"): a model whose weights (sparsekern.nn.model_weight_bytes) fit in this
-# fraction of the last-level cache is measured with each layer's weights starting there, not
-# in memory: between two of its forwards they stay cached (the rest is left to activations).
+# Policy(cold="auto"): a model whose weights (sparsekern.nn.model_footprint: each sparse layer
+# at the larger of its compressed and dense sizes) fit in this fraction of the last-level
+# cache is measured with each layer's weights starting there, not in memory: between two of
+# its forwards they stay cached (the rest of the cache is left to activations).
 WARM_MODEL_LLC_FRACTION = 0.5
 PATH_MAX_REPS = 40
 # Relative time added to a path's measurement before choose_path compares it. "decompress"

@@ -85,7 +85,7 @@ class Policy:
     True: start each timed call with the layer's weights out of the caches (CPU: its weight
     tensors evicted; GPU: L2 flushed), so a layer is measured as it runs inside a model whose
     weights stream from memory, not hot in cache (measure_paths). False: warm, as measured
-    alone. "auto" (default): True, except in a model whose weights fit in
+    alone. "auto" (default): True, except in a model whose weights (model_footprint) fit in
     dispatch_rules.WARM_MODEL_LLC_FRACTION of the last-level cache (note_model_footprint,
     which sparsify, tune, freeze and load call): there each call starts with the weights in
     that cache (CPU: a buffer twice the L2 written first; GPU: as warm), as they are between

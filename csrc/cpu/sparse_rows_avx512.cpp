@@ -278,7 +278,7 @@ void nm24_rows_direct(const NmRowsArgs& a, int64_t r0, int64_t r1) {
 // memory, in-process interleaved runs: 1.70-1.75x dense against 1.45-1.47x. (Two rows had
 // replaced one for the same reason.)
 // The software prefetch fetches the next step's rows into L2, each at the offset this step
-// reads: a fixed distance ahead within a row (8 KiB, as before) lands in the rows this step
+// reads: a fixed distance ahead within a row (it was 8 KiB) lands in the rows this step
 // is already reading whenever a row is shorter than the distance times the rows per step
 // (a 2048-column row is 4 KiB), so the next step's last rows came from memory on demand.
 // The 28 decode linears of the Llama-style decoder (hidden 2048), weights streaming from
