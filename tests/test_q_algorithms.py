@@ -176,3 +176,25 @@ def test_the_rules_decide_by_rows_the_kernels_do_not(monkeypatch):
     monkeypatch.setenv("SPARSEKERN_Q_ACT", "int8")
     assert dispatch_rules.q_cpu_algo(top + 1) == dispatch_rules.nm_q_cpu_algo(2, 4, 8, top + 1) == \
         dispatch_rules.block_q_cpu_algo(top + 1) == EXACT_TILES
+
+
+@pytest.mark.skipif(not VNNI, reason="the 2:4 int8 dot-product GEMM needs AVX512_VNNI")
+@pytest.mark.parametrize("name", ["2:4 int8", "2:4 int4 g32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_int8_dot_gemm_adds_the_bias_in_its_last_fma(name, dtype):
+    """The bias is added inside the GEMM (one FMA with the scales, no separate pass): with a bias
+    the output is the bias-free output plus the bias to within an fp32 rounding, for odd output
+    counts (the last 16-row block masked) and a bias in the input's dtype."""
+    W = WEIGHTS[name]()
+    x = torch.randn(40, W.shape[1]).to(dtype)
+    bias = torch.randn(W.shape[0]).to(dtype)
+    op = _cpu_op(W)
+    with_bias = op(x, *W.kernel_args(), bias, INT8_DOT).float()
+    without = op(x, *W.kernel_args(), None, INT8_DOT).float()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(with_bias, without + bias.float(), rtol=tol, atol=tol)
+    expected = _expected(x.float(), W, bias.float(), INT8_DOT)
+    if dtype == torch.float32:
+        assert_linear_close(with_bias, expected, dtype, what=f"{name} algo {INT8_DOT} with bias")
+    else:  # the output rounded to bf16 once (8 bits of mantissa)
+        assert float((with_bias.double() - expected).norm() / expected.norm()) < 4e-3

@@ -167,12 +167,14 @@ void core(const Nm24Int8Args& a, const Panel* p, int64_t r0, int64_t b0) {
   const __mmask16 m1 = rows >= 32 ? __mmask16(0xFFFF) : rows <= 16 ? __mmask16(0)
                                                                    : static_cast<__mmask16>((1u << (rows - 16)) - 1);
   const __m512 s0 = _mm512_maskz_loadu_ps(m0, a.scales + r0), s1 = _mm512_maskz_loadu_ps(m1, a.scales + r0 + 16);
+  const __m512 c0 = a.bias ? _mm512_maskz_loadu_ps(m0, a.bias + r0) : _mm512_setzero_ps();
+  const __m512 c1 = a.bias ? _mm512_maskz_loadu_ps(m1, a.bias + r0 + 16) : _mm512_setzero_ps();
   auto finish = [&](int i, __m512i v0, __m512i v1) {
     if (b0 + i >= a.B) return;
     const __m512 xs = _mm512_set1_ps(a.x_scales[b0 + i]);
     float* o = a.out + (b0 + i) * a.O + r0;
-    _mm512_mask_storeu_ps(o, m0, _mm512_mul_ps(_mm512_cvtepi32_ps(v0), _mm512_mul_ps(s0, xs)));
-    if (m1) _mm512_mask_storeu_ps(o + 16, m1, _mm512_mul_ps(_mm512_cvtepi32_ps(v1), _mm512_mul_ps(s1, xs)));
+    _mm512_mask_storeu_ps(o, m0, _mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), _mm512_mul_ps(s0, xs), c0));
+    if (m1) _mm512_mask_storeu_ps(o + 16, m1, _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), _mm512_mul_ps(s1, xs), c1));
   };
   finish(0, a00, a10); finish(1, a01, a11); finish(2, a02, a12); finish(3, a03, a13); finish(4, a04, a14);
   finish(5, a05, a15); finish(6, a06, a16); finish(7, a07, a17); finish(8, a08, a18); finish(9, a09, a19);
@@ -291,11 +293,13 @@ void core4(const Nm24Int4Args& a, const Panel4* p, int64_t r0, int64_t b0) {
   const __mmask16 m0 = rows >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << rows) - 1);
   const __mmask16 m1 = rows >= 32 ? __mmask16(0xFFFF) : rows <= 16 ? __mmask16(0)
                                                                    : static_cast<__mmask16>((1u << (rows - 16)) - 1);
+  const __m512 c0 = a.bias ? _mm512_maskz_loadu_ps(m0, a.bias + r0) : _mm512_setzero_ps();
+  const __m512 c1 = a.bias ? _mm512_maskz_loadu_ps(m1, a.bias + r0 + 16) : _mm512_setzero_ps();
   for (int i = 0; i < kBatchRows4 && b0 + i < a.B; ++i) {
     const __m512 xs = _mm512_set1_ps(a.x_scales[b0 + i]);
     float* o = a.out + (b0 + i) * a.O + r0;
-    _mm512_mask_storeu_ps(o, m0, _mm512_mul_ps(_mm512_load_ps(sums[i]), xs));
-    if (m1) _mm512_mask_storeu_ps(o + 16, m1, _mm512_mul_ps(_mm512_load_ps(sums[i] + 16), xs));
+    _mm512_mask_storeu_ps(o, m0, _mm512_fmadd_ps(_mm512_load_ps(sums[i]), xs, c0));
+    if (m1) _mm512_mask_storeu_ps(o + 16, m1, _mm512_fmadd_ps(_mm512_load_ps(sums[i] + 16), xs, c1));
   }
 }
 

@@ -8,7 +8,7 @@
 //   (127 / max)) in [-127, 127] (fp32 multiply, then vcvtps2dq), stored as u8 q + 128 (the
 //   unsigned operand of vpdpbusd). Each output is the exact int32 sum over the kept values
 //   sum_k (q + 128) * w - 128 * sum_k w, the compensation precomputed per output row, then
-//   y = float(acc) * (s_x[b] * s_w[o]) in fp32. A row of zeros gives zeros; a row holding an
+//   y = float(acc) * (s_x[b] * s_w[o]) + bias[o] in fp32 (one FMA; no bias: + 0). A row of zeros gives zeros; a row holding an
 //   inf or a NaN gives NaN (its scale is NaN, as rows_q.h's quantizer makes it). int32 cannot wrap
 //   below 2^31 / (255 * 128) = 65793 kept values per row (in_features 131586).
 //
@@ -56,9 +56,10 @@ struct Nm24Int8Args {
   const uint8_t* xq;       // [B, xq_stride] u8 (quantize_rows), columns past K hold 128
   const float* x_scales;   // [B]
   int64_t xq_stride, B;
-  float* out;              // [B, O] fp32 (no bias)
+  float* out;              // [B, O] fp32
   int64_t panels;          // ceil(O / kPanelRows)
   int64_t* next_panel;     // shared counter, 0 before the first call
+  const float* bias;       // [O] fp32 added to every row of out (one FMA with the scales), or null
 };
 
 // 2:4 weights with int4 values (sparsekern/precisions.py): as Nm24Int8Args, values packed two
@@ -71,9 +72,10 @@ struct Nm24Int4Args {
   const uint8_t* xq;       // [B, xq_stride] u8 (quantize_rows), columns past K hold 128
   const float* x_scales;   // [B]
   int64_t xq_stride, B;
-  float* out;              // [B, O] fp32 (no bias)
+  float* out;              // [B, O] fp32
   int64_t panels;          // ceil(O / kPanelRows)
   int64_t* next_panel;     // shared counter, 0 before the first call
+  const float* bias;       // as Nm24Int8Args.bias
 };
 
 namespace avx512vnni {
