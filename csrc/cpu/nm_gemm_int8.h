@@ -8,8 +8,9 @@
 //   (127 / max)) in [-127, 127] (fp32 multiply, then vcvtps2dq), stored as u8 q + 128 (the
 //   unsigned operand of vpdpbusd). Each output is the exact int32 sum over the kept values
 //   sum_k (q + 128) * w - 128 * sum_k w, the compensation precomputed per output row, then
-//   y = float(acc) * (s_x[b] * s_w[o]) + bias[o] in fp32 (one FMA; no bias: + 0). A row of zeros gives zeros; a row holding an
-//   inf or a NaN gives NaN (its scale is NaN, as rows_q.h's quantizer makes it). int32 cannot wrap
+//   y = float(acc) * (s_x[b] * s_w[o]) + bias[o] in fp32 (one FMA; no bias: + 0). A row of
+//   zeros gives the bias; a row holding an inf or a NaN gives NaN (its scale is NaN, as
+//   rows_q.h's quantizer makes it). int32 cannot wrap
 //   below 2^31 / (255 * 128) = 65793 kept values per row (in_features 131586).
 //
 // The scheme: vpdpbusd adds 4 u8 x s8 products into each int32 lane. A 2:4 group pair (8
