@@ -5,8 +5,8 @@ Timed interleaved (round-robin), median ms per call: fp32 F.linear (what the den
 sparse variants of the models suite run for their unpruned lm_head), torch's dynamic int8
 Linear (what sparsify(quantize_dense=True) makes of it in the int8/int4 variants, as
 torch.ao.quantization.quantize_dynamic does), and sparsekern's 2:4 int8 op on the same
-weight (its kept call, as a SparseLinear runs it). Phases: quiet, one core busy (a process
-spinning on the last core this process may use), quiet again. Each is checked against the
+weight (its kept call, as a SparseLinear runs it). Phases: quiet, one core busy (the models
+suite's load, sparsekern.bench.run.one_core_busy), quiet again. Each is checked against the
 fp64 product of its own weight first.
 
     python bench/bench_cpu_busy_lm_head.py [--rounds 15] [--threads 2] [--out results.json]
@@ -15,23 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
 from sparsekern import ops
+from sparsekern.bench.run import one_core_busy
 from sparsekern.formats import NMWeight
 
 VOCAB, HIDDEN = 32000, 2048
-
-
-def spinner() -> subprocess.Popen:
-    core = sorted(os.sched_getaffinity(0))[-1]
-    return subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{core}}})\nwhile True:\n    pass"])
 
 
 def main() -> dict:
@@ -74,13 +67,8 @@ def main() -> dict:
         return {k: statistics.median(v) for k, v in ts.items()}
 
     quiet = phase()
-    sp = spinner()
-    time.sleep(0.5)
-    try:
+    with one_core_busy():  # the models suite's --busy load
         busy = phase()
-    finally:
-        sp.kill()
-        sp.wait()
     quiet2 = phase()
     out = {"shape": f"{VOCAB}x{HIDDEN}, batch 1", "threads": a.threads, "rounds": a.rounds,
            "median_ms": {"quiet": quiet, "busy": busy, "quiet again": quiet2},
