@@ -20,6 +20,7 @@ Layouts of the compressed tensors: sparsekern/formats.py.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import operator
@@ -126,7 +127,7 @@ class Policy:
             raise ValueError(f"Policy: backend must be 'auto', 'sparse' or 'dense', got {backend!r}")
         if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
             raise ValueError(f"Policy: reps must be a positive int, got {reps!r}")
-        if cold not in (True, False, "auto") or isinstance(cold, (int, float)) and not isinstance(cold, bool):
+        if not (isinstance(cold, bool) or (isinstance(cold, str) and cold == "auto")):
             raise ValueError(f"Policy: cold must be True, False or 'auto', got {cold!r}")
         self.backend, self.dense_copy, self.reps, self.cold = backend, bool(dense_copy), reps, cold
         self.share = bool(share)
@@ -198,8 +199,10 @@ def clear_shared_choices() -> None:
     _SHARED_CHOICES.clear()
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_cache_bytes(level: int) -> int | None:
-    """The size of cpu0's unified or data cache of this level (sysfs), or None if unknown."""
+    """The size of cpu0's unified or data cache of this level (sysfs), or None if unknown.
+    Read once per process: every measurement's cache flush or push asks for it."""
     for index in range(5):
         try:
             base = f"/sys/devices/system/cpu/cpu0/cache/index{index}"
@@ -816,7 +819,7 @@ class _SparseMixin:
         layer on its own, measured from memory as before)."""
         if policy.cold != "auto":
             return policy.cold
-        footprint = self.__dict__.get("_model_weight_bytes")
+        footprint = self.__dict__.get("_model_footprint")
         if footprint is not None and \
                 footprint <= dispatch_rules.WARM_MODEL_LLC_FRACTION * _last_level_cache_bytes(device):
             return "llc"
@@ -1406,13 +1409,10 @@ def model_footprint(model: nn.Module) -> int:
     choose to run a dense copy, Policy.never_slower), so a model said to fit a cache fits it
     whatever its layers choose."""
     total = model_weight_bytes(model)
-    seen: set[int] = set()
-    for m in model.modules():
-        if isinstance(m, SPARSE_MODULES) and id(m) not in seen and not m.trainable:
-            seen.add(id(m))
+    for m in model.modules():  # each module once, whatever paths reach it
+        if isinstance(m, SPARSE_MODULES) and not m.trainable:
             held = sum(t.numel() * t.element_size() for t in m.buffers(recurse=False))
-            f = m.weight_format()
-            total += max(0, math.prod(f.shape) * torch.finfo(f.dtype).bits // 8 - held)
+            total += max(0, m._dense_nbytes(m.weight_format()) - held)
     return total
 
 
@@ -1426,5 +1426,5 @@ def note_model_footprint(model: nn.Module) -> int:
     total = model_footprint(model)
     for m in model.modules():
         if isinstance(m, SPARSE_MODULES):
-            m.__dict__["_model_weight_bytes"] = total
+            m.__dict__["_model_footprint"] = total
     return total

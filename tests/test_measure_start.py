@@ -62,7 +62,7 @@ def test_sparsify_notes_the_footprint_and_a_small_model_measures_from_the_llc(mo
     model = sparsekern.sparsify(_mlp(), "2:4", min_features=8, show_progress=False)[0].eval()
     footprint = sknn.model_footprint(model)
     layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
-    assert all(m.__dict__["_model_weight_bytes"] == footprint for m in layers)
+    assert all(m.__dict__["_model_footprint"] == footprint for m in layers)
     # each layer counted as its dense weight (the larger), the biases as they are
     assert footprint == sum(m.in_features * m.out_features * 4 + m.out_features * 4 for m in layers)
     monkeypatch.setattr(sknn, "_last_level_cache_bytes", lambda device: 2 * footprint)
@@ -111,7 +111,7 @@ def test_layers_measured_from_different_starts_do_not_share_a_choice(monkeypatch
     lin = nn.Linear(64, 32)
     a = SparseLinear.from_dense(lin, "2:4", policy=policy).eval()
     b = SparseLinear.from_dense(lin, "2:4", policy=policy).eval()
-    a.__dict__["_model_weight_bytes"] = 1  # fits any cache
+    a.__dict__["_model_footprint"] = 1  # fits any cache
     with torch.no_grad():
         a(torch.randn(3, 64))
         b(torch.randn(3, 64))  # identical layer, but alone: measured again, from memory
@@ -144,11 +144,11 @@ def test_tune_and_freeze_note_the_footprint():
     model = sparsekern.sparsify(_mlp(), "2:4", min_features=8, show_progress=False, trainable=True)[0]
     for m in model.modules():
         if isinstance(m, SparseLinear):
-            m.__dict__.pop("_model_weight_bytes", None)
+            m.__dict__.pop("_model_footprint", None)
     sparsekern.freeze(model)
     layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
-    assert all(m.__dict__["_model_weight_bytes"] == sknn.model_footprint(model) for m in layers)
+    assert all(m.__dict__["_model_footprint"] == sknn.model_footprint(model) for m in layers)
     for m in layers:
-        m.__dict__.pop("_model_weight_bytes")
+        m.__dict__.pop("_model_footprint")
     sparsekern.tune(model, torch.randn(2, 64), show_progress=False)
-    assert all("_model_weight_bytes" in m.__dict__ for m in layers)
+    assert all("_model_footprint" in m.__dict__ for m in layers)
