@@ -192,12 +192,19 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
     if channels_last:
         _dense_convs_channels_last(model, report)
     memory.release_freed_memory()  # the dense weights just freed (sparsekern/memory.py)
-    serialization.record_in_config(model)  # Hugging Face: save_pretrained writes it to config.json
-    note_model_footprint(model)  # how its layers measure their paths (Policy(cold="auto"))
+    _sparse_layers_changed(model)
     return model, report
 
 
 SWAPPED = "nn.Linear, nn.Conv2d and transformers' Conv1D"
+
+
+def _sparse_layers_changed(model: nn.Module) -> None:
+    """What every function here that swaps or rewrites sparse layers does last: record them in
+    a Hugging Face config (save_pretrained writes it to config.json), and tell each layer the
+    model's footprint, from which it decides how to measure its paths (Policy(cold="auto"))."""
+    serialization.record_in_config(model)
+    note_model_footprint(model)
 
 
 def _dense_linears_int8(model: nn.Module, report: list[dict]) -> None:
@@ -386,8 +393,7 @@ def from_torch_prune(model: nn.Module, policy: Policy | None = None, trainable: 
         set_module(model, name, new)
         report.append({"layer": name, "status": "sparse", "pattern": pattern, "density": 1 - sparsity,
                        "backend": new.backend, "reason": new.reason})
-    serialization.record_in_config(model)
-    note_model_footprint(model)
+    _sparse_layers_changed(model)
     return model, report
 
 
@@ -401,8 +407,7 @@ def quantize_values(model: nn.Module, precision: str | None, group_size: int = 1
         if isinstance(mod, SPARSE_MODULES):
             mod.quantize_values(precision, group_size)
     memory.release_freed_memory()
-    serialization.record_in_config(model)
-    note_model_footprint(model)
+    _sparse_layers_changed(model)
     return model
 
 
@@ -456,8 +461,7 @@ def freeze(model: nn.Module, policy: Policy | None = None) -> nn.Module:
         if isinstance(mod, SPARSE_MODULES) and mod.trainable:
             mod.freeze(policy)
     memory.release_freed_memory()
-    serialization.record_in_config(model)
-    note_model_footprint(model)
+    _sparse_layers_changed(model)
     return model
 
 
