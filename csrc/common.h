@@ -36,6 +36,9 @@ std::tuple<double, double, int64_t> cpu_fma_probe(int64_t iterations);
 // model larger than the last-level cache, while the code, the input and the threads stay as
 // warm as between two layers (a flush buffer written instead evicts them all).
 void cpu_evict_from_cache(const std::vector<at::Tensor>& tensors);
+// Chunks of the CPU decode row kernels that a calling thread took over from a pool worker
+// the OS had parked (cpu_common.h, parallel_out_rows), since the process started.
+int64_t cpu_pool_takeovers();
 
 // Bits used per in-group index in the N:M format: 2 for M=4, 4 for M=8 and M=16.
 inline int nm_index_bits(int64_t m) { return m == 4 ? 2 : 4; }

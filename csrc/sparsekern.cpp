@@ -154,6 +154,8 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def("cpu_fma_probe(int iterations) -> (float, float, int)", &cpu_fma_probe);
   // The path measurement's cold start on a CPU: the tensors' bytes evicted from the caches.
   m.def("cpu_evict_from_cache(Tensor[] tensors) -> ()", &cpu_evict_from_cache);
+  // Decode row chunks taken over from a parked pool worker since the process started (common.h).
+  m.def("cpu_pool_takeovers() -> int", &cpu_pool_takeovers);
 }
 
 }  // namespace sparsekern

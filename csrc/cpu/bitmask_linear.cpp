@@ -128,7 +128,13 @@ at::Tensor bitmask_linear_columns(const at::Tensor& x, const at::Tensor& values,
                       vals.numel()};
     if (cols.defined() && B <= 4) a.columns = cols.data_ptr<int16_t>();  // the 1-to-4-row kernels
     a.b1_indexed = algo == kBitmaskAlgoRowsB1Indexed;
-    parallel_rows(O, rows_grain(K, B), [&](int64_t r0, int64_t r1) { avx512::bitmask_rows(a, r0, r1); });
+    // parallel_out_rows: a chunk a parked worker abandoned may run after this returns; keep
+    // holds what `a` points into (out excepted: the worker writes its own buffer then).
+    parallel_out_rows(O, B, rows_grain(K, B), a.out, {vals, bm, off, x2, cols}, [a](float* dst, int64_t r0, int64_t r1) {
+      BitmaskRowsArgs t = a;
+      t.out = dst;
+      avx512::bitmask_rows(t, r0, r1);
+    });
   } else {
     // Direct sparse kernel, in batch tiles of at most kDirectMaxBatch rows: its cost grows
     // with the kept elements, so at low density it wins at any batch.
@@ -145,10 +151,13 @@ at::Tensor bitmask_linear_columns(const at::Tensor& x, const at::Tensor& values,
                         bm.size(1), off.size(1), K, O, xin.data_ptr<float>(), bt, BP, ot.data_ptr<float>(),
                         vals.numel()};
       if (cols.defined() && (bt <= 4 || (BP > 0 && cpu_has_avx512()))) a.columns = cols.data_ptr<int16_t>();
-      parallel_rows(O, rows_grain(K, bt), [&](int64_t r0, int64_t r1) {
-        if (a.columns && cpu_has_avx512()) avx512::bitmask_rows(a, r0, r1);
-        else if (avx2) avx2::bitmask_rows(a, r0, r1);
-        else generic::bitmask_rows(a, r0, r1);
+      parallel_out_rows(O, bt, rows_grain(K, bt), a.out, {vals, bm, off, xin, cols},
+                        [a, avx2](float* dst, int64_t r0, int64_t r1) {
+        BitmaskRowsArgs t = a;
+        t.out = dst;
+        if (t.columns && cpu_has_avx512()) avx512::bitmask_rows(t, r0, r1);
+        else if (avx2) avx2::bitmask_rows(t, r0, r1);
+        else generic::bitmask_rows(t, r0, r1);
       });
       if (bt != B) out.narrow(0, b0, bt).copy_(ot);
     }

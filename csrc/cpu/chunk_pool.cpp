@@ -42,10 +42,13 @@
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 namespace sparsekern {
 namespace cpu {
@@ -129,6 +132,84 @@ int64_t run_on_team(int64_t n, int64_t chunk, int64_t count, int64_t threads,
   return latest_join.load(std::memory_order_relaxed);
 }
 
+// Chunks of parallel_out_rows jobs a calling thread took over from a worker (cpu_pool_takeovers).
+std::atomic<int64_t> g_takeovers{0};
+
+// A test switch (read once): a worker sleeps this long after it claims a parallel_out_rows
+// chunk, as one the OS parked there would. SPARSEKERN_POOL_WORKER_PAUSE_US; 0: none.
+int64_t worker_pause_us() {
+  static const int64_t us = [] {
+    const char* s = std::getenv("SPARSEKERN_POOL_WORKER_PAUSE_US");
+    return s ? std::max<int64_t>(0, std::atoll(s)) : int64_t(0);
+  }();
+  return us;
+}
+
+// A benchmarking switch (read once): SPARSEKERN_POOL_TAKEOVER=0 makes the calling thread wait
+// for a worker's parallel_out_rows chunks, as parallel_chunks does, instead of taking them over.
+bool takeover_on() {
+  static const bool on = [] {
+    const char* s = std::getenv("SPARSEKERN_POOL_TAKEOVER");
+    return !(s && std::string(s) == "0");
+  }();
+  return on;
+}
+
+// A job of parallel_out_rows (cpu_common.h). The calling thread and each worker that takes part
+// hold it by shared_ptr, so a worker the OS parked in the middle of a chunk finishes that chunk
+// after the call returned, reading what the job keeps alive and writing only its own buffer.
+// A chunk's state: kFree (not claimed, or claimed by a worker that has not marked it yet),
+// kWorker (a worker runs it into its buffer), kCommitting (that worker copies it into out),
+// kDone (in out), kTaken (the calling thread took it over from a worker, or closed it).
+enum : uint8_t { kFree, kWorker, kCommitting, kDone, kTaken };
+
+struct OutRowsJob {
+  OutRows rows;
+  std::vector<at::Tensor> keep;
+  float* out = nullptr;
+  int64_t B = 0, O = 0, chunk = 1, count = 0;
+  std::atomic<int64_t> next{0};
+  std::unique_ptr<std::atomic<uint8_t>[]> state;
+
+  int64_t end(int64_t c) const { return std::min(O, (c + 1) * chunk); }
+
+  // A worker's part: claims chunks, runs each into its own [B, O] buffer and copies it into out
+  // unless the calling thread took it over meanwhile. A chunk that raises is left in kWorker:
+  // the calling thread takes it over and raises the error itself.
+  void run_as_worker() {
+    thread_local std::vector<float> buffer;
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < count;
+         c = next.fetch_add(1, std::memory_order_relaxed)) {
+      uint8_t s = kFree;
+      if (!state[c].compare_exchange_strong(s, kWorker, std::memory_order_acq_rel)) continue;
+      if (worker_pause_us() > 0) std::this_thread::sleep_for(std::chrono::microseconds(worker_pause_us()));
+      if (buffer.size() < size_t(B * O)) buffer.resize(size_t(B * O));
+      const int64_t r0 = c * chunk, r1 = end(c);
+      try {
+        rows(buffer.data(), r0, r1);
+      } catch (...) {
+        continue;
+      }
+      s = kWorker;
+      if (!state[c].compare_exchange_strong(s, kCommitting, std::memory_order_acq_rel)) continue;
+      for (int64_t b = 0; b < B; ++b)
+        std::memcpy(out + b * O + r0, buffer.data() + b * O + r0, size_t(r1 - r0) * sizeof(float));
+      state[c].store(kDone, std::memory_order_release);
+    }
+  }
+
+  // After an error on the calling thread: no worker may write into out once the call returns.
+  void close() {
+    for (int64_t c = 0; c < count; ++c) {
+      for (uint8_t s = state[c].load(std::memory_order_acquire); s != kDone && s != kTaken;
+           s = state[c].load(std::memory_order_acquire)) {
+        if (s != kCommitting && state[c].compare_exchange_weak(s, kTaken, std::memory_order_acq_rel)) break;
+        cpu_relax();
+      }
+    }
+  }
+};
+
 struct ChunkPool {
   std::mutex job_lock;                     // one job at a time
   std::atomic<uint64_t> claim{0};          // epoch | count | next (claim_word)
@@ -144,6 +225,14 @@ struct ChunkPool {
   std::exception_ptr error;
   std::mutex error_lock;
   int workers = 0;  // started (guarded by job_lock)
+  // The current parallel_out_rows job, or null (set and cleared by the calling thread).
+  std::mutex out_job_lock;
+  std::shared_ptr<OutRowsJob> out_job;
+
+  std::shared_ptr<OutRowsJob> current_out_job() {
+    std::lock_guard<std::mutex> g(out_job_lock);
+    return out_job;
+  }
 
   // Claims and runs chunks of `epoch` until none is left; true when it ran one.
   void run_chunks(uint64_t e) {
@@ -191,6 +280,7 @@ struct ChunkPool {
       seen = now;
       // The epoch is read from the claim word itself; a stale one claims nothing.
       if (index >= participants.load(std::memory_order_relaxed)) continue;
+      if (auto job = current_out_job()) job->run_as_worker();
       run_chunks(claim.load(std::memory_order_acquire) >> (2 * kCountBits));
     }
   }
@@ -217,21 +307,49 @@ ChunkPool& pool() {
 
 }  // namespace
 
+namespace {
+
+// Where a job of n items runs: on the calling thread alone, on torch's OpenMP team, or on the pool.
+enum class Route { kInline, kTeam, kPool };
+
+Route route(int64_t n, int64_t grain, int64_t threads) {
+  const Threads mode = threads_mode();
+  if (threads <= 1 || n <= grain || t_in_pool_job || at::in_parallel_region() || mode == Threads::kInline)
+    return Route::kInline;
+  if (mode == Threads::kTeam ||
+      (mode == Threads::kAuto && now_ns() >= g_pool_until_ns.load(std::memory_order_relaxed)))
+    return Route::kTeam;
+  return Route::kPool;
+}
+
+// The job on the team; a late join sends the next kPoolForNs of jobs to the pool (auto mode).
+void team_job(int64_t n, int64_t grain, int64_t threads, const std::function<void(int64_t, int64_t)>& fn) {
+  const int64_t chunk = std::max(grain, (n + 8 * threads - 1) / (8 * threads));
+  const int64_t late = run_on_team(n, chunk, (n + chunk - 1) / chunk, threads, fn);
+  if (threads_mode() == Threads::kAuto && late > kLateJoinNs)
+    g_pool_until_ns.store(now_ns() + kPoolForNs, std::memory_order_relaxed);
+}
+
+// Wakes the pool's workers for a job whose fields are published.
+void wake_workers(ChunkPool& p) {
+  p.wake.fetch_add(1, std::memory_order_seq_cst);
+  if (p.sleepers.load(std::memory_order_seq_cst) > 0)
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&p.wake), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
+}
+
+}  // namespace
+
 void parallel_chunks(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
   grain = std::max<int64_t>(1, grain);
   const int64_t threads = at::get_num_threads();
-  const Threads mode = threads_mode();
-  if (threads <= 1 || n <= grain || t_in_pool_job || at::in_parallel_region() || mode == Threads::kInline) {
+  const Route where = route(n, grain, threads);
+  if (where == Route::kInline) {
     fn(0, n);
     return;
   }
-  if (mode == Threads::kTeam ||
-      (mode == Threads::kAuto && now_ns() >= g_pool_until_ns.load(std::memory_order_relaxed))) {
-    const int64_t chunk = std::max(grain, (n + 8 * threads - 1) / (8 * threads));
-    const int64_t late = run_on_team(n, chunk, (n + chunk - 1) / chunk, threads, fn);
-    if (mode == Threads::kAuto && late > kLateJoinNs)
-      g_pool_until_ns.store(now_ns() + kPoolForNs, std::memory_order_relaxed);
+  if (where == Route::kTeam) {
+    team_job(n, grain, threads, fn);
     return;
   }
   ChunkPool& p = pool();
@@ -255,9 +373,7 @@ void parallel_chunks(int64_t n, int64_t grain, const std::function<void(int64_t,
   p.done.store(0, std::memory_order_relaxed);
   p.epoch = (p.epoch + 1) & ((uint64_t(1) << kEpochBits) - 1);
   p.claim.store(claim_word(p.epoch, uint64_t(count), 0), std::memory_order_release);
-  p.wake.fetch_add(1, std::memory_order_seq_cst);
-  if (p.sleepers.load(std::memory_order_seq_cst) > 0)
-    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&p.wake), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
+  wake_workers(p);
   {
     c10::ParallelGuard guard(true);
     t_in_pool_job = true;
@@ -269,5 +385,87 @@ void parallel_chunks(int64_t n, int64_t grain, const std::function<void(int64_t,
   if (p.failed.load(std::memory_order_acquire)) std::rethrow_exception(p.error);
 }
 
+void parallel_out_rows(int64_t O, int64_t B, int64_t grain, float* out, std::vector<at::Tensor> keep, OutRows rows) {
+  if (O <= 0 || B <= 0) return;
+  grain = std::max<int64_t>(1, grain);
+  const int64_t threads = at::get_num_threads();
+  const Route where = route(O, grain, threads);
+  if (where == Route::kInline) {
+    rows(out, 0, O);
+    return;
+  }
+  if (where == Route::kTeam) {  // the team's end barrier: a chunk is never abandoned there
+    team_job(O, grain, threads, [&](int64_t r0, int64_t r1) { rows(out, r0, r1); });
+    return;
+  }
+  ChunkPool& p = pool();
+  std::unique_lock<std::mutex> lock(p.job_lock, std::try_to_lock);
+  if (!lock.owns_lock()) {
+    rows(out, 0, O);
+    return;
+  }
+  auto job = std::make_shared<OutRowsJob>();
+  job->rows = std::move(rows);
+  job->keep = std::move(keep);
+  job->out = out;
+  job->B = B;
+  job->O = O;
+  job->chunk = std::max(grain, (O + 8 * threads - 1) / (8 * threads));
+  job->count = (O + job->chunk - 1) / job->chunk;
+  job->state.reset(new std::atomic<uint8_t>[size_t(job->count)]);
+  for (int64_t c = 0; c < job->count; ++c) job->state[c].store(kFree, std::memory_order_relaxed);
+  p.start_workers(int(threads - 1));
+  p.participants.store(int(threads - 1), std::memory_order_relaxed);
+  {
+    std::lock_guard<std::mutex> g(p.out_job_lock);
+    p.out_job = job;
+  }
+  wake_workers(p);
+  OutRowsJob& j = *job;
+  int64_t own = 0, own_ns = 0;
+  try {
+    c10::ParallelGuard guard(true);
+    for (int64_t c = j.next.fetch_add(1, std::memory_order_relaxed); c < j.count;
+         c = j.next.fetch_add(1, std::memory_order_relaxed)) {
+      const int64_t t0 = now_ns();
+      j.rows(out, c * j.chunk, j.end(c));
+      own_ns += now_ns() - t0;
+      ++own;
+      j.state[c].store(kDone, std::memory_order_relaxed);
+    }
+    {
+      std::lock_guard<std::mutex> g(p.out_job_lock);
+      p.out_job.reset();  // no worker joins from here on
+    }
+    // The workers' chunks: wait for each a few times what a chunk took here, then take it over
+    // (a worker that holds one longer than that was parked by the OS, for milliseconds).
+    const int64_t patience = std::max<int64_t>(20 * 1000, own > 0 ? 4 * own_ns / own : 100 * 1000);
+    for (int64_t c = 0; c < j.count; ++c) {
+      const int64_t t0 = now_ns();
+      int spins = 0;
+      for (uint8_t s = j.state[c].load(std::memory_order_acquire); s != kDone;
+           s = j.state[c].load(std::memory_order_acquire)) {
+        if ((s == kFree || s == kWorker) && (++spins & 63) == 0 && takeover_on() && now_ns() - t0 > patience &&
+            j.state[c].compare_exchange_strong(s, kTaken, std::memory_order_acq_rel)) {
+          g_takeovers.fetch_add(1, std::memory_order_relaxed);
+          j.rows(out, c * j.chunk, j.end(c));
+          break;
+        }
+        cpu_relax();
+      }
+    }
+  } catch (...) {
+    {
+      std::lock_guard<std::mutex> g(p.out_job_lock);
+      p.out_job.reset();
+    }
+    j.close();
+    throw;
+  }
+}
+
 }  // namespace cpu
+
+int64_t cpu_pool_takeovers() { return cpu::g_takeovers.load(std::memory_order_relaxed); }
+
 }  // namespace sparsekern

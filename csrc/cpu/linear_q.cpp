@@ -53,20 +53,25 @@ void check_q_algo(const char* op, int64_t algo) {
 
 // The decode row kernels (kQAlgoExact, kQAlgoInt8Act) over all B rows of x, in batch tiles of
 // at most kDirectMaxBatch rows (the widest they take): tile b0 reads rows b0.. of x (and of
-// its quantized bytes and scales) and writes rows b0.. of out in place. `rows(tile, r0, r1)`
-// runs output rows [r0, r1) of one tile.
+// its quantized bytes and scales) and writes rows b0.. of out. `rows(tile, r0, r1)` runs output
+// rows [r0, r1) of one tile into tile.out; it is copied into each chunk's job, with the tile,
+// and `keep` holds every tensor the tile points into (parallel_out_rows: a chunk a parked
+// worker abandoned may still run after the call returned).
 template <typename Args, typename Rows>
-void decode_in_batch_tiles(const Args& a, float* out, Rows rows) {
+void decode_in_batch_tiles(const Args& a, float* out, const std::vector<at::Tensor>& keep, Rows rows) {
   for (int64_t b0 = 0; b0 < a.B; b0 += kDirectMaxBatch) {
     Args t = a;
     t.B = std::min(kDirectMaxBatch, a.B - b0);
     t.x = a.x + b0 * a.K;
-    t.out = out + b0 * a.O;
     if (a.xq.u8 != nullptr) {
       t.xq.u8 = a.xq.u8 + b0 * a.xq.ld;
       t.xq.scale = a.xq.scale + b0;
     }
-    parallel_rows(a.O, rows_grain(a.K, t.B), [&](int64_t r0, int64_t r1) { rows(t, r0, r1); });
+    parallel_out_rows(a.O, t.B, rows_grain(a.K, t.B), out + b0 * a.O, keep, [t, rows](float* dst, int64_t r0, int64_t r1) {
+      Args u = t;
+      u.out = dst;
+      rows(u, r0, r1);
+    });
   }
 }
 
@@ -158,14 +163,16 @@ at::Tensor nm_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, const 
     if (algo == kQAlgoInt8Act) {
       const auto held = quantize_activations(x2, a.xq);
       const bool vnni = cpu_has_avx512() && avx512_q_act_vector();
-      decode_in_batch_tiles(a, out.data_ptr<float>(), [&](const NmQRowsArgs& t, int64_t r0, int64_t r1) {
+      decode_in_batch_tiles(a, out.data_ptr<float>(), {vals, idx, sc, x2, held.first, held.second},
+                            [vnni, avx2](const NmQRowsArgs& t, int64_t r0, int64_t r1) {
         if (vnni) avx512::nm_q_rows_act(t, r0, r1);
         else if (avx2) avx2::nm_q_rows_act(t, r0, r1);
         else generic::nm_q_rows_act(t, r0, r1);
       });
       return finish_linear(out, x, bias_left);
     }
-    decode_in_batch_tiles(a, out.data_ptr<float>(), [&](const NmQRowsArgs& t, int64_t r0, int64_t r1) {
+    decode_in_batch_tiles(a, out.data_ptr<float>(), {vals, idx, sc, x2},
+                          [wide, avx2](const NmQRowsArgs& t, int64_t r0, int64_t r1) {
       if (wide) avx512::nm_q_rows(t, r0, r1);
       else if (avx2) avx2::nm_q_rows(t, r0, r1);
       else generic::nm_q_rows(t, r0, r1);
@@ -214,14 +221,16 @@ at::Tensor bitmask_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, c
     if (algo == kQAlgoInt8Act) {
       const auto held = quantize_activations(x2, a.xq);
       const bool vnni = wide && avx512_q_act_vector();
-      decode_in_batch_tiles(a, out.data_ptr<float>(), [&](const BitmaskQRowsArgs& t, int64_t r0, int64_t r1) {
+      decode_in_batch_tiles(a, out.data_ptr<float>(), {vals, bm, off, sc, x2, held.first, held.second},
+                            [vnni, avx2](const BitmaskQRowsArgs& t, int64_t r0, int64_t r1) {
         if (vnni) avx512::bitmask_q_rows_act(t, r0, r1);
         else if (avx2) avx2::bitmask_q_rows_act(t, r0, r1);
         else generic::bitmask_q_rows_act(t, r0, r1);
       });
       return finish_linear(out, x, bias_left);
     }
-    decode_in_batch_tiles(a, out.data_ptr<float>(), [&](const BitmaskQRowsArgs& t, int64_t r0, int64_t r1) {
+    decode_in_batch_tiles(a, out.data_ptr<float>(), {vals, bm, off, sc, x2},
+                          [wide, avx2](const BitmaskQRowsArgs& t, int64_t r0, int64_t r1) {
       if (wide) avx512::bitmask_q_rows(t, r0, r1);
       else if (avx2) avx2::bitmask_q_rows(t, r0, r1);
       else generic::bitmask_q_rows(t, r0, r1);

@@ -213,10 +213,15 @@ at::Tensor nm_linear_algo(const at::Tensor& x, const at::Tensor& values, const a
       NmRowsArgs a{vals.data_ptr(), idx.data_ptr<uint8_t>(), wide ? nullptr : slot_base.data_ptr<int32_t>(),
                    vals.scalar_type(), kept, idx.size(1), n, m, K, O, xin.data_ptr<float>(), bt, BP,
                    out.data_ptr<float>() + b0 * O};
-      parallel_rows(O, rows_grain(K, bt), [&](int64_t r0, int64_t r1) {
-        if (wide) avx512::nm_rows(a, r0, r1);
-        else if (avx2) avx2::nm_rows(a, r0, r1);
-        else generic::nm_rows(a, r0, r1);
+      // parallel_out_rows: a chunk a parked worker abandoned may run after this returns; keep
+      // holds what `a` points into (out excepted: the worker writes its own buffer then).
+      parallel_out_rows(O, bt, rows_grain(K, bt), a.out, {vals, idx, slot_base, xin},
+                        [a, wide, avx2](float* dst, int64_t r0, int64_t r1) {
+        NmRowsArgs t = a;
+        t.out = dst;
+        if (wide) avx512::nm_rows(t, r0, r1);
+        else if (avx2) avx2::nm_rows(t, r0, r1);
+        else generic::nm_rows(t, r0, r1);
       });
     }
   }
