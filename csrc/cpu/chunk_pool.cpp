@@ -40,6 +40,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -93,13 +94,25 @@ constexpr int64_t kPoolForNs = 200 * 1000 * 1000;
 
 enum class Threads { kAuto, kPool, kTeam, kInline };
 
+// With OMP_WAIT_POLICY=PASSIVE libgomp's idle workers sleep at once instead of spinning: a job
+// on the team would then pay a futex wake of each worker, and the pool's worker no longer
+// competes with a spinning one for its core, so the pool runs every job. (libgomp reads the
+// variable when it loads, with torch: the environment of the process decides, as here.)
+bool omp_waits_passively() {
+  const char* s = std::getenv("OMP_WAIT_POLICY");
+  if (!s) return false;
+  std::string v(s);
+  for (auto& c : v) c = char(std::tolower(static_cast<unsigned char>(c)));
+  return v == "passive";
+}
+
 Threads threads_mode() {
   static const Threads mode = [] {
     const char* s = std::getenv("SPARSEKERN_POOL");
     if (s && std::string(s) == "pool") return Threads::kPool;
     if (s && std::string(s) == "omp") return Threads::kTeam;
     if (s && std::string(s) == "inline") return Threads::kInline;
-    return Threads::kAuto;
+    return omp_waits_passively() ? Threads::kPool : Threads::kAuto;
   }();
   return mode;
 }

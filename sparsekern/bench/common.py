@@ -82,6 +82,11 @@ def environment(device: str = "cpu") -> dict:
         # the kernels' (SPARSEKERN_CPU_ISA=avx2|generic) and MKL's (MKL_ENABLE_INSTRUCTIONS).
         "SPARSEKERN_CPU_ISA": os.environ.get("SPARSEKERN_CPU_ISA"),
         "MKL_ENABLE_INSTRUCTIONS": os.environ.get("MKL_ENABLE_INSTRUCTIONS"),
+        # libgomp's idle workers spin (unset, ACTIVE) or sleep (PASSIVE); it decides how a
+        # busy machine's other process shares the cores (docs/DISPATCH.md), and with PASSIVE the
+        # kernels run every job on their own pool. SPARSEKERN_POOL pins the pool's mode.
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+        "SPARSEKERN_POOL": os.environ.get("SPARSEKERN_POOL"),
     }
     if device == "cuda" and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()

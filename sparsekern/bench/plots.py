@@ -56,6 +56,7 @@ def summary_markdown(env: dict, rows: list[dict]) -> str:
     out = [f"# sparsekern benchmark: {env.get('device_name')}",
            f"sparsekern {env.get('sparsekern')} commit `{env.get('commit')}`, torch {env.get('torch')}, "
            f"Triton {env.get('triton')}, {env.get('threads')} threads, {env.get('date')}; "
+           f"OMP_WAIT_POLICY {env.get('OMP_WAIT_POLICY') or 'unset (libgomp spins)'}; "
            f"measured copy bandwidth {env.get('copy_gbs', 0):.1f} GB/s.{_load(env)} Every row passed its "
            "correctness check (fp64 reference, the test suite's tolerance; a peer: the fp32 model, its own loose "
            "tolerance) before it was timed. Variants are timed "
