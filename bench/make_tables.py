@@ -87,6 +87,9 @@ class Run:
         self.rows = [_normalise(r) for r in rows if isinstance(r, dict)]
         folder = os.path.basename(os.path.dirname(path))
         self.quick = "quick" in folder or bool(env.get("quick"))
+        # Run with libgomp's or the kernels' threading changed from the default (OMP_WAIT_POLICY,
+        # SPARSEKERN_POOL): shown in full, never the source of the summary and goal tables.
+        self.default_threading = not (env.get("OMP_WAIT_POLICY") or env.get("SPARSEKERN_POOL"))
         self.gpu = env.get("device") == "cuda" or bool(env.get("gpu"))
         self.flat = False  # rows flattened from a file without an environment (load_runs)
         self.date = str(env.get("date") or env.get("timestamp") or "")
@@ -117,6 +120,9 @@ class Run:
         parts.append(self.date[:10] if len(self.date) >= 10 else self.date or "undated")
         if self.quick:
             parts.append("quick run (`--quick` sizes)")
+        for var in ("OMP_WAIT_POLICY", "SPARSEKERN_POOL"):
+            if e.get(var):
+                parts.append(f"{var}={e[var]}")
         return "Run: " + ", ".join(parts) + "."
 
 
@@ -219,8 +225,8 @@ def row_kind(r: dict) -> str:
 
 def newest(runs: list[Run], kind: str, gpu: bool | None) -> Run | None:
     """The newest run with rows of `kind` (on a GPU, on the CPU, or either for None),
-    preferring full runs to quick ones."""
-    have = [r for r in runs if (gpu is None or r.gpu == gpu) and r.of(kind)]
+    preferring full runs to quick ones, with the default threading only."""
+    have = [r for r in runs if (gpu is None or r.gpu == gpu) and r.of(kind) and r.default_threading]
     full = [r for r in have if not r.quick]
     return (full or have or [None])[0]
 
@@ -802,7 +808,7 @@ def t_summary(runs):
     the run. Quiet rows only (a --busy run also times each model with one core busy)."""
     newest: dict = {}
     for run in runs:  # newest first
-        if run.quick or not run.of("model"):
+        if run.quick or not run.default_threading or not run.of("model"):
             continue
         for model in dict.fromkeys(r.get("model") for r in run.of("model")):
             newest.setdefault((run.gpu, run.env.get("device_name") or run.env.get("cpu"), model), run)

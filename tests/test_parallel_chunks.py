@@ -112,9 +112,12 @@ def test_same_results_and_errors_on_every_thread_mode(mode):
 
 
 # A pool worker that pauses 200 ms after claiming each decode-row chunk stands for one the OS
-# parked there (another process on its core). The calling thread must take its chunks over
-# rather than wait, return the same products as one thread, and the worker, finishing the
-# abandoned chunks later into its own buffer, must not touch the outputs already returned.
+# parked there (another process on its core). For 2:4 weights the calling thread must take its
+# chunks over rather than wait, return the same products as one thread, and the worker,
+# finishing the abandoned chunks later into its own buffer, must not touch the outputs already
+# returned. A bitmask weight's chunks are never abandoned (its offsets steer every read, and the
+# caller's next steps could edit them in place while the worker still read them): those calls
+# wait for the worker and give the same products.
 _TAKEOVER_SCRIPT = r"""
 import time
 import torch
@@ -123,36 +126,39 @@ from sparsekern.formats import BitmaskWeight, NMWeight
 gen = torch.Generator().manual_seed(0)
 w = torch.randn(8000, 1024, generator=gen)
 mask = torch.rand(8000, 1024, generator=gen) < 0.3
-weights = [NMWeight.from_dense(w, 2, 4), NMWeight.from_dense(w, 2, 4).quantize("int8"),
-           NMWeight.from_dense(w, 2, 4).quantize("int4", 128), BitmaskWeight.from_dense(w, mask),
-           BitmaskWeight.from_dense(w, mask).quantize("int8")]
+nm = [NMWeight.from_dense(w, 2, 4), NMWeight.from_dense(w, 2, 4).quantize("int8"),
+      NMWeight.from_dense(w, 2, 4).quantize("int4", 128)]
+bitmask = [BitmaskWeight.from_dense(w, mask), BitmaskWeight.from_dense(w, mask).quantize("int8")]
 xs = [torch.randn(b, 1024, generator=gen) for b in (1, 3)]
-cases = [(x, W) for W in weights for x in xs]
 torch.set_num_threads(1)
-want = [ops.sparse_linear(x, W) for x, W in cases]
+want = {(i, j): ops.sparse_linear(x, W) for i, W in enumerate(nm + bitmask) for j, x in enumerate(xs)}
 torch.set_num_threads(2)
-before = torch.ops.sparsekern.cpu_pool_takeovers()
-got, slowest = [], 0.0
-for x, W in cases:
-    for _ in range(2):
-        start = time.perf_counter()
-        got.append(ops.sparse_linear(x, W))
-        slowest = max(slowest, time.perf_counter() - start)
-        time.sleep(0.21)  # the worker back from its pause, awake for the next call
-taken = torch.ops.sparsekern.cpu_pool_takeovers() - before
+def calls(weights, first):
+    got, slowest, taken = [], 0.0, torch.ops.sparsekern.cpu_pool_takeovers()
+    for i, W in enumerate(weights, first):
+        for j, x in enumerate(xs):
+            for _ in range(2):
+                start = time.perf_counter()
+                got.append(((i, j), ops.sparse_linear(x, W)))
+                slowest = max(slowest, time.perf_counter() - start)
+                time.sleep(0.21)  # the worker back from its pause, awake for the next call
+    return got, slowest, torch.ops.sparsekern.cpu_pool_takeovers() - taken
+got_nm, slowest_nm, taken_nm = calls(nm, 0)
+got_bm, slowest_bm, taken_bm = calls(bitmask, len(nm))
 time.sleep(0.5)  # the paused worker finishes every abandoned chunk
-for i, y in enumerate(got):
-    assert torch.equal(y, want[i // 2]), i
-print("ok", taken, round(slowest, 4))
+for key, y in got_nm + got_bm:
+    assert torch.equal(y, want[key]), key
+print("ok", taken_nm, round(slowest_nm, 4), taken_bm, round(slowest_bm, 4))
 """
 
 
-def test_the_caller_takes_over_a_parked_workers_decode_chunks():
+def test_the_caller_takes_over_a_parked_workers_2_4_decode_chunks_and_waits_for_bitmask_ones():
     env = {**os.environ, "SPARSEKERN_POOL": "pool", "SPARSEKERN_POOL_WORKER_PAUSE_US": "200000"}
     done = subprocess.run([sys.executable, "-c", _TAKEOVER_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip().startswith("ok"), done.stdout + done.stderr
-    taken, slowest = done.stdout.split()[-2:]
-    # The worker joins calls (it is awake for most), and each chunk it claims is taken over: a
-    # call that waited for it would last the 200 ms pause.
-    assert int(taken) > 0 and float(slowest) < 0.1, done.stdout
+    taken_nm, slowest_nm, taken_bm, slowest_bm = done.stdout.split()[-4:]
+    # The worker joins calls (it is awake for most), and each 2:4 chunk it claims is taken over:
+    # a call that waited for it would last the 200 ms pause. Bitmask calls wait for it.
+    assert int(taken_nm) > 0 and float(slowest_nm) < 0.1, done.stdout
+    assert int(taken_bm) == 0 and float(slowest_bm) > 0.1, done.stdout

@@ -273,6 +273,10 @@ def test_summary_shows_the_best_variant_beside_every_peer_new_peers_included(tmp
     qenv = dict(env, date="2099-01-03T00:00:00+00:00", cpu="Other CPU", device_name="Other CPU")
     _write(str(tmp_path / "bench" / "results" / "cpu-quick-20990103" / "results.json"), qenv,
            _model_rows("llama", "decode_tokens_per_s", 1, [("2:4", 9.0, "faster")]))  # a quick run: left out
+    # a newer full run with libgomp's wait policy changed: shown in RESULTS.md, not the summary's source
+    penv = dict(env, date="2099-01-04T00:00:00+00:00", OMP_WAIT_POLICY="PASSIVE")
+    _write(str(tmp_path / "bench" / "results" / "cpu-models-20990104-passive" / "results.json"), penv,
+           _model_rows("llama", "decode_tokens_per_s", 1, [("2:4", 7.0, "faster")]))
     runs = mt.load_runs(str(tmp_path / "bench" / "results"), str(tmp_path))
     md = mt.TABLES["summary"](runs)
     shown = _table_rows(md)
@@ -287,6 +291,9 @@ def test_summary_shows_the_best_variant_beside_every_peer_new_peers_included(tmp
     assert "No GPU run yet" in md and "built, not yet run on a GPU" in md and "llama, tiny" in md
     never = {c[0]: c for c in _table_rows(mt.TABLES["cpu-goals"](runs))}["never slower: every model row"]
     assert "3 rows" in never[3] and "int8" not in never[3] and never[4] == "met"
+    passive = [r for r in runs if "passive" in r.path]
+    assert passive and "OMP_WAIT_POLICY=PASSIVE" in passive[0].caption()
+    assert mt.newest(runs, "model", False).path.startswith("bench/results/cpu-models-20990102/")
 
 
 def test_readme_is_short_and_its_links_resolve():

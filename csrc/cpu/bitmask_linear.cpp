@@ -128,9 +128,9 @@ at::Tensor bitmask_linear_columns(const at::Tensor& x, const at::Tensor& values,
                       vals.numel()};
     if (cols.defined() && B <= 4) a.columns = cols.data_ptr<int16_t>();  // the 1-to-4-row kernels
     a.b1_indexed = algo == kBitmaskAlgoRowsB1Indexed;
-    // parallel_out_rows: a chunk a parked worker abandoned may run after this returns; keep
-    // holds what `a` points into (out excepted: the worker writes its own buffer then).
-    parallel_out_rows(O, B, rows_grain(K, B), a.out, {vals, bm, off, x2, cols}, [a](float* dst, int64_t r0, int64_t r1) {
+    // parallel_out_rows, never abandoned: the offsets steer every read, and the caller's next
+    // steps could edit them in place while a parked worker still read them.
+    parallel_out_rows(O, B, rows_grain(K, B), a.out, false, {vals, bm, off, x2, cols}, [a](float* dst, int64_t r0, int64_t r1) {
       BitmaskRowsArgs t = a;
       t.out = dst;
       avx512::bitmask_rows(t, r0, r1);
@@ -151,7 +151,7 @@ at::Tensor bitmask_linear_columns(const at::Tensor& x, const at::Tensor& values,
                         bm.size(1), off.size(1), K, O, xin.data_ptr<float>(), bt, BP, ot.data_ptr<float>(),
                         vals.numel()};
       if (cols.defined() && (bt <= 4 || (BP > 0 && cpu_has_avx512()))) a.columns = cols.data_ptr<int16_t>();
-      parallel_out_rows(O, bt, rows_grain(K, bt), a.out, {vals, bm, off, xin, cols},
+      parallel_out_rows(O, bt, rows_grain(K, bt), a.out, false, {vals, bm, off, xin, cols},
                         [a, avx2](float* dst, int64_t r0, int64_t r1) {
         BitmaskRowsArgs t = a;
         t.out = dst;

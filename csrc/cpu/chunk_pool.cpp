@@ -176,6 +176,9 @@ bool takeover_on() {
 // kDone (in out), kTaken (the calling thread took it over from a worker, or closed it).
 enum : uint8_t { kFree, kWorker, kCommitting, kDone, kTaken };
 
+// Rows a worker runs between two checks that its chunk is still its own (kWorkerRows).
+constexpr int64_t kWorkerRows = 64;
+
 struct OutRowsJob {
   OutRows rows;
   std::vector<at::Tensor> keep;
@@ -186,9 +189,13 @@ struct OutRowsJob {
 
   int64_t end(int64_t c) const { return std::min(O, (c + 1) * chunk); }
 
-  // A worker's part: claims chunks, runs each into its own [B, O] buffer and copies it into out
-  // unless the calling thread took it over meanwhile. A chunk that raises is left in kWorker:
-  // the calling thread takes it over and raises the error itself.
+  // Whether the worker that runs chunk c should drop it: the calling thread took it over.
+  bool dropped(int64_t c) const { return state[c].load(std::memory_order_acquire) == kTaken; }
+
+  // A worker's part: claims chunks, runs each into its own [B, O] buffer, kWorkerRows at a time
+  // while the chunk is not dropped, and copies it into out unless the calling thread took it
+  // over meanwhile. A chunk that raises is left in kWorker: the calling thread takes it over
+  // and raises the error itself.
   void run_as_worker() {
     thread_local std::vector<float> buffer;
     for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < count;
@@ -198,11 +205,14 @@ struct OutRowsJob {
       if (worker_pause_us() > 0) std::this_thread::sleep_for(std::chrono::microseconds(worker_pause_us()));
       if (buffer.size() < size_t(B * O)) buffer.resize(size_t(B * O));
       const int64_t r0 = c * chunk, r1 = end(c);
+      bool finished = true;
       try {
-        rows(buffer.data(), r0, r1);
+        for (int64_t r = r0; r < r1 && (finished = !dropped(c)); r += kWorkerRows)
+          rows(buffer.data(), r, std::min(r1, r + kWorkerRows));
       } catch (...) {
         continue;
       }
+      if (!finished) continue;
       s = kWorker;
       if (!state[c].compare_exchange_strong(s, kCommitting, std::memory_order_acq_rel)) continue;
       for (int64_t b = 0; b < B; ++b)
@@ -398,7 +408,8 @@ void parallel_chunks(int64_t n, int64_t grain, const std::function<void(int64_t,
   if (p.failed.load(std::memory_order_acquire)) std::rethrow_exception(p.error);
 }
 
-void parallel_out_rows(int64_t O, int64_t B, int64_t grain, float* out, std::vector<at::Tensor> keep, OutRows rows) {
+void parallel_out_rows(int64_t O, int64_t B, int64_t grain, float* out, bool abandonable, std::vector<at::Tensor> keep,
+                       OutRows rows) {
   if (O <= 0 || B <= 0) return;
   grain = std::max<int64_t>(1, grain);
   const int64_t threads = at::get_num_threads();
@@ -458,7 +469,7 @@ void parallel_out_rows(int64_t O, int64_t B, int64_t grain, float* out, std::vec
       int spins = 0;
       for (uint8_t s = j.state[c].load(std::memory_order_acquire); s != kDone;
            s = j.state[c].load(std::memory_order_acquire)) {
-        if ((s == kFree || s == kWorker) && (++spins & 63) == 0 && takeover_on() && now_ns() - t0 > patience &&
+        if ((s == kFree || s == kWorker) && (++spins & 63) == 0 && abandonable && takeover_on() && now_ns() - t0 > patience &&
             j.state[c].compare_exchange_strong(s, kTaken, std::memory_order_acq_rel)) {
           g_takeovers.fetch_add(1, std::memory_order_relaxed);
           j.rows(out, c * j.chunk, j.end(c));

@@ -55,10 +55,10 @@ void check_q_algo(const char* op, int64_t algo) {
 // at most kDirectMaxBatch rows (the widest they take): tile b0 reads rows b0.. of x (and of
 // its quantized bytes and scales) and writes rows b0.. of out. `rows(tile, r0, r1)` runs output
 // rows [r0, r1) of one tile into tile.out; it is copied into each chunk's job, with the tile,
-// and `keep` holds every tensor the tile points into (parallel_out_rows: a chunk a parked
-// worker abandoned may still run after the call returned).
+// and `keep` holds every tensor the tile points into (parallel_out_rows: with `abandonable`,
+// a chunk a parked worker abandoned may still run after the call returned).
 template <typename Args, typename Rows>
-void decode_in_batch_tiles(const Args& a, float* out, const std::vector<at::Tensor>& keep, Rows rows) {
+void decode_in_batch_tiles(const Args& a, float* out, bool abandonable, const std::vector<at::Tensor>& keep, Rows rows) {
   for (int64_t b0 = 0; b0 < a.B; b0 += kDirectMaxBatch) {
     Args t = a;
     t.B = std::min(kDirectMaxBatch, a.B - b0);
@@ -67,7 +67,7 @@ void decode_in_batch_tiles(const Args& a, float* out, const std::vector<at::Tens
       t.xq.u8 = a.xq.u8 + b0 * a.xq.ld;
       t.xq.scale = a.xq.scale + b0;
     }
-    parallel_out_rows(a.O, t.B, rows_grain(a.K, t.B), out + b0 * a.O, keep, [t, rows](float* dst, int64_t r0, int64_t r1) {
+    parallel_out_rows(a.O, t.B, rows_grain(a.K, t.B), out + b0 * a.O, abandonable, keep, [t, rows](float* dst, int64_t r0, int64_t r1) {
       Args u = t;
       u.out = dst;
       rows(u, r0, r1);
@@ -163,7 +163,7 @@ at::Tensor nm_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, const 
     if (algo == kQAlgoInt8Act) {
       const auto held = quantize_activations(x2, a.xq);
       const bool vnni = cpu_has_avx512() && avx512_q_act_vector();
-      decode_in_batch_tiles(a, out.data_ptr<float>(), {vals, idx, sc, x2, held.first, held.second},
+      decode_in_batch_tiles(a, out.data_ptr<float>(), m == 4, {vals, idx, sc, x2, held.first, held.second},
                             [vnni, avx2](const NmQRowsArgs& t, int64_t r0, int64_t r1) {
         if (vnni) avx512::nm_q_rows_act(t, r0, r1);
         else if (avx2) avx2::nm_q_rows_act(t, r0, r1);
@@ -171,7 +171,7 @@ at::Tensor nm_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, const 
       });
       return finish_linear(out, x, bias_left);
     }
-    decode_in_batch_tiles(a, out.data_ptr<float>(), {vals, idx, sc, x2},
+    decode_in_batch_tiles(a, out.data_ptr<float>(), m == 4, {vals, idx, sc, x2},
                           [wide, avx2](const NmQRowsArgs& t, int64_t r0, int64_t r1) {
       if (wide) avx512::nm_q_rows(t, r0, r1);
       else if (avx2) avx2::nm_q_rows(t, r0, r1);
@@ -221,7 +221,7 @@ at::Tensor bitmask_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, c
     if (algo == kQAlgoInt8Act) {
       const auto held = quantize_activations(x2, a.xq);
       const bool vnni = wide && avx512_q_act_vector();
-      decode_in_batch_tiles(a, out.data_ptr<float>(), {vals, bm, off, sc, x2, held.first, held.second},
+      decode_in_batch_tiles(a, out.data_ptr<float>(), false, {vals, bm, off, sc, x2, held.first, held.second},
                             [vnni, avx2](const BitmaskQRowsArgs& t, int64_t r0, int64_t r1) {
         if (vnni) avx512::bitmask_q_rows_act(t, r0, r1);
         else if (avx2) avx2::bitmask_q_rows_act(t, r0, r1);
@@ -229,7 +229,7 @@ at::Tensor bitmask_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, c
       });
       return finish_linear(out, x, bias_left);
     }
-    decode_in_batch_tiles(a, out.data_ptr<float>(), {vals, bm, off, sc, x2},
+    decode_in_batch_tiles(a, out.data_ptr<float>(), false, {vals, bm, off, sc, x2},
                           [wide, avx2](const BitmaskQRowsArgs& t, int64_t r0, int64_t r1) {
       if (wide) avx512::bitmask_q_rows(t, r0, r1);
       else if (avx2) avx2::bitmask_q_rows(t, r0, r1);

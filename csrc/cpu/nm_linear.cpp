@@ -213,9 +213,10 @@ at::Tensor nm_linear_algo(const at::Tensor& x, const at::Tensor& values, const a
       NmRowsArgs a{vals.data_ptr(), idx.data_ptr<uint8_t>(), wide ? nullptr : slot_base.data_ptr<int32_t>(),
                    vals.scalar_type(), kept, idx.size(1), n, m, K, O, xin.data_ptr<float>(), bt, BP,
                    out.data_ptr<float>() + b0 * O};
-      // parallel_out_rows: a chunk a parked worker abandoned may run after this returns; keep
-      // holds what `a` points into (out excepted: the worker writes its own buffer then).
-      parallel_out_rows(O, bt, rows_grain(K, bt), a.out, {vals, idx, slot_base, xin},
+      // parallel_out_rows: for 2:4 (2-bit in-group indices: any bytes stay inside the row), a
+      // chunk a parked worker abandoned may run after this returns; keep holds what `a` points
+      // into (out excepted: the worker writes its own buffer then).
+      parallel_out_rows(O, bt, rows_grain(K, bt), a.out, m == 4, {vals, idx, slot_base, xin},
                         [a, wide, avx2](float* dst, int64_t r0, int64_t r1) {
         NmRowsArgs t = a;
         t.out = dst;
