@@ -83,7 +83,7 @@ def main() -> dict:
         def run():
             for layer in weights:
                 for w in layer:
-                    F.silu(linear(xs[w.shape[1]], w))
+                    F.silu(linear(xs[w.in_features if isinstance(w, torch.nn.Module) else w.shape[1]], w))
         return run
 
     runs = {"dense": step(dense, F.linear), **{v: step(sparse[v], ops.sparse_linear) for v in VARIANTS},
