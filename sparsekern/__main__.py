@@ -35,6 +35,11 @@ def info_dict() -> dict:
             "triton_mode": ("gpu" if torch.cuda.is_available() else
                             "interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else None),
         },
+        # libgomp reads it when torch loads it: unset or ACTIVE, its idle workers spin, which on
+        # a machine whose cores other processes share costs every layer a time slice
+        # (docs/DISPATCH.md); PASSIVE keeps the speed there and the kernels then use their own pool.
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -63,6 +68,10 @@ def print_info(as_json: bool = False) -> None:
     print(f"  Triton        {yes(u['triton'])}" + (f"  ({u['triton_mode']})" if u["triton_mode"] else ""))
     if u["triton"]:
         print(f"                ops: {', '.join(u['triton_ops'])}")
+    policy = d["omp_wait_policy"]
+    print(f"  CPU threads   {d['threads']}; OMP_WAIT_POLICY " + (policy if policy else "unset (libgomp's workers spin)") +
+          ("" if (policy or "").lower() == "passive" else
+           "; on a machine other processes share, start with OMP_WAIT_POLICY=PASSIVE (docs/DISPATCH.md)"))
 
 
 def cmd_prune(a) -> int:

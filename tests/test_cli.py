@@ -99,6 +99,13 @@ def test_cli_errors(tmp_path):
         assert run(cmd, "--help").returncode == 0
     r = run("info")
     assert r.returncode == 0 and "usable now:" in r.stdout
+    # the OpenMP wait policy, and the advice for a shared machine where it is not PASSIVE
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    unset = subprocess.run([sys.executable, "-m", "sparsekern", "info"], capture_output=True, text=True, cwd=ROOT,
+                           env=env, timeout=300)
+    assert "OMP_WAIT_POLICY unset" in unset.stdout and "start with OMP_WAIT_POLICY=PASSIVE" in unset.stdout
+    passive = run("info", OMP_WAIT_POLICY="passive")
+    assert "OMP_WAIT_POLICY passive" in passive.stdout and "start with" not in passive.stdout
 
 
 def test_bench_command_runs_the_suite(tmp_path):

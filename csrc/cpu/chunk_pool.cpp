@@ -182,6 +182,9 @@ constexpr int64_t kWorkerRows = 64;
 struct OutRowsJob {
   OutRows rows;
   std::vector<at::Tensor> keep;
+  // Their storages too: a tensor's set_() after the call would otherwise free the bytes a
+  // parked worker still reads.
+  std::vector<c10::Storage> storages;
   float* out = nullptr;
   int64_t B = 0, O = 0, chunk = 1, count = 0;
   std::atomic<int64_t> next{0};
@@ -431,6 +434,8 @@ void parallel_out_rows(int64_t O, int64_t B, int64_t grain, float* out, bool aba
   auto job = std::make_shared<OutRowsJob>();
   job->rows = std::move(rows);
   job->keep = std::move(keep);
+  for (const auto& t : job->keep)
+    if (t.defined() && t.has_storage()) job->storages.push_back(t.storage());
   job->out = out;
   job->B = B;
   job->O = O;
