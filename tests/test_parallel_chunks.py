@@ -39,17 +39,37 @@ def test_results_do_not_depend_on_the_threads(threads):
 
 
 def test_results_hold_with_one_core_busy():
+    # The decode calls run with a worker the OS really parks (another process on its core), so
+    # the calling thread takes over 2:4 chunks at random points: every product must still equal
+    # one thread's, bit for bit, for every value precision.
     x, nm, bm = _products()
     want = x.double() @ nm.to_dense().double().t()
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(4000, 512, generator=gen)
+    weights = [NMWeight.from_dense(w, 2, 4), NMWeight.from_dense(w, 2, 4).quantize("int8"),
+               NMWeight.from_dense(w, 2, 4).quantize("int4", 128),
+               BitmaskWeight.from_dense(w, torch.rand(4000, 512, generator=gen) < 0.3).quantize("int8")]
+    xs = [torch.randn(b, 512, generator=gen) for b in (1, 3)]
+    old = torch.get_num_threads()
     core = sorted(os.sched_getaffinity(0))[-1]
-    spinner = subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{core}}})\n"
-                                "while True:\n    pass"])
     try:
-        for _ in range(50):
-            torch.testing.assert_close(ops.nm_linear(x, nm).double(), want, rtol=1e-4, atol=1e-4)
+        torch.set_num_threads(1)
+        single = [ops.sparse_linear(xi, W) for W in weights for xi in xs]
+        torch.set_num_threads(max(2, old))
+        spinner = subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{core}}})\n"
+                                    "while True:\n    pass"])
+        try:
+            for _ in range(50):
+                torch.testing.assert_close(ops.nm_linear(x, nm).double(), want, rtol=1e-4, atol=1e-4)
+            for _ in range(200):  # a few chunks taken over (each worker's time slice ends somewhere)
+                got = [ops.sparse_linear(xi, W) for W in weights for xi in xs]
+                for i, (y, y1) in enumerate(zip(got, single)):
+                    assert torch.equal(y, y1), i
+        finally:
+            spinner.kill()
+            spinner.wait()
     finally:
-        spinner.kill()
-        spinner.wait()
+        torch.set_num_threads(old)
 
 
 def test_an_error_in_a_chunk_reaches_the_caller():
