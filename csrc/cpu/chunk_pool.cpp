@@ -145,7 +145,8 @@ int64_t run_on_team(int64_t n, int64_t chunk, int64_t count, int64_t threads,
   return latest_join.load(std::memory_order_relaxed);
 }
 
-// Chunks of parallel_out_rows jobs a calling thread took over from a worker (cpu_pool_takeovers).
+// Chunks of parallel_out_rows jobs a calling thread took over from a worker that had begun
+// them (cpu_pool_takeovers).
 std::atomic<int64_t> g_takeovers{0};
 
 // A test switch (read once): a worker sleeps this long after it claims a parallel_out_rows
@@ -187,6 +188,7 @@ struct OutRowsJob {
   std::vector<c10::Storage> storages;
   float* out = nullptr;
   int64_t B = 0, O = 0, chunk = 1, count = 0;
+  bool abandonable = false;  // the calling thread may take over a chunk a worker is running
   std::atomic<int64_t> next{0};
   std::unique_ptr<std::atomic<uint8_t>[]> state;
 
@@ -197,7 +199,7 @@ struct OutRowsJob {
 
   // A worker's part: claims chunks, runs each into its own [B, O] buffer, kWorkerRows at a time
   // while the chunk is not dropped, and copies it into out unless the calling thread took it
-  // over meanwhile. A chunk that raises is left in kWorker: the calling thread takes it over
+  // over meanwhile. A chunk that raises goes back to kFree: the calling thread takes it over
   // and raises the error itself.
   void run_as_worker() {
     thread_local std::vector<float> buffer;
@@ -213,6 +215,8 @@ struct OutRowsJob {
         for (int64_t r = r0; r < r1 && (finished = !dropped(c)); r += kWorkerRows)
           rows(buffer.data(), r, std::min(r1, r + kWorkerRows));
       } catch (...) {
+        s = kWorker;
+        state[c].compare_exchange_strong(s, kFree, std::memory_order_acq_rel);
         continue;
       }
       if (!finished) continue;
@@ -224,12 +228,15 @@ struct OutRowsJob {
     }
   }
 
-  // After an error on the calling thread: no worker may write into out once the call returns.
+  // After an error on the calling thread: no worker may write into out once the call returns
+  // (a chunk not yet begun, or an abandonable one, is taken; a worker's other chunk is waited for).
   void close() {
     for (int64_t c = 0; c < count; ++c) {
       for (uint8_t s = state[c].load(std::memory_order_acquire); s != kDone && s != kTaken;
            s = state[c].load(std::memory_order_acquire)) {
-        if (s != kCommitting && state[c].compare_exchange_weak(s, kTaken, std::memory_order_acq_rel)) break;
+        if ((s == kFree || (s == kWorker && abandonable)) &&
+            state[c].compare_exchange_weak(s, kTaken, std::memory_order_acq_rel))
+          break;
         cpu_relax();
       }
     }
@@ -437,6 +444,7 @@ void parallel_out_rows(int64_t O, int64_t B, int64_t grain, float* out, bool aba
   for (const auto& t : job->keep)
     if (t.defined() && t.has_storage()) job->storages.push_back(t.storage());
   job->out = out;
+  job->abandonable = abandonable;
   job->B = B;
   job->O = O;
   job->chunk = std::max(grain, (O + 8 * threads - 1) / (8 * threads));
@@ -474,9 +482,12 @@ void parallel_out_rows(int64_t O, int64_t B, int64_t grain, float* out, bool aba
       int spins = 0;
       for (uint8_t s = j.state[c].load(std::memory_order_acquire); s != kDone;
            s = j.state[c].load(std::memory_order_acquire)) {
-        if ((s == kFree || s == kWorker) && (++spins & 63) == 0 && abandonable && takeover_on() && now_ns() - t0 > patience &&
+        // kFree: a worker counted the chunk but has not begun it (or gave it back after an
+        // error): taking it is always safe. kWorker: only where the job may be abandoned.
+        if ((s == kFree || (s == kWorker && abandonable && takeover_on())) && (++spins & 63) == 0 &&
+            now_ns() - t0 > patience &&
             j.state[c].compare_exchange_strong(s, kTaken, std::memory_order_acq_rel)) {
-          g_takeovers.fetch_add(1, std::memory_order_relaxed);
+          if (s == kWorker) g_takeovers.fetch_add(1, std::memory_order_relaxed);
           j.rows(out, c * j.chunk, j.end(c));
           break;
         }
