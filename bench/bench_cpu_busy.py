@@ -6,8 +6,8 @@ gate, up, down; a SiLU after each, so torch's own parallel regions run between t
 (ops.bitmask_linear), 2:4 and 70% with int8 values and 2:4 with int4 values (group 128;
 ops.sparse_linear, as the models suite's int8/int4 variants run them), and torch's dynamic
 int8 Linear (the peer), timed interleaved (round-robin), median ms per step. Phases: quiet, one
-core busy (a process spinning on the last core this process may use, pinned with
-os.sched_setaffinity), quiet again, busy again. Prints each phase and, per variant, the mean
+core busy (the models suite's load, sparsekern.bench.run.one_core_busy: a process spinning on
+the last core this process may use), quiet again, busy again. Prints each phase and, per variant, the mean
 speed-up over dense quiet and busy and the share of the quiet speed-up kept under load;
 --out FILE writes them as JSON.
 
@@ -20,11 +20,10 @@ compare the two.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -32,6 +31,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from sparsekern import ops
+from sparsekern.bench.common import int8_dynamic
+from sparsekern.bench.run import one_core_busy
 from sparsekern.formats import BitmaskWeight, NMWeight
 
 H, I, LAYERS = 2048, 5632, 4
@@ -49,11 +50,6 @@ def _linear(w: torch.Tensor) -> torch.nn.Linear:
     return lin
 
 
-def spinner() -> subprocess.Popen:
-    core = sorted(os.sched_getaffinity(0))[-1]
-    return subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{core}}})\nwhile True:\n    pass"])
-
-
 def main() -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=20)
@@ -67,8 +63,7 @@ def main() -> dict:
         return W.quantize(precision, 128) if precision == "int4" else W.quantize(precision) if precision else W
 
     sparse = {v: [[compress(*VARIANTS[v], w) for w in layer] for layer in dense] for v in VARIANTS}
-    peer = [[torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(_linear(w)), {torch.nn.Linear},
-                                                     dtype=torch.qint8)[0] for w in layer] for layer in dense]
+    peer = [[int8_dynamic(torch.nn.Sequential(_linear(w)))[0] for w in layer] for layer in dense]
     xs = {H: torch.randn(1, H), I: torch.randn(1, I)}
     with torch.no_grad():
         for v, layers in sparse.items():  # each against the fp64 product of its own weight first
@@ -88,17 +83,13 @@ def main() -> dict:
 
     runs = {"dense": step(dense, F.linear), **{v: step(sparse[v], ops.sparse_linear) for v in VARIANTS},
             PEER: step(peer, lambda x, q: q(x))}
-    with torch.no_grad():
-        for r in runs.values():
-            r(), r()
+    for r in runs.values():  # each run() is under no_grad
+        r(), r()
     res = {}
     phases = ["quiet", "busy", "quiet2", "busy2"]
     with tqdm(total=len(phases) * a.rounds, desc="rounds") as bar:
         for phase in phases:
-            sp = spinner() if phase.startswith("busy") else None
-            if sp:
-                time.sleep(0.2)
-            try:
+            with one_core_busy() if phase.startswith("busy") else contextlib.nullcontext():
                 t = {k: [] for k in runs}
                 for _ in range(a.rounds):
                     for k, r in runs.items():
@@ -107,10 +98,6 @@ def main() -> dict:
                         t[k].append((time.perf_counter() - t0) * 1e3)
                     bar.update()
                 res[phase] = {k: statistics.median(v) for k, v in t.items()}
-            finally:
-                if sp:
-                    sp.kill()
-                    sp.wait()
     for phase, r in res.items():
         d = r["dense"]
         print(f"{phase:7s} dense {d:7.2f} ms  " +

@@ -21,6 +21,7 @@ import time
 import torch
 
 from sparsekern import ops
+from sparsekern.bench.common import int8_dynamic
 from sparsekern.bench.run import one_core_busy
 from sparsekern.formats import NMWeight
 
@@ -39,7 +40,7 @@ def main() -> dict:
     lin = torch.nn.Sequential(torch.nn.Linear(HIDDEN, VOCAB, bias=False))
     with torch.no_grad():
         lin[0].weight.copy_(w)
-    q = torch.ao.quantization.quantize_dynamic(lin, {torch.nn.Linear}, dtype=torch.qint8)
+    q = int8_dynamic(lin)
     nm = NMWeight.from_dense(w, 2, 4).quantize("int8")
     x = torch.randn(1, HIDDEN)
     call = ops.sparse_linear_call(x, nm, None).no_grad

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sparsekern import _extension, ops
+from sparsekern.bench.run import one_core_busy
 from sparsekern.formats import BitmaskWeight, NMWeight
 
 pytestmark = pytest.mark.skipif(not _extension.LOADED, reason="sparsekern._C is not built")
@@ -51,23 +52,17 @@ def test_results_hold_with_one_core_busy():
                BitmaskWeight.from_dense(w, torch.rand(4000, 512, generator=gen) < 0.3).quantize("int8")]
     xs = [torch.randn(b, 512, generator=gen) for b in (1, 3)]
     old = torch.get_num_threads()
-    core = sorted(os.sched_getaffinity(0))[-1]
     try:
         torch.set_num_threads(1)
         single = [ops.sparse_linear(xi, W) for W in weights for xi in xs]
         torch.set_num_threads(max(2, old))
-        spinner = subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{core}}})\n"
-                                    "while True:\n    pass"])
-        try:
+        with one_core_busy():
             for _ in range(50):
                 torch.testing.assert_close(ops.nm_linear(x, nm).double(), want, rtol=1e-4, atol=1e-4)
             for _ in range(200):  # a few chunks taken over (each worker's time slice ends somewhere)
                 got = [ops.sparse_linear(xi, W) for W in weights for xi in xs]
                 for i, (y, y1) in enumerate(zip(got, single)):
                     assert torch.equal(y, y1), i
-        finally:
-            spinner.kill()
-            spinner.wait()
     finally:
         torch.set_num_threads(old)
 

@@ -484,7 +484,7 @@ void parallel_out_rows(int64_t O, int64_t B, int64_t grain, float* out, bool aba
            s = j.state[c].load(std::memory_order_acquire)) {
         // kFree: a worker counted the chunk but has not begun it (or gave it back after an
         // error): taking it is always safe. kWorker: only where the job may be abandoned.
-        if ((s == kFree || (s == kWorker && abandonable && takeover_on())) && (++spins & 63) == 0 &&
+        if ((s == kFree || (s == kWorker && j.abandonable && takeover_on())) && (++spins & 63) == 0 &&
             now_ns() - t0 > patience &&
             j.state[c].compare_exchange_strong(s, kTaken, std::memory_order_acq_rel)) {
           if (s == kWorker) g_takeovers.fetch_add(1, std::memory_order_relaxed);
