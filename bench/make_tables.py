@@ -747,6 +747,169 @@ def t_cpu_limits(runs):
             "dense GEMM/conv shares of the median.")
 
 
+# Issue 28's compression goals, each against a peer timed in the same run: (workload,
+# sparsekern variant, peer variant, target, model-row filter). The models suite times them.
+COMPRESSION_MODEL_GOALS = [
+    ("Llama decode, batch 1", "2:4 int8", "torch int8 dynamic", 1.5, dict(model="llama", metric="decode_tokens_per_s")),
+    ("Llama decode, batch 1", "unstructured 70% int8", "torch int8 dynamic", 2.0,
+     dict(model="llama", metric="decode_tokens_per_s")),
+    ("Llama decode, batch 1", "2:4 int4 g128", "torch int8 dynamic", 2.2, dict(model="llama", metric="decode_tokens_per_s")),
+    ("Llama prefill 128", "2:4 int8", "torch int8 dynamic", 1.2, dict(model="llama", metric="prefill_tokens_per_s")),
+    ("Llama prefill 128, bf16 model", "2:4 (bf16 model)", "dense bf16", 1.3,
+     dict(model="llama", metric="prefill_tokens_per_s")),
+    ("ViT-B/16, batch 4, bf16 model", "2:4 (bf16 model)", "dense bf16", 1.3, dict(model="vit_base_patch16_224")),
+    ("ResNet-50, batch 4, bf16 model", "2:4 (bf16 model)", "dense bf16 channels-last", 1.2, dict(model="resnet50")),
+    ("ViT-B/16, batch 4", "2:4 int8", "torch int8 dynamic", 1.2, dict(model="vit_base_patch16_224")),
+]
+COMPRESSION_BYTES_TARGET = 0.9  # every Llama decode row's weight bytes per second over torch int8 dynamic's
+
+
+def _newest_with(runs, pred, quick_ok: bool = False):
+    """The newest full CPU run at the default threading with a row that pred accepts, and
+    those rows (one-core-busy rows never count: the goals are quiet). quick_ok: a --quick run
+    counts too (the demo's MiniLM is the real model at every size; --quick calibrates on fewer
+    sentences)."""
+    for run in runs:
+        if run.gpu or (run.quick and not quick_ok) or not run.default_threading:
+            continue
+        rows = [r for r in run.rows if r.get("load", "quiet") == "quiet" and pred(r)]
+        if rows:
+            return run, rows
+    return None, []
+
+
+def _rates_text(r: dict, env: dict) -> str:
+    """A model row's weight bytes per second and layer multiply-add rate against its run's roofs."""
+    parts = []
+    gbs, gfs = r.get("weight_gb_per_s"), r.get("layer_gflop_per_s")
+    if gbs is not None:
+        copy = env.get("copy_gbs")
+        parts.append(f"weights {num(gbs)} GB/s" + (f" ({gbs / copy:.0%} of copy)" if copy else ""))
+    if gfs is not None:
+        peak = env.get("fma_peak_gflops")
+        parts.append(f"layers {num(gfs)} GFLOP/s" + (f" ({gfs / peak:.0%} of the fp32 FMA peak)" if peak else ""))
+    return "; ".join(parts)
+
+
+def t_compression_goals(runs):
+    """Issue 28's goals: each against the newest committed run that measures it (generated)."""
+    out = ["| workload | sparsekern | against | goal | measured (p20–p80) | verdict | rates of the sparsekern row | run |",
+           "|---|---|---|---|---|---|---|---|"]
+
+    def line(what, variant, peer, goal, measured, met, rates, run):
+        where = f"`{os.path.dirname(run.path)}`" if run is not None else "—"
+        out.append(f"| {what} | {variant} | {peer} | {goal} | {measured} | "
+                   f"{'—' if met is None else ('met' if met else 'not met')} | {rates} | {where} |")
+
+    for what, variant, peer, target, flt in COMPRESSION_MODEL_GOALS:
+        def is_cell(r, name, flt=flt):
+            return row_kind(r) == "model" and r.get("variant") == name and "speedup" in r and all(
+                r.get(k) == v for k, v in flt.items())
+        run, rows = _newest_with(runs, lambda r: is_cell(r, variant))
+        peers = [p for p in (run.rows if run else []) if is_cell(p, peer) and p.get("load", "quiet") == "quiet"
+                 and p.get("metric") == rows[0].get("metric")] if rows else []
+        if not rows or not peers:
+            line(what, variant, peer, f"≥ {target:g}x", "not measured", None, "", run)
+            continue
+        r, p = rows[0], peers[0]
+        s = r["speedup"] / p["speedup"]
+        lo, hi = r.get("speedup_p20", r["speedup"]) / p["speedup"], r.get("speedup_p80", r["speedup"]) / p["speedup"]
+        rates = _rates_text(r, run.env)
+        if str(r.get("metric", "")).startswith("decode") and r.get("weight_bytes") and p.get("weight_bytes"):
+            # Memory-bound: the ratio of weight bytes read is the speed-up at the peer's bytes per second.
+            share = r["weight_bytes"] / p["weight_bytes"]
+            rates += (f"; reads {share:.2f} of the peer's weight bytes, so {ratio_text(1 / share, digits=3)} at "
+                      "the peer's bytes per second")
+        if r.get("share_sparse") is not None and r["share_sparse"] < 1:
+            # Amdahl: what the rest of the model (attention, norms, dense layers, Python) allows.
+            rates += (f"; {r['share_sparse']:.0%} of its time in sparse layers, so "
+                      f"{ratio_text(s / (1 - r['share_sparse']), digits=3)} the peer if they took none")
+        line(what, variant, peer, f"≥ {target:g}x", ratio_text(s, None, lo, hi, digits=3), s >= target, rates, run)
+
+    # Weight bytes per second of every sparsekern row of the Llama decode, over the peer's.
+    run, rows = _newest_with(runs, lambda r: row_kind(r) == "model" and r.get("model") == "llama" and r.get(
+        "metric") == "decode_tokens_per_s" and r.get("weight_gb_per_s") is not None)
+    peer = [r for r in rows if r.get("variant") == "torch int8 dynamic"]
+    mine = [r for r in rows if variant_role(r) == "sparse"]
+    if peer and mine:
+        ref = peer[0]["weight_gb_per_s"]
+        worst = min(mine, key=lambda r: r["weight_gb_per_s"])
+        best = max(mine, key=lambda r: r["weight_gb_per_s"])
+        below = [r for r in mine if r["weight_gb_per_s"] / ref < COMPRESSION_BYTES_TARGET]
+        copy = run.env.get("copy_gbs")
+        line("Llama decode, batch 1: weight bytes per second", f"every row ({len(mine)})", "torch int8 dynamic",
+             f"≥ {COMPRESSION_BYTES_TARGET:g}x", f"{worst['weight_gb_per_s'] / ref:.2f}x ({worst['variant']}) to "
+             f"{best['weight_gb_per_s'] / ref:.2f}x ({best['variant']}); {len(below)} of {len(mine)} rows below",
+             not below,
+             f"torch int8 dynamic {num(ref)} GB/s" + (f" ({ref / copy:.0%} of copy {num(copy)} GB/s)" if copy else ""),
+             run)
+    else:
+        line("Llama decode, batch 1: weight bytes per second", "every row", "torch int8 dynamic",
+             f"≥ {COMPRESSION_BYTES_TARGET:g}x", "not measured", None, "", None)
+
+    # The real MiniLM at 16 sentences (the demo's rows: `method` names the variant).
+    def minilm(r, method):
+        return r.get("model") == "all-MiniLM-L6-v2" and r.get("method") == method and r.get(
+            "workload") == "16 sentences" and "speedup" in r
+    run, rows = _newest_with(runs, lambda r: minilm(r, "2:4 + int8 joint sparsegpt"), quick_ok=True)
+    peers = [p for p in (run.rows if run else []) if minilm(p, "torch int8 dynamic")]
+    if rows and peers:
+        r, p = rows[0], peers[0]
+        s = r["speedup"] / p["speedup"]
+        lo, hi = r.get("speedup_p20", r["speedup"]) / p["speedup"], r.get("speedup_p80", r["speedup"]) / p["speedup"]
+        line("real MiniLM, 16 sentences", "2:4 + int8, joint SparseGPT", "torch int8 dynamic", "≥ 1.3x",
+             ratio_text(s, None, lo, hi, digits=3), s >= 1.3, "", run)
+    else:
+        line("real MiniLM, 16 sentences", "2:4 + int8, joint SparseGPT", "torch int8 dynamic", "≥ 1.3x",
+             "not measured", None, "", None)
+
+    # Quality and stored bytes: the quality suite's compression run (held-out cosine to dense).
+    def quality(method):
+        return lambda r: r.get("op") == "quality" and r.get("method") == method and r.get("pattern") == "2:4"
+    run, joint8 = _newest_with(runs, quality("sparsegpt+int8 joint"))
+    fp32 = [r for r in (run.rows if run else []) if quality("sparsegpt (modules)")(r)]
+    if joint8 and fp32:
+        loss = fp32[0]["value"] - joint8[0]["value"]
+        line("real MiniLM, quality (held-out cosine)", "2:4 + int8, joint SparseGPT", "2:4 fp32, same calibration",
+             "loses ≤ 0.01", f"{'loses' if loss > 0 else 'gains'} {abs(loss):.4f} ({joint8[0]['value']:.4f} against "
+             f"{fp32[0]['value']:.4f})",
+             loss <= 0.01, "", run)
+    run, joint4 = _newest_with(runs, quality("sparsegpt+int4 g128 joint"))
+    if joint4:
+        line("real MiniLM, quality (held-out cosine)", "2:4 + int4 (group 128), joint SparseGPT", "—", "≥ 0.82",
+             f"{joint4[0]['value']:.4f}", joint4[0]["value"] >= 0.82, "", run)
+    for method, name, target in (("sparsegpt+int8 joint", "2:4 + int8", 0.17),
+                                 ("sparsegpt+int4 g128 joint", "2:4 + int4 (group 128)", 0.10)):
+        run, rows = _newest_with(runs, lambda r, m=method: quality(m)(r) and r.get("stored_over_fp32") is not None)
+        if rows:
+            v = rows[0]["stored_over_fp32"]
+            line("stored bytes of the pruned layers (what a checkpoint holds)", name, "the same layers in fp32",
+                 f"≤ {target:g}x", f"{v:.3f}x", v <= target, "", run)
+
+    # Resident memory of ViT-B/16 after batches 1, 4 and 64 (the memory suite, a fresh process each).
+    for variant, target in (("2:4", 0.65), ("2:4 int8", 0.35)):
+        run, rows = _newest_with(runs, lambda r, v=variant: r.get("op") == "memory" and r.get("variant") == v and r.get(
+            "resident_over_dense") is not None)
+        if rows:
+            r = rows[0]
+            line("resident memory, ViT-B/16 after batches 1, 4, 64", variant, "dense fp32", f"≤ {target:g}x",
+                 f"{r['resident_over_dense']:.3f}x ({num(r['resident_mb'])} MB)", r["resident_over_dense"] <= target,
+                 "", run)
+        else:
+            line("resident memory, ViT-B/16 after batches 1, 4, 64", variant, "dense fp32", f"≤ {target:g}x",
+                 "not measured", None, "", None)
+    return ("\n".join(out) + "\n\nEach goal against the newest committed CPU run that measures it (a full run at "
+            "libgomp's default wait policy; quiet rows), so the rows may come from different runs: the last column "
+            "names each. Speed goals are the ratio of the two rows' speed-ups over dense fp32 in the same run (timed "
+            "interleaved); the range is the sparsekern row's p20–p80 over the peer's median. Rates: weight bytes "
+            "the row's layers read per second, and 2 x their kept multiply-adds per second in the sparse and dense "
+            "layer shares of the time, against the run's measured copy bandwidth and fp32 FMA peak (int8 dot "
+            "products do four multiply-adds per lane, so an int8 row can pass the fp32 peak). Quality: mean cosine "
+            "of the sentence embeddings to the dense model's on held-out text. Stored bytes: the pruned layers' "
+            "values, indices and scales over their fp32 weights. Resident memory: the process's resident set above "
+            "its baseline after batches 1, 4 and 64, over dense fp32's (`python -m sparsekern bench --suite memory`).")
+
+
 def t_cpu_overhead(runs):
     run = newest(runs, "overhead", False)
     if run is None:
@@ -995,6 +1158,7 @@ TABLES = {
     "cpu-models": t_cpu_models,        # model-level rows (python -m sparsekern bench --suite models)
     "cpu-goals": t_cpu_goals,          # issue 14's CPU goals against the newest runs
     "cpu-limits": t_cpu_limits,        # the models run's profiles against its roofs
+    "compression-goals": t_compression_goals,  # issue 28's goals, each against its newest run
     "cpu-overhead": t_cpu_overhead,    # python -m sparsekern.bench.overhead --out
     "quality": t_quality,              # one-shot pruning quality
     "gpu": t_gpu,                      # the newest GPU run, everything in it

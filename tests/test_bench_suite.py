@@ -243,6 +243,18 @@ def test_time_shares_put_sparse_ops_dense_gemms_and_the_rest_apart():
     assert profile._category("aten::layer_norm") is None
 
 
+def test_time_shares_count_torchs_int8_linears_as_dense_gemms():
+    """The int8 peer's layers (and the lm_head a quantized variant leaves to torch's int8) are
+    dense GEMMs, not "other"."""
+    from sparsekern.bench.common import int8_dynamic
+
+    model = int8_dynamic(torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.LayerNorm(256)))
+    x = torch.randn(64, 256)
+    with torch.no_grad():
+        got = profile.time_shares(lambda: model(x), calls=3)
+    assert got["share_gemm"] > 0 and got["share_sparse"] == 0, got
+
+
 def test_roofs_and_the_fma_probe():
     r = profile.roofs("cpu", torch.get_num_threads())
     assert r["gemm_gflops"] > 0 and r["roof_threads"] == torch.get_num_threads()

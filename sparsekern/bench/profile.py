@@ -11,7 +11,7 @@ the peak, and the profile.
   decompresses; a BLAS call a C++ operator makes inside counts with it; not the pure-torch
   reference backend, whose torch operators count as what they are),
   "gemm" - dense linear and convolution operators (aten::linear, addmm, mm, convolution,
-  ...), "attention" - scaled-dot-product attention, bmm, softmax, and "other"
+  ..., and torch's quantized linears), "attention" - scaled-dot-product attention, bmm, softmax, and "other"
   - the rest of the call's wall time: norms, activations, copies, Python. The profiler's
   own overhead lands in all of them, most in "other" on calls made of many small operators
   (decode), so read shares, and rates from the unprofiled median. CPU only: the suite
@@ -32,8 +32,12 @@ from torch import nn
 CATEGORIES = ("sparse", "gemm", "attention", "other")
 # aten::matmul is not here: attention's products go through it (to bmm, which counts as
 # attention); a linear layer's matmul is inside aten::linear.
+# torch's quantized linears count here too: the int8 peer's layers, and the layers a quantized
+# variant leaves dense (quantize_dense=True: the Llama lm_head).
 _GEMM = ("aten::linear", "aten::addmm", "aten::mm", "aten::conv2d", "aten::convolution",
-         "aten::_convolution", "aten::mkldnn_convolution", "aten::conv1d", "aten::addmv", "aten::mv")
+         "aten::_convolution", "aten::mkldnn_convolution", "aten::conv1d", "aten::addmv", "aten::mv",
+         "quantized::linear_dynamic", "quantized::linear", "quantized::linear_dynamic_fp16",
+         "aten::_weight_int8pack_mm")
 _ATTENTION = ("aten::scaled_dot_product_attention", "aten::bmm", "aten::baddbmm", "aten::softmax",
               "aten::_softmax", "aten::_safe_softmax")
 
