@@ -217,6 +217,45 @@ def test_limits_table_and_the_goal_against_a_peer_variant(tmp_path):
     assert "2:4" in never[3] and "channels-last" not in never[3]  # the peer is not a sparse row
 
 
+def test_compression_goals_take_each_goal_from_the_newest_run_that_measures_it(tmp_path):
+    """Issue 28's table: ratios against the named peer of the same run, the decode ceilings,
+    busy rows and PASSIVE runs never counted, and a goal nobody measured says so."""
+    env = {"date": "2099-01-02T00:00:00+00:00", "commit": "abc123def456", "device": "cpu", "threads": 2,
+           "device_name": "Test CPU", "copy_gbs": 40.0, "fma_peak_gflops": 200.0}
+
+    def row(variant, speedup, load="quiet", **kw):
+        return {"op": "model", "model": "llama", "variant": variant, "baseline": "dense", "load": load,
+                "metric": "decode_tokens_per_s", "batch": 1, "median_ms": 10.0 / speedup, "speedup": speedup,
+                "speedup_p20": speedup * 0.98, "speedup_p80": speedup * 1.02, "verdict": "faster", **kw}
+    rows = [row("dense", 1.0, weight_bytes=800, weight_gb_per_s=10.0),
+            row("torch int8 dynamic", 4.0, weight_bytes=200, weight_gb_per_s=20.0),
+            row("2:4 int8", 6.4, weight_bytes=100, weight_gb_per_s=19.0, layer_gflop_per_s=50.0, share_sparse=0.5),
+            row("2:4", 2.0, weight_bytes=400, weight_gb_per_s=12.0),
+            row("2:4 int8", 1.0, load="one core busy")]  # never the source of a quiet goal
+    _write(str(tmp_path / "bench" / "results" / "cpu-models-20990102" / "results.json"), env, rows)
+    # A newer run with PASSIVE waiting (OMP_WAIT_POLICY set): shown elsewhere, never a goal's source.
+    _write(str(tmp_path / "bench" / "results" / "cpu-models-20990103" / "results.json"),
+           {**env, "date": "2099-01-03T00:00:00+00:00", "OMP_WAIT_POLICY": "PASSIVE"},
+           [row("torch int8 dynamic", 4.0), row("2:4 int8", 12.0)])
+    _write(str(tmp_path / "bench" / "results" / "cpu-memory-20990102" / "results.json"), env,
+           [{"op": "memory", "variant": "2:4", "resident_mb": 70.0, "resident_over_dense": 0.7}])
+    runs = mt.load_runs(str(tmp_path / "bench" / "results"), str(tmp_path))
+    shown = _table_rows(mt.TABLES["compression-goals"](runs))
+    by = {(c[0], c[1]): c for c in shown}
+    int8 = by[("Llama decode, batch 1", "2:4 int8")]
+    assert int8[4].startswith("1.60x") and int8[5] == "met" and "cpu-models-20990102" in int8[7]  # 6.4 / 4
+    assert "19.0 GB/s (48% of copy)" in int8[6] and "50.0 GFLOP/s (25% of the fp32 FMA peak)" in int8[6]
+    assert "reads 0.50 of the peer's weight bytes, so 2.00x" in int8[6]  # 100 / 200 bytes
+    assert "so 3.20x the peer if they took none" in int8[6]  # 1.6 / (1 - 0.5)
+    assert by[("Llama decode, batch 1", "unstructured 70% int8")][4] == "not measured"
+    rate = by[("Llama decode, batch 1: weight bytes per second", "every row (2)")]
+    assert rate[4].startswith("0.60x (2:4) to 0.95x (2:4 int8); 1 of 2 rows below") and rate[5] == "not met"
+    mem = by[("resident memory, ViT-B/16 after batches 1, 4, 64", "2:4")]
+    assert mem[4].startswith("0.700x") and mem[5] == "not met"
+    assert by[("resident memory, ViT-B/16 after batches 1, 4, 64", "2:4 int8")][4] == "not measured"
+    assert by[("real MiniLM, 16 sentences", "2:4 + int8, joint SparseGPT")][4] == "not measured"
+
+
 def test_ops_table_follows_the_dispatch_table_and_says_what_has_run_on_a_gpu(tmp_path):
     from sparsekern import ops
 
