@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sparsekern import models
-from sparsekern.bench import peers
+from sparsekern.bench import peers, profile
 
 HAS_TORCHAO = __import__("importlib").util.find_spec("torchao") is not None
 
@@ -148,6 +148,10 @@ def test_torchao_peers_call_quantize_on_the_bf16_model(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
     monkeypatch.setitem(sys.modules, "torchao.quantization", tq)
     sys.modules["torchao"].quantization = tq
+    # a torchao without the prototype CPU int4 config (0.13-0.14; None: its import fails even
+    # where the real torchao was imported before)
+    monkeypatch.setitem(sys.modules, "torchao.prototype", None)
+    monkeypatch.setitem(sys.modules, "torchao.prototype.quantization.int4", None)
     base = _mlp()
     m, ref = peers.build("torchao int8 weight-only", base, "cpu", exclude=["4"])
     assert ref is base and isinstance(calls[-1][0], Int8WeightOnlyConfig)
@@ -155,6 +159,17 @@ def test_torchao_peers_call_quantize_on_the_bf16_model(monkeypatch):
     peers.build("torchao int4 weight-only", base, "cpu")
     cfg, layers, _ = calls[-1]
     assert cfg.group_size == 128 and cfg.fmt == "opaque" and layers == ["0", "4"]  # in_features 64: no group of 128
+    # torchao 0.15+: on a CPU the prototype config (its CPU int4 kernel); a GPU keeps the public one
+    proto = types.ModuleType("torchao.prototype.quantization.int4")
+
+    class PrototypeInt4WeightOnlyConfig:
+        def __init__(self, group_size):
+            self.group_size = group_size
+    proto.PrototypeInt4WeightOnlyConfig = PrototypeInt4WeightOnlyConfig
+    monkeypatch.setitem(sys.modules, "torchao.prototype.quantization.int4", proto)
+    peers.build("torchao int4 weight-only", base, "cpu")
+    assert isinstance(calls[-1][0], PrototypeInt4WeightOnlyConfig) and calls[-1][0].group_size == 128
+    assert isinstance(peers._int4_weight_only(tq, {"device": "cuda"}), Int4WeightOnlyConfig)
 
     def broken(*a, **k):
         raise NotImplementedError("no kernel for this device")
@@ -162,6 +177,25 @@ def test_torchao_peers_call_quantize_on_the_bf16_model(monkeypatch):
     tq.quantize_ = broken  # torchao present but not running here: a skipped row, not a crash
     with pytest.raises(peers.Unavailable, match="does not build here: NotImplementedError"):
         peers.build("torchao int8 weight-only", base, "cpu")
+
+
+@pytest.mark.skipif(not HAS_TORCHAO, reason="torchao is not installed")
+def test_real_torchao_peers_run_on_the_cpu_within_their_tolerance():
+    """The installed torchao (requirements.txt): both weight-only peers build on the CPU,
+    change every nn.Linear they fit, and stay within their tolerance of the fp32 model; the
+    int4 one runs torch's CPU int4 kernel, which the profile counts as a dense GEMM."""
+    base = nn.Sequential(nn.Linear(256, 384), nn.ReLU(), nn.Linear(384, 128)).eval()
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        want = base(x)
+        for name in ("torchao int8 weight-only", "torchao int4 weight-only"):
+            m, ref = peers.build(name, base, "cpu")
+            assert ref is base and all(type(layer.weight) is not torch.nn.Parameter for layer in (m[0], m[2])), name
+            got = m(x.to(torch.bfloat16)).float()
+            err = float((got - want).norm() / want.norm())
+            assert 0 < err < peers.PEERS[name].rel_tol, (name, err)
+        shares = profile.time_shares(lambda: m(x.to(torch.bfloat16)), calls=2)  # the int4 peer
+    assert shares["share_gemm"] > 0, shares
 
 
 def test_tensor_bytes_of_quantized_and_subclass_tensors():

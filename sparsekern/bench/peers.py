@@ -10,8 +10,9 @@ same run: the peers of the models suite, the quality suite and the demo.
   dtype=torch.qint8)` on the fp32 model, the x86 engine where torch has it (CPU only: torch
   has no CUDA kernel for it);
 - "torchao int8 weight-only", "torchao int4 weight-only": torchao's `quantize_` with
-  `Int8WeightOnlyConfig()` and `Int4WeightOnlyConfig(group_size=128)` on the bf16 model,
-  where torchao is importable and runs on the device;
+  `Int8WeightOnlyConfig()` and `Int4WeightOnlyConfig(group_size=128)` on the bf16 model
+  (on a CPU with torchao 0.15+, `PrototypeInt4WeightOnlyConfig(group_size=128)`, where its
+  CPU int4 kernel now lives), where torchao is importable and runs on the device;
 - "torch 2:4 semi-structured": the bf16 model with every eligible nn.Linear weight pruned
   2:4 by magnitude and converted with `torch.sparse.to_sparse_semi_structured` (CUDA only).
 
@@ -169,9 +170,18 @@ def _int8_weight_only(tq, opts):
 
 
 def _int4_weight_only(tq, opts):
-    # torchao 0.13+: the packing format per device ("opaque": the CPU kernel
-    # _weight_int4pack_mm_for_cpu; "tile_packed_to_4d": the CUDA tinygemm kernel); older
-    # releases take a layout instead.
+    if opts["device"] == "cpu":
+        # torchao 0.15+ keeps its CPU int4 weight-only path (Int4OpaqueTensor: the kernel
+        # _weight_int4pack_mm_for_cpu) in a prototype config; Int4WeightOnlyConfig there
+        # packs for GPUs only (0.18 refuses int4_packing_format="opaque").
+        try:
+            from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+        except ImportError:
+            pass
+        else:
+            return PrototypeInt4WeightOnlyConfig(group_size=INT4_GROUP)
+    # torchao 0.13-0.14: the packing format per device ("opaque": the CPU kernel;
+    # "tile_packed_to_4d": the CUDA tinygemm kernel); older releases take a layout instead.
     fmt = "opaque" if opts["device"] == "cpu" else "tile_packed_to_4d"
     try:
         return tq.Int4WeightOnlyConfig(group_size=INT4_GROUP, int4_packing_format=fmt)
@@ -223,17 +233,20 @@ PEERS: dict[str, Peer] = {p.name: p for p in [
          kernels="torch's bf16 linear, channels-last bf16 convolution (oneDNN on a CPU, cuDNN on a GPU)"),
     Peer("torch int8 dynamic", "torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)"
          " (x86 engine)", "int8 weights (per tensor), int8 activations quantized per call; fp32 elsewhere",
-         torch.float32, ("cpu",), 0.5, _int8_dynamic, _linears, gemm_profiled=False,
+         torch.float32, ("cpu",), 0.5, _int8_dynamic, _linears,
          kernels="torch's quantized::linear_dynamic (x86 engine: fbgemm, oneDNN)"),
+    # torchao 0.18 dequantizes its int8 weight-only weights with elementwise operators before a
+    # bf16 aten::mm (no layer GFLOP/s: the profile's gemm share would hold the mm alone).
     Peer("torchao int8 weight-only", "torchao.quantization.quantize_(model.to(torch.bfloat16), "
          "Int8WeightOnlyConfig())", "int8 weights (per row), bf16 activations", torch.bfloat16, ("cpu", "cuda"),
          0.15, _torchao(_int8_weight_only), _linears, package="torchao", build_fails_unavailable=True,
-         gemm_profiled=False, kernels="torchao's int8 weight-only linear (torch._weight_int8pack_mm on a CPU)"),
+         gemm_profiled=False, kernels="torchao's int8 weight-only linear (on a CPU: torch._weight_int8pack_mm, "
+                                     "or in torchao 0.18 the weight dequantized into a bf16 mm)"),
     Peer("torchao int4 weight-only", "torchao.quantization.quantize_(model.to(torch.bfloat16), "
          f"Int4WeightOnlyConfig(group_size={INT4_GROUP}))", f"int4 weights (groups of {INT4_GROUP}), bf16 activations",
          torch.bfloat16, ("cpu", "cuda"), 0.5, _torchao(_int4_weight_only),
          lambda m, o: [x for x in _linears(m, o) if x.in_features % INT4_GROUP == 0], package="torchao",
-         build_fails_unavailable=True, gemm_profiled=False,
+         build_fails_unavailable=True,
          kernels="torchao's int4 weight-only linear (_weight_int4pack_mm_for_cpu; tinygemm on a GPU)"),
     Peer("torch 2:4 semi-structured", "torch.sparse.to_sparse_semi_structured on each nn.Linear weight of the bf16 "
          "model, pruned 2:4 by magnitude", "bf16, 2:4 sparse weights (cuSPARSELt or CUTLASS)", torch.bfloat16,

@@ -32,12 +32,13 @@ from torch import nn
 CATEGORIES = ("sparse", "gemm", "attention", "other")
 # aten::matmul is not here: attention's products go through it (to bmm, which counts as
 # attention); a linear layer's matmul is inside aten::linear.
-# torch's quantized linears count here too: the int8 peer's layers, and the layers a quantized
-# variant leaves dense (quantize_dense=True: the Llama lm_head).
+# torch's quantized linears count here too: the int8 peers' layers (torch's dynamic int8,
+# torchao's int4 weight-only), and the layers a quantized variant leaves dense
+# (quantize_dense=True: the Llama lm_head).
 _GEMM = ("aten::linear", "aten::addmm", "aten::mm", "aten::conv2d", "aten::convolution",
          "aten::_convolution", "aten::mkldnn_convolution", "aten::conv1d", "aten::addmv", "aten::mv",
          "quantized::linear_dynamic", "quantized::linear", "quantized::linear_dynamic_fp16",
-         "aten::_weight_int8pack_mm")
+         "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm", "aten::_weight_int4pack_mm_for_cpu")
 _ATTENTION = ("aten::scaled_dot_product_attention", "aten::bmm", "aten::baddbmm", "aten::softmax",
               "aten::_softmax", "aten::_safe_softmax")
 
