@@ -39,6 +39,9 @@ void cpu_evict_from_cache(const std::vector<at::Tensor>& tensors);
 // Chunks of the CPU decode row kernels that a calling thread took over from a pool worker
 // the OS had parked (cpu_common.h, parallel_out_rows), since the process started.
 int64_t cpu_pool_takeovers();
+// Storages that a parked worker may still read after its chunk was taken over, held not
+// resizable until it finishes (chunk_pool.cpp): 0 once every abandoned chunk has ended.
+int64_t cpu_pool_pinned_storages();
 
 // Bits used per in-group index in the N:M format: 2 for M=4, 4 for M=8 and M=16.
 inline int nm_index_bits(int64_t m) { return m == 4 ? 2 : 4; }

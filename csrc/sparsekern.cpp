@@ -156,6 +156,8 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def("cpu_evict_from_cache(Tensor[] tensors) -> ()", &cpu_evict_from_cache);
   // Decode row chunks taken over from a parked pool worker since the process started (common.h).
   m.def("cpu_pool_takeovers() -> int", &cpu_pool_takeovers);
+  // Storages held unresizable now for a worker still reading them after a takeover (common.h).
+  m.def("cpu_pool_pinned_storages() -> int", &cpu_pool_pinned_storages);
 }
 
 }  // namespace sparsekern

@@ -177,3 +177,51 @@ def test_the_caller_takes_over_a_parked_workers_2_4_decode_chunks_and_waits_for_
     # a call that waited for it would last the 200 ms pause. Bitmask calls wait for it.
     assert int(taken_nm) > 0 and float(slowest_nm) < 0.1, done.stdout
     assert int(taken_bm) == 0 and float(slowest_bm) > 0.1, done.stdout
+
+
+# After a takeover the parked worker still reads the weight and the input until it finishes
+# its block: a resize_ that grew one of their storages would move the bytes and free the old
+# ones under it. The job holds them not resizable until then (chunk_pool.cpp, pin): the resize
+# raises a clear error, shrinking stays allowed, and the flag comes back afterwards.
+_PIN_SCRIPT = r"""
+import time
+import torch
+from sparsekern import ops
+from sparsekern.formats import NMWeight
+gen = torch.Generator().manual_seed(0)
+W = NMWeight.from_dense(torch.randn(8000, 1024, generator=gen), 2, 4)
+x = torch.randn(1, 1024, generator=gen)
+torch.set_num_threads(2)
+pinned = torch.ops.sparsekern.cpu_pool_pinned_storages
+assert pinned() == 0
+for _ in range(20):
+    taken = torch.ops.sparsekern.cpu_pool_takeovers()
+    want = ops.sparse_linear(x, W)
+    if torch.ops.sparsekern.cpu_pool_takeovers() > taken:
+        break
+    time.sleep(0.21)  # the worker back from its pause, awake for the next call
+else:
+    raise SystemExit("no chunk was taken over in 20 calls")
+assert pinned() > 0
+n = W.values.numel()
+try:
+    W.values.resize_(1 << 26)  # grows: new bytes, the old ones freed under the worker
+except RuntimeError as e:
+    assert "not resizable" in str(e), e
+else:
+    raise SystemExit("resize_ grew a storage the parked worker reads")
+# torch sets the new sizes before it checks the storage, so the failed call left W.values
+# claiming 2^26 elements; a size within its bytes is allowed (nothing moves).
+W.values.resize_(n - 8)
+time.sleep(0.5)  # the paused worker finishes its abandoned block and drops the job
+assert pinned() == 0, pinned()
+W.values.resize_(1 << 20)  # resizable again
+assert W.values.untyped_storage().nbytes() >= 1 << 20
+print("ok")
+"""
+
+
+def test_a_storage_a_parked_worker_reads_cannot_grow_until_it_finishes():
+    env = {**os.environ, "SPARSEKERN_POOL": "pool", "SPARSEKERN_POOL_WORKER_PAUSE_US": "200000"}
+    done = subprocess.run([sys.executable, "-c", _PIN_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr

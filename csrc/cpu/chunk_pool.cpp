@@ -49,6 +49,8 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace sparsekern {
@@ -180,12 +182,29 @@ enum : uint8_t { kFree, kWorker, kCommitting, kDone, kTaken };
 // Rows a worker runs between two checks that its chunk is still its own (kWorkerRows).
 constexpr int64_t kWorkerRows = 64;
 
+// Storages a parked worker may still read after the call returned (its chunk was taken over):
+// not resizable until every such job has ended. A resize_ that grows a storage moves its bytes
+// and frees the old ones, which the worker would then read; with the flag off torch raises
+// "Trying to resize storage that is not resizable" instead (shrinking needs no new bytes and
+// stays allowed). Counted per storage, as overlapping jobs may hold the same one (a decode
+// step calls the layer again while the last call's abandoned chunk still runs); the flag it
+// had comes back when the count drops to zero. The flag is a plain bool that resize_ reads
+// unsynchronized: only its value before or after a write can be seen, and both are safe.
+std::mutex g_pinned_lock;
+std::unordered_map<c10::StorageImpl*, std::pair<int, bool>> g_pinned;  // count, resizable before
+
+int64_t pinned_storages() {
+  std::lock_guard<std::mutex> g(g_pinned_lock);
+  return int64_t(g_pinned.size());
+}
+
 struct OutRowsJob {
   OutRows rows;
   std::vector<at::Tensor> keep;
   // Their storages too: a tensor's set_() after the call would otherwise free the bytes a
-  // parked worker still reads.
+  // parked worker still reads (and pin() keeps a resize_ from moving them).
   std::vector<c10::Storage> storages;
+  bool pinned = false;  // storages counted in g_pinned (only the calling thread sets it)
   float* out = nullptr;
   int64_t B = 0, O = 0, chunk = 1, count = 0;
   bool abandonable = false;  // the calling thread may take over a chunk a worker is running
@@ -193,6 +212,35 @@ struct OutRowsJob {
   std::unique_ptr<std::atomic<uint8_t>[]> state;
 
   int64_t end(int64_t c) const { return std::min(O, (c + 1) * chunk); }
+
+  // Called by the calling thread when it abandons a chunk a worker is running, before it
+  // returns: the job's storages stay where they are until the job ends (g_pinned).
+  void pin() {
+    if (pinned) return;
+    pinned = true;
+    std::lock_guard<std::mutex> g(g_pinned_lock);
+    for (const auto& st : storages) {
+      c10::StorageImpl* impl = st.unsafeGetStorageImpl();
+      auto& entry = g_pinned[impl];
+      if (entry.first++ == 0) {
+        entry.second = impl->resizable();
+        impl->set_resizable(false);
+      }
+    }
+  }
+
+  // The last holder (the worker that finished the abandoned chunk, or the calling thread)
+  // gives the storages their flag back; they are still held here (members outlive this body).
+  ~OutRowsJob() {
+    if (!pinned) return;
+    std::lock_guard<std::mutex> g(g_pinned_lock);
+    for (const auto& st : storages) {
+      auto it = g_pinned.find(st.unsafeGetStorageImpl());
+      if (it == g_pinned.end() || --it->second.first > 0) continue;
+      if (it->second.second) it->first->set_resizable(true);
+      g_pinned.erase(it);
+    }
+  }
 
   // Whether the worker that runs chunk c should drop it: the calling thread took it over.
   bool dropped(int64_t c) const { return state[c].load(std::memory_order_acquire) == kTaken; }
@@ -235,8 +283,10 @@ struct OutRowsJob {
       for (uint8_t s = state[c].load(std::memory_order_acquire); s != kDone && s != kTaken;
            s = state[c].load(std::memory_order_acquire)) {
         if ((s == kFree || (s == kWorker && abandonable)) &&
-            state[c].compare_exchange_weak(s, kTaken, std::memory_order_acq_rel))
+            state[c].compare_exchange_weak(s, kTaken, std::memory_order_acq_rel)) {
+          if (s == kWorker) pin();
           break;
+        }
         cpu_relax();
       }
     }
@@ -487,7 +537,10 @@ void parallel_out_rows(int64_t O, int64_t B, int64_t grain, float* out, bool aba
         if ((s == kFree || (s == kWorker && j.abandonable && takeover_on())) && (++spins & 63) == 0 &&
             now_ns() - t0 > patience &&
             j.state[c].compare_exchange_strong(s, kTaken, std::memory_order_acq_rel)) {
-          if (s == kWorker) g_takeovers.fetch_add(1, std::memory_order_relaxed);
+          if (s == kWorker) {
+            g_takeovers.fetch_add(1, std::memory_order_relaxed);
+            j.pin();
+          }
           j.rows(out, c * j.chunk, j.end(c));
           break;
         }
@@ -507,5 +560,7 @@ void parallel_out_rows(int64_t O, int64_t B, int64_t grain, float* out, bool aba
 }  // namespace cpu
 
 int64_t cpu_pool_takeovers() { return cpu::g_takeovers.load(std::memory_order_relaxed); }
+
+int64_t cpu_pool_pinned_storages() { return cpu::pinned_storages(); }
 
 }  // namespace sparsekern
