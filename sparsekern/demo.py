@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from . import prune, simplify
 from .bench import peers as peer_registry
-from .bench.common import NOISE_MIN, check_model, machine, path_summary, pick_threads, sparse_layer_bytes, time_workloads
+from .bench.common import NOISE_MIN, check_model, commit, machine, path_summary, pick_threads, sparse_layer_bytes, time_workloads
 from .models import (DIGITS_MODELS, DIGITS_REMOVABLE, Workload, accuracy, checkpoint_bytes, digits, hf_llama,
                      llama_workloads, param_bytes, train, trained)
 from .reporting import label_points, markdown_table, ratio_text, save_plot, spread_text
@@ -442,7 +442,7 @@ def run(device="auto", quick=False, out=DEFAULT_OUT, show=True, models=("mlp", "
     t0 = time.time()
     n_threads, why = pick_threads(threads)
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(),
-           "torch": torch.__version__, "threads": n_threads, "threads_choice": why, "machine": machine(),
+           "commit": commit(), "torch": torch.__version__, "threads": n_threads, "threads_choice": why, "machine": machine(),
            "quick": quick, "rounds": rounds, "phases_s": {}, "peers_skipped": []}
     print(f"sparsekern demo on {env['device']}, {n_threads} threads ({why}); writing to {os.path.abspath(out)}",
           flush=True)

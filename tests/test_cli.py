@@ -29,6 +29,7 @@ def test_demo_digits_part_writes_table_json_and_plot(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"wrote {tmp_path / 'demo.json'}" in r.stdout
     d = json.load(open(tmp_path / "demo.json"))
+    assert d["environment"]["commit"]  # the source the rows came from ("unknown" outside a checkout)
     methods = {(x["model"], x["method"]) for x in d["rows"]}
     assert ("mlp", "2:4 wanda") in methods and ("cnn", "channels 50%") in methods and ("mlp", "layer removed") in methods
     assert ("mlp", "dense (again)") in methods  # the noise floor, timed in the same loop
