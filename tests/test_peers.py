@@ -27,7 +27,8 @@ def _workloads(m, cast=lambda v: v):
 
 
 def test_registry_entries_say_everything_about_a_peer():
-    assert list(peers.PEERS)[:3] == ["dense bf16", "dense bf16 channels-last", "torch int8 dynamic"]
+    assert list(peers.PEERS)[:4] == ["dense channels-last", "dense bf16", "dense bf16 channels-last",
+                                     "torch int8 dynamic"]
     assert {"torchao int8 weight-only", "torchao int4 weight-only", "torch 2:4 semi-structured"} <= set(peers.PEERS)
     slugs = {peers.slug(n) for n in peers.PEERS}
     assert len(slugs) == len(peers.PEERS) and "dense_bf16" in slugs
@@ -35,8 +36,9 @@ def test_registry_entries_say_everything_about_a_peer():
         assert p.name == name and p.what and p.precision and 0 < p.rel_tol <= 0.5
         assert set(p.devices) <= {"cpu", "cuda"} and callable(p.make) and callable(p.converts)
         assert p.dtype in (torch.float32, torch.bfloat16) and p.pattern in ("dense", "2:4")
-        assert p.layout_of is None or p.layout_of in peers.PEERS
+        assert p.layout_of is None or p.layout_of in peers.PEERS or p.layout_of == "dense"
     assert "dense bf16 channels-last" not in peers.names(quality=True)  # same values as dense bf16
+    assert "dense channels-last" not in peers.names(quality=True)  # same values as the model
     assert peers.PEERS["torch 2:4 semi-structured"].devices == ("cuda",)
 
 
@@ -96,6 +98,16 @@ def test_peers_that_cannot_run_here_say_why():
         peers.build("torch int8 dynamic", cnn, "cpu")
     cl, _ = peers.build("dense bf16 channels-last", cnn, "cpu")
     assert cl[1].weight.is_contiguous(memory_format=torch.channels_last)
+    # fp32 channels-last: the layout alone, the model's own values (a convolutional network's
+    # fastest dense fp32 path on a CPU, which a sparse model must beat too)
+    cl32, ref = peers.build("dense channels-last", cnn, "cpu")
+    assert ref is cnn and cl32[1].weight.dtype == torch.float32
+    assert cl32[1].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(cl32(x), cnn(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(peers.NotApplicable):  # no convolution: the layout changes nothing
+        peers.build("dense channels-last", base, "cpu")
     # a bf16 model is its own dense bf16 peer; int8 dynamic needs fp32
     with pytest.raises(peers.Unavailable, match="already bfloat16"):
         peers.build("dense bf16", copy.deepcopy(base).bfloat16(), "cpu")

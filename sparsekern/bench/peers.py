@@ -3,6 +3,10 @@ same run: the peers of the models suite, the quality suite and the demo.
 
 `PEERS` is the registry (name -> Peer), in the order tables show them:
 
+- "dense channels-last": the fp32 model with its convolutions' weights channels-last
+  (`model.to(memory_format=torch.channels_last)`), the dense layout a CPU user can pick, and
+  the one sparsify() gives the dense convolutions of a model it swaps (the models suite times
+  it as its own variant of the same name, so builds no peer for it);
 - "dense bf16": `copy.deepcopy(model).to(torch.bfloat16)`, inputs cast to bf16;
 - "dense bf16 channels-last": the same with `memory_format=torch.channels_last` (what a CPU
   user picks for a convolutional network);
@@ -83,8 +87,8 @@ class Peer:
     kernels), not a bug; `gemm_profiled`: profile.time_shares counts its layer operators
     as "gemm" (torch's dense linear and convolution), so the layer GFLOP/s of its rows mean
     something; `pattern`: the sparsity pattern of its weights ("dense", or "2:4");
-    `layout_of`: another peer it only lays out differently (same values, same quality: the
-    quality suite leaves it out); `cast_only`: the peer is the model cast to `dtype`, nothing
+    `layout_of`: the peer (or "dense", the fp32 model itself) it only lays out differently
+    (same values, same quality: the quality suite leaves it out); `cast_only`: the peer is the model cast to `dtype`, nothing
     else (a model already in that dtype is its own such peer); `kernels`: what runs its
     layers (the rows' `paths` for a peer)."""
     name: str
@@ -140,6 +144,10 @@ def _all(model, opts):
 
 def _bf16(model, opts):
     return model.to(torch.bfloat16), None
+
+
+def _channels_last(model, opts):
+    return model.to(memory_format=torch.channels_last), None
 
 
 def _bf16_channels_last(model, opts):
@@ -224,6 +232,11 @@ def _semi_structured(model, opts):
 # and 0.25 on the quick ViT (112 px, depth 4); int8 weight-only adds per-row int8 weights to
 # bf16; int4 groups of 128 several times that. The 2:4 peer is checked against the same masks.
 PEERS: dict[str, Peer] = {p.name: p for p in [
+    # fp32 as the model, so no error beyond the summation order of another convolution kernel
+    Peer("dense channels-last", "model.to(memory_format=torch.channels_last)",
+         "fp32 weights and activations, convolutions channels-last", torch.float32, ("cpu", "cuda"), 1e-4,
+         _channels_last, _convs, layout_of="dense",
+         kernels="torch's fp32 linear, channels-last fp32 convolution (oneDNN on a CPU, cuDNN on a GPU)"),
     Peer("dense bf16", "copy.deepcopy(model).to(torch.bfloat16)", "bf16 weights and activations",
          torch.bfloat16, ("cpu", "cuda"), 0.05, _bf16, _all, cast_only=True,
          kernels="torch's bf16 linear and convolution (oneDNN/MKL on a CPU, cuBLAS/cuDNN on a GPU)"),
