@@ -186,7 +186,7 @@ def cmd_optimize(a) -> int:
         calib = list(f() if callable(f) else f)
     menu = [m.strip() for m in a.menu.split(",")] if a.menu else None
     optimized, plan = optimize(model, eval_fn, example, floor=a.floor, absolute=a.absolute, menu=menu,
-                               calibration=calib, budget_s=a.budget_s, method=a.method)
+                               calibration=calib, budget_s=a.budget_s, method=a.method, layout=a.layout)
     out = a.out or os.path.splitext(a.model)[0] + ".optimized"
     os.makedirs(out, exist_ok=True)
     torch.save(optimized, os.path.join(out, "model.pt"))
@@ -233,6 +233,8 @@ def main(argv=None) -> int:
     po.add_argument("--menu", default=None, help="comma-separated option names (default: all that run here)")
     po.add_argument("--method", default="wanda", choices=["wanda", "l1"])
     po.add_argument("--budget-s", type=float, default=900.0, help="search time bound in seconds (default 900)")
+    po.add_argument("--layout", default="auto", choices=["auto", "as given", "channels_last"],
+                    help="the convolutions' memory layout (auto: channels-last where it is timed faster)")
     po.add_argument("--report", action="store_true", help="also time and score dense, every uniform option and "
                     "the peers (bf16, torch int8 dynamic) for the Pareto plot")
     po.add_argument("--out", default=None, help="folder for model.pt, plan.json, report.* (default <model>.optimized)")

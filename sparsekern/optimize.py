@@ -7,6 +7,9 @@ floor, chosen layer by layer from measured speed and measured sensitivity.
 
 Stages (each shown by one progress bar with the stage and the best so far):
 
+0. layout: a model with convolutions is timed as given and channels-last (choose_layout); the
+   search runs on the faster, the plan records it, and apply_plan lays a fresh copy out the
+   same way (the plan's speed-up is always against the model as given).
 1. capture: one forward of `example_inputs` records every candidate layer's input (the
    user's batch); the calibration batches give wanda's activation norms.
 2. latency: every menu option of a layer is built (the sparse modules of sparsekern.nn with
@@ -62,13 +65,19 @@ from tqdm import tqdm
 
 from . import kinds, precisions, prune
 from .bench import peers as peers_mod
-from .bench.common import interleaved
+from .bench.common import NOISE_MIN, interleaved
 from .nn import SparseConv2d, SparseLinear
 from .prune.calibration import run_batch
 from .reporting import label_points, markdown_table, save_plot
 from .sparsify import set_module
 
 PLAN_VERSION = 1
+# The memory layouts optimize may give the model's convolutions: "auto" times the model as
+# given against the same model channels-last (torch's layout for fast CPU convolutions, the one
+# sparsify gives a swapped model's dense convolutions) and searches on the faster one beyond
+# the noise (NOISE_MIN); "as given" and "channels_last" fix it. A model without nn.Conv2d is
+# searched as given.
+LAYOUTS = ("auto", "as given", "channels_last")
 # Spellings offered per prunable kind (kinds.KINDS); sparsity None for kinds whose pattern
 # fixes it. tests/test_optimize.py checks every prunable kind has an entry.
 MENU_SPELLINGS: dict[str, tuple[tuple[str, float | None], ...]] = {
@@ -305,6 +314,7 @@ class Plan:
     measured: dict
     search: dict
     version: int = PLAN_VERSION
+    layout: str = "as given"  # the model's layout the choices apply to (LAYOUTS; never "auto")
 
     @property
     def choices(self) -> dict[str, str]:
@@ -323,10 +333,10 @@ class Plan:
             raise ValueError(f"Plan: not a plan of version {PLAN_VERSION} (got version "
                              f"{d.get('version') if isinstance(d, dict) else type(d).__name__!r})")
         fields = {f.name for f in dataclasses.fields(cls)}
-        missing = fields - set(d)
+        missing = fields - set(d) - {"layout"}  # plans saved before layouts: as given
         if missing:
             raise ValueError(f"Plan: missing fields {sorted(missing)}")
-        return cls(**{k: d[k] for k in fields})
+        return cls(**{k: d[k] for k in fields if k in d})
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
@@ -412,6 +422,10 @@ def apply_plan(model: nn.Module, plan: Plan, recover: Callable[[nn.Module], nn.M
         raise TypeError(f"apply_plan: model must be an nn.Module, got {type(model).__name__}")
     options = {k: Option.from_dict(v) for k, v in plan.options.items()}
     norms = {r["name"]: _unb64(r["act_norm"]) for r in plan.layers if r.get("act_norm")}
+    if plan.layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    elif plan.layout != "as given":
+        raise ValueError(f"apply_plan: the plan's layout must be 'as given' or 'channels_last', got {plan.layout!r}")
     apply_choices(model, plan.choices, options, plan.method, norms)
     if recover is not None:
         model = recover(model)
@@ -603,6 +617,27 @@ def time_models(models: dict[str, nn.Module], example_inputs, rounds: int = 10) 
     return {k: statistics.median(v) * 1e3 for k, v in samples.items()}
 
 
+def choose_layout(model: nn.Module, layout: str, example_inputs, rounds: int,
+                  time_model: Callable | None = None) -> tuple[nn.Module, dict]:
+    """(the model the search runs on, what was decided and why). A model with an nn.Conv2d is
+    timed as given and channels-last (round-robin, or the injected time_model(given,
+    channels-last) -> (ms, ms)); "auto" takes channels-last when it is faster beyond NOISE_MIN.
+    The channels-last model is a copy (the given one is left as it was)."""
+    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if layout == "as given" or not has_conv:
+        return model, {"chosen": "as given", "why": "fixed" if layout == "as given" else "no nn.Conv2d"}
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    if time_model is not None:
+        given_ms, cl_ms = time_model(model, cl)
+    else:
+        ms = time_models({"as given": model, "channels_last": cl}, example_inputs, rounds=max(5, rounds))
+        given_ms, cl_ms = ms["as given"], ms["channels_last"]
+    faster = layout == "channels_last" or cl_ms < given_ms * (1 - NOISE_MIN)
+    return (cl if faster else model), {"chosen": "channels_last" if faster else "as given",
+                                       "why": "fixed" if layout == "channels_last" else "timed",
+                                       "as_given_ms": given_ms, "channels_last_ms": cl_ms}
+
+
 # ---------------------------------------------------------------------------- optimize
 def optimize(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_inputs, floor: float = 0.99,
              menu: dict[str, Option] | Iterable[str] | None = None, calibration: Iterable | None = None,
@@ -610,7 +645,7 @@ def optimize(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_in
              absolute: bool = False, method: str = "wanda", layers: Iterable[str] | None = None,
              min_features: int = 128, rounds: int = 15, timings: dict | None = None,
              sensitivities: dict | None = None, time_model: Callable[[nn.Module, nn.Module], tuple] | None = None,
-             show_progress: bool = True) -> tuple[nn.Module, Plan]:
+             layout: str = "auto", show_progress: bool = True) -> tuple[nn.Module, Plan]:
     """The fastest model whose eval_fn score stays at or above the floor (module docstring).
 
     eval_fn(model) -> float, higher is better (search it on training data only).
@@ -620,7 +655,8 @@ def optimize(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_in
     score itself with absolute=True. menu: {name: Option}, option names of default_menu(),
     or None for default_menu() ("dense" is always added). calibration: batches for wanda's
     activation norms (default: [example_inputs]); method "wanda" or "l1" (magnitude).
-    recover(model) -> model: run on the planned model before verification. budget_s:
+    recover(model) -> model: run on the planned model before verification. layout: the
+    convolutions' memory layout the search runs on (LAYOUTS; "auto" times both). budget_s:
     bounds the search (sensitivities measured past their share fall back to the validated
     proxy; verification always completes, so the floor holds). layers / min_features:
     which layers may change (candidate_layers). Injected measurements (tests, or reuse of a
@@ -640,6 +676,8 @@ def optimize(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_in
         raise ValueError(f"optimize: method must be one of {METHODS}, got {method!r}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 3:
         raise ValueError(f"optimize: rounds must be an int >= 3, got {rounds!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"optimize: layout must be one of {LAYOUTS}, got {layout!r}")
     if example_inputs is None:
         raise ValueError("optimize: example_inputs must be one batch the model takes (tensor, tuple or dict)")
     full_menu = default_menu()
@@ -671,6 +709,8 @@ def optimize(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_in
     with torch.no_grad():
         dense_score = float(eval_fn(model))
     target = target_score(dense_score, floor, absolute)
+    given = model  # the dense model as the user gave it: the plan's speed-up is against it
+    model, search["layout"] = choose_layout(model, layout, example_inputs, rounds, time_model)
     names = candidate_layers(model, min_features, layers)
     if not names:
         raise ValueError("optimize: the model has no layer to optimize (nn.Linear / nn.Conv2d with at least "
@@ -743,11 +783,13 @@ def optimize(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_in
     bar.close()
     optimized = state["model"]
     if time_model is not None:
-        dense_ms, plan_ms = time_model(model, optimized)
+        dense_ms, plan_ms = time_model(given, optimized)
     else:
-        ms = time_models({"dense": model, "plan": optimized}, example_inputs, rounds=max(5, rounds))
+        ms = time_models({"dense": given, "plan": optimized}, example_inputs, rounds=max(5, rounds))
         dense_ms, plan_ms = ms["dense"], ms["plan"]
     stage_done("verification", t)
+    # the layers' savings were measured on the searched model: its own time is the prediction's base
+    search_ms = search["layout"]["channels_last_ms"] if search["layout"]["chosen"] == "channels_last" else dense_ms
     search["backoff"] = history
     search["seconds"] = time.perf_counter() - t0
     search["over_budget"] = search["seconds"] > budget_s
@@ -760,11 +802,11 @@ def optimize(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_in
     plan = Plan(layers=layers_out, options={k: v.to_dict() for k, v in menu.items()}, method=method,
                 floor=float(floor), absolute=bool(absolute), target=target,
                 dense={"score": dense_score, "latency_ms": dense_ms, "layers_ms": dense_ms_sum},
-                predicted={"latency_ms": dense_ms - final_saved, "score": dense_score - sum(
+                predicted={"latency_ms": search_ms - final_saved, "score": dense_score - sum(
                     max(items[n][o][1], 0.0) for n, o in choice.items()),
                     "knapsack_latency_saved_ms": predicted_saved, "knapsack_score_loss": predicted_loss},
                 measured={"score": score, "latency_ms": plan_ms, "speedup": dense_ms / plan_ms if plan_ms else None},
-                search=search)
+                search=search, layout=search["layout"]["chosen"])
     return optimized, plan
 
 

@@ -399,9 +399,11 @@ def test_cli_optimize(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "out"
     rc = main(["optimize", str(tmp_path / "mlp.pt"), "--eval", "mlp_eval:score", "--inputs", "mlp_eval:inputs",
-               "--floor", "0.98", "--menu", "2:4,dense int8", "--budget-s", "30", "--out", str(out)])
+               "--floor", "0.98", "--menu", "2:4,dense int8", "--budget-s", "30", "--layout", "as given",
+               "--out", str(out)])
     assert rc == 0
     plan = Plan.load(str(out / "plan.json"))
+    assert plan.layout == "as given" and plan.search["layout"] == {"chosen": "as given", "why": "fixed"}
     assert plan.measured["score"] >= 0.98 * plan.dense["score"]
     saved = torch.load(out / "model.pt", weights_only=False)
     assert state_dicts_equal(saved.state_dict(), sparsekern.apply_plan(mlp(), plan).state_dict())
@@ -447,3 +449,53 @@ def test_sensitivity_deadlines_leave_unreached_and_unscaled_pairs_unoffered():
     assert v["measured_pairs"] == 6 and all(measured[n]["2:4"] for n in LAYERS)
     assert all(0 < loss[n]["2:4"] < 1 for n in LAYERS)
     assert v["spearman_proxy_vs_measured"] is not None
+
+
+# ------------------------------------------------------------------------------- layout
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(32 * 6 * 6, 10)).eval()
+
+
+def test_layout_auto_takes_channels_last_only_when_it_is_timed_faster():
+    from sparsekern.optimize import choose_layout
+
+    cnn, x = small_cnn(), torch.randn(4, 3, 6, 6)
+    m, why = choose_layout(cnn, "auto", x, 5, time_model=lambda given, cl: (2.0, 1.5))
+    assert why == {"chosen": "channels_last", "why": "timed", "as_given_ms": 2.0, "channels_last_ms": 1.5}
+    assert m is not cnn and m[2].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not cnn[2].weight.is_contiguous(memory_format=torch.channels_last)  # the given model is left alone
+    m, why = choose_layout(cnn, "auto", x, 5, time_model=lambda given, cl: (2.0, 1.99))  # within the noise
+    assert m is cnn and why["chosen"] == "as given"
+    m, why = choose_layout(mlp(), "auto", torch.randn(2, 128), 5, time_model=lambda *a: pytest.fail("timed"))
+    assert why == {"chosen": "as given", "why": "no nn.Conv2d"}
+    with pytest.raises(ValueError, match="layout must be one of"):
+        sparsekern.optimize(cnn, lambda m: 1.0, x, layout="nhwc", show_progress=False)
+
+
+def test_a_channels_last_plan_applies_bit_for_bit_and_old_plans_load_as_given():
+    cnn, x = small_cnn(), torch.randn(4, 3, 6, 6)
+    names = ["2", "5"]
+    timings = {n: {DENSE: 1.0, "2:4": 0.5} for n in names}
+
+    def score(m):
+        with torch.no_grad():
+            return float(torch.nn.functional.cosine_similarity(m(x).flatten(), cnn(x).flatten(), dim=0))
+    out, plan = sparsekern.optimize(cnn, score, x, floor=0.5, menu=["2:4"], layers=names, timings=timings,
+                                    sensitivities={n: {"2:4": 0.01} for n in names}, method="l1",
+                                    time_model=lambda given, other: (2.0, 1.0), show_progress=False)
+    assert plan.layout == "channels_last" and plan.search["layout"]["chosen"] == "channels_last"
+    # the prediction starts from the searched (channels-last) model's time, 1.0, not the given one's 2.0
+    assert plan.predicted["latency_ms"] == pytest.approx(1.0 - 2 * 0.5) and plan.dense["latency_ms"] == 2.0
+    assert plan.choices == {"2": "2:4", "5": "2:4"}
+    again = sparsekern.apply_plan(small_cnn(), Plan.from_json(plan.to_json()))
+    assert again[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert state_dicts_equal(again.state_dict(), out.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again(x), out(x))
+    d = json.loads(plan.to_json())
+    del d["layout"]  # a plan saved before layouts: applied to the model as given
+    assert Plan.from_dict(d).layout == "as given"
+    with pytest.raises(ValueError, match="layout must be"):
+        sparsekern.apply_plan(small_cnn(), Plan.from_dict({**d, "layout": "auto"}))
