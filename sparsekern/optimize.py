@@ -836,7 +836,9 @@ def pareto_rows(model: nn.Module, plan: Plan, eval_fn, example_inputs, calibrati
     """One row per variant, scored by eval_fn (e.g. on held-out data) and timed round-robin
     in one loop: the dense model, every uniform option of the plan's menu (that option on
     every candidate layer that holds it, wanda's norms from the plan's calibration), the
-    peers (sparsekern.bench.peers) and the plan (`optimized`, or apply_plan on a copy)."""
+    peers (sparsekern.bench.peers) and the plan (`optimized`, or apply_plan on a copy). With
+    a channels-last plan the uniform options are laid out channels-last too, and the dense
+    channels-last peer is added: each row against the dense model at the plan's layout as well."""
     options = {k: Option.from_dict(v) for k, v in plan.options.items()}
     norms = None
     if plan.method == "wanda":
@@ -844,14 +846,19 @@ def pareto_rows(model: nn.Module, plan: Plan, eval_fn, example_inputs, calibrati
                                                    else [example_inputs], show_progress=False)
         norms = {r["name"]: all_norms[r["name"]] for r in plan.layers if r["name"] in all_norms}
     variants, kinds_of = {"dense": model}, {"dense": "dense"}
+    laid_out = model if plan.layout == "as given" else copy.deepcopy(model).to(memory_format=torch.channels_last)
     for o in tqdm([o for o in options if o != DENSE], "report: uniform options", disable=not show_progress):
-        variants[f"uniform {o}"] = apply_choices(copy.deepcopy(model), uniform_choices(model, plan, o), options,
+        variants[f"uniform {o}"] = apply_choices(copy.deepcopy(laid_out), uniform_choices(model, plan, o), options,
                                                  plan.method, norms).eval()
         kinds_of[f"uniform {o}"] = "uniform"
     skipped = []
+    if plan.layout == "channels_last" and "dense channels-last" not in peers:
+        peers = ("dense channels-last", *peers)
     for p in peers:
         try:
             m, _ = peers_mod.build(p, model, device)
+        except peers_mod.NotApplicable:
+            continue
         except peers_mod.Unavailable as e:
             skipped.append({"variant": p, "kind": "peer", "skipped": True, "error": str(e)})
             continue

@@ -494,6 +494,10 @@ def test_a_channels_last_plan_applies_bit_for_bit_and_old_plans_load_as_given():
     assert state_dicts_equal(again.state_dict(), out.state_dict())
     with torch.no_grad():
         assert torch.equal(again(x), out(x))
+    # the report sets the plan beside the dense model at the plan's layout too
+    rows = {r["variant"]: r for r in pareto_rows(cnn, plan, score, x, peers=(), rounds=3, optimized=out,
+                                                 show_progress=False)}
+    assert rows["dense channels-last"]["kind"] == "peer" and {"dense", "uniform 2:4", "plan"} <= set(rows)
     d = json.loads(plan.to_json())
     del d["layout"]  # a plan saved before layouts: applied to the model as given
     assert Plan.from_dict(d).layout == "as given"
