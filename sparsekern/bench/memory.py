@@ -30,6 +30,8 @@ VARIANTS = {
     "unstructured 70% int8": ("sparsify", {"pattern": "unstructured", "sparsity": 0.7, "quantize": "int8"}),
     "dense bf16": ("peer", "dense bf16"),
     "torch int8 dynamic": ("peer", "torch int8 dynamic"),
+    "torchao int8 weight-only": ("peer", "torchao int8 weight-only"),
+    "torchao int4 weight-only": ("peer", "torchao int4 weight-only"),
 }
 BATCHES = (1, 4, 64)
 
@@ -62,7 +64,11 @@ def child(variant: str, model_name: str, size: int, threads: int) -> dict:
     elif how == "peer":
         # build() returns (peer model, the model it is checked against): the fp32 original,
         # which a user of the peer would not keep
-        model = peers.build(arg, model, "cpu")[0]
+        try:
+            model = peers.build(arg, model, "cpu")[0]
+        except (peers.Unavailable, peers.NotApplicable) as e:  # not installed, no kernel here: a skipped row
+            return {"model": model_name, "variant": variant, "skipped": True, "error": str(e) or type(e).__name__,
+                    "threads": threads}
         import gc
 
         gc.collect()
@@ -92,7 +98,8 @@ def measure(variants=tuple(VARIANTS), model_name: str = "vit_base_patch16_224", 
         else:
             rows.append(json.loads(lines[-1]))
         show(f"   memory {v}: " + (f"{rows[-1]['resident_mb']:.0f} MB above the interpreter"
-                                    if "resident_mb" in rows[-1] else f"did not run: {rows[-1]['error']}"))
+                                    if "resident_mb" in rows[-1] else
+                                    f"{'skipped' if rows[-1].get('skipped') else 'did not run'}: {rows[-1]['error']}"))
     dense = next((r["resident_mb"] for r in rows if r["variant"] == "dense" and "resident_mb" in r), None)
     for r in rows:
         if dense and "resident_mb" in r:
