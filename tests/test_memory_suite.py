@@ -21,6 +21,7 @@ def test_each_variant_in_its_own_process_with_ratios_against_dense():
         assert r["model"] == "vit_tiny_patch16_224" and r["baseline_mb"] > 0 and r["param_bytes"] > 0
         assert r["resident_mb"] == r["after_batch_64_mb"] and {"after_batch_1_mb", "after_batch_4_mb"} <= set(r)
         assert r["resident_over_dense"] == pytest.approx(r["resident_mb"] / by["dense"]["resident_mb"])
+        assert r["steady_mb"] > 0 and r["steady_over_dense"] == pytest.approx(r["steady_mb"] / by["dense"]["steady_mb"])
     assert by["dense"]["resident_over_dense"] == 1.0
     # what each variant stores: int8 values and 2-bit indices of half the pruned weights, bf16 halves
     assert by["2:4 int8"]["param_bytes"] < by["dense bf16"]["param_bytes"] < by["dense"]["param_bytes"]
