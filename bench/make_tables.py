@@ -892,9 +892,11 @@ def t_compression_goals(runs):
             "resident_over_dense") is not None)
         if rows:
             r = rows[0]
+            steady = (f"; after three more batches of 64, {r['steady_over_dense']:.3f}x ({num(r['steady_mb'])} MB)"
+                      if r.get("steady_over_dense") is not None else "")
             line("resident memory, ViT-B/16 after batches 1, 4, 64", variant, "dense fp32", f"≤ {target:g}x",
-                 f"{r['resident_over_dense']:.3f}x ({num(r['resident_mb'])} MB)", r["resident_over_dense"] <= target,
-                 "", run)
+                 f"{r['resident_over_dense']:.3f}x ({num(r['resident_mb'])} MB){steady}",
+                 r["resident_over_dense"] <= target and r.get("steady_over_dense", 0) <= target, "", run)
         else:
             line("resident memory, ViT-B/16 after batches 1, 4, 64", variant, "dense fp32", f"≤ {target:g}x",
                  "not measured", None, "", None)
@@ -907,7 +909,9 @@ def t_compression_goals(runs):
             "products do four multiply-adds per lane, so an int8 row can pass the fp32 peak). Quality: mean cosine "
             "of the sentence embeddings to the dense model's on held-out text. Stored bytes: the pruned layers' "
             "values, indices and scales over their fp32 weights. Resident memory: the process's resident set above "
-            "its baseline after batches 1, 4 and 64, over dense fp32's (`python -m sparsekern bench --suite memory`).")
+            "its baseline after batches 1, 4 and 64, over dense fp32's (`python -m sparsekern bench --suite memory`), "
+            "and the most it held after three more batches of 64 (glibc keeps freed heap pages, so one pass can read "
+            "low); met when both are within the goal.")
 
 
 def t_cpu_overhead(runs):
