@@ -18,9 +18,8 @@
 Each part also runs, in the same loop, the peers a user would run instead
 (sparsekern.bench.peers: dense channels-last for a convolutional network, dense bf16, torch
 int8 dynamic, torchao int8/int4 weight-only where torchao runs, torch's 2:4 semi-structured on
-a GPU), each checked against the fp32 model
-first, with its quality measured the same way; the plots show them beside sparsekern's
-points (diamonds), so the frontier is in view. A peer that cannot run here is listed with
+a GPU), each checked against the fp32 model first, with its quality measured the same way;
+the plots show them beside sparsekern's points (diamonds), so the frontier is in view. A peer that cannot run here is listed with
 the reason (demo.md, demo.json's environment "peers_skipped").
 
 Every latency is timed interleaved (round-robin) with the dense model twice, whose

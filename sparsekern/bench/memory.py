@@ -3,7 +3,7 @@
 The process imports torch and sparsekern, reads its resident set size (VmRSS, the
 baseline), builds the model (timm's ViT-B/16 with pretrained=False, or another of the
 models suite), applies the variant (sparsify with a pattern and value precision, or a peer:
-dense bf16, torch's int8 dynamic), runs batches of 1, 4 and 64 images in inference mode,
+dense bf16, torch's int8 dynamic, torchao's int8 and int4 weight-only), runs batches of 1, 4 and 64 images in inference mode,
 and reads VmRSS again after each (resident_mb: after the 64), then runs batches of 64
 STEADY_REPEATS more times (steady_mb: the most it held after any of them, what a serving
 process settles at). The figures are resident bytes above the baseline, so the

@@ -88,9 +88,9 @@ class Peer:
     as "gemm" (torch's dense linear and convolution), so the layer GFLOP/s of its rows mean
     something; `pattern`: the sparsity pattern of its weights ("dense", or "2:4");
     `layout_of`: the peer (or "dense", the fp32 model itself) it only lays out differently
-    (same values, same quality: the quality suite leaves it out); `cast_only`: the peer is the model cast to `dtype`, nothing
-    else (a model already in that dtype is its own such peer); `kernels`: what runs its
-    layers (the rows' `paths` for a peer)."""
+    (same values, same quality: the quality suite leaves it out); `cast_only`: the peer is
+    the model cast to `dtype`, nothing else (a model already in that dtype is its own such
+    peer); `kernels`: what runs its layers (the rows' `paths` for a peer)."""
     name: str
     what: str
     precision: str
