@@ -14,8 +14,9 @@ the peak, and the profile.
   ..., and torch's quantized linears), "attention" - scaled-dot-product attention, bmm,
   softmax, and "other" - the rest of the call's wall time: norms, activations, copies,
   Python. The profiler's own overhead lands in all of them, most in "other" on calls made
-  of many small operators (decode), so read shares, and rates from the unprofiled median. CPU only: the suite
-  profiles CPU runs (on a GPU the operators' host time is not where the time goes).
+  of many small operators (decode), so read shares, and rates from the unprofiled median.
+  CPU only: the suite profiles CPU runs (on a GPU the operators' host time is not where the
+  time goes).
 - Weight bytes and multiply-adds (forward hooks on every Linear, Conv2d and sparse module,
   one more call): per layer call, the bytes its weight stores (a sparse format's `nbytes`,
   derived indexes such as pre-packed panels not counted) and its multiply-adds, dense
