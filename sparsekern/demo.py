@@ -19,8 +19,9 @@ Each part also runs, in the same loop, the peers a user would run instead
 (sparsekern.bench.peers: dense channels-last for a convolutional network, dense bf16, torch
 int8 dynamic, torchao int8/int4 weight-only where torchao runs, torch's 2:4 semi-structured on
 a GPU), each checked against the fp32 model first, with its quality measured the same way;
-the plots show them beside sparsekern's points (diamonds), so the frontier is in view. A peer that cannot run here is listed with
-the reason (demo.md, demo.json's environment "peers_skipped").
+the plots show them beside sparsekern's points (diamonds), so the frontier is in view. A peer
+that cannot run here is listed with the reason (demo.md, demo.json's environment
+"peers_skipped").
 
 Every latency is timed interleaved (round-robin) with the dense model twice, whose
 difference is the noise floor; a ratio inside it prints as "no difference". Every sparse
@@ -328,30 +329,29 @@ DIGITS_OPTIMIZED = ("cnn",)
 DIGITS_OPTIMIZE_FLOOR = 0.99
 
 
-def optimized_digits(base, data, xb, quick: bool, show: bool):
+def optimized_digits(base, data, xb, calib, quick: bool, show: bool):
     """sparsekern.optimize on a digits model: per-layer pattern and precision, searched with
     the training images only (accuracy on 512 of them, layer latencies at the 64-image batch
     the demo times), verified at the floor. Layers with at least 32 inputs and outputs (the
     CNN's two 3x3 convolutions over 32 and 64 channels and its 1024 -> 128 linear; the default
-    128 would leave it only the linear). Returns (row name, model, row info with the plan's
-    table under "plan_table")."""
+    128 would leave it only the linear); `calib`: wanda's calibration batches (training images).
+    Returns (row name, model, row info, the plan's table)."""
     from .optimize import optimize as optimize_model
 
     xtr, ytr, xte, yte = data
     xs, ys = xtr[:512], ytr[:512]
     t = time.perf_counter()
     m, plan = optimize_model(copy.deepcopy(base), lambda mod: accuracy(mod, xs, ys), xb,
-                             floor=DIGITS_OPTIMIZE_FLOOR, calibration=[xtr[i:i + 128] for i in range(0, 512, 128)],
-                             min_features=32, budget_s=60 if quick else 300, show_progress=show)
-    m.eval()
+                             floor=DIGITS_OPTIMIZE_FLOOR, calibration=calib, min_features=32,
+                             budget_s=60 if quick else 300, show_progress=show)
     name = f"optimize (floor {DIGITS_OPTIMIZE_FLOOR:g})"
     info = {"quality_metric": "accuracy %", "quality": accuracy(m, xte, yte), "param_bytes": param_bytes(m),
             "checkpoint_bytes": checkpoint_bytes(m), "sparse_layers": len(plan.choices),
             "note": ", ".join(f"{layer}: {choice}" for layer, choice in sorted(plan.choices.items())) or "no layer changed",
-            "prune_s": time.perf_counter() - t, "paths": {0: path_summary(m)}, "plan_table": plan.table()}
+            "prune_s": time.perf_counter() - t, "paths": {0: path_summary(m)}}
     print(f"digits {name}: searched in {info['prune_s']:.0f} s, {len(plan.choices)} layers changed, "
           f"held-out accuracy {info['quality']:.1f}%", flush=True)
-    return name, m, info
+    return name, m, info, plan.table()
 
 
 def digits_rows(device, quick, rounds, show, explains, kinds, methods, peer_names=None, skipped=None) -> list[dict]:
@@ -395,10 +395,10 @@ def digits_rows(device, quick, rounds, show, explains, kinds, methods, peer_name
             if sparse:
                 explains.append(f"## digits {kind} {name}\n{explain(m)}\n")
         if kind in DIGITS_OPTIMIZED:
-            name, m, info = optimized_digits(base, data, xb, quick, show)
-            loads[name] = [Workload("64 images", 64, 64, lambda m=m: m(xb), unit="images/s")]
+            name, m, info, table = optimized_digits(base, data, xb, calib, quick, show)
             infos[name] = info
-            explains.append(f"## digits {kind} {name}\n{info.pop('plan_table')}\n")
+            loads[name] = [Workload("64 images", 64, 64, lambda m=m: m(xb), unit="images/s")]
+            explains.append(f"## digits {kind} {name}\n{table}\n")
         add_peers(base, device, lambda m, cast: [Workload("64 images", 64, 64, lambda: m(cast(xb)), unit="images/s")],
                   lambda m, peer: accuracy(m, peer.cast(xte), yte), loads, infos, "digits", f"digits {kind}",
                   peer_names, skipped)

@@ -200,9 +200,10 @@ int64_t pinned_storages() {
 
 struct OutRowsJob {
   OutRows rows;
-  std::vector<at::Tensor> keep;
-  // Their storages too: a tensor's set_() after the call would otherwise free the bytes a
-  // parked worker still reads (and pin() keeps a resize_ from moving them).
+  // The storages of the tensors `rows` reads (parallel_out_rows' `keep`): its captures are raw
+  // pointers into their bytes, so the storages, not the tensors, are what must outlive the call
+  // (a tensor's set_() after it would otherwise free the bytes a parked worker still reads;
+  // pin() keeps a resize_ from moving them).
   std::vector<c10::Storage> storages;
   bool pinned = false;  // storages counted in g_pinned (only the calling thread sets it)
   float* out = nullptr;
@@ -468,8 +469,8 @@ void parallel_chunks(int64_t n, int64_t grain, const std::function<void(int64_t,
   if (p.failed.load(std::memory_order_acquire)) std::rethrow_exception(p.error);
 }
 
-void parallel_out_rows(int64_t O, int64_t B, int64_t grain, float* out, bool abandonable, std::vector<at::Tensor> keep,
-                       OutRows rows) {
+void parallel_out_rows(int64_t O, int64_t B, int64_t grain, float* out, bool abandonable,
+                       const std::vector<at::Tensor>& keep, OutRows rows) {
   if (O <= 0 || B <= 0) return;
   grain = std::max<int64_t>(1, grain);
   const int64_t threads = at::get_num_threads();
@@ -490,8 +491,7 @@ void parallel_out_rows(int64_t O, int64_t B, int64_t grain, float* out, bool aba
   }
   auto job = std::make_shared<OutRowsJob>();
   job->rows = std::move(rows);
-  job->keep = std::move(keep);
-  for (const auto& t : job->keep)
+  for (const auto& t : keep)
     if (t.defined() && t.has_storage()) job->storages.push_back(t.storage());
   job->out = out;
   job->abandonable = abandonable;

@@ -123,17 +123,17 @@ void parallel_chunks(int64_t n, int64_t grain, const std::function<void(int64_t,
 // its chunk into a buffer of its own, a block of rows at a time, and copies it into out unless
 // the calling thread took the chunk over meanwhile: out of chunks, the calling thread takes
 // over one a worker has held for a few times as long as its own chunks took, and returns. The
-// worker stops the abandoned chunk at its next block, the job (rows, keep) kept alive by it;
-// the block it was in when the OS parked it runs to its end after the call returned, reading
-// the job's tensors as they are then. So `abandonable` only where no bytes of them can steer a
+// worker stops the abandoned chunk at its next block, the job (rows, the storages of keep's
+// tensors) kept alive by it; the block it was in when the OS parked it runs to its end after
+// the call returned, reading those bytes as they are then. So `abandonable` only where no bytes of them can steer a
 // read outside them (a 2:4 weight's 2-bit in-group indices; not a bitmask weight's offsets,
 // which the caller's next steps could edit in place): elsewhere the calling thread waits for
 // the worker, as in parallel_chunks. On the team the region's barrier waits as before.
 // chunk_pool.cpp; for the decode row kernels, where each of tens of calls a token could wait a
 // time slice for a parked worker's chunk (bench/results/cpu-busy-takeover-20261207).
 using OutRows = std::function<void(float* dst, int64_t r0, int64_t r1)>;
-void parallel_out_rows(int64_t O, int64_t B, int64_t grain, float* out, bool abandonable, std::vector<at::Tensor> keep,
-                       OutRows rows);
+void parallel_out_rows(int64_t O, int64_t B, int64_t grain, float* out, bool abandonable,
+                       const std::vector<at::Tensor>& keep, OutRows rows);
 
 // The row loops of the CPU kernels: parallel_chunks.
 inline void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {

@@ -73,8 +73,8 @@ def child(variant: str, model_name: str, size: int, threads: int) -> dict:
         try:
             model = peers.build(arg, model, "cpu")[0]
         except (peers.Unavailable, peers.NotApplicable) as e:  # not installed, no kernel here: a skipped row
-            return {"model": model_name, "variant": variant, "skipped": True, "error": str(e) or type(e).__name__,
-                    "threads": threads}
+            return peers.skipped_row(arg, str(e) or type(e).__name__,
+                                     {"model": model_name, "variant": variant, "threads": threads})
         import gc
 
         gc.collect()
