@@ -41,3 +41,27 @@ def test_a_variant_that_fails_is_a_row_with_its_error():
     assert len(rows) == 1 and rows[0]["variant"] == "dense" and rows[0]["error"] and "resident_mb" not in rows[0]
     with pytest.raises(SystemExit):
         memory.main(["not a variant"])
+
+
+def test_a_loaded_variant_reads_a_checkpoint_another_process_saved_and_repeats_give_medians():
+    pytest.importorskip("timm")
+    rows = memory.measure(["dense", "2:4 int8 loaded", "2:4 int8"], model_name="vit_tiny_patch16_224", size=112,
+                          threads=1, show=lambda *a: None, repeats=3)
+    by = {r["variant"]: r for r in rows}
+    assert not [r for r in rows if "error" in r], rows
+    for r in rows:
+        assert r["processes"] == 3 and len(r["resident_mb_each"]) == 3 and len(r["steady_mb_each"]) == 3
+        assert r["resident_mb"] == sorted(r["resident_mb_each"])[1] and r["steady_mb"] == sorted(r["steady_mb_each"])[1]
+    # the loaded model holds what sparsify built, and never a dense weight
+    assert by["2:4 int8 loaded"]["param_bytes"] == by["2:4 int8"]["param_bytes"]
+    assert by["2:4 int8 loaded"]["resident_over_dense"] == pytest.approx(
+        by["2:4 int8 loaded"]["resident_mb"] / by["dense"]["resident_mb"])
+
+
+def test_a_loaded_variant_needs_its_checkpoint_and_repeats_must_be_positive():
+    with pytest.raises(ValueError, match="--checkpoint"):
+        memory.child("2:4 int8 loaded", "vit_tiny_patch16_224", 112, 1)
+    with pytest.raises(ValueError, match="not loaded from a checkpoint"):
+        memory.save_checkpoint("2:4 int8", "vit_tiny_patch16_224", 112, "/nonexistent/x.pt")
+    with pytest.raises(ValueError, match="repeats"):
+        memory.measure(["dense"], repeats=0)

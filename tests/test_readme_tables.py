@@ -240,7 +240,9 @@ def test_compression_goals_take_each_goal_from_the_newest_run_that_measures_it(t
     _write(str(tmp_path / "bench" / "results" / "cpu-memory-20990102" / "results.json"), env,
            [{"op": "memory", "variant": "2:4", "resident_mb": 70.0, "resident_over_dense": 0.7},
             {"op": "memory", "variant": "2:4 int8", "resident_mb": 30.0, "resident_over_dense": 0.3,
-             "steady_mb": 50.0, "steady_over_dense": 0.5}])
+             "steady_mb": 50.0, "steady_over_dense": 0.5},
+            {"op": "memory", "variant": "2:4 int8 loaded", "resident_mb": 30.0, "resident_over_dense": 0.3,
+             "steady_mb": 31.0, "steady_over_dense": 0.31, "resident_mb_each": [29.0, 30.0, 41.0]}])
     runs = mt.load_runs(str(tmp_path / "bench" / "results"), str(tmp_path))
     shown = _table_rows(mt.TABLES["compression-goals"](runs))
     by = {(c[0], c[1]): c for c in shown}
@@ -256,6 +258,10 @@ def test_compression_goals_take_each_goal_from_the_newest_run_that_measures_it(t
     assert mem[4].startswith("0.700x") and mem[5] == "not met"
     steady = by[("resident memory, ViT-B/16 after batches 1, 4, 64", "2:4 int8")]  # one pass within, steady not
     assert "after three more batches of 64, 0.500x" in steady[4] and steady[5] == "not met"
+    loaded = by[("resident memory, ViT-B/16 after batches 1, 4, 64", "2:4 int8, loaded from its checkpoint")]
+    assert loaded[4].startswith("0.300x (30.0 MB; median of 3 processes, 29.0–41.0 MB)") and loaded[5] == "met"
+    assert by[("resident memory, ViT-B/16 after batches 1, 4, 64", "2:4, loaded from its checkpoint")][4] == \
+        "not measured"
     assert by[("real MiniLM, 16 sentences", "2:4 + int8, joint SparseGPT")][4] == "not measured"
 
 

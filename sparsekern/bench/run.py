@@ -437,14 +437,17 @@ def suite_quality(a, env):
 
 # ------------------------------------------------------------------------------ memory
 def suite_memory(a, env):
-    """Resident memory of ViT-B/16 (sparsekern.bench.memory): dense, sparse variants and the
-    peers, each built in a fresh process and run at batches 1, 4 and 64 (--quick: img 112),
-    resident bytes above the interpreter's against the dense fp32 model's."""
+    """Resident memory of ViT-B/16 (sparsekern.bench.memory): dense, sparse variants (sparsified
+    in the process, or loaded from a saved checkpoint) and the peers, each built in a fresh
+    process (three per variant, medians; --quick: one, img 112) and run at batches 1, 4 and
+    64, resident bytes above the interpreter's against the dense fp32 model's."""
     from . import memory
 
     if a.device != "cpu":
         return [{"op": "memory", "error": "the memory suite reads the process's resident set: CPU runs only"}]
-    rows = memory.measure(size=112 if a.quick else 224, threads=env["threads"])
+    # Three processes per variant in a full run: the sparsified-in-process variants' resident
+    # set varies with how sparsify's work left glibc's heap (sparsekern/bench/memory.py).
+    rows = memory.measure(size=112 if a.quick else 224, threads=env["threads"], repeats=a.rounds or (1 if a.quick else 3))
     for r in rows:
         r.setdefault("op", "memory")
         r.setdefault("metric", "resident_mb")
@@ -494,7 +497,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", default=None, help="output folder (default sparsekern-out/bench-<time>)")
     p.add_argument("--rounds", type=int, default=None,
                    help="timed rounds per comparison (default: the suite's own: models 10, masks 10 (--quick 5), "
-                        "kernels 10 (--quick 5; 50 on CUDA))")
+                        "kernels 10 (--quick 5; 50 on CUDA); memory: processes per variant, 3 (--quick 1))")
     p.add_argument("--models", default=None, help="comma-separated subset of the models suite: " +
                    ", ".join(s["name"] for s in model_specs(False)))
     p.add_argument("--peers", default="all",
