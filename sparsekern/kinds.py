@@ -172,7 +172,7 @@ class NMKind(Kind):
 
     def check_mask(self, mask2d, params, pattern):
         n, m = params["n"], params["m"]
-        if mask2d.shape[1] % m or bool((mask2d.reshape(mask2d.shape[0], -1, m).sum(-1) > n).any()):
+        if mask2d.shape[1] % m or bool((mask2d.reshape(mask2d.shape[0], -1, m).sum(-1, dtype=torch.int16) > n).any()):
             raise ValueError(f"mask does not fit pattern {pattern!r}: some group of {m} inputs keeps more than {n}")
 
     def compress(self, w2d, mask2d, params, block, quantize=None, group_size=0, scales=None):

@@ -1125,11 +1125,13 @@ class SparseLinear(_SparseMixin, nn.Module):
                 mask = kinds.KINDS[kind].mask(scores, params, sparsity, block, where)
         elif mask.shape != w.shape or mask.dtype != torch.bool:
             raise ValueError(f"SparseLinear.from_dense: mask must be bool of shape {tuple(w.shape)}")
+        # Built on the meta device: the constructor's placeholder weight (a dense zeros tensor)
+        # would be allocated and filled only to be replaced by _init_weight below.
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, pattern, block,
-                  device=w.device, dtype=w.dtype)
+                  device="meta", dtype=w.dtype)
         mod._set_quantize(quantize, group_size, where)
         if linear.bias is not None:
-            mod.bias.data.copy_(linear.bias.detach())
+            mod.bias = nn.Parameter(linear.bias.detach().to(w.device, w.dtype, copy=True))
         mod._init_weight(w, mask, trainable, policy, value_scales)
         mod.transposed = transposed
         return mod
@@ -1247,11 +1249,12 @@ class SparseConv2d(_SparseMixin, nn.Module):
                                               block, where)
         elif mask.shape != w.shape or mask.dtype != torch.bool:
             raise ValueError(f"SparseConv2d.from_dense: mask must be bool of shape {tuple(w.shape)}")
+        # on the meta device, as in SparseLinear.from_dense: no placeholder weight is built
         mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                  conv.bias is not None, pattern, block, device=w.device, dtype=w.dtype)
+                  conv.bias is not None, pattern, block, device="meta", dtype=w.dtype)
         mod._set_quantize(quantize, group_size, where)
         if conv.bias is not None:
-            mod.bias.data.copy_(conv.bias.detach())
+            mod.bias = nn.Parameter(conv.bias.detach().to(w.device, w.dtype, copy=True))
         w2d, m2d = as_2d(w), as_2d(mask)
         mod._init_weight(w2d, m2d, trainable, policy, value_scales)
         return mod

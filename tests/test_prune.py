@@ -5,6 +5,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 import sparsekern.prune as prune
+from sparsekern import reference
 from sparsekern.formats import BlockWeight, NMWeight
 
 
@@ -213,3 +214,24 @@ def test_bad_inputs():
         prune.nm_prune(nn.Sequential(nn.Linear(6, 4)), 2, 4)
     with pytest.raises(ValueError, match="unknown group"):
         prune.group_score(w, "diagonal")
+
+
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (1, 4), (4, 8), (3, 16), (5, 32)])
+def test_reference_nm_mask_is_the_stable_descending_sort_of_each_group(n, m):
+    # The mask counts each value's rank in its group (byte temporaries) for m <= 16 and sorts
+    # beyond: both must keep what a stable descending sort of |w| keeps, ties to the lower column.
+    torch.manual_seed(0)
+    w = torch.randn(23, m * 7)
+    w[0, :m] = 1.0                                        # a group of equal values
+    w[1, :m] = torch.tensor([0.5, -0.5] * (m // 2))       # equal magnitudes, both signs
+    w[2, m:2 * m] = 0.0                                   # an all-zero group
+    w[3, 2 * m + 1] = float("nan")                        # a NaN ranks first, as in the sort
+    w[4, 3 * m] = float("inf")
+    w = w.to(torch.float64)
+    out, k = w.shape
+    order = torch.sort(w.abs().reshape(out, k // m, m), dim=-1, descending=True, stable=True).indices[..., :n]
+    expected = torch.zeros(out, k // m, m, dtype=torch.bool).scatter_(-1, order, True).reshape(out, k)
+    got = reference.nm_mask(w, n, m)
+    assert got.dtype == torch.bool and torch.equal(got, expected)
+    assert torch.equal(got.reshape(out, -1, m).sum(-1), torch.full((out, k // m), n))
+    assert torch.isnan(w).sum() == 1  # the caller's weight is left as it was
