@@ -140,9 +140,15 @@ class Int8Values(Precision):
 
     def quantize(self, values, group_size=0, scales=None):
         v = values.to(torch.float32)
-        s = _given(scales, (v.shape[0],), v.device) if scales is not None else \
-            scale_for(v.abs().amax(1) if v.shape[1] else v.new_zeros(v.shape[0]), self.qmax)
-        q = torch.round(v / s[:, None]).clamp_(-self.qmax, self.qmax).to(torch.int8)
+        if scales is not None:
+            s = _given(scales, (v.shape[0],), v.device)
+        elif v.shape[1]:
+            # max |v| from the row's min and max: no temporary |v| the size of the values
+            lo, hi = torch.aminmax(v, dim=1)
+            s = scale_for(torch.maximum(lo.neg_(), hi), self.qmax)
+        else:
+            s = scale_for(v.new_zeros(v.shape[0]), self.qmax)
+        q = torch.div(v, s[:, None]).round_().clamp_(-self.qmax, self.qmax).to(torch.int8)  # one temporary
         return q, s
 
     def dequantize(self, stored, scales, k, dtype, group_size=0):

@@ -39,9 +39,10 @@ def test_int4_nibbles_hand_checked():
 
 
 def test_int8_hand_checked():
-    q, s = precisions.PRECISIONS["int8"].quantize(torch.tensor([[254.0, -127.0, 1.0], [0.0, 0.0, 0.0]]))
-    assert s.tolist() == [2.0, 1.0]  # an all-zero row gets scale 1
-    assert q.tolist() == [[127, -64, 0], [0, 0, 0]]  # -63.5 rounds half to even; 0.5 to 0
+    q, s = precisions.PRECISIONS["int8"].quantize(torch.tensor([[254.0, -127.0, 1.0], [0.0, 0.0, 0.0],
+                                                                [-254.0, 127.0, -1.0]]))
+    assert s.tolist() == [2.0, 1.0, 2.0]  # an all-zero row gets scale 1; a row's largest magnitude may be negative
+    assert q.tolist() == [[127, -64, 0], [0, 0, 0], [-127, 64, 0]]  # -63.5 rounds half to even; 0.5 to 0
 
 
 @pytest.mark.parametrize("name,precision,group", CASES)
