@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -145,11 +146,6 @@ def child(variant: str, model_name: str, size: int, threads: int, checkpoint: st
     return row
 
 
-def _median(values: list[float]) -> float:
-    v = sorted(values)
-    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
-
-
 def _run_child(v: str, model_name: str, size: int, threads: int, workdir: str) -> dict:
     base = [sys.executable, "-m", "sparsekern.bench.memory", v, "--model", model_name, "--size", str(size),
             "--threads", str(threads)]
@@ -196,7 +192,7 @@ def measure(variants=tuple(VARIANTS), model_name: str = "vit_base_patch16_224", 
         if repeats > 1:
             for key in ("resident_mb", "steady_mb", "built_mb", "path_measurements"):
                 row[f"{key}_each"] = [r[key] for r in ok]
-                row[key] = _median(row[f"{key}_each"])
+                row[key] = statistics.median(row[f"{key}_each"])
             row["processes"] = len(ok)
             if len(ok) < len(each[v]):
                 row["failed_processes"] = [r["error"] for r in each[v] if "resident_mb" not in r]
