@@ -510,6 +510,20 @@ class _SparseMixin:
         f = self.weight_format()
         return as_2d(f != 0) if isinstance(f, torch.Tensor) else f.mask()
 
+    def kept_fraction(self) -> float:
+        """The share of the weight's 2-D view that the mask keeps, counted (no float copy of
+        the mask); NaN for an empty weight."""
+        mask = self.mask()
+        return float(mask.count_nonzero()) / mask.numel() if mask.numel() else float("nan")
+
+    def _take_bias(self, bias: torch.Tensor | None, device, dtype) -> None:
+        """Gives a module built on the meta device its bias, copied to `device` / `dtype`. The
+        classmethods that compress a given weight build the module there: the constructor's
+        placeholder weight (a dense zeros tensor) would be allocated and filled only to be
+        replaced by the real one."""
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().to(device, dtype, copy=True))
+
     def dense_weight_2d(self) -> torch.Tensor:
         if self.trainable:
             return self.weight * self.mask().to(self.weight.dtype)
@@ -952,7 +966,7 @@ class _SparseMixin:
     def describe(self) -> str:
         """Pattern, density, bytes, the kernel backend and the path chosen per batch bucket."""
         if self.trainable:
-            density = float(self.mask().float().mean())
+            density = self.kept_fraction()
             return f"pattern={self.pattern}, density={density:.3f}, backend=masked (training), " \
                    f"bytes={self.weight_nbytes()}"
         f = self.weight_format()
@@ -1088,9 +1102,8 @@ class SparseLinear(_SparseMixin, nn.Module):
             raise ValueError(f"SparseLinear.from_format: bias must have shape ({out},)")
         kind, params = kinds.parse(weight.pattern)
         block = kinds.KINDS[kind].block_of(params, (32, 32)) or (32, 32)
-        mod = cls(k, out, bias is not None, weight.pattern, block, device=weight.device, dtype=weight.dtype)
-        if bias is not None:
-            mod.bias.data.copy_(bias.detach())
+        mod = cls(k, out, bias is not None, weight.pattern, block, device="meta", dtype=weight.dtype)
+        mod._take_bias(bias, weight.device, weight.dtype)
         if weight.quantized:
             mod.__dict__["_quantize"] = (weight.precision, weight.group_size)
         mod._adopt_format(weight, policy or DEFAULT_POLICY)
@@ -1125,13 +1138,10 @@ class SparseLinear(_SparseMixin, nn.Module):
                 mask = kinds.KINDS[kind].mask(scores, params, sparsity, block, where)
         elif mask.shape != w.shape or mask.dtype != torch.bool:
             raise ValueError(f"SparseLinear.from_dense: mask must be bool of shape {tuple(w.shape)}")
-        # Built on the meta device: the constructor's placeholder weight (a dense zeros tensor)
-        # would be allocated and filled only to be replaced by _init_weight below.
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, pattern, block,
-                  device="meta", dtype=w.dtype)
+                  device="meta", dtype=w.dtype)  # _init_weight below sets the weight (_take_bias)
         mod._set_quantize(quantize, group_size, where)
-        if linear.bias is not None:
-            mod.bias = nn.Parameter(linear.bias.detach().to(w.device, w.dtype, copy=True))
+        mod._take_bias(linear.bias, w.device, w.dtype)
         mod._init_weight(w, mask, trainable, policy, value_scales)
         mod.transposed = transposed
         return mod
@@ -1249,12 +1259,10 @@ class SparseConv2d(_SparseMixin, nn.Module):
                                               block, where)
         elif mask.shape != w.shape or mask.dtype != torch.bool:
             raise ValueError(f"SparseConv2d.from_dense: mask must be bool of shape {tuple(w.shape)}")
-        # on the meta device, as in SparseLinear.from_dense: no placeholder weight is built
         mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                  conv.bias is not None, pattern, block, device="meta", dtype=w.dtype)
+                  conv.bias is not None, pattern, block, device="meta", dtype=w.dtype)  # see _take_bias
         mod._set_quantize(quantize, group_size, where)
-        if conv.bias is not None:
-            mod.bias = nn.Parameter(conv.bias.detach().to(w.device, w.dtype, copy=True))
+        mod._take_bias(conv.bias, w.device, w.dtype)
         w2d, m2d = as_2d(w), as_2d(mask)
         mod._init_weight(w2d, m2d, trainable, policy, value_scales)
         return mod

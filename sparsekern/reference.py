@@ -27,12 +27,9 @@ def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     dimension; ties go to the lower column."""
     out, k = weight.shape
     g = weight.abs().reshape(out, k // m, m)
-    if m > 16:
-        order = torch.sort(g, dim=-1, descending=True, stable=True).indices[..., :n]
-        return torch.zeros_like(g, dtype=torch.bool).scatter_(-1, order, True).reshape(out, k)
     # Each value's rank in its group: how many of the group beat it (larger, or equal at a
-    # lower column). Byte-sized temporaries, where a sort's int64 indices take 2 x the weight's
-    # fp32 bytes (sparsify's peak memory per layer).
+    # lower column), in m passes over byte-sized temporaries, where a stable sort's int64
+    # indices took 2 x the weight's fp32 bytes (sparsify's peak memory per layer).
     # (a NaN ranks above every number, as in a descending sort; the formats reject it later)
     g = g.nan_to_num_(nan=float("inf")) if g.is_floating_point() else g
     rank = torch.zeros(out, k // m, m, dtype=torch.uint8, device=weight.device)

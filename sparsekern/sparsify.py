@@ -180,7 +180,7 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
         for alias in row.get("shared_with", []) + [name]:  # one compressed weight for every path to it
             set_module(model, alias, new)
         row.update(status="sparse", pattern=pattern, values=quantize or str(mod.weight.dtype).replace("torch.", ""),
-                   density=_kept_fraction(new.mask()), bytes_before=dense_bytes,
+                   density=new.kept_fraction(), bytes_before=dense_bytes,
                    bytes_after=new.weight_nbytes(), backend=new.backend, reason=new.reason)
     if quantize_dense:
         _dense_linears_int8(model, report)
@@ -194,11 +194,6 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
     memory.release_freed_memory()  # the dense weights just freed (sparsekern/memory.py)
     _sparse_layers_changed(model)
     return model, report
-
-
-def _kept_fraction(mask: torch.Tensor) -> float:
-    """The share of True in a bool mask, counted (no float copy of the mask)."""
-    return float(mask.count_nonzero()) / mask.numel() if mask.numel() else float("nan")
 
 
 SWAPPED = "nn.Linear, nn.Conv2d and transformers' Conv1D"

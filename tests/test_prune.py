@@ -218,8 +218,9 @@ def test_bad_inputs():
 
 @pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (1, 4), (4, 8), (3, 16), (5, 32)])
 def test_reference_nm_mask_is_the_stable_descending_sort_of_each_group(n, m):
-    # The mask counts each value's rank in its group (byte temporaries) for m <= 16 and sorts
-    # beyond: both must keep what a stable descending sort of |w| keeps, ties to the lower column.
+    # The mask counts each value's rank in its group (byte temporaries): it must keep what a
+    # stable descending sort of |w| keeps, ties to the lower column (m = 32 beyond what
+    # check_nm allows, as a reference must hold wherever it is called).
     torch.manual_seed(0)
     w = torch.randn(23, m * 7)
     w[0, :m] = 1.0                                        # a group of equal values

@@ -89,7 +89,7 @@ def _weight_cost(mod: nn.Module) -> tuple[int, int, float] | None:
 
     if isinstance(mod, SPARSE_MODULES):
         if mod.trainable:  # the dense weight and its mask (masked_linear in training, a packed copy in eval)
-            return mod.weight_nbytes(), mod.weight[0].numel(), float(mod.mask().float().mean())
+            return mod.weight_nbytes(), mod.weight[0].numel(), mod.kept_fraction()
         fmt = mod.weight_format()
         if isinstance(fmt, torch.Tensor):  # dense backend (masked dense weight): every multiply-add runs
             return mod.weight_nbytes(), fmt[0].numel(), 1.0
