@@ -18,10 +18,17 @@ own quantized math, the others' error against fp64 on their weight recorded):
   sparsekern.int8_tiles / sparsekern.int4_g<G>_tiles (with --tiles)
                             nm_linear_q with SPARSEKERN_NM_Q_GEMM=tile: tiles dequantized to
                             fp32 into the BLAS GEMM (the path before)
+  sparsekern.int8_gemm_one_range / sparsekern.int8_gemm_per_thread (with --ranges)
+                            the same GEMM with its batch rows split as SPARSEKERN_INT8_RANGES=one
+                            and =threads fix it (nm_gemm_int8.h, BatchRanges; as dispatched it
+                            picks by the batch: ranges_for)
   torch.dense_fp32          F.linear on the dense fp32 weight (MKL)
   torch.dense_bf16          F.linear with bf16 x and the dense weight in bf16 (model.to(bfloat16))
 Each provider rotates over enough weight copies to read at least --rotate-mib MiB per pass
 (its own bytes: int4 copies are more numerous than fp32 ones), so no weight stays in the L3.
+With --consumer every provider's call is followed by what a transformer block does next with
+the output, layer_norm(y + residual) in the output's dtype, timed with it: which thread wrote
+which output rows decides whether that op finds them in its own core's cache.
 Rates: dense-equivalent GOP/s = 2 * rows * in * out / time (the 2:4 kernels do half the
 multiply-adds), beside the fp32 multiply-add roof of cpu_fma_probe measured in the same run.
 """
@@ -44,6 +51,16 @@ from sparsekern.formats import NMWeight
 # rows x in x out: Llama-style prefill (128 tokens, hidden 2048, intermediate 5632) and
 # ViT-B/16 at batch 4 (4 x 197 tokens, hidden 768, qkv 2304, MLP 3072)
 CASES = ["128x2048x2048", "128x2048x5632", "128x5632x2048", "788x768x2304", "788x768x3072", "788x3072x768"]
+
+
+def _ranges(fn, split):
+    def call():
+        os.environ["SPARSEKERN_INT8_RANGES"] = split
+        try:
+            return fn()
+        finally:
+            del os.environ["SPARSEKERN_INT8_RANGES"]
+    return call
 
 
 def _tiles(fn):
@@ -75,7 +92,8 @@ def _quantized_dynamic(D):
     return torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
 
 
-def run_case(b, k, o, rounds, rotate_mib, int4_groups, tiles, env, clock=time.perf_counter):
+def run_case(b, k, o, rounds, rotate_mib, int4_groups, tiles, env, clock=time.perf_counter, ranges=False,
+             consumer=False):
     torch.manual_seed(0)
     x = torch.randn(b, k)
     xb = x.to(torch.bfloat16)
@@ -102,6 +120,9 @@ def run_case(b, k, o, rounds, rotate_mib, int4_groups, tiles, env, clock=time.pe
     }
     for g, Ws in W4s.items():
         calls[f"sparsekern.int4_g{g}_gemm"] = [lambda W=W: ops.nm_linear_q(x, W) for W in Ws]
+    if ranges:
+        for split, name in (("one", "sparsekern.int8_gemm_one_range"), ("threads", "sparsekern.int8_gemm_per_thread")):
+            calls[name] = [_ranges(lambda W=W: ops.nm_linear_q(x, W), split) for W in W8s]
     if tiles:
         calls["sparsekern.int8_tiles"] = [_tiles(lambda W=W: ops.nm_linear_q(x, W)) for W in W8s]
         for g, Ws in W4s.items():
@@ -119,11 +140,21 @@ def run_case(b, k, o, rounds, rotate_mib, int4_groups, tiles, env, clock=time.pe
         W = weight_of.get(name, W8s[0])
         exact = reference.nm_linear_q(x.double(), *W.kernel_args(), None)
         errors[name] = _rel(y, exact)
-        if name in weight_of and name.endswith("_gemm") and "int8 dot-product" in why[name]:
+        if name in weight_of and "_gemm" in name and "int8 dot-product" in why[name]:
             own = reference.nm_linear_q_dot(x.double(), *W.kernel_args())
             assert _rel(y, own) < 1e-5, f"{name} {b}x{k}x{o}: {_rel(y, own):.2e} from its quantized math"
         elif name.startswith("sparsekern") or name == "torch.dense_fp32":
             assert errors[name] < 1e-5, f"{name} {b}x{k}x{o}: relative error {errors[name]:.2e}"
+    if consumer:
+        residual = {torch.float32: torch.randn(b, o)}
+        residual[torch.bfloat16] = residual[torch.float32].to(torch.bfloat16)
+
+        def then_norm(fn):
+            def call():
+                y = fn()
+                return F.layer_norm(y + residual[y.dtype], (o,))
+            return call
+        calls = {name: [then_norm(f) for f in fns] for name, fns in calls.items()}
     samples = interleaved(calls, rounds, clock=clock)
     res = compare(samples, "torch.int8_dynamic", "torch.int8_dynamic.again")
     fp32 = res["torch.dense_fp32"]["median_ms"]
@@ -140,6 +171,7 @@ def run_case(b, k, o, rounds, rotate_mib, int4_groups, tiles, env, clock=time.pe
                      "shape": f"{o}x{k}", "out_features": o, "in_features": k, "batch": b, "device": "cpu",
                      "weight_copies": len(calls[name]), "backend_reason": why.get(name, ""),
                      "rel_err_vs_fp64": errors[name], **r,
+                     "timed_with": "layer_norm(y + residual)" if consumer else "the op alone",
                      "dense_equiv_gop_per_s": flop / (r["median_ms"] * 1e-3) / 1e9,
                      "speedup_vs_torch_int8_dynamic": r["speedup"],
                      "speedup_vs_dense_fp32": fp32 / r["median_ms"], "commit": env["commit"]})
@@ -154,6 +186,10 @@ def main(argv=None):
                    help="weight bytes each provider rotates over at least (MiB; the L3 is 32 MiB here); 0: one copy")
     p.add_argument("--int4-groups", default="128", help="int4 group sizes, comma-separated (32, 64, 128)")
     p.add_argument("--tiles", action="store_true", help="also time the dequantized tiles (the path before)")
+    p.add_argument("--ranges", action="store_true",
+                   help="also time the int8 GEMM with one batch range and with one per thread")
+    p.add_argument("--consumer", action="store_true",
+                   help="time each call with layer_norm(y + residual) after it (the output's next reader)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     p.add_argument("--thread-clock", action="store_true",
                    help="time with the calling thread's CPU clock (time.thread_time; --threads 1 only): "
@@ -178,7 +214,8 @@ def main(argv=None):
     for case in tqdm(a.cases.split(","), desc="cases", disable=None):
         b, k, o = map(int, case.split("x"))
         case_rows, why = run_case(b, k, o, a.rounds, a.rotate_mib, groups, a.tiles, env,
-                                  time.thread_time if a.thread_clock else time.perf_counter)
+                                  time.thread_time if a.thread_clock else time.perf_counter,
+                                  ranges=a.ranges, consumer=a.consumer)
         for name, reason in why.items():
             print(f"  {name}: {reason}")
         for r in case_rows:

@@ -363,7 +363,7 @@ def test_int4_dot_matches_fp64_of_its_quantized_math(group, rows, k, o, poison):
     # kept = K / 2: 1024 (whole groups), 518 / 386 / 18 / 2 / 196 (a shorter last group at every
     # group size; 1036 and 772 also a last group pair holding one 2:4 group), K = 4: one group
     # pair; O = 67, 31, 97, 5, 33: partial 16-row blocks and 32-row panels; O = 16: one block;
-    # rows 17, 40, 129: partial passes of the core's 6 batch rows.
+    # rows 17, 40, 129: partial passes of the core's 10 batch rows.
     W = _weight(o, k, 2, 4, "int4", group)
     x = torch.randn(rows, k) * torch.rand(rows, 1) * 10  # rows of different scales
     bias = torch.randn(o)
@@ -462,6 +462,40 @@ def test_int4_dot_reference_is_the_int8_one_on_int4_values():
     torch.testing.assert_close(y4, y8, rtol=1e-12, atol=1e-12)
     exact = reference.nm_linear_q(x, values, indices, row_scale[:, None].expand_as(scales), n, m, k, bits, group)
     assert not torch.allclose(y4, exact, rtol=1e-6, atol=1e-6)  # x's rounding shows
+
+
+@needs_vnni
+@pytest.mark.parametrize("precision,group", [("int8", 0), ("int4", 64)])
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("rows", [7, 333, 641, 1000])
+def test_int8_dot_batch_ranges_give_the_same_bits(precision, group, threads, rows, poison):
+    """The GEMM's batch rows split into one range per thread (nm_gemm_int8.h, BatchRanges; a
+    large batch), or kept in one: every output row written once, by exact int32 sums, so the
+    splits agree to the bit. rows 641 and 1000 split as dispatched (ranges_for: 320+ rows each),
+    333 and 7 do not; 3 threads: more threads than 2-range batches, and 333 + 7 split three ways
+    under "threads" (7 rows: one range of 10, the others empty)."""
+    W = _weight(97, 392, 2, 4, precision, group)
+    x = torch.randn(rows, 392) * torch.rand(rows, 1) * 10
+    bias = torch.randn(97)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = {}
+        for split in ("one", "threads", None):
+            if split:
+                os.environ["SPARSEKERN_INT8_RANGES"] = split
+            try:
+                out[split] = _int8_dot(x, W, bias)
+            finally:
+                os.environ.pop("SPARSEKERN_INT8_RANGES", None)
+    finally:
+        torch.set_num_threads(old)
+    values, indices, scales, n, m, k, _, _ = W.kernel_args()
+    want = (reference.nm_linear_q_int8_dot(x.double(), values, indices, scales, n, m, k, bias.double())
+            if precision == "int8" else
+            reference.nm_linear_q_int4_dot(x.double(), values, indices, scales, n, m, k, group, bias.double()))
+    assert_linear_close(out["one"], want, torch.float32, what=f"{precision} GEMM, one range, B={rows}")
+    assert torch.equal(out["threads"], out["one"]) and torch.equal(out[None], out["one"])
 
 
 # ------------------------------------------------------------------------ bad input

@@ -18,7 +18,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <utility>
+#include <vector>
 
 #include "cpu_common.h"
 #include "nm_gemm_int8.h"
@@ -94,24 +97,30 @@ at::Tensor nm24_int8_dot(const at::Tensor& x2, const at::Tensor& vals, const at:
   at::parallel_for(0, B, std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(K, 1)), [&](int64_t b0, int64_t b1) {
     v::quantize_rows(xp, K, b0, b1, xq.data_ptr<uint8_t>(), xs.data_ptr<float>());
   });
-  int64_t next = 0;
   const int64_t panels = (O + v::kPanelRows - 1) / v::kPanelRows;
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<int64_t> next(size_t(nth), 0);
+  // SPARSEKERN_INT8_RANGES=one|threads fixes the split (read per call), a benchmarking switch.
+  const char* fixed = std::getenv("SPARSEKERN_INT8_RANGES");
+  const int64_t nr = fixed && std::strcmp(fixed, "one") == 0       ? 1
+                     : fixed && std::strcmp(fixed, "threads") == 0 ? nth
+                                                                   : v::ranges_for(B, nth);
+  const BatchRanges ranges{nr, v::range_rows_for(B, nr), next.data()};
   if (bits == 4) {
     const Nm24Int4Args g{vals.data_ptr<uint8_t>(), idx.data_ptr<uint8_t>(), sc.data_ptr<float>(), K / 2,
                          vals.size(1), idx.size(1), K, O, group_size, sc.size(1), xq.data_ptr<uint8_t>(),
-                         xs.data_ptr<float>(), stride, B, out.data_ptr<float>(), panels, &next,
+                         xs.data_ptr<float>(), stride, B, out.data_ptr<float>(), panels, ranges,
                          bias.defined() ? bias.data_ptr<float>() : nullptr};
     at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) v::nm24_int4_gemm(g);
+      for (int64_t t = t0; t < t1; ++t) v::nm24_int4_gemm(g, t);
     });
     return out;
   }
   const Nm24Int8Args g{vals.data_ptr<int8_t>(), idx.data_ptr<uint8_t>(), sc.data_ptr<float>(), vals.size(1),
                        idx.size(1), K, O, xq.data_ptr<uint8_t>(), xs.data_ptr<float>(), stride, B,
-                       out.data_ptr<float>(), panels, &next, bias.defined() ? bias.data_ptr<float>() : nullptr};
+                       out.data_ptr<float>(), panels, ranges, bias.defined() ? bias.data_ptr<float>() : nullptr};
   at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) v::nm24_gemm(g);
+    for (int64_t t = t0; t < t1; ++t) v::nm24_gemm(g, t);
   });
   return out;
 }

@@ -49,6 +49,20 @@ namespace cpu {
 // AVX512_VNNI (Zen 4 and later, Cascade Lake, Ice Lake, Sapphire Rapids and later).
 bool cpu_has_avx512_vnni();
 
+// The batch rows split into contiguous ranges, one per thread for a large batch, each with its
+// own panel counter. Thread t runs the panels of range t first, then takes what is left of the
+// others' (t + 1, t + 2, ...), so a thread the OS parked holds at most the panel it is in. Why
+// not one shared counter over the panels with every batch row: each thread then wrote a column
+// slice of every output row, and the elementwise op after the layer (torch splits it into contiguous halves of
+// the rows, one per thread) found half its input in the other core's cache: a residual add and
+// layer norm over a [960, 384] output took 1.7x as long after this kernel as after torch's
+// int8 linear, whose threads split the rows (timed on the Zen 4 machine of issue 28).
+struct BatchRanges {
+  int64_t count;      // ranges (ranges_for: one per thread, or fewer for a small batch)
+  int64_t rows;       // batch rows per range: a multiple of the core's 10 (the last may be shorter)
+  int64_t* next;      // [count] panel counters, 0 before the first call
+};
+
 struct Nm24Int8Args {
   const int8_t* values;    // [O, kept] int8, kept = K / 2: group pair p's four values at 4p
   const uint8_t* indices;  // [O, idx_row_bytes], 2 bits per slot: group pair p's byte at p
@@ -59,7 +73,7 @@ struct Nm24Int8Args {
   int64_t xq_stride, B;
   float* out;              // [B, O] fp32
   int64_t panels;          // ceil(O / kPanelRows)
-  int64_t* next_panel;     // shared counter, 0 before the first call
+  BatchRanges ranges;      // the work units: (batch range, panel)
   const float* bias;       // [O] fp32 added to every row of out (one FMA with the scales), or null
 };
 
@@ -75,7 +89,7 @@ struct Nm24Int4Args {
   int64_t xq_stride, B;
   float* out;              // [B, O] fp32
   int64_t panels;          // ceil(O / kPanelRows)
-  int64_t* next_panel;     // shared counter, 0 before the first call
+  BatchRanges ranges;      // as Nm24Int8Args.ranges
   const float* bias;       // as Nm24Int8Args.bias
 };
 
@@ -86,10 +100,29 @@ inline int64_t xq_stride(int64_t K) { return (K + 7) / 8 * 8; }
 // Rows [b0, b1) of fp32 x [B, K] (row-major) quantized as above into xq [B, xq_stride(K)]
 // and x_scales [B].
 void quantize_rows(const float* x, int64_t K, int64_t b0, int64_t b1, uint8_t* xq, float* x_scales);
-// Output panels taken from *a.next_panel until all are done; call it from every thread.
-void nm24_gemm(const Nm24Int8Args& a);
+constexpr int64_t kBatchRows = 10;  // batch rows per core pass (2 x 10 int32 accumulators)
+// A range's threads decode every panel for themselves, so more ranges repeat the panel decode
+// (about one core pass of work per panel): at least this many batch rows per range. Timed on
+// the Zen 4 machine, 2 threads, the GEMM and a residual add + layer norm after it, against one
+// range: 3-13% faster at B = 788 and 960 (ViT-B/16 at batch 4, MiniLM at 16 sentences), 2-9%
+// slower at B = 128 to 400 (bench/results/int8-ranges-20261207).
+constexpr int64_t kMinRangeRows = 320;
+// Ranges for B batch rows and `threads` threads: one per thread where each gets kMinRangeRows.
+inline int64_t ranges_for(int64_t B, int64_t threads) {
+  const int64_t r = B / kMinRangeRows;
+  return r < 1 ? 1 : r < threads ? r : threads;
+}
+// Batch rows per range for B rows over `ranges` ranges: whole core passes, the fewest rows that
+// cover B (the elementwise op after the layer splits at B / threads: they differ by under a pass).
+inline int64_t range_rows_for(int64_t B, int64_t ranges) {
+  const int64_t passes = (B + kBatchRows - 1) / kBatchRows;
+  return (passes + ranges - 1) / ranges * kBatchRows;
+}
+// Work units (range, panel) as BatchRanges says, until all are done; call it from every
+// thread, with `thread` its index among them (a range's own thread when below the count).
+void nm24_gemm(const Nm24Int8Args& a, int64_t thread);
 // The same for int4 values (group sizes 32, 64 and 128).
-void nm24_int4_gemm(const Nm24Int4Args& a);
+void nm24_int4_gemm(const Nm24Int4Args& a, int64_t thread);
 }  // namespace avx512vnni
 
 }  // namespace cpu
