@@ -23,6 +23,12 @@ error at most 2x torch's own bf16 F.linear error):
                           chunk pool (SPARSEKERN_NM_BF16_THREADS=omp; only with more than one thread)
   cpp.nm24_bf16_fma       the same under SPARSEKERN_NM_BF16=fma: the fp32 multiply-add kernel
                           on the converted values (the path before the bf16 kernel)
+  cpp.nm24_bf16_dot.one_range / .per_thread (with --ranges)
+                          the bf16 kernel with its lanes in one range, or one per thread
+                          (SPARSEKERN_NM_BF16_RANGES; as dispatched: nm_gemm_bf16.h ranges_for)
+With --consumer every call is followed by layer_norm(y + residual) in bf16, what a transformer
+block does next with the output, timed with it: which thread wrote which output rows decides
+whether that op finds them in its own core's cache.
 
 Each row gives the dense-equivalent GFLOP/s (2 x rows x out x in over the median), the kept
 GFLOP/s the 2:4 kernels actually execute (half of it), and both as a share of the run's fp32
@@ -90,7 +96,8 @@ def fma_peak_gflops(tries: int = 5, clock=None) -> float | None:
     return best
 
 
-def run_case(name, rows, o, k, rounds, rotate_mib, with_fma, peak, env, clock=time.perf_counter):
+def run_case(name, rows, o, k, rounds, rotate_mib, with_fma, peak, env, clock=time.perf_counter, ranges=False,
+             consumer=False):
     torch.manual_seed(0)
     dt = torch.bfloat16
     nm_bytes = o * k // 2 * 2 + o * k // 8
@@ -107,6 +114,11 @@ def run_case(name, rows, o, k, rounds, rotate_mib, with_fma, peak, env, clock=ti
         calls["cpp.nm24_bf16_dot.omp"] = [
             _with_env("SPARSEKERN_NM_BF16_THREADS", "omp", _with_env("SPARSEKERN_NM_BF16", "dot", lambda W=W: ops.nm_linear(x, W)))
             for W in Ws]
+    if ranges:
+        for split, suffix in (("one", "one_range"), ("threads", "per_thread")):
+            calls[f"cpp.nm24_bf16_dot.{suffix}"] = [
+                _with_env("SPARSEKERN_NM_BF16_RANGES", split, _with_env("SPARSEKERN_NM_BF16", "dot", lambda W=W: ops.nm_linear(x, W)))
+                for W in Ws]
     if with_fma:
         calls["cpp.nm24_bf16_fma"] = [_with_env("SPARSEKERN_NM_BF16", "fma", lambda W=W: ops.nm_linear(x, W))
                                       for W in Ws]
@@ -118,6 +130,12 @@ def run_case(name, rows, o, k, rounds, rotate_mib, with_fma, peak, env, clock=ti
             assert ops.explain_backend("nm_linear", x, Ws[0])[0] == "cpp", pname
         err = rel_err(fns[0](), ref)
         assert err <= tolerance(dt, torch_err), f"{pname} {name}: error {err:.2e} against torch's {torch_err:.2e}"
+    if consumer:
+        residual = torch.randn(rows, o, dtype=dt)
+
+        def then_norm(fn):
+            return lambda: F.layer_norm(fn() + residual, (o,))
+        calls = {pname: [then_norm(f) for f in fns] for pname, fns in calls.items()}
     samples = interleaved(calls, rounds, clock=clock)
     res = compare(samples, "torch.dense_bf16", "torch.dense_bf16.again")
     flop = 2.0 * rows * o * k
@@ -129,7 +147,7 @@ def run_case(name, rows, o, k, rounds, rotate_mib, with_fma, peak, env, clock=ti
         out.append({"op": "nm_linear" if sparse else "linear", "provider": pname, "case": name,
                     "pattern": "2:4" if sparse else "dense", "density": 0.5, "dtype": "bfloat16",
                     "shape": f"{o}x{k}", "out_features": o, "in_features": k, "batch": rows, "device": "cpu",
-                    "weight_copies": copies, **r,
+                    "weight_copies": copies, "timed_with": "layer_norm(y + residual)" if consumer else "the op alone", **r,
                     "dense_equiv_gflop_per_s": dense_equiv, "executed_gflop_per_s": executed,
                     "executed_share_of_fma_peak": executed / peak if peak else None,
                     "fma_peak_gflops": peak, "speedup_vs_dense_bf16": r["speedup"], "commit": env["commit"]})
@@ -143,6 +161,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rotate-mib", type=int, default=64, help="compressed bytes rotated at least (MiB)")
     p.add_argument("--no-fma", action="store_true", help="leave out the fp32-FMA kernel row")
+    p.add_argument("--ranges", action="store_true", help="also time the bf16 kernel with one lane range and one per thread")
+    p.add_argument("--consumer", action="store_true",
+                   help="time each call with layer_norm(y + residual) after it (the output's next reader)")
     p.add_argument("--clock", choices=["wall", "thread"], default="wall",
                    help="wall: time.perf_counter; thread: the caller's CPU time (with --threads 1 only)")
     p.add_argument("--out", default=None)
@@ -163,7 +184,8 @@ def main(argv=None):
     rows = []
     for group in a.cases.split(","):
         for name, b, o, k in CASES[group]:
-            for r in run_case(name, b, o, k, a.rounds, a.rotate_mib, not a.no_fma, peak, env, clock):
+            for r in run_case(name, b, o, k, a.rounds, a.rotate_mib, not a.no_fma, peak, env, clock,
+                              ranges=a.ranges, consumer=a.consumer):
                 rows.append(r)
                 share = r["executed_share_of_fma_peak"]
                 print(f"{name:>17} {b:>5} {r['shape']:>10} {r['provider']:>22} {r['median_ms']:>10.3f} "

@@ -132,6 +132,36 @@ def test_bf16_dot_over_several_passes_and_panels(rows, direct, poison):
 
 
 @needs_bf16_dot
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("rows", [17, 600, 788, 1100])
+def test_bf16_dot_lane_ranges_give_the_same_bits(rows, threads, direct, poison):
+    """The lanes split into one range per thread (nm_gemm_bf16.h, ranges_for: 600 and 788 rows
+    on 2 threads, and 1100's first pass of 1024) or kept in one: each output is the same sum in
+    the same order, written once, so every split gives the same bits. On 3 threads ranges_for
+    keeps one range (three ranges would decode more often), "threads" forces three."""
+    W = NMWeight.from_dense(torch.randn(301, 136, dtype=torch.bfloat16), 2, 4)
+    x = torch.randn(rows, 136, dtype=torch.bfloat16)
+    bias = torch.randn(301, dtype=torch.bfloat16)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = {}
+        for split in ("one", "threads", None):
+            if split:
+                os.environ["SPARSEKERN_NM_BF16_RANGES"] = split
+            try:
+                out[split] = _nm_linear(x, W, bias)
+            finally:
+                os.environ.pop("SPARSEKERN_NM_BF16_RANGES", None)
+    finally:
+        torch.set_num_threads(old)
+    dense = W.to_dense()
+    assert_linear_close(out["one"], ref64(x, dense, bias), torch.bfloat16, lowp_torch_linear(x, dense, bias),
+                        f"one range, rows={rows}")
+    assert torch.equal(out["threads"], out["one"]) and torch.equal(out[None], out["one"])
+
+
+@needs_bf16_dot
 def test_bf16_dot_agrees_with_the_fp32_fma_kernel(direct):
     W = NMWeight.from_dense(torch.randn(301, 1028, dtype=torch.bfloat16), 2, 4)
     x = torch.randn(130, 1028, dtype=torch.bfloat16)

@@ -33,7 +33,7 @@ constexpr int64_t kGroupWords = kPairs * kLanes; // uint32 words of one group of
 constexpr int64_t kGroupBytes = kGroupWords * 4;
 constexpr int kV = kLanes / 16;                  // vectors per row of the register block (4)
 static_assert(kV == 4, "core's dispatch lists V = 1..4");
-constexpr int64_t kChunk = 512;                  // lanes per pass over a panel (8 tiles)
+constexpr int64_t kChunk = kChunkTiles * kLanes; // lanes per pass over a panel (512)
 static_assert(kGt % 16 == 0, "a row's K-tile slice is whole vectors of 16 value pairs");
 
 // Index nibble (i0 | i1 << 2: a group's two 2-bit slots) -> its pair (a, b) in the order of
@@ -164,15 +164,16 @@ void lanes_to_rows_bf16(const float* acc, int64_t rows, int64_t L, int64_t lanes
   }
 }
 
-// Output rows [r0, r1) of the pass: passes of up to kChunk lanes, K tiles in order (each
-// block's slice decoded into blk once), every tile of the pass over every row block, then the
-// partial sums into out.
-void panel(const Nm24Bf16Args& a, int64_t r0, int64_t r1, BlockSlice* blk, float* acc) {
+// Output rows [r0, r1) of tiles [tile_lo, tile_hi): passes of up to kChunk lanes, K tiles in
+// order (each block's slice decoded into blk once), every tile of the pass over every row
+// block, then the partial sums into out.
+void panel(const Nm24Bf16Args& a, int64_t r0, int64_t r1, int64_t tile_lo, int64_t tile_hi, BlockSlice* blk,
+           float* acc) {
   const int64_t rows = r1 - r0, blocks = (rows + kRows - 1) / kRows;
-  const int64_t G = a.K / 4, tiles = (a.B + kLanes - 1) / kLanes, chunk_tiles = kChunk / kLanes;
+  const int64_t G = a.K / 4, chunk_tiles = kChunkTiles;
   const int64_t tile_words = pair_tile_words(a.K);
-  for (int64_t t0 = 0; t0 < tiles; t0 += chunk_tiles) {
-    const int64_t t1 = t0 + chunk_tiles < tiles ? t0 + chunk_tiles : tiles;
+  for (int64_t t0 = tile_lo; t0 < tile_hi; t0 += chunk_tiles) {
+    const int64_t t1 = t0 + chunk_tiles < tile_hi ? t0 + chunk_tiles : tile_hi;
     for (int64_t g0 = 0; g0 < G; g0 += kGt) {
       const int64_t groups = G - g0 < kGt ? G - g0 : kGt;
       for (int64_t b = 0; b < blocks; ++b) {
@@ -263,17 +264,21 @@ void pair_tiles(const uint16_t* x, int64_t B, int64_t K, int64_t u0, int64_t u1,
   }
 }
 
-void nm24_gemm(const Nm24Bf16Args& a) {
+void nm24_gemm(const Nm24Bf16Args& a, int64_t thread) {
   const int64_t blocks = (a.panel_rows + kRows - 1) / kRows;
   const int64_t tiles = (a.B + kLanes - 1) / kLanes;
-  const int64_t chunk_tiles = tiles < kChunk / kLanes ? tiles : kChunk / kLanes;
+  const int64_t chunk_tiles = tiles < kChunkTiles ? tiles : kChunkTiles;
   float* acc = static_cast<float*>(std::aligned_alloc(64, chunk_tiles * blocks * kRows * kLanes * sizeof(float)));
   BlockSlice* blk = static_cast<BlockSlice*>(std::aligned_alloc(64, (blocks * sizeof(BlockSlice) + 63) / 64 * 64));
-  for (;;) {
-    const int64_t p = __atomic_fetch_add(a.next_panel, 1, __ATOMIC_RELAXED);
-    if (p >= a.panels) break;
-    const int64_t r0 = p * a.panel_rows, r1 = r0 + a.panel_rows < a.O ? r0 + a.panel_rows : a.O;
-    panel(a, r0, r1, blk, acc);
+  for (int64_t i = 0; i < a.range_count; ++i) {
+    const int64_t range = (thread + i) % a.range_count;
+    const int64_t tile_lo = range * a.range_tiles, tile_hi = tile_lo + a.range_tiles < tiles ? tile_lo + a.range_tiles : tiles;
+    if (tile_lo >= tile_hi) continue;
+    for (int64_t p = __atomic_fetch_add(a.next + range, 1, __ATOMIC_RELAXED); p < a.panels;
+         p = __atomic_fetch_add(a.next + range, 1, __ATOMIC_RELAXED)) {
+      const int64_t r0 = p * a.panel_rows, r1 = r0 + a.panel_rows < a.O ? r0 + a.panel_rows : a.O;
+      panel(a, r0, r1, tile_lo, tile_hi, blk, acc);
+    }
   }
   std::free(blk);
   std::free(acc);
@@ -291,7 +296,7 @@ namespace sparsekern {
 namespace cpu {
 namespace avx512bf16 {
 void pair_tiles(const uint16_t*, int64_t, int64_t, int64_t, int64_t, uint32_t*) { std::abort(); }
-void nm24_gemm(const Nm24Bf16Args&) { std::abort(); }
+void nm24_gemm(const Nm24Bf16Args&, int64_t) { std::abort(); }
 }  // namespace avx512bf16
 }  // namespace cpu
 }  // namespace sparsekern

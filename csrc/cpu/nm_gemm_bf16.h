@@ -25,8 +25,8 @@
 //         slice read next is prefetched a share per row block: the pairs are read in index
 //         order, which the hardware prefetcher does not follow; 1.3x faster with it). Two kept
 //         products per instruction lane: half the instructions of the fp32 kernel per kept value.
-//   acc / order: as the fp32 kernel: panels of about 256 output rows from a shared counter,
-//         passes of up to 512 lanes, K tiles in order, partial sums [tile][row][64] in a per-thread
+//   acc / order: as the fp32 kernel: panels of about 256 output rows from a counter (one per
+//         lane range: Nm24Bf16Args.range_count), passes of up to 512 lanes, K tiles in order, partial sums [tile][row][64] in a per-thread
 //         buffer, transposed once into out [B, O] in bf16 (the bias added in fp32 first, then
 //         rounded to nearest even as torch rounds: no fp32 output for torch to convert).
 //   threads: nm_linear.cpp runs nm24_gemm through parallel_chunks (torch's OpenMP team, or the
@@ -54,7 +54,13 @@ struct Nm24Bf16Args {
   const float* bias;        // [O] fp32 added before the rounding to bf16, or nullptr
   int64_t panel_rows;       // output rows per panel (a multiple of 3: panel_rows_for)
   int64_t panels;           // ceil(O / panel_rows)
-  int64_t* next_panel;      // shared counter, 0 before the first call
+  // The work units: (lane range, panel). The pass's tiles split into range_count contiguous
+  // ranges of range_tiles tiles, each with its own panel counter in next[range] (0 before the
+  // first call); thread t runs range t's panels first, then what is left of the others'. One
+  // range per thread (ranges_for) puts each thread's output rows (the lanes) in its own core's
+  // cache for the elementwise op after the layer, which torch splits the same way.
+  int64_t range_count, range_tiles;
+  int64_t* next;
 };
 
 namespace avx512bf16 {
@@ -65,8 +71,21 @@ inline int64_t pair_tile_words(int64_t K) { return K / 4 * kPairs * kLanes; }
 // Pair tiles of lanes [8 u0, 8 u1) of bf16 x [B, K] (row-major, K a multiple of 4) into
 // tiles (tile t = tiles + t * pair_tile_words(K)); lanes past B are written zero.
 void pair_tiles(const uint16_t* x, int64_t B, int64_t K, int64_t u0, int64_t u1, uint32_t* tiles);
-// Output panels taken from *a.next_panel until all are done; call it from every thread.
-void nm24_gemm(const Nm24Bf16Args& a);
+constexpr int64_t kChunkTiles = 8;  // tiles per pass over a panel (512 lanes: its slices decoded once)
+// Lane ranges for a pass of `tiles` tiles over `threads` threads: one per thread when that
+// decodes each panel's slices no more often than one range does (each range passes over a
+// panel in chunks of kChunkTiles; one range over 8 tiles decodes them once, two ranges of 4
+// twice), else one.
+inline int64_t ranges_for(int64_t tiles, int64_t threads) {
+  if (threads <= 1 || tiles < threads) return 1;
+  const int64_t per = (tiles + threads - 1) / threads;
+  int64_t chunks = 0;
+  for (int64_t lo = 0; lo < tiles; lo += per) chunks += ((tiles - lo < per ? tiles - lo : per) + kChunkTiles - 1) / kChunkTiles;
+  return chunks == (tiles + kChunkTiles - 1) / kChunkTiles ? threads : 1;
+}
+// Work units (range, panel) until all are done; call it from every thread, `thread` its index
+// among them.
+void nm24_gemm(const Nm24Bf16Args& a, int64_t thread);
 // Rows per output panel for O outputs over `threads` threads: the fewest panels of about 256
 // rows (rounded up to a multiple of 3) whose count is a multiple of the threads, so each
 // thread gets the same share. A panel decodes its weight slices once per pass, and each x
