@@ -103,9 +103,10 @@ void quantize_rows(const float* x, int64_t K, int64_t b0, int64_t b1, uint8_t* x
 constexpr int64_t kBatchRows = 10;  // batch rows per core pass (2 x 10 int32 accumulators)
 // A range's threads decode every panel for themselves, so more ranges repeat the panel decode
 // (about one core pass of work per panel): at least this many batch rows per range. Timed on
-// the Zen 4 machine, 2 threads, the GEMM and a residual add + layer norm after it, against one
-// range: 3-13% faster at B = 788 and 960 (ViT-B/16 at batch 4, MiniLM at 16 sentences), 2-9%
-// slower at B = 128 to 400 (bench/results/int8-ranges-20261207).
+// the Zen 4 machine, 2 threads, each call with a residual add + layer norm after it, one range
+// per thread against one range: 1-4% faster at MiniLM's 960 rows, 20% at 640, from 5% slower
+// to 5% faster at ViT-B's 788, 3% slower at 320 and 10% slower at Llama's 128-row prefill
+// (bench/results/cpu-gemm-int8-ranges-20261207).
 constexpr int64_t kMinRangeRows = 320;
 // Ranges for B batch rows and `threads` threads: one per thread where each gets kMinRangeRows.
 inline int64_t ranges_for(int64_t B, int64_t threads) {
