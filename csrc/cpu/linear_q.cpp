@@ -91,12 +91,11 @@ at::Tensor nm24_int8_dot(const at::Tensor& x2, const at::Tensor& vals, const at:
   const int64_t stride = v::xq_stride(K);
   auto xq = at::empty({B, stride}, x2.options().dtype(at::kByte));
   auto xs = at::empty({B}, x2.options());
-  const float* xp = x2.data_ptr<float>();
-  // Up to 2^20 elements of x on the calling thread: a second fork and join costs more than the
-  // quantization (a few percent of the GEMM) when the machine's cores are busy.
-  at::parallel_for(0, B, std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(K, 1)), [&](int64_t b0, int64_t b1) {
-    v::quantize_rows(xp, K, b0, b1, xq.data_ptr<uint8_t>(), xs.data_ptr<float>());
-  });
+  // x is quantized by the GEMM's threads themselves (QuantizeJob in nm_gemm_int8.h)
+  const int64_t chunk_rows = v::quantize_chunk_rows(K);
+  int64_t quantize_next = 0, quantize_done = 0;
+  const QuantizeJob quantize{x2.data_ptr<float>(), xq.data_ptr<uint8_t>(), xs.data_ptr<float>(), chunk_rows,
+                             (B + chunk_rows - 1) / chunk_rows, &quantize_next, &quantize_done};
   const int64_t panels = (O + v::kPanelRows - 1) / v::kPanelRows;
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
   std::vector<int64_t> next(size_t(nth), 0);
@@ -109,7 +108,7 @@ at::Tensor nm24_int8_dot(const at::Tensor& x2, const at::Tensor& vals, const at:
   if (bits == 4) {
     const Nm24Int4Args g{vals.data_ptr<uint8_t>(), idx.data_ptr<uint8_t>(), sc.data_ptr<float>(), K / 2,
                          vals.size(1), idx.size(1), K, O, group_size, sc.size(1), xq.data_ptr<uint8_t>(),
-                         xs.data_ptr<float>(), stride, B, out.data_ptr<float>(), panels, ranges,
+                         xs.data_ptr<float>(), stride, B, out.data_ptr<float>(), panels, ranges, quantize,
                          bias.defined() ? bias.data_ptr<float>() : nullptr};
     at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) v::nm24_int4_gemm(g, t);
@@ -118,7 +117,7 @@ at::Tensor nm24_int8_dot(const at::Tensor& x2, const at::Tensor& vals, const at:
   }
   const Nm24Int8Args g{vals.data_ptr<int8_t>(), idx.data_ptr<uint8_t>(), sc.data_ptr<float>(), vals.size(1),
                        idx.size(1), K, O, xq.data_ptr<uint8_t>(), xs.data_ptr<float>(), stride, B,
-                       out.data_ptr<float>(), panels, ranges, bias.defined() ? bias.data_ptr<float>() : nullptr};
+                       out.data_ptr<float>(), panels, ranges, quantize, bias.defined() ? bias.data_ptr<float>() : nullptr};
   at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) v::nm24_gemm(g, t);
   });

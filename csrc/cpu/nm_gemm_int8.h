@@ -63,6 +63,20 @@ struct BatchRanges {
   int64_t* next;      // [count] panel counters, 0 before the first call
 };
 
+// x quantized by the GEMM's own threads before their first panel (quantize_rows, rows in chunks
+// from a shared counter; each thread then waits until every chunk is done). Quantizing on the
+// calling thread before the threads started took a quarter of a [960, 384] x [384, 384] call
+// (MiniLM's attention projections at 16 sentences; a second fork for it cost more than it saved
+// on a busy machine).
+struct QuantizeJob {
+  const float* x;        // [B, K] fp32, row-major
+  uint8_t* xq;           // [B, xq_stride(K)]: what the args' xq reads
+  float* x_scales;       // [B]: what the args' x_scales reads
+  int64_t chunk_rows, chunks;
+  int64_t* next;         // chunks claimed, 0 before the call
+  int64_t* done;         // chunks finished, 0 before the call
+};
+
 struct Nm24Int8Args {
   const int8_t* values;    // [O, kept] int8, kept = K / 2: group pair p's four values at 4p
   const uint8_t* indices;  // [O, idx_row_bytes], 2 bits per slot: group pair p's byte at p
@@ -74,6 +88,7 @@ struct Nm24Int8Args {
   float* out;              // [B, O] fp32
   int64_t panels;          // ceil(O / kPanelRows)
   BatchRanges ranges;      // the work units: (batch range, panel)
+  QuantizeJob quantize;    // fills xq and x_scales first
   const float* bias;       // [O] fp32 added to every row of out (one FMA with the scales), or null
 };
 
@@ -90,6 +105,7 @@ struct Nm24Int4Args {
   float* out;              // [B, O] fp32
   int64_t panels;          // ceil(O / kPanelRows)
   BatchRanges ranges;      // as Nm24Int8Args.ranges
+  QuantizeJob quantize;    // as Nm24Int8Args.quantize
   const float* bias;       // as Nm24Int8Args.bias
 };
 
@@ -113,14 +129,17 @@ inline int64_t ranges_for(int64_t B, int64_t threads) {
   const int64_t r = B / kMinRangeRows;
   return r < 1 ? 1 : r < threads ? r : threads;
 }
+// Rows per quantization chunk for K columns: about 32 Ki elements (a few microseconds).
+inline int64_t quantize_chunk_rows(int64_t K) { return K >= 32768 ? 1 : 32768 / (K > 0 ? K : 1); }
 // Batch rows per range for B rows over `ranges` ranges: whole core passes, the fewest rows that
 // cover B (the elementwise op after the layer splits at B / threads: they differ by under a pass).
 inline int64_t range_rows_for(int64_t B, int64_t ranges) {
   const int64_t passes = (B + kBatchRows - 1) / kBatchRows;
   return (passes + ranges - 1) / ranges * kBatchRows;
 }
-// Work units (range, panel) as BatchRanges says, until all are done; call it from every
-// thread, with `thread` its index among them (a range's own thread when below the count).
+// x quantized (QuantizeJob), then work units (range, panel) as BatchRanges says, until all are
+// done; call it from every thread, with `thread` its index among them (a range's own thread
+// when below the count).
 void nm24_gemm(const Nm24Int8Args& a, int64_t thread);
 // The same for int4 values (group sizes 32, 64 and 128).
 void nm24_int4_gemm(const Nm24Int4Args& a, int64_t thread);
