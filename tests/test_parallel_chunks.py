@@ -127,12 +127,11 @@ def test_same_results_and_errors_on_every_thread_mode(mode):
 
 
 # A pool worker that pauses 200 ms after claiming each decode-row chunk stands for one the OS
-# parked there (another process on its core). For 2:4 weights the calling thread must take its
-# chunks over rather than wait, return the same products as one thread, and the worker,
-# finishing the abandoned chunks later into its own buffer, must not touch the outputs already
-# returned. A bitmask weight's chunks are never abandoned (its offsets steer every read, and the
-# caller's next steps could edit them in place while the worker still read them): those calls
-# wait for the worker and give the same products.
+# parked there (another process on its core). The calling thread must take its chunks over
+# rather than wait, return the same products as one thread, and the worker, finishing the
+# abandoned chunks later into its own buffer, must not touch the outputs already returned.
+# 2:4 weights (2-bit in-group indices: any bytes stay inside the row) and bitmask weights (a
+# worker reads a checked copy of its rows' mask, offsets and columns: snapshot_bitmask_rows).
 _TAKEOVER_SCRIPT = r"""
 import time
 import torch
@@ -167,16 +166,62 @@ print("ok", taken_nm, round(slowest_nm, 4), taken_bm, round(slowest_bm, 4))
 """
 
 
-def test_the_caller_takes_over_a_parked_workers_2_4_decode_chunks_and_waits_for_bitmask_ones():
+def test_the_caller_takes_over_a_parked_workers_decode_chunks():
     env = {**os.environ, "SPARSEKERN_POOL": "pool", "SPARSEKERN_POOL_WORKER_PAUSE_US": "200000"}
     done = subprocess.run([sys.executable, "-c", _TAKEOVER_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip().startswith("ok"), done.stdout + done.stderr
     taken_nm, slowest_nm, taken_bm, slowest_bm = done.stdout.split()[-4:]
-    # The worker joins calls (it is awake for most), and each 2:4 chunk it claims is taken over:
-    # a call that waited for it would last the 200 ms pause. Bitmask calls wait for it.
+    # The worker joins calls (it is awake for most), and each chunk it claims is taken over: a
+    # call that waited for it would last the 200 ms pause.
     assert int(taken_nm) > 0 and float(slowest_nm) < 0.1, done.stdout
-    assert int(taken_bm) == 0 and float(slowest_bm) > 0.1, done.stdout
+    assert int(taken_bm) > 0 and float(slowest_bm) < 0.1, done.stdout
+
+
+# After a bitmask chunk is taken over, the caller edits the weight's index tensors in place
+# (offsets far past the values, every mask bit set, columns past K) before the paused worker
+# starts its block: the worker's checked copy refuses them (snapshot_bitmask_rows), so it reads
+# nothing outside the tensors; without the copy it read values 2^31 elements away (a crash).
+_TAMPER_SCRIPT = r'''
+import time
+import torch
+from sparsekern import ops
+from sparsekern.formats import BitmaskWeight
+gen = torch.Generator().manual_seed(0)
+w = torch.randn(8000, 1024, generator=gen)
+torch.set_num_threads(2)
+x = torch.randn(1, 1024, generator=gen)
+cases = []
+for kept in (0.3, 0.05):
+    mask = torch.rand(8000, 1024, generator=gen) < kept
+    cases += [BitmaskWeight.from_dense(w, mask), BitmaskWeight.from_dense(w, mask).quantize("int8")]
+edited = 0
+for W in cases:
+    for _ in range(20):
+        taken = torch.ops.sparsekern.cpu_pool_takeovers()
+        ops.sparse_linear(x, W)
+        if torch.ops.sparsekern.cpu_pool_takeovers() > taken:
+            break
+        time.sleep(0.21)  # the worker back from its pause, awake for the next call
+    else:
+        raise SystemExit("no chunk was taken over in 20 calls")
+    W.offsets.fill_(torch.iinfo(torch.int32).max)
+    W.bitmask.fill_(-1)
+    for name in W.tensor_names():
+        t = getattr(W, name)
+        if t is not None and t.dtype == torch.int16:  # a column index, where the format keeps one
+            t.fill_(torch.iinfo(torch.int16).max)
+    edited += 1
+    time.sleep(0.5)  # the paused worker runs its abandoned block on what it reads now
+print("ok", edited)
+'''
+
+
+def test_a_parked_bitmask_worker_reads_a_checked_copy_of_what_the_caller_edits():
+    env = {**os.environ, "SPARSEKERN_POOL": "pool", "SPARSEKERN_POOL_WORKER_PAUSE_US": "200000"}
+    done = subprocess.run([sys.executable, "-c", _TAMPER_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().startswith("ok 4"), done.stdout + done.stderr
 
 
 # After a takeover the parked worker still reads the weight and the input until it finishes

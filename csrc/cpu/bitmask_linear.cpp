@@ -61,6 +61,35 @@ void check_bitmask_algo(const char* op, int64_t algo) {
               "(SPARSEKERN_CPU_ISA may cap it); pass algo 0 or 1");
 }
 
+// Output rows [r0, r1) of a bitmask decode job into dst: a pool worker's (dst its own buffer:
+// the calling thread may abandon its chunk, then edit the weight in place while the worker
+// still runs) on a checked copy of the rows' mask, offsets and columns (snapshot_bitmask_rows),
+// the calling thread's (dst is a.out) on the weight itself. A copy that fails its check (the
+// weight was edited while the call ran) gives NaN rows.
+template <typename Kernel>
+void bitmask_block(const BitmaskRowsArgs& a, float* dst, int64_t r0, int64_t r1, Kernel kernel) {
+  BitmaskRowsArgs t = a;
+  t.out = dst;
+  if (dst == a.out) {
+    kernel(t, r0, r1);
+    return;
+  }
+  const BitmaskRowsSnapshot snap =
+      snapshot_bitmask_rows(a.bitmask, a.offsets, a.columns, a.words, a.tiles, a.K, a.nnz, r0, r1);
+  if (!snap.valid) {
+    for (int64_t b = 0; b < a.B; ++b)
+      for (int64_t r = r0; r < r1; ++r) dst[b * a.O + r] = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
+  t.values = static_cast<const char*>(a.values) + snap.first * int64_t(c10::elementSize(a.dtype));
+  t.bitmask = snap.bitmask;
+  t.offsets = snap.offsets;
+  t.columns = snap.columns;
+  t.nnz = snap.nnz;
+  t.out = dst + r0;
+  kernel(t, 0, r1 - r0);
+}
+
 at::Tensor bitmask_linear_columns(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
                                   const at::Tensor& offsets, int64_t in_features,
                                   const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& columns,
@@ -128,12 +157,9 @@ at::Tensor bitmask_linear_columns(const at::Tensor& x, const at::Tensor& values,
                       vals.numel()};
     if (cols.defined() && B <= 4) a.columns = cols.data_ptr<int16_t>();  // the 1-to-4-row kernels
     a.b1_indexed = algo == kBitmaskAlgoRowsB1Indexed;
-    // parallel_out_rows, never abandoned: the offsets steer every read, and the caller's next
-    // steps could edit them in place while a parked worker still read them.
-    parallel_out_rows(O, B, rows_grain(K, B), a.out, false, {vals, bm, off, x2, cols}, [a](float* dst, int64_t r0, int64_t r1) {
-      BitmaskRowsArgs t = a;
-      t.out = dst;
-      avx512::bitmask_rows(t, r0, r1);
+    // abandonable: a worker reads a checked copy of its rows' index tensors (bitmask_block)
+    parallel_out_rows(O, B, rows_grain(K, B), a.out, true, {vals, bm, off, x2, cols}, [a](float* dst, int64_t r0, int64_t r1) {
+      bitmask_block(a, dst, r0, r1, [](const BitmaskRowsArgs& t, int64_t s0, int64_t s1) { avx512::bitmask_rows(t, s0, s1); });
     });
   } else {
     // Direct sparse kernel, in batch tiles of at most kDirectMaxBatch rows: its cost grows
@@ -151,13 +177,15 @@ at::Tensor bitmask_linear_columns(const at::Tensor& x, const at::Tensor& values,
                         bm.size(1), off.size(1), K, O, xin.data_ptr<float>(), bt, BP, ot.data_ptr<float>(),
                         vals.numel()};
       if (cols.defined() && (bt <= 4 || (BP > 0 && cpu_has_avx512()))) a.columns = cols.data_ptr<int16_t>();
-      parallel_out_rows(O, bt, rows_grain(K, bt), a.out, false, {vals, bm, off, xin, cols},
+      parallel_out_rows(O, bt, rows_grain(K, bt), a.out, true, {vals, bm, off, xin, cols},
                         [a, avx2](float* dst, int64_t r0, int64_t r1) {
-        BitmaskRowsArgs t = a;
-        t.out = dst;
-        if (t.columns && cpu_has_avx512()) avx512::bitmask_rows(t, r0, r1);
-        else if (avx2) avx2::bitmask_rows(t, r0, r1);
-        else generic::bitmask_rows(t, r0, r1);
+        // the kernel chosen from the original arguments: a snapshot keeps columns when a has them
+        const bool wide = a.columns && cpu_has_avx512();
+        bitmask_block(a, dst, r0, r1, [wide, avx2](const BitmaskRowsArgs& t, int64_t s0, int64_t s1) {
+          if (wide) avx512::bitmask_rows(t, s0, s1);
+          else if (avx2) avx2::bitmask_rows(t, s0, s1);
+          else generic::bitmask_rows(t, s0, s1);
+        });
       });
       if (bt != B) out.narrow(0, b0, bt).copy_(ot);
     }

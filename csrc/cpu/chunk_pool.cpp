@@ -151,8 +151,9 @@ int64_t run_on_team(int64_t n, int64_t chunk, int64_t count, int64_t threads,
 // them (cpu_pool_takeovers).
 std::atomic<int64_t> g_takeovers{0};
 
-// A test switch (read once): a worker sleeps this long after it claims a parallel_out_rows
-// chunk, as one the OS parked there would. SPARSEKERN_POOL_WORKER_PAUSE_US; 0: none.
+// A test switch (read once): a worker sleeps this long in the first block of each
+// parallel_out_rows chunk it claims (after checking the chunk is still its own, before it reads
+// anything), as one the OS parked there would. SPARSEKERN_POOL_WORKER_PAUSE_US; 0: none.
 int64_t worker_pause_us() {
   static const int64_t us = [] {
     const char* s = std::getenv("SPARSEKERN_POOL_WORKER_PAUSE_US");
@@ -256,13 +257,15 @@ struct OutRowsJob {
          c = next.fetch_add(1, std::memory_order_relaxed)) {
       uint8_t s = kFree;
       if (!state[c].compare_exchange_strong(s, kWorker, std::memory_order_acq_rel)) continue;
-      if (worker_pause_us() > 0) std::this_thread::sleep_for(std::chrono::microseconds(worker_pause_us()));
       if (buffer.size() < size_t(B * O)) buffer.resize(size_t(B * O));
       const int64_t r0 = c * chunk, r1 = end(c);
       bool finished = true;
       try {
-        for (int64_t r = r0; r < r1 && (finished = !dropped(c)); r += kWorkerRows)
+        for (int64_t r = r0; r < r1 && (finished = !dropped(c)); r += kWorkerRows) {
+          // the test pause: inside the first block, where the OS parking the worker costs most
+          if (r == r0 && worker_pause_us() > 0) std::this_thread::sleep_for(std::chrono::microseconds(worker_pause_us()));
           rows(buffer.data(), r, std::min(r1, r + kWorkerRows));
+        }
       } catch (...) {
         s = kWorker;
         state[c].compare_exchange_strong(s, kFree, std::memory_order_acq_rel);

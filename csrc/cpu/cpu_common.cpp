@@ -107,6 +107,54 @@ std::tuple<double, double, int64_t> cpu_fma_probe(int64_t iterations) {
 
 namespace cpu {
 
+BitmaskRowsSnapshot snapshot_bitmask_rows(const int64_t* bitmask, const int32_t* offsets, const int16_t* columns,
+                                          int64_t words, int64_t tiles, int64_t K, int64_t nnz, int64_t r0,
+                                          int64_t r1) {
+  thread_local std::vector<int64_t> word_copy;
+  thread_local std::vector<int32_t> offset_copy;
+  thread_local std::vector<int16_t> column_copy;
+  BitmaskRowsSnapshot snap;
+  const int64_t rows = r1 - r0;
+  if (rows <= 0 || words <= 0 || tiles <= 0) return snap;
+  word_copy.resize(size_t(rows * words));
+  offset_copy.resize(size_t((rows + 1) * tiles));  // + the end of the last row (bitmask_kept_span reads it)
+  std::memcpy(word_copy.data(), bitmask + r0 * words, size_t(rows * words) * sizeof(int64_t));
+  // each offset read once, into the copy: what is checked below is what the kernel reads
+  std::memcpy(offset_copy.data(), offsets + r0 * tiles, size_t(rows * tiles) * sizeof(int32_t));
+  const int64_t first = offset_copy[0];
+  if (first < 0 || first > nnz) return snap;
+  const int64_t tail = K % 64;
+  const uint64_t past_k = tail ? ~((uint64_t(1) << tail) - 1) : 0;
+  constexpr int64_t kTileWords = kBitmaskTileCols / 64;
+  int64_t count = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint64_t* w = reinterpret_cast<const uint64_t*>(word_copy.data() + r * words);
+    if (w[words - 1] & past_k) return snap;
+    for (int64_t t = 0; t < tiles; ++t) {
+      int32_t& off = offset_copy[size_t(r * tiles + t)];
+      if (int64_t(off) - first != count) return snap;
+      off = static_cast<int32_t>(count);
+      for (int64_t j = t * kTileWords; j < std::min(words, (t + 1) * kTileWords); ++j) count += __builtin_popcountll(w[j]);
+    }
+  }
+  if (count > nnz - first) return snap;
+  for (int64_t t = 0; t < tiles; ++t) offset_copy[size_t(rows * tiles + t)] = static_cast<int32_t>(count);
+  const int64_t n = std::min(nnz - first, count + K + 64);
+  if (columns != nullptr) {
+    column_copy.resize(size_t(n > 0 ? n : 1));
+    std::memcpy(column_copy.data(), columns + first, size_t(n) * sizeof(int16_t));
+    for (int64_t i = 0; i < n; ++i)
+      if (static_cast<uint16_t>(column_copy[size_t(i)]) >= K) return snap;
+    snap.columns = column_copy.data();
+  }
+  snap.valid = true;
+  snap.first = first;
+  snap.nnz = n;
+  snap.bitmask = word_copy.data();
+  snap.offsets = offset_copy.data();
+  return snap;
+}
+
 const Nm24SlotColumns& nm24_slot_columns() {
   static const Nm24SlotColumns table = [] {
     Nm24SlotColumns t;

@@ -27,6 +27,29 @@ inline void check_bitmask_tail_bits(const char* op, const at::Tensor& bitmask, i
                     ": bitmask has bits set beyond in_features (", in_features, ")");
 }
 
+// Rows [r0, r1) of a bitmask weight's index tensors copied into buffers of the calling thread
+// and checked there, for a parallel_out_rows worker whose chunk the calling thread may abandon:
+// the worker may still run after the call returned, while the caller's next steps edit those
+// tensors in place, so it reads the copy, which holds what it checked. Checked: the rows'
+// offsets start at first (0 <= first <= nnz) and each tile's offset is the count of kept bits
+// before it (the rows' values follow one another from first), they end within nnz, no bit is
+// set past K, and each copied column index (the rows' and up to K + 64 past them, what the
+// kernels' wide loads may read) is below K. A kernel run on the copy (rows 0 to r1 - r0), its
+// values from values + first, `nnz` of them, and its output and per-row arrays from row r0,
+// reads inside the buffers whatever bytes the originals hold. `valid` false: the copy failed a check
+// (the weight was edited while the call ran); run nothing.
+struct BitmaskRowsSnapshot {
+  bool valid = false;
+  int64_t first = 0;               // index in values of row r0's first kept value
+  int64_t nnz = 0;                 // values (and copied columns) a kernel may read from first: at
+                                   // most nnz - first, and the rows' own plus K + 64
+  const int64_t* bitmask = nullptr;  // [r1 - r0, words]
+  const int32_t* offsets = nullptr;  // [r1 - r0 + 1, tiles], counted from first; the last row: the rows' end
+  const int16_t* columns = nullptr;  // from first, or null when columns is
+};
+BitmaskRowsSnapshot snapshot_bitmask_rows(const int64_t* bitmask, const int32_t* offsets, const int16_t* columns,
+                                          int64_t words, int64_t tiles, int64_t K, int64_t nnz, int64_t r0,
+                                          int64_t r1);
 
 // x [..., K] as contiguous fp32 [B, K].
 at::Tensor x_float_2d(const at::Tensor& x);
@@ -126,8 +149,9 @@ void parallel_chunks(int64_t n, int64_t grain, const std::function<void(int64_t,
 // worker stops the abandoned chunk at its next block, the job (rows, the storages of keep's
 // tensors) kept alive by it; the block it was in when the OS parked it runs to its end after
 // the call returned, reading those bytes as they are then. So `abandonable` only where no bytes of them can steer a
-// read outside them (a 2:4 weight's 2-bit in-group indices; not a bitmask weight's offsets,
-// which the caller's next steps could edit in place): elsewhere the calling thread waits for
+// read outside them (a 2:4 weight's 2-bit in-group indices), or where the worker's rows read a
+// checked copy of what could (a bitmask weight's mask, offsets and columns:
+// snapshot_bitmask_rows, taken when dst is not `out`): elsewhere the calling thread waits for
 // the worker, as in parallel_chunks. On the team the region's barrier waits as before.
 // chunk_pool.cpp; for the decode row kernels, where each of tens of calls a token could wait a
 // time slice for a parked worker's chunk (bench/results/cpu-busy-takeover-20261207).

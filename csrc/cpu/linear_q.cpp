@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -56,10 +57,11 @@ void check_q_algo(const char* op, int64_t algo) {
 
 // The decode row kernels (kQAlgoExact, kQAlgoInt8Act) over all B rows of x, in batch tiles of
 // at most kDirectMaxBatch rows (the widest they take): tile b0 reads rows b0.. of x (and of
-// its quantized bytes and scales) and writes rows b0.. of out. `rows(tile, r0, r1)` runs output
-// rows [r0, r1) of one tile into tile.out; it is copied into each chunk's job, with the tile,
-// and `keep` holds every tensor the tile points into (parallel_out_rows: with `abandonable`,
-// a chunk a parked worker abandoned may still run after the call returned).
+// its quantized bytes and scales) and writes rows b0.. of out. `rows(tile, r0, r1, worker)` runs
+// output rows [r0, r1) of one tile into tile.out; `worker`: a pool worker runs them into its own
+// buffer (a chunk the calling thread may abandon). It is copied into each chunk's job, with the
+// tile, and `keep` holds every tensor the tile points into (parallel_out_rows: with
+// `abandonable`, a chunk a parked worker abandoned may still run after the call returned).
 template <typename Args, typename Rows>
 void decode_in_batch_tiles(const Args& a, float* out, bool abandonable, const std::vector<at::Tensor>& keep, Rows rows) {
   for (int64_t b0 = 0; b0 < a.B; b0 += kDirectMaxBatch) {
@@ -70,12 +72,41 @@ void decode_in_batch_tiles(const Args& a, float* out, bool abandonable, const st
       t.xq.u8 = a.xq.u8 + b0 * a.xq.ld;
       t.xq.scale = a.xq.scale + b0;
     }
-    parallel_out_rows(a.O, t.B, rows_grain(a.K, t.B), out + b0 * a.O, abandonable, keep, [t, rows](float* dst, int64_t r0, int64_t r1) {
+    float* tile_out = out + b0 * a.O;
+    parallel_out_rows(a.O, t.B, rows_grain(a.K, t.B), tile_out, abandonable, keep,
+                      [t, rows, tile_out](float* dst, int64_t r0, int64_t r1) {
       Args u = t;
       u.out = dst;
-      rows(u, r0, r1);
+      rows(u, r0, r1, dst != tile_out);
     });
   }
+}
+
+// Output rows [r0, r1) of a bitmask decode tile: a pool worker's (whose chunk the calling thread
+// may abandon, the caller then editing the weight in place) on a checked copy of the rows' mask
+// and offsets (snapshot_bitmask_rows), the calling thread's on the weight itself. A copy that
+// fails its check (the weight was edited while the call ran) gives NaN rows.
+template <typename Kernel>
+void bitmask_q_block(const BitmaskQRowsArgs& t, int64_t r0, int64_t r1, bool worker, Kernel kernel) {
+  if (!worker) {
+    kernel(t, r0, r1);
+    return;
+  }
+  const BitmaskRowsSnapshot snap =
+      snapshot_bitmask_rows(t.bitmask, t.offsets, nullptr, t.words, t.tiles, t.K, t.nnz, r0, r1);
+  if (!snap.valid) {
+    for (int64_t b = 0; b < t.B; ++b)
+      for (int64_t r = r0; r < r1; ++r) t.out[b * t.O + r] = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
+  BitmaskQRowsArgs u = t;
+  u.values = t.values + snap.first;
+  u.bitmask = snap.bitmask;
+  u.offsets = snap.offsets;
+  u.nnz = snap.nnz;
+  u.scales = t.scales + r0;
+  u.out = t.out + r0;
+  kernel(u, 0, r1 - r0);
 }
 
 // x (any float dtype) -> fp32 [B, O] through the 2:4 int8 dot-product GEMM, bias (fp32 [O],
@@ -172,7 +203,7 @@ at::Tensor nm_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, const 
       const auto held = quantize_activations(x2, a.xq);
       const bool vnni = cpu_has_avx512() && avx512_q_act_vector();
       decode_in_batch_tiles(a, out.data_ptr<float>(), m == 4, {vals, idx, sc, x2, held.first, held.second},
-                            [vnni, avx2](const NmQRowsArgs& t, int64_t r0, int64_t r1) {
+                            [vnni, avx2](const NmQRowsArgs& t, int64_t r0, int64_t r1, bool) {
         if (vnni) avx512::nm_q_rows_act(t, r0, r1);
         else if (avx2) avx2::nm_q_rows_act(t, r0, r1);
         else generic::nm_q_rows_act(t, r0, r1);
@@ -180,7 +211,7 @@ at::Tensor nm_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, const 
       return finish_linear(out, x, bias_left);
     }
     decode_in_batch_tiles(a, out.data_ptr<float>(), m == 4, {vals, idx, sc, x2},
-                          [wide, avx2](const NmQRowsArgs& t, int64_t r0, int64_t r1) {
+                          [wide, avx2](const NmQRowsArgs& t, int64_t r0, int64_t r1, bool) {
       if (wide) avx512::nm_q_rows(t, r0, r1);
       else if (avx2) avx2::nm_q_rows(t, r0, r1);
       else generic::nm_q_rows(t, r0, r1);
@@ -229,19 +260,24 @@ at::Tensor bitmask_linear_q_cpu(const at::Tensor& x, const at::Tensor& values, c
     if (algo == kQAlgoInt8Act) {
       const auto held = quantize_activations(x2, a.xq);
       const bool vnni = wide && avx512_q_act_vector();
-      decode_in_batch_tiles(a, out.data_ptr<float>(), false, {vals, bm, off, sc, x2, held.first, held.second},
-                            [vnni, avx2](const BitmaskQRowsArgs& t, int64_t r0, int64_t r1) {
-        if (vnni) avx512::bitmask_q_rows_act(t, r0, r1);
-        else if (avx2) avx2::bitmask_q_rows_act(t, r0, r1);
-        else generic::bitmask_q_rows_act(t, r0, r1);
+      // abandonable: a worker reads a checked copy of its rows' index tensors (bitmask_q_block)
+      decode_in_batch_tiles(a, out.data_ptr<float>(), true, {vals, bm, off, sc, x2, held.first, held.second},
+                            [vnni, avx2](const BitmaskQRowsArgs& t, int64_t r0, int64_t r1, bool worker) {
+        bitmask_q_block(t, r0, r1, worker, [vnni, avx2](const BitmaskQRowsArgs& u, int64_t s0, int64_t s1) {
+          if (vnni) avx512::bitmask_q_rows_act(u, s0, s1);
+          else if (avx2) avx2::bitmask_q_rows_act(u, s0, s1);
+          else generic::bitmask_q_rows_act(u, s0, s1);
+        });
       });
       return finish_linear(out, x, bias_left);
     }
-    decode_in_batch_tiles(a, out.data_ptr<float>(), false, {vals, bm, off, sc, x2},
-                          [wide, avx2](const BitmaskQRowsArgs& t, int64_t r0, int64_t r1) {
-      if (wide) avx512::bitmask_q_rows(t, r0, r1);
-      else if (avx2) avx2::bitmask_q_rows(t, r0, r1);
-      else generic::bitmask_q_rows(t, r0, r1);
+    decode_in_batch_tiles(a, out.data_ptr<float>(), true, {vals, bm, off, sc, x2},
+                          [wide, avx2](const BitmaskQRowsArgs& t, int64_t r0, int64_t r1, bool worker) {
+      bitmask_q_block(t, r0, r1, worker, [wide, avx2](const BitmaskQRowsArgs& u, int64_t s0, int64_t s1) {
+        if (wide) avx512::bitmask_q_rows(u, s0, s1);
+        else if (avx2) avx2::bitmask_q_rows(u, s0, s1);
+        else generic::bitmask_q_rows(u, s0, s1);
+      });
     });
   }
   return finish_linear(out, x, bias_left);
