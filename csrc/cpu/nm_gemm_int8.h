@@ -17,9 +17,10 @@
 // columns) of one row keeps 4 int8 values, stored side by side in NMWeight.values: one dword.
 // Its partner is the 4 x bytes its indices pick out of the 8, which depends on the row. So
 // the vector runs over 16 output rows:
-//   decode (per panel of 32 rows, once per call): each group pair's 32 value dwords and 32
-//     byte-shuffle controls (the row's index byte i0 | i1 << 2 | i2 << 4 | i3 << 6 becomes
-//     the bytes i0, i1, 4 + i2, 4 + i3), group pair by group pair, [G2][32] int32 each;
+//   decode (per panel of 32 rows, once per batch range: BatchRanges): each group pair's 32
+//     value dwords and 32 byte-shuffle controls (the row's index byte i0 | i1 << 2 | i2 << 4 |
+//     i3 << 6 becomes the bytes i0, i1, 4 + i2, 4 + i3), group pair by group pair, [G2][32]
+//     int32 each;
 //   core: per group pair and batch row, the row's 8 x bytes broadcast to every qword
 //     (vpbroadcastq, one load), one vpshufb per 16 output rows puts each row's 4 x bytes
 //     in its lane, one vpdpbusd: 2 row blocks x 10 batch rows in 20 int32 accumulators held
@@ -67,7 +68,8 @@ struct BatchRanges {
 // from a shared counter; each thread then waits until every chunk is done). Quantizing on the
 // calling thread before the threads started took a quarter of a [960, 384] x [384, 384] call
 // (MiniLM's attention projections at 16 sentences; a second fork for it cost more than it saved
-// on a busy machine).
+// on a busy machine). A thread the OS parks inside a chunk holds the others until it resumes,
+// as one parked inside a panel does.
 struct QuantizeJob {
   const float* x;        // [B, K] fp32, row-major
   uint8_t* xq;           // [B, xq_stride(K)]: what the args' xq reads
