@@ -1,4 +1,6 @@
 """Shapes and helpers shared by the sparse-linear op tests."""
+import os
+
 import torch
 
 import sparsekern.reference as reference
@@ -67,3 +69,22 @@ def assert_linear_grads_match_fp64(op_fn, W, x, bias, what=""):
     for ours, ref, name in ((x1.grad, x64.grad, "x"), (gv, values64.grad, "values"), (b1.grad, b64.grad, "bias")):
         assert ours is not None, f"{what}: no gradient reached {name}"
         torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-4, msg=f"{what}: gradient of {name}")
+
+
+def outputs_by_switch(variable: str, settings, threads: int, call) -> dict:
+    """{setting: call()} with the environment variable `variable` set to each setting (None:
+    unset), on `threads` intra-op threads; the variable and the thread count restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out = {}
+    try:
+        for setting in settings:
+            if setting is not None:
+                os.environ[variable] = setting
+            try:
+                out[setting] = call()
+            finally:
+                os.environ.pop(variable, None)
+    finally:
+        torch.set_num_threads(old)
+    return out

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import assert_linear_close, needs_extension
-from linear_cases import lowp_torch_linear, ref64
+from linear_cases import lowp_torch_linear, outputs_by_switch, ref64
 from sparsekern import _extension, ops
 from sparsekern.formats import NMWeight
 
@@ -142,19 +142,8 @@ def test_bf16_dot_lane_ranges_give_the_same_bits(rows, threads, direct, poison):
     W = NMWeight.from_dense(torch.randn(301, 136, dtype=torch.bfloat16), 2, 4)
     x = torch.randn(rows, 136, dtype=torch.bfloat16)
     bias = torch.randn(301, dtype=torch.bfloat16)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = {}
-        for split in ("one", "threads", None):
-            if split:
-                os.environ["SPARSEKERN_NM_BF16_RANGES"] = split
-            try:
-                out[split] = _nm_linear(x, W, bias)
-            finally:
-                os.environ.pop("SPARSEKERN_NM_BF16_RANGES", None)
-    finally:
-        torch.set_num_threads(old)
+    out = outputs_by_switch("SPARSEKERN_NM_BF16_RANGES", ("one", "threads", None), threads,
+                            lambda: _nm_linear(x, W, bias))
     dense = W.to_dense()
     assert_linear_close(out["one"], ref64(x, dense, bias), torch.bfloat16, lowp_torch_linear(x, dense, bias),
                         f"one range, rows={rows}")

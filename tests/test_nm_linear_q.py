@@ -14,7 +14,7 @@ import torch
 
 from backends import pairs, running
 from conftest import assert_linear_close, needs_extension
-from linear_cases import DTYPES, SHAPES, lowp_torch_linear, ref64
+from linear_cases import DTYPES, SHAPES, lowp_torch_linear, outputs_by_switch, ref64
 from sparsekern import _extension, dispatch_rules, ops, reference
 from sparsekern.formats import NMWeight
 from sparsekern.ops import dispatch
@@ -477,19 +477,7 @@ def test_int8_dot_batch_ranges_give_the_same_bits(precision, group, threads, row
     W = _weight(97, 392, 2, 4, precision, group)
     x = torch.randn(rows, 392) * torch.rand(rows, 1) * 10
     bias = torch.randn(97)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = {}
-        for split in ("one", "threads", None):
-            if split:
-                os.environ["SPARSEKERN_INT8_RANGES"] = split
-            try:
-                out[split] = _int8_dot(x, W, bias)
-            finally:
-                os.environ.pop("SPARSEKERN_INT8_RANGES", None)
-    finally:
-        torch.set_num_threads(old)
+    out = outputs_by_switch("SPARSEKERN_INT8_RANGES", ("one", "threads", None), threads, lambda: _int8_dot(x, W, bias))
     values, indices, scales, n, m, k, _, _ = W.kernel_args()
     want = (reference.nm_linear_q_int8_dot(x.double(), values, indices, scales, n, m, k, bias.double())
             if precision == "int8" else
