@@ -20,7 +20,7 @@ own quantized math, the others' error against fp64 on their weight recorded):
                             fp32 into the BLAS GEMM (the path before)
   sparsekern.int8_gemm_one_range / sparsekern.int8_gemm_per_thread (with --ranges)
                             the same GEMM with its batch rows split as SPARSEKERN_INT8_RANGES=one
-                            and =threads fix it (nm_gemm_int8.h, BatchRanges; as dispatched it
+                            and =threads fix it (work_ranges.h, WorkRanges; as dispatched it
                             picks by the batch: ranges_for)
   torch.dense_fp32          F.linear on the dense fp32 weight (MKL)
   torch.dense_bf16          F.linear with bf16 x and the dense weight in bf16 (model.to(bfloat16))

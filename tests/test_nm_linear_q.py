@@ -469,7 +469,7 @@ def test_int4_dot_reference_is_the_int8_one_on_int4_values():
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("rows", [7, 333, 641, 1000])
 def test_int8_dot_batch_ranges_give_the_same_bits(precision, group, threads, rows, poison):
-    """The GEMM's batch rows split into one range per thread (nm_gemm_int8.h, BatchRanges; a
+    """The GEMM's batch rows split into one range per thread (work_ranges.h, WorkRanges; a
     large batch), or kept in one: every output row written once, by exact int32 sums, so the
     splits agree to the bit. rows 641 and 1000 split as dispatched (ranges_for: 320+ rows each),
     333 and 7 do not; 3 threads: more threads than 2-range batches, and 333 + 7 split three ways

@@ -18,8 +18,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -130,12 +128,10 @@ at::Tensor nm24_int8_dot(const at::Tensor& x2, const at::Tensor& vals, const at:
   const int64_t panels = (O + v::kPanelRows - 1) / v::kPanelRows;
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
   std::vector<int64_t> next(size_t(nth), 0);
-  // SPARSEKERN_INT8_RANGES=one|threads fixes the split (read per call), a benchmarking switch.
-  const char* fixed = std::getenv("SPARSEKERN_INT8_RANGES");
-  const int64_t nr = fixed && std::strcmp(fixed, "one") == 0       ? 1
-                     : fixed && std::strcmp(fixed, "threads") == 0 ? nth
-                                                                   : v::ranges_for(B, nth);
-  const BatchRanges ranges{nr, v::range_rows_for(B, nr), next.data()};
+  // Ranges of batch rows (nm_gemm_int8.h ranges_for; SPARSEKERN_INT8_RANGES=one|threads, a
+  // benchmarking switch, fixes them)
+  const int64_t nr = ranges_by_switch("SPARSEKERN_INT8_RANGES", nth, v::ranges_for(B, nth));
+  const WorkRanges ranges{nr, v::range_rows_for(B, nr), next.data()};
   if (bits == 4) {
     const Nm24Int4Args g{vals.data_ptr<uint8_t>(), idx.data_ptr<uint8_t>(), sc.data_ptr<float>(), K / 2,
                          vals.size(1), idx.size(1), K, O, group_size, sc.size(1), xq.data_ptr<uint8_t>(),

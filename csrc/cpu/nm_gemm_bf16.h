@@ -26,7 +26,7 @@
 //         order, which the hardware prefetcher does not follow; 1.3x faster with it). Two kept
 //         products per instruction lane: half the instructions of the fp32 kernel per kept value.
 //   acc / order: as the fp32 kernel: panels of about 256 output rows from a counter (one per
-//         lane range: Nm24Bf16Args.range_count), passes of up to 512 lanes, K tiles in order, partial sums [tile][row][64] in a per-thread
+//         range of lane tiles: Nm24Bf16Args.ranges), passes of up to 512 lanes, K tiles in order, partial sums [tile][row][64] in a per-thread
 //         buffer, transposed once into out [B, O] in bf16 (the bias added in fp32 first, then
 //         rounded to nearest even as torch rounds: no fp32 output for torch to convert).
 //   threads: nm_linear.cpp runs nm24_gemm through parallel_chunks (torch's OpenMP team, or the
@@ -41,6 +41,8 @@
 
 #include <cstdint>
 
+#include "work_ranges.h"
+
 namespace sparsekern {
 namespace cpu {
 
@@ -54,13 +56,7 @@ struct Nm24Bf16Args {
   const float* bias;        // [O] fp32 added before the rounding to bf16, or nullptr
   int64_t panel_rows;       // output rows per panel (a multiple of 3: panel_rows_for)
   int64_t panels;           // ceil(O / panel_rows)
-  // The work units: (lane range, panel). The pass's tiles split into range_count contiguous
-  // ranges of range_tiles tiles, each with its own panel counter in next[range] (0 before the
-  // first call); thread t runs range t's panels first, then what is left of the others'. One
-  // range per thread (ranges_for) puts each thread's output rows (the lanes) in its own core's
-  // cache for the elementwise op after the layer, which torch splits the same way.
-  int64_t range_count, range_tiles;
-  int64_t* next;
+  WorkRanges ranges;        // the work units (work_ranges.h): (range of the pass's tiles, panel)
 };
 
 namespace avx512bf16 {

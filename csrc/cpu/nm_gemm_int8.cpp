@@ -182,8 +182,7 @@ __attribute__((noinline)) void core(const Nm24Int8Args& a, const Panel* p, int64
 }
 
 // ------------------------------------------------------------------ int4 values
-constexpr int kBatchRows4 = 10;  // batch rows per int4 core pass (core4 names 10): 2 x 10 int32 sums
-static_assert(kBatchRows4 == kBatchRows, "range_rows_for splits the batch into whole passes of both cores");
+static_assert(kBatchRows == 10, "core and core4 name their 2 x 10 accumulators");
 
 // A panel of int4 rows decoded for the core: the int8 panel's value dwords (nibbles expanded to
 // signed int8) and shuffle controls, and per scale group the 32 rows' compensations and scales.
@@ -248,16 +247,16 @@ void decode_panel4(const Nm24Int4Args& a, int64_t r0, Panel4* p) {
     _mm512_store_si512(p->comp + i, _mm512_mullo_epi32(_mm512_load_si512(p->comp + i), shift));
 }
 
-// Batch rows [b0, b0 + kBatchRows4) (as core(): rows at or past b_end repeat, never stored) of
+// Batch rows [b0, b0 + kBatchRows) (as core(): rows at or past b_end repeat, never stored) of
 // the int4 panel at output row r0: one loop over the group pairs as core(), 2 x 10 int32 sums started
 // from each group's compensation and, at the group's last pair, converted, multiplied by the
 // group's scales and added into fp32 sums [10][32] held in L1; x's scale at the end. (A loop
 // over the groups around a loop over their pairs makes GCC copy every accumulator each step.)
 __attribute__((noinline)) void core4(const Nm24Int4Args& a, const Panel4* p, int64_t r0, int64_t b0, int64_t b_end) {
   const int64_t G2 = (a.K + 7) / 8, pairs_per_group = a.group_size / 4;
-  const uint8_t* xr[kBatchRows4];
-  for (int i = 0; i < kBatchRows4; ++i) xr[i] = a.xq + (b0 + i < b_end ? b0 + i : b_end - 1) * a.xq_stride;
-  alignas(64) float sums[kBatchRows4][kPanelRows];
+  const uint8_t* xr[kBatchRows];
+  for (int i = 0; i < kBatchRows; ++i) xr[i] = a.xq + (b0 + i < b_end ? b0 + i : b_end - 1) * a.xq_stride;
+  alignas(64) float sums[kBatchRows][kPanelRows];
   std::memset(sums, 0, sizeof(sums));
   __m512i comp0 = _mm512_load_si512(p->comp), comp1 = _mm512_load_si512(p->comp + 16);
   SK_DOT_ACC(0) SK_DOT_ACC(1) SK_DOT_ACC(2) SK_DOT_ACC(3) SK_DOT_ACC(4)
@@ -297,7 +296,7 @@ __attribute__((noinline)) void core4(const Nm24Int4Args& a, const Panel4* p, int
                                                                    : static_cast<__mmask16>((1u << (rows - 16)) - 1);
   const __m512 c0 = a.bias ? _mm512_maskz_loadu_ps(m0, a.bias + r0) : _mm512_setzero_ps();
   const __m512 c1 = a.bias ? _mm512_maskz_loadu_ps(m1, a.bias + r0 + 16) : _mm512_setzero_ps();
-  for (int i = 0; i < kBatchRows4 && b0 + i < b_end; ++i) {
+  for (int i = 0; i < kBatchRows && b0 + i < b_end; ++i) {
     const __m512 xs = _mm512_set1_ps(a.x_scales[b0 + i]);
     float* o = a.out + (b0 + i) * a.O + r0;
     _mm512_mask_storeu_ps(o, m0, _mm512_fmadd_ps(_mm512_load_ps(sums[i]), xs, c0));
@@ -365,20 +364,6 @@ void quantize_rows(const float* x, int64_t K, int64_t b0, int64_t b1, uint8_t* x
 
 namespace {
 
-// Calls unit(panel, b_lo, b_hi) for the work units of BatchRanges (see there) that this thread
-// takes: its own range's panels first, then the others' in turn.
-template <typename Unit>
-void for_each_unit(const BatchRanges& br, int64_t panels, int64_t B, int64_t thread, Unit unit) {
-  for (int64_t i = 0; i < br.count; ++i) {
-    const int64_t range = (thread + i) % br.count;  // a thread past the ranges starts at range thread % count
-    const int64_t b_lo = range * br.rows, b_hi = b_lo + br.rows < B ? b_lo + br.rows : B;
-    if (b_lo >= b_hi) continue;
-    for (int64_t panel = __atomic_fetch_add(br.next + range, 1, __ATOMIC_RELAXED); panel < panels;
-         panel = __atomic_fetch_add(br.next + range, 1, __ATOMIC_RELAXED))
-      unit(panel, b_lo, b_hi);
-  }
-}
-
 // QuantizeJob's chunks taken until none is left, then a wait until every chunk is done (by
 // whichever thread took it).
 void quantize_in_chunks(const QuantizeJob& j, int64_t K, int64_t B) {
@@ -399,7 +384,7 @@ void nm24_gemm(const Nm24Int8Args& a, int64_t thread) {
   Panel p;
   p.w = static_cast<int32_t*>(std::aligned_alloc(64, G2 * kPanelRows * sizeof(int32_t)));
   p.ctrl = static_cast<int32_t*>(std::aligned_alloc(64, G2 * kPanelRows * sizeof(int32_t)));
-  for_each_unit(a.ranges, a.panels, a.B, thread, [&](int64_t panel, int64_t b_lo, int64_t b_hi) {
+  for_each_range_unit(a.ranges, a.B, a.panels, thread, [&](int64_t panel, int64_t b_lo, int64_t b_hi) {
     const int64_t r0 = panel * kPanelRows;
     decode_panel(a, r0, &p);
     for (int64_t b0 = b_lo; b0 < b_hi; b0 += kBatchRows) core(a, &p, r0, b0, b_hi);
@@ -416,10 +401,10 @@ void nm24_int4_gemm(const Nm24Int4Args& a, int64_t thread) {
   p.ctrl = static_cast<int32_t*>(std::aligned_alloc(64, G2 * kPanelRows * sizeof(int32_t)));
   p.comp = static_cast<int32_t*>(std::aligned_alloc(64, a.groups * kPanelRows * sizeof(int32_t)));
   p.scale = static_cast<float*>(std::aligned_alloc(64, a.groups * kPanelRows * sizeof(float)));
-  for_each_unit(a.ranges, a.panels, a.B, thread, [&](int64_t panel, int64_t b_lo, int64_t b_hi) {
+  for_each_range_unit(a.ranges, a.B, a.panels, thread, [&](int64_t panel, int64_t b_lo, int64_t b_hi) {
     const int64_t r0 = panel * kPanelRows;
     decode_panel4(a, r0, &p);
-    for (int64_t b0 = b_lo; b0 < b_hi; b0 += kBatchRows4) core4(a, &p, r0, b0, b_hi);
+    for (int64_t b0 = b_lo; b0 < b_hi; b0 += kBatchRows) core4(a, &p, r0, b0, b_hi);
   });
   std::free(p.scale);
   std::free(p.comp);

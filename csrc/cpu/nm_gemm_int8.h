@@ -17,7 +17,7 @@
 // columns) of one row keeps 4 int8 values, stored side by side in NMWeight.values: one dword.
 // Its partner is the 4 x bytes its indices pick out of the 8, which depends on the row. So
 // the vector runs over 16 output rows:
-//   decode (per panel of 32 rows, once per batch range: BatchRanges): each group pair's 32
+//   decode (per panel of 32 rows, once per range of batch rows: WorkRanges): each group pair's 32
 //     value dwords and 32 byte-shuffle controls (the row's index byte i0 | i1 << 2 | i2 << 4 |
 //     i3 << 6 becomes the bytes i0, i1, 4 + i2, 4 + i3), group pair by group pair, [G2][32]
 //     int32 each;
@@ -42,6 +42,8 @@
 
 #include <cstdint>
 
+#include "work_ranges.h"
+
 namespace sparsekern {
 namespace cpu {
 
@@ -49,20 +51,6 @@ namespace cpu {
 // (cpu_has_avx512(), so SPARSEKERN_CPU_ISA=avx2|generic turns it off too) and the CPU has
 // AVX512_VNNI (Zen 4 and later, Cascade Lake, Ice Lake, Sapphire Rapids and later).
 bool cpu_has_avx512_vnni();
-
-// The batch rows split into contiguous ranges, one per thread for a large batch, each with its
-// own panel counter. Thread t runs the panels of range t first, then takes what is left of the
-// others' (t + 1, t + 2, ...), so a thread the OS parked holds at most the panel it is in. Why
-// not one shared counter over the panels with every batch row: each thread then wrote a column
-// slice of every output row, and the elementwise op after the layer (torch splits it into contiguous halves of
-// the rows, one per thread) found half its input in the other core's cache: a residual add and
-// layer norm over a [960, 384] output took 1.7x as long after this kernel as after torch's
-// int8 linear, whose threads split the rows (timed on the Zen 4 machine of issue 28).
-struct BatchRanges {
-  int64_t count;      // ranges (ranges_for: one per thread, or fewer for a small batch)
-  int64_t rows;       // batch rows per range: a multiple of the core's 10 (the last may be shorter)
-  int64_t* next;      // [count] panel counters, 0 before the first call
-};
 
 // x quantized by the GEMM's own threads before their first panel (quantize_rows, rows in chunks
 // from a shared counter; each thread then waits until every chunk is done). Quantizing on the
@@ -89,7 +77,7 @@ struct Nm24Int8Args {
   int64_t xq_stride, B;
   float* out;              // [B, O] fp32
   int64_t panels;          // ceil(O / kPanelRows)
-  BatchRanges ranges;      // the work units: (batch range, panel)
+  WorkRanges ranges;       // the work units (work_ranges.h): (range of batch rows, panel)
   QuantizeJob quantize;    // fills xq and x_scales first
   const float* bias;       // [O] fp32 added to every row of out (one FMA with the scales), or null
 };
@@ -106,7 +94,7 @@ struct Nm24Int4Args {
   int64_t xq_stride, B;
   float* out;              // [B, O] fp32
   int64_t panels;          // ceil(O / kPanelRows)
-  BatchRanges ranges;      // as Nm24Int8Args.ranges
+  WorkRanges ranges;       // as Nm24Int8Args.ranges
   QuantizeJob quantize;    // as Nm24Int8Args.quantize
   const float* bias;       // as Nm24Int8Args.bias
 };
@@ -139,9 +127,9 @@ inline int64_t range_rows_for(int64_t B, int64_t ranges) {
   const int64_t passes = (B + kBatchRows - 1) / kBatchRows;
   return (passes + ranges - 1) / ranges * kBatchRows;
 }
-// x quantized (QuantizeJob), then work units (range, panel) as BatchRanges says, until all are
-// done; call it from every thread, with `thread` its index among them (a range's own thread
-// when below the count).
+// x quantized (QuantizeJob), then work units (range of batch rows, panel) as a.ranges says,
+// until all are done; call it from every thread, with `thread` its index among them (a range's
+// own thread when below the count).
 void nm24_gemm(const Nm24Int8Args& a, int64_t thread);
 // The same for int4 values (group sizes 32, 64 and 128).
 void nm24_int4_gemm(const Nm24Int4Args& a, int64_t thread);

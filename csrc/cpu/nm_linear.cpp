@@ -119,17 +119,16 @@ void nm24_gemm_bf16_cpu(const at::Tensor& x2, const at::Tensor& vals, const at::
     run_parallel(units, std::max<int64_t>(1, (int64_t(1) << 15) / (8 * K)), [&](int64_t u0, int64_t u1) {
       b16::pair_tiles(xp + b0 * K, lanes, K, u0, u1, tp);
     });
-    // Lane ranges (nm_gemm_bf16.h): SPARSEKERN_NM_BF16_RANGES=one|threads (read per call, a
-    // benchmarking switch) fixes the split ranges_for picks.
+    // Ranges of lane tiles (nm_gemm_bf16.h ranges_for; SPARSEKERN_NM_BF16_RANGES=one|threads, a
+    // benchmarking switch, fixes them)
     const int64_t pass_tiles = (lanes + b16::kLanes - 1) / b16::kLanes;
-    const char* fixed = std::getenv("SPARSEKERN_NM_BF16_RANGES");
-    const int64_t nr = fixed && std::strcmp(fixed, "one") == 0       ? 1
-                       : fixed && std::strcmp(fixed, "threads") == 0 ? std::min(nth, pass_tiles)
-                                                                     : b16::ranges_for(pass_tiles, nth);
+    const int64_t nr = ranges_by_switch("SPARSEKERN_NM_BF16_RANGES", std::min(nth, pass_tiles),
+                                        b16::ranges_for(pass_tiles, nth));
     std::vector<int64_t> next(size_t(nr), 0);
     const Nm24Bf16Args g{reinterpret_cast<const uint16_t*>(vals.data_ptr<at::BFloat16>()), idx.data_ptr<uint8_t>(),
                          vals.size(1), idx.size(1), K, O, tp, lanes, reinterpret_cast<uint16_t*>(out + b0 * O), bias,
-                         panel_rows, (O + panel_rows - 1) / panel_rows, nr, (pass_tiles + nr - 1) / nr, next.data()};
+                         panel_rows, (O + panel_rows - 1) / panel_rows,
+                         WorkRanges{nr, (pass_tiles + nr - 1) / nr, next.data()}};
     // Chunk t usually runs on thread t (the calling thread, first to start, takes chunk 0);
     // another order only loses the locality, every unit still runs once.
     run_parallel(nth, 1, [&](int64_t t0, int64_t t1) {

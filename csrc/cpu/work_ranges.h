@@ -1,0 +1,51 @@
+// Work split into contiguous ranges, one per thread, each with its own counter of work units
+// (output panels): thread t runs the units of range t first, then takes what is left of the
+// others' (t + 1, t + 2, ...), so a thread the OS parked holds at most the unit it is in. Why
+// not one shared counter over the panels of the whole input: each thread then wrote a column
+// slice of every output row, and the elementwise op after the layer (torch splits it into
+// contiguous parts of the rows, one per thread) found half its input in the other core's
+// cache: a residual add and layer norm over a [960, 384] output took 1.7x as long after the
+// 2:4 int8 GEMM as after torch's int8 linear, whose threads split the rows (timed on the Zen 4
+// machine of issue 28). The 2:4 int8 GEMM splits batch rows (nm_gemm_int8.h), the 2:4 bf16
+// GEMM tiles of lanes (nm_gemm_bf16.h); each range decodes every panel it runs, so each kernel
+// picks how many ranges pay for that.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+namespace sparsekern {
+namespace cpu {
+
+struct WorkRanges {
+  int64_t count;  // ranges
+  int64_t size;   // items (batch rows, lane tiles) per range; the last ones may be shorter or empty
+  int64_t* next;  // [count] unit counters, 0 before the first call
+};
+
+// Calls unit(u, lo, hi) for the units u < units of the ranges [lo, hi) of [0, extent) that this
+// thread takes: its own range's (range thread % count) first, then the others' in turn.
+template <typename Unit>
+inline void for_each_range_unit(const WorkRanges& w, int64_t extent, int64_t units, int64_t thread, Unit unit) {
+  for (int64_t i = 0; i < w.count; ++i) {
+    const int64_t range = (thread + i) % w.count;
+    const int64_t lo = range * w.size, hi = lo + w.size < extent ? lo + w.size : extent;
+    if (lo >= hi) continue;
+    for (int64_t u = __atomic_fetch_add(w.next + range, 1, __ATOMIC_RELAXED); u < units;
+         u = __atomic_fetch_add(w.next + range, 1, __ATOMIC_RELAXED))
+      unit(u, lo, hi);
+  }
+}
+
+// `chosen` ranges, unless the benchmarking switch `variable` (read per call) fixes them: "one"
+// gives 1, "threads" gives `most`.
+inline int64_t ranges_by_switch(const char* variable, int64_t most, int64_t chosen) {
+  const char* fixed = std::getenv(variable);
+  if (fixed && std::strcmp(fixed, "one") == 0) return 1;
+  if (fixed && std::strcmp(fixed, "threads") == 0) return most;
+  return chosen;
+}
+
+}  // namespace cpu
+}  // namespace sparsekern
