@@ -53,10 +53,10 @@ namespace cpu {
 bool cpu_has_avx512_vnni();
 
 // x quantized by the GEMM's own threads before their first panel (quantize_rows, rows in chunks
-// from a shared counter; each thread then waits until every chunk is done). Quantizing on the
-// calling thread before the threads started took a quarter of a [960, 384] x [384, 384] call
-// (MiniLM's attention projections at 16 sentences; a second fork for it cost more than it saved
-// on a busy machine). A thread the OS parks inside a chunk holds the others until it resumes,
+// from a shared counter; each thread then waits until every chunk is done), not on the calling
+// thread before the others start: that was a serial step in every call, longest against the
+// GEMM at MiniLM's small layers (and a second fork for it cost more than it saved on a busy
+// machine). A thread the OS parks inside a chunk holds the others until it resumes,
 // as one parked inside a panel does.
 struct QuantizeJob {
   const float* x;        // [B, K] fp32, row-major
