@@ -272,9 +272,10 @@ void nm24_gemm(const Nm24Bf16Args& a, int64_t thread) {
   const int64_t chunk_tiles = tiles < kChunkTiles ? tiles : kChunkTiles;
   float* acc = static_cast<float*>(std::aligned_alloc(64, chunk_tiles * blocks * kRows * kLanes * sizeof(float)));
   BlockSlice* blk = static_cast<BlockSlice*>(std::aligned_alloc(64, (blocks * sizeof(BlockSlice) + 63) / 64 * 64));
-  for_each_range_unit(a.ranges, tiles, a.panels, thread, [&](int64_t p, int64_t tile_lo, int64_t tile_hi) {
+  for_each_range_unit(a.ranges, a.B, a.panels, thread, [&](int64_t p, int64_t lane_lo, int64_t lane_hi) {
     const int64_t r0 = p * a.panel_rows, r1 = r0 + a.panel_rows < a.O ? r0 + a.panel_rows : a.O;
-    panel(a, r0, r1, tile_lo, tile_hi, blk, acc);
+    // a range starts on a tile (range_lanes_for: whole tiles) and ends on one or at B
+    panel(a, r0, r1, lane_lo / kLanes, (lane_hi + kLanes - 1) / kLanes, blk, acc);
   });
   std::free(blk);
   std::free(acc);

@@ -56,7 +56,7 @@ struct Nm24Bf16Args {
   const float* bias;        // [O] fp32 added before the rounding to bf16, or nullptr
   int64_t panel_rows;       // output rows per panel (a multiple of 3: panel_rows_for)
   int64_t panels;           // ceil(O / panel_rows)
-  WorkRanges ranges;        // the work units (work_ranges.h): (range of the pass's tiles, panel)
+  WorkRanges ranges;        // the work units (work_ranges.h): (range of the pass's lanes, panel)
 };
 
 namespace avx512bf16 {
@@ -68,15 +68,30 @@ inline int64_t pair_tile_words(int64_t K) { return K / 4 * kPairs * kLanes; }
 // tiles (tile t = tiles + t * pair_tile_words(K)); lanes past B are written zero.
 void pair_tiles(const uint16_t* x, int64_t B, int64_t K, int64_t u0, int64_t u1, uint32_t* tiles);
 constexpr int64_t kChunkTiles = 8;  // tiles per pass over a panel (512 lanes: its slices decoded once)
-// Lane ranges for a pass of `tiles` tiles over `threads` threads: one per thread when that
-// decodes each panel's slices no more often than one range does (each range passes over a
-// panel in chunks of kChunkTiles; one range over 8 tiles decodes them once, two ranges of 4
+// Lanes per range for a pass of `lanes` lanes over `ranges` ranges: the whole tiles nearest an
+// equal share (the last range takes the rest; its last tile may be partial). ceil(tiles /
+// ranges) tiles per range split ViT-B's 788 lanes 448 + 340, and with only 4 panels per range
+// (768 outputs) the thread done first found nothing left to steal: 384 + 404 is 5-8% faster
+// there and at ResNet-50's 784-lane layers of 256 outputs, about 2% slower at 2304 and 3072
+// outputs (bench/results/cpu-gemm-bf16-balance-20261207).
+inline int64_t range_lanes_for(int64_t lanes, int64_t ranges) {
+  const int64_t share = (lanes + ranges / 2) / ranges, t = (share + kLanes / 2) / kLanes;
+  return (t < 1 ? 1 : t) * kLanes;
+}
+// Ranges for a pass of `lanes` lanes over `threads` threads: one per thread when that decodes
+// each panel's slices no more often than one range does (each range passes over a panel in
+// chunks of kChunkTiles tiles; one range over 8 tiles decodes them once, two ranges of 4
 // twice), else one.
-inline int64_t ranges_for(int64_t tiles, int64_t threads) {
+inline int64_t ranges_for(int64_t lanes, int64_t threads) {
+  const int64_t tiles = (lanes + kLanes - 1) / kLanes;
   if (threads <= 1 || tiles < threads) return 1;
-  const int64_t per = (tiles + threads - 1) / threads;
+  const WorkRanges w{threads, range_lanes_for(lanes, threads), nullptr};
   int64_t chunks = 0;
-  for (int64_t lo = 0; lo < tiles; lo += per) chunks += ((tiles - lo < per ? tiles - lo : per) + kChunkTiles - 1) / kChunkTiles;
+  for (int64_t r = 0; r < threads; ++r) {
+    int64_t lo, hi;
+    range_bounds(w, lanes, r, &lo, &hi);
+    if (lo < hi) chunks += ((hi - lo + kLanes - 1) / kLanes + kChunkTiles - 1) / kChunkTiles;
+  }
   return chunks == (tiles + kChunkTiles - 1) / kChunkTiles ? threads : 1;
 }
 // Work units (range, panel) until all are done; call it from every thread, `thread` its index

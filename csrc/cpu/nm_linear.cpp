@@ -123,12 +123,12 @@ void nm24_gemm_bf16_cpu(const at::Tensor& x2, const at::Tensor& vals, const at::
     // benchmarking switch, fixes them)
     const int64_t pass_tiles = (lanes + b16::kLanes - 1) / b16::kLanes;
     const int64_t nr = ranges_by_switch("SPARSEKERN_NM_BF16_RANGES", std::min(nth, pass_tiles),
-                                        b16::ranges_for(pass_tiles, nth));
+                                        b16::ranges_for(lanes, nth));
     std::vector<int64_t> next(size_t(nr), 0);
     const Nm24Bf16Args g{reinterpret_cast<const uint16_t*>(vals.data_ptr<at::BFloat16>()), idx.data_ptr<uint8_t>(),
                          vals.size(1), idx.size(1), K, O, tp, lanes, reinterpret_cast<uint16_t*>(out + b0 * O), bias,
                          panel_rows, (O + panel_rows - 1) / panel_rows,
-                         WorkRanges{nr, (pass_tiles + nr - 1) / nr, next.data()}};
+                         WorkRanges{nr, b16::range_lanes_for(lanes, nr), next.data()}};
     // Chunk t usually runs on thread t (the calling thread, first to start, takes chunk 0);
     // another order only loses the locality, every unit still runs once.
     run_parallel(nth, 1, [&](int64_t t0, int64_t t1) {

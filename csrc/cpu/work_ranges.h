@@ -20,9 +20,17 @@ namespace cpu {
 
 struct WorkRanges {
   int64_t count;  // ranges
-  int64_t size;   // items (batch rows, lane tiles) per range; the last ones may be shorter or empty
+  int64_t size;   // items (batch rows, lanes) per range; the last range takes the rest of the
+                  // extent (longer or shorter), ranges past the extent are empty
   int64_t* next;  // [count] unit counters, 0 before the first call
 };
+
+// Range r of [0, extent): [r size, (r + 1) size), the last one to the extent, clipped to it.
+inline void range_bounds(const WorkRanges& w, int64_t extent, int64_t r, int64_t* lo, int64_t* hi) {
+  const int64_t l = r * w.size, h = r + 1 == w.count ? extent : l + w.size;
+  *lo = l < extent ? l : extent;
+  *hi = h < extent ? h : extent;
+}
 
 // Calls unit(u, lo, hi) for the units u < units of the ranges [lo, hi) of [0, extent) that this
 // thread takes: its own range's (range thread % count) first, then the others' in turn.
@@ -30,7 +38,8 @@ template <typename Unit>
 inline void for_each_range_unit(const WorkRanges& w, int64_t extent, int64_t units, int64_t thread, Unit unit) {
   for (int64_t i = 0; i < w.count; ++i) {
     const int64_t range = (thread + i) % w.count;
-    const int64_t lo = range * w.size, hi = lo + w.size < extent ? lo + w.size : extent;
+    int64_t lo, hi;
+    range_bounds(w, extent, range, &lo, &hi);
     if (lo >= hi) continue;
     for (int64_t u = __atomic_fetch_add(w.next + range, 1, __ATOMIC_RELAXED); u < units;
          u = __atomic_fetch_add(w.next + range, 1, __ATOMIC_RELAXED))
