@@ -12,7 +12,8 @@ Cases (rows x out x in):
   vit     ViT-B/16, batch 4 (788 rows): qkv (2304x768), proj (768x768), fc1 (3072x768),
           fc2 (768x3072)
   resnet  ResNet-50, batch 4: the 1x1 convolutions as the GEMMs SparseConv2d runs on a
-          channels-last input (rows = 4 x H x W, its patches are the input itself)
+          channels-last input (rows = 4 x H x W, its patches are the input itself), and the
+          3x3 ones of layers 2-4 as the GEMMs it runs on their patch matrices
 
 Providers (each checked against the fp64 reference with the bf16 rule before it is timed:
 error at most 2x torch's own bf16 F.linear error):
@@ -26,6 +27,9 @@ error at most 2x torch's own bf16 F.linear error):
   cpp.nm24_bf16_dot.one_range / .per_thread (with --ranges)
                           the bf16 kernel with its lanes in one range, or one per thread
                           (SPARSEKERN_NM_BF16_RANGES; as dispatched: nm_gemm_bf16.h ranges_for)
+  cpp.nm24_bf16_dot.shared / .private (with --chunks)
+                          the bf16 kernel in shared passes or thread-private chunks
+                          (SPARSEKERN_NM_BF16_CHUNKS; as dispatched: nm_gemm_bf16.h private_chunks_for)
 With --consumer every call is followed by layer_norm(y + residual) in bf16, what a transformer
 block does next with the output, timed with it: which thread wrote which output rows decides
 whether that op finds them in its own core's cache.
@@ -62,7 +66,9 @@ CASES = {
     "resnet": [("resnet.l1.reduce", 4 * 56 * 56, 64, 256), ("resnet.l1.expand", 4 * 56 * 56, 256, 64),
                ("resnet.l2.reduce", 4 * 28 * 28, 128, 512), ("resnet.l2.expand", 4 * 28 * 28, 512, 128),
                ("resnet.l3.reduce", 4 * 14 * 14, 256, 1024), ("resnet.l3.expand", 4 * 14 * 14, 1024, 256),
-               ("resnet.l4.reduce", 4 * 7 * 7, 512, 2048), ("resnet.l4.expand", 4 * 7 * 7, 2048, 512)],
+               ("resnet.l4.reduce", 4 * 7 * 7, 512, 2048), ("resnet.l4.expand", 4 * 7 * 7, 2048, 512),
+               ("resnet.l2.3x3", 4 * 28 * 28, 128, 9 * 128), ("resnet.l3.3x3", 4 * 14 * 14, 256, 9 * 256),
+               ("resnet.l4.3x3", 4 * 7 * 7, 512, 9 * 512)],
 }
 
 
@@ -97,7 +103,7 @@ def fma_peak_gflops(tries: int = 5, clock=None) -> float | None:
 
 
 def run_case(name, rows, o, k, rounds, rotate_mib, with_fma, peak, env, clock=time.perf_counter, ranges=False,
-             consumer=False):
+             consumer=False, chunks=False):
     torch.manual_seed(0)
     dt = torch.bfloat16
     nm_bytes = o * k // 2 * 2 + o * k // 8
@@ -118,6 +124,11 @@ def run_case(name, rows, o, k, rounds, rotate_mib, with_fma, peak, env, clock=ti
         for split, suffix in (("one", "one_range"), ("threads", "per_thread")):
             calls[f"cpp.nm24_bf16_dot.{suffix}"] = [
                 _with_env("SPARSEKERN_NM_BF16_RANGES", split, _with_env("SPARSEKERN_NM_BF16", "dot", lambda W=W: ops.nm_linear(x, W)))
+                for W in Ws]
+    if chunks:
+        for mode in ("shared", "private"):
+            calls[f"cpp.nm24_bf16_dot.{mode}"] = [
+                _with_env("SPARSEKERN_NM_BF16_CHUNKS", mode, _with_env("SPARSEKERN_NM_BF16", "dot", lambda W=W: ops.nm_linear(x, W)))
                 for W in Ws]
     if with_fma:
         calls["cpp.nm24_bf16_fma"] = [_with_env("SPARSEKERN_NM_BF16", "fma", lambda W=W: ops.nm_linear(x, W))
@@ -162,6 +173,8 @@ def main(argv=None):
     p.add_argument("--rotate-mib", type=int, default=64, help="compressed bytes rotated at least (MiB)")
     p.add_argument("--no-fma", action="store_true", help="leave out the fp32-FMA kernel row")
     p.add_argument("--ranges", action="store_true", help="also time the bf16 kernel with one lane range and one per thread")
+    p.add_argument("--chunks", action="store_true",
+                   help="also time the bf16 kernel in shared passes and in thread-private chunks")
     p.add_argument("--consumer", action="store_true",
                    help="time each call with layer_norm(y + residual) after it (the output's next reader)")
     p.add_argument("--clock", choices=["wall", "thread"], default="wall",
@@ -185,7 +198,7 @@ def main(argv=None):
     for group in a.cases.split(","):
         for name, b, o, k in CASES[group]:
             for r in run_case(name, b, o, k, a.rounds, a.rotate_mib, not a.no_fma, peak, env, clock,
-                              ranges=a.ranges, consumer=a.consumer):
+                              ranges=a.ranges, consumer=a.consumer, chunks=a.chunks):
                 rows.append(r)
                 share = r["executed_share_of_fma_peak"]
                 print(f"{name:>17} {b:>5} {r['shape']:>10} {r['provider']:>22} {r['median_ms']:>10.3f} "

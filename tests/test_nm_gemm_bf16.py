@@ -151,6 +151,26 @@ def test_bf16_dot_lane_ranges_give_the_same_bits(rows, threads, direct, poison):
 
 
 @needs_bf16_dot
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows,out", [(17, 301), (383, 64), (788, 301), (1100, 130), (600, 1100)])
+def test_bf16_dot_private_chunks_give_the_same_bits(rows, out, threads, direct, poison):
+    """Thread-private chunks (nm_gemm_bf16.h private_chunks_for: at most 1024 outputs and two
+    chunks of about 128 lanes per thread; 383 rows split into 16-lane units unevenly, 788 and
+    1100 rows end in a partial tile) and the shared passes run each output's sum in the same
+    order, written once, so they give the same bits; "private" forces chunks where the rule
+    would not (17 rows: one chunk; 1100 outputs)."""
+    W = NMWeight.from_dense(torch.randn(out, 136, dtype=torch.bfloat16), 2, 4)
+    x = torch.randn(rows, 136, dtype=torch.bfloat16)
+    bias = torch.randn(out, dtype=torch.bfloat16)
+    got = outputs_by_switch("SPARSEKERN_NM_BF16_CHUNKS", ("shared", "private", None), threads,
+                            lambda: _nm_linear(x, W, bias))
+    dense = W.to_dense()
+    assert_linear_close(got["private"], ref64(x, dense, bias), torch.bfloat16, lowp_torch_linear(x, dense, bias),
+                        f"private chunks, rows={rows}")
+    assert torch.equal(got["shared"], got["private"]) and torch.equal(got[None], got["private"])
+
+
+@needs_bf16_dot
 def test_bf16_dot_agrees_with_the_fp32_fma_kernel(direct):
     W = NMWeight.from_dense(torch.randn(301, 1028, dtype=torch.bfloat16), 2, 4)
     x = torch.randn(130, 1028, dtype=torch.bfloat16)

@@ -281,6 +281,32 @@ void nm24_gemm(const Nm24Bf16Args& a, int64_t thread) {
   std::free(acc);
 }
 
+void nm24_gemm_chunks(const Nm24Bf16Args& a, const uint16_t* x, int64_t chunks, int64_t* next, uint32_t* tiles) {
+  const int64_t blocks = (a.panel_rows + kRows - 1) / kRows;
+  const int64_t units = (a.B + kChunkUnit - 1) / kChunkUnit;  // 16-lane units, split evenly over the chunks
+  const int64_t most_tiles = ((units + chunks - 1) / chunks * kChunkUnit + kLanes - 1) / kLanes;
+  float* acc = static_cast<float*>(std::aligned_alloc(64, most_tiles * blocks * kRows * kLanes * sizeof(float)));
+  BlockSlice* blk = static_cast<BlockSlice*>(std::aligned_alloc(64, (blocks * sizeof(BlockSlice) + 63) / 64 * 64));
+  for (int64_t c = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED); c < chunks;
+       c = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED)) {
+    const int64_t lane0 = c * units / chunks * kChunkUnit, end = (c + 1) * units / chunks * kChunkUnit;
+    const int64_t lanes = (end < a.B ? end : a.B) - lane0;
+    if (lanes <= 0) continue;
+    const int64_t t = (lanes + kLanes - 1) / kLanes;
+    pair_tiles(x + lane0 * a.K, lanes, a.K, 0, t * (kLanes / 8), tiles);
+    Nm24Bf16Args ac = a;
+    ac.tiles = tiles;
+    ac.B = lanes;
+    ac.out = a.out + lane0 * a.O;
+    for (int64_t p = 0; p < a.panels; ++p) {
+      const int64_t r0 = p * a.panel_rows, r1 = r0 + a.panel_rows < a.O ? r0 + a.panel_rows : a.O;
+      panel(ac, r0, r1, 0, t, blk, acc);
+    }
+  }
+  std::free(blk);
+  std::free(acc);
+}
+
 }  // namespace avx512bf16
 }  // namespace cpu
 }  // namespace sparsekern
@@ -294,6 +320,7 @@ namespace cpu {
 namespace avx512bf16 {
 void pair_tiles(const uint16_t*, int64_t, int64_t, int64_t, int64_t, uint32_t*) { std::abort(); }
 void nm24_gemm(const Nm24Bf16Args&, int64_t) { std::abort(); }
+void nm24_gemm_chunks(const Nm24Bf16Args&, const uint16_t*, int64_t, int64_t*, uint32_t*) { std::abort(); }
 }  // namespace avx512bf16
 }  // namespace cpu
 }  // namespace sparsekern

@@ -26,7 +26,7 @@
 //         order, which the hardware prefetcher does not follow; 1.3x faster with it). Two kept
 //         products per instruction lane: half the instructions of the fp32 kernel per kept value.
 //   acc / order: as the fp32 kernel: panels of about 256 output rows from a counter (one per
-//         range of lane tiles: Nm24Bf16Args.ranges), passes of up to 512 lanes, K tiles in order, partial sums [tile][row][64] in a per-thread
+//         range of lanes, whole tiles: Nm24Bf16Args.ranges), passes of up to 512 lanes, K tiles in order, partial sums [tile][row][64] in a per-thread
 //         buffer, transposed once into out [B, O] in bf16 (the bias added in fp32 first, then
 //         rounded to nearest even as torch rounds: no fp32 output for torch to convert).
 //   threads: nm_linear.cpp runs nm24_gemm through parallel_chunks (torch's OpenMP team, or the
@@ -97,6 +97,36 @@ inline int64_t ranges_for(int64_t lanes, int64_t threads) {
 // Work units (range, panel) until all are done; call it from every thread, `thread` its index
 // among them.
 void nm24_gemm(const Nm24Bf16Args& a, int64_t thread);
+// Thread-private chunks, the other way to run a call: the lanes split into `chunks` near-equal
+// chunks (whole 16-lane units) taken from one counter; a thread builds a chunk's pair tiles in a
+// buffer of its own, runs every panel over them and writes the chunk's output rows. Against the
+// shared passes (pair tiles of up to 1024 lanes built by all threads, then panels over ranges)
+// it reads the weight once per chunk instead of once per range, and keeps each thread's tiles
+// to its own core: no tile a thread reads was written by the other core, and a chunk's 128
+// lanes of tiles (768 bytes per input column) stay in L2 where the passes' spilled to the shared
+// L3. It pays where the weight is small beside the tiles: few outputs, many lanes.
+constexpr int64_t kChunkUnit = 16;          // lanes: chunks are whole vectors of the core
+constexpr int64_t kChunkTargetLanes = 128;  // lanes per chunk aimed at
+constexpr int64_t kChunkMaxOut = 1024;      // outputs up to which a call runs in chunks
+// Chunks for B lanes, O outputs on `threads` threads: 0 (the shared passes) unless O <=
+// kChunkMaxOut and each thread gets at least two chunks of about kChunkTargetLanes (then a
+// multiple of the threads, so the counter deals them out evenly). Timed interleaved on the Zen 4
+// machine, 2 threads (bench/results/cpu-gemm-bf16-chunks-20261207): faster than the passes at
+// ResNet-50's 784- to 12544-lane layers and ViT-B's 768-output ones, slower at 1536 outputs and
+// more (the weight read per chunk) and at 1 chunk per thread.
+inline int64_t private_chunks_for(int64_t B, int64_t O, int64_t threads) {
+  const int64_t per_thread = (2 * B + threads * kChunkTargetLanes) / (2 * threads * kChunkTargetLanes);  // rounded
+  return O <= kChunkMaxOut && per_thread >= 2 ? per_thread * threads : 0;
+}
+// The chunks, until the counter `next` (0 before the call) passes them: call it from every
+// thread, `tiles` its own buffer of pair_tile_words(K) words for each tile of the longest chunk
+// (a.tiles and a.ranges unused).
+void nm24_gemm_chunks(const Nm24Bf16Args& a, const uint16_t* x, int64_t chunks, int64_t* next, uint32_t* tiles);
+// Tiles of the longest of `chunks` chunks of B lanes.
+inline int64_t chunk_tiles_for(int64_t B, int64_t chunks) {
+  const int64_t units = (B + kChunkUnit - 1) / kChunkUnit;
+  return ((units + chunks - 1) / chunks * kChunkUnit + kLanes - 1) / kLanes;
+}
 // Rows per output panel for O outputs over `threads` threads: the fewest panels of about 256
 // rows (rounded up to a multiple of 3) whose count is a multiple of the threads, so each
 // thread gets the same share. A panel decodes its weight slices once per pass, and each x

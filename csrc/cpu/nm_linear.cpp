@@ -93,13 +93,7 @@ void nm24_gemm_bf16_cpu(const at::Tensor& x2, const at::Tensor& vals, const at::
   namespace b16 = avx512bf16;
   const int64_t B = x2.size(0);
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
-  // Passes of up to 1024 lanes bound the transient pair tiles (6 bytes per element of x: 12
-  // MiB at K = 2048); each pass reads the weight once more.
-  constexpr int64_t kPassLanes = 1024;
   const int64_t tile_words = b16::pair_tile_words(K);
-  const int64_t max_tiles = (std::min(B, kPassLanes) + b16::kLanes - 1) / b16::kLanes;
-  auto tiles = at::empty({max_tiles * tile_words}, x2.options().dtype(at::kInt));
-  uint32_t* tp = reinterpret_cast<uint32_t*>(tiles.data_ptr<int32_t>());
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
   const int64_t panel_rows = b16::panel_rows_for(O, nth);  // see nm_gemm_bf16.h
   // Threads: parallel_chunks, chunks from a shared counter (chunk_pool.cpp: torch's OpenMP
@@ -113,14 +107,41 @@ void nm24_gemm_bf16_cpu(const at::Tensor& x2, const at::Tensor& vals, const at::
     if (on_omp) at::parallel_for(0, n, grain, fn);
     else parallel_chunks(n, grain, fn);
   };
+  // Thread-private chunks or shared passes (nm_gemm_bf16.h private_chunks_for);
+  // SPARSEKERN_NM_BF16_CHUNKS=private|shared (read per call, a benchmarking switch) fixes the choice.
+  const char* chunks_mode = std::getenv("SPARSEKERN_NM_BF16_CHUNKS");
+  int64_t chunks = b16::private_chunks_for(B, O, nth);
+  if (chunks_mode && std::strcmp(chunks_mode, "shared") == 0) chunks = 0;
+  if (chunks_mode && std::strcmp(chunks_mode, "private") == 0 && chunks == 0)
+    chunks = std::max<int64_t>(1, (B + b16::kChunkTargetLanes - 1) / b16::kChunkTargetLanes);
+  if (chunks > 0) {
+    const int64_t chunk_words = b16::chunk_tiles_for(B, chunks) * tile_words;
+    auto buffers = at::empty({nth * chunk_words}, x2.options().dtype(at::kInt));
+    uint32_t* bp = reinterpret_cast<uint32_t*>(buffers.data_ptr<int32_t>());
+    int64_t next_chunk = 0;
+    const Nm24Bf16Args g{reinterpret_cast<const uint16_t*>(vals.data_ptr<at::BFloat16>()), idx.data_ptr<uint8_t>(),
+                         vals.size(1), idx.size(1), K, O, nullptr, B, reinterpret_cast<uint16_t*>(out), bias,
+                         panel_rows, (O + panel_rows - 1) / panel_rows, WorkRanges{1, B, nullptr}};
+    // Parallel chunk t (at most one per thread) owns buffer t.
+    run_parallel(nth, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) b16::nm24_gemm_chunks(g, xp, chunks, &next_chunk, bp + t * chunk_words);
+    });
+    return;
+  }
+  // Passes of up to 1024 lanes bound the transient pair tiles (6 bytes per element of x: 12
+  // MiB at K = 2048); each pass reads the weight once more.
+  constexpr int64_t kPassLanes = 1024;
+  const int64_t max_tiles = (std::min(B, kPassLanes) + b16::kLanes - 1) / b16::kLanes;
+  auto tiles = at::empty({max_tiles * tile_words}, x2.options().dtype(at::kInt));
+  uint32_t* tp = reinterpret_cast<uint32_t*>(tiles.data_ptr<int32_t>());
   for (int64_t b0 = 0; b0 < B; b0 += kPassLanes) {
     const int64_t lanes = std::min(kPassLanes, B - b0);
     const int64_t units = (lanes + b16::kLanes - 1) / b16::kLanes * (b16::kLanes / 8);  // 8 lanes each, whole tiles
     run_parallel(units, std::max<int64_t>(1, (int64_t(1) << 15) / (8 * K)), [&](int64_t u0, int64_t u1) {
       b16::pair_tiles(xp + b0 * K, lanes, K, u0, u1, tp);
     });
-    // Ranges of lane tiles (nm_gemm_bf16.h ranges_for; SPARSEKERN_NM_BF16_RANGES=one|threads, a
-    // benchmarking switch, fixes them)
+    // Ranges of lanes in whole tiles (nm_gemm_bf16.h ranges_for, range_lanes_for;
+    // SPARSEKERN_NM_BF16_RANGES=one|threads, a benchmarking switch, fixes their count)
     const int64_t pass_tiles = (lanes + b16::kLanes - 1) / b16::kLanes;
     const int64_t nr = ranges_by_switch("SPARSEKERN_NM_BF16_RANGES", std::min(nth, pass_tiles),
                                         b16::ranges_for(lanes, nth));

@@ -6,9 +6,11 @@
 // contiguous parts of the rows, one per thread) found half its input in the other core's
 // cache: a residual add and layer norm over a [960, 384] output of the 2:4 int8 GEMM took 156 us
 // after the one-counter split and 138 us after this one (torch's int8 linear, whose threads
-// split the rows: 157 us; bench/results/cpu-int8-probes-20261207, the Zen 4 machine of issue 28). The 2:4 int8 GEMM splits batch rows (nm_gemm_int8.h), the 2:4 bf16
-// GEMM tiles of lanes (nm_gemm_bf16.h); each range decodes every panel it runs, so each kernel
-// picks how many ranges pay for that.
+// split the rows: 157 us; bench/results/cpu-int8-probes-20261207, the Zen 4 machine of issue 28). The 2:4 int8 GEMM splits batch rows in whole core passes (nm_gemm_int8.h),
+// the 2:4 bf16 GEMM lanes in whole 64-lane tiles (nm_gemm_bf16.h), each into near-equal ranges:
+// a range's thread can steal only whole panels, and at few panels per range a short range's
+// thread finds none left. Each range decodes every panel it runs, so each kernel picks how many
+// ranges pay for that.
 #pragma once
 
 #include <cstdint>
