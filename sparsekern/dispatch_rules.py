@@ -27,7 +27,10 @@ SPARSEKERN_Q_ACT=int8|exact (`q_activations_int8`, read by `q_cpu_algo` and `nm_
 SPARSEKERN_NM_BF16=fma (`nm_cpu_algo`: bf16 weights on the 2:4 GEMM's fp32-FMA kernel,
 NM_ALGO_GEMM_FP32, instead of the vdpbf16ps one, csrc/cpu/nm_gemm_bf16.cpp). Threading switches,
 read in C++: SPARSEKERN_NM_BF16_THREADS=omp (that kernel's
-threads on torch's OpenMP team instead of the chunk pool, csrc/cpu/nm_linear.cpp).
+threads on torch's OpenMP team instead of the chunk pool, csrc/cpu/nm_linear.cpp),
+SPARSEKERN_NM_BF16_CHUNKS=shared|private (its shared passes or thread-private chunks,
+csrc/cpu/nm_gemm_bf16.h private_chunks_for), SPARSEKERN_NM_BF16_RANGES=one|threads and
+SPARSEKERN_INT8_RANGES=one|threads (the bf16 and int8 2:4 GEMMs' lane / batch ranges, work_ranges.h).
 """
 from __future__ import annotations
 

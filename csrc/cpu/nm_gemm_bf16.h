@@ -111,9 +111,11 @@ constexpr int64_t kChunkMaxOut = 1024;      // outputs up to which a call runs i
 // Chunks for B lanes, O outputs on `threads` threads: 0 (the shared passes) unless O <=
 // kChunkMaxOut and each thread gets at least two chunks of about kChunkTargetLanes (then a
 // multiple of the threads, so the counter deals them out evenly). Timed interleaved on the Zen 4
-// machine, 2 threads (bench/results/cpu-gemm-bf16-chunks-20261207): faster than the passes at
-// ResNet-50's 784- to 12544-lane layers and ViT-B's 768-output ones, slower at 1536 outputs and
-// more (the weight read per chunk) and at 1 chunk per thread.
+// machine, 2 threads, with the layer norm after each call (bench/results/cpu-gemm-bf16-chunks-20261207):
+// 1.24-1.57x the passes' speed at ResNet-50's 3136- and 12544-lane layers (64-512 outputs),
+// level with them at 784 lanes (256 and 1024 outputs) and at ViT-B's 768-output layers, 6-10%
+// slower at ViT-B's 2304 and 3072 outputs (the weight read again for each chunk), which the
+// 1024-output bound leaves on the passes, as it does ResNet-50's 196-lane layers (one chunk per thread).
 inline int64_t private_chunks_for(int64_t B, int64_t O, int64_t threads) {
   const int64_t per_thread = (2 * B + threads * kChunkTargetLanes) / (2 * threads * kChunkTargetLanes);  // rounded
   return O <= kChunkMaxOut && per_thread >= 2 ? per_thread * threads : 0;
