@@ -131,6 +131,22 @@ def test_bf16_dot_over_several_passes_and_panels(rows, direct, poison):
     assert_linear_close(y, ref64(x, dense, None), torch.bfloat16, lowp_torch_linear(x, dense, None), f"rows={rows}")
 
 
+def _same_bits_by_switch(variable, settings, rows, out, threads):
+    """The bf16 kernel's output for a 2:4 [out, 136] weight and `rows` rows under each setting
+    of the switch `variable` (outputs_by_switch): the first matches the reference, the others
+    equal it bit for bit."""
+    W = NMWeight.from_dense(torch.randn(out, 136, dtype=torch.bfloat16), 2, 4)
+    x = torch.randn(rows, 136, dtype=torch.bfloat16)
+    bias = torch.randn(out, dtype=torch.bfloat16)
+    got = outputs_by_switch(variable, settings, threads, lambda: _nm_linear(x, W, bias))
+    dense = W.to_dense()
+    first = got[settings[0]]
+    assert_linear_close(first, ref64(x, dense, bias), torch.bfloat16, lowp_torch_linear(x, dense, bias),
+                        f"{variable}={settings[0]}, rows={rows}")
+    for setting in settings[1:]:
+        assert torch.equal(got[setting], first), f"{variable}={setting}, rows={rows}"
+
+
 @needs_bf16_dot
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("rows", [17, 600, 788, 1100])
@@ -139,15 +155,7 @@ def test_bf16_dot_lane_ranges_give_the_same_bits(rows, threads, direct, poison):
     on 2 threads, and 1100's first pass of 1024) or kept in one: each output is the same sum in
     the same order, written once, so every split gives the same bits. On 3 threads ranges_for
     keeps one range (three ranges would decode more often), "threads" forces three."""
-    W = NMWeight.from_dense(torch.randn(301, 136, dtype=torch.bfloat16), 2, 4)
-    x = torch.randn(rows, 136, dtype=torch.bfloat16)
-    bias = torch.randn(301, dtype=torch.bfloat16)
-    out = outputs_by_switch("SPARSEKERN_NM_BF16_RANGES", ("one", "threads", None), threads,
-                            lambda: _nm_linear(x, W, bias))
-    dense = W.to_dense()
-    assert_linear_close(out["one"], ref64(x, dense, bias), torch.bfloat16, lowp_torch_linear(x, dense, bias),
-                        f"one range, rows={rows}")
-    assert torch.equal(out["threads"], out["one"]) and torch.equal(out[None], out["one"])
+    _same_bits_by_switch("SPARSEKERN_NM_BF16_RANGES", ("one", "threads", None), rows, 301, threads)
 
 
 @needs_bf16_dot
@@ -159,15 +167,7 @@ def test_bf16_dot_private_chunks_give_the_same_bits(rows, out, threads, direct, 
     1100 rows end in a partial tile) and the shared passes run each output's sum in the same
     order, written once, so they give the same bits; "private" forces chunks where the rule
     would not (17 rows: one chunk; 1100 outputs)."""
-    W = NMWeight.from_dense(torch.randn(out, 136, dtype=torch.bfloat16), 2, 4)
-    x = torch.randn(rows, 136, dtype=torch.bfloat16)
-    bias = torch.randn(out, dtype=torch.bfloat16)
-    got = outputs_by_switch("SPARSEKERN_NM_BF16_CHUNKS", ("shared", "private", None), threads,
-                            lambda: _nm_linear(x, W, bias))
-    dense = W.to_dense()
-    assert_linear_close(got["private"], ref64(x, dense, bias), torch.bfloat16, lowp_torch_linear(x, dense, bias),
-                        f"private chunks, rows={rows}")
-    assert torch.equal(got["shared"], got["private"]) and torch.equal(got[None], got["private"])
+    _same_bits_by_switch("SPARSEKERN_NM_BF16_CHUNKS", ("private", "shared", None), rows, out, threads)
 
 
 @needs_bf16_dot
