@@ -27,8 +27,9 @@
 // chunks from one shared counter (the spinning worker takes them at once, no core is
 // contended), while the team's workers join it promptly. A worker that joins late (kLateJoinNs)
 // was not running: another process holds its core, and the region's end barrier would wait
-// for it in every job; the jobs of the next kPoolForNs then run on the pool, which does not
-// wait for a parked worker, and the team is tried again after that. SPARSEKERN_POOL=pool|omp
+// for it in every job; after a second late join within kLateRepeatNs (one alone is a hiccup of
+// a quiet machine) the jobs of the next kPoolForNs run on the pool, which does not wait for a
+// parked worker, and the team is tried again after that. SPARSEKERN_POOL=pool|omp
 // (read once, a benchmarking switch) fixes one of the two; SPARSEKERN_POOL=inline runs every
 // job on the calling thread alone.
 #include "cpu_common.h"
@@ -93,6 +94,15 @@ constexpr int64_t kLateJoinNs = 1000 * 1000;
 // How long the pool runs the jobs after a late join before the team is tried again (a late
 // join costs up to a slice: tried a few times a second, that is a few percent on a busy machine).
 constexpr int64_t kPoolForNs = 200 * 1000 * 1000;
+// A late join sends the jobs to the pool only when another came less than this before it. With
+// libgomp's default policy its idle worker spins on the core the pool's worker needs, so the
+// pool runs a job at about half speed on a quiet machine: one late join there (a page fault, a
+// host preemption) then slowed every sparse layer for kPoolForNs. ResNet-50 bf16's pruned
+// convolutions, timed inside the model: in total 1.22x their dense copies' time on the pool,
+// 0.94x on the team (bench/results/cpu-resnet-inmodel-20261207, SPARSEKERN_POOL=pool|omp). A
+// machine where another process holds a core makes a worker late in job after job, and still
+// switches.
+constexpr int64_t kLateRepeatNs = 100 * 1000 * 1000;
 
 enum class Threads { kAuto, kPool, kTeam, kInline };
 
@@ -121,6 +131,8 @@ Threads threads_mode() {
 
 // steady-clock ns until which jobs run on the pool (a team worker joined late before it).
 std::atomic<int64_t> g_pool_until_ns{0};
+// steady-clock ns of the last late join (team_job; kLateRepeatNs); far in the past at first.
+std::atomic<int64_t> g_last_late_ns{INT64_MIN / 2};
 
 // The job on torch's OpenMP team: every thread takes chunks from one counter. Returns the
 // latest join of a thread after the region started, in ns.
@@ -409,12 +421,15 @@ Route route(int64_t n, int64_t grain, int64_t threads) {
   return Route::kPool;
 }
 
-// The job on the team; a late join sends the next kPoolForNs of jobs to the pool (auto mode).
+// The job on the team; a late join within kLateRepeatNs of the one before sends the next
+// kPoolForNs of jobs to the pool (auto mode).
 void team_job(int64_t n, int64_t grain, int64_t threads, const std::function<void(int64_t, int64_t)>& fn) {
   const int64_t chunk = std::max(grain, (n + 8 * threads - 1) / (8 * threads));
   const int64_t late = run_on_team(n, chunk, (n + chunk - 1) / chunk, threads, fn);
-  if (threads_mode() == Threads::kAuto && late > kLateJoinNs)
-    g_pool_until_ns.store(now_ns() + kPoolForNs, std::memory_order_relaxed);
+  if (threads_mode() == Threads::kAuto && late > kLateJoinNs) {
+    const int64_t now = now_ns(), before = g_last_late_ns.exchange(now, std::memory_order_relaxed);
+    if (now - before < kLateRepeatNs) g_pool_until_ns.store(now + kPoolForNs, std::memory_order_relaxed);
+  }
 }
 
 // Wakes the pool's workers for a job whose fields are published.
