@@ -284,7 +284,7 @@ void nm24_gemm(const Nm24Bf16Args& a, int64_t thread) {
 void nm24_gemm_chunks(const Nm24Bf16Args& a, const uint16_t* x, int64_t chunks, int64_t* next, uint32_t* tiles) {
   const int64_t blocks = (a.panel_rows + kRows - 1) / kRows;
   const int64_t units = (a.B + kChunkUnit - 1) / kChunkUnit;  // 16-lane units, split evenly over the chunks
-  const int64_t most_tiles = ((units + chunks - 1) / chunks * kChunkUnit + kLanes - 1) / kLanes;
+  const int64_t most_tiles = chunk_tiles_for(a.B, chunks);
   float* acc = static_cast<float*>(std::aligned_alloc(64, most_tiles * blocks * kRows * kLanes * sizeof(float)));
   BlockSlice* blk = static_cast<BlockSlice*>(std::aligned_alloc(64, (blocks * sizeof(BlockSlice) + 63) / 64 * 64));
   for (int64_t c = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED); c < chunks;
