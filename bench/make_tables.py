@@ -75,6 +75,8 @@ DENSE_PROVIDERS = ("torch.dense", "cublas", "dense", "torch.conv2d")
 MASK_OPS = ("nm_mask_compress", "group_score_nm_l2", "group_norm_nm_l2")
 # Keys shown in the caption or not at all (the run's own metadata).
 META_KEYS = ("commit", "timestamp", "device", "suite")
+# Environment variables that change libgomp's or the kernels' threading from the default.
+THREADING_VARIABLES = ("OMP_WAIT_POLICY", "SPARSEKERN_POOL", "SPARSEKERN_CONTENTION")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -88,8 +90,9 @@ class Run:
         folder = os.path.basename(os.path.dirname(path))
         self.quick = "quick" in folder or bool(env.get("quick"))
         # Run with libgomp's or the kernels' threading changed from the default (OMP_WAIT_POLICY,
-        # SPARSEKERN_POOL): shown in full, never the source of the summary and goal tables.
-        self.default_threading = not (env.get("OMP_WAIT_POLICY") or env.get("SPARSEKERN_POOL"))
+        # SPARSEKERN_POOL, SPARSEKERN_CONTENTION): shown in full, never the source of the summary
+        # and goal tables.
+        self.default_threading = not any(env.get(v) for v in THREADING_VARIABLES)
         self.gpu = env.get("device") == "cuda" or bool(env.get("gpu"))
         self.flat = False  # rows flattened from a file without an environment (load_runs)
         self.date = str(env.get("date") or env.get("timestamp") or "")
@@ -120,7 +123,7 @@ class Run:
         parts.append(self.date[:10] if len(self.date) >= 10 else self.date or "undated")
         if self.quick:
             parts.append("quick run (`--quick` sizes)")
-        for var in ("OMP_WAIT_POLICY", "SPARSEKERN_POOL"):
+        for var in THREADING_VARIABLES:
             if e.get(var):
                 parts.append(f"{var}={e[var]}")
         return "Run: " + ", ".join(parts) + "."

@@ -42,6 +42,8 @@ int64_t cpu_pool_takeovers();
 // Storages that a parked worker may still read after its chunk was taken over, held not
 // resizable until it finishes (chunk_pool.cpp): 0 once every abandoned chunk has ended.
 int64_t cpu_pool_pinned_storages();
+// (the machine is contended now, times the spin throttle engaged): contention.cpp.
+std::tuple<bool, int64_t> cpu_contention();
 
 // Bits used per in-group index in the N:M format: 2 for M=4, 4 for M=8 and M=16.
 inline int nm_index_bits(int64_t m) { return m == 4 ? 2 : 4; }

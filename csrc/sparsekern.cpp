@@ -158,6 +158,9 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def("cpu_pool_takeovers() -> int", &cpu_pool_takeovers);
   // Storages held unresizable now for a worker still reading them after a takeover (common.h).
   m.def("cpu_pool_pinned_storages() -> int", &cpu_pool_pinned_storages);
+  // Whether other processes now use the cores torch's threads need, and how many times the
+  // throttle of libgomp's spinning was engaged for that since the process started (common.h).
+  m.def("cpu_contention() -> (bool, int)", &cpu_contention);
 }
 
 }  // namespace sparsekern

@@ -30,7 +30,11 @@ read in C++: SPARSEKERN_NM_BF16_THREADS=omp (that kernel's
 threads on torch's OpenMP team instead of the chunk pool, csrc/cpu/nm_linear.cpp),
 SPARSEKERN_NM_BF16_CHUNKS=shared|private (its shared passes or thread-private chunks,
 csrc/cpu/nm_gemm_bf16.h private_chunks_for), SPARSEKERN_NM_BF16_RANGES=one|threads and
-SPARSEKERN_INT8_RANGES=one|threads (the bf16 and int8 2:4 GEMMs' lane / batch ranges, work_ranges.h).
+SPARSEKERN_INT8_RANGES=one|threads (the bf16 and int8 2:4 GEMMs' lane / batch ranges, work_ranges.h);
+read once per process: SPARSEKERN_POOL=pool|omp|inline (where the kernels' parallel jobs run,
+csrc/cpu/chunk_pool.cpp) and SPARSEKERN_CONTENTION=busy|quiet (fixes the verdict of whether other
+processes use the cores torch's threads need, which sends the jobs to the pool and keeps libgomp's
+idle workers from spinning, csrc/cpu/contention.cpp).
 """
 from __future__ import annotations
 

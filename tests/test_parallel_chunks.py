@@ -270,3 +270,96 @@ def test_a_storage_a_parked_worker_reads_cannot_grow_until_it_finishes():
     env = {**os.environ, "SPARSEKERN_POOL": "pool", "SPARSEKERN_POOL_WORKER_PAUSE_US": "200000"}
     done = subprocess.run([sys.executable, "-c", _PIN_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+
+
+# libgomp's idle OpenMP worker spins after each of torch's parallel regions (a few ms of CPU
+# with OMP_WAIT_POLICY unset). While the kernels judge the machine contended, a thread of theirs
+# holds an idle OpenMP team that takes libgomp past the CPUs, and libgomp then cuts the spin to
+# 100 iterations (csrc/cpu/contention.cpp). The child fixes the verdict (SPARSEKERN_CONTENTION),
+# runs one sparse job (the kernels apply the verdict there), then small torch operators with
+# pauses between them, and reports the CPU time of every thread but its own.
+_SPIN_SCRIPT = r"""
+import json, os, threading, time
+import torch
+from sparsekern import ops
+from sparsekern.formats import NMWeight
+torch.set_num_threads(len(os.sched_getaffinity(0)))
+main = threading.get_native_id()
+def other_threads_cpu_s():
+    total = 0
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) != main:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+W = NMWeight.from_dense(torch.randn(4000, 512), 2, 4)
+ops.nm_linear(torch.randn(3, 512), W)
+a = torch.randn(512, 1024)
+a.mul(2.0)
+before = other_threads_cpu_s()
+for _ in range(40):
+    a.mul(2.0)  # one parallel region on torch's team
+    time.sleep(0.01)
+print(json.dumps({"cpu_s": other_threads_cpu_s() - before, "contention": list(torch.ops.sparsekern.cpu_contention())}))
+"""
+
+
+def _libgomp_child_env(**extra):
+    if not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs Linux and at least two CPUs")
+    with open("/proc/self/maps") as maps:
+        if not any("libgomp" in line for line in maps):
+            pytest.skip("torch's OpenMP runtime here is not libgomp")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "SPARSEKERN_POOL", "SPARSEKERN_CONTENTION")}
+    env.update(extra)
+    return env
+
+
+def _child_json(script, env):
+    import json
+
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_contended_verdict_stops_libgomps_idle_workers_spinning():
+    quiet = _child_json(_SPIN_SCRIPT, _libgomp_child_env(SPARSEKERN_CONTENTION="quiet"))
+    busy = _child_json(_SPIN_SCRIPT, _libgomp_child_env(SPARSEKERN_CONTENTION="busy"))
+    assert quiet["contention"] == [False, 0] and busy["contention"] == [True, 1], (quiet, busy)
+    # spinning: milliseconds of CPU after each of the 40 regions; throttled: next to nothing
+    assert quiet["cpu_s"] >= 0.05, quiet
+    assert busy["cpu_s"] <= quiet["cpu_s"] / 4, (quiet, busy)
+
+
+# The verdict itself, from a real other process: sparse jobs for a second while a process spins
+# on one core (contended, the throttle engaged), then a second without it (quiet again).
+_VERDICT_SCRIPT = r"""
+import json, os, time
+import torch
+from sparsekern import ops
+from sparsekern.bench.run import one_core_busy
+from sparsekern.formats import NMWeight
+torch.set_num_threads(len(os.sched_getaffinity(0)))
+W = NMWeight.from_dense(torch.randn(4000, 512), 2, 4)
+x = torch.randn(3, 512)
+def jobs(seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        ops.nm_linear(x, W)
+        time.sleep(0.002)
+    return list(torch.ops.sparsekern.cpu_contention())
+jobs(0.5)
+with one_core_busy():
+    busy = jobs(1.0)
+quiet = jobs(1.0)
+print(json.dumps({"busy": busy, "quiet": quiet}))
+"""
+
+
+def test_another_process_on_a_core_makes_the_machine_contended_until_it_ends():
+    got = _child_json(_VERDICT_SCRIPT, _libgomp_child_env())
+    assert got["busy"][0] is True and got["busy"][1] >= 1, got
+    assert got["quiet"][0] is False and got["quiet"][1] == got["busy"][1], got

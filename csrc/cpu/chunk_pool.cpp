@@ -29,7 +29,10 @@
 // was not running: another process holds its core, and the region's end barrier would wait
 // for it in every job; after a second late join within kLateRepeatNs (one alone is a hiccup of
 // a quiet machine) the jobs of the next kPoolForNs run on the pool, which does not wait for a
-// parked worker, and the team is tried again after that. SPARSEKERN_POOL=pool|omp
+// parked worker, and the team is tried again after that. While other processes use the cores
+// torch's threads need (machine_contended, contention.cpp: from the machine's CPU time against
+// this process's, sampled every 200 ms), every job runs on the pool, and libgomp's idle workers
+// are kept from spinning there. SPARSEKERN_POOL=pool|omp
 // (read once, a benchmarking switch) fixes one of the two; SPARSEKERN_POOL=inline runs every
 // job on the calling thread alone.
 #include "cpu_common.h"
@@ -415,8 +418,9 @@ Route route(int64_t n, int64_t grain, int64_t threads) {
   const Threads mode = threads_mode();
   if (threads <= 1 || n <= grain || t_in_pool_job || at::in_parallel_region() || mode == Threads::kInline)
     return Route::kInline;
-  if (mode == Threads::kTeam ||
-      (mode == Threads::kAuto && now_ns() >= g_pool_until_ns.load(std::memory_order_relaxed)))
+  if (mode == Threads::kTeam) return Route::kTeam;
+  if (mode == Threads::kAuto && !machine_contended(threads) &&
+      now_ns() >= g_pool_until_ns.load(std::memory_order_relaxed))
     return Route::kTeam;
   return Route::kPool;
 }

@@ -129,6 +129,11 @@ inline int64_t rows_grain(int64_t K, int64_t B) {
   return std::max<int64_t>(16, (int64_t(1) << 17) / per_row);
 }
 
+// Whether other processes now use the cores that `threads` of torch's need (the machine's CPU
+// time against this process's, sampled every 200 ms at most); while they do, libgomp's idle
+// workers are kept from spinning. contention.cpp.
+bool machine_contended(int64_t threads);
+
 // Runs fn over [0, n) in chunks of at least `grain` (about 8 per thread), taken from one shared
 // counter by the calling thread and at::get_num_threads() - 1 pool workers; returns when every
 // chunk is done, without waiting for a worker that never ran (a thread the OS parked behind

@@ -87,6 +87,8 @@ def environment(device: str = "cpu") -> dict:
         # kernels run every job on their own pool. SPARSEKERN_POOL pins the pool's mode.
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
         "SPARSEKERN_POOL": os.environ.get("SPARSEKERN_POOL"),
+        # Fixes the kernels' verdict of a contended machine (csrc/cpu/contention.cpp).
+        "SPARSEKERN_CONTENTION": os.environ.get("SPARSEKERN_CONTENTION"),
     }
     if device == "cuda" and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
