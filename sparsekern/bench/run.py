@@ -44,7 +44,7 @@ import time
 
 import torch
 
-from .. import models, ops
+from .. import _extension, models, ops
 from ..sparsify import dense_state_dict, explain, sparsify
 from . import cases, peers, plots, profile
 from .common import (check_model, environment, machine, path_summary, pick_threads, rel_err, time_variants,
@@ -236,9 +236,12 @@ def suite_models(a, env):
                              pcommon)
         for load in (LOADS if getattr(a, "busy", False) else (None,)):
             load_row = {} if load is None else {"load": load}
-            t0 = time.perf_counter()
+            t0, engaged0 = time.perf_counter(), contention_engagements()
             with one_core_busy() if load == BUSY else contextlib.nullcontext():
                 results = time_workloads({v: wls for v, _, wls, _, _ in built}, rounds, dev, BASELINE, AGAIN)
+            if dev == "cpu" and engaged0 is not None:
+                # times the kernels judged the machine contended during the timed rounds (csrc/cpu/contention.cpp)
+                load_row["contention_engagements"] = contention_engagements() - engaged0
             print(f"   timed {len(results)} workloads x {len(built) + 1} variants, {rounds} rounds"
                   f"{'' if load is None else ', ' + load}, in {time.perf_counter() - t0:.0f} s; noise floor " +
                   ", ".join(f"{r[BASELINE]['noise_floor']:.1%}" for r in results), flush=True)
@@ -248,6 +251,14 @@ def suite_models(a, env):
             add_speedup_kept(rows[first_row:])
         del base, built
     return rows
+
+
+def contention_engagements() -> int | None:
+    """How many times the CPU kernels have judged the machine contended (another process on the
+    cores torch's threads need) since the process started; None without the extension."""
+    if not _extension.LOADED:
+        return None
+    return int(torch.ops.sparsekern.cpu_contention()[1])
 
 
 # The --busy loads: each model's loop timed quiet, then with one core held by another process.
