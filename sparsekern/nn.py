@@ -5,8 +5,8 @@ as buffers named `weight_<tensor>` plus an int64 `weight_meta`, validated when b
 loaded) and keeps it whatever it runs. In eval mode each input takes one of the PATHS,
 chosen per batch bucket (rows of x; images x output pixels for a convolution) under the
 module's Policy: by default the paths are measured on the real input the first time a
-bucket is seen and the fastest is cached, and shared with every identical layer
-(`choose_path`, `measure_paths`, `Policy.share`), so a layer is
+bucket is seen and the fastest is cached, and shared with every identical layer once a
+second one confirmed it (`choose_path`, `measure_paths`, `Policy.share`), so a layer is
 not slower than its dense original at a batch where a faster path exists. `explain()`
 shows the choice per bucket; Policy("dense") stores a plain dense weight instead.
 
@@ -26,6 +26,7 @@ import math
 import operator
 import sys
 import time
+import weakref
 from typing import Callable, NamedTuple
 
 import torch
@@ -70,6 +71,7 @@ class PathChoice(NamedTuple):
     source: str = "measured"  # a key of SOURCES
     measured_at: float | None = None  # seconds since the epoch (time.time()) of the measurement
     start: bool | str | None = None  # how each timed call started: a key of STARTS (Policy.cold, resolved)
+    layers: int = 1  # identical layers whose measurements it joins (each path's fastest call over them)
 
 
 # How measure_paths starts each timed call (Policy.cold once resolved, _SparseMixin._measure_start).
@@ -92,10 +94,12 @@ class Policy:
     that cache (CPU: a buffer twice the L2 written first; GPU: as warm), as they are between
     two forwards of such a model. A small model measured from memory chose kernels that win
     from memory and lose in cache (the digits MLP of the demo, 0.50-0.99x dense). share: a
-    choice measured on one layer is reused by every identical layer in the process (same
-    module type and geometry, format, pattern, density to 1%, dtype, device, bias and
-    policy): a transformer's 4 x 7 linears are measured as 3 shapes, so each measurement
-    can afford more repetitions and one noisy sample no longer flips one layer of many.
+    choice is measured on the first two of identical layers in the process (same module type
+    and geometry, format, pattern, density to 1%, dtype, device, bias and policy), each path
+    counted at its fastest call over both, and reused by the others: a transformer's 4 x 7
+    linears are measured as 3 shapes, so each measurement can afford more repetitions, one
+    noisy sample no longer flips one layer of many, and one layer's transient measurement no
+    longer decides for all (_SharedChoice).
     dense_copy_max_bytes: a layer whose dense weight is at most this many bytes also measures
     the "dense_copy" path, and keeps the copy where it wins a batch bucket (small layers, where
     a kernel call's fixed cost can exceed the work; dispatch_rules.DENSE_COPY_MAX_BYTES); None:
@@ -181,8 +185,39 @@ def choose_path(times_ms: dict[str, float], rows: int, noise: float = dispatch_r
     return PathChoice(best, f"{rows} rows: {ratio}{parts}", dict(times_ms))
 
 
+class _SharedChoice:
+    """A per-bucket choice shared between identical layers (Policy.share). A choice measured
+    on one layer is confirmed on the next identical layer, which measures too: each path then
+    counts its fastest call over both, and every layer that ran the first choice runs the
+    joined one. One measurement alone decided for all of them before, and a transient slowdown
+    of one path during it (a chunk-pool episode, a preemption) sent every identical layer the
+    wrong way: in bench/results/cpu-models-20261207j one slow measurement of the Llama's q_proj
+    at prefill put its 16 attention projections on their dense copies. Later layers share the
+    confirmed choice without measuring. A choice read from the tuning cache needs no
+    confirmation."""
+
+    __slots__ = ("choice", "confirmed", "adopters")
+
+    def __init__(self, choice: PathChoice, confirmed: bool):
+        self.choice, self.confirmed = choice, confirmed
+        self.adopters: list = []  # weak references to the layers running `choice`
+
+
 # Choices shared between identical layers (Policy.share), keyed by _SparseMixin._share_key.
-_SHARED_CHOICES: dict[tuple, PathChoice] = {}
+_SHARED_CHOICES: dict[tuple, _SharedChoice] = {}
+
+
+def join_measurements(first: PathChoice, second: PathChoice, rows: int) -> PathChoice:
+    """The choice from two identical layers' measurements of a bucket: each path's fastest
+    time over both (a path measured on one only keeps its time), chosen as choose_path
+    chooses."""
+    times = dict(first.times_ms)
+    for p, t in second.times_ms.items():
+        times[p] = min(t, times.get(p, t))
+    joined = choose_path(times, rows)
+    return joined._replace(layers=first.layers + second.layers)
+
+
 # How many per-bucket measurements (measure_paths calls) this process made: a choice read
 # from the tuning cache or shared by an identical layer makes none.
 _MEASUREMENTS = [0]
@@ -749,8 +784,8 @@ class _SparseMixin:
             allowed = self._paths_allowed(f, policy, keeping_changes_call)
             shared = _SHARED_CHOICES.get(key) if policy.share else None
             stored = decisions.lookup(f.device, repr(key)) if policy.cache and shared is None else None
-            if shared is not None:
-                choice = shared._replace(shared=True)
+            if shared is not None and shared.confirmed:
+                choice = shared.choice._replace(shared=True)
             elif stored is not None and stored["path"] in allowed:
                 choice = PathChoice(stored["path"], stored["reason"], dict(stored["times_ms"]), source="cache",
                                     measured_at=stored["measured_at"])
@@ -764,6 +799,8 @@ class _SparseMixin:
                 finally:
                     self.__dict__["_measuring"] = False
                 del candidates
+                if shared is not None:  # the second identical layer: confirms the first's choice
+                    choice = join_measurements(shared.choice, choice, rows)
                 if choice.path == "sparse_kept" and not f.derived_nbytes:
                     # Nothing derived to keep at this input (a kernel that packs no layout
                     # here): the same call as "sparse", named so.
@@ -776,21 +813,46 @@ class _SparseMixin:
                     if policy.cache else time.time()
                 choice = choice._replace(measured_at=stamp)
             choice = choice._replace(start=start)
-            if policy.share and shared is None:
-                _SHARED_CHOICES[key] = choice
+            if policy.share:
+                if shared is None:
+                    shared = _SHARED_CHOICES[key] = _SharedChoice(choice, confirmed=choice.source == "cache")
+                elif not shared.confirmed:
+                    shared.choice, shared.confirmed = choice, True
+                    for ref in shared.adopters:  # the layers that ran the first choice run this one
+                        layer = ref()
+                        if layer is not None and layer is not self:
+                            layer._adopt_choice(bucket, choice)
+                    shared.adopters.clear()  # later layers share the confirmed choice
+                if not shared.confirmed:
+                    shared.adopters.append(weakref.ref(self))
             self.bucket_choices[bucket] = choice
-            # The budget this bucket's choice leaves (the runners set their own): layouts built
-            # only to measure "sparse_kept" go unless a bucket keeps them.
-            if not isinstance(f, torch.Tensor):
-                self._within_budget(self._budgeted(f), None)
-            if not isinstance(f, torch.Tensor) and all(c.path not in ("sparse", "sparse_kept")
-                                                       for c in self.bucket_choices.values()):
-                # The sparse path lost in every bucket seen so far: indexes built to measure it
-                # (NMWeight.gemm_panels, BitmaskWeight.column_index) are not kept.
-                f.release_derived()
-            if not policy.dense_copy and all(c.path != "dense_copy" for c in self.bucket_choices.values()):
-                self.__dict__.pop("_dense_copy", None)  # made to measure it; no bucket runs it
+            self._settle_layouts(f, policy)
         return choice.path
+
+    def _settle_layouts(self, f, policy: Policy) -> None:
+        """After a bucket's choice: keeps the layouts the chosen paths run and drops the ones
+        built only to measure the others."""
+        # The budget this bucket's choice leaves (the runners set their own): layouts built
+        # only to measure "sparse_kept" go unless a bucket keeps them.
+        if not isinstance(f, torch.Tensor):
+            self._within_budget(self._budgeted(f), None)
+        if not isinstance(f, torch.Tensor) and all(c.path not in ("sparse", "sparse_kept")
+                                                   for c in self.bucket_choices.values()):
+            # The sparse path lost in every bucket seen so far: indexes built to measure it
+            # (NMWeight.gemm_panels, BitmaskWeight.column_index) are not kept.
+            f.release_derived()
+        if not policy.dense_copy and all(c.path != "dense_copy" for c in self.bucket_choices.values()):
+            self.__dict__.pop("_dense_copy", None)  # made to measure it; no bucket runs it
+
+    def _adopt_choice(self, bucket: int, choice: PathChoice) -> None:
+        """Runs `choice` for `bucket` from now on (an identical layer joined its measurement to
+        this layer's): where the path changes, the calls kept for the old one are dropped, and a
+        layout the new path reads is built at its first call."""
+        before = self.bucket_choices.get(bucket)
+        self.bucket_choices[bucket] = choice
+        if before is None or before.path != choice.path:
+            self.__dict__.pop("_calls", None)
+            self._settle_layouts(self.weight_format(), getattr(self, "_policy", DEFAULT_POLICY))
 
     def _weight_tensors(self, f) -> list[torch.Tensor]:
         """What the paths read as weights: the compressed tensors, their derived layouts, the
@@ -1005,9 +1067,10 @@ def _source_text(choice: PathChoice) -> str:
     if choice.source == "cache":
         text = f"read from the tuning cache, measured{when}{start}"
         return text + ("; shared with an identical layer" if choice.shared else "")
+    joined = f" (each path's fastest call over {choice.layers} identical layers)" if choice.layers > 1 else ""
     if choice.shared:
-        return f"shared: measured on an identical layer{',' + when if when else ''}{start}"
-    return (f"measured now,{when}" if when else "measured now") + start
+        return f"shared: measured on an identical layer{',' + when if when else ''}{joined}{start}"
+    return (f"measured now,{when}" if when else "measured now") + joined + start
 
 
 _version_of = operator.attrgetter("_version")

@@ -528,9 +528,9 @@ def test_a_corrupt_state_dict_is_refused_and_leaves_the_layer_as_it_was(pattern,
 
 
 def test_identical_layers_share_one_measurement(monkeypatch):
-    """Policy.share (the default): the second of two identical layers reuses the first's
-    measurement for the bucket and says so; a layer of another shape, or one whose policy
-    does not share, measures for itself."""
+    """Policy.share (the default): the second of identical layers measures too, confirming the
+    first's choice (each path's fastest time over both); the third and later reuse it and say
+    so; a layer of another shape, or one whose policy does not share, measures for itself."""
     calls = []
 
     def fake_measure(runners, device, reps, cold, evict=None):
@@ -538,23 +538,54 @@ def test_identical_layers_share_one_measurement(monkeypatch):
         return {"sparse": 1.0, "decompress": 2.0}
 
     monkeypatch.setattr(sparsekern.nn, "measure_paths", fake_measure)
-    a = SparseLinear.from_dense(nn.Linear(64, 32), "2:4").eval()
-    b = SparseLinear.from_dense(nn.Linear(64, 32), "2:4").eval()
-    other = SparseLinear.from_dense(nn.Linear(64, 48), "2:4").eval()
-    alone = SparseLinear.from_dense(nn.Linear(64, 32), "2:4", policy=Policy("auto", share=False)).eval()
+    sparsekern.nn.clear_shared_choices()
+    a, b, c = (SparseLinear.from_dense(nn.Linear(64, 32), "2:4", policy=Policy(cache=False)).eval() for _ in range(3))
+    other = SparseLinear.from_dense(nn.Linear(64, 48), "2:4", policy=Policy(cache=False)).eval()
+    alone = SparseLinear.from_dense(nn.Linear(64, 32), "2:4", policy=Policy("auto", share=False, cache=False)).eval()
     x = torch.randn(3, 64)
     with torch.no_grad():
-        for m in (a, b, other, alone):
+        for m in (a, b, c, other, alone):
             m(x)
-    assert calls == [5, 5, 5]  # a, other, alone; b reused a's
-    assert not a.bucket_choices[4].shared and b.bucket_choices[4].shared
-    assert "shared: measured on an identical layer" in b.describe()
-    assert "shared" not in a.describe()
+    assert calls == [5, 5, 5, 5]  # a, b (confirming a), other, alone; c reused theirs
+    assert [m.bucket_choices[4].layers for m in (a, b, c, other, alone)] == [2, 2, 2, 1, 1]
+    assert not a.bucket_choices[4].shared and not b.bucket_choices[4].shared and c.bucket_choices[4].shared
+    assert "shared: measured on an identical layer" in c.describe() and "over 2 identical layers" in c.describe()
+    assert "shared" not in a.describe() and "over 2 identical layers" in a.describe()
     sparsekern.nn.clear_shared_choices()
-    c = SparseLinear.from_dense(nn.Linear(64, 32), "2:4").eval()
+    d = SparseLinear.from_dense(nn.Linear(64, 32), "2:4", policy=Policy(cache=False)).eval()
     with torch.no_grad():
-        c(x)
-    assert len(calls) == 4
+        d(x)
+    assert len(calls) == 5
+    sparsekern.nn.clear_shared_choices()
+
+
+def test_a_transient_slow_measurement_is_outvoted_by_the_next_identical_layer(monkeypatch):
+    """The first of identical layers measures its sparse path slow (a transient), and chooses
+    its dense path; the second measures it fast. Both then run sparse (each path's fastest call
+    over the two), the first's kept dense call dropped, and the third shares that."""
+    sparse_ms = iter([5.0, 1.0])
+
+    def fake_measure(runners, device, reps, cold, evict=None):
+        return {"sparse": next(sparse_ms), "decompress": 2.0}
+
+    monkeypatch.setattr(sparsekern.nn, "measure_paths", fake_measure)
+    sparsekern.nn.clear_shared_choices()
+    lin = nn.Linear(64, 32)
+    a, b, c = (SparseLinear.from_dense(lin, "2:4", policy=Policy(cache=False)).eval() for _ in range(3))
+    x = torch.randn(3, 64)
+    want = x @ a.weight_format().to_dense().T + a.bias
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), want)
+        assert a.bucket_choices[4].path == "decompress"
+        torch.testing.assert_close(a(x), want)  # a kept call of the dense path now
+        torch.testing.assert_close(b(x), want)
+        assert [m.bucket_choices[4].path for m in (a, b)] == ["sparse", "sparse"]
+        assert a.bucket_choices[4].times_ms == {"sparse": 1.0, "decompress": 2.0}
+        assert "_calls" not in a.__dict__  # the dense path's kept call went with its choice
+        torch.testing.assert_close(a(x), want)
+        torch.testing.assert_close(c(x), want)
+    assert c.bucket_choices[4].path == "sparse" and c.bucket_choices[4].shared
+    sparsekern.nn.clear_shared_choices()
 
 
 @pytest.mark.parametrize("budget,kept", [(0.5, False), (None, True)])
