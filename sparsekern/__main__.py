@@ -36,8 +36,9 @@ def info_dict() -> dict:
                             "interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else None),
         },
         # libgomp reads it when torch loads it: unset or ACTIVE, its idle workers spin, which on
-        # a machine whose cores other processes share costs every layer a time slice
-        # (docs/DISPATCH.md); PASSIVE keeps the speed there and the kernels then use their own pool.
+        # a machine whose cores other processes share costs every layer a time slice; unset, the
+        # kernels stop the spinning while they judge the machine contended; PASSIVE never spins,
+        # and the kernels then use their own pool (docs/DISPATCH.md).
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "threads": torch.get_num_threads(),
     }
@@ -69,8 +70,10 @@ def print_info(as_json: bool = False) -> None:
     if u["triton"]:
         print(f"                ops: {', '.join(u['triton_ops'])}")
     policy = d["omp_wait_policy"]
-    print(f"  CPU threads   {d['threads']}; OMP_WAIT_POLICY " + (policy if policy else "unset (libgomp's workers spin)") +
-          ("" if (policy or "").lower() == "passive" else
+    spin = ("unset (libgomp's workers spin; the kernels stop them while other processes use the cores, "
+            "docs/DISPATCH.md)")
+    print(f"  CPU threads   {d['threads']}; OMP_WAIT_POLICY " + (policy if policy else spin) +
+          ("" if not policy or policy.lower() == "passive" else
            "; on a machine other processes share, start with OMP_WAIT_POLICY=PASSIVE (docs/DISPATCH.md)"))
 
 
