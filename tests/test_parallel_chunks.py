@@ -335,16 +335,27 @@ def test_a_contended_verdict_stops_libgomps_idle_workers_spinning():
 
 
 # The verdict itself, from a real other process: sparse jobs for a second while a process spins
-# on one core (contended, the throttle engaged), then a second without it (quiet again).
+# on one core (contended, the throttle engaged), then a second without it. The second's verdict
+# is checked against the other processes' CPU share over its last half, computed here from the
+# same counters (/proc/stat against getrusage): quiet where they used under a quarter of a CPU
+# beyond what torch's threads leave, contended above three quarters (a machine busy with other
+# work, as when this test runs beside another job, is contended).
 _VERDICT_SCRIPT = r"""
-import json, os, time
+import json, os, resource, time
 import torch
 from sparsekern import ops
 from sparsekern.bench.run import one_core_busy
 from sparsekern.formats import NMWeight
-torch.set_num_threads(len(os.sched_getaffinity(0)))
+cpus = len(os.sched_getaffinity(0))
+torch.set_num_threads(cpus)
 W = NMWeight.from_dense(torch.randn(4000, 512), 2, 4)
 x = torch.randn(3, 512)
+tick = 1 / os.sysconf("SC_CLK_TCK")
+def counters():
+    with open("/proc/stat") as f:
+        v = [int(t) for t in f.readline().split()[1:9]]
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return time.monotonic(), (sum(v[:3]) + sum(v[5:8])) * tick, u.ru_utime + u.ru_stime
 def jobs(seconds):
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -354,12 +365,19 @@ def jobs(seconds):
 jobs(0.5)
 with one_core_busy():
     busy = jobs(1.0)
-quiet = jobs(1.0)
-print(json.dumps({"busy": busy, "quiet": quiet}))
+jobs(0.5)
+t0, machine0, self0 = counters()
+quiet = jobs(0.5)
+t1, machine1, self1 = counters()
+others = ((machine1 - machine0) - (self1 - self0)) / (t1 - t0)  # in CPUs
+print(json.dumps({"busy": busy, "quiet": quiet, "others_beyond_free": others - (cpus - torch.get_num_threads())}))
 """
 
 
 def test_another_process_on_a_core_makes_the_machine_contended_until_it_ends():
     got = _child_json(_VERDICT_SCRIPT, _libgomp_child_env())
     assert got["busy"][0] is True and got["busy"][1] >= 1, got
-    assert got["quiet"][0] is False and got["quiet"][1] == got["busy"][1], got
+    if got["others_beyond_free"] < 0.25:
+        assert got["quiet"][0] is False and got["quiet"][1] == got["busy"][1], got
+    elif got["others_beyond_free"] > 0.75:
+        assert got["quiet"][0] is True, got

@@ -108,6 +108,7 @@ struct SpinThrottle {
   bool release = false;
   bool running = false;  // a thread holds (or is about to hold) the team
   pthread_t thread{};
+  int team_size = 0;  // threads of the team the next thread holds
   std::atomic<int64_t> engagements{0};
 
   static void* body(void* arg) {
@@ -119,13 +120,10 @@ struct SpinThrottle {
     std::atomic<int> joined{0};
 #pragma omp parallel num_threads(team)
     { joined.fetch_add(1, std::memory_order_relaxed); }
-    self->team_joined.store(joined.load(std::memory_order_relaxed), std::memory_order_relaxed);
     std::unique_lock<std::mutex> l(self->m);
     self->cv.wait(l, [&] { return self->release; });
     return nullptr;  // libgomp's thread destructor releases the team
   }
-  int team_size = 0;
-  std::atomic<int> team_joined{0};  // threads of the last team (diagnostics)
 
   void engage(int team) {
     std::lock_guard<std::mutex> g(m);
