@@ -196,11 +196,16 @@ class _SharedChoice:
     confirmed choice without measuring. A choice read from the tuning cache needs no
     confirmation."""
 
-    __slots__ = ("choice", "confirmed", "adopters")
+    __slots__ = ("choice", "adopters")
 
-    def __init__(self, choice: PathChoice, confirmed: bool):
-        self.choice, self.confirmed = choice, confirmed
+    def __init__(self, choice: PathChoice):
+        self.choice = choice
         self.adopters: list = []  # weak references to the layers running `choice`
+
+    @property
+    def confirmed(self) -> bool:
+        """Measured on two identical layers, or read from the tuning cache."""
+        return self.choice.layers > 1 or self.choice.source == "cache"
 
 
 # Choices shared between identical layers (Policy.share), keyed by _SparseMixin._share_key.
@@ -815,9 +820,9 @@ class _SparseMixin:
             choice = choice._replace(start=start)
             if policy.share:
                 if shared is None:
-                    shared = _SHARED_CHOICES[key] = _SharedChoice(choice, confirmed=choice.source == "cache")
+                    shared = _SHARED_CHOICES[key] = _SharedChoice(choice)
                 elif not shared.confirmed:
-                    shared.choice, shared.confirmed = choice, True
+                    shared.choice = choice  # joined: layers > 1
                     for ref in shared.adopters:  # the layers that ran the first choice run this one
                         layer = ref()
                         if layer is not None and layer is not self:

@@ -419,9 +419,11 @@ Route route(int64_t n, int64_t grain, int64_t threads) {
   if (threads <= 1 || n <= grain || t_in_pool_job || at::in_parallel_region() || mode == Threads::kInline)
     return Route::kInline;
   if (mode == Threads::kTeam) return Route::kTeam;
-  if (mode == Threads::kAuto && !machine_contended(threads) &&
-      now_ns() >= g_pool_until_ns.load(std::memory_order_relaxed))
-    return Route::kTeam;
+  if (mode == Threads::kAuto) {
+    const int64_t now = now_ns();
+    if (!machine_contended(threads, now) && now >= g_pool_until_ns.load(std::memory_order_relaxed))
+      return Route::kTeam;
+  }
   return Route::kPool;
 }
 

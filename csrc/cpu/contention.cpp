@@ -35,7 +35,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
@@ -62,11 +61,6 @@ Verdict forced_verdict() {
     return Verdict::kAuto;
   }();
   return v;
-}
-
-int64_t steady_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
 }
 
 // The machine's busy CPU time since boot, in ns (-1 where /proc/stat cannot be read).
@@ -199,7 +193,7 @@ void sample(Monitor& mon, int64_t now, int64_t threads) {
 
 }  // namespace
 
-bool machine_contended(int64_t threads) {
+bool machine_contended(int64_t threads, int64_t now) {
   switch (forced_verdict()) {
     case Verdict::kBusy: {
       static std::once_flag once;
@@ -212,7 +206,6 @@ bool machine_contended(int64_t threads) {
       break;
   }
   Monitor& mon = *g_monitor;
-  const int64_t now = steady_ns();
   if (now >= mon.next_sample_ns.load(std::memory_order_relaxed)) sample(mon, now, threads);
   return mon.contended.load(std::memory_order_relaxed);
 }

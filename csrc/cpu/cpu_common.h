@@ -130,9 +130,9 @@ inline int64_t rows_grain(int64_t K, int64_t B) {
 }
 
 // Whether other processes now use the cores that `threads` of torch's need (the machine's CPU
-// time against this process's, sampled every 200 ms at most); while they do, libgomp's idle
-// workers are kept from spinning. contention.cpp.
-bool machine_contended(int64_t threads);
+// time against this process's, sampled every 200 ms at most; `now`: the caller's steady-clock
+// ns); while they do, libgomp's idle workers are kept from spinning. contention.cpp.
+bool machine_contended(int64_t threads, int64_t now);
 
 // Runs fn over [0, n) in chunks of at least `grain` (about 8 per thread), taken from one shared
 // counter by the calling thread and at::get_num_threads() - 1 pool workers; returns when every
