@@ -88,7 +88,7 @@ if os.environ.get("SPARSEKERN_REQUIRE_CUDA", "0") not in ("", "0") and not WITH_
              f"torch CUDA: {torch.version.cuda}, SPARSEKERN_FORCE_CPU={int(FORCE_CPU)})")
 ARCHS = os.environ.get("SPARSEKERN_CUDA_ARCHS", "80;90a")
 
-cpu_sources = ["csrc/sparsekern.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+cpu_sources = ["csrc/sparsekern.cpp", "csrc/kept_call_check.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
 define = [
     f'-DSPARSEKERN_VERSION="{_version()}"',

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "common.h"
+#include "kept_call_check.h"
 #include "cpu/nm_gemm_int8.h"  // cpu_has_avx512_vnni
 
 #ifndef SPARSEKERN_VERSION
@@ -24,10 +25,17 @@
 
 extern "C" {
 // Importing sparsekern._C loads this library, whose static initialisers register
-// the operators. The module itself has no Python functions (pytorch/extension-cpp).
+// the operators (pytorch/extension-cpp). Its one Python function is the per-call check of
+// a layer's cached call (kept_call_check.cpp), which a torch operator's dispatch would cost
+// more than it saves.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, sparsekern::python_methods()};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && sparsekern::add_python_constants(module) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 

@@ -43,6 +43,19 @@ def _load() -> None:
         )
 
 
+def kept_call_check(fields: tuple):
+    """sparsekern._C.kept_call_fresh(kept, x, bias) when the extension is loaded and reads a
+    record whose fields start with the ones it names (sparsekern.nn's _KeptCall: `fields`),
+    else None (the caller checks in Python)."""
+    if not LOADED:
+        return None
+    from sparsekern import _C
+
+    check = getattr(_C, "kept_call_fresh", None)
+    read = getattr(_C, "KEPT_CALL_FIELDS", None)
+    return check if read is not None and tuple(fields[:len(read)]) == read else None
+
+
 def cuda_archs() -> list[str]:
     return [a for a in BUILD_INFO.get("cuda_archs", "").replace(",", ";").split(";") if a]
 

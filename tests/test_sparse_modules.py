@@ -704,6 +704,44 @@ def test_an_in_place_edit_after_the_cached_call_is_validated_again():
             s(x)
 
 
+@pytest.mark.skipif(not sparsekern._extension.LOADED, reason="sparsekern._C not built")
+def test_the_kept_call_check_in_c_decides_as_the_python_one():
+    """csrc/kept_call_check.cpp reads _KeptCall's fields by position: it is used (fields as
+    it reads them) and answers as nn.py's Python check on every case that check covers."""
+    from sparsekern import _C
+
+    assert sparsekern.nn._kept_call_fresh is _C.kept_call_fresh
+    assert sparsekern.nn._KeptCall._fields[:len(_C.KEPT_CALL_FIELDS)] == _C.KEPT_CALL_FIELDS
+    s = SparseLinear.from_dense(nn.Linear(64, 32), "2:4", policy=Policy("sparse")).eval()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        s(x)
+    kept = s.__dict__["_calls"][x.shape]
+    python_check = sparsekern.nn._kept_call_fresh_py
+
+    def both(k, xx, bias, grad):
+        with torch.set_grad_enabled(grad):
+            c, p = _C.kept_call_fresh(k, xx, bias), python_check(k, xx, bias)
+        assert c is p
+        return c
+
+    assert both(kept, x, s.bias, False) and both(kept, x, s.bias, True) is False  # the bias wants a gradient
+    assert both(kept, x, s.bias.detach(), True)
+    assert both(kept, x, None, False)
+    assert not both(kept, x.double(), s.bias, False)
+    assert not both(kept, torch.empty(2, 64, device="meta"), s.bias, False)
+    assert not both(kept, x.clone().requires_grad_(), s.bias.detach(), True)
+    assert both(kept, x.clone().requires_grad_(), s.bias, False)  # no gradient wanted under no_grad
+    for t in kept.tensors:  # an in-place edit of any weight tensor
+        edited = kept._replace(versions=tuple(v + (u is t) for u, v in zip(kept.tensors, kept.versions)))
+        assert not both(edited, x, s.bias, False)
+    assert _C.kept_call_fresh(kept, "not a tensor", None) is False
+    with pytest.raises(TypeError, match="kept must be a _KeptCall"):
+        _C.kept_call_fresh((1, 2), x, None)
+    with pytest.raises(TypeError, match="takes 3 arguments"):
+        _C.kept_call_fresh(kept, x)
+
+
 def test_a_replaced_bias_or_a_dtype_move_forgets_the_cached_calls():
     s = SparseLinear.from_dense(nn.Linear(64, 32), "2:4", policy=Policy("sparse")).eval()
     x = torch.randn(2, 64)
