@@ -226,15 +226,20 @@ def q_activations_int8(device: torch.device) -> bool:
     `device`, on every path, so a layer's numbers do not depend on the path or batch size its
     dispatch picks: the integer kernels quantize x themselves; the others (the tiles, a
     module's dense copy, the reference backend, the training forward) multiply
-    precisions.round_activation_rows(x). SPARSEKERN_Q_ACT (read per call): "int8" yes on a
-    CPU, "exact" no (fp32 activations, exact products; the int8 GEMM is then not used either);
-    unset: Q_INT8_ACT_DEFAULT where the CPU has AVX512_VNNI. GPUs: no (exact products)."""
-    if torch.device(device).type != "cpu":
+    precisions.round_activation_rows(x). SPARSEKERN_Q_ACT (read per call): "int8" yes, "exact"
+    no (activations in their float dtype, exact products; the int8 GEMMs are then not used
+    either); unset: on a CPU Q_INT8_ACT_DEFAULT where it has AVX512_VNNI, on a GPU no (other
+    devices: no, the setting not read). A GPU
+    multiplies int8 activations only when asked: then 2:4 int8 weights run on the int8 sparse
+    tensor cores above the decode rows (cuSPARSELt, sparsekern/semi_structured.py), the other
+    paths on x rounded as that GEMM rounds it."""
+    kind = torch.device(device).type
+    if kind not in ("cpu", "cuda"):
         return False
     choice = os.environ.get("SPARSEKERN_Q_ACT")
     if choice is not None and choice not in ("int8", "exact"):
         raise ValueError(f"SPARSEKERN_Q_ACT must be 'int8' or 'exact', got {choice!r}")
-    if choice is not None:
+    if kind == "cuda" or choice is not None:
         return choice == "int8"
     return bool(Q_INT8_ACT_DEFAULT and _extension.BUILD_INFO.get("cpu_avx512_vnni_runtime"))
 

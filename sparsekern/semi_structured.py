@@ -1,5 +1,6 @@
 """2:4 weights at large batch: the NMWeight layout converted once to the layouts torch's sparse
-tensor-core GEMMs read, cached, and run as two backends of nm_linear.
+tensor-core GEMMs read, cached, and run as two backends of nm_linear (and, for int8 values,
+cuSPARSELt as a backend of nm_linear_q).
 
 Backends (sparsekern.ops tries them first for bfloat16/float16 2:4 weights on CUDA tensors;
 each says why it is skipped: pattern, shape, GPU, torch build here (`why_not`); small batch
@@ -27,6 +28,15 @@ NMWeight pads a group with fewer than 2 kept elements with a zero value at the l
 index, so idx0 < idx1 always holds for weights it built; a loaded weight that breaks it is
 converted through its dense form instead.
 
+int8 (nm_linear_q, 2:4 int8 values with one scale per output row, where activations are int8:
+dispatch_rules.q_activations_int8, on a GPU only with SPARSEKERN_Q_ACT=int8): cuSPARSELt's int8
+GEMM through torch._cslt_sparse_mm with int32 output. x is quantized per row as the CPU's int8
+GEMMs quantize it (reference.quantize_rows_int8), the int32 sums are exact, and the fp32
+epilogue multiplies them by x's row scale and the weight's row scale and adds the bias:
+reference.nm_linear_q_int8_dot's math (`int8_rows_linear`, run on the CPU by the tests with
+the GEMM emulated). The weight is compressed from its dense int8 form on the GPU (one int8
+copy per values tensor, cached as below).
+
 Caching: a converted weight is cached per values tensor (weakly: it goes when the tensor
 goes) and rebuilt when the values or indices are modified in place (their version counters).
 `prepare(weight)` converts ahead of the first call (what a module should do at swap or freeze
@@ -46,8 +56,12 @@ from . import reference
 BACKENDS = ("cusparselt", "cutlass")
 _DTYPES = (torch.bfloat16, torch.float16)
 _PAD_ROWS = 8  # rows of x are padded to a multiple of this (both libraries' dense minimum)
+# int8: torch's SparseSemiStructuredTensorCUSPARSELT takes int8 weights from 32 x 32 and dense
+# operands from 16 rows (its _DTYPE_SHAPE_CONSTRAINTS); x's rows are padded to this.
+_PAD_ROWS_INT8 = 16
+_INT8_MULTIPLE = 32  # out and in of an int8 weight
 
-_cache: dict[str, WeakIdKeyDictionary] = {b: WeakIdKeyDictionary() for b in BACKENDS}
+_cache: dict[str, WeakIdKeyDictionary] = {b: WeakIdKeyDictionary() for b in BACKENDS + ("cusparselt_int8",)}
 
 
 # ------------------------------------------------------------------ CUTLASS conversion
@@ -119,6 +133,11 @@ def _cached(backend: str, values: torch.Tensor, indices: torch.Tensor, build):
     return hit[1]
 
 
+def cusparselt_int8_weight(values, indices, in_features: int):
+    """cuSPARSELt's packed int8 weight of 2:4 int8 values (the scales stay outside), cached."""
+    return _cached("cusparselt_int8", values, indices, lambda: cusparselt_packed(values, indices, in_features))
+
+
 def cutlass_weight(values, indices, in_features: int):
     return _cached("cutlass", values, indices, lambda: to_cutlass(values, indices, in_features))
 
@@ -175,6 +194,67 @@ def why_not(backend: str, device: torch.device, dtype: torch.dtype, n: int, m: i
     return None
 
 
+def why_not_key(op: str, backend: str, device: torch.device, dtype: torch.dtype, key) -> str | None:
+    """why_not for an op's dispatch key (its shape given): nm_linear's bf16/fp16 GEMMs, or
+    nm_linear_q's int8 one (why_not_int8)."""
+    if op == "nm_linear_q":
+        return why_not_int8(backend, device, dtype, *key.shape, key.bits)
+    return why_not(backend, device, dtype, *key.shape)
+
+
+def why_not_int8(backend: str, device: torch.device, dtype: torch.dtype, n: int, m: int, out: int, k: int,
+                 bits: int) -> str | None:
+    """None when `backend` can run nm_linear_q for a [out, k] n:m weight of `bits`-bit values
+    and x in `dtype` on this GPU (cuSPARSELt's int8 GEMM), else why not."""
+    if backend != "cusparselt":
+        return f"nm_linear_q's int8 sparse tensor-core GEMM runs through cuSPARSELt, not {backend}"
+    if bits != 8:
+        return f"cuSPARSELt multiplies int8 values, not int{bits} (the Triton kernel reads them)"
+    if (n, m) != (2, 4):
+        return f"cuSPARSELt runs 2:4 only, not {n}:{m}"
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"cuSPARSELt's int8 path takes float32/bfloat16/float16 activations, not {dtype}"
+    from . import dispatch_rules
+
+    if not dispatch_rules.q_activations_int8(device):
+        return ("activations stay in their float dtype on a GPU unless SPARSEKERN_Q_ACT=int8 "
+                "(cuSPARSELt multiplies int8 activations)")
+    if out % _INT8_MULTIPLE or k % _INT8_MULTIPLE:
+        return f"cuSPARSELt's int8 GEMM needs out and in multiples of {_INT8_MULTIPLE}, got {out}x{k}"
+    if not (hasattr(torch, "_cslt_sparse_mm") and torch.backends.cusparselt.is_available()):
+        return "this torch build has no cuSPARSELt"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 0):
+        return f"sparse tensor cores need compute capability 8.0 or newer, this GPU is {cap}"
+    return None
+
+
+def int8_rows_linear(x: torch.Tensor, packed, scales: torch.Tensor, out: int, in_features: int,
+                     bias: torch.Tensor | None, sparse_mm) -> torch.Tensor:
+    """y [..., out] in x's dtype: x quantized per row to int8 (reference.quantize_rows_int8),
+    sparse_mm(packed, xq.t()) -> the exact int32 sums [rows padded to 16, out], times x's row
+    scale and the weight's row scale in fp32, + bias. sparse_mm is cuSPARSELt's GEMM on a GPU
+    (_cslt_int32_mm), an emulation in the tests."""
+    x2 = x.reshape(-1, in_features)
+    rows = x2.shape[0]
+    if rows == 0:
+        return x.new_empty(*x.shape[:-1], out)
+    q, x_scales = reference.quantize_rows_int8(x2)
+    xq = q.to(torch.int8)
+    pad = (-rows) % _PAD_ROWS_INT8
+    if pad:
+        xq = torch.nn.functional.pad(xq, (0, 0, 0, pad))
+    acc = sparse_mm(packed, xq.contiguous().t())[:rows]
+    y = acc.float() * (x_scales * scales.float()[None, :])
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], out)
+
+
+def _cslt_int32_mm(packed: torch.Tensor, xq_t: torch.Tensor) -> torch.Tensor:
+    return torch._cslt_sparse_mm(packed, xq_t, out_dtype=torch.int32, transpose_result=True)
+
+
 # ------------------------------------------------------------------------ the ops
 def _flat(x: torch.Tensor, in_features: int):
     x2 = x.reshape(-1, in_features)
@@ -212,5 +292,14 @@ def _cutlass_nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Ten
     return y.contiguous().reshape(*x.shape[:-1], out)
 
 
+@torch.library.custom_op("sparsekern_cusparselt::nm_linear_q", mutates_args=())
+def _cusparselt_nm_linear_q(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scales: torch.Tensor,
+                            n: int, m: int, in_features: int, bits: int, group_size: int,
+                            bias: Optional[torch.Tensor]) -> torch.Tensor:
+    packed = cusparselt_int8_weight(values, indices, in_features)
+    return int8_rows_linear(x, packed, scales, values.shape[0], in_features, bias, _cslt_int32_mm)
+
+
 def load() -> None:
-    """Importing this module registers the two custom ops; sparsekern.ops calls this."""
+    """Importing this module registers the custom ops (nm_linear on both backends, nm_linear_q
+    on cuSPARSELt); sparsekern.ops calls this."""

@@ -2,13 +2,14 @@
 
 On the CPU: the NMWeight -> CUTLASS conversion against torch's own pure-torch layout functions
 (torch.sparse._semi_structured_conversions), padded groups, the fallback for unsorted
-indices, the meta reordering, the cache. On a GPU (skipped here): cuSPARSELt and CUTLASS
+indices, the meta reordering, the cache; the int8 path's math (x quantized per row, exact
+int32 sums, the fp32 epilogue) with cuSPARSELt's GEMM emulated, and why it does not run. On a GPU (skipped here): cuSPARSELt and CUTLASS
 numerics against fp64 through sparsekern.ops at large batch, with the dispatch asserting the
 backend that ran, gradients, and torch.compile."""
 import pytest
 import torch
 
-from sparsekern import ops, semi_structured
+from sparsekern import dispatch_rules, ops, reference, semi_structured
 from sparsekern.formats import NMWeight
 
 conv = pytest.importorskip("torch.sparse._semi_structured_conversions")
@@ -151,3 +152,92 @@ def test_gpu_large_batch_gradients_and_compile(backend):
     with ops.use_backend("reference"):
         ops.nm_linear(xr, W).float().square().sum().backward()
     torch.testing.assert_close(x.grad.float(), xr.grad.float(), rtol=5e-2, atol=5e-2)
+
+
+# ------------------------------------------------- int8 (nm_linear_q on cuSPARSELt's int8 GEMM)
+def _emulated_cslt_int32(dense_int8, xq_t):
+    """torch._cslt_sparse_mm(packed, xq_t, out_dtype=int32, transpose_result=True) on the CPU,
+    the packed weight standing in as its dense int8 form: exact int32 sums, [rows, out]."""
+    assert dense_int8.dtype == torch.int8 and xq_t.dtype == torch.int8 and xq_t.shape[1] % 16 == 0
+    return (dense_int8.int() @ xq_t.int()).t()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("out,k", [(32, 64), (96, 320)])
+@pytest.mark.parametrize("lead", [(1,), (15,), (16,), (2, 33)])
+def test_int8_path_math_is_the_int8_dot_reference(dtype, out, k, lead):
+    torch.manual_seed(0)
+    W = NMWeight.from_dense(torch.randn(out, k), 2, 4, quantize="int8")
+    values, indices, scales, n, m, in_features, bits, group_size = W.kernel_args()
+    bias = torch.randn(out)
+    x = torch.randn(*lead, k).to(dtype)
+    x[..., 0, :] = 0.0  # a row of zeros: its scale is 0, it gives the bias
+    dense = reference.nm_decompress(values, indices, 2, 4, k)
+    y = semi_structured.int8_rows_linear(x, dense, scales, out, k, bias.to(dtype), _emulated_cslt_int32)
+    ref = reference.nm_linear_q_int8_dot(x.double(), values, indices, scales, n, m, k, bias.to(dtype).double())
+    assert y.shape == (*lead, out) and y.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(y[..., 0, :].double(), bias.to(dtype).double().expand_as(y[..., 0, :]))
+
+
+def test_int8_path_quantizes_x_as_the_cpu_int8_gemm(monkeypatch):
+    """Same weight and x: the int8 path's output equals the CPU int8 GEMM's reference in fp32."""
+    W = NMWeight.from_dense(torch.randn(64, 128), 2, 4, quantize="int8")
+    values, indices, scales, *_ = W.kernel_args()
+    x = torch.randn(40, 128) * torch.logspace(-3, 3, 40)[:, None]  # rows of very different scales
+    dense = reference.nm_decompress(values, indices, 2, 4, 128)
+    y = semi_structured.int8_rows_linear(x, dense, scales, 64, 128, None, _emulated_cslt_int32)
+    ref = reference.nm_linear_q_int8_dot(x, values, indices, scales, 2, 4, 128)
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=0)
+
+
+def test_int8_path_says_why_it_does_not_run(monkeypatch):
+    cuda = torch.device("cuda")  # a device object only: nothing here reaches a GPU
+    why = semi_structured.why_not_int8
+    monkeypatch.delenv("SPARSEKERN_Q_ACT", raising=False)
+    assert "through cuSPARSELt, not cutlass" in why("cutlass", cuda, torch.bfloat16, 2, 4, 64, 128, 8)
+    assert "not int4" in why("cusparselt", cuda, torch.bfloat16, 2, 4, 64, 128, 4)
+    assert "2:4 only, not 4:8" in why("cusparselt", cuda, torch.bfloat16, 4, 8, 64, 128, 8)
+    assert "not torch.float64" in why("cusparselt", cuda, torch.float64, 2, 4, 64, 128, 8)
+    assert "SPARSEKERN_Q_ACT=int8" in why("cusparselt", cuda, torch.bfloat16, 2, 4, 64, 128, 8)
+    monkeypatch.setenv("SPARSEKERN_Q_ACT", "int8")
+    assert "multiples of 32, got 48x128" in why("cusparselt", cuda, torch.bfloat16, 2, 4, 48, 128, 8)
+
+
+def test_a_gpu_rounds_activations_only_when_asked(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("SPARSEKERN_Q_ACT", raising=False)
+    assert not dispatch_rules.q_activations_int8(cuda)
+    monkeypatch.setenv("SPARSEKERN_Q_ACT", "exact")
+    assert not dispatch_rules.q_activations_int8(cuda)
+    monkeypatch.setenv("SPARSEKERN_Q_ACT", "int8")
+    assert dispatch_rules.q_activations_int8(cuda) and dispatch_rules.q_activations_int8(torch.device("cpu"))
+    monkeypatch.setenv("SPARSEKERN_Q_ACT", "int4")
+    with pytest.raises(ValueError, match="SPARSEKERN_Q_ACT"):
+        dispatch_rules.q_activations_int8(cuda)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [65, 300])
+def test_gpu_int8_weights_run_on_cusparselt_when_int8_activations_are_asked(monkeypatch, dtype, rows):
+    W = NMWeight.from_dense(torch.randn(256, 512, device="cuda"), 2, 4, quantize="int8").to(dtype=dtype)
+    b = torch.randn(256, device="cuda", dtype=dtype)
+    x = torch.randn(rows, 512, device="cuda", dtype=dtype)
+    monkeypatch.delenv("SPARSEKERN_Q_ACT", raising=False)
+    ran, why = ops.explain_backend("nm_linear_q", x, W)
+    assert ran != "cusparselt", why
+    monkeypatch.setenv("SPARSEKERN_Q_ACT", "int8")
+    ran, why = ops.explain_backend("nm_linear_q", x, W)
+    if ran != "cusparselt":
+        pytest.skip(f"cuSPARSELt's int8 GEMM does not run here: {why}")
+    y = ops.nm_linear_q(x, W, b)
+    values, indices, scales, n, m, k, bits, group_size = W.kernel_args()
+    ref = reference.nm_linear_q_int8_dot(x.double(), values, indices, scales, n, m, k, b.double())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+    xg = x.clone().requires_grad_()
+    ops.nm_linear_q(xg, W, b).float().sum().backward()  # the gradient to x, through the dequantized weight
+    torch.testing.assert_close(xg.grad.double(), W.dequantized().to_dense().double().sum(0).expand(rows, -1),
+                               rtol=1e-2, atol=1e-2)

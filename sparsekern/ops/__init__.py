@@ -8,7 +8,8 @@ runs these tensors, and calls it. Backends of an op, in the order they are tried
   CPU tensors:  "cpp"       compiled C++ kernel (sparsekern._C, csrc/cpu/)
                 "reference" pure torch (sparsekern/reference.py)
   CUDA tensors: "cusparselt" 2:4 bf16/fp16 nm_linear at large batch: cuSPARSELt's sparse
-                            tensor-core GEMM on a cached converted weight
+                            tensor-core GEMM on a cached converted weight; 2:4 int8
+                            nm_linear_q the same in int8 where SPARSEKERN_Q_ACT=int8
                 "cutlass"   the same through torch's CUTLASS 2:4 GEMM (sparsekern/semi_structured.py)
                 "cuda"      compiled CUDA kernel, when built for this GPU's architecture
                 "triton"    Triton kernel (sparsekern/triton/)

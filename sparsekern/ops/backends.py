@@ -199,7 +199,7 @@ class SemiStructured(Backend):
             return "needs the weight to decide (pattern and shape): pass it to explain_backend"
         from .. import semi_structured
 
-        return semi_structured.why_not(self.name, device, dtype, *key.shape)
+        return semi_structured.why_not_key(spec.name, self.name, device, dtype, key)
 
     def prefers_not(self, spec, key, device, dtype):
         return rules.semi_structured_verdict(spec.name, self.name, torch.cuda.get_device_name(device), dtype,

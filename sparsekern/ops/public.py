@@ -128,7 +128,8 @@ def _q_linear_call(op: str, x: torch.Tensor, weight) -> "LinearCall":
     if d.cpu_run is not None and key.cpu_algo != rules.Q_ALGO_EXACT:
         return LinearCall(d.cpu_run, weight.kernel_args(), (key.cpu_algo,),
                           round_rows and key.cpu_algo in rules.Q_ALGOS_FLOAT_X)
-    return LinearCall(d.run, weight.kernel_args(), (), round_rows)
+    # the int8 sparse tensor-core GEMM (semi_structured) quantizes x itself, as the CPU's int8 GEMMs do
+    return LinearCall(d.run, weight.kernel_args(), (), round_rows and d.backend != "cusparselt")
 
 
 # The ops whose integer kernels multiply int8 activations (rules.q_activations_int8).
@@ -180,7 +181,8 @@ def block_linear_q(x: torch.Tensor, weight, bias: torch.Tensor | None = None) ->
 
 def _block_linear_q_call(x: torch.Tensor, weight) -> "LinearCall":
     if x.device.type != "cpu":  # no quantized block kernel there: the float one, values dequantized per call
-        return _block_linear_call(x, weight.dequantized())
+        # (x rounded per row where int8 activations were asked for on a GPU, as nm_linear_q's paths)
+        return _block_linear_call(x, weight.dequantized())._replace(round_rows=rounds_activations(weight, x.device))
     return _q_linear_call("block_linear_q", x, weight)
 
 

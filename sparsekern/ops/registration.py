@@ -351,7 +351,7 @@ def load_semi_structured() -> None:
         from .. import semi_structured
 
         semi_structured.load()
-        register("sparsekern_cusparselt", ["nm_linear"])
+        register("sparsekern_cusparselt", ["nm_linear", "nm_linear_q"])
         register("sparsekern_cutlass", ["nm_linear"])
         _semi_structured_loaded = True
 

@@ -36,10 +36,18 @@ class RowsKey(NamedTuple):
 
 class QLinearKey(NamedTuple):
     """nm_linear_q / bitmask_linear_q: the batch bucket and the CPU algorithm passed to the C++
-    kernel (rules.Q_ALGO_*: the decode activations' precision, or an int8 GEMM)."""
+    kernel (rules.Q_ALGO_*: the decode activations' precision, or an int8 GEMM); for
+    nm_linear_q on a GPU, given the weight, its pattern, shape and value bits (whether the
+    int8 sparse tensor-core GEMM can take it)."""
 
     bucket: int
     cpu_algo: int = rules.Q_ALGO_EXACT
+    shape: "NmShape | None" = None
+    bits: int = 0
+
+    @property
+    def out_in(self):
+        return None if self.shape is None else (self.shape.out_features, self.shape.in_features)
 
 
 class NmShape(NamedTuple):
@@ -136,6 +144,9 @@ def nm_linear_q_key(x, weight=None, bias=None):
     if weight is not None and x.device.type == "cpu" and x.dtype in rules.KERNEL_DTYPES:
         bits = weight.kernel_args()[6]
         key = key._replace(cpu_algo=rules.nm_q_cpu_algo(weight.n, weight.m, bits, rules.bucket_min_rows(key.bucket)))
+    elif weight is not None and x.device.type == "cuda":
+        key = key._replace(shape=NmShape(weight.n, weight.m, weight.shape[0], weight.in_features),
+                           bits=weight.kernel_args()[6])
     return x, key
 
 
@@ -248,7 +259,7 @@ class OpSpec:
     cuda: bool = False
     triton: str | None = None  # family module in sparsekern.triton
     triton_limit: Callable | None = None
-    semi_structured: bool = False  # the 2:4 GEMM backends "cusparselt" and "cutlass"
+    semi_structured: bool = False  # the 2:4 GEMM backends "cusparselt" and "cutlass" (semi_structured.why_not_key)
     note: Callable | None = None
     cpu_op: str | None = None
     differentiable: bool = False
@@ -308,8 +319,10 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
     OpSpec("bitmask_linear", reference.bitmask_linear, bitmask_linear_key, cuda=True, triton="bitmask_linear",
            note=bitmask_note, cpu_op="bitmask_linear_cpu", differentiable=True),
     # Quantized values read packed (int8; N:M also int4), dequantized in registers.
+    # On a GPU with int8 activations asked for (rules.q_activations_int8), 2:4 int8 weights also
+    # through cuSPARSELt's int8 GEMM (sparsekern/semi_structured.py).
     OpSpec("nm_linear_q", reference.nm_linear_q, nm_linear_q_key, triton="linear_q", cpu_op="nm_linear_q_cpu",
-           note=q_note, differentiable=True),
+           semi_structured=True, note=q_note, differentiable=True),
     OpSpec("bitmask_linear_q", reference.bitmask_linear_q, q_linear_key, triton="linear_q",
            cpu_op="bitmask_linear_q_cpu", note=q_note, differentiable=True),
     OpSpec("block_linear", reference.block_linear, block_linear_key, triton="block_linear",
