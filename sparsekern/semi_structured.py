@@ -198,14 +198,15 @@ def why_not_key(op: str, backend: str, device: torch.device, dtype: torch.dtype,
     """why_not for an op's dispatch key (its shape given): nm_linear's bf16/fp16 GEMMs, or
     nm_linear_q's int8 one (why_not_int8)."""
     if op == "nm_linear_q":
-        return why_not_int8(backend, device, dtype, *key.shape, key.bits)
+        return why_not_int8(backend, device, dtype, *key.shape, key.bits, key.int8_activations)
     return why_not(backend, device, dtype, *key.shape)
 
 
 def why_not_int8(backend: str, device: torch.device, dtype: torch.dtype, n: int, m: int, out: int, k: int,
-                 bits: int) -> str | None:
+                 bits: int, int8_activations: bool) -> str | None:
     """None when `backend` can run nm_linear_q for a [out, k] n:m weight of `bits`-bit values
-    and x in `dtype` on this GPU (cuSPARSELt's int8 GEMM), else why not."""
+    and x in `dtype` on this GPU (cuSPARSELt's int8 GEMM), where activations are int8
+    (dispatch_rules.q_activations_int8, given), else why not."""
     if backend != "cusparselt":
         return f"nm_linear_q's int8 sparse tensor-core GEMM runs through cuSPARSELt, not {backend}"
     if bits != 8:
@@ -214,9 +215,7 @@ def why_not_int8(backend: str, device: torch.device, dtype: torch.dtype, n: int,
         return f"cuSPARSELt runs 2:4 only, not {n}:{m}"
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"cuSPARSELt's int8 path takes float32/bfloat16/float16 activations, not {dtype}"
-    from . import dispatch_rules
-
-    if not dispatch_rules.q_activations_int8(device):
+    if not int8_activations:
         return ("activations stay in their float dtype on a GPU unless SPARSEKERN_Q_ACT=int8 "
                 "(cuSPARSELt multiplies int8 activations)")
     if out % _INT8_MULTIPLE or k % _INT8_MULTIPLE:

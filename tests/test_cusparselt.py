@@ -192,17 +192,15 @@ def test_int8_path_quantizes_x_as_the_cpu_int8_gemm(monkeypatch):
     torch.testing.assert_close(y, ref, rtol=1e-6, atol=0)
 
 
-def test_int8_path_says_why_it_does_not_run(monkeypatch):
+def test_int8_path_says_why_it_does_not_run():
     cuda = torch.device("cuda")  # a device object only: nothing here reaches a GPU
     why = semi_structured.why_not_int8
-    monkeypatch.delenv("SPARSEKERN_Q_ACT", raising=False)
-    assert "through cuSPARSELt, not cutlass" in why("cutlass", cuda, torch.bfloat16, 2, 4, 64, 128, 8)
-    assert "not int4" in why("cusparselt", cuda, torch.bfloat16, 2, 4, 64, 128, 4)
-    assert "2:4 only, not 4:8" in why("cusparselt", cuda, torch.bfloat16, 4, 8, 64, 128, 8)
-    assert "not torch.float64" in why("cusparselt", cuda, torch.float64, 2, 4, 64, 128, 8)
-    assert "SPARSEKERN_Q_ACT=int8" in why("cusparselt", cuda, torch.bfloat16, 2, 4, 64, 128, 8)
-    monkeypatch.setenv("SPARSEKERN_Q_ACT", "int8")
-    assert "multiples of 32, got 48x128" in why("cusparselt", cuda, torch.bfloat16, 2, 4, 48, 128, 8)
+    assert "through cuSPARSELt, not cutlass" in why("cutlass", cuda, torch.bfloat16, 2, 4, 64, 128, 8, True)
+    assert "not int4" in why("cusparselt", cuda, torch.bfloat16, 2, 4, 64, 128, 4, True)
+    assert "2:4 only, not 4:8" in why("cusparselt", cuda, torch.bfloat16, 4, 8, 64, 128, 8, True)
+    assert "not torch.float64" in why("cusparselt", cuda, torch.float64, 2, 4, 64, 128, 8, True)
+    assert "SPARSEKERN_Q_ACT=int8" in why("cusparselt", cuda, torch.bfloat16, 2, 4, 64, 128, 8, False)
+    assert "multiples of 32, got 48x128" in why("cusparselt", cuda, torch.bfloat16, 2, 4, 48, 128, 8, True)
 
 
 def test_a_gpu_rounds_activations_only_when_asked(monkeypatch):

@@ -37,13 +37,15 @@ class RowsKey(NamedTuple):
 class QLinearKey(NamedTuple):
     """nm_linear_q / bitmask_linear_q: the batch bucket and the CPU algorithm passed to the C++
     kernel (rules.Q_ALGO_*: the decode activations' precision, or an int8 GEMM); for
-    nm_linear_q on a GPU, given the weight, its pattern, shape and value bits (whether the
-    int8 sparse tensor-core GEMM can take it)."""
+    nm_linear_q on a GPU, given the weight, its pattern, shape and value bits and whether
+    activations are int8 there (rules.q_activations_int8, read per call: decisions are cached
+    per key): what decides whether the int8 sparse tensor-core GEMM can take it."""
 
     bucket: int
     cpu_algo: int = rules.Q_ALGO_EXACT
     shape: "NmShape | None" = None
     bits: int = 0
+    int8_activations: bool = False
 
     @property
     def out_in(self):
@@ -146,7 +148,7 @@ def nm_linear_q_key(x, weight=None, bias=None):
         key = key._replace(cpu_algo=rules.nm_q_cpu_algo(weight.n, weight.m, bits, rules.bucket_min_rows(key.bucket)))
     elif weight is not None and x.device.type == "cuda":
         key = key._replace(shape=NmShape(weight.n, weight.m, weight.shape[0], weight.in_features),
-                           bits=weight.kernel_args()[6])
+                           bits=weight.kernel_args()[6], int8_activations=rules.q_activations_int8(x.device))
     return x, key
 
 
