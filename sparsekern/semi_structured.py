@@ -34,8 +34,8 @@ GEMM through torch._cslt_sparse_mm with int32 output. x is quantized per row as 
 GEMMs quantize it (reference.quantize_rows_int8), the int32 sums are exact, and the fp32
 epilogue multiplies them by x's row scale and the weight's row scale and adds the bias:
 reference.nm_linear_q_int8_dot's math (`int8_rows_linear`, run on the CPU by the tests with
-the GEMM emulated). The weight is compressed from its dense int8 form on the GPU (one int8
-copy per values tensor, cached as below).
+the GEMM emulated). The weight is compressed from its dense int8 form on the GPU
+(cusparselt_weight: one int8 copy per values tensor, cached as below).
 
 Caching: a converted weight is cached per values tensor (weakly: it goes when the tensor
 goes) and rebuilt when the values or indices are modified in place (their version counters).
@@ -61,7 +61,7 @@ _PAD_ROWS = 8  # rows of x are padded to a multiple of this (both libraries' den
 _PAD_ROWS_INT8 = 16
 _INT8_MULTIPLE = 32  # out and in of an int8 weight
 
-_cache: dict[str, WeakIdKeyDictionary] = {b: WeakIdKeyDictionary() for b in BACKENDS + ("cusparselt_int8",)}
+_cache: dict[str, WeakIdKeyDictionary] = {b: WeakIdKeyDictionary() for b in BACKENDS}
 
 
 # ------------------------------------------------------------------ CUTLASS conversion
@@ -133,11 +133,6 @@ def _cached(backend: str, values: torch.Tensor, indices: torch.Tensor, build):
     return hit[1]
 
 
-def cusparselt_int8_weight(values, indices, in_features: int):
-    """cuSPARSELt's packed int8 weight of 2:4 int8 values (the scales stay outside), cached."""
-    return _cached("cusparselt_int8", values, indices, lambda: cusparselt_packed(values, indices, in_features))
-
-
 def cutlass_weight(values, indices, in_features: int):
     return _cached("cutlass", values, indices, lambda: to_cutlass(values, indices, in_features))
 
@@ -176,17 +171,17 @@ def why_not(backend: str, device: torch.device, dtype: torch.dtype, n: int, m: i
         return f"{backend} takes bfloat16/float16 weights, not {dtype}"
     if (n, m) != (2, 4):
         return f"{backend} runs 2:4 only, not {n}:{m}"
-    cap = torch.cuda.get_device_capability(device)
-    if cap < (8, 0):
-        return f"sparse tensor cores need compute capability 8.0 or newer, this GPU is {cap}"
+    if why := _no_sparse_tensor_cores(device):
+        return why
     if backend == "cusparselt":
-        if not (hasattr(torch, "_cslt_sparse_mm") and torch.backends.cusparselt.is_available()):
-            return "this torch build has no cuSPARSELt"
+        if why := _no_cusparselt():
+            return why
         if out % 16 or k % 16:
             return f"cuSPARSELt needs out and in multiples of 16, got {out}x{k}"
         return None
     if not hasattr(torch, "_sparse_semi_structured_mm"):
         return "this torch has no CUTLASS semi-structured GEMM"
+    cap = torch.cuda.get_device_capability(device)
     if cap >= (10, 0):
         return f"torch's CUTLASS 2:4 kernels are built for compute capability 8.x/9.x, this GPU is {cap}"
     if out % 32 or k % 64:
@@ -220,8 +215,16 @@ def why_not_int8(backend: str, device: torch.device, dtype: torch.dtype, n: int,
                 "(cuSPARSELt multiplies int8 activations)")
     if out % _INT8_MULTIPLE or k % _INT8_MULTIPLE:
         return f"cuSPARSELt's int8 GEMM needs out and in multiples of {_INT8_MULTIPLE}, got {out}x{k}"
+    return _no_cusparselt() or _no_sparse_tensor_cores(device)
+
+
+def _no_cusparselt() -> str | None:
     if not (hasattr(torch, "_cslt_sparse_mm") and torch.backends.cusparselt.is_available()):
         return "this torch build has no cuSPARSELt"
+    return None
+
+
+def _no_sparse_tensor_cores(device: torch.device) -> str | None:
     cap = torch.cuda.get_device_capability(device)
     if cap < (8, 0):
         return f"sparse tensor cores need compute capability 8.0 or newer, this GPU is {cap}"
@@ -295,7 +298,7 @@ def _cutlass_nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Ten
 def _cusparselt_nm_linear_q(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scales: torch.Tensor,
                             n: int, m: int, in_features: int, bits: int, group_size: int,
                             bias: Optional[torch.Tensor]) -> torch.Tensor:
-    packed = cusparselt_int8_weight(values, indices, in_features)
+    packed = cusparselt_weight(values, indices, in_features)  # int8 values: the scales stay outside
     return int8_rows_linear(x, packed, scales, values.shape[0], in_features, bias, _cslt_int32_mm)
 
 

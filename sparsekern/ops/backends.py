@@ -38,6 +38,9 @@ def _below_autograd_unless_needed(op: Callable) -> Callable:
 class Backend:
     name = ""
     label = ""  # what the decision's reason says when this backend runs
+    # Its quantized ops quantize x per row themselves (an int8 GEMM): ops passes x unrounded
+    # where int8 activations are asked for (rules.q_activations_int8).
+    quantizes_activations = False
 
     def implements(self, spec: OpSpec) -> bool:
         raise NotImplementedError
@@ -181,8 +184,8 @@ class Triton(Backend):
 class SemiStructured(Backend):
     """cuSPARSELt or CUTLASS: torch's 2:4 sparse tensor-core GEMMs (sparsekern/semi_structured.py)."""
 
-    def __init__(self, name: str, label: str):
-        self.name, self.label = name, label
+    def __init__(self, name: str, label: str, quantizes_activations: bool = False):
+        self.name, self.label, self.quantizes_activations = name, label, quantizes_activations
 
     def implements(self, spec):
         return spec.semi_structured
@@ -217,7 +220,8 @@ class SemiStructured(Backend):
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Cpp(),
-    SemiStructured("cusparselt", "cuSPARSELt 2:4 GEMM on the sparse tensor cores"),
+    SemiStructured("cusparselt", "cuSPARSELt 2:4 GEMM on the sparse tensor cores",
+                   quantizes_activations=True),  # nm_linear_q's int8 GEMM (semi_structured.int8_rows_linear)
     SemiStructured("cutlass", "CUTLASS 2:4 GEMM on the sparse tensor cores"),
     Cuda(),
     Triton(),

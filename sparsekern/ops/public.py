@@ -13,6 +13,7 @@ from .. import precisions
 from ..patterns import check_nm
 from .checks import (check_bias, check_bitmask, check_dense_weight, check_finite, check_format, check_mask,
                      check_masked_weight, check_pair, check_score_inputs, check_x)
+from .backends import BACKENDS
 from .dispatch import decide, run
 
 
@@ -128,8 +129,7 @@ def _q_linear_call(op: str, x: torch.Tensor, weight) -> "LinearCall":
     if d.cpu_run is not None and key.cpu_algo != rules.Q_ALGO_EXACT:
         return LinearCall(d.cpu_run, weight.kernel_args(), (key.cpu_algo,),
                           round_rows and key.cpu_algo in rules.Q_ALGOS_FLOAT_X)
-    # the int8 sparse tensor-core GEMM (semi_structured) quantizes x itself, as the CPU's int8 GEMMs do
-    return LinearCall(d.run, weight.kernel_args(), (), round_rows and d.backend != "cusparselt")
+    return LinearCall(d.run, weight.kernel_args(), (), round_rows and not BACKENDS[d.backend].quantizes_activations)
 
 
 # The ops whose integer kernels multiply int8 activations (rules.q_activations_int8).
