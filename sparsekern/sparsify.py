@@ -31,6 +31,7 @@ def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+@memory.large_blocks_mapped()  # the layers' temporaries leave no heap holes (sparsekern/memory.py)
 def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsity: float | dict | None = None,
              calibration: Iterable | None = None, loss_fn: Callable | None = None, include=None, exclude=None,
              min_features: int = 128, block: tuple[int, int] = (32, 32), trainable: bool = False,
@@ -397,6 +398,7 @@ def from_torch_prune(model: nn.Module, policy: Policy | None = None, trainable: 
     return model, report
 
 
+@memory.large_blocks_mapped()  # the layers' temporaries leave no heap holes (sparsekern/memory.py)
 def quantize_values(model: nn.Module, precision: str | None, group_size: int = 128) -> nn.Module:
     """Stores the kept values of every sparse layer in `precision` ("int8": a scale per output
     row; "int4": a scale per group_size kept values of a row, N:M layers only; None: float),
@@ -451,6 +453,7 @@ def tune(model: nn.Module, example_inputs, show_progress: bool = True) -> str:
     return explain(model)
 
 
+@memory.large_blocks_mapped()  # the layers' temporaries leave no heap holes (sparsekern/memory.py)
 def freeze(model: nn.Module, policy: Policy | None = None) -> nn.Module:
     """Converts every trainable sparse layer (sparsify(..., trainable=True), after
     fine-tuning or sparsekern.recover) to its compressed inference module, in place: the
