@@ -8,7 +8,8 @@ Suites (--suite, comma-separated):
   linear  weights 4096x4096, 4096x11008, 11008x4096, 8192x8192, 28672x8192 (out x in), batch
           1, 4, 16, 32, 128, 2048, bf16. Providers: cublas (F.linear on the dense weight), cuda
           (our CUDA kernels, forced), triton (forced), cusparselt and cutlass (2:4 GEMMs, forced),
-          for 2:4; cuda and triton for unstructured at 30% density. Peers a GPU user runs instead
+          for 2:4; cusparselt_int8 (op nm_linear_q: 2:4 int8 values, x quantized per row, int8
+          GEMM; first shape, batch 128 and up); cuda and triton for unstructured at 30% density. Peers a GPU user runs instead
           (torch only, rows marked "peer", each guarded: one that cannot run is a row saying why):
           torch's semi-structured 2:4 (to_sparse_semi_structured + F.linear), fp8 e4m3 through
           torch._scaled_mm (row-wise scales, x quantized in the call), int8 through torch._int_mm
@@ -62,6 +63,7 @@ BITMASK_PEERS = ["cusparse_csr"]
 BACKENDS = ("cuda", "triton", "cusparselt", "cutlass")  # what --tuning-out records
 SAMPLED_ROWS = 64  # above this batch the fp64 check compares this many sampled rows
 BITMASK_DENSITY = 0.3
+INT8_MIN_BATCH = 128  # the 2:4 int8 row (cuSPARSELt) is timed from this batch up
 SUITES = ("linear", "masked", "e2e", "ncu")
 # Seconds each suite is planned to take on one H100 (the dry run checks the sum against
 # bench/gpu_check.sh's budget for the step).
@@ -190,6 +192,22 @@ def forced(backend, fn):
     return call
 
 
+def int8_activations(fn):
+    """fn with SPARSEKERN_Q_ACT=int8 while it runs (read per call by the dispatch), so a GPU
+    quantizes x per row and runs nm_linear_q's int8 GEMM."""
+    def call(*args):
+        before = os.environ.get("SPARSEKERN_Q_ACT")
+        os.environ["SPARSEKERN_Q_ACT"] = "int8"
+        try:
+            return fn(*args)
+        finally:
+            if before is None:
+                del os.environ["SPARSEKERN_Q_ACT"]
+            else:
+                os.environ["SPARSEKERN_Q_ACT"] = before
+    return call
+
+
 def sample_rows(B: int, device) -> torch.Tensor | None:
     """Rows the fp64 check compares: all up to SAMPLED_ROWS, else SAMPLED_ROWS spread over the
     batch (first and last included). A full fp64 check at 28672x8192 and batch 2048 is ~1 TFLOP
@@ -309,6 +327,16 @@ def linear_shape(N, K, batches, dtype, device, a, env, rows, dry):
         be = cpu_backend.get(p, p) if device == "cpu" else p
         plan.append(("bitmask_linear", "unstructured", BITMASK_DENSITY, p, bm,
                      forced(be, lambda w, x: ops.bitmask_linear(x, w)), bm[0].nbytes, None, False))
+    # 2:4 int8 values, x quantized per row, cuSPARSELt's int8 GEMM (SPARSEKERN_Q_ACT=int8): a
+    # compute-bound path, timed at the large batches of the run's first shape only (the bench
+    # step's budget); the int8_int_mm peer is its dense counterpart. Checked against fp64 of its own
+    # dequantized weight (x's rounding is within the 2e-2 gate).
+    if (N, K) == tuple(a.shape_list[0]):
+        nm_q = [NMWeight.from_dense(W.to_dense(), 2, 4, quantize="int8").to(dtype=dtype) for W in nm]
+        w64["nm_linear_q"] = nm_q[0].dequantized().to_dense().double()
+        be = "cusparselt" if device == "cuda" else "cpp"
+        plan.append(("nm_linear_q", "2:4 int8", 0.5, "cusparselt_int8", nm_q,
+                     forced(be, int8_activations(lambda w, x: ops.nm_linear_q(x, w))), nm_q[0].nbytes, None, False))
     peer_errors = {}
     for op, pattern, density, names, srcs in (("nm_linear", "2:4", 0.5, NM_PEERS, pruned),
                                              ("bitmask_linear", "unstructured", BITMASK_DENSITY, BITMASK_PEERS,
@@ -331,6 +359,8 @@ def linear_shape(N, K, batches, dtype, device, a, env, rows, dry):
         for op, pattern, density, provider, ws, fn, nbytes, ref64, peer in plan:
             if provider == "triton" and op == "bitmask_linear" and B > 32:
                 continue  # the Triton bitmask kernel is a decode kernel: not timed at large batch
+            if provider == "cusparselt_int8" and B < a.int8_min_batch:
+                continue
             row = {"suite": "linear", "op": op, "provider": provider, "pattern": pattern, "density": density,
                    "dtype": str(dtype).split(".")[-1], "shape": f"{N}x{K}", "batch": B, "device": env["device_name"]}
             if peer:
@@ -574,13 +604,14 @@ def main(argv=None):
         os.environ.setdefault("TRITON_INTERPRET", "1")
         planned = sum(PLANNED_S[s] for s in a.suites)
         nprov = len(NM_PROVIDERS) + len(BITMASK_PROVIDERS) + len(NM_PEERS) + len(BITMASK_PEERS)
-        cases = len(a.shape_list) * len(a.batch_list) * nprov
+        cases = len(a.shape_list) * len(a.batch_list) * nprov + sum(B >= INT8_MIN_BATCH for B in a.batch_list)
         print(f"bench_gpu_linear --dry-run: suites {a.suites}, {len(a.shape_list)} shapes x {len(a.batch_list)} "
-              f"batches x {nprov} providers and peers = {cases} linear cases; planned {planned} s on one H100")
+              f"batches x {nprov} providers and peers, and the 2:4 int8 row = {cases} linear cases; planned {planned} s on one H100")
         print(json.dumps({"planned_s": planned, "linear_cases": cases}))
         a.shape_list, a.batch_list, a.reps = [(64, 128)], [1, 4, 70], 1  # 70: the sampled-rows check
     elif not torch.cuda.is_available():
         raise SystemExit("bench_gpu_linear: no CUDA GPU (use --dry-run for the CPU stand-in)")
+    a.int8_min_batch = 70 if a.dry_run else INT8_MIN_BATCH
     a.min_calls = 1 if a.dry_run else 24
     from sparsekern.bench.common import environment
 
