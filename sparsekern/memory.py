@@ -67,15 +67,19 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mallo
 # While sparsekern builds or measures layers: glibc's own default (its threshold before any
 # mapping was freed), so every tensor of 128 KiB or more is a mapping of its own.
 SCRATCH_MMAP_THRESHOLD = 128 << 10
-# After: glibc's largest dynamic threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX), where a
-# process that freed large tensors ends up anyway, so a model's batches reuse heap blocks
-# (no page faults per call) as they would without sparsekern. Setting the threshold turns
-# glibc's dynamic adjustment off for the rest of the process; this value is its ceiling. The
-# trim threshold (free bytes at the heap's top that glibc gives back after a free) is set as
-# that adjustment sets it, twice the mmap threshold: left at its default of 128 KiB, a batch's
-# transients would be given back and faulted in again at every call (ViT-B at batch 4: 30%
-# slower, measured).
-SERVING_MMAP_THRESHOLD = 32 << 20
+# After: what glibc's dynamic adjustment would have made of it. glibc raises its mmap
+# threshold to the size of each mapped block freed (up to DEFAULT_MMAP_THRESHOLD_MAX, 32 MiB
+# on 64-bit) and its trim threshold (free bytes at the heap's top it keeps after a free) to
+# twice that; setting either turns that adjustment off for the rest of the process. So on
+# leaving, the mmap threshold is the largest block sparsekern said it freed within
+# (note_freed_block: a layer's dense weight, which glibc would have had mapped), at least the
+# last value set, and the trim threshold twice that. Left at 128 KiB, a batch's transients
+# would be given back and faulted in again at every call (ViT-B at batch 4: 30% slower,
+# measured); fixed at 32 MiB, the heap would keep more of them than glibc would have (ViT-B
+# 2:4 fp32: 265 MB resident after the batches against 222-237 MB, cpu-memory-20261208).
+MAX_MMAP_THRESHOLD = 32 << 20
+_serving_threshold = [SCRATCH_MMAP_THRESHOLD]
+_freed_within = [0]
 # The user's own malloc settings, which sparsekern leaves alone.
 _USER_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
@@ -94,13 +98,20 @@ def _mallopt():
     return fn
 
 
+def note_freed_block(nbytes: int) -> None:
+    """Within large_blocks_mapped: a block of `nbytes` that glibc would have had mapped was
+    freed (a layer's dense weight); sets the threshold left on leaving."""
+    _freed_within[0] = max(_freed_within[0], int(nbytes))
+
+
 @contextlib.contextmanager
 def large_blocks_mapped():
     """Within: glibc maps every block of at least SCRATCH_MMAP_THRESHOLD bytes on its own
     (after giving the heap's free top back, malloc_trim), so the temporaries of building or
     measuring a layer are returned to the operating system when freed instead of leaving
     holes in the heap (see the module's docstring). On leaving the outermost one, the
-    thresholds are SERVING_MMAP_THRESHOLD's. Nests; thread-safe. Does
+    thresholds are those glibc's own adjustment would have reached (note_freed_block). Nests;
+    thread-safe. Does
     nothing where the C library is not glibc or the user set glibc's malloc parameters
     (MALLOC_*_ or GLIBC_TUNABLES=glibc.malloc.*)."""
     mallopt = _mallopt()
@@ -120,5 +131,7 @@ def large_blocks_mapped():
         with _mapped_lock:
             _mapped_depth[0] -= 1
             if _mapped_depth[0] == 0:
-                mallopt(M_MMAP_THRESHOLD, SERVING_MMAP_THRESHOLD)
-                mallopt(M_TRIM_THRESHOLD, 2 * SERVING_MMAP_THRESHOLD)
+                threshold = min(MAX_MMAP_THRESHOLD, max(_serving_threshold[0], _freed_within[0]))
+                _serving_threshold[0], _freed_within[0] = threshold, 0
+                mallopt(M_MMAP_THRESHOLD, threshold)
+                mallopt(M_TRIM_THRESHOLD, 2 * threshold)

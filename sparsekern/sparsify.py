@@ -175,6 +175,7 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "l1", sparsit
                              policy=policy, grad=None if grads is None else grads[name],
                              act_norm=None if norms is None else norms[name], quantize=quantize,
                              group_size=group_size, value_scales=value_scales.get(name))
+        memory.note_freed_block(dense_bytes)  # the dense weight, once the model lets go of it
         new.train(mod.training)
         if name in conv1d:
             new.transposed = True
@@ -407,6 +408,7 @@ def quantize_values(model: nn.Module, precision: str | None, group_size: int = 1
     quantize=...)."""
     for mod in model.modules():
         if isinstance(mod, SPARSE_MODULES):
+            memory.note_freed_block(mod.weight_nbytes())  # the float values it replaces
             mod.quantize_values(precision, group_size)
     memory.release_freed_memory()
     _sparse_layers_changed(model)
@@ -462,6 +464,7 @@ def freeze(model: nn.Module, policy: Policy | None = None) -> nn.Module:
     computes in eval mode. Returns the model."""
     for mod in model.modules():
         if isinstance(mod, SPARSE_MODULES) and mod.trainable:
+            memory.note_freed_block(mod.weight.numel() * mod.weight.element_size())  # the dense training weight
             mod.freeze(policy)
     memory.release_freed_memory()
     _sparse_layers_changed(model)

@@ -76,22 +76,28 @@ seen = {"before": alloc_mapped(1 << 20)}
 with memory.large_blocks_mapped():
     with memory.large_blocks_mapped():  # nested: the outer one restores
         seen["nested"] = alloc_mapped(1 << 20)
+        memory.note_freed_block(8 << 20)  # as glibc would have: its threshold rises to 8 MiB
     seen["inside"] = alloc_mapped(1 << 20)
 seen["after"] = alloc_mapped(1 << 20)
-seen["after_big"] = alloc_mapped(40 << 20)
+seen["after_big"] = alloc_mapped(12 << 20)
+with memory.large_blocks_mapped():  # nothing freed: the threshold stays where it was
+    pass
+seen["after_again"] = alloc_mapped(2 << 20)
 print(json.dumps(seen))
 """
 
 
-def test_large_blocks_are_mapped_inside_and_the_heap_serves_them_after():
+def test_large_blocks_are_mapped_inside_and_after_as_glibc_would_have():
     seen = _run(_THRESHOLDS)
-    assert seen == {"before": False, "nested": True, "inside": True, "after": False, "after_big": True}
+    assert seen == {"before": False, "nested": True, "inside": True, "after": False, "after_big": True,
+                    "after_again": False}
 
 
 def test_the_users_own_malloc_settings_are_left_alone():
     # The user fixed glibc's mmap threshold at 4 MiB: a block of 1 MiB stays in the heap
     # inside large_blocks_mapped too.
     seen = _run(_THRESHOLDS, env={"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4194304"})
-    assert seen == {"before": False, "nested": False, "inside": False, "after": False, "after_big": True}
+    assert seen == {"before": False, "nested": False, "inside": False, "after": False, "after_big": True,
+                    "after_again": False}
     seen = _run(_THRESHOLDS, env={"MALLOC_MMAP_THRESHOLD_": "4194304"})
     assert seen["inside"] is False and seen["nested"] is False
