@@ -99,8 +99,9 @@ def _mallopt():
 
 
 def note_freed_block(nbytes: int) -> None:
-    """Within large_blocks_mapped: a block of `nbytes` that glibc would have had mapped was
-    freed (a layer's dense weight); sets the threshold left on leaving."""
+    """A block of `nbytes` that glibc would have had mapped is freed (a layer's dense weight)
+    within large_blocks_mapped, or within the next one: the threshold left on leaving it is
+    at least `nbytes`."""
     _freed_within[0] = max(_freed_within[0], int(nbytes))
 
 

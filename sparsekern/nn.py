@@ -300,8 +300,7 @@ def _evict_op():
     return getattr(getattr(torch.ops, "sparsekern", None), "cpu_evict_from_cache", None)
 
 
-def measure_paths(runners: dict, device: torch.device, reps: int, cold: bool | str, evict=None,
-                  scratch_bytes: int = 0) -> dict[str, float]:
+def measure_paths(runners: dict, device: torch.device, reps: int, cold: bool | str, evict=None) -> dict[str, float]:
     """Fastest of `reps` timed calls of each runner, in milliseconds: called round-robin
     (interleaved) after a warm-up, each timed call preceded by a cold start when `cold` is
     True, by a start from the last-level cache when it is "llc" (CPU: _push_to_llc; a GPU's
@@ -315,9 +314,7 @@ def measure_paths(runners: dict, device: torch.device, reps: int, cold: bool | s
     memory as in a model larger than the cache, while the code, the input and the threads stay
     as warm as between two layers. A flush buffer written before the call evicts all of them
     too, and charges each path its own cold start, the sparse path's most (the figures:
-    dispatch_rules.EVIDENCE["PATH_COLD_START"]). Elsewhere (a GPU, no `evict`) the flush buffer.
-    scratch_bytes: the largest block the warm-up builds only to measure (a layer's dense copy;
-    memory.note_freed_block)."""
+    dispatch_rules.EVIDENCE["PATH_COLD_START"]). Elsewhere (a GPU, no `evict`) the flush buffer."""
     times = {p: [] for p in runners}
     cuda = device.type == "cuda"
     evict_op = _evict_op() if evict is not None and device.type == "cpu" else None
@@ -328,7 +325,6 @@ def measure_paths(runners: dict, device: torch.device, reps: int, cold: bool | s
         with memory.large_blocks_mapped():
             for fn in runners.values():
                 fn()
-            memory.note_freed_block(scratch_bytes)
         rounds, start = 0, time.perf_counter()
         # At least `reps` rounds; more, up to PATH_MAX_REPS, while they take less than
         # PATH_MIN_MEASURE_MS per path: the fastest of 5 calls of 0.1 ms still varies by tens of
@@ -802,9 +798,10 @@ class _SparseMixin:
                 _MEASUREMENTS[0] += 1
                 self.__dict__["_measuring"] = True
                 try:
+                    # the dense copy the warm-up may build and free (sparsekern/memory.py)
+                    memory.note_freed_block(self._dense_nbytes(f))
                     choice = choose_path(measure_paths(candidates, f.device, policy.reps, start,
-                                                       evict=lambda: self._weight_tensors(f),
-                                                       scratch_bytes=self._dense_nbytes(f)), rows)
+                                                       evict=lambda: self._weight_tensors(f)), rows)
                 finally:
                     self.__dict__["_measuring"] = False
                 del candidates
