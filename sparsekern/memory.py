@@ -74,9 +74,10 @@ SCRATCH_MMAP_THRESHOLD = 128 << 10
 # leaving, the mmap threshold is the largest block sparsekern said it freed within
 # (note_freed_block: a layer's dense weight, which glibc would have had mapped), at least the
 # last value set, and the trim threshold twice that. Left at 128 KiB, a batch's transients
-# would be given back and faulted in again at every call (ViT-B at batch 4: 30% slower,
-# measured); fixed at 32 MiB, the heap would keep more of them than glibc would have (ViT-B
-# 2:4 fp32: 265 MB resident after the batches against 222-237 MB, cpu-memory-20261208).
+# would be given back and faulted in again at every call (ViT-B 2:4 int8 at batch 4: about
+# 30% slower, a probe); fixed at 32 MiB, the heap kept more of them than glibc would have
+# (ViT-B 2:4 fp32: 265 MB resident after the batches against 222-237 MB, a memory run of
+# 2026-12-08 that was not kept).
 MAX_MMAP_THRESHOLD = 32 << 20
 _serving_threshold = [SCRATCH_MMAP_THRESHOLD]
 _freed_within = [0]
@@ -112,9 +113,8 @@ def large_blocks_mapped():
     measuring a layer are returned to the operating system when freed instead of leaving
     holes in the heap (see the module's docstring). On leaving the outermost one, the
     thresholds are those glibc's own adjustment would have reached (note_freed_block). Nests;
-    thread-safe. Does
-    nothing where the C library is not glibc or the user set glibc's malloc parameters
-    (MALLOC_*_ or GLIBC_TUNABLES=glibc.malloc.*)."""
+    thread-safe. Does nothing where the C library is not glibc or the user set glibc's malloc
+    parameters (MALLOC_*_ or GLIBC_TUNABLES=glibc.malloc.*)."""
     mallopt = _mallopt()
     if mallopt is None:
         yield
