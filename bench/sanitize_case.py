@@ -24,7 +24,8 @@ Kernels reached (forced with ops.use_backend, so a silent fallback cannot hide o
          (batch > 64), bitmask_warp (batch tiles 1/4/8, K tail, bias or none),
          bitmask_decompress + cuBLAS (batch > 32), the decompress ops, apply_bitmask (vector and
          scalar paths) for masked_linear forward and input gradient
-  2:4    cuSPARSELt and CUTLASS GEMMs (library kernels), when this torch has them
+  2:4    cuSPARSELt and CUTLASS GEMMs (library kernels), when this torch has them; cuSPARSELt's
+         int8 GEMM (nm_linear_q, SPARSEKERN_Q_ACT=int8) with the two Triton passes around it
   Triton nm_linear_q and bitmask_linear_q (int8, int4 groups), nm_linear (2:4 fast path and
          generic), bitmask_linear, block_linear, masked_linear forward / grad_input /
          grad_weight (masking kernel), the fused masked kernels, group_score,
@@ -137,6 +138,27 @@ def main(argv=None):
                     return 0
                 return lin("nm_linear", Wl, x, None, backend)
             add(f"{backend} nm_linear 2:4 bf16 64x128 batch 70", lib)
+
+        def cslt_int8():
+            # nm_linear_q on cuSPARSELt's int8 GEMM, x quantized per row: the two Triton passes
+            # around it (sparsekern/triton/quantize_rows.py) run inside; 70 rows: padding rows
+            Wq = NMWeight.from_dense(torch.randn(64, 128, device=dev), 2, 4, quantize="int8").to(dtype=bf16)
+            before = os.environ.get("SPARSEKERN_Q_ACT")
+            os.environ["SPARSEKERN_Q_ACT"] = "int8"
+            try:
+                with ops.use_backend("cusparselt"):
+                    try:
+                        ops.explain_backend("nm_linear_q", rnd(70, 128), Wq)
+                    except RuntimeError as e:
+                        print(f"sanitize_case: cusparselt int8 skipped: {e}")
+                        return 0
+                return lin("nm_linear_q", Wq, rnd(70, 128), rnd(64), "cusparselt", public="sparse_linear")
+            finally:
+                if before is None:
+                    os.environ.pop("SPARSEKERN_Q_ACT")
+                else:
+                    os.environ["SPARSEKERN_Q_ACT"] = before
+        add("cusparselt nm_linear_q 2:4 int8 (x int8, Triton passes) 64x128 batch 70", cslt_int8)
 
     # masked training (fp32): forward and input gradient on native and Triton, weight gradient
     # and the fused kernels on Triton; 200 columns: vector path, 201: scalar path

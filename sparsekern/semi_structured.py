@@ -51,7 +51,7 @@ from typing import Optional
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import reference
+from . import _extension, reference
 
 BACKENDS = ("cusparselt", "cutlass")
 _DTYPES = (torch.bfloat16, torch.float16)
@@ -232,18 +232,28 @@ def _no_sparse_tensor_cores(device: torch.device) -> str | None:
 
 
 def int8_rows_linear(x: torch.Tensor, packed, scales: torch.Tensor, out: int, in_features: int,
-                     bias: torch.Tensor | None, sparse_mm) -> torch.Tensor:
+                     bias: torch.Tensor | None, sparse_mm, fused_passes: bool = False) -> torch.Tensor:
     """y [..., out] in x's dtype: x quantized per row to int8 (reference.quantize_rows_int8),
     sparse_mm(packed, xq.t()) -> the exact int32 sums [rows padded to 16, out], times x's row
     scale and the weight's row scale in fp32, + bias. sparse_mm is cuSPARSELt's GEMM on a GPU
-    (_cslt_int32_mm), an emulation in the tests."""
+    (_cslt_int32_mm), an emulation in the tests. fused_passes: the quantization and the
+    epilogue each one Triton kernel (sparsekern/triton/quantize_rows.py: the same int8 x bit
+    for bit) instead of several torch ops."""
     x2 = x.reshape(-1, in_features)
     rows = x2.shape[0]
     if rows == 0:
         return x.new_empty(*x.shape[:-1], out)
+    pad = (-rows) % _PAD_ROWS_INT8
+    if fused_passes:
+        from .triton import load
+
+        passes = load("quantize_rows")
+        xq, x_scales = passes.quantize_rows_int8(x2, rows + pad)
+        acc = sparse_mm(packed, xq.t())[:rows]
+        y = passes.int8_rows_epilogue(acc, x_scales, scales, bias, x)
+        return y.to(x.dtype).reshape(*x.shape[:-1], out)
     q, x_scales = reference.quantize_rows_int8(x2)
     xq = q.to(torch.int8)
-    pad = (-rows) % _PAD_ROWS_INT8
     if pad:
         xq = torch.nn.functional.pad(xq, (0, 0, 0, pad))
     acc = sparse_mm(packed, xq.contiguous().t())[:rows]
@@ -299,7 +309,8 @@ def _cusparselt_nm_linear_q(x: torch.Tensor, values: torch.Tensor, indices: torc
                             n: int, m: int, in_features: int, bits: int, group_size: int,
                             bias: Optional[torch.Tensor]) -> torch.Tensor:
     packed = cusparselt_weight(values, indices, in_features)  # int8 values: the scales stay outside
-    return int8_rows_linear(x, packed, scales, values.shape[0], in_features, bias, _cslt_int32_mm)
+    return int8_rows_linear(x, packed, scales, values.shape[0], in_features, bias, _cslt_int32_mm,
+                            fused_passes=_extension.triton_available())
 
 
 def load() -> None:

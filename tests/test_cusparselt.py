@@ -6,6 +6,8 @@ indices, the meta reordering, the cache; the int8 path's math (x quantized per r
 int32 sums, the fp32 epilogue) with cuSPARSELt's GEMM emulated, and why it does not run. On a GPU (skipped here): cuSPARSELt and CUTLASS
 numerics against fp64 through sparsekern.ops at large batch, with the dispatch asserting the
 backend that ran, gradients, and torch.compile."""
+import math
+
 import pytest
 import torch
 
@@ -159,7 +161,8 @@ def _emulated_cslt_int32(dense_int8, xq_t):
     """torch._cslt_sparse_mm(packed, xq_t, out_dtype=int32, transpose_result=True) on the CPU,
     the packed weight standing in as its dense int8 form: exact int32 sums, [rows, out]."""
     assert dense_int8.dtype == torch.int8 and xq_t.dtype == torch.int8 and xq_t.shape[1] % 16 == 0
-    return (dense_int8.int() @ xq_t.int()).t()
+    # in fp64: exact (|sums| < 2**53), and CUDA has no int32 matmul
+    return (dense_int8.double() @ xq_t.double()).to(torch.int32).t()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -190,6 +193,43 @@ def test_int8_path_quantizes_x_as_the_cpu_int8_gemm(monkeypatch):
     y = semi_structured.int8_rows_linear(x, dense, scales, 64, 128, None, _emulated_cslt_int32)
     ref = reference.nm_linear_q_int8_dot(x, values, indices, scales, 2, 4, 128)
     torch.testing.assert_close(y, ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lead,k", [((1,), 64), ((15,), 320), ((16,), 1056), ((2, 33), 96)])
+def test_int8_path_fused_passes_give_the_torch_ops_numbers(dtype, lead, k):
+    """The Triton quantization and epilogue (TRITON_INTERPRET on the CPU; on a GPU the op uses
+    them) against the torch ops: the same int8 x and scales bit for bit, the padding rows
+    zero, and the same output (on the CPU, where nothing fuses the epilogue's multiply-add)."""
+    from sparsekern.triton import interpreting, load
+
+    if not (torch.cuda.is_available() or interpreting()):
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    passes = load("quantize_rows")
+    torch.manual_seed(0)
+    rows = math.prod(lead)
+    x = (torch.randn(*lead, k) * torch.logspace(-3, 1, rows).reshape(*lead, 1)).to(device, dtype)
+    x.reshape(rows, k)[rows // 2] = 0.0  # a row of zeros: scale 0
+    pad = rows + (-rows) % 16
+    q, s = passes.quantize_rows_int8(x.reshape(rows, k), pad)
+    q_ref, s_ref = reference.quantize_rows_int8(x.reshape(rows, k))
+    assert q.dtype == torch.int8 and q.shape == (pad, k) and s.shape == (rows, 1)
+    assert torch.equal(q[:rows].double(), q_ref.double()) and not q[rows:].any()
+    assert torch.equal(s, s_ref)
+    W = NMWeight.from_dense(torch.randn(48, k, device=device), 2, 4, quantize="int8")
+    values, indices, scales, *_ = W.kernel_args()
+    dense = reference.nm_decompress(values, indices, 2, 4, k)
+    bias = torch.randn(48, device=device).to(dtype)
+    fused = semi_structured.int8_rows_linear(x, dense, scales, 48, k, bias, _emulated_cslt_int32, fused_passes=True)
+    plain = semi_structured.int8_rows_linear(x, dense, scales, 48, k, bias, _emulated_cslt_int32)
+    assert fused.dtype == dtype and fused.shape == (*lead, 48)
+    if device == "cpu":
+        assert torch.equal(fused, plain)
+    else:
+        torch.testing.assert_close(fused, plain, rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-6)
+    with pytest.raises(ValueError, match="padded_rows"):
+        passes.quantize_rows_int8(x.reshape(rows, k), rows - 1)
 
 
 def test_int8_path_says_why_it_does_not_run():
