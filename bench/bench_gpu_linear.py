@@ -50,6 +50,7 @@ import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -196,15 +197,8 @@ def int8_activations(fn):
     """fn with SPARSEKERN_Q_ACT=int8 while it runs (read per call by the dispatch), so a GPU
     quantizes x per row and runs nm_linear_q's int8 GEMM."""
     def call(*args):
-        before = os.environ.get("SPARSEKERN_Q_ACT")
-        os.environ["SPARSEKERN_Q_ACT"] = "int8"
-        try:
+        with mock.patch.dict(os.environ, {"SPARSEKERN_Q_ACT": "int8"}):
             return fn(*args)
-        finally:
-            if before is None:
-                del os.environ["SPARSEKERN_Q_ACT"]
-            else:
-                os.environ["SPARSEKERN_Q_ACT"] = before
     return call
 
 

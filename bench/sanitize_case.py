@@ -38,6 +38,7 @@ import os
 import sys
 import time
 import traceback
+from unittest import mock
 
 import torch
 
@@ -143,9 +144,7 @@ def main(argv=None):
             # nm_linear_q on cuSPARSELt's int8 GEMM, x quantized per row: the two Triton passes
             # around it (sparsekern/triton/quantize_rows.py) run inside; 70 rows: padding rows
             Wq = NMWeight.from_dense(torch.randn(64, 128, device=dev), 2, 4, quantize="int8").to(dtype=bf16)
-            before = os.environ.get("SPARSEKERN_Q_ACT")
-            os.environ["SPARSEKERN_Q_ACT"] = "int8"
-            try:
+            with mock.patch.dict(os.environ, {"SPARSEKERN_Q_ACT": "int8"}):
                 with ops.use_backend("cusparselt"):
                     try:
                         ops.explain_backend("nm_linear_q", rnd(70, 128), Wq)
@@ -153,11 +152,6 @@ def main(argv=None):
                         print(f"sanitize_case: cusparselt int8 skipped: {e}")
                         return 0
                 return lin("nm_linear_q", Wq, rnd(70, 128), rnd(64), "cusparselt", public="sparse_linear")
-            finally:
-                if before is None:
-                    os.environ.pop("SPARSEKERN_Q_ACT")
-                else:
-                    os.environ["SPARSEKERN_Q_ACT"] = before
         add("cusparselt nm_linear_q 2:4 int8 (x int8, Triton passes) 64x128 batch 70", cslt_int8)
 
     # masked training (fp32): forward and input gradient on native and Triton, weight gradient

@@ -244,22 +244,24 @@ def int8_rows_linear(x: torch.Tensor, packed, scales: torch.Tensor, out: int, in
     if rows == 0:
         return x.new_empty(*x.shape[:-1], out)
     pad = (-rows) % _PAD_ROWS_INT8
+    passes = None
     if fused_passes:
         from .triton import load
 
         passes = load("quantize_rows")
         xq, x_scales = passes.quantize_rows_int8(x2, rows + pad)
-        acc = sparse_mm(packed, xq.t())[:rows]
-        y = passes.int8_rows_epilogue(acc, x_scales, scales, bias, x)
-        return y.to(x.dtype).reshape(*x.shape[:-1], out)
-    q, x_scales = reference.quantize_rows_int8(x2)
-    xq = q.to(torch.int8)
-    if pad:
-        xq = torch.nn.functional.pad(xq, (0, 0, 0, pad))
+    else:
+        q, x_scales = reference.quantize_rows_int8(x2)
+        xq = q.to(torch.int8)
+        if pad:
+            xq = torch.nn.functional.pad(xq, (0, 0, 0, pad))
     acc = sparse_mm(packed, xq.contiguous().t())[:rows]
-    y = acc.float() * (x_scales * scales.float()[None, :])
-    if bias is not None:
-        y = y + bias.float()
+    if passes is not None:
+        y = passes.int8_rows_epilogue(acc, x_scales, scales, bias, x)
+    else:
+        y = acc.float() * (x_scales * scales.float()[None, :])
+        if bias is not None:
+            y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], out)
 
 
